@@ -1,0 +1,43 @@
+"""Dependencies shared by the routes: the process's services and the job a path names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Path, Request
+
+from api.store import JobStore
+from localmoe.settings import Settings
+from scheduler.jobs import Job
+from scheduler.routing import PromptCounter
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    celery: Celery
+    counter: PromptCounter
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def existing_job(services: ServicesDep, job_id: Annotated[str, Path()]) -> Job:
+    job = await services.store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or its results have expired)")
+    return job
+
+
+JobDep = Annotated[Job, Depends(existing_job)]

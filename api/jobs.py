@@ -1,0 +1,80 @@
+"""Intake and control of jobs: submit, poll, cancel."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, HTTPException, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import JobDep, ServicesDep
+from api.protocol import JobResponse
+from api.store import CancelOutcome
+from scheduler import keys
+from scheduler.jobs import Job, JobSpec, Timings, Usage
+from scheduler.modality import detect
+from scheduler.routing import route
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _unprocessable(field: str, msg: str) -> HTTPException:
+    return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+
+
+def _admit(spec: JobSpec, services: ServicesDep) -> int:
+    """Refuse what no engine could run; returns the prompt's token count."""
+    limit = services.settings.limits.max_tokens
+    if spec.max_tokens > limit:
+        raise _unprocessable("max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}")
+    counter = services.counter
+    n = counter.count(spec.prompt)
+    if n >= counter.max_context:
+        raise _unprocessable("prompt", f"prompt has {n} tokens; the model's context is {counter.max_context}")
+    if n + spec.max_tokens > counter.max_context:
+        raise _unprocessable(
+            "max_tokens",
+            f"prompt ({n} tokens) + max_tokens ({spec.max_tokens}) exceeds the model's context "
+            f"of {counter.max_context}",
+        )
+    return n
+
+
+@router.post("", status_code=202, response_model=JobResponse)
+async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> JobResponse:
+    prompt_tokens = _admit(spec, services)
+    job = Job(
+        spec=spec,
+        modality=spec.modality or detect(spec.prompt),
+        usage=Usage(prompt_tokens=prompt_tokens),
+        timings=Timings(queued_at=time.time()),
+    )
+    chosen = route(job)
+    job.queue, job.route_reason = chosen.queue, chosen.reason
+    await services.store.create(job)  # the record exists before any worker can see the message
+    payload = job.model_dump(mode="json")
+    try:
+        await run_in_threadpool(
+            services.celery.send_task, keys.RUN_JOB_TASK, args=[payload], queue=chosen.queue
+        )
+    except Exception as e:
+        await services.store.fail(job.id, f"could not enqueue: {e}")
+        raise HTTPException(503, "the job queue is unavailable; try again") from e
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobResponse.of(job)
+
+
+@router.get("/{job_id}", response_model=JobResponse)
+async def poll(job: JobDep) -> JobResponse:
+    return JobResponse.of(job)
+
+
+@router.delete("/{job_id}", response_model=JobResponse)
+async def cancel(job: JobDep, services: ServicesDep, response: Response) -> JobResponse:
+    """Queued: cancelled at once. Running: stopped within one decode step (202; poll for the
+    final state). Finished: returned unchanged."""
+    outcome = await services.store.cancel(job.id)
+    if outcome is CancelOutcome.REQUESTED:
+        response.status_code = 202
+    current = await services.store.get(job.id) or job
+    return JobResponse.of(current)

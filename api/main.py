@@ -1,0 +1,59 @@
+"""The API process: `uvicorn api.main:app` (or `localmoe api`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api import health, jobs, streams
+from api.deps import Services
+from api.intake import BodyGuard
+from api.store import JobStore
+from localmoe.settings import Settings, get_settings
+from scheduler.queue import make_celery
+from scheduler.routing import PromptCounter
+
+
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with where and why, never echoing the input: it may not even be encodable (a lone
+    surrogate), and echoing a 1 MB prompt back helps nobody."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or get_settings()
+        url = s.require_redis_url()
+        client = aioredis.from_url(url, decode_responses=True, health_check_interval=10)
+        app.state.services = Services(
+            settings=s,
+            store=JobStore(client, s.limits.job_ttl_s),
+            celery=make_celery(url),
+            counter=PromptCounter(s.resolved_model_dir),
+        )
+        yield
+        await client.aclose()
+
+    app = FastAPI(
+        title="LocalMoE",
+        version="0.1.0",
+        summary="On-premises inference for Mixture-of-Experts language models",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_middleware(BodyGuard, max_bytes=(settings or get_settings()).limits.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(streams.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,29 @@
+"""Wire models of the HTTP API beyond the shared Job model."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from scheduler.jobs import Job
+
+
+class JobLinks(BaseModel):
+    self: str = Field(description="Poll the job here.")
+    events: str = Field(description="Server-sent events: tokens as they are made, then `done`.")
+    stream: str = Field(description="The same events over a websocket.")
+
+
+class JobResponse(Job):
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: Job) -> JobResponse:
+        base = f"/v1/jobs/{job.id}"
+        links = JobLinks(self=base, events=f"{base}/events", stream=f"{base}/stream")
+        return cls(**job.model_dump(), links=links)
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+    workers_ready: int = 0

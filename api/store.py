@@ -1,0 +1,95 @@
+"""The API's view of Redis: job records, cancels, event streams and the worker registry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from enum import StrEnum
+
+import redis.asyncio as aioredis
+
+from scheduler import keys
+from scheduler.jobs import Job, JobStatus, encode_fields, job_from_hash, job_to_hash
+from scheduler.registry import WorkerInfo
+from scheduler.stream import DoneEvent, StreamEvent, parse_entry
+
+# KEYS: job hash, events stream. ARGV: now (JSON), ttl, done-event data for a queued job,
+# cancel channel, job id. A queued job is cancelled here and now; a running one is flagged and
+# its worker woken (the engine drops it within one step and writes the terminal state).
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == '"queued"' then
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finish_reason', '"abort"',
+    'cancel_requested', 'true', 'timings.finished_at', ARGV[1])
+  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return 'cancelled'
+end
+if status == '"running"' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 'requested'
+end
+return 'terminal'
+"""
+
+
+class CancelOutcome(StrEnum):
+    MISSING = "missing"
+    CANCELLED = "cancelled"  # was queued: cancelled now
+    REQUESTED = "requested"  # was running: the worker stops it within one step
+    TERMINAL = "terminal"  # already finished
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._cancel = client.register_script(CANCEL)
+
+    async def create(self, job: Job) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+        pipe.expire(keys.job(job.id), self.ttl_s)
+        await pipe.execute()
+
+    async def get(self, job_id: str) -> Job | None:
+        fields = await self.client.hgetall(keys.job(job_id))  # type: ignore[misc]
+        return job_from_hash(fields) if fields else None
+
+    async def fail(self, job_id: str, error: str) -> None:
+        """Used when a job could not even be enqueued."""
+        fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
+        await self.client.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type,misc]
+
+    async def cancel(self, job_id: str) -> CancelOutcome:
+        done = DoneEvent(status=JobStatus.CANCELLED, finish_reason="abort")
+        args = [str(time.time()), self.ttl_s, done.model_dump_json(), keys.CANCEL_CHANNEL, job_id]
+        outcome = await self._cancel(keys=[keys.job(job_id), keys.events(job_id)], args=args)
+        return CancelOutcome(outcome)
+
+    async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
+        """Every event after `after` (a stream id), live, until the done event."""
+        while True:
+            reply = await self.client.xread({keys.events(job_id): after}, count=512, block=15_000)
+            if not reply:  # quiet for 15 s: make sure the job still exists, then keep waiting
+                if not await self.client.exists(keys.job(job_id)):
+                    return
+                continue
+            for entry_id, fields in reply[0][1]:
+                after = entry_id
+                event = parse_entry(fields)
+                yield entry_id, event
+                if isinstance(event, DoneEvent):
+                    return
+
+    async def workers(self, fresh_only: bool = True) -> list[WorkerInfo]:
+        names = await self.client.zrange(keys.WORKERS, 0, -1)
+        if not names:
+            return []
+        raw = await self.client.mget([keys.worker(n) for n in names])
+        infos = [WorkerInfo.model_validate_json(r) for r in raw if r]
+        now = time.time()
+        return [w for w in infos if w.fresh(now) or not fresh_only]

@@ -1,0 +1,60 @@
+"""Token streams: SSE and websocket relays of a job's Redis stream, replayable by event id."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from api.deps import JobDep, ServicesDep, get_services
+
+router = APIRouter(prefix="/v1/jobs", tags=["streams"])
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def resume_point(
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    after: Annotated[str | None, Query(description="Resume after this event id.")] = None,
+) -> str:
+    """The stream id to read after: the query wins over the Last-Event-ID header; none → "0-0"."""
+    value = after if after is not None else last_event_id
+    if not value:
+        return "0-0"  # replay from the first token
+    if not _EVENT_ID.match(value):
+        raise HTTPException(422, "last event id must look like 1732870000000-0 (an id this API sent)")
+    return value
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def events(
+    job: JobDep,
+    services: ServicesDep,
+    start: Annotated[str, Depends(resume_point)],
+) -> AsyncIterator[ServerSentEvent]:
+    """`event: token` with `{"text": ...}` per piece of text, then one `event: done`."""
+    async for entry_id, event in services.store.events(job.id, start):
+        yield ServerSentEvent(data=event.model_dump(exclude={"type"}), event=event.type, id=entry_id)
+
+
+@router.websocket("/{job_id}/stream")
+async def stream(websocket: WebSocket, job_id: str, after: str | None = None) -> None:
+    """Messages `{"id", "type": "token", "text"}` then `{"id", "type": "done", ...}`; closes after done."""
+    services = get_services(websocket)  # type: ignore[arg-type]
+    job = await services.store.get(job_id) if re.match(r"^[0-9a-f]{32}$", job_id) else None
+    await websocket.accept()
+    if job is None:
+        await websocket.close(code=4404, reason="no such job")
+        return
+    if after is not None and not _EVENT_ID.match(after):
+        await websocket.close(code=4422, reason="bad event id")
+        return
+    try:
+        async for entry_id, event in services.store.events(job.id, after or "0-0"):
+            await websocket.send_json({"id": entry_id, **event.model_dump(mode="json")})
+        await websocket.close()
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,157 @@
+"""The `localmoe` command. Every flag has an environment twin (shown in --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _env_flag(args: argparse.Namespace, attr: str, env: str) -> None:
+    """A flag given on the command line wins over its environment twin."""
+    value = getattr(args, attr, None)
+    if value is not None:
+        os.environ[env] = str(value)
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    from localmoe.settings import get_settings
+    from moe_core.checkpoint import build_checkpoint, is_checkpoint
+
+    out = Path(args.out) if args.out else get_settings().default_model_dir
+    if is_checkpoint(out) and not args.force:
+        print(f"{out} already holds a model (use --force to rebuild)")
+        return 0
+    build_checkpoint(out, arch=args.arch, seed=args.seed, progress=True)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from localmoe import up
+    from localmoe.settings import get_settings
+
+    return up.run(get_settings())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from localmoe.settings import get_settings
+    from workers.main import serve
+
+    serve(get_settings(), name=args.name)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from localmoe.settings import get_settings
+
+    s = get_settings()
+    uvicorn.run("api.main:app", host=s.api_host, port=s.api_port, log_level=s.log_level)
+    return 0
+
+
+def _sse(response: httpx.Response) -> object:
+    """Yields (event, data) pairs from a text/event-stream response."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from localmoe.settings import get_settings
+
+    base = get_settings().resolved_api_url
+    body: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens,
+                               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.stop:
+        body["stop"] = args.stop
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(30, read=None)) as http:
+        r = http.post("/v1/jobs", json=body)
+        if r.status_code != 202:
+            print(f"refused ({r.status_code}): {r.text}", file=sys.stderr)
+            return 1
+        job_id = r.json()["id"]
+        if args.stream:
+            with http.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+                for event, data in _sse(resp):  # type: ignore[attr-defined]
+                    if event == "token":
+                        print(data["text"], end="", flush=True)
+                    elif event == "done":
+                        print(flush=True)
+                        print(f"[{data['status']}, {data['finish_reason']}, {data['usage']}]", file=sys.stderr)
+            return 0
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
+        print(job["output"] or "")
+        print(f"[{job['status']}, {job['finish_reason']}, {job['usage']}]", file=sys.stderr)
+        return 0 if job["status"] == "succeeded" else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="localmoe", description="On-premises inference for MoE language models.")
+    p.add_argument("--config", help="YAML settings file (env LOCALMOE_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_command", required=True)
+    init = model.add_parser("init", help="build the small MoE checkpoint (no hub needed)")
+    init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe"])
+    init.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
+    init.set_defaults(func=cmd_model_init)
+
+    up = sub.add_parser("up", help="start Redis, workers, the API and Flower")
+    up.add_argument("--port", dest="api_port", type=int, help="API port (env LOCALMOE_API_PORT)")
+    up.add_argument("--model-dir", help="serve this model directory (env LOCALMOE_MODEL_DIR)")
+    up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", help="run one worker (normally started by `up`)")
+    worker.add_argument("--name", help="worker name; its queue is localmoe.worker.NAME")
+    worker.set_defaults(func=cmd_worker)
+
+    api = sub.add_parser("api", help="run the API (normally started by `up`)")
+    api.set_defaults(func=cmd_api)
+
+    submit = sub.add_parser("submit", help="submit a job and print its output")
+    submit.add_argument("prompt")
+    submit.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    submit.add_argument("--max-tokens", type=int, default=64)
+    submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--top-p", type=float, default=1.0)
+    submit.add_argument("--top-k", type=int, default=0)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--stop", action="append", help="stop string (repeatable)")
+    submit.add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
+    submit.set_defaults(func=cmd_submit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _env_flag(args, "config", "LOCALMOE_CONFIG")
+    _env_flag(args, "api_port", "LOCALMOE_API_PORT")
+    _env_flag(args, "model_dir", "LOCALMOE_MODEL_DIR")
+    _env_flag(args, "api_url", "LOCALMOE_API_URL")
+    level = os.environ.get("LOCALMOE_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,87 @@
+"""One typed settings object for every LocalMoE process, from YAML and the environment.
+
+Precedence (highest first): LOCALMOE_* environment variables (nested with "__", e.g.
+LOCALMOE_ENGINE__MAX_BATCH_SIZE=32), the YAML file named by LOCALMOE_CONFIG (default
+configs/default.yaml when present), then the defaults below. Bad values fail at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import YamlConfigSettingsSource
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class EngineSettings(BaseModel):
+    backend: Literal["torch"] = "torch"
+    device: str = Field("auto", description="auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Jobs one worker decodes together.")
+
+
+class LimitSettings(BaseModel):
+    max_tokens: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
+    job_ttl_s: int = Field(86_400, ge=60, description="How long results and streams are kept.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCALMOE_", env_nested_delimiter="__", extra="forbid")
+
+    home: Path = Field(Path("~/.localmoe").expanduser(), description="State: secrets, Redis data, models.")
+    redis_url: SecretStr | None = Field(None, description="None: `localmoe up` starts its own Redis.")
+    model_dir: Path | None = Field(None, description="None: the embedded small model, built on first use.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_url: str | None = Field(None, description="Where the CLI finds the API; default from host/port.")
+    flower_port: int = Field(5555, ge=0, le=65535)
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = Field(None, description="None: generated and kept in home.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
+    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get("LOCALMOE_CONFIG", DEFAULT_CONFIG))
+        if "LOCALMOE_CONFIG" in os.environ and not path.is_file():
+            raise FileNotFoundError(f"LOCALMOE_CONFIG names {path}, which does not exist")
+        yaml = YamlConfigSettingsSource(settings_cls, yaml_file=path if path.is_file() else None)
+        return init_settings, env_settings, yaml
+
+    @property
+    def default_model_dir(self) -> Path:
+        return self.home / "models" / "tiny-mixtral"
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir or self.default_model_dir
+
+    @property
+    def resolved_api_url(self) -> str:
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return self.api_url or f"http://{host}:{self.api_port}"
+
+    def require_redis_url(self) -> str:
+        if self.redis_url is None:
+            raise RuntimeError("LOCALMOE_REDIS_URL is not set (`localmoe up` sets it for its children)")
+        return self.redis_url.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,184 @@
+"""`localmoe up`: the whole service on one box, from one command.
+
+Starts, in order: its own Redis (unless LOCALMOE_REDIS_URL names one), the embedded small model
+(built on first start unless LOCALMOE_MODEL_DIR names one), one worker per visible GPU (pinned
+with CUDA_VISIBLE_DEVICES) or one CPU worker, the API (uvicorn) and Flower (basic auth).
+SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from localmoe.redis_server import RedisServer
+from localmoe.settings import Settings
+
+log = logging.getLogger("localmoe.up")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+
+def load_secrets(home: Path) -> dict[str, str]:
+    """Passwords generated on first start, kept in home/secrets.json (mode 0600)."""
+    path = home / "secrets.json"
+    values: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    changed = False
+    for key in ("redis_password", "flower_password"):
+        if key not in values:
+            values[key] = secrets.token_urlsafe(24)
+            changed = True
+    if changed:
+        path.write_text(json.dumps(values, indent=2))
+        path.chmod(0o600)
+    return values
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this box offers workers: CUDA_VISIBLE_DEVICES if set, else every NVML device."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver: a CPU box
+        return []
+    try:
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def ensure_model(settings: Settings) -> Path:
+    from moe_core.checkpoint import build_checkpoint, is_checkpoint
+
+    path = settings.resolved_model_dir
+    if is_checkpoint(path):
+        return path
+    if settings.model_dir is not None:
+        raise SystemExit(f"LOCALMOE_MODEL_DIR={path} is not a model directory (config.json, *.safetensors, tokenizer.json)")
+    print(f"building the embedded small model in {path} (first start only)", flush=True)
+    return build_checkpoint(path, progress=True)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.children: list[Child] = []
+        self.redis: RedisServer | None = None
+        self.stopping = False
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)  # our signals, not the tty's
+        self.children.append(Child(name, proc))
+        log.info("started %s (pid %d)", name, proc.pid)
+
+    def start(self) -> None:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys = load_secrets(s.home)
+        env = dict(os.environ)
+        if s.redis_url is None:
+            self.redis = RedisServer(s.home / "redis", password=keys["redis_password"])
+            self.redis.start()
+            env["LOCALMOE_REDIS_URL"] = self.redis.url
+            log.info("redis on 127.0.0.1:%d (password in %s)", self.redis.port, s.home / "secrets.json")
+        model = ensure_model(s)
+        env["LOCALMOE_MODEL_DIR"] = str(model)
+        env["LOCALMOE_HOME"] = str(s.home)
+
+        gpus = visible_gpus()
+        for gpu in gpus:
+            self.spawn(f"worker-gpu{gpu}", self._worker_argv(f"gpu{gpu}"), {**env, "CUDA_VISIBLE_DEVICES": gpu})
+        if not gpus:
+            self.spawn("worker-cpu0", self._worker_argv("cpu0"), {**env, "CUDA_VISIBLE_DEVICES": ""})
+        self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
+                           "--port", str(s.api_port), "--log-level", s.log_level], env)
+        flower_pw = s.flower_password.get_secret_value() if s.flower_password else keys["flower_password"]
+        flower_env = {**env, "CELERY_BROKER_URL": env["LOCALMOE_REDIS_URL"],
+                      "FLOWER_BASIC_AUTH": f"{s.flower_user}:{flower_pw}"}
+        self.spawn("flower", [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1",
+                              f"--port={s.flower_port}"], flower_env)
+        api = s.resolved_api_url
+        print(f"LocalMoE API   {api}\n         docs  {api}/docs\n       Flower  http://127.0.0.1:"
+              f"{s.flower_port}  (user {s.flower_user}, password in {s.home / 'secrets.json'})", flush=True)
+
+    def _worker_argv(self, name: str) -> list[str]:
+        return [sys.executable, "-m", "localmoe", "worker", "--name", name]
+
+    def wait_ready(self, timeout: float = 600) -> bool:
+        deadline = time.monotonic() + timeout
+        url = f"{self.settings.resolved_api_url}/readyz"
+        while time.monotonic() < deadline and not self.stopping:
+            if self.dead_child() is not None:
+                return False
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    print("LocalMoE is ready: a worker has loaded and warmed up its engine", flush=True)
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        return False
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        """Front ends first (no new work comes in), then workers, then Redis."""
+        self.stopping = True
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        front = [c for c in self.children if c not in workers]
+        for group in (front, workers):
+            for c in group:
+                if c.proc.poll() is None:
+                    c.proc.terminate()
+            for c in group:
+                try:
+                    c.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in 20 s; killing it", c.name)
+                    c.proc.kill()
+                    c.proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+        log.info("all stopped")
+
+
+def run(settings: Settings) -> int:
+    sup = Supervisor(settings)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        sup.start()
+        sup.wait_ready()
+        while not sup.stopping:
+            dead = sup.dead_child()
+            if dead is not None:
+                log.error("%s exited with code %s; stopping the service", dead.name, dead.proc.returncode)
+                code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        sup.stop()
+    return code

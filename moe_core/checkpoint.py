@@ -1,0 +1,318 @@
+"""Build a small, randomly initialised MoE checkpoint in real Hugging Face format, fully offline.
+
+The result is an ordinary model directory (config.json, model.safetensors, generation_config.json,
+tokenizer.json, tokenizer_config.json) that `moe_core.loader` loads exactly like a real Mixtral,
+Qwen2-MoE or OLMoE checkpoint copied onto a box. Nothing here touches the network: the tokenizer is
+trained on text already on the machine (Python's standard library and its documentation, plus
+/usr/share/doc), and the weights come from `torch.manual_seed(seed)`.
+
+Determinism: for a given machine (same Python install, same /usr/share/doc) and seed, the files
+written are the same on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedConfig
+
+ARCHS = ("mixtral", "qwen2_moe", "olmoe")
+
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+# Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama/Mixtral convention).
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+
+MAX_CONTEXT = 2048
+PROSE_SHARE = 0.25  # of max_bytes; code fills the rest (prose may come out smaller if the machine has little)
+MAX_FILE_BYTES = 128_000  # larger files are skipped so no single file dominates the corpus
+
+_PROSE_SUFFIXES = frozenset({".txt", ".md", ".rst", ""})
+_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Corpus: which text the tokenizer learns from
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One training document: a file on disk, or in-memory text (Python's doc topics)."""
+
+    name: str
+    size: int  # bytes on disk (or of the UTF-8 text); what the byte budget counts
+    path: Path | None = None
+    text: str | None = None
+
+    def read(self) -> str | None:
+        """The document's text, or None when it is not UTF-8 text (then it is left out)."""
+        if self.text is not None:
+            return self.text
+        assert self.path is not None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return None if "\x00" in text else text
+
+
+def _spread_order(name: str) -> str:
+    # Hashing the name spreads the picks over the whole tree (sorting by path alone would fill the
+    # budget from the first few packages) while staying deterministic across runs and machines.
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()
+
+
+def _stdlib_sources() -> list[_Source]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS)
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            if filename.endswith(".py") and not path.is_symlink():
+                sources.append(_Source(str(path.relative_to(root)), path.stat().st_size, path=path))
+    return sources
+
+
+def _doc_topic_sources() -> list[_Source]:
+    try:
+        from pydoc_data.topics import topics  # Python's own reference documentation, as text
+    except ImportError:
+        return []
+    return [
+        _Source(f"pydoc:{key}", len(topics[key].encode("utf-8")), text=topics[key]) for key in sorted(topics)
+    ]
+
+
+def _usr_share_doc_sources(root: Path = Path("/usr/share/doc")) -> list[_Source]:
+    if not root.is_dir():
+        return []
+    sources = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            # "copyright" files are near-identical licence texts: they would teach repetition, not prose.
+            if path.suffix not in _PROSE_SUFFIXES or filename == "copyright" or path.is_symlink():
+                continue
+            sources.append(_Source(str(path.relative_to(root)), path.stat().st_size, path=path))
+    return sources
+
+
+def _take(sources: Iterable[_Source], budget: int) -> list[_Source]:
+    """Sources in spread order, skipping oversized ones, until `budget` bytes are taken."""
+    taken, used = [], 0
+    for source in sorted(sources, key=lambda s: _spread_order(s.name)):
+        if source.size > MAX_FILE_BYTES or used + source.size > budget:
+            continue
+        taken.append(source)
+        used += source.size
+    return taken
+
+
+def _select_corpus(max_bytes: int) -> list[_Source]:
+    # Python's doc topics come first (they are the most on-topic prose), /usr/share/doc tops it up.
+    prose_budget = int(max_bytes * PROSE_SHARE)
+    topics = _take(_doc_topic_sources(), prose_budget)
+    used = sum(s.size for s in topics)
+    prose = topics + _take(_usr_share_doc_sources(), prose_budget - used)
+    used = sum(s.size for s in prose)
+    return _take(_stdlib_sources(), max_bytes - used) + prose
+
+
+def _read_corpus(sources: list[_Source], progress: bool) -> list[str]:
+    texts = []
+    for source in tqdm(sources, desc="reading corpus", unit="file", disable=not progress):
+        text = source.read()
+        if text:
+            texts.append(text)
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _train_bpe(texts: Iterator[str], n_texts: int, vocab_size: int, progress: bool) -> Tokenizer:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    # "\n" is split off before the byte-level split, so no token ever spans a newline and the
+    # indentation after it: a prompt that ends in a bare newline is then in-distribution.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 byte symbols are in the vocabulary, so any string encodes without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=n_texts)
+    return tokenizer
+
+
+def train_tokenizer(
+    out_dir: Path, vocab_size: int = 4096, max_bytes: int = 6_000_000, progress: bool = True
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on code and prose found on this machine and save it into `out_dir`.
+
+    Writes tokenizer.json and tokenizer_config.json (plus special_tokens_map.json where the installed
+    transformers writes one). Deterministic for a given machine.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256}, got {vocab_size}")
+    sources = _select_corpus(max_bytes)
+    megabytes = sum(s.size for s in sources) / 1e6
+    _say(f"training tokenizer on {len(sources)} files ({megabytes:.1f} MB)…", progress)
+    texts = _read_corpus(sources, progress)
+    backend = _train_bpe(iter(texts), len(texts), vocab_size, progress)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        model_max_length=MAX_CONTEXT,
+        # Decoding must invert encoding exactly: no " ." -> "." style clean-up.
+        clean_up_tokenization_spaces=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_config(arch: str, vocab_size: int, bos: int, eos: int, pad: int) -> PreTrainedConfig:
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_CONTEXT,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=256, num_local_experts=8, **common)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(
+            intermediate_size=256,  # only used by dense layers, of which there are none (mlp_only_layers)
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=256,
+            num_experts=8,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+            **common,
+        )
+    if arch == "olmoe":
+        return OlmoeConfig(intermediate_size=256, num_experts=8, **common)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int), token_id
+    return token_id
+
+
+def _save_model(out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, progress: bool) -> None:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    bos, eos, pad = (_token_id(tokenizer, token) for token in (BOS, EOS, PAD))
+    config = _model_config(arch, len(tokenizer), bos, eos, pad)
+    model = AutoModelForCausalLM.from_config(config)
+    _say(f"building {arch}: {model.num_parameters() / 1e6:.1f} M parameters…", progress)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    # Transformers 5 fuses experts in memory (gate_up_proj); save_original_format writes them back in the
+    # hub layout (e.g. block_sparse_moe.experts.N.w1) so other engines (vLLM) read the file as they would
+    # a real checkpoint. Weights go to model.safetensors (transformers 5 writes safetensors only).
+    model.save_pretrained(str(out_dir), save_original_format=True)
+    for path in out_dir.iterdir():
+        path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as other users
+
+
+def _publish(tmp_dir: Path, out_dir: Path) -> None:
+    """Move the finished build to `out_dir` in one rename (atomic on one filesystem)."""
+    try:
+        tmp_dir.rename(out_dir)  # replaces an empty out_dir; fails on a non-empty one
+    except OSError:
+        if not is_checkpoint(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it") from None
+        # Someone else finished the same build first: theirs stands, ours is dropped by the caller.
+
+
+def build_checkpoint(
+    out_dir: Path, arch: str = "mixtral", *, vocab_size: int = 4096, seed: int = 0, progress: bool = True
+) -> Path:
+    """Build a tiny random `arch` checkpoint (tokenizer included) at `out_dir` and return `out_dir`.
+
+    The directory appears complete or not at all: everything is written to a temporary sibling
+    directory which is then renamed into place. An existing non-empty `out_dir` is an error unless it
+    already is a checkpoint built concurrently by someone else.
+    """
+    import torch
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; the published checkpoint must be readable by workers
+    try:
+        tokenizer = train_tokenizer(tmp_dir, vocab_size=vocab_size, progress=progress)
+        torch.manual_seed(seed)
+        _save_model(tmp_dir, arch, tokenizer, progress)
+        _publish(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful rename
+    _say(f"saved to {out_dir}", progress)
+    return out_dir
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True when `path` holds a config, a fast tokenizer and at least one safetensors weight file."""
+    path = Path(path)
+    return (
+        (path / "config.json").is_file()
+        and (path / "tokenizer.json").is_file()
+        and any(path.glob("*.safetensors"))
+    )

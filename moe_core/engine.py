@@ -1,0 +1,88 @@
+"""The engine protocol: what every backend (PyTorch, vLLM, DeepSpeed) offers a worker.
+
+An engine is driven by exactly one thread (the worker's engine loop): none of its methods are
+thread-safe. The loop calls `add_request` / `abort` between steps and `step` in a loop; each
+`step` advances every running request by at most one token and returns what changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens reached (or the model's context)
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy; top_k 0 and top_p 1.0 mean off."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Delta:
+    """What one step did for one request.
+
+    `text` is the newly decodable text: never half a UTF-8 character, and text that could still
+    turn out to be the start of a stop string is held back until it is known not to be one, so
+    the concatenation of every delta's text equals the final output exactly.
+    `token_ids` are the tokens sampled this step (possibly several deltas' worth of text).
+    A finished request yields one last delta with `finish_reason` set and is then forgotten.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int  # requests in the batch
+    waiting: int  # requests added but not yet prefilled
+    steps: int  # forward passes so far (prefill and decode)
+    max_batch_seen: int  # the largest number of requests decoded in one step
+    tokens_generated: int
+
+
+class Engine(Protocol):
+    name: str  # "torch", "vllm", "deepspeed"
+    max_context: int  # prompt + generated tokens a request may hold
+
+    def load(self) -> None:
+        """Load weights and warm up; returns only when the engine can serve."""
+
+    def count_tokens(self, prompt: str) -> int: ...
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request; it joins the running batch at the next step."""
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request; the next step yields its final delta with FinishReason.ABORT."""
+
+    def step(self) -> list[Delta]:
+        """Run one forward pass over every request and return what changed (empty if idle)."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...

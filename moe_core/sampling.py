@@ -1,0 +1,82 @@
+"""Per-request token selection for a batch of next-token logits.
+
+Greedy rows (temperature 0) take the argmax, exactly as `generate(do_sample=False)` does. Sampled
+rows apply temperature, then top-k, then top-p (the order of transformers' logits warpers) and draw
+from their own `torch.Generator`, so a seeded request samples the same tokens whatever else is in
+the batch: every row-wise operation here depends on that row only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moe_core.engine import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator for a sampled request (seeded from `seed`, else randomly); None when greedy."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()  # non-deterministic seed
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick one token per row. logits: [B, V] (any float dtype); returns [B] int64 on logits' device."""
+    logits = logits.float()  # generate() also works on float32 scores
+    tokens = torch.argmax(logits, dim=-1)  # [B]; final for greedy rows
+    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        rows_params = [params[i] for i in sampled_rows]
+        rows_generators = [generators[i] for i in sampled_rows]
+        tokens[rows] = _sample_rows(logits[rows], rows_params, rows_generators)
+    return tokens
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Temperature / top-k / top-p sampling. logits: [S, V] float32; returns [S] int64."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
+    # Sort once, descending; stable, so ties keep argmax's order (top_k=1 is greedy).
+    sorted_logits, sorted_ids = torch.sort(
+        logits / temperature[:, None], dim=-1, descending=True, stable=True
+    )
+    sorted_logits = _mask_top_k(sorted_logits, [p.top_k for p in params])  # [S, V]
+    probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
+    probs = _mask_top_p(probs, [p.top_p for p in params])  # [S, V], unnormalised
+    picks = torch.empty(len(params), dtype=torch.long, device=device)  # [S], index into sorted order
+    for i, generator in enumerate(generators):
+        picks[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    return sorted_ids.gather(1, picks[:, None])[:, 0]
+
+
+def _mask_top_k(sorted_logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
+    """Keep the k largest logits per row (k <= 0: all). sorted_logits: [S, V], descending."""
+    vocab = sorted_logits.shape[-1]
+    k = torch.tensor([t if 0 < t < vocab else vocab for t in top_k], device=sorted_logits.device)  # [S]
+    rank = torch.arange(vocab, device=sorted_logits.device)  # [V]
+    return sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+
+
+def _mask_top_p(sorted_probs: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
+    """Keep the smallest prefix whose mass reaches p (at least one token). sorted_probs: [S, V]."""
+    p = torch.tensor(top_p, device=sorted_probs.device, dtype=sorted_probs.dtype)  # [S]
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [S, V], exclusive cumsum
+    drop = (mass_before >= p[:, None]) & (p[:, None] < 1.0)  # top_p 1.0 is off (no rounding loss)
+    drop[:, 0] = False  # the most likely token always stays
+    return sorted_probs.masked_fill(drop, 0.0)

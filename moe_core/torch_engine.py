@@ -1,0 +1,442 @@
+"""The PyTorch / transformers engine: continuous batching over one DynamicCache (nano-vllm style).
+
+Each `step()` is one forward pass:
+
+* prefill, when requests wait and the batch has free slots: the admitted prompts are left-padded to
+  a common length and run together; their first tokens are sampled and their KV rows are merged
+  into the running batch's cache (both sides left-padded to a common length);
+* decode otherwise: the last sampled token of every running request, as a [B, 1] input.
+
+Finished and aborted rows leave the cache at once, and left columns that are padding in every row
+are trimmed. Each row carries its own attention-mask row and position counter, so left padding
+never shifts positions: a request's logits do not depend on its batch companions (up to float
+rounding from different matrix shapes).
+
+Cache layout: all layers are plain `DynamicLayer`s (`cache.layers[i].keys/.values`: [B, H_kv, T, D]),
+even for configs with sliding-window layers, whose window is then applied by the attention mask over
+cache columns (padding columns count towards the window).
+
+Too-long prompts: a request whose prompt holds >= max_context tokens (or max_tokens <= 0) is not
+run; the next `step()` returns its final delta with FinishReason.LENGTH and empty text. An empty
+prompt (no tokens at all) raises ValueError from `add_request`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
+from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from moe_core.loader import load_model
+from moe_core.sampling import make_generator, sample_next_tokens
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPTS = ("Hello", "def warm_up(engine):\n    return engine.step()")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-request state
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sequence:
+    """One request from add_request until its final delta."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringBuffer
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def delta(self, text: str, token_ids: list[int]) -> Delta:
+        return Delta(
+            request_id=self.request_id,
+            text=text,
+            token_ids=token_ids,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+            finish_reason=self.finish_reason,
+        )
+
+    def finish(self, reason: FinishReason) -> str:
+        """Mark finished; returns the held-back text that now belongs to the output."""
+        self.finish_reason = reason
+        return "" if reason == FinishReason.STOP and self.stops.stopped else self.stops.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache surgery: every tensor below is indexed [row, ...] with rows aligned to _Batch.seqs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """The running batch: its cache and, per row, what the next decode forward needs.
+
+    Invariants: cache keys/values are [B, H_kv, T, D] with T == mask.shape[1]; mask[b, t] is 1 where
+    column t holds a real token of row b (left padding is 0); positions[b] == mask[b].sum(), the
+    position id of the next token fed for row b; last_tokens[b] is row b's sampled, unfed token.
+    """
+
+    seqs: list[_Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, T] int64
+    positions: torch.Tensor  # [B] int64
+    last_tokens: torch.Tensor  # [B] int64
+
+
+def _kv(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+    """Every layer with its keys and values, each [B, H_kv, T, D]."""
+    out = []
+    for layer in cache.layers:
+        # Plain attention layers only: the cache is built without a config (see the module docstring).
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        out.append((layer, layer.keys, layer.values))
+    return out
+
+
+def _map_kv(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every layer's keys and values by fn(them)."""
+    for layer, keys, values in _kv(cache):
+        layer.keys, layer.values = fn(keys), fn(values)
+
+
+def _pad_left(batch: _Batch, columns: int) -> None:
+    """Prepend `columns` padding columns (zero K/V, mask 0) to every row."""
+    if columns > 0:
+        _map_kv(batch.cache, lambda t: F.pad(t, (0, 0, columns, 0)))  # pads D by (0, 0), T by (columns, 0)
+        batch.mask = F.pad(batch.mask, (columns, 0))
+
+
+def _concat_rows(a: _Batch, b: _Batch) -> _Batch:
+    """Rows of a then rows of b, in a's cache object; both are left-padded to a common length."""
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    _pad_left(a, length - a.mask.shape[1])
+    _pad_left(b, length - b.mask.shape[1])
+    for (layer, keys_a, values_a), (_, keys_b, values_b) in zip(_kv(a.cache), _kv(b.cache), strict=True):
+        layer.keys, layer.values = torch.cat([keys_a, keys_b]), torch.cat([values_a, values_b])
+    return _Batch(
+        seqs=a.seqs + b.seqs,
+        cache=a.cache,
+        mask=torch.cat([a.mask, b.mask]),
+        positions=torch.cat([a.positions, b.positions]),
+        last_tokens=torch.cat([a.last_tokens, b.last_tokens]),
+    )
+
+
+def _select_rows(batch: _Batch, rows: list[int]) -> None:
+    """Keep only `rows` (in that order), then drop left columns that are now padding in every row."""
+    if rows == list(range(len(batch.seqs))):
+        return
+    index = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+    _map_kv(batch.cache, lambda t: t[index])
+    batch.seqs = [batch.seqs[r] for r in rows]
+    batch.mask = batch.mask[index]
+    batch.positions = batch.positions[index]
+    batch.last_tokens = batch.last_tokens[index]
+    _trim_left(batch)
+
+
+def _trim_left(batch: _Batch) -> None:
+    """Drop the leading columns that are padding in every row."""
+    if not batch.seqs:
+        return
+    used = batch.mask.any(dim=0)  # [T]; the last column is always used
+    first = int(torch.argmax(used.to(torch.int8)).item())  # first column some row uses
+    if first > 0:
+        _map_kv(batch.cache, lambda t: t[:, :, first:])
+        batch.mask = batch.mask[:, first:]
+        _map_kv(batch.cache, lambda t: t[:, :, 1:]); batch.mask = batch.mask[:, 1:]
+
+
+def _zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
+    """Zero K/V in padding columns. mask: [B, T].
+
+    A left-padded prompt's pad queries attend to nothing; some attention kernels return NaN for
+    such rows, and NaN * 0 would later leak into real queries' attention over those columns.
+    """
+    pad = ~mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+    _map_kv(cache, lambda t: t.masked_fill(pad, 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """Continuous-batching engine over a transformers `AutoModelForCausalLM`. Single-threaded."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_batch_size: int = 64,
+        max_context: int | None = None,
+        max_prefill_tokens: int = 16384,
+    ) -> None:
+        """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
+        one prompt is always admitted, however long."""
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self._requested_max_context = max_context
+        self.max_context = max_context or 0  # set by load() from the config when not given
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._device = torch.device(device)
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._waiting: deque[_Sequence] = deque()
+        self._batch: _Batch | None = None
+        self._finished: list[Delta] = []  # final deltas owed by the next step (aborts, rejected prompts)
+        self._ids: set[str] = set()  # every request not yet given its final delta
+        self._steps = 0
+        self._max_batch_seen = 0
+        self._tokens_generated = 0
+
+    # ---------------------------------------------------------------------------------- loading
+
+    def load(self) -> None:
+        started = time.monotonic()
+        self.model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        self._device = next(self.model.parameters()).device
+        config = self.model.config
+        if not self._requested_max_context:
+            self.max_context = int(config.max_position_embeddings)
+        self._eos_ids = frozenset(_eos_token_ids(self.model, self.tokenizer))
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else min(self._eos_ids, default=0)
+        self._warm_up()
+        elapsed = time.monotonic() - started
+        log.info("torch engine loaded %s on %s in %.1fs", self.model_dir, self._device, elapsed)
+
+    def _warm_up(self) -> None:
+        """A batched prefill (two lengths) and a decode step, so the first request is not slow."""
+        for i, prompt in enumerate(WARMUP_PROMPTS):
+            self.add_request(GenerationRequest(f"__warmup-{i}", prompt, SamplingParams(max_tokens=2)))
+        while self.has_unfinished():
+            self.step()
+        self._reset_state()
+
+    # ------------------------------------------------------------------------------- public API
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self._tokenize(prompt))
+
+    def add_request(self, request: GenerationRequest) -> None:
+        if request.request_id in self._ids:
+            raise ValueError(f"request {request.request_id!r} is already in the engine")
+        prompt_ids = self._tokenize(request.prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt encodes to no tokens")
+        seq = _Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stops=StopStringBuffer(request.params.stop),
+            generator=make_generator(request.params, self._device),
+        )
+        self._ids.add(request.request_id)
+        if len(prompt_ids) >= self.max_context or request.params.max_tokens <= 0:
+            seq.finish(FinishReason.LENGTH)  # backstop: the API rejects these earlier
+            self._finished.append(seq.delta("", []))
+        else:
+            self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop the request now (its batch row too); the next step returns its ABORT delta."""
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                self._finish_aborted(seq)
+                return
+        batch = self._batch
+        if batch is not None:
+            for row, seq in enumerate(batch.seqs):
+                if seq.request_id == request_id:
+                    with torch.inference_mode():
+                        _select_rows(batch, [r for r in range(len(batch.seqs)) if r != row])
+                    self._finish_aborted(seq)
+                    return
+
+    def step(self) -> list[Delta]:
+        deltas, self._finished = self._finished, []
+        with torch.inference_mode():
+            if self._waiting and self._running() < self.max_batch_size:
+                deltas += self._prefill_step()
+            elif self._running():
+                deltas += self._decode_step()
+        for delta in deltas:
+            if delta.finish_reason is not None:
+                self._ids.discard(delta.request_id)
+        return deltas
+
+    def has_unfinished(self) -> bool:
+        return bool(self._ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self._running(),
+            waiting=len(self._waiting),
+            steps=self._steps,
+            max_batch_seen=self._max_batch_seen,
+            tokens_generated=self._tokens_generated,
+        )
+
+    # ------------------------------------------------------------------------------ the stages
+
+    def _running(self) -> int:
+        return len(self._batch.seqs) if self._batch is not None else 0
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        # Exactly what tokenizer(prompt) gives (special tokens such as BOS included where the
+        # tokenizer adds them), which is also what generate() is usually given.
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def _admit(self) -> list[_Sequence]:
+        """Pop waiting requests (FIFO) for one prefill: free slots and the padded-size budget allow."""
+        admitted: list[_Sequence] = []
+        longest = 0
+        while self._waiting and self._running() + len(admitted) < self.max_batch_size:
+            longest_if_added = max(longest, len(self._waiting[0].prompt_ids))
+            if admitted and longest_if_added * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+            longest = longest_if_added
+        return admitted
+
+    def _prefill_step(self) -> list[Delta]:
+        """Run the admitted prompts as one left-padded batch, sample their first tokens, merge."""
+        seqs = self._admit()
+        input_ids, mask = _left_pad([s.prompt_ids for s in seqs], self._pad_id, self._device)  # [N, L]
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
+        cache = DynamicCache()
+        logits = self._forward(input_ids, mask, position_ids, cache)  # [N, V]
+        if not bool(mask.all()):
+            _zero_padding(cache, mask)
+        new = _Batch(seqs, cache, mask, positions=mask.sum(dim=1), last_tokens=input_ids[:, -1])
+        deltas = self._sample_and_advance(new, logits)
+        if not new.seqs:
+            pass  # every admitted request finished on its first token
+        elif self._batch is None or not self._batch.seqs:
+            self._batch = new
+        else:
+            self._batch = _concat_rows(self._batch, new)
+        return deltas
+
+    def _decode_step(self) -> list[Delta]:
+        """Feed every running row its last sampled token ([B, 1]) and sample the next one."""
+        batch = self._batch
+        assert batch is not None
+        mask = F.pad(batch.mask, (0, 1), value=1)  # [B, T + 1]: the fed token's column
+        input_ids, position_ids = batch.last_tokens[:, None], batch.positions[:, None]  # [B, 1]
+        logits = self._forward(input_ids, mask, position_ids, batch.cache)  # [B, V]
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        return self._sample_and_advance(batch, logits)
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One model forward appending to `cache`; returns the last column's logits, [B, V].
+
+        input_ids, position_ids: [B, Q]; mask: [B, T + Q] over cache columns then input columns.
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._steps += 1
+        self._max_batch_seen = max(self._max_batch_seen, input_ids.shape[0])
+        return out.logits[:, -1, :]
+
+    def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> list[Delta]:
+        """Sample one token per row, update each request, drop finished rows. logits: [B, V]."""
+        seqs = batch.seqs
+        tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])  # [B]
+        batch.last_tokens = tokens
+        deltas = [self._append_token(seq, token) for seq, token in zip(seqs, tokens.tolist(), strict=True)]
+        self._tokens_generated += len(deltas)
+        _select_rows(batch, [r for r, seq in enumerate(batch.seqs) if seq.finish_reason is None])
+        return deltas
+
+    def _append_token(self, seq: _Sequence, token: int) -> Delta:
+        """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
+        seq.output_ids.append(token)
+        if token in self._eos_ids:  # the EOS token adds no text
+            return seq.delta(seq.finish(FinishReason.STOP), [token])
+        text = seq.stops.push(seq.detokenizer.add_token(token))
+        if seq.stops.stopped:
+            seq.finish(FinishReason.STOP)
+        elif len(seq.output_ids) >= seq.params.max_tokens or (
+            len(seq.prompt_ids) + len(seq.output_ids) >= self.max_context
+        ):
+            text += seq.finish(FinishReason.LENGTH)
+        return seq.delta(text, [token])
+
+    def _finish_aborted(self, seq: _Sequence) -> None:
+        text = seq.finish(FinishReason.ABORT)
+        self._finished.append(seq.delta(text, []))
+
+
+def _left_pad(
+    prompts: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to a common length: (input_ids, mask), both [N, L] int64."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the generation config (one id or a list) plus the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, list) else [configured]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,26 @@
+"""Every Redis key, channel and Celery queue name LocalMoE uses, in one place."""
+
+PREFIX = "localmoe"
+
+SHARED_QUEUE = "localmoe.jobs"  # consumed by every worker; the fallback route
+RUN_JOB_TASK = "localmoe.run_job"
+CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub wake-up carrying a job id; the hash flag is the truth
+WORKERS = f"{PREFIX}:workers"  # sorted set: worker name → last heartbeat (unix seconds)
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events(job_id: str) -> str:
+    """The job's token stream (Redis stream); entry ids are the SSE event ids."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def worker(name: str) -> str:
+    """The worker's latest heartbeat (JSON, expires when the worker stops beating)."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def worker_queue(name: str) -> str:
+    return f"localmoe.worker.{name}"

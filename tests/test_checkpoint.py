@@ -1,0 +1,165 @@
+"""Offline checkpoint building (moe_core.checkpoint) and loading (moe_core.loader), for every arch."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GenerationMixin, PreTrainedTokenizerBase
+
+from moe_core.checkpoint import ARCHS, build_checkpoint, is_checkpoint
+from moe_core.loader import inspect_model, load_model, resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: build_checkpoint(root / arch, arch, progress=False) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoints: dict[str, Path]) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(checkpoints["mixtral"]), local_files_only=True)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection (e.g. to the Hugging Face hub) fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_leaves_a_complete_checkpoint_and_no_dot_dirs(checkpoints: dict[str, Path], arch: str) -> None:
+    path = checkpoints[arch]
+    assert is_checkpoint(path)
+    assert (path / "generation_config.json").is_file()
+    assert (path / "tokenizer_config.json").is_file()
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_tokenizer_is_deterministic(checkpoints: dict[str, Path]) -> None:
+    tokenizer_files = {(checkpoints[arch] / "tokenizer.json").read_bytes() for arch in ARCHS}
+    assert len(tokenizer_files) == 1
+
+
+def test_half_built_dir_is_not_a_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    half = tmp_path / "half"
+    shutil.copytree(checkpoints["mixtral"], half)
+    (half / "tokenizer.json").unlink()
+    assert not is_checkpoint(half)
+    assert not is_checkpoint(tmp_path / "missing")
+
+
+def test_unknown_arch_is_rejected_with_the_list(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mixtral, qwen2_moe, olmoe"):
+        build_checkpoint(tmp_path / "x", "llama", progress=False)
+
+
+def test_build_refuses_to_overwrite_a_non_empty_dir(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_checkpoint(tmp_path / "x", progress=False)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+CODE = 'class Point:\n    def __init__(self, x: int) -> None:\n\tself.x = x  # tab\n\n\nprint(f"{x!r}")\n'
+
+
+@pytest.mark.parametrize("text", [CODE, "héllo — 世界", "  two leading spaces, trailing newline\n"])
+def test_tokenizer_round_trips_exactly(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # byte-level: every string is representable
+    assert tokenizer.decode(ids) == text
+
+
+def test_newline_is_never_merged_with_the_indentation_after_it(tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = tokenizer("def f(x):\n    return x")["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert "\n" in pieces  # a bare newline is a token of its own...
+    assert not any("\n" in piece and piece != "\n" for piece in pieces)  # ...and never part of another
+
+
+# --------------------------------------------------------------------------------------------------
+# Inspecting and loading
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inspect_model_reads_the_moe_shape(checkpoints: dict[str, Path], arch: str) -> None:
+    info = inspect_model(checkpoints[arch])
+    assert (info.arch, info.num_experts, info.experts_per_token) == (arch, 8, 2)
+    assert (info.num_layers, info.max_context) == (4, 2048)
+    assert info.size_bytes == (checkpoints[arch] / "model.safetensors").stat().st_size
+    assert info.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_forward_and_generate_offline(checkpoints: dict[str, Path], arch: str, no_network: None) -> None:
+    model, tokenizer = load_model(checkpoints[arch])
+    assert not model.training and model.dtype == torch.float32
+    # The estimate comes from file sizes only; the safetensors header is the only slack.
+    estimate = inspect_model(checkpoints[arch]).num_parameters_estimate
+    assert abs(estimate - model.num_parameters()) / model.num_parameters() < 0.01
+
+    inputs = tokenizer("import os\n", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model.forward(**inputs).logits
+    assert logits.shape == (1, prompt_len, len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+    assert isinstance(model, GenerationMixin)  # transformers 5: PreTrainedModel itself cannot generate
+    # generate's self-type (a protocol) and its union return type defeat mypy; the result is ids.
+    out = cast(Any, model).generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert isinstance(out, torch.Tensor)
+    assert prompt_len < out.shape[1] <= prompt_len + 8  # a random model may hit EOS early
+
+
+def test_load_model_in_bfloat16(checkpoints: dict[str, Path]) -> None:
+    model, _ = load_model(checkpoints["olmoe"], dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype("cuda:0") == torch.bfloat16
+    assert resolve_dtype("cpu") == torch.float32
+    assert resolve_dtype("cuda", "float16") == torch.float16
+    with pytest.raises(ValueError, match="float32"):
+        resolve_dtype("cpu", "fp8")
+
+
+def test_missing_dir_or_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        inspect_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_model(tmp_path)
+
+
+def test_moe_core_never_imports_redis_or_celery() -> None:
+    code = (
+        "import sys, moe_core, moe_core.checkpoint, moe_core.loader\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'celery', 'kombu'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

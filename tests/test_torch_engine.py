@@ -1,0 +1,245 @@
+"""TorchEngine on real tiny random MoE checkpoints (CPU, float32): outputs must equal generate()."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_core.checkpoint import build_checkpoint
+from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
+from moe_core.torch_engine import TorchEngine
+
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os",
+    "class Parser:\n    def __init__(self, text):\n        self.text = text\n        self.pos = 0\n\n    def",
+    "The quick brown fox",
+    "x",
+    "for i in range(10):\n    print(i)\n# done",
+    "raise ValueError(",
+    "    # The cache is trimmed on the left when rows leave the batch, so",
+]
+LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
+NEW_TOKENS = 16
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    deltas: int = 0
+
+
+def _collect(engine: TorchEngine, results: dict[str, Result]) -> None:
+    for delta in engine.step():
+        result = results.setdefault(delta.request_id, Result())
+        assert result.finish_reason is None, "a finished request got another delta"
+        result.text += delta.text
+        result.token_ids += delta.token_ids
+        result.finish_reason = delta.finish_reason
+        result.deltas += 1
+        assert delta.completion_tokens == len(result.token_ids)
+
+
+def _run(engine: TorchEngine, requests: list[GenerationRequest]) -> dict[str, Result]:
+    for request in requests:
+        engine.add_request(request)
+    results: dict[str, Result] = {}
+    while engine.has_unfinished():
+        _collect(engine, results)
+    return results
+
+
+def _greedy(request_id: str, prompt: str, max_tokens: int = NEW_TOKENS) -> GenerationRequest:
+    return GenerationRequest(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+
+
+def _reference(engine: TorchEngine, prompt: str, max_tokens: int = NEW_TOKENS) -> list[int]:
+    """generate(do_sample=False) for the prompt alone, cut after the first EOS."""
+    input_ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    assert input_ids.shape[1] == engine.count_tokens(prompt)
+    out = engine.model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens, do_sample=False
+    )
+    ids: list[int] = out[0, input_ids.shape[1] :].tolist()
+    eos = engine.tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def _assert_matches(engine: TorchEngine, result: Result, reference: list[int], max_tokens: int) -> None:
+    assert result.token_ids == reference
+    eos = engine.tokenizer.eos_token_id
+    assert result.finish_reason == (FinishReason.STOP if reference[-1] == eos else FinishReason.LENGTH)
+    assert len(reference) <= max_tokens
+    decoded = engine.tokenizer.decode(reference, skip_special_tokens=True)
+    # Bytes of a character cut off by the end of generation are dropped, not emitted as U+FFFD.
+    assert decoded == result.text or (decoded.startswith(result.text) and decoded.endswith("\ufffd"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "mixtral", arch="mixtral", progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(mixtral_dir: Path) -> Iterator[TorchEngine]:
+    torch.manual_seed(0)
+    engine = TorchEngine(mixtral_dir, max_batch_size=8)
+    engine.load()
+    yield engine
+
+
+@pytest.fixture(scope="module")
+def references(engine: TorchEngine) -> dict[str, list[int]]:
+    return {prompt: _reference(engine, prompt) for prompt in PROMPTS + LATE_PROMPTS}
+
+
+def test_load_sets_context_and_leaves_engine_idle(engine: TorchEngine) -> None:
+    assert engine.max_context == engine.model.config.max_position_embeddings
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.steps, stats.tokens_generated) == (0, 0, 0, 0)
+    assert not engine.has_unfinished()
+
+
+def test_greedy_alone_matches_generate(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    prompt = PROMPTS[2]
+    results = _run(engine, [_greedy("solo", prompt)])
+    _assert_matches(engine, results["solo"], references[prompt], NEW_TOKENS)
+    assert len(results["solo"].text) > 0
+
+
+def test_continuous_batching_matches_generate(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    """8 prompts at once, 4 more while they decode (engine capped at 8 rows), rows leaving early.
+
+    The longest prompt stops first so the left trim runs; late prompts wait for free slots.
+    """
+    max_tokens = {prompt: NEW_TOKENS - 2 * (i % 4) for i, prompt in enumerate(PROMPTS)}
+    max_tokens[PROMPTS[2]] = 3  # the longest prompt leaves first: its padding columns get trimmed
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(_greedy(f"a{i}", prompt, max_tokens[prompt]))
+    results: dict[str, Result] = {}
+    for _ in range(3):
+        _collect(engine, results)
+    for i, prompt in enumerate(LATE_PROMPTS):
+        max_tokens[prompt] = NEW_TOKENS
+        engine.add_request(_greedy(f"b{i}", prompt))
+    assert engine.stats().waiting == len(LATE_PROMPTS)
+    while engine.has_unfinished():
+        _collect(engine, results)
+        assert engine.stats().running <= 8
+
+    for i, prompt in enumerate(PROMPTS):
+        _assert_matches(engine, results[f"a{i}"], references[prompt][: max_tokens[prompt]], max_tokens[prompt])
+    for i, prompt in enumerate(LATE_PROMPTS):
+        _assert_matches(engine, results[f"b{i}"], references[prompt], NEW_TOKENS)
+    stats = engine.stats()
+    assert stats.max_batch_seen == 8
+    assert stats.running == stats.waiting == 0
+
+
+def _sampled(
+    request_id: str, prompt: str, seed: int | None, top_p: float = 1.0, top_k: int = 0
+) -> GenerationRequest:
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=top_p, top_k=top_k, seed=seed)
+    return GenerationRequest(request_id, prompt, params)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: TorchEngine) -> None:
+    prompt = PROMPTS[0]
+    alone = _run(engine, [_sampled("s", prompt, seed=1234, top_p=0.95, top_k=200)])["s"]
+    crowd = [_sampled(f"c{i}", p, seed=None) for i, p in enumerate(PROMPTS[1:5])] + [_greedy("g", PROMPTS[5])]
+    in_batch = _run(engine, [*crowd, _sampled("s", prompt, seed=1234, top_p=0.95, top_k=200)])["s"]
+    assert in_batch.token_ids == alone.token_ids and in_batch.text == alone.text
+    other_seed = _run(engine, [_sampled("s", prompt, seed=4321, top_p=0.95, top_k=200)])["s"]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_top_k_1_equals_greedy(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    prompt = PROMPTS[3]
+    result = _run(engine, [_sampled("k1", prompt, seed=None, top_k=1)])["k1"]
+    assert result.token_ids == references[prompt]
+
+
+def test_max_tokens_finishes_with_length(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    prompt = next(p for p in PROMPTS if engine.tokenizer.eos_token_id not in references[p][:5])
+    result = _run(engine, [_greedy("len", prompt, max_tokens=5)])["len"]
+    assert result.finish_reason == FinishReason.LENGTH
+    assert result.token_ids == references[prompt][:5]
+    assert result.deltas == 5
+
+
+def test_stop_string_truncates_and_deltas_add_up(engine: TorchEngine) -> None:
+    prompt = PROMPTS[1]
+    full = _run(engine, [_greedy("full", prompt)])["full"]
+    # A stop string that straddles a token boundary in the middle of the output.
+    pieces = [engine.tokenizer.decode([t]) for t in full.token_ids]
+    j = next(j for j in range(2, len(pieces) - 1) if pieces[j].isprintable() and pieces[j + 1].isprintable())
+    stop = pieces[j][-2:] + pieces[j + 1][:2]
+    expected = full.text[: full.text.index(stop)]
+    request = GenerationRequest("stop", prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=("zzzz-none", stop)))
+    result = _run(engine, [request])["stop"]
+    assert result.finish_reason == FinishReason.STOP
+    assert result.text == expected  # the concatenated deltas
+    assert len(result.token_ids) < len(full.token_ids)
+
+
+def test_abort_frees_the_row_and_reports_next_step(
+    engine: TorchEngine, references: dict[str, list[int]]
+) -> None:
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(_greedy(f"r{i}", prompt, max_tokens=NEW_TOKENS))
+    results: dict[str, Result] = {}
+    _collect(engine, results)  # prefill
+    _collect(engine, results)  # one decode
+    assert engine.stats().running == 3
+    engine.abort("r1")
+    assert engine.stats().running == 2  # the row left the batch at once
+    _collect(engine, results)
+    assert results["r1"].finish_reason == FinishReason.ABORT
+    assert len(results["r1"].token_ids) == 2
+    while engine.has_unfinished():
+        _collect(engine, results)
+    for i in (0, 2):  # the rows that stayed are unaffected by the removal
+        _assert_matches(engine, results[f"r{i}"], references[PROMPTS[i]], NEW_TOKENS)
+    engine.abort("r0")  # unknown or finished ids are ignored
+    assert engine.step() == []
+
+
+def test_abort_while_waiting(engine: TorchEngine) -> None:
+    engine.add_request(_greedy("w", PROMPTS[0]))
+    engine.abort("w")
+    deltas = engine.step()
+    assert [(d.request_id, d.finish_reason, d.token_ids) for d in deltas] == [("w", FinishReason.ABORT, [])]
+    assert not engine.has_unfinished()
+
+
+def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:
+    engine = TorchEngine(mixtral_dir, max_context=24)
+    engine.load()
+    long_prompt = " ".join(["word"] * 40)
+    assert engine.count_tokens(long_prompt) >= 24
+    prompt = PROMPTS[0]
+    n_prompt = engine.count_tokens(prompt)
+    results = _run(engine, [_greedy("long", long_prompt), _greedy("ctx", prompt, max_tokens=100)])
+    assert results["long"].finish_reason == FinishReason.LENGTH
+    assert results["long"].token_ids == [] and results["long"].text == ""
+    ctx = results["ctx"]
+    if engine.tokenizer.eos_token_id not in ctx.token_ids:
+        assert ctx.finish_reason == FinishReason.LENGTH
+        assert n_prompt + len(ctx.token_ids) == 24
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+def test_other_architectures_match_generate(arch: str, tmp_path: Path) -> None:
+    engine = TorchEngine(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
+    engine.load()
+    prompts = PROMPTS[:4]
+    results = _run(engine, [_greedy(f"p{i}", p, max_tokens=10) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        _assert_matches(engine, results[f"p{i}"], _reference(engine, prompt, 10), 10)
+    assert engine.stats().max_batch_seen == len(prompts)

@@ -1,0 +1,98 @@
+"""The engine loop: the one thread that drives a worker's engine.
+
+Celery task threads hand jobs in (`submit`) and cancels arrive from the cancel listener
+(`cancel`); both only enqueue. Between two steps the loop admits every new job and applies every
+cancel, so a new job joins the running batch at the next step and a cancelled one leaves it
+within one step. Each step's deltas go to the relay thread; the loop never waits on Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from moe_core.engine import Engine, EngineStats, GenerationRequest, SamplingParams
+from workers.relay import Held, Relay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    job_id: str
+
+
+class EngineLoop(threading.Thread):
+    def __init__(self, engine: Engine, relay: Relay) -> None:
+        super().__init__(name="engine-loop", daemon=True)
+        self.engine = engine
+        self.relay = relay
+        self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
+        self._inbox: queue.SimpleQueue[Held | _Cancel] = queue.SimpleQueue()
+        self._stop = threading.Event()
+
+    def submit(self, held: Held) -> None:
+        self.relay.track(held)
+        self._inbox.put(held)
+
+    def cancel(self, job_id: str) -> None:
+        self._inbox.put(_Cancel(job_id))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._admit(block=not self.engine.has_unfinished())
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # the engine is broken for this batch: fail what it held
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+                continue
+            if deltas:
+                self.relay.publish(deltas, time.time())
+            self.stats = self.engine.stats()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, item: Held | _Cancel) -> None:
+        if isinstance(item, _Cancel):
+            if item.job_id in self.relay.held:
+                self.engine.abort(item.job_id)
+            return
+        spec = item.job.spec
+        params = SamplingParams(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            seed=spec.seed,
+            stop=tuple(spec.stop),
+        )
+        try:
+            self.engine.add_request(GenerationRequest(item.job.id, spec.prompt, params))
+        except ValueError as e:  # e.g. a prompt the engine cannot hold
+            self.relay.fail(item.job.id, str(e))
+
+    def _fail_all(self, error: str) -> None:
+        for job_id in list(self.relay.held):
+            self.engine.abort(job_id)
+            self.relay.fail(job_id, error)
+        try:  # drain the aborts so the engine forgets them
+            self.engine.step()
+        except Exception:
+            log.exception("engine could not drain after a failure")

@@ -1,0 +1,184 @@
+"""The worker's token relay: the one place a worker writes job progress to Redis.
+
+The engine loop hands over each step's deltas for all jobs; the relay thread writes them in ONE
+pipeline per batch of steps (per-token round trips would cap the service below the engine, see
+shared/NOTES.md), appending tokens to each job's stream and writing each terminal state exactly
+once through the finalize script. A job's future resolves only after its terminal state is in
+Redis, so the Celery task acknowledges a message only once the result is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from moe_core.engine import Delta, FinishReason
+from scheduler import keys
+from scheduler.jobs import Job, JobStatus, Usage, encode_fields
+from scheduler.stream import DoneEvent, done_fields, token_fields
+
+log = logging.getLogger(__name__)
+
+# KEYS: job hash, events stream. ARGV: attempt (JSON), ttl seconds, done-event data, then the
+# job's field/value pairs. Writes only if this attempt still owns the running job, so a stale
+# worker can never overwrite a newer attempt or a terminal state.
+FINALIZE = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+_STATUS = {
+    FinishReason.STOP: JobStatus.SUCCEEDED,
+    FinishReason.LENGTH: JobStatus.SUCCEEDED,
+    FinishReason.ABORT: JobStatus.CANCELLED,
+}
+
+
+_Op = Callable[[redis.client.Pipeline], object]  # one command staged on a pipeline
+
+
+@dataclass
+class Held:
+    """A job this worker holds, from claim to terminal write."""
+
+    job: Job
+    attempt: int
+    future: Future[Job] = field(default_factory=Future)
+    text: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+@dataclass
+class _Failure:
+    job_id: str
+    error: str
+
+
+class Relay(threading.Thread):
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        super().__init__(name="relay", daemon=True)
+        self.client = client
+        self.ttl_s = ttl_s
+        self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed here
+        self._inbox: queue.SimpleQueue[tuple[list[Delta], float] | _Failure] = queue.SimpleQueue()
+        self._finalize = client.register_script(FINALIZE)
+
+    # --- called from other threads ------------------------------------------------------
+    def track(self, held: Held) -> None:
+        self.held[held.job.id] = held
+
+    def publish(self, deltas: list[Delta], at: float) -> None:
+        self._inbox.put((deltas, at))
+
+    def fail(self, job_id: str, error: str) -> None:
+        self._inbox.put(_Failure(job_id, error))
+
+    # --- the relay thread -----------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            batch = [self._inbox.get()]
+            while not self._inbox.empty():  # coalesce every step that piled up into one pipeline
+                batch.append(self._inbox.get_nowait())
+            self._write_with_retry(batch)
+
+    def _write_with_retry(self, batch: list[tuple[list[Delta], float] | _Failure]) -> None:
+        ops, finals = self._plan(batch)  # job state advances once, however often we retry
+        delay = 0.1
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=True)  # all of a batch or none of it
+                for op in ops:
+                    op(pipe)
+                pipe.execute()
+                break
+            except redis.RedisError as e:  # Redis restarting: keep the batch, retry, never drop
+                log.warning("relay write failed (%s); retrying in %.1fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for held, job in finals:
+            self.held.pop(job.id, None)
+            held.future.set_result(job)
+
+    def _plan(self, batch: list[tuple[list[Delta], float] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
+        ops: list[_Op] = []
+        finals: list[tuple[Held, Job]] = []
+        for item in batch:
+            if isinstance(item, _Failure):
+                held = self.held.get(item.job_id)
+                if held is not None:
+                    finals.append((held, self._final_job(held, JobStatus.FAILED, None, item.error, None)))
+                continue
+            deltas, at = item
+            for delta in deltas:
+                held = self.held.get(delta.request_id)
+                if held is None:
+                    continue
+                ops += self._plan_delta(held, delta, at)
+                if delta.finish_reason is not None:
+                    usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
+                    status = _STATUS[delta.finish_reason]
+                    finals.append((held, self._final_job(held, status, delta.finish_reason, None, usage)))
+        ops += [self._plan_final(held, job) for held, job in finals]
+        return ops, finals
+
+    def _plan_delta(self, held: Held, delta: Delta, at: float) -> list[_Op]:
+        job_id = held.job.id
+        ops: list[_Op] = []
+        if held.first_token_at is None and delta.token_ids:
+            held.first_token_at = at
+            first = encode_fields({"timings": {"first_token_at": at}})
+            ops.append(lambda pipe: pipe.hset(keys.job(job_id), mapping=first))  # type: ignore[arg-type]
+        if delta.text:
+            held.text.append(delta.text)
+            fields = token_fields(delta.text)
+            ops.append(lambda pipe: pipe.xadd(keys.events(job_id), fields))  # type: ignore[arg-type]
+            if len(held.text) == 1:
+                ops.append(lambda pipe: pipe.expire(keys.events(job_id), self.ttl_s))
+        return ops
+
+    def _final_job(
+        self,
+        held: Held,
+        status: JobStatus,
+        reason: FinishReason | None,
+        error: str | None,
+        usage: Usage | None,
+    ) -> Job:
+        job = held.job.model_copy(deep=True)
+        job.status = status
+        job.output = "".join(held.text)
+        job.finish_reason = reason.value if reason else None
+        job.error = error
+        job.usage = usage or job.usage
+        job.timings.first_token_at = held.first_token_at
+        job.timings.finished_at = time.time()
+        return job
+
+    def _plan_final(self, held: Held, job: Job) -> _Op:
+        fields = encode_fields(
+            {
+                "status": job.status.value,
+                "output": job.output,
+                "finish_reason": job.finish_reason,
+                "error": job.error,
+                "usage": job.usage.model_dump(),
+                "timings": {"finished_at": job.timings.finished_at},
+            }
+        )
+        args: list[str | int] = [str(held.attempt), self.ttl_s, done_fields(DoneEvent.of(job))["data"]]
+        for k, v in fields.items():
+            args += [k, v]
+        job_keys = [keys.job(job.id), keys.events(job.id)]
+        return lambda pipe: self._finalize(keys=job_keys, args=args, client=pipe)

@@ -1,0 +1,135 @@
+"""A worker process's long-lived parts: the engine, its loop, the relay, heartbeats and the
+cancel listener. Built and warmed up before Celery consumes a single message."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import redis
+
+from moe_core.engine import Engine
+from scheduler import keys
+from scheduler.jobs import Job, JobStatus, encode_fields
+from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo
+from workers.engine_loop import EngineLoop
+from workers.relay import Held, Relay
+
+log = logging.getLogger(__name__)
+
+# KEYS: job hash. ARGV: worker, engine, started_at (all JSON). → the new attempt number, or 0
+# when the job is no longer queued (cancelled while waiting, or already taken).
+CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
+redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
+  'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
+return attempt
+"""
+
+
+class Runtime:
+    def __init__(self, client: redis.Redis, engine: Engine, info: WorkerInfo, ttl_s: int) -> None:
+        self.client = client
+        self.engine = engine
+        self.info = info
+        self.relay = Relay(client, ttl_s)
+        self.loop = EngineLoop(engine, self.relay)
+        self._claim = client.register_script(CLAIM)
+        self._last_tokens = (time.monotonic(), 0)
+
+    def start(self) -> None:
+        self.relay.start()
+        self.loop.start()
+        threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True).start()
+
+    def mark_ready(self) -> None:
+        self.info.ready = True
+        self.beat()
+        log.info("worker %s ready: engine %s on %s", self.info.name, self.info.engine, self.info.device)
+
+    # --- the Celery task's body -----------------------------------------------------------
+    def run(self, job: Job) -> Job | None:
+        """Claim the job, run it in the shared batch, return once its terminal state is written.
+        None when the job was not claimable (cancelled while queued, or taken elsewhere)."""
+        fields = encode_fields({"worker": self.info.name, "engine": self.engine.name, "started_at": time.time()})
+        attempt = int(
+            self._claim(keys=[keys.job(job.id)], args=[fields["worker"], fields["engine"], fields["started_at"]])
+        )
+        if attempt == 0:
+            return None
+        job = job.model_copy(update={"status": JobStatus.RUNNING, "attempt": attempt})
+        job.worker, job.engine = self.info.name, self.engine.name
+        held = Held(job, attempt)
+        self.loop.submit(held)
+        return held.future.result()
+
+    # --- background threads ---------------------------------------------------------------
+    def beat(self) -> None:
+        stats = self.loop.stats
+        now, mono = time.time(), time.monotonic()
+        last_mono, last_tokens = self._last_tokens
+        info = self.info
+        info.heartbeat_at = now
+        info.running, info.waiting = stats.running, stats.waiting
+        info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
+        info.tokens_per_s = (stats.tokens_generated - last_tokens) / max(mono - last_mono, 1e-6)
+        self._last_tokens = (mono, stats.tokens_generated)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.worker(info.name), info.model_dump_json(), ex=RECORD_TTL_S)
+        pipe.zadd(keys.WORKERS, {info.name: now})
+        pipe.execute()
+
+    def _beat_forever(self) -> None:
+        while True:
+            try:
+                self.beat()
+                self._sweep_cancels()
+            except redis.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+            time.sleep(HEARTBEAT_S)
+
+    def _sweep_cancels(self) -> None:
+        """Pub/sub is at-most-once: the cancel flag in each held job's hash is the truth."""
+        held = list(self.relay.held)
+        if not held:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in held:
+            pipe.hget(keys.job(job_id), "cancel_requested")
+        for job_id, flag in zip(held, pipe.execute(), strict=True):
+            if flag == "true":
+                self.loop.cancel(job_id)
+
+    def _listen_for_cancels(self) -> None:
+        while True:
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(keys.CANCEL_CHANNEL)
+                for message in pubsub.listen():
+                    job_id = message.get("data")
+                    if isinstance(job_id, str) and job_id in self.relay.held:
+                        self.loop.cancel(job_id)
+            except redis.RedisError as e:
+                log.warning("cancel listener lost Redis (%s); resubscribing", e)
+                time.sleep(0.5)
+
+
+def worker_info(name: str, engine: Engine, device: str, model: str, capacity: int) -> WorkerInfo:
+    now = time.time()
+    return WorkerInfo(
+        name=name,
+        pid=os.getpid(),
+        queues=[keys.SHARED_QUEUE, keys.worker_queue(name)],
+        engine=engine.name,
+        device=device,
+        model=model,
+        max_context=engine.max_context,
+        capacity=capacity,
+        ready=False,
+        started_at=now,
+        heartbeat_at=now,
+    )
