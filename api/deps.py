@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, HTTPException, Path, Request
 
 from api.store import JobStore
 from localmoe.settings import Settings
 from scheduler.jobs import Job
+from scheduler.queue import Enqueuer
 from scheduler.routing import PromptCounter
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -21,7 +21,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 class Services:
     settings: Settings
     store: JobStore
-    celery: Celery
+    enqueuer: Enqueuer
     counter: PromptCounter
 
 

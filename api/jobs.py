@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, HTTPException, Response
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, ServicesDep
 from api.protocol import JobResponse
 from api.store import CancelOutcome
-from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Timings, Usage
 from scheduler.modality import detect
 from scheduler.routing import route
@@ -26,7 +24,9 @@ def _admit(spec: JobSpec, services: ServicesDep) -> int:
     """Refuse what no engine could run; returns the prompt's token count."""
     limit = services.settings.limits.max_tokens
     if spec.max_tokens > limit:
-        raise _unprocessable("max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}")
+        raise _unprocessable(
+            "max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}"
+        )
     counter = services.counter
     n = counter.count(spec.prompt)
     if n >= counter.max_context:
@@ -54,9 +54,7 @@ async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> Jo
     await services.store.create(job)  # the record exists before any worker can see the message
     payload = job.model_dump(mode="json")
     try:
-        await run_in_threadpool(
-            services.celery.send_task, keys.RUN_JOB_TASK, args=[payload], queue=chosen.queue
-        )
+        await services.enqueuer.send(payload, chosen.queue)
     except Exception as e:
         await services.store.fail(job.id, f"could not enqueue: {e}")
         raise HTTPException(503, "the job queue is unavailable; try again") from e

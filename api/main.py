@@ -15,15 +15,17 @@ from api.deps import Services
 from api.intake import BodyGuard
 from api.store import JobStore
 from localmoe.settings import Settings, get_settings
-from scheduler.queue import make_celery
+from scheduler.queue import Enqueuer, make_celery
 from scheduler.routing import PromptCounter
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with where and why, never echoing the input: it may not even be encodable (a lone
     surrogate), and echoing a 1 MB prompt back helps nobody."""
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in exc.errors()]
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
     return JSONResponse({"detail": errors}, status_code=422)
 
 
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=s,
             store=JobStore(client, s.limits.job_ttl_s),
-            celery=make_celery(url),
+            enqueuer=Enqueuer(make_celery(url)),
             counter=PromptCounter(s.resolved_model_dir),
         )
         yield

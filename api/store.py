@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from enum import StrEnum
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -56,24 +57,34 @@ class JobStore:
         await pipe.execute()
 
     async def get(self, job_id: str) -> Job | None:
-        fields = await self.client.hgetall(keys.job(job_id))  # type: ignore[misc]
+        fields = cast(dict[str, str], await self.client.hgetall(keys.job(job_id)))
         return job_from_hash(fields) if fields else None
 
     async def fail(self, job_id: str, error: str) -> None:
         """Used when a job could not even be enqueued."""
         fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
-        await self.client.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type,misc]
+        await self.client.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
 
     async def cancel(self, job_id: str) -> CancelOutcome:
         done = DoneEvent(status=JobStatus.CANCELLED, finish_reason="abort")
-        args = [str(time.time()), self.ttl_s, done.model_dump_json(), keys.CANCEL_CHANNEL, job_id]
+        args: list[str | int] = [
+            str(time.time()),
+            self.ttl_s,
+            done.model_dump_json(),
+            keys.CANCEL_CHANNEL,
+            job_id,
+        ]
         outcome = await self._cancel(keys=[keys.job(job_id), keys.events(job_id)], args=args)
         return CancelOutcome(outcome)
 
     async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
         """Every event after `after` (a stream id), live, until the done event."""
         while True:
-            reply = await self.client.xread({keys.events(job_id): after}, count=512, block=15_000)
+            # [[stream key, [(entry id, {field: value}), ...]]] (decoded strings), or [] on timeout
+            reply = cast(
+                list[tuple[str, list[tuple[str, dict[str, str]]]]],
+                await self.client.xread({keys.events(job_id): after}, count=512, block=15_000),
+            )
             if not reply:  # quiet for 15 s: make sure the job still exists, then keep waiting
                 if not await self.client.exists(keys.job(job_id)):
                     return
@@ -86,7 +97,7 @@ class JobStore:
                     return
 
     async def workers(self, fresh_only: bool = True) -> list[WorkerInfo]:
-        names = await self.client.zrange(keys.WORKERS, 0, -1)
+        names = cast(list[str], await self.client.zrange(keys.WORKERS, 0, -1))
         if not names:
             return []
         raw = await self.client.mget([keys.worker(n) for n in names])

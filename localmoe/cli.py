@@ -59,12 +59,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def _sse(response: httpx.Response) -> object:
     """Yields (event, data) pairs from a text/event-stream response."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in response.iter_lines():
         if not line:
             if data:
                 yield event, json.loads("\n".join(data))
-            event, data = "message", []
+            event, data = "message", list[str]()
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
@@ -75,8 +75,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
 
     base = get_settings().resolved_api_url
-    body: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens,
-                               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    body: dict[str, object] = {
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+    }
     if args.seed is not None:
         body["seed"] = args.seed
     if args.stop:
@@ -94,7 +99,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                         print(data["text"], end="", flush=True)
                     elif event == "done":
                         print(flush=True)
-                        print(f"[{data['status']}, {data['finish_reason']}, {data['usage']}]", file=sys.stderr)
+                        print(
+                            f"[{data['status']}, {data['finish_reason']}, {data['usage']}]", file=sys.stderr
+                        )
             return 0
         while True:
             job = http.get(f"/v1/jobs/{job_id}").json()
@@ -111,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML settings file (env LOCALMOE_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_command", required=True)
+    model = sub.add_parser("model", help="model checkpoints").add_subparsers(
+        dest="model_command", required=True
+    )
     init = model.add_parser("init", help="build the small MoE checkpoint (no hub needed)")
     init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe"])
     init.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
@@ -153,5 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     _env_flag(args, "api_url", "LOCALMOE_API_URL")
     level = os.environ.get("LOCALMOE_LOG_LEVEL", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     code: int = args.func(args)
     return code

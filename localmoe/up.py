@@ -71,7 +71,9 @@ def ensure_model(settings: Settings) -> Path:
     if is_checkpoint(path):
         return path
     if settings.model_dir is not None:
-        raise SystemExit(f"LOCALMOE_MODEL_DIR={path} is not a model directory (config.json, *.safetensors, tokenizer.json)")
+        raise SystemExit(
+            f"LOCALMOE_MODEL_DIR={path} is not a model directory (config.json, *.safetensors, tokenizer.json)"
+        )
     print(f"building the embedded small model in {path} (first start only)", flush=True)
     return build_checkpoint(path, progress=True)
 
@@ -104,19 +106,47 @@ class Supervisor:
 
         gpus = visible_gpus()
         for gpu in gpus:
-            self.spawn(f"worker-gpu{gpu}", self._worker_argv(f"gpu{gpu}"), {**env, "CUDA_VISIBLE_DEVICES": gpu})
+            self.spawn(
+                f"worker-gpu{gpu}", self._worker_argv(f"gpu{gpu}"), {**env, "CUDA_VISIBLE_DEVICES": gpu}
+            )
         if not gpus:
             self.spawn("worker-cpu0", self._worker_argv("cpu0"), {**env, "CUDA_VISIBLE_DEVICES": ""})
-        self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
-                           "--port", str(s.api_port), "--log-level", s.log_level], env)
+        self.spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                s.api_host,
+                "--port",
+                str(s.api_port),
+                "--log-level",
+                s.log_level,
+                "--no-access-log",
+            ],
+            env,
+        )
         flower_pw = s.flower_password.get_secret_value() if s.flower_password else keys["flower_password"]
-        flower_env = {**env, "CELERY_BROKER_URL": env["LOCALMOE_REDIS_URL"],
-                      "FLOWER_BASIC_AUTH": f"{s.flower_user}:{flower_pw}"}
-        self.spawn("flower", [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1",
-                              f"--port={s.flower_port}"], flower_env)
+        flower_env = {
+            **env,
+            "CELERY_BROKER_URL": env["LOCALMOE_REDIS_URL"],
+            "FLOWER_BASIC_AUTH": f"{s.flower_user}:{flower_pw}",
+            # Flower would switch task events on in every worker; that is a setting's call.
+            "FLOWER_ENABLE_EVENTS": str(s.task_events).lower(),
+        }
+        self.spawn(
+            "flower",
+            [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1", f"--port={s.flower_port}"],
+            flower_env,
+        )
         api = s.resolved_api_url
-        print(f"LocalMoE API   {api}\n         docs  {api}/docs\n       Flower  http://127.0.0.1:"
-              f"{s.flower_port}  (user {s.flower_user}, password in {s.home / 'secrets.json'})", flush=True)
+        print(
+            f"LocalMoE API   {api}\n         docs  {api}/docs\n       Flower  http://127.0.0.1:"
+            f"{s.flower_port}  (user {s.flower_user}, password in {s.home / 'secrets.json'})",
+            flush=True,
+        )
 
     def _worker_argv(self, name: str) -> list[str]:
         return [sys.executable, "-m", "localmoe", "worker", "--name", name]

@@ -169,7 +169,6 @@ def _trim_left(batch: _Batch) -> None:
     if first > 0:
         _map_kv(batch.cache, lambda t: t[:, :, first:])
         batch.mask = batch.mask[:, first:]
-        _map_kv(batch.cache, lambda t: t[:, :, 1:]); batch.mask = batch.mask[:, 1:]
 
 
 def _zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -235,6 +234,11 @@ class TorchEngine:
         started = time.monotonic()
         self.model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
         self._device = next(self.model.parameters()).device
+        if self._device.type == "cuda":
+            # Process-wide: cuDNN's SDPA builds an execution plan for every new (batch, length) shape,
+            # and continuous batching makes a new shape almost every step (measured on an H200, bf16:
+            # 64 x 64 tokens took 4.2 s with it, 0.54 s without; the mem-efficient kernel takes over).
+            torch.backends.cuda.enable_cudnn_sdp(False)
         config = self.model.config
         if not self._requested_max_context:
             self.max_context = int(config.max_position_embeddings)

@@ -41,7 +41,9 @@ def detect(prompt: str) -> Modality:
             code += 1 if re.search(r"[(){}\[\]=<>]", line) else 0
             prose += 0 if re.search(r"[(){}\[\]=<>]", line) else 1
     if code and prose:
-        return Modality.MIXED if min(code, prose) / (code + prose) >= 0.2 else (
-            Modality.CODE if code > prose else Modality.TEXT
+        return (
+            Modality.MIXED
+            if min(code, prose) / (code + prose) >= 0.2
+            else (Modality.CODE if code > prose else Modality.TEXT)
         )
     return Modality.CODE if code else Modality.TEXT

@@ -43,7 +43,9 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_server: RedisServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def service_env(
+    redis_server: RedisServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     return {
         **os.environ,
         "LOCALMOE_REDIS_URL": redis_server.url,

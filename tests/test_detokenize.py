@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from moe_core.checkpoint import train_tokenizer
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
-from transformers import PreTrainedTokenizerFast
 
 UNICODE_TEXT = "naïve café — 世界 🙂 ok"
 
@@ -27,7 +27,9 @@ def _sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module", params=["byte_level_bpe", "sentencepiece_style"])
@@ -105,7 +107,7 @@ def test_earliest_stop_string_wins_and_text_before_it_is_exact() -> None:
 
 
 def test_overlapping_stop_prefixes() -> None:
-    """"aab" must still be found after a held "aa" whose second "a" restarts the match."""
+    """ "aab" must still be found after a held "aa" whose second "a" restarts the match."""
     buffer = StopStringBuffer(["aab"])
     out = _push_all(buffer, ["a", "a", "a", "b", "c"])
     assert "".join(out) == buffer.text == "a"

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from websockets.sync.client import connect
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from websockets.sync.client import connect
 
 from tests.conftest import wait_done, wait_for
 
@@ -25,7 +25,9 @@ def submit(http: httpx.Client, **body: object) -> dict:  # type: ignore[type-arg
     return r.json()  # type: ignore[no-any-return]
 
 
-def sse_events(api_url: str, job_id: str, last_event_id: str | None = None, limit: int | None = None) -> list[tuple[str, str, dict]]:  # type: ignore[type-arg]
+def sse_events(
+    api_url: str, job_id: str, last_event_id: str | None = None, limit: int | None = None
+) -> list[tuple[str, str, dict]]:  # type: ignore[type-arg]
     """(id, event, data) triples from the SSE endpoint; stops after `limit` events (a disconnect)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     out: list[tuple[str, str, dict]] = []  # type: ignore[type-arg]
@@ -67,7 +69,7 @@ def test_greedy_output_equals_transformers_generate(http: httpx.Client, model_di
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+    out = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
     if tok.eos_token_id in out:
         out = out[: out.index(tok.eos_token_id)]
     assert job["output"] == tok.decode(out)

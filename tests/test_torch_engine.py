@@ -134,7 +134,9 @@ def test_continuous_batching_matches_generate(engine: TorchEngine, references: d
         assert engine.stats().running <= 8
 
     for i, prompt in enumerate(PROMPTS):
-        _assert_matches(engine, results[f"a{i}"], references[prompt][: max_tokens[prompt]], max_tokens[prompt])
+        _assert_matches(
+            engine, results[f"a{i}"], references[prompt][: max_tokens[prompt]], max_tokens[prompt]
+        )
     for i, prompt in enumerate(LATE_PROMPTS):
         _assert_matches(engine, results[f"b{i}"], references[prompt], NEW_TOKENS)
     stats = engine.stats()
@@ -181,7 +183,9 @@ def test_stop_string_truncates_and_deltas_add_up(engine: TorchEngine) -> None:
     j = next(j for j in range(2, len(pieces) - 1) if pieces[j].isprintable() and pieces[j + 1].isprintable())
     stop = pieces[j][-2:] + pieces[j + 1][:2]
     expected = full.text[: full.text.index(stop)]
-    request = GenerationRequest("stop", prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=("zzzz-none", stop)))
+    request = GenerationRequest(
+        "stop", prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=("zzzz-none", stop))
+    )
     result = _run(engine, [request])["stop"]
     assert result.finish_reason == FinishReason.STOP
     assert result.text == expected  # the concatenated deltas

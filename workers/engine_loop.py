@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 from moe_core.engine import Engine, EngineStats, GenerationRequest, SamplingParams
@@ -54,7 +53,7 @@ class EngineLoop(threading.Thread):
                 self._fail_all(f"engine error: {e}")
                 continue
             if deltas:
-                self.relay.publish(deltas, time.time())
+                self.relay.publish(deltas)
             self.stats = self.engine.stats()
 
     def _admit(self, block: bool) -> None:

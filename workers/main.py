@@ -32,25 +32,32 @@ def serve(settings: Settings, name: str | None = None) -> None:
     model_dir = settings.resolved_model_dir
     capacity = settings.engine.max_batch_size
 
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(settings.engine.resolved_cpu_threads())
     log.info("worker %s: loading %s on %s", name, model_dir, device)
     engine = TorchEngine(model_dir, device=device, dtype=settings.engine.dtype, max_batch_size=capacity)
     engine.load()
 
     client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
-    runtime = Runtime(client, engine, worker_info(name, engine, device, str(model_dir), capacity),
-                      settings.limits.job_ttl_s)
+    runtime = Runtime(
+        client, engine, worker_info(name, engine, device, str(model_dir), capacity), settings.limits.job_ttl_s
+    )
     runtime.start()  # heartbeats say ready=False until Celery consumes
 
-    app = make_celery(url)
+    app = make_celery(url, task_events=settings.task_events)
     register(app, runtime)
     worker_ready.connect(lambda **_: runtime.mark_ready(), weak=False)
-    app.worker_main([
-        "worker",
-        "--pool=threads",
-        f"--concurrency={capacity}",  # one task thread per batch slot; each waits on its job
-        f"--queues={','.join(runtime.info.queues)}",
-        f"--hostname={name}@%h",
-        f"--loglevel={settings.log_level.upper()}",
-        "--without-gossip",
-        "--without-mingle",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={capacity}",  # one task thread per batch slot; each waits on its job
+            f"--queues={','.join(runtime.info.queues)}",
+            f"--hostname={name}@%h",
+            f"--loglevel={settings.log_level.upper()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

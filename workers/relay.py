@@ -13,8 +13,8 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import redis
@@ -72,15 +72,15 @@ class Relay(threading.Thread):
         self.client = client
         self.ttl_s = ttl_s
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed here
-        self._inbox: queue.SimpleQueue[tuple[list[Delta], float] | _Failure] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[Delta] | _Failure] = queue.SimpleQueue()
         self._finalize = client.register_script(FINALIZE)
 
     # --- called from other threads ------------------------------------------------------
     def track(self, held: Held) -> None:
         self.held[held.job.id] = held
 
-    def publish(self, deltas: list[Delta], at: float) -> None:
-        self._inbox.put((deltas, at))
+    def publish(self, deltas: list[Delta]) -> None:
+        self._inbox.put(deltas)
 
     def fail(self, job_id: str, error: str) -> None:
         self._inbox.put(_Failure(job_id, error))
@@ -93,7 +93,7 @@ class Relay(threading.Thread):
                 batch.append(self._inbox.get_nowait())
             self._write_with_retry(batch)
 
-    def _write_with_retry(self, batch: list[tuple[list[Delta], float] | _Failure]) -> None:
+    def _write_with_retry(self, batch: list[list[Delta] | _Failure]) -> None:
         ops, finals = self._plan(batch)  # job state advances once, however often we retry
         delay = 0.1
         while True:
@@ -111,7 +111,7 @@ class Relay(threading.Thread):
             self.held.pop(job.id, None)
             held.future.set_result(job)
 
-    def _plan(self, batch: list[tuple[list[Delta], float] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
+    def _plan(self, batch: list[list[Delta] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
         ops: list[_Op] = []
         finals: list[tuple[Held, Job]] = []
         for item in batch:
@@ -120,14 +120,16 @@ class Relay(threading.Thread):
                 if held is not None:
                     finals.append((held, self._final_job(held, JobStatus.FAILED, None, item.error, None)))
                 continue
-            deltas, at = item
-            for delta in deltas:
+            now = time.time()  # first tokens are stamped as they go to Redis: what a client sees
+            for delta in item:
                 held = self.held.get(delta.request_id)
                 if held is None:
                     continue
-                ops += self._plan_delta(held, delta, at)
+                ops += self._plan_delta(held, delta, now)
                 if delta.finish_reason is not None:
-                    usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
+                    usage = Usage(
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
+                    )
                     status = _STATUS[delta.finish_reason]
                     finals.append((held, self._final_job(held, status, delta.finish_reason, None, usage)))
         ops += [self._plan_final(held, job) for held, job in finals]

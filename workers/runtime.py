@@ -55,9 +55,13 @@ class Runtime:
     def run(self, job: Job) -> Job | None:
         """Claim the job, run it in the shared batch, return once its terminal state is written.
         None when the job was not claimable (cancelled while queued, or taken elsewhere)."""
-        fields = encode_fields({"worker": self.info.name, "engine": self.engine.name, "started_at": time.time()})
+        fields = encode_fields(
+            {"worker": self.info.name, "engine": self.engine.name, "started_at": time.time()}
+        )
         attempt = int(
-            self._claim(keys=[keys.job(job.id)], args=[fields["worker"], fields["engine"], fields["started_at"]])
+            self._claim(
+                keys=[keys.job(job.id)], args=[fields["worker"], fields["engine"], fields["started_at"]]
+            )
         )
         if attempt == 0:
             return None

@@ -12,7 +12,7 @@ from workers.runtime import Runtime
 
 
 def register(app: Celery, runtime: Runtime) -> None:
-    @app.task(name=keys.RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+    @app.task(name=keys.RUN_JOB_TASK)
     def run_job(job: dict[str, Any]) -> dict[str, Any]:
         # The message carries the Job (JSON); Redis holds its authoritative state.
         done = runtime.run(Job.model_validate(job))

@@ -1,0 +1,236 @@
+"""What the service costs on top of its engine.
+
+The same workload (64 jobs × 64 new tokens, greedy, so both paths generate the same tokens) runs
+straight into a TorchEngine in this process and through the whole service (HTTP → API → Redis →
+Celery worker → engine → Redis), alternating, in one run. Prints, per round and as medians:
+throughput ratio service ÷ engine (goal ≥ 0.90) and the added time to first token per job,
+p50 and p99 (goals ≤ 5 ms and ≤ 20 ms).
+
+Service TTFT is the job's own record: first_token_at (the worker's relay hands the first token to
+Redis) − queued_at (the API accepted the job). Engine TTFT: first delta − add_request.
+
+    python -m bench.service_vs_engine [--jobs 64] [--tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+
+from localmoe.redis_server import RedisServer, free_port
+from localmoe.settings import Settings
+from moe_core.checkpoint import build_checkpoint
+from moe_core.engine import GenerationRequest, SamplingParams
+from moe_core.torch_engine import TorchEngine
+from scheduler import keys
+from scheduler.jobs import job_from_hash
+from scheduler.registry import WorkerInfo
+
+
+def prompts(n: int) -> list[str]:
+    heads = [
+        "def fibonacci(n):\n",
+        "The service accepts a job and",
+        "class Queue:\n    def push(self, x):\n",
+        "In a mixture of experts, the router",
+        "for line in open(path):\n",
+    ]
+    return [f"{heads[i % len(heads)]}# {i}\n" if i % 2 else f"{heads[i % len(heads)]} {i}" for i in range(n)]
+
+
+def run_engine(
+    engine: TorchEngine, texts: list[str], tokens: int, gap: float
+) -> tuple[float, list[float], int]:
+    """Job i is added at i × gap seconds (between steps, as the worker's loop admits jobs).
+    → (tokens/s from the first arrival to the last token, TTFT per job in s, tokens generated)."""
+    params = SamplingParams(max_tokens=tokens)
+    start = time.perf_counter()
+    added: dict[str, float] = {}
+    first: dict[str, float] = {}
+    generated = 0
+    while len(added) < len(texts) or engine.has_unfinished():
+        now = time.perf_counter()
+        while len(added) < len(texts) and now - start >= len(added) * gap:
+            i = len(added)
+            engine.add_request(GenerationRequest(str(i), texts[i], params))
+            added[str(i)] = now
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, start + len(added) * gap - time.perf_counter()))
+            continue
+        for d in engine.step():
+            if d.token_ids and d.request_id not in first:
+                first[d.request_id] = time.perf_counter()
+            generated += len(d.token_ids)
+    elapsed = time.perf_counter() - start
+    return generated / elapsed, [first[k] - added[k] for k in sorted(added, key=int)], generated
+
+
+async def run_service(
+    http: httpx.AsyncClient, client: redis.Redis, texts: list[str], tokens: int, gap: float
+) -> tuple[float, list[float], int]:
+    """The same arrivals as HTTP requests. TTFT: the client's send time → the first token in Redis."""
+    if True:
+        start = time.time()
+        sent: list[float] = [0.0] * len(texts)
+
+        async def post(i: int) -> str:
+            await asyncio.sleep(max(0.0, start + i * gap - time.time()))
+            sent[i] = time.time()
+            r = await http.post("/v1/jobs", json={"prompt": texts[i], "max_tokens": tokens})
+            return str(r.json()["id"])
+
+        ids = await asyncio.gather(*[post(i) for i in range(len(texts))])
+    while True:
+        pipe = client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "status")
+        if all(s in ('"succeeded"', '"failed"', '"cancelled"') for s in pipe.execute()):
+            break
+        await asyncio.sleep(0.05)
+    jobs = [job_from_hash(client.hgetall(keys.job(i))) for i in ids]  # type: ignore[arg-type]
+    assert all(j.status == "succeeded" for j in jobs), [j.error for j in jobs if j.error]
+    t1 = max(j.timings.finished_at or 0 for j in jobs)
+    generated = sum(j.usage.completion_tokens for j in jobs)
+    ttft = [(j.timings.first_token_at or 0) - t for j, t in zip(jobs, sent, strict=True)]
+    stages = {
+        "http": [(j.timings.queued_at or 0) - t for j, t in zip(jobs, sent, strict=True)],
+        "queue": [(j.timings.started_at or 0) - (j.timings.queued_at or 0) for j in jobs],
+        "engine": [(j.timings.first_token_at or 0) - (j.timings.started_at or 0) for j in jobs],
+    }
+    print(
+        "    where the service's TTFT goes, p50 / max (ms): "
+        + "  ".join(f"{k} {pct(v, 50) * 1000:.1f} / {max(v) * 1000:.1f}" for k, v in stages.items()),
+        flush=True,
+    )
+    return generated / (t1 - start), ttft, generated
+
+
+def pct(values: list[float], q: float) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gap-ms", type=float, default=1.0, help="job i arrives at i × gap (both paths)")
+    args = ap.parse_args()
+    texts = prompts(args.jobs)
+    settings = Settings()
+    gap = args.gap_ms / 1000
+    tmp = Path(tempfile.mkdtemp(prefix="localmoe-bench-"))
+    print(f"[1/4] building the small model in {tmp}", flush=True)
+    model = build_checkpoint(tmp / "model", progress=False)
+    with RedisServer(tmp / "redis") as server:
+        env = {
+            **os.environ,
+            "LOCALMOE_REDIS_URL": server.url,
+            "LOCALMOE_MODEL_DIR": str(model),
+            "LOCALMOE_HOME": str(tmp),
+            "LOCALMOE_LOG_LEVEL": "warning",
+            "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.jobs),
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        port = free_port()
+        print("[2/4] starting a worker and the API", flush=True)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "localmoe", "worker", "--name", "bench"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.main:app",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+                env=env,
+            ),
+        ]
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            while not (
+                (raw := client.get(keys.worker("bench"))) and WorkerInfo.model_validate_json(raw).ready
+            ):
+                time.sleep(0.1)
+            api = f"http://127.0.0.1:{port}"
+            while True:
+                try:
+                    if httpx.get(f"{api}/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
+            engine = TorchEngine(model, device="cpu", max_batch_size=args.jobs)
+            engine.load()
+            asyncio.run(compare(engine, api, client, texts, args, gap))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(20)
+            client.close()
+
+
+async def compare(
+    engine: TorchEngine, api: str, client: redis.Redis, texts: list[str], args: argparse.Namespace, gap: float
+) -> None:
+    # One client for every round: its connections are warm, as a long-lived client's would be.
+    async with httpx.AsyncClient(
+        base_url=api, timeout=60, limits=httpx.Limits(max_connections=len(texts))
+    ) as http:
+        print("[3/4] warm-up round (untimed)", flush=True)
+        run_engine(engine, texts, args.tokens, gap)
+        await run_service(http, client, texts, args.tokens, gap)
+        ratios, p50s, p99s = [], [], []
+        print(
+            f"[4/4] {args.rounds} timed rounds of {args.jobs} jobs × {args.tokens} tokens, one arrival every "
+            f"{args.gap_ms} ms; torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
+        for r in range(args.rounds):
+            e_tps, e_ttft, e_n = run_engine(engine, texts, args.tokens, gap)
+            s_tps, s_ttft, s_n = await run_service(http, client, texts, args.tokens, gap)
+            assert e_n == s_n, f"different work: engine {e_n} tokens, service {s_n}"
+            added = [(s - e) * 1000 for s, e in zip(s_ttft, e_ttft, strict=True)]
+            ratios.append(s_tps / e_tps)
+            p50s.append(pct(added, 50))
+            p99s.append(pct(added, 99))
+            print(
+                f"  round {r + 1}: engine {e_tps:7.0f} tok/s  service {s_tps:7.0f} tok/s  "
+                f"ratio {ratios[-1]:.3f}  TTFT engine p50 {pct(e_ttft, 50) * 1000:6.1f} ms  "
+                f"service p50 {pct(s_ttft, 50) * 1000:6.1f} ms  added p50 {p50s[-1]:6.1f} ms  "
+                f"p99 {p99s[-1]:6.1f} ms",
+                flush=True,
+            )
+        print(
+            f"median over {args.rounds} rounds: throughput service/engine {statistics.median(ratios):.3f}"
+            f" (goal ≥ 0.90); added TTFT p50 {statistics.median(p50s):.1f} ms (goal ≤ 5),"
+            f" p99 {statistics.median(p99s):.1f} ms (goal ≤ 20)"
+        )
+
+
+if __name__ == "__main__":
+    main()
