@@ -113,6 +113,8 @@ def test_32_concurrent_jobs_complete_in_one_batch(http: httpx.Client, api_url: s
     peak = max(sum(s <= t < f for s, f in spans) for t, _ in spans)
     assert peak >= 8, f"at most {peak} jobs overlapped"
     # ...and the engine itself decoded more than one job per forward pass.
+    last = max(f for _, f in spans)
+    wait_for(lambda: all(w["heartbeat_at"] > last for w in http.get("/v1/workers").json()), 5, "a heartbeat")
     workers = http.get("/v1/workers").json()
     assert max(w["max_batch_seen"] for w in workers) > 1
 
