@@ -25,7 +25,7 @@ class Services:
     counter: PromptCounter
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:  # async: a sync dependency costs a thread hop
     services: Services = request.app.state.services
     return services
 

@@ -51,12 +51,9 @@ async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> Jo
     )
     chosen = route(job)
     job.queue, job.route_reason = chosen.queue, chosen.reason
-    await services.store.create(job)  # the record exists before any worker can see the message
-    payload = job.model_dump(mode="json")
     try:
-        await services.enqueuer.send(payload, chosen.queue)
+        await services.enqueuer.submit(job)
     except Exception as e:
-        await services.store.fail(job.id, f"could not enqueue: {e}")
         raise HTTPException(503, "the job queue is unavailable; try again") from e
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobResponse.of(job)

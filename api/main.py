@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,10 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = settings or get_settings()
         url = s.require_redis_url()
         client = aioredis.from_url(url, decode_responses=True, health_check_interval=10)
+        sync_client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
         app.state.services = Services(
             settings=s,
             store=JobStore(client, s.limits.job_ttl_s),
-            enqueuer=Enqueuer(make_celery(url)),
+            enqueuer=Enqueuer(make_celery(url), sync_client, s.limits.job_ttl_s),
             counter=PromptCounter(s.resolved_model_dir),
         )
         yield

@@ -10,7 +10,7 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from scheduler import keys
-from scheduler.jobs import Job, JobStatus, encode_fields, job_from_hash, job_to_hash
+from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo
 from scheduler.stream import DoneEvent, StreamEvent, parse_entry
 
@@ -50,20 +50,9 @@ class JobStore:
         self.ttl_s = ttl_s
         self._cancel = client.register_script(CANCEL)
 
-    async def create(self, job: Job) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
-        pipe.expire(keys.job(job.id), self.ttl_s)
-        await pipe.execute()
-
     async def get(self, job_id: str) -> Job | None:
         fields = cast(dict[str, str], await self.client.hgetall(keys.job(job_id)))
         return job_from_hash(fields) if fields else None
-
-    async def fail(self, job_id: str, error: str) -> None:
-        """Used when a job could not even be enqueued."""
-        fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
-        await self.client.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
 
     async def cancel(self, job_id: str) -> CancelOutcome:
         done = DoneEvent(status=JobStatus.CANCELLED, finish_reason="abort")

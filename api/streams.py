@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from api.deps import JobDep, ServicesDep, get_services
+from api.deps import JobDep, Services, ServicesDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"])
 
@@ -43,7 +43,7 @@ async def events(
 @router.websocket("/{job_id}/stream")
 async def stream(websocket: WebSocket, job_id: str, after: str | None = None) -> None:
     """Messages `{"id", "type": "token", "text"}` then `{"id", "type": "done", ...}`; closes after done."""
-    services = get_services(websocket)  # type: ignore[arg-type]
+    services: Services = websocket.app.state.services
     job = await services.store.get(job_id) if re.match(r"^[0-9a-f]{32}$", job_id) else None
     await websocket.accept()
     if job is None:

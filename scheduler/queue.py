@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Queue
 
 from scheduler import keys
+from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
 
 
 def make_celery(broker_url: str, task_events: bool = False) -> Celery:
@@ -45,43 +48,77 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
 
 
 class Enqueuer:
-    """Sends job messages from one thread over one broker connection.
+    """Writes job records and sends job messages from one thread, in batches.
 
-    Celery's send_task is blocking; called from many request threads at once it contends for
-    the producer pool (64 concurrent sends: 83 ms, against 25 ms one after another). Requests
-    hand their message to this thread and await the outcome instead.
+    Per request, the API only hands the job over and awaits the outcome. The thread takes every
+    job waiting, writes all their records in one Redis pipeline, then publishes their messages
+    over one broker connection — so a burst costs one round trip for the records, and the
+    record of a job always exists before any worker can receive its message. Measured on 2 cores:
+    Celery's send_task from 64 request threads at once took 83 ms, one after another 25 ms; the
+    per-request asyncio Redis write was the API's largest cost.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, client: redis.Redis, ttl_s: int) -> None:
         self.app = app
-        self._inbox: queue.SimpleQueue[
-            tuple[dict[str, Any], str, asyncio.AbstractEventLoop, asyncio.Future[None]]
-        ]
-        self._inbox = queue.SimpleQueue()
+        self.client = client
+        self.ttl_s = ttl_s
+        self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
 
-    async def send(self, job: dict[str, Any], queue_name: str) -> None:
+    async def submit(self, job: Job) -> None:
+        """Record the job and put it on its queue (`job.queue`); raises if either failed."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._inbox.put((job, queue_name, loop, done))
-        await done
+        pending = _Pending(job, loop, loop.create_future())
+        self._inbox.put(pending)
+        await pending.done
 
     def _run(self) -> None:
         with self.app.producer_or_acquire() as producer:
             while True:
-                job, queue_name, loop, done = self._inbox.get()
+                batch = [self._inbox.get()]
+                while not self._inbox.empty():
+                    batch.append(self._inbox.get_nowait())
                 try:
-                    self.app.send_task(keys.RUN_JOB_TASK, args=[job], queue=queue_name, producer=producer)
+                    self._record(batch)
                 except Exception as e:
-                    loop.call_soon_threadsafe(_settle, done, e)
-                else:
-                    loop.call_soon_threadsafe(_settle, done, None)
+                    for p in batch:
+                        p.settle(e)
+                    continue
+                for p in batch:
+                    p.settle(self._publish(p.job, producer))
+
+    def _record(self, batch: list[_Pending]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for p in batch:
+            pipe.hset(keys.job(p.job.id), mapping=job_to_hash(p.job))  # type: ignore[arg-type]
+            pipe.expire(keys.job(p.job.id), self.ttl_s)
+        pipe.execute()
+
+    def _publish(self, job: Job, producer: Any) -> Exception | None:
+        try:
+            self.app.send_task(
+                keys.RUN_JOB_TASK, args=[job.model_dump(mode="json")], queue=job.queue, producer=producer
+            )
+            return None
+        except Exception as e:  # the record stays, marked failed: the client learns why
+            fields = encode_fields({"status": JobStatus.FAILED.value, "error": f"could not enqueue: {e}"})
+            self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+            return e
 
 
-def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
-    if done.done():  # the request went away meanwhile
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
+@dataclass
+class _Pending:
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[None]
+
+    def settle(self, error: Exception | None) -> None:
+        self.loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: Exception | None) -> None:
+        if self.done.done():  # the request went away meanwhile
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)

@@ -31,7 +31,7 @@ class EngineLoop(threading.Thread):
         self.relay = relay
         self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
         self._inbox: queue.SimpleQueue[Held | _Cancel] = queue.SimpleQueue()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def submit(self, held: Held) -> None:
         self.relay.track(held)
@@ -41,10 +41,10 @@ class EngineLoop(threading.Thread):
         self._inbox.put(_Cancel(job_id))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self._admit(block=not self.engine.has_unfinished())
             try:
                 deltas = self.engine.step()

@@ -1,5 +1,5 @@
-"""A worker process's long-lived parts: the engine, its loop, the relay, heartbeats and the
-cancel listener. Built and warmed up before Celery consumes a single message."""
+"""The engine process's long-lived parts: the engine, its loop, the relay, heartbeats and the
+cancel listener. Built and warmed up before the worker consumes a single message."""
 
 from __future__ import annotations
 
@@ -12,22 +12,12 @@ import redis
 
 from moe_core.engine import Engine
 from scheduler import keys
-from scheduler.jobs import Job, JobStatus, encode_fields
+from scheduler.jobs import Job, JobStatus
 from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo
 from workers.engine_loop import EngineLoop
 from workers.relay import Held, Relay
 
 log = logging.getLogger(__name__)
-
-# KEYS: job hash. ARGV: worker, engine, started_at (all JSON). → the new attempt number, or 0
-# when the job is no longer queued (cancelled while waiting, or already taken).
-CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
-  'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
-return attempt
-"""
 
 
 class Runtime:
@@ -37,7 +27,6 @@ class Runtime:
         self.info = info
         self.relay = Relay(client, ttl_s)
         self.loop = EngineLoop(engine, self.relay)
-        self._claim = client.register_script(CLAIM)
         self._last_tokens = (time.monotonic(), 0)
 
     def start(self) -> None:
@@ -51,25 +40,14 @@ class Runtime:
         self.beat()
         log.info("worker %s ready: engine %s on %s", self.info.name, self.info.engine, self.info.device)
 
-    # --- the Celery task's body -----------------------------------------------------------
-    def run(self, job: Job) -> Job | None:
-        """Claim the job, run it in the shared batch, return once its terminal state is written.
-        None when the job was not claimable (cancelled while queued, or taken elsewhere)."""
-        fields = encode_fields(
-            {"worker": self.info.name, "engine": self.engine.name, "started_at": time.time()}
-        )
-        attempt = int(
-            self._claim(
-                keys=[keys.job(job.id)], args=[fields["worker"], fields["engine"], fields["started_at"]]
-            )
-        )
-        if attempt == 0:
-            return None
+    def submit(self, job: Job, attempt: int) -> Held:
+        """A claimed job joins the batch at the next step; its future resolves after the
+        terminal write."""
         job = job.model_copy(update={"status": JobStatus.RUNNING, "attempt": attempt})
         job.worker, job.engine = self.info.name, self.engine.name
         held = Held(job, attempt)
         self.loop.submit(held)
-        return held.future.result()
+        return held
 
     # --- background threads ---------------------------------------------------------------
     def beat(self) -> None:

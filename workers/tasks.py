@@ -1,21 +1,40 @@
-"""The Celery task: one job per task, run inside the worker's one shared engine batch."""
+"""The Celery task: claim one job, hand it to the engine process, return once it has ended."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import redis
 from celery import Celery
 
 from scheduler import keys
-from scheduler.jobs import Job
-from workers.runtime import Runtime
+from scheduler.jobs import Job, encode_fields
+from workers.engine_proc import EngineProcess
+
+# KEYS: job hash. ARGV: worker, engine, started_at (all JSON). → the new attempt number, or 0
+# when the job is no longer queued (cancelled while waiting, or already taken).
+CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
+redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
+  'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
+return attempt
+"""
 
 
-def register(app: Celery, runtime: Runtime) -> None:
+def register(app: Celery, client: redis.Redis, engine: EngineProcess, engine_name: str) -> None:
+    claim = client.register_script(CLAIM)
+
     @app.task(name=keys.RUN_JOB_TASK)
     def run_job(job: dict[str, Any]) -> dict[str, Any]:
         # The message carries the Job (JSON); Redis holds its authoritative state.
-        done = runtime.run(Job.model_validate(job))
-        if done is None:
-            return {"id": job.get("id"), "skipped": True}
-        return {"id": done.id, "status": done.status.value, "tokens": done.usage.completion_tokens}
+        spec = Job.model_validate(job)
+        fields = encode_fields({"worker": engine.name, "engine": engine_name, "started_at": time.time()})
+        attempt = int(
+            claim(keys=[keys.job(spec.id)], args=[fields["worker"], fields["engine"], fields["started_at"]])
+        )
+        if attempt == 0:  # cancelled while queued, or taken by another worker
+            return {"id": spec.id, "skipped": True}
+        done = engine.run(spec, attempt)
+        return {"id": done.job_id, "status": done.status.value, "tokens": done.completion_tokens}

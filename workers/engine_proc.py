@@ -1,0 +1,148 @@
+"""The engine's own process.
+
+A worker is two processes: the Celery consumer (message handling, claims, acks) and this one
+(the engine, its loop, the relay, heartbeats, cancels). Kept apart, the consumer never waits for
+the GIL behind a decode step, and the decode loop never stalls behind message handling — the
+split vLLM's engine core makes for the same reason. The engine process is spawned (never forked:
+CUDA does not survive a fork) and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from localmoe.settings import Settings, get_settings
+from scheduler.jobs import Job
+from workers.messages import MESSAGE, ConsumerReady, EngineReady, Finished, Shutdown, Submit
+
+if TYPE_CHECKING:  # the consumer process never imports torch: only the engine process does
+    from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class EngineProcess:
+    """The consumer side's handle: start the engine process, hand it jobs, learn when they end."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._conn, child = mp.get_context("spawn").Pipe(duplex=True)
+        self._proc = mp.get_context("spawn").Process(target=_main, args=(child, name), name=f"engine-{name}")
+        self._send_lock = threading.Lock()
+        self._pending: dict[str, Future[Finished]] = {}
+        self.info: EngineReady | None = None
+        self._stopping = False
+
+    def start(self) -> EngineReady:
+        """Spawn the engine and wait until it has loaded and warmed up."""
+        self._proc.start()
+        ready = MESSAGE.validate_json(self._conn.recv_bytes())
+        assert isinstance(ready, EngineReady), ready
+        self.info = ready
+        threading.Thread(target=self._read, name="engine-replies", daemon=True).start()
+        return ready
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._send(Shutdown())
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+
+    def consumer_ready(self) -> None:
+        self._send(ConsumerReady())
+
+    def run(self, job: Job, attempt: int) -> Finished:
+        """Hand a claimed job to the engine; returns once its terminal state is in Redis."""
+        done: Future[Finished] = Future()
+        self._pending[job.id] = done
+        self._send(Submit(job=job, attempt=attempt))
+        return done.result()
+
+    def _send(self, message: Submit | ConsumerReady | Shutdown) -> None:
+        with self._send_lock:
+            self._conn.send_bytes(message.model_dump_json().encode())
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = MESSAGE.validate_json(self._conn.recv_bytes())
+                if isinstance(message, Finished):
+                    self._pending.pop(message.job_id).set_result(message)
+        except (EOFError, OSError):
+            if self._stopping:  # stop() asked for it
+                return
+        # The engine is gone with jobs in flight: end this worker at once, without acknowledging
+        # them, so the broker hands them to another worker (the supervisor restarts this one).
+        log.critical(
+            "engine process %s died (exit code %s); stopping the worker", self.name, self._proc.exitcode
+        )
+        os._exit(70)
+
+
+def _main(conn: Connection, name: str) -> None:
+    """The engine process: load, warm up, report ready, then serve the pipe until it closes."""
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runtime = _build_runtime(settings, name)
+    send_lock = threading.Lock()
+
+    def send(message: EngineReady | Finished) -> None:
+        with send_lock:
+            conn.send_bytes(message.model_dump_json().encode())
+
+    runtime.start()
+    send(EngineReady(info=runtime.info))
+    try:
+        while True:
+            message = MESSAGE.validate_json(conn.recv_bytes())
+            if isinstance(message, Submit):
+                held = runtime.submit(message.job, message.attempt)
+                held.future.add_done_callback(
+                    lambda f: send(
+                        Finished(
+                            job_id=f.result().id,
+                            status=f.result().status,
+                            completion_tokens=f.result().usage.completion_tokens,
+                        )
+                    )
+                )
+            elif isinstance(message, ConsumerReady):
+                runtime.mark_ready()
+            elif isinstance(message, Shutdown):
+                return
+    except (EOFError, OSError):  # the consumer process is gone: so is this one
+        os._exit(0)
+
+
+def _build_runtime(settings: Settings, name: str) -> Runtime:
+    import redis
+    import torch
+
+    from moe_core.torch_engine import TorchEngine
+    from workers.runtime import Runtime, worker_info
+
+    device = settings.engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(settings.engine.resolved_cpu_threads())
+    model_dir = settings.resolved_model_dir
+    capacity = settings.engine.max_batch_size
+    log.info("worker %s: loading %s on %s", name, model_dir, device)
+    engine = TorchEngine(model_dir, device=device, dtype=settings.engine.dtype, max_batch_size=capacity)
+    engine.load()
+    client = redis.Redis.from_url(
+        settings.require_redis_url(), decode_responses=True, health_check_interval=10
+    )
+    info = worker_info(name, engine, device, str(model_dir), capacity)
+    return Runtime(client, engine, info, settings.limits.job_ttl_s)
