@@ -6,10 +6,12 @@ Celery worker → engine → Redis), alternating, in one run. Prints, per round 
 throughput ratio service ÷ engine (goal ≥ 0.90) and the added time to first token per job,
 p50 and p99 (goals ≤ 5 ms and ≤ 20 ms).
 
-Service TTFT is the job's own record: first_token_at (the worker's relay hands the first token to
-Redis) − queued_at (the API accepted the job). Engine TTFT: first delta − add_request.
+Both paths see the same arrivals: job i arrives at i × gap (default 5 ms, i.e. 200 jobs/s). Engine
+TTFT: arrival → the step that made its first token returns. Service TTFT: the client's send time
+→ first_token_at in the job's record (the relay writes the first token to Redis). Throughput:
+tokens ÷ (first arrival → last token). Both engines run with the same torch thread count.
 
-    python -m bench.service_vs_engine [--jobs 64] [--tokens 64] [--rounds 3]
+    python -m bench.service_vs_engine [--jobs 64] [--tokens 64] [--rounds 5] [--gap-ms 5]
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def prompts(n: int) -> list[str]:
 def run_engine(
     engine: TorchEngine, texts: list[str], tokens: int, gap: float
 ) -> tuple[float, list[float], int]:
-    """Job i is added at i × gap seconds (between steps, as the worker's loop admits jobs).
+    """Job i arrives at i × gap seconds and is added at the next step boundary, as the worker's
+    loop admits jobs; its TTFT counts from its arrival.
     → (tokens/s from the first arrival to the last token, TTFT per job in s, tokens generated)."""
     params = SamplingParams(max_tokens=tokens)
     start = time.perf_counter()
@@ -65,7 +68,7 @@ def run_engine(
         while len(added) < len(texts) and now - start >= len(added) * gap:
             i = len(added)
             engine.add_request(GenerationRequest(str(i), texts[i], params))
-            added[str(i)] = now
+            added[str(i)] = start + i * gap  # its arrival: the wait for the step boundary counts
         if not engine.has_unfinished():
             time.sleep(max(0.0, start + len(added) * gap - time.perf_counter()))
             continue
@@ -138,15 +141,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--gap-ms", type=float, default=1.0, help="job i arrives at i × gap (both paths)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--device", help="the in-process engine's device; the worker's is LOCALMOE_ENGINE__DEVICE"
+    )
+    ap.add_argument("--dtype", default="float32", help="float32 keeps greedy tokens identical on both paths")
+    ap.add_argument("--model-dir", help="serve this model instead of building the small one")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="job i arrives at i × gap (both paths)")
     args = ap.parse_args()
     texts = prompts(args.jobs)
     settings = Settings()
     gap = args.gap_ms / 1000
     tmp = Path(tempfile.mkdtemp(prefix="localmoe-bench-"))
     print(f"[1/4] building the small model in {tmp}", flush=True)
-    model = build_checkpoint(tmp / "model", progress=False)
+    model = Path(args.model_dir) if args.model_dir else build_checkpoint(tmp / "model", progress=False)
     with RedisServer(tmp / "redis") as server:
         env = {
             **os.environ,
@@ -155,7 +163,7 @@ def main() -> None:
             "LOCALMOE_HOME": str(tmp),
             "LOCALMOE_LOG_LEVEL": "warning",
             "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.jobs),
-            "CUDA_VISIBLE_DEVICES": "",
+            "LOCALMOE_ENGINE__DTYPE": args.dtype,
         }
         port = free_port()
         print("[2/4] starting a worker and the API", flush=True)
@@ -195,8 +203,10 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-            torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
-            engine = TorchEngine(model, device="cpu", max_batch_size=args.jobs)
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device == "cpu":
+                torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
+            engine = TorchEngine(model, device=device, dtype=args.dtype, max_batch_size=args.jobs)
             engine.load()
             with ThreadPoolExecutor(args.jobs) as pool:
                 compare(engine, pool, api, client, texts, args, gap)
