@@ -64,6 +64,12 @@ def visible_gpus() -> list[str]:
         pynvml.nvmlShutdown()
 
 
+def worker_plan(gpus: list[str]) -> list[tuple[str, str]]:
+    """(worker name, CUDA_VISIBLE_DEVICES) per worker: one per GPU, or one CPU worker that sees
+    no GPU at all."""
+    return [(f"gpu{g}", g) for g in gpus] or [("cpu0", "")]
+
+
 def ensure_model(settings: Settings) -> Path:
     from moe_core.checkpoint import build_checkpoint, is_checkpoint
 
@@ -104,13 +110,8 @@ class Supervisor:
         env["LOCALMOE_MODEL_DIR"] = str(model)
         env["LOCALMOE_HOME"] = str(s.home)
 
-        gpus = visible_gpus()
-        for gpu in gpus:
-            self.spawn(
-                f"worker-gpu{gpu}", self._worker_argv(f"gpu{gpu}"), {**env, "CUDA_VISIBLE_DEVICES": gpu}
-            )
-        if not gpus:
-            self.spawn("worker-cpu0", self._worker_argv("cpu0"), {**env, "CUDA_VISIBLE_DEVICES": ""})
+        for name, devices in worker_plan(visible_gpus()):
+            self.spawn(f"worker-{name}", self._worker_argv(name), {**env, "CUDA_VISIBLE_DEVICES": devices})
         self.spawn(
             "api",
             [
