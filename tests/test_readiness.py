@@ -1,0 +1,77 @@
+"""/readyz follows the worker registry: not ready until a worker says its engine is warm, and not
+ready again once its heartbeats stop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from localmoe.redis_server import RedisServer, free_port
+from scheduler import keys
+from scheduler.registry import STALE_AFTER_S, WorkerInfo
+from tests.conftest import wait_for
+
+
+@pytest.fixture
+def empty_api(redis_server: RedisServer, service_env: dict[str, str]) -> Iterator[tuple[str, redis.Redis]]:
+    """An API on a Redis database no worker uses."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/7"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"],
+        env={**service_env, "LOCALMOE_REDIS_URL": url},
+    )
+    api = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{api}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        wait_for(up, 30, "the API")
+        yield api, client
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        client.flushdb()
+        client.close()
+
+
+def _beat(client: redis.Redis, ready: bool, at: float) -> None:
+    info = WorkerInfo(
+        name="w",
+        pid=1,
+        queues=[keys.SHARED_QUEUE],
+        engine="torch",
+        device="cpu",
+        model="m",
+        max_context=2048,
+        capacity=8,
+        ready=ready,
+        started_at=at,
+        heartbeat_at=at,
+    )
+    client.set(keys.worker("w"), info.model_dump_json())
+    client.zadd(keys.WORKERS, {"w": at})
+
+
+def test_ready_only_with_a_warm_worker(empty_api: tuple[str, redis.Redis]) -> None:
+    api, client = empty_api
+    r = httpx.get(f"{api}/readyz")
+    assert r.status_code == 503 and "no worker" in r.json()["detail"]
+    _beat(client, ready=False, at=time.time())  # loading its engine
+    assert httpx.get(f"{api}/readyz").status_code == 503
+    _beat(client, ready=True, at=time.time())
+    assert httpx.get(f"{api}/readyz").json() == {"status": "ready", "detail": None, "workers_ready": 1}
+    _beat(client, ready=True, at=time.time() - STALE_AFTER_S - 1)  # three beats missed: gone
+    assert httpx.get(f"{api}/readyz").status_code == 503
+    assert httpx.get(f"{api}/v1/workers").json() == []
