@@ -71,7 +71,7 @@ class Relay(threading.Thread):
         super().__init__(name="relay", daemon=True)
         self.client = client
         self.ttl_s = ttl_s
-        self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed here
+        self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure] = queue.SimpleQueue()
         self._finalize = client.register_script(FINALIZE)
 
@@ -103,12 +103,15 @@ class Relay(threading.Thread):
                     op(pipe)
                 pipe.execute()
                 break
-            except redis.RedisError as e:  # Redis restarting: keep the batch, retry, never drop
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+                # Redis restarting: keep the batch and retry; nothing is dropped
                 log.warning("relay write failed (%s); retrying in %.1fs", e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except redis.RedisError:  # a bug, not an outage: retrying would spin forever
+                log.exception("relay write rejected; %d jobs' final states were not written", len(finals))
+                break
         for held, job in finals:
-            self.held.pop(job.id, None)
             held.future.set_result(job)
 
     def _plan(self, batch: list[list[Delta] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
@@ -119,6 +122,7 @@ class Relay(threading.Thread):
                 held = self.held.get(item.job_id)
                 if held is not None:
                     finals.append((held, self._final_job(held, JobStatus.FAILED, None, item.error, None)))
+                    del self.held[item.job_id]
                 continue
             now = time.time()  # first tokens are stamped as they go to Redis: what a client sees
             for delta in item:
@@ -132,6 +136,7 @@ class Relay(threading.Thread):
                     )
                     status = _STATUS[delta.finish_reason]
                     finals.append((held, self._final_job(held, status, delta.finish_reason, None, usage)))
+                    del self.held[delta.request_id]  # one terminal state per job, whatever follows
         ops += [self._plan_final(held, job) for held, job in finals]
         return ops, finals
 
