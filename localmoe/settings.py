@@ -23,8 +23,29 @@ from pydantic_settings import (
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+class VllmSettings(BaseModel):
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_expert_parallel: bool = False
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.98)
+    max_num_batched_tokens: int = Field(16384, ge=256, description="Scheduler token budget per step.")
+    enforce_eager: bool = Field(False, description="Skip torch.compile and CUDA graphs (faster start).")
+
+
+class DeepSpeedSettings(BaseModel):
+    tensor_parallel_size: int = Field(1, ge=1, description="init_inference tensor parallelism.")
+    offload: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="ZeRO-3 inference: parameters live in CPU memory or on NVMe, streamed per layer."
+    )
+    nvme_path: Path | None = Field(None, description="Folder on a fast local disk, for offload: nvme.")
+
+
 class EngineSettings(BaseModel):
-    backend: Literal["torch"] = "torch"
+    backend: Literal["auto", "torch", "vllm", "deepspeed"] = Field(
+        "auto", description="auto: vLLM if the model fits the GPU budget, DeepSpeed offload if not, else torch"
+    )
+    gpu_memory_budget_gb: float = Field(40.0, gt=0, description="Per worker (40 of an L40S's 48 GB).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     device: str = Field("auto", description="auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(64, ge=1, le=1024, description="Jobs one worker decodes together.")
