@@ -41,7 +41,8 @@ class DeepSpeedSettings(BaseModel):
 
 class EngineSettings(BaseModel):
     backend: Literal["auto", "torch", "vllm", "deepspeed"] = Field(
-        "auto", description="auto: vLLM if the model fits the GPU budget, DeepSpeed offload if not, else torch"
+        "auto",
+        description="auto: vLLM if the model fits the GPU budget, DeepSpeed offload if not, else torch",
     )
     gpu_memory_budget_gb: float = Field(40.0, gt=0, description="Per worker (40 of an L40S's 48 GB).")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
