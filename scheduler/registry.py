@@ -14,6 +14,7 @@ class WorkerInfo(BaseModel):
     pid: int
     queues: list[str]
     engine: str
+    engine_reason: str = Field("", description="Why this engine: the automatic choice, or a fallback.")
     device: str
     model: str
     max_context: int

@@ -128,7 +128,7 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     import redis
     import torch
 
-    from moe_core.torch_engine import TorchEngine
+    from workers.engine_setup import start_engine
     from workers.runtime import Runtime, worker_info
 
     device = settings.engine.device
@@ -139,10 +139,12 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     model_dir = settings.resolved_model_dir
     capacity = settings.engine.max_batch_size
     log.info("worker %s: loading %s on %s", name, model_dir, device)
-    engine = TorchEngine(model_dir, device=device, dtype=settings.engine.dtype, max_batch_size=capacity)
-    engine.load()
+    engine, choice = start_engine(model_dir, device, settings.engine)
     client = redis.Redis.from_url(
         settings.require_redis_url(), decode_responses=True, health_check_interval=10
     )
     info = worker_info(name, engine, device, str(model_dir), capacity)
+    info.engine_reason = (
+        choice.reason if engine.name == choice.backend else f"fallback after {choice.backend} failed"
+    )
     return Runtime(client, engine, info, settings.limits.job_ttl_s)

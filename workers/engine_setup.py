@@ -1,0 +1,65 @@
+"""Build the worker's engine from settings: choose the backend, construct it, load it, and fall
+back along the choice's list when loading fails."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from localmoe.settings import EngineSettings
+from moe_core.choice import Backend, Choice, choose
+from moe_core.engine import Engine
+from moe_core.loader import inspect_model
+
+log = logging.getLogger(__name__)
+
+
+def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSettings, offload: bool) -> Engine:
+    if backend == "vllm":
+        from moe_core.vllm_engine import VllmEngine
+
+        v = cfg.vllm
+        return VllmEngine(
+            model_dir,
+            device=device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+            tensor_parallel_size=v.tensor_parallel_size,
+            enable_expert_parallel=v.enable_expert_parallel,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_num_batched_tokens=v.max_num_batched_tokens,
+            enforce_eager=v.enforce_eager,
+        )
+    if backend == "deepspeed":
+        from moe_core.deepspeed_engine import DeepSpeedEngine
+
+        d = cfg.deepspeed
+        return DeepSpeedEngine(
+            model_dir,
+            device=device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+            tensor_parallel_size=d.tensor_parallel_size,
+            offload="cpu" if offload and d.offload == "none" else d.offload,
+            nvme_path=d.nvme_path,
+        )
+    from moe_core.torch_engine import TorchEngine
+
+    return TorchEngine(model_dir, device=device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
+
+
+def start_engine(model_dir: Path, device: str, cfg: EngineSettings) -> tuple[Engine, Choice]:
+    """Choose, construct and load; a backend that fails to load hands over to the next one."""
+    choice = choose(cfg.backend, inspect_model(model_dir), device, int(cfg.gpu_memory_budget_gb * 1e9))
+    log.info("engine choice: %s (%s)", choice.backend, choice.reason)
+    order = (choice.backend, *choice.fallbacks)
+    for i, backend in enumerate(order):
+        try:
+            engine = construct(backend, model_dir, device, cfg, choice.offload and i == 0)
+            engine.load()
+            return engine, choice
+        except Exception:
+            if i == len(order) - 1:
+                raise
+            log.exception("engine %s failed to load; falling back to %s", backend, order[i + 1])
+    raise AssertionError("unreachable: the last backend either loads or raises")
