@@ -28,7 +28,9 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     if is_checkpoint(out) and not args.force:
         print(f"{out} already holds a model (use --force to rebuild)")
         return 0
-    build_checkpoint(out, arch=args.arch, seed=args.seed, progress=True)
+    build_checkpoint(
+        out, arch=args.arch, seed=args.seed, progress=True, size=args.size, vocab_size=args.vocab_size
+    )
     return 0
 
 
@@ -125,6 +127,13 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe"])
     init.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "reference"],
+        help="tiny: 4.4 M parameters, float32; reference: the 4.76 B GPU reference model, bf16",
+    )
+    init.add_argument("--vocab-size", type=int, default=4096)
     init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
     init.set_defaults(func=cmd_model_init)
 

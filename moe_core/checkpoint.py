@@ -212,15 +212,26 @@ def train_tokenizer(
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_config(arch: str, vocab_size: int, bos: int, eos: int, pad: int) -> PreTrainedConfig:
+# name → (hidden, intermediate, layers, heads, KV heads). "reference" is the GPU reference model of
+# shared/gpu/README.md: 4.76 B parameters as a Mixtral (2.75 GB of active bf16 weights per token).
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (128, 256, 4, 4, 2),
+    "reference": (2048, 5632, 16, 16, 8),
+}
+
+
+def _model_config(
+    arch: str, vocab_size: int, bos: int, eos: int, pad: int, size: str = "tiny"
+) -> PreTrainedConfig:
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
+    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=MAX_CONTEXT,
         num_experts_per_tok=2,
         tie_word_embeddings=False,
@@ -229,12 +240,12 @@ def _model_config(arch: str, vocab_size: int, bos: int, eos: int, pad: int) -> P
         pad_token_id=pad,
     )
     if arch == "mixtral":
-        return MixtralConfig(intermediate_size=256, num_local_experts=8, **common)
+        return MixtralConfig(intermediate_size=intermediate, num_local_experts=8, **common)
     if arch == "qwen2_moe":
         return Qwen2MoeConfig(
-            intermediate_size=256,  # only used by dense layers, of which there are none (mlp_only_layers)
-            moe_intermediate_size=128,
-            shared_expert_intermediate_size=256,
+            intermediate_size=intermediate,  # only used by dense layers, of which there are none
+            moe_intermediate_size=intermediate // 2,
+            shared_expert_intermediate_size=intermediate,
             num_experts=8,
             decoder_sparse_step=1,
             mlp_only_layers=[],
@@ -242,7 +253,7 @@ def _model_config(arch: str, vocab_size: int, bos: int, eos: int, pad: int) -> P
             **common,
         )
     if arch == "olmoe":
-        return OlmoeConfig(intermediate_size=256, num_experts=8, **common)
+        return OlmoeConfig(intermediate_size=intermediate, num_experts=8, **common)
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
@@ -252,12 +263,19 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     return token_id
 
 
-def _save_model(out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, progress: bool) -> None:
+def _save_model(
+    out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, progress: bool, size: str = "tiny"
+) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     bos, eos, pad = (_token_id(tokenizer, token) for token in (BOS, EOS, PAD))
-    config = _model_config(arch, len(tokenizer), bos, eos, pad)
-    model = AutoModelForCausalLM.from_config(config)
+    config = _model_config(arch, len(tokenizer), bos, eos, pad, size)
+    if size == "tiny":
+        model = AutoModelForCausalLM.from_config(config)  # float32: exact parity tests on CPU
+    else:  # billions of parameters: bf16, initialised on the GPU when there is one (minutes on a CPU)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _say(f"building {arch}: {model.num_parameters() / 1e6:.1f} M parameters…", progress)
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     # Transformers 5 fuses experts in memory (gate_up_proj); save_original_format writes them back in the
@@ -279,7 +297,13 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def build_checkpoint(
-    out_dir: Path, arch: str = "mixtral", *, vocab_size: int = 4096, seed: int = 0, progress: bool = True
+    out_dir: Path,
+    arch: str = "mixtral",
+    *,
+    vocab_size: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+    size: str = "tiny",
 ) -> Path:
     """Build a tiny random `arch` checkpoint (tokenizer included) at `out_dir` and return `out_dir`.
 
@@ -291,6 +315,8 @@ def build_checkpoint(
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
@@ -300,7 +326,7 @@ def build_checkpoint(
     try:
         tokenizer = train_tokenizer(tmp_dir, vocab_size=vocab_size, progress=progress)
         torch.manual_seed(seed)
-        _save_model(tmp_dir, arch, tokenizer, progress)
+        _save_model(tmp_dir, arch, tokenizer, progress, size)
         _publish(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful rename
