@@ -28,6 +28,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: every request makes exactly max_tokens tokens
 
 
 @dataclass(frozen=True)
