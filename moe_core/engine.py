@@ -16,6 +16,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # EOS token or a stop string
     LENGTH = "length"  # max_tokens reached (or the model's context)
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the engine failed this request (Delta.error says why)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with FinishReason.ERROR
 
 
 @dataclass
@@ -64,6 +66,7 @@ class EngineStats:
     steps: int  # forward passes so far (prefill and decode)
     max_batch_seen: int  # the largest number of requests decoded in one step
     tokens_generated: int
+    failovers: int = 0  # engine switches so far (FailoverEngine)
 
 
 class Engine(Protocol):
@@ -87,3 +90,6 @@ class Engine(Protocol):
     def has_unfinished(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def close(self) -> None:
+        """Release the device (weights, KV cache, engine processes); the engine is unusable after."""

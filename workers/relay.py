@@ -43,6 +43,7 @@ _STATUS = {
     FinishReason.STOP: JobStatus.SUCCEEDED,
     FinishReason.LENGTH: JobStatus.SUCCEEDED,
     FinishReason.ABORT: JobStatus.CANCELLED,
+    FinishReason.ERROR: JobStatus.FAILED,
 }
 
 
@@ -135,7 +136,8 @@ class Relay(threading.Thread):
                         prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
                     )
                     status = _STATUS[delta.finish_reason]
-                    finals.append((held, self._final_job(held, status, delta.finish_reason, None, usage)))
+                    final = self._final_job(held, status, delta.finish_reason, delta.error, usage)
+                    finals.append((held, final))
                     del self.held[delta.request_id]  # one terminal state per job, whatever follows
         ops += [self._plan_final(held, job) for held, job in finals]
         return ops, finals
