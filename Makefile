@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	@# On a GPU box keep the CUDA torch the image brings; elsewhere take the CPU build (no CUDA download).
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,deepspeed]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -45,6 +45,8 @@ class EngineSettings(BaseModel):
         description="auto: vLLM if the model fits the GPU budget, DeepSpeed offload if not, else torch",
     )
     gpu_memory_budget_gb: float = Field(40.0, gt=0, description="Per worker (40 of an L40S's 48 GB).")
+    max_step_failures: int = Field(3, ge=1, description="Failed steps in a row before failing over.")
+    failover_cooldown_s: float = Field(300.0, ge=0, description="Then the preferred engine is tried again.")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     device: str = Field("auto", description="auto (cuda if visible, else cpu), cpu, cuda, cuda:N")

@@ -70,8 +70,13 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    name: str  # "torch", "vllm", "deepspeed"
-    max_context: int  # prompt + generated tokens a request may hold
+    @property
+    def name(self) -> str:
+        """ "torch", "vllm", "deepspeed"."""
+
+    @property
+    def max_context(self) -> int:
+        """Prompt + generated tokens a request may hold."""
 
     def load(self) -> None:
         """Load weights and warm up; returns only when the engine can serve."""

@@ -5,8 +5,9 @@ The first engine of the list that loads serves. When the active engine's `step` 
 requests in flight are retried on it once, continuing from the text already sent (prompt + text
 so far, max_tokens reduced by what was made), so a client's stream never repeats itself. A
 request that fails a second time ends with FinishReason.ERROR. After `cooldown_s` on a fallback,
-at a moment when nothing is in flight, the breaker is half-open: the fallback is closed, the
-preferred engine loaded and probed with a one-token request; it serves again if that works,
+at a step when nothing is in flight (the worker's loop steps when idle), the breaker is half-open:
+the fallback is closed, the preferred engine loaded and probed with a one-token request; it
+serves again if that works,
 otherwise the fallback comes back and the cool-down restarts. Only one engine holds the device
 at a time (vLLM takes most of a GPU's memory).
 """

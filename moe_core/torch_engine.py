@@ -23,13 +23,14 @@ prompt (no tokens at all) raises ValueError from `add_request`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.sampling import make_generator, sample_next_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +204,15 @@ class TorchEngine:
         max_batch_size: int = 64,
         max_context: int | None = None,
         max_prefill_tokens: int = 16384,
+        prepare: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
+        name: str | None = None,
     ) -> None:
         """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
-        one prompt is always admitted, however long."""
+        one prompt is always admitted, however long.
+
+        prepare: applied by load() to the loaded model before warm-up; every forward pass then calls
+        what it returns (e.g. a DeepSpeed wrapper), with the same keyword arguments. The config and
+        generation config are still read from the model itself. name: reported instead of "torch"."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_dir = Path(model_dir)
@@ -210,6 +220,9 @@ class TorchEngine:
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self._prepare = prepare
+        if name is not None:
+            self.name = name
         self._requested_max_context = max_context
         self.max_context = max_context or 0  # set by load() from the config when not given
         self.model: Any = None
@@ -232,22 +245,23 @@ class TorchEngine:
 
     def load(self) -> None:
         started = time.monotonic()
-        self.model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        self.model = self._prepare(model) if self._prepare is not None else model
         self._device = next(self.model.parameters()).device
         if self._device.type == "cuda":
             # Process-wide: cuDNN's SDPA builds an execution plan for every new (batch, length) shape,
             # and continuous batching makes a new shape almost every step (measured on an H200, bf16:
             # 64 x 64 tokens took 4.2 s with it, 0.54 s without; the mem-efficient kernel takes over).
             torch.backends.cuda.enable_cudnn_sdp(False)
-        config = self.model.config
+        config = model.config
         if not self._requested_max_context:
             self.max_context = int(config.max_position_embeddings)
-        self._eos_ids = frozenset(_eos_token_ids(self.model, self.tokenizer))
+        self._eos_ids = frozenset(_eos_token_ids(model, self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else min(self._eos_ids, default=0)
         self._warm_up()
         elapsed = time.monotonic() - started
-        log.info("torch engine loaded %s on %s in %.1fs", self.model_dir, self._device, elapsed)
+        log.info("%s engine loaded %s on %s in %.1fs", self.name, self.model_dir, self._device, elapsed)
 
     def _warm_up(self) -> None:
         """A batched prefill (two lengths) and a decode step, so the first request is not slow."""
@@ -321,6 +335,15 @@ class TorchEngine:
             max_batch_seen=self._max_batch_seen,
             tokens_generated=self._tokens_generated,
         )
+
+    def close(self) -> None:
+        """Drop the model (and any wrapper holding it, e.g. a ZeRO engine) and free the device."""
+        self._reset_state()
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------ the stages
 
@@ -406,7 +429,7 @@ class TorchEngine:
     def _append_token(self, seq: _Sequence, token: int) -> Delta:
         """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
         seq.output_ids.append(token)
-        if token in self._eos_ids:  # the EOS token adds no text
+        if token in self._eos_ids and not seq.params.ignore_eos:  # the EOS token adds no text
             return seq.delta(seq.finish(FinishReason.STOP), [token])
         text = seq.stops.push(seq.detokenizer.add_token(token))
         if seq.stops.stopped:

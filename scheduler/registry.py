@@ -27,6 +27,7 @@ class WorkerInfo(BaseModel):
     max_batch_seen: int = 0
     tokens_generated: int = 0
     tokens_per_s: float = 0.0
+    failovers: int = Field(0, description="Engine switches since the worker started.")
 
     def fresh(self, now: float) -> bool:
         return now - self.heartbeat_at <= STALE_AFTER_S

@@ -145,6 +145,6 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     )
     info = worker_info(name, engine, device, str(model_dir), capacity)
     info.engine_reason = (
-        choice.reason if engine.name == choice.backend else f"fallback after {choice.backend} failed"
+        choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
     )
     return Runtime(client, engine, info, settings.limits.job_ttl_s)

@@ -3,12 +3,14 @@ back along the choice's list when loading fails."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from localmoe.settings import EngineSettings
 from moe_core.choice import Backend, Choice, choose
 from moe_core.engine import Engine
+from moe_core.failover import FailoverEngine
 from moe_core.loader import inspect_model
 
 log = logging.getLogger(__name__)
@@ -49,17 +51,15 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
 
 
 def start_engine(model_dir: Path, device: str, cfg: EngineSettings) -> tuple[Engine, Choice]:
-    """Choose, construct and load; a backend that fails to load hands over to the next one."""
+    """Choose and load. The engine returned fails over along the choice's list: at load, and at
+    run time when its steps keep failing (moe_core/failover.py)."""
     choice = choose(cfg.backend, inspect_model(model_dir), device, int(cfg.gpu_memory_budget_gb * 1e9))
     log.info("engine choice: %s (%s)", choice.backend, choice.reason)
     order = (choice.backend, *choice.fallbacks)
-    for i, backend in enumerate(order):
-        try:
-            engine = construct(backend, model_dir, device, cfg, choice.offload and i == 0)
-            engine.load()
-            return engine, choice
-        except Exception:
-            if i == len(order) - 1:
-                raise
-            log.exception("engine %s failed to load; falling back to %s", backend, order[i + 1])
-    raise AssertionError("unreachable: the last backend either loads or raises")
+    builders = [
+        (b, functools.partial(construct, b, model_dir, device, cfg, choice.offload and i == 0))
+        for i, b in enumerate(order)
+    ]
+    engine = FailoverEngine(builders, max_failures=cfg.max_step_failures, cooldown_s=cfg.failover_cooldown_s)
+    engine.load()
+    return engine, choice

@@ -1,0 +1,136 @@
+"""DeepSpeedEngine on tiny random MoE checkpoints (CPU, float32, DeepSpeed's CPU accelerator, gloo).
+
+It is TorchEngine's continuous batching over a DeepSpeed-wrapped model, so its greedy tokens must
+equal transformers generate(), as TorchEngine's do (same helpers as tests/test_torch_engine.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Chosen once, at deepspeed's first import; a CPU test must not get the CUDA accelerator on a GPU box.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+deepspeed = pytest.importorskip(
+    "deepspeed", reason="deepspeed is not installed (the optional extra: pip install -e '.[deepspeed]')"
+)
+
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
+
+from moe_core.checkpoint import build_checkpoint  # noqa: E402
+from moe_core.deepspeed_engine import DeepSpeedEngine, Offload, available  # noqa: E402
+from moe_core.torch_engine import TorchEngine  # noqa: E402
+from tests.test_torch_engine import (  # noqa: E402
+    LATE_PROMPTS,
+    NEW_TOKENS,
+    PROMPTS,
+    Result,
+    _assert_matches,
+    _collect,
+    _greedy,
+    _reference,
+    _run,
+)
+
+ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch: str = request.param
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / arch, arch=arch, progress=False)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint: Path) -> dict[str, list[int]]:
+    """generate() of the plain transformers model, per prompt."""
+    plain = TorchEngine(checkpoint)
+    plain.load()
+    return {prompt: _reference(plain, prompt) for prompt in PROMPTS + LATE_PROMPTS}
+
+
+def _batched_run_matches(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    """8 prompts at once (the engine holds 8 rows), 4 more joining while they decode."""
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(_greedy(f"a{i}", prompt))
+    results: dict[str, Result] = {}
+    for _ in range(3):
+        _collect(engine, results)
+    for i, prompt in enumerate(LATE_PROMPTS):
+        engine.add_request(_greedy(f"b{i}", prompt))
+    while engine.has_unfinished():
+        _collect(engine, results)
+    for i, prompt in enumerate(PROMPTS):
+        _assert_matches(engine, results[f"a{i}"], references[prompt], NEW_TOKENS)
+    for i, prompt in enumerate(LATE_PROMPTS):
+        _assert_matches(engine, results[f"b{i}"], references[prompt], NEW_TOKENS)
+    assert engine.stats().max_batch_seen == 8
+
+
+def test_available() -> None:
+    assert available() == (True, f"deepspeed {deepspeed.__version__}")
+
+
+def test_init_inference_batches_and_matches_generate(
+    checkpoint: Path, references: dict[str, list[int]]
+) -> None:
+    engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="auto", max_batch_size=8)
+    engine.load()
+    assert engine.name == "deepspeed"
+    assert isinstance(engine.model, deepspeed.InferenceEngine)  # every forward goes through it
+    assert engine.max_context == engine.model.module.config.max_position_embeddings
+    _batched_run_matches(engine, references)
+
+
+def test_zero3_cpu_offload_batches_and_matches_generate(
+    checkpoint: Path, references: dict[str, list[int]]
+) -> None:
+    engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="auto", max_batch_size=8, offload="cpu")
+    engine.load()
+    assert engine.name == "deepspeed"
+    ds_engine = engine.model.ds_engine  # the model itself runs, with ZeRO-3's hooks
+    assert ds_engine.module is engine.model
+    assert ds_engine.zero_optimization_stage() == 3
+    assert ds_engine.zero_offload_param().device == "cpu"
+    _batched_run_matches(engine, references)
+    # Between steps every parameter is a ZeRO-3 partition in CPU memory; all but the small ones that
+    # ZeRO keeps gathered (norms, routers) hold no data in the model itself.
+    threshold = ds_engine.zero_param_persistence_threshold()
+    params = list(engine.model.parameters())
+    assert all(p.ds_tensor is not None and p.ds_tensor.device.type == "cpu" for p in params)
+    large = [p for p in params if p.ds_numel >= threshold]
+    assert large and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in large)
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_bfloat16_keeps_float32_buffers_and_matches_the_torch_engine(
+    checkpoint: Path, offload: Offload
+) -> None:
+    """init_inference casts the whole module to its dtype; the rotary inv_freq must stay float32."""
+    plain = TorchEngine(checkpoint, dtype="bfloat16")
+    plain.load()
+    engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="bfloat16", offload=offload)
+    engine.load()
+    model = engine.model.module if offload == "none" else engine.model
+    assert next(model.parameters()).dtype == torch.bfloat16
+    buffer_dtypes = {name: buffer.dtype for name, buffer in model.named_buffers()}
+    assert buffer_dtypes == {name: buffer.dtype for name, buffer in plain.model.named_buffers()}
+    assert torch.float32 in buffer_dtypes.values()
+    prompts = PROMPTS + LATE_PROMPTS  # one batch: bf16 tokens depend on the batch's shapes
+    want = _run(plain, [_greedy(f"p{i}", p) for i, p in enumerate(prompts)])
+    got = _run(engine, [_greedy(f"p{i}", p) for i, p in enumerate(prompts)])
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+
+
+def test_bad_configurations_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs nvme_path"):
+        DeepSpeedEngine(tmp_path, device="cpu", offload="nvme")
+    with pytest.raises(ValueError, match="unknown offload"):
+        DeepSpeedEngine(tmp_path, device="cpu", offload="disk")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 needs 2 processes"):
+        DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2, offload="cpu")
