@@ -6,7 +6,8 @@ On the GPU machine:
 
 builds the reference bf16 Mixtral of shared/gpu/README.md (4.76 B parameters) unless it exists,
 then runs each engine on 1 × (128 → 256) and 256 × (512 → 256), greedy with EOS ignored (every
-request makes exactly 256 tokens), once to warm up with the real shapes and once timed. Prints
+request makes exactly 256 tokens); vLLM (which compiles and captures CUDA graphs per shape) once
+untimed with the real shapes first, the others warm from their own load(). Prints
 output tokens/s, TTFT p50, peak GPU memory and, at batch 1, the fraction of the HBM bound
 (measured read bandwidth ÷ bytes of weights one token reads). `raw_vllm` is vLLM's own AsyncLLM
 with the same arguments, measured in the same process, the baseline for LocalMoE's vLLM engine.
@@ -215,7 +216,8 @@ def bench_engine(name: str, model: Path, bound: float) -> list[Result]:
         for workload, (n, plen, out) in WORKLOADS.items():
             prompts = make_prompts(model, n, plen)
             run = run_raw_vllm if name == "raw_vllm" else run_protocol
-            run(engine, prompts, out)  # warm-up with the real shapes (compile, graphs, allocator)
+            if name in ("vllm", "raw_vllm"):  # compile and CUDA graphs: warm up with the real shapes
+                run(engine, prompts, out)
             tps, ttft = run(engine, prompts, out)
             frac = tps / bound if n == 1 else None
             results.append(Result(name, workload, tps, ttft, mem.peak / 2**30, frac))
