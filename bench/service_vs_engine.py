@@ -1,7 +1,7 @@
 """What the service costs on top of its engine.
 
 The same workload (64 jobs × 64 new tokens, greedy, so both paths generate the same tokens) runs
-straight into a TorchEngine in this process and through the whole service (HTTP → API → Redis →
+straight into an engine in this process and through the whole service (HTTP → API → Redis →
 Celery worker → engine → Redis), alternating, in one run. Prints, per round and as medians:
 throughput ratio service ÷ engine (goal ≥ 0.90) and the added time to first token per job,
 p50 and p99 (goals ≤ 5 ms and ≤ 20 ms).
@@ -34,11 +34,11 @@ import torch
 from localmoe.redis_server import RedisServer, free_port
 from localmoe.settings import Settings
 from moe_core.checkpoint import build_checkpoint
-from moe_core.engine import GenerationRequest, SamplingParams
-from moe_core.torch_engine import TorchEngine
+from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import job_from_hash
 from scheduler.registry import WorkerInfo
+from workers.engine_setup import construct
 
 
 def prompts(n: int) -> list[str]:
@@ -52,13 +52,11 @@ def prompts(n: int) -> list[str]:
     return [f"{heads[i % len(heads)]}# {i}\n" if i % 2 else f"{heads[i % len(heads)]} {i}" for i in range(n)]
 
 
-def run_engine(
-    engine: TorchEngine, texts: list[str], tokens: int, gap: float
-) -> tuple[float, list[float], int]:
+def run_engine(engine: Engine, texts: list[str], tokens: int, gap: float) -> tuple[float, list[float], int]:
     """Job i arrives at i × gap seconds and is added at the next step boundary, as the worker's
     loop admits jobs; its TTFT counts from its arrival.
     → (tokens/s from the first arrival to the last token, TTFT per job in s, tokens generated)."""
-    params = SamplingParams(max_tokens=tokens)
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     start = time.perf_counter()
     added: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -93,7 +91,7 @@ def run_service(
         time.sleep(max(0.0, start + i * gap - time.time()))
         http = _client(api)
         sent[i] = time.time()
-        r = http.post("/v1/jobs", json={"prompt": texts[i], "max_tokens": tokens})
+        r = http.post("/v1/jobs", json={"prompt": texts[i], "max_tokens": tokens, "ignore_eos": True})
         return str(r.json()["id"])
 
     ids = list(pool.map(post, range(len(texts))))
@@ -145,12 +143,25 @@ def main() -> None:
     ap.add_argument(
         "--device", help="the in-process engine's device; the worker's is LOCALMOE_ENGINE__DEVICE"
     )
+    ap.add_argument(
+        "--backend", default="torch", choices=["torch", "vllm", "deepspeed"], help="the engine of both paths"
+    )
+    ap.add_argument(
+        "--gpu-share",
+        type=float,
+        default=0.4,
+        help="vLLM: each of the two engines (worker, in-process) takes this share of the GPU",
+    )
     ap.add_argument("--dtype", default="float32", help="float32 keeps greedy tokens identical on both paths")
     ap.add_argument("--model-dir", help="serve this model instead of building the small one")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="job i arrives at i × gap (both paths)")
     args = ap.parse_args()
     texts = prompts(args.jobs)
     settings = Settings()
+    settings.engine.backend = args.backend
+    settings.engine.dtype = args.dtype
+    settings.engine.max_batch_size = args.jobs
+    settings.engine.vllm.gpu_memory_utilization = args.gpu_share
     gap = args.gap_ms / 1000
     tmp = Path(tempfile.mkdtemp(prefix="localmoe-bench-"))
     print(f"[1/4] building the small model in {tmp}", flush=True)
@@ -164,6 +175,8 @@ def main() -> None:
             "LOCALMOE_LOG_LEVEL": "warning",
             "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.jobs),
             "LOCALMOE_ENGINE__DTYPE": args.dtype,
+            "LOCALMOE_ENGINE__BACKEND": args.backend,
+            "LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION": str(args.gpu_share),
         }
         port = free_port()
         print("[2/4] starting a worker and the API", flush=True)
@@ -206,7 +219,7 @@ def main() -> None:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if device == "cpu":
                 torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
-            engine = TorchEngine(model, device=device, dtype=args.dtype, max_batch_size=args.jobs)
+            engine = construct(args.backend, model, device, settings.engine, offload=False)
             engine.load()
             with ThreadPoolExecutor(args.jobs) as pool:
                 compare(engine, pool, api, client, texts, args, gap)
@@ -218,7 +231,7 @@ def main() -> None:
 
 
 def compare(
-    engine: TorchEngine,
+    engine: Engine,
     pool: ThreadPoolExecutor,
     api: str,
     client: redis.Redis,

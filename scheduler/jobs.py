@@ -45,6 +45,7 @@ class JobSpec(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Makes sampling reproducible.")
     stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end generation.")
     modality: Modality | None = Field(default=None, description="text, code or mixed; detected if absent.")
+    ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (benchmarks).")
 
     @field_validator("prompt")
     @classmethod

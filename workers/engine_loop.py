@@ -81,6 +81,7 @@ class EngineLoop(threading.Thread):
             top_k=spec.top_k,
             seed=spec.seed,
             stop=tuple(spec.stop),
+            ignore_eos=spec.ignore_eos,
         )
         try:
             self.engine.add_request(GenerationRequest(item.job.id, spec.prompt, params))
