@@ -9,9 +9,11 @@ CUDA does not survive a fork) and dies with its parent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -52,9 +54,15 @@ class EngineProcess:
         self._stopping = True
         self._send(Shutdown())
         self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join()
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the engine's process group (the engine, vLLM's core)."""
+        if self._proc.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.join(5)
 
     def consumer_ready(self) -> None:
         self._send(ConsumerReady())
@@ -84,11 +92,15 @@ class EngineProcess:
         log.critical(
             "engine process %s died (exit code %s); stopping the worker", self.name, self._proc.exitcode
         )
+        self._kill_group()
         os._exit(70)
 
 
 def _main(conn: Connection, name: str) -> None:
     """The engine process: load, warm up, report ready, then serve the pipe until it closes."""
+    # Its own process group: engines start processes of their own (vLLM's engine core) that do
+    # not watch their parent; the consumer ends the whole group, so none outlives the worker.
+    os.setpgrp()
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -119,9 +131,11 @@ def _main(conn: Connection, name: str) -> None:
             elif isinstance(message, ConsumerReady):
                 runtime.mark_ready()
             elif isinstance(message, Shutdown):
-                return
+                break
     except (EOFError, OSError):  # the consumer process is gone: so is this one
-        os._exit(0)
+        pass
+    runtime.stop()  # the loop stops stepping, then the engine lets go of the device
+    os._exit(0)
 
 
 def _build_runtime(settings: Settings, name: str) -> Runtime:

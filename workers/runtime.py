@@ -35,6 +35,12 @@ class Runtime:
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True).start()
 
+    def stop(self) -> None:
+        """Stop stepping, then close the engine (its device memory, its own processes)."""
+        self.loop.stop()
+        self.loop.join(timeout=30)
+        self.engine.close()
+
     def mark_ready(self) -> None:
         self.info.ready = True
         self.beat()
