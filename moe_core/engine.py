@@ -37,6 +37,7 @@ class GenerationRequest:
     request_id: str
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
+    tag: str = ""  # expert telemetry counts this request's tokens under it (the job's modality)
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Engine(Protocol):
     def has_unfinished(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def expert_tokens(self) -> dict[str, list[list[int]]]:
+        """tag → [layer][expert] tokens routed there so far; {} where the engine cannot see routing."""
 
     def close(self) -> None:
         """Release the device (weights, KV cache, engine processes); the engine is unusable after."""

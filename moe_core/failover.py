@@ -101,6 +101,9 @@ class FailoverEngine:
     def stats(self) -> EngineStats:
         return replace(self._engine().stats(), failovers=self.failovers)
 
+    def expert_tokens(self) -> dict[str, list[list[int]]]:
+        return self._engine().expert_tokens()
+
     def close(self) -> None:
         if self.active is not None:
             self.active.close()

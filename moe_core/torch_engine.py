@@ -41,6 +41,7 @@ from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.sampling import make_generator, sample_next_tokens
+from moe_core.telemetry import ExpertTelemetry, routers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -206,6 +207,7 @@ class TorchEngine:
         max_prefill_tokens: int = 16384,
         prepare: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
         name: str | None = None,
+        telemetry: bool = True,
     ) -> None:
         """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
         one prompt is always admitted, however long.
@@ -221,6 +223,8 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self._prepare = prepare
+        self._want_telemetry = telemetry
+        self.telemetry: ExpertTelemetry | None = None
         if name is not None:
             self.name = name
         self._requested_max_context = max_context
@@ -246,6 +250,8 @@ class TorchEngine:
     def load(self) -> None:
         started = time.monotonic()
         model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        if self._want_telemetry and routers(model):
+            self.telemetry = ExpertTelemetry(model)  # hooks stay with the modules under any wrapper
         self.model = self._prepare(model) if self._prepare is not None else model
         self._device = next(self.model.parameters()).device
         if self._device.type == "cuda":
@@ -270,6 +276,8 @@ class TorchEngine:
         while self.has_unfinished():
             self.step()
         self._reset_state()
+        if self.telemetry is not None:
+            self.telemetry.reset()
 
     # ------------------------------------------------------------------------------- public API
 
@@ -373,6 +381,7 @@ class TorchEngine:
         input_ids, mask = _left_pad([s.prompt_ids for s in seqs], self._pad_id, self._device)  # [N, L]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
         cache = DynamicCache()
+        self._expect_tags(seqs, mask)
         logits = self._forward(input_ids, mask, position_ids, cache)  # [N, V]
         if not bool(mask.all()):
             _zero_padding(cache, mask)
@@ -392,10 +401,25 @@ class TorchEngine:
         assert batch is not None
         mask = F.pad(batch.mask, (0, 1), value=1)  # [B, T + 1]: the fed token's column
         input_ids, position_ids = batch.last_tokens[:, None], batch.positions[:, None]  # [B, 1]
+        self._expect_tags(batch.seqs, None)
         logits = self._forward(input_ids, mask, position_ids, batch.cache)  # [B, V]
         batch.mask = mask
         batch.positions = batch.positions + 1
         return self._sample_and_advance(batch, logits)
+
+    def _expect_tags(self, seqs: Sequence[_Sequence], mask: torch.Tensor | None) -> None:
+        """Tell the telemetry whose tokens the next forward carries: [N, L] under a prefill's mask
+        (padding → -1), or one token per row for a decode."""
+        if self.telemetry is None:
+            return
+        ids = torch.tensor([self.telemetry.tag_id(s.request.tag) for s in seqs], device=self._device)  # [N]
+        if mask is None:
+            self.telemetry.expect(ids)
+        else:
+            self.telemetry.expect(torch.where(mask.bool(), ids[:, None], -1))  # [N, L]
+
+    def expert_tokens(self) -> dict[str, list[list[int]]]:
+        return self.telemetry.snapshot() if self.telemetry is not None else {}
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache

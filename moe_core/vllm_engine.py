@@ -391,6 +391,9 @@ class VllmEngine:
             tokens_generated=self._tokens_generated,
         )
 
+    def expert_tokens(self) -> dict[str, list[list[int]]]:
+        return {}  # vLLM's fused MoE kernels do not expose the router's choices
+
     def close(self) -> None:
         """Shut vLLM down (its engine-core process too) and stop the asyncio thread. Idempotent.
 

@@ -28,6 +28,10 @@ class WorkerInfo(BaseModel):
     tokens_generated: int = 0
     tokens_per_s: float = 0.0
     failovers: int = Field(0, description="Engine switches since the worker started.")
+    expert_tokens: dict[str, list[list[int]]] = Field(
+        default_factory=dict,
+        description="Per modality, [layer][expert] tokens routed there (expert telemetry).",
+    )
 
     def fresh(self, now: float) -> bool:
         return now - self.heartbeat_at <= STALE_AFTER_S

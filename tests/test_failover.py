@@ -49,6 +49,9 @@ class FaultInjector:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def expert_tokens(self) -> dict[str, list[list[int]]]:
+        return self.engine.expert_tokens()
+
     def close(self) -> None:
         self.engine.close()
 

@@ -212,3 +212,7 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
     assert info["ready"] and info["engine"] == "torch" and info["device"] == "cpu"
     assert info["capacity"] == 64 and info["max_context"] == 2048
+    # Expert telemetry: earlier tests ran code prompts; each layer counted their routed tokens.
+    code = info["expert_tokens"]["code"]
+    assert len(code) == 4 and all(len(layer) == 8 for layer in code)
+    assert len({sum(layer) for layer in code}) == 1 and sum(code[0]) > 0

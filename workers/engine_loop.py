@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 from moe_core.engine import Engine, EngineStats, GenerationRequest, SamplingParams
@@ -30,6 +31,8 @@ class EngineLoop(threading.Thread):
         self.engine = engine
         self.relay = relay
         self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
+        self.expert_tokens: dict[str, list[list[int]]] = {}  # refreshed every second; read by heartbeats
+        self._expert_read_at = 0.0
         self._inbox: queue.SimpleQueue[Held | _Cancel] = queue.SimpleQueue()
         self._halt = threading.Event()
 
@@ -55,6 +58,8 @@ class EngineLoop(threading.Thread):
             if deltas:
                 self.relay.publish(deltas)
             self.stats = self.engine.stats()
+            if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
+                self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()
 
     def _admit(self, block: bool) -> None:
         try:
@@ -84,7 +89,9 @@ class EngineLoop(threading.Thread):
             ignore_eos=spec.ignore_eos,
         )
         try:
-            self.engine.add_request(GenerationRequest(item.job.id, spec.prompt, params))
+            self.engine.add_request(
+                GenerationRequest(item.job.id, spec.prompt, params, tag=item.job.modality)
+            )
         except ValueError as e:  # e.g. a prompt the engine cannot hold
             self.relay.fail(item.job.id, str(e))
 

@@ -65,6 +65,7 @@ class Runtime:
         info.running, info.waiting = stats.running, stats.waiting
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
+        info.expert_tokens = self.loop.expert_tokens
         info.tokens_per_s = (stats.tokens_generated - last_tokens) / max(mono - last_mono, 1e-6)
         self._last_tokens = (mono, stats.tokens_generated)
         pipe = self.client.pipeline(transaction=False)

@@ -1,0 +1,76 @@
+"""What expert telemetry costs: the torch engine with and without it, alternating, in one run.
+
+    python -m bench.telemetry_overhead [--jobs 64] [--tokens 64] [--rounds 5] [--device cpu]
+
+Both engines load the same small model; each round runs the same greedy workload (EOS ignored)
+through one, then the other. Prints tokens/s per round and the median ratio (goal: ≥ 0.98).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moe_core.checkpoint import build_checkpoint
+from moe_core.engine import GenerationRequest, SamplingParams
+from moe_core.torch_engine import TorchEngine
+
+
+def run(engine: TorchEngine, n: int, tokens: int, tag: str) -> float:
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(n):
+        engine.add_request(
+            GenerationRequest(
+                f"{tag}{i}-{start}",
+                f"def f{i}(x):\n    return x * {i}\n",
+                params,
+                tag="code" if i % 2 else "text",
+            )
+        )
+    made = 0
+    while engine.has_unfinished():
+        made += sum(len(d.token_ids) for d in engine.step())
+    return made / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_checkpoint(Path(tempfile.mkdtemp()) / "m", progress=False)
+    on = TorchEngine(model, device=args.device, max_batch_size=args.jobs)
+    off = TorchEngine(model, device=args.device, max_batch_size=args.jobs, telemetry=False)
+    on.load()
+    off.load()
+    run(on, args.jobs, args.tokens, "w")  # warm-up
+    run(off, args.jobs, args.tokens, "w")
+    ratios = []
+    for r in range(args.rounds):
+        a, b = (on, off) if r % 2 == 0 else (off, on)  # alternate who goes first
+        ta = run(a, args.jobs, args.tokens, "a")
+        tb = run(b, args.jobs, args.tokens, "b")
+        t_on, t_off = (ta, tb) if a is on else (tb, ta)
+        ratios.append(t_on / t_off)
+        print(
+            f"round {r + 1}: telemetry on {t_on:7.0f} tok/s, off {t_off:7.0f} tok/s, ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
+    print(
+        f"median ratio on/off over {args.rounds} rounds: {statistics.median(ratios):.3f} (goal ≥ 0.98);"
+        f" counted: { {k: sum(v[0]) for k, v in on.expert_tokens().items()} } tokens in layer 0"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Expert telemetry on the real small models: every routed token is counted once per layer, under
+its request's tag, padding never; and counting does not change what the engine generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moe_core.checkpoint import build_checkpoint
+from moe_core.engine import GenerationRequest, SamplingParams
+from moe_core.torch_engine import TorchEngine
+
+
+def run(engine: TorchEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    for r in requests:
+        engine.add_request(r)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            out.setdefault(d.request_id, []).extend(d.token_ids)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+def test_counts_every_routed_token_under_its_tag(tmp_path: Path, arch: str) -> None:
+    model = build_checkpoint(tmp_path / arch, arch=arch, progress=False)
+    engine = TorchEngine(model, max_batch_size=8)
+    engine.load()
+    assert engine.expert_tokens() == {}  # the warm-up is not counted
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    requests = [
+        GenerationRequest("c1", "def fibonacci(n):\n    if n < 2:\n", params, tag="code"),
+        GenerationRequest("c2", "import os\n", params, tag="code"),  # shorter: left padding in the prefill
+        GenerationRequest(
+            "t1", "The weather was mild and the river ran slowly past the town", params, tag="text"
+        ),
+    ]
+    run(engine, requests)
+    counts = engine.expert_tokens()
+    assert set(counts) == {"code", "text"}
+    top_k = 2
+    # A request's forwards carry its prompt once, then each sampled token but the last.
+    fed = {r.request_id: engine.count_tokens(r.prompt) + 6 - 1 for r in requests}
+    for tag, ids in (("code", ["c1", "c2"]), ("text", ["t1"])):
+        per_layer = [sum(layer) for layer in counts[tag]]
+        assert per_layer == [top_k * sum(fed[i] for i in ids)] * len(per_layer)
+        assert all(len(layer) == 8 for layer in counts[tag])
+
+
+def test_counting_does_not_change_outputs(model_dir: Path) -> None:
+    params = SamplingParams(max_tokens=12)
+    requests = [
+        GenerationRequest(f"r{i}", p, params, tag="code")
+        for i, p in enumerate(["def f(x):\n", "class A:\n    pass\n", "x = [i for i in"])
+    ]
+    with_counts = TorchEngine(model_dir, max_batch_size=4)
+    without = TorchEngine(model_dir, max_batch_size=4, telemetry=False)
+    with_counts.load()
+    without.load()
+    assert run(with_counts, requests) == run(without, requests)
+    assert without.expert_tokens() == {}
