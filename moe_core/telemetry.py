@@ -34,7 +34,8 @@ class ExpertTelemetry:
         self.counts = torch.zeros(
             MAX_TAGS, self.num_layers, self.num_experts, dtype=torch.int64, device=self.device
         )
-        self._token_tags: torch.Tensor | None = None  # [T] for the forward about to run
+        self._base: torch.Tensor | None = None  # [T] tag offsets into counts, next forward's tokens
+        self._keep: torch.Tensor | None = None  # [T] not padding (None: no padding)
         for layer, router in enumerate(found):
             router.register_forward_hook(self._hook(layer))
 
@@ -47,9 +48,12 @@ class ExpertTelemetry:
         self.tags.clear()
         self.counts.zero_()
 
-    def expect(self, token_tags: torch.Tensor) -> None:
-        """token_tags: [T] tag ids of the next forward's flattened tokens (-1 for padding)."""
-        self._token_tags = token_tags.reshape(-1)
+    def expect(self, token_tags: torch.Tensor, padded: bool) -> None:
+        """token_tags: [T] tag ids of the next forward's flattened tokens; with `padded`, -1 marks
+        padding (not counted). A decode step has no padding, and skips that filtering."""
+        base = token_tags.reshape(-1) * (self.num_layers * self.num_experts)  # [T]
+        self._base = base
+        self._keep = token_tags.reshape(-1) >= 0 if padded else None
 
     def snapshot(self) -> dict[str, list[list[int]]]:
         """tag → [layer][expert] tokens routed there so far."""
@@ -57,15 +61,16 @@ class ExpertTelemetry:
         return {tag: counts[i] for tag, i in self.tags.items()}
 
     def _hook(self, layer: int) -> Any:
-        stride_tag = self.num_layers * self.num_experts
+
+        offset = layer * self.num_experts
 
         def hook(_module: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
-            tags = self._token_tags
-            if tags is None:
+            if self._base is None:
                 return
             indices = outputs[2]  # [T, k]
-            keep = tags >= 0  # [T]
-            flat = tags[keep, None] * stride_tag + layer * self.num_experts + indices[keep]  # [T', k]
+            flat = self._base[:, None] + (indices + offset)  # [T, k] cells of counts
+            if self._keep is not None:
+                flat = flat[self._keep]
             flat = flat.reshape(-1)
             self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
 

@@ -225,6 +225,8 @@ class TorchEngine:
         self._prepare = prepare
         self._want_telemetry = telemetry
         self.telemetry: ExpertTelemetry | None = None
+        self._tag_key: tuple[str, ...] = ()  # the rows whose tag ids _tag_ids holds
+        self._tag_ids = torch.zeros(0, dtype=torch.int64)
         if name is not None:
             self.name = name
         self._requested_max_context = max_context
@@ -412,11 +414,14 @@ class TorchEngine:
         (padding → -1), or one token per row for a decode."""
         if self.telemetry is None:
             return
-        ids = torch.tensor([self.telemetry.tag_id(s.request.tag) for s in seqs], device=self._device)  # [N]
+        key = tuple(s.request_id for s in seqs)
+        if key != self._tag_key:  # the batch changed: rebuild its rows' tag ids, [N]
+            tags = [self.telemetry.tag_id(s.request.tag) for s in seqs]
+            self._tag_key, self._tag_ids = key, torch.tensor(tags, device=self._device)
         if mask is None:
-            self.telemetry.expect(ids)
+            self.telemetry.expect(self._tag_ids, padded=False)
         else:
-            self.telemetry.expect(torch.where(mask.bool(), ids[:, None], -1))  # [N, L]
+            self.telemetry.expect(torch.where(mask.bool(), self._tag_ids[:, None], -1), padded=True)  # [N, L]
 
     def expert_tokens(self) -> dict[str, list[list[int]]]:
         return self.telemetry.snapshot() if self.telemetry is not None else {}
