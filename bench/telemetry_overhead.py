@@ -1,6 +1,7 @@
 """What expert telemetry costs: the torch engine with and without it, alternating, in one run.
 
     python -m bench.telemetry_overhead [--jobs 64] [--tokens 64] [--rounds 5] [--device cpu]
+                                       [--size tiny|reference]
 
 Both engines load the same small model; each round runs the same greedy workload (EOS ignored)
 through one, then the other. Prints tokens/s per round and the median ratio (goal: ≥ 0.98).
@@ -46,9 +47,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--size", default="tiny", choices=["tiny", "reference"], help="reference: the 4.76 B bf16 model"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_checkpoint(Path(tempfile.mkdtemp()) / "m", progress=False)
+    vocab = 32000 if args.size == "reference" else 4096
+    model = build_checkpoint(Path(tempfile.mkdtemp()) / "m", progress=False, size=args.size, vocab_size=vocab)
     on = TorchEngine(model, device=args.device, max_batch_size=args.jobs)
     off = TorchEngine(model, device=args.device, max_batch_size=args.jobs, telemetry=False)
     on.load()
