@@ -3,8 +3,8 @@ request (LocalMoE tags a job's tokens with its modality: text, code or mixed).
 
 Hooks every router of a transformers MoE model (`*TopKRouter`: Mixtral, Qwen2-MoE, OLMoE; its
 forward returns (logits, scores, indices [T, k]) over the T flattened tokens of the batch). The
-engine says, before each forward, which tag each of those T tokens carries (-1: padding, not
-counted). Counts stay on the model's device, one index_add per layer per forward and no host
+engine says, before each forward, which tag each of those T tokens carries (padding goes to a
+slot nobody reads). Counts stay on the model's device, one index_add per layer per forward and no host
 sync, until `snapshot()` reads them.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 MAX_TAGS = 8  # distinct tags counted separately; later ones share the last slot ("other")
+PADDING = MAX_TAGS  # padding tokens are counted into this extra slot, never read: no filtering
 
 
 def routers(model: Any) -> list[torch.nn.Module]:
@@ -31,11 +32,10 @@ class ExpertTelemetry:
         self.num_layers, self.num_experts = len(found), int(weight.shape[0])
         self.device = weight.device
         self.tags: dict[str, int] = {}
-        self.counts = torch.zeros(
-            MAX_TAGS, self.num_layers, self.num_experts, dtype=torch.int64, device=self.device
+        self.counts = torch.zeros(  # [tags + the padding slot, layers, experts]
+            MAX_TAGS + 1, self.num_layers, self.num_experts, dtype=torch.int64, device=self.device
         )
         self._base: torch.Tensor | None = None  # [T] tag offsets into counts, next forward's tokens
-        self._keep: torch.Tensor | None = None  # [T] not padding (None: no padding)
         for layer, router in enumerate(found):
             router.register_forward_hook(self._hook(layer))
 
@@ -48,12 +48,10 @@ class ExpertTelemetry:
         self.tags.clear()
         self.counts.zero_()
 
-    def expect(self, token_tags: torch.Tensor, padded: bool) -> None:
-        """token_tags: [T] tag ids of the next forward's flattened tokens; with `padded`, -1 marks
-        padding (not counted). A decode step has no padding, and skips that filtering."""
-        base = token_tags.reshape(-1) * (self.num_layers * self.num_experts)  # [T]
-        self._base = base
-        self._keep = token_tags.reshape(-1) >= 0 if padded else None
+    def expect(self, token_tags: torch.Tensor) -> None:
+        """token_tags: [T] tag ids of the next forward's flattened tokens (PADDING for padding).
+        Everything stays on the device: no boolean indexing, so no host sync."""
+        self._base = token_tags.reshape(-1) * (self.num_layers * self.num_experts)  # [T]
 
     def snapshot(self) -> dict[str, list[list[int]]]:
         """tag → [layer][expert] tokens routed there so far."""
@@ -68,10 +66,7 @@ class ExpertTelemetry:
             if self._base is None:
                 return
             indices = outputs[2]  # [T, k]
-            flat = self._base[:, None] + (indices + offset)  # [T, k] cells of counts
-            if self._keep is not None:
-                flat = flat[self._keep]
-            flat = flat.reshape(-1)
+            flat = (self._base[:, None] + (indices + offset)).reshape(-1)  # [T * k] cells of counts
             self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
         return hook

@@ -41,7 +41,7 @@ from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.sampling import make_generator, sample_next_tokens
-from moe_core.telemetry import ExpertTelemetry, routers
+from moe_core.telemetry import PADDING, ExpertTelemetry, routers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -411,7 +411,7 @@ class TorchEngine:
 
     def _expect_tags(self, seqs: Sequence[_Sequence], mask: torch.Tensor | None) -> None:
         """Tell the telemetry whose tokens the next forward carries: [N, L] under a prefill's mask
-        (padding → -1), or one token per row for a decode."""
+        (padding → the PADDING slot), or one token per row for a decode."""
         if self.telemetry is None:
             return
         key = tuple(s.request_id for s in seqs)
@@ -419,9 +419,9 @@ class TorchEngine:
             tags = [self.telemetry.tag_id(s.request.tag) for s in seqs]
             self._tag_key, self._tag_ids = key, torch.tensor(tags, device=self._device)
         if mask is None:
-            self.telemetry.expect(self._tag_ids, padded=False)
+            self.telemetry.expect(self._tag_ids)
         else:
-            self.telemetry.expect(torch.where(mask.bool(), self._tag_ids[:, None], -1), padded=True)  # [N, L]
+            self.telemetry.expect(torch.where(mask.bool(), self._tag_ids[:, None], PADDING))  # [N, L]
 
     def expert_tokens(self) -> dict[str, list[list[int]]]:
         return self.telemetry.snapshot() if self.telemetry is not None else {}
