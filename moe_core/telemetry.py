@@ -48,9 +48,12 @@ class ExpertTelemetry:
         self.tags.clear()
         self.counts.zero_()
 
-    def expect(self, token_tags: torch.Tensor) -> None:
-        """token_tags: [T] tag ids of the next forward's flattened tokens (PADDING for padding).
-        Everything stays on the device: no boolean indexing, so no host sync."""
+    def expect(self, token_tags: torch.Tensor | None) -> None:
+        """token_tags: [T] tag ids of the next forward's flattened tokens (PADDING for padding);
+        None: count nothing until told again. Everything stays on the device: no host sync."""
+        if token_tags is None:
+            self._base = None
+            return
         self._base = token_tags.reshape(-1) * (self.num_layers * self.num_experts)  # [T]
 
     def snapshot(self) -> dict[str, list[list[int]]]:

@@ -433,14 +433,18 @@ class TorchEngine:
 
         input_ids, position_ids: [B, Q]; mask: [B, T + Q] over cache columns then input columns.
         """
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.expect(None)  # forwards that are not ours (generate()) go uncounted
         self._steps += 1
         self._max_batch_seen = max(self._max_batch_seen, input_ids.shape[0])
         return out.logits[:, -1, :]
