@@ -29,8 +29,11 @@ from typing import Any
 
 import torch
 
+from localmoe.settings import EngineSettings
 from moe_core.checkpoint import build_checkpoint, is_checkpoint
+from moe_core.choice import Backend
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
+from workers.engine_setup import construct
 
 WORKLOADS = {"1x(128->256)": (1, 128, 256), "256x(512->256)": (256, 512, 256)}
 
@@ -161,27 +164,11 @@ def active_bytes_per_token(model: Path) -> int:
     return 2 * (layers * per_layer + v * h + h)
 
 
-def make_engine(name: str, model: Path, batch: int) -> Any:
-    if name == "torch":
-        from moe_core.torch_engine import TorchEngine
-
-        return TorchEngine(model, device="cuda", dtype="bfloat16", max_batch_size=batch)
-    if name == "deepspeed":
-        from moe_core.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, device="cuda", dtype="bfloat16", max_batch_size=batch)
-    if name == "vllm":
-        from moe_core.vllm_engine import VllmEngine
-
-        return VllmEngine(
-            model,
-            device="cuda",
-            dtype="bfloat16",
-            max_batch_size=batch,
-            gpu_memory_utilization=0.8,
-            max_num_batched_tokens=16384,
-        )
-    raise ValueError(name)
+def make_engine(name: Backend, model: Path, batch: int) -> Any:
+    """The engine as a worker builds it (workers/engine_setup.py), with this benchmark's settings."""
+    cfg = EngineSettings(backend=name, dtype="bfloat16", max_batch_size=batch)
+    cfg.vllm.gpu_memory_utilization, cfg.vllm.max_num_batched_tokens = 0.8, 16384
+    return construct(name, model, "cuda", cfg, offload=False)
 
 
 def make_raw_vllm(model: Path, batch: int) -> Any:
@@ -209,7 +196,7 @@ def bench_engine(name: str, model: Path, bound: float) -> list[Result]:
     torch.cuda.reset_peak_memory_stats()
     with GpuMemory() as mem:
         t = time.perf_counter()
-        engine = make_raw_vllm(model, batch) if name == "raw_vllm" else make_engine(name, model, batch)
+        engine = make_raw_vllm(model, batch) if name == "raw_vllm" else make_engine(name, model, batch)  # type: ignore[arg-type]
         if name != "raw_vllm":
             engine.load()
         print(f"  {name}: loaded in {time.perf_counter() - t:.1f} s", flush=True)

@@ -38,7 +38,6 @@ class EngineProcess:
         self._proc = mp.get_context("spawn").Process(target=_main, args=(child, name), name=f"engine-{name}")
         self._send_lock = threading.Lock()
         self._pending: dict[str, Future[Finished]] = {}
-        self.info: EngineReady | None = None
         self._stopping = False
 
     def start(self) -> EngineReady:
@@ -46,7 +45,6 @@ class EngineProcess:
         self._proc.start()
         ready = MESSAGE.validate_json(self._conn.recv_bytes())
         assert isinstance(ready, EngineReady), ready
-        self.info = ready
         threading.Thread(target=self._read, name="engine-replies", daemon=True).start()
         return ready
 
