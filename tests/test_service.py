@@ -212,7 +212,16 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
     assert info["ready"] and info["engine"] == "torch" and info["device"] == "cpu"
     assert info["capacity"] == 64 and info["max_context"] == 2048
-    # Expert telemetry: earlier tests ran code prompts; each layer counted their routed tokens.
+    # Expert telemetry: a code job's routed tokens are counted in each layer, and the count
+    # reaches the registry with a later heartbeat (counts are read once a second).
+    wait_done(http, submit(http, max_tokens=4)["id"])
+
+    def counted() -> bool:
+        (w,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
+        return bool(w["expert_tokens"].get("code"))
+
+    wait_for(counted, 5, "code tokens in the expert telemetry")
+    (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
     code = info["expert_tokens"]["code"]
     assert len(code) == 4 and all(len(layer) == 8 for layer in code)
     assert len({sum(layer) for layer in code}) == 1 and sum(code[0]) > 0
