@@ -1,7 +1,7 @@
 """What expert telemetry costs: the torch engine with and without it, alternating, in one run.
 
     python -m bench.telemetry_overhead [--jobs 64] [--tokens 64] [--rounds 5] [--device cpu]
-                                       [--size tiny|reference]
+                                       [--size tiny|reference] [--model DIR]
 
 Both engines load the same small model; each round runs the same greedy workload (EOS ignored)
 through one, then the other. Prints tokens/s per round and the median ratio (goal: ≥ 0.98).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moe_core.checkpoint import build_checkpoint
+from moe_core.checkpoint import build_checkpoint, is_checkpoint
 from moe_core.engine import GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 
@@ -50,10 +50,13 @@ def main() -> None:
     ap.add_argument(
         "--size", default="tiny", choices=["tiny", "reference"], help="reference: the 4.76 B bf16 model"
     )
+    ap.add_argument("--model", type=Path, help="use this checkpoint (built there if absent)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 32000 if args.size == "reference" else 4096
-    model = build_checkpoint(Path(tempfile.mkdtemp()) / "m", progress=False, size=args.size, vocab_size=vocab)
+    model = args.model or Path(tempfile.mkdtemp()) / "m"
+    if not is_checkpoint(model):
+        build_checkpoint(model, progress=False, size=args.size, vocab_size=vocab)
     on = TorchEngine(model, device=args.device, max_batch_size=args.jobs)
     off = TorchEngine(model, device=args.device, max_batch_size=args.jobs, telemetry=False)
     on.load()

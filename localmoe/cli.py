@@ -34,6 +34,54 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_moe(args: argparse.Namespace) -> int:
+    from localmoe.settings import get_settings
+    from moe_core import moe_tuning, vllm_engine
+    from moe_core.loader import resolve_dtype
+
+    s = get_settings()
+    v = s.engine.vllm
+    ok, why = vllm_engine.available()
+    import torch
+
+    if not ok or not torch.cuda.is_available():
+        reason = why if not ok else "no CUDA GPU is visible"
+        print(f"tune-moe tunes vLLM's GPU kernels and needs a CUDA GPU with vLLM: {reason}", file=sys.stderr)
+        return 2
+    model_dir = Path(args.model_dir) if args.model_dir else s.resolved_model_dir
+    dtype = str(resolve_dtype("cuda", s.engine.dtype)).removeprefix("torch.")
+    shape = moe_tuning.moe_shape(
+        model_dir,
+        tensor_parallel_size=args.tp or v.tensor_parallel_size,
+        enable_expert_parallel=args.ep or v.enable_expert_parallel,
+        dtype=dtype,
+    )
+    batch_sizes = (
+        [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else moe_tuning.BATCH_SIZES
+    )
+    out = Path(args.out) if args.out else v.tuned_config_dir
+    assert out is not None  # filled by Settings
+    print(f"tuning vLLM's fused-MoE kernel for {shape} at M in {list(batch_sizes)}", flush=True)
+    path, result = moe_tuning.tune_on_gpu(
+        shape,
+        batch_sizes,
+        out,
+        max_rounds=args.max_rounds,
+        time_budget_s=args.time_budget_s,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(
+        json.dumps(
+            {
+                "file": str(path),
+                "seconds": round(result.seconds, 1),
+                "speedup": {t.m: round(t.speedup, 3) for t in result.tuned},
+            }
+        )
+    )
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from localmoe import up
     from localmoe.settings import get_settings
@@ -136,6 +184,22 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--vocab-size", type=int, default=4096)
     init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
     init.set_defaults(func=cmd_model_init)
+
+    tune = sub.add_parser(
+        "tune-moe", help="search vLLM's fused-MoE kernel configs for the model on this GPU (CUDA + vLLM)"
+    )
+    tune.add_argument("--model-dir", help="the model to tune for (env LOCALMOE_MODEL_DIR)")
+    tune.add_argument("--out", help="folder vLLM reads them from (default: engine.vllm.tuned_config_dir)")
+    tune.add_argument(
+        "--batch-sizes", help="comma-separated tokens per step to search (default: vLLM's grid, 1 to 4096)"
+    )
+    tune.add_argument("--max-rounds", type=int, default=3, help="coordinate-descent rounds per batch size")
+    tune.add_argument(
+        "--time-budget-s", type=float, help="stop starting new batch sizes after this long (they keep vLLM's)"
+    )
+    tune.add_argument("--tp", type=int, help="tensor-parallel size served (default: engine.vllm's)")
+    tune.add_argument("--ep", action="store_true", default=None, help="expert parallelism is on")
+    tune.set_defaults(func=cmd_tune_moe)
 
     up = sub.add_parser("up", help="start Redis, workers, the API and Flower")
     up.add_argument("--port", dest="api_port", type=int, help="API port (env LOCALMOE_API_PORT)")

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,11 @@ class VllmSettings(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.98)
     max_num_batched_tokens: int = Field(16384, ge=256, description="Scheduler token budget per step.")
     enforce_eager: bool = Field(False, description="Skip torch.compile and CUDA graphs (faster start).")
+    tuned_config_dir: Path | None = Field(
+        None,
+        description="Fused-MoE kernel configs written by `localmoe tune-moe`, read by vLLM "
+        "(VLLM_TUNED_CONFIG_FOLDER); None: <home>/moe-configs",
+    )
 
 
 class DeepSpeedSettings(BaseModel):
@@ -88,6 +93,13 @@ class Settings(BaseSettings):
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        self.home = self.home.expanduser()
+        if self.engine.vllm.tuned_config_dir is None:
+            self.engine.vllm.tuned_config_dir = self.home / "moe-configs"
+        return self
 
     @classmethod
     def settings_customise_sources(

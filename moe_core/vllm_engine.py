@@ -168,12 +168,15 @@ class VllmEngine:
         max_num_batched_tokens: int = 16384,
         enforce_eager: bool = False,
         max_context: int | None = None,
+        tuned_config_dir: Path | None = None,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
         "bfloat16" or "float16"; max_batch_size: vLLM's max_num_seqs; max_num_batched_tokens: the
         scheduler's token budget per step (set explicitly: vLLM's entry points differ in their
-        defaults); max_context: vLLM's max_model_len (default: the model's)."""
+        defaults); max_context: vLLM's max_model_len (default: the model's); tuned_config_dir:
+        fused-MoE kernel configs from `localmoe tune-moe` (moe_core/moe_tuning.py), handed to vLLM
+        as VLLM_TUNED_CONFIG_FOLDER unless the environment already names a folder."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -187,6 +190,8 @@ class VllmEngine:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enforce_eager = enforce_eager
+        self.tuned_config_dir = tuned_config_dir
+        self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
         self.max_context = max_context or 0  # set by load() from vLLM's config when not given
         self.tokenizer: Any = None
@@ -245,6 +250,7 @@ class VllmEngine:
             # this frame, alive; a local here would keep the AsyncLLM from ever being collected.
             assert self._backend is not None
             with _visible_gpu(gpu):
+                self._use_tuned_moe_configs(dtype)
                 self._backend.engine = self._call(self._build_engine(dtype), LOAD_TIMEOUT_S)
             if not self._requested_max_context:
                 self.max_context = int(self._backend.engine.model_config.max_model_len)
@@ -280,6 +286,36 @@ class VllmEngine:
         if int(index) >= len(ids):
             raise ValueError(f"device {device!r}: CUDA_VISIBLE_DEVICES={visible!r} has no GPU {index}")
         return device, ids[int(index)]
+
+    def _use_tuned_moe_configs(self, dtype: str) -> None:
+        """Point vLLM (and the engine core it spawns) at the tuned fused-MoE configs; log whether
+        one fits this model's shape on this GPU."""
+        from moe_core import moe_tuning
+
+        if self.tuned_config_dir is not None:
+            os.environ.setdefault(moe_tuning.ENV_FOLDER, str(self.tuned_config_dir))
+        folder = os.environ.get(moe_tuning.ENV_FOLDER)
+        try:
+            shape = moe_tuning.moe_shape(
+                self.model_dir,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enable_expert_parallel=self.enable_expert_parallel,
+                dtype=dtype,
+            )
+            name = moe_tuning.config_file_name(shape)
+        except (ValueError, KeyError) as e:
+            log.info("fused-MoE configs: not applicable to this model (%s)", e)
+            return
+        path = Path(folder) / name if folder else None
+        if path is not None and path.is_file():
+            self.moe_config = path
+            log.info("fused-MoE kernels: tuned configs from %s", path)
+        else:
+            log.info(
+                "fused-MoE kernels: vLLM's (no %s in %s); `localmoe tune-moe` searches them for this GPU",
+                name,
+                folder,
+            )
 
     def _resolve_dtype(self, device: str) -> str:
         from moe_core.loader import resolve_dtype

@@ -27,6 +27,7 @@ import psutil
 import torch
 from vllm.platforms import current_platform
 
+from moe_core import moe_tuning
 from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
@@ -143,8 +144,27 @@ def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(mixtral_dir: Path) -> Iterator[VllmEngine]:
-    engine = make_engine(mixtral_dir)
+def tuned_dir(mixtral_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as `localmoe tune-moe` leaves it, with a config file for the tiny model's shape."""
+    folder = tmp_path_factory.mktemp("moe-configs")
+    name = moe_tuning.config_file_name(moe_tuning.moe_shape(mixtral_dir, dtype="float32"))
+    moe_tuning.write_configs(folder, name, {1: TUNED_SMALL, 64: TUNED_LARGE})
+    return folder
+
+
+TUNED_SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 256, "GROUP_SIZE_M": 1, "num_warps": 4}
+TUNED_LARGE = {
+    "BLOCK_SIZE_M": 64,
+    "BLOCK_SIZE_N": 128,
+    "BLOCK_SIZE_K": 64,
+    "GROUP_SIZE_M": 16,
+    "num_warps": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def engine(mixtral_dir: Path, tuned_dir: Path) -> Iterator[VllmEngine]:
+    engine = make_engine(mixtral_dir, tuned_config_dir=tuned_dir)
     engine.load()
     yield engine
     engine.close()
@@ -183,16 +203,39 @@ def _engine_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
     assert engine.engine.output_processor.get_num_unfinished_requests() == 0
 
 
-def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference) -> None:
+def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference, tuned_dir: Path) -> None:
     ok, why = available()
     assert ok and why.startswith("vLLM ")
     assert engine.name == "vllm"
+    assert engine.moe_config is not None and engine.moe_config.parent == tuned_dir
+    assert os.environ[moe_tuning.ENV_FOLDER] == str(tuned_dir)  # what the engine core inherited
     assert engine.max_context == reference.model.config.max_position_embeddings
     stats = engine.stats()
     assert (stats.running, stats.waiting, stats.steps, stats.tokens_generated) == (0, 0, 0, 0)
     assert not engine.has_unfinished() and engine.step() == []
     for prompt in PROMPTS:
         assert engine.count_tokens(prompt) == len(reference.tokenizer(prompt)["input_ids"])
+
+
+def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's own lookup (fused_moe.try_get_optimal_moe_config, what its Triton MoE kernels call)
+    finds the file `localmoe tune-moe` writes and takes the entry nearest the step's token count."""
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    monkeypatch.setenv(moe_tuning.ENV_FOLDER, str(tuned_dir))
+    fused_moe.get_moe_configs.cache_clear()
+    try:
+        # the tiny mixtral: E=8, hidden 128, intermediate 256; w1 [E, 2N, K], w2 [E, K, N]
+        w1, w2 = (8, 512, 128), (8, 128, 256)
+        assert fused_moe.try_get_optimal_moe_config(w1, w2, 2, None, 1) == TUNED_SMALL
+        assert fused_moe.try_get_optimal_moe_config(w1, w2, 2, None, 20) == TUNED_SMALL
+        assert fused_moe.try_get_optimal_moe_config(w1, w2, 2, None, 50) == TUNED_LARGE
+        assert fused_moe.try_get_optimal_moe_config(w1, w2, 2, None, 4096) == TUNED_LARGE
+        # another shape has no file: vLLM's default
+        other = fused_moe.try_get_optimal_moe_config((8, 1024, 128), (8, 128, 512), 2, None, 1)
+        assert other == fused_moe.get_default_config(1, 8, 512, 128, 2, None)
+    finally:
+        fused_moe.get_moe_configs.cache_clear()
 
 
 def test_greedy_alone_matches_generate(
