@@ -4,8 +4,10 @@ request (LocalMoE tags a job's tokens with its modality: text, code or mixed).
 Hooks every router of a transformers MoE model (`*TopKRouter`: Mixtral, Qwen2-MoE, OLMoE; its
 forward returns (logits, scores, indices [T, k]) over the T flattened tokens of the batch). The
 engine says, before each forward, which tag each of those T tokens carries (padding goes to a
-slot nobody reads). Counts stay on the model's device, one index_add per layer per forward and no host
-sync, until `snapshot()` reads them.
+slot nobody reads), and calls `flush()` after it. A hook only keeps a reference to its router's
+indices (no device work); `flush()` counts every layer's choices at once: one stack, one add and
+one index_add per forward, whatever the number of layers, and no host sync. Counts stay on the
+model's device until `snapshot()` reads them.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ class ExpertTelemetry:
         self.counts = torch.zeros(  # [tags + the padding slot, layers, experts]
             MAX_TAGS + 1, self.num_layers, self.num_experts, dtype=torch.int64, device=self.device
         )
-        self._base: torch.Tensor | None = None  # [T] tag offsets into counts, next forward's tokens
-        for layer, router in enumerate(found):
-            router.register_forward_hook(self._hook(layer))
+        # [L, 1, 1] each layer's offset into counts.view(-1)
+        self._layer_offsets = (torch.arange(self.num_layers, device=self.device) * self.num_experts)[
+            :, None, None
+        ]
+        self._cells: torch.Tensor | None = None  # [L, T, 1] cells of counts for the next forward's tokens
+        self._pending: list[torch.Tensor] = []  # per router, in layer order: its indices [T, k]
+        self._ones = torch.ones(0, dtype=torch.int64, device=self.device)  # grown as needed
+        for router in found:
+            router.register_forward_hook(self._hook)
 
     def tag_id(self, tag: str) -> int:
         if tag not in self.tags:
@@ -51,25 +59,31 @@ class ExpertTelemetry:
     def expect(self, token_tags: torch.Tensor | None) -> None:
         """token_tags: [T] tag ids of the next forward's flattened tokens (PADDING for padding);
         None: count nothing until told again. Everything stays on the device: no host sync."""
+        self._pending.clear()
         if token_tags is None:
-            self._base = None
+            self._cells = None
             return
-        self._base = token_tags.reshape(-1) * (self.num_layers * self.num_experts)  # [T]
+        base = token_tags.reshape(-1)[None, :, None] * (self.num_layers * self.num_experts)  # [1, T, 1]
+        self._cells = base + self._layer_offsets  # [L, T, 1]
+
+    def flush(self) -> None:
+        """After the forward: count what its routers chose (padding into the unread slot)."""
+        if not self._pending or self._cells is None:
+            return
+        indices = torch.stack(self._pending)  # [L', T, k], L' = routers that ran (all, normally)
+        self._pending.clear()
+        flat = (indices + self._cells[: indices.shape[0]]).reshape(-1)  # [L' * T * k] cells
+        if self._ones.numel() < flat.numel():
+            self._ones = torch.ones(
+                max(flat.numel(), 2 * self._ones.numel()), dtype=torch.int64, device=self.device
+            )
+        self.counts.view(-1).index_add_(0, flat, self._ones[: flat.numel()])
 
     def snapshot(self) -> dict[str, list[list[int]]]:
         """tag → [layer][expert] tokens routed there so far."""
         counts = self.counts.tolist()
         return {tag: counts[i] for tag, i in self.tags.items()}
 
-    def _hook(self, layer: int) -> Any:
-
-        offset = layer * self.num_experts
-
-        def hook(_module: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
-            if self._base is None:
-                return
-            indices = outputs[2]  # [T, k]
-            flat = (self._base[:, None] + (indices + offset)).reshape(-1)  # [T * k] cells of counts
-            self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-        return hook
+    def _hook(self, _module: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
+        if self._cells is not None:
+            self._pending.append(outputs[2])  # [T, k]; routers run in layer order

@@ -442,6 +442,8 @@ class TorchEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            if self.telemetry is not None:
+                self.telemetry.flush()
         finally:
             if self.telemetry is not None:
                 self.telemetry.expect(None)  # forwards that are not ours (generate()) go uncounted
