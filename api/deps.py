@@ -12,7 +12,7 @@ from api.store import JobStore
 from localmoe.settings import Settings
 from scheduler.jobs import Job
 from scheduler.queue import Enqueuer
-from scheduler.routing import PromptCounter
+from scheduler.routing import PromptCounter, Scheduler
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -23,6 +23,7 @@ class Services:
     store: JobStore
     enqueuer: Enqueuer
     counter: PromptCounter
+    scheduler: Scheduler
 
 
 async def get_services(request: Request) -> Services:  # async: a sync dependency costs a thread hop

@@ -11,7 +11,7 @@ from api.protocol import JobResponse
 from api.store import CancelOutcome
 from scheduler.jobs import Job, JobSpec, Timings, Usage
 from scheduler.modality import detect
-from scheduler.routing import route
+from scheduler.routing import job_cost
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,8 +48,9 @@ async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> Jo
         modality=spec.modality or detect(spec.prompt),
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
+        cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),
     )
-    chosen = route(job)
+    chosen = services.scheduler.route(job)
     job.queue, job.route_reason = chosen.queue, chosen.reason
     try:
         await services.enqueuer.submit(job)

@@ -17,7 +17,7 @@ from api.intake import BodyGuard
 from api.store import JobStore
 from localmoe.settings import Settings, get_settings
 from scheduler.queue import Enqueuer, make_celery
-from scheduler.routing import PromptCounter
+from scheduler.routing import PromptCounter, Scheduler
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -42,7 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=JobStore(client, s.limits.job_ttl_s),
             enqueuer=Enqueuer(make_celery(url), sync_client, s.limits.job_ttl_s),
             counter=PromptCounter(s.resolved_model_dir),
+            scheduler=Scheduler(sync_client, s.scheduler),
         )
+        app.state.services.scheduler.start()
         yield
         await client.aclose()
 

@@ -65,8 +65,39 @@ class EngineSettings(BaseModel):
         "with 1 thread, 0.46 with 2: a busy core stalls every torch thread)",
     )
 
+    step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Testing and benchmarks only: sleep this long after every engine step, "
+        "making this worker a slower one (bench/scheduler_policies.py)",
+    )
+
     def resolved_cpu_threads(self) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+
+
+class SchedulerSettings(BaseModel):
+    policy: Literal["auto", "shared", "round_robin"] = Field(
+        "auto",
+        description="auto: the worker queue with the earliest expected completion (scheduler/routing.py); "
+        "shared: one queue every worker takes from; round_robin: worker queues in turn",
+    )
+    prefill_weight: float = Field(
+        0.0625, ge=0, description="A prompt token's cost in decode tokens, in a job's cost estimate."
+    )
+    affinity_margin: float = Field(
+        0.15,
+        ge=0,
+        description="Workers whose expected completion is within this fraction of the best count as "
+        "equal; among them the one already running the job's modality wins.",
+    )
+    max_temperature_c: float = Field(87.0, description="Hotter GPUs get no new jobs.")
+    max_memory_fraction: float = Field(0.98, gt=0, le=1, description="Fuller GPUs get no new jobs.")
+    max_kv_usage: float = Field(
+        0.95, gt=0, le=1, description="Workers whose KV cache is fuller get no new jobs."
+    )
+    refresh_s: float = Field(0.25, gt=0, description="How often the API re-reads the worker registry.")
 
 
 class LimitSettings(BaseModel):
@@ -92,6 +123,7 @@ class Settings(BaseSettings):
         False, description="Celery task events for Flower's task view; two more Redis publishes per job"
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
 """`localmoe up`: the whole service on one box, from one command.
 
 Starts, in order: its own Redis (unless LOCALMOE_REDIS_URL names one), the embedded small model
-(built on first start unless LOCALMOE_MODEL_DIR names one), one worker per visible GPU (pinned
-with CUDA_VISIBLE_DEVICES) or one CPU worker, the API (uvicorn) and Flower (basic auth).
+(built on first start unless LOCALMOE_MODEL_DIR names one), one worker per visible GPU or per
+tensor-parallel group of GPUs (pinned with CUDA_VISIBLE_DEVICES) or one CPU worker, the API
+(uvicorn) and Flower (basic auth).
 SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
 """
 
@@ -16,13 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from localmoe.gpus import Topology, describe, group_gpus, nvml_index, read_topology
 from localmoe.redis_server import RedisServer
-from localmoe.settings import Settings
+from localmoe.settings import EngineSettings, Settings
 
 log = logging.getLogger("localmoe.up")
 
@@ -64,10 +67,46 @@ def visible_gpus() -> list[str]:
         pynvml.nvmlShutdown()
 
 
-def worker_plan(gpus: list[str]) -> list[tuple[str, str]]:
+def engine_tp(engine: EngineSettings) -> int:
+    """GPUs one worker's engine spans: DeepSpeed's tensor_parallel_size for that backend, vLLM's
+    for vllm and auto (auto serves with vLLM whenever the model fits), 1 for torch."""
+    if engine.backend == "torch":
+        return 1
+    return (engine.deepspeed if engine.backend == "deepspeed" else engine.vllm).tensor_parallel_size
+
+
+def worker_plan(
+    gpus: list[str], tp: int = 1, topology: Callable[[], Topology | None] = read_topology
+) -> list[tuple[str, str]]:
     """(worker name, CUDA_VISIBLE_DEVICES) per worker: one per GPU, or one CPU worker that sees
-    no GPU at all."""
-    return [(f"gpu{g}", g) for g in gpus] or [("cpu0", "")]
+    no GPU at all. gpus are CUDA_VISIBLE_DEVICES entries (NVML indices or GPU UUIDs).
+
+    With tp > 1, one worker per group of tp GPUs ("gpu0-1" sees "0,1"). Tensor parallelism
+    all-reduces every layer, so the groups are chosen by group_gpus over the topology() reads
+    (NVML; a seam for tests) for their slowest internal link; in the order given when there is no
+    topology or an entry does not map onto it. GPUs that fill no group stay unused (warned);
+    fewer GPUs than tp stops the start.
+    """
+    if tp == 1 or not gpus:
+        return [(f"gpu{g}", g) for g in gpus] or [("cpu0", "")]
+    if len(gpus) < tp:
+        raise SystemExit(f"tensor_parallel_size {tp} needs {tp} GPUs per worker; this box offers {gpus}")
+    topo = topology()
+    index = [nvml_index(g, topo.uuids if topo else None) for g in gpus]
+    if topo is None or None in index or len(set(index)) < len(gpus):
+        full = len(gpus) - len(gpus) % tp
+        log.info("no NVML topology for GPUs %s: groups of %d in the order given", gpus, tp)
+        if full < len(gpus):
+            log.warning("GPUs %s form no full group of %d and stay unused", gpus[full:], tp)
+        groups = [gpus[i : i + tp] for i in range(0, full, tp)]
+    else:
+        entry = {i: g for i, g in zip(index, gpus, strict=True) if i is not None}
+        log.info("GPU topology:\n%s", describe(topo))
+        groups = []
+        for grp in group_gpus(topo, tp, list(entry)):
+            log.info("tensor-parallel group: NVML GPUs %s, slowest link %s", grp, topo.worst(grp).value)
+            groups.append([entry[i] for i in grp])
+    return [(f"gpu{'-'.join(g)}", ",".join(g)) for g in groups]
 
 
 def ensure_model(settings: Settings) -> Path:
@@ -110,7 +149,7 @@ class Supervisor:
         env["LOCALMOE_MODEL_DIR"] = str(model)
         env["LOCALMOE_HOME"] = str(s.home)
 
-        for name, devices in worker_plan(visible_gpus()):
+        for name, devices in worker_plan(visible_gpus(), engine_tp(s.engine)):
             self.spawn(f"worker-{name}", self._worker_argv(name), {**env, "CUDA_VISIBLE_DEVICES": devices})
         self.spawn(
             "api",

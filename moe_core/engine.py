@@ -68,6 +68,7 @@ class EngineStats:
     max_batch_seen: int  # the largest number of requests decoded in one step
     tokens_generated: int
     failovers: int = 0  # engine switches so far (FailoverEngine)
+    kv_usage: float | None = None  # share of the KV cache in use, where the engine manages one (vLLM)
 
 
 class Engine(Protocol):

@@ -143,6 +143,7 @@ class _IterationCounters:
 
     steps: int = 0
     max_batch_seen: int = 0
+    kv_usage: float | None = None  # vLLM's scheduler: share of KV-cache blocks in use
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,6 +426,7 @@ class VllmEngine:
             steps=self._counters.steps,
             max_batch_seen=self._counters.max_batch_seen,
             tokens_generated=self._tokens_generated,
+            kv_usage=self._counters.kv_usage,
         )
 
     def expert_tokens(self) -> dict[str, list[list[int]]]:
@@ -676,6 +678,9 @@ def _stat_logger_factories(counters: _IterationCounters) -> list[Callable[..., A
             mm_cache_stats: Any = None,
             engine_idx: int = 0,
         ) -> None:
+            usage = getattr(scheduler_stats, "kv_cache_usage", None)
+            if usage is not None:
+                counters.kv_usage = float(usage)
             if iteration_stats is not None:  # the iteration produced outputs
                 counters.steps += 1
                 generated = int(iteration_stats.num_generation_tokens)

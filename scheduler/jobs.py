@@ -90,6 +90,7 @@ class Job(BaseModel):
     modality: Modality = Modality.TEXT  # the client's, or detected at intake
     queue: str | None = None  # the Celery queue the scheduler chose
     route_reason: str | None = None
+    cost: float = 0.0  # estimated cost in decode tokens: max_tokens + prefill_weight * prompt tokens
     worker: str | None = None
     engine: str | None = None
     attempt: int = 0  # incremented each time a worker claims the job

@@ -24,3 +24,15 @@ def worker(name: str) -> str:
 
 def worker_queue(name: str) -> str:
     return f"localmoe.worker.{name}"
+
+
+def queued(worker_name: str) -> str:
+    """Hash: job id → estimated cost, for the jobs routed to this worker's queue and not yet
+    claimed (the router adds, the claim removes)."""
+    return f"{PREFIX}:worker:{worker_name}:queued"
+
+
+def worker_of_queue(queue: str | None) -> str | None:
+    """The worker whose own queue this is; None for the shared queue."""
+    prefix = "localmoe.worker."
+    return queue[len(prefix) :] if queue and queue.startswith(prefix) else None

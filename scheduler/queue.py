@@ -92,6 +92,9 @@ class Enqueuer:
         for p in batch:
             pipe.hset(keys.job(p.job.id), mapping=job_to_hash(p.job))  # type: ignore[arg-type]
             pipe.expire(keys.job(p.job.id), self.ttl_s)
+            routed = keys.worker_of_queue(p.job.queue)
+            if routed is not None:  # the worker's backlog, until a claim removes it
+                pipe.hset(keys.queued(routed), p.job.id, p.job.cost)
         pipe.execute()
 
     def _publish(self, job: Job, producer: Any) -> Exception | None:
@@ -103,6 +106,9 @@ class Enqueuer:
         except Exception as e:  # the record stays, marked failed: the client learns why
             fields = encode_fields({"status": JobStatus.FAILED.value, "error": f"could not enqueue: {e}"})
             self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+            routed = keys.worker_of_queue(job.queue)
+            if routed is not None:
+                self.client.hdel(keys.queued(routed), job.id)
             return e
 
 

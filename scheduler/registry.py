@@ -1,8 +1,18 @@
-"""The worker registry: each worker's heartbeat record in Redis, read by the API and the router."""
+"""The worker registry: each worker's heartbeat record in Redis, read by the API and the router.
+
+A worker writes its record (WorkerInfo, JSON, expiring) and its score in the WORKERS sorted set
+every HEARTBEAT_S; readers treat a record older than STALE_AFTER_S (three missed beats) as gone.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis
+from localmoe.gpus import GpuStats
 from pydantic import BaseModel, Field
+
+from scheduler import keys
 
 HEARTBEAT_S = 1.0  # a worker beats this often
 STALE_AFTER_S = 3 * HEARTBEAT_S  # three missed beats and the worker counts as gone
@@ -28,10 +38,66 @@ class WorkerInfo(BaseModel):
     tokens_generated: int = 0
     tokens_per_s: float = 0.0
     failovers: int = Field(0, description="Engine switches since the worker started.")
+    tokens_in_flight: int = Field(
+        0, description="Tokens its running jobs may still generate (max_tokens left)."
+    )
+    batch_occupancy: float = Field(0.0, description="running / capacity.")
+    kv_usage: float | None = Field(
+        None, description="Share of the KV cache in use (engines that manage one)."
+    )
+    step_rate: float = Field(
+        0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
+    )
+    busy_tokens_per_s: float = Field(0.0, description="Tokens per second while busy (EWMA).")
     expert_tokens: dict[str, list[list[int]]] = Field(
         default_factory=dict,
         description="Per modality, [layer][expert] tokens routed there (expert telemetry).",
     )
+    modality_mix: dict[str, float] = Field(
+        default_factory=dict,
+        description="Expert-load profile: each modality's share of the tokens this worker's experts "
+        "saw recently (EWMA over heartbeats; sums to 1 when any were seen).",
+    )
+    gpus: list[GpuStats] = Field(default_factory=list, description="NVML telemetry; empty without a GPU.")
 
     def fresh(self, now: float) -> bool:
         return now - self.heartbeat_at <= STALE_AFTER_S
+
+
+def read_workers(client: redis.Redis, now: float) -> list[WorkerInfo]:
+    """The fresh workers' records (synchronous client; the API's async twin is in api/store.py)."""
+    names = client.zrangebyscore(keys.WORKERS, now - STALE_AFTER_S, "+inf")
+    if not names:
+        return []
+    records: list[Any] = client.mget([keys.worker(n) for n in names])  # type: ignore[arg-type]
+    workers = [WorkerInfo.model_validate_json(r) for r in records if r]
+    return [w for w in workers if w.fresh(now)]
+
+
+def queued_costs(client: redis.Redis, names: list[str]) -> dict[str, float]:
+    """Per worker, the summed cost of the jobs routed to its own queue and not yet claimed."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hvals(keys.queued(name))
+    return {n: sum(float(v) for v in vals) for n, vals in zip(names, pipe.execute(), strict=True)}
+
+
+def layer_totals(expert_tokens: dict[str, list[list[int]]]) -> dict[str, int]:
+    """Per modality, tokens routed in the first MoE layer (each token once per top-k choice)."""
+    return {tag: sum(layers[0]) if layers else 0 for tag, layers in expert_tokens.items()}
+
+
+def update_mix(
+    mix: dict[str, float], before: dict[str, int], after: dict[str, int], alpha: float = 0.3
+) -> dict[str, float]:
+    """EWMA of each modality's share of the tokens seen between two heartbeats; unchanged when
+    none were seen (an idle worker keeps its profile)."""
+    delta = {tag: after.get(tag, 0) - before.get(tag, 0) for tag in after}
+    total = sum(max(0, d) for d in delta.values())
+    if total <= 0:
+        return mix
+    share = {tag: max(0, d) / total for tag, d in delta.items()}
+    if not mix:
+        return share
+    tags = set(mix) | set(share)
+    return {t: (1 - alpha) * mix.get(t, 0.0) + alpha * share.get(t, 0.0) for t in tags}

@@ -1,15 +1,28 @@
-"""Where a job goes: its estimated cost and the Celery queue that should run it."""
+"""Where a job goes: its estimated cost and the Celery queue that should run it.
+
+Every worker consumes its own queue (localmoe.worker.NAME) and the shared one. The API routes
+each job onto one worker's queue (Scheduler.route), or onto the shared queue when it knows of no
+fresh worker; the chosen queue and the reason are recorded on the job.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from tokenizers import Tokenizer
 
+from localmoe.settings import SchedulerSettings
 from scheduler import keys
 from scheduler.jobs import Job
+from scheduler.registry import WorkerInfo, queued_costs, read_workers
+
+log = logging.getLogger(__name__)
 
 
 class PromptCounter:
@@ -29,10 +42,132 @@ class PromptCounter:
 class Route:
     queue: str
     reason: str
+    worker: str | None = None  # None: the shared queue
 
 
-def route(job: Job) -> Route:
-    # Every worker consumes the shared queue, so a free engine slot anywhere takes the next job.
-    # Load- and expert-aware routing onto per-worker queues builds on the registry (scheduler
-    # issue); until then the shared queue is the policy, not a fallback.
-    return Route(keys.SHARED_QUEUE, "shared queue: every worker takes the next job when it has a free slot")
+SHARED = Route(keys.SHARED_QUEUE, "shared queue (policy)")
+
+
+def job_cost(prompt_tokens: int, max_tokens: int, prefill_weight: float) -> float:
+    """A job's cost in decode tokens: every generated token is a decode step of the job's row;
+    its prompt is prefilled in parallel, each token a fraction of a decode step."""
+    return max_tokens + prefill_weight * prompt_tokens
+
+
+@dataclass
+class _View:
+    """What the router knows of one worker: its last heartbeat plus what was routed to it since."""
+
+    info: WorkerInfo
+    queued: float  # cost of jobs on its own queue, not yet claimed (Redis, plus local additions)
+
+    def expected_completion(self, cost: float, speed_prior: float) -> float:
+        """Seconds until a new job of `cost` would be done here: the work ahead of it (running
+        jobs' remaining tokens and the queue), drained at the full batch's rate, then the job's
+        own tokens at one per step. Unmeasured workers count at the other workers' speed."""
+        rate = self.info.step_rate or speed_prior  # tokens per second of one running job
+        ahead = self.info.tokens_in_flight + self.queued
+        return ahead / (rate * max(self.info.capacity, 1)) + cost / rate
+
+
+class Scheduler:
+    """Picks each job's Celery queue from the worker registry (refreshed every refresh_s by a
+    background thread; `route` never waits on Redis).
+
+    auto: among fresh, ready, healthy workers (GPU temperature, GPU memory and KV-cache usage under
+    their limits), the one with the earliest expected completion; workers within affinity_margin
+    of it count as equal, and among those the one whose recent expert load has the largest share
+    of the job's modality wins. A routed job's cost is added to the worker's view at once, so a
+    burst spreads before the next heartbeat. No fresh worker: the shared queue, which every
+    worker also consumes. shared / round_robin: the baselines.
+    """
+
+    def __init__(self, client: redis.Redis, cfg: SchedulerSettings) -> None:
+        self.client = client
+        self.cfg = cfg
+        self._views: dict[str, _View] = {}
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._refreshed_at = 0.0
+
+    def start(self) -> None:
+        """Read the registry once now (so the first jobs are routed on data), then keep reading."""
+        try:
+            self.refresh()
+        except (redis.RedisError, ValueError) as e:
+            log.warning("scheduler could not read the worker registry: %s", e)
+        threading.Thread(target=self._refresh_forever, name="scheduler-refresh", daemon=True).start()
+
+    def refresh(self) -> None:
+        now = time.time()
+        workers = read_workers(self.client, now)
+        queued = queued_costs(self.client, [w.name for w in workers])
+        with self._lock:
+            self._views = {w.name: _View(w, queued[w.name]) for w in workers}
+            self._refreshed_at = now
+
+    def _refresh_forever(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except (redis.RedisError, ValueError) as e:
+                log.warning("scheduler could not read the worker registry: %s", e)
+            time.sleep(self.cfg.refresh_s)
+
+    def route(self, job: Job) -> Route:
+        if self.cfg.policy == "shared":
+            return SHARED
+        with self._lock:
+            now = time.time()
+            fresh = [v for v in self._views.values() if v.info.ready and v.info.fresh(now)]
+            if not fresh:
+                return Route(keys.SHARED_QUEUE, "shared queue: no fresh worker heartbeat")
+            if self.cfg.policy == "round_robin":
+                view = sorted(fresh, key=lambda v: v.info.name)[self._turn % len(fresh)]
+                self._turn += 1
+                return self._take(view, job, "round robin")
+            return self._earliest(fresh, job)
+
+    def _earliest(self, fresh: list[_View], job: Job) -> Route:
+        healthy: list[tuple[_View, str | None]] = []
+        refused: list[tuple[_View, str | None]] = []
+        for v in fresh:
+            why = self._unhealthy(v.info)
+            (refused if why else healthy).append((v, why))
+        if not healthy:
+            reasons = "; ".join(f"{v.info.name}: {why}" for v, why in refused)
+            return Route(keys.SHARED_QUEUE, f"shared queue: no healthy worker ({reasons})")
+        measured = [v.info.step_rate for v, _ in healthy if v.info.step_rate > 0]
+        prior = sorted(measured)[len(measured) // 2] if measured else 1.0
+        times = {v.info.name: v.expected_completion(job.cost, prior) for v, _ in healthy}
+        best = min(times.values())
+        close = [v for v, _ in healthy if times[v.info.name] <= best * (1 + self.cfg.affinity_margin)]
+        modality = str(job.modality)
+        chosen = max(close, key=lambda v: (v.info.modality_mix.get(modality, 0.0), -times[v.info.name]))
+        others = ", ".join(f"{n} {t:.2f}s" for n, t in sorted(times.items()) if n != chosen.info.name)
+        reason = f"earliest expected completion {times[chosen.info.name]:.2f}s" + (
+            f" (vs {others})" if others else ""
+        )
+        if len(close) > 1:
+            share = chosen.info.modality_mix.get(modality, 0.0)
+            reason += f"; {modality} share {share:.2f}, best of {len(close)} within the margin"
+        if refused:
+            reason += "; avoided " + ", ".join(f"{v.info.name} ({why})" for v, why in refused)
+        return self._take(chosen, job, reason)
+
+    def _unhealthy(self, info: WorkerInfo) -> str | None:
+        cfg = self.cfg
+        for gpu in info.gpus:
+            if gpu.temperature_c is not None and gpu.temperature_c > cfg.max_temperature_c:
+                return f"GPU {gpu.index} at {gpu.temperature_c:.0f} C"
+            if gpu.memory_used_bytes is not None and gpu.memory_total_bytes:
+                used = gpu.memory_used_bytes / gpu.memory_total_bytes
+                if used > cfg.max_memory_fraction:
+                    return f"GPU {gpu.index} memory {used:.0%} used"
+        if info.kv_usage is not None and info.kv_usage > cfg.max_kv_usage:
+            return f"KV cache {info.kv_usage:.0%} used"
+        return None
+
+    def _take(self, view: _View, job: Job, reason: str) -> Route:
+        view.queued += job.cost  # until the next refresh reads it back from Redis
+        return Route(keys.worker_queue(view.info.name), f"{view.info.name}: {reason}", view.info.name)

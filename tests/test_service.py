@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from websockets.sync.client import connect
 
+from scheduler import keys
 from tests.conftest import wait_done, wait_for
 
 PROMPT = "def fibonacci(n):\n"
@@ -48,7 +50,7 @@ def sse_events(
     return out
 
 
-def test_submit_poll_result(http: httpx.Client, worker: str) -> None:
+def test_submit_poll_result(http: httpx.Client, worker: str, rclient: redis.Redis) -> None:
     created = submit(http, max_tokens=24)
     assert created["status"] == "queued"
     assert created["links"]["events"] == f"/v1/jobs/{created['id']}/events"
@@ -62,6 +64,11 @@ def test_submit_poll_result(http: httpx.Client, worker: str) -> None:
     t = job["timings"]
     assert t["queued_at"] <= t["started_at"] <= t["first_token_at"] <= t["finished_at"]
     assert job["attempt"] == 1
+    # routed onto the worker's own queue, with the reason; its cost left the worker's backlog
+    assert job["queue"] == keys.worker_queue(worker)
+    assert job["route_reason"].startswith(f"{worker}: earliest expected completion")
+    assert job["cost"] == 24 + 0.0625 * job["usage"]["prompt_tokens"]
+    assert rclient.hlen(keys.queued(worker)) == 0
 
 
 def test_greedy_output_equals_transformers_generate(http: httpx.Client, model_dir: Path) -> None:
@@ -225,3 +232,9 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     code = info["expert_tokens"]["code"]
     assert len(code) == 4 and all(len(layer) == 8 for layer in code)
     assert len({sum(layer) for layer in code}) == 1 and sum(code[0]) > 0
+    # what the router plans with: speed measured while busy, the expert-load profile by modality,
+    # nothing in flight when idle, no GPU telemetry on a CPU worker
+    assert info["step_rate"] > 0 and info["busy_tokens_per_s"] > 0
+    assert info["modality_mix"].get("code", 0) > 0 and abs(sum(info["modality_mix"].values()) - 1) < 1e-6
+    assert info["tokens_in_flight"] == 0 and info["batch_occupancy"] == 0 and info["gpus"] == []
+    assert info["kv_usage"] is None  # the torch engine manages no paged KV cache

@@ -26,9 +26,11 @@ class _Cancel:
 
 
 class EngineLoop(threading.Thread):
-    def __init__(self, engine: Engine, relay: Relay) -> None:
+    def __init__(self, engine: Engine, relay: Relay, step_delay_s: float = 0.0) -> None:
+        """step_delay_s: sleep after every step (a configured slow worker, for benchmarks)."""
         super().__init__(name="engine-loop", daemon=True)
         self.engine = engine
+        self.step_delay_s = step_delay_s
         self.relay = relay
         self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
         self.expert_tokens: dict[str, list[list[int]]] = {}  # refreshed every second; read by heartbeats
@@ -57,6 +59,8 @@ class EngineLoop(threading.Thread):
                 continue
             if deltas:
                 self.relay.publish(deltas)
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
             self.stats = self.engine.stats()
             if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
                 self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()

@@ -159,4 +159,4 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     info.engine_reason = (
         choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
     )
-    return Runtime(client, engine, info, settings.limits.job_ttl_s)
+    return Runtime(client, engine, info, settings.limits.job_ttl_s, settings.engine.step_delay_s)

@@ -58,6 +58,7 @@ class Held:
     attempt: int
     future: Future[Job] = field(default_factory=Future)
     text: list[str] = field(default_factory=list)
+    tokens: int = 0  # generated so far (the relay thread writes, heartbeats read)
     first_token_at: float | None = None
 
 
@@ -145,6 +146,7 @@ class Relay(threading.Thread):
     def _plan_delta(self, held: Held, delta: Delta, at: float) -> list[_Op]:
         job_id = held.job.id
         ops: list[_Op] = []
+        held.tokens += len(delta.token_ids)
         if held.first_token_at is None and delta.token_ids:
             held.first_token_at = at
             first = encode_fields({"timings": {"first_token_at": at}})

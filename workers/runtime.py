@@ -9,11 +9,12 @@ import threading
 import time
 
 import redis
+from localmoe.gpus import gpu_stats, visible_nvml_indices
 
 from moe_core.engine import Engine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
-from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo
+from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
 from workers.engine_loop import EngineLoop
 from workers.relay import Held, Relay
 
@@ -21,13 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, client: redis.Redis, engine: Engine, info: WorkerInfo, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, engine: Engine, info: WorkerInfo, ttl_s: int, step_delay_s: float = 0.0
+    ) -> None:
         self.client = client
         self.engine = engine
         self.info = info
         self.relay = Relay(client, ttl_s)
-        self.loop = EngineLoop(engine, self.relay)
-        self._last_tokens = (time.monotonic(), 0)
+        self.loop = EngineLoop(engine, self.relay, step_delay_s)
+        self._last = (time.monotonic(), 0, 0)  # (when, tokens generated, steps) at the last beat
+        self._last_layer_totals: dict[str, int] = {}
+        self._gpu_indices = visible_nvml_indices()
 
     def start(self) -> None:
         self.relay.start()
@@ -59,15 +64,27 @@ class Runtime:
     def beat(self) -> None:
         stats = self.loop.stats
         now, mono = time.time(), time.monotonic()
-        last_mono, last_tokens = self._last_tokens
+        last_mono, last_tokens, last_steps = self._last
+        dt = max(mono - last_mono, 1e-6)
         info = self.info
         info.heartbeat_at = now
         info.running, info.waiting = stats.running, stats.waiting
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
+        info.tokens_per_s = (stats.tokens_generated - last_tokens) / dt
+        if stats.running and stats.steps > last_steps:  # busy: the speeds the router plans with
+            info.step_rate = _ewma(info.step_rate, (stats.steps - last_steps) / dt)
+            info.busy_tokens_per_s = _ewma(info.busy_tokens_per_s, info.tokens_per_s)
+        self._last = (mono, stats.tokens_generated, stats.steps)
+        held = list(self.relay.held.values())
+        info.tokens_in_flight = sum(max(0, h.job.spec.max_tokens - h.tokens) for h in held)
+        info.batch_occupancy = stats.running / max(info.capacity, 1)
+        info.kv_usage = stats.kv_usage
         info.expert_tokens = self.loop.expert_tokens
-        info.tokens_per_s = (stats.tokens_generated - last_tokens) / max(mono - last_mono, 1e-6)
-        self._last_tokens = (mono, stats.tokens_generated)
+        totals = layer_totals(info.expert_tokens)
+        info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
+        self._last_layer_totals = totals
+        info.gpus = gpu_stats(self._gpu_indices) if self._gpu_indices != [] else []
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.worker(info.name), info.model_dump_json(), ex=RECORD_TTL_S)
         pipe.zadd(keys.WORKERS, {info.name: now})
@@ -106,6 +123,10 @@ class Runtime:
             except redis.RedisError as e:
                 log.warning("cancel listener lost Redis (%s); resubscribing", e)
                 time.sleep(0.5)
+
+
+def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
+    return new if old == 0 else (1 - alpha) * old + alpha * new
 
 
 def worker_info(name: str, engine: Engine, device: str, model: str, capacity: int) -> WorkerInfo:

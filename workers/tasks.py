@@ -12,9 +12,12 @@ from scheduler import keys
 from scheduler.jobs import Job, encode_fields
 from workers.engine_proc import EngineProcess
 
-# KEYS: job hash. ARGV: worker, engine, started_at (all JSON). → the new attempt number, or 0
-# when the job is no longer queued (cancelled while waiting, or already taken).
+# KEYS: job hash, the queued-cost hash of the worker it was routed to (scheduler/keys.py).
+# ARGV: worker, engine, started_at (all JSON), job id. → the new attempt number, or 0 when the
+# job is no longer queued (cancelled while waiting, or already taken). Either way it has left
+# the queue: its cost leaves the routed worker's backlog.
 CLAIM = """
+redis.call('HDEL', KEYS[2], ARGV[4])
 if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
@@ -31,8 +34,12 @@ def register(app: Celery, client: redis.Redis, engine: EngineProcess, engine_nam
         # The message carries the Job (JSON); Redis holds its authoritative state.
         spec = Job.model_validate(job)
         fields = encode_fields({"worker": engine.name, "engine": engine_name, "started_at": time.time()})
+        routed = keys.worker_of_queue(spec.queue) or engine.name
         attempt = int(
-            claim(keys=[keys.job(spec.id)], args=[fields["worker"], fields["engine"], fields["started_at"]])
+            claim(
+                keys=[keys.job(spec.id), keys.queued(routed)],
+                args=[fields["worker"], fields["engine"], fields["started_at"], spec.id],
+            )
         )
         if attempt == 0:  # cancelled while queued, or taken by another worker
             return {"id": spec.id, "skipped": True}

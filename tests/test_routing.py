@@ -1,0 +1,176 @@
+"""The scheduler's routing rules, against a real Redis holding registry records as workers write
+them (scheduler/registry.py), and its decisions on jobs as the API builds them."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from localmoe.gpus import GpuStats
+from localmoe.settings import SchedulerSettings
+from scheduler import keys
+from scheduler.jobs import Job, JobSpec, Modality
+from scheduler.registry import STALE_AFTER_S, WorkerInfo, read_workers, update_mix
+from scheduler.routing import Scheduler, job_cost
+
+
+@pytest.fixture
+def client(rclient: redis.Redis) -> Iterator[redis.Redis]:
+    rclient.flushdb()
+    yield rclient
+    rclient.flushdb()
+
+
+def beat(client: redis.Redis, name: str, *, age_s: float = 0.0, **fields: Any) -> WorkerInfo:
+    """Write a heartbeat record for `name`, as its worker would (fields override the defaults)."""
+    at = time.time() - age_s
+    values: dict[str, Any] = {
+        "name": name,
+        "pid": 1,
+        "queues": [keys.SHARED_QUEUE, keys.worker_queue(name)],
+        "engine": "torch",
+        "device": "cpu",
+        "model": "m",
+        "max_context": 2048,
+        "capacity": 8,
+        "ready": True,
+        "started_at": at,
+        "heartbeat_at": at,
+        "step_rate": 20.0,
+    }
+    info = WorkerInfo(**(values | fields))
+    client.set(keys.worker(name), info.model_dump_json())
+    client.zadd(keys.WORKERS, {name: at})
+    return info
+
+
+def job(max_tokens: int = 64, modality: Modality = Modality.TEXT, prompt_tokens: int = 32) -> Job:
+    j = Job(spec=JobSpec(prompt="x", max_tokens=max_tokens), modality=modality)
+    j.cost = job_cost(prompt_tokens, max_tokens, SchedulerSettings().prefill_weight)
+    return j
+
+
+def scheduler(client: redis.Redis, **cfg: Any) -> Scheduler:
+    s = Scheduler(client, SchedulerSettings(**cfg))
+    s.refresh()
+    return s
+
+
+def gpu(**fields: Any) -> GpuStats:
+    base: dict[str, Any] = {"index": 0, "name": "NVIDIA L40S", "uuid": "GPU-0"}
+    return GpuStats(**(base | fields))
+
+
+def test_no_fresh_worker_falls_back_to_the_shared_queue(client: redis.Redis) -> None:
+    route = scheduler(client).route(job())
+    assert route.queue == keys.SHARED_QUEUE and "no fresh worker" in route.reason
+    beat(client, "old", age_s=STALE_AFTER_S + 1)  # three missed beats: gone
+    assert read_workers(client, time.time()) == []
+    route = scheduler(client).route(job())
+    assert route.queue == keys.SHARED_QUEUE and route.worker is None
+    beat(client, "cold", ready=False)  # still loading its engine
+    assert scheduler(client).route(job()).queue == keys.SHARED_QUEUE
+
+
+def test_a_fresh_worker_gets_its_own_queue_and_the_reason(client: redis.Redis) -> None:
+    beat(client, "a", age_s=STALE_AFTER_S - 1)  # two missed beats: still counts
+    route = scheduler(client).route(job())
+    assert route.queue == keys.worker_queue("a") and route.worker == "a"
+    assert route.reason.startswith("a: earliest expected completion")
+
+
+def test_the_faster_worker_wins_when_both_are_idle(client: redis.Redis) -> None:
+    beat(client, "fast", step_rate=40.0)
+    beat(client, "slow", step_rate=10.0)
+    route = scheduler(client).route(job())
+    assert route.worker == "fast" and "slow" in route.reason  # the alternative's estimate is shown
+
+
+def test_work_ahead_sends_jobs_to_the_idle_worker(client: redis.Redis) -> None:
+    beat(client, "busy", step_rate=40.0, tokens_in_flight=8 * 2000, running=8)
+    beat(client, "idle", step_rate=20.0)
+    assert scheduler(client).route(job()).worker == "idle"
+    # the queue counts too: jobs routed to `idle` and not yet claimed
+    beat(client, "busy", step_rate=40.0)
+    client.hset(keys.queued("busy"), mapping={f"j{i}": 2000 for i in range(8)})
+    assert scheduler(client).route(job()).worker == "idle"
+    client.delete(keys.queued("busy"))
+    assert scheduler(client).route(job()).worker == "busy"  # claimed: faster again
+
+
+def test_a_burst_spreads_before_the_next_heartbeat(client: redis.Redis) -> None:
+    beat(client, "a", step_rate=30.0)
+    beat(client, "b", step_rate=10.0)
+    s = scheduler(client)
+    counts = Counter(s.route(job(max_tokens=256)).worker for _ in range(60))
+    assert counts["a"] > counts["b"] > 0  # speed-weighted, not all on the fastest
+
+
+def test_close_costs_go_to_the_worker_already_running_the_modality(client: redis.Redis) -> None:
+    beat(client, "coder", step_rate=20.0, modality_mix={"code": 0.9, "text": 0.1})
+    beat(client, "writer", step_rate=21.0, modality_mix={"code": 0.1, "text": 0.9})
+    s = scheduler(client)
+    code = s.route(job(modality=Modality.CODE))
+    assert code.worker == "coder" and "code share 0.90" in code.reason
+    s = scheduler(client)
+    assert s.route(job(modality=Modality.TEXT)).worker == "writer"
+    # beyond the margin, speed wins over affinity
+    beat(client, "writer", step_rate=40.0, modality_mix={"text": 1.0})
+    assert scheduler(client).route(job(modality=Modality.CODE)).worker == "writer"
+    assert scheduler(client, affinity_margin=0.0).route(job(modality=Modality.CODE)).worker == "writer"
+
+
+@pytest.mark.parametrize(
+    ("unhealthy", "why"),
+    [
+        ({"gpus": [gpu(temperature_c=92.0)]}, "GPU 0 at 92 C"),
+        (
+            {"gpus": [gpu(memory_used_bytes=47_900_000_000, memory_total_bytes=48_000_000_000)]},
+            "GPU 0 memory 100% used",
+        ),
+        ({"kv_usage": 0.99}, "KV cache 99% used"),
+    ],
+)
+def test_unhealthy_workers_are_avoided(client: redis.Redis, unhealthy: dict[str, Any], why: str) -> None:
+    beat(client, "sick", step_rate=80.0, **unhealthy)
+    beat(
+        client,
+        "well",
+        step_rate=10.0,
+        gpus=[gpu(temperature_c=60.0, memory_used_bytes=1, memory_total_bytes=2)],
+    )
+    route = scheduler(client).route(job())
+    assert route.worker == "well" and f"avoided sick ({why}" in route.reason
+    client.delete(keys.worker("well"))
+    client.zrem(keys.WORKERS, "well")
+    route = scheduler(client).route(job())  # nobody healthy: the shared queue
+    assert route.queue == keys.SHARED_QUEUE and "no healthy worker" in route.reason and why in route.reason
+
+
+def test_the_temperature_limit_is_configurable(client: redis.Redis) -> None:
+    beat(client, "warm", step_rate=80.0, gpus=[gpu(temperature_c=80.0)])
+    beat(client, "cool", step_rate=10.0)
+    assert scheduler(client).route(job()).worker == "warm"
+    assert scheduler(client, max_temperature_c=75).route(job()).worker == "cool"
+
+
+def test_baseline_policies(client: redis.Redis) -> None:
+    beat(client, "a")
+    beat(client, "b", step_rate=1.0)
+    assert scheduler(client, policy="shared").route(job()).queue == keys.SHARED_QUEUE
+    s = scheduler(client, policy="round_robin")
+    assert [s.route(job()).worker for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_job_cost_and_modality_mix() -> None:
+    assert job_cost(prompt_tokens=160, max_tokens=100, prefill_weight=0.0625) == 110
+    mix = update_mix({}, {}, {"code": 30, "text": 10})
+    assert mix == {"code": 0.75, "text": 0.25}
+    assert update_mix(mix, {"code": 30, "text": 10}, {"code": 30, "text": 10}) == mix  # idle: kept
+    later = update_mix(mix, {"code": 30, "text": 10}, {"code": 30, "text": 50})  # only text since
+    assert later["text"] > mix["text"] and abs(sum(later.values()) - 1) < 1e-9
