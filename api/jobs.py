@@ -10,7 +10,7 @@ from api.deps import JobDep, ServicesDep
 from api.protocol import JobResponse
 from api.store import CancelOutcome
 from scheduler.jobs import Job, JobSpec, Timings, Usage
-from scheduler.modality import detect
+from scheduler.modality import classify
 from scheduler.routing import job_cost
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -43,9 +43,11 @@ def _admit(spec: JobSpec, services: ServicesDep) -> int:
 @router.post("", status_code=202, response_model=JobResponse)
 async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> JobResponse:
     prompt_tokens = _admit(spec, services)
+    detected = None if spec.modality else classify(spec.prompt)  # a stated modality skips detection
     job = Job(
         spec=spec,
-        modality=spec.modality or detect(spec.prompt),
+        modality=spec.modality or detected.modality,  # type: ignore[union-attr]
+        language=detected.language if detected else None,
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
         cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),

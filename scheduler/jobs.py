@@ -88,6 +88,7 @@ class Job(BaseModel):
     status: JobStatus = JobStatus.QUEUED
     spec: JobSpec
     modality: Modality = Modality.TEXT  # the client's, or detected at intake
+    language: str | None = None  # the programming language, when detection is confident
     queue: str | None = None  # the Celery queue the scheduler chose
     route_reason: str | None = None
     cost: float = 0.0  # estimated cost in decode tokens: max_tokens + prefill_weight * prompt tokens

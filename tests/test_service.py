@@ -60,7 +60,7 @@ def test_submit_poll_result(http: httpx.Client, worker: str, rclient: redis.Redi
     assert job["usage"]["prompt_tokens"] > 0
     assert 0 < job["usage"]["completion_tokens"] <= 24
     assert job["worker"] == worker and job["engine"] == "torch"
-    assert job["modality"] == "code"
+    assert job["modality"] == "code" and job["language"] == "python"
     t = job["timings"]
     assert t["queued_at"] <= t["started_at"] <= t["first_token_at"] <= t["finished_at"]
     assert job["attempt"] == 1
@@ -69,6 +69,12 @@ def test_submit_poll_result(http: httpx.Client, worker: str, rclient: redis.Redi
     assert job["route_reason"].startswith(f"{worker}: earliest expected completion")
     assert job["cost"] == 24 + 0.0625 * job["usage"]["prompt_tokens"]
     assert rclient.hlen(keys.queued(worker)) == 0
+
+
+def test_a_stated_modality_skips_detection(http: httpx.Client) -> None:
+    created = submit(http, max_tokens=2, modality="text")  # PROMPT is Python code
+    assert created["modality"] == "text" and created["language"] is None
+    assert wait_done(http, created["id"])["status"] == "succeeded"
 
 
 def test_greedy_output_equals_transformers_generate(http: httpx.Client, model_dir: Path) -> None:
