@@ -35,6 +35,7 @@ class EngineLoop(threading.Thread):
         self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
         self.expert_tokens: dict[str, list[list[int]]] = {}  # refreshed every second; read by heartbeats
         self._expert_read_at = 0.0
+        self.busy_s = 0.0  # seconds spent stepping with requests in the engine (heartbeats read)
         self._inbox: queue.SimpleQueue[Held | _Cancel] = queue.SimpleQueue()
         self._halt = threading.Event()
 
@@ -51,6 +52,8 @@ class EngineLoop(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             self._admit(block=not self.engine.has_unfinished())
+            busy = self.engine.has_unfinished()
+            started = time.perf_counter()
             try:
                 deltas = self.engine.step()
             except Exception as e:  # the engine is broken for this batch: fail what it held
@@ -61,6 +64,8 @@ class EngineLoop(threading.Thread):
                 self.relay.publish(deltas)
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
+            if busy:
+                self.busy_s += time.perf_counter() - started
             self.stats = self.engine.stats()
             if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
                 self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()

@@ -9,8 +9,8 @@ import threading
 import time
 
 import redis
-from localmoe.gpus import gpu_stats, visible_nvml_indices
 
+from localmoe.gpus import gpu_stats, visible_nvml_indices
 from moe_core.engine import Engine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
@@ -30,7 +30,7 @@ class Runtime:
         self.info = info
         self.relay = Relay(client, ttl_s)
         self.loop = EngineLoop(engine, self.relay, step_delay_s)
-        self._last = (time.monotonic(), 0, 0)  # (when, tokens generated, steps) at the last beat
+        self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
 
@@ -64,7 +64,7 @@ class Runtime:
     def beat(self) -> None:
         stats = self.loop.stats
         now, mono = time.time(), time.monotonic()
-        last_mono, last_tokens, last_steps = self._last
+        last_mono, last_tokens, last_steps, last_busy = self._last
         dt = max(mono - last_mono, 1e-6)
         info = self.info
         info.heartbeat_at = now
@@ -72,10 +72,13 @@ class Runtime:
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
         info.tokens_per_s = (stats.tokens_generated - last_tokens) / dt
-        if stats.running and stats.steps > last_steps:  # busy: the speeds the router plans with
-            info.step_rate = _ewma(info.step_rate, (stats.steps - last_steps) / dt)
-            info.busy_tokens_per_s = _ewma(info.busy_tokens_per_s, info.tokens_per_s)
-        self._last = (mono, stats.tokens_generated, stats.steps)
+        busy, steps = self.loop.busy_s - last_busy, stats.steps - last_steps
+        if busy >= 0.01 and steps > 0:  # the speeds the router plans with, over the time spent stepping
+            info.step_rate = _ewma(info.step_rate, steps / busy)
+            info.busy_tokens_per_s = _ewma(
+                info.busy_tokens_per_s, (stats.tokens_generated - last_tokens) / busy
+            )
+        self._last = (mono, stats.tokens_generated, stats.steps, self.loop.busy_s)
         held = list(self.relay.held.values())
         info.tokens_in_flight = sum(max(0, h.job.spec.max_tokens - h.tokens) for h in held)
         info.batch_occupancy = stats.running / max(info.capacity, 1)
