@@ -43,11 +43,15 @@ def _admit(spec: JobSpec, services: ServicesDep) -> int:
 @router.post("", status_code=202, response_model=JobResponse)
 async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> JobResponse:
     prompt_tokens = _admit(spec, services)
-    detected = None if spec.modality else classify(spec.prompt)  # a stated modality skips detection
+    if spec.modality is not None:  # a stated modality skips detection
+        modality, language = spec.modality, None
+    else:
+        detected = classify(spec.prompt)
+        modality, language = detected.modality, detected.language
     job = Job(
         spec=spec,
-        modality=spec.modality or detected.modality,  # type: ignore[union-attr]
-        language=detected.language if detected else None,
+        modality=modality,
+        language=language,
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
         cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),

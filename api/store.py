@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, job_from_hash
-from scheduler.registry import WorkerInfo
+from scheduler.registry import WorkerInfo, decode_workers
 from scheduler.stream import DoneEvent, StreamEvent, parse_entry
 
 # KEYS: job hash, events stream. ARGV: now (JSON), ttl, done-event data for a queued job,
@@ -90,6 +90,4 @@ class JobStore:
         if not names:
             return []
         raw = await self.client.mget([keys.worker(n) for n in names])
-        infos = [WorkerInfo.model_validate_json(r) for r in raw if r]
-        now = time.time()
-        return [w for w in infos if w.fresh(now) or not fresh_only]
+        return decode_workers(raw, time.time(), fresh_only)

@@ -164,10 +164,13 @@ def active_bytes_per_token(model: Path) -> int:
     return 2 * (layers * per_layer + v * h + h)
 
 
-def make_engine(name: Backend, model: Path, batch: int) -> Any:
+def make_engine(
+    name: Backend, model: Path, batch: int, gpu_share: float = 0.8, tuned_config_dir: Path | None = None
+) -> Any:
     """The engine as a worker builds it (workers/engine_setup.py), with this benchmark's settings."""
     cfg = EngineSettings(backend=name, dtype="bfloat16", max_batch_size=batch)
-    cfg.vllm.gpu_memory_utilization, cfg.vllm.max_num_batched_tokens = 0.8, 16384
+    cfg.vllm.gpu_memory_utilization, cfg.vllm.max_num_batched_tokens = gpu_share, 16384
+    cfg.vllm.tuned_config_dir = tuned_config_dir
     return construct(name, model, "cuda", cfg, offload=False)
 
 

@@ -35,17 +35,14 @@ STEPS = ("tune", "compare")
 
 def _engine(model: Path, folder: Path) -> Any:
     """The vLLM engine as a worker builds it; its engine core reads `folder` for MoE configs."""
-    from localmoe.settings import EngineSettings
+    from bench.engines_gpu import make_engine
     from moe_core.moe_tuning import ENV_FOLDER
-    from workers.engine_setup import construct
 
-    cfg = EngineSettings(backend="vllm", dtype="bfloat16", max_batch_size=256)
-    cfg.vllm.gpu_memory_utilization, cfg.vllm.tuned_config_dir = 0.4, folder
-    engine = construct("vllm", model, "cuda", cfg, offload=False)
+    engine = make_engine("vllm", model, 256, gpu_share=0.4, tuned_config_dir=folder)
     os.environ[ENV_FOLDER] = str(folder)  # the engine only sets it when unset: one folder per process
     t = time.perf_counter()
     engine.load()
-    print(f"  loaded in {time.perf_counter() - t:.1f} s; tuned config: {engine.moe_config}", flush=True)  # type: ignore[attr-defined]
+    print(f"  loaded in {time.perf_counter() - t:.1f} s; tuned config: {engine.moe_config}", flush=True)
     return engine
 
 

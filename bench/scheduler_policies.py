@@ -21,13 +21,11 @@ with no loss of throughput). Policies run in turn, --rounds times, order rotated
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from localmoe.redis_server import RedisServer, free_port
+from bench.harness import service_env, start_api, start_worker, stop, wait_workers_ready
+from localmoe.redis_server import RedisServer
 from moe_core.checkpoint import build_checkpoint
 from scheduler import keys
 from scheduler.jobs import JobStatus, job_from_hash
@@ -111,7 +110,7 @@ def run_policy(policy: str, api: str, client: redis.Redis, plan: list[Arrival]) 
         done[int(0.95 * (len(done) - 1))],
         done[-1],
         tokens / (last - first),
-        dict(sorted(statistics.Counter(j.worker or "?" for j in jobs).items())),  # type: ignore[attr-defined]
+        dict(sorted(Counter(j.worker or "?" for j in jobs).items())),
     )
 
 
@@ -123,21 +122,6 @@ def wait_idle(client: redis.Redis, names: list[str]) -> None:
         ):
             return
         time.sleep(0.2)
-
-
-def start_api(env: dict[str, str], policy: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen([*argv, "--no-access-log"], env={**env, "LOCALMOE_SCHEDULER__POLICY": policy})
-    api = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{api}/readyz").status_code == 200:
-                time.sleep(1.0)  # the scheduler's first registry reads
-                return proc, api
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
 
 
 def main() -> None:
@@ -154,44 +138,33 @@ def main() -> None:
     model = build_checkpoint(tmp / "model", progress=False)
     plan = arrivals(args.jobs, args.rate, args.seed)
     with RedisServer(tmp / "redis") as server:
-        env = {
-            **os.environ,
-            "LOCALMOE_REDIS_URL": server.url,
-            "LOCALMOE_MODEL_DIR": str(model),
-            "LOCALMOE_HOME": str(tmp),
-            "LOCALMOE_LOG_LEVEL": "warning",
-            "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.batch),
-            "LOCALMOE_ENGINE__CPU_THREADS": "1",
-        }
+        env = service_env(
+            server.url,
+            model,
+            tmp,
+            LOCALMOE_ENGINE__MAX_BATCH_SIZE=str(args.batch),
+            LOCALMOE_ENGINE__CPU_THREADS="1",
+        )
         slow = {**env, "LOCALMOE_ENGINE__STEP_DELAY_S": str(args.slow_delay_ms / 1000)}
         print("[2/3] starting two workers (one slowed) ", flush=True)
-        workers = [
-            subprocess.Popen([sys.executable, "-m", "localmoe", "worker", "--name", name], env=e)
-            for name, e in (("fast", env), ("slow", slow))
-        ]
+        workers = [start_worker("fast", env), start_worker("slow", slow)]
         client = redis.Redis.from_url(server.url, decode_responses=True)
         results: dict[str, list[Outcome]] = {p: [] for p in POLICIES}
         try:
-            while not all(
-                (raw := client.get(keys.worker(n))) and WorkerInfo.model_validate_json(raw).ready
-                for n in ("fast", "slow")
-            ):
-                time.sleep(0.2)
+            wait_workers_ready(client, ["fast", "slow"])
             # warm-up through the shared queue: both workers measure their speeds
-            proc, api = start_api(env, "shared")
+            proc, api = start_api({**env, "LOCALMOE_SCHEDULER__POLICY": "shared"})
             run_policy("warm-up", api, client, arrivals(32, args.rate, args.seed + 1))
-            proc.terminate()
-            proc.wait(20)
+            stop([proc])
             for r in range(args.rounds):
                 order = POLICIES[r % 3 :] + POLICIES[: r % 3]
                 for policy in order:
                     wait_idle(client, ["fast", "slow"])
-                    proc, api = start_api(env, policy)
+                    proc, api = start_api({**env, "LOCALMOE_SCHEDULER__POLICY": policy})
                     try:
                         out = run_policy(policy, api, client, plan)
                     finally:
-                        proc.terminate()
-                        proc.wait(20)
+                        stop([proc])
                     results[policy].append(out)
                     print(
                         f"[3/3] round {r + 1} {policy:11s} p50 {out.p50:6.2f}s  p95 {out.p95:6.2f}s  "
@@ -199,10 +172,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            for w in workers:
-                w.terminate()
-            for w in workers:
-                w.wait(30)
+            stop(workers)
             client.close()
     print("\npolicy       p50 s   p95 s   tok/s   (medians over rounds)")
     med = {

@@ -17,10 +17,7 @@ tokens ÷ (first arrival → last token). Both engines run with the same torch t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,13 +28,13 @@ import httpx
 import redis
 import torch
 
-from localmoe.redis_server import RedisServer, free_port
+from bench.harness import service_env, start_api, start_worker, stop, wait_workers_ready
+from localmoe.redis_server import RedisServer
 from localmoe.settings import Settings
 from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import job_from_hash
-from scheduler.registry import WorkerInfo
 from workers.engine_setup import construct
 
 
@@ -167,55 +164,22 @@ def main() -> None:
     print(f"[1/4] building the small model in {tmp}", flush=True)
     model = Path(args.model_dir) if args.model_dir else build_checkpoint(tmp / "model", progress=False)
     with RedisServer(tmp / "redis") as server:
-        env = {
-            **os.environ,
-            "LOCALMOE_REDIS_URL": server.url,
-            "LOCALMOE_MODEL_DIR": str(model),
-            "LOCALMOE_HOME": str(tmp),
-            "LOCALMOE_LOG_LEVEL": "warning",
-            "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.jobs),
-            "LOCALMOE_ENGINE__DTYPE": args.dtype,
-            "LOCALMOE_ENGINE__BACKEND": args.backend,
-            "LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION": str(args.gpu_share),
-        }
-        port = free_port()
+        env = service_env(
+            server.url,
+            model,
+            tmp,
+            LOCALMOE_ENGINE__MAX_BATCH_SIZE=str(args.jobs),
+            LOCALMOE_ENGINE__DTYPE=args.dtype,
+            LOCALMOE_ENGINE__BACKEND=args.backend,
+            LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION=str(args.gpu_share),
+        )
         print("[2/4] starting a worker and the API", flush=True)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "localmoe", "worker", "--name", "bench"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ),
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.main:app",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                    "--no-access-log",
-                ],
-                env=env,
-            ),
-        ]
+        procs = [start_worker("bench", env, quiet=True)]
         client = redis.Redis.from_url(server.url, decode_responses=True)
         try:
-            while not (
-                (raw := client.get(keys.worker("bench"))) and WorkerInfo.model_validate_json(raw).ready
-            ):
-                time.sleep(0.1)
-            api = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    if httpx.get(f"{api}/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+            wait_workers_ready(client, ["bench"])
+            api_proc, api = start_api(env)
+            procs.append(api_proc)
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if device == "cpu":
                 torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
@@ -224,9 +188,7 @@ def main() -> None:
             with ThreadPoolExecutor(args.jobs) as pool:
                 compare(engine, pool, api, client, texts, args, gap)
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(20)
+            stop(procs)
             client.close()
 
 

@@ -161,6 +161,8 @@ def gpu_stats(indices: list[int] | None = None) -> list[GpuStats]:
     """Every GPU's stats (indices None) or those of these NVML indices, in the order given; an index
     NVML does not know is skipped. [] without NVML. Cheap enough for once a second: after the
     first call (NVML init, handles, name and UUID cached) it is six NVML queries per GPU."""
+    if indices == []:  # a worker that sees no GPU: NVML is not even started
+        return []
     n = _count()
     wanted = range(n) if indices is None else [i for i in indices if 0 <= i < n]
     return [_stats(i, dev) for i in wanted if (dev := _device(i)) is not None]

@@ -22,8 +22,11 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+WORKER_QUEUE_PREFIX = "localmoe.worker."  # + worker name: the queue only that worker consumes
+
+
 def worker_queue(name: str) -> str:
-    return f"localmoe.worker.{name}"
+    return f"{WORKER_QUEUE_PREFIX}{name}"
 
 
 def queued(worker_name: str) -> str:
@@ -34,5 +37,6 @@ def queued(worker_name: str) -> str:
 
 def worker_of_queue(queue: str | None) -> str | None:
     """The worker whose own queue this is; None for the shared queue."""
-    prefix = "localmoe.worker."
-    return queue[len(prefix) :] if queue and queue.startswith(prefix) else None
+    if queue is None or not queue.startswith(WORKER_QUEUE_PREFIX):
+        return None
+    return queue.removeprefix(WORKER_QUEUE_PREFIX)

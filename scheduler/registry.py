@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from localmoe.gpus import GpuStats
 from pydantic import BaseModel, Field
 
+from localmoe.gpus import GpuStats
 from scheduler import keys
 
 HEARTBEAT_S = 1.0  # a worker beats this often
@@ -64,14 +64,20 @@ class WorkerInfo(BaseModel):
         return now - self.heartbeat_at <= STALE_AFTER_S
 
 
+def decode_workers(records: list[Any], now: float, fresh_only: bool = True) -> list[WorkerInfo]:
+    """Heartbeat records as MGET returns them (None where one expired) → the workers, the fresh
+    ones only unless told otherwise."""
+    workers = [WorkerInfo.model_validate_json(r) for r in records if r]
+    return [w for w in workers if w.fresh(now) or not fresh_only]
+
+
 def read_workers(client: redis.Redis, now: float) -> list[WorkerInfo]:
-    """The fresh workers' records (synchronous client; the API's async twin is in api/store.py)."""
+    """The fresh workers' records (synchronous client: the router's thread; the API's routes read
+    through api/store.py)."""
     names = client.zrangebyscore(keys.WORKERS, now - STALE_AFTER_S, "+inf")
     if not names:
         return []
-    records: list[Any] = client.mget([keys.worker(n) for n in names])  # type: ignore[arg-type]
-    workers = [WorkerInfo.model_validate_json(r) for r in records if r]
-    return [w for w in workers if w.fresh(now)]
+    return decode_workers(client.mget([keys.worker(n) for n in names]), now)  # type: ignore[arg-type]
 
 
 def queued_costs(client: redis.Redis, names: list[str]) -> dict[str, float]:

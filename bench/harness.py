@@ -1,0 +1,68 @@
+"""The service's processes for a benchmark: one environment, workers, the API, readiness waits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from localmoe.redis_server import free_port
+from scheduler import keys
+from scheduler.registry import WorkerInfo
+
+Proc = subprocess.Popen[bytes]
+
+
+def service_env(redis_url: str, model: Path, home: Path, **settings: str) -> dict[str, str]:
+    """This process's environment plus what every LocalMoE process of the run needs; settings are
+    extra LOCALMOE_* variables."""
+    return {
+        **os.environ,
+        "LOCALMOE_REDIS_URL": redis_url,
+        "LOCALMOE_MODEL_DIR": str(model),
+        "LOCALMOE_HOME": str(home),
+        "LOCALMOE_LOG_LEVEL": "warning",
+        **settings,
+    }
+
+
+def start_worker(name: str, env: dict[str, str], quiet: bool = False) -> Proc:
+    out = subprocess.DEVNULL if quiet else None
+    argv = [sys.executable, "-m", "localmoe", "worker", "--name", name]
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=out)
+
+
+def wait_workers_ready(client: redis.Redis, names: list[str]) -> None:
+    """Until every named worker's heartbeat says its engine is warm."""
+    while not all(
+        (raw := client.get(keys.worker(n))) and WorkerInfo.model_validate_json(raw).ready for n in names
+    ):
+        time.sleep(0.1)
+
+
+def start_api(env: dict[str, str]) -> tuple[Proc, str]:
+    """uvicorn on a free loopback port; returns once /readyz answers 200 (a warm worker is known,
+    and the scheduler has read the registry)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"]
+    proc: Proc = subprocess.Popen([*argv, "--no-access-log"], env=env)
+    api = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{api}/readyz").status_code == 200:
+                return proc, api
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def stop(procs: list[Proc]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
