@@ -12,6 +12,14 @@ The set is cut from files that Python and the OS ship, so it needs no download:
           half of them re-flowed into one line per paragraph, the way a chat prompt is typed.
   mixed — a prose paragraph (or a chat-style request) plus a code window: fenced with or without
           a language tag, unfenced after a colon, code first and prose after, prose on both sides.
+A code window must be mostly statements (>= 60 % of its non-blank lines), judged with the state of
+the whole file so that a window starting inside a construct knows it. Not statements: comment
+lines, Python docstrings, /* block comments */, Perl POD (=head ... =cut), shell/Perl heredoc
+bodies and multi-line shell strings (usage texts, licences, Unicode data tables), and lines of
+literals only (numbers, quoted strings, punctuation; JSON excepted, it is all literals). An HTML
+window must be mostly markup: >= 60 % of its lines carry a tag and at most five words outside tags
+(documentation paragraphs wrapped in <p> are prose, not code). These rules describe what a code
+sample is, and are applied to every window before the classifier sees it.
 Windows are drawn with a seeded RNG from sorted file lists, so one machine always gets the same set;
 it is cached as JSON lines under $XDG_CACHE_HOME/localmoe (default ~/.cache/localmoe).
 
@@ -40,7 +48,7 @@ from pathlib import Path
 from scheduler.jobs import Modality
 from scheduler.modality import classify
 
-BUILDER_VERSION = 3  # bump when the way samples are cut changes; it keys the cache file
+BUILDER_VERSION = 4  # bump when the way samples are cut changes; it keys the cache file
 _CLASSES = (Modality.TEXT, Modality.CODE, Modality.MIXED)
 _SHARES = {Modality.CODE: 0.4, Modality.TEXT: 0.3, Modality.MIXED: 0.3}
 
@@ -213,23 +221,78 @@ def _window(rng: random.Random, lines: list[str], lo: int, hi: int) -> list[str]
     return win
 
 
-def _is_code_window(lang: str, lines: list[str]) -> bool:
-    body = [x for x in lines if x.strip()]
-    if len(body) < 3 or any(len(x) > 200 for x in body):
+_HEREDOC = re.compile(r"(?<!<)<<[-~]?\s*(['\"]?)([A-Za-z_]\w*)\1")
+_BLOCK_COMMENT_LANGS = frozenset({"c", "javascript", "css", "sql", "go", "rust", "java"})
+# A line of literals only: quoted strings, numbers (hex, with C suffixes) and punctuation.
+_LITERAL = re.compile(
+    r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|\b(?:0[xX])?[0-9A-Fa-f]*\d[0-9A-Fa-f.]*[uUlLfF]{0,3}\b"
+)
+_TAG = re.compile(r"<[^>]*>?|&#?\w+;")
+
+
+def _unescaped_quotes(line: str) -> int:
+    return len(re.findall(r'(?<!\\)"', line))
+
+
+def _doc_mask(lang: str, lines: list[str]) -> list[bool]:
+    """Per line of a whole file: True inside text that the language carries but that is not
+    statements: Python docstrings, /* block comments */, Perl POD (=head ... =cut), shell/Perl
+    heredoc bodies and multi-line shell strings (usage and licence texts, data tables). Computed
+    from the top of the file, so a window that starts inside one of these knows it."""
+    mask = [False] * len(lines)
+    until: str | None = None  # the token that ends the construct we are inside; None: in code
+    for i, line in enumerate(lines):
+        if until is not None:
+            mask[i] = True
+            if until == "=cut":
+                done = line.startswith("=cut")
+            elif until in ('"""', "'''"):
+                done = line.count(until) % 2 == 1
+            elif until == "*/":
+                done = "*/" in line
+            elif until == '"':
+                done = _unescaped_quotes(line) % 2 == 1
+            else:
+                done = line.strip() == until  # a heredoc terminator
+            until = None if done else until
+            continue
+        if lang == "perl" and re.match(r"=[a-zA-Z]", line):
+            mask[i], until = True, None if line.startswith("=cut") else "=cut"
+        elif lang == "python":
+            q = next((q for q in ('"""', "'''") if line.count(q) % 2 == 1), None)
+            mask[i], until = q is not None, q
+        elif lang in _BLOCK_COMMENT_LANGS and "/*" in line and "*/" not in line.split("/*", 1)[1]:
+            mask[i], until = True, "*/"
+        elif lang in ("shell", "perl") and (m := _HEREDOC.search(line)):
+            until = m.group(2)
+        elif lang == "shell" and not line.lstrip().startswith("#") and _unescaped_quotes(line) % 2 == 1:
+            until = '"'
+    return mask
+
+
+def _is_code_window(lang: str, lines: list[str], doc: list[bool] | None = None) -> bool:
+    """Mostly statements: at most 40 % of the non-blank lines may be comments, docstrings, POD,
+    heredoc/string bodies (`doc`, from _doc_mask over the whole file) or lines of literals only."""
+    if doc is None:
+        doc = [False] * len(lines)
+    body = [(x, d) for x, d in zip(lines, doc, strict=True) if x.strip()]
+    if len(body) < 3 or any(len(x) > 200 for x, _ in body):
         return False  # minified or data blobs are not prompt-like
-    if sum(bool(re.search(r"[A-Za-z]", x)) for x in body) < 0.6 * len(body):
+    if sum(bool(re.search(r"[A-Za-z]", x)) for x, _ in body) < 0.6 * len(body):
         return False  # tables of numbers
-    if lang in _SYNTAX and sum(bool(_SYNTAX[lang].search(x)) for x in body) < 0.6 * len(body):
+    if lang in _SYNTAX and sum(bool(_SYNTAX[lang].search(x)) for x, _ in body) < 0.6 * len(body):
         return False  # help text inside YAML block scalars, prose paragraphs in HTML
-    comment = _COMMENT.get(lang, _C_COMMENT)
-    in_doc = False
-    statements = 0
-    for x in body:  # Python docstrings and comment-only lines do not count as code
-        was = in_doc
-        in_doc ^= x.count('"""') % 2 == 1 or x.count("'''") % 2 == 1
-        statements += not (was or in_doc or comment.match(x))
-    if lang == "c" and any(re.search(r"\b(namespace|template\s*<|std::)", x) for x in body):
+    if lang == "html" and sum(
+        len(re.findall(r"[A-Za-z]{2,}", _TAG.sub(" ", x))) <= 5 for x, _ in body
+    ) < 0.6 * len(body):
+        return False  # an HTML document's prose paragraphs: mostly text between the tags
+    if lang == "c" and any(re.search(r"\b(namespace|template\s*<|std::)", x) for x, _ in body):
         return False  # C++ in a .h
+    comment = _COMMENT.get(lang, _C_COMMENT)
+    statements = sum(
+        not (d or comment.match(x) or (lang != "json" and not re.search(r"[A-Za-z]", _LITERAL.sub("", x))))
+        for x, d in body
+    )
     return statements >= 0.6 * len(body)
 
 
@@ -245,8 +308,14 @@ def code_window(
         lines = _read(rng.choice(files)).splitlines()
         if len(lines) < lo:
             continue
-        win = _window(rng, lines, lo, hi)
-        if _is_code_window(lang, win) and (not closed or _closed("\n".join(win))):
+        n = rng.randint(lo, hi)
+        start = rng.randrange(max(1, len(lines) - n + 1))
+        win, doc = lines[start : start + n], _doc_mask(lang, lines)[start : start + n]
+        while win and not win[0].strip():
+            win, doc = win[1:], doc[1:]
+        while win and not win[-1].strip():
+            win, doc = win[:-1], doc[:-1]
+        if _is_code_window(lang, win, doc) and (not closed or _closed("\n".join(win))):
             return "\n".join(win)
     return None
 

@@ -5,8 +5,13 @@ take the label of their strong neighbours, then decides:
   CODE  — no prose line (comments, docstrings and fenced blocks never count as prose);
   CODE  — also a single short line that is unmistakably code ("def f(x):", "import os");
   TEXT  — otherwise, fewer than two code lines;
-  MIXED — a ``` fence with prose outside it, or prose at the start/end of code, or a real share
-          of both when they interleave.
+  MIXED — a ``` fence with a line of three or more words outside it, or prose at the start/end of
+          code, or a real share of both when they interleave.
+Prose material that looks symbolic is neutralised first: URLs and e-mail addresses count as one
+word, lines that are only file paths are neutral, and a leading "* " is a bullet (its text is
+judged) unless the prompt has C comment markers. Code-only evidence includes a command followed
+by an option ("python3 -m build", "set -e"); a make rule has at most two targets and is not a
+changelog entry ("file.c (func): Fix ...").
 The language comes from a fence tag when there is one, else from per-language keyword tables
 scored over the first LANG_LINES code lines; it is None unless one language clearly leads.
 
@@ -60,14 +65,20 @@ _STRONG = re.compile(
              SELECT|INSERT|UPDATE|CREATE|ALTER|DROP|FROM|WHERE|RETURNS|AS|LANGUAGE|OUT|IN|BEGIN|END|SET|VALUES
              |GRANT|DECLARE|ORDER|GROUP|AND|OR|JOIN|LEFT)\b\s*[\w$@%(]?
       | ^\s*-\s[\w"'.-]+:\s | ^\s*[\w.-]+:\s*$ | ^\s*"[^"]+"\s*: | ^\s*-?\s*[a-z_][\w.-]*:\s+\S
-      | ^[a-z_.%$][\w.%$()/-]*(\s+[\w.%$()/-]+)*\s*::?(\s|$)
+      | ^[a-z_.%$][\w.%$()/-]*(\s+[\w.%$()/-]+)?\s*::?(\s|$)(?!\s*[A-Z][a-z]+\s)
+      | ^\s*[a-z][\w.+-]*\s+--?[a-zA-Z][\w-]*(\s|=|$)
       | ^\s*[A-Z]\w*(Error|Exception):\s | ^\s*\\[a-z]+\b | ^\s*from\s+[\w.]+\s+import\b
       | ^\s*(echo|printf|exit|export|cd|rm|cp|mv|mkdir|sudo|apt-get|pip|npm|git|grep|sed|awk|chmod|chown|ln
              |unset|curl|wget|tar)\b.*[-"$'/|>&=]
     """,
     re.VERBOSE,
 )
+_BULLET = re.compile(r"^\s*\*\s+")
 _DEFINITE = re.compile(r"\w\([^()]*\)\s*[:;{]\s*$|^\s*(for|while|if|elif|with)\b[^.?!]*:\s*$")
+# URLs and e-mail addresses are prose material (changelogs, docs): they count as one word.
+_URL = re.compile(r"<?(https?://|www\.)[^\s>)]+>?|<?[\w.+-]+@[\w-]+(\.[\w-]+)+>?")
+# A line that is only file paths ("src/lib/util.c", "libs/*") is a file list: neutral evidence.
+_PATHS = re.compile(r"^\s*[-*]?\s*[\w.*+-]+/[\w.*+/-]*(?:[,;]?\s+[\w.*+-]+/[\w.*+/-]*)*[,;]?\s*$")
 _SYMBOL = re.compile(r"[{}\[\]<>=;$#@\\|&*/+^~%_]")  # not (): prose has parentheses too
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 _STOP = frozenset(
@@ -140,10 +151,21 @@ _STOP = frozenset(
 _CODE, _PROSE, _NONE = 1, -1, 0
 
 
-def _line_kind(line: str) -> tuple[int, bool]:
-    """(kind, strong) for one non-blank line outside fences and comment blocks."""
-    if _COMMENT.match(line):
+def _line_kind(line: str, c_comments: bool = True) -> tuple[int, bool]:
+    """(kind, strong) for one non-blank line outside fences and comment blocks. A "* " line is a
+    comment continuation only when the prompt has C comment markers (c_comments); otherwise it
+    is a bullet and its text is judged."""
+    bullet = _BULLET.match(line)
+    if bullet and not c_comments:
+        line = line[bullet.end() :]
+        if not line.strip():
+            return _NONE, False
+    elif _COMMENT.match(line):
         return _NONE, False
+    if "/" in line and _PATHS.match(line):
+        return _NONE, False
+    if "://" in line or "@" in line or "www." in line:
+        line = _URL.sub("url", line)
     s = line.strip()
     words = _WORD.findall(s)
     stop = sum(w.lower() in _STOP for w in words)
@@ -176,6 +198,7 @@ class _Scan:
     fenced: int  # lines inside fences
     comments: int  # comment lines and lines inside comment blocks / docstrings
     fence_tag: str | None
+    outside_words: int = 0  # the most words on one line outside fences, counted up to 3
 
 
 def _scan(text: str) -> _Scan:
@@ -183,6 +206,7 @@ def _scan(text: str) -> _Scan:
     fence: str | None = None  # the open fence marker, or None outside fences
     block: int | None = None  # index into _BLOCKS while inside a comment/docstring block
     first_block_line: int | None = None
+    c_comments = "/*" in text or "*/" in text
     for line in text.splitlines():
         m = _FENCE.match(line)
         if m and (fence is None or m.group(1).startswith(fence[:3])):
@@ -205,7 +229,9 @@ def _scan(text: str) -> _Scan:
             sc.code_lines.append(line)
             sc.comments += 1
             continue
-        kind, strong = _line_kind(line)
+        kind, strong = _line_kind(line, c_comments)
+        if sc.outside_words < 3:  # only "three or more" matters (see _decide)
+            sc.outside_words = max(sc.outside_words, len(_WORD.findall(line)))
         sc.comments += kind == _NONE and _COMMENT.match(line) is not None
         for i, (opener, closer) in enumerate(_BLOCKS):
             if closer is None:
@@ -261,8 +287,8 @@ def _decide(sc: _Scan) -> tuple[Modality, float]:
     labels = _resolve(sc.kinds, sc.strong)
     code = labels.count(_CODE) + sc.fenced
     prose = labels.count(_PROSE)
-    if sc.fenced and prose:
-        return Modality.MIXED, 1.0
+    if sc.fenced and (prose or sc.outside_words >= 3):
+        return Modality.MIXED, 1.0  # a fenced block with words around it: a question about code
     if not prose and code + sc.comments >= 2:
         return Modality.CODE, 1.0
     if not prose and code and _definite(sc):
