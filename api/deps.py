@@ -8,6 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
 
+from api.admission import Admission
+from api.auth import Caller, KeyStore
 from api.store import JobStore
 from localmoe.settings import Settings
 from scheduler.jobs import Job
@@ -21,6 +23,8 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 class Services:
     settings: Settings
     store: JobStore
+    keys: KeyStore
+    admission: Admission
     enqueuer: Enqueuer
     counter: PromptCounter
     scheduler: Scheduler
@@ -34,8 +38,12 @@ async def get_services(request: Request) -> Services:  # async: a sync dependenc
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def existing_job(services: ServicesDep, job_id: Annotated[str, Path()]) -> Job:
+async def existing_job(services: ServicesDep, caller: Caller, job_id: Annotated[str, Path()]) -> Job:
+    """The job, if the caller may see it: its own, or any for an admin. Another key's job is
+    "not found" too: its existence is not the caller's business."""
     job = await services.store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is not None and not caller.admin and job.owner != caller.id:
+        job = None
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} (unknown, or its results have expired)")
     return job

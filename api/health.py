@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Response
 
+from api.auth import Caller
 from api.deps import ServicesDep
 from api.protocol import Health
 from scheduler.registry import WorkerInfo
@@ -19,7 +20,7 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-async def readyz(services: ServicesDep, response: Response) -> Health:
+async def readyz(services: ServicesDep, _caller: Caller, response: Response) -> Health:
     """Ready once Redis answers and at least one worker has loaded and warmed up its engine."""
     try:
         ready = [w for w in await services.store.workers() if w.ready]
@@ -33,6 +34,6 @@ async def readyz(services: ServicesDep, response: Response) -> Health:
 
 
 @router.get("/v1/workers", response_model=list[WorkerInfo], tags=["workers"])
-async def workers(services: ServicesDep) -> list[WorkerInfo]:
+async def workers(services: ServicesDep, _caller: Caller) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh (three missed beats and a worker is gone)."""
     return await services.store.workers()

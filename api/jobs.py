@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
+from typing import Annotated, cast
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Response
 
-from api.deps import JobDep, ServicesDep
-from api.protocol import JobResponse
+from api.auth import ApiKey, Caller
+from api.deps import JobDep, Services, ServicesDep
+from api.protocol import JobPage, JobResponse
 from api.store import CancelOutcome
-from scheduler.jobs import Job, JobSpec, Timings, Usage
+from scheduler import keys
+from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
 from scheduler.modality import classify
 from scheduler.routing import job_cost
 
@@ -20,7 +25,7 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
-def _admit(spec: JobSpec, services: ServicesDep) -> int:
+def _admit(spec: JobSpec, services: Services) -> int:
     """Refuse what no engine could run; returns the prompt's token count."""
     limit = services.settings.limits.max_tokens
     if spec.max_tokens > limit:
@@ -40,8 +45,11 @@ def _admit(spec: JobSpec, services: ServicesDep) -> int:
     return n
 
 
-@router.post("", status_code=202, response_model=JobResponse)
-async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> JobResponse:
+async def accept(
+    spec: JobSpec, caller: ApiKey, services: Services, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """The intake every submitting route shares: validate, admit, route, enqueue.
+    → (the job, True when an earlier request with the same Idempotency-Key made it)."""
     prompt_tokens = _admit(spec, services)
     if spec.modality is not None:  # a stated modality skips detection
         modality, language = spec.modality, None
@@ -50,20 +58,114 @@ async def submit(spec: JobSpec, services: ServicesDep, response: Response) -> Jo
         modality, language = detected.modality, detected.language
     job = Job(
         spec=spec,
+        owner=caller.id,
+        priority=spec.priority.capped(caller.max_priority),
         modality=modality,
         language=language,
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
         cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),
     )
+    idem = await _claim_idempotency(services, caller, idempotency_key, spec, job.id)
+    if idem is not None:
+        return idem, True
+    try:
+        await services.admission.admit(
+            job.id, prompt_tokens + spec.max_tokens, caller, services.scheduler.drain_tokens_per_s()
+        )
+    except HTTPException:
+        await _forget_idempotency(services, caller, idempotency_key)
+        raise
     chosen = services.scheduler.route(job)
     job.queue, job.route_reason = chosen.queue, chosen.reason
     try:
         await services.enqueuer.submit(job)
     except Exception as e:
+        await services.admission.release(job.id)
+        await _forget_idempotency(services, caller, idempotency_key)
         raise HTTPException(503, "the job queue is unavailable; try again") from e
+    return job, False
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _idem_key(caller: ApiKey, idempotency_key: str) -> str:
+    return keys.idempotency(caller.id, hashlib.sha256(idempotency_key.encode()).hexdigest())
+
+
+async def _claim_idempotency(
+    services: Services, caller: ApiKey, idempotency_key: str | None, spec: JobSpec, job_id: str
+) -> Job | None:
+    """None: go on and make `job_id` (this key is now taken by it, or there is no key). A job:
+    the one an earlier request with this key and the same body made. 409 for another body."""
+    if idempotency_key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(idempotency_key):
+        raise HTTPException(422, "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    body = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    client = services.store.client
+    name = _idem_key(caller, idempotency_key)
+    ttl = services.settings.limits.idempotency_ttl_s
+    if await client.set(name, f"{job_id} {body}", nx=True, ex=ttl):
+        return None
+    earlier = cast(str | None, await client.get(name))
+    earlier_id, _, earlier_body = (earlier or "").partition(" ")
+    if earlier_body != body:
+        raise HTTPException(409, "this Idempotency-Key was used with a different request body")
+    job = await services.store.get(earlier_id)
+    if job is None:
+        raise HTTPException(409, "a request with this Idempotency-Key is still being accepted; retry")
+    return job
+
+
+async def _forget_idempotency(services: Services, caller: ApiKey, idempotency_key: str | None) -> None:
+    """The request that took the key was refused: a retry with the same key may go ahead."""
+    if idempotency_key is not None and _IDEMPOTENCY_KEY.match(idempotency_key):
+        await services.store.client.delete(_idem_key(caller, idempotency_key))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobResponse,
+    responses={
+        200: {"model": JobResponse, "description": "Replayed: an earlier request with this Idempotency-Key."},
+        409: {"description": "The Idempotency-Key was used with another body."},
+        429: {"description": "Rate limit or backlog full; see Retry-After."},
+    },
+)
+async def submit(
+    spec: JobSpec,
+    services: ServicesDep,
+    caller: Caller,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(description="Retry-safe submission: the same key and body give the same job.")
+    ] = None,
+) -> JobResponse:
+    job, replayed = await accept(spec, caller, services, idempotency_key)
+    if replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobResponse.of(job)
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    services: ServicesDep,
+    caller: Caller,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Annotated[float | None, Query(description="`next` of the previous page.")] = None,
+    everyone: Annotated[bool, Query(description="Admins: every key's jobs.")] = False,
+) -> JobPage:
+    """The caller's jobs, newest first, kept for `limits.job_ttl_s`."""
+    if everyone and not caller.admin:
+        raise HTTPException(403, "listing every key's jobs needs an admin key")
+    jobs, after = await services.store.page(None if everyone else caller.id, status, limit, cursor)
+    return JobPage(jobs=[JobResponse.of(j) for j in jobs], next=after)
 
 
 @router.get("/{job_id}", response_model=JobResponse)

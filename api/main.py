@@ -11,7 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import health, jobs, streams
+from api import admin, health, jobs, streams
+from api.admission import Admission
+from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
 from api.store import JobStore
@@ -40,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=s,
             store=JobStore(client, s.limits.job_ttl_s),
+            keys=KeyStore(client),
+            admission=Admission(client, s.limits),
             enqueuer=Enqueuer(make_celery(url), sync_client, s.limits.job_ttl_s),
             counter=PromptCounter(s.resolved_model_dir),
             scheduler=Scheduler(sync_client, s.scheduler),
@@ -59,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(streams.router)
+    app.include_router(admin.router)
     return app
 
 

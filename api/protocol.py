@@ -23,6 +23,11 @@ class JobResponse(Job):
         return cls(**job.model_dump(), links=links)
 
 
+class JobPage(BaseModel):
+    jobs: list[JobResponse]
+    next: float | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = None

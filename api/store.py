@@ -10,17 +10,22 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from scheduler import keys
+from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo, decode_workers
 from scheduler.stream import DoneEvent, StreamEvent, parse_entry
 
-# KEYS: job hash, events stream. ARGV: now (JSON), ttl, done-event data for a queued job,
-# cancel channel, job id. A queued job is cancelled here and now; a running one is flagged and
-# its worker woken (the engine drops it within one step and writes the terminal state).
-CANCEL = """
+# KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS.
+# ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
+# is cancelled here and now (and leaves the backlog); a running one is flagged and its worker
+# woken (the engine drops it within one step and writes the terminal state).
+CANCEL = (
+    RELEASE_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == '"queued"' then
+  release(KEYS[3], KEYS[4], KEYS[5], ARGV[5])
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finish_reason', '"abort"',
     'cancel_requested', 'true', 'timings.finished_at', ARGV[1])
   redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
@@ -35,6 +40,7 @@ if status == '"running"' then
 end
 return 'terminal'
 """
+)
 
 
 class CancelOutcome(StrEnum):
@@ -63,8 +69,43 @@ class JobStore:
             keys.CANCEL_CHANNEL,
             job_id,
         ]
-        outcome = await self._cancel(keys=[keys.job(job_id), keys.events(job_id)], args=args)
+        outcome = await self._cancel(keys=[keys.job(job_id), keys.events(job_id), *RELEASE_KEYS], args=args)
         return CancelOutcome(outcome)
+
+    async def page(
+        self, owner: str | None, status: JobStatus | None, limit: int, before: float | None
+    ) -> tuple[list[Job], float | None]:
+        """Jobs newest first: the owner's (None: everyone's), with `status` if given, queued
+        before `before` (a cursor: the previous page's last queued_at). → (jobs, next cursor)."""
+        listing = keys.owner_jobs(owner) if owner else keys.ALL_JOBS
+        upper: float | str = f"({before!r}" if before is not None else "+inf"
+        floor = time.time() - self.ttl_s
+        found: list[Job] = []
+        scanned = 0
+        while len(found) < limit and scanned < 2_000:  # a status filter reads at most this many
+            chunk = cast(
+                list[tuple[str, float]],
+                await self.client.zrevrangebyscore(
+                    listing, upper, floor, start=0, num=max(limit, 50), withscores=True
+                ),
+            )
+            if not chunk:
+                return found, None
+            pipe = self.client.pipeline(transaction=False)
+            for job_id, _ in chunk:
+                pipe.hgetall(keys.job(job_id))
+            for (job_id, score), fields in zip(chunk, await pipe.execute(), strict=True):
+                scanned += 1
+                upper = f"({score!r}"
+                if not fields:  # expired: its listing entry goes too
+                    await self.client.zrem(listing, job_id)
+                    continue
+                job = job_from_hash(fields)
+                if status is None or job.status is status:
+                    found.append(job)
+                    if len(found) == limit:
+                        return found, score
+        return found, float(str(upper)[1:]) if str(upper).startswith("(") else None
 
     async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
         """Every event after `after` (a stream id), live, until the done event."""

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from api.auth import authenticate_websocket
 from api.deps import JobDep, Services, ServicesDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"])
@@ -44,8 +45,14 @@ async def events(
 async def stream(websocket: WebSocket, job_id: str, after: str | None = None) -> None:
     """Messages `{"id", "type": "token", "text"}` then `{"id", "type": "done", ...}`; closes after done."""
     services: Services = websocket.app.state.services
+    caller, subprotocol = await authenticate_websocket(websocket)
+    await websocket.accept(subprotocol=subprotocol)
+    if caller is None:
+        await websocket.close(code=4401, reason="an API key is required (bearer.<key> subprotocol)")
+        return
     job = await services.store.get(job_id) if re.match(r"^[0-9a-f]{32}$", job_id) else None
-    await websocket.accept()
+    if job is not None and not caller.admin and job.owner != caller.id:
+        job = None
     if job is None:
         await websocket.close(code=4404, reason="no such job")
         return

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from api.auth import KeyLimits, Scope, create_key
 from localmoe.redis_server import free_port
 from scheduler import keys
 from scheduler.registry import WorkerInfo
@@ -20,15 +21,28 @@ Proc = subprocess.Popen[bytes]
 
 def service_env(redis_url: str, model: Path, home: Path, **settings: str) -> dict[str, str]:
     """This process's environment plus what every LocalMoE process of the run needs; settings are
-    extra LOCALMOE_* variables."""
+    extra LOCALMOE_* variables. Makes the run's API key (admin, no rate or backlog limit that a
+    benchmark could hit) and passes it as LOCALMOE_API_KEY (see `auth`)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    unlimited = KeyLimits(max_queued_jobs=10**9, max_queued_tokens=10**12, rate_per_s=1e9, burst=10**9)
+    key = create_key(client, "benchmark", Scope.ADMIN, unlimited).secret
+    client.close()
     return {
         **os.environ,
+        "LOCALMOE_API_KEY": key,
+        "LOCALMOE_LIMITS__MAX_QUEUED_JOBS": str(10**9),
+        "LOCALMOE_LIMITS__MAX_QUEUED_TOKENS": str(10**12),
         "LOCALMOE_REDIS_URL": redis_url,
         "LOCALMOE_MODEL_DIR": str(model),
         "LOCALMOE_HOME": str(home),
         "LOCALMOE_LOG_LEVEL": "warning",
         **settings,
     }
+
+
+def auth(env: dict[str, str]) -> dict[str, str]:
+    """Request headers carrying the run's API key."""
+    return {"Authorization": f"Bearer {env['LOCALMOE_API_KEY']}"}
 
 
 def start_worker(name: str, env: dict[str, str], quiet: bool = False) -> Proc:
@@ -54,7 +68,7 @@ def start_api(env: dict[str, str]) -> tuple[Proc, str]:
     api = f"http://127.0.0.1:{port}"
     while True:
         try:
-            if httpx.get(f"{api}/readyz").status_code == 200:
+            if httpx.get(f"{api}/readyz", headers=auth(env)).status_code == 200:
                 return proc, api
         except httpx.HTTPError:
             pass

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.harness import service_env, start_api, start_worker, stop, wait_workers_ready
+from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from moe_core.checkpoint import build_checkpoint
 from scheduler import keys
@@ -73,9 +73,11 @@ class Outcome:
     share: dict[str, int]
 
 
-def run_policy(policy: str, api: str, client: redis.Redis, plan: list[Arrival]) -> Outcome:
+def run_policy(
+    policy: str, api: str, client: redis.Redis, plan: list[Arrival], headers: dict[str, str]
+) -> Outcome:
     ids: list[str | None] = [None] * len(plan)
-    http = httpx.Client(base_url=api, timeout=30)
+    http = httpx.Client(base_url=api, timeout=30, headers=headers)
     start = time.perf_counter() + 0.2
 
     def post(i: int) -> None:
@@ -154,7 +156,7 @@ def main() -> None:
             wait_workers_ready(client, ["fast", "slow"])
             # warm-up through the shared queue: both workers measure their speeds
             proc, api = start_api({**env, "LOCALMOE_SCHEDULER__POLICY": "shared"})
-            run_policy("warm-up", api, client, arrivals(32, args.rate, args.seed + 1))
+            run_policy("warm-up", api, client, arrivals(32, args.rate, args.seed + 1), auth(env))
             stop([proc])
             for r in range(args.rounds):
                 order = POLICIES[r % 3 :] + POLICIES[: r % 3]
@@ -162,7 +164,7 @@ def main() -> None:
                     wait_idle(client, ["fast", "slow"])
                     proc, api = start_api({**env, "LOCALMOE_SCHEDULER__POLICY": policy})
                     try:
-                        out = run_policy(policy, api, client, plan)
+                        out = run_policy(policy, api, client, plan, auth(env))
                     finally:
                         stop([proc])
                     results[policy].append(out)

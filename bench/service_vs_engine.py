@@ -28,7 +28,7 @@ import httpx
 import redis
 import torch
 
-from bench.harness import service_env, start_api, start_worker, stop, wait_workers_ready
+from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from localmoe.settings import Settings
 from moe_core.checkpoint import build_checkpoint
@@ -118,11 +118,12 @@ def run_service(
 
 
 _local = threading.local()
+_local_headers: dict[str, str] = {}  # the run's API key, set once the service is up
 
 
 def _client(api: str) -> httpx.Client:
     if not hasattr(_local, "http"):
-        _local.http = httpx.Client(base_url=api, timeout=60)
+        _local.http = httpx.Client(base_url=api, timeout=60, headers=_local_headers)
     return _local.http
 
 
@@ -179,6 +180,7 @@ def main() -> None:
         try:
             wait_workers_ready(client, ["bench"])
             api_proc, api = start_api(env)
+            _local_headers.update(auth(env))
             procs.append(api_proc)
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if device == "cpu":

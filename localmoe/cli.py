@@ -121,10 +121,65 @@ def _sse(response: httpx.Response) -> object:
             data.append(line[5:].lstrip())
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _api(timeout: httpx.Timeout | float = 30) -> httpx.Client:
+    """An HTTP client for the API, carrying the CLI's key (LOCALMOE_API_KEY, else the admin key
+    that `localmoe up` kept in home/secrets.json)."""
     from localmoe.settings import get_settings
 
-    base = get_settings().resolved_api_url
+    s = get_settings()
+    key = s.cli_api_key()
+    if key is None:
+        raise SystemExit(
+            f"no API key: set LOCALMOE_API_KEY, or start `localmoe up` once (it keeps one in {s.home})"
+        )
+    return httpx.Client(
+        base_url=s.resolved_api_url, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
+    )
+
+
+def _refused(r: httpx.Response) -> int:
+    print(f"refused ({r.status_code}): {r.text}", file=sys.stderr)
+    return 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _api() as http:
+        if args.keys_command == "create":
+            limits = {
+                k: v
+                for k, v in {
+                    "max_priority": args.max_priority,
+                    "max_queued_jobs": args.max_queued_jobs,
+                    "max_queued_tokens": args.max_queued_tokens,
+                    "rate_per_s": args.rate_per_s,
+                    "burst": args.burst,
+                }.items()
+                if v is not None
+            }
+            r = http.post("/v1/keys", json={"name": args.name, "scope": args.scope, "limits": limits})
+            if r.status_code != 201:
+                return _refused(r)
+            made = r.json()
+            print(f"key {made['key']['id']} ({made['key']['scope']}) for {made['key']['name']!r}:")
+            print(made["secret"])
+            print("(shown once: LocalMoE keeps only its hash)", file=sys.stderr)
+        elif args.keys_command == "list":
+            r = http.get("/v1/keys")
+            if r.status_code != 200:
+                return _refused(r)
+            for k in r.json():
+                state = "revoked" if k["revoked_at"] else "active"
+                made = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
+                print(f"{k['id']}  {k['scope']:<5}  {state:<7}  {made}  {k['name']}")
+        else:
+            r = http.delete(f"/v1/keys/{args.key_id}")
+            if r.status_code != 200:
+                return _refused(r)
+            print(f"revoked {args.key_id}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
     body: dict[str, object] = {
         "prompt": args.prompt,
         "max_tokens": args.max_tokens,
@@ -136,11 +191,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["seed"] = args.seed
     if args.stop:
         body["stop"] = args.stop
-    with httpx.Client(base_url=base, timeout=httpx.Timeout(30, read=None)) as http:
+    if args.priority:
+        body["priority"] = args.priority
+    with _api(httpx.Timeout(30, read=None)) as http:
         r = http.post("/v1/jobs", json=body)
         if r.status_code != 202:
-            print(f"refused ({r.status_code}): {r.text}", file=sys.stderr)
-            return 1
+            return _refused(r)
         job_id = r.json()["id"]
         if args.stream:
             with http.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
@@ -222,8 +278,29 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-k", type=int, default=0)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--stop", action="append", help="stop string (repeatable)")
+    submit.add_argument("--priority", choices=["high", "normal", "low"])
     submit.add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
     submit.set_defaults(func=cmd_submit)
+
+    keys = sub.add_parser("keys", help="API keys (needs an admin key)").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="make a key and print it once")
+    create.add_argument("name", help="who or what uses it")
+    create.add_argument("--scope", default="user", choices=["user", "admin"])
+    create.add_argument("--max-priority", choices=["high", "normal", "low"])
+    create.add_argument("--max-queued-jobs", type=int)
+    create.add_argument("--max-queued-tokens", type=int)
+    create.add_argument("--rate-per-s", type=float)
+    create.add_argument("--burst", type=int)
+    keys.add_parser("list", help="every key: id, scope, state, made, name")
+    revoke = keys.add_parser("revoke", help="stop a key working (within a second)")
+    revoke.add_argument("key_id")
+    for k in (create, revoke):
+        k.add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
+    keys.choices["list"].add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
+    for k in keys.choices.values():
+        k.set_defaults(func=cmd_keys)
     return p
 
 

@@ -7,6 +7,7 @@ configs/default.yaml when present), then the defaults below. Bad values fail at 
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -104,6 +105,37 @@ class LimitSettings(BaseModel):
     max_tokens: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
     job_ttl_s: int = Field(86_400, ge=60, description="How long results and streams are kept.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    # Backpressure: jobs admitted and not yet taken by a worker. Past a limit → 429 + Retry-After.
+    max_queued_jobs: int = Field(10_000, ge=1, description="Waiting jobs, all keys together.")
+    max_queued_tokens: int = Field(
+        20_000_000, ge=1, description="Prompt + max_tokens of the waiting jobs, all keys together."
+    )
+    per_key_max_queued_jobs: int = Field(2_000, ge=1, description="Waiting jobs of one key (default).")
+    per_key_max_queued_tokens: int = Field(4_000_000, ge=1, description="Their tokens (default).")
+    per_key_rate_per_s: float = Field(100.0, gt=0, description="Submissions per second per key (default).")
+    per_key_burst: int = Field(200, ge=1, description="Submissions at once above that rate (default).")
+    idempotency_ttl_s: int = Field(86_400, ge=60, description="How long an Idempotency-Key is remembered.")
+
+
+class WebhookSettings(BaseModel):
+    allow: list[str] = Field(
+        default_factory=list,
+        description='Hosts a job\'s webhook may call: host names ("hooks.corp.example", "*.corp.example"), '
+        'IP addresses or CIDRs ("10.20.0.0/16"). Empty: webhooks are off. Loopback, link-local and '
+        "cloud-metadata addresses are refused unless an entry names them as an address or CIDR.",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=60, description="Per delivery attempt (connect + response).")
+    max_age_s: float = Field(86_400.0, gt=0, description="Retries stop this long after the first attempt.")
+    base_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt, jittered.")
+    max_backoff_s: float = Field(
+        1800.0,
+        gt=0,
+        lt=3600,
+        description="Longest wait between attempts, Retry-After included. Below the broker's 1 h "
+        "visibility timeout: a retry held longer would be delivered twice.",
+    )
+    output_interval_s: float = Field(0.5, ge=0.5, description="output events: at most one per this long.")
+    concurrency: int = Field(16, ge=1, le=256, description="Deliveries in flight per webhook worker.")
 
 
 class Settings(BaseSettings):
@@ -115,6 +147,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     api_url: str | None = Field(None, description="Where the CLI finds the API; default from host/port.")
+    api_key: SecretStr | None = Field(
+        None, description="The CLI's API key; None: the admin key `localmoe up` kept in home/secrets.json."
+    )
     flower_port: int = Field(5555, ge=0, le=65535)
     flower_user: str = "admin"
     flower_password: SecretStr | None = Field(None, description="None: generated and kept in home.")
@@ -125,6 +160,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
@@ -160,6 +196,13 @@ class Settings(BaseSettings):
     def resolved_api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
         return self.api_url or f"http://{host}:{self.api_port}"
+
+    def cli_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        path = self.home / "secrets.json"
+        kept: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        return kept.get("api_key")
 
     def require_redis_url(self) -> str:
         if self.redis_url is None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 from localmoe.gpus import Topology, describe, group_gpus, nvml_index, read_topology
 from localmoe.redis_server import RedisServer
@@ -129,6 +130,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.redis: RedisServer | None = None
         self.stopping = False
+        self.api_key = ""
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         proc = subprocess.Popen(argv, env=env, start_new_session=True)  # our signals, not the tty's
@@ -145,6 +147,7 @@ class Supervisor:
             self.redis.start()
             env["LOCALMOE_REDIS_URL"] = self.redis.url
             log.info("redis on 127.0.0.1:%d (password in %s)", self.redis.port, s.home / "secrets.json")
+        self._ensure_api_key(env["LOCALMOE_REDIS_URL"])
         model = ensure_model(s)
         env["LOCALMOE_MODEL_DIR"] = str(model)
         env["LOCALMOE_HOME"] = str(s.home)
@@ -188,6 +191,23 @@ class Supervisor:
             flush=True,
         )
 
+    def _ensure_api_key(self, redis_url: str) -> None:
+        """First start: an admin key, printed once and kept where the CLI looks (secrets.json)."""
+        from api.auth import ensure_admin_key
+
+        path = self.settings.home / "secrets.json"
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            made = ensure_admin_key(client, path)
+        finally:
+            client.close()
+        if made is not None:
+            print(
+                f"admin API key (shown once; kept in {path} for the localmoe CLI):\n    {made}",
+                flush=True,
+            )
+        self.api_key = made or json.loads(path.read_text())["api_key"]
+
     def _worker_argv(self, name: str) -> list[str]:
         return [sys.executable, "-m", "localmoe", "worker", "--name", name]
 
@@ -198,7 +218,8 @@ class Supervisor:
             if self.dead_child() is not None:
                 return False
             try:
-                if httpx.get(url, timeout=2).status_code == 200:
+                auth = {"Authorization": f"Bearer {self.api_key}"}
+                if httpx.get(url, headers=auth, timeout=2).status_code == 200:
                     print("LocalMoE is ready: a worker has loaded and warmed up its engine", flush=True)
                     return True
             except httpx.HTTPError:

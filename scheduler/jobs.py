@@ -32,6 +32,23 @@ class Modality(StrEnum):
     MIXED = "mixed"
 
 
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 is the most urgent; also the Celery message priority (Redis transport: 0 first)."""
+        return _PRIORITY_RANK[self]
+
+    def capped(self, ceiling: Priority) -> Priority:
+        return self if self.rank >= ceiling.rank else ceiling
+
+
+_PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+
+
 class JobSpec(BaseModel):
     """What a client asks for. Unknown fields are refused (422), not ignored."""
 
@@ -46,6 +63,9 @@ class JobSpec(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end generation.")
     modality: Modality | None = Field(default=None, description="text, code or mixed; detected if absent.")
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (benchmarks).")
+    priority: Priority = Field(
+        default=Priority.NORMAL, description="high, normal or low; capped at what the API key may use."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -87,6 +107,8 @@ class Job(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     spec: JobSpec
+    owner: str | None = None  # the id of the API key that submitted it; only it (and admins) see it
+    priority: Priority = Priority.NORMAL  # the spec's, capped by the key's ceiling
     modality: Modality = Modality.TEXT  # the client's, or detected at intake
     language: str | None = None  # the programming language, when detection is confident
     queue: str | None = None  # the Celery queue the scheduler chose

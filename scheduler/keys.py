@@ -4,6 +4,8 @@ PREFIX = "localmoe"
 
 SHARED_QUEUE = "localmoe.jobs"  # consumed by every worker; the fallback route
 RUN_JOB_TASK = "localmoe.run_job"
+WEBHOOK_QUEUE = "localmoe.webhooks"  # consumed only by the webhook worker(s)
+DELIVER_WEBHOOK_TASK = "localmoe.deliver_webhook"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub wake-up carrying a job id; the hash flag is the truth
 WORKERS = f"{PREFIX}:workers"  # sorted set: worker name → last heartbeat (unix seconds)
 
@@ -40,3 +42,36 @@ def worker_of_queue(queue: str | None) -> str | None:
     if queue is None or not queue.startswith(WORKER_QUEUE_PREFIX):
         return None
     return queue.removeprefix(WORKER_QUEUE_PREFIX)
+
+
+# --- API keys, admission, idempotency, listings (api/auth.py, api/admission.py) ----------------
+API_KEYS = f"{PREFIX}:apikeys"  # hash: key id → SHA-256 of the key
+
+
+def api_key(digest: str) -> str:
+    """The key's record (ApiKey JSON), under the SHA-256 of the key itself."""
+    return f"{PREFIX}:apikey:{digest}"
+
+
+# Jobs admitted and not yet claimed by a worker (the backlog backpressure bounds):
+QUEUED_JOBS = f"{PREFIX}:queued:jobs"  # hash: job id → "<tokens> <owner>"
+QUEUED_COUNT = f"{PREFIX}:queued:count"  # hash: "*" (all) and owner id → jobs waiting
+QUEUED_TOKENS = f"{PREFIX}:queued:tokens"  # hash: "*" and owner id → their prompt + max_tokens
+
+
+def rate(owner: str) -> str:
+    """The owner's rate limiter state: the theoretical arrival time (GCRA), unix seconds."""
+    return f"{PREFIX}:rate:{owner}"
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    """ "<job id> <body digest>" for one Idempotency-Key of one owner, kept 24 h."""
+    return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
+ALL_JOBS = f"{PREFIX}:jobs"  # sorted set: job id → queued_at, every job (admins list it)
+
+
+def owner_jobs(owner: str) -> str:
+    """Sorted set: job id → queued_at, the jobs of one API key."""
+    return f"{PREFIX}:owner:{owner}:jobs"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from scheduler import keys
+from scheduler import backlog, keys
 from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
 
 
@@ -37,6 +38,14 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=keys.SHARED_QUEUE,
         task_queues=[Queue(keys.SHARED_QUEUE)],
+        # Priorities: each queue is one Redis list per step, and a consumer pops every queue's
+        # step 0 before any step 1 (kombu's Redis transport; 0 is the most urgent).
+        broker_transport_options={
+            "queue_order_strategy": "priority",
+            "priority_steps": [0, 1, 2],
+            "sep": ":",
+        },
+        task_default_priority=1,
         task_create_missing_queues=True,
         task_send_sent_event=False,  # halves apply_async throughput (shared/NOTES.md)
         worker_send_task_events=task_events,  # Flower's task view; costs two publishes per job
@@ -62,6 +71,7 @@ class Enqueuer:
         self.app = app
         self.client = client
         self.ttl_s = ttl_s
+        self._release = client.register_script(backlog.RELEASE)
         self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
 
@@ -89,9 +99,16 @@ class Enqueuer:
 
     def _record(self, batch: list[_Pending]) -> None:
         pipe = self.client.pipeline(transaction=False)
+        now = time.time()
         for p in batch:
             pipe.hset(keys.job(p.job.id), mapping=job_to_hash(p.job))  # type: ignore[arg-type]
             pipe.expire(keys.job(p.job.id), self.ttl_s)
+            at = p.job.timings.queued_at or now
+            listings = [keys.ALL_JOBS] + ([keys.owner_jobs(p.job.owner)] if p.job.owner else [])
+            for listing in listings:  # newest first in GET /v1/jobs; entries leave with their record
+                pipe.zadd(listing, {p.job.id: at})
+                pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
+                pipe.expire(listing, self.ttl_s)
             routed = keys.worker_of_queue(p.job.queue)
             if routed is not None:  # the worker's backlog, until a claim removes it
                 pipe.hset(keys.queued(routed), p.job.id, p.job.cost)
@@ -100,12 +117,17 @@ class Enqueuer:
     def _publish(self, job: Job, producer: Any) -> Exception | None:
         try:
             self.app.send_task(
-                keys.RUN_JOB_TASK, args=[job.model_dump(mode="json")], queue=job.queue, producer=producer
+                keys.RUN_JOB_TASK,
+                args=[job.model_dump(mode="json")],
+                queue=job.queue,
+                priority=job.priority.rank,
+                producer=producer,
             )
             return None
         except Exception as e:  # the record stays, marked failed: the client learns why
             fields = encode_fields({"status": JobStatus.FAILED.value, "error": f"could not enqueue: {e}"})
             self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+            self._release(keys=backlog.RELEASE_KEYS, args=[job.id])
             routed = keys.worker_of_queue(job.queue)
             if routed is not None:
                 self.client.hdel(keys.queued(routed), job.id)

@@ -111,6 +111,14 @@ class Scheduler:
                 log.warning("scheduler could not read the worker registry: %s", e)
             time.sleep(self.cfg.refresh_s)
 
+    def drain_tokens_per_s(self) -> float:
+        """How fast the fresh workers together make tokens at full batch (0 when unmeasured)."""
+        with self._lock:
+            now = time.time()
+            return sum(
+                v.info.step_rate * max(v.info.capacity, 1) for v in self._views.values() if v.info.fresh(now)
+            )
+
     def route(self, job: Job) -> Route:
         if self.cfg.policy == "shared":
             return SHARED

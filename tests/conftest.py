@@ -43,6 +43,33 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
+def admin_key(redis_server: RedisServer) -> str:
+    """An admin API key, made the way `localmoe up` makes its first one."""
+    from api.auth import Scope, create_key
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return create_key(client, "tests (admin)", Scope.ADMIN).secret
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def user_key(redis_server: RedisServer) -> str:
+    from api.auth import Scope, create_key
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return create_key(client, "tests (user)", Scope.USER).secret
+    finally:
+        client.close()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
 def service_env(
     redis_server: RedisServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
@@ -95,7 +122,7 @@ def worker(service_env: dict[str, str], redis_server: RedisServer) -> Iterator[s
 
 
 @pytest.fixture(scope="session")
-def api_url(service_env: dict[str, str], worker: str) -> Iterator[str]:
+def api_url(service_env: dict[str, str], worker: str, admin_key: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"],
@@ -106,7 +133,7 @@ def api_url(service_env: dict[str, str], worker: str) -> Iterator[str]:
     def healthy() -> bool:
         assert proc.poll() is None, f"api exited with {proc.returncode}"
         try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            return httpx.get(f"{url}/readyz", headers=bearer(admin_key), timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -118,8 +145,15 @@ def api_url(service_env: dict[str, str], worker: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def http(api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=60) as client:
+def http(api_url: str, user_key: str) -> Iterator[httpx.Client]:
+    """The API as a user key sees it."""
+    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(user_key)) as client:
+        yield client
+
+
+@pytest.fixture
+def admin_http(api_url: str, admin_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(admin_key)) as client:
         yield client
 
 

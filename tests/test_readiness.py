@@ -3,6 +3,7 @@ ready again once its heartbeats stop."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import time
@@ -12,10 +13,11 @@ import httpx
 import pytest
 import redis
 
+from api.auth import Scope, create_key
 from localmoe.redis_server import RedisServer, free_port
 from scheduler import keys
 from scheduler.registry import STALE_AFTER_S, WorkerInfo
-from tests.conftest import wait_for
+from tests.conftest import bearer, wait_for
 
 
 @pytest.fixture
@@ -66,12 +68,15 @@ def _beat(client: redis.Redis, ready: bool, at: float) -> None:
 
 def test_ready_only_with_a_warm_worker(empty_api: tuple[str, redis.Redis]) -> None:
     api, client = empty_api
-    r = httpx.get(f"{api}/readyz")
+    key = create_key(client, "readiness", Scope.USER).secret
+    get = functools.partial(httpx.get, headers=bearer(key))
+    assert httpx.get(f"{api}/readyz").status_code == 401  # only /healthz goes without a key
+    r = get(f"{api}/readyz")
     assert r.status_code == 503 and "no worker" in r.json()["detail"]
     _beat(client, ready=False, at=time.time())  # loading its engine
-    assert httpx.get(f"{api}/readyz").status_code == 503
+    assert get(f"{api}/readyz").status_code == 503
     _beat(client, ready=True, at=time.time())
-    assert httpx.get(f"{api}/readyz").json() == {"status": "ready", "detail": None, "workers_ready": 1}
+    assert get(f"{api}/readyz").json() == {"status": "ready", "detail": None, "workers_ready": 1}
     _beat(client, ready=True, at=time.time() - STALE_AFTER_S - 1)  # three beats missed: gone
-    assert httpx.get(f"{api}/readyz").status_code == 503
-    assert httpx.get(f"{api}/v1/workers").json() == []
+    assert get(f"{api}/readyz").status_code == 503
+    assert get(f"{api}/v1/workers").json() == []

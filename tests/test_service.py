@@ -28,12 +28,12 @@ def submit(http: httpx.Client, **body: object) -> dict:  # type: ignore[type-arg
 
 
 def sse_events(
-    api_url: str, job_id: str, last_event_id: str | None = None, limit: int | None = None
+    http: httpx.Client, job_id: str, last_event_id: str | None = None, limit: int | None = None
 ) -> list[tuple[str, str, dict]]:  # type: ignore[type-arg]
     """(id, event, data) triples from the SSE endpoint; stops after `limit` events (a disconnect)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     out: list[tuple[str, str, dict]] = []  # type: ignore[type-arg]
-    with httpx.stream("GET", f"{api_url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as r:
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         ev: dict[str, str] = {}
@@ -91,9 +91,9 @@ def test_greedy_output_equals_transformers_generate(http: httpx.Client, model_di
 
 def test_sse_and_websocket_streams_concatenate_to_the_output(http: httpx.Client, api_url: str) -> None:
     job_id = submit(http, max_tokens=40, temperature=0.8, seed=7)["id"]
-    sse = sse_events(api_url, job_id)  # connected while the job runs: live relay
+    sse = sse_events(http, job_id)  # connected while the job runs: live relay
     ws_url = api_url.replace("http://", "ws://") + f"/v1/jobs/{job_id}/stream"
-    with connect(ws_url) as ws:
+    with connect(ws_url, additional_headers={"Authorization": http.headers["authorization"]}) as ws:
         messages = [json.loads(m) for m in ws]
     job = wait_done(http, job_id)
     assert sse[-1][1] == "done" and sse[-1][2]["status"] == "succeeded"
@@ -108,7 +108,7 @@ def test_32_concurrent_jobs_complete_in_one_batch(http: httpx.Client, api_url: s
     lock = threading.Lock()
 
     def post(i: int) -> None:
-        with httpx.Client(base_url=api_url, timeout=60) as c:
+        with httpx.Client(base_url=api_url, timeout=60, headers=http.headers) as c:
             r = c.post("/v1/jobs", json={"prompt": f"{PROMPT}    # variant {i}\n", "max_tokens": 48})
             assert r.status_code == 202
             with lock:
@@ -134,7 +134,7 @@ def test_32_concurrent_jobs_complete_in_one_batch(http: httpx.Client, api_url: s
 
 def test_cancel_running_job_stops_within_a_step(http: httpx.Client, api_url: str) -> None:
     job_id = submit(http, max_tokens=1000, temperature=1.0, seed=1)["id"]
-    first = sse_events(api_url, job_id, limit=3)  # it is generating
+    first = sse_events(http, job_id, limit=3)  # it is generating
     assert len(first) == 3
     r = http.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 202
@@ -143,7 +143,7 @@ def test_cancel_running_job_stops_within_a_step(http: httpx.Client, api_url: str
     assert time.monotonic() - asked < 2.0
     assert job["status"] == "cancelled" and job["finish_reason"] == "abort"
     assert job["usage"]["completion_tokens"] < 1000
-    events = sse_events(api_url, job_id)
+    events = sse_events(http, job_id)
     assert events[-1][1] == "done" and events[-1][2]["status"] == "cancelled"
     assert "".join(d["text"] for _, e, d in events if e == "token") == job["output"]
 
@@ -156,16 +156,16 @@ def test_cancel_running_job_stops_within_a_step(http: httpx.Client, api_url: str
 
 def test_stream_replay_after_disconnect(http: httpx.Client, api_url: str) -> None:
     job_id = submit(http, max_tokens=48, temperature=0.9, seed=3)["id"]
-    head = sse_events(api_url, job_id, limit=4)  # the client goes away after 4 events
-    rest = sse_events(api_url, job_id, last_event_id=head[-1][0])
+    head = sse_events(http, job_id, limit=4)  # the client goes away after 4 events
+    rest = sse_events(http, job_id, last_event_id=head[-1][0])
     job = wait_done(http, job_id)
     assert rest[-1][1] == "done"
     ids = [i for i, _, _ in head + rest]
     assert len(ids) == len(set(ids))  # no event twice
     assert "".join(d["text"] for _, e, d in head + rest if e == "token") == job["output"]
-    assert sse_events(api_url, job_id) == sse_events(api_url, job_id, last_event_id="0-0")
+    assert sse_events(http, job_id) == sse_events(http, job_id, last_event_id="0-0")
     ws_url = api_url.replace("http://", "ws://") + f"/v1/jobs/{job_id}/stream?after={head[1][0]}"
-    with connect(ws_url) as ws:
+    with connect(ws_url, additional_headers={"Authorization": http.headers["authorization"]}) as ws:
         replay = [json.loads(m) for m in ws]
     assert [m["id"] for m in replay] == ids[2:]
 

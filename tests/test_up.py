@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from localmoe.redis_server import free_port
-from tests.conftest import wait_for
+from tests.conftest import bearer, wait_for
 
 
 def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
@@ -39,15 +39,41 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
 
         def ready() -> bool:
             assert up.poll() is None, f"localmoe up exited early:\n{(tmp_path / 'up.log').read_text()}"
-            try:
-                return httpx.get(f"{api}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return "is ready" in (tmp_path / "up.log").read_text()
 
         wait_for(ready, 180, "localmoe up to be ready", interval=0.2)
         assert (home / "models" / "tiny-mixtral" / "config.json").exists()  # built on first start
         printed = (tmp_path / "up.log").read_text()
         assert api in printed and f"{api}/docs" in printed and f":{flower_port}" in printed
+        # An admin key, made on first start, printed once and kept for the CLI (which used it above).
+        key = json.loads((home / "secrets.json").read_text())["api_key"]
+        assert printed.count(key) == 1
+        assert httpx.get(f"{api}/readyz", timeout=5).status_code == 401
+        assert httpx.get(f"{api}/readyz", headers=bearer(key), timeout=5).status_code == 200
+        made = subprocess.run(
+            [sys.executable, "-m", "localmoe", "keys", "create", "alice", "--max-priority", "low"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert made.returncode == 0, made.stderr
+        alice = made.stdout.split()[-1]
+        listed = subprocess.run(
+            [sys.executable, "-m", "localmoe", "keys", "list"], env=env, capture_output=True, text=True
+        )
+        alice_id = made.stdout.split()[1]
+        assert f"{alice_id}  user   active" in listed.stdout, listed.stdout
+        assert alice not in listed.stdout  # only hashes are kept
+        r = httpx.post(f"{api}/v1/jobs", json={"prompt": "x", "priority": "high"}, headers=bearer(alice))
+        assert r.status_code == 202 and r.json()["priority"] == "low"  # capped by the key
+        revoked = subprocess.run(
+            [sys.executable, "-m", "localmoe", "keys", "revoke", alice_id], env=env, capture_output=True
+        )
+        assert revoked.returncode == 0
+        wait_for(
+            lambda: httpx.get(f"{api}/v1/jobs", headers=bearer(alice)).status_code == 401, 3, "revocation"
+        )
 
         streamed = subprocess.run(
             [sys.executable, "-m", "localmoe", "submit", "def fib(n):", "--stream", "--max-tokens", "12"],

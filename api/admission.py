@@ -1,0 +1,86 @@
+"""Admission: a job enters the backlog, or the caller is told (429) when to come back.
+
+One Lua script per decision (scheduler/backlog.py) checks the key's rate (GCRA) and the backlog
+limits, global and per key, and counts the job in: one Redis round trip, nothing enqueued when
+refused. Retry-After: the rate limiter's exact wait, or for a full backlog how long the workers
+take to drain the excess at their measured speed (1 s to 10 min).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import cast
+
+import redis.asyncio as aioredis
+from fastapi import HTTPException
+
+from api.auth import ApiKey
+from localmoe.settings import LimitSettings
+from scheduler import backlog, keys
+from scheduler.backlog import Limits, Verdict
+
+_WHY = {
+    Verdict.TOO_MANY_JOBS: "the server has {value} jobs waiting (limit {limit})",
+    Verdict.TOO_MANY_TOKENS: "the server has {value} tokens waiting (limit {limit})",
+    Verdict.KEY_TOO_MANY_JOBS: "this key has {value} jobs waiting (limit {limit})",
+    Verdict.KEY_TOO_MANY_TOKENS: "this key has {value} tokens waiting (limit {limit})",
+}
+
+
+def limits_for(caller: ApiKey, cfg: LimitSettings) -> Limits:
+    own = caller.limits
+    return Limits(
+        max_jobs=cfg.max_queued_jobs,
+        max_tokens=cfg.max_queued_tokens,
+        key_max_jobs=own.max_queued_jobs or cfg.per_key_max_queued_jobs,
+        key_max_tokens=own.max_queued_tokens or cfg.per_key_max_queued_tokens,
+        rate_per_s=own.rate_per_s or cfg.per_key_rate_per_s,
+        burst=own.burst or cfg.per_key_burst,
+    )
+
+
+class Admission:
+    def __init__(self, client: aioredis.Redis, cfg: LimitSettings) -> None:
+        self.cfg = cfg
+        self._admit = client.register_script(backlog.ADMIT)
+        self._release = client.register_script(backlog.RELEASE)
+
+    async def admit(self, job_id: str, tokens: int, caller: ApiKey, drain_tokens_per_s: float) -> None:
+        """Counts the job in, or raises 429 with Retry-After. `tokens`: prompt + max_tokens;
+        `drain_tokens_per_s`: the workers' measured speed, for the Retry-After of a full backlog."""
+        limits = limits_for(caller, self.cfg)
+        reply = cast(
+            list[int],
+            await self._admit(
+                keys=[*backlog.RELEASE_KEYS, keys.rate(caller.id)],
+                args=[job_id, tokens, caller.id, time.time(), *limits.argv()],
+            ),
+        )
+        verdict = Verdict(int(reply[0]))
+        if verdict is Verdict.ADMITTED:
+            return
+        if verdict is Verdict.RATE_LIMITED:
+            wait = int(reply[1]) / 1000
+            detail = f"rate limit: {limits.rate_per_s:g} submissions per second (burst {limits.burst})"
+        else:
+            value = int(reply[1])
+            limit = {
+                Verdict.TOO_MANY_JOBS: limits.max_jobs,
+                Verdict.TOO_MANY_TOKENS: limits.max_tokens,
+                Verdict.KEY_TOO_MANY_JOBS: limits.key_max_jobs,
+                Verdict.KEY_TOO_MANY_TOKENS: limits.key_max_tokens,
+            }[verdict]
+            detail = "backlog full: " + _WHY[verdict].format(value=value, limit=limit)
+            excess = value + (1 if verdict in (Verdict.TOO_MANY_JOBS, Verdict.KEY_TOO_MANY_JOBS) else tokens)
+            excess -= limit
+            per_unit = tokens if verdict in (Verdict.TOO_MANY_JOBS, Verdict.KEY_TOO_MANY_JOBS) else 1
+            wait = excess * per_unit / max(drain_tokens_per_s, 1.0)
+        retry_after = min(max(math.ceil(wait), 1), 600)
+        raise HTTPException(
+            429, f"{detail}; retry in {retry_after} s", headers={"Retry-After": str(retry_after)}
+        )
+
+    async def release(self, job_id: str) -> None:
+        """The job will not be enqueued after all (an enqueue failure)."""
+        await self._release(keys=backlog.RELEASE_KEYS, args=[job_id])
