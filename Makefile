@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VVENV ?= .venv-vllm
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: up test check lint types pytest test-vllm bench install clean
+.PHONY: up test check lint types pytest test-vllm bench install clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,7 +48,13 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+# Debian's chromium: the playground's browser tests drive it through playwright (no browser
+# download; the box may be offline).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) \
+	  || echo "chromium could not be installed: the playground's browser tests will be skipped"
+
+pytest: $(STAMP) browser
 	$(BIN)/pytest -q
 
 test-vllm: $(VSTAMP)

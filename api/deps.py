@@ -13,6 +13,7 @@ from api.auth import Caller, KeyStore
 from api.store import JobStore
 from localmoe.settings import Settings
 from scheduler.jobs import Job
+from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer
 from scheduler.routing import PromptCounter, Scheduler
 
@@ -26,6 +27,7 @@ class Services:
     keys: KeyStore
     admission: Admission
     enqueuer: Enqueuer
+    notifier: Notifier
     counter: PromptCounter
     scheduler: Scheduler
 

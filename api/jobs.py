@@ -13,10 +13,12 @@ from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse
 from api.store import CancelOutcome
+from api.webhooks import endpoint_for_job
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
 from scheduler.modality import classify
 from scheduler.routing import job_cost
+from scheduler.webhooks import WebhookEventType, read_attempts_async
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -66,6 +68,8 @@ async def accept(
         timings=Timings(queued_at=time.time()),
         cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),
     )
+    if spec.webhook is not None:
+        job.webhook_endpoint = await endpoint_for_job(services, caller, spec.webhook)
     idem = await _claim_idempotency(services, caller, idempotency_key, spec, job.id)
     if idem is not None:
         return idem, True
@@ -169,8 +173,10 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobResponse)
-async def poll(job: JobDep) -> JobResponse:
-    return JobResponse.of(job)
+async def poll(job: JobDep, services: ServicesDep) -> JobResponse:
+    """The job, with its webhook delivery attempts when it has a webhook."""
+    attempts = await read_attempts_async(services.store.client, job.id) if job.webhook_endpoint else []
+    return JobResponse.of(job, attempts)
 
 
 @router.delete("/{job_id}", response_model=JobResponse)
@@ -181,4 +187,6 @@ async def cancel(job: JobDep, services: ServicesDep, response: Response) -> JobR
     if outcome is CancelOutcome.REQUESTED:
         response.status_code = 202
     current = await services.store.get(job.id) or job
+    if outcome is CancelOutcome.CANCELLED:  # it never reached a worker: the API tells the webhook
+        services.notifier.emit(current, WebhookEventType.CANCELLED)
     return JobResponse.of(current)

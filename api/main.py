@@ -11,13 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import admin, health, jobs, streams
+from api import admin, health, jobs, playground, streams, webhooks
 from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
 from api.store import JobStore
 from localmoe.settings import Settings, get_settings
+from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer, make_celery
 from scheduler.routing import PromptCounter, Scheduler
 
@@ -39,12 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = s.require_redis_url()
         client = aioredis.from_url(url, decode_responses=True, health_check_interval=10)
         sync_client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+        celery = make_celery(url)
+        notifier = Notifier(celery)
+        notifier.start()
         app.state.services = Services(
             settings=s,
             store=JobStore(client, s.limits.job_ttl_s),
             keys=KeyStore(client),
             admission=Admission(client, s.limits),
-            enqueuer=Enqueuer(make_celery(url), sync_client, s.limits.job_ttl_s),
+            enqueuer=Enqueuer(celery, sync_client, s.limits.job_ttl_s),
+            notifier=notifier,
             counter=PromptCounter(s.resolved_model_dir),
             scheduler=Scheduler(sync_client, s.scheduler),
         )
@@ -64,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(streams.router)
     app.include_router(admin.router)
+    app.include_router(playground.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from scheduler.jobs import Job
+from scheduler.webhooks import WebhookAttempt
 
 
 class JobLinks(BaseModel):
@@ -15,12 +16,15 @@ class JobLinks(BaseModel):
 
 class JobResponse(Job):
     links: JobLinks
+    webhook_attempts: list[WebhookAttempt] = Field(
+        default_factory=list, description="Webhook deliveries so far (GET /v1/jobs/{id} only)."
+    )
 
     @classmethod
-    def of(cls, job: Job) -> JobResponse:
+    def of(cls, job: Job, attempts: list[WebhookAttempt] | None = None) -> JobResponse:
         base = f"/v1/jobs/{job.id}"
         links = JobLinks(self=base, events=f"{base}/events", stream=f"{base}/stream")
-        return cls(**job.model_dump(), links=links)
+        return cls(**job.model_dump(), links=links, webhook_attempts=attempts or [])
 
 
 class JobPage(BaseModel):

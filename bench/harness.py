@@ -59,16 +59,16 @@ def wait_workers_ready(client: redis.Redis, names: list[str]) -> None:
         time.sleep(0.1)
 
 
-def start_api(env: dict[str, str]) -> tuple[Proc, str]:
+def start_api(env: dict[str, str], ready: bool = True) -> tuple[Proc, str]:
     """uvicorn on a free loopback port; returns once /readyz answers 200 (a warm worker is known,
-    and the scheduler has read the registry)."""
+    and the scheduler has read the registry), or with ready=False once /healthz does."""
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"]
     proc: Proc = subprocess.Popen([*argv, "--no-access-log"], env=env)
     api = f"http://127.0.0.1:{port}"
     while True:
         try:
-            if httpx.get(f"{api}/readyz", headers=auth(env)).status_code == 200:
+            if httpx.get(f"{api}/{'readyz' if ready else 'healthz'}", headers=auth(env)).status_code == 200:
                 return proc, api
         except httpx.HTTPError:
             pass

@@ -142,6 +142,21 @@ def _refused(r: httpx.Response) -> int:
     return 1
 
 
+def cmd_keys_bootstrap(args: argparse.Namespace) -> int:
+    """The first admin key of a deployment without `localmoe up` (compose, several boxes):
+    written straight to the Redis that LOCALMOE_REDIS_URL names."""
+    import redis
+
+    from api.auth import Scope, create_key
+    from localmoe.settings import get_settings
+
+    client = redis.Redis.from_url(get_settings().require_redis_url(), decode_responses=True)
+    made = create_key(client, args.name, Scope.ADMIN)
+    print(f"admin key {made.key.id} for {made.key.name!r} (shown once):")
+    print(made.secret)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     with _api() as http:
         if args.keys_command == "create":
@@ -301,6 +316,11 @@ def parser() -> argparse.ArgumentParser:
     keys.choices["list"].add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
     for k in keys.choices.values():
         k.set_defaults(func=cmd_keys)
+    boot = keys.add_parser(
+        "bootstrap", help="make an admin key directly in Redis (LOCALMOE_REDIS_URL), without `up`"
+    )
+    boot.add_argument("--name", default="admin (bootstrap)")
+    boot.set_defaults(func=cmd_keys_bootstrap)
     return p
 
 

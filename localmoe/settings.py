@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -136,6 +136,14 @@ class WebhookSettings(BaseModel):
     )
     output_interval_s: float = Field(0.5, ge=0.5, description="output events: at most one per this long.")
     concurrency: int = Field(16, ge=1, le=256, description="Deliveries in flight per webhook worker.")
+
+    @field_validator("allow")
+    @classmethod
+    def _entries(cls, allow: list[str]) -> list[str]:
+        from scheduler.webhooks import parse_allowlist
+
+        parse_allowlist(allow)  # a malformed entry stops every process at start, with the reason
+        return allow
 
 
 class Settings(BaseSettings):

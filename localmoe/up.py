@@ -154,6 +154,7 @@ class Supervisor:
 
         for name, devices in worker_plan(visible_gpus(), engine_tp(s.engine)):
             self.spawn(f"worker-{name}", self._worker_argv(name), {**env, "CUDA_VISIBLE_DEVICES": devices})
+        self.spawn("webhooks", [sys.executable, "-m", "workers.webhooks"], env)
         self.spawn(
             "api",
             [
@@ -231,11 +232,13 @@ class Supervisor:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
     def stop(self) -> None:
-        """Front ends first (no new work comes in), then workers, then Redis."""
+        """Front ends first (no new work comes in), then workers, then the webhook worker (the
+        last events go out), then Redis."""
         self.stopping = True
         workers = [c for c in self.children if c.name.startswith("worker")]
-        front = [c for c in self.children if c not in workers]
-        for group in (front, workers):
+        hooks = [c for c in self.children if c.name == "webhooks"]
+        front = [c for c in self.children if c not in workers and c not in hooks]
+        for group in (front, workers, hooks):
             for c in group:
                 if c.proc.poll() is None:
                     c.proc.terminate()

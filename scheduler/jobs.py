@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from scheduler.webhooks import WebhookSpec
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -66,6 +68,11 @@ class JobSpec(BaseModel):
     priority: Priority = Field(
         default=Priority.NORMAL, description="high, normal or low; capped at what the API key may use."
     )
+    webhook: WebhookSpec | None = Field(
+        default=None,
+        description="Signed callbacks (Standard Webhooks) for the events named; the URL must be an "
+        "endpoint registered with POST /v1/webhooks, on a host the admin allows.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -109,6 +116,7 @@ class Job(BaseModel):
     spec: JobSpec
     owner: str | None = None  # the id of the API key that submitted it; only it (and admins) see it
     priority: Priority = Priority.NORMAL  # the spec's, capped by the key's ceiling
+    webhook_endpoint: str | None = None  # the registered endpoint spec.webhook.url resolved to
     modality: Modality = Modality.TEXT  # the client's, or detected at intake
     language: str | None = None  # the programming language, when detection is confident
     queue: str | None = None  # the Celery queue the scheduler chose

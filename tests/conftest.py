@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -79,6 +81,8 @@ def service_env(
         "LOCALMOE_MODEL_DIR": str(model_dir),
         "LOCALMOE_HOME": str(tmp_path_factory.mktemp("home")),
         "LOCALMOE_LIMITS__MAX_TOKENS": "1024",
+        "LOCALMOE_WEBHOOKS__ALLOW": '["127.0.0.1"]',  # the tests' receiver (tests/receiver.py)
+        "LOCALMOE_WEBHOOKS__BASE_BACKOFF_S": "0.2",
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONUNBUFFERED": "1",
     }
@@ -165,3 +169,95 @@ def wait_done(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:  #
             return job  # type: ignore[no-any-return]
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} not finished after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def webhook_worker(service_env: dict[str, str], redis_server: RedisServer) -> Iterator[None]:
+    """`python -m workers.webhooks` beside the session's service, the way `localmoe up` runs it."""
+    from scheduler.queue import make_celery
+
+    proc = subprocess.Popen([sys.executable, "-m", "workers.webhooks"], env=service_env)
+    app = make_celery(redis_server.url)
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"webhook worker exited with {proc.returncode}"
+        replies = app.control.ping(timeout=0.3) or []
+        return any(name.startswith("webhooks@") for reply in replies for name in reply)
+
+    try:
+        wait_for(ready, 30, "the webhook worker")
+        yield
+    finally:
+        _stop(proc)
+        app.close()
+
+
+@dataclass
+class Stack:
+    """A service of its own (its own Redis database): for tests that need other settings."""
+
+    api: str
+    client: redis.Redis
+    admin_key: str
+    env: dict[str, str]
+
+    def http(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.api, timeout=60, headers=bearer(key or self.admin_key))
+
+
+_PRIVATE_DBS = iter([3, 4, 5, 6, 8, 9, 10, 12, 13, 14, 15])  # 7: test_readiness, 11: test_webhooks
+
+
+@contextmanager
+def private_stack(service_env: dict[str, str], worker: bool, **settings: str) -> Iterator[Stack]:
+    """An API (and a worker, if asked) on a fresh Redis database, with LOCALMOE_* `settings`."""
+    from api.auth import Scope, create_key
+
+    url = service_env["LOCALMOE_REDIS_URL"].rsplit("/", 1)[0] + f"/{next(_PRIVATE_DBS)}"
+    env = {**service_env, "LOCALMOE_REDIS_URL": url, **settings}
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    admin = create_key(client, "private stack (admin)", Scope.ADMIN).secret
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if worker:
+            name = f"private{url.rsplit('/', 1)[1]}"
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "localmoe", "worker", "--name", name], env=env)
+            )
+
+            def warm() -> bool:
+                assert procs[0].poll() is None, "the private worker exited"
+                raw = client.get(keys.worker(name))
+                return raw is not None and WorkerInfo.model_validate_json(raw).ready
+
+            wait_for(warm, 120, "the private worker")
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+        procs.append(subprocess.Popen([*argv, "--log-level", "warning"], env=env))
+        api = f"http://127.0.0.1:{port}"
+        path = "/readyz" if worker else "/healthz"
+
+        def up() -> bool:
+            assert procs[-1].poll() is None, "the private API exited"
+            try:
+                return httpx.get(api + path, headers=bearer(admin), timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "the private API")
+        yield Stack(api, client, admin, env)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        client.flushdb()
+        client.close()

@@ -253,14 +253,16 @@ def test_model_is_mounted_read_only_everywhere(services: dict[str, dict[str, Any
 
 
 def test_api_workers_and_flower_wait_for_a_healthy_redis(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("api", "flower", *workers(services)):
+    for name in ("api", "flower", "webhooks", *workers(services)):
         depends = services[name].get("depends_on")
         assert isinstance(depends, dict), f"{name}: depends_on must carry a condition"
         assert depends.get("redis", {}).get("condition") == "service_healthy", name
 
 
 def test_processes_find_redis_with_the_password(services: dict[str, dict[str, Any]]) -> None:
-    urls = {name: env_of(services[name])["LOCALMOE_REDIS_URL"] for name in ("api", *workers(services))}
+    urls = {
+        name: env_of(services[name])["LOCALMOE_REDIS_URL"] for name in ("api", "webhooks", *workers(services))
+    }
     urls["flower"] = env_of(services["flower"])["CELERY_BROKER_URL"]
     for name, url in urls.items():
         m = re.fullmatch(r"rediss?://:(.+)@redis:6379/\d+", url)

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from localmoe.gpus import GpuStats
+from localmoe.redis_server import RedisServer
 from localmoe.settings import SchedulerSettings
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Modality
@@ -20,10 +21,13 @@ from scheduler.routing import Scheduler, job_cost
 
 
 @pytest.fixture
-def client(rclient: redis.Redis) -> Iterator[redis.Redis]:
-    rclient.flushdb()
-    yield rclient
-    rclient.flushdb()
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A database of its own (2): the session's service lives in database 0."""
+    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/2", decode_responses=True)
+    c.flushdb()
+    yield c
+    c.flushdb()
+    c.close()
 
 
 def beat(client: redis.Redis, name: str, *, age_s: float = 0.0, **fields: Any) -> WorkerInfo:

@@ -140,6 +140,8 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     import redis
     import torch
 
+    from scheduler.notify import Notifier
+    from scheduler.queue import make_celery
     from workers.engine_setup import start_engine
     from workers.runtime import Runtime, worker_info
 
@@ -159,4 +161,13 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     info.engine_reason = (
         choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
     )
-    return Runtime(client, engine, info, settings.limits.job_ttl_s, settings.engine.step_delay_s)
+    notifier = Notifier(make_celery(settings.require_redis_url()))
+    return Runtime(
+        client,
+        engine,
+        info,
+        settings.limits.job_ttl_s,
+        settings.engine.step_delay_s,
+        notifier=notifier,
+        output_interval_s=settings.webhooks.output_interval_s,
+    )

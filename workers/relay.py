@@ -22,7 +22,9 @@ import redis
 from moe_core.engine import Delta, FinishReason
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, Usage, encode_fields
+from scheduler.notify import TERMINAL_EVENT, Notifier, wants
 from scheduler.stream import DoneEvent, done_fields, token_fields
+from scheduler.webhooks import WebhookEventType
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Held:
     text: list[str] = field(default_factory=list)
     tokens: int = 0  # generated so far (the relay thread writes, heartbeats read)
     first_token_at: float | None = None
+    output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
 
 
 @dataclass
@@ -69,10 +72,20 @@ class _Failure:
 
 
 class Relay(threading.Thread):
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        notifier: Notifier | None = None,
+        output_interval_s: float = 0.5,
+    ) -> None:
+        """notifier: where the jobs' webhook events go (None: nowhere); output events are sent
+        at most once per output_interval_s per job."""
         super().__init__(name="relay", daemon=True)
         self.client = client
         self.ttl_s = ttl_s
+        self.notifier = notifier
+        self.output_interval_s = output_interval_s
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure] = queue.SimpleQueue()
         self._finalize = client.register_script(FINALIZE)
@@ -80,6 +93,8 @@ class Relay(threading.Thread):
     # --- called from other threads ------------------------------------------------------
     def track(self, held: Held) -> None:
         self.held[held.job.id] = held
+        if self.notifier is not None:
+            self.notifier.emit(held.job, WebhookEventType.STARTED, output="")
 
     def publish(self, deltas: list[Delta]) -> None:
         self._inbox.put(deltas)
@@ -114,6 +129,8 @@ class Relay(threading.Thread):
                 log.exception("relay write rejected; %d jobs' final states were not written", len(finals))
                 break
         for held, job in finals:
+            if self.notifier is not None:  # after the terminal state is in Redis
+                self.notifier.emit(job, TERMINAL_EVENT[job.status])
             held.future.set_result(job)
 
     def _plan(self, batch: list[list[Delta] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
@@ -153,11 +170,23 @@ class Relay(threading.Thread):
             ops.append(lambda pipe: pipe.hset(keys.job(job_id), mapping=first))  # type: ignore[arg-type]
         if delta.text:
             held.text.append(delta.text)
+            self._maybe_output_event(held, delta)
             fields = token_fields(delta.text)
             ops.append(lambda pipe: pipe.xadd(keys.events(job_id), fields))  # type: ignore[arg-type]
             if len(held.text) == 1:
                 ops.append(lambda pipe: pipe.expire(keys.events(job_id), self.ttl_s))
         return ops
+
+    def _maybe_output_event(self, held: Held, delta: Delta) -> None:
+        """An `output` event with the text so far, throttled; the last text rides on `completed`."""
+        if self.notifier is None or delta.finish_reason is not None:
+            return
+        if not wants(held.job, WebhookEventType.OUTPUT):
+            return
+        now = time.monotonic()
+        if now - held.output_sent_at >= self.output_interval_s:
+            held.output_sent_at = now
+            self.notifier.emit(held.job, WebhookEventType.OUTPUT, output="".join(held.text))
 
     def _final_job(
         self,

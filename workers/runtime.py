@@ -14,6 +14,7 @@ from localmoe.gpus import gpu_stats, visible_nvml_indices
 from moe_core.engine import Engine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
+from scheduler.notify import Notifier
 from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
 from workers.engine_loop import EngineLoop
 from workers.relay import Held, Relay
@@ -23,18 +24,28 @@ log = logging.getLogger(__name__)
 
 class Runtime:
     def __init__(
-        self, client: redis.Redis, engine: Engine, info: WorkerInfo, ttl_s: int, step_delay_s: float = 0.0
+        self,
+        client: redis.Redis,
+        engine: Engine,
+        info: WorkerInfo,
+        ttl_s: int,
+        step_delay_s: float = 0.0,
+        notifier: Notifier | None = None,
+        output_interval_s: float = 0.5,
     ) -> None:
         self.client = client
         self.engine = engine
         self.info = info
-        self.relay = Relay(client, ttl_s)
+        self.notifier = notifier
+        self.relay = Relay(client, ttl_s, notifier, output_interval_s)
         self.loop = EngineLoop(engine, self.relay, step_delay_s)
         self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
 
     def start(self) -> None:
+        if self.notifier is not None:
+            self.notifier.start()
         self.relay.start()
         self.loop.start()
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
