@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import admin, health, jobs, playground, streams, webhooks
+from api import admin, health, jobs, openai_compat, playground, streams, webhooks
 from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(playground.router)
     app.include_router(webhooks.router)
+    app.include_router(openai_compat.router)
     return app
 
 

@@ -1,0 +1,413 @@
+"""The OpenAI-compatible endpoints, driven by the official `openai` client against the real
+service (API → Redis → Celery worker → engine). Each request is an ordinary job: the tests
+compare with /v1/jobs, and find the jobs of disconnected clients there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from api.auth import KeyLimits, Scope, create_key
+from api.openai_compat import ChatMessage, render_chat
+from localmoe.redis_server import RedisServer
+from tests.conftest import bearer, wait_done
+
+PROMPT = "def fibonacci(n):\n"
+CONVERSATION: list[Any] = [
+    {"role": "system", "content": "You write short Python functions."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "Sort a list"}, {"type": "text", "text": " of ints."}],
+    },
+]
+
+
+def _new_key(redis_server: RedisServer, name: str, limits: KeyLimits | None = None) -> str:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return create_key(client, name, Scope.USER, limits).secret
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def key(redis_server: RedisServer) -> str:
+    """A key of this module's own: its newest job is the one the last test made."""
+    return _new_key(redis_server, "tests (openai)")
+
+
+@pytest.fixture
+def client(api_url: str, key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def jobs(api_url: str, key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(key)) as c:
+        yield c
+
+
+def job_id(response_id: str) -> str:
+    return response_id.split("-", 1)[1]
+
+
+def newest_job(jobs: httpx.Client) -> dict[str, Any]:
+    page = jobs.get("/v1/jobs", params={"limit": 1}).json()
+    return page["jobs"][0]
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, model_dir: Path) -> None:
+    models = client.models.list().data
+    assert [(m.id, m.object, m.owned_by) for m in models] == [(model_dir.name, "model", "localmoe")]
+    assert models[0].created > 0
+    assert client.models.retrieve(model_dir.name).id == model_dir.name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
+    schema = httpx.get(f"{client.base_url}".replace("/v1/", "/openapi.json")).json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
+
+
+def test_greedy_completion_equals_the_job_api(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    done = client.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=24, temperature=0)
+    r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 24})
+    direct = wait_done(jobs, r.json()["id"])
+    assert done.object == "text_completion" and done.model == model_dir.name
+    [choice] = done.choices
+    assert choice.index == 0 and choice.logprobs is None
+    assert choice.text == direct["output"] and choice.text
+    assert choice.finish_reason == direct["finish_reason"] in ("stop", "length")
+    assert done.usage is not None
+    assert done.usage.prompt_tokens == direct["usage"]["prompt_tokens"] > 0
+    assert done.usage.completion_tokens == direct["usage"]["completion_tokens"]
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    # an ordinary job: intake detected its modality and the worker ran it
+    assert done.id.startswith("cmpl-")
+    job = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()
+    assert job["status"] == "succeeded" and job["output"] == choice.text
+    assert job["modality"] == "code" and job["spec"]["temperature"] == 0
+    # a list holding one prompt is the same request; the model may be left out (raw HTTP)
+    again = client.completions.create(model=model_dir.name, prompt=[PROMPT], max_tokens=24, temperature=0)
+    assert again.choices[0].text == choice.text
+    raw = jobs.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0})
+    assert raw.status_code == 200 and raw.json()["choices"][0]["text"] == choice.text
+
+
+def test_completion_defaults_and_extensions(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    done = client.completions.create(model=model_dir.name, prompt=PROMPT, seed=3, user="alice")
+    job = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()
+    spec = job["spec"]
+    assert spec["max_tokens"] == 16 and spec["temperature"] == 1.0 and spec["top_p"] == 1.0  # OpenAI's
+    assert spec["seed"] == 3 and spec["top_k"] == 0 and spec["stop"] == []
+    assert job["modality"] == "code" and job["priority"] == "normal"  # detected; the default
+    assert done.usage is not None and done.usage.completion_tokens <= 16
+    extended = client.completions.create(
+        model=model_dir.name,
+        prompt=PROMPT,
+        max_tokens=2,
+        extra_body={"top_k": 5, "priority": "low", "modality": "text", "ignore_eos": True},
+    )
+    job = jobs.get(f"/v1/jobs/{job_id(extended.id)}").json()
+    assert job["spec"]["top_k"] == 5 and job["priority"] == "low" and job["modality"] == "text"
+    assert extended.usage is not None and extended.usage.completion_tokens == 2
+
+
+def test_streamed_completion_concatenates_to_the_whole(client: openai.OpenAI, model_dir: Path) -> None:
+    args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    *pieces, last, usage = chunks
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert all(c.object == "text_completion" and c.model == model_dir.name for c in chunks)
+    assert len(pieces) > 1 and all(c.choices[0].finish_reason is None for c in pieces)
+    assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text
+    assert last.choices[0].text == "" and last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in [*pieces, last])
+    assert usage.choices == [] and usage.usage is not None
+    assert usage.usage.completion_tokens == whole.usage.completion_tokens
+    # without include_usage: no usage chunk
+    plain = list(client.completions.create(**args, stream=True))
+    assert plain[-1].choices[0].finish_reason is not None and all(c.usage is None for c in plain)
+    assert "".join(c.choices[0].text for c in plain) == whole.choices[0].text
+
+
+def test_chat_uses_chatml_without_a_template(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    done = client.chat.completions.create(
+        model=model_dir.name, messages=CONVERSATION, max_tokens=24, temperature=0
+    )
+    assert done.object == "chat.completion" and done.id.startswith("chatcmpl-")
+    [choice] = done.choices
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert done.usage is not None and done.usage.completion_tokens > 0
+    spec = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]
+    assert spec["prompt"] == (
+        "<|im_start|>system\nYou write short Python functions.<|im_end|>\n"
+        "<|im_start|>user\nSort a list of ints.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert spec["stop"] == ["<|im_end|>"] and spec["max_tokens"] == 24
+    assert choice.message.content == jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["output"]
+
+    stream = client.chat.completions.create(
+        model=model_dir.name,
+        messages=CONVERSATION,
+        max_completion_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    first, *pieces, last, usage = list(stream)
+    assert first.object == "chat.completion.chunk" and first.choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == choice.message.content
+    assert last.choices[0].finish_reason == choice.finish_reason
+    assert usage.choices == [] and usage.usage is not None
+    assert usage.usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_chat_without_max_tokens_may_fill_the_context(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    done = client.chat.completions.create(
+        model=model_dir.name, messages=[{"role": "developer", "content": "Be brief."}], stop=["\n"], seed=1
+    )
+    spec = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]
+    assert spec["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")  # developer → system
+    assert spec["max_tokens"] == 1024  # the server's limit (LOCALMOE_LIMITS__MAX_TOKENS) < the room left
+    assert spec["stop"] == ["\n", "<|im_end|>"]
+    assert "\n" not in (done.choices[0].message.content or "")
+
+
+def test_a_model_chat_template_is_used(model_dir: Path, tmp_path: Path) -> None:
+    templated = tmp_path / "templated"
+    templated.mkdir()
+    for f in model_dir.iterdir():
+        (templated / f.name).symlink_to(f)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    (templated / "tokenizer_config.json").unlink()
+    (templated / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [ChatMessage.model_validate(m) for m in CONVERSATION]
+    prompt, stop = asyncio.run(render_chat(templated, messages))
+    assert prompt == "[system] You write short Python functions.\n[user] Sort a list of ints.\n[assistant] "
+    assert stop == []
+    assert asyncio.run(render_chat(model_dir, messages))[1] == ["<|im_end|>"]  # no template: ChatML
+
+
+def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model_dir: Path) -> None:
+    args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    text = client.completions.create(**args).choices[0].text
+    assert len(text) > 12, text
+    stop = text[8:12]
+    for given in (stop, [stop, "\x00never"]):
+        cut = client.completions.create(**args, stop=given).choices[0]
+        assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+
+
+BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
+    ({"n": 2}, "n", "n=2 is not supported"),
+    ({"logprobs": 1}, "logprobs", "logprobs are not supported"),
+    ({"echo": True}, "echo", "echo is not supported"),
+    ({"best_of": 3}, "best_of", "best_of"),
+    ({"suffix": "}"}, "suffix", "suffix"),
+    ({"logit_bias": {"5": 10}}, "logit_bias", "logit_bias is not supported"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
+    ({"frequency_penalty": -1}, "frequency_penalty", "frequency_penalty is not supported"),
+    ({"prompt": ["one", "two"]}, "prompt", "exactly one prompt"),
+    ({"prompt": [1, 2, 3]}, "prompt", "string"),
+    ({"prompt": "   "}, "prompt", "empty"),
+    ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"max_tokens": 0}, "max_tokens", "greater than 0"),
+    ({"max_tokens": 5000}, "max_tokens", "above this server's limit of 1024"),
+    ({"prompt": "word " * 3000}, "prompt", "the model's context is 2048"),
+    ({"stop": [f"s{i}" for i in range(9)]}, "stop", "at most 8"),
+    ({"seed": -1}, "seed", "greater than or equal to 0"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"priority": "urgent"}, "priority", "'high', 'normal' or 'low'"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty", "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize(("body", "param", "needle"), BAD_COMPLETIONS, ids=lambda v: str(v)[:40])
+def test_bad_completion_is_a_400_with_a_reason(
+    client: openai.OpenAI, model_dir: Path, body: dict[str, Any], param: str, needle: str
+) -> None:
+    known = {"prompt", "max_tokens", "n", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
+    known |= {
+        "presence_penalty",
+        "frequency_penalty",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "stream_options",
+    }
+    args = {
+        "model": model_dir.name,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        **{k: v for k, v in body.items() if k in known},
+    }
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**args, extra_body={k: v for k, v in body.items() if k not in known})
+    error = e.value.body
+    assert isinstance(error, dict) and error["type"] == "invalid_request_error"
+    assert needle in error["message"], error
+    assert error["param"] is not None and error["param"].startswith(param), error
+
+
+BAD_CHATS: list[tuple[dict[str, Any], str, str]] = [
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "messages.0", "role"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages.0.content",
+        "type 'image_url' are not supported",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools (function calling)"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported"),
+    ({"logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"n": 3}, "n", "n=3"),
+    ({"max_completion_tokens": 3000}, "max_completion_tokens", "above this server's limit"),
+]
+
+
+@pytest.mark.parametrize(("body", "param", "needle"), BAD_CHATS, ids=lambda v: str(v)[:40])
+def test_bad_chat_is_a_400_with_a_reason(
+    client: openai.OpenAI, model_dir: Path, body: dict[str, Any], param: str, needle: str
+) -> None:
+    args: dict[str, Any] = {"model": model_dir.name, "messages": CONVERSATION, "max_tokens": 4, **body}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    error = e.value.body
+    assert isinstance(error, dict) and needle in error["message"], error
+    assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def test_another_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt=PROMPT, max_tokens=2)
+    assert e.value.code == "model_not_found" and "gpt-3.5-turbo-instruct" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=CONVERSATION, max_tokens=2)
+
+
+def test_malformed_json_is_an_openai_400(jobs: httpx.Client) -> None:
+    r = jobs.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # the rest of the API keeps its own format
+    r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "n": 2})
+    assert r.status_code == 422 and "detail" in r.json()
+
+
+def test_unauthenticated_is_401(api_url: str, model_dir: Path) -> None:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key="lm-not-a-real-key", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=2)
+        assert e.value.code == "invalid_api_key" and "unknown API key" in e.value.message
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    r = httpx.post(f"{api_url}/v1/chat/completions", json={"messages": CONVERSATION})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_rate_limited_is_429_with_retry_after(
+    api_url: str, redis_server: RedisServer, model_dir: Path
+) -> None:
+    slow = _new_key(redis_server, "tests (openai, 1 per minute)", KeyLimits(rate_per_s=1 / 60, burst=1))
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=slow, max_retries=0) as limited:
+        limited.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=1)
+        with pytest.raises(openai.RateLimitError) as e:
+            limited.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=1)
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
+    assert "rate limit" in e.value.message and e.value.code == "rate_limit_exceeded"
+
+
+def _long(model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "max_tokens": 1000,
+        "temperature": 1.0,
+        "seed": 5,
+        "extra_body": {"ignore_eos": True},
+    }
+
+
+def _cancelled_soon(jobs: httpx.Client, left_at: float) -> dict[str, Any]:
+    job = newest_job(jobs)
+    done = wait_done(jobs, job["id"], timeout=10)
+    assert time.monotonic() - left_at < 3.0
+    assert done["status"] == "cancelled" and done["finish_reason"] == "abort"
+    assert done["usage"]["completion_tokens"] < 1000 and done["spec"]["ignore_eos"] is True
+    return done
+
+
+def test_a_client_leaving_a_sync_call_cancels_its_job(
+    api_url: str, key: str, client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    # ~4 s of generation on this CPU model; the client gives up after 1.5 s
+    args = _long(model_dir.name)
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=1.5) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.completions.create(prompt="A long story: " + PROMPT, **args)
+        left_at = time.monotonic()
+        done = _cancelled_soon(jobs, left_at)
+        assert done["spec"]["prompt"] == "A long story: " + PROMPT
+
+        client.chat.completions.create(
+            model=model_dir.name, messages=CONVERSATION, max_tokens=1
+        )  # loads the template
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(messages=CONVERSATION, **args)
+        left_at = time.monotonic()
+        assert "Sort a list" in _cancelled_soon(jobs, left_at)["spec"]["prompt"]
+
+
+def test_closing_a_stream_early_cancels_its_job(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    stream = client.completions.create(
+        prompt="A streamed story: " + PROMPT, stream=True, **_long(model_dir.name)
+    )
+    seen = [next(stream) for _ in range(3)]
+    assert all(c.choices[0].text for c in seen)
+    stream.close()
+    left_at = time.monotonic()
+    done = _cancelled_soon(jobs, left_at)
+    assert done["id"] == job_id(seen[0].id)
+
+    chat = client.chat.completions.create(messages=CONVERSATION, stream=True, **_long(model_dir.name))
+    first = next(chat)
+    assert first.choices[0].delta.role == "assistant"
+    next(chat)
+    chat.close()
+    left_at = time.monotonic()
+    assert _cancelled_soon(jobs, left_at)["id"] == job_id(first.id)
+
+
+def test_finishing_normally_does_not_cancel(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    chunks = list(client.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=8, stream=True))
+    job = wait_done(jobs, job_id(chunks[0].id))
+    assert job["status"] == "succeeded" and not job["cancel_requested"]
