@@ -3,10 +3,10 @@ its rate, against accepting one (202)? The goal: a refusal decided in under 50 m
 
     python -m bench.admission_latency [--requests 400] [--threads 8]
 
-A real API process and Redis, no worker (admitted jobs stay in the backlog): first the backlog
-is filled through the API (202s, timed), then every further submission is refused for the full
-backlog (429, timed), then a key limited to 1 submission per second is refused by the rate
-limiter (429, timed). Each phase runs from one client and then from `--threads` clients at once;
+A real API process and Redis, no worker (admitted jobs stay in the backlog): first a key limited
+to 1 submission per second is refused by the rate limiter (429, timed), then the backlog is
+filled through the API (202s, timed), then every further submission is refused for the full
+backlog (429, timed). Each phase runs from one client and then from `--threads` clients at once;
 p50 / p99 / max per phase, and the refusal ÷ acceptance ratio measured in the same run.
 """
 
@@ -84,21 +84,22 @@ def main() -> None:
             with httpx.Client(base_url=api, headers=auth(env), timeout=30) as http:
                 timed(http, 20, 202)  # warm-up: connections, tokenizer, scripts
                 client.hset("localmoe:queued:count", "*", 0)  # the warm-up's jobs do not count
-                print(f"[3/4] {n} accepted, then {n} refused, one client then {args.threads}", flush=True)
+                print("[3/4] a key over its rate (1 per second)", flush=True)
+                bearer = {"Authorization": f"Bearer {limited}"}
+                with httpx.Client(base_url=api, headers=bearer, timeout=30) as h:
+                    timed(h, 1, 202)
+                    rate_limited = timed(h, n, 429)
+                print(f"[4/4] {n} accepted, then {n} refused, one client then {args.threads}", flush=True)
+                many = f"{args.threads} clients"
                 rows = {
                     "accepted (202), 1 client": timed(http, n - 20, 202),
-                    f"accepted (202), {args.threads} clients": concurrent(
-                        api, auth(env), 20 + n, args.threads, 202
-                    ),
-                    "backlog full (429), 1 client": timed(http, n, 429),
-                    f"backlog full (429), {args.threads} clients": concurrent(
-                        api, auth(env), n, args.threads, 429
-                    ),
+                    f"accepted (202), {many}": concurrent(api, auth(env), 20 + n, args.threads, 202),
                 }
-            print("[4/4] rate-limited key", flush=True)
-            with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {limited}"}, timeout=30) as h:
-                timed(h, 1, 202)
-                rows["rate limited (429), 1 client"] = timed(h, n, 429)
+                while http.post("/v1/jobs", json=BODY).status_code == 202:  # top the backlog up
+                    pass
+                rows["backlog full (429), 1 client"] = timed(http, n, 429)
+                rows[f"backlog full (429), {many}"] = concurrent(api, auth(env), n, args.threads, 429)
+                rows["rate limited (429), 1 client"] = rate_limited
         finally:
             stop([proc])
             client.close()
