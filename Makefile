@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VVENV ?= .venv-vllm
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: up test check lint types pytest test-vllm bench install clean browser
+.PHONY: up test check lint types pytest test-vllm bench install clean test-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,13 +48,15 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-# Debian's chromium: the playground's browser tests drive it through playwright (no browser
-# download; the box may be offline).
-browser:
-	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) \
-	  || echo "chromium could not be installed: the playground's browser tests will be skipped"
+# Debian's chromium (the playground's browser tests drive it through playwright: no browser
+# download) and promtool (from Debian's prometheus: it checks the alert rules and the
+# dashboard's queries). Tests that need one skip, saying why, where they cannot be installed.
+test-tools:
+	@test -x /usr/bin/chromium -a -x /usr/bin/promtool || \
+	  (apt-get update -q && apt-get install -y -q chromium prometheus) \
+	  || echo "chromium / promtool could not be installed: their tests will be skipped"
 
-pytest: $(STAMP) browser
+pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q
 
 test-vllm: $(VSTAMP)

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Admin, ApiKey, KeyLimits, NewKey, Scope
 from api.deps import ServicesDep
+from api.protocol import refusals
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=refusals(401, 403))
 
 
 class KeyRequest(BaseModel):
@@ -21,7 +22,7 @@ class KeyRequest(BaseModel):
     limits: KeyLimits = Field(default_factory=KeyLimits)
 
 
-@router.post("", status_code=201, response_model=NewKey)
+@router.post("", status_code=201, response_model=NewKey, responses=refusals(413))
 async def create(body: KeyRequest, services: ServicesDep, _admin: Admin) -> NewKey:
     """A new key; `secret` is shown in this answer only (Redis keeps its SHA-256)."""
     return await services.keys.create(body.name, body.scope, body.limits)
@@ -32,7 +33,7 @@ async def list_keys(services: ServicesDep, _admin: Admin) -> list[ApiKey]:
     return await services.keys.list()
 
 
-@router.delete("/{key_id}", response_model=ApiKey)
+@router.delete("/{key_id}", response_model=ApiKey, responses=refusals(404, 409))
 async def revoke(
     services: ServicesDep, admin: Admin, key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{12}$")]
 ) -> ApiKey:

@@ -40,6 +40,14 @@ def limits_for(caller: ApiKey, cfg: LimitSettings) -> Limits:
     )
 
 
+class Refused(HTTPException):
+    """A 429 from admission; `verdict` says which limit."""
+
+    def __init__(self, verdict: Verdict, detail: str, retry_after: int) -> None:
+        super().__init__(429, detail, headers={"Retry-After": str(retry_after)})
+        self.verdict = verdict
+
+
 class Admission:
     def __init__(self, client: aioredis.Redis, cfg: LimitSettings) -> None:
         self.cfg = cfg
@@ -47,7 +55,7 @@ class Admission:
         self._release = client.register_script(backlog.RELEASE)
 
     async def admit(self, job_id: str, tokens: int, caller: ApiKey, drain_tokens_per_s: float) -> None:
-        """Counts the job in, or raises 429 with Retry-After. `tokens`: prompt + max_tokens;
+        """Counts the job in, or raises Refused (429 with Retry-After). `tokens`: prompt + max_tokens;
         `drain_tokens_per_s`: the workers' measured speed, for the Retry-After of a full backlog."""
         limits = limits_for(caller, self.cfg)
         reply = cast(
@@ -77,9 +85,7 @@ class Admission:
             per_unit = tokens if verdict in (Verdict.TOO_MANY_JOBS, Verdict.KEY_TOO_MANY_JOBS) else 1
             wait = excess * per_unit / max(drain_tokens_per_s, 1.0)
         retry_after = min(max(math.ceil(wait), 1), 600)
-        raise HTTPException(
-            429, f"{detail}; retry in {retry_after} s", headers={"Retry-After": str(retry_after)}
-        )
+        raise Refused(verdict, f"{detail}; retry in {retry_after} s", retry_after)
 
     async def release(self, job_id: str) -> None:
         """The job will not be enqueued after all (an enqueue failure)."""

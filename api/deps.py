@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Path, Request
 from api.admission import Admission
 from api.auth import Caller, KeyStore
 from api.store import JobStore
+from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings
 from scheduler.jobs import Job
 from scheduler.notify import Notifier
@@ -22,7 +23,9 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 @dataclass
 class Services:
-    settings: Settings
+    settings: Settings  # the live settings: base_settings with the config store's overrides
+    base_settings: Settings  # as started (YAML and environment)
+    config_watcher: ConfigWatcher
     store: JobStore
     keys: KeyStore
     admission: Admission
@@ -30,6 +33,13 @@ class Services:
     notifier: Notifier
     counter: PromptCounter
     scheduler: Scheduler
+
+    def reconfigure(self, settings: Settings, _version: object = None) -> None:
+        """A new config version: every part that keeps settings takes the new ones."""
+        self.settings = settings
+        self.scheduler.cfg = settings.scheduler
+        self.admission.cfg = settings.limits
+        self.store.ttl_s = self.enqueuer.ttl_s = settings.limits.job_ttl_s
 
 
 async def get_services(request: Request) -> Services:  # async: a sync dependency costs a thread hop

@@ -1,32 +1,34 @@
-"""Body checks before any route runs: a size cap (413) and UTF-8 for JSON bodies (422).
+"""Body checks before any route runs: a size cap (413), a time limit (408) and UTF-8 for JSON
+bodies (422).
 
 A pure ASGI middleware: it buffers at most `max_bytes` of a request body, answers on its own
-when the body is too large or not UTF-8, and otherwise replays the buffered body to the app.
+when the body is too large, has not arrived within `timeout_s` (a stalled or trickled upload
+would otherwise hold its connection for as long as the client likes) or is not UTF-8, and
+otherwise replays the buffered body to the app.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-async def _reply(send: Send, status: int, detail: str) -> None:
+async def _reply(send: Send, status: int, detail: str | list[dict[str, object]]) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status in (408, 413):  # the rest of the body is never read: this connection cannot go on
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s  # for the whole body, from the end of the headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -40,8 +42,14 @@ class BodyGuard:
         chunks: list[bytes] = []
         size = 0
         more = True
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while more:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await _reply(send, 408, f"request body not received within {self.timeout_s:g} s")
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -56,7 +64,8 @@ class BodyGuard:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as e:
-                await _reply(send, 422, f"request body is not valid UTF-8 (byte {e.start})")
+                msg = f"request body is not valid UTF-8 (byte {e.start})"  # FastAPI's 422 shape
+                await _reply(send, 422, [{"loc": ["body"], "msg": msg, "type": "value_error"}])
                 return
 
         replayed = False

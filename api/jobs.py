@@ -9,9 +9,10 @@ from typing import Annotated, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 
+from api import metrics
 from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
-from api.protocol import JobPage, JobResponse
+from api.protocol import JobPage, JobResponse, Refusal, refusals
 from api.store import CancelOutcome
 from api.webhooks import endpoint_for_job
 from scheduler import keys
@@ -20,7 +21,7 @@ from scheduler.modality import classify
 from scheduler.routing import job_cost
 from scheduler.webhooks import WebhookEventType, read_attempts_async
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=refusals(401))
 
 
 def _unprocessable(field: str, msg: str) -> HTTPException:
@@ -77,7 +78,8 @@ async def accept(
         await services.admission.admit(
             job.id, prompt_tokens + spec.max_tokens, caller, services.scheduler.drain_tokens_per_s()
         )
-    except HTTPException:
+    except HTTPException as refusal:
+        metrics.count_rejected(refusal)
         await _forget_idempotency(services, caller, idempotency_key)
         raise
     chosen = services.scheduler.route(job)
@@ -88,6 +90,7 @@ async def accept(
         await services.admission.release(job.id)
         await _forget_idempotency(services, caller, idempotency_key)
         raise HTTPException(503, "the job queue is unavailable; try again") from e
+    metrics.count_submitted(job)
     return job, False
 
 
@@ -135,8 +138,9 @@ async def _forget_idempotency(services: Services, caller: ApiKey, idempotency_ke
     response_model=JobResponse,
     responses={
         200: {"model": JobResponse, "description": "Replayed: an earlier request with this Idempotency-Key."},
-        409: {"description": "The Idempotency-Key was used with another body."},
-        429: {"description": "Rate limit or backlog full; see Retry-After."},
+        409: {"model": Refusal, "description": "The Idempotency-Key was used with another body."},
+        429: {"model": Refusal, "description": "Rate limit or backlog full; see Retry-After."},
+        **refusals(413, 422, 503),
     },
 )
 async def submit(
@@ -156,13 +160,15 @@ async def submit(
     return JobResponse.of(job)
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=refusals(403))
 async def list_jobs(
     services: ServicesDep,
     caller: Caller,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    cursor: Annotated[float | None, Query(description="`next` of the previous page.")] = None,
+    cursor: Annotated[
+        float | None, Query(allow_inf_nan=False, description="`next` of the previous page.")
+    ] = None,  # NaN would reach Redis as a score bound: a 500
     everyone: Annotated[bool, Query(description="Admins: every key's jobs.")] = False,
 ) -> JobPage:
     """The caller's jobs, newest first, kept for `limits.job_ttl_s`."""
@@ -172,14 +178,18 @@ async def list_jobs(
     return JobPage(jobs=[JobResponse.of(j) for j in jobs], next=after)
 
 
-@router.get("/{job_id}", response_model=JobResponse)
+@router.get("/{job_id}", response_model=JobResponse, responses=refusals(404))
 async def poll(job: JobDep, services: ServicesDep) -> JobResponse:
     """The job, with its webhook delivery attempts when it has a webhook."""
     attempts = await read_attempts_async(services.store.client, job.id) if job.webhook_endpoint else []
     return JobResponse.of(job, attempts)
 
 
-@router.delete("/{job_id}", response_model=JobResponse)
+@router.delete(
+    "/{job_id}",
+    response_model=JobResponse,
+    responses={202: {"model": JobResponse, "description": "Running: stop requested."}, **refusals(404)},
+)
 async def cancel(job: JobDep, services: ServicesDep, response: Response) -> JobResponse:
     """Queued: cancelled at once. Running: stopped within one decode step (202; poll for the
     final state). Finished: returned unchanged."""

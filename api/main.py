@@ -11,12 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import admin, health, jobs, openai_compat, playground, streams, webhooks
+from api import admin, config, health, jobs, metrics, openai_compat, playground, streams, webhooks
 from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
 from api.store import JobStore
+from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, get_settings
 from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer, make_celery
@@ -43,8 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(url)
         notifier = Notifier(celery)
         notifier.start()
+        watcher = ConfigWatcher(sync_client, s, lambda new, v: app.state.services.reconfigure(new, v))
         app.state.services = Services(
             settings=s,
+            base_settings=s,
+            config_watcher=watcher,
             store=JobStore(client, s.limits.job_ttl_s),
             keys=KeyStore(client),
             admission=Admission(client, s.limits),
@@ -54,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scheduler=Scheduler(sync_client, s.scheduler),
         )
         app.state.services.scheduler.start()
+        watcher.check()  # the live config version, before the first request
+        watcher.start()
         yield
         await client.aclose()
 
@@ -65,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_middleware(BodyGuard, max_bytes=(settings or get_settings()).limits.max_body_bytes)
+    app.add_middleware(metrics.HttpMetrics)  # outermost: it sees BodyGuard's answers too
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(streams.router)
@@ -72,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.include_router(webhooks.router)
     app.include_router(openai_compat.router)
+    app.include_router(config.router)
+    app.include_router(metrics.router)
     return app
 
 

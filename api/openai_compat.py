@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
 from api.jobs import accept
+from api.protocol import refusals
 from scheduler.jobs import Job, JobSpec, JobStatus, Modality, Priority
 from scheduler.stream import DoneEvent, TokenEvent
 
@@ -135,13 +136,18 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse, "description": d}
-    for s, d in [
-        (400, "Bad input, or an option this server does not support."),
-        (401, "No or a bad API key."),
-        (404, "Another model than the one served."),
-        (429, "Rate limit or backlog full; see Retry-After."),
-    ]
+    **refusals(413),  # BodyGuard answers before the route: FastAPI's shape
+    **{
+        s: {"model": ErrorResponse, "description": d}
+        for s, d in [
+            (400, "Bad input, or an option this server does not support."),
+            (401, "No or a bad API key."),
+            (404, "Another model than the one served."),
+            (409, "The Idempotency-Key was used with another body."),
+            (429, "Rate limit or backlog full; see Retry-After."),
+            (503, "The job queue is unavailable; try again."),
+        ]
+    },
 }
 
 

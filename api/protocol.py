@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from scheduler.jobs import Job
 from scheduler.webhooks import WebhookAttempt
+
+
+class Refusal(BaseModel):
+    """A 4xx/5xx of the API's own routes: why, in a sentence, or FastAPI's list of
+    {loc, msg, type} for bad input."""
+
+    detail: str | list[dict[str, Any]]
+
+
+_REFUSALS = {
+    401: "No API key, or an unknown or revoked one.",
+    403: "This needs an admin key.",
+    404: "Unknown, or not this key's.",
+    409: "Conflicts with the current state.",
+    413: "The request body is larger than `limits.max_body_bytes`.",
+    422: "Bad input: FastAPI's list of {loc, msg, type}, or a sentence.",
+    503: "The job queue is unavailable; try again.",
+}
+
+
+def refusals(*statuses: int, inline: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these refusals, each a `Refusal`. `inline`: for a route whose own
+    answer is not JSON (FastAPI files a `model` under the route's media type, SSE's)."""
+    if inline:
+        content = {"application/json": {"schema": Refusal.model_json_schema()}}
+        return {s: {"description": _REFUSALS[s], "content": content} for s in statuses}
+    return {s: {"model": Refusal, "description": _REFUSALS[s]} for s in statuses}
 
 
 class JobLinks(BaseModel):

@@ -11,6 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import authenticate_websocket
 from api.deps import JobDep, Services, ServicesDep
+from api.protocol import refusals
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"])
 
@@ -30,7 +31,9 @@ def resume_point(
     return value
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+@router.get(
+    "/{job_id}/events", response_class=EventSourceResponse, responses=refusals(401, 404, 422, inline=True)
+)
 async def events(
     job: JobDep,
     services: ServicesDep,

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
+from api.protocol import refusals
 from scheduler import webhooks
 from scheduler.webhooks import Endpoint, WebhookSpec
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=refusals(401))
 
 
 class EndpointRequest(BaseModel):
@@ -31,7 +32,7 @@ async def _allowed(services: Services, url: str, resolve: bool) -> None:
         raise HTTPException(422, [{"loc": ["body", "url"], "msg": problem, "type": "value_error"}])
 
 
-@router.post("", status_code=201, response_model=Endpoint)
+@router.post("", status_code=201, response_model=Endpoint, responses=refusals(413))
 async def register(body: EndpointRequest, services: ServicesDep, caller: Caller) -> Endpoint:
     """Registers the URL for this key (again: the same endpoint, re-enabled if a 410 disabled it).
     The answer carries the signing secret; GET /v1/webhooks shows it again to the same key."""
@@ -44,7 +45,7 @@ async def list_endpoints(services: ServicesDep, caller: Caller) -> list[Endpoint
     return await asyncio.to_thread(webhooks.list_endpoints, services.enqueuer.client, caller.id)
 
 
-@router.delete("/{endpoint_id}", status_code=204)
+@router.delete("/{endpoint_id}", status_code=204, responses=refusals(404))
 async def delete(
     services: ServicesDep, caller: Caller, endpoint_id: Annotated[str, Path(pattern=r"^ep_[0-9a-f]{1,64}$")]
 ) -> None:

@@ -194,6 +194,88 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value(text: str) -> object:
+    """A value on the command line: JSON when it parses (5, 0.5, true, null, ["a"]), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    with _api() as http:
+        if args.config_command == "show":
+            r = http.get("/v1/config")
+        elif args.config_command == "history":
+            r = http.get("/v1/config/history")
+            if r.status_code != 200:
+                return _refused(r)
+            for v in r.json():
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["at"]))
+                note = f"  ({v['note']})" if v["note"] else ""
+                print(f"v{v['number']:<4} {when}  {v['by']}{note}\n      {json.dumps(v['overrides'])}")
+            return 0
+        elif args.config_command == "set":
+            changes: dict[str, object] = {}
+            for pair in args.pairs:
+                key, sep, text = pair.partition("=")
+                if not sep:
+                    print(f"expected KEY=VALUE, got {pair!r}", file=sys.stderr)
+                    return 2
+                changes[key] = _value(text)
+            r = http.patch("/v1/config", json={"set": changes, "note": args.note})
+        else:
+            r = http.post("/v1/config/rollback", json={"version": args.version})
+        if r.status_code != 200:
+            return _refused(r)
+        print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _api() as http:
+        if args.jobs_command == "list":
+            params: dict[str, str | int | bool] = {"limit": args.limit}
+            if args.status:
+                params["status"] = args.status
+            if args.all:
+                params["everyone"] = True
+            r = http.get("/v1/jobs", params=params)
+            if r.status_code != 200:
+                return _refused(r)
+            for j in r.json()["jobs"]:
+                when = time.strftime("%m-%d %H:%M:%S", time.localtime(j["timings"]["queued_at"] or 0))
+                head = (j["output"] or j["spec"]["prompt"]).replace("\n", " ")[:50]
+                print(f"{j['id']}  {j['status']:<9}  {when}  {j['modality']:<5}  {j['priority']:<6}  {head}")
+            return 0
+        if args.jobs_command == "show":
+            r = http.get(f"/v1/jobs/{args.job_id}")
+        else:
+            r = http.delete(f"/v1/jobs/{args.job_id}")
+        if r.status_code not in (200, 202):
+            return _refused(r)
+        print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with _api() as http:
+        r = http.get("/v1/workers")
+        if r.status_code != 200:
+            return _refused(r)
+        if args.json:
+            print(json.dumps(r.json(), indent=2))
+            return 0
+        for w in r.json():
+            gpus = ", ".join(f"gpu{g['index']} {g.get('temperature_c', '?')}°C" for g in w.get("gpus", []))
+            state = "ready" if w["ready"] else "loading"
+            print(
+                f"{w['name']:<12} {state:<7} {w['engine']:<9} {w['device']:<8} running {w['running']:>3}  "
+                f"waiting {w['waiting']:>3}  {w['tokens_per_s']:8.1f} tok/s  {gpus}"
+            )
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     body: dict[str, object] = {
         "prompt": args.prompt,
@@ -321,6 +403,41 @@ def parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--name", default="admin (bootstrap)")
     boot.set_defaults(func=cmd_keys_bootstrap)
+
+    jobs = sub.add_parser("jobs", help="your jobs (an admin key sees everyone's with --all)").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    listing = jobs.add_parser("list", help="newest first: id, status, queued at, modality, priority, text")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--all", action="store_true", help="every key's jobs (admin)")
+    listing.set_defaults(func=cmd_jobs)
+    for verb, text in (("show", "one job as JSON"), ("cancel", "cancel a queued or running job")):
+        one = jobs.add_parser(verb, help=text)
+        one.add_argument("job_id")
+        one.set_defaults(func=cmd_jobs)
+
+    workers = sub.add_parser("workers", help="the worker registry: engine, load, speed, GPU health")
+    workers.add_argument("--json", action="store_true", help="everything the heartbeats carry")
+    workers.set_defaults(func=cmd_workers)
+
+    config = sub.add_parser(
+        "config",
+        help="live settings (admin): routing, limits, webhooks, engine preference; versioned in Redis",
+    ).add_subparsers(dest="config_command", required=True)
+    config.add_parser("show", help="the current version and the hot sections in effect").set_defaults(
+        func=cmd_config
+    )
+    setting = config.add_parser(
+        "set", help="a new version: KEY=VALUE... (dotted keys, JSON values), e.g. limits.max_queued_jobs=500"
+    )
+    setting.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    setting.add_argument("--note", help="why, kept with the version")
+    setting.set_defaults(func=cmd_config)
+    config.add_parser("history", help="every version: who, when, what").set_defaults(func=cmd_config)
+    back = config.add_parser("rollback", help="a new version equal to version N (0: the start settings)")
+    back.add_argument("version", type=int)
+    back.set_defaults(func=cmd_config)
     return p
 
 

@@ -146,6 +146,25 @@ class WebhookSettings(BaseModel):
         return allow
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus exporters. The API serves its metrics at GET /metrics (admin key); each worker's
+    engine process and the webhook worker serve theirs on ports of their own (loopback by default)."""
+
+    host: str = Field("127.0.0.1", description="Address the worker and webhook exporters bind.")
+    worker_port: int = Field(
+        9101,
+        ge=0,
+        le=65535,
+        description="A worker's exporter port; `localmoe up` gives its i-th worker worker_port + i. 0: off",
+    )
+    webhook_port: int = Field(9100, ge=0, le=65535, description="The webhook worker's exporter. 0: off")
+    expert_tokens: bool = Field(
+        True,
+        description="Export localmoe_expert_tokens_total: layers × experts × modalities series per "
+        "worker (768 for Mixtral 8x7B; turn off for models with hundreds of experts)",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCALMOE_", env_nested_delimiter="__", extra="forbid")
 
@@ -169,6 +188,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -152,8 +152,10 @@ class Supervisor:
         env["LOCALMOE_MODEL_DIR"] = str(model)
         env["LOCALMOE_HOME"] = str(s.home)
 
-        for name, devices in worker_plan(visible_gpus(), engine_tp(s.engine)):
-            self.spawn(f"worker-{name}", self._worker_argv(name), {**env, "CUDA_VISIBLE_DEVICES": devices})
+        for i, (name, devices) in enumerate(worker_plan(visible_gpus(), engine_tp(s.engine))):
+            port = s.metrics.worker_port + i if s.metrics.worker_port else 0  # its exporter; 0: off
+            worker_env = {**env, "CUDA_VISIBLE_DEVICES": devices, "LOCALMOE_METRICS__WORKER_PORT": str(port)}
+            self.spawn(f"worker-{name}", self._worker_argv(name), worker_env)
         self.spawn("webhooks", [sys.executable, "-m", "workers.webhooks"], env)
         self.spawn(
             "api",

@@ -208,6 +208,29 @@ class Stack:
 _PRIVATE_DBS = iter([3, 4, 5, 6, 8, 9, 10, 12, 13, 14, 15])  # 7: test_readiness, 11: test_webhooks
 
 
+def start_api(env: dict[str, str], key: str, ready: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+    """One more API process (uvicorn) on `env`'s Redis; returns once /readyz (or /healthz) is 200."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)]
+    proc = subprocess.Popen([*argv, "--log-level", "warning"], env=env)
+    api = f"http://127.0.0.1:{port}"
+    path = "/readyz" if ready else "/healthz"
+
+    def up() -> bool:
+        assert proc.poll() is None, "the API exited"
+        try:
+            return httpx.get(api + path, headers=bearer(key), timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, "the API")
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, api
+
+
 @contextmanager
 def private_stack(service_env: dict[str, str], worker: bool, **settings: str) -> Iterator[Stack]:
     """An API (and a worker, if asked) on a fresh Redis database, with LOCALMOE_* `settings`."""
@@ -232,29 +255,8 @@ def private_stack(service_env: dict[str, str], worker: bool, **settings: str) ->
                 return raw is not None and WorkerInfo.model_validate_json(raw).ready
 
             wait_for(warm, 120, "the private worker")
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "api.main:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-        procs.append(subprocess.Popen([*argv, "--log-level", "warning"], env=env))
-        api = f"http://127.0.0.1:{port}"
-        path = "/readyz" if worker else "/healthz"
-
-        def up() -> bool:
-            assert procs[-1].poll() is None, "the private API exited"
-            try:
-                return httpx.get(api + path, headers=bearer(admin), timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "the private API")
+        proc, api = start_api(env, admin, ready=worker)
+        procs.append(proc)
         yield Stack(api, client, admin, env)
     finally:
         for proc in reversed(procs):

@@ -1,8 +1,9 @@
 """The reference deployment (docker-compose.yml, deploy/): what each service must have.
 
 No Docker engine is needed: the compose file is read with PyYAML (which resolves the `<<:` merges
-of the x-* extension fields the way compose does), the Dockerfiles and redis.conf with small
-parsers. `docker compose config` also runs where the compose CLI exists.
+of the x-* extension fields the way compose does), the Dockerfiles, redis.conf and nginx.conf with
+small parsers. `docker compose config` also runs where the compose CLI exists. The monitoring
+configs (deploy/prometheus, deploy/grafana) are checked in test_dashboards.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 REDIS_CONF = ROOT / "deploy" / "redis.conf"
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 MODEL_TARGET = "/models/model"
 GPU_IDS = {"0", "1", "2", "3"}
 
@@ -47,6 +49,10 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in services.items() if name.startswith("worker")}
+
+
+def api_replicas(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items() if re.fullmatch(r"api-\d+", name)}
 
 
 def strings(node: object) -> list[str]:
@@ -240,7 +246,7 @@ def test_workers_differ_only_in_name_and_gpu(services: dict[str, dict[str, Any]]
 
 
 def test_model_is_mounted_read_only_everywhere(services: dict[str, dict[str, Any]]) -> None:
-    users = {"api", *workers(services)}
+    users = {*api_replicas(services), *workers(services)}
     for name, svc in services.items():
         model = [m for m in mounts(svc) if m["target"] == MODEL_TARGET or "MODEL_DIR" in str(m["source"])]
         for m in model:
@@ -253,7 +259,7 @@ def test_model_is_mounted_read_only_everywhere(services: dict[str, dict[str, Any
 
 
 def test_api_workers_and_flower_wait_for_a_healthy_redis(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("api", "flower", "webhooks", *workers(services)):
+    for name in (*api_replicas(services), "flower", "webhooks", *workers(services)):
         depends = services[name].get("depends_on")
         assert isinstance(depends, dict), f"{name}: depends_on must carry a condition"
         assert depends.get("redis", {}).get("condition") == "service_healthy", name
@@ -261,7 +267,8 @@ def test_api_workers_and_flower_wait_for_a_healthy_redis(services: dict[str, dic
 
 def test_processes_find_redis_with_the_password(services: dict[str, dict[str, Any]]) -> None:
     urls = {
-        name: env_of(services[name])["LOCALMOE_REDIS_URL"] for name in ("api", "webhooks", *workers(services))
+        name: env_of(services[name])["LOCALMOE_REDIS_URL"]
+        for name in (*api_replicas(services), "webhooks", *workers(services))
     }
     urls["flower"] = env_of(services["flower"])["CELERY_BROKER_URL"]
     for name, url in urls.items():
@@ -272,12 +279,16 @@ def test_processes_find_redis_with_the_password(services: dict[str, dict[str, An
 
 def test_published_ports_bind_to_loopback(services: dict[str, dict[str, Any]]) -> None:
     published = {name: published_ports(svc) for name, svc in services.items() if svc.get("ports")}
-    assert set(published) == {"api", "flower"}
+    assert set(published) == {"nginx", "flower", "prometheus", "grafana"}, "only these reach the host"
     for name, ports in published.items():
         for host_ip, _target in ports:
             assert host_ip == "127.0.0.1", f"{name} is published beyond 127.0.0.1"
-    assert published["api"] == [("127.0.0.1", "8000")]
+    assert published["nginx"] == [("127.0.0.1", "8000")]
     assert published["flower"] == [("127.0.0.1", "5555")]
+    assert published["prometheus"] == [("127.0.0.1", "9090")]
+    assert published["grafana"] == [("127.0.0.1", "3000")]
+    # the API's usual port is nginx's now
+    assert services["nginx"]["ports"] == ["127.0.0.1:${API_PORT:-8000}:8000"]
 
 
 def test_published_ports_parser() -> None:
@@ -289,14 +300,19 @@ def test_published_ports_parser() -> None:
 
 
 def test_api_service(services: dict[str, dict[str, Any]]) -> None:
-    api = services["api"]
-    assert dockerfile_of(api) == ROOT / "deploy" / "Dockerfile.api"
-    assert api.get("command", ["localmoe", "api"]) == ["localmoe", "api"]
-    env = env_of(api)
-    assert env["LOCALMOE_API_HOST"] == "0.0.0.0"
-    assert env.get("LOCALMOE_API_PORT", "8000") == "8000"
-    test = api["healthcheck"]["test"]
-    assert "/healthz" in " ".join(test if isinstance(test, list) else [test])
+    replicas = api_replicas(services)
+    assert set(replicas) == {"api-1", "api-2"}
+    for name, api in replicas.items():
+        assert dockerfile_of(api) == ROOT / "deploy" / "Dockerfile.api", name
+        assert api.get("command", ["localmoe", "api"]) == ["localmoe", "api"], name
+        env = env_of(api)
+        assert env["LOCALMOE_API_HOST"] == "0.0.0.0", name
+        assert env.get("LOCALMOE_API_PORT", "8000") == "8000", name
+        test = api["healthcheck"]["test"]
+        assert "/healthz" in " ".join(test if isinstance(test, list) else [test]), name
+        assert not api["healthcheck"].get("disable"), name
+    # one x-api-replica anchor: the replicas are the same service twice
+    assert services["api-1"] == services["api-2"]
 
 
 def test_flower_has_basic_auth(services: dict[str, dict[str, Any]]) -> None:
@@ -331,7 +347,7 @@ def test_no_literal_secrets_in_compose(compose: dict[str, Any]) -> None:
 
 
 def test_literal_secret_checks_can_fail() -> None:
-    leaky = {"services": {"x": {"environment": {"REDIS_PASSWORD": "hunter2"}}}}
+    leaky: dict[str, Any] = {"services": {"x": {"environment": {"REDIS_PASSWORD": "hunter2"}}}}
     with pytest.raises(AssertionError):
         test_no_literal_secrets_in_compose(leaky)
     for leaky in (
@@ -343,12 +359,212 @@ def test_literal_secret_checks_can_fail() -> None:
             test_no_literal_secrets_in_compose(leaky)
 
 
+# --- the services, their dependencies and secrets ------------------------------------------------
+
+
+def test_the_services_of_one_box(services: dict[str, dict[str, Any]]) -> None:
+    expected = {"redis", "nginx", "api-1", "api-2", "webhooks", "flower", "prometheus", "grafana"}
+    assert set(services) == expected | {f"worker-gpu{i}" for i in sorted(GPU_IDS)}
+    for name, svc in services.items():
+        assert svc.get("restart") == "unless-stopped", name
+        assert "network_mode" not in svc and "privileged" not in svc, name
+        if "build" not in svc:  # third-party images are pinned to a version
+            assert re.fullmatch(r"[\w./-]+:v?\d+(?:\.\d+)*(?:-[\w.]+)?", svc["image"]), (
+                f"{name}: {svc['image']}"
+            )
+
+
+def test_exporters_are_reached_on_the_compose_network_only(services: dict[str, dict[str, Any]]) -> None:
+    exporters = {name: "9101" for name in workers(services)} | {"webhooks": "9100"}
+    for name, port in exporters.items():
+        svc = services[name]
+        assert port in [str(p) for p in svc.get("expose", [])], f"{name}: expose {port}"
+        assert "ports" not in svc, f"{name} must not be published"
+        env = env_of(svc)
+        assert env["LOCALMOE_METRICS__HOST"] == "0.0.0.0", f"{name}: the exporter binds loopback by default"
+        assert port in (
+            env.get("LOCALMOE_METRICS__WORKER_PORT"),
+            env.get("LOCALMOE_METRICS__WEBHOOK_PORT"),
+        ), name
+
+
+def test_depends_on_carries_conditions(services: dict[str, dict[str, Any]]) -> None:
+    for name, svc in services.items():
+        depends = svc.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on must carry a condition"
+        for dep, how in depends.items():
+            assert dep in services, f"{name} depends on {dep}, which is no service"
+            condition = how.get("condition")
+            assert condition in ("service_healthy", "service_started", "service_completed_successfully"), name
+            if condition == "service_healthy":
+                health = services[dep].get("healthcheck", {})
+                assert health.get("test") and not health.get("disable"), (
+                    f"{dep} has no health check for {name}"
+                )
+    nginx = services["nginx"]["depends_on"]
+    assert {k: v["condition"] for k, v in nginx.items()} == {
+        "api-1": "service_healthy",
+        "api-2": "service_healthy",
+    }
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    assert "depends_on" not in services["prometheus"], "Prometheus watches the others come up"
+
+
+def test_published_services_have_health_checks(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("redis", "nginx", "prometheus", "grafana", *api_replicas(services)):
+        health = services[name]["healthcheck"]
+        assert not health.get("disable"), name
+        test = health["test"]
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL"), name
+        for key in ("interval", "timeout", "retries"):
+            assert key in health, f"{name}: {key}"
+    assert "/nginx-healthz" in " ".join(services["nginx"]["healthcheck"]["test"])
+    assert "/-/ready" in " ".join(services["prometheus"]["healthcheck"]["test"])
+    assert "/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
+
+
+def variable_refs(text: str) -> list[tuple[str, str]]:
+    """(NAME, what follows it) for each ${NAME...} compose interpolates; $$ escapes are skipped."""
+    return re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)([^}]*)\}", text)
+
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b")
+
+
+def test_every_secret_is_required_from_the_environment(compose: dict[str, Any]) -> None:
+    text = "\n".join(strings(compose))  # the values compose interpolates, not the comments
+    refs = variable_refs(text)
+    names = {name for name, _ in refs}
+    assert {"REDIS_PASSWORD", "FLOWER_PASSWORD", "GRAFANA_PASSWORD", "LOCALMOE_METRICS_TOKEN_FILE"} <= names
+    for name, rest in refs:
+        if SECRET_NAME.search(name):
+            assert rest.startswith(":?"), f"${{{name}{rest}}}: compose must refuse to start without {name}"
+    grafana = env_of(compose["services"]["grafana"])
+    assert re.fullmatch(required("GRAFANA_PASSWORD"), grafana["GF_SECURITY_ADMIN_PASSWORD"])
+    assert grafana["GF_USERS_ALLOW_SIGN_UP"] == "false" and grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    # compose secrets: a file named by a required variable, or a variable required elsewhere
+    secrets = compose["secrets"]
+    assert set(secrets) == {"metrics_token", "flower_password"}
+    for name, secret in secrets.items():
+        if "file" in secret:
+            assert re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*:\?[^}]+\}", secret["file"]), (
+                f"{name}: {secret['file']}"
+            )
+        else:
+            assert re.search(required(secret["environment"]), text), (
+                f"{name}: {secret['environment']} is optional"
+            )
+        users = [svc for svc, s in compose["services"].items() if name in s.get("secrets", [])]
+        assert users == ["prometheus"], f"{name} is mounted into {users}"
+
+
+def test_secret_checks_can_fail() -> None:
+    assert variable_refs("a ${X_PASSWORD:-pw} $${Y} ${Z:?set}") == [("X_PASSWORD", ":-pw"), ("Z", ":?set")]
+    assert SECRET_NAME.search("LOCALMOE_METRICS_TOKEN_FILE") and not SECRET_NAME.search("FLOWER_USER")
+
+
+# --- nginx ---------------------------------------------------------------------------------------
+
+Directive = tuple[str, list[str], list[Any]]  # name, arguments, children of a block
+
+
+def parse_nginx(text: str) -> list[Directive]:
+    """nginx.conf as a tree of (name, args, children); comments dropped, quotes kept out."""
+    tokens = re.findall(r'"[^"]*"|\'[^\']*\'|[{};]|[^\s{};"\']+', re.sub(r"(?m)#.*$", "", text))
+    stack: list[list[Directive]] = [[]]
+    words: list[str] = []
+    for tok in tokens:
+        if tok == ";":
+            stack[-1].append((words[0], words[1:], []))
+            words = []
+        elif tok == "{":
+            block: Directive = (words[0], words[1:], [])
+            stack[-1].append(block)
+            stack.append(block[2])
+            words = []
+        elif tok == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        else:
+            words.append(tok.strip("\"'"))
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return stack[0]
+
+
+def find(tree: list[Directive], name: str, *args: str) -> list[Directive]:
+    return [d for d in tree if d[0] == name and (not args or d[1][: len(args)] == list(args))]
+
+
+def seconds(value: str) -> int:
+    m = re.fullmatch(r"(\d+)([smh]?)", value)
+    assert m, value
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def test_parse_nginx() -> None:
+    tree = parse_nginx('http { # c\n  map $a $b { default x; "" ""; }\n  server { listen 80; } }')
+    (http,) = find(tree, "http")
+    assert find(http[2], "server")[0][2] == [("listen", ["80"], [])]
+    assert find(http[2], "map")[0][2] == [("default", ["x"], []), ("", [""], [])]
+
+
+@pytest.fixture(scope="module")
+def nginx_http() -> list[Directive]:
+    (http,) = find(parse_nginx(NGINX_CONF.read_text()), "http")
+    return http[2]
+
+
+def test_nginx_balances_both_api_replicas(
+    nginx_http: list[Directive], services: dict[str, dict[str, Any]]
+) -> None:
+    (upstream,) = find(nginx_http, "upstream")
+    servers = [d[1][0] for d in find(upstream[2], "server")]
+    assert sorted(servers) == [f"{name}:8000" for name in sorted(api_replicas(services))]
+    (server,) = find(nginx_http, "server")
+    (root,) = find(server[2], "location", "/")
+    assert find(root[2], "proxy_pass") == [("proxy_pass", [f"http://{upstream[1][0]}"], [])]
+    # nginx listens where compose publishes it
+    listen = find(server[2], "listen")[0][1][0]
+    assert published_ports(services["nginx"]) == [("127.0.0.1", listen)]
+
+
+def test_nginx_passes_websockets_and_sse_through(nginx_http: list[Directive]) -> None:
+    (server,) = find(nginx_http, "server")
+    (root,) = find(server[2], "location", "/")
+    settings = {d[0]: d[1] for d in root[2] if d[0] != "proxy_set_header"}
+    headers = {d[1][0].lower(): d[1][1] for d in find(root[2], "proxy_set_header")}
+    assert settings["proxy_http_version"] == ["1.1"]
+    assert settings["proxy_buffering"] == ["off"], "SSE: every token passed on as it comes"
+    assert settings.get("proxy_cache", ["off"]) == ["off"]
+    assert headers["upgrade"] == "$http_upgrade"
+    connection = headers["connection"]
+    if connection != "upgrade":  # a map that says upgrade for upgrade requests
+        (mapping,) = find(nginx_http, "map", "$http_upgrade", connection)
+        assert ("default", ["upgrade"], []) in mapping[2]
+    assert seconds(settings["proxy_read_timeout"][0]) >= 3600, "streams stay open while a job runs"
+    assert seconds(settings["proxy_send_timeout"][0]) >= 3600
+    assert headers["host"] == "$host" and "x-forwarded-for" in headers
+    assert not find(server[2], "gzip", "on") and not find(nginx_http, "gzip", "on"), "gzip buffers SSE"
+
+
+def test_nginx_serves_its_health_check_and_hides_metrics(
+    nginx_http: list[Directive], services: dict[str, dict[str, Any]]
+) -> None:
+    (server,) = find(nginx_http, "server")
+    assert find(server[2], "location", "=", "/nginx-healthz")
+    assert find(server[2], "location", "=", "/metrics"), "Prometheus scrapes the replicas, not nginx"
+    nginx = services["nginx"]
+    conf = [m for m in mounts(nginx) if m["target"] == "/etc/nginx/nginx.conf"]
+    assert len(conf) == 1 and conf[0]["read_only"] is True
+    assert (COMPOSE.parent / conf[0]["source"]).resolve() == NGINX_CONF
+
+
 # --- Dockerfiles ---------------------------------------------------------------------------------
 
 
 def test_every_dockerfile_exists_and_runs_as_non_root(services: dict[str, dict[str, Any]]) -> None:
     built = {name: dockerfile_of(svc) for name, svc in services.items() if "build" in svc}
-    assert set(built) >= {"api", *workers(services)}
+    assert set(built) >= {*api_replicas(services), *workers(services)}
     for name, path in built.items():
         assert path.is_file(), f"{name}: {path} is missing"
         steps = parse_dockerfile(path)
@@ -426,7 +642,15 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k not in ("COMPOSE_FILE", "COMPOSE_PROJECT_NAME")}
-    env.update(REDIS_PASSWORD="dummy-redis-pw", FLOWER_PASSWORD="dummy-flower-pw", MODEL_DIR=str(tmp_path))
+    token = tmp_path / "metrics-token"
+    token.write_text("lm-dummy\n")
+    env.update(
+        REDIS_PASSWORD="dummy-redis-pw",
+        FLOWER_PASSWORD="dummy-flower-pw",
+        GRAFANA_PASSWORD="dummy-grafana-pw",
+        LOCALMOE_METRICS_TOKEN_FILE=str(token),
+        MODEL_DIR=str(tmp_path),
+    )
     (tmp_path / "empty.env").write_text("")  # a .env beside the compose file must not fill the gaps
     cmd = [
         "docker",
@@ -442,7 +666,13 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    for missing in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "MODEL_DIR"):
+    for missing in (
+        "REDIS_PASSWORD",
+        "FLOWER_PASSWORD",
+        "GRAFANA_PASSWORD",
+        "LOCALMOE_METRICS_TOKEN_FILE",
+        "MODEL_DIR",
+    ):
         partial = {k: v for k, v in env.items() if k != missing}
         run = subprocess.run(cmd, env=partial, capture_output=True, text=True, timeout=60)
         assert run.returncode != 0 and missing in run.stderr, (

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, get_settings
 from scheduler.jobs import Job
 from workers.messages import MESSAGE, ConsumerReady, EngineReady, Finished, Shutdown, Submit
@@ -111,6 +112,9 @@ def _main(conn: Connection, name: str) -> None:
             conn.send_bytes(message.model_dump_json().encode())
 
     runtime.start()
+    watcher = ConfigWatcher(runtime.client, settings, runtime.reconfigure)  # live config, within 2 s
+    watcher.check()
+    watcher.start()
     send(EngineReady(info=runtime.info))
     try:
         while True:
@@ -143,6 +147,7 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
     from workers.engine_setup import start_engine
+    from workers.metrics import serve_worker_metrics
     from workers.runtime import Runtime, worker_info
 
     device = settings.engine.device
@@ -170,4 +175,5 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
         settings.engine.step_delay_s,
         notifier=notifier,
         output_interval_s=settings.webhooks.output_interval_s,
+        metrics=serve_worker_metrics(info, settings.metrics),
     )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -25,6 +26,9 @@ from scheduler.jobs import Job, JobStatus, Usage, encode_fields
 from scheduler.notify import TERMINAL_EVENT, Notifier, wants
 from scheduler.stream import DoneEvent, done_fields, token_fields
 from scheduler.webhooks import WebhookEventType
+
+if TYPE_CHECKING:
+    from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +82,16 @@ class Relay(threading.Thread):
         ttl_s: int,
         notifier: Notifier | None = None,
         output_interval_s: float = 0.5,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """notifier: where the jobs' webhook events go (None: nowhere); output events are sent
-        at most once per output_interval_s per job."""
+        at most once per output_interval_s per job; metrics: observes each batch (None: nothing)."""
         super().__init__(name="relay", daemon=True)
         self.client = client
         self.ttl_s = ttl_s
         self.notifier = notifier
         self.output_interval_s = output_interval_s
+        self.metrics = metrics
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure] = queue.SimpleQueue()
         self._finalize = client.register_script(FINALIZE)
@@ -136,6 +142,8 @@ class Relay(threading.Thread):
     def _plan(self, batch: list[list[Delta] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
         ops: list[_Op] = []
         finals: list[tuple[Held, Job]] = []
+        if self.metrics is not None:  # before the loop below lets go of the finished jobs
+            self.metrics.delivered([i for i in batch if not isinstance(i, _Failure)], self.held)
         for item in batch:
             if isinstance(item, _Failure):
                 held = self.held.get(item.job_id)
@@ -158,6 +166,8 @@ class Relay(threading.Thread):
                     finals.append((held, final))
                     del self.held[delta.request_id]  # one terminal state per job, whatever follows
         ops += [self._plan_final(held, job) for held, job in finals]
+        if self.metrics is not None:
+            self.metrics.finished([job for _, job in finals])
         return ops, finals
 
     def _plan_delta(self, held: Held, delta: Delta, at: float) -> list[_Op]:

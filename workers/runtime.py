@@ -11,12 +11,15 @@ import time
 import redis
 
 from localmoe.gpus import gpu_stats, visible_nvml_indices
+from localmoe.settings import Settings
 from moe_core.engine import Engine
+from moe_core.failover import FailoverEngine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
 from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
 from workers.engine_loop import EngineLoop
+from workers.metrics import WorkerMetrics
 from workers.relay import Held, Relay
 
 log = logging.getLogger(__name__)
@@ -32,12 +35,15 @@ class Runtime:
         step_delay_s: float = 0.0,
         notifier: Notifier | None = None,
         output_interval_s: float = 0.5,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        """metrics: this worker's Prometheus metrics (None: none kept)."""
         self.client = client
         self.engine = engine
         self.info = info
         self.notifier = notifier
-        self.relay = Relay(client, ttl_s, notifier, output_interval_s)
+        self.metrics = metrics
+        self.relay = Relay(client, ttl_s, notifier, output_interval_s, metrics)
         self.loop = EngineLoop(engine, self.relay, step_delay_s)
         self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
         self._last_layer_totals: dict[str, int] = {}
@@ -57,6 +63,15 @@ class Runtime:
         self.loop.join(timeout=30)
         self.engine.close()
 
+    def reconfigure(self, settings: Settings, _version: object = None) -> None:
+        """A new config version (localmoe/config_store.py): the engine-side hot settings.
+        engine.backend is kept for the next start: an engine is chosen when the worker starts."""
+        self.loop.step_delay_s = settings.engine.step_delay_s
+        self.relay.output_interval_s = settings.webhooks.output_interval_s
+        if isinstance(self.engine, FailoverEngine):
+            self.engine.max_failures = settings.engine.max_step_failures
+            self.engine.cooldown_s = settings.engine.failover_cooldown_s
+
     def mark_ready(self) -> None:
         self.info.ready = True
         self.beat()
@@ -68,6 +83,8 @@ class Runtime:
         job = job.model_copy(update={"status": JobStatus.RUNNING, "attempt": attempt})
         job.worker, job.engine = self.info.name, self.engine.name
         held = Held(job, attempt)
+        if self.metrics is not None:
+            self.metrics.started(job)
         self.loop.submit(held)
         return held
 

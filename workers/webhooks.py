@@ -21,6 +21,7 @@ import httpx
 import redis
 from celery import Celery
 
+from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, WebhookSettings, get_settings
 from scheduler import keys
 from scheduler.queue import make_celery
@@ -37,6 +38,7 @@ from scheduler.webhooks import (
     send_delivery,
     sign,
 )
+from workers.metrics import WEBHOOK_DELIVERIES, serve_webhook_metrics
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,7 @@ class Deliverer:
             next_attempt_at=next_attempt_at,
         )
         record_attempt(self.client, delivery.job_id, attempt, self.ttl_s)
+        WEBHOOK_DELIVERIES.labels(outcome).inc()
         log.info(
             "webhook %s (job %s, %s) attempt %d → %s %s",
             delivery.webhook_id,
@@ -221,7 +224,15 @@ def serve(settings: Settings) -> None:
     url = settings.require_redis_url()
     client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
     app = make_celery(url, task_events=settings.task_events)
-    register_delivery(app, client, webhooks, settings.limits.job_ttl_s)
+    deliverer = register_delivery(app, client, webhooks, settings.limits.job_ttl_s)
+
+    def reconfigure(new: Settings, _version: object) -> None:  # live config: allowlist, retries
+        deliverer.settings, deliverer.ttl_s = new.webhooks, new.limits.job_ttl_s
+
+    watcher = ConfigWatcher(client, settings, reconfigure)
+    watcher.check()
+    watcher.start()
+    serve_webhook_metrics(settings.metrics)
     log.info(
         "webhook worker: allow %s; %d in flight; consuming %s",
         webhooks.allow,
