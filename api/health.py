@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 
 from api.auth import Caller
 from api.deps import ServicesDep
-from api.protocol import Health
+from api.protocol import Health, refusals
 from scheduler.registry import WorkerInfo
 
 router = APIRouter(tags=["health"])
@@ -19,7 +19,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}, **refusals(401)})
 async def readyz(services: ServicesDep, _caller: Caller, response: Response) -> Health:
     """Ready once Redis answers and at least one worker has loaded and warmed up its engine."""
     try:
@@ -33,7 +33,7 @@ async def readyz(services: ServicesDep, _caller: Caller, response: Response) -> 
     return Health(status="ready", workers_ready=len(ready))
 
 
-@router.get("/v1/workers", response_model=list[WorkerInfo], tags=["workers"])
+@router.get("/v1/workers", response_model=list[WorkerInfo], tags=["workers"], responses=refusals(401))
 async def workers(services: ServicesDep, _caller: Caller) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh (three missed beats and a worker is gone)."""
     return await services.store.workers()

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.admission import Refused
 from api.auth import Admin
 from api.deps import ServicesDep
+from api.protocol import refusals
 from scheduler import keys
 from scheduler.backlog import Verdict
 from scheduler.jobs import Job
@@ -171,7 +172,10 @@ router = APIRouter(tags=["metrics"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
+        **refusals(401, 403, inline=True),
+    },
 )
 async def metrics(services: ServicesDep, _admin: Admin) -> Response:
     """Prometheus metrics of this API process and of the service's queues (an admin key)."""

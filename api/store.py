@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -13,7 +15,7 @@ from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo, decode_workers
-from scheduler.stream import DoneEvent, StreamEvent, parse_entry
+from scheduler.stream import DoneEvent, Fence, StreamEvent
 
 # KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS.
 # ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
@@ -108,23 +110,43 @@ class JobStore:
         return found, float(str(upper)[1:]) if str(upper).startswith("(") else None
 
     async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
-        """Every event after `after` (a stream id), live, until the done event."""
+        """Every event a client sees after `after` (a stream id), live, until the done event.
+        A Redis restart only pauses it: it reconnects and goes on from the last entry it read."""
+        fence = Fence()
+        stream = keys.events(job_id)
+        if after != "0-0":  # resuming: learn the attempts fenced off before that point
+            for _, fields in await self._retrying(lambda: self.client.xrange(stream, "-", after)):
+                fence.visible(fields)
         while True:
             # [[stream key, [(entry id, {field: value}), ...]]] (decoded strings), or [] on timeout
-            reply = cast(
-                list[tuple[str, list[tuple[str, dict[str, str]]]]],
-                await self.client.xread({keys.events(job_id): after}, count=512, block=15_000),
-            )
+            read = functools.partial(self.client.xread, {stream: after}, count=512, block=15_000)
+            reply = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], await self._retrying(read))
             if not reply:  # quiet for 15 s: make sure the job still exists, then keep waiting
-                if not await self.client.exists(keys.job(job_id)):
+                if not await self._retrying(lambda: self.client.exists(keys.job(job_id))):
                     return
                 continue
             for entry_id, fields in reply[0][1]:
                 after = entry_id
-                event = parse_entry(fields)
+                event = fence.visible(fields)
+                if event is None:
+                    continue
                 yield entry_id, event
                 if isinstance(event, DoneEvent):
                     return
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """`call` again while Redis is restarting (connection refused or dropped), for up to a
+        minute; then the error goes to the caller."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await call()
+            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
+                if waited > 60:
+                    raise
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
 
     async def workers(self, fresh_only: bool = True) -> list[WorkerInfo]:
         names = cast(list[str], await self.client.zrange(keys.WORKERS, 0, -1))

@@ -115,6 +115,9 @@ class LimitSettings(BaseModel):
     per_key_rate_per_s: float = Field(100.0, gt=0, description="Submissions per second per key (default).")
     per_key_burst: int = Field(200, ge=1, description="Submissions at once above that rate (default).")
     idempotency_ttl_s: int = Field(86_400, ge=60, description="How long an Idempotency-Key is remembered.")
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Runs of a job whose worker dies under it, before it fails (saying why)."
+    )
 
 
 class WebhookSettings(BaseModel):

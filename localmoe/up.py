@@ -35,6 +35,16 @@ log = logging.getLogger("localmoe.up")
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
+    argv: list[str]
+    env: dict[str, str]
+    started: float = 0.0  # time.monotonic() of its latest start
+    restarts: int = 0  # in a row: back to 0 once it has run STABLE_S
+    due: float = 0.0  # when a dead child is started again
+
+
+RESTART_BASE_S = 1.0  # the first restart waits this long, doubling up to RESTART_MAX_S
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0  # a child that ran this long had recovered: its next death waits RESTART_BASE_S
 
 
 def load_secrets(home: Path) -> dict[str, str]:
@@ -134,8 +144,34 @@ class Supervisor:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         proc = subprocess.Popen(argv, env=env, start_new_session=True)  # our signals, not the tty's
-        self.children.append(Child(name, proc))
+        self.children.append(Child(name, proc, argv, env, started=time.monotonic()))
         log.info("started %s (pid %d)", name, proc.pid)
+
+    def supervise(self) -> None:
+        """Restart what died, with backoff: 1 s, 2 s, 4 s … 30 s in a row, back to 1 s after a
+        minute of running. Redis first: its children reconnect to it by themselves."""
+        now = time.monotonic()
+        if self.redis is not None and not self.redis.running():
+            log.error(
+                "redis exited (code %s); restarting it on the same port and data", self.redis.exit_code()
+            )
+            self.redis.start()
+        for child in self.children:
+            if child.proc.poll() is None:
+                if child.restarts and now - child.started > STABLE_S:
+                    child.restarts = 0
+                continue
+            if child.due == 0.0:
+                wait = min(RESTART_BASE_S * 2**child.restarts, RESTART_MAX_S)
+                child.due = now + wait
+                log.error(
+                    "%s (pid %d) exited with code %s; restarting it in %.0f s (restart %d)",
+                    child.name, child.proc.pid, child.proc.returncode, wait, child.restarts + 1,
+                )  # fmt: skip
+            elif now >= child.due:
+                child.proc = subprocess.Popen(child.argv, env=child.env, start_new_session=True)
+                child.started, child.due, child.restarts = now, 0.0, child.restarts + 1
+                log.warning("restarted %s (pid %d)", child.name, child.proc.pid)
 
     def start(self) -> None:
         s = self.settings
@@ -267,13 +303,16 @@ def run(settings: Settings) -> int:
     code = 0
     try:
         sup.start()
-        sup.wait_ready()
-        while not sup.stopping:
+        if not sup.wait_ready():
             dead = sup.dead_child()
-            if dead is not None:
-                log.error("%s exited with code %s; stopping the service", dead.name, dead.proc.returncode)
+            if dead is not None and not sup.stopping:  # a child that cannot even start: say so, stop
+                log.error(
+                    "%s exited with code %s before the service was ready", dead.name, dead.proc.returncode
+                )
                 code = 1
-                break
+                return code
+        while not sup.stopping:
+            sup.supervise()
             time.sleep(0.2)
     finally:
         sup.stop()

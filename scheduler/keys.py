@@ -75,3 +75,15 @@ ALL_JOBS = f"{PREFIX}:jobs"  # sorted set: job id → queued_at, every job (admi
 def owner_jobs(owner: str) -> str:
     """Sorted set: job id → queued_at, the jobs of one API key."""
     return f"{PREFIX}:owner:{owner}:jobs"
+
+
+# --- leases: who runs what (workers/reaper.py) ---------------------------------------------------
+def lease(worker_name: str) -> str:
+    """The worker's incarnation id while it lives: renewed with every heartbeat, expires LEASE_S
+    after the last one (Redis judges the time, so clocks of other boxes do not matter)."""
+    return f"{PREFIX}:worker:{worker_name}:lease"
+
+
+def running(worker_name: str) -> str:
+    """Hash: job id → "<incarnation> <attempt>", the jobs this worker has claimed and not finished."""
+    return f"{PREFIX}:worker:{worker_name}:running"

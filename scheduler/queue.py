@@ -7,6 +7,7 @@ task in workers/tasks.py on an app made here.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -16,15 +17,54 @@ from typing import Any
 import redis
 from celery import Celery
 from kombu import Queue
+from kombu.transport import redis as kombu_redis
 
 from scheduler import backlog, keys
 from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
+
+log = logging.getLogger(__name__)
+
+
+class _QoS(kombu_redis.QoS):
+    # Closing a channel would put its unacknowledged messages back on their queues. kombu does
+    # that on a lost connection too, where it fails (a connection without a client: AttributeError)
+    # and takes the whole worker down — measured in tests/test_reliability.py when Redis restarts.
+    # LocalMoE needs no such restore: the reaper re-queues the jobs of a worker that is gone
+    # (workers/reaper.py), and a message left unacknowledged comes back after the visibility
+    # timeout, where claiming it again is a no-op.
+    restore_at_shutdown = False
+
+    def ack(self, delivery_tag: Any) -> None:
+        # A task that finishes after its channel's connection was lost acknowledges on a channel
+        # without a connection: kombu raises AttributeError there, which Celery takes for fatal.
+        # The message stays unacknowledged; the visibility timeout brings it back, a no-op claim.
+        try:
+            super().ack(delivery_tag)
+        except AttributeError:
+            log.warning("could not acknowledge message %s: its broker connection was lost", delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except AttributeError:
+            log.warning("could not reject message %s: its broker connection was lost", delivery_tag)
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport, minus restoring unacknowledged messages when a channel closes."""
+
+    Channel = _Channel
 
 
 def make_celery(broker_url: str, task_events: bool = False) -> Celery:
     app = Celery("localmoe", broker=broker_url, set_as_current=False)
     app.conf.update(
         # JSON only, both ways: a pickle message is refused, never executed.
+        broker_transport=f"{__name__}:Transport",
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -17,6 +17,7 @@ from scheduler import keys
 HEARTBEAT_S = 1.0  # a worker beats this often
 STALE_AFTER_S = 3 * HEARTBEAT_S  # three missed beats and the worker counts as gone
 RECORD_TTL_S = 10  # the heartbeat key outlives a few missed beats, then Redis drops it
+LEASE_S = 10  # a worker silent this long has lost its jobs: the reaper runs them elsewhere
 
 
 class WorkerInfo(BaseModel):

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from moe_core.engine import Engine, EngineStats, GenerationRequest, SamplingParams
+from moe_core.engine import Delta, Engine, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from workers.relay import Held, Relay
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,13 @@ class EngineLoop(threading.Thread):
                 self.engine.abort(item.job_id)
             return
         spec = item.job.spec
+        left = spec.max_tokens - item.resumed_tokens  # a resumed job continues its earlier text
+        if left <= 0:  # an earlier attempt made every token before its worker died
+            done = Delta(item.job.id, "", [], item.job.usage.prompt_tokens, 0, FinishReason.LENGTH)
+            self.relay.publish([done])
+            return
         params = SamplingParams(
-            max_tokens=spec.max_tokens,
+            max_tokens=left,
             temperature=spec.temperature,
             top_p=spec.top_p,
             top_k=spec.top_k,
@@ -97,10 +102,9 @@ class EngineLoop(threading.Thread):
             stop=tuple(spec.stop),
             ignore_eos=spec.ignore_eos,
         )
+        prompt = spec.prompt + "".join(item.text)  # item.text holds only the resumed text yet
         try:
-            self.engine.add_request(
-                GenerationRequest(item.job.id, spec.prompt, params, tag=item.job.modality)
-            )
+            self.engine.add_request(GenerationRequest(item.job.id, prompt, params, tag=item.job.modality))
         except ValueError as e:  # e.g. a prompt the engine cannot hold
             self.relay.fail(item.job.id, str(e))
 

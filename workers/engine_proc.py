@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import uuid
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -35,8 +36,12 @@ class EngineProcess:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # This run of the worker: its lease carries it, its claims record it (workers/reaper.py).
+        self.incarnation = uuid.uuid4().hex[:12]
         self._conn, child = mp.get_context("spawn").Pipe(duplex=True)
-        self._proc = mp.get_context("spawn").Process(target=_main, args=(child, name), name=f"engine-{name}")
+        self._proc = mp.get_context("spawn").Process(
+            target=_main, args=(child, name, self.incarnation), name=f"engine-{name}"
+        )
         self._send_lock = threading.Lock()
         self._pending: dict[str, Future[Finished]] = {}
         self._stopping = False
@@ -66,11 +71,11 @@ class EngineProcess:
     def consumer_ready(self) -> None:
         self._send(ConsumerReady())
 
-    def run(self, job: Job, attempt: int) -> Finished:
+    def run(self, job: Job, attempt: int, resume_text: str = "", resume_tokens: int = 0) -> Finished:
         """Hand a claimed job to the engine; returns once its terminal state is in Redis."""
         done: Future[Finished] = Future()
         self._pending[job.id] = done
-        self._send(Submit(job=job, attempt=attempt))
+        self._send(Submit(job=job, attempt=attempt, resume_text=resume_text, resume_tokens=resume_tokens))
         return done.result()
 
     def _send(self, message: Submit | ConsumerReady | Shutdown) -> None:
@@ -95,7 +100,7 @@ class EngineProcess:
         os._exit(70)
 
 
-def _main(conn: Connection, name: str) -> None:
+def _main(conn: Connection, name: str, incarnation: str) -> None:
     """The engine process: load, warm up, report ready, then serve the pipe until it closes."""
     # Its own process group: engines start processes of their own (vLLM's engine core) that do
     # not watch their parent; the consumer ends the whole group, so none outlives the worker.
@@ -104,7 +109,7 @@ def _main(conn: Connection, name: str) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    runtime = _build_runtime(settings, name)
+    runtime = _build_runtime(settings, name, incarnation)
     send_lock = threading.Lock()
 
     def send(message: EngineReady | Finished) -> None:
@@ -120,7 +125,9 @@ def _main(conn: Connection, name: str) -> None:
         while True:
             message = MESSAGE.validate_json(conn.recv_bytes())
             if isinstance(message, Submit):
-                held = runtime.submit(message.job, message.attempt)
+                held = runtime.submit(
+                    message.job, message.attempt, message.resume_text, message.resume_tokens
+                )
                 held.future.add_done_callback(
                     lambda f: send(
                         Finished(
@@ -140,14 +147,16 @@ def _main(conn: Connection, name: str) -> None:
     os._exit(0)
 
 
-def _build_runtime(settings: Settings, name: str) -> Runtime:
+def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
     import redis
     import torch
 
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
+    from scheduler.webhooks import WebhookEventType
     from workers.engine_setup import start_engine
     from workers.metrics import serve_worker_metrics
+    from workers.reaper import Reaper
     from workers.runtime import Runtime, worker_info
 
     device = settings.engine.device
@@ -166,7 +175,15 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
     info.engine_reason = (
         choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
     )
-    notifier = Notifier(make_celery(settings.require_redis_url()))
+    celery = make_celery(settings.require_redis_url())
+    notifier = Notifier(celery)
+    reaper = Reaper(
+        client,
+        celery,
+        settings.limits.max_attempts,
+        settings.limits.job_ttl_s,
+        on_failed=lambda job: notifier.emit(job, WebhookEventType.FAILED),
+    )
     return Runtime(
         client,
         engine,
@@ -176,4 +193,6 @@ def _build_runtime(settings: Settings, name: str) -> Runtime:
         notifier=notifier,
         output_interval_s=settings.webhooks.output_interval_s,
         metrics=serve_worker_metrics(info, settings.metrics),
+        incarnation=incarnation,
+        reaper=reaper,
     )

@@ -1,7 +1,7 @@
 """Typed messages between a worker's two processes, sent as JSON over one duplex pipe.
 
 consumer process (Celery)              engine process (engine, loop, relay, heartbeats)
-  Submit(job, attempt)        ─────▶
+  Submit(job, attempt, resume) ────▶
   ConsumerReady               ─────▶   (heartbeats say ready from now on)
   Shutdown                    ─────▶   (exits; so does it when the pipe closes)
                               ◀─────   EngineReady(info)    once loaded and warmed up
@@ -22,6 +22,8 @@ class Submit(BaseModel):
     kind: Literal["submit"] = "submit"
     job: Job
     attempt: int
+    resume_text: str = ""  # what earlier attempts streamed: this one continues after it
+    resume_tokens: int = 0  # the tokens that text took
 
 
 class ConsumerReady(BaseModel):

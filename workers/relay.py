@@ -32,12 +32,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# KEYS: job hash, events stream. ARGV: attempt (JSON), ttl seconds, done-event data, then the
-# job's field/value pairs. Writes only if this attempt still owns the running job, so a stale
-# worker can never overwrite a newer attempt or a terminal state.
+# KEYS: job hash, events stream, the worker's running hash. ARGV: attempt (JSON), ttl seconds,
+# done-event data, then the job's field/value pairs. Writes only if this attempt still owns the
+# running job, so a stale worker can never overwrite a newer attempt or a terminal state.
+# → 1 written, 0 fenced off.
 FINALIZE = """
 if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'):sub(2, -2))
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -67,6 +69,8 @@ class Held:
     tokens: int = 0  # generated so far (the relay thread writes, heartbeats read)
     first_token_at: float | None = None
     output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
+    resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
+    unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
 
 
 @dataclass
@@ -124,7 +128,8 @@ class Relay(threading.Thread):
                 pipe = self.client.pipeline(transaction=True)  # all of a batch or none of it
                 for op in ops:
                     op(pipe)
-                pipe.execute()
+                results = pipe.execute()
+                written = results[len(results) - len(finals) :]  # the finals are staged last
                 break
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 # Redis restarting: keep the batch and retry; nothing is dropped
@@ -133,10 +138,13 @@ class Relay(threading.Thread):
                 delay = min(delay * 2, 5.0)
             except redis.RedisError:  # a bug, not an outage: retrying would spin forever
                 log.exception("relay write rejected; %d jobs' final states were not written", len(finals))
+                written = [0] * len(finals)
                 break
-        for held, job in finals:
-            if self.notifier is not None:  # after the terminal state is in Redis
+        for (held, job), won in zip(finals, written, strict=True):
+            if won and self.notifier is not None:  # its terminal state is in Redis, by this attempt
                 self.notifier.emit(job, TERMINAL_EVENT[job.status])
+            if not won:
+                log.warning("job %s attempt %d was fenced off: a newer attempt owns it", job.id, held.attempt)
             held.future.set_result(job)
 
     def _plan(self, batch: list[list[Delta] | _Failure]) -> tuple[list[_Op], list[tuple[Held, Job]]]:
@@ -158,9 +166,9 @@ class Relay(threading.Thread):
                     continue
                 ops += self._plan_delta(held, delta, now)
                 if delta.finish_reason is not None:
-                    usage = Usage(
-                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
-                    )
+                    prompt = held.job.usage.prompt_tokens if held.resumed_tokens else delta.prompt_tokens
+                    completion = delta.completion_tokens + held.resumed_tokens
+                    usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
                     status = _STATUS[delta.finish_reason]
                     final = self._final_job(held, status, delta.finish_reason, delta.error, usage)
                     finals.append((held, final))
@@ -178,10 +186,12 @@ class Relay(threading.Thread):
             held.first_token_at = at
             first = encode_fields({"timings": {"first_token_at": at}})
             ops.append(lambda pipe: pipe.hset(keys.job(job_id), mapping=first))  # type: ignore[arg-type]
+        held.unsent_tokens += len(delta.token_ids)
         if delta.text:
             held.text.append(delta.text)
             self._maybe_output_event(held, delta)
-            fields = token_fields(delta.text)
+            fields = token_fields(delta.text, held.unsent_tokens, held.attempt)
+            held.unsent_tokens = 0
             ops.append(lambda pipe: pipe.xadd(keys.events(job_id), fields))  # type: ignore[arg-type]
             if len(held.text) == 1:
                 ops.append(lambda pipe: pipe.expire(keys.events(job_id), self.ttl_s))
@@ -230,5 +240,5 @@ class Relay(threading.Thread):
         args: list[str | int] = [str(held.attempt), self.ttl_s, done_fields(DoneEvent.of(job))["data"]]
         for k, v in fields.items():
             args += [k, v]
-        job_keys = [keys.job(job.id), keys.events(job.id)]
+        job_keys = [keys.job(job.id), keys.events(job.id), keys.running(job.worker or "")]
         return lambda pipe: self._finalize(keys=job_keys, args=args, client=pipe)

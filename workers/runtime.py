@@ -17,9 +17,10 @@ from moe_core.failover import FailoverEngine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
-from scheduler.registry import HEARTBEAT_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
+from scheduler.registry import HEARTBEAT_S, LEASE_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
 from workers.engine_loop import EngineLoop
 from workers.metrics import WorkerMetrics
+from workers.reaper import Reaper
 from workers.relay import Held, Relay
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Runtime:
         step_delay_s: float = 0.0,
         notifier: Notifier | None = None,
         output_interval_s: float = 0.5,
+        incarnation: str = "",
+        reaper: Reaper | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """metrics: this worker's Prometheus metrics (None: none kept)."""
@@ -42,6 +45,8 @@ class Runtime:
         self.engine = engine
         self.info = info
         self.notifier = notifier
+        self.incarnation = incarnation  # the lease's value: which run of this worker holds its jobs
+        self.reaper = reaper
         self.metrics = metrics
         self.relay = Relay(client, ttl_s, notifier, output_interval_s, metrics)
         self.loop = EngineLoop(engine, self.relay, step_delay_s)
@@ -68,6 +73,8 @@ class Runtime:
         engine.backend is kept for the next start: an engine is chosen when the worker starts."""
         self.loop.step_delay_s = settings.engine.step_delay_s
         self.relay.output_interval_s = settings.webhooks.output_interval_s
+        if self.reaper is not None:
+            self.reaper.max_attempts = settings.limits.max_attempts
         if isinstance(self.engine, FailoverEngine):
             self.engine.max_failures = settings.engine.max_step_failures
             self.engine.cooldown_s = settings.engine.failover_cooldown_s
@@ -77,12 +84,14 @@ class Runtime:
         self.beat()
         log.info("worker %s ready: engine %s on %s", self.info.name, self.info.engine, self.info.device)
 
-    def submit(self, job: Job, attempt: int) -> Held:
+    def submit(self, job: Job, attempt: int, resume_text: str = "", resume_tokens: int = 0) -> Held:
         """A claimed job joins the batch at the next step; its future resolves after the
-        terminal write."""
+        terminal write. resume_*: what earlier attempts streamed, which this one continues."""
         job = job.model_copy(update={"status": JobStatus.RUNNING, "attempt": attempt})
         job.worker, job.engine = self.info.name, self.engine.name
-        held = Held(job, attempt)
+        held = Held(job, attempt, resumed_tokens=resume_tokens, tokens=resume_tokens)
+        if resume_text:
+            held.text.append(resume_text)
         if self.metrics is not None:
             self.metrics.started(job)
         self.loop.submit(held)
@@ -118,6 +127,7 @@ class Runtime:
         info.gpus = gpu_stats(self._gpu_indices)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.worker(info.name), info.model_dump_json(), ex=RECORD_TTL_S)
+        pipe.set(keys.lease(info.name), self.incarnation, px=LEASE_S * 1000)
         pipe.zadd(keys.WORKERS, {info.name: now})
         pipe.execute()
 
@@ -126,6 +136,8 @@ class Runtime:
             try:
                 self.beat()
                 self._sweep_cancels()
+                if self.reaper is not None:
+                    self.reaper.maybe_sweep()
             except redis.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
             time.sleep(HEARTBEAT_S)

@@ -1,0 +1,203 @@
+"""No accepted job lost or answered twice: workers killed mid-generation, stale workers coming
+back, jobs that kill every worker, Redis restarting under the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from api.auth import Scope, create_key
+from localmoe.redis_server import RedisServer
+from scheduler import keys
+from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
+from scheduler.queue import make_celery
+from scheduler.registry import WorkerInfo
+from scheduler.stream import Fence, token_fields
+from tests.conftest import _stop, bearer, private_stack, start_api, wait_done, wait_for
+from workers.reaper import Reaper
+from workers.relay import FINALIZE
+
+PROMPT = "def fibonacci(n):\n"
+
+
+# --- the reaper and the fences, on Redis directly ------------------------------------------------
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/9", decode_responses=True)
+    c.flushdb()
+    yield c
+    c.flushdb()
+    c.close()
+
+
+def _running_job(client: redis.Redis, worker: str, incarnation: str, attempt: int) -> Job:
+    job = Job(spec=JobSpec(prompt=PROMPT, max_tokens=8), status=JobStatus.RUNNING, attempt=attempt)
+    job.worker = worker
+    client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+    client.hset(keys.running(worker), job.id, f"{incarnation} {attempt}")
+    return job
+
+
+def _url(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://:{kw['password']}@{kw['host']}:{kw['port']}/{kw['db']}"
+
+
+def test_reaper_requeues_jobs_of_a_dead_incarnation_only(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    reaper = Reaper(client, app, max_attempts=3, ttl_s=600)
+    alive = _running_job(client, "w1", "inc-live", 1)
+    dead = _running_job(client, "w2", "inc-old", 1)
+    restarted = _running_job(client, "w1", "inc-before-restart", 1)  # w1 came back as inc-live
+    client.set(keys.lease("w1"), "inc-live")
+    assert reaper.sweep() == {"requeued": 2}
+    status = {
+        j.id: json.loads(client.hget(keys.job(j.id), "status") or "null") for j in (alive, dead, restarted)
+    }
+    assert status == {alive.id: "running", dead.id: "queued", restarted.id: "queued"}
+    assert client.hkeys(keys.running("w2")) == [] and client.hkeys(keys.running("w1")) == [alive.id]
+    queued = [k for k in client.scan_iter(f"{keys.SHARED_QUEUE}*") if client.type(k) == "list"]
+    assert sum(int(client.llen(k)) for k in queued) == 2  # sent again, on the shared queue
+    assert reaper.sweep() == {}  # once
+    app.close()
+
+
+def test_a_job_that_keeps_killing_workers_fails_with_the_reason(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    job = _running_job(client, "w3", "gone", attempt=3)
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"failed": 1}
+    fields = client.hgetall(keys.job(job.id))
+    assert json.loads(fields["status"]) == "failed"
+    assert "died under it on 3 attempts" in json.loads(fields["error"])
+    (entry,) = client.xrange(keys.events(job.id))
+    assert entry[1]["type"] == "done" and '"failed"' in entry[1]["data"]
+    app.close()
+
+
+def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: redis.Redis) -> None:
+    job = _running_job(client, "w4", "new", attempt=2)
+    finalize = client.register_script(FINALIZE)
+    stale = finalize(
+        keys=[keys.job(job.id), keys.events(job.id), keys.running("w4")],
+        args=["1", 600, '{"status": "succeeded"}', "status", '"succeeded"'],
+    )
+    assert stale == 0 and json.loads(client.hget(keys.job(job.id), "status") or "") == "running"
+    # the stream as readers see it: attempt 1's tokens, the resume mark, attempt 2's, a late one of 1
+    stream = [
+        token_fields("a", 1, 1),
+        token_fields("b", 1, 1),
+        {"type": "resume", "a": "2"},
+        token_fields("c", 1, 2),
+        token_fields("STALE", 1, 1),
+        token_fields("d", 1, 2),
+    ]
+    fence = Fence()
+    seen = [e.text for f in stream if (e := fence.visible(f)) is not None]  # type: ignore[union-attr]
+    assert "".join(seen) == "abcd"
+
+
+# --- a worker killed with SIGKILL mid-generation ------------------------------------------------
+
+
+def _worker(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "localmoe", "worker", "--name", name], env=env)
+
+
+def _ready(client: redis.Redis, name: str) -> bool:
+    raw = client.get(keys.worker(name))
+    return raw is not None and WorkerInfo.model_validate_json(raw).ready
+
+
+def test_a_killed_workers_job_finishes_elsewhere_with_one_result(service_env: dict[str, str]) -> None:
+    with private_stack(service_env, worker=False, LOCALMOE_ENGINE__STEP_DELAY_S="0.02") as stack:
+        procs = {n: _worker(stack.env, n) for n in ("alpha", "beta")}
+        try:
+            wait_for(lambda: all(_ready(stack.client, n) for n in procs), 120, "two workers")
+            http = stack.http()
+            job = http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}).json()
+            events: list[dict[str, object]] = []
+            reader = threading.Thread(target=_read_sse, args=(stack.api, stack.admin_key, job["id"], events))
+            reader.start()
+            wait_for(lambda: len(events) >= 20, 30, "tokens to stream")
+            victim = http.get(f"/v1/jobs/{job['id']}").json()["worker"]
+            killed_at = time.monotonic()
+            os.kill(procs[victim].pid, signal.SIGKILL)  # mid-generation, no goodbye
+            done = wait_done(http, job["id"], timeout=60)
+            reader.join(30)
+            assert done["status"] == "succeeded" and done["attempt"] == 2
+            assert done["worker"] != victim
+            assert time.monotonic() - killed_at < 30  # re-queued by the lease, not Celery's 1 h
+            assert done["usage"]["completion_tokens"] == 300
+            text = "".join(str(e["text"]) for e in events if e["event"] == "token")
+            assert text == done["output"]  # what the client saw: no token twice, none missing
+            assert [e["event"] for e in events].count("done") == 1
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    _stop(p)
+
+
+def _read_sse(api: str, key: str, job_id: str, out: list[dict[str, object]]) -> None:
+    with httpx.stream("GET", f"{api}/v1/jobs/{job_id}/events", headers=bearer(key), timeout=120) as r:
+        event = ""
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                out.append({"event": event, **json.loads(line[5:])})
+
+
+# --- Redis restarting under the service ------------------------------------------------------------
+
+
+def test_redis_restart_loses_nothing(service_env: dict[str, str], tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    env = {**service_env, "LOCALMOE_REDIS_URL": server.url, "LOCALMOE_ENGINE__STEP_DELAY_S": "0.01"}
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    admin = create_key(client, "restart", Scope.ADMIN).secret
+    worker = _worker(env, "phoenix")
+    api: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: _ready(client, "phoenix"), 120, "the worker")
+        api, url = start_api(env, admin)
+        http = httpx.Client(base_url=url, headers=bearer(admin), timeout=30)
+        long = http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}).json()
+        events: list[dict[str, object]] = []
+        reader = threading.Thread(target=_read_sse, args=(url, admin, long["id"], events))
+        reader.start()
+        wait_for(lambda: len(events) >= 5, 30, "tokens to stream")
+
+        server.stop()  # SIGTERM: the AOF is flushed; every client loses its connection
+        time.sleep(1.0)
+        server.start()
+
+        done = wait_done(http, long["id"], timeout=90)
+        reader.join(60)
+        assert done["status"] == "succeeded"
+        text = "".join(str(e["text"]) for e in events if e["event"] == "token")
+        assert text == done["output"]  # the stream reader resumed without a gap or a repeat
+        # the worker consumes again (celery#8030 would leave it deaf) and the API enqueues again
+        after = [
+            http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 8}).json()["id"] for _ in range(3)
+        ]
+        assert all(wait_done(http, i, timeout=60)["status"] == "succeeded" for i in after)
+    finally:
+        if api is not None:
+            _stop(api)
+        _stop(worker)
+        client.close()
+        server.stop()

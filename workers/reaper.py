@@ -1,0 +1,164 @@
+"""The reaper: a job whose worker died is run again elsewhere, or failed after max_attempts.
+
+Every worker holds a lease (keys.lease: its incarnation id, renewed with each heartbeat, gone
+LEASE_S after the last one) and records each job it claims in its running hash with that
+incarnation. The reaper, which every worker runs every few seconds (one at a time, under a
+lock), looks for running-hash entries whose incarnation no longer holds the lease: that worker
+died (SIGKILL, power, OOM) or was cut off. Each such job goes back to `queued` and onto the
+shared queue — at once, not after Celery's one-hour visibility timeout — and the next attempt
+continues from the text the dead one streamed (workers/tasks.py RESUME). A job on its
+max_attempts-th run fails with the reason instead: a prompt that kills workers stops there.
+
+A worker that was only cut off and comes back cannot undo this: its final write is fenced on
+the attempt number (workers/relay.py FINALIZE), and readers drop its late tokens (Fence in
+scheduler/stream.py). Jobs still waiting on a dead worker's own queue are put on the shared
+queue too. If the reaper dies between requeueing a job and sending its message, Celery's
+visibility timeout (1 h) brings the original message back: the claim takes it then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis
+from celery import Celery
+
+from scheduler import keys
+from scheduler.jobs import Job, JobStatus, job_from_hash
+from scheduler.stream import DoneEvent, done_fields
+
+log = logging.getLogger(__name__)
+
+SWEEP_S = 5.0
+LOCK = f"{keys.PREFIX}:reaper:lock"
+
+# KEYS: job hash, the dead worker's running hash, its lease, the job's events stream.
+# ARGV: job id, the running-hash entry ("<incarnation> <attempt>"), max attempts, now (JSON),
+# ttl, done-event data and error (JSON) for a job that fails here.
+# → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
+REQUEUE = """
+local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
+if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 'gone' end
+if redis.call('HGET', KEYS[1], 'attempt') ~= attempt then return 'gone' end
+if tonumber(attempt) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'status', '"failed"', 'finish_reason', '"error"', 'error', ARGV[7],
+    'timings.finished_at', ARGV[4])
+  redis.call('XADD', KEYS[4], '*', 'type', 'done', 'data', ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'status', '"queued"')
+return 'requeued'
+"""
+
+_RUNNING = (keys.running("*"), keys.running(""))  # (the scan pattern, the key minus the name)
+
+
+class Reaper:
+    def __init__(
+        self,
+        client: redis.Redis,
+        app: Celery,
+        max_attempts: int,
+        ttl_s: int,
+        on_failed: Callable[[Job], None] | None = None,
+    ) -> None:
+        """on_failed: told of a job failed here (its webhook, say)."""
+        self.client = client
+        self.app = app
+        self.max_attempts = max_attempts
+        self.ttl_s = ttl_s
+        self.on_failed = on_failed
+        self._requeue = client.register_script(REQUEUE)
+        self._last = 0.0
+
+    def maybe_sweep(self) -> None:
+        """Sweep if SWEEP_S has passed here and no other process swept meanwhile."""
+        now = time.monotonic()
+        if now - self._last < SWEEP_S:
+            return
+        self._last = now
+        if self.client.set(LOCK, "1", nx=True, px=int(SWEEP_S * 1000) - 200):
+            self.sweep()
+
+    def sweep(self) -> dict[str, int]:
+        """One pass over every worker's running jobs and dead workers' queues. → outcome counts."""
+        counts: dict[str, int] = {}
+        pattern, bare = _RUNNING
+        head, tail = bare.split(":running")[0], ":running"
+        for key in self.client.scan_iter(pattern, count=500):
+            worker = key[len(head) : -len(tail)]
+            entries = cast(dict[str, str], self.client.hgetall(key))
+            lease = self.client.get(keys.lease(worker))
+            for job_id, entry in entries.items():
+                if entry.split(" ")[0] == lease:
+                    continue
+                outcome = self._reap(worker, job_id, entry)
+                counts[outcome] = counts.get(outcome, 0) + 1
+        for worker in self._dead_with_a_queue():
+            counts["moved"] = counts.get("moved", 0) + self._move_queued(worker)
+        if counts:
+            log.warning("reaper: %s", counts)
+        return counts
+
+    def _reap(self, worker: str, job_id: str, entry: str) -> str:
+        error = f"its worker died under it on {self.max_attempts} attempts (last: {worker})"
+        done = DoneEvent(status=JobStatus.FAILED, finish_reason="error", error=error)
+        outcome = cast(
+            str,
+            self._requeue(
+                keys=[keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id)],
+                args=[job_id, entry, self.max_attempts, str(time.time()), self.ttl_s,
+                      done_fields(done)["data"], f'"{error}"'],
+            ),
+        )  # fmt: skip
+        if outcome == "requeued":
+            job = self._job(job_id)
+            if job is not None:
+                self._send(job)
+            log.warning("job %s: worker %s died running it; queued again", job_id, worker)
+        elif outcome == "failed":
+            log.error("job %s failed: %s", job_id, error)
+            job = self._job(job_id)
+            if job is not None and self.on_failed is not None:
+                self.on_failed(job)
+        return outcome
+
+    def _dead_with_a_queue(self) -> list[str]:
+        """Workers with jobs routed to their own queue and no lease: they will not take them."""
+        head = keys.queued("")
+        out = []
+        for key in self.client.scan_iter(keys.queued("*"), count=500):
+            worker = key[len(head.removesuffix(":queued")) : -len(":queued")]
+            if not self.client.exists(keys.lease(worker)):
+                out.append(worker)
+        return out
+
+    def _move_queued(self, worker: str) -> int:
+        moved = 0
+        for job_id in cast(list[str], self.client.hkeys(keys.queued(worker))):
+            self.client.hdel(keys.queued(worker), job_id)
+            job = self._job(job_id)
+            if job is not None and job.status is JobStatus.QUEUED:
+                self._send(job)  # its old message stays behind: a later claim of it is a no-op
+                moved += 1
+        return moved
+
+    def _job(self, job_id: str) -> Job | None:
+        fields = cast(dict[str, str], self.client.hgetall(keys.job(job_id)))
+        return job_from_hash(fields) if fields else None
+
+    def _send(self, job: Job) -> None:
+        job = job.model_copy(update={"queue": keys.SHARED_QUEUE})
+        self.app.send_task(
+            keys.RUN_JOB_TASK,
+            args=[job.model_dump(mode="json")],
+            queue=keys.SHARED_QUEUE,
+            priority=job.priority.rank,
+        )
