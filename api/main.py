@@ -34,12 +34,21 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+MAX_REDIS_CONNECTIONS = 10_000
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or get_settings()
         url = s.require_redis_url()
-        client = aioredis.from_url(url, decode_responses=True, health_check_interval=10)
+        # Every live stream holds one pooled connection while its XREAD BLOCK waits (up to 15 s).
+        # redis-py's asyncio pool caps at 100 and then fails every caller at once: with 100
+        # streams open, the next request answered 500 (bench/stream_load.py, RELIABILITY.md).
+        # Streams are bounded by open files and Redis' maxclients (10,000) instead.
+        client = aioredis.from_url(
+            url, decode_responses=True, health_check_interval=10, max_connections=MAX_REDIS_CONNECTIONS
+        )
         sync_client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
         celery = make_celery(url)
         notifier = Notifier(celery)

@@ -36,7 +36,6 @@ import httpx
 import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
-from localmoe.gpus import visible_nvml_indices
 from localmoe.redis_server import RedisServer
 
 CODE = ["def merge_sort(items):\n", "class LRUCache:\n    def __init__(self, size):\n", "for row in rows:\n"]
@@ -55,7 +54,10 @@ def arrivals(n: int, rate: float, short: int, long: int, seed: int) -> list[tupl
 
 def gpu_count() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return len(visible.split(",")) if visible else len(visible_nvml_indices() or [])
+    if visible:
+        return len(visible.split(","))
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
