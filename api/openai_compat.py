@@ -599,7 +599,13 @@ IdempotencyKey = Annotated[
 # --- /v1/completions ---------------------------------------------------------------------------
 
 
-@router.post("/completions", response_model=Completion, responses=_ERRORS)
+# With `stream: true` the answer is server-sent events of chunks, then `data: [DONE]`.
+_STREAMED = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "The answer."}
+}
+
+
+@router.post("/completions", response_model=Completion, responses={**_STREAMED, **_ERRORS})
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -653,7 +659,7 @@ def _default_max_tokens(services: Services, prompt: str) -> int:
     return max(1, min(services.settings.limits.max_tokens, room))
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post("/chat/completions", response_model=ChatCompletion, responses={**_STREAMED, **_ERRORS})
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,22 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         password = json.loads((home / "secrets.json").read_text())["flower_password"]
         assert httpx.get(flower, auth=("admin", password), timeout=5).status_code == 200
         assert (home / "secrets.json").stat().st_mode & 0o077 == 0
+
+        # Supervision: a worker killed with SIGKILL is restarted, and serves again.
+        log_text = (tmp_path / "up.log").read_text()
+        pid = int(re.search(r"started worker-\S+ \(pid (\d+)\)", log_text).group(1))  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "restarted worker" in (tmp_path / "up.log").read_text(), 30, "the restart")
+        again = subprocess.run(
+            [sys.executable, "-m", "localmoe", "submit", "def fib(n):", "--max-tokens", "12"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == streamed.stdout
+        assert "exited with code -9; restarting it in 1 s" in (tmp_path / "up.log").read_text()
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)
