@@ -599,10 +599,9 @@ IdempotencyKey = Annotated[
 # --- /v1/completions ---------------------------------------------------------------------------
 
 
-# With `stream: true` the answer is server-sent events of chunks, then `data: [DONE]`.
-_STREAMED = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "The answer."}
-}
+# With `stream: true` the answer is server-sent events: each `data:` a chunk object (OpenAI's
+# `*.chunk` shapes), the last one the text `[DONE]`. The schema says "any": it is per event.
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": {}}}, "description": "The answer."}}
 
 
 @router.post("/completions", response_model=Completion, responses={**_STREAMED, **_ERRORS})
