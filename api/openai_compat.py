@@ -601,7 +601,9 @@ IdempotencyKey = Annotated[
 
 # With `stream: true` the answer is server-sent events: each `data:` a chunk object (OpenAI's
 # `*.chunk` shapes), the last one the text `[DONE]`. The schema says "any": it is per event.
-_STREAMED = {200: {"content": {"text/event-stream": {"schema": {}}}, "description": "The answer."}}
+_STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {}}}, "description": "The answer."}
+}
 
 
 @router.post("/completions", response_model=Completion, responses={**_STREAMED, **_ERRORS})
