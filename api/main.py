@@ -37,6 +37,12 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
 MAX_REDIS_CONNECTIONS = 10_000
 
 
+async def redis_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """Redis restarting or unreachable: 503 and a hint to retry, not a 500. Nothing was accepted."""
+    detail = f"the job store is unavailable ({type(exc).__name__}); try again"
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    for error in (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+        app.add_exception_handler(error, redis_unavailable)
     app.add_middleware(BodyGuard, max_bytes=(settings or get_settings()).limits.max_body_bytes)
     app.add_middleware(metrics.HttpMetrics)  # outermost: it sees BodyGuard's answers too
     app.include_router(health.router)

@@ -87,3 +87,6 @@ def lease(worker_name: str) -> str:
 def running(worker_name: str) -> str:
     """Hash: job id → "<incarnation> <attempt>", the jobs this worker has claimed and not finished."""
     return f"{PREFIX}:worker:{worker_name}:running"
+
+
+WAITING = f"{PREFIX}:waiting"  # sorted set: job id → when to check it still has a message (reaper)

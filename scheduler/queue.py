@@ -96,6 +96,9 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
     return app
 
 
+WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
+
+
 class Enqueuer:
     """Writes job records and sends job messages from one thread, in batches.
 
@@ -149,6 +152,7 @@ class Enqueuer:
                 pipe.zadd(listing, {p.job.id: at})
                 pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
                 pipe.expire(listing, self.ttl_s)
+            pipe.zadd(keys.WAITING, {p.job.id: now + WAITING_CHECK_S})  # the reaper's safety net
             routed = keys.worker_of_queue(p.job.queue)
             if routed is not None:  # the worker's backlog, until a claim removes it
                 pipe.hset(keys.queued(routed), p.job.id, p.job.cost)

@@ -310,10 +310,11 @@ def test_webhook_events_are_signed_throttled_and_recorded_on_the_job(
     duration = done["timings"]["finished_at"] - done["timings"]["started_at"]
     assert len(outputs) <= 2 * duration + 1  # at most two per second
 
-    polled = http.get(f"/v1/jobs/{job['id']}").json()
-    attempts = polled["webhook_attempts"]
-    assert {a["outcome"] for a in attempts} == {"delivered"}
-    assert len(attempts) == len(payloads)
+    def attempts() -> list[dict[str, object]]:  # recorded once each POST has its answer
+        return http.get(f"/v1/jobs/{job['id']}").json()["webhook_attempts"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: len(attempts()) == len(payloads), 10, "every attempt recorded")
+    assert {a["outcome"] for a in attempts()} == {"delivered"}
 
 
 def test_webhook_for_a_cancelled_job(http: httpx.Client, receiver: Receiver, webhook_worker: None) -> None:

@@ -75,6 +75,35 @@ def test_reaper_requeues_jobs_of_a_dead_incarnation_only(client: redis.Redis) ->
     app.close()
 
 
+def _messages(client: redis.Redis) -> int:
+    lists = [k for k in client.scan_iter(f"{keys.SHARED_QUEUE}*") if client.type(k) == "list"]
+    return sum(int(client.llen(k)) for k in lists)
+
+
+def test_a_reaper_killed_before_sending_is_finished_by_the_next_sweep(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    job = _running_job(client, "w5", "dead", attempt=1)
+    client.hset(keys.job(job.id), "status", '"queued"')  # requeued by a reaper that died right then
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"requeued": 1}
+    assert _messages(client) == 1 and client.hkeys(keys.running("w5")) == []
+    app.close()
+
+
+def test_a_job_queued_too_long_is_sent_again(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    lost = Job(spec=JobSpec(prompt=PROMPT), timings={"queued_at": time.time() - 300})  # type: ignore[arg-type]
+    done = Job(spec=JobSpec(prompt=PROMPT), status=JobStatus.SUCCEEDED)
+    for j in (lost, done):
+        client.hset(keys.job(j.id), mapping=job_to_hash(j))  # type: ignore[arg-type]
+        client.zadd(keys.WAITING, {j.id: time.time() - 1})
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"resent": 1}
+    assert _messages(client) == 1  # the message a killed consumer lost, sent again
+    assert client.zrange(keys.WAITING, 0, -1) == [lost.id]  # the finished one leaves the index
+    assert client.zscore(keys.WAITING, lost.id) > time.time() + 250  # type: ignore[operator]  # backs off
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {}
+    app.close()
+
+
 def test_a_job_that_keeps_killing_workers_fails_with_the_reason(client: redis.Redis) -> None:
     app = make_celery(_url(client))
     job = _running_job(client, "w3", "gone", attempt=3)
@@ -182,7 +211,8 @@ def test_redis_restart_loses_nothing(service_env: dict[str, str], tmp_path: Path
         wait_for(lambda: len(events) >= 5, 30, "tokens to stream")
 
         server.stop()  # SIGTERM: the AOF is flushed; every client loses its connection
-        time.sleep(1.0)
+        down = http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 8})
+        assert down.status_code == 503 and down.headers["retry-after"] == "1", down.text  # not a 500
         server.start()
 
         done = wait_done(http, long["id"], timeout=90)

@@ -12,8 +12,10 @@ max_attempts-th run fails with the reason instead: a prompt that kills workers s
 A worker that was only cut off and comes back cannot undo this: its final write is fenced on
 the attempt number (workers/relay.py FINALIZE), and readers drop its late tokens (Fence in
 scheduler/stream.py). Jobs still waiting on a dead worker's own queue are put on the shared
-queue too. If the reaper dies between requeueing a job and sending its message, Celery's
-visibility timeout (1 h) brings the original message back: the claim takes it then.
+queue too. A requeued job stays in the dead worker's running hash until its new message is sent,
+so a reaper killed in between is finished by the next sweep. And every job still queued after
+WAITING_CHECK_S is sent again (keys.WAITING): the Redis transport can lose a message taken by a
+consumer killed before it recorded it; the claim takes a job once, so a duplicate is harmless.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from celery import Celery
 
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, job_from_hash
+from scheduler.queue import WAITING_CHECK_S
 from scheduler.stream import DoneEvent, done_fields
 
 log = logging.getLogger(__name__)
@@ -39,13 +42,20 @@ LOCK = f"{keys.PREFIX}:reaper:lock"
 # ARGV: job id, the running-hash entry ("<incarnation> <attempt>"), max attempts, now (JSON),
 # ttl, done-event data and error (JSON) for a job that fails here.
 # → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
+# A requeued job keeps its running-hash entry until its new message is sent (the caller removes
+# it then): a reaper that dies in between leaves the entry, and the next sweep sends it again.
 REQUEUE = """
 local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
 if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
-redis.call('HDEL', KEYS[2], ARGV[1])
-if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 'gone' end
-if redis.call('HGET', KEYS[1], 'attempt') ~= attempt then return 'gone' end
+local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HGET', KEYS[1], 'attempt')
+if status == '"queued"' and current == attempt then return 'requeued' end
+if status ~= '"running"' or current ~= attempt then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 'gone'
+end
 if tonumber(attempt) >= tonumber(ARGV[3]) then
+  redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'finish_reason', '"error"', 'error', ARGV[7],
     'timings.finished_at', ARGV[4])
   redis.call('XADD', KEYS[4], '*', 'type', 'done', 'data', ARGV[6])
@@ -103,6 +113,9 @@ class Reaper:
                 counts[outcome] = counts.get(outcome, 0) + 1
         for worker in self._dead_with_a_queue():
             counts["moved"] = counts.get("moved", 0) + self._move_queued(worker)
+        resent = self._resend_waiting()
+        if resent:
+            counts["resent"] = resent
         if counts:
             log.warning("reaper: %s", counts)
         return counts
@@ -122,6 +135,7 @@ class Reaper:
             job = self._job(job_id)
             if job is not None:
                 self._send(job)
+            self.client.hdel(keys.running(worker), job_id)  # sent: this entry has done its part
             log.warning("job %s: worker %s died running it; queued again", job_id, worker)
         elif outcome == "failed":
             log.error("job %s failed: %s", job_id, error)
@@ -150,12 +164,31 @@ class Reaper:
                 moved += 1
         return moved
 
+    def _resend_waiting(self) -> int:
+        """Jobs queued for a while are sent again: a message can be lost (a consumer killed
+        between taking it off the queue and recording it as unacknowledged), and a duplicate is
+        harmless (the claim takes a job once). Checks back off: 2 min, then the time waited."""
+        now = time.time()
+        due = cast(list[str], self.client.zrangebyscore(keys.WAITING, "-inf", now, start=0, num=500))
+        resent = 0
+        for job_id in due:
+            job = self._job(job_id)
+            if job is None or job.status is not JobStatus.QUEUED:
+                self.client.zrem(keys.WAITING, job_id)
+                continue
+            waited = now - (job.timings.queued_at or now)
+            self.client.zadd(keys.WAITING, {job_id: now + max(WAITING_CHECK_S, waited)})
+            self._send(job)
+            resent += 1
+        return resent
+
     def _job(self, job_id: str) -> Job | None:
         fields = cast(dict[str, str], self.client.hgetall(keys.job(job_id)))
         return job_from_hash(fields) if fields else None
 
     def _send(self, job: Job) -> None:
         job = job.model_copy(update={"queue": keys.SHARED_QUEUE})
+        self.client.zadd(keys.WAITING, {job.id: time.time() + WAITING_CHECK_S}, nx=True)
         self.app.send_task(
             keys.RUN_JOB_TASK,
             args=[job.model_dump(mode="json")],

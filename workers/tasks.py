@@ -14,7 +14,7 @@ from scheduler.jobs import Job, encode_fields
 from workers.engine_proc import EngineProcess
 
 # KEYS: job hash, the queued-cost hash of the worker it was routed to (scheduler/keys.py), the
-# backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, then this worker's running hash.
+# backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING.
 # ARGV: worker, engine, started_at (all JSON), job id, this worker's incarnation.
 # → the new attempt number, or 0 when the job is no longer queued (cancelled while waiting, or
 # already taken). Either way it has left the queue: its cost leaves the routed worker's backlog
@@ -24,6 +24,7 @@ CLAIM = (
     RELEASE_LUA
     + """
 redis.call('HDEL', KEYS[2], ARGV[4])
+redis.call('ZREM', KEYS[7], ARGV[4])
 release(KEYS[3], KEYS[4], KEYS[5], ARGV[4])
 if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
@@ -67,7 +68,13 @@ def register(app: Celery, client: redis.Redis, engine: EngineProcess, engine_nam
         routed = keys.worker_of_queue(spec.queue) or engine.name
         attempt = int(
             claim(
-                keys=[keys.job(spec.id), keys.queued(routed), *RELEASE_KEYS, keys.running(engine.name)],
+                keys=[
+                    keys.job(spec.id),
+                    keys.queued(routed),
+                    *RELEASE_KEYS,
+                    keys.running(engine.name),
+                    keys.WAITING,
+                ],
                 args=[fields["worker"], fields["engine"], fields["started_at"], spec.id, engine.incarnation],
             )
         )
