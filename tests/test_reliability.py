@@ -89,6 +89,26 @@ def test_a_reaper_killed_before_sending_is_finished_by_the_next_sweep(client: re
     app.close()
 
 
+def test_a_claim_by_a_restarted_same_named_worker_is_not_forgotten(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    job = _running_job(client, "w6", "first-life", attempt=1)
+    reaper = Reaper(client, app, max_attempts=3, ttl_s=600)
+    sent = reaper._send
+
+    def send_then_claimed(j: Job) -> None:  # w6 restarts and claims the job before the reaper goes on
+        sent(j)
+        client.set(keys.lease("w6"), "second-life")
+        client.hset(keys.job(j.id), mapping={"status": '"running"', "attempt": "2"})
+        client.hset(keys.running("w6"), j.id, "second-life 2")
+
+    reaper._send = send_then_claimed  # type: ignore[method-assign]
+    assert reaper.sweep() == {"requeued": 1}
+    assert client.hget(keys.running("w6"), job.id) == "second-life 2"  # the new claim is still known
+    client.delete(keys.lease("w6"))  # and when w6 dies again, the job is reaped again
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"requeued": 1}
+    app.close()
+
+
 def test_a_job_queued_too_long_is_sent_again(client: redis.Redis) -> None:
     app = make_celery(_url(client))
     lost = Job(spec=JobSpec(prompt=PROMPT), timings={"queued_at": time.time() - 300})  # type: ignore[arg-type]

@@ -45,17 +45,20 @@ LOCK = f"{keys.PREFIX}:reaper:lock"
 # A requeued job keeps its running-hash entry until its new message is sent (the caller removes
 # it then): a reaper that dies in between leaves the entry, and the next sweep sends it again.
 REQUEUE = """
+local function forget()  -- only the entry reaped: a same-named worker may have claimed it anew
+  if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+end
 local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
 if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
 local status = redis.call('HGET', KEYS[1], 'status')
 local current = redis.call('HGET', KEYS[1], 'attempt')
 if status == '"queued"' and current == attempt then return 'requeued' end
 if status ~= '"running"' or current ~= attempt then
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  forget()
   return 'gone'
 end
 if tonumber(attempt) >= tonumber(ARGV[3]) then
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  forget()
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'finish_reason', '"error"', 'error', ARGV[7],
     'timings.finished_at', ARGV[4])
   redis.call('XADD', KEYS[4], '*', 'type', 'done', 'data', ARGV[6])
@@ -65,6 +68,13 @@ if tonumber(attempt) >= tonumber(ARGV[3]) then
 end
 redis.call('HSET', KEYS[1], 'status', '"queued"')
 return 'requeued'
+"""
+
+# KEYS: a running hash. ARGV: job id, the entry that was reaped. Deletes it only if unchanged: a
+# worker restarted under the same name may have claimed the job again meanwhile (a new entry).
+FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 """
 
 _RUNNING = (keys.running("*"), keys.running(""))  # (the scan pattern, the key minus the name)
@@ -86,6 +96,7 @@ class Reaper:
         self.ttl_s = ttl_s
         self.on_failed = on_failed
         self._requeue = client.register_script(REQUEUE)
+        self._forget = client.register_script(FORGET)
         self._last = 0.0
 
     def maybe_sweep(self) -> None:
@@ -135,7 +146,7 @@ class Reaper:
             job = self._job(job_id)
             if job is not None:
                 self._send(job)
-            self.client.hdel(keys.running(worker), job_id)  # sent: this entry has done its part
+            self._forget(keys=[keys.running(worker)], args=[job_id, entry])  # sent: the entry is done
             log.warning("job %s: worker %s died running it; queued again", job_id, worker)
         elif outcome == "failed":
             log.error("job %s failed: %s", job_id, error)
