@@ -198,5 +198,5 @@ async def cancel(job: JobDep, services: ServicesDep, response: Response) -> JobR
         response.status_code = 202
     current = await services.store.get(job.id) or job
     if outcome is CancelOutcome.CANCELLED:  # it never reached a worker: the API tells the webhook
-        services.notifier.emit(current, WebhookEventType.CANCELLED)
+        services.notifier.emit(current, WebhookEventType.CANCELLED, durable=True)
     return JobResponse.of(current)

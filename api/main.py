@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         sync_client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
         celery = make_celery(url)
-        notifier = Notifier(celery)
+        notifier = Notifier(celery, sync_client)
         notifier.start()
         watcher = ConfigWatcher(sync_client, s, lambda new, v: app.state.services.reconfigure(new, v))
         app.state.services = Services(

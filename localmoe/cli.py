@@ -34,6 +34,40 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_train(args: argparse.Namespace) -> int:
+    from localmoe.settings import get_settings
+    from moe_core.checkpoint import is_checkpoint
+    from moe_core.train import train
+
+    out = Path(args.out) if args.out else get_settings().default_model_dir
+    if is_checkpoint(out) and not args.force:
+        print(f"{out} already holds a model (use --force to replace it)")
+        return 0
+    report = train(
+        out,
+        device=args.device,
+        minutes=args.minutes,
+        size=args.size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        corpus_bytes=args.corpus_bytes,
+        seed=args.seed,
+        aux_loss_coef=args.aux_loss_coef,
+        max_steps=args.max_steps,
+        overwrite=args.force,
+        progress=True,
+    )
+    best = report.best
+    assert best is not None
+    print(
+        f"{report.steps} steps, {report.tokens_seen / 1e6:.1f} M tokens, {report.tokens_per_s:,.0f} tokens/s "
+        f"({report.stopped_because}); best held-out loss at step {best.step}: code {best.code:.3f}, "
+        f"prose {best.prose:.3f}"
+    )
+    return 0
+
+
 def cmd_tune_moe(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
     from moe_core import moe_tuning, vllm_engine
@@ -337,6 +371,26 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--vocab-size", type=int, default=4096)
     init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
     init.set_defaults(func=cmd_model_init)
+
+    fit = model.add_parser("train", help="train the small MoE from scratch on this machine's code and docs")
+    fit.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
+    fit.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    fit.add_argument("--minutes", type=float, help="wall-clock budget of the whole run (default: the size's)")
+    fit.add_argument(
+        "--size",
+        default="small",
+        choices=["cpu-test", "small"],
+        help="small: 37 M parameters for a GPU (14 min); cpu-test: 0.6 M parameters, for tests",
+    )
+    fit.add_argument("--seq-len", type=int, help="tokens per training sequence (default: the size's)")
+    fit.add_argument("--batch-size", type=int, help="sequences per step (default: the size's)")
+    fit.add_argument("--lr", type=float, help="peak learning rate (default: the size's)")
+    fit.add_argument("--corpus-bytes", type=int, help="training text to read (default: the size's)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--aux-loss-coef", type=float, default=0.02, help="router load-balancing loss weight")
+    fit.add_argument("--max-steps", type=int, help="stop after this many steps (cosine schedule over steps)")
+    fit.add_argument("--force", action="store_true", help="replace a model already in the directory")
+    fit.set_defaults(func=cmd_model_train)
 
     tune = sub.add_parser(
         "tune-moe", help="search vLLM's fused-MoE kernel configs for the model on this GPU (CUDA + vLLM)"

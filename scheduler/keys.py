@@ -90,3 +90,8 @@ def running(worker_name: str) -> str:
 
 
 WAITING = f"{PREFIX}:waiting"  # sorted set: job id → when to check it still has a message (reaper)
+
+# Terminal webhook events written with the job's final state and not yet handed to the webhook
+# queue: hash job id → Delivery JSON (scheduler/notify.py removes it once sent; the reaper sends
+# what a dead process left behind).
+WEBHOOK_OUTBOX = f"{PREFIX}:webhook:outbox"

@@ -4,6 +4,11 @@ Workers emit started, output (at most one per output_interval_s, with the text s
 terminal event; the API emits `cancelled` for a job cancelled while still queued. `emit` only
 stamps the event (its body is fixed now, so every retry sends the same bytes) and hands it to
 one sender thread: neither the engine's relay nor a request ever waits on the broker.
+
+Terminal events are durable: a worker writes the event (keys.WEBHOOK_OUTBOX) in the same Redis
+script as the job's final state (workers/relay.py FINALIZE), and the sender removes it once the
+message is on the webhook queue; if the process dies in between, the reaper sends what is left
+(the same webhook id: receivers see a repeat at worst, never a loss).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Celery
 
+from scheduler import keys
 from scheduler.jobs import Job, JobStatus
 from scheduler.webhooks import Delivery, WebhookEventType, make_delivery, send_delivery
 
@@ -49,25 +56,45 @@ def event_data(job: Job, output: str | None = None) -> dict[str, Any]:
     }
 
 
+def delivery_for(job: Job, event: WebhookEventType, output: str | None = None) -> Delivery | None:
+    """The event's delivery, fixed now, or None when the job's webhook does not ask for it."""
+    if not wants(job, event):
+        return None
+    assert job.webhook_endpoint is not None
+    return make_delivery(job.webhook_endpoint, job.id, event, event_data(job, output))
+
+
 class Notifier(threading.Thread):
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, client: redis.Redis | None = None) -> None:
+        """client: where the outbox is (for durable events); None: no outbox."""
         super().__init__(name="webhook-notifier", daemon=True)
         self.app = app
-        self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.client = client
+        self._inbox: queue.SimpleQueue[tuple[Delivery, bool]] = queue.SimpleQueue()
 
-    def emit(self, job: Job, event: WebhookEventType, output: str | None = None) -> None:
-        if not wants(job, event):
-            return
-        assert job.webhook_endpoint is not None
-        self._inbox.put(make_delivery(job.webhook_endpoint, job.id, event, event_data(job, output)))
+    def emit(
+        self, job: Job, event: WebhookEventType, output: str | None = None, durable: bool = False
+    ) -> None:
+        """durable: kept in the outbox until sent (a terminal event no script wrote there)."""
+        delivery = delivery_for(job, event, output)
+        if delivery is not None:
+            self.send(delivery, outboxed=False, durable=durable)
+
+    def send(self, delivery: Delivery, outboxed: bool, durable: bool = False) -> None:
+        """outboxed: already in the outbox (FINALIZE put it there): removed once sent."""
+        self._inbox.put((delivery, outboxed or durable))
+        if durable and not outboxed and self.client is not None:
+            self.client.hset(keys.WEBHOOK_OUTBOX, delivery.job_id, delivery.model_dump_json())
 
     def run(self) -> None:
         with self.app.producer_or_acquire() as producer:
             while True:
-                delivery = self._inbox.get()
+                delivery, outboxed = self._inbox.get()
                 for attempt in range(8):  # the broker restarting: keep the event ~1 min
                     try:
                         send_delivery(self.app, delivery, producer=producer)
+                        if outboxed and self.client is not None:
+                            self.client.hdel(keys.WEBHOOK_OUTBOX, delivery.job_id)
                         break
                     except Exception as e:
                         log.warning(

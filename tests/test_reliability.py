@@ -24,6 +24,7 @@ from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
 from scheduler.registry import WorkerInfo
 from scheduler.stream import Fence, token_fields
+from scheduler.webhooks import WebhookEventType, make_delivery
 from tests.conftest import _stop, bearer, private_stack, start_api, wait_done, wait_for
 from workers.reaper import Reaper
 from workers.relay import FINALIZE
@@ -109,6 +110,21 @@ def test_a_claim_by_a_restarted_same_named_worker_is_not_forgotten(client: redis
     app.close()
 
 
+def test_a_terminal_webhook_left_in_the_outbox_is_sent(client: redis.Redis) -> None:
+    app = make_celery(_url(client))
+    old = make_delivery("ep_1", "job-a", WebhookEventType.COMPLETED, {"id": "job-a"})
+    old.created_at -= 60  # its process died before handing it over
+    fresh = make_delivery("ep_1", "job-b", WebhookEventType.COMPLETED, {"id": "job-b"})  # in flight
+    client.hset(
+        keys.WEBHOOK_OUTBOX, mapping={"job-a": old.model_dump_json(), "job-b": fresh.model_dump_json()}
+    )
+    assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"webhooks": 1}
+    assert client.hkeys(keys.WEBHOOK_OUTBOX) == ["job-b"]
+    (raw,) = [client.lindex(k, 0) for k in client.scan_iter(f"{keys.WEBHOOK_QUEUE}*")]
+    assert old.webhook_id in (raw or "")  # the same id: a repeat at worst for the receiver
+    app.close()
+
+
 def test_a_job_queued_too_long_is_sent_again(client: redis.Redis) -> None:
     app = make_celery(_url(client))
     lost = Job(spec=JobSpec(prompt=PROMPT), timings={"queued_at": time.time() - 300})  # type: ignore[arg-type]
@@ -141,7 +157,7 @@ def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: red
     finalize = client.register_script(FINALIZE)
     stale = finalize(
         keys=[keys.job(job.id), keys.events(job.id), keys.running("w4")],
-        args=["1", 600, '{"status": "succeeded"}', "status", '"succeeded"'],
+        args=["1", 600, '{"status": "succeeded"}', "", "status", '"succeeded"'],
     )
     assert stale == 0 and json.loads(client.hget(keys.job(job.id), "status") or "") == "running"
     # the stream as readers see it: attempt 1's tokens, the resume mark, attempt 2's, a late one of 1

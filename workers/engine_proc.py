@@ -176,13 +176,13 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
         choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
     )
     celery = make_celery(settings.require_redis_url())
-    notifier = Notifier(celery)
+    notifier = Notifier(celery, client)
     reaper = Reaper(
         client,
         celery,
         settings.limits.max_attempts,
         settings.limits.job_ttl_s,
-        on_failed=lambda job: notifier.emit(job, WebhookEventType.FAILED),
+        on_failed=lambda job: notifier.emit(job, WebhookEventType.FAILED, durable=True),
     )
     return Runtime(
         client,

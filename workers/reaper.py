@@ -32,10 +32,12 @@ from scheduler import keys
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.queue import WAITING_CHECK_S
 from scheduler.stream import DoneEvent, done_fields
+from scheduler.webhooks import Delivery, send_delivery
 
 log = logging.getLogger(__name__)
 
 SWEEP_S = 5.0
+OUTBOX_GRACE_S = 30.0
 LOCK = f"{keys.PREFIX}:reaper:lock"
 
 # KEYS: job hash, the dead worker's running hash, its lease, the job's events stream.
@@ -127,6 +129,9 @@ class Reaper:
         resent = self._resend_waiting()
         if resent:
             counts["resent"] = resent
+        hooks = self._flush_outbox()
+        if hooks:
+            counts["webhooks"] = hooks
         if counts:
             log.warning("reaper: %s", counts)
         return counts
@@ -192,6 +197,19 @@ class Reaper:
             self._send(job)
             resent += 1
         return resent
+
+    def _flush_outbox(self) -> int:
+        """Terminal webhook events a process wrote with the job's final state and died before
+        handing to the webhook queue (OUTBOX_GRACE_S: the live sender's time to do it)."""
+        sent = 0
+        for job_id, raw in cast(dict[str, str], self.client.hgetall(keys.WEBHOOK_OUTBOX)).items():
+            delivery = Delivery.model_validate_json(raw)
+            if time.time() - delivery.created_at < OUTBOX_GRACE_S:
+                continue
+            send_delivery(self.app, delivery)  # the same webhook id as the lost one
+            self.client.hdel(keys.WEBHOOK_OUTBOX, job_id)
+            sent += 1
+        return sent
 
     def _job(self, job_id: str) -> Job | None:
         fields = cast(dict[str, str], self.client.hgetall(keys.job(job_id)))

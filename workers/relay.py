@@ -23,24 +23,27 @@ import redis
 from moe_core.engine import Delta, FinishReason
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, Usage, encode_fields
-from scheduler.notify import TERMINAL_EVENT, Notifier, wants
+from scheduler.notify import TERMINAL_EVENT, Notifier, delivery_for, wants
 from scheduler.stream import DoneEvent, done_fields, token_fields
-from scheduler.webhooks import WebhookEventType
+from scheduler.webhooks import Delivery, WebhookEventType
 
 if TYPE_CHECKING:
     from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-# KEYS: job hash, events stream, the worker's running hash. ARGV: attempt (JSON), ttl seconds,
-# done-event data, then the job's field/value pairs. Writes only if this attempt still owns the
-# running job, so a stale worker can never overwrite a newer attempt or a terminal state.
+# KEYS: job hash, events stream, the worker's running hash, the webhook outbox. ARGV: attempt
+# (JSON), ttl seconds, done-event data, the terminal webhook's Delivery JSON ("" for none), then
+# the job's field/value pairs. Writes only if this attempt still owns the running job, so a stale
+# worker can never overwrite a newer attempt or a terminal state, nor announce one.
 # → 1 written, 0 fenced off.
 FINALIZE = """
 if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'):sub(2, -2))
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local id = redis.call('HGET', KEYS[1], 'id'):sub(2, -2)
+redis.call('HDEL', KEYS[3], id)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], id, ARGV[4]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -71,6 +74,7 @@ class Held:
     output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
     resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
+    terminal: Delivery | None = None  # its terminal webhook event, written with its final state
 
 
 @dataclass
@@ -141,8 +145,8 @@ class Relay(threading.Thread):
                 written = [0] * len(finals)
                 break
         for (held, job), won in zip(finals, written, strict=True):
-            if won and self.notifier is not None:  # its terminal state is in Redis, by this attempt
-                self.notifier.emit(job, TERMINAL_EVENT[job.status])
+            if won and self.notifier is not None and held.terminal is not None:  # final state written
+                self.notifier.send(held.terminal, outboxed=True)  # the outbox holds it until sent
             if not won:
                 log.warning("job %s attempt %d was fenced off: a newer attempt owns it", job.id, held.attempt)
             held.future.set_result(job)
@@ -237,8 +241,15 @@ class Relay(threading.Thread):
                 "timings": {"finished_at": job.timings.finished_at},
             }
         )
-        args: list[str | int] = [str(held.attempt), self.ttl_s, done_fields(DoneEvent.of(job))["data"]]
+        held.terminal = delivery_for(job, TERMINAL_EVENT[job.status]) if self.notifier else None
+        hook = held.terminal.model_dump_json() if held.terminal else ""
+        args: list[str | int] = [str(held.attempt), self.ttl_s, done_fields(DoneEvent.of(job))["data"], hook]
         for k, v in fields.items():
             args += [k, v]
-        job_keys = [keys.job(job.id), keys.events(job.id), keys.running(job.worker or "")]
+        job_keys = [
+            keys.job(job.id),
+            keys.events(job.id),
+            keys.running(job.worker or ""),
+            keys.WEBHOOK_OUTBOX,
+        ]
         return lambda pipe: self._finalize(keys=job_keys, args=args, client=pipe)

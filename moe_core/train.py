@@ -1,0 +1,704 @@
+"""Train a small Mixtral-style MoE from scratch on code and prose found on this machine, fully offline.
+
+The path of a run: corpus (Python sources of the standard library and of every site-packages folder,
+Python's doc topics, /usr/share/doc, man pages) → split by package into train and held-out → tokenizer
+(`checkpoint.train_tokenizer`) → packed fixed-length sequences → AdamW with warm-up and a cosine
+schedule, the router load-balancing loss on → held-out loss every `eval_every` steps, the best weights
+kept → an ordinary Hugging Face checkpoint that `moe_core.loader` loads like any other, plus
+`training.json` describing the run. The same code runs on a CPU (the "cpu-test" preset, for tests)
+and on a CUDA GPU (the "small" preset, bf16 autocast).
+
+The split is a rule, not a list: a document is held out when the hash of its unit (its top-level
+package for code, its package folder for /usr/share/doc, its page for man pages and doc topics) falls
+under `held_out_share`. The rule gives the same split on any machine; `bench/model_quality.py` uses it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from moe_core.checkpoint import (
+    BOS,
+    EOS,
+    MAX_CONTEXT,
+    PAD,
+    PROSE_SHARE,
+    _doc_topic_sources,
+    _say,
+    _Source,
+    _stdlib_sources,
+    _take,
+    _token_id,
+    _usr_share_doc_sources,
+    is_checkpoint,
+    train_tokenizer,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import MixtralConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+CODE, PROSE = "code", "prose"
+HELD_OUT_SHARE = 0.05  # of units (packages, pages), not of bytes
+SPLIT_RULE = "sha1(unit) % 10000 < held_out_share * 10000"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size and the run settings that suit it."""
+
+    hidden: int
+    intermediate: int  # per expert
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    corpus_bytes: int  # train text read from disk (held-out text comes on top: held_out_share of it)
+    tokenizer_bytes: int  # what the BPE learns from (checkpoint._select_corpus)
+    eval_every: int  # steps
+    eval_sequences: int  # held-out sequences per kind per evaluation
+    warmup_steps: int
+    minutes: float
+
+
+PRESETS: dict[str, Preset] = {
+    # ~0.3 M parameters: a few dozen steps in seconds on one CPU core.
+    "cpu-test": Preset(64, 128, 2, 4, 2, 1024, 64, 8, 3e-3, 600_000, 300_000, 10, 8, 5, 1.0),
+    # ~37 M parameters (~16 M active per token) for one H200: ~750k tokens/s at 128 × 512 in bf16.
+    "small": Preset(384, 512, 6, 6, 2, 8192, 512, 128, 1e-3, 500_000_000, 20_000_000, 250, 128, 300, 14.0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Corpus: checkpoint.py's sources, plus site-packages and man pages, split by unit
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ManPage(_Source):
+    """A gzipped troff man page, read as plain text."""
+
+    def read(self) -> str | None:
+        assert self.path is not None
+        try:
+            text = gzip.decompress(self.path.read_bytes()).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError):
+            return None
+        return None if text.startswith(".so ") else _troff_to_text(text)
+
+
+_TROFF_ESCAPES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\\f(\[[^]]*\]|\(..|.)"), ""),  # font changes: \fB \fI \fR \f(CW \f[B]
+    (re.compile(r"\\\((aq|cq)"), "'"),
+    (re.compile(r"\\\((dq|lq|rq)"), '"'),
+    (re.compile(r"\\\((em|en|hy)"), "-"),
+    (re.compile(r"\\(\(..|\[[^]]*\]|[&/,|^%])"), ""),  # other special characters and spacing
+    (re.compile(r"\\-"), "-"),
+    (re.compile(r"\\e"), r"\\"),
+]
+_TEXT_MACROS = re.compile(r"^\.(SH|SS|TH|B|I|BR|RB|BI|IB|IR|RI|SM|SB)\s+(.*)$")
+
+
+def _troff_to_text(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith((".", "'")):
+            macro = _TEXT_MACROS.match(line)
+            if macro is None:
+                continue  # layout (.PP .TP .RS .br …) and comments
+            line = macro.group(2).replace('"', "")
+        for pattern, repl in _TROFF_ESCAPES:
+            line = pattern.sub(repl, line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _man_page_sources(root: Path = Path("/usr/share/man")) -> list[_Source]:
+    sources: list[_Source] = []
+    for section in sorted(root.glob("man[1-9]")):  # English only: translations live in man/<lang>/
+        for path in sorted(section.glob("*.gz")):
+            if path.is_file() and not path.is_symlink():
+                # The budget counts text bytes; troff compresses about 3:1.
+                sources.append(_ManPage(f"man:{path.name}", 3 * path.stat().st_size, path=path))
+    return sources
+
+
+def _site_package_dirs() -> list[Path]:
+    paths = sysconfig.get_paths()
+    candidates = [paths["purelib"], paths["platlib"]]
+    candidates += [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    return sorted({Path(p).resolve() for p in candidates if Path(p).is_dir()})
+
+
+def _site_package_sources(kind: str) -> list[_Source]:
+    """Python files (code), or package descriptions and docs (prose: dist-info METADATA, .md, .rst,
+    .txt; a machine without /usr/share/doc or man pages still has these)."""
+    sources, seen = [], set()
+    for root in _site_package_dirs():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for filename in sorted(filenames):
+                path = Path(dirpath) / filename
+                wanted = (
+                    filename.endswith(".py")
+                    if kind == CODE
+                    # In *.dist-info only METADATA is prose (the rest: file lists, licences, entry points).
+                    else filename == "METADATA"
+                    or (path.suffix in (".md", ".rst", ".txt") and ".dist-info" not in dirpath)
+                )
+                if wanted and not path.is_symlink() and path not in seen:
+                    seen.add(path)
+                    name = f"site:{path.relative_to(root)}"
+                    sources.append(_Source(name, path.stat().st_size, path=path))
+    return sources
+
+
+def unit_of(name: str) -> str:
+    """The unit a document is held out with: its top-level package (a vendored copy counts as the
+    package it copies, so pip/_vendor/urllib3 goes with urllib3), its doc folder, or itself."""
+    if name.startswith(("pydoc:", "man:")):
+        return name
+    origin, _, rel = name.rpartition(":")
+    parts = rel.split("/")
+    for marker in ("_vendor", "vendored", "_vendored"):
+        if marker in parts[:-1]:
+            parts = parts[parts.index(marker) + 1 :]
+    return f"{origin or 'stdlib'}:{parts[0].removesuffix('.py')}"
+
+
+def is_held_out(name: str, held_out_share: float = HELD_OUT_SHARE) -> bool:
+    digest = hashlib.sha1(unit_of(name).encode("utf-8")).hexdigest()
+    return int(digest, 16) % 10_000 < held_out_share * 10_000
+
+
+@dataclass
+class Corpus:
+    """Documents' texts by split and kind: texts["train"]["code"], texts["held_out"]["prose"], …"""
+
+    texts: dict[str, dict[str, list[str]]]
+    names: dict[str, dict[str, list[str]]]  # the same documents' names (training.json keeps held_out's)
+
+
+def _sources(kind: str) -> list[_Source]:
+    if kind == CODE:
+        return _stdlib_sources() + _site_package_sources(CODE)
+    return (
+        _doc_topic_sources() + _usr_share_doc_sources() + _man_page_sources() + _site_package_sources(PROSE)
+    )
+
+
+def build_corpus(
+    train_bytes: int, held_out_bytes: int, held_out_share: float = HELD_OUT_SHARE, progress: bool = True
+) -> Corpus:
+    """Read up to `train_bytes` of training text and `held_out_bytes` of held-out text, PROSE_SHARE
+    of each prose where the machine has that much. Held-out documents never reach the train split,
+    and neither does any train file whose text equals a held-out one."""
+    texts: dict[str, dict[str, list[str]]] = {"train": {}, "held_out": {}}
+    names: dict[str, dict[str, list[str]]] = {"train": {}, "held_out": {}}
+    for kind, share in ((CODE, 1 - PROSE_SHARE), (PROSE, PROSE_SHARE)):
+        sources = _sources(kind)
+        held = [s for s in sources if is_held_out(s.name, held_out_share)]
+        train = [s for s in sources if not is_held_out(s.name, held_out_share)]
+        for split, pool, budget in (
+            ("held_out", held, held_out_bytes * share),
+            ("train", train, train_bytes * share),
+        ):
+            taken = _take(pool, int(budget))
+            # Not checkpoint._read_corpus: the names must stay aligned with the texts read.
+            reading = tqdm(taken, desc=f"reading {split} {kind}", unit="file", disable=not progress)
+            kept = [(s.name, t) for s in reading if (t := s.read())]
+            names[split][kind] = [n for n, _ in kept]
+            texts[split][kind] = [t for _, t in kept]
+        held_hashes = {hashlib.sha1(t.encode()).digest() for t in texts["held_out"][kind]}
+        pairs = [
+            (n, t)
+            for n, t in zip(names["train"][kind], texts["train"][kind], strict=True)
+            if hashlib.sha1(t.encode()).digest() not in held_hashes
+        ]
+        names["train"][kind] = [n for n, _ in pairs]
+        texts["train"][kind] = [t for _, t in pairs]
+    return Corpus(texts, names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens: documents → packed [N, seq_len] sequences
+# --------------------------------------------------------------------------------------------------
+
+
+def pack(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int, progress: bool = False
+) -> torch.Tensor:
+    """Tokenize `texts`, join them with </s> after each, cut into [N, seq_len] int32 rows (the tail
+    that does not fill a row is dropped)."""
+    import numpy as np
+    import torch
+
+    assert isinstance(tokenizer.eos_token_id, int)
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    parts: list[np.ndarray] = []
+    chunk = 512
+    for start in tqdm(range(0, len(texts), chunk), desc="tokenizing", unit="chunk", disable=not progress):
+        encoded = tokenizer(texts[start : start + chunk], add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
+        for ids in encoded:
+            parts += [np.asarray(ids, dtype=np.int32), eos]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    rows = len(flat) // seq_len
+    return torch.from_numpy(flat[: rows * seq_len].copy()).view(rows, seq_len)
+
+
+def spread_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Up to `n` rows taken evenly across `rows` (held-out files come one after another)."""
+    import torch
+
+    if len(rows) <= n:
+        return rows
+    return rows[torch.linspace(0, len(rows) - 1, n).long()]
+
+
+class _Batches:
+    """Endless training batches: each one `prose_rows` prose rows and the rest code, every stream
+    walked in a fresh random order per pass (so prose repeats sooner when the machine has little)."""
+
+    def __init__(self, code: torch.Tensor, prose: torch.Tensor, batch_size: int, seed: int) -> None:
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+        self.prose_rows = round(batch_size * PROSE_SHARE) if len(prose) else 0
+        self.code_rows = batch_size - self.prose_rows
+        self.streams = [(code, self._order(code)), (prose, self._order(prose))]
+
+    def _order(self, rows: torch.Tensor) -> Iterator[int]:
+        import torch
+
+        while len(rows):
+            yield from torch.randperm(len(rows), generator=self.generator).tolist()
+
+    def __next__(self) -> torch.Tensor:  # [batch_size, seq_len] int64
+        import torch
+
+        picked = [
+            rows[[next(order) for _ in range(n)]]
+            for (rows, order), n in zip(self.streams, (self.code_rows, self.prose_rows), strict=True)
+            if n
+        ]
+        return torch.cat(picked).long()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, evaluation, schedule
+# --------------------------------------------------------------------------------------------------
+
+
+def model_config(preset: Preset, tokenizer: PreTrainedTokenizerFast, aux_loss_coef: float) -> MixtralConfig:
+    """checkpoint._model_config's Mixtral conventions (8 experts, top-2, untied) at a preset's size."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
+        max_position_embeddings=MAX_CONTEXT,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=aux_loss_coef,
+        tie_word_embeddings=False,
+        bos_token_id=_token_id(tokenizer, BOS),
+        eos_token_id=_token_id(tokenizer, EOS),
+        pad_token_id=_token_id(tokenizer, PAD),
+    )
+
+
+def _bf16_grouped_experts() -> None:
+    """Under autocast, transformers' grouped_mm expert path casts the input to the fp32 weights' dtype
+    and runs the expert matmuls in fp32; casting both to the autocast dtype measured 759k vs 556k
+    tokens/s on an H200 (shared/NOTES.md). A no-op where transformers has no such function."""
+    import torch
+    from transformers.integrations import moe
+
+    original = getattr(moe, "_grouped_mm", None)
+    if original is None or getattr(original, "_localmoe_autocast", False):
+        return
+
+    def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(input.device.type):
+            dtype = torch.get_autocast_dtype(input.device.type)
+            input, weight = input.to(dtype), weight.to(dtype)
+        result: torch.Tensor = original(input, weight, offs)
+        return result
+
+    grouped_mm._localmoe_autocast = True  # type: ignore[attr-defined]
+    moe._grouped_mm = grouped_mm
+
+
+def _autocast(device: str) -> Any:
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # CPU: float32 (bf16 autocast on CPU is slower, not faster)
+
+
+def held_out_loss(model: Any, rows: torch.Tensor, device: str, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats per token) of `model` over `rows` [N, seq_len]."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size].long().to(device)
+            with _autocast(device):
+                out = model(input_ids=batch, labels=batch, output_router_logits=False)
+            n = batch.numel() - len(batch)  # predicted tokens: all but each row's first
+            total += out.loss.float() * n
+            count += n
+    model.train(was_training)
+    return float(total) / max(count, 1)
+
+
+def _lr(step: int, progress: float, preset_lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from lr to lr/10 as progress goes 0 → 1."""
+    if step < warmup:
+        return preset_lr * (step + 1) / warmup
+    return preset_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    step: int
+    tokens: int
+    seconds: float  # since training started
+    code: float  # held-out loss, nats per token
+    prose: float
+    mixed: float  # (1 - PROSE_SHARE) * code + PROSE_SHARE * prose: what early stopping watches
+
+
+@dataclass
+class TrainingReport:
+    """What training.json holds."""
+
+    size: str
+    device: str
+    parameters: int
+    active_parameters: int  # per token: everything but the experts a token is not routed to
+    seq_len: int
+    batch_size: int
+    lr: float
+    aux_loss_coef: float
+    seed: int
+    steps: int = 0
+    tokens_seen: int = 0
+    stopped_because: str = ""
+    best: Evaluation | None = None
+    evaluations: list[Evaluation] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)  # per step, cross-entropy only
+    seconds: dict[str, float] = field(default_factory=dict)  # corpus, tokenizer, tokens, training, total
+    tokens_per_s: float = 0.0  # training steps only (evaluations excluded)
+    corpus: dict[str, dict[str, int]] = field(default_factory=dict)  # split → kind/count → tokens/files
+    split: dict[str, Any] = field(default_factory=dict)  # the rule and the held-out documents
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _active_parameters(model: Any, config: MixtralConfig) -> int:
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    unused = experts * (1 - config.num_experts_per_tok / config.num_local_experts)
+    return int(model.num_parameters() - unused)
+
+
+def train(
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    minutes: float | None = None,
+    size: str = "small",
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    corpus_bytes: int | None = None,
+    seed: int = 0,
+    aux_loss_coef: float = 0.02,
+    max_steps: int | None = None,
+    eval_every: int | None = None,
+    patience: int = 6,
+    held_out_share: float = HELD_OUT_SHARE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainingReport:
+    """Train a `size` preset MoE from scratch and save the best weights (by held-out loss) to `out_dir`.
+
+    minutes: wall-clock budget of the whole run, corpus and tokenizer included (the preset's if None).
+    max_steps: also stop there, and run the cosine schedule over steps rather than over time.
+    patience: stop after this many evaluations without a better held-out loss.
+    Arguments left None take the preset's value. The directory appears complete or not at all; an
+    existing non-empty `out_dir` is an error unless `overwrite`.
+    """
+    import torch
+    from transformers import GenerationConfig, MixtralForCausalLM
+
+    t0 = time.monotonic()
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[size]
+    preset = replace(
+        preset,
+        seq_len=seq_len or preset.seq_len,
+        batch_size=batch_size or preset.batch_size,
+        lr=lr or preset.lr,
+        corpus_bytes=corpus_bytes or preset.corpus_bytes,
+        eval_every=eval_every or preset.eval_every,
+        minutes=minutes if minutes is not None else preset.minutes,
+    )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
+    device = _resolve_device(device)
+    deadline = t0 + preset.minutes * 60
+    seconds: dict[str, float] = {}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)
+    try:
+        held_out_bytes = int(preset.corpus_bytes * held_out_share)
+        corpus = build_corpus(preset.corpus_bytes, held_out_bytes, held_out_share, progress)
+        seconds["corpus"] = time.monotonic() - t0
+        tokenizer = train_tokenizer(
+            tmp_dir, vocab_size=preset.vocab_size, max_bytes=preset.tokenizer_bytes, progress=progress
+        )
+        seconds["tokenizer"] = time.monotonic() - t0 - seconds["corpus"]
+        rows = {
+            (split, kind): pack(tokenizer, corpus.texts[split][kind], preset.seq_len, progress)
+            for split in ("train", "held_out")
+            for kind in (CODE, PROSE)
+        }
+        seconds["tokens"] = time.monotonic() - t0 - seconds["corpus"] - seconds["tokenizer"]
+        if len(rows["train", CODE]) == 0 or len(rows["held_out", CODE]) == 0:
+            raise RuntimeError("too little code on this machine for a train and a held-out split")
+
+        torch.manual_seed(seed)
+        config = model_config(preset, tokenizer, aux_loss_coef)
+        model = MixtralForCausalLM(config).to(device)  # type: ignore[arg-type]  # as in loader.py
+        _bf16_grouped_experts()
+        report = TrainingReport(
+            size=size,
+            device=torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+            parameters=model.num_parameters(),
+            active_parameters=_active_parameters(model, config),
+            seq_len=preset.seq_len,
+            batch_size=preset.batch_size,
+            lr=preset.lr,
+            aux_loss_coef=aux_loss_coef,
+            seed=seed,
+            corpus={
+                split: {
+                    f"{kind}_{what}": n
+                    for kind in (CODE, PROSE)
+                    for what, n in (
+                        ("tokens", rows[split, kind].numel()),
+                        ("files", len(corpus.names[split][kind])),
+                    )
+                }
+                for split in ("train", "held_out")
+            },
+            split={
+                "rule": SPLIT_RULE,
+                "held_out_share": held_out_share,
+                "corpus_bytes": preset.corpus_bytes,
+                "held_out": corpus.names["held_out"],
+            },
+        )
+        _say(
+            f"{size}: {report.parameters / 1e6:.1f} M parameters ({report.active_parameters / 1e6:.1f} M "
+            f"active) on {report.device}; train tokens: {report.corpus['train']}",
+            progress,
+        )
+        evals = {kind: spread_rows(rows["held_out", kind], preset.eval_sequences) for kind in (CODE, PROSE)}
+        best_state = _fit(
+            model,
+            preset,
+            device,
+            _Batches(rows["train", CODE], rows["train", PROSE], preset.batch_size, seed),
+            evals,
+            report,
+            deadline,
+            max_steps,
+            patience,
+            progress,
+        )
+        seconds["training"] = time.monotonic() - t0 - sum(seconds.values())
+
+        model.load_state_dict(best_state)
+        bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+        model.save_pretrained(str(tmp_dir), save_original_format=True)
+        report.seconds = {k: round(v, 1) for k, v in seconds.items()}
+        report.seconds["total"] = round(time.monotonic() - t0, 1)
+        (tmp_dir / "training.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+        for path in tmp_dir.iterdir():
+            path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as others
+        _replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful rename
+    _say(f"saved to {out_dir}", progress)
+    return report
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    """Move `new` to `out_dir` by renames; an existing `out_dir` is renamed aside first, then removed."""
+    old = None
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not is_checkpoint(out_dir) and not (out_dir / "training.json").exists():
+            raise FileExistsError(f"{out_dir} is not empty and holds no checkpoint; not replacing it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(old / "model")
+    new.rename(out_dir)  # replaces an empty out_dir
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fit(
+    model: Any,
+    preset: Preset,
+    device: str,
+    batches: _Batches,
+    evals: dict[str, torch.Tensor],
+    report: TrainingReport,
+    deadline: float,
+    max_steps: int | None,
+    patience: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """The training loop; fills `report` and returns the best weights (on the CPU)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.startswith("cuda")
+    )
+    coef = model.config.router_aux_loss_coef
+    tokens_per_step = preset.batch_size * preset.seq_len
+    best_state: dict[str, torch.Tensor] = {}
+    start = time.monotonic()
+    eval_seconds = eval_total = 0.0  # the last evaluation's, all evaluations'
+    pending: list[torch.Tensor] = []  # per-step losses not yet read back (reading syncs the GPU)
+    bar = tqdm(total=max_steps, desc="training", unit="step", disable=not progress)
+
+    def evaluate(step: int) -> bool:
+        """Evaluate on the held-out rows; True when this is the best so far."""
+        nonlocal best_state, eval_seconds, eval_total
+        t = time.monotonic()
+        code, prose = (held_out_loss(model, evals[k], device, preset.batch_size) for k in (CODE, PROSE))
+        mixed = (1 - PROSE_SHARE) * code + PROSE_SHARE * prose if len(evals[PROSE]) else code
+        e = Evaluation(step, step * tokens_per_step, round(t - start, 1), code, prose, mixed)
+        report.evaluations.append(e)
+        eval_seconds = time.monotonic() - t
+        eval_total += eval_seconds
+        if report.best is None or mixed < report.best.mixed:
+            report.best = e
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            return True
+        return False
+
+    def read_losses() -> None:
+        if pending:
+            report.train_losses += [round(x, 4) for x in torch.stack(pending).tolist()]
+            pending.clear()
+
+    model.train()
+    evaluate(0)
+    stale, step = 0, 0
+    report.stopped_because = "time budget"
+    try:
+        while True:
+            now = time.monotonic()
+            # Reserve time for the last evaluation and the save.
+            if now + 2 * eval_seconds + 5 > deadline and step > 0:
+                break
+            if max_steps is not None and step >= max_steps:
+                report.stopped_because = "max_steps"
+                break
+            fraction = (now - start) / max(deadline - start, 1e-9)
+            if max_steps is not None:
+                fraction = max(fraction, step / max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, fraction, preset.lr, preset.warmup_steps)
+            batch = next(batches).to(device, non_blocking=True)
+            with _autocast(device):
+                out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append((out.loss - coef * out.aux_loss).detach().float())
+            step += 1
+            bar.update(1)
+            if step % preset.eval_every == 0:
+                read_losses()
+                stale = 0 if evaluate(step) else stale + 1
+                _show(bar, report, step * tokens_per_step / (time.monotonic() - start - eval_total))
+                if stale >= patience:
+                    report.stopped_because = f"held-out loss not better for {patience} evaluations"
+                    break
+    except KeyboardInterrupt:
+        report.stopped_because = "interrupted"  # the best weights so far are still saved
+    read_losses()
+    if report.evaluations[-1].step != step:
+        evaluate(step)
+    bar.close()
+    report.steps, report.tokens_seen = step, step * tokens_per_step
+    report.tokens_per_s = round(report.tokens_seen / max(time.monotonic() - start - eval_total, 1e-9))
+    return best_state
+
+
+def _show(bar: Any, report: TrainingReport, tokens_per_s: float) -> None:
+    recent = report.train_losses[-20:]
+    loss = sum(recent) / len(recent)
+    last = report.evaluations[-1]
+    bar.set_postfix(
+        loss=f"{loss:.3f}",
+        ppl=f"{math.exp(loss):.1f}",
+        held_code=f"{last.code:.3f}",
+        held_prose=f"{last.prose:.3f}",
+        tok_s=f"{tokens_per_s:,.0f}",
+    )

@@ -1,0 +1,90 @@
+"""Training from scratch (moe_core.train) and its quality bench, on the "cpu-test" preset: seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import model_quality
+from moe_core import train
+from moe_core.loader import inspect_model, load_model
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainingReport]:
+    out = tmp_path_factory.mktemp("train") / "model"
+    report = train.train(out, device="cpu", size="cpu-test", max_steps=STEPS, progress=False)
+    return out, report
+
+
+def test_loss_goes_down_and_held_out_is_evaluated(trained: tuple[Path, train.TrainingReport]) -> None:
+    _, report = trained
+    losses = report.train_losses
+    assert report.steps == STEPS == len(losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert [e.step for e in report.evaluations] == [0, 10, 20, 30, 40]
+    assert report.best is not None and report.best.mixed < report.evaluations[0].mixed
+    assert report.best.code > 0 and report.best.prose > 0
+    assert report.corpus["held_out"]["code_tokens"] > 0 and report.corpus["train"]["prose_tokens"] > 0
+
+
+def test_checkpoint_loads_and_generates(trained: tuple[Path, train.TrainingReport]) -> None:
+    path = trained[0]
+    info = inspect_model(path)
+    assert (info.arch, info.num_experts, info.experts_per_token) == ("mixtral", 8, 2)
+    record = json.loads((path / "training.json").read_text())
+    assert record["steps"] == STEPS and record["split"]["held_out"]["code"]
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+    model, tokenizer = load_model(path)
+    ids = tokenizer("def main():\n", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 8
+
+
+def test_refuses_to_overwrite_without_asking(trained: tuple[Path, train.TrainingReport]) -> None:
+    with pytest.raises(FileExistsError):
+        train.train(trained[0], device="cpu", size="cpu-test", max_steps=1, progress=False)
+
+
+def test_split_is_by_package() -> None:
+    assert train.unit_of("asyncio/events.py") == train.unit_of("asyncio/base_events.py") == "stdlib:asyncio"
+    assert train.unit_of("site:pip/_vendor/urllib3/util.py") == train.unit_of("site:urllib3/util.py")
+    assert train.unit_of("os.py") == "stdlib:os"
+    names = [f"site:pkg{i}/mod.py" for i in range(2000)]
+    held = [n for n in names if train.is_held_out(n)]
+    assert 0.02 < len(held) / len(names) < 0.08
+    assert all(train.is_held_out(n.replace("mod.py", "other.py")) for n in held)
+
+
+def test_parse_checks() -> None:
+    body = "    return x + 1\n\ndef g"  # cut mid-line: the partial "def g" is dropped
+    assert model_quality.parse_checks("def f(x):", body, finished=False) == (True, True)
+    nested = "    if x:\n        return 1\n    return 2\n"
+    assert model_quality.parse_checks("def f(x):", nested, finished=True) == (True, False)
+    assert model_quality.parse_checks("def f(x):", "    retu", finished=False) == (False, False)
+    dangling = "    return 1\ndef g():\n"  # a block left open at the cut is not completed
+    assert model_quality.parse_checks("def f(x):", dangling, finished=False) == (False, False)
+    method = "        return self\n\nx = 1\n"  # a method may be followed by module-level code
+    assert model_quality.parse_checks("    def f(self):", method, finished=True) == (True, True)
+
+
+def test_quality_bench_runs(trained: tuple[Path, train.TrainingReport]) -> None:
+    q = model_quality.measure(
+        trained[0],
+        headers=3,
+        sequences=4,
+        baseline_random=True,
+        held_out_bytes=300_000,
+        unigram_bytes=300_000,
+    )
+    assert q.headers == 3 and 0 <= q.strict <= q.lenient <= 1
+    assert set(q.perplexity) == {"model", "unigram", "random"}
+    assert q.perplexity["model"]["code"] < q.perplexity["random"]["code"]
+    assert len(q.jsd) == 2 and all(0 <= d <= 1 for d in q.jsd)
+    for use in q.expert_use.values():
+        assert torch.allclose(torch.tensor(use).sum(dim=-1), torch.ones(2), atol=1e-3)
