@@ -6,16 +6,16 @@ its rate, against accepting one (202)? The goal: a refusal decided in under 50 m
 A real API process and Redis, no worker (admitted jobs stay in the backlog): first a key limited
 to 1 submission per second is refused by the rate limiter (429, timed), then the backlog is
 filled through the API (202s, timed), then every further submission is refused for the full
-backlog (429, timed). Each phase runs from one client and then from `--threads` clients at once;
+backlog (429, timed). Each phase runs from one client and then from `--threads` client processes at once;
 p50 / p99 / max per phase, and the refusal ÷ acceptance ratio measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,22 +40,16 @@ def timed(http: httpx.Client, n: int, expect: int) -> list[float]:
     return out
 
 
-def concurrent(api: str, headers: dict[str, str], n: int, threads: int, expect: int) -> list[float]:
-    results: list[float] = []
-    lock = threading.Lock()
+def _client_run(api: str, headers: dict[str, str], n: int, expect: int) -> list[float]:
+    with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
+        return timed(http, n, expect)
 
-    def run() -> None:
-        with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
-            got = timed(http, n // threads, expect)
-        with lock:
-            results.extend(got)
 
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return results
+def concurrent(api: str, headers: dict[str, str], n: int, clients: int, expect: int) -> list[float]:
+    """`clients` processes at once (threads of one process would measure their own GIL)."""
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        parts = pool.starmap(_client_run, [(api, headers, n // clients, expect)] * clients)
+    return [x for part in parts for x in part]
 
 
 def summary(name: str, xs: list[float]) -> str:
