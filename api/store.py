@@ -80,11 +80,12 @@ class JobStore:
         """Jobs newest first: the owner's (None: everyone's), with `status` if given, queued
         before `before` (a cursor: the previous page's last queued_at). → (jobs, next cursor)."""
         listing = keys.owner_jobs(owner) if owner else keys.ALL_JOBS
-        upper: float | str = f"({before!r}" if before is not None else "+inf"
+        last = before  # the score of the last entry read: the next read starts below it
         floor = time.time() - self.ttl_s
         found: list[Job] = []
         scanned = 0
         while len(found) < limit and scanned < 2_000:  # a status filter reads at most this many
+            upper = "+inf" if last is None else f"({last!r}"
             chunk = cast(
                 list[tuple[str, float]],
                 await self.client.zrevrangebyscore(
@@ -98,7 +99,7 @@ class JobStore:
                 pipe.hgetall(keys.job(job_id))
             for (job_id, score), fields in zip(chunk, await pipe.execute(), strict=True):
                 scanned += 1
-                upper = f"({score!r}"
+                last = score
                 if not fields:  # expired: its listing entry goes too
                     await self.client.zrem(listing, job_id)
                     continue
@@ -107,7 +108,7 @@ class JobStore:
                     found.append(job)
                     if len(found) == limit:
                         return found, score
-        return found, float(str(upper)[1:]) if str(upper).startswith("(") else None
+        return found, last
 
     async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
         """Every event a client sees after `after` (a stream id), live, until the done event.

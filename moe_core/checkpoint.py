@@ -221,11 +221,18 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 
 
 def _model_config(
-    arch: str, vocab_size: int, bos: int, eos: int, pad: int, size: str = "tiny"
+    arch: str,
+    vocab_size: int,
+    bos: int,
+    eos: int,
+    pad: int,
+    size: str = "tiny",
+    dims: tuple[int, int, int, int, int] | None = None,
 ) -> PreTrainedConfig:
+    """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
-    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
+    hidden, intermediate, layers, heads, kv_heads = dims or SIZES[size]
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -29,17 +29,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm import tqdm
 
 from moe_core.checkpoint import (
     BOS,
     EOS,
-    MAX_CONTEXT,
     PAD,
     PROSE_SHARE,
     _doc_topic_sources,
+    _model_config,
     _say,
     _Source,
     _stdlib_sources,
@@ -312,25 +312,12 @@ class _Batches:
 
 
 def model_config(preset: Preset, tokenizer: PreTrainedTokenizerFast, aux_loss_coef: float) -> MixtralConfig:
-    """checkpoint._model_config's Mixtral conventions (8 experts, top-2, untied) at a preset's size."""
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=preset.hidden,
-        intermediate_size=preset.intermediate,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        max_position_embeddings=MAX_CONTEXT,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=aux_loss_coef,
-        tie_word_embeddings=False,
-        bos_token_id=_token_id(tokenizer, BOS),
-        eos_token_id=_token_id(tokenizer, EOS),
-        pad_token_id=_token_id(tokenizer, PAD),
-    )
+    """checkpoint's Mixtral (8 experts, top-2, untied) at the preset's size, balance loss on."""
+    ids = (_token_id(tokenizer, BOS), _token_id(tokenizer, EOS), _token_id(tokenizer, PAD))
+    dims = (preset.hidden, preset.intermediate, preset.layers, preset.heads, preset.kv_heads)
+    config = cast("MixtralConfig", _model_config("mixtral", len(tokenizer), *ids, dims=dims))
+    config.router_aux_loss_coef = aux_loss_coef
+    return config
 
 
 def _bf16_grouped_experts() -> None:

@@ -70,7 +70,8 @@ class Notifier(threading.Thread):
         super().__init__(name="webhook-notifier", daemon=True)
         self.app = app
         self.client = client
-        self._inbox: queue.SimpleQueue[tuple[Delivery, bool]] = queue.SimpleQueue()
+        # (delivery, in the outbox, to be written to the outbox before it is sent)
+        self._inbox: queue.SimpleQueue[tuple[Delivery, bool, bool]] = queue.SimpleQueue()
 
     def emit(
         self, job: Job, event: WebhookEventType, output: str | None = None, durable: bool = False
@@ -81,15 +82,17 @@ class Notifier(threading.Thread):
             self.send(delivery, outboxed=False, durable=durable)
 
     def send(self, delivery: Delivery, outboxed: bool, durable: bool = False) -> None:
-        """outboxed: already in the outbox (FINALIZE put it there): removed once sent."""
-        self._inbox.put((delivery, outboxed or durable))
-        if durable and not outboxed and self.client is not None:
-            self.client.hset(keys.WEBHOOK_OUTBOX, delivery.job_id, delivery.model_dump_json())
+        """outboxed: already in the outbox (FINALIZE put it there); durable: put it there first.
+        Either way it leaves the outbox once on the webhook queue."""
+        self._inbox.put((delivery, outboxed, durable and not outboxed))
 
     def run(self) -> None:
         with self.app.producer_or_acquire() as producer:
             while True:
-                delivery, outboxed = self._inbox.get()
+                delivery, outboxed, keep = self._inbox.get()
+                if keep and self.client is not None:
+                    self.client.hset(keys.WEBHOOK_OUTBOX, delivery.job_id, delivery.model_dump_json())
+                    outboxed = True
                 for attempt in range(8):  # the broker restarting: keep the event ~1 min
                     try:
                         send_delivery(self.app, delivery, producer=producer)

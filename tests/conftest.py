@@ -44,27 +44,25 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def admin_key(redis_server: RedisServer) -> str:
-    """An admin API key, made the way `localmoe up` makes its first one."""
+def _key(redis_server: RedisServer, name: str, admin: bool) -> str:
+    """A key made the way `localmoe up` makes its first one."""
     from api.auth import Scope, create_key
 
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        return create_key(client, "tests (admin)", Scope.ADMIN).secret
+        return create_key(client, name, Scope.ADMIN if admin else Scope.USER).secret
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def admin_key(redis_server: RedisServer) -> str:
+    return _key(redis_server, "tests (admin)", admin=True)
 
 
 @pytest.fixture(scope="session")
 def user_key(redis_server: RedisServer) -> str:
-    from api.auth import Scope, create_key
-
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        return create_key(client, "tests (user)", Scope.USER).secret
-    finally:
-        client.close()
+    return _key(redis_server, "tests (user)", admin=False)
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -51,47 +51,25 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         assert printed.count(key) == 1
         assert httpx.get(f"{api}/readyz", timeout=5).status_code == 401
         assert httpx.get(f"{api}/readyz", headers=bearer(key), timeout=5).status_code == 200
-        made = subprocess.run(
-            [sys.executable, "-m", "localmoe", "keys", "create", "alice", "--max-priority", "low"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        made = localmoe(env, "keys", "create", "alice", "--max-priority", "low", timeout=30)
         assert made.returncode == 0, made.stderr
         alice = made.stdout.split()[-1]
-        listed = subprocess.run(
-            [sys.executable, "-m", "localmoe", "keys", "list"], env=env, capture_output=True, text=True
-        )
+        listed = localmoe(env, "keys", "list")
         alice_id = made.stdout.split()[1]
         assert f"{alice_id}  user   active" in listed.stdout, listed.stdout
         assert alice not in listed.stdout  # only hashes are kept
         r = httpx.post(f"{api}/v1/jobs", json={"prompt": "x", "priority": "high"}, headers=bearer(alice))
         assert r.status_code == 202 and r.json()["priority"] == "low"  # capped by the key
-        revoked = subprocess.run(
-            [sys.executable, "-m", "localmoe", "keys", "revoke", alice_id], env=env, capture_output=True
-        )
+        revoked = localmoe(env, "keys", "revoke", alice_id)
         assert revoked.returncode == 0
         wait_for(
             lambda: httpx.get(f"{api}/v1/jobs", headers=bearer(alice)).status_code == 401, 3, "revocation"
         )
 
-        streamed = subprocess.run(
-            [sys.executable, "-m", "localmoe", "submit", "def fib(n):", "--stream", "--max-tokens", "12"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        streamed = localmoe(env, "submit", "def fib(n):", "--stream", "--max-tokens", "12", timeout=60)
         assert streamed.returncode == 0, streamed.stderr
         assert "succeeded" in streamed.stderr and streamed.stdout.strip()
-        polled = subprocess.run(
-            [sys.executable, "-m", "localmoe", "submit", "def fib(n):", "--max-tokens", "12"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        polled = localmoe(env, "submit", "def fib(n):", "--max-tokens", "12", timeout=60)
         assert polled.returncode == 0, polled.stderr
         assert polled.stdout == streamed.stdout  # greedy: the same text either way
 
@@ -106,13 +84,7 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         pid = int(re.search(r"started worker-\S+ \(pid (\d+)\)", log_text).group(1))  # type: ignore[union-attr]
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: "restarted worker" in (tmp_path / "up.log").read_text(), 30, "the restart")
-        again = subprocess.run(
-            [sys.executable, "-m", "localmoe", "submit", "def fib(n):", "--max-tokens", "12"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        again = localmoe(env, "submit", "def fib(n):", "--max-tokens", "12", timeout=180)
         assert again.returncode == 0, again.stderr
         assert again.stdout == streamed.stdout
         assert "exited with code -9; restarting it in 1 s" in (tmp_path / "up.log").read_text()
@@ -123,6 +95,12 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
     for port in (api_port, flower_port):
         assert _status(f"http://127.0.0.1:{port}/") is None  # nothing listens any more
     assert "all stopped" in (tmp_path / "up.log").read_text()
+
+
+def localmoe(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The `localmoe` CLI, as a user runs it next to `localmoe up`."""
+    argv = [sys.executable, "-m", "localmoe", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _status(url: str) -> int | None:
