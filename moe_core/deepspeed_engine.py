@@ -20,13 +20,33 @@ Distributed set-up. DeepSpeed always runs inside a torch.distributed group. A si
 no launcher: `load()` fills in MASTER_ADDR, MASTER_PORT (a free port), RANK, WORLD_SIZE and LOCAL_RANK
 where they are not set and joins a group of one (gloo on CPU, nccl on CUDA).
 
-Tensor parallelism (tensor_parallel_size > 1) needs one process per GPU, started by a launcher
-(`deepspeed --num_gpus N ...` or `torchrun --nproc-per-node N ...`, which set the variables above).
-Not built yet; a worker doing it would: build and load this engine in every rank; let rank 0 alone
-take jobs and, before each `step()`, broadcast that step's `add_request` / `abort` calls to the other
-ranks (`torch.distributed.broadcast_object_list`), with an explicit seed for every sampled request so
-that all ranks pick the same tokens; call `step()` in every rank (the forward's all-reduces pair
-ranks up, so every rank must run the same steps on the same batch); publish deltas from rank 0 only.
+Tensor parallelism (tensor_parallel_size N > 1): one process per rank, each with the whole
+TorchEngine; `init_inference` shards the model across them (AutoTP, below) and every forward
+all-reduces across the ranks, so all ranks must run the same `step()`s on the same batch.
+
+* Without a launcher (WORLD_SIZE unset or 1, e.g. a worker): `DeepSpeedEngine(..., tensor_parallel_size=N)`
+  returns a `TensorParallelEngine` (moe_core/tensor_parallel.py): this process is rank 0 and serves;
+  it spawns ranks 1..N-1, which mirror its `add_request` / `abort` calls and steps.
+* With a launcher (`deepspeed --num_gpus N`, `torchrun --nproc-per-node N`, which set the variables
+  above to a world of N): every rank gets the plain TorchEngine, as before; keeping the ranks in step
+  is then the caller's business.
+
+On CPU the ranks all-reduce over gloo: DeepSpeed's shared-memory all-reduce op is switched off (it
+would compile C++ for ~60 s when the group forms; without it `inference_all_reduce` falls back to
+torch.distributed.all_reduce).
+
+What AutoTP shards (DeepSpeed 0.19.8, transformers 5; measured on the tiny Mixtral at TP=2, and
+logged at every load): it replaces `nn.Linear` layers only. Attention q/k/v_proj become column-split
+`LinearLayer`s (heads divided between the ranks), o_proj a row-split `LinearAllreduce`, lm_head a
+row-split `LmHeadLinearAllreduce` (the vocabulary logits are all-reduced, so every rank holds all of
+them and samples the same token). Transformers 5 keeps each layer's experts as fused 3-D parameters
+(`MixtralExperts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which are not `nn.Linear`: the
+experts, like the router, the norms and the embedding, are replicated whole on every rank. A TP=2 rank
+of the tiny Mixtral holds 4.04 M of its 4.40 M parameters; in a real Mixtral, where experts are ~96%
+of the weights, TP splits attention compute and memory but not expert memory. Qwen2-MoE also gets
+its shared expert's Linear layers split (greedy tokens still equal transformers' at TP=2). OLMoE
+does not work under AutoTP: its q_norm/k_norm normalise over all heads, which a rank no longer
+holds (load fails in the warm-up forward with a size mismatch).
 """
 
 from __future__ import annotations
@@ -35,8 +55,10 @@ import functools
 import logging
 import os
 import socket
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
@@ -45,6 +67,8 @@ from moe_core.torch_engine import TorchEngine
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from moe_core.tensor_parallel import TensorParallelEngine
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +87,32 @@ def available() -> tuple[bool, str]:
     return True, f"deepspeed {deepspeed.__version__}"
 
 
+@overload
+def DeepSpeedEngine(
+    model_dir: Path,
+    *,
+    device: str,
+    dtype: str = ...,
+    max_batch_size: int = ...,
+    tensor_parallel_size: Literal[1] = ...,
+    offload: Offload = ...,
+    nvme_path: Path | None = ...,
+) -> TorchEngine: ...
+
+
+@overload
+def DeepSpeedEngine(
+    model_dir: Path,
+    *,
+    device: str,
+    dtype: str = ...,
+    max_batch_size: int = ...,
+    tensor_parallel_size: int,
+    offload: Offload = ...,
+    nvme_path: Path | None = ...,
+) -> TorchEngine | TensorParallelEngine: ...
+
+
 def DeepSpeedEngine(
     model_dir: Path,
     *,
@@ -72,11 +122,12 @@ def DeepSpeedEngine(
     tensor_parallel_size: int = 1,
     offload: Offload = "none",
     nvme_path: Path | None = None,
-) -> TorchEngine:
-    """A TorchEngine named "deepspeed" whose model runs under DeepSpeed (see the module docstring).
+) -> TorchEngine | TensorParallelEngine:
+    """An engine named "deepspeed" whose model runs under DeepSpeed (see the module docstring).
 
     device: "cpu", "cuda" or "cuda:N" — where the forward runs (with a launcher, cuda:LOCAL_RANK).
     dtype: as for TorchEngine ("auto" is bfloat16 on CUDA, float32 on CPU), also under offload.
+    tensor_parallel_size: N > 1 outside a launcher's world gives a TensorParallelEngine (N processes).
     offload: "none" (init_inference, tensor parallel) or where ZeRO-3 keeps the parameters.
     nvme_path: a folder on a fast local disk, required by offload "nvme".
     """
@@ -89,8 +140,46 @@ def DeepSpeedEngine(
     if tensor_parallel_size > 1 and offload != "none":
         raise ValueError("ZeRO-3 offload runs in one process: it needs tensor_parallel_size 1")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel_size > 1 and world_size == 1:  # no launcher: start the ranks ourselves
+        from moe_core.tensor_parallel import TensorParallelEngine
+
+        return TensorParallelEngine(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            tensor_parallel_size=tensor_parallel_size,
+        )
     if tensor_parallel_size > world_size:
         raise ValueError(_tp_error(tensor_parallel_size, world_size))
+    return rank_engine(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        tensor_parallel_size=tensor_parallel_size,
+        offload=offload,
+        nvme_path=nvme_path,
+    )
+
+
+def rank_engine(
+    model_dir: Path,
+    *,
+    device: str,
+    dtype: str,
+    max_batch_size: int,
+    tensor_parallel_size: int,
+    offload: Offload = "none",
+    nvme_path: Path | None = None,
+    timeout: timedelta | None = None,
+) -> TorchEngine:
+    """This process's TorchEngine over a DeepSpeed-wrapped model (one rank of a tensor-parallel
+    group when tensor_parallel_size > 1). Arguments are checked by DeepSpeedEngine.
+
+    timeout: bounds every collective of this process's groups (the world, and the tensor-parallel
+    group that the forward's all-reduces use); None keeps DeepSpeed's and torch's defaults.
+    """
     torch_dtype = resolve_dtype(device, dtype)
     prepare = functools.partial(
         _prepare,
@@ -99,6 +188,7 @@ def DeepSpeedEngine(
         tp_size=tensor_parallel_size,
         offload=offload,
         nvme_path=nvme_path,
+        timeout=timeout,
     )
     # Tensor parallelism and offload split the model before it reaches the GPU: load it into CPU memory.
     load_device = device if tensor_parallel_size == 1 and offload == "none" else "cpu"
@@ -128,9 +218,10 @@ def _prepare(
     tp_size: int,
     offload: Offload,
     nvme_path: Path | None,
+    timeout: timedelta | None = None,
 ) -> torch.nn.Module:
     """TorchEngine's `prepare`: join the process group, then wrap the loaded model."""
-    deepspeed = _init_distributed(device)
+    deepspeed = _init_distributed(device, timeout)
     world_size = deepspeed.comm.get_world_size()
     if tp_size > world_size:
         raise ValueError(_tp_error(tp_size, world_size))
@@ -139,13 +230,58 @@ def _prepare(
     )
     if offload == "none":
         buffers = dict(model.named_buffers())
+        whole = sum(p.numel() for p in model.parameters())
+        if tp_size > 1 and timeout is not None:
+            _bounded_tp_group(tp_size, timeout)
         # An InferenceEngine: its forward(**kwargs) calls the (tensor-parallel) model's.
         inference: torch.nn.Module = deepspeed.init_inference(
             model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
         )
         _restore_buffer_dtypes(model, buffers)
+        if tp_size > 1:
+            _log_sharding(model, whole, deepspeed.comm.get_rank())
         return inference
     return _zero3_inference(deepspeed, model, dtype, offload, nvme_path)
+
+
+def _bounded_tp_group(tp_size: int, timeout: timedelta) -> None:
+    """Give init_inference a tensor-parallel group whose collectives time out after `timeout`.
+
+    InferenceEngine caches its group in the class attribute `inference_mp_group` and creates it
+    with torch's default timeout (30 min for gloo, 10 for nccl) when unset; a follower that hangs
+    would stall the leader's forward that long. Collective: every rank calls it, in the same order.
+    """
+    from deepspeed.inference.engine import InferenceEngine
+
+    if not hasattr(InferenceEngine, "inference_mp_group"):
+        log.warning("this DeepSpeed has no InferenceEngine.inference_mp_group: default collective timeout")
+        return
+    InferenceEngine.inference_mp_group = torch.distributed.new_group(list(range(tp_size)), timeout=timeout)
+
+
+def forget_tp_group() -> None:
+    """Drop InferenceEngine's cached group (before its process group is destroyed), so a later
+    init_inference in this process makes one in its new group."""
+    from deepspeed.inference.engine import InferenceEngine
+
+    if hasattr(InferenceEngine, "inference_mp_group"):
+        InferenceEngine.inference_mp_group = None
+
+
+def _log_sharding(model: torch.nn.Module, whole: int, rank: int) -> None:
+    """Log what AutoTP replaced (DeepSpeed's sharded layer classes) and this rank's share."""
+    replaced = Counter(
+        type(m).__name__ for m in model.modules() if type(m).__module__.startswith("deepspeed.")
+    )
+    held = sum(p.numel() for p in model.parameters())
+    log.info(
+        "AutoTP rank %d: sharded layers %s; holds %.2f M of the model's %.2f M parameters "
+        "(the rest, e.g. fused experts, router, norms, embedding, is replicated on every rank)",
+        rank,
+        dict(replaced) or "none",
+        held / 1e6,
+        whole / 1e6,
+    )
 
 
 def _restore_buffer_dtypes(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
@@ -197,8 +333,10 @@ def _zero3_inference(
     return model.eval()
 
 
-def _init_distributed(device: str) -> Any:
-    """Join (or create) the process group DeepSpeed needs; returns the deepspeed module."""
+def _init_distributed(device: str, timeout: timedelta | None = None) -> Any:
+    """Join (or create) the process group DeepSpeed needs; returns the deepspeed module.
+
+    timeout: the group's collective (and rendezvous) timeout; None: DeepSpeed's default."""
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first import
@@ -211,7 +349,7 @@ def _init_distributed(device: str) -> Any:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -222,11 +360,16 @@ def _init_distributed(device: str) -> Any:
             f"DeepSpeed runs on its {accelerator!r} accelerator but the engine's device is {device!r}"
             " (DS_ACCELERATOR selects the accelerator before deepspeed is first imported)"
         )
-    if on_cpu and int(os.environ["WORLD_SIZE"]) == 1:
+    if on_cpu:
         # On CPU, joining the group compiles a shared-memory all-reduce kernel (~60 s, needs a C++
-        # compiler) that a group of one never uses. DeepSpeed keeps this probe's answers editable.
+        # compiler). A group of one never uses it; without it a larger group's inference all-reduce
+        # falls back to torch.distributed.all_reduce over gloo. DeepSpeed keeps this probe's
+        # answers editable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
+    if timeout is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=timeout)
     local_rank = int(os.environ["LOCAL_RANK"])
     if not on_cpu:
         index = torch.device(device).index
@@ -236,7 +379,7 @@ def _init_distributed(device: str) -> Any:
     return deepspeed
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

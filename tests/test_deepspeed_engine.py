@@ -2,6 +2,7 @@
 
 It is TorchEngine's continuous batching over a DeepSpeed-wrapped model, so its greedy tokens must
 equal transformers generate(), as TorchEngine's do (same helpers as tests/test_torch_engine.py).
+Tensor parallelism across processes: tests/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa:
 
 from moe_core.checkpoint import build_checkpoint  # noqa: E402
 from moe_core.deepspeed_engine import DeepSpeedEngine, Offload, available  # noqa: E402
+from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
 from tests.test_torch_engine import (  # noqa: E402
     LATE_PROMPTS,
@@ -130,7 +132,22 @@ def test_bad_configurations_are_refused(tmp_path: Path) -> None:
         DeepSpeedEngine(tmp_path, device="cpu", offload="nvme")
     with pytest.raises(ValueError, match="unknown offload"):
         DeepSpeedEngine(tmp_path, device="cpu", offload="disk")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="tensor_parallel_size 2 needs 2 processes"):
-        DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2, offload="cpu")
+    with pytest.raises(ValueError, match="rank i on cuda:i"):
+        DeepSpeedEngine(tmp_path, device="cuda:1", tensor_parallel_size=2)
+
+
+def test_tensor_parallelism_starts_its_own_ranks_outside_a_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No launcher (WORLD_SIZE unset or 1): a TensorParallelEngine, which spawns its ranks at load
+    (tests/test_tensor_parallel.py); in a launcher's world each rank gets its own TorchEngine."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    engine = DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2)
+    assert isinstance(engine, TensorParallelEngine) and engine.name == "deepspeed"
+    assert engine.follower_pids == []  # nothing starts before load()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert isinstance(DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=2), TorchEngine)
+    with pytest.raises(ValueError, match="tensor_parallel_size 4 needs 4 processes"):
+        DeepSpeedEngine(tmp_path, device="cpu", tensor_parallel_size=4)

@@ -1,0 +1,245 @@
+"""DeepSpeed tensor parallelism without a launcher (moe_core/tensor_parallel.py): TP=2 on the CPU,
+real DeepSpeed over gloo, a real spawned follower process, on a tiny random Mixtral.
+
+Every rank holds half of the attention heads and of lm_head's inputs, so a leader whose follower
+ran a different batch (or sampled a different token) would make different tokens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Chosen once, at deepspeed's first import; a CPU test must not get the CUDA accelerator on a GPU box.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
+
+import torch.distributed as dist
+
+from moe_core.checkpoint import build_checkpoint
+from moe_core.deepspeed_engine import DeepSpeedEngine
+from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
+from moe_core.tensor_parallel import TensorParallelEngine
+from moe_core.torch_engine import TorchEngine
+from tests.test_torch_engine import (
+    NEW_TOKENS,
+    PROMPTS,
+    Result,
+    _assert_matches,
+    _collect,
+    _greedy,
+    _reference,
+    _run,
+)
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer exists (reaped), or is a zombie nobody will run again."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _tp_engine(checkpoint: Path) -> TensorParallelEngine:
+    engine = DeepSpeedEngine(checkpoint, device="cpu", max_batch_size=8, tensor_parallel_size=2)
+    assert isinstance(engine, TensorParallelEngine)  # no launcher here: the engine starts rank 1
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "mixtral", arch="mixtral", progress=False)
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoint: Path) -> TorchEngine:
+    engine = TorchEngine(checkpoint, max_batch_size=8)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def references(plain: TorchEngine) -> dict[str, list[int]]:
+    return {prompt: _reference(plain, prompt) for prompt in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def tp(checkpoint: Path) -> Iterator[TensorParallelEngine]:
+    engine = _tp_engine(checkpoint)
+    yield engine
+    engine.close()
+
+
+def test_loads_two_ranks_and_shards_attention_and_lm_head(
+    tp: TensorParallelEngine, plain: TorchEngine
+) -> None:
+    assert tp.name == "deepspeed"
+    assert tp.max_context == plain.max_context
+    (pid,) = tp.follower_pids
+    assert pid != os.getpid() and not _gone(pid)
+    assert dist.get_world_size() == 2 and dist.get_rank() == 0
+    model = tp.leader.model.module
+    layer = model.model.layers[0]
+    kinds = {name: type(module).__name__ for name, module in layer.self_attn.named_children()}
+    assert kinds == {"q_proj": "LinearLayer", "k_proj": "LinearLayer", "v_proj": "LinearLayer"} | {
+        "o_proj": "LinearAllreduce"
+    }
+    assert type(model.lm_head).__name__ == "LmHeadLinearAllreduce"
+    whole = plain.model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.shape[0] * 2 == whole.self_attn.q_proj.weight.shape[0]
+    # Transformers 5's fused experts are not nn.Linear: AutoTP leaves them whole on every rank.
+    assert layer.mlp.experts.gate_up_proj.shape == whole.mlp.experts.gate_up_proj.shape
+    held, total = (sum(p.numel() for p in m.parameters()) for m in (model, plain.model))
+    assert total * 0.5 < held < total
+
+
+def test_batched_greedy_matches_generate(tp: TensorParallelEngine, references: dict[str, list[int]]) -> None:
+    results = _run(tp, [_greedy(f"p{i}", prompt) for i, prompt in enumerate(PROMPTS)])
+    for i, prompt in enumerate(PROMPTS):
+        _assert_matches(tp.leader, results[f"p{i}"], references[prompt], NEW_TOKENS)
+    assert tp.stats().max_batch_seen == len(PROMPTS)
+
+
+def test_sampling_matches_one_process(
+    tp: TensorParallelEngine, plain: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded request samples what it samples in one process; an unseeded one gets a seed from the
+    leader that every rank uses (with another seed the follower's half of the heads would see other
+    tokens, and the leader's tokens would differ from the one-process run)."""
+    monkeypatch.setattr("moe_core.tensor_parallel.secrets.randbits", lambda bits: 1234)
+
+    def sampled(request_id: str, seed: int | None) -> GenerationRequest:
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+        return GenerationRequest(request_id, PROMPTS[3], params)
+
+    got = _run(tp, [sampled("seeded", 7), sampled("unseeded", None)])
+    want = _run(plain, [sampled("seeded", 7), sampled("unseeded", 1234)])
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+    assert all(len(r.token_ids) == 24 for r in got.values())
+
+
+def test_abort_and_idle_steps(
+    tp: TensorParallelEngine, references: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = GenerationRequest("long", PROMPTS[0], SamplingParams(max_tokens=500, ignore_eos=True))
+    tp.add_request(long)
+    tp.add_request(_greedy("short", PROMPTS[1]))
+    results: dict[str, Result] = {}
+    for _ in range(4):
+        _collect(tp, results)
+    tp.abort("long")
+    while tp.has_unfinished():
+        _collect(tp, results)
+    assert results["long"].finish_reason == FinishReason.ABORT
+    assert 0 < len(results["long"].token_ids) < 10
+    _assert_matches(tp.leader, results["short"], references[PROMPTS[1]], NEW_TOKENS)
+    # Idle: no broadcast, no forward (the follower waits), however often the loop steps.
+    steps = tp.stats().steps
+    started = time.monotonic()
+    assert all(tp.step() == [] for _ in range(200))
+    assert time.monotonic() - started < 1.0 and tp.stats().steps == steps
+    # Keep-alive broadcasts while idle: the follower steps too, still without a forward.
+    monkeypatch.setattr("moe_core.tensor_parallel.KEEPALIVE_S", 0.0)
+    assert all(tp.step() == [] for _ in range(5))
+    assert tp.stats().steps == steps
+    # ...and the ranks are still in step afterwards.
+    results = _run(tp, [_greedy("after", PROMPTS[2])])
+    _assert_matches(tp.leader, results["after"], references[PROMPTS[2]], NEW_TOKENS)
+
+
+def test_close_stops_the_follower_and_restores_the_process(
+    checkpoint: Path, tp: TensorParallelEngine
+) -> None:
+    (pid,) = tp.follower_pids
+    environ = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    tp.close()
+    assert _gone(pid) and not multiprocessing.active_children()
+    assert not dist.is_initialized()
+    assert os.environ.get("WORLD_SIZE") != "2" and environ["WORLD_SIZE"] == "2"
+    tp.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        tp.step()
+
+
+def test_killed_follower_fails_the_step_in_bounded_time(
+    checkpoint: Path, references: dict[str, list[int]]
+) -> None:
+    engine = _tp_engine(checkpoint)
+    (pid,) = engine.follower_pids
+    try:
+        engine.add_request(
+            GenerationRequest("r", PROMPTS[0], SamplingParams(max_tokens=1000, ignore_eos=True))
+        )
+        engine.step()
+        # Killed at some point of the leader's stepping: between steps or inside a forward.
+        threading.Timer(0.2, os.kill, (pid, signal.SIGKILL)).start()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="tensor-parallel"):
+            while time.monotonic() - started < 30:
+                engine.step()
+        assert time.monotonic() - started < 30
+        with pytest.raises(RuntimeError, match="broken"):  # later steps fail at once
+            engine.step()
+    finally:
+        engine.close()
+    assert _gone(pid) and not dist.is_initialized()
+    # What FailoverEngine does after its cool-down: load the preferred engine again, here.
+    again = _tp_engine(checkpoint)
+    try:
+        results = _run(again, [_greedy("again", PROMPTS[4])])
+        _assert_matches(again.leader, results["again"], references[PROMPTS[4]], NEW_TOKENS)
+    finally:
+        again.close()
+    assert all(_gone(p) for p in again.follower_pids)
+
+
+LEADER = """
+import sys, time
+from pathlib import Path
+from moe_core.deepspeed_engine import DeepSpeedEngine
+
+if __name__ == "__main__":
+    engine = DeepSpeedEngine(Path(sys.argv[1]), device="cpu", tensor_parallel_size=2)
+    engine.load()
+    print("follower", engine.follower_pids[0], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_follower_exits_when_its_leader_dies(checkpoint: Path, tmp_path: Path) -> None:
+    script = tmp_path / "leader.py"
+    script.write_text(LEADER)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("WORLD_SIZE", None)
+    leader = subprocess.Popen(
+        [sys.executable, str(script), str(checkpoint)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert leader.stdout is not None
+        line = ""
+        while not line.startswith("follower "):  # DeepSpeed prints to stdout too
+            line = leader.stdout.readline()
+            assert line, "the leader exited before loading"
+        pid = int(line.split()[1])
+        assert not _gone(pid)
+        leader.kill()
+        leader.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid)
+    finally:
+        leader.kill()
+        leader.wait()
