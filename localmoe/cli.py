@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,31 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
     from moe_core.checkpoint import build_checkpoint, is_checkpoint
 
-    out = Path(args.out) if args.out else get_settings().default_model_dir
+    # Not the embedded model's place: a random model must not stand in for the trained one.
+    out = Path(args.out) if args.out else get_settings().home / "models" / f"{args.size}-{args.arch}"
     if is_checkpoint(out) and not args.force:
         print(f"{out} already holds a model (use --force to rebuild)")
         return 0
     build_checkpoint(
         out, arch=args.arch, seed=args.seed, progress=True, size=args.size, vocab_size=args.vocab_size
     )
+    return 0
+
+
+def cmd_model_pack(args: argparse.Namespace) -> int:
+    from moe_core.checkpoint import is_checkpoint
+    from moe_core.packed import EMBEDDED, pack
+
+    src, out = Path(args.model), Path(args.out) if args.out else EMBEDDED
+    if not is_checkpoint(src):
+        raise SystemExit(f"{src} is not a model directory (config.json, *.safetensors, tokenizer.json)")
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise SystemExit(f"{out} is not empty (use --force to replace it)")
+        shutil.rmtree(out)
+    pack(src, out)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"packed {src} into {out} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -360,7 +379,7 @@ def parser() -> argparse.ArgumentParser:
     )
     init = model.add_parser("init", help="build the small MoE checkpoint (no hub needed)")
     init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe"])
-    init.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
+    init.add_argument("--out", help="output directory (default: LOCALMOE_HOME/models/SIZE-ARCH)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument(
         "--size",
@@ -373,14 +392,17 @@ def parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_model_init)
 
     fit = model.add_parser("train", help="train the small MoE from scratch on this machine's code and docs")
-    fit.add_argument("--out", help="output directory (default: the embedded model's place in LOCALMOE_HOME)")
+    fit.add_argument(
+        "--out",
+        help="output directory (default: the embedded model's place in LOCALMOE_HOME: `up` serves it)",
+    )
     fit.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     fit.add_argument("--minutes", type=float, help="wall-clock budget of the whole run (default: the size's)")
     fit.add_argument(
         "--size",
         default="small",
         choices=["cpu-test", "small"],
-        help="small: 37 M parameters for a GPU (14 min); cpu-test: 0.6 M parameters, for tests",
+        help="small: 27 M parameters for a GPU (9–14 min); cpu-test: 0.3 M parameters, for tests",
     )
     fit.add_argument("--seq-len", type=int, help="tokens per training sequence (default: the size's)")
     fit.add_argument("--batch-size", type=int, help="sequences per step (default: the size's)")
@@ -391,6 +413,14 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-steps", type=int, help="stop after this many steps (cosine schedule over steps)")
     fit.add_argument("--force", action="store_true", help="replace a model already in the directory")
     fit.set_defaults(func=cmd_model_train)
+
+    packing = model.add_parser(
+        "pack", help="int8-pack a checkpoint to ship it (default: as the embedded model, moe_core/assets)"
+    )
+    packing.add_argument("model", help="a checkpoint directory (e.g. written by `localmoe model train`)")
+    packing.add_argument("--out", help="where the packed model goes (default: the embedded model's folder)")
+    packing.add_argument("--force", action="store_true", help="replace what is there")
+    packing.set_defaults(func=cmd_model_pack)
 
     tune = sub.add_parser(
         "tune-moe", help="search vLLM's fused-MoE kernel configs for the model on this GPU (CUDA + vLLM)"

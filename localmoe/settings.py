@@ -173,7 +173,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path("~/.localmoe").expanduser(), description="State: secrets, Redis data, models.")
     redis_url: SecretStr | None = Field(None, description="None: `localmoe up` starts its own Redis.")
-    model_dir: Path | None = Field(None, description="None: the embedded small model, built on first use.")
+    model_dir: Path | None = Field(
+        None, description="None: the embedded small model (trained; unpacked on first use)."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     api_url: str | None = Field(None, description="Where the CLI finds the API; default from host/port.")
@@ -217,7 +219,7 @@ class Settings(BaseSettings):
 
     @property
     def default_model_dir(self) -> Path:
-        return self.home / "models" / "tiny-mixtral"
+        return self.home / "models" / "localmoe-small"
 
     @property
     def resolved_model_dir(self) -> Path:

@@ -121,7 +121,10 @@ def worker_plan(
 
 
 def ensure_model(settings: Settings) -> Path:
-    from moe_core.checkpoint import build_checkpoint, is_checkpoint
+    """The model to serve: LOCALMOE_MODEL_DIR, or the embedded small model — trained, shipped packed
+    in moe_core/assets (moe_core/packed.py) and unpacked into the home on first start."""
+    from moe_core.checkpoint import is_checkpoint
+    from moe_core.packed import EMBEDDED, unpack
 
     path = settings.resolved_model_dir
     if is_checkpoint(path):
@@ -130,8 +133,8 @@ def ensure_model(settings: Settings) -> Path:
         raise SystemExit(
             f"LOCALMOE_MODEL_DIR={path} is not a model directory (config.json, *.safetensors, tokenizer.json)"
         )
-    print(f"building the embedded small model in {path} (first start only)", flush=True)
-    return build_checkpoint(path, progress=True)
+    print(f"unpacking the embedded small model into {path} (first start only)", flush=True)
+    return unpack(EMBEDDED, path)
 
 
 class Supervisor:

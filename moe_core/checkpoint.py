@@ -228,8 +228,10 @@ def _model_config(
     pad: int,
     size: str = "tiny",
     dims: tuple[int, int, int, int, int] | None = None,
+    tie_embeddings: bool = False,
 ) -> PreTrainedConfig:
-    """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s."""
+    """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s.
+    tie_embeddings: the output layer shares the input embedding's matrix."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
     hidden, intermediate, layers, heads, kv_heads = dims or SIZES[size]
@@ -241,7 +243,7 @@ def _model_config(
         num_key_value_heads=kv_heads,
         max_position_embeddings=MAX_CONTEXT,
         num_experts_per_tok=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,

@@ -1,5 +1,5 @@
-"""`localmoe up` as a user runs it: a fresh home, the embedded default (its own Redis, the small
-model built on first start, one CPU worker, the API, Flower), driven with the CLI and curl-like
+"""`localmoe up` as a user runs it: a fresh home, the embedded default (its own Redis, the trained
+small model unpacked on first start, one CPU worker, the API, Flower), driven with the CLI and curl-like
 HTTP, then stopped with SIGINT."""
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
             return "is ready" in (tmp_path / "up.log").read_text()
 
         wait_for(ready, 180, "localmoe up to be ready", interval=0.2)
-        assert (home / "models" / "tiny-mixtral" / "config.json").exists()  # built on first start
+        # The shipped trained model, unpacked on first start (not a random one built here).
+        assert json.loads((home / "models" / "localmoe-small" / "training.json").read_text())["steps"] > 0
+        assert "unpacking the embedded small model" in (tmp_path / "up.log").read_text()
         printed = (tmp_path / "up.log").read_text()
         assert api in printed and f"{api}/docs" in printed and f":{flower_port}" in printed
         # An admin key, made on first start, printed once and kept for the CLI (which used it above).
