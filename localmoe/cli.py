@@ -73,6 +73,7 @@ def cmd_model_train(args: argparse.Namespace) -> int:
         corpus_bytes=args.corpus_bytes,
         seed=args.seed,
         aux_loss_coef=args.aux_loss_coef,
+        balance=args.balance,
         max_steps=args.max_steps,
         overwrite=args.force,
         progress=True,
@@ -410,6 +411,12 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--corpus-bytes", type=int, help="training text to read (default: the size's)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--aux-loss-coef", type=float, default=0.02, help="router load-balancing loss weight")
+    fit.add_argument(
+        "--balance",
+        default="pooled",
+        choices=["pooled", "per_layer"],
+        help="balance loss over all layers at once (transformers') or per layer (experts specialize more)",
+    )
     fit.add_argument("--max-steps", type=int, help="stop after this many steps (cosine schedule over steps)")
     fit.add_argument("--force", action="store_true", help="replace a model already in the directory")
     fit.set_defaults(func=cmd_model_train)

@@ -88,3 +88,29 @@ def test_quality_bench_runs(trained: tuple[Path, train.TrainingReport]) -> None:
     assert len(q.jsd) == 2 and all(0 <= d <= 1 for d in q.jsd)
     for use in q.expert_use.values():
         assert torch.allclose(torch.tensor(use).sum(dim=-1), torch.ones(2), atol=1e-3)
+
+
+def test_per_layer_balance_loss() -> None:
+    """1.0 for even routing; large for a layer that sends every token to the same two experts, even when
+    another layer makes up for it — which the pooled loss cannot see."""
+    tokens, experts = 64, 8
+    even = torch.zeros(tokens, experts)
+    collapsed = torch.full((tokens, experts), -20.0)
+    collapsed[:, :2] = 10.0
+    mirrored = torch.full((tokens, experts), -20.0)
+    mirrored[:, 2:] = 10.0  # spread evenly over the other six
+    assert train.per_layer_balance_loss((even, even), top_k=2).item() == pytest.approx(1.0)
+    assert train.per_layer_balance_loss((collapsed, collapsed), top_k=2).item() == pytest.approx(
+        4.0, rel=1e-3
+    )
+    assert train.per_layer_balance_loss((collapsed, mirrored), top_k=2).item() > 2.5
+
+
+def test_training_with_the_per_layer_balance(tmp_path: Path) -> None:
+    report = train.train(
+        tmp_path / "m", size="cpu-test", max_steps=20, balance="per_layer", device="cpu", progress=False
+    )
+    assert report.balance == "per_layer"
+    assert sum(report.train_losses[-5:]) < sum(report.train_losses[:5])
+    with pytest.raises(ValueError, match="unknown balance"):
+        train.train(tmp_path / "n", size="cpu-test", balance="global")
