@@ -3,6 +3,7 @@
 On the GPU machine:
 
     python -m bench.engines_gpu --model /tmp/reference [--engines torch,deepspeed,vllm,raw_vllm]
+    python -m bench.engines_gpu --model /tmp/reference --engines deepspeed,deepspeed_tp2,vllm_tp2  # 2 GPUs
 
 builds the reference bf16 Mixtral of shared/gpu/README.md (4.76 B parameters) unless it exists,
 then runs each engine on 1 × (128 → 256) and 256 × (512 → 256), greedy with EOS ignored (every
@@ -25,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -165,13 +166,17 @@ def active_bytes_per_token(model: Path) -> int:
 
 
 def make_engine(
-    name: Backend, model: Path, batch: int, gpu_share: float = 0.8, tuned_config_dir: Path | None = None
+    name: str, model: Path, batch: int, gpu_share: float = 0.8, tuned_config_dir: Path | None = None
 ) -> Any:
-    """The engine as a worker builds it (workers/engine_setup.py), with this benchmark's settings."""
-    cfg = EngineSettings(backend=name, dtype="bfloat16", max_batch_size=batch)
+    """The engine as a worker builds it (workers/engine_setup.py), with this benchmark's settings.
+    name: a backend, or deepspeed_tpN / vllm_tpN for tensor parallelism over the first N GPUs."""
+    backend, _, tp = name.partition("_tp")
+    cfg = EngineSettings(backend=cast(Backend, backend), dtype="bfloat16", max_batch_size=batch)
     cfg.vllm.gpu_memory_utilization, cfg.vllm.max_num_batched_tokens = gpu_share, 16384
     cfg.vllm.tuned_config_dir = tuned_config_dir
-    return construct(name, model, "cuda", cfg, offload=False)
+    if tp:
+        cfg.vllm.tensor_parallel_size = cfg.deepspeed.tensor_parallel_size = int(tp)
+    return construct(cast(Backend, backend), model, "cuda", cfg, offload=False)
 
 
 def make_raw_vllm(model: Path, batch: int) -> Any:
@@ -199,14 +204,14 @@ def bench_engine(name: str, model: Path, bound: float) -> list[Result]:
     torch.cuda.reset_peak_memory_stats()
     with GpuMemory() as mem:
         t = time.perf_counter()
-        engine = make_raw_vllm(model, batch) if name == "raw_vllm" else make_engine(name, model, batch)  # type: ignore[arg-type]
+        engine = make_raw_vllm(model, batch) if name == "raw_vllm" else make_engine(name, model, batch)
         if name != "raw_vllm":
             engine.load()
         print(f"  {name}: loaded in {time.perf_counter() - t:.1f} s", flush=True)
         for workload, (n, plen, out) in WORKLOADS.items():
             prompts = make_prompts(model, n, plen)
             run = run_raw_vllm if name == "raw_vllm" else run_protocol
-            if name in ("vllm", "raw_vllm"):  # compile and CUDA graphs: warm up with the real shapes
+            if name.startswith(("vllm", "raw_vllm")):  # compile and CUDA graphs: warm up with the real shapes
                 run(engine, prompts, out)
             tps, ttft = run(engine, prompts, out)
             frac = tps / bound if n == 1 else None

@@ -3,6 +3,7 @@ does a killed worker lose a job?), and one tensor-parallel worker against per-GP
 
     python -m bench.multi_gpu --model /tmp/ref --mode replicas [--kill]   # one worker per GPU
     python -m bench.multi_gpu --model /tmp/ref --mode tp                  # one worker, TP = all GPUs
+    python -m bench.multi_gpu --model /tmp/ref --mode tp --backend deepspeed   # the same with DeepSpeed
 
 Redis, the API and the workers run as the service runs them (bench/harness.py). The workload is
 the same seeded arrival sequence in every mode: `--jobs` jobs, Poisson arrivals at `--rate` per
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             server.url,
             Path(args.model),
             tmp,
-            LOCALMOE_ENGINE__BACKEND="vllm",
+            LOCALMOE_ENGINE__BACKEND=args.backend,
             LOCALMOE_ENGINE__DTYPE="bfloat16",
             LOCALMOE_ENGINE__MAX_BATCH_SIZE=str(args.batch),
             LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION=str(args.gpu_share),
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         )
         if args.mode == "tp":
             layout = {"tp": ",".join(str(i) for i in range(gpus))}
-            extra = {"LOCALMOE_ENGINE__VLLM__TENSOR_PARALLEL_SIZE": str(gpus)}
+            extra = {f"LOCALMOE_ENGINE__{args.backend.upper()}__TENSOR_PARALLEL_SIZE": str(gpus)}
         else:
             layout = {f"gpu{i}": str(i) for i in range(gpus)}
             extra = {}
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 stop([api_proc])
             stop([p for p in procs.values() if p.poll() is None])
             client.close()
-    result["mode"] = args.mode
+    result["mode"], result["backend"] = args.mode, args.backend
     return result
 
 
@@ -196,6 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--mode", choices=["replicas", "tp"], default="replicas")
+    ap.add_argument("--backend", choices=["vllm", "deepspeed"], default="vllm", help="every worker's engine")
     ap.add_argument("--kill", action="store_true", help="SIGKILL one worker at 40 %% of arrivals")
     ap.add_argument("--jobs", type=int, default=600)
     ap.add_argument("--rate", type=float, default=40.0)

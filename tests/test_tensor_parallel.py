@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 # Chosen once, at deepspeed's first import; a CPU test must not get the CUDA accelerator on a GPU box.
@@ -243,3 +244,21 @@ def test_follower_exits_when_its_leader_dies(checkpoint: Path, tmp_path: Path) -
     finally:
         leader.kill()
         leader.wait()
+
+
+def test_a_worker_serves_through_two_ranks(service_env: dict[str, str], http: httpx.Client) -> None:
+    """The whole path: a worker configured with DeepSpeed at tensor_parallel_size 2 (no launcher) takes
+    a job through the API and answers what the shared single-process torch worker answers."""
+    from tests.conftest import private_stack, wait_done
+
+    body = {"prompt": "def add(a, b):\n", "max_tokens": 16}
+    reference = wait_done(http, http.post("/v1/jobs", json=body).json()["id"])
+    assert reference["status"] == "succeeded" and reference["engine"] == "torch"
+    settings = {
+        "LOCALMOE_ENGINE__BACKEND": "deepspeed",
+        "LOCALMOE_ENGINE__DEEPSPEED__TENSOR_PARALLEL_SIZE": "2",
+    }
+    with private_stack(service_env, worker=True, **settings) as stack, stack.http() as client:
+        job = wait_done(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert job["status"] == "succeeded" and job["engine"] == "deepspeed", job
+    assert job["output"] == reference["output"]
