@@ -35,18 +35,19 @@ On CPU the ranks all-reduce over gloo: DeepSpeed's shared-memory all-reduce op i
 would compile C++ for ~60 s when the group forms; without it `inference_all_reduce` falls back to
 torch.distributed.all_reduce).
 
-What AutoTP shards (DeepSpeed 0.19.8, transformers 5; measured on the tiny Mixtral at TP=2, and
-logged at every load): it replaces `nn.Linear` layers only. Attention q/k/v_proj become column-split
+What is split (DeepSpeed 0.19.8, transformers 5; measured on the tiny Mixtral at TP=2, and logged
+at every load). AutoTP replaces `nn.Linear` layers only: attention q/k/v_proj become column-split
 `LinearLayer`s (heads divided between the ranks), o_proj a row-split `LinearAllreduce`, lm_head a
 row-split `LmHeadLinearAllreduce` (the vocabulary logits are all-reduced, so every rank holds all of
 them and samples the same token). Transformers 5 keeps each layer's experts as fused 3-D parameters
-(`MixtralExperts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which are not `nn.Linear`: the
-experts, like the router, the norms and the embedding, are replicated whole on every rank. A TP=2 rank
-of the tiny Mixtral holds 4.04 M of its 4.40 M parameters; in a real Mixtral, where experts are ~96%
-of the weights, TP splits attention compute and memory but not expert memory. Qwen2-MoE also gets
-its shared expert's Linear layers split (greedy tokens still equal transformers' at TP=2). OLMoE
-does not work under AutoTP: its q_norm/k_norm normalise over all heads, which a rank no longer
-holds (load fails in the warm-up forward with a size mismatch).
+(`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which AutoTP would copy whole onto every rank —
+on a Mixtral, where experts are ~96 % of the weights, TP would then save almost no memory. So
+`shard_fused_experts` splits them first, Megatron-style (each rank keeps 1/N of every expert's
+intermediate units and all-reduces its partial output): a TP=2 rank of the tiny Mixtral holds 2.46 M of
+its 4.4 M parameters (4.04 M with AutoTP alone); the router, norms and embedding stay whole. Qwen2-MoE
+also gets its shared expert's Linear layers split by AutoTP; greedy tokens equal transformers' at
+TP=2 for both. OLMoE does not work under AutoTP: its q_norm/k_norm normalise over all heads, which
+a rank no longer holds (load fails in the warm-up forward with a size mismatch).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -173,12 +175,15 @@ def rank_engine(
     offload: Offload = "none",
     nvme_path: Path | None = None,
     timeout: timedelta | None = None,
+    before_join: Callable[[], None] | None = None,
 ) -> TorchEngine:
     """This process's TorchEngine over a DeepSpeed-wrapped model (one rank of a tensor-parallel
     group when tensor_parallel_size > 1). Arguments are checked by DeepSpeedEngine.
 
     timeout: bounds every collective of this process's groups (the world, and the tensor-parallel
     group that the forward's all-reduces use); None keeps DeepSpeed's and torch's defaults.
+        before_join: called once the model is loaded, just before this process joins the process group
+    (TensorParallelEngine: followers report it; the leader waits for it, watching them live).
     """
     torch_dtype = resolve_dtype(device, dtype)
     prepare = functools.partial(
@@ -189,6 +194,7 @@ def rank_engine(
         offload=offload,
         nvme_path=nvme_path,
         timeout=timeout,
+        before_join=before_join,
     )
     # Tensor parallelism and offload split the model before it reaches the GPU: load it into CPU memory.
     load_device = device if tensor_parallel_size == 1 and offload == "none" else "cpu"
@@ -219,8 +225,11 @@ def _prepare(
     offload: Offload,
     nvme_path: Path | None,
     timeout: timedelta | None = None,
+    before_join: Callable[[], None] | None = None,
 ) -> torch.nn.Module:
     """TorchEngine's `prepare`: join the process group, then wrap the loaded model."""
+    if before_join is not None:
+        before_join()
     deepspeed = _init_distributed(device, timeout)
     world_size = deepspeed.comm.get_world_size()
     if tp_size > world_size:
@@ -231,8 +240,9 @@ def _prepare(
     if offload == "none":
         buffers = dict(model.named_buffers())
         whole = sum(p.numel() for p in model.parameters())
-        if tp_size > 1 and timeout is not None:
-            _bounded_tp_group(tp_size, timeout)
+        if tp_size > 1:
+            _bounded_tp_group(tp_size, timeout)  # made here so that the experts' all-reduce uses it too
+            shard_fused_experts(model, deepspeed.comm.get_rank(), tp_size, _tp_group())
         # An InferenceEngine: its forward(**kwargs) calls the (tensor-parallel) model's.
         inference: torch.nn.Module = deepspeed.init_inference(
             model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
@@ -244,8 +254,9 @@ def _prepare(
     return _zero3_inference(deepspeed, model, dtype, offload, nvme_path)
 
 
-def _bounded_tp_group(tp_size: int, timeout: timedelta) -> None:
-    """Give init_inference a tensor-parallel group whose collectives time out after `timeout`.
+def _bounded_tp_group(tp_size: int, timeout: timedelta | None) -> None:
+    """Give init_inference a tensor-parallel group whose collectives time out after `timeout`
+    (None: torch's default).
 
     InferenceEngine caches its group in the class attribute `inference_mp_group` and creates it
     with torch's default timeout (30 min for gloo, 10 for nccl) when unset; a follower that hangs
@@ -257,6 +268,58 @@ def _bounded_tp_group(tp_size: int, timeout: timedelta) -> None:
         log.warning("this DeepSpeed has no InferenceEngine.inference_mp_group: default collective timeout")
         return
     InferenceEngine.inference_mp_group = torch.distributed.new_group(list(range(tp_size)), timeout=timeout)
+
+
+def _tp_group() -> Any:
+    """The group AutoTP's all-reduces use (None: the world, which is the TP group when not bounded)."""
+    from deepspeed.inference.engine import InferenceEngine
+
+    return getattr(InferenceEngine, "inference_mp_group", None)
+
+
+def shard_fused_experts(model: torch.nn.Module, rank: int, world: int, group: Any = None) -> int:
+    """Split every fused-experts module's intermediate dimension across the `world` ranks; returns how
+    many modules were split.
+
+    AutoTP only splits nn.Linear layers, and transformers 5 keeps a layer's experts as two fused 3-D
+    parameters (Mixtral, Qwen2-MoE: gate_up_proj [E, 2I, H] — gate rows then up rows — and down_proj
+    [E, H, I]), so it would copy all experts whole onto every rank. Split Megatron-style instead, for
+    every expert at once: rank r keeps gate and up rows [r·I/N, (r+1)·I/N) → gate_up_proj [E, 2I/N, H],
+    and the same columns of down_proj → [E, H, I/N]; its output is then a partial sum over its share
+    of the intermediate units, and a forward hook all-reduces it. Every rank runs the router and
+    every expert a token picks (no load imbalance, unlike placing whole experts per rank). Modules with
+    expert biases or another layout are left whole (logged)."""
+    count = 0
+    for name, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)):
+            continue
+        if gate_up.dim() != 3 or down.dim() != 3:
+            continue
+        experts, two_i, hidden = gate_up.shape
+        inner = two_i // 2
+        biased = any(getattr(module, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias"))
+        if biased or two_i % 2 or tuple(down.shape) != (experts, hidden, inner) or inner % world:
+            log.warning(
+                "%s: fused experts of shape %s / %s left whole on every rank", name, gate_up.shape, down.shape
+            )
+            continue
+        n = inner // world
+        lo, hi = rank * n, (rank + 1) * n
+        with torch.no_grad():
+            local = torch.cat([gate_up[:, lo:hi], gate_up[:, inner + lo : inner + hi]], dim=1)
+            module.gate_up_proj = torch.nn.Parameter(local.contiguous(), requires_grad=False)
+            module.down_proj = torch.nn.Parameter(down[:, :, lo:hi].contiguous(), requires_grad=False)
+        if hasattr(module, "intermediate_dim"):
+            module.intermediate_dim = n
+
+        def all_reduce(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+            torch.distributed.all_reduce(output, group=group)
+            return output
+
+        module.register_forward_hook(all_reduce)
+        count += 1
+    return count
 
 
 def forget_tp_group() -> None:
@@ -275,8 +338,8 @@ def _log_sharding(model: torch.nn.Module, whole: int, rank: int) -> None:
     )
     held = sum(p.numel() for p in model.parameters())
     log.info(
-        "AutoTP rank %d: sharded layers %s; holds %.2f M of the model's %.2f M parameters "
-        "(the rest, e.g. fused experts, router, norms, embedding, is replicated on every rank)",
+        "tensor parallel rank %d: AutoTP layers %s, fused experts split by shard_fused_experts; holds "
+        "%.2f M of the model's %.2f M parameters (router, norms, embedding are replicated on every rank)",
         rank,
         dict(replaced) or "none",
         held / 1e6,

@@ -35,8 +35,9 @@ load here afterwards (a group of one left by an earlier single-process DeepSpeed
 destroyed at load; a larger world is refused).
 
 Limits: on CUDA a follower that dies inside a forward leaves the leader's NCCL all-reduce to NCCL's
-watchdog (timeout_s); a follower that fails at load before it joins the group leaves the leader in
-the rendezvous for up to timeout_s (its error is then reported); followers wait at most
+watchdog (timeout_s); a follower that dies while loading fails the leader's load at once (the
+leader joins the group only after every follower said it is joining), but one that dies inside the
+rendezvous itself leaves the leader there for up to timeout_s; followers wait at most
 CONTROL_TIMEOUT for a command list, which the keep-alive covers only while step() keeps being
 called (the worker's loop steps every 0.5 s when idle).
 """
@@ -51,6 +52,7 @@ import secrets
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -128,8 +130,8 @@ class _RankSpec:
             "MASTER_PORT": str(self.master_port),
         }
 
-    def build(self, rank: int) -> TorchEngine:
-        """This rank's engine (unloaded); its env must already be set."""
+    def build(self, rank: int, before_join: Callable[[], None]) -> TorchEngine:
+        """This rank's engine (unloaded); its env must already be set. before_join: see rank_engine."""
         if self.device_type == "cpu":
             torch.set_num_threads(self.cpu_threads)
         return rank_engine(
@@ -139,6 +141,7 @@ class _RankSpec:
             max_batch_size=self.max_batch_size,
             tensor_parallel_size=self.world_size,
             timeout=timedelta(seconds=self.timeout_s),
+            before_join=before_join,
         )
 
 
@@ -156,7 +159,7 @@ def _follower_main(spec: _RankSpec, rank: int, conn: Connection) -> None:
             level=spec.log_level, format=f"%(asctime)s tp-rank{rank} %(name)s %(levelname)s: %(message)s"
         )
     try:
-        engine = spec.build(rank)
+        engine = spec.build(rank, before_join=lambda: conn.send(("joining", "")))
         engine.load()
         control = _control_group()
     except BaseException:
@@ -323,11 +326,15 @@ class TensorParallelEngine:
         try:
             self._spawn_followers(spec)
             os.environ.update(spec.environ(0))
-            inner = spec.build(0)
+            deadline = time.monotonic() + self.timeout_s
+            # Join only when every follower is about to: one that died loading (or never started:
+            # a spawn that cannot import the main module) fails this load at once, not after the
+            # rendezvous' timeout.
+            inner = spec.build(0, before_join=lambda: self._await_followers("joining", deadline))
             self._inner = inner
             inner.load()
             self._control = _control_group()
-            self._await_followers(time.monotonic() + self.timeout_s)
+            self._await_followers("ready", deadline)
         except BaseException as e:
             reports = "; ".join(f.describe() for f in self._followers if f.read_error())
             self._teardown(graceful=False)
@@ -428,18 +435,26 @@ class TensorParallelEngine:
             send.close()  # the follower holds the only write end: EOF once it is gone
             self._followers.append(_Follower(rank, process, receive))
 
-    def _await_followers(self, deadline: float) -> None:
-        """Wait for every follower's "ready" (they are past the control group, so it is near)."""
+    def _await_followers(self, stage: str, deadline: float) -> None:
+        """Wait for every follower's `stage` message: "joining" (loaded, about to join the process
+        group) then "ready" (past the control group); an "error" or a dead follower fails at once."""
         for follower in self._followers:
-            while not follower.conn.poll(0.1):
-                if not follower.process.is_alive():
-                    raise RuntimeError(follower.describe())
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"tensor-parallel rank {follower.rank} did not load in time")
-            kind, detail = follower.conn.recv()
-            if kind != "ready":
-                follower.error = detail
-                raise RuntimeError(f"tensor-parallel rank {follower.rank} failed to load: {detail}")
+            while True:
+                while not follower.conn.poll(0.1):
+                    if not follower.process.is_alive():
+                        raise RuntimeError(follower.describe())
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"tensor-parallel rank {follower.rank} did not load in time")
+                try:
+                    kind, detail = follower.conn.recv()
+                except EOFError:  # it closed its end: it is gone (or going) without a word
+                    follower.process.join(5)
+                    raise RuntimeError(follower.describe()) from None
+                if kind == stage:
+                    break
+                if kind == "error":
+                    follower.error = detail
+                    raise RuntimeError(f"tensor-parallel rank {follower.rank} failed to load: {detail}")
 
     def _teardown(self, graceful: bool) -> None:
         """Join (graceful) or terminate the followers, free rank 0, destroy the process group."""

@@ -24,6 +24,7 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
 
+import torch
 import torch.distributed as dist
 
 from moe_core.checkpoint import build_checkpoint
@@ -100,10 +101,20 @@ def test_loads_two_ranks_and_shards_attention_and_lm_head(
     assert type(model.lm_head).__name__ == "LmHeadLinearAllreduce"
     whole = plain.model.model.layers[0]
     assert layer.self_attn.q_proj.weight.shape[0] * 2 == whole.self_attn.q_proj.weight.shape[0]
-    # Transformers 5's fused experts are not nn.Linear: AutoTP leaves them whole on every rank.
-    assert layer.mlp.experts.gate_up_proj.shape == whole.mlp.experts.gate_up_proj.shape
+    # Transformers 5's fused experts are not nn.Linear (AutoTP would copy them whole): every expert's
+    # intermediate units are split between the ranks instead (shard_fused_experts).
+    experts, full = layer.mlp.experts, whole.mlp.experts
+    assert experts.gate_up_proj.shape[1] * 2 == full.gate_up_proj.shape[1]
+    assert experts.down_proj.shape[2] * 2 == full.down_proj.shape[2]
+    inner = full.down_proj.shape[2]
+    assert torch.equal(
+        experts.gate_up_proj[:, : inner // 2], full.gate_up_proj[:, : inner // 2]
+    )  # rank 0's gate
+    assert torch.equal(
+        experts.gate_up_proj[:, inner // 2 :], full.gate_up_proj[:, inner : inner + inner // 2]
+    )
     held, total = (sum(p.numel() for p in m.parameters()) for m in (model, plain.model))
-    assert total * 0.5 < held < total
+    assert total * 0.5 < held < total * 0.6  # what is left whole: embedding, router, norms
 
 
 def test_batched_greedy_matches_generate(tp: TensorParallelEngine, references: dict[str, list[int]]) -> None:
@@ -206,6 +217,26 @@ def test_killed_follower_fails_the_step_in_bounded_time(
     assert all(_gone(p) for p in again.follower_pids)
 
 
+def test_qwen2_moe_with_a_shared_expert_matches_generate(tmp_path: Path) -> None:
+    """AutoTP splits Qwen2-MoE's shared expert (nn.Linear); shard_fused_experts its routed experts."""
+    checkpoint = build_checkpoint(tmp_path / "qwen2_moe", arch="qwen2_moe", progress=False)
+    plain = TorchEngine(checkpoint, max_batch_size=8)
+    plain.load()
+    prompts = PROMPTS[:4]
+    references = {prompt: _reference(plain, prompt) for prompt in prompts}
+    inner = plain.model.model.layers[0].mlp.experts.down_proj.shape[2]
+    plain.close()
+    engine = _tp_engine(checkpoint)
+    try:
+        experts = engine.leader.model.module.model.layers[0].mlp.experts
+        assert experts.down_proj.shape[2] * 2 == inner
+        results = _run(engine, [_greedy(f"q{i}", prompt) for i, prompt in enumerate(prompts)])
+        for i, prompt in enumerate(prompts):
+            _assert_matches(engine.leader, results[f"q{i}"], references[prompt], NEW_TOKENS)
+    finally:
+        engine.close()
+
+
 LEADER = """
 import sys, time
 from pathlib import Path
@@ -262,3 +293,21 @@ def test_a_worker_serves_through_two_ranks(service_env: dict[str, str], http: ht
         job = wait_done(client, client.post("/v1/jobs", json=body).json()["id"])
     assert job["status"] == "succeeded" and job["engine"] == "deepspeed", job
     assert job["output"] == reference["output"]
+
+
+def test_a_follower_that_cannot_start_fails_the_load_at_once(checkpoint: Path) -> None:
+    """A leader run from stdin: "spawn" cannot re-import a main module that is no file, so rank 1 dies
+    at start. The leader must say so at once, not wait out the rendezvous (300 s)."""
+    script = (
+        "from pathlib import Path\n"
+        "from moe_core.deepspeed_engine import DeepSpeedEngine\n"
+        f"engine = DeepSpeedEngine(Path({str(checkpoint)!r}), device='cpu', tensor_parallel_size=2)\n"
+        "try:\n"
+        "    engine.load()\n"
+        "except RuntimeError as e:\n"
+        "    print('FAILED:', e)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert "FAILED: tensor-parallel rank 1" in done.stdout and "exited with code" in done.stdout, done
+    assert time.monotonic() - started < 60
