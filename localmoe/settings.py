@@ -35,6 +35,11 @@ class VllmSettings(BaseModel):
         description="Fused-MoE kernel configs written by `localmoe tune-moe`, read by vLLM "
         "(VLLM_TUNED_CONFIG_FOLDER); None: <home>/moe-configs",
     )
+    expert_telemetry: bool = Field(
+        False,
+        description="Count the router's choices per job modality (vLLM's enable_return_routed_experts; "
+        "CUDA builds only). Off until its cost is measured on a GPU.",
+    )
 
 
 class DeepSpeedSettings(BaseModel):

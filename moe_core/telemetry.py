@@ -87,3 +87,33 @@ class ExpertTelemetry:
     def _hook(self, _module: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
         if self._cells is not None:
             self._pending.append(outputs[2])  # [T, k]; routers run in layer order
+
+
+class RoutedCounts:
+    """The same counts for an engine that reports each finished request's routing afterwards (vLLM's
+    `enable_return_routed_experts`: [tokens, layers, k] expert ids per request), on the host."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.counts: dict[str, Any] = {}  # tag → np.ndarray [layers, experts] int64
+
+    def add(self, tag: str, routed: Any) -> None:
+        """routed: array-like [tokens, layers, k] of expert ids (the request's prompt and output)."""
+        import numpy as np
+
+        ids = np.asarray(routed, dtype=np.int64)
+        if ids.ndim != 3 or ids.size == 0:
+            return
+        layers, experts = ids.shape[1], self.num_experts
+        cells = ids + (np.arange(layers, dtype=np.int64) * experts)[None, :, None]  # [T, L, k]
+        counts = np.bincount(cells.reshape(-1), minlength=layers * experts).reshape(layers, experts)
+        if tag not in self.counts and len(self.counts) >= MAX_TAGS:
+            tag = list(self.counts)[-1]  # as ExpertTelemetry: later tags share the last slot
+        total = self.counts.get(tag)
+        self.counts[tag] = counts if total is None else total + counts
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+    def snapshot(self) -> dict[str, list[list[int]]]:
+        return {tag: counts.tolist() for tag, counts in self.counts.items()}

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from moe_core.telemetry import RoutedCounts
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class _Output:
     text: str
     token_ids: list[int]
     finish_reason: str | None  # vLLM's, set on the request's last output
+    routed: Any = None  # on the last output, with expert_telemetry: [tokens, layers, k] expert ids
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class _Request:
     """One request from add_request until step() has returned its final delta."""
 
     prompt_tokens: int
+    tag: str = ""  # expert telemetry counts the request's tokens under it
     future: Future[None] | None = None  # the coroutine on the asyncio loop; None: never submitted
     completion_tokens: int = 0
     started: bool = False  # vLLM produced an output for it (it is past prefill)
@@ -170,6 +173,7 @@ class VllmEngine:
         enforce_eager: bool = False,
         max_context: int | None = None,
         tuned_config_dir: Path | None = None,
+        expert_telemetry: bool = False,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -177,7 +181,10 @@ class VllmEngine:
         scheduler's token budget per step (set explicitly: vLLM's entry points differ in their
         defaults); max_context: vLLM's max_model_len (default: the model's); tuned_config_dir:
         fused-MoE kernel configs from `localmoe tune-moe` (moe_core/moe_tuning.py), handed to vLLM
-        as VLLM_TUNED_CONFIG_FOLDER unless the environment already names a folder."""
+        as VLLM_TUNED_CONFIG_FOLDER unless the environment already names a folder; expert_telemetry:
+        have vLLM capture the router's choices (`enable_return_routed_experts`, vLLM >= 0.26 on
+        CUDA: its CPU build needs Triton for it) and count them per request tag when a request
+        finishes (an aborted request's routing is not reported)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -192,6 +199,8 @@ class VllmEngine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enforce_eager = enforce_eager
         self.tuned_config_dir = tuned_config_dir
+        self.expert_telemetry = expert_telemetry
+        self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
         self.max_context = max_context or 0  # set by load() from vLLM's config when not given
@@ -255,7 +264,13 @@ class VllmEngine:
                 self._backend.engine = self._call(self._build_engine(dtype), LOAD_TIMEOUT_S)
             if not self._requested_max_context:
                 self.max_context = int(self._backend.engine.model_config.max_model_len)
+            if self.expert_telemetry and device.startswith("cuda"):
+                from moe_core.loader import inspect_model
+
+                self._routed = RoutedCounts(inspect_model(self.model_dir).num_experts)
             self._warm_up()
+            if self._routed is not None:
+                self._routed.reset()  # the warm-up's requests are not traffic
         except BaseException:
             self.close()
             raise
@@ -338,7 +353,16 @@ class VllmEngine:
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
             disable_log_stats=True,  # no periodic log lines; our stat logger still gets every step
+            **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
         )
+
+    def _capture_routing(self) -> bool:
+        """expert_telemetry on a CUDA device: vLLM's CPU build captures routing only under its model
+        runner V2, which needs Triton, so there the engine serves without the counts (logged)."""
+        on_cuda = self._resolve_device()[0].startswith("cuda")
+        if self.expert_telemetry and not on_cuda:
+            log.warning("vLLM expert telemetry needs a CUDA build of vLLM: counting nothing on the CPU")
+        return self.expert_telemetry and on_cuda
 
     async def _build_engine(self, dtype: str) -> Any:
         """On the asyncio thread, so AsyncLLM starts its output handler on this loop."""
@@ -373,7 +397,7 @@ class VllmEngine:
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         params = request.params
-        state = _Request(prompt_tokens=len(prompt_ids))
+        state = _Request(prompt_tokens=len(prompt_ids), tag=request.tag)
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
             self._requests[rid] = state
@@ -430,7 +454,9 @@ class VllmEngine:
         )
 
     def expert_tokens(self) -> dict[str, list[list[int]]]:
-        return {}  # vLLM's fused MoE kernels do not expose the router's choices
+        """With expert_telemetry, what vLLM reported for finished requests; else {} (its fused MoE
+        kernels keep the router's choices to themselves)."""
+        return self._routed.snapshot() if self._routed is not None else {}
 
     def close(self) -> None:
         """Shut vLLM down (its engine-core process too) and stop the asyncio thread. Idempotent.
@@ -489,7 +515,8 @@ class VllmEngine:
             async for out in engine.generate({"prompt_token_ids": prompt_ids}, sampling, rid):
                 completion = out.outputs[0]
                 reason = completion.finish_reason or ("abort" if out.finished else None)
-                put(_Output(rid, completion.text, list(completion.token_ids), reason))
+                routed = getattr(completion, "routed_experts", None) if out.finished else None
+                put(_Output(rid, completion.text, list(completion.token_ids), reason, routed))
         except asyncio.CancelledError:
             raise  # abort(): the adapter has already built the ABORT delta
         except Exception as e:  # handed to the engine-loop thread
@@ -535,6 +562,8 @@ class VllmEngine:
                 self._finish(item.request_id, state, FinishReason.ERROR, _describe(item.error))
             return
         state.started = True
+        if item.routed is not None and self._routed is not None:
+            self._routed.add(state.tag, item.routed)
         state.completion_tokens += len(item.token_ids)
         self._tokens_generated += len(item.token_ids)
         reason: FinishReason | None = None

@@ -60,3 +60,26 @@ def test_counting_does_not_change_outputs(model_dir: Path) -> None:
     without.load()
     assert run(with_counts, requests) == run(without, requests)
     assert without.expert_tokens() == {}
+
+
+def test_routed_counts_from_reported_routing() -> None:
+    """What vLLM reports per finished request ([tokens, layers, k] expert ids), counted per tag."""
+    import numpy as np
+
+    from moe_core.telemetry import MAX_TAGS, RoutedCounts
+
+    counts = RoutedCounts(num_experts=4)
+    routed = np.array([[[0, 1], [2, 3]], [[0, 2], [3, 3]], [[1, 0], [2, 1]]])  # 3 tokens, 2 layers, k=2
+    counts.add("code", routed)
+    counts.add("code", routed[:1])
+    counts.add("text", routed[2:])
+    snap = counts.snapshot()
+    assert snap["code"] == [[4, 3, 1, 0], [0, 1, 3, 4]]  # layer 0: (0,1) (0,2) (1,0), then (0,1) again
+    assert snap["text"] == [[1, 1, 0, 0], [0, 1, 1, 0]]
+    counts.add("code", np.zeros((0, 2, 2), dtype=np.int64))  # a request with no routing: nothing
+    assert counts.snapshot()["code"] == snap["code"]
+    for i in range(MAX_TAGS + 2):
+        counts.add(f"t{i}", routed[:1])
+    assert len(counts.snapshot()) == MAX_TAGS
+    counts.reset()
+    assert counts.snapshot() == {}

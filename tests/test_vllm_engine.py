@@ -469,3 +469,32 @@ def test_runs_in_a_spawned_engine_process(mixtral_dir: Path, references: dict[st
 def test_a_daemonic_process_is_refused_clearly(mixtral_dir: Path) -> None:
     status, message, _ = _spawned(mixtral_dir, daemon=True)
     assert status == "error" and "daemon=False" in message
+
+
+def test_expert_telemetry(mixtral_dir: Path) -> None:
+    """With expert_telemetry, vLLM's routed-experts capture counted per tag: every layer sees each
+    token k times. vLLM's CPU build cannot capture (model runner V2 needs Triton): there the engine
+    still serves, and counts nothing."""
+    engine = make_engine(mixtral_dir, expert_telemetry=True)
+    engine.load()
+    try:
+        requests = [
+            GenerationRequest("c", PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), tag="code"),
+            GenerationRequest("t", PROMPTS[1], SamplingParams(max_tokens=8, ignore_eos=True), tag="text"),
+        ]
+        results = _run(engine, requests)
+        assert all(r.finish_reason is FinishReason.LENGTH for r in results.values())
+        counts = engine.expert_tokens()
+        if ON_CPU:
+            assert counts == {}
+            return
+        assert set(counts) == {"code", "text"}
+        k = 2
+        for tag, rid in (("code", "c"), ("text", "t")):
+            per_layer = {sum(layer) for layer in counts[tag]}
+            assert len(per_layer) == 1, counts[tag]  # every layer routed the same tokens
+            tokens = per_layer.pop() // k
+            prompt = engine.count_tokens(PROMPTS[0] if rid == "c" else PROMPTS[1])
+            assert prompt <= tokens <= prompt + 8, (tag, tokens, prompt)
+    finally:
+        engine.close()

@@ -32,6 +32,7 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             max_num_batched_tokens=v.max_num_batched_tokens,
             enforce_eager=v.enforce_eager,
             tuned_config_dir=v.tuned_config_dir,
+            expert_telemetry=v.expert_telemetry,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed_engine import DeepSpeedEngine
