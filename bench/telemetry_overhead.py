@@ -1,10 +1,12 @@
-"""What expert telemetry costs: the torch engine with and without it, alternating, in one run.
+"""What expert telemetry costs: an engine with and without it, alternating, in one run.
 
     python -m bench.telemetry_overhead [--jobs 64] [--tokens 64] [--rounds 5] [--device cpu]
-                                       [--size tiny|reference] [--model DIR]
+                                       [--size tiny|reference] [--model DIR] [--backend torch|vllm]
 
-Both engines load the same small model; each round runs the same greedy workload (EOS ignored)
-through one, then the other. Prints tokens/s per round and the median ratio (goal: ≥ 0.98).
+--backend vllm (a CUDA build of vLLM): vLLM's routed-experts capture on and off, each engine at
+`gpu_memory_utilization` 0.4. Both engines load the same model; each round runs the same greedy
+workload (EOS ignored) through one, then the other. Prints tokens/s per round and the median ratio
+(goal: ≥ 0.98).
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ from pathlib import Path
 import torch
 
 from moe_core.checkpoint import build_checkpoint, is_checkpoint
-from moe_core.engine import GenerationRequest, SamplingParams
+from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 
 
-def run(engine: TorchEngine, n: int, tokens: int, tag: str) -> float:
+def engines(backend: str, model: Path, device: str, jobs: int) -> tuple[Engine, Engine]:
+    """(telemetry on, telemetry off), not loaded."""
+    if backend == "vllm":
+        from moe_core.vllm_engine import VllmEngine
+
+        common: dict = dict(device=device, dtype="auto", max_batch_size=jobs, gpu_memory_utilization=0.4)
+        return VllmEngine(model, expert_telemetry=True, **common), VllmEngine(model, **common)
+    on = TorchEngine(model, device=device, max_batch_size=jobs)
+    return on, TorchEngine(model, device=device, max_batch_size=jobs, telemetry=False)
+
+
+def run(engine: Engine, n: int, tokens: int, tag: str) -> float:
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     start = time.perf_counter()
     for i in range(n):
@@ -51,14 +64,14 @@ def main() -> None:
         "--size", default="tiny", choices=["tiny", "reference"], help="reference: the 4.76 B bf16 model"
     )
     ap.add_argument("--model", type=Path, help="use this checkpoint (built there if absent)")
+    ap.add_argument("--backend", default="torch", choices=["torch", "vllm"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 32000 if args.size == "reference" else 4096
     model = args.model or Path(tempfile.mkdtemp()) / "m"
     if not is_checkpoint(model):
         build_checkpoint(model, progress=False, size=args.size, vocab_size=vocab)
-    on = TorchEngine(model, device=args.device, max_batch_size=args.jobs)
-    off = TorchEngine(model, device=args.device, max_batch_size=args.jobs, telemetry=False)
+    on, off = engines(args.backend, model, args.device, args.jobs)
     on.load()
     off.load()
     run(on, args.jobs, args.tokens, "w")  # warm-up
