@@ -174,6 +174,24 @@ def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: red
     assert "".join(seen) == "abcd"
 
 
+def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
+    """Redis applied a relay MULTI but the reply was lost (it went down): the relay writes the same
+    entries again. Readers (Fence) and the next attempt's RESUME see each entry once."""
+    from workers.tasks import RESUME
+
+    stream = keys.events("retried-write")
+    client.delete(stream)
+    entries = [token_fields("a", 1, 1, 1), token_fields("b", 2, 1, 2)]
+    for fields in entries + entries + [token_fields("c", 1, 1, 3)]:  # the batch written twice
+        client.xadd(stream, fields)  # type: ignore[arg-type]
+    fence = Fence()
+    seen = [e.text for _, f in client.xrange(stream) if (e := fence.visible(f)) is not None]  # type: ignore[union-attr]
+    assert "".join(seen) == "abc"
+    *pieces, count = client.register_script(RESUME)(keys=[stream], args=[2])
+    assert "".join(pieces) == "abc" and count == "n:4"
+    client.delete(stream)
+
+
 # --- a worker killed with SIGKILL mid-generation ------------------------------------------------
 
 

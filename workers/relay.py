@@ -74,6 +74,7 @@ class Held:
     output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
     resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
+    entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
 
 
@@ -194,7 +195,8 @@ class Relay(threading.Thread):
         if delta.text:
             held.text.append(delta.text)
             self._maybe_output_event(held, delta)
-            fields = token_fields(delta.text, held.unsent_tokens, held.attempt)
+            held.entries += 1
+            fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries)
             held.unsent_tokens = 0
             ops.append(lambda pipe: pipe.xadd(keys.events(job_id), fields))  # type: ignore[arg-type]
             if len(held.text) == 1:

@@ -39,15 +39,19 @@ return attempt
 # (as readers saw it, scheduler/stream.py Fence) and appends the `resume` mark in one step, so a
 # stale writer's later tokens fall behind the mark. → {text pieces..., "n:<tokens>"}.
 RESUME = """
-local current, n, out = 1, 0, {}
+local current, n, out, last = 1, 0, {}, {}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
   local f = {}
   for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
   if f.type == 'resume' then
     current = math.max(current, tonumber(f.a))
   elseif f.type == 'token' and tonumber(f.a or '1') >= current then
-    table.insert(out, f.text)
-    n = n + tonumber(f.n or '1')
+    local a, s = f.a or '1', tonumber(f.s or '0')
+    if s == 0 or s > (last[a] or 0) then  -- s: an entry written again by a retried write is skipped
+      last[a] = s
+      table.insert(out, f.text)
+      n = n + tonumber(f.n or '1')
+    end
   end
 end
 redis.call('XADD', KEYS[1], '*', 'type', 'resume', 'a', ARGV[1])
