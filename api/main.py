@@ -48,10 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or get_settings()
         url = s.require_redis_url()
-        # Every live stream holds one pooled connection while its XREAD BLOCK waits (up to 15 s).
-        # redis-py's asyncio pool caps at 100 and then fails every caller at once: with 100
-        # streams open, the next request answered 500 (bench/stream_load.py, RELIABILITY.md).
-        # Streams are bounded by open files and Redis' maxclients (10,000) instead.
+        # redis-py's asyncio pool caps at 100 and then fails every caller at once: when every live
+        # stream held a pooled connection for its XREAD BLOCK, 100 open streams made the next
+        # request answer 500 (bench/stream_load.py, RELIABILITY.md). Streams now share one reader
+        # (api/stream_hub.py), but bursts of requests may still need many connections at once.
         client = aioredis.from_url(
             url, decode_responses=True, health_check_interval=10, max_connections=MAX_REDIS_CONNECTIONS
         )
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher.check()  # the live config version, before the first request
         watcher.start()
         yield
+        await app.state.services.store.hub.close()
         await client.aclose()
 
     app = FastAPI(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
@@ -11,11 +11,14 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from api.stream_hub import StreamHub
 from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo, decode_workers
 from scheduler.stream import DoneEvent, Fence, StreamEvent
+
+QUIET_S = 15.0  # a stream this long without an entry: check that its job still exists
 
 # KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS.
 # ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
@@ -53,9 +56,10 @@ class CancelOutcome(StrEnum):
 
 
 class JobStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, hub: StreamHub | None = None) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.hub = hub or StreamHub(client)  # every stream this process follows, read at once
         self._cancel = client.register_script(CANCEL)
 
     async def get(self, job_id: str) -> Job | None:
@@ -118,22 +122,19 @@ class JobStore:
         if after != "0-0":  # resuming: learn the attempts fenced off before that point
             for _, fields in await self._retrying(lambda: self.client.xrange(stream, "-", after)):
                 fence.visible(fields)
-        while True:
-            # [[stream key, [(entry id, {field: value}), ...]]] (decoded strings), or [] on timeout
-            read = functools.partial(self.client.xread, {stream: after}, count=512, block=15_000)
-            reply = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], await self._retrying(read))
-            if not reply:  # quiet for 15 s: make sure the job still exists, then keep waiting
-                if not await self._retrying(lambda: self.client.exists(keys.job(job_id))):
-                    return
-                continue
-            for entry_id, fields in reply[0][1]:
-                after = entry_id
-                event = fence.visible(fields)
-                if event is None:
+        async with contextlib.aclosing(self.hub.follow(stream, after, QUIET_S)) as batches:
+            async for batch in batches:
+                if not batch:  # quiet for QUIET_S: make sure the job still exists, then keep waiting
+                    if not await self._retrying(lambda: self.client.exists(keys.job(job_id))):
+                        return
                     continue
-                yield entry_id, event
-                if isinstance(event, DoneEvent):
-                    return
+                for entry_id, fields in batch:
+                    event = fence.visible(fields)
+                    if event is None:
+                        continue
+                    yield entry_id, event
+                    if isinstance(event, DoneEvent):
+                        return
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """`call` again while Redis is restarting (connection refused or dropped), for up to a

@@ -19,6 +19,12 @@ def events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def api_wake(process_id: str) -> str:
+    """An API process's wake stream: its stream reader's XREAD returns when a new job stream is
+    followed (api/stream_hub.py). Expires a day after its last use."""
+    return f"{PREFIX}:api-wake:{process_id}"
+
+
 def worker(name: str) -> str:
     """The worker's latest heartbeat (JSON, expires when the worker stops beating)."""
     return f"{PREFIX}:worker:{name}"

@@ -1,0 +1,185 @@
+"""One reader per API process for every job stream its clients follow.
+
+Before this, each SSE / websocket / OpenAI stream ran its own `XREAD BLOCK` loop: one Redis round
+trip per client per batch of entries and one pooled Redis connection held per open stream (one API
+core relayed 3–6k events/s; RELIABILITY.md). The hub runs one `XREAD` over every followed stream
+and fans what it returns out to the followers in-process.
+
+Invariants:
+* `cursor[stream]` is the last entry id the hub has read of that stream; every follower of it gets
+  every entry after its own start, in order, exactly once: entries up to the cursor at the moment it
+  joins by its own XRANGE (catch-up), entries after it from the hub (registration happens without
+  an await between reading the cursor and joining, so nothing falls between the two).
+* A stream nobody follows any more leaves the hub's read at its next round.
+* A new stream must be read at once, but the hub's XREAD may be blocked for BLOCK_MS on the others:
+  following a new stream adds an entry to this process's own wake stream, which every XREAD also
+  reads, so the blocked read returns and the next one includes the newcomer.
+* A follower's queue holds batches (one per XREAD reply); it is bounded by the stream itself (a
+  job's stream is at most max_tokens entries long), not by the client's speed.
+
+Redis errors: the reader retries with backoff and resumes from its cursors; followers only see a
+quiet period (and JobStore.events then checks that the job still exists, through its own retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from scheduler import keys
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 5_000  # one XREAD waits at most this long
+COUNT = 512  # entries per stream per XREAD
+WAKE_TTL_S = 86_400  # the wake stream outlives a crashed process by a day at most
+
+Entry = tuple[str, dict[str, str]]  # (stream entry id, fields)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(eq=False)
+class _Follower:
+    queue: asyncio.Queue[list[Entry]] = field(default_factory=asyncio.Queue)
+
+
+class StreamHub:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.wake_stream = keys.api_wake(uuid.uuid4().hex[:12])
+        self._wake_last = "0-0"
+        self._cursor: dict[str, str] = {}  # stream key → last id read by the hub
+        self._followers: dict[str, set[_Follower]] = {}
+        self._changed = asyncio.Event()  # a first stream to follow, after none
+        self._task: asyncio.Task[None] | None = None
+        self.reads = 0  # XREAD calls so far (tests, metrics)
+
+    async def follow(self, stream: str, after: str, quiet_s: float) -> AsyncGenerator[list[Entry]]:
+        """Batches of `stream`'s entries after `after`, in order, for as long as the caller iterates;
+        an empty batch after `quiet_s` seconds without one."""
+        follower = _Follower()
+        new = stream not in self._cursor
+        start = self._join(stream, follower, after)  # no await before it: see the invariants
+        try:
+            if new:
+                await self._wake()
+            elif _id(after) < _id(start):  # catch up to where the hub stood when this one joined
+                entries = cast(
+                    list[Entry], await self._retrying(lambda: self.client.xrange(stream, f"({after}", start))
+                )
+                if entries:
+                    after = entries[-1][0]
+                    yield entries
+            while True:
+                try:
+                    batch = await asyncio.wait_for(follower.queue.get(), quiet_s)
+                except TimeoutError:
+                    self._ensure_reader()
+                    yield []
+                    continue
+                fresh = [e for e in batch if _id(e[0]) > _id(after)]  # resumed beyond the hub: skip
+                if fresh:
+                    after = fresh[-1][0]
+                    yield fresh
+        finally:
+            self._leave(stream, follower)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.client.delete(self.wake_stream)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _join(self, stream: str, follower: _Follower, after: str) -> str:
+        """Register `follower`; returns where the hub's reading of `stream` stands."""
+        if stream not in self._cursor:
+            self._cursor[stream] = after  # the hub reads from the first follower's start
+            self._changed.set()
+        self._followers.setdefault(stream, set()).add(follower)
+        self._ensure_reader()
+        return self._cursor[stream]
+
+    def _leave(self, stream: str, follower: _Follower) -> None:
+        followers = self._followers.get(stream)
+        if followers is None:
+            return
+        followers.discard(follower)
+        if not followers:
+            del self._followers[stream]
+            self._cursor.pop(stream, None)
+
+    def _ensure_reader(self) -> None:
+        """Start the reader, or restart one that died (logged): one runs while streams are followed."""
+        task = self._task
+        if task is not None and not task.done():
+            return
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.error("the stream reader failed; restarting it", exc_info=task.exception())
+        self._task = asyncio.get_running_loop().create_task(self._read_forever(), name="stream-hub")
+
+    async def _wake(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.wake_stream, {"w": "1"}, maxlen=16, approximate=True)
+        pipe.expire(self.wake_stream, WAKE_TTL_S)
+        await self._retrying(pipe.execute)
+
+    async def _read_forever(self) -> None:
+        delay = 0.1
+        while True:
+            if not self._cursor:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            streams = {self.wake_stream: self._wake_last, **self._cursor}
+            try:
+                reply = cast(
+                    list[tuple[str, list[Entry]]],
+                    await self.client.xread(streams, count=COUNT, block=BLOCK_MS),  # type: ignore[arg-type]
+                )
+            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
+                if delay == 0.1:
+                    # Redis went away (a restart): every idle pooled connection is dead too. Close
+                    # them now, so the requests that follow connect afresh instead of failing on one.
+                    with contextlib.suppress(Exception):
+                        await self.client.connection_pool.disconnect(inuse_connections=False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            self.reads += 1
+            for stream, entries in reply or []:
+                if stream == self.wake_stream:
+                    self._wake_last = entries[-1][0]
+                    continue
+                if stream not in self._cursor:
+                    continue  # nobody follows it any more
+                self._cursor[stream] = entries[-1][0]
+                for follower in self._followers.get(stream, ()):
+                    follower.queue.put_nowait(entries)
+
+    async def _retrying(self, call: Any) -> Any:
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await call()
+            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
+                if waited > 60:
+                    raise
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
