@@ -63,6 +63,7 @@ class StreamHub:
         self._followers: dict[str, set[_Follower]] = {}
         self._changed = asyncio.Event()  # a first stream to follow, after none
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.reads = 0  # XREAD calls so far (tests, metrics)
 
     async def follow(self, stream: str, after: str, quiet_s: float) -> AsyncGenerator[list[Entry]]:
@@ -83,7 +84,8 @@ class StreamHub:
                     yield entries
             while True:
                 try:
-                    batch = await asyncio.wait_for(follower.queue.get(), quiet_s)
+                    async with asyncio.timeout(quiet_s):  # cheaper than wait_for: no task per get
+                        batch = await follower.queue.get()
                 except TimeoutError:
                     self._ensure_reader()
                     yield []
@@ -96,10 +98,18 @@ class StreamHub:
             self._leave(stream, follower)
 
     async def close(self) -> None:
-        if self._task is not None:
+        # The flag as well as the cancel: redis-py may turn a cancelled XREAD into a ConnectionError,
+        # which the reader takes for an outage and survives.
+        self._closed = True
+        self._changed.set()
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._wake(), 1)  # the blocked XREAD returns; the loop ends
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), 2)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await asyncio.wait_for(self._task, 5)
         with contextlib.suppress(Exception):
             await self.client.delete(self.wake_stream)
 
@@ -140,7 +150,7 @@ class StreamHub:
 
     async def _read_forever(self) -> None:
         delay = 0.1
-        while True:
+        while not self._closed:
             if not self._cursor:
                 self._changed.clear()
                 await self._changed.wait()
