@@ -4,9 +4,9 @@ The path of a run: corpus (Python sources of the standard library and of every s
 Python's doc topics, /usr/share/doc, man pages) → split by package into train and held-out → tokenizer
 (`checkpoint.train_tokenizer`) → packed fixed-length sequences → AdamW with warm-up and a cosine
 schedule, the router load-balancing loss on → held-out loss every `eval_every` steps, the best weights
-kept → an ordinary Hugging Face checkpoint that `moe_core.loader` loads like any other, plus
-`training.json` describing the run. The same code runs on a CPU (the "cpu-test" preset, for tests)
-and on a CUDA GPU (the "small" preset, bf16 autocast).
+kept (and written to `<out_dir>.checkpoint` as training goes) → an ordinary Hugging Face checkpoint
+that `moe_core.loader` loads like any other, plus `training.json` describing the run. The same code
+runs on a CPU (the "cpu-test" preset, for tests) and on a CUDA GPU (the "small" preset, bf16 autocast).
 
 The split is a rule, not a list: a document is held out when the hash of its unit (its top-level
 package for code, its package folder for /usr/share/doc, its page for man pages and doc topics) falls
@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -500,6 +500,7 @@ def train(
     held_out_share: float = HELD_OUT_SHARE,
     overwrite: bool = False,
     progress: bool = True,
+    checkpoint_every_s: float = 60.0,
 ) -> TrainingReport:
     """Train a `size` preset MoE from scratch and save the best weights (by held-out loss) to `out_dir`.
 
@@ -508,6 +509,8 @@ def train(
       (per_layer_balance_loss), weighed by aux_loss_coef.
     max_steps: also stop there, and run the cosine schedule over steps rather than over time.
     patience: stop after this many evaluations without a better held-out loss.
+    checkpoint_every_s: new best weights are written to `<out_dir>.checkpoint` (a loadable checkpoint)
+      at most this often, so a run that dies keeps them; a finished run removes it.
     Arguments left None take the preset's value. The directory appears complete or not at all; an
     existing non-empty `out_dir` is an error unless `overwrite`.
     """
@@ -530,6 +533,7 @@ def train(
         minutes=minutes if minutes is not None else preset.minutes,
     )
     out_dir = Path(out_dir)
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
     device = _resolve_device(device)
@@ -595,6 +599,16 @@ def train(
             progress,
         )
         evals = {kind: spread_rows(rows["held_out", kind], preset.eval_sequences) for kind in (CODE, PROSE)}
+        bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+        saved_at = [time.monotonic()]
+
+        def save_checkpoint() -> None:
+            if time.monotonic() - saved_at[0] < checkpoint_every_s:
+                return
+            _save_checkpoint(model, tmp_dir, checkpoint_dir, report)
+            saved_at[0] = time.monotonic()
+
         best_state = _fit(
             model,
             preset,
@@ -606,12 +620,11 @@ def train(
             max_steps,
             patience,
             progress,
+            save_checkpoint,
         )
         seconds["training"] = time.monotonic() - t0 - sum(seconds.values())
 
         model.load_state_dict(best_state)
-        bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
-        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
         model.save_pretrained(str(tmp_dir), save_original_format=True)
         report.seconds = {k: round(v, 1) for k, v in seconds.items()}
         report.seconds["total"] = round(time.monotonic() - t0, 1)
@@ -619,10 +632,29 @@ def train(
         for path in tmp_dir.iterdir():
             path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as others
         _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        if checkpoint_dir.exists():
+            _say(f"training stopped; the best weights so far are in {checkpoint_dir}", progress)
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful rename
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
     _say(f"saved to {out_dir}", progress)
     return report
+
+
+def _save_checkpoint(model: Any, tmp_dir: Path, checkpoint_dir: Path, report: TrainingReport) -> None:
+    """The model's weights (the best so far), written beside the output as a checkpoint the loader
+    takes like any other (tokenizer, config, weights, training.json so far); replaced whole."""
+    writing = checkpoint_dir.with_name(checkpoint_dir.name + ".writing")
+    shutil.rmtree(writing, ignore_errors=True)
+    writing.mkdir(parents=True)
+    for path in tmp_dir.glob("tokenizer*"):
+        shutil.copyfile(path, writing / path.name)
+    model.save_pretrained(str(writing), save_original_format=True)
+    (writing / "training.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    writing.rename(checkpoint_dir)
 
 
 def _replace_dir(new: Path, out_dir: Path) -> None:
@@ -649,8 +681,10 @@ def _fit(
     max_steps: int | None,
     patience: int,
     progress: bool,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The training loop; fills `report` and returns the best weights (on the CPU)."""
+    """The training loop; fills `report` and returns the best weights (on the CPU). `checkpoint` is
+    called after an evaluation that found new best weights (they are the model's weights then)."""
     import torch
 
     optimizer = torch.optim.AdamW(
@@ -678,6 +712,8 @@ def _fit(
         if report.best is None or mixed < report.best.mixed:
             report.best = e
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if checkpoint is not None and step > 0:
+                checkpoint()
             return True
         return False
 

@@ -114,3 +114,31 @@ def test_training_with_the_per_layer_balance(tmp_path: Path) -> None:
     assert sum(report.train_losses[-5:]) < sum(report.train_losses[:5])
     with pytest.raises(ValueError, match="unknown balance"):
         train.train(tmp_path / "n", size="cpu-test", balance="global")
+
+
+def test_a_run_that_dies_leaves_its_best_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints: new best weights go to <out>.checkpoint as training goes; a run that dies (here:
+    its data runs dry at step 25) leaves them there, loadable; a finished run removes them."""
+    calls = [0]
+    original = train._Batches.__next__
+
+    def dying(self: train._Batches) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > 25:
+            raise RuntimeError("the machine went away")
+        return original(self)
+
+    monkeypatch.setattr(train._Batches, "__next__", dying)
+    out = tmp_path / "m"
+    with pytest.raises(RuntimeError, match="went away"):
+        train.train(out, size="cpu-test", max_steps=40, device="cpu", progress=False, checkpoint_every_s=0)
+    checkpoint = tmp_path / "m.checkpoint"
+    assert not out.exists() and checkpoint.is_dir()
+    record = json.loads((checkpoint / "training.json").read_text())
+    assert record["best"]["step"] == 20  # the last evaluation before the end, and an improvement
+    model, tokenizer = load_model(checkpoint)
+    assert model.num_parameters() > 0 and tokenizer("def f():")["input_ids"]
+
+    monkeypatch.setattr(train._Batches, "__next__", original)
+    train.train(out, size="cpu-test", max_steps=20, device="cpu", progress=False, checkpoint_every_s=0)
+    assert out.is_dir() and not checkpoint.exists()
