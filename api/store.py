@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from enum import StrEnum
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 
-from api.stream_hub import StreamHub
+from api.stream_hub import StreamHub, retrying
 from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, job_from_hash
@@ -120,12 +119,12 @@ class JobStore:
         fence = Fence()
         stream = keys.events(job_id)
         if after != "0-0":  # resuming: learn the attempts fenced off before that point
-            for _, fields in await self._retrying(lambda: self.client.xrange(stream, "-", after)):
+            for _, fields in await retrying(lambda: self.client.xrange(stream, "-", after)):
                 fence.visible(fields)
         async with contextlib.aclosing(self.hub.follow(stream, after, QUIET_S)) as batches:
             async for batch in batches:
                 if not batch:  # quiet for QUIET_S: make sure the job still exists, then keep waiting
-                    if not await self._retrying(lambda: self.client.exists(keys.job(job_id))):
+                    if not await retrying(lambda: self.client.exists(keys.job(job_id))):
                         return
                     continue
                 for entry_id, fields in batch:
@@ -135,20 +134,6 @@ class JobStore:
                     yield entry_id, event
                     if isinstance(event, DoneEvent):
                         return
-
-    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """`call` again while Redis is restarting (connection refused or dropped), for up to a
-        minute; then the error goes to the caller."""
-        delay, waited = 0.1, 0.0
-        while True:
-            try:
-                return await call()
-            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
-                if waited > 60:
-                    raise
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 2.0)
 
     async def workers(self, fresh_only: bool = True) -> list[WorkerInfo]:
         names = cast(list[str], await self.client.zrange(keys.WORKERS, 0, -1))

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,6 +42,22 @@ COUNT = 512  # entries per stream per XREAD
 WAKE_TTL_S = 86_400  # the wake stream outlives a crashed process by a day at most
 
 Entry = tuple[str, dict[str, str]]  # (stream entry id, fields)
+RESTARTING = (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError)
+
+
+async def retrying(call: Callable[[], Awaitable[Any]]) -> Any:
+    """`call` again while Redis is restarting (connection refused or dropped), for up to a minute;
+    then the error goes to the caller."""
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return await call()
+        except RESTARTING:
+            if waited > 60:
+                raise
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 2.0)
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -77,7 +93,7 @@ class StreamHub:
                 await self._wake()
             elif _id(after) < _id(start):  # catch up to where the hub stood when this one joined
                 entries = cast(
-                    list[Entry], await self._retrying(lambda: self.client.xrange(stream, f"({after}", start))
+                    list[Entry], await retrying(lambda: self.client.xrange(stream, f"({after}", start))
                 )
                 if entries:
                     after = entries[-1][0]
@@ -90,10 +106,11 @@ class StreamHub:
                     self._ensure_reader()
                     yield []
                     continue
-                fresh = [e for e in batch if _id(e[0]) > _id(after)]  # resumed beyond the hub: skip
-                if fresh:
-                    after = fresh[-1][0]
-                    yield fresh
+                if _id(batch[0][0]) <= _id(after):  # only a follower that resumed beyond the hub
+                    batch = [e for e in batch if _id(e[0]) > _id(after)]
+                if batch:
+                    after = batch[-1][0]
+                    yield batch
         finally:
             self._leave(stream, follower)
 
@@ -146,7 +163,7 @@ class StreamHub:
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.wake_stream, {"w": "1"}, maxlen=16, approximate=True)
         pipe.expire(self.wake_stream, WAKE_TTL_S)
-        await self._retrying(pipe.execute)
+        await retrying(pipe.execute)
 
     async def _read_forever(self) -> None:
         delay = 0.1
@@ -161,7 +178,7 @@ class StreamHub:
                     list[tuple[str, list[Entry]]],
                     await self.client.xread(streams, count=COUNT, block=BLOCK_MS),  # type: ignore[arg-type]
                 )
-            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
+            except RESTARTING:
                 if delay == 0.1:
                     # Redis went away (a restart): every idle pooled connection is dead too. Close
                     # them now, so the requests that follow connect afresh instead of failing on one.
@@ -181,15 +198,3 @@ class StreamHub:
                 self._cursor[stream] = entries[-1][0]
                 for follower in self._followers.get(stream, ()):
                     follower.queue.put_nowait(entries)
-
-    async def _retrying(self, call: Any) -> Any:
-        delay, waited = 0.1, 0.0
-        while True:
-            try:
-                return await call()
-            except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError):
-                if waited > 60:
-                    raise
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 2.0)

@@ -116,9 +116,10 @@ def unpack(packed_dir: Path, out_dir: Path) -> Path:
     tmp_dir.chmod(0o755)
     try:
         save_file(weights, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
-        for path in sorted(packed_dir.iterdir()):
-            if (path.suffix == ".json" and path.name != MANIFEST) or path.suffix in (".txt", ".model"):
-                shutil.copyfile(path, tmp_dir / path.name)
+        for pattern in _COPIED:  # what pack() copied, less its own manifest
+            for path in sorted(packed_dir.glob(pattern)):
+                if path.name != MANIFEST:
+                    shutil.copyfile(path, tmp_dir / path.name)
         config_path = tmp_dir / "config.json"
         config = json.loads(config_path.read_text())
         for key in ("dtype", "torch_dtype"):
