@@ -193,8 +193,11 @@ class StreamHub:
                 if stream == self.wake_stream:
                     self._wake_last = entries[-1][0]
                     continue
-                if stream not in self._cursor:
-                    continue  # nobody follows it any more
+                if self._cursor.get(stream) != streams[stream]:
+                    # Nobody follows it any more, or it was left and followed again from another
+                    # point while this read was out: that reply starts at the old point (a gap for
+                    # the new follower); the next read starts at the new one.
+                    continue
                 self._cursor[stream] = entries[-1][0]
                 for follower in self._followers.get(stream, ()):
                     follower.queue.put_nowait(entries)

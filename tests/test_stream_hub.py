@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncGenerator
 
 import redis.asyncio as aioredis
 
-from api.stream_hub import StreamHub
+from api.stream_hub import Entry, StreamHub
 from localmoe.redis_server import RedisServer
 
 
@@ -105,3 +106,41 @@ def test_a_quiet_stream_yields_an_empty_batch(redis_server: RedisServer) -> None
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_leaving_and_following_again_from_earlier_leaves_no_gap(redis_server: RedisServer) -> None:
+    """A client that disconnects and resumes from an earlier event (SSE Last-Event-ID) while entries
+    keep coming: the read that was out for the old position must not skip what lies between."""
+
+    async def main() -> None:
+        client = aioredis.from_url(redis_server.url, decode_responses=True)
+        hub = StreamHub(client)
+        try:
+            for trial in range(20):
+                stream = f"test:hub:{uuid.uuid4().hex}"
+                ids = [await client.xadd(stream, {"i": str(i)}) for i in range(6)]
+                first = hub.follow(stream, "0-0", quiet_s=5)
+                seen = [fields["i"] async for batch in _take(first, 1) for _, fields in batch]
+                await first.aclose()  # gone after its first batch: the hub's cursor is past ids[2]
+                writer = asyncio.create_task(_write(client, stream, 6, 12))
+                got: list[str] = []
+                await asyncio.wait_for(_collect(hub, stream, ids[1], 10, got), 5)
+                await writer
+                assert seen == [str(i) for i in range(6)], trial
+                assert got == [str(i) for i in range(2, 12)], (trial, got)
+                await client.delete(stream)
+        finally:
+            await hub.close()
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def _take(batches: AsyncGenerator[list[Entry]], n: int) -> AsyncGenerator[list[Entry]]:
+    for _ in range(n):
+        yield await anext(batches)
+
+
+async def _write(client: aioredis.Redis, stream: str, start: int, end: int) -> None:
+    for i in range(start, end):
+        await client.xadd(stream, {"i": str(i)})
