@@ -62,13 +62,14 @@ def make_prompts(model: Path, n: int, length: int) -> list[str]:
 
 
 class GpuMemory:
-    """Peak GPU memory in use, sampled from NVML (vLLM allocates in another process)."""
+    """Peak GPU memory in use on the busiest GPU, sampled from NVML (vLLM allocates in another
+    process; a tensor-parallel rank i runs on GPU i)."""
 
     def __init__(self) -> None:
         import pynvml
 
         pynvml.nvmlInit()
-        self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._hs = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         self._nvml = pynvml
         self.peak = 0
         self._stop = threading.Event()
@@ -76,7 +77,8 @@ class GpuMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._nvml.nvmlDeviceGetMemoryInfo(self._h).used)
+            used = max(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._hs)
+            self.peak = max(self.peak, used)
             time.sleep(0.02)
 
     def __enter__(self) -> GpuMemory:

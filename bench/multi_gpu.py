@@ -93,6 +93,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             print(f"      workers ready in {time.monotonic() - t0:.0f} s", flush=True)
             api_proc, api = start_api(env)
             http = httpx.Client(base_url=api, headers=auth(env), timeout=120)
+            # A worker whose engine failed to load serves on the next one in its preference list:
+            # the figures would then be that engine's. Refuse them.
+            engines = {w["name"]: (w["engine"], w["engine_reason"]) for w in http.get("/v1/workers").json()}
+            print(f"      engines: {engines}", flush=True)
+            wrong = {n: e for n, e in engines.items() if e[0] != args.backend}
+            if wrong:
+                raise SystemExit(f"worker(s) not on {args.backend}: {wrong}")
             for head in (CODE[0], TEXT[0]):  # warm-up: one job per modality through the path
                 job = http.post("/v1/jobs", json={"prompt": head, "max_tokens": 8}).json()
                 _wait(http, [job["id"]], 120)

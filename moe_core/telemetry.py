@@ -26,6 +26,8 @@ def routers(model: Any) -> list[torch.nn.Module]:
 
 class ExpertTelemetry:
     def __init__(self, model: Any) -> None:
+        """model: the module tree holding the routers, before any wrapper changes its weights (a
+        ZeRO-3 partition leaves them empty); the hooks stay with the routers under any wrapper."""
         found = routers(model)
         if not found:
             raise ValueError("no MoE router modules in this model")
@@ -46,6 +48,14 @@ class ExpertTelemetry:
         self._ones = torch.ones(0, dtype=torch.int64, device=self.device)  # grown as needed
         for router in found:
             router.register_forward_hook(self._hook)
+
+    def to(self, device: torch.device) -> None:
+        """Count on `device`, where the forward runs (a tensor-parallel or offloaded model is
+        loaded on the CPU and placed later)."""
+        self.device = device
+        self.counts = self.counts.to(device)
+        self._layer_offsets = self._layer_offsets.to(device)
+        self._ones = self._ones.to(device)
 
     def tag_id(self, tag: str) -> int:
         if tag not in self.tags:

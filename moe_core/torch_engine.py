@@ -256,6 +256,8 @@ class TorchEngine:
             self.telemetry = ExpertTelemetry(model)  # hooks stay with the modules under any wrapper
         self.model = self._prepare(model) if self._prepare is not None else model
         self._device = next(self.model.parameters()).device
+        if self.telemetry is not None:
+            self.telemetry.to(self._device)  # a TP model is loaded on the CPU and placed by _prepare
         if self._device.type == "cuda":
             # Process-wide: cuDNN's SDPA builds an execution plan for every new (batch, length) shape,
             # and continuous batching makes a new shape almost every step (measured on an H200, bf16:
