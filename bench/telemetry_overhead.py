@@ -7,12 +7,20 @@
 `gpu_memory_utilization` 0.4. Both engines load the same model; each round runs the same greedy
 workload (EOS ignored) through one, then the other. Prints tokens/s per round and the median ratio
 (goal: ≥ 0.98).
+
+--processes N (vLLM on a GPU: two vLLM engines in one process disturb each other, their rounds
+spread 0.4–1.6× on an H200): N processes one after the other, alternating telemetry on / off, each
+loading one engine and running --rounds rounds after a warm-up. Prints each process's median
+tokens/s and the ratio of the on processes' median to the off processes'.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +61,41 @@ def run(engine: Engine, n: int, tokens: int, tag: str) -> float:
     return made / (time.perf_counter() - start)
 
 
+def one_engine(args: argparse.Namespace, model: Path, telemetry: bool) -> None:
+    """Child of --processes: one engine, a warm-up, --rounds rounds; prints `RESULT [tok/s, ...]`."""
+    on, off = engines(args.backend, model, args.device, args.jobs)  # built, not loaded: cheap
+    engine = on if telemetry else off
+    engine.load()
+    try:
+        run(engine, args.jobs, args.tokens, "w")
+        rates = [run(engine, args.jobs, args.tokens, f"r{r}") for r in range(args.rounds)]
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    print("RESULT " + json.dumps(rates), flush=True)
+
+
+def by_processes(args: argparse.Namespace, model: Path) -> None:
+    medians: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(args.processes):
+        telemetry = i % 2 == 0
+        cmd = [sys.executable, "-m", "bench.telemetry_overhead", "--backend", args.backend]
+        cmd += ["--device", args.device, "--model", str(model), "--jobs", str(args.jobs)]
+        cmd += ["--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+        cmd += ["--only", "on" if telemetry else "off"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rates = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        medians[telemetry].append(statistics.median(rates))
+        print(
+            f"process {i + 1}/{args.processes} telemetry {'on ' if telemetry else 'off'}: "
+            f"median {medians[telemetry][-1]:7.0f} tok/s, rounds {[round(r) for r in rates]}",
+            flush=True,
+        )
+    ratio = statistics.median(medians[True]) / statistics.median(medians[False])
+    print(f"ratio on/off of the processes' medians: {ratio:.3f} (goal ≥ 0.98)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=64)
@@ -65,12 +108,18 @@ def main() -> None:
     )
     ap.add_argument("--model", type=Path, help="use this checkpoint (built there if absent)")
     ap.add_argument("--backend", default="torch", choices=["torch", "vllm"])
+    ap.add_argument("--processes", type=int, default=0, help="one engine per process (see above)")
+    ap.add_argument("--only", choices=["on", "off"], help=argparse.SUPPRESS)  # a --processes child
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 32000 if args.size == "reference" else 4096
     model = args.model or Path(tempfile.mkdtemp()) / "m"
     if not is_checkpoint(model):
         build_checkpoint(model, progress=False, size=args.size, vocab_size=vocab)
+    if args.only:
+        return one_engine(args, model, args.only == "on")
+    if args.processes:
+        return by_processes(args, model)
     on, off = engines(args.backend, model, args.device, args.jobs)
     on.load()
     off.load()

@@ -457,7 +457,11 @@ class TensorParallelEngine:
                     raise RuntimeError(f"tensor-parallel rank {follower.rank} failed to load: {detail}")
 
     def _teardown(self, graceful: bool) -> None:
-        """Join (graceful) or terminate the followers, free rank 0, destroy the process group."""
+        """Join (graceful) or terminate the followers, free rank 0, destroy the process group.
+        Graceful: rank 0 leaves the group while the followers leave theirs (NCCL's teardown may
+        wait for every rank: joining them first made them wait out JOIN_S on the H200)."""
+        if graceful:
+            self._leave_group()
         for follower in self._followers:
             follower.process.join(JOIN_S if graceful else 0)
             if follower.process.is_alive():
@@ -469,12 +473,8 @@ class TensorParallelEngine:
                 follower.process.kill()
                 follower.process.join()
             follower.conn.close()
-        if self._inner is not None:
-            self._inner.close()
-        self._control = None
-        forget_tp_group()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not graceful:
+            self._leave_group()
         for key, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -482,6 +482,15 @@ class TensorParallelEngine:
                 os.environ[key] = value
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
+
+    def _leave_group(self) -> None:
+        """Free rank 0's engine and leave the process group (and DeepSpeed's TP group)."""
+        if self._inner is not None:
+            self._inner.close()
+        self._control = None
+        forget_tp_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _alive_soon(process: BaseProcess, wait_s: float = 0.5) -> bool:

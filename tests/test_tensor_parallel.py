@@ -176,8 +176,10 @@ def test_close_stops_the_follower_and_restores_the_process(
 ) -> None:
     (pid,) = tp.follower_pids
     environ = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    processes = [f.process for f in tp._followers]
     tp.close()
     assert _gone(pid) and not multiprocessing.active_children()
+    assert [p.exitcode for p in processes] == [0]  # it left on its own, not terminated
     assert not dist.is_initialized()
     assert os.environ.get("WORLD_SIZE") != "2" and environ["WORLD_SIZE"] == "2"
     tp.close()  # idempotent
