@@ -83,3 +83,19 @@ def test_routed_counts_from_reported_routing() -> None:
     assert len(counts.snapshot()) == MAX_TAGS
     counts.reset()
     assert counts.snapshot() == {}
+
+
+def test_counters_move_to_where_the_forward_runs(model_dir: Path) -> None:
+    """A tensor-parallel or offloaded model is loaded on the CPU and placed by DeepSpeed afterwards:
+    every counter buffer must follow it (on an H200 the first TP load failed on one left behind)."""
+    import torch
+
+    from moe_core.loader import load_model
+    from moe_core.telemetry import ExpertTelemetry
+
+    model, _ = load_model(model_dir, "cpu", "float32")
+    telemetry = ExpertTelemetry(model)
+    telemetry.to(torch.device("meta"))  # a device other than the weights': what a GPU would be here
+    tensors = [v for v in vars(telemetry).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 3 and {t.device.type for t in tensors} == {"meta"}
+    assert telemetry.device == torch.device("meta")
