@@ -32,15 +32,20 @@ from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 
 
-def engines(backend: str, model: Path, device: str, jobs: int) -> tuple[Engine, Engine]:
-    """(telemetry on, telemetry off), not loaded."""
+def engine(backend: str, model: Path, device: str, jobs: int, telemetry: bool) -> Engine:
+    """The engine with or without expert telemetry, not loaded."""
     if backend == "vllm":
         from moe_core.vllm_engine import VllmEngine
 
-        common: dict = dict(device=device, dtype="auto", max_batch_size=jobs, gpu_memory_utilization=0.4)
-        return VllmEngine(model, expert_telemetry=True, **common), VllmEngine(model, **common)
-    on = TorchEngine(model, device=device, max_batch_size=jobs)
-    return on, TorchEngine(model, device=device, max_batch_size=jobs, telemetry=False)
+        return VllmEngine(
+            model,
+            device=device,
+            dtype="auto",
+            max_batch_size=jobs,
+            gpu_memory_utilization=0.4,
+            expert_telemetry=telemetry,
+        )
+    return TorchEngine(model, device=device, max_batch_size=jobs, telemetry=telemetry)
 
 
 def run(engine: Engine, n: int, tokens: int, tag: str) -> float:
@@ -63,16 +68,13 @@ def run(engine: Engine, n: int, tokens: int, tag: str) -> float:
 
 def one_engine(args: argparse.Namespace, model: Path, telemetry: bool) -> None:
     """Child of --processes: one engine, a warm-up, --rounds rounds; prints `RESULT [tok/s, ...]`."""
-    on, off = engines(args.backend, model, args.device, args.jobs)  # built, not loaded: cheap
-    engine = on if telemetry else off
-    engine.load()
+    one = engine(args.backend, model, args.device, args.jobs, telemetry)
+    one.load()
     try:
-        run(engine, args.jobs, args.tokens, "w")
-        rates = [run(engine, args.jobs, args.tokens, f"r{r}") for r in range(args.rounds)]
+        run(one, args.jobs, args.tokens, "w")
+        rates = [run(one, args.jobs, args.tokens, f"r{r}") for r in range(args.rounds)]
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        one.close()
     print("RESULT " + json.dumps(rates), flush=True)
 
 
@@ -120,7 +122,7 @@ def main() -> None:
         return one_engine(args, model, args.only == "on")
     if args.processes:
         return by_processes(args, model)
-    on, off = engines(args.backend, model, args.device, args.jobs)
+    on, off = (engine(args.backend, model, args.device, args.jobs, t) for t in (True, False))
     on.load()
     off.load()
     run(on, args.jobs, args.tokens, "w")  # warm-up
