@@ -58,6 +58,7 @@ class Result:
     finish_reason: FinishReason | None = None
     error: str | None = None
     deltas: int = 0
+    widest: int = 0  # the most token ids one delta carried
 
 
 def _collect(engine: VllmEngine, results: dict[str, Result]) -> None:
@@ -69,6 +70,7 @@ def _collect(engine: VllmEngine, results: dict[str, Result]) -> None:
         result.finish_reason = delta.finish_reason
         result.error = delta.error
         result.deltas += 1
+        result.widest = max(result.widest, len(delta.token_ids))
         assert delta.completion_tokens == len(result.token_ids)
         assert delta.prompt_tokens == engine.count_tokens(_prompts[delta.request_id])
 
@@ -320,6 +322,44 @@ def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:
     # The id is free again, and the engine still answers correctly.
     again = _run(engine, [_greedy("r1", PROMPTS[3])])["r1"]
     reference.assert_matches(again, reference.tokens(PROMPTS[3]), NEW_TOKENS)
+
+
+def test_a_late_step_catches_up_one_delta_per_token(engine: VllmEngine, reference: Reference) -> None:
+    """vLLM's engine core runs on while nobody calls step(); the next step() returns every
+    iteration it made, one delta per token per request, in order: a loop that fell behind catches
+    up without merging what clients would see as separate events."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    for i in range(3):
+        _add(engine, GenerationRequest(f"late{i}", PROMPTS[i], params))
+    results: dict[str, Result] = {}
+    while not results:
+        _collect(engine, results)
+    time.sleep(1.5)  # the engine core finishes meanwhile
+    before = {rid: r.deltas for rid, r in results.items()}
+    _collect(engine, results)
+    assert sum(results[r].deltas - before.get(r, 0) for r in results) > 3  # several iterations at once
+    while engine.has_unfinished():
+        _collect(engine, results)
+    for i in range(3):
+        r = results[f"late{i}"]
+        assert (r.finish_reason, r.widest) == (FinishReason.LENGTH, 1)  # never two tokens in one delta
+        assert r.token_ids == reference.tokens(PROMPTS[i], 24)
+
+
+def test_kv_usage_follows_the_running_requests(engine: VllmEngine) -> None:
+    assert engine.stats().kv_usage == 0
+    _add(engine, GenerationRequest("kv", PROMPTS[0] * 8, SamplingParams(max_tokens=200, ignore_eos=True)))
+    results: dict[str, Result] = {}
+    while not results:
+        _collect(engine, results)
+    early = engine.stats().kv_usage
+    while len(results["kv"].token_ids) < 150:
+        _collect(engine, results)
+    later = engine.stats().kv_usage
+    assert early is not None and later is not None and 0 < early <= later <= 1
+    engine.abort("kv")
+    _collect(engine, results)
+    assert engine.stats().kv_usage == 0
 
 
 def test_abort_before_any_output(engine: VllmEngine) -> None:
