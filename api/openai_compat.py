@@ -30,12 +30,13 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
+from api import sse
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
 from api.jobs import accept
 from api.protocol import refusals
 from scheduler.jobs import Job, JobSpec, JobStatus, Modality, Priority
-from scheduler.stream import DoneEvent, TokenEvent
+from scheduler.stream import DoneEvent, StreamEvent, TokenEvent
 
 # --- errors: OpenAI's shape on every route of this router -----------------------------------------
 
@@ -540,42 +541,40 @@ async def wait_for_job(request: Request, services: Services, job: Job) -> tuple[
     return text, done
 
 
-def _sse(payload: BaseModel | str, exclude: set[str] | None = None) -> str:
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude=exclude)
-    return f"data: {data}\n\n"
+def _sse(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
+    return sse.data(payload.model_dump_json(exclude=exclude))
 
 
-def _stream_error(done: DoneEvent) -> str:
+def _stream_error(done: DoneEvent) -> bytes:
     info = ErrorInfo(message=f"generation failed: {done.error or 'unknown error'}", type="server_error")
     return _sse(ErrorResponse(error=info))
 
 
-def stream_job(
-    services: Services,
-    job: Job,
-    chunks: Callable[[AsyncIterator[tuple[str, DoneEvent | None]]], AsyncIterator[str]],
-) -> StreamingResponse:
-    """Relays the job's stream through `chunks` (which makes SSE lines from (text, done) pairs),
-    then `data: [DONE]`. A client that disconnects first (Starlette cancels the generator, or
-    closes it) cancels the job."""
+Chunks = Callable[[AsyncIterator[list[StreamEvent]]], AsyncIterator[bytes]]
 
-    async def events() -> AsyncIterator[tuple[str, DoneEvent | None]]:
-        async for _, event in services.store.events(job.id):
-            yield (event.text, None) if isinstance(event, TokenEvent) else ("", event)
 
-    async def body() -> AsyncIterator[str]:
+def stream_job(services: Services, job: Job, chunks: Chunks) -> StreamingResponse:
+    """Relays the job's stream through `chunks` (which turns each batch of events into the SSE
+    chunks of one send), then `data: [DONE]`. A client that disconnects first (Starlette cancels
+    the generator, or closes it) cancels the job."""
+
+    async def batches() -> AsyncIterator[list[StreamEvent]]:
+        async for batch in services.store.event_batches(job.id):
+            if batch:
+                yield [event for _, event in batch]
+
+    async def body() -> AsyncIterator[bytes]:
         finished = False
         try:
-            async for line in chunks(events()):
-                yield line
+            async for chunk in chunks(batches()):
+                yield chunk
             finished = True
-            yield "data: [DONE]\n\n"
+            yield sse.DONE
         finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
             if not finished:
                 await _cancel(services, job.id)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Location": f"/v1/jobs/{job.id}"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return sse.response(body(), headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def _accept(
@@ -632,21 +631,27 @@ async def completions(
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
+    token = sse.Template(completion(sse.MARK, None), omit)
 
-    async def chunks(events: AsyncIterator[tuple[str, DoneEvent | None]]) -> AsyncIterator[str]:
-        async for text, done in events:
-            if done is None:
-                if text:
-                    yield _sse(completion(text, None), omit)
-                continue
-            if done.status is JobStatus.FAILED:
-                yield _stream_error(done)
-                return
-            yield _sse(completion("", done.finish_reason), omit)
-            if body.include_usage:
-                yield _sse(
-                    Completion(id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(done))
-                )
+    async def chunks(batches: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
+        async for batch in batches:
+            out = []
+            for event in batch:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        out.append(token.fill(event.text))
+                    continue
+                if event.status is JobStatus.FAILED:
+                    yield b"".join([*out, _stream_error(event)])
+                    return
+                out.append(_sse(completion("", event.finish_reason), omit))
+                if body.include_usage:  # a last chunk: no choices, the usage
+                    usage = UsageInfo.of(event)
+                    out.append(
+                        _sse(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
+                    )
+            if out:
+                yield b"".join(out)
 
     return stream_job(services, job, chunks)
 
@@ -692,21 +697,27 @@ async def chat_completions(
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    async def chunks(events: AsyncIterator[tuple[str, DoneEvent | None]]) -> AsyncIterator[str]:
+    token = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
+
+    async def chunks(batches: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
         yield _sse(chunk(ChatDelta(role="assistant", content="")), omit)
-        async for text, done in events:
-            if done is None:
-                if text:
-                    yield _sse(chunk(ChatDelta(content=text)), omit)
-                continue
-            if done.status is JobStatus.FAILED:
-                yield _stream_error(done)
-                return
-            yield _sse(chunk(ChatDelta(), done.finish_reason), omit)
-            if body.include_usage:
-                usage = ChatCompletionChunk(
-                    id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(done)
-                )
-                yield _sse(usage)
+        async for batch in batches:
+            out = []
+            for event in batch:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        out.append(token.fill(event.text))
+                    continue
+                if event.status is JobStatus.FAILED:
+                    yield b"".join([*out, _stream_error(event)])
+                    return
+                out.append(_sse(chunk(ChatDelta(), event.finish_reason), omit))
+                if body.include_usage:
+                    usage = ChatCompletionChunk(
+                        id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(event)
+                    )
+                    out.append(_sse(usage))
+            if out:
+                yield b"".join(out)
 
     return stream_job(services, job, chunks)

@@ -114,26 +114,42 @@ class JobStore:
         return found, last
 
     async def events(self, job_id: str, after: str = "0-0") -> AsyncIterator[tuple[str, StreamEvent]]:
-        """Every event a client sees after `after` (a stream id), live, until the done event.
+        """Every event a client sees after `after` (a stream id), live, until the done event."""
+        async for batch in self.event_batches(job_id, after):
+            for item in batch:
+                yield item
+
+    async def event_batches(
+        self, job_id: str, after: str = "0-0", quiet_s: float = QUIET_S
+    ) -> AsyncIterator[list[tuple[str, StreamEvent]]]:
+        """The events of `events`, a batch per read of the job's stream: one token per engine step
+        while this reader keeps up, several when it fell behind (a relay writes every batch it
+        gets in one send: behind, it catches up in fewer, larger writes; no event is merged into
+        another). An empty batch after `quiet_s` seconds without an event (a keep-alive's cue).
         A Redis restart only pauses it: it reconnects and goes on from the last entry it read."""
         fence = Fence()
         stream = keys.events(job_id)
         if after != "0-0":  # resuming: learn the attempts fenced off before that point
             for _, fields in await retrying(lambda: self.client.xrange(stream, "-", after)):
                 fence.visible(fields)
-        async with contextlib.aclosing(self.hub.follow(stream, after, QUIET_S)) as batches:
+        async with contextlib.aclosing(self.hub.follow(stream, after, quiet_s)) as batches:
             async for batch in batches:
-                if not batch:  # quiet for QUIET_S: make sure the job still exists, then keep waiting
+                if not batch:  # quiet: make sure the job still exists, then keep waiting
                     if not await retrying(lambda: self.client.exists(keys.job(job_id))):
                         return
+                    yield []
                     continue
+                out: list[tuple[str, StreamEvent]] = []
                 for entry_id, fields in batch:
                     event = fence.visible(fields)
                     if event is None:
                         continue
-                    yield entry_id, event
+                    out.append((entry_id, event))
                     if isinstance(event, DoneEvent):
+                        yield out
                         return
+                if out:
+                    yield out
 
     async def workers(self, fresh_only: bool = True) -> list[WorkerInfo]:
         names = cast(list[str], await self.client.zrange(keys.WORKERS, 0, -1))

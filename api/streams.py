@@ -6,12 +6,15 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import StreamingResponse
 
+from api import sse
 from api.auth import authenticate_websocket
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import refusals
+from scheduler.stream import TokenEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"])
 
@@ -31,17 +34,33 @@ def resume_point(
     return value
 
 
+# The answer is server-sent events; the schema says "any": it is per event.
+_EVENTS: dict[int | str, dict[str, object]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {}}},
+        "description": '`event: token` with `{"text": ...}` per piece of text, then one `event: done`; '
+        "each with the `id` to resume after.",
+    }
+}
+
+
 @router.get(
-    "/{job_id}/events", response_class=EventSourceResponse, responses=refusals(401, 404, 422, inline=True)
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**_EVENTS, **refusals(401, 404, 422, inline=True)},
 )
 async def events(
     job: JobDep,
     services: ServicesDep,
     start: Annotated[str, Depends(resume_point)],
-) -> AsyncIterator[ServerSentEvent]:
+) -> StreamingResponse:
     """`event: token` with `{"text": ...}` per piece of text, then one `event: done`."""
-    async for entry_id, event in services.store.events(job.id, start):
-        yield ServerSentEvent(data=event.model_dump(exclude={"type"}), event=event.type, id=entry_id)
+
+    async def body() -> AsyncIterator[bytes]:
+        async for batch in services.store.event_batches(job.id, start):
+            yield b"".join(sse.job_event(entry_id, event) for entry_id, event in batch) if batch else sse.PING
+
+    return sse.response(body())
 
 
 @router.websocket("/{job_id}/stream")
@@ -63,8 +82,13 @@ async def stream(websocket: WebSocket, job_id: str, after: str | None = None) ->
         await websocket.close(code=4422, reason="bad event id")
         return
     try:
-        async for entry_id, event in services.store.events(job.id, after or "0-0"):
-            await websocket.send_json({"id": entry_id, **event.model_dump(mode="json")})
+        async for batch in services.store.event_batches(job.id, after or "0-0"):
+            for entry_id, event in batch:  # a message per event: websocket frames are not merged
+                if isinstance(event, TokenEvent):
+                    message = {"id": entry_id, "type": "token", "text": event.text}
+                else:
+                    message = {"id": entry_id, **event.model_dump(mode="json")}
+                await websocket.send_text(orjson.dumps(message).decode())
         await websocket.close()
     except WebSocketDisconnect:
         return

@@ -1,0 +1,61 @@
+"""Server-sent events on the wire, written without a framework in between.
+
+A relay hands over what one read of a job's stream brought: every event in it becomes its own SSE
+event (a client that keeps up gets one per token), and the batch goes out as one body chunk, one
+send through the ASGI stack. Chunk JSON is the model's own rendering, made once per stream with a
+marker where the text goes (`Template`), then filled per token with orjson: a pydantic model per
+token cost more than everything else the API does for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from scheduler.stream import DoneEvent, StreamEvent, TokenEvent
+
+PING = b": ping\n\n"  # a comment line: keeps proxies from closing a quiet stream; clients skip it
+DONE = b"data: [DONE]\n\n"  # OpenAI's end of stream
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MARK = "\x00text\x00"  # stands for the text in a Template's model; JSON renders it "\u0000text\u0000"
+
+
+def response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={**HEADERS, **(headers or {})})
+
+
+def data(payload: bytes | str) -> bytes:
+    """One `data:` event. JSON has no raw newline, so one line holds it."""
+    return b"data: " + (payload if isinstance(payload, bytes) else payload.encode()) + b"\n\n"
+
+
+def job_event(entry_id: str, event: StreamEvent) -> bytes:
+    """A job stream's event: `event: token|done`, its data without `type`, and the id to resume from."""
+    if isinstance(event, TokenEvent):
+        kind, payload = b"token", orjson.dumps({"text": event.text})
+    else:
+        kind, payload = b"done", done_json(event)
+    return b"event: " + kind + b"\ndata: " + payload + b"\nid: " + entry_id.encode() + b"\n\n"
+
+
+def done_json(event: DoneEvent) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json", exclude={"type"}))
+
+
+class Template:
+    """`model` rendered to JSON once, with MARK as the text: `fill(text)` is the same JSON with
+    `text` in its place (a `data:` event), at the cost of escaping one string."""
+
+    def __init__(self, model: BaseModel, exclude: set[str] | None = None) -> None:
+        rendered = model.model_dump_json(exclude=exclude).encode()
+        marker = orjson.dumps(MARK)
+        if rendered.count(marker) != 1:
+            raise ValueError("the model must hold MARK exactly once")
+        head, tail = rendered.split(marker)
+        self.head, self.tail = b"data: " + head, tail + b"\n\n"
+
+    def fill(self, text: str) -> bytes:
+        return self.head + orjson.dumps(text) + self.tail
