@@ -13,7 +13,11 @@ Invariants:
 * A stream nobody follows any more leaves the hub's read at its next round.
 * A new stream must be read at once, but the hub's XREAD may be blocked for BLOCK_MS on the others:
   following a new stream adds an entry to this process's own wake stream, which every XREAD also
-  reads, so the blocked read returns and the next one includes the newcomer.
+  reads, so the blocked read returns and the next one includes the newcomer. One wake per read is
+  enough (the next read includes every stream followed by then): a burst of new requests costs one
+  extra read, not one per request, each over every followed stream.
+* A follower that got nothing for `quiet_s` gets an empty batch: one timer for the whole hub
+  checks every follower's last delivery (a timer per wait cost a tenth of the API's time under load).
 * A follower's queue holds batches (one per XREAD reply); it is bounded by the stream itself (a
   job's stream is at most max_tokens entries long), not by the client's speed.
 
@@ -67,7 +71,9 @@ def _id(entry_id: str) -> tuple[int, int]:
 
 @dataclass(eq=False)
 class _Follower:
+    quiet_s: float
     queue: asyncio.Queue[list[Entry]] = field(default_factory=asyncio.Queue)
+    fed_at: float = 0.0  # loop time of the last batch put in its queue (or of its joining)
 
 
 class StreamHub:
@@ -79,17 +85,21 @@ class StreamHub:
         self._followers: dict[str, set[_Follower]] = {}
         self._changed = asyncio.Event()  # a first stream to follow, after none
         self._task: asyncio.Task[None] | None = None
+        self._quiet: asyncio.TimerHandle | None = None  # the next sweep for quiet followers
+        self._woken = False  # a wake was sent since the last XREAD was issued
         self._closed = False
         self.reads = 0  # XREAD calls so far (tests, metrics)
+        self.wakes = 0  # wake-stream entries added so far (tests)
 
     async def follow(self, stream: str, after: str, quiet_s: float) -> AsyncGenerator[list[Entry]]:
         """Batches of `stream`'s entries after `after`, in order, for as long as the caller iterates;
         an empty batch after `quiet_s` seconds without one."""
-        follower = _Follower()
+        follower = _Follower(quiet_s, fed_at=asyncio.get_running_loop().time())
         new = stream not in self._cursor
         start = self._join(stream, follower, after)  # no await before it: see the invariants
         try:
-            if new:
+            if new and not self._woken:
+                self._woken = True
                 await self._wake()
             elif _id(after) < _id(start):  # catch up to where the hub stood when this one joined
                 entries = cast(
@@ -99,10 +109,8 @@ class StreamHub:
                     after = entries[-1][0]
                     yield entries
             while True:
-                try:
-                    async with asyncio.timeout(quiet_s):  # cheaper than wait_for: no task per get
-                        batch = await follower.queue.get()
-                except TimeoutError:
+                batch = await follower.queue.get()
+                if not batch:  # quiet for quiet_s (see _sweep_quiet)
                     self._ensure_reader()
                     yield []
                     continue
@@ -119,6 +127,8 @@ class StreamHub:
         # which the reader takes for an outage and survives.
         self._closed = True
         self._changed.set()
+        if self._quiet is not None:
+            self._quiet.cancel()
         if self._task is not None and not self._task.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._wake(), 1)  # the blocked XREAD returns; the loop ends
@@ -139,6 +149,8 @@ class StreamHub:
             self._changed.set()
         self._followers.setdefault(stream, set()).add(follower)
         self._ensure_reader()
+        if self._quiet is None:
+            self._schedule_sweep(follower.quiet_s)
         return self._cursor[stream]
 
     def _leave(self, stream: str, follower: _Follower) -> None:
@@ -150,6 +162,23 @@ class StreamHub:
             del self._followers[stream]
             self._cursor.pop(stream, None)
 
+    def _schedule_sweep(self, after_s: float) -> None:
+        self._quiet = asyncio.get_running_loop().call_later(after_s, self._sweep_quiet)
+
+    def _sweep_quiet(self) -> None:
+        """An empty batch to every follower fed nothing for its quiet_s; again while any follow."""
+        self._quiet = None
+        if not self._followers or self._closed:
+            return
+        now = asyncio.get_running_loop().time()
+        soonest = min(f.quiet_s for fs in self._followers.values() for f in fs)
+        for followers in self._followers.values():
+            for f in followers:
+                if now - f.fed_at >= f.quiet_s:
+                    f.fed_at = now
+                    f.queue.put_nowait([])
+        self._schedule_sweep(max(0.05, soonest / 4))  # a follower's quiet spell is noticed within 25 %
+
     def _ensure_reader(self) -> None:
         """Start the reader, or restart one that died (logged): one runs while streams are followed."""
         task = self._task
@@ -160,6 +189,7 @@ class StreamHub:
         self._task = asyncio.get_running_loop().create_task(self._read_forever(), name="stream-hub")
 
     async def _wake(self) -> None:
+        self.wakes += 1
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.wake_stream, {"w": "1"}, maxlen=16, approximate=True)
         pipe.expire(self.wake_stream, WAKE_TTL_S)
@@ -173,6 +203,7 @@ class StreamHub:
                 await self._changed.wait()
                 continue
             streams = {self.wake_stream: self._wake_last, **self._cursor}
+            self._woken = False  # this read includes every stream followed so far
             try:
                 reply = cast(
                     list[tuple[str, list[Entry]]],
@@ -199,5 +230,7 @@ class StreamHub:
                     # the new follower); the next read starts at the new one.
                     continue
                 self._cursor[stream] = entries[-1][0]
+                now = asyncio.get_running_loop().time()
                 for follower in self._followers.get(stream, ()):
+                    follower.fed_at = now
                     follower.queue.put_nowait(entries)

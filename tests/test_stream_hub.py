@@ -90,6 +90,39 @@ def test_a_new_stream_is_read_at_once(redis_server: RedisServer) -> None:
     asyncio.run(main())
 
 
+def test_a_burst_of_new_streams_costs_one_wake_per_read(redis_server: RedisServer) -> None:
+    """100 streams followed at once while the reader waits in XREAD: it is woken once (not once
+    per stream, each wake a read over every followed stream), and every stream is served."""
+
+    async def main() -> None:
+        client = aioredis.from_url(redis_server.url, decode_responses=True)
+        hub = StreamHub(client)
+        quiet = f"test:hub:{uuid.uuid4().hex}"
+        streams = [f"test:hub:{uuid.uuid4().hex}" for _ in range(100)]
+        try:
+            waiting = asyncio.create_task(_collect(hub, quiet, "0-0", 1, []))
+            await asyncio.sleep(0.3)  # the reader is now inside XREAD BLOCK on `quiet`
+            wakes, reads = hub.wakes, hub.reads
+            got: dict[str, list[str]] = {s: [] for s in streams}
+            followers = [asyncio.create_task(_collect(hub, s, "0-0", 1, got[s])) for s in streams]
+            await asyncio.sleep(0.2)
+            assert hub.wakes == wakes + 1
+            pipe = client.pipeline(transaction=False)
+            for s in streams:
+                pipe.xadd(s, {"i": s[-4:]})
+            await pipe.execute()
+            await asyncio.wait_for(asyncio.gather(*followers), 3)
+            assert all(got[s] == [s[-4:]] for s in streams)
+            assert hub.wakes == wakes + 1 and hub.reads <= reads + 3
+            waiting.cancel()
+        finally:
+            await hub.close()
+            await client.delete(quiet, *streams)
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_quiet_stream_yields_an_empty_batch(redis_server: RedisServer) -> None:
     async def main() -> None:
         client = aioredis.from_url(redis_server.url, decode_responses=True)
