@@ -4,13 +4,16 @@
 `authorization: {credentials_file: ...}` holding one. It carries the API process's own counters
 (HTTP requests by route template, jobs accepted and refused) and the service's state, read from
 Redis when scraped (bounded by SCRAPE_TIMEOUT_S): Celery queue depths, the admission backlog and
-the workers by state. Counters are this process's: with several API replicas, scrape each.
+the workers by state. The API processes `localmoe up` runs on one port share their counters through
+prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `up`): whichever process
+answers a scrape reports all of them. Replicas on other hosts are scraped each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import cast
@@ -24,6 +27,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -166,6 +170,15 @@ async def service_state(client: aioredis.Redis, workers_ready: int, workers_load
     ]
 
 
+def _api_registry() -> CollectorRegistry:
+    """This process's counters, or every API process's when they share a multiprocess folder."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    merged = CollectorRegistry(auto_describe=True)
+    multiprocess.MultiProcessCollector(merged)
+    return merged
+
+
 router = APIRouter(tags=["metrics"])
 
 
@@ -178,8 +191,8 @@ router = APIRouter(tags=["metrics"])
     },
 )
 async def metrics(services: ServicesDep, _admin: Admin) -> Response:
-    """Prometheus metrics of this API process and of the service's queues (an admin key)."""
-    body = generate_latest(REGISTRY)
+    """Prometheus metrics of the API processes and of the service's queues (an admin key)."""
+    body = generate_latest(_api_registry())
     try:
         async with asyncio.timeout(SCRAPE_TIMEOUT_S):
             workers = await services.store.workers()

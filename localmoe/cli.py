@@ -152,12 +152,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from api.serve import serve
     from localmoe.settings import get_settings
 
     s = get_settings()
-    uvicorn.run("api.main:app", host=s.api_host, port=s.api_port, log_level=s.log_level)
+    serve(s, reuse_port=args.reuse_port or s.api_reuse_port)
     return 0
 
 
@@ -454,7 +453,12 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name; its queue is localmoe.worker.NAME")
     worker.set_defaults(func=cmd_worker)
 
-    api = sub.add_parser("api", help="run the API (normally started by `up`)")
+    api = sub.add_parser("api", help="run an API process (normally started by `up`)")
+    api.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so that several API processes share api_port (LOCALMOE_API_REUSE_PORT)",
+    )
     api.set_defaults(func=cmd_api)
 
     submit = sub.add_parser("submit", help="submit a job and print its output")

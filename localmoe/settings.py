@@ -183,6 +183,17 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    api_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="API processes `localmoe up` runs on api_port (SO_REUSEPORT: the kernel spreads "
+        "connections over them); 0: one per 3 cores, 1 to 8",
+    )
+    api_reuse_port: bool = Field(
+        False, description="Bind api_port with SO_REUSEPORT, beside other API processes (`up` sets it)"
+    )
+    api_access_log: bool = Field(False, description="uvicorn's access log line per request (costly at load)")
     api_url: str | None = Field(None, description="Where the CLI finds the API; default from host/port.")
     api_key: SecretStr | None = Field(
         None, description="The CLI's API key; None: the admin key `localmoe up` kept in home/secrets.json."
@@ -234,6 +245,9 @@ class Settings(BaseSettings):
     def resolved_api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
         return self.api_url or f"http://{host}:{self.api_port}"
+
+    def resolved_api_processes(self) -> int:
+        return self.api_processes or max(1, min(8, (os.cpu_count() or 1) // 3))
 
     def cli_api_key(self) -> str | None:
         if self.api_key is not None:

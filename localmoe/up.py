@@ -3,7 +3,7 @@
 Starts, in order: its own Redis (unless LOCALMOE_REDIS_URL names one), the embedded small model
 (built on first start unless LOCALMOE_MODEL_DIR names one), one worker per visible GPU or per
 tensor-parallel group of GPUs (pinned with CUDA_VISIBLE_DEVICES) or one CPU worker, the API
-(uvicorn) and Flower (basic auth).
+processes (uvicorn, sharing api_port: api/serve.py) and Flower (basic auth).
 SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
 """
 
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,23 +197,10 @@ class Supervisor:
             worker_env = {**env, "CUDA_VISIBLE_DEVICES": devices, "LOCALMOE_METRICS__WORKER_PORT": str(port)}
             self.spawn(f"worker-{name}", self._worker_argv(name), worker_env)
         self.spawn("webhooks", [sys.executable, "-m", "workers.webhooks"], env)
-        self.spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:app",
-                "--host",
-                s.api_host,
-                "--port",
-                str(s.api_port),
-                "--log-level",
-                s.log_level,
-                "--no-access-log",
-            ],
-            env,
-        )
+        metrics = str(self._metrics_dir())
+        api_env = {**env, "LOCALMOE_API_REUSE_PORT": "true", "PROMETHEUS_MULTIPROC_DIR": metrics}
+        for i in range(s.resolved_api_processes()):  # one port: the kernel spreads connections over them
+            self.spawn(f"api-{i}", [sys.executable, "-m", "localmoe", "api"], api_env)
         flower_pw = s.flower_password.get_secret_value() if s.flower_password else keys["flower_password"]
         flower_env = {
             **env,
@@ -249,6 +237,14 @@ class Supervisor:
                 flush=True,
             )
         self.api_key = made or json.loads(path.read_text())["api_key"]
+
+    def _metrics_dir(self) -> Path:
+        """Where the API processes keep their Prometheus samples, so that any of them answers a
+        scrape for all (prometheus_client's multiprocess mode); emptied at every start."""
+        path = self.settings.home / "run" / "api-metrics"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, mode=0o700)
+        return path
 
     def _worker_argv(self, name: str) -> list[str]:
         return [sys.executable, "-m", "localmoe", "worker", "--name", name]

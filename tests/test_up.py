@@ -28,6 +28,7 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         "LOCALMOE_FLOWER_PORT": str(flower_port),
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONUNBUFFERED": "1",
+        "LOCALMOE_API_PROCESSES": "2",  # what a box of 6+ cores gets by default
     }
     for key in ("LOCALMOE_REDIS_URL", "LOCALMOE_MODEL_DIR"):
         env.pop(key, None)
@@ -53,6 +54,14 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         assert printed.count(key) == 1
         assert httpx.get(f"{api}/readyz", timeout=5).status_code == 401
         assert httpx.get(f"{api}/readyz", headers=bearer(key), timeout=5).status_code == 200
+
+        # Two API processes on one port; whichever answers a scrape counts what both accepted.
+        assert re.findall(r"started (api-\d+)", printed) == ["api-0", "api-1"]
+        before = _submitted(api, key)
+        for _ in range(12):  # a connection each: the kernel spreads them over the two processes
+            r = httpx.post(f"{api}/v1/jobs", json={"prompt": "x", "max_tokens": 1}, headers=bearer(key))
+            assert r.status_code == 202, r.text
+        assert {_submitted(api, key) - before for _ in range(6)} == {12}
         made = localmoe(env, "keys", "create", "alice", "--max-priority", "low", timeout=30)
         assert made.returncode == 0, made.stderr
         alice = made.stdout.split()[-1]
@@ -103,6 +112,16 @@ def localmoe(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess
     """The `localmoe` CLI, as a user runs it next to `localmoe up`."""
     argv = [sys.executable, "-m", "localmoe", *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _submitted(api: str, key: str) -> float:
+    """localmoe_jobs_submitted_total over its labels, from one scrape (a connection of its own)."""
+    text = httpx.get(f"{api}/metrics", headers=bearer(key), timeout=10).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("localmoe_jobs_submitted_total{")
+    )
 
 
 def _status(url: str) -> int | None:
