@@ -3,7 +3,8 @@
 PREFIX = "localmoe"
 
 SHARED_QUEUE = "localmoe.jobs"  # consumed by every worker; the fallback route
-RUN_JOB_TASK = "localmoe.run_job"
+RUN_JOBS_TASK = "localmoe.run_jobs"  # a message: the jobs one API process accepted for one queue at once
+RUN_JOB_TASK = "localmoe.run_job"  # one job a message: what earlier versions sent (still consumed)
 WEBHOOK_QUEUE = "localmoe.webhooks"  # consumed only by the webhook worker(s)
 DELIVER_WEBHOOK_TASK = "localmoe.deliver_webhook"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub wake-up carrying a job id; the hash flag is the truth

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, get_settings
-from scheduler.jobs import Job
-from workers.messages import MESSAGE, ConsumerReady, EngineReady, Finished, Shutdown, Submit
+from workers.messages import MESSAGE, Claimed, ConsumerReady, EngineReady, Finished, Shutdown, Submit
 
 if TYPE_CHECKING:  # the consumer process never imports torch: only the engine process does
     from workers.runtime import Runtime
@@ -71,12 +70,15 @@ class EngineProcess:
     def consumer_ready(self) -> None:
         self._send(ConsumerReady())
 
-    def run(self, job: Job, attempt: int, resume_text: str = "", resume_tokens: int = 0) -> Finished:
-        """Hand a claimed job to the engine; returns once its terminal state is in Redis."""
-        done: Future[Finished] = Future()
-        self._pending[job.id] = done
-        self._send(Submit(job=job, attempt=attempt, resume_text=resume_text, resume_tokens=resume_tokens))
-        return done.result()
+    def run(self, jobs: list[Claimed]) -> list[Finished]:
+        """Hand claimed jobs to the engine in one message; returns once every one's terminal state
+        is in Redis."""
+        done: list[Future[Finished]] = []
+        for claimed in jobs:
+            done.append(Future())
+            self._pending[claimed.job.id] = done[-1]
+        self._send(Submit(jobs=jobs))
+        return [f.result() for f in done]
 
     def _send(self, message: Submit | ConsumerReady | Shutdown) -> None:
         with self._send_lock:
@@ -125,18 +127,19 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
         while True:
             message = MESSAGE.validate_json(conn.recv_bytes())
             if isinstance(message, Submit):
-                held = runtime.submit(
-                    message.job, message.attempt, message.resume_text, message.resume_tokens
-                )
-                held.future.add_done_callback(
-                    lambda f: send(
-                        Finished(
-                            job_id=f.result().id,
-                            status=f.result().status,
-                            completion_tokens=f.result().usage.completion_tokens,
+                for claimed in message.jobs:
+                    held = runtime.submit(
+                        claimed.job, claimed.attempt, claimed.resume_text, claimed.resume_tokens
+                    )
+                    held.future.add_done_callback(
+                        lambda f: send(
+                            Finished(
+                                job_id=f.result().id,
+                                status=f.result().status,
+                                completion_tokens=f.result().usage.completion_tokens,
+                            )
                         )
                     )
-                )
             elif isinstance(message, ConsumerReady):
                 runtime.mark_ready()
             elif isinstance(message, Shutdown):

@@ -1,7 +1,7 @@
 """Typed messages between a worker's two processes, sent as JSON over one duplex pipe.
 
 consumer process (Celery)              engine process (engine, loop, relay, heartbeats)
-  Submit(job, attempt, resume) ────▶
+  Submit([Claimed(job, attempt, resume)...]) ─▶  (the jobs of one Celery message)
   ConsumerReady               ─────▶   (heartbeats say ready from now on)
   Shutdown                    ─────▶   (exits; so does it when the pipe closes)
                               ◀─────   EngineReady(info)    once loaded and warmed up
@@ -18,12 +18,18 @@ from scheduler.jobs import Job, JobStatus
 from scheduler.registry import WorkerInfo
 
 
-class Submit(BaseModel):
-    kind: Literal["submit"] = "submit"
+class Claimed(BaseModel):
+    """A job this worker claimed: its attempt, and what earlier attempts streamed."""
+
     job: Job
     attempt: int
     resume_text: str = ""  # what earlier attempts streamed: this one continues after it
     resume_tokens: int = 0  # the tokens that text took
+
+
+class Submit(BaseModel):
+    kind: Literal["submit"] = "submit"
+    jobs: list[Claimed]
 
 
 class ConsumerReady(BaseModel):

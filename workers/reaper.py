@@ -219,8 +219,9 @@ class Reaper:
         job = job.model_copy(update={"queue": keys.SHARED_QUEUE})
         self.client.zadd(keys.WAITING, {job.id: time.time() + WAITING_CHECK_S}, nx=True)
         self.app.send_task(
-            keys.RUN_JOB_TASK,
-            args=[job.model_dump(mode="json")],
+            keys.RUN_JOBS_TASK,
+            args=[[job.model_dump(mode="json")]],
             queue=keys.SHARED_QUEUE,
             priority=job.priority.rank,
+            argsrepr=f"[{job.id}]",
         )

@@ -1,4 +1,10 @@
-"""The Celery task: claim one job, hand it to the engine process, return once it has ended."""
+"""The Celery task: claim the jobs of one message, hand them to the engine process together,
+return once every one has ended.
+
+The API puts every job it accepted in one short spell and routed to the same queue at the same
+priority into one message (scheduler/queue.py): under load a message carries many jobs, and the
+consumer pays its per-message costs (a BRPOP, kombu's unacknowledged-message bookkeeping, the
+claim, the hand-over to the engine) once for all of them."""
 
 from __future__ import annotations
 
@@ -12,26 +18,35 @@ from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, encode_fields
 from workers.engine_proc import EngineProcess
+from workers.messages import Claimed
 
-# KEYS: job hash, the queued-cost hash of the worker it was routed to (scheduler/keys.py), the
-# backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING.
-# ARGV: worker, engine, started_at (all JSON), job id, this worker's incarnation.
-# → the new attempt number, or 0 when the job is no longer queued (cancelled while waiting, or
-# already taken). Either way it has left the queue: its cost leaves the routed worker's backlog
-# and the admission counts. A claimed job is in the running hash until its final write or its
-# reaping (workers/reaper.py).
+# KEYS: the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING,
+# then per job: its hash, the queued-cost hash of the worker it was routed to (scheduler/keys.py).
+# ARGV: worker, engine, started_at (all JSON), this worker's incarnation, then the job ids.
+# → per job, the new attempt number, or 0 when the job is no longer queued (cancelled while
+# waiting, or already taken). Either way it has left the queue: its cost leaves the routed
+# worker's backlog and the admission counts. A claimed job is in the running hash until its final
+# write or its reaping (workers/reaper.py).
 CLAIM = (
     RELEASE_LUA
     + """
-redis.call('HDEL', KEYS[2], ARGV[4])
-redis.call('ZREM', KEYS[7], ARGV[4])
-release(KEYS[3], KEYS[4], KEYS[5], ARGV[4])
-if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
-  'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
-redis.call('HSET', KEYS[6], ARGV[4], ARGV[5] .. ' ' .. attempt)
-return attempt
+local out = {}
+for i = 5, #ARGV do
+  local id, job, routed = ARGV[i], KEYS[2 * i - 4], KEYS[2 * i - 3]
+  redis.call('HDEL', routed, id)
+  redis.call('ZREM', KEYS[5], id)
+  release(KEYS[1], KEYS[2], KEYS[3], id)
+  if redis.call('HGET', job, 'status') ~= '"queued"' then
+    out[#out + 1] = 0
+  else
+    local attempt = tonumber(redis.call('HGET', job, 'attempt') or '0') + 1
+    redis.call('HSET', job, 'status', '"running"', 'worker', ARGV[1], 'engine', ARGV[2],
+      'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
+    redis.call('HSET', KEYS[4], id, ARGV[4] .. ' ' .. attempt)
+    out[#out + 1] = attempt
+  end
+end
+return out
 """
 )
 
@@ -64,29 +79,37 @@ def register(app: Celery, client: redis.Redis, engine: EngineProcess, engine_nam
     claim = client.register_script(CLAIM)
     resume = client.register_script(RESUME)
 
-    @app.task(name=keys.RUN_JOB_TASK)
-    def run_job(job: dict[str, Any]) -> dict[str, Any]:
-        # The message carries the Job (JSON); Redis holds its authoritative state.
-        spec = Job.model_validate(job)
+    def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # The message carries the Jobs (JSON); Redis holds their authoritative state.
+        specs = [Job.model_validate(job) for job in jobs]
         fields = encode_fields({"worker": engine.name, "engine": engine_name, "started_at": time.time()})
-        routed = keys.worker_of_queue(spec.queue) or engine.name
-        attempt = int(
-            claim(
-                keys=[
-                    keys.job(spec.id),
-                    keys.queued(routed),
-                    *RELEASE_KEYS,
-                    keys.running(engine.name),
-                    keys.WAITING,
-                ],
-                args=[fields["worker"], fields["engine"], fields["started_at"], spec.id, engine.incarnation],
-            )
-        )
-        if attempt == 0:  # cancelled while queued, or taken by another worker
-            return {"id": spec.id, "skipped": True}
-        text, tokens = "", 0
-        if attempt > 1:  # an earlier attempt's worker died: go on from what it streamed
-            *pieces, count = cast(list[str], resume(keys=[keys.events(spec.id)], args=[attempt]))
-            text, tokens = "".join(pieces), int(count.removeprefix("n:"))
-        done = engine.run(spec, attempt, text, tokens)
-        return {"id": done.job_id, "status": done.status.value, "tokens": done.completion_tokens}
+        job_keys = [*RELEASE_KEYS, keys.running(engine.name), keys.WAITING]
+        for spec in specs:
+            job_keys += [keys.job(spec.id), keys.queued(keys.worker_of_queue(spec.queue) or engine.name)]
+        head = [fields["worker"], fields["engine"], fields["started_at"], engine.incarnation]
+        attempts = cast(list[int], claim(keys=job_keys, args=[*head, *(spec.id for spec in specs)]))
+        claimed = []
+        for spec, attempt in zip(specs, attempts, strict=True):
+            if not attempt:  # cancelled while queued, or taken by another worker
+                continue
+            text, tokens = "", 0
+            if attempt > 1:  # an earlier attempt's worker died: go on from what it streamed
+                *pieces, count = cast(list[str], resume(keys=[keys.events(spec.id)], args=[attempt]))
+                text, tokens = "".join(pieces), int(count.removeprefix("n:"))
+            claimed.append(Claimed(job=spec, attempt=attempt, resume_text=text, resume_tokens=tokens))
+        done = {f.job_id: f for f in engine.run(claimed)} if claimed else {}
+        return [
+            {"id": d.job_id, "status": d.status.value, "tokens": d.completion_tokens}
+            if (d := done.get(spec.id))
+            else {"id": spec.id, "skipped": True}
+            for spec in specs
+        ]
+
+    @app.task(name=keys.RUN_JOBS_TASK)
+    def run_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return run(jobs)
+
+    @app.task(name=keys.RUN_JOB_TASK)
+    def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
+        """A message of one job, as versions before batched messages sent."""
+        return run([job])

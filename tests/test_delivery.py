@@ -1,0 +1,87 @@
+"""How jobs reach a worker: the API puts the jobs it accepts at once into one Celery message per
+queue and priority; a worker claims a message's jobs in one script and runs each exactly once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import redis
+
+from scheduler import keys
+from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
+from scheduler.queue import make_celery
+from tests.conftest import TERMINAL, bearer, private_stack, wait_for
+
+PROMPT = "def fibonacci(n):\n"
+
+
+def _messages(client: redis.Redis, queue: str) -> list[list[dict[str, object]]]:
+    """The job lists of the Celery messages waiting on `queue` (every priority), oldest first."""
+    out = []
+    for name in (queue, f"{queue}:1", f"{queue}:2"):
+        for raw in reversed(client.lrange(name, 0, -1)):  # kombu LPUSHes; consumers pop the tail
+            message = json.loads(raw)
+            assert message["headers"]["task"] == keys.RUN_JOBS_TASK
+            args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+            out.append(args[0])
+    return out
+
+
+def test_a_burst_goes_out_in_fewer_messages_than_jobs(service_env: dict[str, str]) -> None:
+    """64 submissions at once, no worker: every job is in exactly one message, in fewer messages."""
+    with private_stack(service_env, worker=False) as stack:
+
+        def submit(i: int) -> str:
+            with httpx.Client(base_url=stack.api, headers=bearer(stack.admin_key), timeout=30) as http:
+                r = http.post("/v1/jobs", json={"prompt": f"{PROMPT}# {i}", "max_tokens": 4})
+                assert r.status_code == 202, r.text
+                return str(r.json()["id"])
+
+        with ThreadPoolExecutor(64) as pool:
+            ids = list(pool.map(submit, range(64)))
+        messages = _messages(stack.client, keys.SHARED_QUEUE)
+        sent = [job["id"] for message in messages for job in message]
+        assert sorted(sent) == sorted(ids)  # each job once
+        assert len(messages) < len(ids)
+        for message in messages:  # a message's jobs share a queue and a priority
+            assert len({(job["queue"], job["priority"]) for job in message}) == 1
+
+
+def test_a_message_of_several_jobs_runs_each_once(service_env: dict[str, str]) -> None:
+    """One message of three jobs, one of them cancelled while it waited; and a message of one job
+    in the format of earlier versions: the live jobs run once each, the cancelled one stays so."""
+    with private_stack(service_env, worker=True) as stack:
+        client = stack.client
+        jobs = [
+            Job(spec=JobSpec(prompt=f"{PROMPT}# {i}", max_tokens=6), queue=keys.SHARED_QUEUE)
+            for i in range(4)
+        ]
+        jobs[1].status = JobStatus.CANCELLED
+        for job in jobs:
+            client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+        app = make_celery(stack.env["LOCALMOE_REDIS_URL"])
+        try:
+            dumped = [job.model_dump(mode="json") for job in jobs]
+            app.send_task(keys.RUN_JOBS_TASK, args=[dumped[:3]], queue=keys.SHARED_QUEUE)
+            app.send_task(keys.RUN_JOB_TASK, args=[dumped[3]], queue=keys.SHARED_QUEUE)  # an old message
+        finally:
+            app.close()
+
+        def status(job: Job) -> str:
+            return str(json.loads(client.hget(keys.job(job.id), "status") or '""'))
+
+        wait_for(lambda: all(status(j) in TERMINAL for j in jobs), 60, "the jobs to finish")
+        time.sleep(0.5)  # nothing more happens to them
+        assert [status(j) for j in jobs] == ["succeeded", "cancelled", "succeeded", "succeeded"]
+        for job in (jobs[0], jobs[2], jobs[3]):
+            fields = client.hgetall(keys.job(job.id))
+            assert json.loads(fields["attempt"]) == 1
+            done = [e for _, e in client.xrange(keys.events(job.id)) if e["type"] == "done"]
+            assert len(done) == 1
+        assert client.hget(keys.job(jobs[1].id), "attempt") == "0"
+        assert not client.exists(keys.events(jobs[1].id))
+        assert not any(client.hgetall(k) for k in client.scan_iter(keys.running("*")))
