@@ -9,7 +9,6 @@ take to drain the excess at their measured speed (1 s to 10 min).
 from __future__ import annotations
 
 import math
-import time
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -62,7 +61,7 @@ class Admission:
             list[int],
             await self._admit(
                 keys=[*backlog.RELEASE_KEYS, keys.rate(caller.id)],
-                args=[job_id, tokens, caller.id, time.time(), *limits.argv()],
+                args=[job_id, tokens, caller.id, *limits.argv()],
             ),
         )
         verdict = Verdict(int(reply[0]))

@@ -39,15 +39,19 @@ end
 RELEASE_KEYS = [keys.QUEUED_JOBS, keys.QUEUED_COUNT, keys.QUEUED_TOKENS]
 
 # KEYS: QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, rate(owner).
-# ARGV: job id, tokens, owner, now, max jobs, max tokens, key max jobs, key max tokens,
-#       rate per second, burst.
+# ARGV: job id, tokens, owner, max jobs, max tokens, key max jobs, key max tokens, rate per second,
+#       burst.
 # → {0} admitted | {1, retry-after ms} rate limited | {2..5, current value} over a backlog limit.
+# The rate limiter reads Redis's clock: scripts run one at a time, so its `now` only moves forward.
+# A caller's clock read before the call can be late by the time the script runs (a busy API:
+# measured > 1 s), behind another caller's: GCRA then saw a burst that never happened and refused.
 ADMIT = """
 local n = tonumber(ARGV[2])
 local owner = ARGV[3]
-local now = tonumber(ARGV[4])
-local interval = 1 / tonumber(ARGV[9])
-local tolerance = tonumber(ARGV[10]) * interval
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local interval = 1 / tonumber(ARGV[8])
+local tolerance = tonumber(ARGV[9]) * interval
 local tat = tonumber(redis.call('GET', KEYS[4]) or '0')
 if tat < now then tat = now end
 local new_tat = tat + interval
@@ -58,11 +62,11 @@ local all_jobs = tonumber(redis.call('HGET', KEYS[2], '*') or '0')
 local all_tokens = tonumber(redis.call('HGET', KEYS[3], '*') or '0')
 local key_jobs = tonumber(redis.call('HGET', KEYS[2], owner) or '0')
 local key_tokens = tonumber(redis.call('HGET', KEYS[3], owner) or '0')
-if all_jobs + 1 > tonumber(ARGV[5]) then return {2, all_jobs} end
-if all_tokens + n > tonumber(ARGV[6]) then return {3, all_tokens} end
-if key_jobs + 1 > tonumber(ARGV[7]) then return {4, key_jobs} end
-if key_tokens + n > tonumber(ARGV[8]) then return {5, key_tokens} end
-redis.call('SET', KEYS[4], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+if all_jobs + 1 > tonumber(ARGV[4]) then return {2, all_jobs} end
+if all_tokens + n > tonumber(ARGV[5]) then return {3, all_tokens} end
+if key_jobs + 1 > tonumber(ARGV[6]) then return {4, key_jobs} end
+if key_tokens + n > tonumber(ARGV[7]) then return {5, key_tokens} end
+redis.call('SET', KEYS[4], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. owner)
 redis.call('HINCRBY', KEYS[2], '*', 1)
 redis.call('HINCRBY', KEYS[3], '*', n)
