@@ -147,17 +147,18 @@ async def submit(
     spec: JobSpec,
     services: ServicesDep,
     caller: Caller,
-    response: Response,
     idempotency_key: Annotated[
         str | None, Header(description="Retry-safe submission: the same key and body give the same job.")
     ] = None,
-) -> JobResponse:
+) -> Response:
     job, replayed = await accept(spec, caller, services, idempotency_key)
+    headers = {"Location": f"/v1/jobs/{job.id}"}
     if replayed:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobResponse.of(job)
+        headers["Idempotent-Replayed"] = "true"
+    # Serialized here, once: FastAPI would validate the model again before serializing it.
+    body = JobResponse.of(job).model_dump_json()
+    status = 200 if replayed else 202
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 @router.get("", response_model=JobPage, responses=refusals(403))

@@ -45,7 +45,7 @@ import httpx
 import psutil
 
 from bench.service_vs_engine import prompts, run_engine
-from bench.stream_client import Record, Target, run_round
+from bench.stream_client import Record, Target, run_closed, run_round
 from localmoe.redis_server import free_port
 
 
@@ -76,6 +76,7 @@ _KINDS = (
     ("consumer", ("localmoe worker", "celery")),  # Celery retitles its process
     ("redis", ("redis-server",)),
     ("vllm-api", ("vllm.entrypoints",)),
+    ("vllm-core", ("VLLM::", "EngineCore")),  # vLLM's engine core and its workers (they retitle)
     ("supervisor", ("localmoe up",)),
 )
 
@@ -88,7 +89,7 @@ def _kind(proc: psutil.Process) -> str:
     for kind, marks in _KINDS:
         if any(m in cmd for m in marks):
             return kind
-    return "engine"  # a worker's engine process, vLLM's engine core and its workers
+    return "engine"  # a worker's engine process
 
 
 def cpu_times(root: int) -> Cpu:
@@ -348,20 +349,20 @@ def server_series(
 
 
 def intake(args: argparse.Namespace, lm: Target) -> dict[str, float]:
-    """Submissions (max_tokens 1) as fast as the clients send them for --intake seconds."""
-    n = int(args.intake * args.intake_rate)
-    texts = prompts(n)
-    records = run_round(lm, "submit", texts, 1, 1 / args.intake_rate, args.intake_clients)
+    """--intake seconds of submissions (max_tokens 1), each of --intake-clients processes keeping
+    --intake-concurrency requests in flight, back to back (a closed loop: an open one past capacity
+    only measures the pile-up)."""
+    records = run_closed(lm, args.intake, args.intake_clients, args.intake_concurrency)
     ok = [r for r in records if not r.error]
     t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
     lat = [(r.last - r.sent) * 1000 for r in ok]
     return {
-        "offered_per_s": args.intake_rate,
+        "clients": args.intake_clients * args.intake_concurrency,
         "accepted": len(ok),
         "refused_or_failed": len(records) - len(ok),
-        "accepted_per_s": len(ok) / (t1 - t0),
-        "p50_ms": pct(lat, 50),
-        "p99_ms": pct(lat, 99),
+        "accepted_per_s": round(len(ok) / (t1 - t0)),
+        "p50_ms": round(pct(lat, 50), 1),
+        "p99_ms": round(pct(lat, 99), 1),
     }
 
 
@@ -405,8 +406,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
     ap.add_argument("--skip", default="", help="phases to leave out: engine, vllm-server")
     ap.add_argument("--intake", type=float, default=0.0, help="seconds of intake load (0: none)")
-    ap.add_argument("--intake-rate", type=float, default=8000.0, help="submissions per second offered")
-    ap.add_argument("--intake-clients", type=int, default=4)
+    ap.add_argument("--intake-clients", type=int, default=4, help="client processes for the intake")
+    ap.add_argument("--intake-concurrency", type=int, default=16, help="requests in flight per process")
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
     args.gaps = [float(g) for g in args.gaps.split(",")]

@@ -216,3 +216,48 @@ async def _websocket(http: Any, target: Target, job_id: str, rec: Record) -> Non
                 if data.get("status") != "succeeded":
                     rec.error = f"job {data.get('status')}: {data.get('error')}"
                 break
+
+
+def run_closed(target: Target, seconds: float, procs: int, concurrency: int) -> list[Record]:
+    """Intake: `concurrency` connections in each of `procs` processes POST /v1/jobs (max_tokens 1)
+    back to back for `seconds`; → one Record per request (sent, last = its answer)."""
+    start = time.time() + 0.5 * max(1, procs)
+    jobs = [(target, start, seconds, concurrency, k) for k in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.starmap(_closed_process, jobs)
+    return [Record(**rec) for part in parts for rec in part]
+
+
+def _closed_process(
+    target: Target, start: float, seconds: float, concurrency: int, k: int
+) -> list[dict[str, Any]]:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return [r.__dict__ for r in asyncio.run(_closed(target, start, seconds, concurrency, k))]
+
+
+async def _closed(target: Target, start: float, seconds: float, concurrency: int, k: int) -> list[Record]:
+    import aiohttp
+
+    records: list[Record] = []
+
+    async def loop(http: Any, c: int) -> None:
+        i = 0
+        while time.time() < start + seconds:
+            rec = Record(sent=time.time())
+            try:
+                await _submit(http, target, f"def f_{k}_{c}_{i}(x):\n    return", 1, rec)
+            except Exception as e:
+                rec.error = f"{type(e).__name__}: {e}"
+            records.append(rec)
+            i += 1
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=target.headers) as http:
+        await asyncio.sleep(max(0.0, start - time.time()))
+        await asyncio.gather(*(loop(http, c) for c in range(concurrency)))
+    return records

