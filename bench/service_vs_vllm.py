@@ -44,8 +44,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.service_vs_engine import prompts, run_engine
-from bench.stream_client import Record, Target, run_closed, run_round
+from bench.stream_client import Clients, Record, Target
 from localmoe.redis_server import free_port
 
 
@@ -74,6 +73,7 @@ _KINDS = (
     ("flower", ("flower",)),
     ("webhooks", ("workers.webhooks",)),
     ("consumer", ("localmoe worker", "celery")),  # Celery retitles its process
+    ("other", ("resource_tracker",)),  # multiprocessing's
     ("redis", ("redis-server",)),
     ("vllm-api", ("vllm.entrypoints",)),
     ("vllm-core", ("VLLM::", "EngineCore")),  # vLLM's engine core and its workers (they retitle)
@@ -159,6 +159,7 @@ def summarize(records: list[Record], tokens: int) -> Round:
 
 def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> list[Series]:
     """The engine alone in this process, the same settings as the worker's."""
+    from bench.service_vs_engine import run_engine
     from localmoe.settings import Settings
     from workers.engine_setup import construct
 
@@ -320,7 +321,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def server_series(
-    args: argparse.Namespace, vllm: Target | None, lm: Target, texts: list[str]
+    args: argparse.Namespace, clients: Clients, vllm: Target | None, lm: Target, texts: list[str]
 ) -> list[Series]:
     paths = [("vllm-server completions", vllm, "completions")] if vllm else []
     paths += [(f"localmoe {p}", lm, p) for p in args.paths]
@@ -329,12 +330,14 @@ def server_series(
         series = {name: Series(name, gap_ms) for name, _, _ in paths}
         for _, target, kind in paths:  # an untimed warm-up of each path at this gap
             assert target is not None
-            run_round(target, kind, texts, args.tokens, gap_ms / 1000, args.client_procs)
+            clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
         for r in range(args.rounds):
             for name, target, kind in paths:
                 assert target is not None
                 before = cpu_times(target.pid)
-                records = run_round(target, kind, texts, args.tokens, gap_ms / 1000, args.client_procs)
+                first = r == 0 and gap_ms == min(args.gaps) and kind == "completions"
+                with profiled(args.profile if first else None, target.pid, name.split()[0]):
+                    records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
                 made = sum(x.tokens for x in records)
                 rnd.cpu_us_per_token = cpu_per_token(before, cpu_times(target.pid), made)
@@ -348,11 +351,39 @@ def server_series(
     return out
 
 
+@contextlib.contextmanager
+def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
+    """py-spy (GIL-holding samples, raw format) on the server's busiest processes for the block:
+    the first API process, the worker's consumer and engine process (or vLLM's API server)."""
+    if not folder:
+        yield
+        return
+    procs, seen = [], set()
+    for pid, (kind, _) in sorted(cpu_times(root).items()):
+        if kind in ("api", "consumer", "engine", "vllm-api") and kind not in seen:
+            seen.add(kind)
+            out = Path(folder) / f"{prefix}-{kind}.raw"
+            argv = ["py-spy", "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
+            procs.append(
+                subprocess.Popen(
+                    [*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        for proc in procs:
+            proc.wait(30)
+
+
 def intake(args: argparse.Namespace, lm: Target) -> dict[str, float]:
     """--intake seconds of submissions (max_tokens 1), each of --intake-clients processes keeping
     --intake-concurrency requests in flight, back to back (a closed loop: an open one past capacity
     only measures the pile-up)."""
-    records = run_closed(lm, args.intake, args.intake_clients, args.intake_concurrency)
+    with Clients(args.intake_clients) as clients:
+        records = clients.closed(lm, args.intake, args.intake_concurrency)
     ok = [r for r in records if not r.error]
     t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
     lat = [(r.last - r.sent) * 1000 for r in ok]
@@ -409,10 +440,14 @@ def main() -> None:
     ap.add_argument("--intake-clients", type=int, default=4, help="client processes for the intake")
     ap.add_argument("--intake-concurrency", type=int, default=16, help="requests in flight per process")
     ap.add_argument("--out", help="write the results here as JSON")
+    ap.add_argument("--profile", help="py-spy the first timed round of completions into this folder")
     args = ap.parse_args()
     args.gaps = [float(g) for g in args.gaps.split(",")]
     args.paths = [p for p in args.paths.split(",") if p]
     skip = set(args.skip.split(","))
+    # imported here: the client's spawned processes import this module, and need no torch
+    from bench.service_vs_engine import prompts
+
     texts = prompts(args.requests)
     tmp = Path(tempfile.mkdtemp(prefix="localmoe-vs-vllm-"))
     if args.model:
@@ -432,7 +467,8 @@ def main() -> None:
             peer = stack.enter_context(vllm_server(args, model, tmp / "vllm-server.log"))
         print("[LocalMoE] starting `localmoe up`", flush=True)
         lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
-        results += server_series(args, peer, lm, texts)
+        clients = stack.enter_context(Clients(args.client_procs))
+        results += server_series(args, clients, peer, lm, texts)
         intake_result = intake(args, lm) if args.intake else None
     table = report(results, args.requests, args.tokens)
     print(table)

@@ -1,8 +1,8 @@
 """A streaming HTTP client for benchmarks: request i is sent at start + i × gap and read as it
 streams, timed at the client.
 
-One round is spread over `procs` client processes (request i goes to process i mod procs), each
-one asyncio loop with aiohttp, so that the client is not what limits a fast server: one process
+One round is spread over the client's processes (request i goes to process i mod procs), each one
+asyncio loop with aiohttp, so that the client is not what limits a fast server: one process
 parsing 25k events/s would be. Every process is told the same absolute start time.
 
 Ways of reading a job's tokens (`kind`):
@@ -57,41 +57,59 @@ class Record:
         return self.first - self.sent
 
 
-def run_round(
-    target: Target,
-    kind: str,
-    prompts: list[str],
-    tokens: int,
-    gap: float,
-    procs: int = 1,
-    lead_s: float = 0.5,
-) -> list[Record]:
-    """Every prompt once, request i at start + i × gap; → one Record per prompt, in order."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
-    start = time.time() + lead_s * max(1, procs)  # the processes start before the first send
-    jobs = [(target, kind, prompts, tokens, gap, start, k, procs) for k in range(procs)]
-    if procs == 1:
-        parts = [_process(*jobs[0])]
-    else:
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            parts = pool.starmap(_process, jobs)
-    out: list[Record | None] = [None] * len(prompts)
-    for k, part in enumerate(parts):
-        for j, rec in enumerate(part):
-            out[k + j * procs] = Record(**rec)
-    return [r for r in out if r is not None]
+class Clients:
+    """The client's processes, started once and kept warm across rounds (a process spawned per
+    round would start late and send its first requests in a burst). `with Clients(n) as c:`."""
+
+    def __init__(self, procs: int) -> None:
+        self.procs = max(1, procs)
+        ctx = multiprocessing.get_context("spawn")
+        self._pool = ctx.Pool(self.procs, initializer=_use_uvloop) if self.procs > 1 else None
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+
+    def round(self, target: Target, kind: str, prompts: list[str], tokens: int, gap: float) -> list[Record]:
+        """Every prompt once, request i at start + i × gap; → one Record per prompt, in order."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        start = time.time() + 0.3  # every process is up: it only has to receive its share
+        jobs = [(target, kind, prompts, tokens, gap, start, k, self.procs) for k in range(self.procs)]
+        parts = self._map(_process, jobs)
+        out: list[Record | None] = [None] * len(prompts)
+        for k, part in enumerate(parts):
+            for j, rec in enumerate(part):
+                out[k + j * self.procs] = Record(**rec)
+        return [r for r in out if r is not None]
+
+    def closed(self, target: Target, seconds: float, concurrency: int) -> list[Record]:
+        """Intake: `concurrency` connections in each process POST /v1/jobs (max_tokens 1) back to
+        back for `seconds`; → one Record per request (sent, last = its answer)."""
+        jobs = [(target, seconds, concurrency, k) for k in range(self.procs)]
+        return [Record(**rec) for part in self._map(_closed_process, jobs) for rec in part]
+
+    def _map(self, fn: Any, jobs: list[tuple[Any, ...]]) -> list[list[dict[str, Any]]]:
+        if self._pool is None:
+            return [fn(*jobs[0])]
+        return self._pool.starmap(fn, jobs)
 
 
-def _process(
-    target: Target, kind: str, prompts: list[str], tokens: int, gap: float, start: float, k: int, procs: int
-) -> list[dict[str, Any]]:
+def _use_uvloop() -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+
+
+def _process(
+    target: Target, kind: str, prompts: list[str], tokens: int, gap: float, start: float, k: int, procs: int
+) -> list[dict[str, Any]]:
     records = asyncio.run(_client(target, kind, prompts, tokens, gap, start, k, procs))
     return [r.__dict__ for r in records]
 
@@ -218,36 +236,19 @@ async def _websocket(http: Any, target: Target, job_id: str, rec: Record) -> Non
                 break
 
 
-def run_closed(target: Target, seconds: float, procs: int, concurrency: int) -> list[Record]:
-    """Intake: `concurrency` connections in each of `procs` processes POST /v1/jobs (max_tokens 1)
-    back to back for `seconds`; → one Record per request (sent, last = its answer)."""
-    start = time.time() + 0.5 * max(1, procs)
-    jobs = [(target, start, seconds, concurrency, k) for k in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        parts = pool.starmap(_closed_process, jobs)
-    return [Record(**rec) for part in parts for rec in part]
+def _closed_process(target: Target, seconds: float, concurrency: int, k: int) -> list[dict[str, Any]]:
+    return [r.__dict__ for r in asyncio.run(_closed(target, seconds, concurrency, k))]
 
 
-def _closed_process(
-    target: Target, start: float, seconds: float, concurrency: int, k: int
-) -> list[dict[str, Any]]:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    return [r.__dict__ for r in asyncio.run(_closed(target, start, seconds, concurrency, k))]
-
-
-async def _closed(target: Target, start: float, seconds: float, concurrency: int, k: int) -> list[Record]:
+async def _closed(target: Target, seconds: float, concurrency: int, k: int) -> list[Record]:
     import aiohttp
 
     records: list[Record] = []
+    end = time.time() + seconds
 
     async def loop(http: Any, c: int) -> None:
         i = 0
-        while time.time() < start + seconds:
+        while time.time() < end:
             rec = Record(sent=time.time())
             try:
                 await _submit(http, target, f"def f_{k}_{c}_{i}(x):\n    return", 1, rec)
@@ -258,6 +259,5 @@ async def _closed(target: Target, start: float, seconds: float, concurrency: int
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=target.headers) as http:
-        await asyncio.sleep(max(0.0, start - time.time()))
         await asyncio.gather(*(loop(http, c) for c in range(concurrency)))
     return records
