@@ -183,12 +183,12 @@ def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> li
             series = Series("engine", gap_ms)
             run_engine(engine, texts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
             for r in range(args.rounds):
-                cpu = time.process_time()  # this process: the engine's Python side (vLLM's core is a child)
+                before = cpu_times(os.getpid())  # this process: the engine's Python side; vLLM's core
                 tok_s, ttft, generated = run_engine(engine, texts, args.tokens, gap_ms / 1000)
                 assert generated == len(texts) * args.tokens, generated
                 ms = [t * 1000 for t in ttft]
                 rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
-                rnd.cpu_us_per_token = {"engine": round((time.process_time() - cpu) / generated * 1e6, 1)}
+                rnd.cpu_us_per_token = cpu_per_token(before, cpu_times(os.getpid()), generated)
                 series.rounds.append(rnd)
                 cpu_note = f"CPU µs per token {rnd.cpu_us_per_token}"
                 print(f"  engine gap {gap_ms} ms round {r + 1}: {tok_s:8.0f} tok/s  TTFT p50 "
@@ -378,12 +378,14 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
             proc.wait(30)
 
 
-def intake(args: argparse.Namespace, lm: Target) -> dict[str, float]:
+def intake(args: argparse.Namespace, lm: Target) -> dict[str, object]:
     """--intake seconds of submissions (max_tokens 1), each of --intake-clients processes keeping
     --intake-concurrency requests in flight, back to back (a closed loop: an open one past capacity
     only measures the pile-up)."""
     with Clients(args.intake_clients) as clients:
+        before = cpu_times(lm.pid)
         records = clients.closed(lm, args.intake, args.intake_concurrency)
+        used = cpu_per_token(before, cpu_times(lm.pid), len(records))  # µs per job here
     ok = [r for r in records if not r.error]
     t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
     lat = [(r.last - r.sent) * 1000 for r in ok]
@@ -394,6 +396,7 @@ def intake(args: argparse.Namespace, lm: Target) -> dict[str, float]:
         "accepted_per_s": round(len(ok) / (t1 - t0)),
         "p50_ms": round(pct(lat, 50), 1),
         "p99_ms": round(pct(lat, 99), 1),
+        "cpu_us_per_job": used,
     }
 
 

@@ -1,8 +1,8 @@
 """The engine protocol: what every backend (PyTorch, vLLM, DeepSpeed) offers a worker.
 
 An engine is driven by exactly one thread (the worker's engine loop): none of its methods are
-thread-safe. The loop calls `add_request` / `abort` between steps and `step` in a loop; each
-`step` advances every running request by at most one token and returns what changed.
+thread-safe but `wake`. The loop calls `add_request` / `abort` between steps and `step` in a loop;
+each `step` advances every running request by at most one token and returns what changed.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ class Engine(Protocol):
 
     def step(self) -> list[Delta]:
         """Run one forward pass over every request and return what changed (empty if idle)."""
+
+    def wake(self) -> None:
+        """From any thread: a step() waiting for its engine's next output returns now, so that a
+        request that just arrived is added at once, not after that output (vLLM's engine core keeps
+        stepping meanwhile: one step sooner). A no-op where step() never waits."""
 
     def has_unfinished(self) -> bool: ...
 

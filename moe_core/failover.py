@@ -95,6 +95,11 @@ class FailoverEngine:
         self._failures = 0
         return owed + [self._account(d) for d in deltas]
 
+    def wake(self) -> None:
+        active = self.active  # read once: another thread may swap engines meanwhile
+        if active is not None:
+            active.wake()
+
     def has_unfinished(self) -> bool:
         return bool(self._tracked) or bool(self._owed)
 

@@ -386,6 +386,9 @@ class TensorParallelEngine:
         self._last_broadcast = time.monotonic()
         return deltas
 
+    def wake(self) -> None:
+        """step() computes and returns: nothing to wake."""
+
     def has_unfinished(self) -> bool:
         return self._inner is not None and self._inner.has_unfinished()
 

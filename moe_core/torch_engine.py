@@ -336,6 +336,9 @@ class TorchEngine:
                 self._ids.discard(delta.request_id)
         return deltas
 
+    def wake(self) -> None:
+        """step() computes and returns: nothing to wake."""
+
     def has_unfinished(self) -> bool:
         return bool(self._ids)
 

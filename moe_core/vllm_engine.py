@@ -411,6 +411,12 @@ class VllmEngine:
                 self._requests.pop(delta.request_id, None)
         return deltas
 
+    def wake(self) -> None:
+        outputs = getattr(self.engine.engine_core, "outputs_queue", None) if self.engine is not None else None
+        if outputs is not None:
+            with outputs.not_empty:
+                outputs.not_empty.notify_all()  # _queued's wait returns, finding the queue empty
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 

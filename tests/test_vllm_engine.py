@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -344,6 +345,18 @@ def test_a_late_step_catches_up_one_delta_per_token(engine: VllmEngine, referenc
         r = results[f"late{i}"]
         assert (r.finish_reason, r.widest) == (FinishReason.LENGTH, 1)  # never two tokens in one delta
         assert r.token_ids == reference.tokens(PROMPTS[i], 24)
+
+
+def test_wake_ends_a_wait_for_output(engine: VllmEngine) -> None:
+    """The engine loop waits in step() for vLLM's next iteration; a job arriving meanwhile calls
+    wake() (from another thread) and the wait ends at once, with nothing taken from the queue."""
+    waker = threading.Timer(0.2, engine.wake)
+    waker.start()
+    started = time.monotonic()
+    assert engine._queued(10.0) is False  # idle: only wake() can end this wait early
+    assert 0.15 < time.monotonic() - started < 5
+    waker.join()
+    assert _run(engine, [_greedy("after-wake", PROMPTS[0], max_tokens=3)])["after-wake"].finish_reason
 
 
 def test_kv_usage_follows_the_running_requests(engine: VllmEngine) -> None:

@@ -19,6 +19,8 @@ from workers.relay import Held, Relay
 
 log = logging.getLogger(__name__)
 
+STATS_S = 0.1  # engine statistics are refreshed this often while it steps (heartbeats: every 1 s)
+
 
 @dataclass(frozen=True)
 class _Cancel:
@@ -32,7 +34,8 @@ class EngineLoop(threading.Thread):
         self.engine = engine
         self.step_delay_s = step_delay_s
         self.relay = relay
-        self.stats: EngineStats = engine.stats()  # refreshed after every step; read by heartbeats
+        self.stats: EngineStats = engine.stats()  # refreshed every STATS_S while busy; heartbeats read it
+        self._stats_at = 0.0
         self.expert_tokens: dict[str, list[list[int]]] = {}  # refreshed every second; read by heartbeats
         self._expert_read_at = 0.0
         self.busy_s = 0.0  # seconds spent stepping with requests in the engine (heartbeats read)
@@ -42,9 +45,11 @@ class EngineLoop(threading.Thread):
     def submit(self, held: Held) -> None:
         self.relay.track(held)
         self._inbox.put(held)
+        self.engine.wake()  # a step waiting for the engine's output returns: the job joins now
 
     def cancel(self, job_id: str) -> None:
         self._inbox.put(_Cancel(job_id))
+        self.engine.wake()
 
     def stop(self) -> None:
         self._halt.set()
@@ -66,7 +71,8 @@ class EngineLoop(threading.Thread):
                 time.sleep(self.step_delay_s)
             if busy:
                 self.busy_s += time.perf_counter() - started
-            self.stats = self.engine.stats()
+            if not busy or time.monotonic() - self._stats_at >= STATS_S:  # O(requests): not every step
+                self.stats, self._stats_at = self.engine.stats(), time.monotonic()
             if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
                 self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()
 
