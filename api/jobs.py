@@ -155,8 +155,7 @@ async def submit(
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    # Serialized here, once: FastAPI would validate the model again before serializing it.
-    body = JobResponse.of(job).model_dump_json()
+    body = JobResponse.json_of(job)  # FastAPI would build and validate the model again first
     status = 200 if replayed else 202
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 

@@ -400,6 +400,64 @@ def intake(args: argparse.Namespace, lm: Target) -> dict[str, object]:
     }
 
 
+def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes: int) -> dict[str, object]:
+    """The intake of the API processes alone (as `localmoe up` runs them: one port, SO_REUSEPORT)
+    on a Redis of their own, with no worker draining the queue: what the API itself accepts."""
+    from bench.harness import service_env
+    from localmoe.redis_server import RedisServer
+    from localmoe.settings import Settings
+
+    n = processes or Settings().resolved_api_processes()
+    with RedisServer(tmp / f"redis-intake-{n}") as server:
+        port = free_port()
+        shared = tmp / f"api-metrics-{n}"
+        shared.mkdir()
+        env = service_env(
+            server.url, model, tmp, LOCALMOE_API_PORT=str(port), LOCALMOE_API_REUSE_PORT="true",
+            PROMETHEUS_MULTIPROC_DIR=str(shared),
+        )  # fmt: skip
+        argv = [sys.executable, "-m", "localmoe", "api"]
+        log = tmp / f"api-{n}.log"
+        with open(log, "wb") as out:
+            procs = [subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT) for _ in range(n)]
+        try:
+            target = Target(f"http://127.0.0.1:{port}", key=env["LOCALMOE_API_KEY"])
+            _wait(
+                lambda: httpx.get(f"{target.base}/healthz", timeout=2).status_code == 200,
+                procs[0],
+                log,
+                "API",
+            )
+            time.sleep(3)  # every process is listening (one answering is not all)
+            assert server.proc is not None
+            cpu = [psutil.Process(p.pid) for p in [*procs, server.proc]]
+            before = [sum(c.cpu_times()[:2]) for c in cpu]
+            with Clients(args.intake_clients) as clients:
+                records = clients.closed(target, args.intake, args.intake_concurrency)
+            used = [sum(c.cpu_times()[:2]) - b for c, b in zip(cpu, before, strict=True)]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
+    ok = [r for r in records if not r.error]
+    t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
+    lat = [(r.last - r.sent) * 1000 for r in ok]
+    return {
+        "api_processes": n,
+        "clients": args.intake_clients * args.intake_concurrency,
+        "accepted": len(ok),
+        "refused_or_failed": len(records) - len(ok),
+        "accepted_per_s": round(len(ok) / (t1 - t0)),
+        "p50_ms": round(pct(lat, 50), 1),
+        "p99_ms": round(pct(lat, 99), 1),
+        "cpu_us_per_job": {
+            "api": round(sum(used[:-1]) / max(len(ok), 1) * 1e6),
+            "redis": round(used[-1] / max(len(ok), 1) * 1e6),
+        },
+    }
+
+
 def report(all_series: list[Series], requests: int, tokens: int) -> str:
     lines = [
         f"{requests} requests × {tokens} tokens; median over rounds",
@@ -442,6 +500,11 @@ def main() -> None:
     ap.add_argument("--intake", type=float, default=0.0, help="seconds of intake load (0: none)")
     ap.add_argument("--intake-clients", type=int, default=4, help="client processes for the intake")
     ap.add_argument("--intake-concurrency", type=int, default=16, help="requests in flight per process")
+    ap.add_argument(
+        "--intake-api-only",
+        default="",
+        help="also the intake of API processes alone (no worker): comma-separated counts, 0: the default",
+    )
     ap.add_argument("--out", help="write the results here as JSON")
     ap.add_argument("--profile", help="py-spy the first timed round of completions into this folder")
     args = ap.parse_args()
@@ -473,10 +536,13 @@ def main() -> None:
         clients = stack.enter_context(Clients(args.client_procs))
         results += server_series(args, clients, peer, lm, texts)
         intake_result = intake(args, lm) if args.intake else None
+    api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)
     print(table)
     if intake_result:
-        print("intake (POST /v1/jobs):", json.dumps(intake_result))
+        print("intake (POST /v1/jobs), the whole service:", json.dumps(intake_result))
+    for one in api_only:
+        print("intake (POST /v1/jobs), API processes alone:", json.dumps(one))
     if args.out:
         Path(args.out).write_text(
             json.dumps(
@@ -487,6 +553,7 @@ def main() -> None:
                         for s in results
                     ],
                     "intake": intake_result,
+                    "intake_api_only": api_only,
                     "table": table,
                 },
                 indent=1,

@@ -152,21 +152,31 @@ class Enqueuer:
                             p.settle(error)
 
     def _record(self, batch: list[_Pending]) -> None:
+        """Every job's record, its listing entries and its WAITING entry, in one pipeline; each
+        listing is trimmed of expired entries and its ttl renewed once per batch, not per job."""
         pipe = self.client.pipeline(transaction=False)
         now = time.time()
+        listings: dict[str, dict[str, float]] = {keys.ALL_JOBS: {}}  # listing → job id → queued_at
+        waiting: dict[str, float] = {}
         for p in batch:
             pipe.hset(keys.job(p.job.id), mapping=job_to_hash(p.job))  # type: ignore[arg-type]
             pipe.expire(keys.job(p.job.id), self.ttl_s)
             at = p.job.timings.queued_at or now
-            listings = [keys.ALL_JOBS] + ([keys.owner_jobs(p.job.owner)] if p.job.owner else [])
-            for listing in listings:  # newest first in GET /v1/jobs; entries leave with their record
-                pipe.zadd(listing, {p.job.id: at})
-                pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
-                pipe.expire(listing, self.ttl_s)
-            pipe.zadd(keys.WAITING, {p.job.id: now + WAITING_CHECK_S})  # the reaper's safety net
+            listings[keys.ALL_JOBS][p.job.id] = at
+            if p.job.owner:
+                listings.setdefault(keys.owner_jobs(p.job.owner), {})[p.job.id] = at
+            waiting[p.job.id] = now + WAITING_CHECK_S  # the reaper's safety net
             routed = keys.worker_of_queue(p.job.queue)
             if routed is not None:  # the worker's backlog, until a claim removes it
                 pipe.hset(keys.queued(routed), p.job.id, p.job.cost)
+        for (
+            listing,
+            entries,
+        ) in listings.items():  # newest first in GET /v1/jobs; entries leave with their record
+            pipe.zadd(listing, entries)
+            pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
+            pipe.expire(listing, self.ttl_s)
+        pipe.zadd(keys.WAITING, waiting)
         pipe.execute()
 
     def _publish(self, jobs: list[Job], producer: Any) -> Exception | None:

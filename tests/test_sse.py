@@ -50,3 +50,12 @@ def test_job_events_carry_type_data_and_id() -> None:
     lines = sse.job_event("17-4", done).decode().split("\n")
     assert lines[0] == "event: done" and lines[2] == "id: 17-4" and lines[3:] == ["", ""]
     assert json.loads(lines[1].removeprefix("data: ")) == done.model_dump(mode="json", exclude={"type"})
+
+
+def test_the_submit_answer_is_the_job_response() -> None:
+    from api.protocol import JobResponse
+    from scheduler.jobs import Job, JobSpec
+
+    job = Job(spec=JobSpec(prompt="def f(x):\n", max_tokens=4, stop=["\n\n"]), owner="k1", cost=4.5)
+    job.timings.queued_at = 1796259512.123456
+    assert json.loads(JobResponse.json_of(job)) == JobResponse.of(job).model_dump(mode="json")
