@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="API processes `localmoe up` runs on api_port (SO_REUSEPORT: the kernel spreads "
-        "connections over them); 0: one per 3 cores, 1 to 8",
+        "connections over them); 0: one per 2 cores, 1 to 8",
     )
     api_reuse_port: bool = Field(
         False, description="Bind api_port with SO_REUSEPORT, beside other API processes (`up` sets it)"
@@ -247,7 +247,7 @@ class Settings(BaseSettings):
         return self.api_url or f"http://{host}:{self.api_port}"
 
     def resolved_api_processes(self) -> int:
-        return self.api_processes or max(1, min(8, (os.cpu_count() or 1) // 3))
+        return self.api_processes or max(1, min(8, (os.cpu_count() or 1) // 2))
 
     def cli_api_key(self) -> str | None:
         if self.api_key is not None:
