@@ -233,7 +233,7 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
         bool
     ):  # a heartbeat taken after the job: one taken during it counts it in flight
         (w,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
-        return bool(w["expert_tokens"].get("code")) and w["tokens_in_flight"] == 0
+        return bool(w["expert_tokens"].get("code")) and w["tokens_in_flight"] == 0 == w["batch_occupancy"]
 
     wait_for(counted_and_idle, 5, "code tokens in the expert telemetry, nothing in flight")
     (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]

@@ -71,8 +71,9 @@ class EngineLoop(threading.Thread):
                 time.sleep(self.step_delay_s)
             if busy:
                 self.busy_s += time.perf_counter() - started
-            if not busy or time.monotonic() - self._stats_at >= STATS_S:  # O(requests): not every step
-                self.stats, self._stats_at = self.engine.stats(), time.monotonic()
+            now = time.monotonic()  # O(requests): not every step, but at once when the batch empties
+            if not self.engine.has_unfinished() or now - self._stats_at >= STATS_S:
+                self.stats, self._stats_at = self.engine.stats(), now
             if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
                 self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()
 
