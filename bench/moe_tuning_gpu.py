@@ -5,7 +5,7 @@ On the GPU machine (vLLM installed):
 
     python -m bench.moe_tuning_gpu --model /tmp/ref --work /tmp/moe-tune [--batch-sizes 1,2,4,...]
 
-builds the reference bf16 Mixtral (shared/gpu/README.md) unless present, then
+builds the reference bf16 Mixtral (`localmoe model init --size reference`) unless present, then
 1. `tune`: runs `localmoe tune-moe` into <work>/tuned (a copy of the file lands in
    <work>/tuned-configs.json: the file's own name holds "=" and ",");
 2. `compare`: in one child process, two vLLM engines built as a worker builds them, each with

@@ -212,8 +212,8 @@ def train_tokenizer(
 # --------------------------------------------------------------------------------------------------
 
 
-# name → (hidden, intermediate, layers, heads, KV heads). "reference" is the GPU reference model of
-# shared/gpu/README.md: 4.76 B parameters as a Mixtral (2.75 GB of active bf16 weights per token).
+# name → (hidden, intermediate, layers, heads, KV heads). "reference" is the GPU reference model the
+# benchmarks use: 4.76 B parameters as a Mixtral (2.75 GB of active bf16 weights per token).
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (128, 256, 4, 4, 2),
     "reference": (2048, 5632, 16, 16, 8),

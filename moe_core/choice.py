@@ -1,9 +1,10 @@
 """Which engine serves a model on this worker, and why.
 
-vLLM when the model fits the worker's GPU memory budget (it is 13–15× faster than transformers on
-an H200, shared/gpu/README.md); DeepSpeed ZeRO-Inference with parameters offloaded to CPU memory
-when it does not fit; PyTorch/transformers otherwise (no GPU, or neither installed). A configured
-backend other than "auto" is used as it is, or refused with the reason it cannot run.
+vLLM when the model fits the worker's GPU memory budget (it is 13–15× faster than transformers on an
+H200: 14.4–16.6k against 1.1k tokens/s, 256 × (512 → 256), the reference model); DeepSpeed
+ZeRO-Inference with parameters offloaded to CPU memory when it does not fit; PyTorch/transformers
+otherwise (no GPU, or neither installed). A configured backend other than "auto" is used as it is,
+or refused with the reason it cannot run.
 """
 
 from __future__ import annotations

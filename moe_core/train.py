@@ -368,7 +368,8 @@ def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) 
 def _bf16_grouped_experts() -> None:
     """Under autocast, transformers' grouped_mm expert path casts the input to the fp32 weights' dtype
     and runs the expert matmuls in fp32; casting both to the autocast dtype measured 759k vs 556k
-    tokens/s on an H200 (shared/NOTES.md). A no-op where transformers has no such function."""
+    tokens/s on an H200 (a 37 M-parameter Mixtral, batch 128 × 512). A no-op where transformers has
+    no such function."""
     import torch
     from transformers.integrations import moe
 
