@@ -36,7 +36,7 @@ from api.deps import Services, ServicesDep
 from api.jobs import accept
 from api.protocol import refusals
 from scheduler.jobs import Job, JobSpec, JobStatus, Modality, Priority
-from scheduler.stream import DoneEvent, StreamEvent, TokenEvent
+from scheduler.stream import DoneEvent, TokenEvent
 
 # --- errors: OpenAI's shape on every route of this router -----------------------------------------
 
@@ -550,26 +550,37 @@ def _stream_error(done: DoneEvent) -> bytes:
     return _sse(ErrorResponse(error=info))
 
 
-Chunks = Callable[[AsyncIterator[list[StreamEvent]]], AsyncIterator[bytes]]
-
-
-def stream_job(services: Services, job: Job, chunks: Chunks) -> StreamingResponse:
-    """Relays the job's stream through `chunks` (which turns each batch of events into the SSE
-    chunks of one send), then `data: [DONE]`. A client that disconnects first (Starlette cancels
-    the generator, or closes it) cancels the job."""
-
-    async def batches() -> AsyncIterator[list[StreamEvent]]:
-        async for batch in services.store.event_batches(job.id):
-            if batch:
-                yield [event for _, event in batch]
+def stream_job(
+    services: Services,
+    job: Job,
+    token: sse.Template,
+    finish: Callable[[DoneEvent], bytes],
+    head: bytes = b"",
+) -> StreamingResponse:
+    """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
+    text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
+    error event if the job failed), then `data: [DONE]`. A client that disconnects first
+    (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
         try:
-            async for chunk in chunks(batches()):
-                yield chunk
-            finished = True
-            yield sse.DONE
+            if head:
+                yield head
+            async for batch in services.store.event_batches(job.id):
+                out = []
+                for _, event in batch:
+                    if isinstance(event, TokenEvent):
+                        if event.text:
+                            out.append(token.fill(event.text))
+                    else:  # the done event: always the stream's last
+                        failed = event.status is JobStatus.FAILED
+                        out += [_stream_error(event) if failed else finish(event), sse.DONE]
+                        finished = True
+                if out:
+                    yield b"".join(out)
+                if finished:
+                    return
         finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
             if not finished:
                 await _cancel(services, job.id)
@@ -631,29 +642,15 @@ async def completions(
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
-    token = sse.Template(completion(sse.MARK, None), omit)
 
-    async def chunks(batches: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
-        async for batch in batches:
-            out = []
-            for event in batch:
-                if isinstance(event, TokenEvent):
-                    if event.text:
-                        out.append(token.fill(event.text))
-                    continue
-                if event.status is JobStatus.FAILED:
-                    yield b"".join([*out, _stream_error(event)])
-                    return
-                out.append(_sse(completion("", event.finish_reason), omit))
-                if body.include_usage:  # a last chunk: no choices, the usage
-                    usage = UsageInfo.of(event)
-                    out.append(
-                        _sse(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
-                    )
-            if out:
-                yield b"".join(out)
+    def finish(done: DoneEvent) -> bytes:
+        last = _sse(completion("", done.finish_reason), omit)
+        if body.include_usage:  # a last chunk: no choices, the usage
+            usage = UsageInfo.of(done)
+            last += _sse(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
+        return last
 
-    return stream_job(services, job, chunks)
+    return stream_job(services, job, sse.Template(completion(sse.MARK, None), omit), finish)
 
 
 # --- /v1/chat/completions ----------------------------------------------------------------------
@@ -697,27 +694,12 @@ async def chat_completions(
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    token = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
+    def finish(done: DoneEvent) -> bytes:
+        last = _sse(chunk(ChatDelta(), done.finish_reason), omit)
+        if body.include_usage:  # a last chunk: no choices, the usage
+            usage = UsageInfo.of(done)
+            last += _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage))
+        return last
 
-    async def chunks(batches: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
-        yield _sse(chunk(ChatDelta(role="assistant", content="")), omit)
-        async for batch in batches:
-            out = []
-            for event in batch:
-                if isinstance(event, TokenEvent):
-                    if event.text:
-                        out.append(token.fill(event.text))
-                    continue
-                if event.status is JobStatus.FAILED:
-                    yield b"".join([*out, _stream_error(event)])
-                    return
-                out.append(_sse(chunk(ChatDelta(), event.finish_reason), omit))
-                if body.include_usage:
-                    usage = ChatCompletionChunk(
-                        id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(event)
-                    )
-                    out.append(_sse(usage))
-            if out:
-                yield b"".join(out)
-
-    return stream_job(services, job, chunks)
+    head = _sse(chunk(ChatDelta(role="assistant", content="")), omit)
+    return stream_job(services, job, sse.Template(chunk(ChatDelta(content=sse.MARK)), omit), finish, head)
