@@ -386,6 +386,12 @@ def intake(args: argparse.Namespace, lm: Target) -> dict[str, object]:
         before = cpu_times(lm.pid)
         records = clients.closed(lm, args.intake, args.intake_concurrency)
         used = cpu_per_token(before, cpu_times(lm.pid), len(records))  # µs per job here
+    return intake_summary(args, records, used)
+
+
+def intake_summary(
+    args: argparse.Namespace, records: list[Record], cpu: dict[str, float]
+) -> dict[str, object]:
     ok = [r for r in records if not r.error]
     t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
     lat = [(r.last - r.sent) * 1000 for r in ok]
@@ -396,7 +402,7 @@ def intake(args: argparse.Namespace, lm: Target) -> dict[str, object]:
         "accepted_per_s": round(len(ok) / (t1 - t0)),
         "p50_ms": round(pct(lat, 50), 1),
         "p99_ms": round(pct(lat, 99), 1),
-        "cpu_us_per_job": used,
+        "cpu_us_per_job": cpu,
     }
 
 
@@ -440,22 +446,9 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
                 proc.terminate()
             for proc in procs:
                 proc.wait(30)
-    ok = [r for r in records if not r.error]
-    t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
-    lat = [(r.last - r.sent) * 1000 for r in ok]
-    return {
-        "api_processes": n,
-        "clients": args.intake_clients * args.intake_concurrency,
-        "accepted": len(ok),
-        "refused_or_failed": len(records) - len(ok),
-        "accepted_per_s": round(len(ok) / (t1 - t0)),
-        "p50_ms": round(pct(lat, 50), 1),
-        "p99_ms": round(pct(lat, 99), 1),
-        "cpu_us_per_job": {
-            "api": round(sum(used[:-1]) / max(len(ok), 1) * 1e6),
-            "redis": round(used[-1] / max(len(ok), 1) * 1e6),
-        },
-    }
+    jobs = max(1, len(records))
+    per_job = {"api": round(sum(used[:-1]) / jobs * 1e6), "redis": round(used[-1] / jobs * 1e6)}
+    return {"api_processes": n, **intake_summary(args, records, per_job)}
 
 
 def report(all_series: list[Series], requests: int, tokens: int) -> str:

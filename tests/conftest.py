@@ -44,6 +44,18 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
+@contextmanager
+def scratch_db(redis_server: RedisServer, db: int) -> Iterator[redis.Redis]:
+    """A Redis database of a test's own, empty before and after (the session's service uses 0)."""
+    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{db}", decode_responses=True)
+    c.flushdb()
+    try:
+        yield c
+    finally:
+        c.flushdb()
+        c.close()
+
+
 def _key(redis_server: RedisServer, name: str, admin: bool) -> str:
     """A key made the way `localmoe up` makes its first one."""
     from api.auth import Scope, create_key

@@ -19,18 +19,15 @@ from localmoe import config_store
 from localmoe.config_store import ConfigError
 from localmoe.redis_server import RedisServer
 from localmoe.settings import Settings
-from tests.conftest import Stack, _stop, bearer, private_stack, start_api, wait_done, wait_for
+from tests.conftest import Stack, _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 
 PROMPT = "def fibonacci(n):\n"
 
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/1", decode_responses=True)
-    c.flushdb()
-    yield c
-    c.flushdb()
-    c.close()
+    with scratch_db(redis_server, 1) as c:
+        yield c
 
 
 def test_versions_set_validate_and_roll_back(client: redis.Redis) -> None:

@@ -15,6 +15,7 @@ from moe_core.engine import Delta, FinishReason
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.stream import Fence, token_fields
+from tests.conftest import scratch_db
 from workers.relay import Held, Relay
 
 TTL = 600
@@ -22,11 +23,8 @@ TTL = 600
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/2", decode_responses=True)
-    c.flushdb()
-    yield c
-    c.flushdb()
-    c.close()
+    with scratch_db(redis_server, 2) as c:
+        yield c
 
 
 def _held(client: redis.Redis, attempt: int, recorded_attempt: int | None = None) -> Held:

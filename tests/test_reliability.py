@@ -25,7 +25,7 @@ from scheduler.queue import make_celery
 from scheduler.registry import WorkerInfo
 from scheduler.stream import Fence, token_fields
 from scheduler.webhooks import WebhookEventType, make_delivery
-from tests.conftest import _stop, bearer, private_stack, start_api, wait_done, wait_for
+from tests.conftest import _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 from workers.reaper import Reaper
 from workers.relay import FINALIZE
 
@@ -37,11 +37,8 @@ PROMPT = "def fibonacci(n):\n"
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/9", decode_responses=True)
-    c.flushdb()
-    yield c
-    c.flushdb()
-    c.close()
+    with scratch_db(redis_server, 9) as c:
+        yield c
 
 
 def _running_job(client: redis.Redis, worker: str, incarnation: str, attempt: int) -> Job:

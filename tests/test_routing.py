@@ -18,16 +18,14 @@ from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Modality
 from scheduler.registry import STALE_AFTER_S, WorkerInfo, read_workers, update_mix
 from scheduler.routing import Scheduler, job_cost
+from tests.conftest import scratch_db
 
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A database of its own (2): the session's service lives in database 0."""
-    c = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/2", decode_responses=True)
-    c.flushdb()
-    yield c
-    c.flushdb()
-    c.close()
+    with scratch_db(redis_server, 2) as c:
+        yield c
 
 
 def beat(client: redis.Redis, name: str, *, age_s: float = 0.0, **fields: Any) -> WorkerInfo:
