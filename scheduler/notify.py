@@ -6,7 +6,7 @@ stamps the event (its body is fixed now, so every retry sends the same bytes) an
 one sender thread: neither the engine's relay nor a request ever waits on the broker.
 
 Terminal events are durable: a worker writes the event (keys.WEBHOOK_OUTBOX) in the same Redis
-script as the job's final state (workers/relay.py FINALIZE), and the sender removes it once the
+script as the job's final state (workers/relay.py RELAY), and the sender removes it once the
 message is on the webhook queue; if the process dies in between, the reaper sends what is left
 (the same webhook id: receivers see a repeat at worst, never a loss).
 """
@@ -82,7 +82,7 @@ class Notifier(threading.Thread):
             self.send(delivery, outboxed=False, durable=durable)
 
     def send(self, delivery: Delivery, outboxed: bool, durable: bool = False) -> None:
-        """outboxed: already in the outbox (FINALIZE put it there); durable: put it there first.
+        """outboxed: already in the outbox (the relay's script put it there); durable: put it there first.
         Either way it leaves the outbox once on the webhook queue."""
         self._inbox.put((delivery, outboxed, durable and not outboxed))
 

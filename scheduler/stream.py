@@ -12,7 +12,7 @@ drop token entries of an attempt older than the last `resume` they passed: a sta
 keeps writing after it lost its job adds nothing a client sees. Clients see token and done only.
 
 `s` numbers an attempt's token entries 1, 2, 3…: a relay that retries a write whose reply it lost
-(Redis restarting after it applied the MULTI) writes the same entries again, and readers drop
+(Redis restarting after it ran the write) writes the same entries again, and readers drop
 every token entry whose `s` is not above the last one they passed for that attempt.
 """
 

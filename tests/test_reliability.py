@@ -19,6 +19,7 @@ import redis
 
 from api.auth import Scope, create_key
 from localmoe.redis_server import RedisServer
+from moe_core.engine import Delta, FinishReason
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
@@ -27,7 +28,7 @@ from scheduler.stream import Fence, token_fields
 from scheduler.webhooks import WebhookEventType, make_delivery
 from tests.conftest import _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 from workers.reaper import Reaper
-from workers.relay import FINALIZE
+from workers.relay import Held, Relay
 
 PROMPT = "def fibonacci(n):\n"
 
@@ -151,12 +152,13 @@ def test_a_job_that_keeps_killing_workers_fails_with_the_reason(client: redis.Re
 
 def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: redis.Redis) -> None:
     job = _running_job(client, "w4", "new", attempt=2)
-    finalize = client.register_script(FINALIZE)
-    stale = finalize(
-        keys=[keys.job(job.id), keys.events(job.id), keys.running("w4")],
-        args=["1", 600, '{"status": "succeeded"}', "", "status", '"succeeded"'],
-    )
-    assert stale == 0 and json.loads(client.hget(keys.job(job.id), "status") or "") == "running"
+    relay = Relay(client, 600)  # the old worker's relay, still holding attempt 1
+    stale = Held(job.model_copy(update={"attempt": 1}), attempt=1)
+    relay.track(stale)
+    relay._write_with_retry([[Delta(job.id, "", [], 4, 3, FinishReason.LENGTH)]])
+    assert stale.future.done()  # fenced off: its final state is not written, its future still resolves
+    assert json.loads(client.hget(keys.job(job.id), "status") or "") == "running"
+    assert not [f for _, f in client.xrange(keys.events(job.id)) if f["type"] == "done"]
     # the stream as readers see it: attempt 1's tokens, the resume mark, attempt 2's, a late one of 1
     stream = [
         token_fields("a", 1, 1),
@@ -172,7 +174,7 @@ def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: red
 
 
 def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
-    """Redis applied a relay MULTI but the reply was lost (it went down): the relay writes the same
+    """Redis ran a relay write but the reply was lost (it went down): the relay writes the same
     entries again. Readers (Fence) and the next attempt's RESUME see each entry once."""
     from workers.tasks import RESUME
 

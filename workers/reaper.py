@@ -10,7 +10,7 @@ continues from the text the dead one streamed (workers/tasks.py RESUME). A job o
 max_attempts-th run fails with the reason instead: a prompt that kills workers stops there.
 
 A worker that was only cut off and comes back cannot undo this: its final write is fenced on
-the attempt number (workers/relay.py FINALIZE), and readers drop its late tokens (Fence in
+the attempt number (workers/relay.py RELAY), and readers drop its late tokens (Fence in
 scheduler/stream.py). Jobs still waiting on a dead worker's own queue are put on the shared
 queue too. A requeued job stays in the dead worker's running hash until its new message is sent,
 so a reaper killed in between is finished by the next sweep. And every job still queued after

@@ -7,8 +7,8 @@ service far below a GPU (256 jobs × one XADD each: 10.7k tokens/s on 2 cores, a
 one pipeline per step), and a pipeline of 256 XADDs still costs this process 2.8 ms of CPU per
 step (redis-py packs and parses each command; with hiredis), the script 0.5 ms: this process also
 runs the engine's Python side, so that time comes off the GPU's. Each terminal state is written
-exactly once (FINALIZE's fence). A job's future resolves only after its terminal state is in
-Redis, so the Celery task acknowledges a message only once the result is durable.
+exactly once (`finalize` in RELAY, fenced on the attempt). A job's future resolves only after its
+terminal state is in Redis, so the Celery task acknowledges a message only once it is durable.
 """
 
 from __future__ import annotations
@@ -56,21 +56,12 @@ local function finalize(job, events, running, outbox, attempt, ttl, done, hook, 
 end
 """
 
-# One job's terminal state. KEYS: job hash, events stream, running hash, webhook outbox. ARGV:
-# attempt (JSON), ttl, done-event data, hook, then the job's field/value pairs. → 1 or 0.
-FINALIZE = (
-    _FINALIZE_LUA
-    + """
-return finalize(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
-"""
-)
-
 # A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
-# batch carries, then 4 keys per terminal state (as FINALIZE's). ARGV: n, f, m (terminal states),
+# batch carries, then 4 keys per terminal state (`finalize`'s). ARGV: n, f, m (terminal states),
 # ttl, the first-token time (JSON); then 5 values per token entry: text, tokens, attempt, entry
 # number, "1" if it is its stream's first entry (the stream gets its ttl) else ""; then per
 # terminal state: attempt, done-event data, hook, k, and k field/value pairs. The token entries'
-# fields are scheduler/stream.py's token_fields. → m results, FINALIZE's each.
+# fields are scheduler/stream.py's token_fields. → m results, `finalize`'s each.
 RELAY = (
     _FINALIZE_LUA
     + """
