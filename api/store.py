@@ -120,19 +120,19 @@ class JobStore:
                 yield item
 
     async def event_batches(
-        self, job_id: str, after: str = "0-0", quiet_s: float = QUIET_S
+        self, job_id: str, after: str = "0-0"
     ) -> AsyncIterator[list[tuple[str, StreamEvent]]]:
         """The events of `events`, a batch per read of the job's stream: one token per engine step
         while this reader keeps up, several when it fell behind (a relay writes every batch it
         gets in one send: behind, it catches up in fewer, larger writes; no event is merged into
-        another). An empty batch after `quiet_s` seconds without an event (a keep-alive's cue).
+        another). An empty batch after QUIET_S seconds without an event (a keep-alive's cue).
         A Redis restart only pauses it: it reconnects and goes on from the last entry it read."""
         fence = Fence()
         stream = keys.events(job_id)
         if after != "0-0":  # resuming: learn the attempts fenced off before that point
             for _, fields in await retrying(lambda: self.client.xrange(stream, "-", after)):
                 fence.visible(fields)
-        async with contextlib.aclosing(self.hub.follow(stream, after, quiet_s)) as batches:
+        async with contextlib.aclosing(self.hub.follow(stream, after, QUIET_S)) as batches:
             async for batch in batches:
                 if not batch:  # quiet: make sure the job still exists, then keep waiting
                     if not await retrying(lambda: self.client.exists(keys.job(job_id))):

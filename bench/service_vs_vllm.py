@@ -219,7 +219,7 @@ def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Ta
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", _vllm_dtype(args.dtype), "--max-num-seqs", str(args.requests),
+        "--dtype", args.dtype, "--max-num-seqs", str(args.requests),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--gpu-memory-utilization", str(args.gpu_share),
         "--disable-log-stats", "--disable-uvicorn-access-log",
@@ -234,10 +234,6 @@ def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Ta
             yield target
         finally:
             _stop(proc, signal.SIGINT)
-
-
-def _vllm_dtype(dtype: str) -> str:
-    return "auto" if dtype == "auto" else dtype
 
 
 def _vllm_env() -> dict[str, str]:

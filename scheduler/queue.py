@@ -117,7 +117,6 @@ class Enqueuer:
         self.app = app
         self.client = client
         self.ttl_s = ttl_s
-        self.messages = 0  # messages sent so far (tests)
         self._release = client.register_script(backlog.RELEASE)
         self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
@@ -169,10 +168,8 @@ class Enqueuer:
             routed = keys.worker_of_queue(p.job.queue)
             if routed is not None:  # the worker's backlog, until a claim removes it
                 pipe.hset(keys.queued(routed), p.job.id, p.job.cost)
-        for (
-            listing,
-            entries,
-        ) in listings.items():  # newest first in GET /v1/jobs; entries leave with their record
+        # newest first in GET /v1/jobs; entries leave with their record
+        for listing, entries in listings.items():
             pipe.zadd(listing, entries)
             pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
             pipe.expire(listing, self.ttl_s)
@@ -190,7 +187,6 @@ class Enqueuer:
                 producer=producer,
                 argsrepr=f"[{len(jobs)} jobs]",  # not Celery's repr of every job: its cost, for Flower
             )
-            self.messages += 1
             return None
         except Exception as e:  # the records stay, marked failed: the clients learn why
             for job in jobs:
