@@ -65,6 +65,7 @@ class Round:
     events_p50: float = 0.0
     errors: int = 0
     cpu_us_per_token: dict[str, float] = field(default_factory=dict)  # by process kind
+    preempted: dict[str, int] = field(default_factory=dict)  # involuntary context switches, by kind
 
 
 # Which process of a server's tree is which (by command line), for CPU time per token.
@@ -93,7 +94,8 @@ def _kind(proc: psutil.Process) -> str:
 
 
 def cpu_times(root: int) -> Cpu:
-    """pid → (kind, user + system CPU seconds) for `root` and every process under it."""
+    """pid → (kind, user + system CPU seconds, involuntary context switches: the times the kernel
+    preempted it) for `root` and every process under it."""
     out: Cpu = {}
     try:
         top = psutil.Process(root)
@@ -103,20 +105,29 @@ def cpu_times(root: int) -> Cpu:
     for p in procs:
         try:
             t = p.cpu_times()
-            out[p.pid] = (_kind(p), t.user + t.system)
+            out[p.pid] = (_kind(p), t.user + t.system, p.num_ctx_switches().involuntary)
         except psutil.Error:
             pass
     return out
 
 
-Cpu = dict[int, tuple[str, float]]
+Cpu = dict[int, tuple[str, float, int]]
 
 
 def cpu_per_token(before: Cpu, after: Cpu, tokens: int) -> dict[str, float]:
     used: dict[str, float] = {}
-    for pid, (kind, t) in after.items():
-        used[kind] = used.get(kind, 0.0) + t - before.get(pid, (kind, 0.0))[1]
+    for pid, (kind, t, _) in after.items():
+        used[kind] = used.get(kind, 0.0) + t - before.get(pid, (kind, 0.0, 0))[1]
     return {k: round(v / max(tokens, 1) * 1e6, 1) for k, v in sorted(used.items()) if v > 0.005}
+
+
+def preempted(before: Cpu, after: Cpu) -> dict[str, int]:
+    """Involuntary context switches in between, of the processes that pace the engine."""
+    out: dict[str, int] = {}
+    for pid, (kind, _, n) in after.items():
+        if kind in ("engine", "vllm-core"):
+            out[kind] = out.get(kind, 0) + n - before.get(pid, (kind, 0.0, 0))[2]
+    return out
 
 
 @dataclass
@@ -157,8 +168,22 @@ def summarize(records: list[Record], tokens: int) -> Round:
 # ------------------------------------------------------------------------------------ the engine
 
 
+def chat_prompts(model: Path, texts: list[str]) -> list[str]:
+    """texts as one user turn each, rendered the way LocalMoE's chat endpoint renders them."""
+    import asyncio
+
+    from api.openai_compat import ChatMessage, render_chat
+
+    async def render() -> list[str]:
+        return [(await render_chat(model, [ChatMessage(role="user", content=t)]))[0] for t in texts]
+
+    return asyncio.run(render())
+
+
 def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> list[Series]:
-    """The engine alone in this process, the same settings as the worker's."""
+    """The engine alone in this process, the same settings as the worker's: with the completion
+    prompts ("engine completions") and, when chat is measured, the same texts in the model's chat
+    template ("engine chat": longer prompts)."""
     from bench.service_vs_engine import run_engine
     from localmoe.settings import Settings
     from workers.engine_setup import construct
@@ -177,23 +202,29 @@ def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> li
     print(f"[engine] loading {args.backend} on {device}", flush=True)
     engine = construct(args.backend, model, device, settings.engine, offload=False)
     engine.load()
+    workloads = [("completions", texts)]
+    if "chat" in args.paths:
+        workloads.append(("chat", chat_prompts(model, texts)))
     out = []
     try:
         for gap_ms in args.gaps:
-            series = Series("engine", gap_ms)
-            run_engine(engine, texts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
-            for r in range(args.rounds):
-                before = cpu_times(os.getpid())  # this process: the engine's Python side; vLLM's core
-                tok_s, ttft, generated = run_engine(engine, texts, args.tokens, gap_ms / 1000)
-                assert generated == len(texts) * args.tokens, generated
-                ms = [t * 1000 for t in ttft]
-                rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
-                rnd.cpu_us_per_token = cpu_per_token(before, cpu_times(os.getpid()), generated)
-                series.rounds.append(rnd)
-                cpu_note = f"CPU µs per token {rnd.cpu_us_per_token}"
-                print(f"  engine gap {gap_ms} ms round {r + 1}: {tok_s:8.0f} tok/s  TTFT p50 "
-                      f"{pct(ms, 50):7.1f} ms  {cpu_note}", flush=True)  # fmt: skip
-            out.append(series)
+            for kind, prompts in workloads:
+                series = Series(f"engine {kind}", gap_ms)
+                run_engine(engine, prompts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
+                for r in range(args.rounds):
+                    before = cpu_times(os.getpid())  # this process: the engine's Python side; vLLM's core
+                    tok_s, ttft, generated = run_engine(engine, prompts, args.tokens, gap_ms / 1000)
+                    assert generated == len(prompts) * args.tokens, generated
+                    ms = [t * 1000 for t in ttft]
+                    rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
+                    after = cpu_times(os.getpid())
+                    rnd.cpu_us_per_token = cpu_per_token(before, after, generated)
+                    rnd.preempted = preempted(before, after)
+                    series.rounds.append(rnd)
+                    cpu_note = f"CPU µs per token {rnd.cpu_us_per_token} preempted {rnd.preempted}"
+                    print(f"  {series.name:26s} gap {gap_ms} ms round {r + 1}: {tok_s:8.0f} tok/s  "
+                          f"TTFT p50 {pct(ms, 50):7.1f} ms  {cpu_note}", flush=True)  # fmt: skip
+                out.append(series)
     finally:
         engine.close()
     return out
@@ -226,6 +257,10 @@ def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Ta
     ]  # fmt: skip
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if not _has_chat_template(model):  # LocalMoE's fallback, so that both chat endpoints see one prompt
+        template = log.with_name("chatml.jinja")
+        template.write_text(CHATML_JINJA)
+        argv += ["--chat-template", str(template)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_vllm_env())
         try:
@@ -234,6 +269,19 @@ def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Ta
             yield target
         finally:
             _stop(proc, signal.SIGINT)
+
+
+# api/openai_compat.py's chatml() as a Jinja chat template, for models that carry none.
+CHATML_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _has_chat_template(model: Path) -> bool:
+    config = model / "tokenizer_config.json"
+    declared = config.exists() and "chat_template" in json.loads(config.read_text())
+    return declared or (model / "chat_template.jinja").exists()
 
 
 def _vllm_env() -> dict[str, str]:
@@ -246,9 +294,12 @@ def _vllm_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def localmoe_up(args: argparse.Namespace, model: Path, home: Path, log: Path) -> Iterator[Target]:
+def localmoe_up(
+    args: argparse.Namespace, model: Path, home: Path, log: Path, extra: dict[str, str] | None = None
+) -> Iterator[Target]:
     """`localmoe up` in a home of its own, the engine settings of the run, limits that a benchmark
-    cannot hit; stopped as a user stops it (SIGINT)."""
+    cannot hit, and `extra` environment (a variant's settings); stopped as a user stops it
+    (SIGINT)."""
     port = free_port()
     env = {
         **_vllm_env(),
@@ -271,6 +322,7 @@ def localmoe_up(args: argparse.Namespace, model: Path, home: Path, log: Path) ->
         "LOCALMOE_LIMITS__PER_KEY_MAX_QUEUED_TOKENS": str(10**12),
         "LOCALMOE_LIMITS__PER_KEY_RATE_PER_S": str(10**9),
         "LOCALMOE_LIMITS__PER_KEY_BURST": str(10**9),
+        **(extra or {}),
     }
     argv = [sys.executable, "-m", "localmoe", "up"]
     with open(log, "wb") as out:
@@ -317,10 +369,12 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def server_series(
-    args: argparse.Namespace, clients: Clients, vllm: Target | None, lm: Target, texts: list[str]
+    args: argparse.Namespace, clients: Clients, vllm: Target | None, lms: dict[str, Target], texts: list[str]
 ) -> list[Series]:
-    paths = [("vllm-server completions", vllm, "completions")] if vllm else []
-    paths += [(f"localmoe {p}", lm, p) for p in args.paths]
+    """Every path of every server at each gap: an untimed warm-up each, then --rounds rounds in
+    which the paths take turns. lms: LocalMoE's label ("localmoe", "localmoe[variant]") → server."""
+    paths = [(f"vllm-server {p}", vllm, p) for p in args.vllm_paths] if vllm else []
+    paths += [(f"{label} {p}", lm, p) for label, lm in lms.items() for p in args.paths]
     out: list[Series] = []
     for gap_ms in args.gaps:
         series = {name: Series(name, gap_ms) for name, _, _ in paths}
@@ -336,13 +390,16 @@ def server_series(
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
                 made = sum(x.tokens for x in records)
-                rnd.cpu_us_per_token = cpu_per_token(before, cpu_times(target.pid), made)
+                after = cpu_times(target.pid)
+                rnd.cpu_us_per_token = cpu_per_token(before, after, made)
+                rnd.preempted = preempted(before, after)
                 series[name].rounds.append(rnd)
                 failed = [x.error for x in records if x.error][:2]
                 print(f"  {name:26s} gap {gap_ms} ms round {r + 1}: {rnd.tok_s:8.0f} tok/s  TTFT p50 "
                       f"{rnd.ttft_p50_ms:7.1f} p99 {rnd.ttft_p99_ms:7.1f} ms  events/answer min "
                       f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
-                      f"      CPU µs per token: {rnd.cpu_us_per_token}", flush=True)  # fmt: skip
+                      f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}",
+                      flush=True)  # fmt: skip
         out += series.values()
     return out
 
@@ -355,7 +412,7 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
         yield
         return
     procs, seen = [], set()
-    for pid, (kind, _) in sorted(cpu_times(root).items()):
+    for pid, (kind, _, _) in sorted(cpu_times(root).items()):
         if kind in ("api", "consumer", "engine", "vllm-api") and kind not in seen:
             seen.add(kind)
             out = Path(folder) / f"{prefix}-{kind}.raw"
@@ -457,9 +514,10 @@ def report(all_series: list[Series], requests: int, tokens: int) -> str:
     for s in all_series:
         by_gap.setdefault(s.gap_ms, {})[s.name] = s
     for gap, named in by_gap.items():
-        engine = named.get("engine")
-        peer = named.get("vllm-server completions")
         for name, s in named.items():
+            kind = name.rsplit(" ", 1)[-1]  # chat against chat; SSE and websocket against completions
+            engine = named.get(f"engine {kind}", named.get("engine completions"))
+            peer = named.get(f"vllm-server {kind}", named.get("vllm-server completions"))
             tps = s.median("tok_s")
             e = f"{tps / engine.median('tok_s'):.3f}" if engine else "–"
             v = f"{tps / peer.median('tok_s'):.3f}" if peer else "–"
@@ -479,7 +537,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--gaps", default="1,5", help="ms between sends, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--paths", default="completions,chat,events,ws")
+    ap.add_argument("--paths", default="completions,chat,events,ws", help="LocalMoE's ways of reading")
+    ap.add_argument("--vllm-paths", default="completions,chat", help="vLLM's server's: completions, chat")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="also a LocalMoE with these environment settings, up beside the default one and measured "
+        "in the same rounds as 'localmoe[NAME]' (e.g. unpinned:LOCALMOE_ENGINE_CORES_PER_GPU=0)",
+    )
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization of each engine")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -499,6 +566,9 @@ def main() -> None:
     args = ap.parse_args()
     args.gaps = [float(g) for g in args.gaps.split(",")]
     args.paths = [p for p in args.paths.split(",") if p]
+    args.vllm_paths = [p for p in args.vllm_paths.split(",") if p in ("completions", "chat")]
+    variants = {name: dict(kv.split("=", 1) for kv in env.split(",") if kv) for name, _, env in
+                (v.partition(":") for v in args.variant)}  # fmt: skip
     skip = set(args.skip.split(","))
     # imported here: the client's spawned processes import this module, and need no torch
     from bench.service_vs_engine import prompts
@@ -522,8 +592,13 @@ def main() -> None:
             peer = stack.enter_context(vllm_server(args, model, tmp / "vllm-server.log"))
         print("[LocalMoE] starting `localmoe up`", flush=True)
         lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
+        lms = {"localmoe": lm}
+        for name, env in variants.items():
+            print(f"[LocalMoE {name}] starting `localmoe up` with {env}", flush=True)
+            home, log = tmp / f"home-{name}", tmp / f"localmoe-up-{name}.log"
+            lms[f"localmoe[{name}]"] = stack.enter_context(localmoe_up(args, model, home, log, env))
         clients = stack.enter_context(Clients(args.client_procs))
-        results += server_series(args, clients, peer, lm, texts)
+        results += server_series(args, clients, peer, lms, texts)
         intake_result = intake(args, lm) if args.intake else None
     api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)

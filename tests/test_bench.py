@@ -28,17 +28,18 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     result = run_bench(
         tmp_path,
         *("--backend", "torch", "--requests", "6", "--tokens", "6", "--gaps", "5", "--rounds", "1"),
-        *("--paths", ",".join(PATHS), "--client-procs", "1"),
+        *("--paths", ",".join(PATHS), "--client-procs", "1", "--variant", "one:LOCALMOE_API_PROCESSES=1"),
         *("--intake", "1", "--intake-clients", "1", "--intake-concurrency", "4", "--intake-api-only", "1"),
     )
     series = {s["name"]: s for s in result["series"]}
-    assert set(series) == {"engine", *(f"localmoe {p}" for p in PATHS)}
+    lms = ("localmoe", "localmoe[one]")  # the default and a variant, up side by side
+    assert set(series) == {"engine completions", "engine chat", *(f"{lm} {p}" for lm in lms for p in PATHS)}
     for s in series.values():
         (rnd,) = s["rounds"]
         assert rnd["errors"] == 0 and rnd["tok_s"] > 0 and rnd["ttft_p50_ms"] > 0, s
         assert 1 <= rnd["events_min"] <= 6  # token events per 6-token answer
     for p in PATHS:
-        kinds = series[f"localmoe {p}"]["rounds"][0]["cpu_us_per_token"]
+        kinds = series[f"localmoe[one] {p}"]["rounds"][0]["cpu_us_per_token"]
         assert {"api", "engine"} <= set(kinds), kinds  # processes of `localmoe up` (Redis: < 5 ms here)
     assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
     (alone,) = result["intake_api_only"]
