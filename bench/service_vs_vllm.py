@@ -66,6 +66,7 @@ class Round:
     errors: int = 0
     cpu_us_per_token: dict[str, float] = field(default_factory=dict)  # by process kind
     preempted: dict[str, int] = field(default_factory=dict)  # involuntary context switches, by kind
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # where TTFT went: stage → [p50, p99]
 
 
 # Which process of a server's tree is which (by command line), for CPU time per token.
@@ -393,15 +394,37 @@ def server_series(
                 after = cpu_times(target.pid)
                 rnd.cpu_us_per_token = cpu_per_token(before, after, made)
                 rnd.preempted = preempted(before, after)
+                if kind == "events":
+                    rnd.stages_ms = ttft_stages(target, records)
                 series[name].rounds.append(rnd)
                 failed = [x.error for x in records if x.error][:2]
                 print(f"  {name:26s} gap {gap_ms} ms round {r + 1}: {rnd.tok_s:8.0f} tok/s  TTFT p50 "
                       f"{rnd.ttft_p50_ms:7.1f} p99 {rnd.ttft_p99_ms:7.1f} ms  events/answer min "
                       f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
-                      f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}",
+                      f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}"
+                      + (f"\n      TTFT by stage, p50 / p99 ms: {rnd.stages_ms}" if rnd.stages_ms else ""),
                       flush=True)  # fmt: skip
         out += series.values()
     return out
+
+
+def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:
+    """Where each job's TTFT went, from its record's timings (read after the round): http (the
+    client's send → the job recorded, queued_at), queue (→ claimed by the worker, started_at),
+    engine (→ its first token written to Redis, first_token_at), delivery (→ the client read it).
+    One clock: the client and the server run on this machine."""
+    stages: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
+    with httpx.Client(base_url=target.base, headers=target.headers, timeout=10) as http:
+        for rec in records:
+            if not (rec.job_id and rec.first):
+                continue
+            t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
+            marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
+            if None in marks:
+                continue
+            for stage, a, b in zip(stages, marks, marks[1:], strict=False):
+                stages[stage].append((b - a) * 1000)
+    return {k: [round(pct(v, 50), 1), round(pct(v, 99), 1)] for k, v in stages.items() if v}
 
 
 @contextlib.contextmanager

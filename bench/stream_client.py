@@ -51,6 +51,7 @@ class Record:
     events: int = 0  # events that carried text
     tokens: int = 0  # completion tokens the server reported
     error: str = ""
+    job_id: str = ""  # LocalMoE's job (events, ws, submit)
 
     @property
     def ttft(self) -> float:
@@ -197,6 +198,7 @@ async def _submit(http: Any, target: Target, prompt: str, tokens: int, rec: Reco
             raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
         job_id = str((await r.json())["id"])
     rec.last = time.time()  # for `submit`, the whole request
+    rec.job_id = job_id
     return job_id
 
 

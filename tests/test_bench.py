@@ -41,6 +41,10 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     for p in PATHS:
         kinds = series[f"localmoe[one] {p}"]["rounds"][0]["cpu_us_per_token"]
         assert {"api", "engine"} <= set(kinds), kinds  # processes of `localmoe up` (Redis: < 5 ms here)
+    stages = series["localmoe events"]["rounds"][0]["stages_ms"]  # where the SSE path's TTFT went
+    assert set(stages) == {"http", "queue", "engine", "delivery"} and all(
+        p50 >= 0 for p50, _ in stages.values()
+    )
     assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
     (alone,) = result["intake_api_only"]
     assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0
