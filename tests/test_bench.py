@@ -48,3 +48,12 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
     (alone,) = result["intake_api_only"]
     assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0
+
+
+def test_the_consumer_cost_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "consumer.json"
+    argv = [sys.executable, "-m", "bench.consumer_cost", "--jobs", "40", "--rate", "100", "--rounds", "1"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (rnd,) = json.loads(out.read_text())["rounds"]
+    assert rnd["cpu_us_per_job"] > 0 and 0 < rnd["claim_p50_ms"] <= rnd["claim_p99_ms"]

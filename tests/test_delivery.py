@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import redis
 
+from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
@@ -85,3 +86,20 @@ def test_a_message_of_several_jobs_runs_each_once(service_env: dict[str, str]) -
         assert client.hget(keys.job(jobs[1].id), "attempt") == "0"
         assert not client.exists(keys.events(jobs[1].id))
         assert not any(client.hgetall(k) for k in client.scan_iter(keys.running("*")))
+
+
+def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) -> None:
+    """Every publish and every consumed message's acknowledgement bookkeeping asks the channel for
+    a client; it gets the same one (kombu built a new redis.Redis per call), and a new one only
+    when the channel's connection pool changes (after a reconnect)."""
+    app = make_celery(redis_server.url)
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+                assert first is second and first.ping()
+            channel._pool = None  # what kombu does when it drops its pools
+            with channel.conn_or_acquire() as third:
+                assert third is not first and third.connection_pool is channel.pool and third.ping()
+    finally:
+        app.close()
