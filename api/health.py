@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from api.auth import Caller
 from api.deps import ServicesDep
 from api.protocol import Health, refusals
+from localmoe.settings import get_settings
 from scheduler.registry import WorkerInfo
 
 router = APIRouter(tags=["health"])
@@ -21,7 +22,10 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}, **refusals(401)})
 async def readyz(services: ServicesDep, _caller: Caller, response: Response) -> Health:
-    """Ready once Redis answers and at least one worker has loaded and warmed up its engine."""
+    """Ready once Redis answers and at least one worker has loaded and warmed up its engine.
+    Under `localmoe up`, the X-LocalMoE-Instance header names the `up` that started this process."""
+    if instance := get_settings().instance:
+        response.headers["X-LocalMoE-Instance"] = instance
     try:
         ready = [w for w in await services.store.workers() if w.ready]
     except aioredis.RedisError as e:

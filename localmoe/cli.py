@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,72 @@ def cmd_up(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
 
     return up.run(get_settings())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the `localmoe up` of this home runs: its pid, URLs, processes, workers and their queues.
+    Exit status 3 when none runs (as `systemctl status` says "inactive")."""
+    from localmoe.instance import children, cmdline, read_holder
+    from localmoe.settings import get_settings
+
+    s = get_settings()
+    holder = read_holder(s.home)
+    if holder is None:
+        print(f"no `localmoe up` runs for {s.home}")
+        return 3
+    print(f"localmoe up   pid {holder.pid}, home {holder.home}")
+    print(f"API           {holder.api_url}  (docs {holder.api_url}/docs)\nFlower        {holder.flower_url}")
+    for pid in sorted(children(holder.pid)):
+        print(f"  pid {pid:<8} {_role(cmdline(pid))}")
+    with _api(timeout=5) as http:
+        try:
+            r = http.get("/v1/workers")
+        except httpx.HTTPError as e:
+            print(f"the API does not answer: {e}")
+            return 1
+    if r.status_code != 200:
+        return _refused(r)
+    workers = r.json()
+    for w in workers:
+        state = "ready" if w["ready"] else "loading"
+        print(f"worker {w['name']:<12} {state:<7} {w['engine']:<9} {w['device']:<8} "
+              f"running {w['running']:>3}  waiting {w['waiting']:>3}")  # fmt: skip
+    waiting, running = sum(w["waiting"] for w in workers), sum(w["running"] for w in workers)
+    print(f"queue         {waiting} waiting, {running} running")
+    return 0
+
+
+def _role(argv: list[str]) -> str:
+    """A child of `up`, by its command line."""
+    line = " ".join(argv)
+    for mark, role in (("redis-server", "redis"), ("localmoe api", "api"), ("workers.webhooks", "webhooks"),
+                       ("flower", "flower"), ("localmoe worker", "worker")):  # fmt: skip
+        if mark in line:
+            return f"{role:<9} {line[:90]}"
+    return line[:100]
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the `localmoe up` of this home from another terminal, as Ctrl-C would: SIGTERM, then
+    wait until it has let go of the home's lock (every child stopped)."""
+    from localmoe.instance import held, read_holder
+    from localmoe.settings import get_settings
+
+    s = get_settings()
+    holder = read_holder(s.home)
+    if holder is None or holder.pid == 0:
+        print(f"no `localmoe up` runs for {s.home}")
+        return 0
+    os.kill(holder.pid, signal.SIGTERM)
+    print(f"stopping localmoe up (pid {holder.pid})...", flush=True)
+    deadline = time.monotonic() + args.timeout
+    while held(s.home):
+        if time.monotonic() > deadline:
+            print(f"still running after {args.timeout:.0f} s (pid {holder.pid})", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print("stopped")
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -448,6 +515,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--port", dest="api_port", type=int, help="API port (env LOCALMOE_API_PORT)")
     up.add_argument("--model-dir", help="serve this model directory (env LOCALMOE_MODEL_DIR)")
     up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="what `localmoe up` runs here: pids, URLs, workers, queues")
+    status.set_defaults(func=cmd_status)
+    down = sub.add_parser("down", help="stop the `localmoe up` of this home (from another terminal)")
+    down.add_argument("--timeout", type=float, default=90, help="seconds to wait for every child to stop")
+    down.set_defaults(func=cmd_down)
 
     worker = sub.add_parser("worker", help="run one worker (normally started by `up`)")
     worker.add_argument("--name", help="worker name; its queue is localmoe.worker.NAME")

@@ -7,6 +7,7 @@ import secrets
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -26,11 +27,18 @@ class RedisServer:
     password: generated when not given; port: a free loopback port when 0.
     """
 
-    def __init__(self, data_dir: Path, password: str | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        password: str | None = None,
+        port: int = 0,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.password = password or secrets.token_urlsafe(24)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec_fn = preexec_fn  # run in the child before redis-server starts (localmoe/instance.py)
 
     @property
     def url(self) -> str:
@@ -61,7 +69,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, preexec_fn=self.preexec_fn)
         assert self.proc.stdin is not None
         self.proc.stdin.write(self.config().encode())
         self.proc.stdin.close()

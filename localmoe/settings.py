@@ -194,6 +194,11 @@ class Settings(BaseSettings):
         False, description="Bind api_port with SO_REUSEPORT, beside other API processes (`up` sets it)"
     )
     api_access_log: bool = Field(False, description="uvicorn's access log line per request (costly at load)")
+    instance: str = Field(
+        "",
+        description="Set by `localmoe up` for its children: its API processes answer /readyz with it "
+        "(X-LocalMoE-Instance), so that `up` knows the API it waits for is its own",
+    )
     api_url: str | None = Field(None, description="Where the CLI finds the API; default from host/port.")
     api_key: SecretStr | None = Field(
         None, description="The CLI's API key; None: the admin key `localmoe up` kept in home/secrets.json."

@@ -5,6 +5,12 @@ Starts, in order: its own Redis (unless LOCALMOE_REDIS_URL names one), the embed
 tensor-parallel group of GPUs (pinned with CUDA_VISIBLE_DEVICES) or one CPU worker, the API
 processes (uvicorn, sharing api_port: api/serve.py) and Flower (basic auth).
 SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
+
+One `up` per home (localmoe/instance.py): it holds the home's lock for its life and refuses to
+start beside another; it checks every port it will bind before it starts anything; each child is
+tied to it (PR_SET_PDEATHSIG), so that killing `up` (SIGKILL included) takes every child with it:
+Redis gets SIGTERM (it flushes its append-only file), the others SIGKILL (jobs are leased and
+acknowledged late: a new start re-queues what was running).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import httpx
 import redis
 
 from localmoe.gpus import Topology, describe, group_gpus, nvml_index, read_topology
+from localmoe.instance import Holder, InstanceLock, die_with_parent, taken
 from localmoe.redis_server import RedisServer
 from localmoe.settings import EngineSettings, Settings
 
@@ -145,9 +152,39 @@ class Supervisor:
         self.redis: RedisServer | None = None
         self.stopping = False
         self.api_key = ""
+        self.instance = secrets.token_hex(8)  # its API processes answer /readyz with it
+        self.workers = worker_plan(visible_gpus(), engine_tp(settings.engine))
+        self._tied = die_with_parent(signal.SIGKILL)  # each child dies with this process
+
+    def taken_ports(self) -> list[str]:
+        """The ports this start will bind that something else holds: one line each."""
+        s = self.settings
+        ports = {
+            "LOCALMOE_API_PORT": (s.api_host, s.api_port),
+            "LOCALMOE_FLOWER_PORT": ("127.0.0.1", s.flower_port),
+            "LOCALMOE_METRICS__WEBHOOK_PORT": (s.metrics.host, s.metrics.webhook_port),
+        }
+        if s.metrics.worker_port:
+            for i in range(len(self.workers)):
+                ports["LOCALMOE_METRICS__WORKER_PORT" + (f" (+{i})" if i else "")] = (
+                    s.metrics.host,
+                    s.metrics.worker_port + i,
+                )
+        return taken(ports)
+
+    def holder(self) -> Holder:
+        s = self.settings
+        return Holder(
+            pid=os.getpid(),
+            api_url=s.resolved_api_url,
+            flower_url=f"http://127.0.0.1:{s.flower_port}",
+            home=str(s.home),
+            instance=self.instance,
+        )
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)  # our signals, not the tty's
+        # start_new_session: our signals, not the terminal's; _tied: gone when this process is
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=self._tied)
         self.children.append(Child(name, proc, argv, env, started=time.monotonic()))
         log.info("started %s (pid %d)", name, proc.pid)
 
@@ -173,7 +210,9 @@ class Supervisor:
                     child.name, child.proc.pid, child.proc.returncode, wait, child.restarts + 1,
                 )  # fmt: skip
             elif now >= child.due:
-                child.proc = subprocess.Popen(child.argv, env=child.env, start_new_session=True)
+                child.proc = subprocess.Popen(
+                    child.argv, env=child.env, start_new_session=True, preexec_fn=self._tied
+                )
                 child.started, child.due, child.restarts = now, 0.0, child.restarts + 1
                 log.warning("restarted %s (pid %d)", child.name, child.proc.pid)
 
@@ -181,9 +220,10 @@ class Supervisor:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = load_secrets(s.home)
-        env = dict(os.environ)
+        env = {**os.environ, "LOCALMOE_INSTANCE": self.instance}
         if s.redis_url is None:
-            self.redis = RedisServer(s.home / "redis", password=keys["redis_password"])
+            tied = die_with_parent(signal.SIGTERM)  # Redis flushes its append-only file and exits
+            self.redis = RedisServer(s.home / "redis", password=keys["redis_password"], preexec_fn=tied)
             self.redis.start()
             env["LOCALMOE_REDIS_URL"] = self.redis.url
             log.info("redis on 127.0.0.1:%d (password in %s)", self.redis.port, s.home / "secrets.json")
@@ -192,7 +232,7 @@ class Supervisor:
         env["LOCALMOE_MODEL_DIR"] = str(model)
         env["LOCALMOE_HOME"] = str(s.home)
 
-        for i, (name, devices) in enumerate(worker_plan(visible_gpus(), engine_tp(s.engine))):
+        for i, (name, devices) in enumerate(self.workers):
             port = s.metrics.worker_port + i if s.metrics.worker_port else 0  # its exporter; 0: off
             worker_env = {**env, "CUDA_VISIBLE_DEVICES": devices, "LOCALMOE_METRICS__WORKER_PORT": str(port)}
             self.spawn(f"worker-{name}", self._worker_argv(name), worker_env)
@@ -257,7 +297,9 @@ class Supervisor:
                 return False
             try:
                 auth = {"Authorization": f"Bearer {self.api_key}"}
-                if httpx.get(url, headers=auth, timeout=2).status_code == 200:
+                r = httpx.get(url, headers=auth, timeout=2)
+                # the API this `up` started, not another one answering on the port
+                if r.status_code == 200 and r.headers.get("X-LocalMoE-Instance") == self.instance:
                     print("LocalMoE is ready: a worker has loaded and warmed up its engine", flush=True)
                     return True
             except httpx.HTTPError:
@@ -292,7 +334,30 @@ class Supervisor:
 
 
 def run(settings: Settings) -> int:
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = InstanceLock(settings.home)
+    other = lock.acquire()
+    if other is not None:
+        print(
+            f"another `localmoe up` (pid {other.pid}) serves {settings.home}: API {other.api_url}, "
+            f"Flower {other.flower_url}.\nStop it with `localmoe down`, or start this one with "
+            "another LOCALMOE_HOME.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return _run(settings, lock)
+    finally:
+        lock.release()
+
+
+def _run(settings: Settings, lock: InstanceLock) -> int:
     sup = Supervisor(settings)
+    problems = sup.taken_ports()
+    if problems:
+        print("\n".join(problems) + "\nnothing was started", file=sys.stderr)
+        return 2
+    lock.publish(sup.holder())
 
     def on_signal(signum: int, _frame: object) -> None:
         sup.stopping = True

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -677,4 +678,74 @@ def test_docker_compose_config(tmp_path: Path) -> None:
         run = subprocess.run(cmd, env=partial, capture_output=True, text=True, timeout=60)
         assert run.returncode != 0 and missing in run.stderr, (
             f"compose must refuse to start without {missing}"
+        )
+
+
+# --- systemd (deploy/systemd/) -------------------------------------------------------------------
+
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNITS = {"localmoe.service", "localmoe-api@.service", "localmoe-worker@.service", "localmoe-webhooks.service"}
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """key → every value it is given, across sections (unit files repeat keys such as Environment)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_systemd_units_run_as_a_service_user_over_var_lib_and_stop_as_a_group() -> None:
+    assert {p.name for p in SYSTEMD.glob("*.service")} == UNITS
+    for name in UNITS:
+        unit = _unit(SYSTEMD / name)
+        assert unit["User"] == ["localmoe"] and unit["StateDirectory"] == ["localmoe"], name
+        assert "LOCALMOE_HOME=/var/lib/localmoe" in unit["Environment"], name
+        assert unit["KillMode"] == ["control-group"] and unit["Restart"] == ["on-failure"], name
+        assert unit["WantedBy"] == ["multi-user.target"], name
+    up = _unit(SYSTEMD / "localmoe.service")
+    assert up["ExecStart"] == ["/opt/localmoe/.venv/bin/localmoe up"]
+    assert up["RestartPreventExitStatus"] == ["2"]  # another `up` on this home, or a port taken
+    assert "CUDA_VISIBLE_DEVICES=%i" in _unit(SYSTEMD / "localmoe-worker@.service")["Environment"]
+
+
+def test_systemd_units_name_commands_the_cli_has() -> None:
+    for name in UNITS:
+        (command,) = _unit(SYSTEMD / name)["ExecStart"]
+        argv = command.split()
+        if argv[0].endswith("/localmoe"):  # `localmoe SUB [options]`: SUB and its options exist
+            sub = argv[1]
+            helped = subprocess.run(
+                [sys.executable, "-m", "localmoe", sub, "--help"], capture_output=True, text=True, timeout=60
+            )
+            assert helped.returncode == 0, helped.stderr
+            for option in argv[2:]:
+                if option.startswith("--"):
+                    assert option in helped.stdout, (name, option)
+        else:
+            assert argv[1:] == ["-m", "workers.webhooks"], name
+            assert (ROOT / "workers" / "webhooks.py").exists()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on each unit (templates as an instance), with /opt/localmoe turned
+    into this checkout so that the commands exist; it must say nothing."""
+    for name in UNITS:
+        text = (SYSTEMD / name).read_text().replace("/opt/localmoe/.venv/bin/python", sys.executable)
+        text = text.replace("/opt/localmoe/.venv/bin/localmoe", str(Path(sys.executable).parent / "localmoe"))
+        (tmp_path / name).write_text(text.replace("/opt/localmoe", str(ROOT)))
+    for name in UNITS:
+        instance = name.replace("@.", "@0.")
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(tmp_path / instance)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), (
+            name,
+            done.stderr,
         )

@@ -4,6 +4,7 @@ HTTP, then stopped with SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,3 +130,167 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return None
+
+
+def up_env(home: Path, api_port: int, flower_port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "LOCALMOE_HOME": str(home),
+        "LOCALMOE_API_PORT": str(api_port),
+        "LOCALMOE_FLOWER_PORT": str(flower_port),
+        "LOCALMOE_METRICS__WORKER_PORT": str(free_port()),
+        "LOCALMOE_METRICS__WEBHOOK_PORT": str(free_port()),
+        "LOCALMOE_API_PROCESSES": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("LOCALMOE_REDIS_URL", "LOCALMOE_MODEL_DIR"):
+        env.pop(key, None)
+    return env
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`localmoe up`, appending to log; returns once it says it is ready (again)."""
+    before = log.read_text().count("is ready") if log.exists() else 0
+    out = log.open("ab")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "localmoe", "up"], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
+
+    def ready() -> bool:
+        assert up.poll() is None, f"localmoe up exited early:\n{log.read_text()[-3000:]}"
+        return log.read_text().count("is ready") > before
+
+    wait_for(ready, 180, "localmoe up to be ready", interval=0.2)
+    return up
+
+
+def tree(pid: int) -> list[int]:
+    """pid's descendants, from /proc."""
+    from localmoe.instance import children
+
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent (gone too) never reaped it
+
+
+def test_one_up_per_home_its_children_go_with_it_and_a_crash_loses_no_job(tmp_path: Path) -> None:
+    home, log = tmp_path / "home", tmp_path / "up.log"
+    api_port, flower_port = free_port(), free_port()
+    env = up_env(home, api_port, flower_port)
+    api = f"http://127.0.0.1:{api_port}"
+    up = start_up(env, log)
+    try:
+        key = json.loads((home / "secrets.json").read_text())["api_key"]
+        status = localmoe(env, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"pid {up.pid}" in status.stdout and api in status.stdout and "worker cpu0" in status.stdout
+        assert {"redis", "api", "worker", "webhooks", "flower"} <= set(
+            re.findall(r"pid \d+ +(\w+)", status.stdout)
+        )
+
+        # A second `up` on the same home is refused at once, and the first one keeps serving.
+        second = localmoe(env, "up", timeout=60)
+        assert second.returncode == 2
+        assert f"pid {up.pid}" in second.stderr and api in second.stderr and "localmoe down" in second.stderr
+        assert httpx.get(f"{api}/readyz", headers=bearer(key), timeout=5).status_code == 200
+
+        # Another home, but the first one's API port: refused before anything starts.
+        other = up_env(tmp_path / "other", api_port, free_port())
+        clash = localmoe(other, "up", timeout=60)
+        assert clash.returncode == 2, clash.stderr
+        assert (
+            f"port {api_port} (LOCALMOE_API_PORT) is taken" in clash.stderr
+            and "nothing was started" in clash.stderr
+        )
+        assert not (tmp_path / "other" / "redis").exists()
+
+        # Jobs in every state, then SIGKILL of the supervisor alone: every child is gone within 5 s.
+        jobs = [_submit(api, key, f"def job_{i}(x):", 48) for i in range(6)]
+        wait_for(lambda: _state(api, key, jobs[0]) != "queued", 60, "a job to start")
+        kids = tree(up.pid)
+        assert len(kids) >= 5
+        up.kill()
+        up.wait()
+        wait_for(lambda: not any(alive(p) for p in kids), 5, "every child of the killed `up` to exit")
+
+        # Started again on the same home: the kernel dropped the lock; then a power cut as close as
+        # one box allows (every process of the tree SIGKILLed at once), and a third start.
+        up = start_up(env, log)
+        jobs += [_submit(api, key, f"def late_{i}(x):", 48) for i in range(4)]
+        wait_for(lambda: _state(api, key, jobs[-4]) != "queued", 60, "a later job to start")
+        for pid in [up.pid, *tree(up.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        up.wait()
+        up = start_up(env, log)
+        wait_for(
+            lambda: all(_state(api, key, j) in ("succeeded", "failed", "cancelled") for j in jobs),
+            300,
+            "every job to end",
+        )
+        for job_id in jobs:  # each ran to completion once, and its stream replays from the start
+            record = httpx.get(f"{api}/v1/jobs/{job_id}", headers=bearer(key), timeout=10).json()
+            assert record["status"] == "succeeded" and record["usage"]["completion_tokens"] == 48, record
+            events = _events(api, key, job_id)
+            assert [e for e, _ in events].count("done") == 1
+            assert "".join(d.get("text", "") for e, d in events if e == "token") == record["output"]
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert localmoe(env, "status").returncode == 3  # nothing runs
+
+
+def _submit(api: str, key: str, prompt: str, tokens: int) -> str:
+    r = httpx.post(
+        f"{api}/v1/jobs",
+        json={"prompt": prompt, "max_tokens": tokens, "ignore_eos": True},
+        headers=bearer(key),
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _state(api: str, key: str, job_id: str) -> str:
+    return str(httpx.get(f"{api}/v1/jobs/{job_id}", headers=bearer(key), timeout=10).json()["status"])
+
+
+def _events(api: str, key: str, job_id: str) -> list[tuple[str, dict]]:  # type: ignore[type-arg]
+    """The job's SSE stream replayed from the start: (event, data) pairs up to `done`."""
+    out, event = [], ""
+    with httpx.stream("GET", f"{api}/v1/jobs/{job_id}/events", headers=bearer(key), timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event in ("token", "done"):
+                out.append((event, json.loads(line[6:])))
+                if event == "done":
+                    break
+    return out
+
+
+def test_down_stops_a_running_up(tmp_path: Path) -> None:
+    env = up_env(tmp_path / "home", free_port(), free_port())
+    up = start_up(env, tmp_path / "up.log")
+    kids = tree(up.pid)
+    try:
+        done = localmoe(env, "down", timeout=120)
+        assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
+        assert up.wait(10) == 0  # the stop Ctrl-C makes
+        assert not any(alive(p) for p in kids)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert localmoe(env, "down").stdout.startswith("no `localmoe up` runs")
