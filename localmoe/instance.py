@@ -126,9 +126,14 @@ def taken(ports: dict[str, tuple[str, int]]) -> list[str]:
     """ports: the setting that names it → (host, port). → one line per port that cannot be bound
     (what holds it, where psutil can tell), naming the setting to change."""
     out = []
+    named: dict[int, str] = {}
     for setting, (host, port) in ports.items():
         if port == 0:
             continue
+        if port in named:
+            out.append(f"port {port} is named by both {named[port]} and {setting}: give each its own")
+            continue
+        named[port] = setting
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             # No SO_REUSEPORT: a port held by any listener, even one that shares it (an API

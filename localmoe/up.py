@@ -33,7 +33,7 @@ import redis
 
 from localmoe.gpus import Topology, describe, group_gpus, nvml_index, read_topology
 from localmoe.instance import Holder, InstanceLock, die_with_parent, taken
-from localmoe.redis_server import RedisServer
+from localmoe.redis_server import RedisServer, free_port
 from localmoe.settings import EngineSettings, Settings
 
 log = logging.getLogger("localmoe.up")
@@ -155,6 +155,7 @@ class Supervisor:
         self.instance = secrets.token_hex(8)  # its API processes answer /readyz with it
         self.workers = worker_plan(visible_gpus(), engine_tp(settings.engine))
         self._tied = die_with_parent(signal.SIGKILL)  # each child dies with this process
+        self.ports: set[int] = set()  # the ports the service binds (taken_ports), Redis's excepted
 
     def taken_ports(self) -> list[str]:
         """The ports this start will bind that something else holds: one line each."""
@@ -170,6 +171,7 @@ class Supervisor:
                     s.metrics.host,
                     s.metrics.worker_port + i,
                 )
+        self.ports = {port for _, port in ports.values()}
         return taken(ports)
 
     def holder(self) -> Holder:
@@ -223,7 +225,10 @@ class Supervisor:
         env = {**os.environ, "LOCALMOE_INSTANCE": self.instance}
         if s.redis_url is None:
             tied = die_with_parent(signal.SIGTERM)  # Redis flushes its append-only file and exits
-            self.redis = RedisServer(s.home / "redis", password=keys["redis_password"], preexec_fn=tied)
+            port = free_port()
+            while port in self.ports:  # a free port now, but one the API or Flower is about to bind
+                port = free_port()
+            self.redis = RedisServer(s.home / "redis", keys["redis_password"], port, preexec_fn=tied)
             self.redis.start()
             env["LOCALMOE_REDIS_URL"] = self.redis.url
             log.info("redis on 127.0.0.1:%d (password in %s)", self.redis.port, s.home / "secrets.json")

@@ -21,18 +21,8 @@ from tests.conftest import bearer, wait_for
 
 def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    api_port, flower_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "LOCALMOE_HOME": str(home),
-        "LOCALMOE_API_PORT": str(api_port),
-        "LOCALMOE_FLOWER_PORT": str(flower_port),
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONUNBUFFERED": "1",
-        "LOCALMOE_API_PROCESSES": "2",  # what a box of 6+ cores gets by default
-    }
-    for key in ("LOCALMOE_REDIS_URL", "LOCALMOE_MODEL_DIR"):
-        env.pop(key, None)
+    api_port, flower_port = distinct_ports(2)
+    env = {**up_env(home, api_port, flower_port), "LOCALMOE_API_PROCESSES": "2"}  # a 4+ core box's
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen(
         [sys.executable, "-m", "localmoe", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -133,13 +123,16 @@ def _status(url: str) -> int | None:
 
 
 def up_env(home: Path, api_port: int, flower_port: int) -> dict[str, str]:
+    """A user's environment for `localmoe up` on a fresh home, on ports of its own (the test
+    session's worker and webhook worker hold the default metrics ports)."""
+    worker_metrics, webhook_metrics = distinct_ports(2, {api_port, flower_port})
     env = {
         **os.environ,
         "LOCALMOE_HOME": str(home),
         "LOCALMOE_API_PORT": str(api_port),
         "LOCALMOE_FLOWER_PORT": str(flower_port),
-        "LOCALMOE_METRICS__WORKER_PORT": str(free_port()),
-        "LOCALMOE_METRICS__WEBHOOK_PORT": str(free_port()),
+        "LOCALMOE_METRICS__WORKER_PORT": str(worker_metrics),
+        "LOCALMOE_METRICS__WEBHOOK_PORT": str(webhook_metrics),
         "LOCALMOE_API_PROCESSES": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONUNBUFFERED": "1",
@@ -147,6 +140,16 @@ def up_env(home: Path, api_port: int, flower_port: int) -> dict[str, str]:
     for key in ("LOCALMOE_REDIS_URL", "LOCALMOE_MODEL_DIR"):
         env.pop(key, None)
     return env
+
+
+def distinct_ports(n: int, taken: set[int] | None = None) -> list[int]:
+    """n free ports, none equal to another or to `taken` (free_port() may hand one out twice)."""
+    out: list[int] = []
+    while len(out) < n:
+        port = free_port()
+        if port not in out and port not in (taken or set()):
+            out.append(port)
+    return out
 
 
 def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -187,7 +190,7 @@ def alive(pid: int) -> bool:
 
 def test_one_up_per_home_its_children_go_with_it_and_a_crash_loses_no_job(tmp_path: Path) -> None:
     home, log = tmp_path / "home", tmp_path / "up.log"
-    api_port, flower_port = free_port(), free_port()
+    api_port, flower_port = distinct_ports(2)
     env = up_env(home, api_port, flower_port)
     api = f"http://127.0.0.1:{api_port}"
     up = start_up(env, log)
@@ -207,7 +210,7 @@ def test_one_up_per_home_its_children_go_with_it_and_a_crash_loses_no_job(tmp_pa
         assert httpx.get(f"{api}/readyz", headers=bearer(key), timeout=5).status_code == 200
 
         # Another home, but the first one's API port: refused before anything starts.
-        other = up_env(tmp_path / "other", api_port, free_port())
+        other = up_env(tmp_path / "other", api_port, distinct_ports(1, {api_port})[0])
         clash = localmoe(other, "up", timeout=60)
         assert clash.returncode == 2, clash.stderr
         assert (
@@ -282,7 +285,7 @@ def _events(api: str, key: str, job_id: str) -> list[tuple[str, dict]]:  # type:
 
 
 def test_down_stops_a_running_up(tmp_path: Path) -> None:
-    env = up_env(tmp_path / "home", free_port(), free_port())
+    env = up_env(tmp_path / "home", *distinct_ports(2))
     up = start_up(env, tmp_path / "up.log")
     kids = tree(up.pid)
     try:
