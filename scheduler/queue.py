@@ -115,6 +115,7 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
     return app
 
 
+WITHDRAW_S = 15.0  # how long the Enqueuer retries marking unsent jobs failed while Redis is down
 WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
 MAX_JOBS_PER_MESSAGE = 64  # a message of 64 jobs is ~60 kB; one worker thread holds it until all end
 
@@ -154,20 +155,28 @@ class Enqueuer:
                 while not self._inbox.empty():
                     batch.append(self._inbox.get_nowait())
                 try:
-                    self._record(batch)
-                except Exception as e:
+                    self._send(batch, producer)
+                except Exception as e:  # this thread must outlive any batch: every request waits on it
+                    log.exception("enqueuer: a batch of %d jobs failed", len(batch))
                     for p in batch:
-                        p.settle(e)
-                    continue
-                messages: dict[tuple[str | None, int], list[_Pending]] = {}
-                for p in batch:  # in arrival order within each message
-                    messages.setdefault((p.job.queue, p.job.priority.rank), []).append(p)
-                for group in messages.values():
-                    for i in range(0, len(group), MAX_JOBS_PER_MESSAGE):
-                        part = group[i : i + MAX_JOBS_PER_MESSAGE]
-                        error = self._publish([p.job for p in part], producer)
-                        for p in part:
-                            p.settle(error)
+                        p.settle(e)  # a no-op for those already answered
+
+    def _send(self, batch: list[_Pending], producer: Any) -> None:
+        try:
+            self._record(batch)
+        except Exception as e:
+            for p in batch:
+                p.settle(e)
+            return
+        messages: dict[tuple[str | None, int], list[_Pending]] = {}
+        for p in batch:  # in arrival order within each message
+            messages.setdefault((p.job.queue, p.job.priority.rank), []).append(p)
+        for group in messages.values():
+            for i in range(0, len(group), MAX_JOBS_PER_MESSAGE):
+                part = group[i : i + MAX_JOBS_PER_MESSAGE]
+                error = self._publish([p.job for p in part], producer)
+                for p in part:
+                    p.settle(error)
 
     def _record(self, batch: list[_Pending]) -> None:
         """Every job's record, its listing entries and its WAITING entry, in one pipeline; each
@@ -208,14 +217,31 @@ class Enqueuer:
             )
             return None
         except Exception as e:  # the records stay, marked failed: the clients learn why
-            for job in jobs:
-                fields = encode_fields({"status": JobStatus.FAILED.value, "error": f"could not enqueue: {e}"})
-                self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
-                self._release(keys=backlog.RELEASE_KEYS, args=[job.id])
-                routed = keys.worker_of_queue(job.queue)
-                if routed is not None:
-                    self.client.hdel(keys.queued(routed), job.id)
+            self._withdraw(jobs, f"could not enqueue: {e}")
             return e
+
+    def _withdraw(self, jobs: list[Job], error: str) -> None:
+        """Jobs whose message could not be sent: failed, out of the backlog. The broker is this
+        Redis: when it is down (a restart takes seconds) these writes are retried for WITHDRAW_S;
+        after that the records stay queued and the reaper's WAITING check sends them later."""
+        deadline = time.monotonic() + WITHDRAW_S
+        while True:
+            try:
+                for job in jobs:
+                    fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
+                    self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+                    self._release(keys=backlog.RELEASE_KEYS, args=[job.id])
+                    routed = keys.worker_of_queue(job.queue)
+                    if routed is not None:
+                        self.client.hdel(keys.queued(routed), job.id)
+                return
+            except redis.RedisError as e:
+                if time.monotonic() > deadline:
+                    log.error(
+                        "could not mark %d unsent jobs failed (%s); the reaper sends them later", len(jobs), e
+                    )
+                    return
+                time.sleep(0.5)
 
 
 @dataclass

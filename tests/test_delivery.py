@@ -3,18 +3,23 @@ queue and priority; a worker claims a message's jobs in one script and runs each
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
-from scheduler.queue import make_celery
+from scheduler.queue import Enqueuer, make_celery
 from tests.conftest import TERMINAL, bearer, private_stack, wait_for
 
 PROMPT = "def fibonacci(n):\n"
@@ -103,3 +108,37 @@ def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) ->
                 assert third is not first and third.connection_pool is channel.pool and third.ping()
     finally:
         app.close()
+
+
+def test_the_enqueuer_outlives_a_broker_outage_mid_batch(tmp_path: Path) -> None:
+    """The broker goes down as a message is sent (a fault injected at send_task) and comes back a
+    second later: the request is answered with the error, its job is marked failed once Redis is
+    back (not left to run after its client was told no), and the Enqueuer's thread serves on."""
+    with RedisServer(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        app = make_celery(server.url)
+        enqueuer = Enqueuer(app, client, ttl_s=600)
+        real = app.send_task
+
+        def outage(*args: object, **kwargs: object) -> None:
+            server.stop()
+            threading.Timer(1.0, server.start).start()
+            raise OperationalError("Error 111 connecting: connection refused")
+
+        try:
+            app.send_task = outage  # type: ignore[method-assign]
+            lost = Job(spec=JobSpec(prompt=PROMPT, max_tokens=4), queue=keys.SHARED_QUEUE)
+            with pytest.raises(OperationalError):
+                asyncio.run(asyncio.wait_for(enqueuer.submit(lost), 20))
+            record = client.hgetall(keys.job(lost.id))
+            assert json.loads(record["status"]) == "failed" and "could not enqueue" in record["error"]
+
+            app.send_task = real  # type: ignore[method-assign]
+            served = Job(spec=JobSpec(prompt=PROMPT, max_tokens=4), queue=keys.SHARED_QUEUE)
+            asyncio.run(asyncio.wait_for(enqueuer.submit(served), 10))
+            assert [job["id"] for message in _messages(client, keys.SHARED_QUEUE) for job in message] == [
+                served.id
+            ]
+        finally:
+            app.close()
+            client.close()
