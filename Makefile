@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VVENV ?= .venv-vllm
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: up test check lint types pytest test-vllm bench install clean test-tools
+.PHONY: up test test-fast check lint types pytest test-vllm bench install clean test-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,13 @@ test-tools:
 
 pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q
+
+# The inner loop (under 2 minutes on 2 cores): ruff and the tests that start none of the service's
+# processes (no worker, no API, no `localmoe up`, no second venv; conftest.py marks the others
+# `service`) and build no model at length (`slow`). `make test` stays the whole check.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -x -m "not service and not slow"
 
 test-vllm: $(VSTAMP)
 	$(VVENV)/bin/pytest -q tests/test_vllm_engine.py tests/test_bench_vllm.py

@@ -23,6 +23,17 @@ from scheduler.registry import WorkerInfo
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}
 
+# A test that uses one of these starts LocalMoE's processes (a worker, the API, their environment):
+# it is marked `service`, and `make test-fast` leaves it out. Modules that start processes of
+# their own (`localmoe up`, benchmarks, a browser) carry `pytestmark = pytest.mark.service`.
+SERVICE_FIXTURES = {"service_env", "worker", "api_url", "http", "admin_http", "webhook_worker"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

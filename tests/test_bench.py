@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.service  # the benchmarks start the service's processes
+
 PATHS = ["completions", "chat", "events", "ws"]
 
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.chaos import Chaos, ChaosPlan
+
+pytestmark = pytest.mark.service  # workers, the API and Redis, killed and restarted
 
 
 def test_chaos_reduced(model_dir: Path, tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ def test_pack_round_trip_keeps_the_model(tmp_path: Path) -> None:
         unpack(tmp_path / "packed", tmp_path / "packed")  # never over something that is not a checkpoint
 
 
+@pytest.mark.slow  # 20 s of generation on 2 cores
 def test_quality_gate(embedded: Path) -> None:
     """Full-size figures (100 headers, 64 rows) are in BENCHMARKS.md; these bounds leave room for the
     smaller sample and another machine's held-out files, and fail for a random or broken model."""

@@ -17,6 +17,8 @@ from api.auth import KeyLimits, Scope, create_key
 from api.playground import STATIC
 from localmoe.redis_server import RedisServer
 
+pytestmark = pytest.mark.service  # a browser against the API
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package", allow_module_level=True)

@@ -30,6 +30,8 @@ from tests.conftest import _stop, bearer, private_stack, scratch_db, start_api, 
 from workers.reaper import Reaper
 from workers.relay import Held, Relay
 
+pytestmark = pytest.mark.service  # workers, the API and Redis, killed and restarted
+
 PROMPT = "def fibonacci(n):\n"
 
 

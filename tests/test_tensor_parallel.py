@@ -43,6 +43,8 @@ from tests.test_torch_engine import (
     _run,
 )
 
+pytestmark = pytest.mark.service  # spawns DeepSpeed's follower ranks
+
 
 def _gone(pid: int) -> bool:
     """The process no longer exists (reaped), or is a zombie nobody will run again."""

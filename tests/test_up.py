@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from localmoe.redis_server import free_port
 from tests.conftest import bearer, wait_for
+
+pytestmark = pytest.mark.service  # each test starts `localmoe up`
 
 
 def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
