@@ -393,7 +393,8 @@ def _zero3_inference(
     # The model must keep its DeepSpeedEngine alive, whose destructor removes the hooks; a plain
     # attribute, not a registered submodule (the engine holds the model: modules() would loop).
     object.__setattr__(model, "ds_engine", ds_engine)
-    return model.eval()
+    model.eval()
+    return model
 
 
 def _init_distributed(device: str, timeout: timedelta | None = None) -> Any:

@@ -454,7 +454,8 @@ class TorchEngine:
                 self.telemetry.expect(None)  # forwards that are not ours (generate()) go uncounted
         self._steps += 1
         self._max_batch_seen = max(self._max_batch_seen, input_ids.shape[0])
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]  # [batch, vocab]
+        return logits
 
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> list[Delta]:
         """Sample one token per row, update each request, drop finished rows. logits: [B, V]."""

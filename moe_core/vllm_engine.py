@@ -529,7 +529,7 @@ class VllmEngine:
         has no queue: there step() runs an iteration itself."""
         outputs = getattr(self.engine.engine_core, "outputs_queue", None)
         if outputs is None:
-            return self.engine.has_unfinished_requests()
+            return bool(self.engine.has_unfinished_requests())
         with outputs.not_empty:  # queue.Queue's condition: waits without taking the item
             if not outputs.queue and timeout > 0:
                 outputs.not_empty.wait(timeout)
