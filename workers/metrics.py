@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Protocol, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,7 +36,14 @@ from scheduler.webhooks import Outcome
 
 if TYPE_CHECKING:
     from scheduler.jobs import Job
-    from workers.relay import Held
+
+
+class HoldsJob(Protocol):
+    """What the relay holds per job (workers/relay.py Held), as far as metrics read it: metrics
+    sit below the relay and do not import it."""
+
+    job: Job
+
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ class WorkerMetrics:
         if job.timings.queued_at is not None:
             self.queue_time.observe(max(0.0, time.time() - job.timings.queued_at))
 
-    def delivered(self, steps: list[list[Delta]], held: Mapping[str, Held]) -> None:
+    def delivered(self, steps: list[list[Delta]], held: Mapping[str, HoldsJob]) -> None:
         """One relay batch: the deltas of the engine steps it writes together, of the jobs the relay
         holds. A job's tokens in the batch reach Redis together: one TTFT or one ITL observation."""
         now = time.time()
