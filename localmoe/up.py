@@ -155,10 +155,9 @@ class Supervisor:
         self.instance = secrets.token_hex(8)  # its API processes answer /readyz with it
         self.workers = worker_plan(visible_gpus(), engine_tp(settings.engine))
         self._tied = die_with_parent(signal.SIGKILL)  # each child dies with this process
-        self.ports: set[int] = set()  # the ports the service binds (taken_ports), Redis's excepted
 
-    def taken_ports(self) -> list[str]:
-        """The ports this start will bind that something else holds: one line each."""
+    def ports(self) -> dict[str, tuple[str, int]]:
+        """The ports this start binds, Redis's excepted: the setting naming each → (host, port)."""
         s = self.settings
         ports = {
             "LOCALMOE_API_PORT": (s.api_host, s.api_port),
@@ -171,8 +170,7 @@ class Supervisor:
                     s.metrics.host,
                     s.metrics.worker_port + i,
                 )
-        self.ports = {port for _, port in ports.values()}
-        return taken(ports)
+        return ports
 
     def holder(self) -> Holder:
         s = self.settings
@@ -225,8 +223,9 @@ class Supervisor:
         env = {**os.environ, "LOCALMOE_INSTANCE": self.instance}
         if s.redis_url is None:
             tied = die_with_parent(signal.SIGTERM)  # Redis flushes its append-only file and exits
+            planned = {port for _, port in self.ports().values()}
             port = free_port()
-            while port in self.ports:  # a free port now, but one the API or Flower is about to bind
+            while port in planned:  # a free port now, but one the API or Flower is about to bind
                 port = free_port()
             self.redis = RedisServer(s.home / "redis", keys["redis_password"], port, preexec_fn=tied)
             self.redis.start()
@@ -358,7 +357,7 @@ def run(settings: Settings) -> int:
 
 def _run(settings: Settings, lock: InstanceLock) -> int:
     sup = Supervisor(settings)
-    problems = sup.taken_ports()
+    problems = taken(sup.ports())  # something else holds one: a line each
     if problems:
         print("\n".join(problems) + "\nnothing was started", file=sys.stderr)
         return 2
