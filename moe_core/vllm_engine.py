@@ -20,8 +20,12 @@ tokens, tiny Mixtral, BENCHMARKS.md): 43 µs of this process's CPU per token aga
 On a GPU that makes 25k tokens/s, that difference is a whole core, in the process that also
 writes every token to Redis.
 
-vLLM detokenizes (never half a UTF-8 character) and applies stop strings with a hold-back buffer
-in DELTA mode, so the concatenated delta texts equal the final text, as the protocol asks.
+vLLM detokenizes (never half a UTF-8 character); stop strings are matched here, as the torch
+engine matches them (moe_core/detokenize.py's StopStringBuffer), and a request that meets one is
+aborted in vLLM. vLLM's own matching holds back the last len(longest stop string) − 1 characters
+of every stream until it ends: a chat stream with ChatML's implied `<|im_end|>` showed its first
+text nine characters late (two or three decode steps). Here only text that could begin a stop
+string waits. Either way the concatenated delta texts equal the final text, as the protocol asks.
 
 Counting: `prompt_tokens` is the prompt's length; `completion_tokens` counts the token ids this
 adapter has handed out (the EOS token included, as in the torch engine). A prompt that leaves no
@@ -68,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from moe_core.telemetry import RoutedCounts
 
@@ -111,6 +116,7 @@ class _Request:
     completion_tokens: int = 0
     started: bool = False  # vLLM produced an output for it (it is past prefill)
     finished: bool = False  # its final delta is built (in _ready, or already returned)
+    stops: StopStringBuffer | None = None  # its stop strings, if any
 
 
 @dataclass
@@ -363,7 +369,8 @@ class VllmEngine:
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         params = request.params
-        state = _Request(prompt_tokens=len(prompt_ids), tag=request.tag)
+        stops = StopStringBuffer(params.stop) if params.stop else None
+        state = _Request(prompt_tokens=len(prompt_ids), tag=request.tag, stops=stops)
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
             self._requests[rid] = state
@@ -476,6 +483,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         # temperature 0 is greedy in vLLM too; top_k 0 and top_p 1.0 mean off in vLLM 0.26 and 0.32.
+        # No stop strings: this adapter matches them (see the module docstring).
         # vLLM validates here: its VLLMValidationError is a ValueError in 0.26 but not in 0.32, and
         # the engine loop fails a single job on ValueError, so every rejection becomes one.
         try:
@@ -485,7 +493,6 @@ class VllmEngine:
                 top_p=params.top_p,
                 top_k=params.top_k,
                 seed=params.seed,
-                stop=list(params.stop) or None,
                 ignore_eos=params.ignore_eos,
                 detokenize=True,
                 skip_special_tokens=True,
@@ -552,6 +559,16 @@ class VllmEngine:
         token_ids = list(completion.token_ids)
         state.started = True
         finish = completion.finish_reason or ("abort" if out.finished else None)
+        text = completion.text
+        if state.stops is not None:
+            text = state.stops.push(text)
+            if state.stops.stopped:  # a stop string wins over what vLLM says (as in vLLM)
+                if finish is None:
+                    with contextlib.suppress(Exception):  # a dead engine forgets it anyway
+                        self.engine.abort_request([out.request_id])
+                finish = "stop"
+            elif finish is not None:  # ended otherwise: what was held back was no stop string
+                text += state.stops.flush()
         if out.finished and self._routed is not None:
             routed = getattr(completion, "routed_experts", None)
             if routed is not None:
@@ -566,7 +583,7 @@ class VllmEngine:
         self._ready.append(
             Delta(
                 request_id=out.request_id,
-                text=completion.text,
+                text=text,
                 token_ids=token_ids,
                 prompt_tokens=state.prompt_tokens,
                 completion_tokens=state.completion_tokens,

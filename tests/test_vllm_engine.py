@@ -300,6 +300,24 @@ def test_stop_strings_truncate_and_deltas_add_up(engine: VllmEngine, reference: 
     assert (unmatched.text, unmatched.token_ids) == (full.text, full.token_ids)
 
 
+def test_a_stop_string_holds_back_only_what_could_begin_it(engine: VllmEngine) -> None:
+    """A stream with stop strings that never appear shows each step's text when that step makes it,
+    as one without them does (vLLM's own matching would hold back len(stop) - 1 characters)."""
+    prompt = PROMPTS[1]
+
+    def texts(request: GenerationRequest) -> list[str]:
+        _add(engine, request)
+        out: list[str] = []
+        while engine.has_unfinished():
+            out += [d.text for d in engine.step() if d.token_ids]
+        return out
+
+    plain = texts(_greedy("plain", prompt, max_tokens=12))
+    stopped = texts(_greedy("chatml", prompt, max_tokens=12, stop=("<|im_end|>", "\n\n\n\n\n\n\n\n")))
+    assert "".join(plain) and "<" not in "".join(plain) and "\n\n" not in "".join(plain)
+    assert stopped == plain
+
+
 def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:
     long_params = SamplingParams(max_tokens=400, ignore_eos=True)
     for i in range(3):
