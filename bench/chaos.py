@@ -10,8 +10,9 @@ result and at most one completed-webhook id (repeated deliveries of that id are 
 The run starts its own Redis (fixed port, AOF), N workers (restarted by this script ~2 s after
 each kill, with the same name, as `localmoe up` would), the API and the webhook worker; every
 process logs to <workdir>/logs. Kills rotate over three ways a worker dies: its Celery consumer,
-its engine process, or both at once. The ledger reads Redis (job records and their event
-streams), the SSE text of a sample of jobs and every delivery the receiver saw.
+its engine process (the runtime process between them follows either), or both at once. The ledger
+reads Redis (job records and their event streams), the SSE text of a sample of jobs and every
+delivery the receiver saw.
 """
 
 from __future__ import annotations
@@ -209,15 +210,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def engine_pid(consumer_pid: int) -> int | None:
-    """The worker's spawned engine process (a child running multiprocessing's spawn_main)."""
-    for child in _children(consumer_pid):
+def _spawned(parent: int) -> int | None:
+    """parent's child running multiprocessing's spawn_main, if any."""
+    for child in _children(parent):
         try:
             if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                 return child
         except OSError:
             continue
     return None
+
+
+def runtime_pid(consumer_pid: int) -> int | None:
+    """The worker's runtime process: the consumer's spawned child (its heartbeats carry its pid)."""
+    return _spawned(consumer_pid)
+
+
+def engine_pid(consumer_pid: int) -> int | None:
+    """The worker's engine process: the runtime's spawned child."""
+    runtime = runtime_pid(consumer_pid)
+    return _spawned(runtime) if runtime is not None else None
 
 
 def _alive(pid: int) -> bool:
@@ -251,7 +263,7 @@ class Workers:
     def __init__(self, env: dict[str, str], n: int, logs: Path, restart_after_s: float, say: Log) -> None:
         self.env, self.logs, self.restart_after_s, self.say = env, logs, restart_after_s, say
         self.slots = [Slot(f"chaos{i}", self._start(f"chaos{i}")) for i in range(n)]
-        self.orphans: list[int] = []  # engines whose consumer was killed: they must exit by themselves
+        self.orphans: list[int] = []  # a killed consumer's runtime and engine: they must exit by themselves
         self.stopping = False
         self.lock = threading.Lock()
 
@@ -280,32 +292,40 @@ class Workers:
         """Alive, and its current engine has reported ready."""
         if slot.proc.poll() is not None:
             return False
-        engine = engine_pid(slot.proc.pid)
+        runtime = runtime_pid(slot.proc.pid)
         raw = client.get(keys.worker(slot.name))
-        if engine is None or raw is None:
+        if runtime is None or raw is None:
             return False
         info = WorkerInfo.model_validate_json(raw)
-        return info.ready and info.pid == engine
+        return info.ready and info.pid == runtime
 
     def kill(self, slot: Slot, mode: str) -> str:
-        """SIGKILL the worker's consumer, its engine, or both; → what was killed."""
+        """SIGKILL the worker's consumer, its engine process, or both; → what was killed. (The
+        runtime process between them dies with either: of its engine's death, or of its pipe's.)"""
         with self.lock:
-            consumer, engine = slot.proc.pid, engine_pid(slot.proc.pid)
+            consumer, runtime = slot.proc.pid, runtime_pid(slot.proc.pid)
+            engine = _spawned(runtime) if runtime is not None else None
             if engine is None:
                 mode = "consumer"
             if mode in ("engine", "both") and engine is not None:
                 os.kill(engine, signal.SIGKILL)
             if mode in ("consumer", "both"):
                 os.kill(consumer, signal.SIGKILL)
-            if mode == "consumer" and engine is not None:
-                self.orphans.append(engine)
+            if mode == "consumer":
+                self.orphans += [pid for pid in (runtime, engine) if pid is not None]
             return f"{mode} (consumer {consumer}, engine {engine})"
 
     def stop(self) -> list[int]:
         """Stop every worker; → orphaned engines still alive (each is SIGKILLed here)."""
         self.stopping = True
         with self.lock:
-            engines = [e for s in self.slots if s.proc.poll() is None and (e := engine_pid(s.proc.pid))]
+            engines = [
+                p
+                for s in self.slots
+                if s.proc.poll() is None
+                for p in (runtime_pid(s.proc.pid), engine_pid(s.proc.pid))
+                if p is not None
+            ]
             for slot in self.slots:
                 if slot.proc.poll() is None:
                     slot.proc.terminate()

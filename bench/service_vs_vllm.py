@@ -83,15 +83,19 @@ _KINDS = (
 )
 
 
+# A worker's spawned processes name themselves (their command lines are multiprocessing's).
+_NAMES = {"lm-runtime": "runtime", "lm-engine": "engine"}
+
+
 def _kind(proc: psutil.Process) -> str:
     try:
-        cmd = " ".join(proc.cmdline())
+        cmd, name = " ".join(proc.cmdline()), proc.name()
     except psutil.Error:
         return "gone"
     for kind, marks in _KINDS:
         if any(m in cmd for m in marks):
             return kind
-    return "engine"  # a worker's engine process
+    return _NAMES.get(name, "other")
 
 
 def cpu_times(root: int) -> Cpu:
@@ -430,13 +434,14 @@ def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]
 @contextlib.contextmanager
 def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
     """py-spy (GIL-holding samples, raw format) on the server's busiest processes for the block:
-    the first API process, the worker's consumer and engine process (or vLLM's API server)."""
+    the first API process, the worker's consumer, runtime and engine processes (or vLLM's API
+    server)."""
     if not folder:
         yield
         return
     procs, seen = [], set()
     for pid, (kind, _, _) in sorted(cpu_times(root).items()):
-        if kind in ("api", "consumer", "engine", "vllm-api") and kind not in seen:
+        if kind in ("api", "consumer", "runtime", "engine", "vllm-api") and kind not in seen:
             seen.add(kind)
             out = Path(folder) / f"{prefix}-{kind}.raw"
             argv = ["py-spy", "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]

@@ -25,7 +25,7 @@ from typing import IO
 
 from pydantic import BaseModel
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # <linux/prctl.h>
 
 
 class Holder(BaseModel):
@@ -109,17 +109,24 @@ def read_holder(home: Path) -> Holder | None:
 
 
 def die_with_parent(sig: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets `sig` when the process that started it dies. Checks the parent
-    after arming it: a parent that died in between would never send it."""
+    """A preexec_fn: the child gets `sig` when the process that started it dies."""
     parent = os.getpid()
-    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda: arm_parent_death_signal(parent, sig)
 
-    def arm() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), sig)
 
-    return arm
+def arm_parent_death_signal(parent: int, sig: int) -> None:
+    """In a child of `parent`: the kernel sends it `sig` when the parent's thread that started it
+    ends (start children from a thread that lives as long as the parent: its main thread).
+    Checks the parent after arming: a parent that died in between would never send it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm`, top and psutil's name() show (15 bytes at most; spawned children
+    of one Python otherwise all read "python")."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def taken(ports: dict[str, tuple[str, int]]) -> list[str]:

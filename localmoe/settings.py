@@ -156,7 +156,7 @@ class WebhookSettings(BaseModel):
 
 class MetricsSettings(BaseModel):
     """Prometheus exporters. The API serves its metrics at GET /metrics (admin key); each worker's
-    engine process and the webhook worker serve theirs on ports of their own (loopback by default)."""
+    runtime process and the webhook worker serve theirs on ports of their own (loopback by default)."""
 
     host: str = Field("127.0.0.1", description="Address the worker and webhook exporters bind.")
     worker_port: int = Field(

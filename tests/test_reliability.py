@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -205,7 +206,12 @@ def _ready(client: redis.Redis, name: str) -> bool:
     return raw is not None and WorkerInfo.model_validate_json(raw).ready
 
 
-def test_a_killed_workers_job_finishes_elsewhere_with_one_result(service_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("victim_process", ["consumer", "engine"])
+def test_a_killed_workers_job_finishes_elsewhere_with_one_result(
+    service_env: dict[str, str], victim_process: str
+) -> None:
+    """A worker SIGKILLed mid-generation: its Celery consumer, or its engine process (which takes the
+    runtime process and so the consumer down with it, exit code 70)."""
     with private_stack(service_env, worker=False, LOCALMOE_ENGINE__STEP_DELAY_S="0.02") as stack:
         procs = {n: _worker(stack.env, n) for n in ("alpha", "beta")}
         try:
@@ -218,8 +224,15 @@ def test_a_killed_workers_job_finishes_elsewhere_with_one_result(service_env: di
             wait_for(lambda: len(events) >= 20, 30, "tokens to stream")
             victim = http.get(f"/v1/jobs/{job['id']}").json()["worker"]
             killed_at = time.monotonic()
-            os.kill(procs[victim].pid, signal.SIGKILL)  # mid-generation, no goodbye
+            consumer = psutil.Process(procs[victim].pid)
+            (runtime,) = [p for p in consumer.children() if p.name() == "lm-runtime"]
+            (engine,) = [p for p in runtime.children() if p.name() == "lm-engine"]
+            killed = consumer if victim_process == "consumer" else engine
+            os.kill(killed.pid, signal.SIGKILL)  # mid-generation, no goodbye
             done = wait_done(http, job["id"], timeout=60)
+            if victim_process == "engine":
+                assert procs[victim].wait(10) == 70
+            wait_for(lambda: not _alive(runtime) and not _alive(engine), 10, "the worker's processes to end")
             reader.join(30)
             assert done["status"] == "succeeded" and done["attempt"] == 2
             assert done["worker"] != victim
@@ -232,6 +245,13 @@ def test_a_killed_workers_job_finishes_elsewhere_with_one_result(service_env: di
             for p in procs.values():
                 if p.poll() is None:
                     _stop(p)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _read_sse(api: str, key: str, job_id: str, out: list[dict[str, object]]) -> None:

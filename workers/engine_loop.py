@@ -1,62 +1,62 @@
-"""The engine loop: the one thread that drives a worker's engine.
+"""The engine loop: the one thread that drives a worker's engine, in the engine's own process.
 
-Celery task threads hand jobs in (`submit`) and cancels arrive from the cancel listener
-(`cancel`); both only enqueue. Between two steps the loop admits every new job and applies every
-cancel, so a new job joins the running batch at the next step and a cancelled one leaves it
-within one step. Each step's deltas go to the relay thread; the loop never waits on Redis.
+The pipe's reader thread hands requests, aborts and settings in (`put`) and wakes the engine;
+between two steps the loop applies all of them, so a new request joins the running batch at the
+next step and an aborted one leaves it within one step. Each step's deltas go out on the pipe to
+the runtime process (workers/runtime.py), which writes them to Redis: this process never touches
+Redis, a job record or a metric, so its one core is spent on the engine alone.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from moe_core.engine import Delta, Engine, EngineStats, FinishReason, GenerationRequest, SamplingParams
-from workers.relay import Held, Relay
+from moe_core.engine import Engine
+from moe_core.failover import FailoverEngine
+from workers.messages import (
+    Abort,
+    Add,
+    Configure,
+    Experts,
+    FromEngine,
+    Refused,
+    Stats,
+    Stepped,
+    Stop,
+    ToEngine,
+)
 
 log = logging.getLogger(__name__)
 
-STATS_S = 0.1  # engine statistics are refreshed this often while it steps (heartbeats: every 1 s)
+STATS_S = 0.1  # engine statistics are sent this often while it steps (heartbeats: every 1 s)
+EXPERTS_S = 1.0  # expert counts too (reading them syncs the device)
 
 
-@dataclass(frozen=True)
-class _Cancel:
-    job_id: str
-
-
-class EngineLoop(threading.Thread):
-    def __init__(self, engine: Engine, relay: Relay, step_delay_s: float = 0.0) -> None:
-        """step_delay_s: sleep after every step (a configured slow worker, for benchmarks)."""
-        super().__init__(name="engine-loop", daemon=True)
+class EngineLoop:
+    def __init__(self, engine: Engine, send: Callable[[FromEngine], None], step_delay_s: float = 0.0) -> None:
+        """send: puts a message on the pipe to the runtime process (called from this loop only);
+        step_delay_s: sleep after every step (a configured slow worker, for benchmarks)."""
         self.engine = engine
+        self.send = send
         self.step_delay_s = step_delay_s
-        self.relay = relay
-        self.stats: EngineStats = engine.stats()  # refreshed every STATS_S while busy; heartbeats read it
+        self.live: set[str] = set()  # requests added and not finished: what a failed step fails
+        self.busy_s = 0.0  # seconds spent stepping with requests in the engine
+        self._inbox: queue.SimpleQueue[ToEngine] = queue.SimpleQueue()
         self._stats_at = 0.0
-        self.expert_tokens: dict[str, list[list[int]]] = {}  # refreshed every second; read by heartbeats
-        self._expert_read_at = 0.0
-        self.busy_s = 0.0  # seconds spent stepping with requests in the engine (heartbeats read)
-        self._inbox: queue.SimpleQueue[Held | _Cancel] = queue.SimpleQueue()
-        self._halt = threading.Event()
+        self._experts_at = 0.0
 
-    def submit(self, held: Held) -> None:
-        self.relay.track(held)
-        self._inbox.put(held)
-        self.engine.wake()  # a step waiting for the engine's output returns: the job joins now
-
-    def cancel(self, job_id: str) -> None:
-        self._inbox.put(_Cancel(job_id))
-        self.engine.wake()
-
-    def stop(self) -> None:
-        self._halt.set()
+    def put(self, message: ToEngine) -> None:
+        """From the pipe's reader thread: applied before the next step."""
+        self._inbox.put(message)
+        self.engine.wake()  # a step waiting for the engine's output returns: it applies this now
 
     def run(self) -> None:
-        while not self._halt.is_set():
-            self._admit(block=not self.engine.has_unfinished())
+        """Until a Stop arrives; the engine is the caller's to close."""
+        self._send_stats()
+        while self._admit(block=not self.engine.has_unfinished()):
             busy = self.engine.has_unfinished()
             started = time.perf_counter()
             try:
@@ -66,59 +66,65 @@ class EngineLoop(threading.Thread):
                 self._fail_all(f"engine error: {e}")
                 continue
             if deltas:
-                self.relay.publish(deltas)
+                for d in deltas:
+                    if d.finish_reason is not None:
+                        self.live.discard(d.request_id)
+                self.send(Stepped.of(deltas))
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
             if busy:
                 self.busy_s += time.perf_counter() - started
-            now = time.monotonic()  # O(requests): not every step, but at once when the batch empties
-            if not self.engine.has_unfinished() or now - self._stats_at >= STATS_S:
-                self.stats, self._stats_at = self.engine.stats(), now
-            if time.monotonic() - self._expert_read_at >= 1.0:  # a device sync: once a second
-                self.expert_tokens, self._expert_read_at = self.engine.expert_tokens(), time.monotonic()
+            # O(requests): not every step, but at once when the batch empties
+            now, emptied = time.monotonic(), busy and not self.engine.has_unfinished()
+            if emptied or now - self._stats_at >= STATS_S:
+                self._send_stats()
+            if emptied or (busy and now - self._experts_at >= EXPERTS_S):
+                self._experts_at = now
+                self.send(Experts(self.engine.expert_tokens()))
 
-    def _admit(self, block: bool) -> None:
+    def _send_stats(self) -> None:
+        s = self.engine.stats()
+        fields = (s.running, s.waiting, s.steps, s.max_batch_seen, s.tokens_generated)
+        self.send(Stats(self.engine.name, (*fields, s.failovers, s.kv_usage), self.busy_s))
+        self._stats_at = time.monotonic()
+
+    def _admit(self, block: bool) -> bool:
+        """Applies every message waiting (waits up to 0.5 s for one if `block`). → False on Stop."""
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return True
         while True:
+            if isinstance(item, Stop):
+                return False
             self._apply(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
 
-    def _apply(self, item: Held | _Cancel) -> None:
-        if isinstance(item, _Cancel):
-            if item.job_id in self.relay.held:
-                self.engine.abort(item.job_id)
-            return
-        spec = item.job.spec
-        left = spec.max_tokens - item.resumed_tokens  # a resumed job continues its earlier text
-        if left <= 0:  # an earlier attempt made every token before its worker died
-            done = Delta(item.job.id, "", [], item.job.usage.prompt_tokens, 0, FinishReason.LENGTH)
-            self.relay.publish([done])
-            return
-        params = SamplingParams(
-            max_tokens=left,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            top_k=spec.top_k,
-            seed=spec.seed,
-            stop=tuple(spec.stop),
-            ignore_eos=spec.ignore_eos,
-        )
-        prompt = spec.prompt + "".join(item.text)  # item.text holds only the resumed text yet
-        try:
-            self.engine.add_request(GenerationRequest(item.job.id, prompt, params, tag=item.job.modality))
-        except ValueError as e:  # e.g. a prompt the engine cannot hold
-            self.relay.fail(item.job.id, str(e))
+    def _apply(self, item: Add | Abort | Configure) -> None:
+        if isinstance(item, Abort):
+            if item.request_id in self.live:
+                self.engine.abort(item.request_id)
+        elif isinstance(item, Configure):
+            self.step_delay_s = item.step_delay_s
+            if isinstance(self.engine, FailoverEngine):
+                self.engine.max_failures = item.max_step_failures
+                self.engine.cooldown_s = item.failover_cooldown_s
+        else:
+            try:
+                self.engine.add_request(item.request())
+            except ValueError as e:  # e.g. a prompt the engine cannot hold
+                self.send(Refused(item.request_id, str(e)))
+                return
+            self.live.add(item.request_id)
 
     def _fail_all(self, error: str) -> None:
-        for job_id in list(self.relay.held):
-            self.engine.abort(job_id)
-            self.relay.fail(job_id, error)
+        for request_id in sorted(self.live):
+            self.engine.abort(request_id)
+            self.send(Refused(request_id, error))
+        self.live.clear()
         try:  # drain the aborts so the engine forgets them
             self.engine.step()
         except Exception:

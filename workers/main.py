@@ -1,4 +1,5 @@
-"""`localmoe worker`: one device, one engine process loaded and warmed before Celery consumes."""
+"""`localmoe worker`: one device; its runtime and engine processes started, the engine warm, before
+Celery consumes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from localmoe.settings import Settings
 from scheduler.queue import make_celery
-from workers.engine_proc import EngineProcess
+from workers.runtime_proc import RuntimeProcess
 from workers.tasks import register
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 def serve(settings: Settings, name: str | None = None) -> None:
     url = settings.require_redis_url()
     name = name or socket.gethostname()
-    engine = EngineProcess(name)
+    engine = RuntimeProcess(name)
     ready = engine.start()  # blocks until the engine has loaded and warmed up
     info = ready.info
     log.info("worker %s: engine %s on %s warm; consuming %s", name, info.engine, info.device, info.queues)

@@ -1,19 +1,33 @@
-"""Typed messages between a worker's two processes, sent as JSON over one duplex pipe.
+"""Typed messages between a worker's three processes, each pair over one duplex pipe.
 
-consumer process (Celery)              engine process (engine, loop, relay, heartbeats)
-  Submit([Claimed(job, attempt, resume)...]) ─▶  (the jobs of one Celery message)
-  ConsumerReady               ─────▶   (heartbeats say ready from now on)
-  Shutdown                    ─────▶   (exits; so does it when the pipe closes)
-                              ◀─────   EngineReady(info)    once loaded and warmed up
-                              ◀─────   Finished(job_id, status)   after the terminal write
+consumer process (Celery)     runtime process (relay, heartbeats,      engine process (the engine
+                              cancels, webhooks, metrics)              and its step loop only)
+  Submit([Claimed...]) ──▶    (the jobs of one Celery message)
+  ConsumerReady ─────────▶    (heartbeats say ready from now on)
+  Shutdown ──────────────▶    (exits; so does it when the pipe closes)
+                       ◀───   EngineReady(info)   once the engine is warm
+                       ◀───   Finished(job_id, status)   after the terminal write
+                              Add(request) / Abort(id) / Configure / Stop ──▶
+                                                       ◀── Loaded | LoadFailed   once, at start
+                                                       ◀── Stepped(deltas)      every step that made any
+                                                       ◀── Refused(id, error)   a request it failed
+                                                       ◀── Stats(...)           every 0.1 s while busy
+                                                       ◀── Experts(counts)      every second while busy
+
+Consumer ⇄ runtime: pydantic models as JSON (a few messages per job). Runtime ⇄ engine:
+NamedTuples, marshal-encoded as (tag, *fields): every step's deltas cross this pipe (256 at a full
+batch), and marshal of plain tuples costs the engine process ~0.5 µs per delta where building and
+dumping pydantic models costs several µs; the engine process's CPU is the GPU's pace.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import marshal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from scheduler.jobs import Job, JobStatus
 from scheduler.registry import WorkerInfo
 
@@ -54,3 +68,120 @@ class Finished(BaseModel):
 
 Message = Annotated[Submit | ConsumerReady | Shutdown | EngineReady | Finished, Field(discriminator="kind")]
 MESSAGE: TypeAdapter[Submit | ConsumerReady | Shutdown | EngineReady | Finished] = TypeAdapter(Message)
+
+
+# --- runtime process ⇄ engine process -----------------------------------------------------------
+
+
+class Add(NamedTuple):
+    """A request joins the batch at the engine's next step."""
+
+    request_id: str
+    prompt: str
+    params: tuple[Any, ...]  # SamplingParams's fields, in order
+    tag: str
+
+    @classmethod
+    def of(cls, r: GenerationRequest) -> Add:
+        p = r.params
+        params = (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos)
+        return cls(r.request_id, r.prompt, params, str(r.tag))  # marshal takes no str subclass (enums)
+
+    def request(self) -> GenerationRequest:
+        mt, temperature, top_p, top_k, seed, stop, ignore_eos = self.params
+        params = SamplingParams(mt, temperature, top_p, top_k, seed, tuple(stop), ignore_eos)
+        return GenerationRequest(self.request_id, self.prompt, params, self.tag)
+
+
+class Abort(NamedTuple):
+    request_id: str
+
+
+class Configure(NamedTuple):
+    """The engine-side hot settings (localmoe/config_store.py)."""
+
+    step_delay_s: float
+    max_step_failures: int
+    failover_cooldown_s: float
+
+
+class Stop(NamedTuple):
+    """Close the engine (device memory, its own processes) and exit."""
+
+
+class Loaded(NamedTuple):
+    """The engine is loaded and warm."""
+
+    name: str  # its backend
+    max_context: int
+    device: str  # "cuda" or "cpu", "auto" resolved
+    choice: str  # the backend the choice named (name differs when that one failed to load)
+    reason: str  # why the choice named it
+
+
+class LoadFailed(NamedTuple):
+    error: str
+
+
+# A Delta on the wire: (request_id, text, token_ids, prompt_tokens, completion_tokens,
+# finish_reason's value or None, error).
+DeltaTuple = tuple[str, str, list[int], int, int, str | None, str | None]
+
+
+class Stepped(NamedTuple):
+    """What one engine step (or several that piled up) changed."""
+
+    deltas: list[DeltaTuple]
+
+    @classmethod
+    def of(cls, deltas: list[Delta]) -> Stepped:
+        return cls(
+            [
+                (d.request_id, d.text, d.token_ids, d.prompt_tokens, d.completion_tokens,
+                 d.finish_reason.value if d.finish_reason is not None else None, d.error)
+                for d in deltas
+            ]
+        )  # fmt: skip
+
+    def unpack(self) -> list[Delta]:
+        return [
+            Delta(rid, text, ids, prompt, completion, FinishReason(reason) if reason else None, error)
+            for rid, text, ids, prompt, completion, reason, error in self.deltas
+        ]
+
+
+class Refused(NamedTuple):
+    """The engine failed this request (it could not take it, or its step failed): it is gone."""
+
+    request_id: str
+    error: str
+
+
+class Stats(NamedTuple):
+    name: str  # the serving backend (a failover changes it)
+    stats: tuple[Any, ...]  # EngineStats's fields, in order
+    busy_s: float  # seconds spent stepping with requests in the engine, so far
+
+    def engine_stats(self) -> EngineStats:
+        return EngineStats(*self.stats)
+
+
+class Experts(NamedTuple):
+    tokens: dict[str, list[list[int]]]  # tag → [layer][expert] tokens routed there so far
+
+
+ToEngine = Add | Abort | Configure | Stop
+FromEngine = Loaded | LoadFailed | Stepped | Refused | Stats | Experts
+_TAGS: dict[str, type[Any]] = {
+    c.__name__: c for c in (Add, Abort, Configure, Stop, Loaded, LoadFailed, Stepped, Refused, Stats, Experts)
+}
+
+
+def pack(message: ToEngine | FromEngine) -> bytes:
+    return marshal.dumps((type(message).__name__, *message))
+
+
+def unpack(data: bytes) -> Any:
+    """→ the message (ToEngine or FromEngine: the receiving side knows which)."""
+    tag, *fields = marshal.loads(data)
+    return _TAGS[tag](*fields)

@@ -1,10 +1,10 @@
-"""Prometheus exporters of the worker processes: a worker's engine process, the webhook worker.
+"""Prometheus exporters of the worker processes: a worker's runtime process, the webhook worker.
 
 A worker's series, every one labelled worker="<name>", come from two places:
-- observed as things happen: queue time when the engine process takes a job (`started`), and per
+- observed as things happen: queue time when the runtime process takes a job (`started`), and per
   relay batch (one call per batch of engine steps, on the relay thread) TTFT, inter-token
   latency, batch sizes and tokens (`delivered`), end-to-end latency and finish reasons
-  (`finished`). The engine loop itself never touches a metric;
+  (`finished`). The engine's process never touches a metric;
 - read at scrape time from the heartbeat record (WorkerInfo, refreshed every second): requests
   running and waiting, occupancy, KV cache, speed, failovers, expert telemetry, NVML.
 The exporter is prometheus_client's HTTP server thread; a port it cannot bind is logged, and the
@@ -112,7 +112,7 @@ class WorkerMetrics:
         self._delivered_at: dict[str, float] = {}  # job id → its last delivery (relay thread only)
 
     def started(self, job: Job) -> None:
-        """The engine process took the job (moments after the worker claimed it)."""
+        """The runtime process took the job (moments after the worker claimed it)."""
         if job.timings.queued_at is not None:
             self.queue_time.observe(max(0.0, time.time() - job.timings.queued_at))
 

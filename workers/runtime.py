@@ -1,5 +1,6 @@
-"""The engine process's long-lived parts: the engine, its loop, the relay, heartbeats and the
-cancel listener. Built and warmed up before the worker consumes a single message."""
+"""The runtime process's long-lived parts: the relay, heartbeats, the cancel listener, webhooks
+and metrics, around the engine process it starts (workers/engine_proc.py). Built, and the engine
+warmed up, before the worker consumes a single message."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ import redis
 
 from localmoe.gpus import gpu_stats, visible_nvml_indices
 from localmoe.settings import Settings
-from moe_core.engine import Engine
-from moe_core.failover import FailoverEngine
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
 from scheduler.registry import HEARTBEAT_S, LEASE_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
-from workers.engine_loop import EngineLoop
+from workers.engine_proc import EngineHost
 from workers.metrics import WorkerMetrics
 from workers.reaper import Reaper
 from workers.relay import Held, Relay
@@ -30,26 +29,23 @@ class Runtime:
     def __init__(
         self,
         client: redis.Redis,
-        engine: Engine,
+        engine: EngineHost,
         info: WorkerInfo,
-        ttl_s: int,
-        step_delay_s: float = 0.0,
         notifier: Notifier | None = None,
-        output_interval_s: float = 0.5,
         incarnation: str = "",
         reaper: Reaper | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        """metrics: this worker's Prometheus metrics (None: none kept)."""
+        """engine: started, its relay not yet; metrics: this worker's Prometheus metrics (None:
+        none kept)."""
         self.client = client
         self.engine = engine
+        self.relay: Relay = engine.relay
         self.info = info
         self.notifier = notifier
         self.incarnation = incarnation  # the lease's value: which run of this worker holds its jobs
         self.reaper = reaper
         self.metrics = metrics
-        self.relay = Relay(client, ttl_s, notifier, output_interval_s, metrics)
-        self.loop = EngineLoop(engine, self.relay, step_delay_s)
         self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
@@ -58,26 +54,20 @@ class Runtime:
         if self.notifier is not None:
             self.notifier.start()
         self.relay.start()
-        self.loop.start()
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True).start()
 
     def stop(self) -> None:
-        """Stop stepping, then close the engine (its device memory, its own processes)."""
-        self.loop.stop()
-        self.loop.join(timeout=30)
-        self.engine.close()
+        """The engine stops stepping and lets go of the device (its memory, its own processes)."""
+        self.engine.stop()
 
     def reconfigure(self, settings: Settings, _version: object = None) -> None:
         """A new config version (localmoe/config_store.py): the engine-side hot settings.
         engine.backend is kept for the next start: an engine is chosen when the worker starts."""
-        self.loop.step_delay_s = settings.engine.step_delay_s
+        self.engine.configure(settings)
         self.relay.output_interval_s = settings.webhooks.output_interval_s
         if self.reaper is not None:
             self.reaper.max_attempts = settings.limits.max_attempts
-        if isinstance(self.engine, FailoverEngine):
-            self.engine.max_failures = settings.engine.max_step_failures
-            self.engine.cooldown_s = settings.engine.failover_cooldown_s
 
     def mark_ready(self) -> None:
         self.info.ready = True
@@ -94,12 +84,12 @@ class Runtime:
             held.text.append(resume_text)
         if self.metrics is not None:
             self.metrics.started(job)
-        self.loop.submit(held)
+        self.engine.submit(held)
         return held
 
     # --- background threads ---------------------------------------------------------------
     def beat(self) -> None:
-        stats = self.loop.stats
+        stats = self.engine.stats
         now, mono = time.time(), time.monotonic()
         last_mono, last_tokens, last_steps, last_busy = self._last
         dt = max(mono - last_mono, 1e-6)
@@ -109,18 +99,18 @@ class Runtime:
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
         info.tokens_per_s = (stats.tokens_generated - last_tokens) / dt
-        busy, steps = self.loop.busy_s - last_busy, stats.steps - last_steps
+        busy, steps = self.engine.busy_s - last_busy, stats.steps - last_steps
         if busy >= 0.01 and steps > 0:  # the speeds the router plans with, over the time spent stepping
             info.step_rate = _ewma(info.step_rate, steps / busy)
             info.busy_tokens_per_s = _ewma(
                 info.busy_tokens_per_s, (stats.tokens_generated - last_tokens) / busy
             )
-        self._last = (mono, stats.tokens_generated, stats.steps, self.loop.busy_s)
+        self._last = (mono, stats.tokens_generated, stats.steps, self.engine.busy_s)
         held = list(self.relay.held.values())
         info.tokens_in_flight = sum(max(0, h.job.spec.max_tokens - h.tokens) for h in held)
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
-        info.expert_tokens = self.loop.expert_tokens
+        info.expert_tokens = self.engine.expert_tokens
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
         self._last_layer_totals = totals
@@ -152,7 +142,7 @@ class Runtime:
             pipe.hget(keys.job(job_id), "cancel_requested")
         for job_id, flag in zip(held, pipe.execute(), strict=True):
             if flag == "true":
-                self.loop.cancel(job_id)
+                self.engine.cancel(job_id)
 
     def _listen_for_cancels(self) -> None:
         while True:
@@ -162,7 +152,7 @@ class Runtime:
                 for message in pubsub.listen():
                     job_id = message.get("data")
                     if isinstance(job_id, str) and job_id in self.relay.held:
-                        self.loop.cancel(job_id)
+                        self.engine.cancel(job_id)
             except redis.RedisError as e:
                 log.warning("cancel listener lost Redis (%s); resubscribing", e)
                 time.sleep(0.5)
@@ -172,14 +162,14 @@ def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
     return new if old == 0 else (1 - alpha) * old + alpha * new
 
 
-def worker_info(name: str, engine: Engine, device: str, model: str, capacity: int) -> WorkerInfo:
+def worker_info(name: str, engine: EngineHost, model: str, capacity: int) -> WorkerInfo:
     now = time.time()
     return WorkerInfo(
         name=name,
         pid=os.getpid(),
         queues=[keys.SHARED_QUEUE, keys.worker_queue(name)],
         engine=engine.name,
-        device=device,
+        device=engine.device,
         model=model,
         max_context=engine.max_context,
         capacity=capacity,

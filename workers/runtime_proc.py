@@ -1,10 +1,11 @@
-"""The engine's own process.
+"""The worker's runtime process, and the consumer's handle on it (`RuntimeProcess`).
 
-A worker is two processes: the Celery consumer (message handling, claims, acks) and this one
-(the engine, its loop, the relay, heartbeats, cancels). Kept apart, the consumer never waits for
-the GIL behind a decode step, and the decode loop never stalls behind message handling — the
-split vLLM's engine core makes for the same reason. The engine process is spawned (never forked:
-CUDA does not survive a fork) and dies with its parent.
+A worker is three processes, each with an interpreter lock of its own: the Celery consumer
+(messages, claims, acks), this one (the relay to Redis, heartbeats, cancels, webhooks, metrics)
+and the engine process it starts (the engine and its step loop, workers/engine_proc.py). The
+consumer never waits behind a relay write, the relay never behind a decode step, and the engine
+never behind either: the split vLLM's engine core makes for the same reason. Spawned (never
+forked: CUDA does not survive a fork); it ends when the consumer's pipe closes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from localmoe.config_store import ConfigWatcher
+from localmoe.instance import set_process_name
 from localmoe.settings import Settings, get_settings
 from workers.messages import MESSAGE, Claimed, ConsumerReady, EngineReady, Finished, Shutdown, Submit
 
@@ -30,8 +32,9 @@ if TYPE_CHECKING:  # the consumer process never imports torch: only the engine p
 log = logging.getLogger(__name__)
 
 
-class EngineProcess:
-    """The consumer side's handle: start the engine process, hand it jobs, learn when they end."""
+class RuntimeProcess:
+    """The consumer side's handle: start the runtime process (and so the engine), hand it jobs,
+    learn when they end."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -39,18 +42,18 @@ class EngineProcess:
         self.incarnation = uuid.uuid4().hex[:12]
         self._conn, child = mp.get_context("spawn").Pipe(duplex=True)
         self._proc = mp.get_context("spawn").Process(
-            target=_main, args=(child, name, self.incarnation), name=f"engine-{name}"
+            target=_main, args=(child, name, self.incarnation), name=f"runtime-{name}"
         )
         self._send_lock = threading.Lock()
         self._pending: dict[str, Future[Finished]] = {}
         self._stopping = False
 
     def start(self) -> EngineReady:
-        """Spawn the engine and wait until it has loaded and warmed up."""
+        """Spawn the runtime (which spawns the engine) and wait until the engine is warm."""
         self._proc.start()
         ready = MESSAGE.validate_json(self._conn.recv_bytes())
         assert isinstance(ready, EngineReady), ready
-        threading.Thread(target=self._read, name="engine-replies", daemon=True).start()
+        threading.Thread(target=self._read, name="runtime-replies", daemon=True).start()
         return ready
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -60,7 +63,7 @@ class EngineProcess:
         self._kill_group()
 
     def _kill_group(self) -> None:
-        """SIGKILL whatever is left of the engine's process group (the engine, vLLM's core)."""
+        """SIGKILL whatever is left of the runtime's process group (it, the engine, vLLM's core)."""
         if self._proc.pid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -71,7 +74,7 @@ class EngineProcess:
         self._send(ConsumerReady())
 
     def run(self, jobs: list[Claimed]) -> list[Finished]:
-        """Hand claimed jobs to the engine in one message; returns once every one's terminal state
+        """Hand claimed jobs to the runtime in one message; returns once every one's terminal state
         is in Redis."""
         done: list[Future[Finished]] = []
         for claimed in jobs:
@@ -93,20 +96,22 @@ class EngineProcess:
         except (EOFError, OSError):
             if self._stopping:  # stop() asked for it
                 return
-        # The engine is gone with jobs in flight: end this worker at once, without acknowledging
+        # The runtime (or the engine, which takes the runtime with it) is gone with jobs in flight:
+        # end this worker at once, without acknowledging
         # them, so the broker hands them to another worker (the supervisor restarts this one).
         log.critical(
-            "engine process %s died (exit code %s); stopping the worker", self.name, self._proc.exitcode
+            "runtime process %s died (exit code %s); stopping the worker", self.name, self._proc.exitcode
         )
         self._kill_group()
         os._exit(70)
 
 
 def _main(conn: Connection, name: str, incarnation: str) -> None:
-    """The engine process: load, warm up, report ready, then serve the pipe until it closes."""
-    # Its own process group: engines start processes of their own (vLLM's engine core) that do
-    # not watch their parent; the consumer ends the whole group, so none outlives the worker.
+    """The runtime process: start the engine, report ready, then serve the pipe until it closes."""
+    # Its own process group, which the engine process and vLLM's engine core join: the consumer
+    # ends the whole group, so none outlives the worker.
     os.setpgrp()
+    set_process_name("lm-runtime")
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -146,40 +151,34 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
                 break
     except (EOFError, OSError):  # the consumer process is gone: so is this one
         pass
-    runtime.stop()  # the loop stops stepping, then the engine lets go of the device
+    runtime.stop()  # the engine stops stepping and lets go of the device
     os._exit(0)
 
 
 def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
     import redis
-    import torch
 
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
     from scheduler.webhooks import WebhookEventType
-    from workers.engine_setup import start_engine
+    from workers.engine_proc import EngineHost
     from workers.metrics import serve_worker_metrics
     from workers.reaper import Reaper
+    from workers.relay import Relay
     from workers.runtime import Runtime, worker_info
 
-    device = settings.engine.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(settings.engine.resolved_cpu_threads())
-    model_dir = settings.resolved_model_dir
-    capacity = settings.engine.max_batch_size
-    log.info("worker %s: loading %s on %s", name, model_dir, device)
-    engine, choice = start_engine(model_dir, device, settings.engine)
     client = redis.Redis.from_url(
         settings.require_redis_url(), decode_responses=True, health_check_interval=10
     )
-    info = worker_info(name, engine, device, str(model_dir), capacity)
-    info.engine_reason = (
-        choice.reason if engine.name == choice.backend else f"{choice.backend} failed to load"
-    )
     celery = make_celery(settings.require_redis_url())
     notifier = Notifier(celery, client)
+    relay = Relay(client, settings.limits.job_ttl_s, notifier, settings.webhooks.output_interval_s)
+    engine = EngineHost(settings, relay)
+    log.info("worker %s: starting its engine (%s)", name, settings.resolved_model_dir)
+    engine.start()  # loaded and warm
+    info = worker_info(name, engine, str(settings.resolved_model_dir), settings.engine.max_batch_size)
+    info.engine_reason = engine.reason if engine.name == engine.choice else f"{engine.choice} failed to load"
+    relay.metrics = serve_worker_metrics(info, settings.metrics)
     reaper = Reaper(
         client,
         celery,
@@ -191,11 +190,8 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
         client,
         engine,
         info,
-        settings.limits.job_ttl_s,
-        settings.engine.step_delay_s,
         notifier=notifier,
-        output_interval_s=settings.webhooks.output_interval_s,
-        metrics=serve_worker_metrics(info, settings.metrics),
+        metrics=relay.metrics,
         incarnation=incarnation,
         reaper=reaper,
     )

@@ -1,4 +1,4 @@
-"""The Celery task: claim the jobs of one message, hand them to the engine process together,
+"""The Celery task: claim the jobs of one message, hand them to the runtime process together,
 return once every one has ended.
 
 The API puts every job it accepted in one short spell and routed to the same queue at the same
@@ -17,8 +17,8 @@ from celery import Celery
 from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, encode_fields
-from workers.engine_proc import EngineProcess
 from workers.messages import Claimed
+from workers.runtime_proc import RuntimeProcess
 
 # KEYS: the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING,
 # then per job: its hash, the queued-cost hash of the worker it was routed to (scheduler/keys.py).
@@ -75,7 +75,7 @@ return out
 """
 
 
-def register(app: Celery, client: redis.Redis, engine: EngineProcess, engine_name: str) -> None:
+def register(app: Celery, client: redis.Redis, engine: RuntimeProcess, engine_name: str) -> None:
     claim = client.register_script(CLAIM)
     resume = client.register_script(RESUME)
 

@@ -1,0 +1,75 @@
+"""The runtime ⇄ engine boundary: its messages cross the pipe unchanged, and the engine process is
+a process of its own that holds the engine and no Redis connection."""
+
+from __future__ import annotations
+
+import psutil
+import redis
+
+from localmoe.redis_server import RedisServer
+from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
+from scheduler import keys
+from scheduler.jobs import Modality
+from scheduler.registry import WorkerInfo
+from workers.messages import (
+    Abort,
+    Add,
+    Configure,
+    Experts,
+    Loaded,
+    LoadFailed,
+    Refused,
+    Stats,
+    Stepped,
+    Stop,
+    pack,
+    unpack,
+)
+
+
+def test_every_message_crosses_the_pipe_unchanged() -> None:
+    messages = [
+        Abort("j1"),
+        Configure(0.02, 3, 60.0),
+        Stop(),
+        Loaded("vllm", 4096, "cuda", "vllm", "fits one GPU"),
+        LoadFailed("out of memory"),
+        Refused("j2", "prompt too long"),
+        Stats("torch", (3, 1, 40, 4, 120, 1, 0.25), 1.5),
+        Experts({"code": [[1, 2], [3, 4]], "text": []}),
+    ]
+    for message in messages:
+        assert unpack(pack(message)) == message
+        assert type(unpack(pack(message))) is type(message)
+
+
+def test_a_request_and_its_steps_arrive_as_sent() -> None:
+    params = SamplingParams(max_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=11, stop=("\n\n", "}"))
+    request = GenerationRequest(
+        "j1", "def f(x):", params, tag=Modality.CODE
+    )  # a str enum: marshal takes none
+    assert unpack(pack(Add.of(request))).request() == GenerationRequest("j1", "def f(x):", params, tag="code")
+
+    deltas = [
+        Delta("j1", "ret", [11, 12], 5, 2),
+        Delta("j2", "", [13], 9, 4),  # a token whose text is held back
+        *(Delta(f"end-{r.value}", "x", [1], 3, 1, r) for r in FinishReason),
+        Delta("j3", "", [], 3, 0, FinishReason.ERROR, "engine error: boom"),
+    ]
+    assert unpack(pack(Stepped.of(deltas))).unpack() == deltas
+
+
+def test_the_engine_has_a_process_of_its_own(worker: str, redis_server: RedisServer) -> None:
+    """consumer → runtime (the pid heartbeats carry; talks to Redis) → engine (no Redis at all)."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    info = WorkerInfo.model_validate_json(client.get(keys.worker(worker)) or "")
+    runtime = psutil.Process(info.pid)
+    assert runtime.name() == "lm-runtime"
+    assert "localmoe worker" in " ".join(runtime.parent().cmdline())
+    (engine,) = [p for p in runtime.children() if p.name() == "lm-engine"]
+
+    def redis_connections(proc: psutil.Process) -> int:
+        return sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == redis_server.port)
+
+    assert redis_connections(runtime) > 0
+    assert redis_connections(engine) == 0

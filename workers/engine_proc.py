@@ -1,0 +1,204 @@
+"""The engine's own process, and the runtime's handle on it (`EngineHost`).
+
+The engine process holds the engine and its step loop (workers/engine_loop.py) and nothing else:
+no Redis, no job records, no metrics, no webhooks. Measured on the H200 with vLLM, a worker that
+ran the relay's Redis writes and the per-token metrics in the engine's process spent 24–30 µs of
+that process's CPU per token against 11–16 for the engine alone; near 30k tokens/s that is one
+core's worth, one interpreter lock: the relay's turns on it delayed the engine's steps, and the
+service ran at 0.76–0.86 of the engine. Here the runtime process does all of that, and the engine
+process only packs each step's deltas for the pipe (~0.5 µs each). vLLM's engine core, a child
+of this process, is the same split one level down.
+
+Spawned (never forked: CUDA does not survive a fork) by the runtime's main thread, in the runtime's
+process group (the consumer ends the whole group); it dies with the runtime (parent-death signal)
+and exits when the pipe closes. If it dies, so does the runtime, and so the worker: the broker
+hands the unacknowledged jobs to another worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from localmoe.instance import arm_parent_death_signal, set_process_name
+from localmoe.settings import Settings, get_settings
+from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from workers.messages import (
+    Abort,
+    Add,
+    Configure,
+    Experts,
+    FromEngine,
+    Loaded,
+    LoadFailed,
+    Refused,
+    Stats,
+    Stepped,
+    Stop,
+    ToEngine,
+    pack,
+    unpack,
+)
+from workers.relay import Held, Relay
+
+if TYPE_CHECKING:  # the runtime process never imports torch or an engine: only this one does
+    from moe_core.choice import Choice
+    from moe_core.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class EngineHost:
+    """The runtime's handle on the engine process: hands it requests, aborts and settings; feeds
+    its steps to the relay; keeps its latest statistics for the heartbeats."""
+
+    def __init__(self, settings: Settings, relay: Relay) -> None:
+        self.relay = relay
+        self.name = "?"  # the serving backend (a failover changes it)
+        self.max_context = 0
+        self.device = settings.engine.device
+        self.choice, self.reason = "", ""
+        self.stats = EngineStats(running=0, waiting=0, steps=0, max_batch_seen=0, tokens_generated=0)
+        self.busy_s = 0.0  # seconds the engine spent stepping with requests in it
+        self.expert_tokens: dict[str, list[list[int]]] = {}  # tag → [layer][expert], every second
+        self._conn, child = mp.get_context("spawn").Pipe(duplex=True)
+        self._proc = mp.get_context("spawn").Process(
+            target=_main, args=(child, os.getpid()), name="engine", daemon=False
+        )
+        self._send_lock = threading.Lock()  # submit's track-then-add is one step for cancel
+        self._stopping = False
+
+    def start(self) -> None:
+        """Spawn the engine process and wait until it has loaded and warmed up; raises if it
+        could not load."""
+        self._proc.start()
+        first = unpack(self._conn.recv_bytes())
+        if isinstance(first, LoadFailed):
+            raise RuntimeError(f"the engine could not load: {first.error}")
+        assert isinstance(first, Loaded), first
+        self.name, self.max_context, self.device = first.name, first.max_context, first.device
+        self.choice, self.reason = first.choice, first.reason
+        threading.Thread(target=self._read, name="engine-output", daemon=True).start()
+
+    def submit(self, held: Held) -> None:
+        """The job joins the batch at the engine's next step; the relay holds it from now on."""
+        spec = held.job.spec
+        left = spec.max_tokens - held.resumed_tokens  # a resumed job continues its earlier text
+        with self._send_lock:
+            self.relay.track(held)
+            if left <= 0:  # an earlier attempt made every token before its worker died
+                done = Delta(held.job.id, "", [], held.job.usage.prompt_tokens, 0, FinishReason.LENGTH)
+                self.relay.publish([done])
+                return
+            params = SamplingParams(
+                max_tokens=left,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                seed=spec.seed,
+                stop=tuple(spec.stop),
+                ignore_eos=spec.ignore_eos,
+            )
+            prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
+            self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))
+
+    def cancel(self, job_id: str) -> None:
+        with self._send_lock:
+            self._send(Abort(job_id))
+
+    def configure(self, settings: Settings) -> None:
+        e = settings.engine
+        self._send(Configure(e.step_delay_s, e.max_step_failures, e.failover_cooldown_s))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """The engine process closes the engine (device memory, its own processes) and exits."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # already gone
+            self._send(Stop())
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def _send(self, message: ToEngine) -> None:
+        self._conn.send_bytes(pack(message))
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = unpack(self._conn.recv_bytes())
+                if isinstance(message, Stepped):
+                    self.relay.publish(message.unpack())
+                elif isinstance(message, Refused):
+                    self.relay.fail(message.request_id, message.error)
+                elif isinstance(message, Stats):
+                    self.name, self.stats, self.busy_s = message.name, message.engine_stats(), message.busy_s
+                elif isinstance(message, Experts):
+                    self.expert_tokens = message.tokens
+        except (EOFError, OSError):
+            if self._stopping:
+                return
+        # The engine is gone with jobs in flight: end this process at once; the consumer sees its
+        # pipe close, ends the worker without acknowledging, and the broker hands the jobs on.
+        log.critical("engine process died (exit code %s); stopping the worker", self._proc.exitcode)
+        os._exit(70)
+
+
+def _main(conn: Connection, parent: int) -> None:
+    """The engine process: load, warm up, say so, then step until Stop or the pipe closes."""
+    arm_parent_death_signal(parent, signal.SIGKILL)
+    set_process_name("lm-engine")
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    send_lock = threading.Lock()
+
+    def send(message: FromEngine) -> None:
+        with send_lock:
+            conn.send_bytes(pack(message))
+
+    try:
+        engine, choice, device = _load(settings)
+    except Exception as e:
+        log.exception("the engine could not load")
+        send(LoadFailed(f"{type(e).__name__}: {e}"))
+        os._exit(1)
+    from workers.engine_loop import EngineLoop
+
+    loop = EngineLoop(engine, send, settings.engine.step_delay_s)
+
+    def read() -> None:
+        try:
+            while True:
+                loop.put(unpack(conn.recv_bytes()))
+        except (EOFError, OSError):  # the runtime is gone: stop stepping, let go of the device
+            loop.put(Stop())
+
+    send(Loaded(engine.name, engine.max_context, device, choice.backend, choice.reason))
+    threading.Thread(target=read, name="engine-input", daemon=True).start()
+    loop.run()
+    engine.close()
+    os._exit(0)
+
+
+def _load(settings: Settings) -> tuple[Engine, Choice, str]:
+    import torch
+
+    from workers.engine_setup import start_engine
+
+    device = settings.engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(settings.engine.resolved_cpu_threads())
+    model_dir = settings.resolved_model_dir
+    log.info("loading %s on %s", model_dir, device)
+    engine, choice = start_engine(model_dir, device, settings.engine)
+    return engine, choice, device
