@@ -20,6 +20,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from scheduler import backlog, keys
 from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
@@ -27,34 +28,28 @@ from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
 log = logging.getLogger(__name__)
 
 
-class _QoS(kombu_redis.QoS):
-    # Closing a channel would put its unacknowledged messages back on their queues. kombu does
-    # that on a lost connection too, where it fails (a connection without a client: AttributeError)
-    # and takes the whole worker down — measured in tests/test_reliability.py when Redis restarts.
-    # LocalMoE needs no such restore: the reaper re-queues the jobs of a worker that is gone
-    # (workers/reaper.py), and a message left unacknowledged comes back after the visibility
-    # timeout, where claiming it again is a no-op.
+class _QoS(virtual.QoS):
+    # Closing a channel would put the messages it holds back on their queues. LocalMoE needs no
+    # such restore: the reaper re-queues the jobs of a worker that is gone (workers/reaper.py) and
+    # sends again a job still queued after WAITING_CHECK_S, and claiming a job twice is a no-op.
     restore_at_shutdown = False
-
-    def ack(self, delivery_tag: Any) -> None:
-        # A task that finishes after its channel's connection was lost acknowledges on a channel
-        # without a connection: kombu raises AttributeError there, which Celery takes for fatal.
-        # The message stays unacknowledged; the visibility timeout brings it back, a no-op claim.
-        try:
-            super().ack(delivery_tag)
-        except AttributeError:
-            log.warning("could not acknowledge message %s: its broker connection was lost", delivery_tag)
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        try:
-            super().reject(delivery_tag, requeue=requeue)
-        except AttributeError:
-            log.warning("could not reject message %s: its broker connection was lost", delivery_tag)
 
 
 class _Channel(kombu_redis.Channel):
-    QoS = _QoS
+    # No acknowledgement emulation. kombu's Redis transport emulates AMQP's acks by copying every
+    # message it delivers into an "unacked" hash and index (a MULTI round trip on the consumer's
+    # event loop per message, another per ack) and putting back what stays unacknowledged past the
+    # visibility timeout (one hour). LocalMoE's own records already do that job, faster: a claimed
+    # job is in its worker's running hash under a 10 s lease (the reaper re-queues it), and a job
+    # whose message was taken but never claimed stays in WAITING, sent again after
+    # WAITING_CHECK_S. Measured on the H200 at 1,000 one-job messages/s, the bookkeeping was a
+    # quarter of the consumer's samples, all on the loop that takes messages one after another.
+    ack_emulation = False
     _shared: redis.Redis | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.QoS = _QoS  # type: ignore[assignment]  # kombu sets virtual.QoS here; its stub says redis's
 
     @contextlib.contextmanager
     def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
@@ -74,7 +69,7 @@ class _Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport, minus restoring unacknowledged messages when a channel closes."""
+    """kombu's Redis transport, without its acknowledgement emulation (see _Channel)."""
 
     Channel = _Channel
 
@@ -90,8 +85,10 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
         event_serializer="json",
         # Results live in the job's Redis record, not in a Celery backend.
         task_ignore_result=True,
-        # A job is acknowledged only once its terminal state is written; a worker process that
-        # dies mid-job hands it back to the queue.
+        # A message is acknowledged once its jobs' terminal states are written, so a worker takes
+        # from the broker no more messages than it has task threads (prefetch counts what is not
+        # yet acknowledged). A worker that dies mid-job: its jobs come back through the reaper
+        # (see _Channel: the broker itself keeps no copy).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

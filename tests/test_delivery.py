@@ -94,9 +94,9 @@ def test_a_message_of_several_jobs_runs_each_once(service_env: dict[str, str]) -
 
 
 def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) -> None:
-    """Every publish and every consumed message's acknowledgement bookkeeping asks the channel for
-    a client; it gets the same one (kombu built a new redis.Redis per call), and a new one only
-    when the channel's connection pool changes (after a reconnect)."""
+    """Every publish asks the channel for a client; it gets the same one (kombu built a new
+    redis.Redis per call), and a new one only when the channel's connection pool changes (after a
+    reconnect)."""
     app = make_celery(redis_server.url)
     try:
         with app.connection_for_write() as conn:
@@ -107,6 +107,27 @@ def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) ->
             with channel.conn_or_acquire() as third:
                 assert third is not first and third.connection_pool is channel.pool and third.ping()
     finally:
+        app.close()
+
+
+def test_a_taken_message_leaves_no_copy_in_the_broker(redis_server: RedisServer) -> None:
+    """No acknowledgement emulation: taking a message costs no bookkeeping round trip (kombu's
+    would copy it into its `unacked` hash and index); LocalMoE's running hash, lease and WAITING
+    set bring back the jobs of a worker that dies (tests/test_reliability.py)."""
+    app = make_celery(redis_server.url)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    queue = "localmoe.test-no-unacked"
+    try:
+        app.send_task(keys.RUN_JOBS_TASK, args=[[]], queue=queue, priority=1)
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            message = channel.basic_get(queue, no_ack=False)
+            assert message is not None and message.headers["task"] == keys.RUN_JOBS_TASK
+            assert not client.exists("unacked") and not client.exists("unacked_index")
+            message.ack()
+            assert channel.basic_get(queue, no_ack=False) is None  # taken once, gone
+    finally:
+        client.close()
         app.close()
 
 

@@ -5,8 +5,8 @@ LEASE_S after the last one) and records each job it claims in its running hash w
 incarnation. The reaper, which every worker runs every few seconds (one at a time, under a
 lock), looks for running-hash entries whose incarnation no longer holds the lease: that worker
 died (SIGKILL, power, OOM) or was cut off. Each such job goes back to `queued` and onto the
-shared queue — at once, not after Celery's one-hour visibility timeout — and the next attempt
-continues from the text the dead one streamed (workers/tasks.py RESUME). A job on its
+shared queue at once (the broker keeps no copy of a message once taken: scheduler/queue.py),
+and the next attempt continues from the text the dead one streamed (workers/tasks.py RESUME). A job on its
 max_attempts-th run fails with the reason instead: a prompt that kills workers stops there.
 
 A worker that was only cut off and comes back cannot undo this: its final write is fenced on
