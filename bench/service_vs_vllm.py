@@ -98,9 +98,9 @@ def _kind(proc: psutil.Process) -> str:
     return _NAMES.get(name, "other")
 
 
-def cpu_times(root: int) -> Cpu:
+def cpu_times(root: int, root_kind: str | None = None) -> Cpu:
     """pid → (kind, user + system CPU seconds, involuntary context switches: the times the kernel
-    preempted it) for `root` and every process under it."""
+    preempted it) for `root` (of `root_kind` where given) and every process under it."""
     out: Cpu = {}
     try:
         top = psutil.Process(root)
@@ -110,7 +110,8 @@ def cpu_times(root: int) -> Cpu:
     for p in procs:
         try:
             t = p.cpu_times()
-            out[p.pid] = (_kind(p), t.user + t.system, p.num_ctx_switches().involuntary)
+            kind = root_kind if root_kind and p.pid == root else _kind(p)
+            out[p.pid] = (kind, t.user + t.system, p.num_ctx_switches().involuntary)
         except psutil.Error:
             pass
     return out
@@ -217,12 +218,12 @@ def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> li
                 series = Series(f"engine {kind}", gap_ms)
                 run_engine(engine, prompts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
                 for r in range(args.rounds):
-                    before = cpu_times(os.getpid())  # this process: the engine's Python side; vLLM's core
+                    before = cpu_times(os.getpid(), "engine")  # this process: the engine's side; vLLM's core
                     tok_s, ttft, generated = run_engine(engine, prompts, args.tokens, gap_ms / 1000)
                     assert generated == len(prompts) * args.tokens, generated
                     ms = [t * 1000 for t in ttft]
                     rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
-                    after = cpu_times(os.getpid())
+                    after = cpu_times(os.getpid(), "engine")
                     rnd.cpu_us_per_token = cpu_per_token(before, after, generated)
                     rnd.preempted = preempted(before, after)
                     series.rounds.append(rnd)
