@@ -3,6 +3,7 @@ each started once per test session as separate processes, the way `localmoe up` 
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -226,7 +227,10 @@ class Stack:
         return httpx.Client(base_url=self.api, timeout=60, headers=bearer(key or self.admin_key))
 
 
-_PRIVATE_DBS = iter([3, 4, 5, 6, 8, 9, 10, 12, 13, 14, 15])  # 7: test_readiness, 11: test_webhooks
+# Databases for private stacks (7: test_readiness, 11: test_webhooks), handed out in turn: a stack
+# flushes its database when it ends and puts it at the back, so it is used again only after every
+# other one (by then whatever the stack left running, e.g. a killed worker's engine, has exited).
+_PRIVATE_DBS = collections.deque([3, 4, 5, 6, 8, 9, 10, 12, 13, 14, 15])
 
 
 def start_api(env: dict[str, str], key: str, ready: bool = True) -> tuple[subprocess.Popen[bytes], str]:
@@ -257,7 +261,8 @@ def private_stack(service_env: dict[str, str], worker: bool, **settings: str) ->
     """An API (and a worker, if asked) on a fresh Redis database, with LOCALMOE_* `settings`."""
     from api.auth import Scope, create_key
 
-    url = service_env["LOCALMOE_REDIS_URL"].rsplit("/", 1)[0] + f"/{next(_PRIVATE_DBS)}"
+    db = _PRIVATE_DBS.popleft()
+    url = service_env["LOCALMOE_REDIS_URL"].rsplit("/", 1)[0] + f"/{db}"
     env = {**service_env, "LOCALMOE_REDIS_URL": url, **settings}
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
@@ -284,3 +289,4 @@ def private_stack(service_env: dict[str, str], worker: bool, **settings: str) ->
             _stop(proc)
         client.flushdb()
         client.close()
+        _PRIVATE_DBS.append(db)
