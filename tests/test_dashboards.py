@@ -35,7 +35,7 @@ HISTOGRAMS = {
     "localmoe_request_queue_time_seconds",
     "localmoe_batch_size",
 }
-# Series that are not LocalMoE's: Prometheus' own per target, and Flower's (NOTES.md).
+# Series that are not LocalMoE's: Prometheus' own per target, and Flower's (its own exporter's names).
 OTHER_METRICS = {"up", "flower_events_total", "flower_worker_online", "flower_task_runtime_seconds"}
 EXPORTED = set(metric_names.ALL) | OTHER_METRICS
 
