@@ -62,3 +62,15 @@ def test_the_consumer_cost_benchmark_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (rnd,) = json.loads(out.read_text())["rounds"]
     assert rnd["cpu_us_per_job"] > 0 and 0 < rnd["claim_p50_ms"] <= rnd["claim_p99_ms"]
+
+
+def test_the_redis_cost_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "redis.json"
+    argv = [sys.executable, "-m", "bench.redis_cost", "--requests", "4", "--tokens", "8"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 32 and result["chunks"] >= 4
+    by_command = result["by_command"]
+    # the relay's script writes every token; the API's stream reader reads them
+    assert by_command["evalsha"]["us_per_token"] > 0 and by_command["xread"]["calls"] > 0
