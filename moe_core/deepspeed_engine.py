@@ -25,8 +25,9 @@ TorchEngine; `init_inference` shards the model across them (AutoTP, below) and e
 all-reduces across the ranks, so all ranks must run the same `step()`s on the same batch.
 
 * Without a launcher (WORLD_SIZE unset or 1, e.g. a worker): `DeepSpeedEngine(..., tensor_parallel_size=N)`
-  returns a `TensorParallelEngine` (moe_core/tensor_parallel.py): this process is rank 0 and serves;
-  it spawns ranks 1..N-1, which mirror its `add_request` / `abort` calls and steps.
+  (moe_core/deepspeed.py, the backend's entry point) returns a `TensorParallelEngine`
+  (moe_core/tensor_parallel.py): this process is rank 0 and serves; it spawns ranks 1..N-1, which
+  mirror its `add_request` / `abort` calls and steps, each running this module's `rank_engine`.
 * With a launcher (`deepspeed --num_gpus N`, `torchrun --nproc-per-node N`, which set the variables
   above to a world of N): every rank gets the plain TorchEngine, as before; keeping the ranks in step
   is then the caller's business.
@@ -60,7 +61,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -70,12 +71,10 @@ from moe_core.torch_engine import TorchEngine
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from moe_core.tensor_parallel import TensorParallelEngine
-
 log = logging.getLogger(__name__)
 
 Offload = Literal["none", "cpu", "nvme"]
-_OFFLOADS = ("none", "cpu", "nvme")
+OFFLOADS = ("none", "cpu", "nvme")
 
 
 def available() -> tuple[bool, str]:
@@ -87,82 +86,6 @@ def available() -> tuple[bool, str]:
     except Exception as exc:  # deepspeed probes accelerators and compilers at import
         return False, f"deepspeed does not import: {type(exc).__name__}: {exc}"
     return True, f"deepspeed {deepspeed.__version__}"
-
-
-@overload
-def DeepSpeedEngine(
-    model_dir: Path,
-    *,
-    device: str,
-    dtype: str = ...,
-    max_batch_size: int = ...,
-    tensor_parallel_size: Literal[1] = ...,
-    offload: Offload = ...,
-    nvme_path: Path | None = ...,
-) -> TorchEngine: ...
-
-
-@overload
-def DeepSpeedEngine(
-    model_dir: Path,
-    *,
-    device: str,
-    dtype: str = ...,
-    max_batch_size: int = ...,
-    tensor_parallel_size: int,
-    offload: Offload = ...,
-    nvme_path: Path | None = ...,
-) -> TorchEngine | TensorParallelEngine: ...
-
-
-def DeepSpeedEngine(
-    model_dir: Path,
-    *,
-    device: str,
-    dtype: str = "auto",
-    max_batch_size: int = 64,
-    tensor_parallel_size: int = 1,
-    offload: Offload = "none",
-    nvme_path: Path | None = None,
-) -> TorchEngine | TensorParallelEngine:
-    """An engine named "deepspeed" whose model runs under DeepSpeed (see the module docstring).
-
-    device: "cpu", "cuda" or "cuda:N" — where the forward runs (with a launcher, cuda:LOCAL_RANK).
-    dtype: as for TorchEngine ("auto" is bfloat16 on CUDA, float32 on CPU), also under offload.
-    tensor_parallel_size: N > 1 outside a launcher's world gives a TensorParallelEngine (N processes).
-    offload: "none" (init_inference, tensor parallel) or where ZeRO-3 keeps the parameters.
-    nvme_path: a folder on a fast local disk, required by offload "nvme".
-    """
-    if offload not in _OFFLOADS:
-        raise ValueError(f"unknown offload {offload!r}; expected one of {', '.join(_OFFLOADS)}")
-    if offload == "nvme" and nvme_path is None:
-        raise ValueError("offload 'nvme' needs nvme_path: a folder on a fast local disk")
-    if tensor_parallel_size < 1:
-        raise ValueError("tensor_parallel_size must be >= 1")
-    if tensor_parallel_size > 1 and offload != "none":
-        raise ValueError("ZeRO-3 offload runs in one process: it needs tensor_parallel_size 1")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if tensor_parallel_size > 1 and world_size == 1:  # no launcher: start the ranks ourselves
-        from moe_core.tensor_parallel import TensorParallelEngine
-
-        return TensorParallelEngine(
-            model_dir,
-            device=device,
-            dtype=dtype,
-            max_batch_size=max_batch_size,
-            tensor_parallel_size=tensor_parallel_size,
-        )
-    if tensor_parallel_size > world_size:
-        raise ValueError(_tp_error(tensor_parallel_size, world_size))
-    return rank_engine(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        max_batch_size=max_batch_size,
-        tensor_parallel_size=tensor_parallel_size,
-        offload=offload,
-        nvme_path=nvme_path,
-    )
 
 
 def rank_engine(
@@ -208,7 +131,7 @@ def rank_engine(
     )
 
 
-def _tp_error(tp_size: int, world_size: int) -> str:
+def tp_error(tp_size: int, world_size: int) -> str:
     return (
         f"tensor_parallel_size {tp_size} needs {tp_size} processes (one per GPU) started by a launcher "
         f"(deepspeed --num_gpus {tp_size}, torchrun --nproc-per-node {tp_size}); this one runs in a "
@@ -233,7 +156,7 @@ def _prepare(
     deepspeed = _init_distributed(device, timeout)
     world_size = deepspeed.comm.get_world_size()
     if tp_size > world_size:
-        raise ValueError(_tp_error(tp_size, world_size))
+        raise ValueError(tp_error(tp_size, world_size))
     log.info(
         "deepspeed on %s: world size %d, tensor parallel %d, offload %s", device, world_size, tp_size, offload
     )

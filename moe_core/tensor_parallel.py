@@ -1,7 +1,7 @@
 """DeepSpeed tensor parallelism without a launcher: this process is rank 0, it spawns ranks 1..N-1.
 
 `TensorParallelEngine` is what `DeepSpeedEngine(..., tensor_parallel_size=N)` returns outside a
-launcher's world (moe_core/deepspeed_engine.py). Every rank builds and loads the same DeepSpeed
+launcher's world (moe_core/deepspeed.py). Every rank builds and loads the same DeepSpeed
 TorchEngine (init_inference shards the model across the N ranks, and each forward all-reduces
 across them), so every rank must make the same `step()` calls on the same batch:
 

@@ -22,7 +22,7 @@ deepspeed = pytest.importorskip(
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 
 from moe_core.checkpoint import build_checkpoint  # noqa: E402
-from moe_core.deepspeed_engine import DeepSpeedEngine, Offload, available  # noqa: E402
+from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
 from tests.test_torch_engine import (  # noqa: E402

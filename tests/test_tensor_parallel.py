@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moe_core.checkpoint import build_checkpoint
-from moe_core.deepspeed_engine import DeepSpeedEngine
+from moe_core.deepspeed import DeepSpeedEngine
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.tensor_parallel import TensorParallelEngine
 from moe_core.torch_engine import TorchEngine
@@ -244,7 +244,7 @@ def test_qwen2_moe_with_a_shared_expert_matches_generate(tmp_path: Path) -> None
 LEADER = """
 import sys, time
 from pathlib import Path
-from moe_core.deepspeed_engine import DeepSpeedEngine
+from moe_core.deepspeed import DeepSpeedEngine
 
 if __name__ == "__main__":
     engine = DeepSpeedEngine(Path(sys.argv[1]), device="cpu", tensor_parallel_size=2)
@@ -304,7 +304,7 @@ def test_a_follower_that_cannot_start_fails_the_load_at_once(checkpoint: Path) -
     at start. The leader must say so at once, not wait out the rendezvous (300 s)."""
     script = (
         "from pathlib import Path\n"
-        "from moe_core.deepspeed_engine import DeepSpeedEngine\n"
+        "from moe_core.deepspeed import DeepSpeedEngine\n"
         f"engine = DeepSpeedEngine(Path({str(checkpoint)!r}), device='cpu', tensor_parallel_size=2)\n"
         "try:\n"
         "    engine.load()\n"

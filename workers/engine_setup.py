@@ -35,7 +35,7 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             expert_telemetry=v.expert_telemetry,
         )
     if backend == "deepspeed":
-        from moe_core.deepspeed_engine import DeepSpeedEngine
+        from moe_core.deepspeed import DeepSpeedEngine
 
         d = cfg.deepspeed
         return DeepSpeedEngine(
