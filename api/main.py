@@ -11,11 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import admin, config, health, jobs, metrics, openai_compat, playground, streams, webhooks
+from api import admin, config, health, jobs, metrics, playground, streams, webhooks
 from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
+from api.openai import serving as openai_serving
 from api.store import JobStore
 from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, get_settings
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(playground.router)
     app.include_router(webhooks.router)
-    app.include_router(openai_compat.router)
+    app.include_router(openai_serving.router)
     app.include_router(config.router)
     app.include_router(metrics.router)
     return app

@@ -178,7 +178,8 @@ def chat_prompts(model: Path, texts: list[str]) -> list[str]:
     """texts as one user turn each, rendered the way LocalMoE's chat endpoint renders them."""
     import asyncio
 
-    from api.openai_compat import ChatMessage, render_chat
+    from api.openai.chat_template import render_chat
+    from api.openai.protocol import ChatMessage
 
     async def render() -> list[str]:
         return [(await render_chat(model, [ChatMessage(role="user", content=t)]))[0] for t in texts]
@@ -277,7 +278,7 @@ def vllm_server(args: argparse.Namespace, model: Path, log: Path) -> Iterator[Ta
             _stop(proc, signal.SIGINT)
 
 
-# api/openai_compat.py's chatml() as a Jinja chat template, for models that carry none.
+# api/openai/chat_template.py's chatml() as a Jinja chat template, for models that carry none.
 CHATML_JINJA = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from api.auth import KeyLimits, Scope, create_key
-from api.openai_compat import ChatMessage, render_chat
+from api.openai.chat_template import render_chat
+from api.openai.protocol import ChatMessage
 from localmoe.redis_server import RedisServer
 from tests.conftest import bearer, wait_done
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from api import sse
-from api.openai_compat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice
+from api.openai.protocol import ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice
 from scheduler.jobs import JobStatus, Usage
 from scheduler.stream import DoneEvent, TokenEvent
 

@@ -1,0 +1,283 @@
+"""The OpenAI protocol's request and response models, as LocalMoE serves them (vLLM's
+`entrypoints/openai/protocol.py` is the model): model cards, completion and chat requests (what
+they become as a JobSpec, what is refused with a 400), whole answers and streamed chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from api.openai.errors import OpenAIError, validation_error
+from scheduler.jobs import JobSpec, Modality, Priority
+from scheduler.stream import DoneEvent
+
+# --- models ------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "localmoe"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with the usage before [DONE].")
+
+
+class SamplingRequest(BaseModel):
+    """What both endpoints take. Unknown fields are refused (400), as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The served model's name (GET /v1/models); may be left out.")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Default 1.0, as OpenAI; 0 is greedy."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.0 (off).")
+    n: int | None = Field(None, description="Choices per request: only 1 is supported.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 8 strings that end generation (not returned)."
+    )
+    seed: int | None = Field(None, description="Makes sampling reproducible (0 ≤ seed < 2**63).")
+    stream: bool | None = Field(False, description="Server-sent chunks, ended by `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    presence_penalty: float | None = Field(None, description="Not supported: only 0.")
+    frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only empty.")
+    # extensions, as in vLLM
+    top_k: int | None = Field(
+        None, ge=-1, description="Extension: sample among the k likeliest; 0 or -1 is off."
+    )
+    ignore_eos: bool = Field(False, description="Extension: generate exactly max_tokens tokens.")
+    priority: Priority | None = Field(None, description="Extension: high, normal or low (capped per key).")
+    modality: Modality | None = Field(None, description="Extension: text, code or mixed; detected if absent.")
+
+    def refuse_unsupported(self) -> None:
+        """400 for options that would change the result and that this server cannot honour."""
+        if self.n not in (None, 1):
+            raise OpenAIError(400, f"n={self.n} is not supported: this server returns one choice (n=1)", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"{name} is not supported: leave it out or send 0", name)
+        if self.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported: leave it out or send {}", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+    def job_spec(self, prompt: str, max_tokens: int, extra_stop: Sequence[str] = ()) -> JobSpec:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop += [s for s in extra_stop if s not in stop and len(stop) < 8]
+        try:
+            return JobSpec(
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=max(self.top_k or 0, 0),
+                seed=self.seed,
+                stop=stop,
+                modality=self.modality,
+                ignore_eos=self.ignore_eos,
+                priority=self.priority or Priority.NORMAL,
+            )
+        except ValidationError as e:
+            raise validation_error(e.errors(), self.renames()) from e
+
+    def renames(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] = Field(description="The text to continue: a string, or a list of exactly one.")
+    max_tokens: int | None = Field(16, description="Most tokens to generate; default 16, as OpenAI.")
+    logprobs: int | None = Field(None, description="Not supported.")
+    echo: bool | None = Field(False, description="Not supported: only false.")
+    best_of: int | None = Field(None, description="Not supported: only 1.")
+    suffix: str | None = Field(None, description="Not supported.")
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise OpenAIError(
+                400, f"a list of {len(self.prompt)} prompts: send exactly one prompt per request", "prompt"
+            )
+        if self.logprobs is not None:
+            raise OpenAIError(400, "logprobs are not supported", "logprobs")
+        if self.echo:
+            raise OpenAIError(400, "echo is not supported", "echo")
+        if self.best_of not in (None, 1):
+            raise OpenAIError(400, "best_of is not supported: only 1", "best_of")
+        if self.suffix is not None:
+            raise OpenAIError(400, "suffix (insertion) is not supported", "suffix")
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # an image part's fields: refused below, by its type
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported; only 'text'")
+        if self.text is None:
+            raise ValueError("a text part needs `text`")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, description="Most tokens to generate.")
+    max_tokens: int | None = Field(None, description="Deprecated twin of max_completion_tokens.")
+    logprobs: bool | None = Field(False, description="Not supported: only false.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only empty.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise OpenAIError(400, "logprobs are not supported", "logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise OpenAIError(
+                400,
+                f"response_format {self.response_format.type!r} is not supported; only 'text'",
+                "response_format",
+            )
+        if self.tools:
+            raise OpenAIError(400, "tools (function calling) are not supported", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError(400, "tool_choice is not supported (no tools)", "tool_choice")
+
+    def renames(self) -> dict[str, str]:
+        return {
+            "prompt": "messages",
+            "max_tokens": "max_completion_tokens" if self.max_completion_tokens else "max_tokens",
+        }
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, done: DoneEvent) -> UsageInfo:
+        u = done.usage
+        return cls(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.prompt_tokens + u.completion_tokens,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = Field(description="stop, length, or abort (cancelled).")
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str = Field(description="cmpl-<job id>: the job is at /v1/jobs/<job id>.")
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="chatcmpl-<job id>: the job is at /v1/jobs/<job id>.")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None

@@ -1,0 +1,109 @@
+"""A job's answer for an OpenAI route: waited for whole, or relayed from its Redis stream as
+OpenAI's server-sent chunks. A client that goes away before the end cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from api import sse
+from api.deps import Services
+from api.openai.errors import ErrorInfo, ErrorResponse, OpenAIError
+from scheduler.jobs import Job, JobStatus
+from scheduler.stream import DoneEvent, TokenEvent
+
+# --- waiting for a job, and noticing a client that left --------------------------------------------
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel(services: Services, job_id: str) -> None:
+    with anyio.CancelScope(shield=True):  # runs even while this request is being cancelled
+        await services.store.cancel(job_id)
+
+
+async def _collect(services: Services, job_id: str) -> tuple[str, DoneEvent]:
+    pieces: list[str] = []
+    async for _, event in services.store.events(job_id):
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+        else:
+            return "".join(pieces), event
+    raise OpenAIError(500, f"job {job_id} expired before it finished")
+
+
+async def wait_for_job(request: Request, services: Services, job: Job) -> tuple[str, DoneEvent]:
+    """The job's whole text and its done event. A client that disconnects first cancels it."""
+    result = asyncio.ensure_future(_collect(services, job.id))
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        finished = result.done()
+        if not finished:  # the client left (or this request was cancelled)
+            result.cancel()
+            await _cancel(services, job.id)
+    if not finished:  # no one will read this answer
+        raise OpenAIError(499, "the client disconnected; its job was cancelled")
+    text, done = result.result()
+    if done.status is JobStatus.FAILED:
+        raise OpenAIError(500, f"generation failed: {done.error or 'unknown error'}")
+    return text, done
+
+
+def sse_chunk(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
+    return sse.data(payload.model_dump_json(exclude=exclude))
+
+
+def _stream_error(done: DoneEvent) -> bytes:
+    info = ErrorInfo(message=f"generation failed: {done.error or 'unknown error'}", type="server_error")
+    return sse_chunk(ErrorResponse(error=info))
+
+
+def stream_job(
+    services: Services,
+    job: Job,
+    token: sse.Template,
+    finish: Callable[[DoneEvent], bytes],
+    head: bytes = b"",
+) -> StreamingResponse:
+    """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
+    text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
+    error event if the job failed), then `data: [DONE]`. A client that disconnects first
+    (Starlette cancels the generator, or closes it) cancels the job."""
+
+    async def body() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            if head:
+                yield head
+            async for batch in services.store.event_batches(job.id):
+                out = []
+                for _, event in batch:
+                    if isinstance(event, TokenEvent):
+                        if event.text:
+                            out.append(token.fill(event.text))
+                    else:  # the done event: always the stream's last
+                        failed = event.status is JobStatus.FAILED
+                        out += [_stream_error(event) if failed else finish(event), sse.DONE]
+                        finished = True
+                if out:
+                    yield b"".join(out)
+                if finished:
+                    return
+        finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
+            if not finished:
+                await _cancel(services, job.id)
+
+    return sse.response(body(), headers={"Location": f"/v1/jobs/{job.id}"})
