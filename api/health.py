@@ -37,6 +37,21 @@ async def readyz(services: ServicesDep, _caller: Caller, response: Response) -> 
     return Health(status="ready", workers_ready=len(ready))
 
 
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={200: {"description": "Serving (no body)."}, 503: {"description": "No warm worker yet."}},
+)
+async def health(services: ServicesDep) -> Response:
+    """vLLM's health route, for the clients and benchmark tools that wait on it: 200 with no body
+    once a worker has warmed up its engine (readyz's test), else 503. No API key, as vLLM's."""
+    try:
+        ready = any(w.ready for w in await services.store.workers())
+    except aioredis.RedisError:
+        ready = False
+    return Response(status_code=200 if ready else 503)
+
+
 @router.get("/v1/workers", response_model=list[WorkerInfo], tags=["workers"], responses=refusals(401))
 async def workers(services: ServicesDep, _caller: Caller) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh (three missed beats and a worker is gone)."""

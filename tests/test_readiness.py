@@ -1,5 +1,5 @@
-"""/readyz follows the worker registry: not ready until a worker says its engine is warm, and not
-ready again once its heartbeats stop."""
+"""/readyz (and vLLM's /health) follows the worker registry: not ready until a worker says its
+engine is warm, and not ready again once its heartbeats stop."""
 
 from __future__ import annotations
 
@@ -70,13 +70,18 @@ def test_ready_only_with_a_warm_worker(empty_api: tuple[str, redis.Redis]) -> No
     api, client = empty_api
     key = create_key(client, "readiness", Scope.USER).secret
     get = functools.partial(httpx.get, headers=bearer(key))
-    assert httpx.get(f"{api}/readyz").status_code == 401  # only /healthz goes without a key
+    assert httpx.get(f"{api}/readyz").status_code == 401  # only /healthz and /health go without a key
     r = get(f"{api}/readyz")
     assert r.status_code == 503 and "no worker" in r.json()["detail"]
+    assert httpx.get(f"{api}/health").status_code == 503  # vLLM's route, as its clients poll it
     _beat(client, ready=False, at=time.time())  # loading its engine
     assert get(f"{api}/readyz").status_code == 503
+    assert httpx.get(f"{api}/health").status_code == 503
     _beat(client, ready=True, at=time.time())
     assert get(f"{api}/readyz").json() == {"status": "ready", "detail": None, "workers_ready": 1}
+    health = httpx.get(f"{api}/health")
+    assert health.status_code == 200 and health.content == b""
     _beat(client, ready=True, at=time.time() - STALE_AFTER_S - 1)  # three beats missed: gone
     assert get(f"{api}/readyz").status_code == 503
+    assert httpx.get(f"{api}/health").status_code == 503
     assert get(f"{api}/v1/workers").json() == []

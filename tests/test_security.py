@@ -18,7 +18,7 @@ from scheduler.queue import make_celery
 from tests.conftest import bearer, wait_done
 
 # Pages that carry no data: liveness, the API's own docs, the playground shell (which asks for a key).
-PUBLIC = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC = {"/healthz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC_PREFIX = "/playground"
 
 _SAMPLE = {
