@@ -71,7 +71,9 @@ class EngineHost:
         self._proc = mp.get_context("spawn").Process(
             target=_main, args=(child, os.getpid()), name="engine", daemon=False
         )
-        self._send_lock = threading.Lock()  # submit's track-then-add is one step for cancel
+        # One sender at a time on the pipe (submits, the cancel listener, the config watcher, stop),
+        # and submit's track-then-add is one step for a cancel: reentrant, held by _send too.
+        self._send_lock = threading.RLock()
         self._stopping = False
 
     def start(self) -> None:
@@ -109,8 +111,7 @@ class EngineHost:
             self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))
 
     def cancel(self, job_id: str) -> None:
-        with self._send_lock:
-            self._send(Abort(job_id))
+        self._send(Abort(job_id))
 
     def configure(self, settings: Settings) -> None:
         e = settings.engine
@@ -127,7 +128,8 @@ class EngineHost:
             self._proc.join(5)
 
     def _send(self, message: ToEngine) -> None:
-        self._conn.send_bytes(pack(message))
+        with self._send_lock:
+            self._conn.send_bytes(pack(message))
 
     def _read(self) -> None:
         try:
