@@ -15,16 +15,18 @@ from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo, decode_workers
-from scheduler.stream import DoneEvent, Fence, StreamEvent
+from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, Fence, StreamEvent
 
 QUIET_S = 15.0  # a stream this long without an entry: check that its job still exists
 
-# KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS.
+# KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, then
+# FEED_KEYS.
 # ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
 # is cancelled here and now (and leaves the backlog); a running one is flagged and its worker
 # woken (the engine drops it within one step and writes the terminal state).
 CANCEL = (
-    RELEASE_LUA
+    FEED_LUA
+    + RELEASE_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -32,7 +34,8 @@ if status == '"queued"' then
   release(KEYS[3], KEYS[4], KEYS[5], ARGV[5])
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finish_reason', '"abort"',
     'cancel_requested', 'true', 'timings.finished_at', ARGV[1])
-  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
+  append(KEYS[2], {'type', 'done', 'data', ARGV[3]})
+  publish()
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   return 'cancelled'
@@ -74,7 +77,8 @@ class JobStore:
             keys.CANCEL_CHANNEL,
             job_id,
         ]
-        outcome = await self._cancel(keys=[keys.job(job_id), keys.events(job_id), *RELEASE_KEYS], args=args)
+        job_keys = [keys.job(job_id), keys.events(job_id), *RELEASE_KEYS, *FEED_KEYS]
+        outcome = await self._cancel(keys=job_keys, args=args)
         return CancelOutcome(outcome)
 
     async def page(

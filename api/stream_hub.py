@@ -1,40 +1,42 @@
-"""One reader per API process for every job stream its clients follow.
+"""One reader per API process for every job stream its clients follow: it reads the feed.
 
-Before this, each SSE / websocket / OpenAI stream ran its own `XREAD BLOCK` loop: one Redis round
-trip per client per batch of entries and one pooled Redis connection held per open stream (one API
-core relayed 3–6k events/s; RELIABILITY.md). The hub runs one `XREAD` over every followed stream
-and fans what it returns out to the followers in-process.
+Every write to a job's events stream is also listed in the feed (keys.FEED, scheduler/stream.py
+FEED_LUA): one feed entry per script that wrote, a relay batch being one entry for all its jobs'
+tokens. The hub runs one `XREAD` of the feed and fans out, in-process, what concerns the streams
+this process's clients follow. Before the feed it ran one XREAD over every followed stream: one
+entry per stream per engine step, which cost Redis 13–15 µs per entry read on the 2-core box
+(`bench/redis_cost.py`), most of Redis's time per streamed token, and cost this process the
+parsing of a nested reply per stream.
 
 Invariants:
-* `cursor[stream]` is the last entry id the hub has read of that stream; every follower of it gets
-  every entry after its own start, in order, exactly once: entries up to the cursor at the moment it
-  joins by its own XRANGE (catch-up), entries after it from the hub (registration happens without
-  an await between reading the cursor and joining, so nothing falls between the two).
-* A stream nobody follows any more leaves the hub's read at its next round.
-* A new stream must be read at once, but the hub's XREAD may be blocked for BLOCK_MS on the others:
-  following a new stream adds an entry to this process's own wake stream, which every XREAD also
-  reads, so the blocked read returns and the next one includes the newcomer. One wake per read is
-  enough (the next read includes every stream followed by then): a burst of new requests costs one
-  extra read, not one per request, each over every followed stream.
+* Every follower gets every entry of its stream after its own start, in order, exactly once:
+  it joins while the reader holds a feed position (no await between the two), then reads what its
+  stream already holds by XRANGE (catch-up); entries written after that XRANGE are in feed entries
+  after the position it joined at. It drops what it already passed (entry ids only grow).
+* `cursor` is the last feed entry read; each feed entry names its predecessor (`p`). One that
+  names another is behind a gap (the feed was trimmed past this reader, or Redis lost it in a
+  restart): every follower then catches up from its stream by XRANGE again.
+* The reader runs while anyone follows; a new follower after none fixes the position first.
 * A follower that got nothing for `quiet_s` gets an empty batch: one timer for the whole hub
   checks every follower's last delivery (a timer per wait cost a tenth of the API's time under load).
 * A follower's queue holds batches (one per XREAD reply); it is bounded by the stream itself (a
   job's stream is at most max_tokens entries long), not by the client's speed.
 
-Redis errors: the reader retries with backoff and resumes from its cursors; followers only see a
-quiet period (and JobStore.events then checks that the job still exists, through its own retries).
+Redis errors: the reader retries with backoff and resumes from its cursor (a gap resyncs);
+followers only see a quiet period (and JobStore.events then checks that the job still exists).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 
 from scheduler import keys
@@ -42,8 +44,7 @@ from scheduler import keys
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 5_000  # one XREAD waits at most this long
-COUNT = 512  # entries per stream per XREAD
-WAKE_TTL_S = 86_400  # the wake stream outlives a crashed process by a day at most
+COUNT = 256  # feed entries per XREAD (a relay batch each)
 
 Entry = tuple[str, dict[str, str]]  # (stream entry id, fields)
 RESTARTING = (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.BusyLoadingError)
@@ -72,49 +73,47 @@ def _id(entry_id: str) -> tuple[int, int]:
 @dataclass(eq=False)
 class _Follower:
     quiet_s: float
-    queue: asyncio.Queue[list[Entry]] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[list[Entry] | None] = field(default_factory=asyncio.Queue)  # None: resync
     fed_at: float = 0.0  # loop time of the last batch put in its queue (or of its joining)
 
 
 class StreamHub:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self.wake_stream = keys.api_wake(uuid.uuid4().hex[:12])
-        self._wake_last = "0-0"
-        self._cursor: dict[str, str] = {}  # stream key → last id read by the hub
-        self._followers: dict[str, set[_Follower]] = {}
-        self._changed = asyncio.Event()  # a first stream to follow, after none
+        self._cursor: str | None = None  # the last feed entry read; None while the reader is stopped
+        self._starting = asyncio.Lock()
+        self._followers: dict[str, set[_Follower]] = {}  # stream key → its followers here
+        self._changed = asyncio.Event()  # the reader has a position to read from again
         self._task: asyncio.Task[None] | None = None
         self._quiet: asyncio.TimerHandle | None = None  # the next sweep for quiet followers
-        self._woken = False  # a wake was sent since the last XREAD was issued
         self._closed = False
-        self.reads = 0  # XREAD calls so far (tests, metrics)
-        self.wakes = 0  # wake-stream entries added so far (tests)
+        self.reads = 0  # XREAD calls that returned entries (tests, metrics)
+        self.resyncs = 0  # gaps in the feed seen (tests)
 
     async def follow(self, stream: str, after: str, quiet_s: float) -> AsyncGenerator[list[Entry]]:
         """Batches of `stream`'s entries after `after`, in order, for as long as the caller iterates;
         an empty batch after `quiet_s` seconds without one."""
+        await self._position()
         follower = _Follower(quiet_s, fed_at=asyncio.get_running_loop().time())
-        new = stream not in self._cursor
-        start = self._join(stream, follower, after)  # no await before it: see the invariants
+        self._join(stream, follower)  # no await since the position was fixed: see the invariants
         try:
-            if new and not self._woken:
-                self._woken = True
-                await self._wake()
-            elif _id(after) < _id(start):  # catch up to where the hub stood when this one joined
-                entries = cast(
-                    list[Entry], await retrying(lambda: self.client.xrange(stream, f"({after}", start))
-                )
-                if entries:
-                    after = entries[-1][0]
-                    yield entries
+            catch_up = True  # first, what the stream holds already
             while True:
-                batch = await follower.queue.get()
-                if not batch:  # quiet for quiet_s (see _sweep_quiet)
-                    self._ensure_reader()
-                    yield []
-                    continue
-                if _id(batch[0][0]) <= _id(after):  # only a follower that resumed beyond the hub
+                if catch_up:
+                    read = functools.partial(self.client.xrange, stream, f"({after}")
+                    batch = cast(list[Entry], await retrying(read))
+                    catch_up = False
+                else:
+                    got = await follower.queue.get()
+                    if got is None:  # the feed had a gap: catch up from the stream again
+                        catch_up = True
+                        continue
+                    if not got:  # quiet for quiet_s (see _sweep_quiet)
+                        self._ensure_reader()
+                        yield []
+                        continue
+                    batch = got
+                if batch and _id(batch[0][0]) <= _id(after):  # passed some of it already
                     batch = [e for e in batch if _id(e[0]) > _id(after)]
                 if batch:
                     after = batch[-1][0]
@@ -130,28 +129,27 @@ class StreamHub:
         if self._quiet is not None:
             self._quiet.cancel()
         if self._task is not None and not self._task.done():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._wake(), 1)  # the blocked XREAD returns; the loop ends
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._task), 2)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 5)
-        with contextlib.suppress(Exception):
-            await self.client.delete(self.wake_stream)
 
     # ------------------------------------------------------------------------------ internals
 
-    def _join(self, stream: str, follower: _Follower, after: str) -> str:
-        """Register `follower`; returns where the hub's reading of `stream` stands."""
-        if stream not in self._cursor:
-            self._cursor[stream] = after  # the hub reads from the first follower's start
-            self._changed.set()
+    async def _position(self) -> None:
+        """Make sure the reader holds a feed position (the feed's newest entry, when it starts)."""
+        if self._cursor is not None:
+            return
+        async with self._starting:
+            if self._cursor is None:
+                last = await retrying(lambda: self.client.get(keys.FEED_LAST))
+                self._cursor = cast(str | None, last) or "0-0"
+                self._changed.set()
+
+    def _join(self, stream: str, follower: _Follower) -> None:
         self._followers.setdefault(stream, set()).add(follower)
         self._ensure_reader()
         if self._quiet is None:
             self._schedule_sweep(follower.quiet_s)
-        return self._cursor[stream]
 
     def _leave(self, stream: str, follower: _Follower) -> None:
         followers = self._followers.get(stream)
@@ -160,7 +158,6 @@ class StreamHub:
         followers.discard(follower)
         if not followers:
             del self._followers[stream]
-            self._cursor.pop(stream, None)
 
     def _schedule_sweep(self, after_s: float) -> None:
         self._quiet = asyncio.get_running_loop().call_later(after_s, self._sweep_quiet)
@@ -188,26 +185,18 @@ class StreamHub:
             log.error("the stream reader failed; restarting it", exc_info=task.exception())
         self._task = asyncio.get_running_loop().create_task(self._read_forever(), name="stream-hub")
 
-    async def _wake(self) -> None:
-        self.wakes += 1
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.wake_stream, {"w": "1"}, maxlen=16, approximate=True)
-        pipe.expire(self.wake_stream, WAKE_TTL_S)
-        await retrying(pipe.execute)
-
     async def _read_forever(self) -> None:
         delay = 0.1
         while not self._closed:
-            if not self._cursor:
+            if self._cursor is None:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            streams = {self.wake_stream: self._wake_last, **self._cursor}
-            self._woken = False  # this read includes every stream followed so far
+            cursor = self._cursor
             try:
                 reply = cast(
                     list[tuple[str, list[Entry]]],
-                    await self.client.xread(streams, count=COUNT, block=BLOCK_MS),  # type: ignore[arg-type]
+                    await self.client.xread({keys.FEED: cursor}, count=COUNT, block=BLOCK_MS),
                 )
             except RESTARTING:
                 if delay == 0.1:
@@ -219,18 +208,34 @@ class StreamHub:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.1
-            self.reads += 1
-            for stream, entries in reply or []:
-                if stream == self.wake_stream:
-                    self._wake_last = entries[-1][0]
-                    continue
-                if self._cursor.get(stream) != streams[stream]:
-                    # Nobody follows it any more, or it was left and followed again from another
-                    # point while this read was out: that reply starts at the old point (a gap for
-                    # the new follower); the next read starts at the new one.
-                    continue
-                self._cursor[stream] = entries[-1][0]
-                now = asyncio.get_running_loop().time()
-                for follower in self._followers.get(stream, ()):
-                    follower.fed_at = now
-                    follower.queue.put_nowait(entries)
+            if reply:
+                self.reads += 1
+                self._deliver(cursor, reply[0][1])
+            if not self._followers:
+                self._cursor = None  # nobody follows: the next follower starts from the feed's end
+
+    def _deliver(self, cursor: str, entries: list[Entry]) -> None:
+        """Fan the feed entries read after `cursor` out to the followers of their streams."""
+        batches: dict[str, list[Entry]] = {}
+        gap = False
+        followers = self._followers
+        for feed_id, fields in entries:
+            gap = gap or fields.get("p", "") != (cursor if cursor != "0-0" else "")
+            cursor = feed_id
+            for record in orjson.loads(fields["d"]):  # [stream, id, field, value, ...]
+                stream = record[0]
+                if stream in followers:
+                    entry = (record[1], dict(zip(record[2::2], record[3::2], strict=True)))
+                    batches.setdefault(stream, []).append(entry)
+        self._cursor = cursor
+        now = asyncio.get_running_loop().time()
+        if gap:  # entries fell out of the feed before this read: every follower catches up itself
+            self.resyncs += 1
+            log.warning("the stream reader fell behind the feed; followers catch up from their streams")
+            for fs in followers.values():
+                for f in fs:
+                    f.queue.put_nowait(None)
+        for stream, batch in batches.items():
+            for f in followers[stream]:
+                f.fed_at = now
+                f.queue.put_nowait(batch)

@@ -20,10 +20,11 @@ def events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
-def api_wake(process_id: str) -> str:
-    """An API process's wake stream: its stream reader's XREAD returns when a new job stream is
-    followed (api/stream_hub.py). Expires a day after its last use."""
-    return f"{PREFIX}:api-wake:{process_id}"
+# Every entry written to any job's events stream is also listed in the feed, one feed entry per
+# script that wrote (a relay batch: every job's tokens of the steps it carries). Each API process
+# reads the feed alone, not one stream per client (scheduler/stream.py, api/stream_hub.py).
+FEED = f"{PREFIX}:feed"
+FEED_LAST = f"{PREFIX}:feed:last"  # the feed's newest entry id: the next entry names it as `p`
 
 
 def worker(name: str) -> str:

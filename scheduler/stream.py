@@ -14,6 +14,15 @@ keeps writing after it lost its job adds nothing a client sees. Clients see toke
 `s` numbers an attempt's token entries 1, 2, 3…: a relay that retries a write whose reply it lost
 (Redis restarting after it ran the write) writes the same entries again, and readers drop
 every token entry whose `s` is not above the last one they passed for that attempt.
+
+The feed (keys.FEED): every script that appends to job streams does it through FEED_LUA's
+`append`, then `publish()` adds ONE feed entry listing what it appended, in order:
+`{"p": <the previous feed entry's id, "" for the first>, "d": <JSON [[stream, id, field, value,
+...], ...]>}`. A reader of the feed alone sees every entry of every job stream, as XREAD would
+return them, at one entry per relay batch instead of one per stream per batch: on the 2-core box
+an XREAD over 64 streams cost Redis 13–15 µs per entry it returned, four times the XADD that wrote
+the entry. The job streams stay the record (replay, resume, catch-up); the feed is trimmed to
+about FEED_MAXLEN entries, and `p` lets a reader notice that it fell further behind than that.
 """
 
 from __future__ import annotations
@@ -21,9 +30,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel
 
+from scheduler import keys
 from scheduler.jobs import Job, JobStatus, Usage
+
+FEED_KEYS = [keys.FEED, keys.FEED_LAST]  # the last two KEYS of every script using FEED_LUA
+FEED_MAXLEN = 4096  # feed entries kept (about: trimmed by whole nodes); a relay batch is one entry
+
+# Lua for every script that writes job streams. The script's last two KEYS are keys.FEED and
+# keys.FEED_LAST. `append(stream, fields)`: XADD fields (a flat {field, value, ...} table) to the
+# job stream and stage its feed record; → the entry id. `stage(head, id, tail)`: stage the record
+# of an entry the caller added itself, given as the JSON around its id (feed_record_json: building
+# it in Python, not Lua tables + cjson, took a relay batch's feed from +3.6 to +0.6 µs of Redis time
+# per token). `publish()`: one feed entry for everything staged (none if nothing was); call it
+# once, after the last append.
+FEED_LUA = f"""
+local feed_parts, feed_n = {{}}, 0
+local function stage(head, id, tail)
+  feed_parts[feed_n + 1] = head
+  feed_parts[feed_n + 2] = id
+  feed_parts[feed_n + 3] = tail
+  feed_n = feed_n + 3
+end
+local function append(stream, fields)
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  local record = cjson.encode({{stream, id, unpack(fields)}})
+  stage(',', '', record)
+  return id
+end
+local function publish()
+  if feed_n == 0 then return end
+  local feed, last = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local prev = redis.call('GET', last) or ''
+  local d = '[' .. string.sub(table.concat(feed_parts), 2) .. ']'
+  local id = redis.call('XADD', feed, 'MAXLEN', '~', {FEED_MAXLEN}, '*', 'p', prev, 'd', d)
+  redis.call('SET', last, id)
+  feed_parts, feed_n = {{}}, 0
+end
+"""
+
+
+def feed_record_json(stream: str, fields: dict[str, str]) -> tuple[str, str]:
+    """(head, tail) for FEED_LUA's `stage`: head + id + tail is the feed record
+    `[stream, id, field, value, ...]`, as JSON, led by the comma that separates records."""
+    flat = [x for kv in fields.items() for x in kv]
+    return ",[" + orjson.dumps(stream).decode() + ',"', '",' + orjson.dumps(flat).decode()[1:]
 
 
 @dataclass(frozen=True, slots=True)

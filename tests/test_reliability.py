@@ -25,7 +25,7 @@ from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
 from scheduler.registry import WorkerInfo
-from scheduler.stream import Fence, token_fields
+from scheduler.stream import FEED_KEYS, Fence, token_fields
 from scheduler.webhooks import WebhookEventType, make_delivery
 from tests.conftest import _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 from workers.reaper import Reaper
@@ -189,7 +189,7 @@ def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
     fence = Fence()
     seen = [e.text for _, f in client.xrange(stream) if (e := fence.visible(f)) is not None]  # type: ignore[union-attr]
     assert "".join(seen) == "abc"
-    *pieces, count = client.register_script(RESUME)(keys=[stream], args=[2])
+    *pieces, count = client.register_script(RESUME)(keys=[stream, *FEED_KEYS], args=[2])
     assert "".join(pieces) == "abc" and count == "n:4"
     client.delete(stream)
 

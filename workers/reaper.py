@@ -31,7 +31,7 @@ from celery import Celery
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.queue import WAITING_CHECK_S
-from scheduler.stream import DoneEvent, done_fields
+from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields
 from scheduler.webhooks import Delivery, send_delivery
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,15 @@ SWEEP_S = 5.0
 OUTBOX_GRACE_S = 30.0
 LOCK = f"{keys.PREFIX}:reaper:lock"
 
-# KEYS: job hash, the dead worker's running hash, its lease, the job's events stream.
+# KEYS: job hash, the dead worker's running hash, its lease, the job's events stream, FEED_KEYS.
 # ARGV: job id, the running-hash entry ("<incarnation> <attempt>"), max attempts, now (JSON),
 # ttl, done-event data and error (JSON) for a job that fails here.
 # → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
 # A requeued job keeps its running-hash entry until its new message is sent (the caller removes
 # it then): a reaper that dies in between leaves the entry, and the next sweep sends it again.
-REQUEUE = """
+REQUEUE = (
+    FEED_LUA
+    + """
 local function forget()  -- only the entry reaped: a same-named worker may have claimed it anew
   if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
 end
@@ -63,7 +65,8 @@ if tonumber(attempt) >= tonumber(ARGV[3]) then
   forget()
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'finish_reason', '"error"', 'error', ARGV[7],
     'timings.finished_at', ARGV[4])
-  redis.call('XADD', KEYS[4], '*', 'type', 'done', 'data', ARGV[6])
+  append(KEYS[4], {'type', 'done', 'data', ARGV[6]})
+  publish()
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[4], ARGV[5])
   return 'failed'
@@ -71,6 +74,7 @@ end
 redis.call('HSET', KEYS[1], 'status', '"queued"')
 return 'requeued'
 """
+)
 
 # KEYS: a running hash. ARGV: job id, the entry that was reaped. Deletes it only if unchanged: a
 # worker restarted under the same name may have claimed the job again meanwhile (a new entry).
@@ -142,7 +146,8 @@ class Reaper:
         outcome = cast(
             str,
             self._requeue(
-                keys=[keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id)],
+                keys=[keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id),
+                      *FEED_KEYS],
                 args=[job_id, entry, self.max_attempts, str(time.time()), self.ttl_s,
                       done_fields(done)["data"], f'"{error}"'],
             ),

@@ -28,7 +28,7 @@ from moe_core.engine import Delta, FinishReason
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, Usage, encode_fields
 from scheduler.notify import TERMINAL_EVENT, Notifier, delivery_for, wants
-from scheduler.stream import DoneEvent, done_fields
+from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields, feed_record_json, token_fields
 from scheduler.webhooks import Delivery, WebhookEventType
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # worker can never overwrite a newer attempt or a terminal state, nor announce one. Arguments: the
 # job hash, its events stream, the worker's running hash, the webhook outbox; the attempt (JSON),
 # ttl seconds, the done event's data, the terminal webhook's Delivery JSON ("" for none), and the
-# job's field/value pairs (a table). → 1 written, 0 fenced off.
+# job's field/value pairs (a table). → 1 written, 0 fenced off. Uses FEED_LUA's `append`.
 _FINALIZE_LUA = """
 local function finalize(job, events, running, outbox, attempt, ttl, done, hook, fields)
   if redis.call('HGET', job, 'status') ~= '"running"' then return 0 end
@@ -49,7 +49,7 @@ local function finalize(job, events, running, outbox, attempt, ttl, done, hook, 
   redis.call('HDEL', running, id)
   if hook ~= '' then redis.call('HSET', outbox, id, hook) end
   redis.call('HSET', job, unpack(fields))
-  redis.call('XADD', events, '*', 'type', 'done', 'data', done)
+  append(events, {'type', 'done', 'data', done})
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', events, ttl)
   return 1
@@ -57,21 +57,25 @@ end
 """
 
 # A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
-# batch carries, then 4 keys per terminal state (`finalize`'s). ARGV: n, f, m (terminal states),
-# ttl, the first-token time (JSON); then 5 values per token entry: text, tokens, attempt, entry
-# number, "1" if it is its stream's first entry (the stream gets its ttl) else ""; then per
-# terminal state: attempt, done-event data, hook, k, and k field/value pairs. The token entries'
-# fields are scheduler/stream.py's token_fields. → m results, `finalize`'s each.
+# batch carries, then 4 keys per terminal state (`finalize`'s), then FEED_KEYS. ARGV: n, f, m
+# (terminal states), ttl, the first-token time (JSON); then 7 values per token entry: text,
+# tokens, attempt, entry number, "1" if it is its stream's first entry (the stream gets its ttl)
+# else "", and its feed record's head and tail (feed_record_json); then per terminal state:
+# attempt, done-event data, hook, k, and k field/value pairs. The token entries' fields are
+# scheduler/stream.py's token_fields; the whole batch is one feed entry. → m results,
+# `finalize`'s each.
 RELAY = (
-    _FINALIZE_LUA
+    FEED_LUA
+    + _FINALIZE_LUA
     + """
 local n, f, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local a = 6
 for i = 1, n do
-  redis.call('XADD', KEYS[i], '*', 'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1],
+  local id = redis.call('XADD', KEYS[i], '*', 'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1],
     'a', ARGV[a + 2], 's', ARGV[a + 3])
+  stage(ARGV[a + 5], id, ARGV[a + 6])
   if ARGV[a + 4] == '1' then redis.call('EXPIRE', KEYS[i], ttl) end
-  a = a + 5
+  a = a + 7
 end
 for i = n + 1, n + f do
   redis.call('HSET', KEYS[i], 'timings.first_token_at', ARGV[5])
@@ -86,6 +90,7 @@ for j = 1, m do
   k = k + 4
   a = a + 4 + 2 * pairs
 end
+publish()
 return out
 """
 )
@@ -104,14 +109,14 @@ class _Write:
 
     at: float  # when it was planned: the first-token time of the jobs whose first token it carries
     streams: list[str] = field(default_factory=list)  # one per token entry
-    entries: list[str] = field(default_factory=list)  # five per token entry
+    entries: list[str] = field(default_factory=list)  # seven per token entry
     firsts: list[str] = field(default_factory=list)  # job hashes
     final_keys: list[str] = field(default_factory=list)  # four per terminal state
     final_args: list[str] = field(default_factory=list)
     finals: list[tuple[Held, Job]] = field(default_factory=list)  # in RELAY's order
 
     def keys(self) -> list[str]:
-        return [*self.streams, *self.firsts, *self.final_keys]
+        return [*self.streams, *self.firsts, *self.final_keys, *FEED_KEYS]
 
     def args(self, ttl_s: int) -> list[str | int]:
         head: list[str | int] = [
@@ -258,15 +263,12 @@ class Relay(threading.Thread):
             self._maybe_output_event(held, delta)
             held.entries += 1
             # token_fields(text, unsent, attempt, entries) of scheduler/stream.py, as RELAY writes it
+            fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries)
+            stream = keys.events(held.job.id)
+            write.streams.append(stream)
             first = "1" if len(held.text) == 1 else ""
-            write.streams.append(keys.events(held.job.id))
-            write.entries += [
-                delta.text,
-                str(held.unsent_tokens),
-                str(held.attempt),
-                str(held.entries),
-                first,
-            ]
+            write.entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
+            write.entries += feed_record_json(stream, fields)
             held.unsent_tokens = 0
 
     def _maybe_output_event(self, held: Held, delta: Delta) -> None:

@@ -17,6 +17,7 @@ from celery import Celery
 from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, encode_fields
+from scheduler.stream import FEED_KEYS, FEED_LUA
 from workers.messages import Claimed
 from workers.runtime_proc import RuntimeProcess
 
@@ -50,10 +51,12 @@ return out
 """
 )
 
-# KEYS: the job's events stream. ARGV: the new attempt. Reads the text earlier attempts streamed
+# KEYS: the job's events stream, FEED_KEYS. ARGV: the new attempt. Reads the text earlier attempts streamed
 # (as readers saw it, scheduler/stream.py Fence) and appends the `resume` mark in one step, so a
 # stale writer's later tokens fall behind the mark. → {text pieces..., "n:<tokens>"}.
-RESUME = """
+RESUME = (
+    FEED_LUA
+    + """
 local current, n, out, last = 1, 0, {}, {}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
   local f = {}
@@ -69,10 +72,12 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     end
   end
 end
-redis.call('XADD', KEYS[1], '*', 'type', 'resume', 'a', ARGV[1])
+append(KEYS[1], {'type', 'resume', 'a', ARGV[1]})
+publish()
 table.insert(out, 'n:' .. n)
 return out
 """
+)
 
 
 def register(app: Celery, client: redis.Redis, engine: RuntimeProcess, engine_name: str) -> None:
@@ -94,7 +99,8 @@ def register(app: Celery, client: redis.Redis, engine: RuntimeProcess, engine_na
                 continue
             text, tokens = "", 0
             if attempt > 1:  # an earlier attempt's worker died: go on from what it streamed
-                *pieces, count = cast(list[str], resume(keys=[keys.events(spec.id)], args=[attempt]))
+                stream_keys = [keys.events(spec.id), *FEED_KEYS]
+                *pieces, count = cast(list[str], resume(keys=stream_keys, args=[attempt]))
                 text, tokens = "".join(pieces), int(count.removeprefix("n:"))
             claimed.append(Claimed(job=spec, attempt=attempt, resume_text=text, resume_tokens=tokens))
         done = {f.job_id: f for f in engine.run(claimed)} if claimed else {}
