@@ -17,6 +17,7 @@ from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
 from api.openai import serving as openai_serving
+from api.openai import tokenize as openai_tokenize
 from api.store import JobStore
 from localmoe.config_store import ConfigWatcher
 from localmoe.settings import Settings, get_settings
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.include_router(webhooks.router)
     app.include_router(openai_serving.router)
+    app.include_router(openai_tokenize.router)
     app.include_router(config.router)
     app.include_router(metrics.router)
     return app

@@ -72,5 +72,3 @@ class JobPage(BaseModel):
 
 class Health(BaseModel):
     status: str
-    detail: str | None = None
-    workers_ready: int = 0

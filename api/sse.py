@@ -21,6 +21,7 @@ PING = b": ping\n\n"  # a comment line: keeps proxies from closing a quiet strea
 DONE = b"data: [DONE]\n\n"  # OpenAI's end of stream
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MARK = "\x00text\x00"  # stands for the text in a Template's model; JSON renders it "\u0000text\u0000"
+USAGE_SLOT = b'"usage":null'  # where a Template's model, rendered with usage None, takes the usage so far
 
 
 def response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
@@ -56,6 +57,14 @@ class Template:
             raise ValueError("the model must hold MARK exactly once")
         head, tail = rendered.split(marker)
         self.head, self.tail = b"data: " + head, tail + b"\n\n"
+        before, slot, after = self.tail.partition(USAGE_SLOT)
+        self._usage = (before + b'"usage":', after) if slot else None
 
     def fill(self, text: str) -> bytes:
         return self.head + orjson.dumps(text) + self.tail
+
+    def fill_usage(self, text: str, usage: bytes) -> bytes:
+        """fill(text) with `usage` (JSON) in the model's usage field: vLLM's continuous usage."""
+        if self._usage is None:
+            raise ValueError("the model was rendered without a usage field")
+        return self.head + orjson.dumps(text) + self._usage[0] + usage + self._usage[1]

@@ -85,6 +85,7 @@ class TokenEvent:
     record, not a model (pydantic's model_construct cost more than the rest of a token's relay)."""
 
     text: str
+    tokens: int = 1  # the tokens it took (the entry's `n`): usage so far is their sum
     type: Literal["token"] = "token"
 
 
@@ -117,7 +118,7 @@ def done_fields(event: DoneEvent) -> dict[str, str]:
 def parse_entry(fields: dict[str, str]) -> StreamEvent:
     if fields.get("type") == "done":
         return DoneEvent.model_validate_json(fields["data"])
-    return TokenEvent(fields.get("text", ""))
+    return TokenEvent(fields.get("text", ""), int(fields.get("n", "1")))
 
 
 class Fence:

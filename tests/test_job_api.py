@@ -35,7 +35,7 @@ def post(http: httpx.Client, **body: object) -> httpx.Response:
 def test_every_route_but_healthz_needs_a_valid_key(api_url: str, rclient: redis.Redis) -> None:
     assert httpx.get(f"{api_url}/healthz").status_code == 200
     for method, path in [
-        ("GET", "/readyz"),
+        ("GET", "/version"),
         ("GET", "/v1/workers"),
         ("GET", "/v1/jobs"),
         ("POST", "/v1/jobs"),

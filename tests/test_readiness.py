@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib import metadata
 
 import httpx
 import pytest
@@ -70,18 +71,22 @@ def test_ready_only_with_a_warm_worker(empty_api: tuple[str, redis.Redis]) -> No
     api, client = empty_api
     key = create_key(client, "readiness", Scope.USER).secret
     get = functools.partial(httpx.get, headers=bearer(key))
-    assert httpx.get(f"{api}/readyz").status_code == 401  # only /healthz and /health go without a key
-    r = get(f"{api}/readyz")
-    assert r.status_code == 503 and "no worker" in r.json()["detail"]
-    assert httpx.get(f"{api}/health").status_code == 503  # vLLM's route, as its clients poll it
+
+    def probes() -> tuple[int, dict[str, str], int, int, int]:
+        """The probes need no key: /readyz (status and body), vLLM's /health, /ping (GET, POST)."""
+        r = httpx.get(f"{api}/readyz")
+        ping = httpx.get(f"{api}/ping").status_code, httpx.post(f"{api}/ping").status_code
+        return r.status_code, r.json(), httpx.get(f"{api}/health").status_code, *ping
+
+    assert probes() == (503, {"status": "starting"}, 503, 503, 503)  # no worker yet
     _beat(client, ready=False, at=time.time())  # loading its engine
-    assert get(f"{api}/readyz").status_code == 503
-    assert httpx.get(f"{api}/health").status_code == 503
+    assert probes() == (503, {"status": "starting"}, 503, 503, 503)
     _beat(client, ready=True, at=time.time())
-    assert get(f"{api}/readyz").json() == {"status": "ready", "detail": None, "workers_ready": 1}
+    assert probes() == (200, {"status": "ready"}, 200, 200, 200)  # ready, and nothing more said
     health = httpx.get(f"{api}/health")
-    assert health.status_code == 200 and health.content == b""
+    assert health.content == b"" and httpx.get(f"{api}/ping").content == b""
     _beat(client, ready=True, at=time.time() - STALE_AFTER_S - 1)  # three beats missed: gone
-    assert get(f"{api}/readyz").status_code == 503
-    assert httpx.get(f"{api}/health").status_code == 503
+    assert probes() == (503, {"status": "starting"}, 503, 503, 503)
     assert get(f"{api}/v1/workers").json() == []
+    assert httpx.get(f"{api}/version").status_code == 401  # not a probe: behind the key
+    assert get(f"{api}/version").json() == {"version": metadata.version("localmoe")}

@@ -17,8 +17,10 @@ from scheduler import keys
 from scheduler.queue import make_celery
 from tests.conftest import bearer, wait_done
 
-# Pages that carry no data: liveness, the API's own docs, the playground shell (which asks for a key).
-PUBLIC = {"/healthz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+# Pages that carry no data: the probes (they say ready or not, no more), the API's own docs, the
+# playground shell (which asks for a key).
+PUBLIC = {"/healthz", "/health", "/readyz", "/ping"}
+PUBLIC |= {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC_PREFIX = "/playground"
 
 _SAMPLE = {
@@ -45,7 +47,7 @@ ROUTES = _routes()
 
 def test_the_route_list_is_complete() -> None:
     paths = {p for _, p in ROUTES}
-    for needed in ("/v1/jobs", "/v1/keys", "/v1/config", "/v1/webhooks", "/v1/chat/completions", "/readyz"):
+    for needed in ("/v1/jobs", "/v1/keys", "/v1/config", "/v1/webhooks", "/v1/chat/completions", "/version"):
         assert needed in paths, needed  # a new router that is not here would be tested too
 
 

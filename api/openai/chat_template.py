@@ -34,20 +34,24 @@ def _hf_tokenizer(model_dir: Path) -> Any | None:
     return tokenizer if getattr(tokenizer, "chat_template", None) else None
 
 
-def chatml(messages: Sequence[dict[str, str]]) -> str:
+def chatml(messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
     turns = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return f"{turns}{IM_START}assistant\n"
+    return f"{turns}{IM_START}assistant\n" if add_generation_prompt else turns
 
 
-async def render_chat(model_dir: Path, messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
+async def render_chat(
+    model_dir: Path, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+) -> tuple[str, list[str]]:
     """→ (the prompt, stop strings the template implies). `developer` is rendered as `system`,
-    the role chat templates know."""
+    the role chat templates know; add_generation_prompt: end with the assistant's turn opened."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
     tokenizer = await asyncio.to_thread(_hf_tokenizer, model_dir)  # the first call loads it
     if tokenizer is None:
-        return chatml(turns), [IM_END]
+        return chatml(turns, add_generation_prompt), [IM_END]
     try:
-        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # a template may refuse a conversation (jinja's raise_exception)
         raise OpenAIError(400, f"the model's chat template refused these messages: {e}", "messages") from e
     return str(prompt), []

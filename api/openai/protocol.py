@@ -36,6 +36,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = Field(False, description="Send a last chunk with the usage before [DONE].")
+    continuous_usage_stats: bool = Field(
+        False, description="Extension, as vLLM: with include_usage, every chunk carries the usage so far."
+    )
 
 
 class SamplingRequest(BaseModel):
@@ -105,6 +108,12 @@ class SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk (vLLM's `continuous_usage_stats`, which it honours only with
+        include_usage)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(SamplingRequest):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -49,7 +51,7 @@ def _model_card(services: Services) -> ModelCard:
     return ModelCard(id=model_dir.name, created=created)
 
 
-def _check_model(requested: str | None, services: Services) -> str:
+def check_model(requested: str | None, services: Services) -> str:
     served = served_model(services)
     if requested is not None and requested != served:
         raise OpenAIError(
@@ -69,7 +71,7 @@ async def list_models(services: ServicesDep, _caller: Caller) -> ModelList:
 
 @router.get("/models/{model}", response_model=ModelCard, responses=ERRORS)
 async def get_model(model: str, services: ServicesDep, _caller: Caller) -> ModelCard:
-    _check_model(model, services)
+    check_model(model, services)
     return _model_card(services)
 
 
@@ -110,7 +112,7 @@ async def completions(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Text completion of one prompt, whole or streamed (`stream: true`)."""
-    model = _check_model(body.model, services)
+    model = check_model(body.model, services)
     body.refuse_unsupported()
     spec = body.job_spec(body.text, 16 if body.max_tokens is None else body.max_tokens)
     job = await _accept(body, spec, caller, services, idempotency_key)
@@ -127,15 +129,32 @@ async def completions(
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
+    so_far = _usage_so_far(job) if body.continuous_usage else None
 
     def finish(done: DoneEvent) -> bytes:
-        last = sse_chunk(completion("", done.finish_reason), omit)
+        end = completion("", done.finish_reason)
+        if body.continuous_usage:
+            end.usage = UsageInfo.of(done)
+        last = sse_chunk(end, omit)
         if body.include_usage:  # a last chunk: no choices, the usage
             usage = UsageInfo.of(done)
             last += sse_chunk(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
         return last
 
-    return stream_job(services, job, sse.Template(completion(sse.MARK, None), omit), finish)
+    template = sse.Template(completion(sse.MARK, None), omit)
+    return stream_job(services, job, template, finish, usage=so_far)
+
+
+def _usage_so_far(job: Job) -> Callable[[int], bytes]:
+    """vLLM's continuous usage: completion tokens so far → the usage JSON a chunk carries."""
+    prompt = job.usage.prompt_tokens
+
+    def usage(generated: int) -> bytes:
+        return orjson.dumps(
+            {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+        )
+
+    return usage
 
 
 # --- /v1/chat/completions ----------------------------------------------------------------------
@@ -157,7 +176,7 @@ async def chat_completions(
 ) -> Response:
     """The assistant's next message, whole or streamed (`stream: true`). The prompt is the
     model's chat template applied to `messages`, or ChatML when the model has none."""
-    model = _check_model(body.model, services)
+    model = check_model(body.model, services)
     body.refuse_unsupported()
     prompt, implied_stop = await render_chat(services.settings.resolved_model_dir, body.messages)
     max_tokens = body.requested_max_tokens
@@ -174,18 +193,26 @@ async def chat_completions(
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
+    so_far = _usage_so_far(job) if body.continuous_usage else None
 
     def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
     def finish(done: DoneEvent) -> bytes:
-        last = sse_chunk(chunk(ChatDelta(), done.finish_reason), omit)
+        end = chunk(ChatDelta(), done.finish_reason)
+        if body.continuous_usage:
+            end.usage = UsageInfo.of(done)
+        last = sse_chunk(end, omit)
         if body.include_usage:  # a last chunk: no choices, the usage
             usage = UsageInfo.of(done)
             end = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
             last += sse_chunk(end)
         return last
 
-    head = sse_chunk(chunk(ChatDelta(role="assistant", content="")), omit)
-    return stream_job(services, job, sse.Template(chunk(ChatDelta(content=sse.MARK)), omit), finish, head)
+    first = chunk(ChatDelta(role="assistant", content=""))
+    if so_far is not None:
+        first.usage = UsageInfo.model_validate_json(so_far(0))
+    head = sse_chunk(first, omit)
+    template = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
+    return stream_job(services, job, template, finish, head, usage=so_far)

@@ -77,14 +77,17 @@ def stream_job(
     token: sse.Template,
     finish: Callable[[DoneEvent], bytes],
     head: bytes = b"",
+    usage: Callable[[int], bytes] | None = None,
 ) -> StreamingResponse:
     """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
     text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
-    error event if the job failed), then `data: [DONE]`. A client that disconnects first
-    (Starlette cancels the generator, or closes it) cancels the job."""
+    error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
+    usage JSON), every token chunk carries it. A client that disconnects first (Starlette cancels
+    the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
+        generated = 0
         try:
             if head:
                 yield head
@@ -92,8 +95,13 @@ def stream_job(
                 out = []
                 for _, event in batch:
                     if isinstance(event, TokenEvent):
-                        if event.text:
+                        generated += event.tokens
+                        if not event.text:
+                            continue
+                        if usage is None:
                             out.append(token.fill(event.text))
+                        else:
+                            out.append(token.fill_usage(event.text, usage(generated)))
                     else:  # the done event: always the stream's last
                         failed = event.status is JobStatus.FAILED
                         out += [_stream_error(event) if failed else finish(event), sse.DONE]
