@@ -45,6 +45,15 @@ def _admit(spec: JobSpec, services: Services) -> int:
             f"prompt ({n} tokens) + max_tokens ({spec.max_tokens}) exceeds the model's context "
             f"of {counter.max_context}",
         )
+    vocab = counter.vocab_size
+    for field, ids in (
+        ("logit_bias", [int(t) for t in spec.logit_bias]),
+        ("stop_token_ids", spec.stop_token_ids),
+    ):
+        if outside := [t for t in ids if t >= vocab]:
+            raise _unprocessable(
+                field, f"token ids {outside[:8]} are outside the model's vocabulary of {vocab}"
+            )
     return n
 
 

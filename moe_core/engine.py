@@ -21,7 +21,13 @@ class FinishReason(StrEnum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 means greedy; top_k 0 and top_p 1.0 mean off."""
+    """How to pick tokens. temperature 0 means greedy; top_k 0 and top_p 1.0 mean off.
+
+    Before temperature (greedy too), as vLLM orders them: min_tokens (EOS and stop_token_ids are
+    impossible until that many tokens were made), logit_bias (added to those tokens' logits), then
+    the penalties: repetition (a logit of a token in the prompt or the output is divided by it when
+    positive, multiplied when negative: transformers' and vLLM's rule), frequency (minus it times
+    the token's count in the output) and presence (minus it once for a token in the output)."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -30,6 +36,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: every request makes exactly max_tokens tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1.0 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (finish "stop"; no text)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Any option that changes logits before sampling (see the class docstring)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 @dataclass(frozen=True)

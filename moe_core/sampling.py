@@ -1,5 +1,8 @@
 """Per-request token selection for a batch of next-token logits.
 
+`adjust_logits` first applies what a request asks of the logits themselves (min_tokens, logit_bias,
+penalties: SamplingParams says how), row by row, only on the rows that ask for any.
+
 Greedy rows (temperature 0) take the argmax, exactly as `generate(do_sample=False)` does. Sampled
 rows apply temperature, then top-k, then top-p (the order of transformers' logits warpers) and draw
 from their own `torch.Generator`, so a seeded request samples the same tokens whatever else is in
@@ -25,6 +28,38 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     else:
         generator.manual_seed(params.seed)
     return generator
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    eos_ids: frozenset[int],
+) -> torch.Tensor:
+    """min_tokens, logit_bias and the penalties, in vLLM's order. logits: [B, V] float32 (changed
+    in place and returned); prompts / outputs: each row's prompt and generated token ids."""
+    vocab = logits.shape[-1]
+    for row, p in enumerate(params):
+        if not p.adjusts_logits:
+            continue
+        x = logits[row]  # [V], a view
+        if len(outputs[row]) < p.min_tokens:
+            banned = [t for t in (*eos_ids, *p.stop_token_ids) if t < vocab]
+            if banned:
+                x[torch.tensor(banned, device=x.device)] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=x.device)
+            x.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=x.device, dtype=x.dtype))
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*prompts[row], *outputs[row]}), dtype=torch.long, device=x.device)
+            picked = x[seen]
+            x[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and outputs[row]:
+            made = torch.tensor(outputs[row], dtype=torch.long, device=x.device)
+            counts = torch.bincount(made, minlength=vocab)[:vocab].to(x.dtype)  # [V]
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    return logits
 
 
 def sample_next_tokens(

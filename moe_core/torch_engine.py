@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicLayer
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
-from moe_core.sampling import make_generator, sample_next_tokens
+from moe_core.sampling import adjust_logits, make_generator, sample_next_tokens
 from moe_core.telemetry import PADDING, ExpertTelemetry, routers
 
 if TYPE_CHECKING:
@@ -460,7 +460,12 @@ class TorchEngine:
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> list[Delta]:
         """Sample one token per row, update each request, drop finished rows. logits: [B, V]."""
         seqs = batch.seqs
-        tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])  # [B]
+        params = [s.params for s in seqs]
+        if any(p.adjusts_logits for p in params):
+            logits = logits.float()  # adjusted in place: a copy in the dtype sampling works in
+            prompts, outputs = [s.prompt_ids for s in seqs], [s.output_ids for s in seqs]
+            logits = adjust_logits(logits, params, prompts, outputs, self._eos_ids)
+        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])  # [B]
         batch.last_tokens = tokens
         deltas = [self._append_token(seq, token) for seq, token in zip(seqs, tokens.tolist(), strict=True)]
         self._tokens_generated += len(deltas)
@@ -470,8 +475,8 @@ class TorchEngine:
     def _append_token(self, seq: _Sequence, token: int) -> Delta:
         """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
         seq.output_ids.append(token)
-        if token in self._eos_ids and not seq.params.ignore_eos:  # the EOS token adds no text
-            return seq.delta(seq.finish(FinishReason.STOP), [token])
+        if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
+            return seq.delta(seq.finish(FinishReason.STOP), [token])  # the EOS / stop token adds no text
         text = seq.stops.push(seq.detokenizer.add_token(token))
         if seq.stops.stopped:
             seq.finish(FinishReason.STOP)

@@ -33,6 +33,10 @@ class PromptCounter:
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         config = json.loads((model_dir / "config.json").read_text())
         self.max_context = int(config.get("max_position_embeddings", 2048))
+        # the logits' width: token ids a request may name (logit_bias, stop_token_ids) lie below it
+        self.vocab_size = int(
+            config.get("vocab_size") or self.tokenizer.get_vocab_size(with_added_tokens=True)
+        )
 
     def count(self, prompt: str) -> int:
         return len(self.tokenizer.encode(prompt).ids)

@@ -23,6 +23,16 @@ PROMPTS = [
 LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
 NEW_TOKENS = 16
 
+# What the logits options must do, each alone and together, in one batch beside plain greedy rows.
+LOGITS_OPTIONS: list[dict[str, object]] = [
+    {"repetition_penalty": 1.3},
+    {"repetition_penalty": 0.8},
+    {"presence_penalty": 1.5, "frequency_penalty": 0.7},
+    {"frequency_penalty": -1.0},
+    {"logit_bias": ((5, 4.0), (11, -100.0))},
+    {"presence_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": ((7, 3.0),)},
+]
+
 
 class Outcome(Protocol):
     """A request's collected deltas, as each engine test gathers them."""
@@ -54,3 +64,47 @@ def assert_matches(tokenizer: Any, result: Outcome, reference: list[int], max_to
     decoded = tokenizer.decode(reference, skip_special_tokens=True)
     # Bytes of a character cut off by the end of generation are dropped, not emitted as U+FFFD.
     assert decoded == result.text or (decoded.startswith(result.text) and decoded.endswith("\ufffd"))
+
+
+def adjusted_reference(
+    model: Any, tokenizer: Any, prompt: str, max_tokens: int, eos_ids: set[int], **options: Any
+) -> list[int]:
+    """generate(do_sample=False) with the logits options of SamplingParams, written here from
+    their definitions (vLLM's), as a transformers logits processor: min_tokens, logit_bias,
+    repetition, frequency and presence penalties, in that order. Cut after the first EOS."""
+    from transformers import LogitsProcessorList
+
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = input_ids.shape[1]
+    min_tokens = options.get("min_tokens", 0)
+    bias: dict[int, float] = dict(options.get("logit_bias", ()))
+    repetition = options.get("repetition_penalty", 1.0)
+    frequency, presence = options.get("frequency_penalty", 0.0), options.get("presence_penalty", 0.0)
+
+    def process(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for row in range(ids.shape[0]):
+            seen, made = ids[row].tolist(), ids[row, start:].tolist()
+            if len(made) < min_tokens:
+                for t in eos_ids:
+                    scores[row, t] = float("-inf")
+            for t, b in bias.items():
+                scores[row, t] += b
+            for t in set(seen):
+                s = scores[row, t]
+                scores[row, t] = s / repetition if s > 0 else s * repetition
+            for t in set(made):
+                scores[row, t] -= frequency * made.count(t) + presence
+        return scores
+
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([process]),
+        )
+    ids: list[int] = out[0, start:].tolist()
+    ends = [i for i, t in enumerate(ids) if t in eos_ids]
+    return ids[: ends[0] + 1] if ends else ids

@@ -23,8 +23,10 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa:
 
 from moe_core.checkpoint import build_checkpoint  # noqa: E402
 from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
+from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
+from tests.parity import LOGITS_OPTIONS, adjusted_reference  # noqa: E402
 from tests.test_torch_engine import (  # noqa: E402
     LATE_PROMPTS,
     NEW_TOKENS,
@@ -105,6 +107,22 @@ def test_zero3_cpu_offload_batches_and_matches_generate(
     assert all(p.ds_tensor is not None and p.ds_tensor.device.type == "cpu" for p in params)
     large = [p for p in params if p.ds_numel >= threshold]
     assert large and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in large)
+
+
+def test_logits_options_as_the_torch_engine(checkpoint: Path) -> None:
+    """Penalties, logit_bias, min_tokens, stop_token_ids: TorchEngine's batcher does them; through
+    DeepSpeed's forward they give transformers' answer with the same options."""
+    engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="auto", max_batch_size=8)
+    engine.load()
+    eos = {engine.tokenizer.eos_token_id}
+    requests, expected = [], {}
+    for i, options in enumerate(LOGITS_OPTIONS):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        requests.append(GenerationRequest(f"o{i}", prompt, SamplingParams(max_tokens=NEW_TOKENS, **options)))  # type: ignore[arg-type]
+        module = engine.model.module  # the transformers model inside DeepSpeed's wrapper
+        expected[f"o{i}"] = adjusted_reference(module, engine.tokenizer, prompt, NEW_TOKENS, eos, **options)
+    results = _run(engine, requests)
+    assert {r: results[r].token_ids for r in expected} == expected
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])

@@ -127,6 +127,32 @@ def test_completion_defaults_and_extensions(
     assert extended.usage is not None and extended.usage.completion_tokens == 2
 
 
+def test_logits_options_reach_the_engine(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+    """OpenAI's logit_bias and penalties, vLLM's min_tokens and stop_token_ids: carried by the job
+    to the engine, which honours them."""
+    token = jobs.post("/tokenize", json={"prompt": " the", "add_special_tokens": False}).json()["tokens"][-1]
+    piece = jobs.post("/detokenize", json={"tokens": [token]}).json()["prompt"]
+    forced = client.completions.create(
+        model=model_dir.name, prompt=PROMPT, max_tokens=3, logit_bias={str(token): 100}, presence_penalty=1.5
+    )
+    assert forced.choices[0].text == piece * 3  # +100 outweighs the presence penalty's -1.5
+    job = jobs.get(f"/v1/jobs/{job_id(forced.id)}").json()
+    assert job["spec"]["logit_bias"] == {str(token): 100} and job["spec"]["presence_penalty"] == 1.5
+    # The token also stops generation, but not before 2 others: 3 tokens, the stop token's text left out.
+    stopped = client.completions.create(
+        model=model_dir.name,
+        prompt=PROMPT,
+        max_tokens=8,
+        logit_bias={str(token): 100},
+        extra_body={"stop_token_ids": [token], "min_tokens": 2, "repetition_penalty": 1.1},
+    )
+    assert stopped.usage is not None and stopped.usage.completion_tokens == 3
+    assert stopped.choices[0].finish_reason == "stop" and piece not in stopped.choices[0].text
+    # The job API takes the same fields.
+    r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 3, "logit_bias": {str(token): 100}})
+    assert wait_done(jobs, r.json()["id"])["output"] == piece * 3
+
+
 def test_streamed_completion_concatenates_to_the_whole(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
     whole = client.completions.create(**args)
@@ -229,9 +255,14 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"echo": True}, "echo", "echo is not supported"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"suffix": "}"}, "suffix", "suffix"),
-    ({"logit_bias": {"5": 10}}, "logit_bias", "logit_bias is not supported"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
-    ({"frequency_penalty": -1}, "frequency_penalty", "frequency_penalty is not supported"),
+    ({"logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids (digits)"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias", "outside the model's vocabulary"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids", "outside the model's vocabulary"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"min_tokens": 10}, "min_tokens", "above max_tokens (4)"),
     ({"prompt": ["one", "two"]}, "prompt", "exactly one prompt"),
     ({"prompt": [1, 2, 3]}, "prompt", "string"),
     ({"prompt": "   "}, "prompt", "empty"),
@@ -244,7 +275,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"seed": -1}, "seed", "greater than or equal to 0"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
     ({"priority": "urgent"}, "priority", "'high', 'normal' or 'low'"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty", "Extra inputs are not permitted"),
+    ({"typical_p": 0.9}, "typical_p", "Extra inputs are not permitted"),
 ]
 
 

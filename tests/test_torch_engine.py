@@ -12,7 +12,15 @@ import torch
 from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
-from tests.parity import LATE_PROMPTS, NEW_TOKENS, PROMPTS, assert_matches, reference_tokens
+from tests.parity import (
+    LATE_PROMPTS,
+    LOGITS_OPTIONS,
+    NEW_TOKENS,
+    PROMPTS,
+    adjusted_reference,
+    assert_matches,
+    reference_tokens,
+)
 
 
 @dataclass
@@ -165,6 +173,47 @@ def test_stop_string_truncates_and_deltas_add_up(engine: TorchEngine) -> None:
     assert result.finish_reason == FinishReason.STOP
     assert result.text == expected  # the concatenated deltas
     assert len(result.token_ids) < len(full.token_ids)
+
+
+def test_logits_options_match_their_definition_in_a_shared_batch(
+    engine: TorchEngine, references: dict[str, list[int]]
+) -> None:
+    eos = {engine.tokenizer.eos_token_id}
+    requests, expected = [], {}
+    for i, options in enumerate(LOGITS_OPTIONS):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        params = SamplingParams(max_tokens=NEW_TOKENS, **options)  # type: ignore[arg-type]
+        requests.append(GenerationRequest(f"o{i}", prompt, params))
+        expected[f"o{i}"] = adjusted_reference(
+            engine.model, engine.tokenizer, prompt, NEW_TOKENS, eos, **options
+        )
+        assert expected[f"o{i}"] != references[prompt], options  # the option changes this answer
+    requests.append(_greedy("plain", PROMPTS[6]))
+    results = _run(engine, requests)
+    for request_id, tokens in expected.items():
+        assert results[request_id].token_ids == tokens, request_id
+    assert results["plain"].token_ids == references[PROMPTS[6]]  # its neighbours' options left it alone
+
+
+def test_min_tokens_and_stop_token_ids(engine: TorchEngine) -> None:
+    eos = engine.tokenizer.eos_token_id
+    prompt = PROMPTS[3]
+    # EOS made the likeliest by far: without min_tokens it comes first; with it, after 5 others.
+    eager = SamplingParams(max_tokens=NEW_TOKENS, logit_bias=((eos, 100.0),))
+    held = SamplingParams(max_tokens=NEW_TOKENS, logit_bias=((eos, 100.0),), min_tokens=5)
+    # A stop token id ends the request as EOS does: finish "stop", and it adds no text.
+    stopper = SamplingParams(max_tokens=NEW_TOKENS, logit_bias=((42, 100.0),), stop_token_ids=(42,))
+    ignored = SamplingParams(max_tokens=4, logit_bias=((42, 100.0),))
+    requests = [
+        GenerationRequest(n, prompt, p) for n, p in [("eager", eager), ("held", held), ("stop", stopper)]
+    ]
+    results = _run(engine, [*requests, GenerationRequest("plain", prompt, ignored)])
+    assert results["eager"].token_ids == [eos] and results["eager"].finish_reason == FinishReason.STOP
+    assert len(results["held"].token_ids) == 6 and results["held"].token_ids[-1] == eos
+    assert eos not in results["held"].token_ids[:5] and results["held"].finish_reason == FinishReason.STOP
+    assert results["stop"].token_ids == [42] and results["stop"].text == ""
+    assert results["stop"].finish_reason == FinishReason.STOP
+    assert results["plain"].token_ids == [42] * 4  # the same bias without the stop id: it goes on
 
 
 def test_abort_frees_the_row_and_reports_next_step(

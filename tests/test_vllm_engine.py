@@ -32,7 +32,15 @@ from moe_core.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
-from tests.parity import LATE_PROMPTS, NEW_TOKENS, PROMPTS, assert_matches, reference_tokens
+from tests.parity import (
+    LATE_PROMPTS,
+    LOGITS_OPTIONS,
+    NEW_TOKENS,
+    PROMPTS,
+    adjusted_reference,
+    assert_matches,
+    reference_tokens,
+)
 
 ON_CPU = current_platform.device_type == "cpu"
 if ON_CPU:
@@ -316,6 +324,28 @@ def test_a_stop_string_holds_back_only_what_could_begin_it(engine: VllmEngine) -
     stopped = texts(_greedy("chatml", prompt, max_tokens=12, stop=("<|im_end|>", "\n\n\n\n\n\n\n\n")))
     assert "".join(plain) and "<" not in "".join(plain) and "\n\n" not in "".join(plain)
     assert stopped == plain
+
+
+def test_logits_options_as_the_torch_engine(engine: VllmEngine, reference: Reference) -> None:
+    """Penalties and logit_bias through vLLM's own sampler: transformers' answer with the same
+    options (the torch and DeepSpeed engines give it too), min_tokens and stop_token_ids as they do."""
+    tokenizer = reference.tokenizer
+    eos = {tokenizer.eos_token_id}
+    requests, expected = [], {}
+    for i, options in enumerate(LOGITS_OPTIONS):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        requests.append(_greedy(f"o{i}", prompt, **options))
+        expected[f"o{i}"] = adjusted_reference(reference.model, tokenizer, prompt, NEW_TOKENS, eos, **options)
+    e = tokenizer.eos_token_id
+    requests += [
+        _greedy("held", PROMPTS[3], logit_bias=((e, 100.0),), min_tokens=5),
+        _greedy("stop", PROMPTS[3], logit_bias=((42, 100.0),), stop_token_ids=(42,)),
+    ]
+    results = _run(engine, requests)
+    assert {r: results[r].token_ids for r in expected} == expected
+    held, stop = results["held"], results["stop"]
+    assert len(held.token_ids) == 6 and held.token_ids[-1] == e and held.finish_reason == FinishReason.STOP
+    assert stop.token_ids == [42] and stop.text == "" and stop.finish_reason == FinishReason.STOP
 
 
 def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:

@@ -106,6 +106,12 @@ class EngineHost:
                 seed=spec.seed,
                 stop=tuple(spec.stop),
                 ignore_eos=spec.ignore_eos,
+                presence_penalty=spec.presence_penalty,
+                frequency_penalty=spec.frequency_penalty,
+                repetition_penalty=spec.repetition_penalty,
+                logit_bias=tuple(sorted((int(t), b) for t, b in spec.logit_bias.items())),
+                min_tokens=max(spec.min_tokens - held.resumed_tokens, 0),
+                stop_token_ids=tuple(spec.stop_token_ids),
             )
             prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
             self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))

@@ -22,6 +22,7 @@ dumping pydantic models costs several µs; the engine process's CPU is the GPU's
 
 from __future__ import annotations
 
+import dataclasses
 import marshal
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -73,24 +74,24 @@ MESSAGE: TypeAdapter[Submit | ConsumerReady | Shutdown | EngineReady | Finished]
 # --- runtime process ⇄ engine process -----------------------------------------------------------
 
 
+_PARAM_FIELDS = dataclasses.fields(SamplingParams)
+
+
 class Add(NamedTuple):
     """A request joins the batch at the engine's next step."""
 
     request_id: str
     prompt: str
-    params: tuple[Any, ...]  # SamplingParams's fields, in order
+    params: tuple[Any, ...]  # SamplingParams's fields, in order (tuples stay tuples in marshal)
     tag: str
 
     @classmethod
     def of(cls, r: GenerationRequest) -> Add:
-        p = r.params
-        params = (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos)
+        params = tuple(getattr(r.params, f.name) for f in _PARAM_FIELDS)
         return cls(r.request_id, r.prompt, params, str(r.tag))  # marshal takes no str subclass (enums)
 
     def request(self) -> GenerationRequest:
-        mt, temperature, top_p, top_k, seed, stop, ignore_eos = self.params
-        params = SamplingParams(mt, temperature, top_p, top_k, seed, tuple(stop), ignore_eos)
-        return GenerationRequest(self.request_id, self.prompt, params, self.tag)
+        return GenerationRequest(self.request_id, self.prompt, SamplingParams(*self.params), self.tag)
 
 
 class Abort(NamedTuple):

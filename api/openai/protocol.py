@@ -60,14 +60,21 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
-    presence_penalty: float | None = Field(None, description="Not supported: only 0.")
-    frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only empty.")
+    presence_penalty: float | None = Field(None, description="-2 to 2: lowers tokens already generated.")
+    frequency_penalty: float | None = Field(None, description="-2 to 2: lowers tokens by their count so far.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id → bias (-100 to 100).")
     # extensions, as in vLLM
     top_k: int | None = Field(
         None, ge=-1, description="Extension: sample among the k likeliest; 0 or -1 is off."
     )
     ignore_eos: bool = Field(False, description="Extension: generate exactly max_tokens tokens.")
+    repetition_penalty: float | None = Field(
+        None, description="Extension: divides positive logits of tokens seen (prompt or output); 1 is off."
+    )
+    min_tokens: int | None = Field(
+        None, description="Extension: no EOS or stop token id before this many tokens."
+    )
+    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end generation.")
     priority: Priority | None = Field(None, description="Extension: high, normal or low (capped per key).")
     modality: Modality | None = Field(None, description="Extension: text, code or mixed; detected if absent.")
 
@@ -75,11 +82,6 @@ class SamplingRequest(BaseModel):
         """400 for options that would change the result and that this server cannot honour."""
         if self.n not in (None, 1):
             raise OpenAIError(400, f"n={self.n} is not supported: this server returns one choice (n=1)", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"{name} is not supported: leave it out or send 0", name)
-        if self.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported: leave it out or send {}", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -98,6 +100,12 @@ class SamplingRequest(BaseModel):
                 modality=self.modality,
                 ignore_eos=self.ignore_eos,
                 priority=self.priority or Priority.NORMAL,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=self.logit_bias or {},
+                min_tokens=self.min_tokens or 0,
+                stop_token_ids=self.stop_token_ids or [],
             )
         except ValidationError as e:
             raise validation_error(e.errors(), self.renames()) from e
