@@ -153,6 +153,17 @@ def test_logits_options_reach_the_engine(client: openai.OpenAI, jobs: httpx.Clie
     assert wait_done(jobs, r.json()["id"])["output"] == piece * 3
 
 
+def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
+    args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    plain = client.completions.create(**args).choices[0].text
+    echoed = client.completions.create(**args, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain
+    assert echoed.usage is not None and echoed.usage.completion_tokens <= 8  # usage counts the answer
+    chunks = list(client.completions.create(**args, echo=True, stream=True))
+    assert chunks[0].choices[0].text == PROMPT  # the prompt comes first, in a chunk of its own
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
+
+
 def test_streamed_completion_concatenates_to_the_whole(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
     whole = client.completions.create(**args)
@@ -252,7 +263,6 @@ def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"n": 2}, "n", "n=2 is not supported"),
     ({"logprobs": 1}, "logprobs", "logprobs are not supported"),
-    ({"echo": True}, "echo", "echo is not supported"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"suffix": "}"}, "suffix", "suffix"),
     ({"logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),

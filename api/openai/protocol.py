@@ -128,7 +128,9 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(description="The text to continue: a string, or a list of exactly one.")
     max_tokens: int | None = Field(16, description="Most tokens to generate; default 16, as OpenAI.")
     logprobs: int | None = Field(None, description="Not supported.")
-    echo: bool | None = Field(False, description="Not supported: only false.")
+    echo: bool | None = Field(
+        False, description="Lead the answer with the prompt (streamed: its first chunk)."
+    )
     best_of: int | None = Field(None, description="Not supported: only 1.")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -140,8 +142,6 @@ class CompletionRequest(SamplingRequest):
             )
         if self.logprobs is not None:
             raise OpenAIError(400, "logprobs are not supported", "logprobs")
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported", "echo")
         if self.best_of not in (None, 1):
             raise OpenAIError(400, "best_of is not supported: only 1", "best_of")
         if self.suffix is not None:

@@ -124,7 +124,7 @@ async def completions(
 
     if not body.stream:
         text, done = await wait_for_job(request, services, job)
-        answer = completion(text, done.finish_reason)
+        answer = completion(body.text + text if body.echo else text, done.finish_reason)
         answer.usage = UsageInfo.of(done)
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -142,7 +142,8 @@ async def completions(
         return last
 
     template = sse.Template(completion(sse.MARK, None), omit)
-    return stream_job(services, job, template, finish, usage=so_far)
+    head = sse_chunk(completion(body.text, None), omit) if body.echo else b""
+    return stream_job(services, job, template, finish, head, usage=so_far)
 
 
 def _usage_so_far(job: Job) -> Callable[[int], bytes]:
