@@ -30,12 +30,13 @@ REPLACEMENT_CHAR = "\ufffd"
 class IncrementalDetokenizer:
     """Streams the text of generated tokens; never emits text ending in half a character.
 
-    `tokenizer` is any Hugging Face tokenizer (only `decode` is used). Special tokens are skipped;
-    the caller does not feed the EOS token.
+    `tokenizer` is any Hugging Face tokenizer (only `decode` is used). Special tokens are skipped
+    unless skip_special_tokens is False; the caller does not feed the EOS token that ends a request.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._ids: list[int] = list(prompt_ids)  # prompt + generated ids
         # ids[prefix_offset:read_offset] decodes to text already emitted (context for the window);
         # ids[read_offset:] are tokens whose text has not been emitted yet.
@@ -43,7 +44,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(self.read_offset - PREFIX_WINDOW, 0)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return str(
+            self._tokenizer.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+        )
 
     def add_token(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly "")."""
@@ -61,12 +64,14 @@ class StopStringBuffer:
     """Releases streamed text, holding back what could be the start of a stop string.
 
     `push` returns the text that is safe to emit; once a stop string appears, `stopped` is set,
-    `text` ends right before it and nothing more is released. `flush` releases the held-back tail
-    when generation ends for another reason (it was not a stop string after all).
+    `text` ends right before it (right after it with include_stop) and nothing more is released.
+    `flush` releases the held-back tail when generation ends for another reason (it was not a stop
+    string after all).
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self._stop = tuple(s for s in stop if s)
+        self._include = include_stop
         self._buffer = ""  # everything pushed so far (until a stop string is found)
         self._released = 0  # len(self._buffer[:released]) went out; the rest is held back
         self.stopped = False
@@ -81,11 +86,13 @@ class StopStringBuffer:
             return ""
         start_search = self._released  # text before this was checked when it was released
         self._buffer += text
-        stop_at = self._find_stop(start_search)
-        if stop_at is not None:
+        found = self._find_stop(start_search)
+        if found is not None:
             self.stopped = True
-            self._buffer = self._buffer[:stop_at]
-            return self._release(stop_at)
+            at, length = found
+            end = at + length if self._include else at
+            self._buffer = self._buffer[:end]
+            return self._release(end)
         return self._release(len(self._buffer) - self._held_suffix_len())
 
     def flush(self) -> str:
@@ -97,13 +104,14 @@ class StopStringBuffer:
         self._released = end
         return out
 
-    def _find_stop(self, start: int) -> int | None:
-        """Index of the earliest stop string that begins at or after `start`, if any.
+    def _find_stop(self, start: int) -> tuple[int, int] | None:
+        """(index, length) of the earliest stop string that begins at or after `start`, if any
+        (at one index, the first listed).
 
         Released text was not a prefix of any stop string, so no stop can begin before `start`.
         """
-        hits = [i for s in self._stop if (i := self._buffer.find(s, start)) >= 0]
-        return min(hits) if hits else None
+        hits = [(i, len(s)) for s in self._stop if (i := self._buffer.find(s, start)) >= 0]
+        return min(hits, key=lambda hit: hit[0]) if hits else None
 
     def _held_suffix_len(self) -> int:
         """Length of the longest suffix of the buffer that is a proper prefix of a stop string."""

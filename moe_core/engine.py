@@ -42,6 +42,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (finish "stop"; no text)
+    skip_special_tokens: bool = True  # False: special tokens' text (EOS under ignore_eos...) is output
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the output
 
     @property
     def adjusts_logits(self) -> bool:

@@ -297,8 +297,10 @@ class TorchEngine:
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stops=StopStringBuffer(request.params.stop),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, request.params.skip_special_tokens
+            ),
+            stops=StopStringBuffer(request.params.stop, request.params.include_stop_str_in_output),
             generator=make_generator(request.params, self._device),
         )
         self._ids.add(request.request_id)
@@ -476,7 +478,13 @@ class TorchEngine:
         """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
         seq.output_ids.append(token)
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
-            return seq.delta(seq.finish(FinishReason.STOP), [token])  # the EOS / stop token adds no text
+            # the EOS / stop token adds no text, unless asked (as vLLM: its text, if not skipped as special)
+            text = (
+                seq.stops.push(seq.detokenizer.add_token(token))
+                if seq.params.include_stop_str_in_output
+                else ""
+            )
+            return seq.delta(text + seq.finish(FinishReason.STOP), [token])
         text = seq.stops.push(seq.detokenizer.add_token(token))
         if seq.stops.stopped:
             seq.finish(FinishReason.STOP)

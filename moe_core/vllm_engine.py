@@ -369,7 +369,7 @@ class VllmEngine:
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         params = request.params
-        stops = StopStringBuffer(params.stop) if params.stop else None
+        stops = StopStringBuffer(params.stop, params.include_stop_str_in_output) if params.stop else None
         state = _Request(prompt_tokens=len(prompt_ids), tag=request.tag, stops=stops)
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
@@ -501,7 +501,8 @@ class VllmEngine:
                 min_tokens=min(params.min_tokens, max_tokens),
                 stop_token_ids=list(params.stop_token_ids) or None,
                 detokenize=True,
-                skip_special_tokens=True,
+                skip_special_tokens=params.skip_special_tokens,
+                include_stop_str_in_output=params.include_stop_str_in_output,
                 output_kind=RequestOutputKind.DELTA,
             )
         except ValueError:

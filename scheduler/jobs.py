@@ -83,6 +83,11 @@ class JobSpec(BaseModel):
         default_factory=dict, max_length=300, description="Token id → bias (-100 to 100) added to its logit."
     )
     min_tokens: int = Field(default=0, ge=0, description="No EOS (or stop token id) before this many tokens.")
+    skip_special_tokens: bool = Field(default=True, description="False: special tokens' text is output too.")
+    include_stop_str_in_output: bool = Field(
+        default=False,
+        description="The stop string (or stop token's text) that ended generation ends the output.",
+    )
     stop_token_ids: list[int] = Field(
         default_factory=list, max_length=64, description="Token ids that end generation (as EOS does)."
     )

@@ -4,11 +4,12 @@ test_vllm_engine.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 
-from moe_core.engine import FinishReason
+from moe_core.engine import FinishReason, SamplingParams
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -108,3 +109,33 @@ def adjusted_reference(
     ids: list[int] = out[0, start:].tolist()
     ends = [i for i, t in enumerate(ids) if t in eos_ids]
     return ids[: ends[0] + 1] if ends else ids
+
+
+def output_option_cases(
+    tokenizer: Any, full_text: str, full_ids: list[int]
+) -> dict[str, tuple[SamplingParams, str]]:
+    """Requests for vLLM's output options, each with the text it must give, from a greedy answer
+    of the same prompt (its text and ids): EOS forced (ignore_eos) with special tokens skipped and
+    kept; a stop string inside the answer left out and kept; a stop token id's text kept."""
+    eos = tokenizer.eos_token_id
+    pieces = [tokenizer.decode([t]) for t in full_ids]
+    j = next(j for j in range(2, len(pieces) - 1) if pieces[j].isprintable() and pieces[j + 1].isprintable())
+    stop = pieces[j][-2:] + pieces[j + 1][:2]
+    cut = full_text.index(stop)
+    forced = SamplingParams(max_tokens=3, ignore_eos=True, logit_bias=((eos, 100.0),))
+    plain = SamplingParams(max_tokens=NEW_TOKENS)
+    cases = {
+        "eos-skipped": (forced, ""),
+        "eos-kept": (replace(forced, skip_special_tokens=False), tokenizer.decode([eos]) * 3),
+        "stop-left-out": (replace(plain, stop=(stop,)), full_text[:cut]),
+        "stop-kept": (
+            replace(plain, stop=(stop,), include_stop_str_in_output=True),
+            full_text[: cut + len(stop)],
+        ),
+        "stop-id-kept": (
+            replace(plain, logit_bias=((42, 100.0),), stop_token_ids=(42,), include_stop_str_in_output=True),
+            tokenizer.decode([42]),
+        ),
+    }
+    assert cases["eos-kept"][1] and cases["stop-id-kept"][1]  # there is text to keep
+    return cases

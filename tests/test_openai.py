@@ -258,6 +258,9 @@ def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model
     for given in (stop, [stop, "\x00never"]):
         cut = client.completions.create(**args, stop=given).choices[0]
         assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    # vLLM's include_stop_str_in_output: the stop string ends the text instead
+    kept = client.completions.create(**args, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == text[: text.index(stop) + len(stop)]
 
 
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [

@@ -19,6 +19,7 @@ from tests.parity import (
     PROMPTS,
     adjusted_reference,
     assert_matches,
+    output_option_cases,
     reference_tokens,
 )
 
@@ -214,6 +215,17 @@ def test_min_tokens_and_stop_token_ids(engine: TorchEngine) -> None:
     assert results["stop"].token_ids == [42] and results["stop"].text == ""
     assert results["stop"].finish_reason == FinishReason.STOP
     assert results["plain"].token_ids == [42] * 4  # the same bias without the stop id: it goes on
+
+
+def test_special_tokens_and_stop_strings_in_the_output(engine: TorchEngine) -> None:
+    """vLLM's skip_special_tokens and include_stop_str_in_output, as vLLM's own engine answers them
+    (tests/test_vllm_engine.py asks it the same)."""
+    prompt = PROMPTS[1]
+    full = _run(engine, [_greedy("full", prompt)])["full"]
+    cases = output_option_cases(engine.tokenizer, full.text, full.token_ids)
+    requests = [GenerationRequest(name, prompt, params) for name, (params, _) in cases.items()]
+    results = _run(engine, requests)
+    assert {name: results[name].text for name in cases} == {name: text for name, (_, text) in cases.items()}
 
 
 def test_abort_frees_the_row_and_reports_next_step(

@@ -39,6 +39,7 @@ from tests.parity import (
     PROMPTS,
     adjusted_reference,
     assert_matches,
+    output_option_cases,
     reference_tokens,
 )
 
@@ -346,6 +347,15 @@ def test_logits_options_as_the_torch_engine(engine: VllmEngine, reference: Refer
     held, stop = results["held"], results["stop"]
     assert len(held.token_ids) == 6 and held.token_ids[-1] == e and held.finish_reason == FinishReason.STOP
     assert stop.token_ids == [42] and stop.text == "" and stop.finish_reason == FinishReason.STOP
+
+
+def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> None:
+    """skip_special_tokens and include_stop_str_in_output: the torch engine's answers (the same cases)."""
+    prompt = PROMPTS[1]
+    full = _run(engine, [_greedy("full", prompt)])["full"]
+    cases = output_option_cases(engine.tokenizer, full.text, full.token_ids)
+    results = _run(engine, [GenerationRequest(name, prompt, params) for name, (params, _) in cases.items()])
+    assert {name: results[name].text for name in cases} == {name: text for name, (_, text) in cases.items()}
 
 
 def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:

@@ -112,6 +112,8 @@ class EngineHost:
                 logit_bias=tuple(sorted((int(t), b) for t, b in spec.logit_bias.items())),
                 min_tokens=max(spec.min_tokens - held.resumed_tokens, 0),
                 stop_token_ids=tuple(spec.stop_token_ids),
+                skip_special_tokens=spec.skip_special_tokens,
+                include_stop_str_in_output=spec.include_stop_str_in_output,
             )
             prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
             self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))

@@ -75,6 +75,10 @@ class SamplingRequest(BaseModel):
         None, description="Extension: no EOS or stop token id before this many tokens."
     )
     stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end generation.")
+    skip_special_tokens: bool = Field(True, description="Extension: false outputs special tokens' text too.")
+    include_stop_str_in_output: bool = Field(
+        False, description="Extension: the stop string that ended generation ends the output."
+    )
     priority: Priority | None = Field(None, description="Extension: high, normal or low (capped per key).")
     modality: Modality | None = Field(None, description="Extension: text, code or mixed; detected if absent.")
 
@@ -106,6 +110,8 @@ class SamplingRequest(BaseModel):
                 logit_bias=self.logit_bias or {},
                 min_tokens=self.min_tokens or 0,
                 stop_token_ids=self.stop_token_ids or [],
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValidationError as e:
             raise validation_error(e.errors(), self.renames()) from e
