@@ -43,6 +43,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (finish "stop"; no text)
     skip_special_tokens: bool = True  # False: special tokens' text (EOS under ignore_eos...) is output
+    logprobs: int | None = None  # k: each token's log-probability and the k likeliest alternatives
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the output
 
     @property
@@ -65,6 +66,12 @@ class GenerationRequest:
     tag: str = ""  # expert telemetry counts this request's tokens under it (the job's modality)
 
 
+# A sampled token's log-probability under the model's raw next-token distribution (before
+# penalties, bias and temperature: vLLM's default "raw_logprobs"), with the k likeliest tokens'
+# (id, log-probability), likeliest first: (token id, logprob, alternatives).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
 @dataclass
 class Delta:
     """What one step did for one request.
@@ -83,6 +90,7 @@ class Delta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     error: str | None = None  # with FinishReason.ERROR
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
 
 
 @dataclass

@@ -38,7 +38,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
-from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from moe_core.loader import load_model
 from moe_core.sampling import adjust_logits, make_generator, sample_next_tokens
 from moe_core.telemetry import PADDING, ExpertTelemetry, routers
@@ -76,7 +76,7 @@ class _Sequence:
     def params(self) -> SamplingParams:
         return self.request.params
 
-    def delta(self, text: str, token_ids: list[int]) -> Delta:
+    def delta(self, text: str, token_ids: list[int], logprob: TokenLogprob | None = None) -> Delta:
         return Delta(
             request_id=self.request_id,
             text=text,
@@ -84,6 +84,7 @@ class _Sequence:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             finish_reason=self.finish_reason,
+            logprobs=[logprob] if logprob is not None else None,
         )
 
     def finish(self, reason: FinishReason) -> str:
@@ -463,18 +464,28 @@ class TorchEngine:
         """Sample one token per row, update each request, drop finished rows. logits: [B, V]."""
         seqs = batch.seqs
         params = [s.params for s in seqs]
+        asked = [r for r, p in enumerate(params) if p.logprobs is not None]
+        # Raw log-probabilities (before any adjustment, which may work on `logits` in place): [A, V]
+        raw = torch.log_softmax(logits[asked].float(), dim=-1) if asked else None
         if any(p.adjusts_logits for p in params):
             logits = logits.float()  # adjusted in place: a copy in the dtype sampling works in
             prompts, outputs = [s.prompt_ids for s in seqs], [s.output_ids for s in seqs]
             logits = adjust_logits(logits, params, prompts, outputs, self._eos_ids)
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])  # [B]
         batch.last_tokens = tokens
-        deltas = [self._append_token(seq, token) for seq, token in zip(seqs, tokens.tolist(), strict=True)]
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw is not None:
+            for i, row in enumerate(asked):
+                logprobs[row] = _token_logprob(raw[i], int(tokens[row]), params[row].logprobs or 0)
+        deltas = [
+            self._append_token(seq, token, lp)
+            for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True)
+        ]
         self._tokens_generated += len(deltas)
         _select_rows(batch, [r for r, seq in enumerate(batch.seqs) if seq.finish_reason is None])
         return deltas
 
-    def _append_token(self, seq: _Sequence, token: int) -> Delta:
+    def _append_token(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> Delta:
         """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
         seq.output_ids.append(token)
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
@@ -484,7 +495,7 @@ class TorchEngine:
                 if seq.params.include_stop_str_in_output
                 else ""
             )
-            return seq.delta(text + seq.finish(FinishReason.STOP), [token])
+            return seq.delta(text + seq.finish(FinishReason.STOP), [token], logprob)
         text = seq.stops.push(seq.detokenizer.add_token(token))
         if seq.stops.stopped:
             seq.finish(FinishReason.STOP)
@@ -492,11 +503,20 @@ class TorchEngine:
             len(seq.prompt_ids) + len(seq.output_ids) >= self.max_context
         ):
             text += seq.finish(FinishReason.LENGTH)
-        return seq.delta(text, [token])
+        return seq.delta(text, [token], logprob)
 
     def _finish_aborted(self, seq: _Sequence) -> None:
         text = seq.finish(FinishReason.ABORT)
         self._finished.append(seq.delta(text, []))
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s entry in one row's log-probabilities [V], with the k likeliest (id, logprob)."""
+    top = torch.topk(logprobs, k) if k > 0 else None
+    alternatives = (
+        tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+    )
+    return token, float(logprobs[token]), alternatives
 
 
 def _left_pad(

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_core.detokenize import StopStringBuffer
-from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from moe_core.telemetry import RoutedCounts
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class _Request:
     started: bool = False  # vLLM produced an output for it (it is past prefill)
     finished: bool = False  # its final delta is built (in _ready, or already returned)
     stops: StopStringBuffer | None = None  # its stop strings, if any
+    logprobs: int | None = None  # the alternatives per token it asked for (None: no logprobs)
 
 
 @dataclass
@@ -370,7 +371,9 @@ class VllmEngine:
             raise ValueError("the prompt encodes to no tokens")
         params = request.params
         stops = StopStringBuffer(params.stop, params.include_stop_str_in_output) if params.stop else None
-        state = _Request(prompt_tokens=len(prompt_ids), tag=request.tag, stops=stops)
+        state = _Request(
+            prompt_tokens=len(prompt_ids), tag=request.tag, stops=stops, logprobs=params.logprobs
+        )
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
             self._requests[rid] = state
@@ -503,6 +506,7 @@ class VllmEngine:
                 detokenize=True,
                 skip_special_tokens=params.skip_special_tokens,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                logprobs=params.logprobs,
                 output_kind=RequestOutputKind.DELTA,
             )
         except ValueError:
@@ -596,6 +600,7 @@ class VllmEngine:
                 completion_tokens=state.completion_tokens,
                 finish_reason=reason,
                 error=error,
+                logprobs=_logprobs(token_ids, completion.logprobs, state.logprobs),
             )
         )
 
@@ -641,3 +646,17 @@ def _close_backend(backend: _Backend) -> None:
     # collect it now, while that still works (at interpreter teardown it fails noisily).
     del engine
     gc.collect()
+
+
+def _logprobs(token_ids: list[int], entries: Any, k: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token {token id: Logprob(logprob, rank, ...)} (the sampled token and the k
+    likeliest) as TokenLogprobs, aligned with `token_ids`; None when the request asked for none."""
+    if k is None or entries is None:
+        return None
+    out: list[TokenLogprob] = []
+    for token, entry in zip(token_ids, entries, strict=True):
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+        out.append(
+            (token, float(entry[token].logprob), tuple((t, float(lp.logprob)) for t, lp in ranked[:k]))
+        )
+    return out

@@ -88,6 +88,12 @@ class JobSpec(BaseModel):
         default=False,
         description="The stop string (or stop token's text) that ended generation ends the output.",
     )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Each token's log-probability and this many likeliest alternatives'.",
+    )
     stop_token_ids: list[int] = Field(
         default_factory=list, max_length=64, description="Token ids that end generation (as EOS does)."
     )

@@ -2,7 +2,8 @@
 read by the API's SSE and websocket relays. Entry ids ("1732870000000-3") are the event ids
 clients resume from.
 
-token:  {"type": "token", "text": <new text>, "n": <tokens it took>, "a": <attempt>, "s": <entry number>}
+token:  {"type": "token", "text": <new text>, "n": <tokens it took>, "a": <attempt>, "s": <entry number>,
+         "lp": <JSON [[token id, logprob, [[id, logprob], ...]], ...] for those n tokens, when asked>}
 resume: {"type": "resume", "a": <attempt>}   a new attempt continues the text of the earlier ones
 done:   {"type": "done", "data": <DoneEvent JSON>}   always the last entry, written exactly once
 
@@ -28,7 +29,7 @@ about FEED_MAXLEN entries, and `p` lets a reader notice that it fell further beh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -86,6 +87,9 @@ class TokenEvent:
 
     text: str
     tokens: int = 1  # the tokens it took (the entry's `n`): usage so far is their sum
+    logprobs: list[Any] | None = (
+        None  # per token: [id, logprob, [[id, logprob], ...]] (moe_core TokenLogprob)
+    )
     type: Literal["token"] = "token"
 
 
@@ -104,10 +108,14 @@ class DoneEvent(BaseModel):
 StreamEvent = TokenEvent | DoneEvent
 
 
-def token_fields(text: str, n: int = 1, attempt: int = 1, seq: int | None = None) -> dict[str, str]:
+def token_fields(
+    text: str, n: int = 1, attempt: int = 1, seq: int | None = None, logprobs: list[Any] | None = None
+) -> dict[str, str]:
     fields = {"type": "token", "text": text, "n": str(n), "a": str(attempt)}
     if seq is not None:
         fields["s"] = str(seq)
+    if logprobs is not None:
+        fields["lp"] = orjson.dumps(logprobs).decode()
     return fields
 
 
@@ -118,7 +126,8 @@ def done_fields(event: DoneEvent) -> dict[str, str]:
 def parse_entry(fields: dict[str, str]) -> StreamEvent:
     if fields.get("type") == "done":
         return DoneEvent.model_validate_json(fields["data"])
-    return TokenEvent(fields.get("text", ""), int(fields.get("n", "1")))
+    lp = fields.get("lp")
+    return TokenEvent(fields.get("text", ""), int(fields.get("n", "1")), orjson.loads(lp) if lp else None)
 
 
 class Fence:

@@ -139,3 +139,38 @@ def output_option_cases(
     }
     assert cases["eos-kept"][1] and cases["stop-id-kept"][1]  # there is text to keep
     return cases
+
+
+def reference_logprobs(model: Any, tokenizer: Any, prompt: str, max_tokens: int, k: int) -> list[Any]:
+    """generate(do_sample=False)'s tokens with their log-probabilities under the raw logits and
+    the k likeliest tokens': [(token, logprob, ((id, logprob), ...))], cut after the first EOS."""
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, input_ids.shape[1] :].tolist()
+    entries = []
+    for token, logits in zip(tokens, out.logits, strict=False):
+        lp = torch.log_softmax(logits[0].float(), dim=-1)
+        top = torch.topk(lp, k)
+        entries.append(
+            (token, float(lp[token]), tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        )
+        if token == tokenizer.eos_token_id:
+            break
+    return entries
+
+
+def assert_logprobs_close(got: list[Any], want: list[Any], tolerance: float = 1e-3) -> None:
+    """Same tokens and alternatives (ids in order), log-probabilities within `tolerance`."""
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for (_, lp, top), (_, want_lp, want_top) in zip(got, want, strict=True):
+        assert abs(lp - want_lp) < tolerance and lp <= 0
+        assert [t for t, _ in top] == [t for t, _ in want_top]
+        assert all(abs(a - b) < tolerance for (_, a), (_, b) in zip(top, want_top, strict=True))

@@ -153,6 +153,52 @@ def test_logits_options_reach_the_engine(client: openai.OpenAI, jobs: httpx.Clie
     assert wait_done(jobs, r.json()["id"])["output"] == piece * 3
 
 
+def test_logprobs_for_completions_and_chat(client: openai.OpenAI, model_dir: Path) -> None:
+    """Every generated token's log-probability with its alternatives, whole and streamed (the same
+    numbers), in each endpoint's shape; greedy: the chosen token is the likeliest of them."""
+    args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    args |= {"logprobs": 3, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**args)
+    lp = whole.choices[0].logprobs
+    assert lp is not None and whole.usage is not None
+    assert lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == whole.usage.completion_tokens == 12
+    assert lp.text_offset is not None and lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top is not None and len(top) <= 3 and chosen is not None and chosen <= 0
+        assert chosen >= max(top.values()) - 1e-4  # greedy: the likeliest
+    streamed = list(client.completions.create(**args, stream=True))
+    got = [
+        x
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for x in c.choices[0].logprobs.token_logprobs or []
+    ]
+    assert got == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    # chat: logprobs=true, top_logprobs=2
+    chat_args: dict[str, Any] = {
+        "model": model_dir.name,
+        "messages": CONVERSATION,
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    chat = client.chat.completions.create(**chat_args, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content is not None and chat.usage is not None and len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in content)
+    chunks = list(client.chat.completions.create(**chat_args, logprobs=True, top_logprobs=2, stream=True))
+    streamed_lps = [
+        t.logprob
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    ]
+    assert streamed_lps == pytest.approx([t.logprob for t in content], abs=1e-4)
+    # without logprobs: none reported
+    assert client.chat.completions.create(**chat_args).choices[0].logprobs is None
+
+
 def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     plain = client.completions.create(**args).choices[0].text
@@ -265,7 +311,7 @@ def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model
 
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"n": 2}, "n", "n=2 is not supported"),
-    ({"logprobs": 1}, "logprobs", "logprobs are not supported"),
+    ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"suffix": "}"}, "suffix", "suffix"),
     ({"logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
@@ -330,7 +376,8 @@ BAD_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools (function calling)"),
     ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported"),
-    ({"logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", "less than or equal to 20"),
     ({"n": 3}, "n", "n=3"),
     ({"max_completion_tokens": 3000}, "max_completion_tokens", "above this server's limit"),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,8 +19,10 @@ from tests.parity import (
     NEW_TOKENS,
     PROMPTS,
     adjusted_reference,
+    assert_logprobs_close,
     assert_matches,
     output_option_cases,
+    reference_logprobs,
     reference_tokens,
 )
 
@@ -226,6 +229,34 @@ def test_special_tokens_and_stop_strings_in_the_output(engine: TorchEngine) -> N
     requests = [GenerationRequest(name, prompt, params) for name, (params, _) in cases.items()]
     results = _run(engine, requests)
     assert {name: results[name].text for name in cases} == {name: text for name, (_, text) in cases.items()}
+
+
+def test_logprobs_are_the_raw_distributions(engine: TorchEngine) -> None:
+    """Each token's log-probability and the k likeliest, from the model's raw logits (as vLLM's
+    default): transformers' generate() logits give the same, for a greedy row and beside rows that
+    ask for none or adjust their logits (which must not change the logprobs reported)."""
+    prompt = PROMPTS[0]
+    want = reference_logprobs(engine.model, engine.tokenizer, prompt, NEW_TOKENS, 3)
+    asked = SamplingParams(max_tokens=NEW_TOKENS, logprobs=3)
+    requests = [
+        GenerationRequest("lp", prompt, asked),
+        GenerationRequest("none", PROMPTS[1], SamplingParams(max_tokens=NEW_TOKENS)),
+        GenerationRequest("k0", prompt, SamplingParams(max_tokens=NEW_TOKENS, logprobs=0)),
+    ]
+    got: dict[str, list[Any]] = {}
+    for request in requests:
+        engine.add_request(request)
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.logprobs is not None:
+                assert len(delta.logprobs) == len(delta.token_ids)
+                got.setdefault(delta.request_id, []).extend(delta.logprobs)
+            elif delta.token_ids:
+                assert delta.request_id == "none"
+    assert_logprobs_close(got["lp"], want)
+    assert [(t, lp) for t, lp, _ in got["k0"]] == [(t, lp) for t, lp, _ in got["lp"]]
+    assert all(top == () for _, _, top in got["k0"])
+    assert "none" not in got
 
 
 def test_abort_frees_the_row_and_reports_next_step(

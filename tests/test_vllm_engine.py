@@ -38,8 +38,10 @@ from tests.parity import (
     NEW_TOKENS,
     PROMPTS,
     adjusted_reference,
+    assert_logprobs_close,
     assert_matches,
     output_option_cases,
+    reference_logprobs,
     reference_tokens,
 )
 
@@ -356,6 +358,22 @@ def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> No
     cases = output_option_cases(engine.tokenizer, full.text, full.token_ids)
     results = _run(engine, [GenerationRequest(name, prompt, params) for name, (params, _) in cases.items()])
     assert {name: results[name].text for name in cases} == {name: text for name, (_, text) in cases.items()}
+
+
+def test_logprobs_are_the_raw_distributions(engine: VllmEngine, reference: Reference) -> None:
+    """vLLM's logprobs through the adapter: transformers' raw distributions, as the torch engine's."""
+    prompt = PROMPTS[0]
+    want = reference_logprobs(reference.model, reference.tokenizer, prompt, NEW_TOKENS, 3)
+    for request in (_greedy("lp", prompt, logprobs=3), _greedy("none", PROMPTS[1])):
+        _add(engine, request)
+    got: dict[str, list[Any]] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.logprobs is not None:
+                assert len(delta.logprobs) == len(delta.token_ids)
+                got.setdefault(delta.request_id, []).extend(delta.logprobs)
+    assert_logprobs_close(got["lp"], want)
+    assert "none" not in got
 
 
 def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:

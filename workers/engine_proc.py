@@ -114,6 +114,7 @@ class EngineHost:
                 stop_token_ids=tuple(spec.stop_token_ids),
                 skip_special_tokens=spec.skip_special_tokens,
                 include_stop_str_in_output=spec.include_stop_str_in_output,
+                logprobs=spec.logprobs,
             )
             prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
             self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -58,9 +58,10 @@ end
 
 # A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
 # batch carries, then 4 keys per terminal state (`finalize`'s), then FEED_KEYS. ARGV: n, f, m
-# (terminal states), ttl, the first-token time (JSON); then 7 values per token entry: text,
+# (terminal states), ttl, the first-token time (JSON); then 8 values per token entry: text,
 # tokens, attempt, entry number, "1" if it is its stream's first entry (the stream gets its ttl)
-# else "", and its feed record's head and tail (feed_record_json); then per terminal state:
+# else "", its feed record's head and tail (feed_record_json), and its logprobs' JSON ("": none);
+# then per terminal state:
 # attempt, done-event data, hook, k, and k field/value pairs. The token entries' fields are
 # scheduler/stream.py's token_fields; the whole batch is one feed entry. → m results,
 # `finalize`'s each.
@@ -71,11 +72,17 @@ RELAY = (
 local n, f, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local a = 6
 for i = 1, n do
-  local id = redis.call('XADD', KEYS[i], '*', 'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1],
-    'a', ARGV[a + 2], 's', ARGV[a + 3])
+  local id
+  if ARGV[a + 7] == '' then
+    id = redis.call('XADD', KEYS[i], '*', 'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1],
+      'a', ARGV[a + 2], 's', ARGV[a + 3])
+  else
+    id = redis.call('XADD', KEYS[i], '*', 'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1],
+      'a', ARGV[a + 2], 's', ARGV[a + 3], 'lp', ARGV[a + 7])
+  end
   stage(ARGV[a + 5], id, ARGV[a + 6])
   if ARGV[a + 4] == '1' then redis.call('EXPIRE', KEYS[i], ttl) end
-  a = a + 7
+  a = a + 8
 end
 for i = n + 1, n + f do
   redis.call('HSET', KEYS[i], 'timings.first_token_at', ARGV[5])
@@ -109,7 +116,7 @@ class _Write:
 
     at: float  # when it was planned: the first-token time of the jobs whose first token it carries
     streams: list[str] = field(default_factory=list)  # one per token entry
-    entries: list[str] = field(default_factory=list)  # seven per token entry
+    entries: list[str] = field(default_factory=list)  # eight per token entry
     firsts: list[str] = field(default_factory=list)  # job hashes
     final_keys: list[str] = field(default_factory=list)  # four per terminal state
     final_args: list[str] = field(default_factory=list)
@@ -142,6 +149,8 @@ class Held:
     output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
     resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
+    unsent_logprobs: list[Any] = field(default_factory=list)  # theirs, when the job asked for logprobs
+    streamed: bool = False  # this attempt has written a token entry
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
 
@@ -258,18 +267,26 @@ class Relay(threading.Thread):
             held.first_token_at = write.at
             write.firsts.append(keys.job(held.job.id))
         held.unsent_tokens += len(delta.token_ids)
-        if delta.text:
-            held.text.append(delta.text)
-            self._maybe_output_event(held, delta)
+        if delta.logprobs:
+            held.unsent_logprobs += delta.logprobs
+        # An entry per piece of text; and, for a job that asked for logprobs, one without text at
+        # its end for tokens that made none (EOS), so that every token's logprob reaches readers.
+        if delta.text or (delta.finish_reason is not None and held.unsent_logprobs):
+            if delta.text:
+                held.text.append(delta.text)
+                self._maybe_output_event(held, delta)
             held.entries += 1
-            # token_fields(text, unsent, attempt, entries) of scheduler/stream.py, as RELAY writes it
-            fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries)
+            lps = held.unsent_logprobs or None
+            # scheduler/stream.py token_fields(text, unsent, attempt, entries, logprobs), as RELAY writes it
+            fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries, lps)
             stream = keys.events(held.job.id)
             write.streams.append(stream)
-            first = "1" if len(held.text) == 1 else ""
+            first = "" if held.streamed else "1"  # this attempt's first entry: the stream gets its ttl
+            held.streamed = True
             write.entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
-            write.entries += feed_record_json(stream, fields)
+            write.entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
             held.unsent_tokens = 0
+            held.unsent_logprobs = []
 
     def _maybe_output_event(self, held: Held, delta: Delta) -> None:
         """An `output` event with the text so far, throttled; the last text rides on `completed`."""

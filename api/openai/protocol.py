@@ -112,12 +112,18 @@ class SamplingRequest(BaseModel):
                 stop_token_ids=self.stop_token_ids or [],
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                logprobs=self.requested_logprobs,
             )
         except ValidationError as e:
             raise validation_error(e.errors(), self.renames()) from e
 
     def renames(self) -> dict[str, str]:
         return {}
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -133,7 +139,9 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(description="The text to continue: a string, or a list of exactly one.")
     max_tokens: int | None = Field(16, description="Most tokens to generate; default 16, as OpenAI.")
-    logprobs: int | None = Field(None, description="Not supported.")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Each token's log-probability and this many likeliest alternatives'."
+    )
     echo: bool | None = Field(
         False, description="Lead the answer with the prompt (streamed: its first chunk)."
     )
@@ -146,8 +154,6 @@ class CompletionRequest(SamplingRequest):
             raise OpenAIError(
                 400, f"a list of {len(self.prompt)} prompts: send exactly one prompt per request", "prompt"
             )
-        if self.logprobs is not None:
-            raise OpenAIError(400, "logprobs are not supported", "logprobs")
         if self.best_of not in (None, 1):
             raise OpenAIError(400, "best_of is not supported: only 1", "best_of")
         if self.suffix is not None:
@@ -156,6 +162,10 @@ class CompletionRequest(SamplingRequest):
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(BaseModel):
@@ -197,8 +207,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, description="Most tokens to generate.")
     max_tokens: int | None = Field(None, description="Deprecated twin of max_completion_tokens.")
-    logprobs: bool | None = Field(False, description="Not supported: only false.")
-    top_logprobs: int | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(False, description="Each output token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: this many likeliest alternatives per token."
+    )
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only empty.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
@@ -206,8 +218,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise OpenAIError(400, "logprobs are not supported", "logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
             raise OpenAIError(
                 400,
@@ -224,6 +236,10 @@ class ChatCompletionRequest(SamplingRequest):
             "prompt": "messages",
             "max_tokens": "max_completion_tokens" if self.max_completion_tokens else "max_tokens",
         }
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -248,11 +264,21 @@ class UsageInfo(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, log-probability, likeliest alternatives, and
+    where its text starts in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = Field(description="stop, length, or abort (cancelled).")
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -269,11 +295,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -294,7 +334,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

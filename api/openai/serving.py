@@ -17,6 +17,7 @@ from api.deps import Services, ServicesDep
 from api.jobs import accept
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute, validation_error
+from api.openai.logprobs import chat_logprobs, completion_logprobs, token_texts
 from api.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -35,7 +36,7 @@ from api.openai.protocol import (
 )
 from api.openai.streaming import sse_chunk, stream_job, wait_for_job
 from scheduler.jobs import Job, JobSpec
-from scheduler.stream import DoneEvent
+from scheduler.stream import DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
@@ -122,10 +123,15 @@ async def completions(
         choice = CompletionChoice(text=text, finish_reason=finish_reason)
         return Completion(id=rid, created=created, model=model, choices=[choice])
 
+    texts = token_texts(services.counter.tokenizer)
+    lead = body.text if body.echo else ""
+
     if not body.stream:
-        text, done = await wait_for_job(request, services, job)
-        answer = completion(body.text + text if body.echo else text, done.finish_reason)
-        answer.usage = UsageInfo.of(done)
+        result = await wait_for_job(request, services, job)
+        answer = completion(lead + result.text, result.done.finish_reason)
+        if body.logprobs is not None:
+            answer.choices[0].logprobs, _ = completion_logprobs(result.logprobs, texts, len(lead))
+        answer.usage = UsageInfo.of(result.done)
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
@@ -143,7 +149,18 @@ async def completions(
 
     template = sse.Template(completion(sse.MARK, None), omit)
     head = sse_chunk(completion(body.text, None), omit) if body.echo else b""
-    return stream_job(services, job, template, finish, head, usage=so_far)
+    offset = len(lead)
+
+    def with_logprobs(event: TokenEvent, generated: int) -> bytes:
+        nonlocal offset
+        chunk = completion(event.text, None)
+        chunk.choices[0].logprobs, offset = completion_logprobs(event.logprobs or [], texts, offset)
+        if so_far is not None:
+            chunk.usage = UsageInfo.model_validate_json(so_far(generated))
+        return sse_chunk(chunk, omit)
+
+    logprobs = with_logprobs if body.logprobs is not None else None
+    return stream_job(services, job, template, finish, head, usage=so_far, with_logprobs=logprobs)
 
 
 def _usage_so_far(job: Job) -> Callable[[int], bytes]:
@@ -185,9 +202,15 @@ async def chat_completions(
     job = await _accept(body, spec, caller, services, idempotency_key)
     rid, created = f"chatcmpl-{job.id}", int(time.time())
 
+    texts = token_texts(services.counter.tokenizer)
+    wants_logprobs = body.requested_logprobs is not None
+
     if not body.stream:
-        text, done = await wait_for_job(request, services, job)
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)
+        result = await wait_for_job(request, services, job)
+        done = result.done
+        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=done.finish_reason)
+        if wants_logprobs:
+            choice.logprobs = chat_logprobs(result.logprobs, texts)
         answer = ChatCompletion(
             id=rid, created=created, model=model, choices=[choice], usage=UsageInfo.of(done)
         )
@@ -216,4 +239,13 @@ async def chat_completions(
         first.usage = UsageInfo.model_validate_json(so_far(0))
     head = sse_chunk(first, omit)
     template = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
-    return stream_job(services, job, template, finish, head, usage=so_far)
+
+    def with_logprobs(event: TokenEvent, generated: int) -> bytes:
+        piece = chunk(ChatDelta(content=event.text))
+        piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
+        if so_far is not None:
+            piece.usage = UsageInfo.model_validate_json(so_far(generated))
+        return sse_chunk(piece, omit)
+
+    logprobs = with_logprobs if wants_logprobs else None
+    return stream_job(services, job, template, finish, head, usage=so_far, with_logprobs=logprobs)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from fastapi import Request
@@ -32,18 +34,27 @@ async def _cancel(services: Services, job_id: str) -> None:
         await services.store.cancel(job_id)
 
 
-async def _collect(services: Services, job_id: str) -> tuple[str, DoneEvent]:
+@dataclass
+class Answer:
+    text: str
+    done: DoneEvent
+    logprobs: list[Any]  # per token [id, logprob, [[id, logprob], ...]], when the job asked
+
+
+async def _collect(services: Services, job_id: str) -> Answer:
     pieces: list[str] = []
+    logprobs: list[Any] = []
     async for _, event in services.store.events(job_id):
         if isinstance(event, TokenEvent):
             pieces.append(event.text)
+            logprobs += event.logprobs or ()
         else:
-            return "".join(pieces), event
+            return Answer("".join(pieces), event, logprobs)
     raise OpenAIError(500, f"job {job_id} expired before it finished")
 
 
-async def wait_for_job(request: Request, services: Services, job: Job) -> tuple[str, DoneEvent]:
-    """The job's whole text and its done event. A client that disconnects first cancels it."""
+async def wait_for_job(request: Request, services: Services, job: Job) -> Answer:
+    """The job's whole text, logprobs and done event. A client that disconnects first cancels it."""
     result = asyncio.ensure_future(_collect(services, job.id))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
@@ -56,10 +67,10 @@ async def wait_for_job(request: Request, services: Services, job: Job) -> tuple[
             await _cancel(services, job.id)
     if not finished:  # no one will read this answer
         raise OpenAIError(499, "the client disconnected; its job was cancelled")
-    text, done = result.result()
-    if done.status is JobStatus.FAILED:
-        raise OpenAIError(500, f"generation failed: {done.error or 'unknown error'}")
-    return text, done
+    answer = result.result()
+    if answer.done.status is JobStatus.FAILED:
+        raise OpenAIError(500, f"generation failed: {answer.done.error or 'unknown error'}")
+    return answer
 
 
 def sse_chunk(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
@@ -78,12 +89,14 @@ def stream_job(
     finish: Callable[[DoneEvent], bytes],
     head: bytes = b"",
     usage: Callable[[int], bytes] | None = None,
+    with_logprobs: Callable[[TokenEvent, int], bytes] | None = None,
 ) -> StreamingResponse:
     """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
     text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
     error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
-    usage JSON), every token chunk carries it. A client that disconnects first (Starlette cancels
-    the generator, or closes it) cancels the job."""
+    usage JSON), every token chunk carries it. With `with_logprobs` (a job that asked for them),
+    it renders each token event's chunk instead, given the tokens so far, text or not. A client
+    that disconnects first (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
@@ -96,6 +109,10 @@ def stream_job(
                 for _, event in batch:
                     if isinstance(event, TokenEvent):
                         generated += event.tokens
+                        if with_logprobs is not None:
+                            if event.text or event.logprobs:
+                                out.append(with_logprobs(event, generated))
+                            continue
                         if not event.text:
                             continue
                         if usage is None:
