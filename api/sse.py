@@ -36,7 +36,12 @@ def data(payload: bytes | str) -> bytes:
 def job_event(entry_id: str, event: StreamEvent) -> bytes:
     """A job stream's event: `event: token|done`, its data without `type`, and the id to resume from."""
     if isinstance(event, TokenEvent):
-        kind, payload = b"token", orjson.dumps({"text": event.text})
+        data = (
+            {"text": event.text}
+            if event.logprobs is None
+            else {"text": event.text, "logprobs": event.logprobs}
+        )
+        kind, payload = b"token", orjson.dumps(data)
     else:
         kind, payload = b"done", done_json(event)
     return b"event: " + kind + b"\ndata: " + payload + b"\nid: " + entry_id.encode() + b"\n\n"

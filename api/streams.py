@@ -38,8 +38,9 @@ def resume_point(
 _EVENTS: dict[int | str, dict[str, object]] = {
     200: {
         "content": {"text/event-stream": {"schema": {}}},
-        "description": '`event: token` with `{"text": ...}` per piece of text, then one `event: done`; '
-        "each with the `id` to resume after.",
+        "description": '`event: token` with `{"text": ...}` per piece of text (and `"logprobs"` when the '
+        "job asked: per token [id, logprob, [[id, logprob], ...]]), then one `event: done`; each with "
+        "the `id` to resume after.",
     }
 }
 
@@ -85,7 +86,9 @@ async def stream(websocket: WebSocket, job_id: str, after: str | None = None) ->
         async for batch in services.store.event_batches(job.id, after or "0-0"):
             for entry_id, event in batch:  # a message per event: websocket frames are not merged
                 if isinstance(event, TokenEvent):
-                    message = {"id": entry_id, "type": "token", "text": event.text}
+                    message: dict[str, object] = {"id": entry_id, "type": "token", "text": event.text}
+                    if event.logprobs is not None:
+                        message["logprobs"] = event.logprobs
                 else:
                     message = {"id": entry_id, **event.model_dump(mode="json")}
                 await websocket.send_text(orjson.dumps(message).decode())

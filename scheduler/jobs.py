@@ -190,6 +190,9 @@ class Job(BaseModel):
     attempt: int = 0  # incremented each time a worker claims the job
     cancel_requested: bool = False
     output: str | None = None  # the whole generated text, set with the terminal state
+    # With spec.logprobs: per generated token [id, logprob, [[id, logprob], ...]] (the engine's raw
+    # distribution), set with the terminal state (what a resumed job's earlier attempts made is not)
+    logprobs: list[Any] | None = None
     finish_reason: str | None = None  # stop | length | abort
     error: str | None = None
     usage: Usage = Field(default_factory=Usage)

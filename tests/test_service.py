@@ -103,6 +103,24 @@ def test_sse_and_websocket_streams_concatenate_to_the_output(http: httpx.Client,
     assert [m["id"] for m in messages] == [i for i, _, _ in sse]  # one stream, one set of ids
 
 
+def test_logprobs_reach_polling_sse_and_websocket(http: httpx.Client, api_url: str) -> None:
+    """A job that asks for logprobs: every generated token's, on the job record and in its events
+    (SSE and websocket: the same per-event pieces), in order; a job that does not ask gets none."""
+    job_id = submit(http, max_tokens=12, logprobs=2, ignore_eos=True)["id"]
+    job = wait_done(http, job_id)
+    assert len(job["logprobs"]) == job["usage"]["completion_tokens"] == 12
+    assert all(lp <= 0 and len(top) == 2 for _, lp, top in job["logprobs"])
+    sse = [d for _, e, d in sse_events(http, job_id) if e == "token"]
+    assert [x for d in sse for x in d["logprobs"]] == job["logprobs"]
+    ws_url = api_url.replace("http://", "ws://") + f"/v1/jobs/{job_id}/stream"
+    with connect(ws_url, additional_headers={"Authorization": http.headers["authorization"]}) as ws:
+        messages = [json.loads(m) for m in ws]
+    assert [x for m in messages if m["type"] == "token" for x in m["logprobs"]] == job["logprobs"]
+    plain = wait_done(http, submit(http, max_tokens=4)["id"])
+    assert plain["logprobs"] is None
+    assert all("logprobs" not in d for _, e, d in sse_events(http, plain["id"]) if e == "token")
+
+
 def test_32_concurrent_jobs_complete_in_one_batch(http: httpx.Client, api_url: str) -> None:
     ids: list[str] = []
     lock = threading.Lock()

@@ -151,6 +151,7 @@ class Held:
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
     unsent_logprobs: list[Any] = field(default_factory=list)  # theirs, when the job asked for logprobs
     streamed: bool = False  # this attempt has written a token entry
+    logprobs: list[Any] = field(default_factory=list)  # every token's so far, when the job asked
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
 
@@ -269,6 +270,7 @@ class Relay(threading.Thread):
         held.unsent_tokens += len(delta.token_ids)
         if delta.logprobs:
             held.unsent_logprobs += delta.logprobs
+            held.logprobs += delta.logprobs
         # An entry per piece of text; and, for a job that asked for logprobs, one without text at
         # its end for tokens that made none (EOS), so that every token's logprob reaches readers.
         if delta.text or (delta.finish_reason is not None and held.unsent_logprobs):
@@ -315,6 +317,8 @@ class Relay(threading.Thread):
         job.usage = usage or job.usage
         job.timings.first_token_at = held.first_token_at
         job.timings.finished_at = time.time()
+        if job.spec.logprobs is not None:
+            job.logprobs = held.logprobs
         return job
 
     def _plan_final(self, write: _Write, held: Held, job: Job) -> None:
@@ -326,6 +330,7 @@ class Relay(threading.Thread):
                 "error": job.error,
                 "usage": job.usage.model_dump(),
                 "timings": {"finished_at": job.timings.finished_at},
+                **({"logprobs": job.logprobs} if job.logprobs is not None else {}),
             }
         )
         held.terminal = delivery_for(job, TERMINAL_EVENT[job.status]) if self.notifier else None
