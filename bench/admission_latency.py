@@ -25,7 +25,7 @@ import redis
 from api.auth import KeyLimits, Scope, create_key
 from bench.harness import auth, service_env, start_api, stop
 from localmoe.redis_server import RedisServer
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 
 BODY = {"prompt": "def fibonacci(n):\n    ", "max_tokens": 16}
 

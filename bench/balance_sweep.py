@@ -3,7 +3,7 @@
     python -m bench.balance_sweep --variants 0,0.02,0.1,0.02/per_layer --minutes 3.5 [--size small]
 
 A variant is a weight (`router_aux_loss_coef`), optionally `/per_layer` for a balance loss per layer
-rather than transformers' one over all layers pooled (moe_core.train.per_layer_balance_loss). Each
+rather than transformers' one over all layers pooled (moe_build.train.per_layer_balance_loss). Each
 variant trains the same preset with the same seed and data for the same
 wall-clock budget; the runs share the machine at once (one process each), so every run gets about
 the same share of it and the comparison stays fair even though each is slower than alone. Then
@@ -26,7 +26,7 @@ import torch
 from bench.model_quality import measure
 
 _TRAIN = (
-    "import sys; from pathlib import Path; from moe_core.train import train; "
+    "import sys; from pathlib import Path; from moe_build.train import train; "
     "train(Path(sys.argv[1]), size=sys.argv[2], minutes=float(sys.argv[3]), "
     "aux_loss_coef=float(sys.argv[4]), balance=sys.argv[5], overwrite=True, progress=False)"
 )
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="0,0.02,0.1", help="COEF[/per_layer], comma-separated")
     p.add_argument("--minutes", type=float, default=3.5, help="training budget of each run")
-    p.add_argument("--size", default="small", help="moe_core.train preset")
+    p.add_argument("--size", default="small", help="moe_build.train preset")
     p.add_argument("--work", type=Path, default=Path("/tmp/localmoe-balance-sweep"))
     p.add_argument("--headers", type=int, default=100)
     p.add_argument("--device", default="auto")

@@ -829,7 +829,7 @@ class Chaos:
 
 
 def main() -> None:
-    from moe_core.checkpoint import build_checkpoint
+    from moe_build.checkpoint import build_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2000)

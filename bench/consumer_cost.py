@@ -26,7 +26,7 @@ import redis
 
 from bench.harness import service_env, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, job_to_hash
 from scheduler.queue import make_celery

@@ -429,7 +429,7 @@ def summarize(calls_file: Path, junit: Path) -> None:
 def main() -> None:
     from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
     from localmoe.redis_server import RedisServer
-    from moe_core.checkpoint import build_checkpoint
+    from moe_build.checkpoint import build_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=500, help="schemathesis cases per operation")

@@ -2,7 +2,7 @@
 
     python -m bench.model_quality --model DIR [--baseline-random] [--headers 100] [--device auto]
 
-Everything is measured on the held-out split of moe_core.train (the rule stored in the model's
+Everything is measured on the held-out split of moe_build.train (the rule stored in the model's
 training.json, re-applied to this machine's files, so the model never saw these packages):
   perplexity  — on held-out code and prose, next to a unigram baseline (token frequencies of the
                 train split, add-one smoothed) and, with --baseline-random, the same architecture
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moe_core import train
+from moe_build import train
 from moe_core.loader import load_model
 
 HELD_OUT_BYTES = 4_000_000  # read from held-out packages; evaluation uses `sequences` rows of it
@@ -45,7 +45,7 @@ UNIGRAM_BYTES = 4_000_000  # of the train split, for the unigram baseline
 
 
 def training_record(model_dir: Path) -> dict[str, Any]:
-    """The model's training.json; for a model trained elsewhere, the defaults of moe_core.train."""
+    """The model's training.json; for a model trained elsewhere, the defaults of moe_build.train."""
     path = Path(model_dir) / "training.json"
     if not path.is_file():
         return {"seq_len": 512, "split": {"held_out_share": train.HELD_OUT_SHARE}}

@@ -36,7 +36,7 @@ STEPS = ("tune", "compare")
 def _engine(model: Path, folder: Path) -> Any:
     """The vLLM engine as a worker builds it; its engine core reads `folder` for MoE configs."""
     from bench.engines_gpu import make_engine
-    from moe_core.moe_tuning import ENV_FOLDER
+    from moe_core.moe_configs import ENV_FOLDER
 
     engine = make_engine("vllm", model, 256, gpu_share=0.4, tuned_config_dir=folder)
     os.environ[ENV_FOLDER] = str(folder)  # the engine only sets it when unset: one folder per process
@@ -141,7 +141,7 @@ def main() -> None:
     if args._compare:
         args._compare.write_text(json.dumps(compare(args.model, args.work, args.rounds)))
         return
-    from moe_core.checkpoint import build_checkpoint, is_checkpoint
+    from moe_build.checkpoint import build_checkpoint, is_checkpoint
 
     if not is_checkpoint(args.model):
         print(f"[build] the 4.76 B reference Mixtral in {args.model}", flush=True)

@@ -35,7 +35,7 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from scheduler import keys
 from scheduler.jobs import JobStatus, job_from_hash
 from scheduler.registry import WorkerInfo

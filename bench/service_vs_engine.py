@@ -31,7 +31,7 @@ import torch
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from localmoe.settings import Settings
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import job_from_hash

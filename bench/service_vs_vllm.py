@@ -608,7 +608,7 @@ def main() -> None:
     if args.model:
         model = Path(args.model)
     else:
-        from moe_core.checkpoint import build_checkpoint
+        from moe_build.checkpoint import build_checkpoint
 
         print(f"building the tiny test model in {tmp / 'model'}", flush=True)
         model = build_checkpoint(tmp / "model", progress=False)

@@ -47,7 +47,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from bench.harness import Proc, auth, service_env, start_api, start_worker, stop
 from localmoe.redis_server import RedisServer
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 
 HEADS = ["def parse(line):\n", "The queue holds", "class Cache:\n", "A router picks", "for x in items:\n"]
 

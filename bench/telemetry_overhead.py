@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moe_core.checkpoint import build_checkpoint, is_checkpoint
+from moe_build.checkpoint import build_checkpoint, is_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 

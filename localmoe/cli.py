@@ -24,7 +24,7 @@ def _env_flag(args: argparse.Namespace, attr: str, env: str) -> None:
 
 def cmd_model_init(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
-    from moe_core.checkpoint import build_checkpoint, is_checkpoint
+    from moe_build.checkpoint import build_checkpoint, is_checkpoint
 
     # Not the embedded model's place: a random model must not stand in for the trained one.
     out = Path(args.out) if args.out else get_settings().home / "models" / f"{args.size}-{args.arch}"
@@ -38,8 +38,8 @@ def cmd_model_init(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pack(args: argparse.Namespace) -> int:
-    from moe_core.checkpoint import is_checkpoint
-    from moe_core.packed import EMBEDDED, pack
+    from moe_build.checkpoint import is_checkpoint
+    from moe_build.packed import EMBEDDED, pack
 
     src, out = Path(args.model), Path(args.out) if args.out else EMBEDDED
     if not is_checkpoint(src):
@@ -56,8 +56,8 @@ def cmd_model_pack(args: argparse.Namespace) -> int:
 
 def cmd_model_train(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
-    from moe_core.checkpoint import is_checkpoint
-    from moe_core.train import train
+    from moe_build.checkpoint import is_checkpoint
+    from moe_build.train import train
 
     out = Path(args.out) if args.out else get_settings().default_model_dir
     if is_checkpoint(out) and not args.force:
@@ -91,7 +91,8 @@ def cmd_model_train(args: argparse.Namespace) -> int:
 
 def cmd_tune_moe(args: argparse.Namespace) -> int:
     from localmoe.settings import get_settings
-    from moe_core import moe_tuning, vllm_engine
+    from moe_build import moe_tuning
+    from moe_core import moe_configs, vllm_engine
     from moe_core.loader import resolve_dtype
 
     s = get_settings()
@@ -105,7 +106,7 @@ def cmd_tune_moe(args: argparse.Namespace) -> int:
         return 2
     model_dir = Path(args.model_dir) if args.model_dir else s.resolved_model_dir
     dtype = str(resolve_dtype("cuda", s.engine.dtype)).removeprefix("torch.")
-    shape = moe_tuning.moe_shape(
+    shape = moe_configs.moe_shape(
         model_dir,
         tensor_parallel_size=args.tp or v.tensor_parallel_size,
         enable_expert_parallel=args.ep or v.enable_expert_parallel,
@@ -488,7 +489,7 @@ def parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_model_train)
 
     packing = model.add_parser(
-        "pack", help="int8-pack a checkpoint to ship it (default: as the embedded model, moe_core/assets)"
+        "pack", help="int8-pack a checkpoint to ship it (default: as the embedded model, moe_build/assets)"
     )
     packing.add_argument("model", help="a checkpoint directory (e.g. written by `localmoe model train`)")
     packing.add_argument("--out", help="where the packed model goes (default: the embedded model's folder)")

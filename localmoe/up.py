@@ -130,9 +130,9 @@ def worker_plan(
 
 def ensure_model(settings: Settings) -> Path:
     """The model to serve: LOCALMOE_MODEL_DIR, or the embedded small model — trained, shipped packed
-    in moe_core/assets (moe_core/packed.py) and unpacked into the home on first start."""
-    from moe_core.checkpoint import is_checkpoint
-    from moe_core.packed import EMBEDDED, unpack
+    in moe_build/assets (moe_build/packed.py) and unpacked into the home on first start."""
+    from moe_build.checkpoint import is_checkpoint
+    from moe_build.packed import EMBEDDED, unpack
 
     path = settings.resolved_model_dir
     if is_checkpoint(path):

@@ -1,6 +1,6 @@
 """Inspect and load a Mixture-of-Experts checkpoint directory (Mixtral, Qwen2-MoE, OLMoE).
 
-Works the same on a real checkpoint copied onto the box and on one made by `moe_core.checkpoint`.
+Works the same on a real checkpoint copied onto the box and on one made by `moe_build.checkpoint`.
 Only local files are ever read: nothing here reaches the Hugging Face hub, whatever the environment
 says (every from_pretrained call passes local_files_only=True).
 """

@@ -154,7 +154,7 @@ class VllmEngine:
         "bfloat16" or "float16"; max_batch_size: vLLM's max_num_seqs; max_num_batched_tokens: the
         scheduler's token budget per step (set explicitly: vLLM's entry points differ in their
         defaults); max_context: vLLM's max_model_len (default: the model's); tuned_config_dir:
-        fused-MoE kernel configs from `localmoe tune-moe` (moe_core/moe_tuning.py), handed to vLLM
+        fused-MoE kernel configs from `localmoe tune-moe` (moe_build/moe_tuning.py), handed to vLLM
         as VLLM_TUNED_CONFIG_FOLDER unless the environment already names a folder; expert_telemetry:
         have vLLM capture the router's choices (`enable_return_routed_experts`, vLLM >= 0.26 on
         CUDA: its CPU build needs Triton for it) and count them per request tag when a request
@@ -276,19 +276,19 @@ class VllmEngine:
     def _use_tuned_moe_configs(self, dtype: str) -> None:
         """Point vLLM (and the engine core it spawns) at the tuned fused-MoE configs; log whether
         one fits this model's shape on this GPU."""
-        from moe_core import moe_tuning
+        from moe_core import moe_configs
 
         if self.tuned_config_dir is not None:
-            os.environ.setdefault(moe_tuning.ENV_FOLDER, str(self.tuned_config_dir))
-        folder = os.environ.get(moe_tuning.ENV_FOLDER)
+            os.environ.setdefault(moe_configs.ENV_FOLDER, str(self.tuned_config_dir))
+        folder = os.environ.get(moe_configs.ENV_FOLDER)
         try:
-            shape = moe_tuning.moe_shape(
+            shape = moe_configs.moe_shape(
                 self.model_dir,
                 tensor_parallel_size=self.tensor_parallel_size,
                 enable_expert_parallel=self.enable_expert_parallel,
                 dtype=dtype,
             )
-            name = moe_tuning.config_file_name(shape)
+            name = moe_configs.config_file_name(shape)
         except (ValueError, KeyError) as e:
             log.info("fused-MoE configs: not applicable to this model (%s)", e)
             return

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe_core.checkpoint import build_checkpoint
+    from moe_build.checkpoint import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("models") / "tiny-mixtral", progress=False)
 

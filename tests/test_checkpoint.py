@@ -1,4 +1,4 @@
-"""Offline checkpoint building (moe_core.checkpoint) and loading (moe_core.loader), for every arch."""
+"""Offline checkpoint building (moe_build.checkpoint) and loading (moe_core.loader), for every arch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationMixin, PreTrainedTokenizerBase
 
-from moe_core.checkpoint import ARCHS, build_checkpoint, is_checkpoint
+from moe_build.checkpoint import ARCHS, build_checkpoint, is_checkpoint
 from moe_core.loader import inspect_model, load_model, resolve_dtype
 
 
@@ -158,7 +158,7 @@ def test_missing_dir_or_config_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_moe_core_never_imports_redis_or_celery() -> None:
     code = (
-        "import sys, moe_core, moe_core.checkpoint, moe_core.loader\n"
+        "import sys, moe_core, moe_build.checkpoint, moe_core.loader\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'celery', 'kombu'))\n"
         "assert not bad, bad\n"
     )

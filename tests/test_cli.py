@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localmoe.up import visible_gpus, worker_plan
-from moe_core.checkpoint import is_checkpoint
+from moe_build.checkpoint import is_checkpoint
 from moe_core.loader import inspect_model
 from scheduler.queue import make_celery
 

@@ -21,7 +21,7 @@ deepspeed = pytest.importorskip(
 
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 
-from moe_core.checkpoint import build_checkpoint  # noqa: E402
+from moe_build.checkpoint import build_checkpoint  # noqa: E402
 from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from moe_core.checkpoint import train_tokenizer
+from moe_build.checkpoint import train_tokenizer
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 
 UNICODE_TEXT = "naïve café — 世界 🙂 ok"

@@ -1,4 +1,4 @@
-"""The shipped embedded default: a trained small MoE packed as int8 (moe_core/packed.py), unpacked into an
+"""The shipped embedded default: a trained small MoE packed as int8 (moe_build/packed.py), unpacked into an
 ordinary checkpoint, loaded through the same loader as any local Hugging Face checkpoint, and held to
 a quality gate — bench/model_quality.py at a reduced size (50 headers, 8 rows per kind)."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench import model_quality
+from moe_build.packed import EMBEDDED, is_packed, pack, unpack
 from moe_core.loader import inspect_model, load_model
-from moe_core.packed import EMBEDDED, is_packed, pack, unpack
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_pack_round_trip_keeps_the_model(tmp_path: Path) -> None:
     held-out loss within 1 %, and one unpack equal to the next."""
     from safetensors.torch import load_file
 
-    from moe_core import train
+    from moe_build import train
 
     trained = tmp_path / "trained"
     train.train(trained, size="cpu-test", max_steps=40, device="cpu", progress=False)

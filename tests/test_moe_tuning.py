@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_core import moe_tuning
-from moe_core.checkpoint import build_checkpoint
-from moe_core.moe_tuning import SPACE, Config, MoeShape
+from moe_build import moe_tuning
+from moe_build.checkpoint import build_checkpoint
+from moe_build.moe_tuning import SPACE, Config, MoeShape
+from moe_core import moe_configs
 
 SHAPE = MoeShape(experts=8, intermediate=5632, hidden=2048, top_k=2, dtype="bfloat16")
 
@@ -48,7 +49,7 @@ def bowl(target: Config, broken: set[tuple[str, int]] = frozenset()) -> moe_tuni
 
 def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
     shapes = {
-        arch: moe_tuning.moe_shape(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
+        arch: moe_configs.moe_shape(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
         for arch in ("mixtral", "qwen2_moe", "olmoe")
     }
     # the tiny checkpoints: hidden 128, 8 experts, top-2; qwen2_moe's routed experts use
@@ -57,15 +58,15 @@ def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
     assert shapes["qwen2_moe"] == MoeShape(8, 128, 128, 2, "bfloat16")
     assert shapes["olmoe"] == MoeShape(8, 256, 128, 2, "bfloat16")
     mixtral = tmp_path / "mixtral"
-    assert moe_tuning.moe_shape(mixtral, tensor_parallel_size=2).intermediate == 128  # TP splits N
-    ep = moe_tuning.moe_shape(mixtral, tensor_parallel_size=4, enable_expert_parallel=True)
+    assert moe_configs.moe_shape(mixtral, tensor_parallel_size=2).intermediate == 128  # TP splits N
+    ep = moe_configs.moe_shape(mixtral, tensor_parallel_size=4, enable_expert_parallel=True)
     assert (ep.experts, ep.intermediate) == (2, 256)  # EP splits the experts, N stays whole
     with pytest.raises(ValueError, match="split"):
-        moe_tuning.moe_shape(mixtral, tensor_parallel_size=3)
+        moe_configs.moe_shape(mixtral, tensor_parallel_size=3)
     (tmp_path / "dense").mkdir()
     (tmp_path / "dense" / "config.json").write_text('{"hidden_size": 64, "intermediate_size": 128}')
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        moe_tuning.moe_shape(tmp_path / "dense")
+        moe_configs.moe_shape(tmp_path / "dense")
 
 
 def test_candidates_prune_what_cannot_help() -> None:

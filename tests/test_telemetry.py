@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 

@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install
 import torch
 import torch.distributed as dist
 
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from moe_core.deepspeed import DeepSpeedEngine
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.tensor_parallel import TensorParallelEngine

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from moe_core.checkpoint import build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
 from tests.parity import (

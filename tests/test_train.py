@@ -1,4 +1,4 @@
-"""Training from scratch (moe_core.train) and its quality bench, on the "cpu-test" preset: seconds."""
+"""Training from scratch (moe_build.train) and its quality bench, on the "cpu-test" preset: seconds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import model_quality
-from moe_core import train
+from moe_build import train
 from moe_core.loader import inspect_model, load_model
 
 STEPS = 40

@@ -27,8 +27,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CPU CI without vllm-c
 import psutil
 from vllm.platforms import current_platform
 
-from moe_core import moe_tuning
-from moe_core.checkpoint import build_checkpoint
+from moe_build import moe_tuning
+from moe_build.checkpoint import build_checkpoint
+from moe_core import moe_configs
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
@@ -132,7 +133,7 @@ def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tuned_dir(mixtral_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder as `localmoe tune-moe` leaves it, with a config file for the tiny model's shape."""
     folder = tmp_path_factory.mktemp("moe-configs")
-    name = moe_tuning.config_file_name(moe_tuning.moe_shape(mixtral_dir, dtype="float32"))
+    name = moe_configs.config_file_name(moe_configs.moe_shape(mixtral_dir, dtype="float32"))
     moe_tuning.write_configs(folder, name, {1: TUNED_SMALL, 64: TUNED_LARGE})
     return folder
 
@@ -193,7 +194,7 @@ def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference,
     assert ok and why.startswith("vLLM ")
     assert engine.name == "vllm"
     assert engine.moe_config is not None and engine.moe_config.parent == tuned_dir
-    assert os.environ[moe_tuning.ENV_FOLDER] == str(tuned_dir)  # what the engine core inherited
+    assert os.environ[moe_configs.ENV_FOLDER] == str(tuned_dir)  # what the engine core inherited
     assert engine.max_context == reference.model.config.max_position_embeddings
     stats = engine.stats()
     assert (stats.running, stats.waiting, stats.steps, stats.tokens_generated) == (0, 0, 0, 0)
@@ -207,7 +208,7 @@ def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pyt
     finds the file `localmoe tune-moe` writes and takes the entry nearest the step's token count."""
     from vllm.model_executor.layers.fused_moe import fused_moe
 
-    monkeypatch.setenv(moe_tuning.ENV_FOLDER, str(tuned_dir))
+    monkeypatch.setenv(moe_configs.ENV_FOLDER, str(tuned_dir))
     fused_moe.get_moe_configs.cache_clear()
     try:
         # the tiny mixtral: E=8, hidden 128, intermediate 256; w1 [E, 2N, K], w2 [E, K, N]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tqdm import tqdm
 
-from moe_core.checkpoint import (
+from moe_build.checkpoint import (
     BOS,
     EOS,
     PAD,
@@ -85,7 +85,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # ~0.3 M parameters: a few dozen steps in seconds on one CPU core.
     "cpu-test": Preset(64, 128, 2, 4, 2, 1024, 64, 8, 3e-3, 600_000, 300_000, 10, 8, 5, 1.0),
-    # ~27 M parameters (~11 M active per token) for one H200 — 27 MB packed as int8 (moe_core.packed),
+    # ~27 M parameters (~11 M active per token) for one H200 — 27 MB packed as int8 (moe_build.packed),
     # the embedded default's budget. 128 × 512 tokens per step in bf16.
     "small": Preset(384, 384, 6, 6, 2, 8192, 512, 128, 1e-3, 500_000_000, 20_000_000, 250, 128, 300, 14.0),
 }
