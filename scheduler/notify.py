@@ -53,6 +53,7 @@ def event_data(job: Job, output: str | None = None) -> dict[str, Any]:
         "modality": job.modality.value,
         "priority": job.priority.value,
         "worker": job.worker,
+        **({"logprobs": job.logprobs} if job.logprobs is not None else {}),  # when the job asked
     }
 
 

@@ -29,6 +29,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from localmoe.redis_server import RedisServer
 from localmoe.settings import WebhookSettings
 from scheduler import webhooks
+from scheduler.jobs import Job, JobSpec, JobStatus
+from scheduler.notify import event_data
 from scheduler.queue import make_celery
 from scheduler.webhooks import (
     Delivery,
@@ -191,6 +193,16 @@ def test_webhook_spec() -> None:
 
 
 # --- Signing and retry timing -------------------------------------------------------------------
+
+
+def test_a_terminal_event_carries_the_logprobs_a_job_asked_for() -> None:
+    spec = JobSpec(prompt="x", logprobs=1)
+    lps = [[5, -0.25, [[5, -0.25]]], [7, -1.5, [[9, -0.5]]]]
+    asked = Job(spec=spec, status=JobStatus.SUCCEEDED, output="ab", logprobs=lps)
+    assert event_data(asked)["logprobs"] == lps
+    assert "logprobs" not in event_data(
+        Job(spec=JobSpec(prompt="x"), status=JobStatus.SUCCEEDED, output="ab")
+    )
 
 
 def test_signature_matches_standard_webhooks() -> None:
