@@ -38,7 +38,10 @@ from scheduler import keys
 from scheduler.jobs import Job, JobStatus, Usage
 
 FEED_KEYS = [keys.FEED, keys.FEED_LAST]  # the last two KEYS of every script using FEED_LUA
-FEED_MAXLEN = 4096  # feed entries kept (about: trimmed by whole nodes); a relay batch is one entry
+# Feed entries kept (about: trimmed by whole nodes). A relay batch is one entry, ~110 bytes per
+# token it carries: at most ~30 MB for 256-token batches, and some 8 s of a GPU's steps; a reader
+# further behind than that catches up from the job streams (api/stream_hub.py).
+FEED_MAXLEN = 1024
 
 # Lua for every script that writes job streams. The script's last two KEYS are keys.FEED and
 # keys.FEED_LAST. `append(stream, fields)`: XADD fields (a flat {field, value, ...} table) to the
