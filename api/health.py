@@ -65,7 +65,7 @@ async def health(services: ServicesDep) -> Response:
 @router.post("/ping", response_class=Response, responses=_PROBE)
 async def ping(services: ServicesDep) -> Response:
     """vLLM's /ping (SageMaker's probe), GET or POST: the same answer as /health. No API key."""
-    return Response(status_code=200 if await _ready(services) else 503)
+    return await health(services)
 
 
 class Version(BaseModel):

@@ -46,9 +46,9 @@ FEED_MAXLEN = 1024
 # Lua for every script that writes job streams. The script's last two KEYS are keys.FEED and
 # keys.FEED_LAST. `append(stream, fields)`: XADD fields (a flat {field, value, ...} table) to the
 # job stream and stage its feed record; → the entry id. `stage(head, id, tail)`: stage the record
-# of an entry the caller added itself, given as the JSON around its id (feed_record_json: building
-# it in Python, not Lua tables + cjson, took a relay batch's feed from +3.6 to +0.6 µs of Redis time
-# per token). `publish()`: one feed entry for everything staged (none if nothing was); call it
+# of an entry the caller added itself, given as the JSON around its id (feed_record_json: built in
+# Python, not as Lua tables for cjson, it costs Redis a third as much per token: bench/feed_cost.py).
+# `publish()`: one feed entry for everything staged (none if nothing was); call it
 # once, after the last append.
 FEED_LUA = f"""
 local feed_parts, feed_n = {{}}, 0

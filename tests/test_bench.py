@@ -74,3 +74,12 @@ def test_the_redis_cost_benchmark_runs(tmp_path: Path) -> None:
     by_command = result["by_command"]
     # the relay's script writes every token; the API's stream reader reads them
     assert by_command["evalsha"]["us_per_token"] > 0 and by_command["xread"]["calls"] > 0
+
+
+def test_the_feed_cost_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "feed.json"
+    argv = [sys.executable, "-m", "bench.feed_cost", "--batches", "5", "--batch", "8"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    costs = json.loads(out.read_text())["us_per_token"]
+    assert set(costs) == {"xadd", "cjson", "relay"} and all(us > 0 for us in costs.values())

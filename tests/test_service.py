@@ -103,7 +103,7 @@ def test_sse_and_websocket_streams_concatenate_to_the_output(http: httpx.Client,
     assert [m["id"] for m in messages] == [i for i, _, _ in sse]  # one stream, one set of ids
 
 
-def test_logprobs_reach_polling_sse_and_websocket(http: httpx.Client, api_url: str) -> None:
+def test_logprobs_reach_polling_sse_and_websocket(http: httpx.Client, api_url: str, model_dir: Path) -> None:
     """A job that asks for logprobs: every generated token's, on the job record and in its events
     (SSE and websocket: the same per-event pieces), in order; a job that does not ask gets none."""
     job_id = submit(http, max_tokens=12, logprobs=2, ignore_eos=True)["id"]
@@ -116,6 +116,15 @@ def test_logprobs_reach_polling_sse_and_websocket(http: httpx.Client, api_url: s
     with connect(ws_url, additional_headers={"Authorization": http.headers["authorization"]}) as ws:
         messages = [json.loads(m) for m in ws]
     assert [x for m in messages if m["type"] == "token" for x in m["logprobs"]] == job["logprobs"]
+    # EOS makes no text: its logprob still reaches readers, in an entry of its own at the end
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    ended = wait_done(
+        http, submit(http, max_tokens=8, logprobs=0, logit_bias={str(eos): 100}, min_tokens=3)["id"]
+    )
+    assert [t for t, _, _ in ended["logprobs"]][-1] == eos and len(ended["logprobs"]) == 4
+    assert [x for _, e, d in sse_events(http, ended["id"]) if e == "token" for x in d["logprobs"]] == ended[
+        "logprobs"
+    ]
     plain = wait_done(http, submit(http, max_tokens=4)["id"])
     assert plain["logprobs"] is None
     assert all("logprobs" not in d for _, e, d in sse_events(http, plain["id"]) if e == "token")

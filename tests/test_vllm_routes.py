@@ -11,11 +11,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
-from api.auth import Scope, create_key
 from localmoe.redis_server import RedisServer
 from tests.conftest import bearer
+from tests.test_openai import _new_key
 
 PROMPT = "def fibonacci(n):\n"
 CHAT: list[Any] = [{"role": "user", "content": "Sort a list of ints."}]
@@ -23,11 +22,7 @@ CHAT: list[Any] = [{"role": "user", "content": "Sort a list of ints."}]
 
 @pytest.fixture(scope="module")
 def key(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        return create_key(client, "tests (vllm routes)", Scope.USER).secret
-    finally:
-        client.close()
+    return _new_key(redis_server, "tests (vllm routes)")
 
 
 @pytest.fixture

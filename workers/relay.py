@@ -149,9 +149,9 @@ class Held:
     output_sent_at: float = 0.0  # the last `output` webhook event (monotonic seconds)
     resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
-    unsent_logprobs: list[Any] = field(default_factory=list)  # theirs, when the job asked for logprobs
     streamed: bool = False  # this attempt has written a token entry
     logprobs: list[Any] = field(default_factory=list)  # every token's so far, when the job asked
+    logprobs_sent: int = 0  # logprobs[:logprobs_sent] went out in stream entries
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
 
@@ -269,16 +269,16 @@ class Relay(threading.Thread):
             write.firsts.append(keys.job(held.job.id))
         held.unsent_tokens += len(delta.token_ids)
         if delta.logprobs:
-            held.unsent_logprobs += delta.logprobs
             held.logprobs += delta.logprobs
+        unsent_logprobs = len(held.logprobs) > held.logprobs_sent
         # An entry per piece of text; and, for a job that asked for logprobs, one without text at
         # its end for tokens that made none (EOS), so that every token's logprob reaches readers.
-        if delta.text or (delta.finish_reason is not None and held.unsent_logprobs):
+        if delta.text or (delta.finish_reason is not None and unsent_logprobs):
             if delta.text:
                 held.text.append(delta.text)
                 self._maybe_output_event(held, delta)
             held.entries += 1
-            lps = held.unsent_logprobs or None
+            lps = held.logprobs[held.logprobs_sent :] if unsent_logprobs else None
             # scheduler/stream.py token_fields(text, unsent, attempt, entries, logprobs), as RELAY writes it
             fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries, lps)
             stream = keys.events(held.job.id)
@@ -288,7 +288,7 @@ class Relay(threading.Thread):
             write.entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
             write.entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
             held.unsent_tokens = 0
-            held.unsent_logprobs = []
+            held.logprobs_sent = len(held.logprobs)
 
     def _maybe_output_event(self, held: Held, delta: Delta) -> None:
         """An `output` event with the text so far, throttled; the last text rides on `completed`."""

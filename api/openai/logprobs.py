@@ -29,11 +29,9 @@ class TokenTexts:
         return self._decode(token)
 
 
-_TEXTS: dict[int, TokenTexts] = {}  # id(tokenizer) → its cache: one tokenizer per API process
-
-
+@functools.cache  # one tokenizer per API process: one cache
 def token_texts(tokenizer: Any) -> TokenTexts:
-    return _TEXTS.setdefault(id(tokenizer), TokenTexts(tokenizer))
+    return TokenTexts(tokenizer)
 
 
 def completion_logprobs(

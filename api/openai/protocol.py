@@ -256,12 +256,11 @@ class UsageInfo(BaseModel):
 
     @classmethod
     def of(cls, done: DoneEvent) -> UsageInfo:
-        u = done.usage
-        return cls(
-            prompt_tokens=u.prompt_tokens,
-            completion_tokens=u.completion_tokens,
-            total_tokens=u.prompt_tokens + u.completion_tokens,
-        )
+        return cls.counted(done.usage.prompt_tokens, done.usage.completion_tokens)
+
+    @classmethod
+    def counted(cls, prompt: int, completion: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class CompletionLogprobs(BaseModel):

@@ -156,7 +156,7 @@ async def completions(
         chunk = completion(event.text, None)
         chunk.choices[0].logprobs, offset = completion_logprobs(event.logprobs or [], texts, offset)
         if so_far is not None:
-            chunk.usage = UsageInfo.model_validate_json(so_far(generated))
+            chunk.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
         return sse_chunk(chunk, omit)
 
     logprobs = with_logprobs if body.logprobs is not None else None
@@ -236,7 +236,7 @@ async def chat_completions(
 
     first = chunk(ChatDelta(role="assistant", content=""))
     if so_far is not None:
-        first.usage = UsageInfo.model_validate_json(so_far(0))
+        first.usage = UsageInfo.counted(job.usage.prompt_tokens, 0)
     head = sse_chunk(first, omit)
     template = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
 
@@ -244,7 +244,7 @@ async def chat_completions(
         piece = chunk(ChatDelta(content=event.text))
         piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
         if so_far is not None:
-            piece.usage = UsageInfo.model_validate_json(so_far(generated))
+            piece.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
         return sse_chunk(piece, omit)
 
     logprobs = with_logprobs if wants_logprobs else None
