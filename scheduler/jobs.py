@@ -11,8 +11,9 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from scheduler.structured import Constraint, ResponseFormat, StructuredOutputs, constraint_of
 from scheduler.webhooks import WebhookSpec
 
 
@@ -97,6 +98,15 @@ class JobSpec(BaseModel):
     stop_token_ids: list[int] = Field(
         default_factory=list, max_length=64, description="Token ids that end generation (as EOS does)."
     )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="As OpenAI's: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}}}; the output obeys it (constrained decoding).",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None,
+        description="As vLLM's: exactly one of json (a schema), json_object, regex, choice, grammar.",
+    )
     priority: Priority = Field(
         default=Priority.NORMAL, description="high, normal or low; capped at what the API key may use."
     )
@@ -105,6 +115,16 @@ class JobSpec(BaseModel):
         description="Signed callbacks (Standard Webhooks) for the events named; the URL must be an "
         "endpoint registered with POST /v1/webhooks, on a host the admin allows.",
     )
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> JobSpec:
+        constraint_of(self.response_format, self.structured_outputs)  # raises for two
+        return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the output must obey: (kind, spec) as moe_core/engine.py STRUCTURED_KINDS say."""
+        return constraint_of(self.response_format, self.structured_outputs)
 
     @field_validator("prompt")
     @classmethod

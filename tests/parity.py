@@ -4,9 +4,12 @@ test_vllm_engine.py)."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 from typing import Any, Protocol
 
+import jsonschema
 import torch
 
 from moe_core.engine import FinishReason, SamplingParams
@@ -174,3 +177,52 @@ def assert_logprobs_close(got: list[Any], want: list[Any], tolerance: float = 1e
         assert abs(lp - want_lp) < tolerance and lp <= 0
         assert [t for t, _ in top] == [t for t, _ in want_top]
         assert all(abs(a - b) < tolerance for (_, a), (_, b) in zip(top, want_top, strict=True))
+
+
+# Structured outputs (SamplingParams.structured) every engine must obey, greedy and sampled, in one
+# batch beside plain rows. Strings and arrays are bounded so that even a random model ends within
+# STRUCTURED_TOKENS: an output cut by max_tokens would be a prefix, not a full match.
+STRUCTURED_TOKENS = 96
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address", "active"],
+    "additionalProperties": False,
+}
+STRUCTURED_CASES: list[tuple[str, str]] = [
+    ("json", json.dumps(PERSON_SCHEMA)),
+    ("regex", r"[0-9]{3}-[A-Z]{2}(-[a-z]{1,4})?"),
+    ("choice", json.dumps(["yes", "no", 'it depends: "maybe"'])),
+    ("grammar", 'root ::= "(" item ("," item){0,3} ")"\nitem ::= [a-c] | "x" [0-9]'),  # GBNF
+    ("grammar", 'start: "SELECT " COL " FROM t"\nCOL: /[a-z]{1,6}/'),  # Lark
+]
+
+
+def assert_obeys(structured: tuple[str, str], text: str) -> None:
+    """`text` is one full answer the constraint accepts."""
+    kind, spec = structured
+    if kind == "json":
+        jsonschema.validate(json.loads(text), json.loads(spec))
+    elif kind == "regex":
+        assert re.fullmatch(spec, text), (spec, text)
+    elif kind == "choice":
+        assert text in json.loads(spec), text
+    elif "::=" in spec:
+        assert re.fullmatch(r"\((?:[a-c]|x[0-9])(?:,(?:[a-c]|x[0-9])){0,3}\)", text), text
+    else:
+        assert re.fullmatch(r"SELECT [a-z]{1,6} FROM t", text), text

@@ -83,3 +83,23 @@ def test_the_feed_cost_benchmark_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     costs = json.loads(out.read_text())["us_per_token"]
     assert set(costs) == {"xadd", "cjson", "relay"} and all(us > 0 for us in costs.values())
+
+
+def run_structured_bench(tmp_path: Path, *args: str, timeout: float = 600) -> dict:  # type: ignore[type-arg]
+    out = tmp_path / "structured.json"
+    argv = [sys.executable, "-m", "bench.structured_output", *args, "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # 1: an invalid output
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_the_structured_output_benchmark_validates_every_output(tmp_path: Path) -> None:
+    """CI's form of the 1,000-request run: 100 schema-constrained requests (20 distinct schemas),
+    every output valid JSON of its schema, none cut short; the plain twin run made as many tokens."""
+    args = ("--requests", "100", "--schemas", "20", "--rounds", "1", "--batch", "32")
+    result = run_structured_bench(tmp_path, *args)
+    assert result["outputs_checked"] == 100 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
+    assert result["compiles"] == 20  # once per distinct schema
+    (rnd,) = result["rounds"]
+    assert rnd["tokens"] > 100 * 10 and rnd["constrained_tok_s"] > 0 and rnd["plain_tok_s"] > 0

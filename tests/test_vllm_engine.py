@@ -38,9 +38,12 @@ from tests.parity import (
     LOGITS_OPTIONS,
     NEW_TOKENS,
     PROMPTS,
+    STRUCTURED_CASES,
+    STRUCTURED_TOKENS,
     adjusted_reference,
     assert_logprobs_close,
     assert_matches,
+    assert_obeys,
     output_option_cases,
     reference_logprobs,
     reference_tokens,
@@ -350,6 +353,28 @@ def test_logits_options_as_the_torch_engine(engine: VllmEngine, reference: Refer
     held, stop = results["held"], results["stop"]
     assert len(held.token_ids) == 6 and held.token_ids[-1] == e and held.finish_reason == FinishReason.STOP
     assert stop.token_ids == [42] and stop.text == "" and stop.finish_reason == FinishReason.STOP
+
+
+def test_structured_outputs_through_vllms_backend(
+    engine: VllmEngine, references: dict[str, list[int]]
+) -> None:
+    """The torch engine's constraints (the same cases), enforced by vLLM's own structured-output
+    backend: every answer obeys its constraint and ends (stop); a plain row beside them is untouched."""
+    requests = []
+    for i, case in enumerate(STRUCTURED_CASES):
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(
+                max_tokens=STRUCTURED_TOKENS, temperature=temperature, seed=i, structured=case
+            )
+            requests.append(GenerationRequest(f"s{i}-{temperature:g}", PROMPTS[i % len(PROMPTS)], params))
+    requests.append(_greedy("plain", PROMPTS[6]))
+    results = _run(engine, requests)
+    for request in requests[:-1]:
+        assert request.params.structured is not None
+        result = results[request.request_id]
+        assert result.finish_reason == FinishReason.STOP, (request.request_id, result.text)
+        assert_obeys(request.params.structured, result.text)
+    assert results["plain"].token_ids == references[PROMPTS[6]]
 
 
 def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> None:

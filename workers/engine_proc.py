@@ -115,6 +115,7 @@ class EngineHost:
                 skip_special_tokens=spec.skip_special_tokens,
                 include_stop_str_in_output=spec.include_stop_str_in_output,
                 logprobs=spec.logprobs,
+                structured=spec.constraint,
             )
             prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
             self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))

@@ -1,0 +1,267 @@
+"""Structured outputs at scale: do N schema-constrained requests all give valid JSON, and what does
+the constraint cost the engine?
+
+N requests (default 1,000), each with one of `--schemas` distinct JSON schemas of the shapes
+extraction pipelines send (nested objects, arrays of objects, enums, required and optional fields,
+bounded strings and integers, patterns), sampled (temperature 0.8, seeded), all added at once to
+one engine built as a worker builds it (torch on CPU, vLLM on a GPU). Every output is parsed and
+validated against its schema (`jsonschema`); one that fails, or that max_tokens cut short, counts
+as invalid.
+
+The cost: the same requests without a constraint, each asked for exactly the tokens its
+constrained twin made (ignore_eos), so both runs do the same steps over the same batch; rounds
+alternate constrained / plain. Prints tokens/s of each, their ratio, and the grammar compiles.
+
+    python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
+        [--schemas 50] [--rounds 2] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from moe_core.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+
+
+def _string(max_length: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "maxLength": max_length, **extra}
+
+
+def _integer(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+# The shapes: strings, arrays and integers bounded, so that even a random model's answer is
+# complete well within max_tokens (an unbounded string is the model's to end).
+BASES: list[dict[str, Any]] = [
+    _object(  # a person, nested address
+        {
+            "name": _string(12),
+            "age": _integer(0, 120),
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "address": _object(
+                {
+                    "city": _string(10),
+                    "zip": _string(5, pattern="^[0-9]{5}$"),
+                    "country": {"enum": ["DE", "FR", "US"]},
+                },
+                ["city", "country"],
+            ),
+            "email": _string(20),
+        },
+        ["name", "role", "address"],
+    ),
+    _object(  # an order: an array of line items
+        {
+            "order_id": _string(8, pattern="^[A-Z]{2}[0-9]{4}$"),
+            "status": {"enum": ["open", "paid", "shipped", "cancelled"]},
+            "items": {
+                "type": "array",
+                "items": _object(
+                    {"sku": _string(6), "qty": _integer(1, 99), "cents": _integer(0, 99999)}, ["sku", "qty"]
+                ),
+                "minItems": 1,
+                "maxItems": 3,
+            },
+            "gift": {"type": "boolean"},
+        },
+        ["order_id", "status", "items"],
+    ),
+    _object(  # a code review comment
+        {
+            "file": _string(16),
+            "line": _integer(1, 5000),
+            "severity": {"enum": ["info", "warning", "error"]},
+            "message": _string(24),
+            "suggestion": {"anyOf": [_string(24), {"type": "null"}]},
+        },
+        ["file", "line", "severity", "message"],
+    ),
+    _object(  # an event with tags
+        {
+            "title": _string(16),
+            "date": _string(10, pattern="^2026-[01][0-9]-[0-3][0-9]$"),
+            "tags": {"type": "array", "items": _string(6), "maxItems": 4},
+            "attendees": _integer(0, 500),
+            "online": {"type": "boolean"},
+        },
+        ["title", "date", "online"],
+    ),
+    _object(  # a classification
+        {
+            "label": {"enum": ["bug", "feature", "question", "docs"]},
+            "confidence": _integer(0, 100),
+            "reasons": {
+                "type": "array",
+                "items": {"enum": ["stack trace", "request", "how to", "typo"]},
+                "maxItems": 2,
+            },
+        },
+        ["label", "confidence"],
+    ),
+]
+
+PROMPTS = [
+    "Extract the record as JSON:\n",
+    "def parse(record):\n    # returns the fields as JSON\n",
+    "Ticket: the build fails with a stack trace in parser.py. Answer in JSON:",
+    "Summarize the meeting on 2026-03-14 as JSON:",
+    "Order 42: two widgets and one gadget, paid. JSON:",
+]
+
+
+def schemas(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`count` distinct schemas: the bases, then variants (another required set, a field left out)."""
+    rng = random.Random(seed)
+    out = [copy.deepcopy(b) for b in BASES[:count]]
+    while len(out) < count:
+        variant = copy.deepcopy(rng.choice(BASES))
+        names = list(variant["properties"])
+        dropped = rng.choice(names)
+        del variant["properties"][dropped]
+        kept = [n for n in names if n != dropped]
+        variant["required"] = sorted(rng.sample(kept, rng.randint(1, len(kept))))
+        variant["title"] = f"variant-{len(out)}"  # distinct even where the sample repeats
+        out.append(variant)
+    return out
+
+
+def run(
+    engine: Engine, requests: list[GenerationRequest]
+) -> tuple[float, dict[str, tuple[str, int, FinishReason | None]]]:
+    """Add every request, step until done. → (seconds, id → (text, tokens, finish reason))."""
+    texts: dict[str, list[str]] = {r.request_id: [] for r in requests}
+    done: dict[str, tuple[str, int, FinishReason | None]] = {}
+    start = time.perf_counter()
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        for d in engine.step():
+            texts[d.request_id].append(d.text)
+            if d.finish_reason is not None:
+                done[d.request_id] = ("".join(texts[d.request_id]), d.completion_tokens, d.finish_reason)
+    return time.perf_counter() - start, done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a HF model directory; default: build the tiny test model")
+    ap.add_argument("--backend", default="torch", choices=["torch", "vllm"])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--schemas", type=int, default=50, help="distinct schemas among the requests")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=256, help="the engine's max batch size")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization")
+    ap.add_argument("--out", help="write the results here as JSON")
+    args = ap.parse_args()
+
+    from localmoe.settings import Settings
+    from workers.engine_setup import construct
+
+    if args.model:
+        model = Path(args.model)
+    else:
+        from moe_build.checkpoint import build_checkpoint
+
+        model = build_checkpoint(
+            Path(tempfile.mkdtemp(prefix="localmoe-structured-")) / "model", progress=False
+        )
+    settings = Settings()
+    settings.engine.max_batch_size = args.batch
+    settings.engine.vllm.gpu_memory_utilization = args.gpu_share
+    device = "cpu"
+    if args.backend == "vllm":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        settings.engine.vllm.enforce_eager = device == "cpu"
+    engine = construct(args.backend, model, device, settings.engine, offload=False)
+    print(f"[engine] loading {args.backend} on {device}", flush=True)
+    engine.load()
+    pool = schemas(args.schemas)
+    specs = [pool[i % len(pool)] for i in range(args.requests)]
+    constrained = [
+        GenerationRequest(
+            f"c{i}",
+            PROMPTS[i % len(PROMPTS)],
+            SamplingParams(
+                max_tokens=args.max_tokens, temperature=0.8, seed=i, structured=("json", json.dumps(spec))
+            ),
+        )
+        for i, spec in enumerate(specs)
+    ]
+    rounds: list[dict[str, Any]] = []
+    invalid: list[str] = []
+    cut = 0
+    try:
+        for r in range(args.rounds):
+            t_c, got = run(engine, constrained)
+            for i, spec in enumerate(specs):
+                text, _, reason = got[f"c{i}"]
+                if reason != FinishReason.STOP:
+                    cut += 1
+                    invalid.append(f"c{i} {reason}: {text[:80]!r}")
+                    continue
+                try:
+                    jsonschema.validate(json.loads(text), spec)
+                except (ValueError, jsonschema.ValidationError) as e:
+                    invalid.append(f"c{i}: {str(e)[:120]} in {text[:80]!r}")
+            plain = [
+                GenerationRequest(
+                    f"p{i}",
+                    PROMPTS[i % len(PROMPTS)],
+                    SamplingParams(max_tokens=got[f"c{i}"][1], temperature=0.8, seed=i, ignore_eos=True),
+                )
+                for i in range(len(specs))
+            ]
+            t_p, plain_got = run(engine, plain)
+            tokens = sum(n for _, n, _ in got.values())
+            assert sum(n for _, n, _ in plain_got.values()) == tokens
+            rounds.append({"constrained_tok_s": tokens / t_c, "plain_tok_s": tokens / t_p, "tokens": tokens})
+            print(
+                f"  round {r + 1}: {len(specs)} requests, {tokens} tokens; constrained "
+                f"{tokens / t_c:8.0f} tok/s, plain {tokens / t_p:8.0f} tok/s, ratio {t_p / t_c:.3f}; "
+                f"invalid so far {len(invalid)}",
+                flush=True,
+            )
+    finally:
+        engine.close()
+    ratio = statistics.median(r["constrained_tok_s"] / r["plain_tok_s"] for r in rounds)
+    summary = {
+        "backend": args.backend,
+        "device": device,
+        "requests": args.requests,
+        "distinct_schemas": len(pool),
+        "rounds": rounds,
+        "outputs_checked": args.requests * args.rounds,
+        "invalid": len(invalid),
+        "cut_by_max_tokens": cut,
+        "constrained_over_plain": round(ratio, 4),
+        "compiles": getattr(getattr(engine, "_grammars", None), "compiles", None),
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
+    for line in invalid[:10]:
+        print("  invalid:", line)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**summary, "invalid_examples": invalid[:20]}, indent=1))
+    sys.exit(1 if invalid else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Constrained decoding with llguidance: what SamplingParams.structured means as a grammar, and the
+per-request matchers the torch / DeepSpeed batcher masks logits with (the vLLM engine hands the
+same constraint to vLLM's own structured-output backend instead).
+
+A constraint (kind, spec) becomes one llguidance grammar (`grammar_for`), the one vLLM's guidance
+backend compiles for it (the vLLM engine runs that backend), so every engine accepts the same
+specs and answers them alike. Per
+engine, `Grammars` compiles each distinct constraint once into an LLMatcher and keeps it (LRU);
+a request gets a deep copy of it (a few µs), which then follows that request's tokens.
+
+Per step, each constrained row's matcher writes the tokens it allows into one row of a packed
+bitmask, int32 [B, ceil(V / 32)] (bit j of word w: token 32 w + j); disallowed logits become -inf
+(moe_core/sampling.py `apply_token_bitmask`); the sampled token is then consumed. A matcher that
+`is_stopped` accepts no further token: its request is complete and finishes (stop).
+
+No torch here: the API imports `check` to refuse a bad spec at intake.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# No free whitespace in JSON (", " and ": " neither): a small model cannot wander into endless
+# blanks. vLLM's guidance backend with disable_any_whitespace compiles the same grammar.
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
+# the other kinds by llguidance's own reader; grammar: Lark, or GBNF converted to Lark
+_FORMATS: dict[str, llguidance.GrammarFormat] = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def grammar_for(kind: str, spec: str) -> str:
+    """The llguidance grammar for one constraint (see moe_core/engine.py STRUCTURED_KINDS): what
+    vLLM's guidance backend makes of the same request. Raises ValueError for a spec that is not
+    even well-formed (compiling checks the rest)."""
+    if kind == "json":
+        try:
+            schema = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"the JSON schema is not JSON: {e}") from e
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema is an object")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    if kind in _FORMATS:
+        return llguidance.grammar_from(_FORMATS[kind], spec)
+    raise ValueError(f"unknown structured-output kind {kind!r}")
+
+
+def check(kind: str, spec: str) -> str | None:
+    """Why this constraint cannot be compiled (llguidance's message), or None when it can. Needs no
+    tokenizer: what a tokenizer could still reject (a grammar no token sequence can start) is rare
+    and fails the job at the engine."""
+    try:
+        grammar = grammar_for(kind, spec)
+    except ValueError as e:
+        return str(e)
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    return error or None
+
+
+class Grammars:
+    """One engine's compiled constraints: a matcher per distinct (kind, spec), copied per request.
+    Thread-safe (a worker compiles on its engine thread; tests may not)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, capacity: int = 256) -> None:
+        """tokenizer: the model's transformers (fast) tokenizer; vocab_size: the logits' width."""
+        import llguidance.hf
+
+        self.vocab_size = vocab_size
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.compiles = 0  # constraints compiled (not found in the cache): tests, metrics
+
+    def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
+        """A fresh matcher for one request. Raises ValueError when the constraint does not compile."""
+        with self._lock:
+            template = self._compiled.get(structured)
+            if template is not None:
+                self._compiled.move_to_end(structured)
+                return template.deep_copy()
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar_for(*structured), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"the structured-output spec does not compile: {matcher.get_error()}")
+        with self._lock:
+            self.compiles += 1
+            self._compiled[structured] = matcher
+            while len(self._compiled) > self._capacity:
+                self._compiled.popitem(last=False)
+            return matcher.deep_copy()
