@@ -290,7 +290,7 @@ def test_a_model_chat_template_is_used(model_dir: Path, tmp_path: Path) -> None:
     (templated / "tokenizer_config.json").unlink()
     (templated / "tokenizer_config.json").write_text(json.dumps(config))
     messages = [ChatMessage.model_validate(m) for m in CONVERSATION]
-    prompt, stop = asyncio.run(render_chat(templated, messages))
+    prompt, stop, _ = asyncio.run(render_chat(templated, messages))
     assert prompt == "[system] You write short Python functions.\n[user] Sort a list of ints.\n[assistant] "
     assert stop == []
     assert asyncio.run(render_chat(model_dir, messages))[1] == ["<|im_end|>"]  # no template: ChatML
@@ -368,14 +368,14 @@ def test_bad_completion_is_a_400_with_a_reason(
 
 BAD_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": []}, "messages", "at least 1 item"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "messages.0", "role"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0", "needs tool_call_id"),
+    ({"messages": [{"role": "critic", "content": "42"}]}, "messages.0.role", "'assistant' or 'tool'"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         "messages.0.content",
         "type 'image_url' are not supported",
     ),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools (function calling)"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
     ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", "less than or equal to 20"),
     ({"n": 3}, "n", "n=3"),

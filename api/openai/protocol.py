@@ -8,11 +8,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from api.openai.errors import OpenAIError, validation_error
 from scheduler.jobs import JobSpec, Modality, Priority
 from scheduler.stream import DoneEvent
+from scheduler.structured import MAX_SPEC_CHARS, ResponseFormat, StructuredOutputs
 
 # --- models ------------------------------------------------------------------------------------
 
@@ -81,6 +90,29 @@ class SamplingRequest(BaseModel):
     )
     priority: Priority | None = Field(None, description="Extension: high, normal or low (capped per key).")
     modality: Modality | None = Field(None, description="Extension: text, code or mixed; detected if absent.")
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}, 'strict': true}}: the output obeys it (constrained decoding).",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="Extension, as vLLM: exactly one of json, json_object, regex, choice, grammar."
+    )
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="Extension, vLLM's older name for structured_outputs.json."
+    )
+    guided_regex: str | None = Field(
+        None, max_length=MAX_SPEC_CHARS, description="Extension, vLLM's older structured_outputs.regex."
+    )
+    guided_choice: list[str] | None = Field(
+        None, description="Extension, vLLM's older name for structured_outputs.choice."
+    )
+    guided_grammar: str | None = Field(
+        None, max_length=MAX_SPEC_CHARS, description="Extension, vLLM's older structured_outputs.grammar."
+    )
+    guided_decoding_backend: str | None = Field(
+        None, description="Extension, accepted: the engine's own backend enforces the constraint."
+    )
 
     def refuse_unsupported(self) -> None:
         """400 for options that would change the result and that this server cannot honour."""
@@ -89,7 +121,15 @@ class SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
-    def job_spec(self, prompt: str, max_tokens: int, extra_stop: Sequence[str] = ()) -> JobSpec:
+    def job_spec(
+        self,
+        prompt: str,
+        max_tokens: int,
+        extra_stop: Sequence[str] = (),
+        structure: StructuredOutputs | None = None,
+    ) -> JobSpec:
+        """The job this request asks for; `structure`: a constraint of the server's own (forced
+        tool calls) in place of the request's."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         stop += [s for s in extra_stop if s not in stop and len(stop) < 8]
         try:
@@ -113,12 +153,37 @@ class SamplingRequest(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logprobs=self.requested_logprobs,
+                response_format=self.response_format,
+                structured_outputs=structure or self.requested_structure,
             )
         except ValidationError as e:
             raise validation_error(e.errors(), self.renames()) from e
 
     def renames(self) -> dict[str, str]:
         return {}
+
+    @property
+    def requested_structure(self) -> StructuredOutputs | None:
+        """structured_outputs, or what vLLM's older guided_* fields ask (not both)."""
+        guided = {
+            name: value
+            for name, value in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if value is not None
+        }
+        if not guided:
+            return self.structured_outputs
+        if self.structured_outputs is not None or len(guided) > 1:
+            given = [f"guided_{n}" for n in guided] + ["structured_outputs"] * bool(self.structured_outputs)
+            raise OpenAIError(400, f"give one structured-output constraint, not {', '.join(given)}", given[0])
+        try:
+            return StructuredOutputs.model_validate(guided)
+        except ValidationError as e:
+            raise validation_error(e.errors(), {"json": "guided_json", "choice": "guided_choice"}) from e
 
     @property
     def requested_logprobs(self) -> int | None:
@@ -183,12 +248,35 @@ class ContentPart(BaseModel):
         return self
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text (an object).")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the call it answers)")
+        return self
 
     @property
     def text(self) -> str:
@@ -197,10 +285,31 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    type: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments (an object).")
+    strict: bool | None = Field(None, description="Accepted: required / named calls always obey parameters.")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -211,25 +320,36 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="With logprobs: this many likeliest alternatives per token."
     )
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only empty.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="auto (the default with tools): the model decides; none: no calls; required: "
+        "one or more calls; a named function: that one. Required and named calls are decoded "
+        "under a grammar: their arguments always validate against the function's parameters.",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (default: several).")
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise OpenAIError(400, "tool_choice needs tools to choose from", "tool_choice")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise OpenAIError(400, "tools have the same function name twice", "tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise OpenAIError(
                 400,
-                f"response_format {self.response_format.type!r} is not supported; only 'text'",
-                "response_format",
+                f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                "tool_choice",
             )
-        if self.tools:
-            raise OpenAIError(400, "tools (function calling) are not supported", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError(400, "tool_choice is not supported (no tools)", "tool_choice")
+        if self.forced_tools and (self.response_format or self.requested_structure):
+            raise OpenAIError(
+                400,
+                "tool_choice required or named constrains the answer already: no response_format too",
+                "tool_choice",
+            )
 
     def renames(self) -> dict[str, str]:
         return {
@@ -240,6 +360,20 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def offered_tools(self) -> list[Tool]:
+        """The tools the model is shown and may call (none with tool_choice "none")."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    @property
+    def forced_tools(self) -> list[Tool]:
+        """With tool_choice required or a named function: the functions the answer must call."""
+        if self.tool_choice == "required":
+            return list(self.tools or [])
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == self.tool_choice.function.name]
+        return []
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -291,7 +425,8 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -324,9 +459,26 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed call: given whole, in one delta, once the model has finished writing it."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if self.tool_calls is None:
+            out.pop("tool_calls", None)  # as OpenAI: only deltas that carry calls name them
+        return out
 
 
 class ChatChunkChoice(BaseModel):

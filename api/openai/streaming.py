@@ -89,13 +89,13 @@ def stream_job(
     finish: Callable[[DoneEvent], bytes],
     head: bytes = b"",
     usage: Callable[[int], bytes] | None = None,
-    with_logprobs: Callable[[TokenEvent, int], bytes] | None = None,
+    render: Callable[[TokenEvent, int], bytes] | None = None,
 ) -> StreamingResponse:
     """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
     text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
     error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
-    usage JSON), every token chunk carries it. With `with_logprobs` (a job that asked for them),
-    it renders each token event's chunk instead, given the tokens so far, text or not. A client
+    usage JSON), every token chunk carries it. With `render` (logprobs, tool calls), it renders each
+    token event's chunk(s) instead, given the tokens so far, text or not (b"": nothing). A client
     that disconnects first (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
@@ -109,9 +109,9 @@ def stream_job(
                 for _, event in batch:
                     if isinstance(event, TokenEvent):
                         generated += event.tokens
-                        if with_logprobs is not None:
+                        if render is not None:
                             if event.text or event.logprobs:
-                                out.append(with_logprobs(event, generated))
+                                out.append(render(event, generated))
                             continue
                         if not event.text:
                             continue

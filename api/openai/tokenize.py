@@ -67,7 +67,7 @@ async def tokenize(body: TokenizeRequest, services: ServicesDep, _caller: Caller
     check_model(body.model, services)
     if body.messages is not None:
         model_dir = services.settings.resolved_model_dir
-        text, _ = await render_chat(model_dir, body.messages, body.add_generation_prompt)
+        text, _, _ = await render_chat(model_dir, body.messages, body.add_generation_prompt)
         special = bool(body.add_special_tokens)
     else:
         text = body.prompt or ""

@@ -1,0 +1,208 @@
+"""Tool calls (function calling): the calls a model writes in its text, as OpenAI `tool_calls`.
+
+A family's chat template defines how the tools are shown to the model and how it calls them; two
+formats cover the families LocalMoE serves:
+* hermes (Qwen2 / Qwen3 and its MoE models, and LocalMoE's ChatML fallback for a model without a
+  template or one whose template ignores tools): each call is
+  `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, several in a row for parallel calls.
+* mistral (Mixtral and Mistral templates that know `[TOOL_CALLS]`): `[TOOL_CALLS] [{"name": ...,
+  "arguments": {...}}, ...]` to the end of the answer.
+
+`ToolFormat.parse` splits a whole answer into (content, calls); `ToolStream` does the same
+incrementally for a streamed answer, holding back only text that could still begin a call.
+Text that looks like a call but is not valid JSON stays content (as vLLM's parsers do).
+
+With tool_choice "required" or a named function, decoding is constrained (`ToolFormat.grammar`: a
+Lark grammar with the calls' JSON as `%json` schemas): the answer is calls, and each call's
+arguments validate against its function's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# One parsed call: the function's name and its arguments as JSON text (OpenAI's shape)
+Call = tuple[str, str]
+MAX_FORCED_CALLS = 8  # parallel calls in one forced answer, at most: a model that never ends a
+# run of calls (a small one, greedy) stops there rather than at max_tokens with a cut call
+
+
+def _call_of(obj: Any) -> Call | None:
+    """{"name": str, "arguments" (or "parameters"): object} → a call; anything else → None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+def _no_whitespace(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}
+
+
+def _call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters or {"type": "object"}},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str
+    start: str  # what opens the calls
+    end: str | None  # what closes each call (hermes); None: the calls run to the end (mistral)
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        """A whole answer → (its content, its calls). No valid call: (text, [])."""
+        at = text.find(self.start)
+        if at < 0:
+            return text, []
+        calls = self._calls(text[at:])
+        if calls is None:
+            return text, []
+        return text[:at].strip(), calls
+
+    def _calls(self, text: str) -> list[Call] | None:
+        """The calls in `text` (which starts with `start`); None when any is not valid."""
+        if self.end is None:  # mistral: one JSON array (or object) after the marker
+            try:
+                parsed = json.loads(text[len(self.start) :])
+            except ValueError:
+                return None
+            items = parsed if isinstance(parsed, list) else [parsed]
+            found = [_call_of(item) for item in items]
+            calls = [c for c in found if c is not None]
+            return calls if calls and len(calls) == len(found) else None
+        calls = []
+        pattern = re.escape(self.start) + r"(.*?)(?:" + re.escape(self.end) + r"|\Z)"
+        for match in re.finditer(pattern, text, flags=re.DOTALL):
+            try:
+                call = _call_of(json.loads(match.group(1)))
+            except ValueError:
+                return None
+            if call is None:
+                return None
+            calls.append(call)
+        rest = re.sub(pattern, "", text, flags=re.DOTALL)
+        return calls if calls and not rest.strip() else None
+
+    def grammar(self, functions: Sequence[tuple[str, dict[str, Any] | None]], parallel: bool) -> str:
+        """A Lark grammar (llguidance's dialect) whose sentences are only calls of `functions`
+        ((name, parameters JSON schema) pairs), one or (parallel) several, arguments valid."""
+        one = _no_whitespace({"anyOf": [_call_schema(name, params) for name, params in functions]})
+        if self.end is None:
+            array: dict[str, Any] = {"type": "array", "items": one, "minItems": 1}
+            array["maxItems"] = MAX_FORCED_CALLS if parallel else 1
+            calls = json.dumps(_no_whitespace(array))
+            return f"start: {json.dumps(self.start + ' ')} calls\ncalls: %json {calls}"
+        call = f"call: {json.dumps(self.start + chr(10))} body {json.dumps(chr(10) + self.end)}"
+        start = f'start: call ("\\n" call){{0,{MAX_FORCED_CALLS - 1}}}' if parallel else "start: call"
+        return f"{start}\n{call}\nbody: %json {json.dumps(one)}"
+
+
+HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>")
+MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", None)
+
+
+def format_for(template: str | None) -> ToolFormat:
+    """The tool-call format a chat template defines (hermes where it defines none)."""
+    return MISTRAL if template is not None and "[TOOL_CALLS]" in template else HERMES
+
+
+def template_renders_tools(template: str | None) -> bool:
+    """Does the template show the model its tools (else LocalMoE adds them to the system turn)?"""
+    return template is not None and "tools" in template
+
+
+def hermes_system(tools: Sequence[dict[str, Any]], system: str | None) -> str:
+    """The system turn that shows hermes-format tools, as Qwen2.5's template writes it."""
+    listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        (system or "You are a helpful assistant.")
+        + "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+        + listed
+        + "\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+
+
+def hermes_call_text(name: str, arguments: dict[str, Any]) -> str:
+    """An earlier call as the assistant wrote it (to render a conversation's past calls)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+@dataclass
+class ToolStream:
+    """A streamed answer split as it arrives: `feed` returns the content that is certainly not
+    part of a call and the calls completed so far; `flush` at the end returns the rest."""
+
+    format: ToolFormat
+    _held: str = ""  # text not yet given out: a possible start of a call, or a call in progress
+    _in_call: bool = False
+    calls: list[Call] = field(default_factory=list)  # every call given out
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._held += text
+        content, new = "", []
+        start, end = self.format.start, self.format.end
+        while True:
+            if not self._in_call:
+                at = self._held.find(start)
+                if at < 0:  # give out all but what could begin a call (and blanks before it)
+                    keep = _partial_suffix(self._held, start)
+                    ready = self._held[: len(self._held) - keep]
+                    cut = len(ready.rstrip())
+                    content += self._held[:cut]
+                    self._held = self._held[cut:]
+                    break
+                content += self._held[:at]
+                self._held = self._held[at:]
+                self._in_call = True
+            close = self._held.find(end) if end is not None else -1
+            if close < 0:  # a call in progress (mistral's run to the end of the answer)
+                break
+            piece = self._held[: close + len(end or "")]
+            self._held = self._held[len(piece) :]
+            self._in_call = False
+            calls = self.format._calls(piece)
+            if calls is None:
+                content += piece  # not a valid call: it was text
+            else:
+                new += calls
+        if (self.calls or new) and not content.strip():
+            content = ""  # the blank between calls
+        self.calls += new
+        return content, new
+
+    def flush(self) -> tuple[str, list[Call]]:
+        held, self._held = self._held, ""
+        if self._in_call:
+            calls = self.format._calls(held)
+            if calls is not None:
+                self.calls += calls
+                return "", calls
+        return held, []
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (0: none)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

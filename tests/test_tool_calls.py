@@ -1,0 +1,215 @@
+"""Tool calls through the whole service, driven by the official `openai` client: forced calls
+(`tool_choice` required or a named function; their arguments always validate), streamed as tool
+call deltas, a conversation carrying calls and tool results back, and the 400s."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import bearer
+from tests.test_openai import job_id
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+SEARCH = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string", "maxLength": 20},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["query"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather by city.", "parameters": WEATHER},
+    },
+    {
+        "type": "function",
+        "function": {"name": "search", "description": "Search the docs.", "parameters": SEARCH},
+    },
+]
+PARAMETERS = {"get_weather": WEATHER, "search": SEARCH}
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture
+def client(api_url: str, user_key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=user_key, max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def jobs(api_url: str, user_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(user_key)) as c:
+        yield c
+
+
+def _assert_valid(calls: list[Any]) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_required_calls_validate(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path, temperature: float
+) -> None:
+    done = client.chat.completions.create(
+        model=model_dir.name,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        max_completion_tokens=600,
+        temperature=temperature,
+        seed=5,
+    )
+    [choice] = done.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and choice.message.tool_calls
+    _assert_valid(choice.message.tool_calls)
+    assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+    prompt = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]["prompt"]
+    assert "# Tools" in prompt and '"name": "search"' in prompt  # shown to the model (ChatML fallback)
+
+
+def test_a_named_function_streamed_as_tool_call_deltas(client: openai.OpenAI, model_dir: Path) -> None:
+    stream = client.chat.completions.create(
+        model=model_dir.name,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "search"}},
+        parallel_tool_calls=False,
+        max_completion_tokens=600,
+        stream=True,
+    )
+    calls: dict[int, dict[str, str]] = {}
+    content, finish = "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += d.id or ""
+            entry["name"] += (d.function.name or "") if d.function else ""
+            entry["arguments"] += (d.function.arguments or "") if d.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and content == ""
+    assert list(calls) == [0] and calls[0]["name"] == "search" and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), SEARCH)
+
+
+def test_parallel_calls_off_means_one(client: openai.OpenAI, model_dir: Path) -> None:
+    done = client.chat.completions.create(
+        model=model_dir.name,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_completion_tokens=600,
+        temperature=1.0,
+        seed=11,
+    )
+    calls = done.choices[0].message.tool_calls
+    assert calls is not None and len(calls) == 1
+    _assert_valid(calls)
+
+
+def test_results_go_back_into_the_conversation(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    first = client.chat.completions.create(
+        model=model_dir.name,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        max_completion_tokens=600,
+    )
+    message = first.choices[0].message
+    assert message.tool_calls
+    call = message.tool_calls[0]
+    follow_up: list[Any] = [
+        *MESSAGES,
+        message.model_dump(exclude_none=True),  # the assistant's calls, as the client got them
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 3}'},
+    ]
+    second = client.chat.completions.create(
+        model=model_dir.name, messages=follow_up, tools=TOOLS, max_completion_tokens=8, temperature=0
+    )
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    prompt = jobs.get(f"/v1/jobs/{job_id(second.id)}").json()["spec"]["prompt"]
+    assert f'"name": "{call.function.name}", "arguments": {call.function.arguments}' in prompt
+    assert '<tool_response>\n{"temperature": 3}\n</tool_response>' in prompt
+
+
+def test_auto_and_none(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+    """auto leaves the choice to the model (this random one writes text: content, no calls); none
+    does not show the tools at all."""
+    auto = client.chat.completions.create(
+        model=model_dir.name, messages=MESSAGES, tools=TOOLS, max_completion_tokens=8, temperature=0
+    )
+    assert auto.choices[0].message.tool_calls in (None, []) and auto.choices[0].message.content
+    assert auto.choices[0].finish_reason in ("stop", "length")
+    none = client.chat.completions.create(
+        model=model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="none", max_completion_tokens=4
+    )
+    assert "# Tools" not in jobs.get(f"/v1/jobs/{job_id(none.id)}").json()["spec"]["prompt"]
+
+
+BAD: list[tuple[dict[str, Any], str, str]] = [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    (
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+        "not in tools",
+    ),
+    ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "same function name twice"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "obj"}}}]},
+        "tools.0",
+        "parameters schema cannot be used",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "has space"}}]},
+        "tools.0.function.name",
+        "pattern",
+    ),
+    (
+        {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        "tool_choice",
+        "no response_format too",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "needle"), BAD, ids=lambda v: str(v)[:40])
+def test_bad_tool_requests_are_a_400(
+    client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], param: str, needle: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=model_dir.name, messages=MESSAGES, max_completion_tokens=4, **extra
+        )
+    error = e.value.body
+    assert isinstance(error, dict) and needle in error["message"], error
+    assert (error["param"] or "").startswith(param), error

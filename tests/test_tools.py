@@ -1,0 +1,208 @@
+"""Tool calls without a service: each family's format parsed whole and streamed, the grammar that
+forces calls, and the prompt a conversation with tools becomes (api/openai/tools.py,
+api/openai/chat_template.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import pytest
+from transformers import AutoTokenizer
+
+from api.openai.chat_template import render_chat
+from api.openai.protocol import ChatMessage, Tool
+from api.openai.tools import HERMES, MISTRAL, ToolFormat, ToolStream, format_for
+from moe_core.structured import check
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}),
+    Tool.model_validate({"type": "function", "function": {"name": "now", "description": "The time."}}),
+]
+
+ANSWERS: list[tuple[ToolFormat, str, str, list[tuple[str, dict[str, Any]]]]] = [
+    (HERMES, "Just text, no < call.", "Just text, no < call.", []),
+    (
+        HERMES,
+        'Let me look.\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>',
+        "Let me look.",
+        [("get_weather", {"city": "Oslo", "unit": "C"})],
+    ),
+    (
+        HERMES,
+        '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "parameters": {"city": "Rome", "unit": "F"}}\n</tool_call>',
+        "",
+        [("now", {}), ("get_weather", {"city": "Rome", "unit": "F"})],
+    ),
+    (HERMES, '<tool_call>\n{"name": "now", "arguments": {}}', "", [("now", {})]),  # cut before its end tag
+    (HERMES, "<tool_call>\n{not json}\n</tool_call>", "<tool_call>\n{not json}\n</tool_call>", []),
+    (
+        MISTRAL,
+        '[TOOL_CALLS] [{"name": "now", "arguments": "{}"}, '
+        '{"name": "get_weather", "arguments": {"city": "Lima", "unit": "C"}}]',
+        "",
+        [("now", {}), ("get_weather", {"city": "Lima", "unit": "C"})],
+    ),
+    (MISTRAL, "[TOOL_CALLS] [{broken", "[TOOL_CALLS] [{broken", []),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "content", "calls"), ANSWERS, ids=lambda v: str(v)[:30])
+def test_answers_parse_whole_and_streamed(
+    fmt: ToolFormat, text: str, content: str, calls: list[tuple[str, dict[str, Any]]]
+) -> None:
+    got_content, got_calls = fmt.parse(text)
+    assert got_content == content
+    assert [(n, json.loads(a)) for n, a in got_calls] == calls
+    rng = random.Random(0)
+    for _ in range(20):  # the same answer in pieces of random sizes, as a stream brings it
+        stream, streamed, streamed_calls, at = ToolStream(fmt), "", [], 0
+        while at < len(text):
+            step = rng.randint(1, 6)
+            piece, more = stream.feed(text[at : at + step])
+            streamed, streamed_calls, at = streamed + piece, streamed_calls + more, at + step
+        piece, more = stream.flush()
+        streamed, streamed_calls = streamed + piece, streamed_calls + more
+        assert streamed_calls == got_calls
+        assert streamed.strip() == (content if calls else text).strip()
+
+
+def test_the_format_a_template_defines() -> None:
+    assert format_for(None) is HERMES
+    assert format_for("{% if tools %}<tool_call>{% endif %}") is HERMES
+    assert format_for("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is MISTRAL
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer(model_dir: Path) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer, llguidance.hf.from_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL], ids=lambda f: f.name)
+def test_the_forcing_grammar_takes_only_valid_calls(fmt: ToolFormat, ll_tokenizer: Any) -> None:
+    tokenizer, lt = ll_tokenizer
+    functions = [(t.function.name, t.function.parameters) for t in TOOLS]
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(lt, llguidance.grammar_from("grammar", grammar))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    def calls(*items: tuple[str, dict[str, Any]]) -> str:
+        bodies = [{"name": n, "arguments": a} for n, a in items]
+        if fmt is MISTRAL:
+            return "[TOOL_CALLS] " + json.dumps(bodies, separators=(",", ":"))
+        return "\n".join(f"<tool_call>\n{json.dumps(b, separators=(',', ':'))}\n</tool_call>" for b in bodies)
+
+    parallel, single = fmt.grammar(functions, parallel=True), fmt.grammar(functions, parallel=False)
+    assert check("grammar", parallel) is None and check("grammar", single) is None
+    good = ("get_weather", {"city": "Oslo", "unit": "C"})
+    assert accepts(single, calls(good)) and accepts(parallel, calls(good, ("now", {})))
+    assert not accepts(single, calls(good, ("now", {})))  # one call only
+    assert not accepts(single, calls(("get_weather", {"city": "Oslo", "unit": "K"})))  # not in the enum
+    assert not accepts(single, calls(("get_weather", {"city": "Oslo"})))  # a required argument missing
+    assert not accepts(single, calls(("delete_all", {})))  # no such function
+    assert not accepts(single, "Sure, here is the weather.")  # text instead of a call
+    named = fmt.grammar(functions[1:], parallel=False)  # tool_choice naming one function
+    assert accepts(named, calls(("now", {}))) and not accepts(named, calls(good))
+
+
+CONVERSATION = [
+    ChatMessage(role="system", content="Be brief."),
+    ChatMessage(role="user", content="Weather in Oslo?"),
+    ChatMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'},
+                }
+            ],
+        }
+    ),
+    ChatMessage(role="tool", tool_call_id="call_1", content='{"temp": 3}'),
+]
+
+
+def test_without_a_template_tools_are_written_as_hermes(model_dir: Path) -> None:
+    prompt, stop, fmt = asyncio.run(render_chat(model_dir, CONVERSATION, tools=TOOLS))
+    assert fmt is HERMES and stop == ["<|im_end|>"]
+    assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert json.dumps(TOOLS[0].model_dump(exclude_none=True)) in prompt  # each tool, as JSON
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in prompt
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>' in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    plain, _, _ = asyncio.run(render_chat(model_dir, CONVERSATION[:2]))
+    assert "# Tools" not in plain
+
+
+# Cut-down family templates: what decides is how each shows tools and calls.
+QWEN_LIKE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MISTRAL_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}{% if tools and loop.first %}[AVAILABLE_TOOLS]"
+    "{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]{% elif m.tool_calls %}"
+    "[TOOL_CALLS]{{ m.tool_calls | tojson }}</s>{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}"
+    "[/TOOL_RESULTS]{% else %}{{ m.content }}{% endif %}{% endfor %}"
+)
+PLAIN_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}<assistant>"
+
+
+@pytest.mark.parametrize(
+    ("template", "want_format", "shows"),
+    [
+        (
+            QWEN_LIKE,
+            HERMES,
+            ["<tools>get_weather;now;</tools>", '<tool_call>{"city": "Oslo", "unit": "C"}</tool_call>'],
+        ),
+        (
+            MISTRAL_LIKE,
+            MISTRAL,
+            ["[AVAILABLE_TOOLS]", "[TOOL_CALLS]", '[TOOL_RESULTS]{"temp": 3}[/TOOL_RESULTS]'],
+        ),
+        (
+            PLAIN_TEMPLATE,
+            HERMES,
+            ["# Tools", '<tool_response>\n{"temp": 3}\n</tool_response>', "<tool_call>"],
+        ),
+    ],
+    ids=["qwen", "mistral", "no-tools-template"],
+)
+def test_a_family_template_gets_tools_its_way(
+    template: str, want_format: ToolFormat, shows: list[str], model_dir: Path, tmp_path: Path
+) -> None:
+    templated = tmp_path / "templated"
+    templated.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (templated / name).write_bytes((model_dir / name).read_bytes())
+    (templated / "chat_template.jinja").write_text(template)
+    messages = CONVERSATION[1:] if template is MISTRAL_LIKE else CONVERSATION
+    prompt, stop, fmt = asyncio.run(render_chat(templated, messages, tools=TOOLS))
+    assert fmt is want_format and stop == []
+    for piece in shows:
+        assert piece in prompt, (piece, prompt)
