@@ -43,6 +43,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import redis
 
 from bench.stream_client import Clients, Record, Target
 from localmoe.redis_server import free_port
@@ -67,6 +68,7 @@ class Round:
     cpu_us_per_token: dict[str, float] = field(default_factory=dict)  # by process kind
     preempted: dict[str, int] = field(default_factory=dict)  # involuntary context switches, by kind
     stages_ms: dict[str, list[float]] = field(default_factory=dict)  # where TTFT went: stage → [p50, p99]
+    redis: dict[str, object] = field(default_factory=dict)  # LocalMoE's Redis in the round (RedisProbe)
 
 
 # Which process of a server's tree is which (by command line), for CPU time per token.
@@ -146,6 +148,38 @@ class Series:
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.rounds) if self.rounds else float("nan")
+
+
+class RedisProbe:
+    """What LocalMoE's own Redis did in a round: forks (an append-only-file rewrite forks),
+    fsyncs of the append-only file that ran late (the main thread then waits for the disk), the
+    file's size, and the latency events Redis saw above 50 ms (LATENCY LATEST: fork,
+    aof-write-pending-fsync, command...)."""
+
+    def __init__(self, root: int, home: Path) -> None:
+        server = next(p for p in psutil.Process(root).children(recursive=True) if "redis" in p.name())
+        port = next(c.laddr.port for c in server.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+        password = json.loads((home / "secrets.json").read_text())["redis_password"]
+        self.client = redis.Redis(port=port, password=password, decode_responses=True)
+        self.client.config_set("latency-monitor-threshold", 50)
+
+    def _counts(self) -> dict[str, int]:
+        info = {**self.client.info("persistence"), **self.client.info("stats")}
+        return {k: int(info.get(k, 0)) for k in ("total_forks", "aof_delayed_fsync", "aof_current_size")}
+
+    def start(self) -> None:
+        self.client.latency_reset()
+        self._before = self._counts()
+
+    def stop(self) -> dict[str, object]:
+        after = self._counts()
+        events = {e[0]: {"ms_max": int(e[3])} for e in self.client.latency_latest()}
+        return {
+            "forks": after["total_forks"] - self._before["total_forks"],
+            "aof_delayed_fsync": after["aof_delayed_fsync"] - self._before["aof_delayed_fsync"],
+            "aof_mb": round(after["aof_current_size"] / 2**20, 1),
+            "latency_events": events,
+        }
 
 
 def summarize(records: list[Record], tokens: int) -> Round:
@@ -376,10 +410,17 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def server_series(
-    args: argparse.Namespace, clients: Clients, vllm: Target | None, lms: dict[str, Target], texts: list[str]
+    args: argparse.Namespace,
+    clients: Clients,
+    vllm: Target | None,
+    lms: dict[str, Target],
+    texts: list[str],
+    probes: dict[int, RedisProbe] | None = None,
 ) -> list[Series]:
     """Every path of every server at each gap: an untimed warm-up each, then --rounds rounds in
-    which the paths take turns. lms: LocalMoE's label ("localmoe", "localmoe[variant]") → server."""
+    which the paths take turns. lms: LocalMoE's label ("localmoe", "localmoe[variant]") → server;
+    probes: a LocalMoE server's pid → its Redis."""
+    probes = probes or {}
     paths = [(f"vllm-server {p}", vllm, p) for p in args.vllm_paths] if vllm else []
     paths += [(f"{label} {p}", lm, p) for label, lm in lms.items() for p in args.paths]
     out: list[Series] = []
@@ -393,9 +434,14 @@ def server_series(
                 assert target is not None
                 before = cpu_times(target.pid)
                 first = r == 0 and gap_ms == min(args.gaps) and kind == "completions"
+                probe = probes.get(target.pid)
+                if probe is not None:
+                    probe.start()
                 with profiled(args.profile if first else None, target.pid, name.split()[0]):
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
+                if probe is not None:
+                    rnd.redis = probe.stop()
                 made = sum(x.tokens for x in records)
                 after = cpu_times(target.pid)
                 rnd.cpu_us_per_token = cpu_per_token(before, after, made)
@@ -408,7 +454,8 @@ def server_series(
                       f"{rnd.ttft_p50_ms:7.1f} p99 {rnd.ttft_p99_ms:7.1f} ms  events/answer min "
                       f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
                       f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}"
-                      + (f"\n      TTFT by stage, p50 / p99 ms: {rnd.stages_ms}" if rnd.stages_ms else ""),
+                      + (f"\n      TTFT by stage, p50 / p99 ms: {rnd.stages_ms}" if rnd.stages_ms else "")
+                      + (f"\n      Redis: {rnd.redis}" if rnd.redis else ""),
                       flush=True)  # fmt: skip
         out += series.values()
     return out
@@ -623,12 +670,14 @@ def main() -> None:
         print("[LocalMoE] starting `localmoe up`", flush=True)
         lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
         lms = {"localmoe": lm}
+        probes = {lm.pid: RedisProbe(lm.pid, tmp / "home")}
         for name, env in variants.items():
             print(f"[LocalMoE {name}] starting `localmoe up` with {env}", flush=True)
             home, log = tmp / f"home-{name}", tmp / f"localmoe-up-{name}.log"
-            lms[f"localmoe[{name}]"] = stack.enter_context(localmoe_up(args, model, home, log, env))
+            lms[f"localmoe[{name}]"] = variant = stack.enter_context(localmoe_up(args, model, home, log, env))
+            probes[variant.pid] = RedisProbe(variant.pid, home)
         clients = stack.enter_context(Clients(args.client_procs))
-        results += server_series(args, clients, peer, lms, texts)
+        results += server_series(args, clients, peer, lms, texts, probes)
         intake_result = intake(args, lm) if args.intake else None
     api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)

@@ -40,6 +40,11 @@ class VllmSettings(BaseModel):
         description="Count the router's choices per job modality (vLLM's enable_return_routed_experts; "
         "CUDA builds only). Off by default: it cost 28 % of throughput on an H200 (BENCHMARKS.md).",
     )
+    structured_outputs_backend: Literal["guidance", "xgrammar"] = Field(
+        "guidance",
+        description="vLLM's backend for structured outputs: guidance (llguidance, the library the torch "
+        "and DeepSpeed engines use: every spec intake accepts compiles alike) or xgrammar.",
+    )
 
 
 class DeepSpeedSettings(BaseModel):

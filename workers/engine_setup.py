@@ -33,6 +33,7 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             enforce_eager=v.enforce_eager,
             tuned_config_dir=v.tuned_config_dir,
             expert_telemetry=v.expert_telemetry,
+            structured_outputs_backend=v.structured_outputs_backend,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
