@@ -125,12 +125,20 @@ PROMPTS = [
 ]
 
 
-def schemas(count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`count` distinct schemas: the bases, then variants (another required set, a field left out)."""
+def _without_patterns(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _without_patterns(v) for k, v in schema.items() if k != "pattern"}
+    return [_without_patterns(v) for v in schema] if isinstance(schema, list) else schema
+
+
+def schemas(count: int, seed: int = 0, patterns: bool = True) -> list[dict[str, Any]]:
+    """`count` distinct schemas: the bases, then variants (another required set, a field left out).
+    patterns=False: no string patterns (xgrammar refuses a pattern beside a length bound)."""
     rng = random.Random(seed)
-    out = [copy.deepcopy(b) for b in BASES[:count]]
+    bases = BASES if patterns else [_without_patterns(b) for b in BASES]
+    out = [copy.deepcopy(b) for b in bases[:count]]
     while len(out) < count:
-        variant = copy.deepcopy(rng.choice(BASES))
+        variant = copy.deepcopy(rng.choice(bases))
         names = list(variant["properties"])
         dropped = rng.choice(names)
         del variant["properties"][dropped]
@@ -168,6 +176,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="the engine's max batch size")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization")
+    ap.add_argument("--no-patterns", action="store_true", help="schemas without string patterns")
     ap.add_argument(
         "--so-backend",
         default="guidance",
@@ -201,7 +210,7 @@ def main() -> None:
     engine = construct(args.backend, model, device, settings.engine, offload=False)
     print(f"[engine] loading {args.backend} on {device}", flush=True)
     engine.load()
-    pool = schemas(args.schemas)
+    pool = schemas(args.schemas, patterns=not args.no_patterns)
     specs = [pool[i % len(pool)] for i in range(args.requests)]
     constrained = [
         GenerationRequest(
