@@ -13,11 +13,11 @@ from api import metrics
 from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse, Refusal, refusals
-from api.store import CancelOutcome
 from api.webhooks import endpoint_for_job
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
 from scheduler.modality import classify
+from scheduler.record import CancelOutcome
 from scheduler.routing import job_cost
 from scheduler.webhooks import WebhookEventType, read_attempts_async
 
