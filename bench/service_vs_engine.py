@@ -30,8 +30,8 @@ import redis
 import torch
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
+from host.settings import Settings
 from localmoe.redis_server import RedisServer
-from localmoe.settings import Settings
 from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
