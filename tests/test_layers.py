@@ -88,3 +88,22 @@ def test_no_import_cycle(top_level_only: bool) -> None:
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles
+
+
+def test_every_import_of_ours_names_a_module_that_exists() -> None:
+    """mypy skips imports it cannot resolve (ignore_missing_imports): a module that moved (say
+    localmoe.settings → host.settings) and a late import still naming its old place would pass
+    the type check and fail only when that function runs."""
+    ours = {*PACKAGES, "bench", "tests"}
+    sources = {_module(p): p for pkg in ours for p in sorted((ROOT / pkg).rglob("*.py"))}
+    missing = set()
+    for module, path in sources.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            missing |= {(module, n) for n in names if n.split(".")[0] in ours and n not in sources}
+    assert not missing, sorted(missing)
