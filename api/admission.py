@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from fastapi import HTTPException
 
 from api.auth import ApiKey
-from localmoe.settings import LimitSettings
+from host.settings import LimitSettings
 from scheduler import backlog, keys
 from scheduler.backlog import Limits, Verdict
 

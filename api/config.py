@@ -1,4 +1,4 @@
-"""Live configuration for admins: show, set, history, rollback (localmoe/config_store.py).
+"""Live configuration for admins: show, set, history, rollback (host/config_store.py).
 What `localmoe config` calls. A change reaches every process within a few seconds."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.auth import Admin
 from api.deps import Services, ServicesDep
 from api.protocol import refusals
-from localmoe import config_store
-from localmoe.config_store import ConfigError, Version
+from host import config_store
+from host.config_store import ConfigError, Version
 
 router = APIRouter(prefix="/v1/config", tags=["config"], responses=refusals(401, 403))
 

@@ -11,8 +11,8 @@ from fastapi import Depends, HTTPException, Path, Request
 from api.admission import Admission
 from api.auth import Caller, KeyStore
 from api.store import JobStore
-from localmoe.config_store import ConfigWatcher
-from localmoe.settings import Settings
+from host.config_store import ConfigWatcher
+from host.settings import Settings
 from scheduler.jobs import Job
 from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer

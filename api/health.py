@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from api.auth import Caller
 from api.deps import Services, ServicesDep
 from api.protocol import Health, refusals
-from localmoe.settings import get_settings
+from host.settings import get_settings
 from scheduler.registry import WorkerInfo
 
 router = APIRouter(tags=["health"])

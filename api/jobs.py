@@ -13,12 +13,12 @@ from api import metrics
 from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse, Refusal, refusals
-from api.store import CancelOutcome
 from api.webhooks import endpoint_for_job
 from moe_core import structured
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
 from scheduler.modality import classify
+from scheduler.record import CancelOutcome
 from scheduler.routing import job_cost
 from scheduler.webhooks import WebhookEventType, read_attempts_async
 

@@ -19,8 +19,8 @@ from api.intake import BodyGuard
 from api.openai import serving as openai_serving
 from api.openai import tokenize as openai_tokenize
 from api.store import JobStore
-from localmoe.config_store import ConfigWatcher
-from localmoe.settings import Settings, get_settings
+from host.config_store import ConfigWatcher
+from host.settings import Settings, get_settings
 from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer, make_celery
 from scheduler.routing import PromptCounter, Scheduler

@@ -13,7 +13,7 @@ import socket
 
 import uvicorn
 
-from localmoe.settings import Settings
+from host.settings import Settings
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:

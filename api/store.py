@@ -5,56 +5,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from enum import StrEnum
 from typing import cast
 
 import redis.asyncio as aioredis
 
 from api.stream_hub import StreamHub, retrying
-from scheduler import keys
-from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
+from scheduler import keys, record
 from scheduler.jobs import Job, JobStatus, job_from_hash
+from scheduler.record import CancelOutcome
 from scheduler.registry import WorkerInfo, decode_workers
-from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, Fence, StreamEvent
+from scheduler.stream import DoneEvent, Fence, StreamEvent
 
 QUIET_S = 15.0  # a stream this long without an entry: check that its job still exists
-
-# KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, then
-# FEED_KEYS.
-# ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
-# is cancelled here and now (and leaves the backlog); a running one is flagged and its worker
-# woken (the engine drops it within one step and writes the terminal state).
-CANCEL = (
-    FEED_LUA
-    + RELEASE_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == '"queued"' then
-  release(KEYS[3], KEYS[4], KEYS[5], ARGV[5])
-  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finish_reason', '"abort"',
-    'cancel_requested', 'true', 'timings.finished_at', ARGV[1])
-  append(KEYS[2], {'type', 'done', 'data', ARGV[3]})
-  publish()
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  return 'cancelled'
-end
-if status == '"running"' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
-  return 'requested'
-end
-return 'terminal'
-"""
-)
-
-
-class CancelOutcome(StrEnum):
-    MISSING = "missing"
-    CANCELLED = "cancelled"  # was queued: cancelled now
-    REQUESTED = "requested"  # was running: the worker stops it within one step
-    TERMINAL = "terminal"  # already finished
 
 
 class JobStore:
@@ -62,24 +24,14 @@ class JobStore:
         self.client = client
         self.ttl_s = ttl_s
         self.hub = hub or StreamHub(client)  # every stream this process follows, read at once
-        self._cancel = client.register_script(CANCEL)
+        self._cancel = client.register_script(record.CANCEL)
 
     async def get(self, job_id: str) -> Job | None:
         fields = cast(dict[str, str], await self.client.hgetall(keys.job(job_id)))
         return job_from_hash(fields) if fields else None
 
     async def cancel(self, job_id: str) -> CancelOutcome:
-        done = DoneEvent(status=JobStatus.CANCELLED, finish_reason="abort")
-        args: list[str | int] = [
-            str(time.time()),
-            self.ttl_s,
-            done.model_dump_json(),
-            keys.CANCEL_CHANNEL,
-            job_id,
-        ]
-        job_keys = [keys.job(job_id), keys.events(job_id), *RELEASE_KEYS, *FEED_KEYS]
-        outcome = await self._cancel(keys=job_keys, args=args)
-        return CancelOutcome(outcome)
+        return await record.cancel(self._cancel, job_id, self.ttl_s)
 
     async def page(
         self, owner: str | None, status: JobStatus | None, limit: int, before: float | None

@@ -27,8 +27,8 @@ import redis
 from bench.harness import service_env, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
-from scheduler import keys
-from scheduler.jobs import Job, JobSpec, job_to_hash
+from scheduler import keys, record
+from scheduler.jobs import Job, JobSpec
 from scheduler.queue import make_celery
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -42,10 +42,7 @@ def one_round(
         Job(spec=JobSpec(prompt=f"def f{i}(x):\n", max_tokens=1), queue=keys.SHARED_QUEUE)
         for i in range(jobs)
     ]
-    pipe = client.pipeline(transaction=False)
-    for job in batch:  # the record exists before its message, as the API writes them
-        pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
-    pipe.execute()
+    record.create(client, batch, ttl_s=3600)  # the record exists before its message, as the API writes it
     cpu0 = sum(consumer.cpu_times()[:2])
     start = time.time()
     sent: list[float] = []

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import torch
 
-from localmoe.settings import EngineSettings
+from host.settings import EngineSettings
 from moe_build.checkpoint import build_checkpoint, is_checkpoint
 from moe_core.choice import Backend
 from moe_core.engine import Engine, GenerationRequest, SamplingParams

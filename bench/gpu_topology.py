@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 
-from localmoe.gpus import describe, gpu_stats, group_gpus, read_topology, visible_nvml_indices
+from host.gpus import describe, gpu_stats, group_gpus, read_topology, visible_nvml_indices
 
 
 def main() -> None:

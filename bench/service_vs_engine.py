@@ -17,6 +17,7 @@ tokens ÷ (first arrival → last token). Both engines run with the same torch t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import threading
@@ -29,12 +30,12 @@ import redis
 import torch
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
+from host.settings import Settings
 from localmoe.redis_server import RedisServer
-from localmoe.settings import Settings
 from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
-from scheduler.jobs import job_from_hash
+from scheduler.jobs import JobStatus, job_from_hash
 from workers.engine_setup import construct
 
 
@@ -96,7 +97,7 @@ def run_service(
         pipe = client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(keys.job(job_id), "status")
-        if all(s in ('"succeeded"', '"failed"', '"cancelled"') for s in pipe.execute()):
+        if all(s is not None and JobStatus(json.loads(s)).terminal for s in pipe.execute()):
             break
         time.sleep(0.05)
     jobs = [job_from_hash(client.hgetall(keys.job(i))) for i in ids]  # type: ignore[arg-type]

@@ -226,7 +226,7 @@ def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> li
     prompts ("engine completions") and, when chat is measured, the same texts in the model's chat
     template ("engine chat": longer prompts)."""
     from bench.service_vs_engine import run_engine
-    from localmoe.settings import Settings
+    from host.settings import Settings
     from workers.engine_setup import construct
 
     settings = Settings()
@@ -540,8 +540,8 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
     """The intake of the API processes alone (as `localmoe up` runs them: one port, SO_REUSEPORT)
     on a Redis of their own, with no worker draining the queue: what the API itself accepts."""
     from bench.harness import service_env
+    from host.settings import Settings
     from localmoe.redis_server import RedisServer
-    from localmoe.settings import Settings
 
     n = processes or Settings().resolved_api_processes()
     with RedisServer(tmp / f"redis-intake-{n}") as server:

@@ -23,7 +23,7 @@ def _env_flag(args: argparse.Namespace, attr: str, env: str) -> None:
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
     from moe_build.checkpoint import build_checkpoint, is_checkpoint
 
     # Not the embedded model's place: a random model must not stand in for the trained one.
@@ -55,7 +55,7 @@ def cmd_model_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_model_train(args: argparse.Namespace) -> int:
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
     from moe_build.checkpoint import is_checkpoint
     from moe_build.train import train
 
@@ -90,7 +90,7 @@ def cmd_model_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_moe(args: argparse.Namespace) -> int:
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
     from moe_build import moe_tuning
     from moe_core import moe_configs, vllm_engine
     from moe_core.loader import resolve_dtype
@@ -139,8 +139,8 @@ def cmd_tune_moe(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from host.settings import get_settings
     from localmoe import up
-    from localmoe.settings import get_settings
 
     return up.run(get_settings())
 
@@ -148,8 +148,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """What the `localmoe up` of this home runs: its pid, URLs, processes, workers and their queues.
     Exit status 3 when none runs (as `systemctl status` says "inactive")."""
-    from localmoe.instance import children, cmdline, read_holder
-    from localmoe.settings import get_settings
+    from host.instance import children, cmdline, read_holder
+    from host.settings import get_settings
 
     s = get_settings()
     holder = read_holder(s.home)
@@ -191,8 +191,8 @@ def _role(argv: list[str]) -> str:
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the `localmoe up` of this home from another terminal, as Ctrl-C would: SIGTERM, then
     wait until it has let go of the home's lock (every child stopped)."""
-    from localmoe.instance import held, read_holder
-    from localmoe.settings import get_settings
+    from host.instance import held, read_holder
+    from host.settings import get_settings
 
     s = get_settings()
     holder = read_holder(s.home)
@@ -212,7 +212,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
     from workers.main import serve
 
     serve(get_settings(), name=args.name)
@@ -221,7 +221,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     from api.serve import serve
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
 
     s = get_settings()
     serve(s, reuse_port=args.reuse_port or s.api_reuse_port)
@@ -245,7 +245,7 @@ def _sse(response: httpx.Response) -> object:
 def _api(timeout: httpx.Timeout | float = 30) -> httpx.Client:
     """An HTTP client for the API, carrying the CLI's key (LOCALMOE_API_KEY, else the admin key
     that `localmoe up` kept in home/secrets.json)."""
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
 
     s = get_settings()
     key = s.cli_api_key()
@@ -269,7 +269,7 @@ def cmd_keys_bootstrap(args: argparse.Namespace) -> int:
     import redis
 
     from api.auth import Scope, create_key
-    from localmoe.settings import get_settings
+    from host.settings import get_settings
 
     client = redis.Redis.from_url(get_settings().require_redis_url(), decode_responses=True)
     made = create_key(client, args.name, Scope.ADMIN)

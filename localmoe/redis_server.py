@@ -38,7 +38,7 @@ class RedisServer:
         self.password = password or secrets.token_urlsafe(24)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.preexec_fn = preexec_fn  # run in the child before redis-server starts (localmoe/instance.py)
+        self.preexec_fn = preexec_fn  # run in the child before redis-server starts (host/instance.py)
 
     @property
     def url(self) -> str:

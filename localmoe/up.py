@@ -6,7 +6,7 @@ tensor-parallel group of GPUs (pinned with CUDA_VISIBLE_DEVICES) or one CPU work
 processes (uvicorn, sharing api_port: api/serve.py) and Flower (basic auth).
 SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
 
-One `up` per home (localmoe/instance.py): it holds the home's lock for its life and refuses to
+One `up` per home (host/instance.py): it holds the home's lock for its life and refuses to
 start beside another; it checks every port it will bind before it starts anything; each child is
 tied to it (PR_SET_PDEATHSIG), so that killing `up` (SIGKILL included) takes every child with it:
 Redis gets SIGTERM (it flushes its append-only file), the others SIGKILL (jobs are leased and
@@ -31,10 +31,10 @@ from pathlib import Path
 import httpx
 import redis
 
-from localmoe.gpus import Topology, describe, group_gpus, nvml_index, read_topology
-from localmoe.instance import Holder, InstanceLock, die_with_parent, taken
+from host.gpus import Topology, describe, group_gpus, nvml_index, read_topology
+from host.instance import Holder, InstanceLock, die_with_parent, taken
+from host.settings import EngineSettings, Settings
 from localmoe.redis_server import RedisServer, free_port
-from localmoe.settings import EngineSettings, Settings
 
 log = logging.getLogger("localmoe.up")
 

@@ -1,7 +1,8 @@
 """The one job model: the API's request and response, the Celery message and the Redis record.
 
-A job's life: QUEUED (accepted, on a Celery queue) → RUNNING (a worker's engine holds it) →
-exactly one of SUCCEEDED | FAILED | CANCELLED. Terminal states are written once (see store.py).
+A job's life: QUEUED (accepted, on a Celery queue) → RUNNING (a worker's engine holds it; back
+to QUEUED if that worker dies) → exactly one of SUCCEEDED | FAILED | CANCELLED, written once.
+Every change of a job's Redis record, and the diagram of them, is in scheduler/record.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Every Redis key, channel and Celery queue name LocalMoE uses, in one place."""
+"""Every Redis key, channel and Celery queue name LocalMoE uses, in one place (the ground floor's
+own, PREFIX and the live configuration's, are in host/keys.py)."""
 
-PREFIX = "localmoe"
+from host.keys import PREFIX as PREFIX  # re-exported: every key here and in scheduler/ starts with it
 
 SHARED_QUEUE = "localmoe.jobs"  # consumed by every worker; the fallback route
 RUN_JOBS_TASK = "localmoe.run_jobs"  # a message: the jobs one API process accepted for one queue at once

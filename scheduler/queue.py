@@ -1,4 +1,5 @@
-"""The Celery side every process shares: one app configured for LocalMoE's guarantees.
+"""The Celery side every process shares: one app configured for LocalMoE's guarantees, and the
+API's Enqueuer, which records jobs (scheduler/record.py create) and sends their messages.
 
 The API only sends (`send_task` by name, so it never imports worker code); workers register the
 task in workers/tasks.py on an app made here.
@@ -22,8 +23,8 @@ from kombu import Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from scheduler import backlog, keys
-from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
+from scheduler import backlog, keys, record
+from scheduler.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 class _QoS(virtual.QoS):
     # Closing a channel would put the messages it holds back on their queues. LocalMoE needs no
     # such restore: the reaper re-queues the jobs of a worker that is gone (workers/reaper.py) and
-    # sends again a job still queued after WAITING_CHECK_S, and claiming a job twice is a no-op.
+    # sends again a job still queued after record.WAITING_CHECK_S, and claiming a job twice is a
+    # no-op.
     restore_at_shutdown = False
 
 
@@ -42,8 +44,8 @@ class _Channel(kombu_redis.Channel):
     # visibility timeout (one hour). LocalMoE's own records already do that job, faster: a claimed
     # job is in its worker's running hash under a 10 s lease (the reaper re-queues it), and a job
     # whose message was taken but never claimed stays in WAITING, sent again after
-    # WAITING_CHECK_S. Measured on the H200 at 1,000 one-job messages/s, the bookkeeping was a
-    # quarter of the consumer's samples, all on the loop that takes messages one after another.
+    # record.WAITING_CHECK_S. Measured on the H200 at 1,000 one-job messages/s, the bookkeeping was
+    # a quarter of the consumer's samples, all on the loop that takes messages one after another.
     ack_emulation = False
     _shared: redis.Redis | None = None
 
@@ -113,7 +115,6 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
 
 
 WITHDRAW_S = 15.0  # how long the Enqueuer retries marking unsent jobs failed while Redis is down
-WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
 MAX_JOBS_PER_MESSAGE = 64  # a message of 64 jobs is ~60 kB; one worker thread holds it until all end
 
 
@@ -160,7 +161,7 @@ class Enqueuer:
 
     def _send(self, batch: list[_Pending], producer: Any) -> None:
         try:
-            self._record(batch)
+            record.create(self.client, [p.job for p in batch], self.ttl_s)
         except Exception as e:
             for p in batch:
                 p.settle(e)
@@ -174,32 +175,6 @@ class Enqueuer:
                 error = self._publish([p.job for p in part], producer)
                 for p in part:
                     p.settle(error)
-
-    def _record(self, batch: list[_Pending]) -> None:
-        """Every job's record, its listing entries and its WAITING entry, in one pipeline; each
-        listing is trimmed of expired entries and its ttl renewed once per batch, not per job."""
-        pipe = self.client.pipeline(transaction=False)
-        now = time.time()
-        listings: dict[str, dict[str, float]] = {keys.ALL_JOBS: {}}  # listing → job id → queued_at
-        waiting: dict[str, float] = {}
-        for p in batch:
-            pipe.hset(keys.job(p.job.id), mapping=job_to_hash(p.job))  # type: ignore[arg-type]
-            pipe.expire(keys.job(p.job.id), self.ttl_s)
-            at = p.job.timings.queued_at or now
-            listings[keys.ALL_JOBS][p.job.id] = at
-            if p.job.owner:
-                listings.setdefault(keys.owner_jobs(p.job.owner), {})[p.job.id] = at
-            waiting[p.job.id] = now + WAITING_CHECK_S  # the reaper's safety net
-            routed = keys.worker_of_queue(p.job.queue)
-            if routed is not None:  # the worker's backlog, until a claim removes it
-                pipe.hset(keys.queued(routed), p.job.id, p.job.cost)
-        # newest first in GET /v1/jobs; entries leave with their record
-        for listing, entries in listings.items():
-            pipe.zadd(listing, entries)
-            pipe.zremrangebyscore(listing, "-inf", now - self.ttl_s)
-            pipe.expire(listing, self.ttl_s)
-        pipe.zadd(keys.WAITING, waiting)
-        pipe.execute()
 
     def _publish(self, jobs: list[Job], producer: Any) -> Exception | None:
         """One message for `jobs` (one queue, one priority)."""
@@ -224,13 +199,7 @@ class Enqueuer:
         deadline = time.monotonic() + WITHDRAW_S
         while True:
             try:
-                for job in jobs:
-                    fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
-                    self.client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
-                    self._release(keys=backlog.RELEASE_KEYS, args=[job.id])
-                    routed = keys.worker_of_queue(job.queue)
-                    if routed is not None:
-                        self.client.hdel(keys.queued(routed), job.id)
+                record.withdraw(self.client, self._release, jobs, error)
                 return
             except redis.RedisError as e:
                 if time.monotonic() > deadline:

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from localmoe.gpus import GpuStats
+from host.gpus import GpuStats
 from scheduler import keys
 
 HEARTBEAT_S = 1.0  # a worker beats this often

@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 from tokenizers import Tokenizer
 
-from localmoe.settings import SchedulerSettings
+from host.settings import SchedulerSettings
 from scheduler import keys
 from scheduler.jobs import Job
 from scheduler.registry import WorkerInfo, queued_costs, read_workers

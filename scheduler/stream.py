@@ -8,7 +8,7 @@ resume: {"type": "resume", "a": <attempt>}   a new attempt continues the text of
 done:   {"type": "done", "data": <DoneEvent JSON>}   always the last entry, written exactly once
 
 A job whose worker died is run again (workers/reaper.py); the new attempt writes `resume`
-atomically with reading the text so far (workers/tasks.py RESUME) and continues from it. Readers
+atomically with reading the text so far (scheduler/record.py RESUME) and continues from it. Readers
 drop token entries of an attempt older than the last `resume` they passed: a stale worker that
 keeps writing after it lost its job adds nothing a client sees. Clients see token and done only.
 

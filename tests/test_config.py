@@ -15,10 +15,11 @@ import pytest
 import redis
 
 from api.auth import Scope, create_key
-from localmoe import config_store
-from localmoe.config_store import ConfigError
+from host import config_store
+from host import keys as host_keys
+from host.config_store import ConfigError
+from host.settings import Settings
 from localmoe.redis_server import RedisServer
-from localmoe.settings import Settings
 from tests.conftest import Stack, _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 
 PROMPT = "def fibonacci(n):\n"
@@ -92,7 +93,7 @@ def test_watcher_applies_a_new_version_and_skips_a_bad_one(client: redis.Redis) 
     watcher.check()
     assert seen == [99]  # once per version
     client.set(
-        config_store.CONFIG_CURRENT,
+        host_keys.CONFIG_CURRENT,
         config_store.Version(number=5, overrides={"limits.max_tokens": -1}).model_dump_json(),
     )
     watcher.check()

@@ -1,5 +1,5 @@
 """Monitoring (deploy/prometheus, deploy/grafana): every PromQL expression names only metrics the
-code exports (localmoe/metric_names.py), the dashboard covers each part of the service, the alert
+code exports (host/metric_names.py), the dashboard covers each part of the service, the alert
 rules carry what Alertmanager and Grafana need, and the scrape and provisioning configs agree with
 docker-compose.yml. `promtool` checks the configs and the PromQL syntax where it is installed
 (Debian: `apt-get install prometheus`).
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from localmoe import metric_names
+from host import metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

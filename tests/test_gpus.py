@@ -16,8 +16,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from localmoe import gpus
-from localmoe.gpus import (
+from host import gpus
+from host.gpus import (
     GpuStats,
     Link,
     Topology,
@@ -27,7 +27,7 @@ from localmoe.gpus import (
     parse_visible_devices,
     visible_nvml_indices,
 )
-from localmoe.settings import EngineSettings
+from host.settings import EngineSettings
 from localmoe.up import engine_tp, worker_plan
 
 DATA = Path(__file__).parent / "data"
@@ -61,7 +61,7 @@ def test_l40s_pairs_stay_under_their_switch() -> None:
 
 
 def test_leftover_is_the_gpu_whose_absence_leaves_the_best_group(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="localmoe.gpus"):
+    with caplog.at_level(logging.WARNING, logger="host.gpus"):
         assert group_gpus(L40S, 2, [0, 2, 3]) == [[2, 3]]
     assert "GPUs [0] form no full group of 2" in caplog.text
     assert group_gpus(L40S, 2, [0, 1, 2]) == [[0, 1]]

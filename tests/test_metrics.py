@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from localmoe import metric_names
+from host import metric_names
 from localmoe.redis_server import free_port
 from scheduler import keys
 from scheduler.queue import make_celery

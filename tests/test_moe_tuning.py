@@ -158,7 +158,7 @@ def test_written_file_reads_back(tmp_path: Path) -> None:
 
 
 def test_tuned_config_dir_defaults_under_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from localmoe.settings import Settings
+    from host.settings import Settings
 
     monkeypatch.setenv("LOCALMOE_HOME", str(tmp_path))
     assert Settings().engine.vllm.tuned_config_dir == tmp_path / "moe-configs"

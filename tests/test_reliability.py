@@ -21,11 +21,11 @@ import redis
 from api.auth import Scope, create_key
 from localmoe.redis_server import RedisServer
 from moe_core.engine import Delta, FinishReason
-from scheduler import keys
+from scheduler import keys, record
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
 from scheduler.registry import WorkerInfo
-from scheduler.stream import FEED_KEYS, Fence, token_fields
+from scheduler.stream import Fence, token_fields
 from scheduler.webhooks import WebhookEventType, make_delivery
 from tests.conftest import _stop, bearer, private_stack, scratch_db, start_api, wait_done, wait_for
 from workers.reaper import Reaper
@@ -179,8 +179,6 @@ def test_a_stale_worker_cannot_finish_or_stream_over_a_newer_attempt(client: red
 def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
     """Redis ran a relay write but the reply was lost (it went down): the relay writes the same
     entries again. Readers (Fence) and the next attempt's RESUME see each entry once."""
-    from workers.tasks import RESUME
-
     stream = keys.events("retried-write")
     client.delete(stream)
     entries = [token_fields("a", 1, 1, 1), token_fields("b", 2, 1, 2)]
@@ -189,8 +187,8 @@ def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
     fence = Fence()
     seen = [e.text for _, f in client.xrange(stream) if (e := fence.visible(f)) is not None]  # type: ignore[union-attr]
     assert "".join(seen) == "abc"
-    *pieces, count = client.register_script(RESUME)(keys=[stream, *FEED_KEYS], args=[2])
-    assert "".join(pieces) == "abc" and count == "n:4"
+    text, tokens = record.resume(client.register_script(record.RESUME), "retried-write", 2)
+    assert text == "abc" and tokens == 4
     client.delete(stream)
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from localmoe.gpus import GpuStats
+from host.gpus import GpuStats
+from host.settings import SchedulerSettings
 from localmoe.redis_server import RedisServer
-from localmoe.settings import SchedulerSettings
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Modality
 from scheduler.registry import STALE_AFTER_S, WorkerInfo, read_workers, update_mix

@@ -172,7 +172,7 @@ def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 def tree(pid: int) -> list[int]:
     """pid's descendants, from /proc."""
-    from localmoe.instance import children
+    from host.instance import children
 
     out, todo = [], [pid]
     while todo:

@@ -26,8 +26,8 @@ import redis.asyncio
 from celery import Celery
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from host.settings import WebhookSettings
 from localmoe.redis_server import RedisServer
-from localmoe.settings import WebhookSettings
 from scheduler import webhooks
 from scheduler.jobs import Job, JobSpec, JobStatus
 from scheduler.notify import event_data

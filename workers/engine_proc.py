@@ -26,8 +26,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from localmoe.instance import arm_parent_death_signal, set_process_name
-from localmoe.settings import Settings, get_settings
+from host.instance import arm_parent_death_signal, set_process_name
+from host.settings import Settings, get_settings
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from workers.messages import (
     Abort,

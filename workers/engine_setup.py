@@ -7,7 +7,7 @@ import functools
 import logging
 from pathlib import Path
 
-from localmoe.settings import EngineSettings
+from host.settings import EngineSettings
 from moe_core.choice import Backend, Choice, choose
 from moe_core.engine import Engine
 from moe_core.failover import FailoverEngine

@@ -9,7 +9,7 @@ import socket
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from localmoe.settings import Settings
+from host.settings import Settings
 from scheduler.queue import make_celery
 from workers.runtime_proc import RuntimeProcess
 from workers.tasks import register

@@ -99,7 +99,7 @@ class Abort(NamedTuple):
 
 
 class Configure(NamedTuple):
-    """The engine-side hot settings (localmoe/config_store.py)."""
+    """The engine-side hot settings (host/config_store.py)."""
 
     step_delay_s: float
     max_step_failures: int

@@ -28,8 +28,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from localmoe.gpus import CLOCK_REASONS
-from localmoe.settings import MetricsSettings
+from host.gpus import CLOCK_REASONS
+from host.settings import MetricsSettings
 from moe_core.engine import Delta, FinishReason
 from scheduler.registry import WorkerInfo
 from scheduler.webhooks import Outcome

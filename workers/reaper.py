@@ -4,18 +4,19 @@ Every worker holds a lease (keys.lease: its incarnation id, renewed with each he
 LEASE_S after the last one) and records each job it claims in its running hash with that
 incarnation. The reaper, which every worker runs every few seconds (one at a time, under a
 lock), looks for running-hash entries whose incarnation no longer holds the lease: that worker
-died (SIGKILL, power, OOM) or was cut off. Each such job goes back to `queued` and onto the
-shared queue at once (the broker keeps no copy of a message once taken: scheduler/queue.py),
-and the next attempt continues from the text the dead one streamed (workers/tasks.py RESUME). A job on its
-max_attempts-th run fails with the reason instead: a prompt that kills workers stops there.
+died (SIGKILL, power, OOM) or was cut off. Each such job goes back to `queued` (scheduler/record.py
+REQUEUE) and onto the shared queue at once (the broker keeps no copy of a message once taken:
+scheduler/queue.py), and the next attempt continues from the text the dead one streamed
+(record.RESUME). A job on its max_attempts-th run fails with the reason instead: a prompt that
+kills workers stops there.
 
 A worker that was only cut off and comes back cannot undo this: its final write is fenced on
-the attempt number (workers/relay.py RELAY), and readers drop its late tokens (Fence in
+the attempt number (record.py `finalize`), and readers drop its late tokens (Fence in
 scheduler/stream.py). Jobs still waiting on a dead worker's own queue are put on the shared
 queue too. A requeued job stays in the dead worker's running hash until its new message is sent,
 so a reaper killed in between is finished by the next sweep. And every job still queued after
-WAITING_CHECK_S is sent again (keys.WAITING): the Redis transport can lose a message taken by a
-consumer killed before it recorded it; the claim takes a job once, so a duplicate is harmless.
+record.WAITING_CHECK_S is sent again (keys.WAITING): the Redis transport can lose a message taken
+by a consumer killed before it recorded it; the claim takes a job once, so a duplicate is harmless.
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ from typing import cast
 import redis
 from celery import Celery
 
-from scheduler import keys
+from scheduler import keys, record
 from scheduler.jobs import Job, JobStatus, job_from_hash
-from scheduler.queue import WAITING_CHECK_S
-from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields
 from scheduler.webhooks import Delivery, send_delivery
 
 log = logging.getLogger(__name__)
@@ -39,49 +38,6 @@ log = logging.getLogger(__name__)
 SWEEP_S = 5.0
 OUTBOX_GRACE_S = 30.0
 LOCK = f"{keys.PREFIX}:reaper:lock"
-
-# KEYS: job hash, the dead worker's running hash, its lease, the job's events stream, FEED_KEYS.
-# ARGV: job id, the running-hash entry ("<incarnation> <attempt>"), max attempts, now (JSON),
-# ttl, done-event data and error (JSON) for a job that fails here.
-# → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
-# A requeued job keeps its running-hash entry until its new message is sent (the caller removes
-# it then): a reaper that dies in between leaves the entry, and the next sweep sends it again.
-REQUEUE = (
-    FEED_LUA
-    + """
-local function forget()  -- only the entry reaped: a same-named worker may have claimed it anew
-  if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
-end
-local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
-if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
-local status = redis.call('HGET', KEYS[1], 'status')
-local current = redis.call('HGET', KEYS[1], 'attempt')
-if status == '"queued"' and current == attempt then return 'requeued' end
-if status ~= '"running"' or current ~= attempt then
-  forget()
-  return 'gone'
-end
-if tonumber(attempt) >= tonumber(ARGV[3]) then
-  forget()
-  redis.call('HSET', KEYS[1], 'status', '"failed"', 'finish_reason', '"error"', 'error', ARGV[7],
-    'timings.finished_at', ARGV[4])
-  append(KEYS[4], {'type', 'done', 'data', ARGV[6]})
-  publish()
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
-  return 'failed'
-end
-redis.call('HSET', KEYS[1], 'status', '"queued"')
-return 'requeued'
-"""
-)
-
-# KEYS: a running hash. ARGV: job id, the entry that was reaped. Deletes it only if unchanged: a
-# worker restarted under the same name may have claimed the job again meanwhile (a new entry).
-FORGET = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
-"""
 
 _RUNNING = (keys.running("*"), keys.running(""))  # (the scan pattern, the key minus the name)
 
@@ -101,8 +57,8 @@ class Reaper:
         self.max_attempts = max_attempts
         self.ttl_s = ttl_s
         self.on_failed = on_failed
-        self._requeue = client.register_script(REQUEUE)
-        self._forget = client.register_script(FORGET)
+        self._requeue = client.register_script(record.REQUEUE)
+        self._forget = client.register_script(record.FORGET)
         self._last = 0.0
 
     def maybe_sweep(self) -> None:
@@ -142,21 +98,12 @@ class Reaper:
 
     def _reap(self, worker: str, job_id: str, entry: str) -> str:
         error = f"its worker died under it on {self.max_attempts} attempts (last: {worker})"
-        done = DoneEvent(status=JobStatus.FAILED, finish_reason="error", error=error)
-        outcome = cast(
-            str,
-            self._requeue(
-                keys=[keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id),
-                      *FEED_KEYS],
-                args=[job_id, entry, self.max_attempts, str(time.time()), self.ttl_s,
-                      done_fields(done)["data"], f'"{error}"'],
-            ),
-        )  # fmt: skip
+        outcome = record.requeue(self._requeue, job_id, worker, entry, self.max_attempts, self.ttl_s, error)
         if outcome == "requeued":
             job = self._job(job_id)
             if job is not None:
                 self._send(job)
-            self._forget(keys=[keys.running(worker)], args=[job_id, entry])  # sent: the entry is done
+            record.forget(self._forget, worker, job_id, entry)  # sent: the entry is done
             log.warning("job %s: worker %s died running it; queued again", job_id, worker)
         elif outcome == "failed":
             log.error("job %s failed: %s", job_id, error)
@@ -198,7 +145,7 @@ class Reaper:
                 self.client.zrem(keys.WAITING, job_id)
                 continue
             waited = now - (job.timings.queued_at or now)
-            self.client.zadd(keys.WAITING, {job_id: now + max(WAITING_CHECK_S, waited)})
+            self.client.zadd(keys.WAITING, {job_id: now + max(record.WAITING_CHECK_S, waited)})
             self._send(job)
             resent += 1
         return resent
@@ -222,7 +169,7 @@ class Reaper:
 
     def _send(self, job: Job) -> None:
         job = job.model_copy(update={"queue": keys.SHARED_QUEUE})
-        self.client.zadd(keys.WAITING, {job.id: time.time() + WAITING_CHECK_S}, nx=True)
+        self.client.zadd(keys.WAITING, {job.id: time.time() + record.WAITING_CHECK_S}, nx=True)
         self.app.send_task(
             keys.RUN_JOBS_TASK,
             args=[[job.model_dump(mode="json")]],

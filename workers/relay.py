@@ -7,8 +7,9 @@ service far below a GPU (256 jobs × one XADD each: 10.7k tokens/s on 2 cores, a
 one pipeline per step), and a pipeline of 256 XADDs still costs this process 2.8 ms of CPU per
 step (redis-py packs and parses each command; with hiredis), the script 0.5 ms: this process also
 runs the engine's Python side, so that time comes off the GPU's. Each terminal state is written
-exactly once (`finalize` in RELAY, fenced on the attempt). A job's future resolves only after its
-terminal state is in Redis, so the Celery task acknowledges a message only once it is durable.
+exactly once (scheduler/record.py `finalize`, which RELAY composes, fenced on the attempt). A
+job's future resolves only after its terminal state is in Redis, so the Celery task acknowledges
+a message only once it is durable.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from moe_core.engine import Delta, FinishReason
-from scheduler import keys
-from scheduler.jobs import Job, JobStatus, Usage, encode_fields
+from scheduler import keys, record
+from scheduler.jobs import Job, JobStatus, Usage
 from scheduler.notify import TERMINAL_EVENT, Notifier, delivery_for, wants
-from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields, feed_record_json, token_fields
+from scheduler.stream import FEED_KEYS, FEED_LUA, feed_record_json, token_fields
 from scheduler.webhooks import Delivery, WebhookEventType
 
 if TYPE_CHECKING:
@@ -36,38 +37,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A job's terminal state, written only if this attempt still owns the running job, so a stale
-# worker can never overwrite a newer attempt or a terminal state, nor announce one. Arguments: the
-# job hash, its events stream, the worker's running hash, the webhook outbox; the attempt (JSON),
-# ttl seconds, the done event's data, the terminal webhook's Delivery JSON ("" for none), and the
-# job's field/value pairs (a table). → 1 written, 0 fenced off. Uses FEED_LUA's `append`.
-_FINALIZE_LUA = """
-local function finalize(job, events, running, outbox, attempt, ttl, done, hook, fields)
-  if redis.call('HGET', job, 'status') ~= '"running"' then return 0 end
-  if redis.call('HGET', job, 'attempt') ~= attempt then return 0 end
-  local id = redis.call('HGET', job, 'id'):sub(2, -2)
-  redis.call('HDEL', running, id)
-  if hook ~= '' then redis.call('HSET', outbox, id, hook) end
-  redis.call('HSET', job, unpack(fields))
-  append(events, {'type', 'done', 'data', done})
-  redis.call('EXPIRE', job, ttl)
-  redis.call('EXPIRE', events, ttl)
-  return 1
-end
-"""
-
 # A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
 # batch carries, then 4 keys per terminal state (`finalize`'s), then FEED_KEYS. ARGV: n, f, m
 # (terminal states), ttl, the first-token time (JSON); then 8 values per token entry: text,
 # tokens, attempt, entry number, "1" if it is its stream's first entry (the stream gets its ttl)
 # else "", its feed record's head and tail (feed_record_json), and its logprobs' JSON ("": none);
-# then per terminal state:
-# attempt, done-event data, hook, k, and k field/value pairs. The token entries' fields are
-# scheduler/stream.py's token_fields; the whole batch is one feed entry. → m results,
-# `finalize`'s each.
+# then per terminal state: attempt, done-event data, hook, k, and k field/value pairs
+# (record.finalize_operands). The token entries' fields are scheduler/stream.py's token_fields;
+# the whole batch is one feed entry. `first_token` and `finalize` change the job records
+# (scheduler/record.py). → m results, `finalize`'s each.
 RELAY = (
     FEED_LUA
-    + _FINALIZE_LUA
+    + record.FIRST_TOKEN_LUA
+    + record.FINALIZE_LUA
     + """
 local n, f, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local a = 6
@@ -85,7 +67,7 @@ for i = 1, n do
   a = a + 8
 end
 for i = n + 1, n + f do
-  redis.call('HSET', KEYS[i], 'timings.first_token_at', ARGV[5])
+  first_token(KEYS[i], ARGV[5])
 end
 local out, k = {}, n + f
 for j = 1, m do
@@ -322,30 +304,8 @@ class Relay(threading.Thread):
         return job
 
     def _plan_final(self, write: _Write, held: Held, job: Job) -> None:
-        fields = encode_fields(
-            {
-                "status": job.status.value,
-                "output": job.output,
-                "finish_reason": job.finish_reason,
-                "error": job.error,
-                "usage": job.usage.model_dump(),
-                "timings": {"finished_at": job.timings.finished_at},
-                **({"logprobs": job.logprobs} if job.logprobs is not None else {}),
-            }
-        )
         held.terminal = delivery_for(job, TERMINAL_EVENT[job.status]) if self.notifier else None
         hook = held.terminal.model_dump_json() if held.terminal else ""
-        write.final_keys += [
-            keys.job(job.id),
-            keys.events(job.id),
-            keys.running(job.worker or ""),
-            keys.WEBHOOK_OUTBOX,
-        ]
-        write.final_args += [
-            str(held.attempt),
-            done_fields(DoneEvent.of(job))["data"],
-            hook,
-            str(len(fields)),
-        ]
-        for k, v in fields.items():
-            write.final_args += [k, v]
+        final_keys, final_args = record.finalize_operands(job, held.attempt, hook)
+        write.final_keys += final_keys
+        write.final_args += final_args

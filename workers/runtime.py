@@ -11,8 +11,8 @@ import time
 
 import redis
 
-from localmoe.gpus import gpu_stats, visible_nvml_indices
-from localmoe.settings import Settings
+from host.gpus import gpu_stats, visible_nvml_indices
+from host.settings import Settings
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
@@ -62,7 +62,7 @@ class Runtime:
         self.engine.stop()
 
     def reconfigure(self, settings: Settings, _version: object = None) -> None:
-        """A new config version (localmoe/config_store.py): the engine-side hot settings.
+        """A new config version (host/config_store.py): the engine-side hot settings.
         engine.backend is kept for the next start: an engine is chosen when the worker starts."""
         self.engine.configure(settings)
         self.relay.output_interval_s = settings.webhooks.output_interval_s

@@ -21,9 +21,9 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from localmoe.config_store import ConfigWatcher
-from localmoe.instance import set_process_name
-from localmoe.settings import Settings, get_settings
+from host.config_store import ConfigWatcher
+from host.instance import set_process_name
+from host.settings import Settings, get_settings
 from workers.messages import MESSAGE, Claimed, ConsumerReady, EngineReady, Finished, Shutdown, Submit
 
 if TYPE_CHECKING:  # the consumer process never imports torch: only the engine process does

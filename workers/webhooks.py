@@ -21,8 +21,8 @@ import httpx
 import redis
 from celery import Celery
 
-from localmoe.config_store import ConfigWatcher
-from localmoe.settings import Settings, WebhookSettings, get_settings
+from host.config_store import ConfigWatcher
+from host.settings import Settings, WebhookSettings, get_settings
 from scheduler import keys
 from scheduler.queue import make_celery
 from scheduler.webhooks import (

@@ -8,11 +8,20 @@ the webhook worker (workers/webhooks.py) POSTs it, signed per Standard Webhooks
 (https://www.standardwebhooks.com), retrying with the same webhook id and body. Every attempt is
 appended to the job's attempt log (`record_attempt`, `read_attempts`).
 
-One module per concern: `spec` (what a job asks for, the keys), `urls` (which URLs are allowed),
+One module per concern: `spec` (what a job asks for, the keys), `urls` (which URLs are allowed;
+the allowlist's syntax is host/allowlist.py, which the settings validate with),
 `signing`, `endpoints` (registered URLs and their secrets), `deliveries` (payloads, the queue, the
 attempt log). The names every caller uses are re-exported here.
 """
 
+from host.allowlist import (
+    MAX_URL_LENGTH,
+    Allowlist,
+    IPAddress,
+    IPNetwork,
+    parse_allowlist,
+    url_problem,
+)
 from scheduler.webhooks.deliveries import (
     Delivery,
     Outcome,
@@ -49,16 +58,10 @@ from scheduler.webhooks.spec import (
     owner_key,
 )
 from scheduler.webhooks.urls import (
-    MAX_URL_LENGTH,
     METADATA_ADDRESSES,
-    Allowlist,
-    IPAddress,
-    IPNetwork,
     check_url,
-    parse_allowlist,
     resolve_host,
     special_kind,
-    url_problem,
 )
 
 __all__ = [

@@ -8,8 +8,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from host.allowlist import MAX_URL_LENGTH, url_problem
 from scheduler import keys
-from scheduler.webhooks.urls import MAX_URL_LENGTH, url_problem
 
 # --- Redis keys ---------------------------------------------------------------------------------
 # localmoe:webhook:endpoint:<id>  hash: the Endpoint's fields, each value JSON-encoded (as jobs.py)

@@ -1,15 +1,15 @@
-"""Which webhook URLs are allowed: the admin's allowlist, no private, loopback or cloud-metadata
-address unless listed, checked again at delivery time (a name may resolve elsewhere later).
+"""Which webhook URLs are allowed: the admin's allowlist (its syntax: host/allowlist.py), no
+private, loopback or cloud-metadata address unless listed, checked again at delivery time (a name
+may resolve elsewhere later).
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv6Address, ip_address
 from urllib.parse import urlsplit
 
-MAX_URL_LENGTH = 2048
+from host.allowlist import IPAddress, parse_allowlist, url_problem
 
 # --- URL policy ---------------------------------------------------------------------------------
 # Residual risk, DNS rebinding: check_url(resolve=True) resolves the host, then httpx resolves it
@@ -18,69 +18,8 @@ MAX_URL_LENGTH = 2048
 # should therefore name hosts whose DNS the operator controls; an allowlist of IPs/CIDRs with IP
 # URLs has no such gap. Closing it fully means connecting to the checked address itself.
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
-
 # Cloud instance-metadata services: AWS/GCP/Azure/OpenStack, AWS over IPv6, Alibaba.
 METADATA_ADDRESSES = frozenset(ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"))
-
-
-def url_problem(url: str) -> str | None:
-    """What makes `url` unusable as a webhook URL whatever the allowlist, or None."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"webhook URLs are at most {MAX_URL_LENGTH} characters"
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        return "webhook URL contains whitespace or control characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 — raises ValueError on a bad port
-    except ValueError as e:
-        return f"invalid webhook URL: {e}"
-    if parts.scheme not in ("http", "https"):
-        return "webhook URLs must be http or https"
-    if "@" in parts.netloc:
-        return "webhook URLs may not carry credentials (user:password@)"
-    if not parts.hostname:
-        return "webhook URL has no host"
-    return None
-
-
-@dataclass(frozen=True)
-class Allowlist:
-    """The parsed `webhooks.allow` setting. names: exact host names; suffixes: ".corp.example"
-    from "*.corp.example" (any depth of subdomain, not the bare domain); networks: IPs and CIDRs."""
-
-    names: frozenset[str]
-    suffixes: tuple[str, ...]
-    networks: tuple[IPNetwork, ...]
-
-    def admits_name(self, host: str) -> bool:
-        return host in self.names or any(host.endswith(s) for s in self.suffixes)
-
-    def contains(self, addr: IPAddress) -> bool:
-        return any(addr in net for net in self.networks)  # False across IP versions
-
-
-def parse_allowlist(allow: list[str]) -> Allowlist:
-    """Raises ValueError on an entry that is neither a host name, "*.domain", an IP nor a CIDR."""
-    names: set[str] = set()
-    suffixes: list[str] = []
-    networks: list[IPNetwork] = []
-    for entry in allow:
-        e = entry.strip().lower().rstrip(".")
-        try:
-            networks.append(ip_network(e.strip("[]"), strict=False))
-            continue
-        except ValueError:
-            pass
-        host = e.removeprefix("*.")
-        if not host or any(c in host for c in "*/:@[] ") or url_problem(f"http://{host}/") is not None:
-            raise ValueError(f"webhook allowlist entry {entry!r} is not a host name, *.domain, IP or CIDR")
-        if e.startswith("*."):
-            suffixes.append(f".{host}")
-        else:
-            names.add(host)
-    return Allowlist(frozenset(names), tuple(suffixes), tuple(networks))
 
 
 def _plain(addr: IPAddress) -> IPAddress:

@@ -1,15 +1,13 @@
 """Live configuration: versioned overrides of the hot sections, kept in Redis, picked up by every
 process within seconds.
 
-The base settings come from YAML and the environment at start (localmoe/settings.py). On top of
+The base settings come from YAML and the environment at start (host/settings.py). On top of
 them, admins set overrides of the HOT sections only — routing (`scheduler`), `limits`,
 `webhooks`, and the engine preference (`engine.backend`, `engine.max_step_failures`,
 `engine.failover_cooldown_s`, `engine.step_delay_s`) — through the API or `localmoe config`.
 Each change is a new version; a rollback is a new version equal to an old one. Processes poll
 the current version number (one GET) every `POLL_S` and rebuild their settings when it moves.
-
-CONFIG_CURRENT  string: the current Version JSON (number, overrides, who, when, note)
-CONFIG_HISTORY  list: every Version JSON, oldest first
+The versions live under host/keys.py's CONFIG_CURRENT and CONFIG_HISTORY.
 """
 
 from __future__ import annotations
@@ -24,13 +22,11 @@ from typing import Any, cast
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from localmoe.settings import Settings
-from scheduler.keys import PREFIX
+from host.keys import CONFIG_CURRENT, CONFIG_HISTORY
+from host.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONFIG_CURRENT = f"{PREFIX}:config:current"
-CONFIG_HISTORY = f"{PREFIX}:config:history"
 POLL_S = 2.0  # a change reaches every process within this (plus its own apply)
 
 HOT_SECTIONS = ("scheduler", "limits", "webhooks")

@@ -21,6 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from host.allowlist import parse_allowlist
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -153,8 +155,6 @@ class WebhookSettings(BaseModel):
     @field_validator("allow")
     @classmethod
     def _entries(cls, allow: list[str]) -> list[str]:
-        from scheduler.webhooks import parse_allowlist
-
         parse_allowlist(allow)  # a malformed entry stops every process at start, with the reason
         return allow
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pynvml
 from pydantic import BaseModel, Field, model_validator
 
-log = logging.getLogger("localmoe.gpus")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # -- NVML, once per process ------------------------------------------------------------------------

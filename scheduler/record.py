@@ -1,0 +1,366 @@
+"""The job record: every change of a job's state in Redis goes through this module.
+
+A job's record is its hash keys.job(id) (every field JSON: scheduler/jobs.py) and its events
+stream keys.events(id) (scheduler/stream.py), with the entries that say where the job is: the
+backlog (scheduler/backlog.py), keys.WAITING, the queued-cost hash of the worker it was routed to
+(keys.queued) and, while it runs, the running hash of the worker that claimed it (keys.running:
+job id → "<incarnation> <attempt>"). Each transition is one Lua script here (or a Lua function
+a caller's script composes), or for create and withdraw one Python function; the status values
+in the Lua are rendered from JobStatus (`lua_json`), never typed by hand.
+
+                  claim: attempt + 1           finalize: this attempt's
+    create ──► QUEUED ─────────────────► RUNNING ──────────────────► SUCCEEDED | FAILED | CANCELLED
+                │ │  ◄───────────────────  │ │
+                │ │  requeue: its worker's │ └── requeue on the max_attempts-th attempt ──► FAILED
+                │ │  lease lost            └──── cancel: flagged, its worker woken; the engine
+                │ │                              aborts it within a step, finalize writes CANCELLED
+                │ └── cancel ──► CANCELLED
+                └──── withdraw ► FAILED (its message could not be sent)
+
+transition   from → to                 caller              fenced on
+create       → QUEUED                  scheduler/queue.py  a new id; written before its message
+withdraw     QUEUED → FAILED           scheduler/queue.py  nothing: the API has not answered
+                                                           with the id yet, no message exists
+CLAIM        QUEUED → RUNNING          workers/tasks.py    status queued (a second claim gets 0)
+RESUME       RUNNING, attempt > 1      workers/tasks.py    the `resume` mark it appends
+first_token  RUNNING (one timing)      workers/relay.py    nothing
+finalize     RUNNING → terminal        workers/relay.py    status running, the same attempt
+CANCEL       QUEUED → CANCELLED        api/store.py        status queued
+             RUNNING (flag, wake-up)   api/store.py        status running
+REQUEUE      RUNNING → QUEUED|FAILED   workers/reaper.py   the entry's incarnation without the
+                                                           lease, status running, same attempt
+FORGET       (running-hash entry)      workers/reaper.py   the entry unchanged
+
+The backlog entry is written before create, at admission (backlog.ADMIT); CLAIM, CANCEL of a
+queued job and withdraw release it. A terminal state is written once: finalize, CANCEL and
+REQUEUE write one only from a non-terminal status, each with the stream's one `done` entry in
+the same script (withdraw writes no `done`: it runs before the API answers with the id). Every
+record gets the API's ttl when created, and again when a script ends it (its stream too). A job
+whose worker died runs again as attempt n + 1: RESUME hands it the text the dead attempt
+streamed, readers drop what an older attempt streams after the `resume` mark (Fence in
+scheduler/stream.py), and the older attempt's finalize is fenced off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import cast
+
+import redis
+from redis.commands.core import AsyncScript, Script
+
+from scheduler import keys
+from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
+from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
+from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields
+
+WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
+
+
+def lua_json(value: str | bool) -> str:
+    """`value` as a job hash stores it (its JSON), as a Lua string literal: '"queued"'."""
+    encoded = json.dumps(value)
+    assert "'" not in encoded and "\\" not in encoded, encoded
+    return f"'{encoded}'"
+
+
+QUEUED = lua_json(JobStatus.QUEUED)
+RUNNING = lua_json(JobStatus.RUNNING)
+FAILED = lua_json(JobStatus.FAILED)
+CANCELLED = lua_json(JobStatus.CANCELLED)
+ABORT = lua_json("abort")  # finish_reason of a cancelled job
+ERROR = lua_json("error")  # finish_reason of a job failed by the reaper
+TRUE = lua_json(True)
+
+# --- create and withdraw (the API's Enqueuer) -----------------------------------------------------
+
+
+def create(client: redis.Redis, jobs: Sequence[Job], ttl_s: int) -> None:
+    """QUEUED: each job's hash (with its ttl), its listing entries, its WAITING entry (the reaper's
+    safety net) and, when routed to one worker's queue, its cost in that worker's backlog; all in
+    one pipeline. Each listing is trimmed of expired entries and its ttl renewed once per call."""
+    pipe = client.pipeline(transaction=False)
+    now = time.time()
+    listings: dict[str, dict[str, float]] = {keys.ALL_JOBS: {}}  # listing → job id → queued_at
+    waiting: dict[str, float] = {}
+    for job in jobs:
+        pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+        pipe.expire(keys.job(job.id), ttl_s)
+        at = job.timings.queued_at or now
+        listings[keys.ALL_JOBS][job.id] = at
+        if job.owner:
+            listings.setdefault(keys.owner_jobs(job.owner), {})[job.id] = at
+        waiting[job.id] = now + WAITING_CHECK_S
+        routed = keys.worker_of_queue(job.queue)
+        if routed is not None:  # the worker's backlog, until a claim removes it
+            pipe.hset(keys.queued(routed), job.id, job.cost)
+    # newest first in GET /v1/jobs; entries leave with their record
+    for listing, entries in listings.items():
+        pipe.zadd(listing, entries)
+        pipe.zremrangebyscore(listing, "-inf", now - ttl_s)
+        pipe.expire(listing, ttl_s)
+    pipe.zadd(keys.WAITING, waiting)
+    pipe.execute()
+
+
+def withdraw(client: redis.Redis, release: Script, jobs: Sequence[Job], error: str) -> None:
+    """QUEUED → FAILED for jobs whose message could not be sent (no worker can hold them), out of
+    the backlog and their routed worker's. `release`: backlog.RELEASE registered on `client`.
+    Not atomic: raises redis.RedisError midway, and a retry writes every job again."""
+    fields = encode_fields({"status": JobStatus.FAILED.value, "error": error})
+    for job in jobs:
+        client.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+        release(keys=RELEASE_KEYS, args=[job.id])
+        routed = keys.worker_of_queue(job.queue)
+        if routed is not None:
+            client.hdel(keys.queued(routed), job.id)
+
+
+# --- claim and resume (a worker's Celery task) ----------------------------------------------------
+
+# KEYS: the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING,
+# then per job: its hash, the queued-cost hash of the worker it was routed to.
+# ARGV: worker, engine, started_at (all JSON), this worker's incarnation, then the job ids.
+# → per job, the new attempt number, or 0 when the job is no longer queued (cancelled while
+# waiting, or already taken). Either way it has left the queue: its cost leaves the routed
+# worker's backlog and the admission counts. A claimed job is in the running hash until its
+# finalize or its reaping.
+CLAIM = (
+    RELEASE_LUA
+    + f"""
+local out = {{}}
+for i = 5, #ARGV do
+  local id, job, routed = ARGV[i], KEYS[2 * i - 4], KEYS[2 * i - 3]
+  redis.call('HDEL', routed, id)
+  redis.call('ZREM', KEYS[5], id)
+  release(KEYS[1], KEYS[2], KEYS[3], id)
+  if redis.call('HGET', job, 'status') ~= {QUEUED} then
+    out[#out + 1] = 0
+  else
+    local attempt = tonumber(redis.call('HGET', job, 'attempt') or '0') + 1
+    redis.call('HSET', job, 'status', {RUNNING}, 'worker', ARGV[1], 'engine', ARGV[2],
+      'timings.started_at', ARGV[3], 'attempt', tostring(attempt))
+    redis.call('HSET', KEYS[4], id, ARGV[4] .. ' ' .. attempt)
+    out[#out + 1] = attempt
+  end
+end
+return out
+"""
+)
+
+
+def claim(script: Script, jobs: Sequence[Job], worker: str, engine: str, incarnation: str) -> list[int]:
+    """QUEUED → RUNNING for each of `jobs` still queued. `script`: CLAIM registered. → per job its
+    new attempt number, 0 for a job not claimed here."""
+    fields = encode_fields({"worker": worker, "engine": engine, "started_at": time.time()})
+    job_keys = [*RELEASE_KEYS, keys.running(worker), keys.WAITING]
+    for job in jobs:
+        job_keys += [keys.job(job.id), keys.queued(keys.worker_of_queue(job.queue) or worker)]
+    head = [fields["worker"], fields["engine"], fields["started_at"], incarnation]
+    return cast(list[int], script(keys=job_keys, args=[*head, *(job.id for job in jobs)]))
+
+
+# KEYS: the job's events stream, FEED_KEYS. ARGV: the new attempt. Reads the text earlier attempts
+# streamed (as readers saw it, scheduler/stream.py Fence) and appends the `resume` mark in one
+# step, so a stale writer's later tokens fall behind the mark. → {text pieces..., "n:<tokens>"}.
+RESUME = (
+    FEED_LUA
+    + """
+local current, n, out, last = 1, 0, {}, {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  if f.type == 'resume' then
+    current = math.max(current, tonumber(f.a))
+  elseif f.type == 'token' and tonumber(f.a or '1') >= current then
+    local a, s = f.a or '1', tonumber(f.s or '0')
+    if s == 0 or s > (last[a] or 0) then  -- s: an entry written again by a retried write is skipped
+      last[a] = s
+      table.insert(out, f.text)
+      n = n + tonumber(f.n or '1')
+    end
+  end
+end
+append(KEYS[1], {'type', 'resume', 'a', ARGV[1]})
+publish()
+table.insert(out, 'n:' .. n)
+return out
+"""
+)
+
+
+def resume(script: Script, job_id: str, attempt: int) -> tuple[str, int]:
+    """Attempt `attempt` (> 1) takes over: → (the text earlier attempts streamed, its tokens).
+    `script`: RESUME registered."""
+    *pieces, count = cast(list[str], script(keys=[keys.events(job_id), *FEED_KEYS], args=[attempt]))
+    return "".join(pieces), int(count.removeprefix("n:"))
+
+
+# --- the relay's writes (workers/relay.py RELAY composes these, after FEED_LUA) --------------------
+
+# `first_token(job, at)`: stamps the job hash's first-token time (`at`: JSON seconds).
+FIRST_TOKEN_LUA = """
+local function first_token(job, at)
+  redis.call('HSET', job, 'timings.first_token_at', at)
+end
+"""
+
+# `finalize(job, events, running, outbox, attempt, ttl, done, hook, fields)`: the job's terminal
+# state, written only if this attempt still owns the running job, so a stale worker can never
+# overwrite a newer attempt or a terminal state, nor announce one. Arguments: the job hash, its
+# events stream, the worker's running hash, the webhook outbox; the attempt (JSON), ttl seconds,
+# the done event's data, the terminal webhook's Delivery JSON ("" for none), and the job's
+# field/value pairs (a table). → 1 written, 0 fenced off. Uses FEED_LUA's `append`.
+FINALIZE_LUA = f"""
+local function finalize(job, events, running, outbox, attempt, ttl, done, hook, fields)
+  if redis.call('HGET', job, 'status') ~= {RUNNING} then return 0 end
+  if redis.call('HGET', job, 'attempt') ~= attempt then return 0 end
+  local id = redis.call('HGET', job, 'id'):sub(2, -2)
+  redis.call('HDEL', running, id)
+  if hook ~= '' then redis.call('HSET', outbox, id, hook) end
+  redis.call('HSET', job, unpack(fields))
+  append(events, {{'type', 'done', 'data', done}})
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', events, ttl)
+  return 1
+end
+"""
+
+
+def finalize_operands(job: Job, attempt: int, hook: str) -> tuple[list[str], list[str]]:
+    """`finalize`'s 4 keys, and its arguments after ttl: the attempt, the done event's data, `hook`
+    (the terminal webhook's Delivery JSON, "" for none), k, then k field/value pairs: the terminal
+    fields of `job` (status, output, finish_reason, error, usage, finished_at, logprobs if any)."""
+    fields = encode_fields(
+        {
+            "status": job.status.value,
+            "output": job.output,
+            "finish_reason": job.finish_reason,
+            "error": job.error,
+            "usage": job.usage.model_dump(),
+            "timings": {"finished_at": job.timings.finished_at},
+            **({"logprobs": job.logprobs} if job.logprobs is not None else {}),
+        }
+    )
+    job_keys = [keys.job(job.id), keys.events(job.id), keys.running(job.worker or ""), keys.WEBHOOK_OUTBOX]
+    args = [str(attempt), done_fields(DoneEvent.of(job))["data"], hook, str(len(fields))]
+    for k, v in fields.items():
+        args += [k, v]
+    return job_keys, args
+
+
+# --- cancel (the API) -------------------------------------------------------------------------------
+
+# KEYS: job hash, events stream, then the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, then
+# FEED_KEYS.
+# ARGV: now (JSON), ttl, done-event data for a queued job, cancel channel, job id. A queued job
+# is cancelled here and now (and leaves the backlog); a running one is flagged and its worker
+# woken (the engine drops it within one step and its finalize writes CANCELLED).
+CANCEL = (
+    FEED_LUA
+    + RELEASE_LUA
+    + f"""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == {QUEUED} then
+  release(KEYS[3], KEYS[4], KEYS[5], ARGV[5])
+  redis.call('HSET', KEYS[1], 'status', {CANCELLED}, 'finish_reason', {ABORT},
+    'cancel_requested', {TRUE}, 'timings.finished_at', ARGV[1])
+  append(KEYS[2], {{'type', 'done', 'data', ARGV[3]}})
+  publish()
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return 'cancelled'
+end
+if status == {RUNNING} then
+  redis.call('HSET', KEYS[1], 'cancel_requested', {TRUE})
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 'requested'
+end
+return 'terminal'
+"""
+)
+
+
+class CancelOutcome(StrEnum):
+    MISSING = "missing"
+    CANCELLED = "cancelled"  # was queued: cancelled now
+    REQUESTED = "requested"  # was running: the worker stops it within one step
+    TERMINAL = "terminal"  # already finished
+
+
+async def cancel(script: AsyncScript, job_id: str, ttl_s: int) -> CancelOutcome:
+    """QUEUED → CANCELLED now; RUNNING: flagged, its worker woken. `script`: CANCEL registered."""
+    done = DoneEvent(status=JobStatus.CANCELLED, finish_reason="abort")
+    args: list[str | int] = [str(time.time()), ttl_s, done.model_dump_json(), keys.CANCEL_CHANNEL, job_id]
+    job_keys = [keys.job(job_id), keys.events(job_id), *RELEASE_KEYS, *FEED_KEYS]
+    return CancelOutcome(await script(keys=job_keys, args=args))
+
+
+# --- requeue and forget (the reaper) ------------------------------------------------------------------
+
+# KEYS: job hash, the dead worker's running hash, its lease, the job's events stream, FEED_KEYS.
+# ARGV: job id, the running-hash entry ("<incarnation> <attempt>"), max attempts, now (JSON),
+# ttl, done-event data and error (JSON) for a job that fails here.
+# → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
+# A requeued job keeps its running-hash entry until its new message is sent (the caller removes
+# it then, FORGET): a reaper that dies in between leaves the entry, and the next sweep finds the
+# job queued at the same attempt and sends it again.
+REQUEUE = (
+    FEED_LUA
+    + f"""
+local function forget()  -- only the entry reaped: a same-named worker may have claimed it anew
+  if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+end
+local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
+if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
+local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HGET', KEYS[1], 'attempt')
+if status == {QUEUED} and current == attempt then return 'requeued' end
+if status ~= {RUNNING} or current ~= attempt then
+  forget()
+  return 'gone'
+end
+if tonumber(attempt) >= tonumber(ARGV[3]) then
+  forget()
+  redis.call('HSET', KEYS[1], 'status', {FAILED}, 'finish_reason', {ERROR}, 'error', ARGV[7],
+    'timings.finished_at', ARGV[4])
+  append(KEYS[4], {{'type', 'done', 'data', ARGV[6]}})
+  publish()
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'status', {QUEUED})
+return 'requeued'
+"""
+)
+
+
+def requeue(
+    script: Script, job_id: str, worker: str, entry: str, max_attempts: int, ttl_s: int, error: str
+) -> str:
+    """RUNNING → QUEUED, or → FAILED with `error` on its max_attempts-th attempt, for a job in a
+    running-hash entry of `worker` whose incarnation lost the lease. `script`: REQUEUE registered.
+    → 'alive', 'gone', 'failed' or 'requeued' (see REQUEUE)."""
+    done = done_fields(DoneEvent(status=JobStatus.FAILED, finish_reason="error", error=error))["data"]
+    failure = encode_fields({"error": error})["error"]
+    job_keys = [keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id), *FEED_KEYS]
+    args: list[str | int] = [job_id, entry, max_attempts, str(time.time()), ttl_s, done, failure]
+    return cast(str, script(keys=job_keys, args=args))
+
+
+# KEYS: a running hash. ARGV: job id, the entry that was reaped. Deletes it only if unchanged: a
+# worker restarted under the same name may have claimed the job again meanwhile (a new entry).
+FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def forget(script: Script, worker: str, job_id: str, entry: str) -> None:
+    """The requeued job's running-hash entry, once its new message is sent. `script`: FORGET."""
+    script(keys=[keys.running(worker)], args=[job_id, entry])
