@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
 
-    from localmoe.settings import Settings
+    from host.settings import Settings
     from workers.engine_setup import construct
 
     if args.model:
