@@ -446,7 +446,7 @@ def server_series(
                 after = cpu_times(target.pid)
                 rnd.cpu_us_per_token = cpu_per_token(before, after, made)
                 rnd.preempted = preempted(before, after)
-                if kind == "events":
+                if any(r.job_id for r in records):  # LocalMoE's: every path is a job
                     rnd.stages_ms = ttft_stages(target, records)
                 series[name].rounds.append(rnd)
                 failed = [x.error for x in records if x.error][:2]

@@ -51,7 +51,7 @@ class Record:
     events: int = 0  # events that carried text
     tokens: int = 0  # completion tokens the server reported
     error: str = ""
-    job_id: str = ""  # LocalMoE's job (events, ws, submit)
+    job_id: str = ""  # LocalMoE's job (every path: the OpenAI answers' Location header names it)
 
     @property
     def ttft(self) -> float:
@@ -174,6 +174,7 @@ async def _openai(http: Any, target: Target, kind: str, prompt: str, tokens: int
     async with http.post(target.base + path, json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+        rec.job_id = r.headers.get("Location", "").rpartition("/")[2]  # LocalMoE's; vLLM sends none
         async for line in r.content:
             if not line.startswith(b"data: "):
                 continue

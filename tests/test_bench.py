@@ -48,7 +48,14 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert set(series["engine completions"]["rounds"][0]["cpu_us_per_token"]) == {"engine"}
     probe = series["localmoe completions"]["rounds"][0]["redis"]  # what LocalMoE's Redis did meanwhile
     assert set(probe) == {"forks", "aof_delayed_fsync", "aof_mb", "latency_events"} and probe["aof_mb"] > 0
-    stages = series["localmoe events"]["rounds"][0]["stages_ms"]  # where the SSE path's TTFT went
+    for p in PATHS:  # where each path's TTFT went (every LocalMoE answer names its job)
+        assert set(series[f"localmoe {p}"]["rounds"][0]["stages_ms"]) == {
+            "http",
+            "queue",
+            "engine",
+            "delivery",
+        }
+    stages = series["localmoe events"]["rounds"][0]["stages_ms"]
     assert set(stages) == {"http", "queue", "engine", "delivery"} and all(
         p50 >= 0 for p50, _ in stages.values()
     )
