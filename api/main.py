@@ -16,7 +16,9 @@ from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
-from api.openai import serving as openai_serving
+from api.openai import chat as openai_chat
+from api.openai import completions as openai_completions
+from api.openai import models as openai_models
 from api.openai import tokenize as openai_tokenize
 from api.store import JobStore
 from host.config_store import ConfigWatcher
@@ -98,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(playground.router)
     app.include_router(webhooks.router)
-    app.include_router(openai_serving.router)
+    app.include_router(openai_models.router)
+    app.include_router(openai_completions.router)
+    app.include_router(openai_chat.router)
     app.include_router(openai_tokenize.router)
     app.include_router(config.router)
     app.include_router(metrics.router)

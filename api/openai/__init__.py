@@ -14,7 +14,8 @@ best_of > 1, and content parts other than text. Errors are `{"error": {message, 
 code}}`; bad input is a 400 (as with OpenAI), a 429 keeps its Retry-After.
 
 The package is split as vLLM splits its OpenAI entrypoint: `protocol` (request and response
-models), `errors` (OpenAI's error shape), `chat_template` (messages and tools → prompt), `tools`
-(tool-call formats: parsing, streaming, the grammar that forces calls), `logprobs`, `tokenize`,
-`streaming` (a job's answer, whole or as chunks) and `serving` (the routes).
+models), `errors` (OpenAI's error shape), one module per endpoint (`models`, `completions`,
+`chat`, `tokenize`) over `serving` (what they share: intake, the served model), `chat_template`
+(messages and tools → prompt), `tools` (tool-call formats: parsing, streaming, the grammar that
+forces calls), `logprobs` and `streaming` (a job's answer, whole or as chunks).
 """

@@ -1,0 +1,170 @@
+"""POST /v1/chat/completions: the assistant's next message (text, or tool calls), whole or streamed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from api import sse
+from api.auth import Caller
+from api.deps import Services, ServicesDep
+from api.openai.chat_template import render_chat
+from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
+from api.openai.logprobs import chat_logprobs, token_texts
+from api.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
+    UsageInfo,
+)
+from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
+from api.openai.streaming import sse_chunk, stream_job, wait_for_job
+from api.openai.tools import Call, ToolStream
+from moe_core import structured
+from scheduler.stream import DoneEvent, TokenEvent
+from scheduler.structured import StructuredOutputs
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+
+def _default_max_tokens(services: Services, prompt: str) -> int:
+    """No max_tokens: up to the rest of the context, within the server's limit (as vLLM)."""
+    room = services.counter.max_context - services.counter.count(prompt)
+    return max(1, min(services.settings.limits.max_tokens, room))
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses={**STREAMED, **ERRORS})
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    services: ServicesDep,
+    caller: Caller,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """The assistant's next message, whole or streamed (`stream: true`). The prompt is the
+    model's chat template applied to `messages` (and `tools`), or ChatML when the model has none.
+    With tools, calls the model writes come back as `tool_calls` (api/openai/tools.py)."""
+    model = check_model(body.model, services)
+    body.refuse_unsupported()
+    tools = body.offered_tools
+    for i, tool in enumerate(tools):  # a schema no engine could decode under is bad input
+        params = tool.function.parameters
+        if params is not None and (error := structured.check("json", json.dumps(params))):
+            raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
+    model_dir = services.settings.resolved_model_dir
+    prompt, implied_stop, calls_format = await render_chat(model_dir, body.messages, tools=tools)
+    parallel = body.parallel_tool_calls is not False
+    forced = [(t.function.name, t.function.parameters) for t in body.forced_tools]
+    structure = StructuredOutputs(grammar=calls_format.grammar(forced, parallel)) if forced else None
+    max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
+    spec = body.job_spec(prompt, max_tokens, implied_stop, structure)
+    job = await accept_request(body, spec, caller, services, idempotency_key)
+    rid, created = f"chatcmpl-{job.id}", int(time.time())
+
+    texts = token_texts(services.counter.tokenizer)
+    wants_logprobs = body.requested_logprobs is not None
+
+    def tool_calls(calls: list[Call], first: int) -> list[ToolCall]:
+        return [
+            ToolCall(
+                id=_call_id(job.id, first + i), function=ToolCallFunction(name=name, arguments=arguments)
+            )
+            for i, (name, arguments) in enumerate(calls)
+        ]
+
+    def finish_reason(done: DoneEvent, called: bool) -> str | None:
+        return "tool_calls" if called and done.finish_reason == "stop" else done.finish_reason
+
+    if not body.stream:
+        result = await wait_for_job(request, services, job)
+        done = result.done
+        content, calls = calls_format.parse(result.text) if tools else (result.text, [])
+        calls = calls if parallel else calls[:1]
+        message = AssistantMessage(
+            content=(content or None) if calls else content, tool_calls=tool_calls(calls, 0)
+        )
+        choice = ChatChoice(message=message, finish_reason=finish_reason(done, bool(calls)))
+        if wants_logprobs:
+            choice.logprobs = chat_logprobs(result.logprobs, texts)
+        answer = ChatCompletion(
+            id=rid, created=created, model=model, choices=[choice], usage=UsageInfo.of(done)
+        )
+        return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
+
+    omit = None if body.include_usage else {"usage"}
+    so_far = usage_so_far(job) if body.continuous_usage else None
+    calls_seen = ToolStream(calls_format) if tools else None
+
+    def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+    def calls_chunk(content: str, calls: list[Call]) -> bytes:
+        """What a piece of the answer adds: its content, then the calls it completed (whole)."""
+        assert calls_seen is not None
+        if not parallel:
+            calls = calls[: max(0, 1 - (len(calls_seen.calls) - len(calls)))]
+        out = sse_chunk(chunk(ChatDelta(content=content)), omit) if content else b""
+        if calls:
+            first = len(calls_seen.calls) - len(calls)
+            deltas = [
+                ToolCallDelta(index=first + i, id=c.id, function=c.function)
+                for i, c in enumerate(tool_calls(calls, first))
+            ]
+            out += sse_chunk(chunk(ChatDelta(tool_calls=deltas)), omit)
+        return out
+
+    def finish(done: DoneEvent) -> bytes:
+        last = calls_chunk(*calls_seen.flush()) if calls_seen is not None else b""
+        end = chunk(ChatDelta(), finish_reason(done, bool(calls_seen and calls_seen.calls)))
+        if body.continuous_usage:
+            end.usage = UsageInfo.of(done)
+        last += sse_chunk(end, omit)
+        if body.include_usage:  # a last chunk: no choices, the usage
+            usage = UsageInfo.of(done)
+            end = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            last += sse_chunk(end)
+        return last
+
+    first = chunk(ChatDelta(role="assistant", content=""))
+    if so_far is not None:
+        first.usage = UsageInfo.counted(job.usage.prompt_tokens, 0)
+    head = sse_chunk(first, omit)
+    template = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
+
+    def with_logprobs(event: TokenEvent, generated: int) -> bytes:
+        piece = chunk(ChatDelta(content=event.text))
+        piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
+        if so_far is not None:
+            piece.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
+        return sse_chunk(piece, omit)
+
+    def with_tools(event: TokenEvent, generated: int) -> bytes:
+        assert calls_seen is not None
+        content, calls = calls_seen.feed(event.text)
+        if wants_logprobs or so_far is not None:  # the event's chunk carries them, content or not
+            piece = chunk(ChatDelta(content=content))
+            if wants_logprobs:
+                piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
+            if so_far is not None:
+                piece.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
+            return sse_chunk(piece, omit) + calls_chunk("", calls)
+        return calls_chunk(content, calls)
+
+    render = with_tools if tools else with_logprobs if wants_logprobs else None
+    return stream_job(services, job, template, finish, head, usage=so_far, render=render)
+
+
+def _call_id(job_id: str, index: int) -> str:
+    """A call's id: the same each time the job's answer is read (a replay, a reconnect)."""
+    return f"call_{job_id[:20]}_{index}"
