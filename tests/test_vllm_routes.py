@@ -86,6 +86,11 @@ def test_tokenize_counts_as_the_engine_does(
     assert tokens["token_strs"] is None
     shorter = http.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": False}).json()
     assert 0 < shorter["count"] < tokens["count"]
+    # with tools: the prompt the chat route renders with them, counted as the engine counts it
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+    chat = client.chat.completions.create(model=model_dir.name, messages=CHAT, tools=tools, max_tokens=2)
+    tooled = http.post("/tokenize", json={"messages": CHAT, "tools": tools}).json()
+    assert chat.usage is not None and tooled["count"] == chat.usage.prompt_tokens > tokens["count"]
 
 
 @pytest.mark.parametrize(
@@ -95,6 +100,12 @@ def test_tokenize_counts_as_the_engine_does(
         ("/tokenize", {}, 400, "exactly one of"),
         ("/tokenize", {"prompt": "x", "model": "gpt-4o"}, 404, "does not exist"),
         ("/tokenize", {"prompt": "x", "truncate": 3}, 400, "Extra inputs"),
+        (
+            "/tokenize",
+            {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "go with",
+        ),
         ("/detokenize", {"tokens": [1, 10**9]}, 400, "out of the vocabulary"),
         ("/detokenize", {"tokens": [-1]}, 400, "out of the vocabulary"),
         ("/detokenize", {"tokens": "abc"}, 400, "valid list"),

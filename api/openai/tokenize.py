@@ -16,7 +16,7 @@ from api.auth import Caller
 from api.deps import ServicesDep
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
-from api.openai.protocol import ChatMessage
+from api.openai.protocol import ChatMessage, Tool
 from api.openai.serving import check_model
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -30,6 +30,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = Field(None, description="The served model's name; may be left out.")
     prompt: str | None = Field(None, description="Text to tokenize.")
     messages: list[ChatMessage] | None = Field(None, description="A chat, rendered by the model's template.")
+    tools: list[Tool] | None = Field(None, description="Chat: the tools shown to the model, as chat does.")
     add_generation_prompt: bool = Field(True, description="Chat: end with the assistant's turn opened.")
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (BOS); default: a prompt yes, a chat no."
@@ -40,6 +41,8 @@ class TokenizeRequest(BaseModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of `prompt` and `messages`")
+        if self.tools and self.messages is None:
+            raise ValueError("`tools` go with `messages`")
         return self
 
 
@@ -67,7 +70,7 @@ async def tokenize(body: TokenizeRequest, services: ServicesDep, _caller: Caller
     check_model(body.model, services)
     if body.messages is not None:
         model_dir = services.settings.resolved_model_dir
-        text, _, _ = await render_chat(model_dir, body.messages, body.add_generation_prompt)
+        text, _, _ = await render_chat(model_dir, body.messages, body.add_generation_prompt, body.tools or ())
         special = bool(body.add_special_tokens)
     else:
         text = body.prompt or ""
