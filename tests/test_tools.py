@@ -80,6 +80,16 @@ def test_answers_parse_whole_and_streamed(
         assert streamed.strip() == (content if calls else text).strip()
 
 
+def test_without_parallel_calls_a_stream_gives_out_the_first_only() -> None:
+    call = '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>'
+    two = call % "now" + "\n" + call % "x"
+    stream = ToolStream(HERMES, limit=1)
+    content, calls = stream.feed(two)
+    rest, more = stream.flush()
+    assert (content, rest) == ("", "") and calls == [("now", "{}")] and more == []
+    assert stream.calls == [("now", "{}")]
+
+
 def test_the_format_a_template_defines() -> None:
     assert format_for(None) is HERMES
     assert format_for("{% if tools %}<tool_call>{% endif %}") is HERMES

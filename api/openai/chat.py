@@ -103,7 +103,7 @@ async def chat_completions(
 
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
-    calls_seen = ToolStream(calls_format) if tools else None
+    calls_seen = ToolStream(calls_format, None if parallel else 1) if tools else None
 
     def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
@@ -112,11 +112,9 @@ async def chat_completions(
     def calls_chunk(content: str, calls: list[Call]) -> bytes:
         """What a piece of the answer adds: its content, then the calls it completed (whole)."""
         assert calls_seen is not None
-        if not parallel:
-            calls = calls[: max(0, 1 - (len(calls_seen.calls) - len(calls)))]
+        first = len(calls_seen.calls) - len(calls)  # calls given out before these
         out = sse_chunk(chunk(ChatDelta(content=content)), omit) if content else b""
         if calls:
-            first = len(calls_seen.calls) - len(calls)
             deltas = [
                 ToolCallDelta(index=first + i, id=c.id, function=c.function)
                 for i, c in enumerate(tool_calls(calls, first))

@@ -153,6 +153,7 @@ class ToolStream:
     part of a call and the calls completed so far; `flush` at the end returns the rest."""
 
     format: ToolFormat
+    limit: int | None = None  # calls given out at most (1 without parallel calls); later ones dropped
     _held: str = ""  # text not yet given out: a possible start of a call, or a call in progress
     _in_call: bool = False
     calls: list[Call] = field(default_factory=list)  # every call given out
@@ -187,16 +188,20 @@ class ToolStream:
                 new += calls
         if (self.calls or new) and not content.strip():
             content = ""  # the blank between calls
-        self.calls += new
-        return content, new
+        return content, self._give(new)
+
+    def _give(self, calls: list[Call]) -> list[Call]:
+        if self.limit is not None:
+            calls = calls[: max(0, self.limit - len(self.calls))]
+        self.calls += calls
+        return calls
 
     def flush(self) -> tuple[str, list[Call]]:
         held, self._held = self._held, ""
         if self._in_call:
             calls = self.format._calls(held)
             if calls is not None:
-                self.calls += calls
-                return "", calls
+                return "", self._give(calls)
         return held, []
 
 
