@@ -446,7 +446,8 @@ def parser() -> argparse.ArgumentParser:
         dest="model_command", required=True
     )
     init = model.add_parser("init", help="build the small MoE checkpoint (no hub needed)")
-    init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe"])
+    # moe_build.checkpoint.ARCHS (not imported here: it imports transformers; a test keeps them equal)
+    init.add_argument("--arch", default="mixtral", choices=["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
     init.add_argument("--out", help="output directory (default: LOCALMOE_HOME/models/SIZE-ARCH)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig
 
-ARCHS = ("mixtral", "qwen2_moe", "olmoe")
+ARCHS = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama/Mixtral convention).
@@ -232,7 +232,7 @@ def _model_config(
 ) -> PreTrainedConfig:
     """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s.
     tie_embeddings: the output layer shares the input embedding's matrix."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     hidden, intermediate, layers, heads, kv_heads = dims or SIZES[size]
     common: dict[str, Any] = dict(
@@ -263,6 +263,18 @@ def _model_config(
         )
     if arch == "olmoe":
         return OlmoeConfig(intermediate_size=intermediate, num_experts=8, **common)
+    if arch == "qwen3_moe":  # Qwen3-30B-A3B's shape: no shared expert, top-k weights renormalised
+        return Qwen3MoeConfig(
+            intermediate_size=intermediate,  # only used by dense layers, of which there are none
+            moe_intermediate_size=intermediate // 2,
+            num_experts=8,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            head_dim=hidden // heads,
+            use_sliding_window=False,
+            **common,
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -58,6 +59,13 @@ def test_tokenizer_is_deterministic(checkpoints: dict[str, Path]) -> None:
     assert len(tokenizer_files) == 1
 
 
+def test_the_readme_lists_every_architecture() -> None:
+    """README's table of architectures: one row per ARCHS entry, no other."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)`[^|]*\| [^|]*test", readme, flags=re.MULTILINE)
+    assert tuple(rows) == ARCHS
+
+
 def test_half_built_dir_is_not_a_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     half = tmp_path / "half"
     shutil.copytree(checkpoints["mixtral"], half)
@@ -67,8 +75,14 @@ def test_half_built_dir_is_not_a_checkpoint(checkpoints: dict[str, Path], tmp_pa
 
 
 def test_unknown_arch_is_rejected_with_the_list(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="mixtral, qwen2_moe, olmoe"):
+    with pytest.raises(ValueError, match="mixtral, qwen2_moe, olmoe, qwen3_moe"):
         build_checkpoint(tmp_path / "x", "llama", progress=False)
+    from localmoe.cli import parser
+
+    init = parser().parse_args(["model", "init", "--arch", ARCHS[-1]])
+    assert init.arch == ARCHS[-1]
+    with pytest.raises(SystemExit):  # the CLI's list is ARCHS: no other
+        parser().parse_args(["model", "init", "--arch", "llama"])
 
 
 def test_build_refuses_to_overwrite_a_non_empty_dir(tmp_path: Path) -> None:

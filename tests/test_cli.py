@@ -16,7 +16,9 @@ from scheduler.queue import make_celery
 
 
 @pytest.mark.slow  # a `localmoe model init` process per architecture, 8 s each
-@pytest.mark.parametrize(("arch", "model_type"), [("qwen2_moe", "qwen2_moe"), ("olmoe", "olmoe")])
+@pytest.mark.parametrize(
+    ("arch", "model_type"), [("qwen2_moe", "qwen2_moe"), ("olmoe", "olmoe"), ("qwen3_moe", "qwen3_moe")]
+)
 def test_model_init_builds_each_arch(tmp_path: Path, arch: str, model_type: str) -> None:
     out = tmp_path / arch
     run = subprocess.run(

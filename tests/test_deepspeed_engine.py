@@ -40,7 +40,7 @@ from tests.test_torch_engine import (  # noqa: E402
     structured_requests,
 )
 
-ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
+ARCHS = ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -22,7 +22,7 @@ def run(engine: TorchEngine, requests: list[GenerationRequest]) -> dict[str, lis
     return out
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
 def test_counts_every_routed_token_under_its_tag(tmp_path: Path, arch: str) -> None:
     model = build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     engine = TorchEngine(model, max_batch_size=8)

@@ -347,7 +347,7 @@ def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:
         assert n_prompt + len(ctx.token_ids) == 24
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "qwen3_moe"])
 def test_other_architectures_match_generate(arch: str, tmp_path: Path) -> None:
     engine = TorchEngine(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
     engine.load()
