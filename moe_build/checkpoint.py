@@ -264,17 +264,19 @@ def _model_config(
     if arch == "olmoe":
         return OlmoeConfig(intermediate_size=intermediate, num_experts=8, **common)
     if arch == "qwen3_moe":  # Qwen3-30B-A3B's shape: no shared expert, top-k weights renormalised
-        return Qwen3MoeConfig(
+        config = Qwen3MoeConfig(
             intermediate_size=intermediate,  # only used by dense layers, of which there are none
             moe_intermediate_size=intermediate // 2,
             num_experts=8,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             norm_topk_prob=True,
-            head_dim=hidden // heads,
             use_sliding_window=False,
             **common,
         )
+        # the real checkpoints carry head_dim (128); the config class takes it only as an extra
+        setattr(config, "head_dim", hidden // heads)  # noqa: B010
+        return config
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
