@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig
 
-ARCHS = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+ARCHS = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "phimoe", "granitemoe", "deepseek_v3", "glm4_moe")
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama/Mixtral convention).
@@ -232,7 +232,16 @@ def _model_config(
 ) -> PreTrainedConfig:
     """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s.
     tie_embeddings: the output layer shares the input embedding's matrix."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        Glm4MoeConfig,
+        GraniteMoeConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        PhimoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     hidden, intermediate, layers, heads, kv_heads = dims or SIZES[size]
     common: dict[str, Any] = dict(
@@ -277,6 +286,52 @@ def _model_config(
         # the real checkpoints carry head_dim (128); the config class takes it only as an extra
         setattr(config, "head_dim", hidden // heads)  # noqa: B010
         return config
+    if arch == "phimoe":  # Phi-3.5-MoE: Mixtral's layout, biased attention, LayerNorm
+        return PhimoeConfig(
+            intermediate_size=intermediate, num_local_experts=8, attention_bias=True, **common
+        )
+    if arch == "granitemoe":  # Granite MoE: Mixtral's layout with muP multipliers
+        return GraniteMoeConfig(
+            intermediate_size=intermediate,
+            num_local_experts=8,
+            embedding_multiplier=12.0,
+            logits_scaling=4.0,
+            residual_multiplier=0.22,
+            attention_multiplier=1.0 / (hidden // heads),
+            **common,
+        )
+    if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, grouped routing,
+        # a dense first layer (DeepSeek-V3's and V2-Lite's shape, scaled down)
+        return DeepseekV3Config(
+            intermediate_size=intermediate,
+            moe_intermediate_size=intermediate // 2,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=32,
+            q_lora_rank=48,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
+        )
+    if arch == "glm4_moe":  # GLM-4.5(-Air): a shared expert, sigmoid routing, a dense first layer
+        return Glm4MoeConfig(
+            intermediate_size=intermediate,
+            moe_intermediate_size=intermediate // 2,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            use_qk_norm=True,
+            **common,
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 

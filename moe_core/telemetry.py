@@ -1,8 +1,10 @@
 """Expert telemetry: how many tokens each expert of each MoE layer received, split by a tag per
 request (LocalMoE tags a job's tokens with its modality: text, code or mixed).
 
-Hooks every router of a transformers MoE model (`*TopKRouter`: Mixtral, Qwen2-MoE, OLMoE; its
-forward returns (logits, scores, indices [T, k]) over the T flattened tokens of the batch). The
+Hooks every router of a transformers MoE model (`*TopKRouter` / `*TopkRouter`: Mixtral, Qwen2-
+and Qwen3-MoE, OLMoE, Phi-MoE, Granite MoE, DeepSeek-V2/V3, GLM-4.5); the chosen expert ids are
+its forward's one integer output, [T, k] over the T flattened tokens of the batch (shared experts
+have no router: only routed choices are counted; grouped routing's are its chosen experts). The
 engine says, before each forward, which tag each of those T tokens carries (padding goes to a
 slot nobody reads), and calls `flush()` after it. A hook only keeps a reference to its router's
 indices (no device work); `flush()` counts every layer's choices at once: one stack, one add and
@@ -21,7 +23,7 @@ PADDING = MAX_TAGS  # padding tokens are counted into this extra slot, never rea
 
 
 def routers(model: Any) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
 class ExpertTelemetry:
@@ -96,7 +98,9 @@ class ExpertTelemetry:
 
     def _hook(self, _module: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
         if self._cells is not None:
-            self._pending.append(outputs[2])  # [T, k]; routers run in layer order
+            # [T, k] expert ids, routers in layer order: the one integer output, (logits, weights,
+            # indices) for most families, (indices, weights, logits) for Granite's
+            self._pending.append(next(o for o in outputs if not o.is_floating_point()))
 
 
 class RoutedCounts:

@@ -21,6 +21,7 @@ deepspeed = pytest.importorskip(
 
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 
+from moe_build.checkpoint import ARCHS as checkpoint_archs  # noqa: E402
 from moe_build.checkpoint import build_checkpoint  # noqa: E402
 from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
@@ -40,7 +41,7 @@ from tests.test_torch_engine import (  # noqa: E402
     structured_requests,
 )
 
-ARCHS = ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"]
+ARCHS = list(checkpoint_archs)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

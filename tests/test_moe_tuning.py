@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from moe_build import moe_tuning
-from moe_build.checkpoint import build_checkpoint
+from moe_build.checkpoint import ARCHS, build_checkpoint
 from moe_build.moe_tuning import SPACE, Config, MoeShape
 from moe_core import moe_configs
 
@@ -50,14 +50,16 @@ def bowl(target: Config, broken: set[tuple[str, int]] = frozenset()) -> moe_tuni
 def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
     shapes = {
         arch: moe_configs.moe_shape(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
-        for arch in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+        for arch in ARCHS
     }
     # the tiny checkpoints: hidden 128, 8 experts, top-2; qwen2_moe's routed experts use
     # moe_intermediate_size (128), not the dense intermediate_size (256)
     assert shapes["mixtral"] == MoeShape(8, 256, 128, 2, "bfloat16")
     assert shapes["qwen2_moe"] == MoeShape(8, 128, 128, 2, "bfloat16")
     assert shapes["olmoe"] == MoeShape(8, 256, 128, 2, "bfloat16")
-    assert shapes["qwen3_moe"] == MoeShape(8, 128, 128, 2, "bfloat16")  # moe_intermediate_size, too
+    for arch in ("qwen3_moe", "deepseek_v3", "glm4_moe"):  # moe_intermediate_size, too
+        assert shapes[arch] == MoeShape(8, 128, 128, 2, "bfloat16"), arch
+    assert shapes["phimoe"] == shapes["granitemoe"] == MoeShape(8, 256, 128, 2, "bfloat16")
     mixtral = tmp_path / "mixtral"
     assert moe_configs.moe_shape(mixtral, tensor_parallel_size=2).intermediate == 128  # TP splits N
     ep = moe_configs.moe_shape(mixtral, tensor_parallel_size=4, enable_expert_parallel=True)
