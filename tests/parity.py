@@ -10,8 +10,10 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import jsonschema
+import pytest
 import torch
 
+from moe_build.checkpoint import ARCHS
 from moe_core.engine import FinishReason, SamplingParams
 
 PROMPTS = [
@@ -26,6 +28,10 @@ PROMPTS = [
 ]
 LATE_PROMPTS = ["while True:", "with open(path) as f:\n    data = f.read()", "lambda", "return None"]
 NEW_TOKENS = 16
+
+# Every architecture the checkpoint builder makes: mixtral in the fast loop (`make test-fast`), the
+# others marked slow (the full suite runs them all).
+ARCH_PARAMS = [ARCHS[0], *(pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHS[1:])]
 
 # What the logits options must do, each alone and together, in one batch beside plain greedy rows.
 LOGITS_OPTIONS: list[dict[str, object]] = [

@@ -16,12 +16,24 @@ from transformers import AutoTokenizer, GenerationMixin, PreTrainedTokenizerBase
 
 from moe_build.checkpoint import ARCHS, build_checkpoint, is_checkpoint
 from moe_core.loader import inspect_model, load_model, resolve_dtype
+from tests.parity import ARCH_PARAMS
+
+
+class _Built(dict[str, Path]):
+    """arch → its checkpoint, built the first time a test asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        self[arch] = built = build_checkpoint(self.root / arch, arch, progress=False)
+        return built
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {arch: build_checkpoint(root / arch, arch, progress=False) for arch in ARCHS}
+    return _Built(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_build_leaves_a_complete_checkpoint_and_no_dot_dirs(checkpoints: dict[str, Path], arch: str) -> None:
     path = checkpoints[arch]
     assert is_checkpoint(path)
@@ -54,6 +66,7 @@ def test_build_leaves_a_complete_checkpoint_and_no_dot_dirs(checkpoints: dict[st
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow  # every architecture's checkpoint
 def test_tokenizer_is_deterministic(checkpoints: dict[str, Path]) -> None:
     tokenizer_files = {(checkpoints[arch] / "tokenizer.json").read_bytes() for arch in ARCHS}
     assert len(tokenizer_files) == 1
@@ -119,7 +132,7 @@ def test_newline_is_never_merged_with_the_indentation_after_it(tokenizer: PreTra
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_inspect_model_reads_the_moe_shape(checkpoints: dict[str, Path], arch: str) -> None:
     info = inspect_model(checkpoints[arch])
     assert (info.arch, info.num_experts, info.experts_per_token) == (arch, 8, 2)
@@ -128,7 +141,7 @@ def test_inspect_model_reads_the_moe_shape(checkpoints: dict[str, Path], arch: s
     assert info.eos_token_ids == (2,)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_load_forward_and_generate_offline(checkpoints: dict[str, Path], arch: str, no_network: None) -> None:
     model, tokenizer = load_model(checkpoints[arch])
     assert not model.training and model.dtype == torch.float32

@@ -21,13 +21,12 @@ deepspeed = pytest.importorskip(
 
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 
-from moe_build.checkpoint import ARCHS as checkpoint_archs  # noqa: E402
 from moe_build.checkpoint import build_checkpoint  # noqa: E402
 from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
-from tests.parity import LOGITS_OPTIONS, adjusted_reference, assert_obeys  # noqa: E402
+from tests.parity import ARCH_PARAMS, LOGITS_OPTIONS, adjusted_reference, assert_obeys  # noqa: E402
 from tests.test_torch_engine import (  # noqa: E402
     LATE_PROMPTS,
     NEW_TOKENS,
@@ -41,10 +40,8 @@ from tests.test_torch_engine import (  # noqa: E402
     structured_requests,
 )
 
-ARCHS = list(checkpoint_archs)
 
-
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=ARCH_PARAMS)
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     arch: str = request.param
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / arch, arch=arch, progress=False)

@@ -47,6 +47,7 @@ def bowl(target: Config, broken: set[tuple[str, int]] = frozenset()) -> moe_tuni
     return moe_tuning.Memo(cost)
 
 
+@pytest.mark.slow  # a checkpoint per architecture
 def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
     shapes = {
         arch: moe_configs.moe_shape(build_checkpoint(tmp_path / arch, arch=arch, progress=False))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_build.checkpoint import ARCHS, build_checkpoint
+from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import GenerationRequest, SamplingParams
 from moe_core.torch_engine import TorchEngine
+from tests.parity import ARCH_PARAMS
 
 
 def run(engine: TorchEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
@@ -22,7 +23,7 @@ def run(engine: TorchEngine, requests: list[GenerationRequest]) -> dict[str, lis
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_counts_every_routed_token_under_its_tag(tmp_path: Path, arch: str) -> None:
     model = build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     engine = TorchEngine(model, max_batch_size=8)

@@ -347,6 +347,7 @@ def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:
         assert n_prompt + len(ctx.token_ids) == 24
 
 
+@pytest.mark.slow  # a checkpoint per architecture (mixtral: the tests above)
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mixtral"])
 def test_other_architectures_match_generate(arch: str, tmp_path: Path) -> None:
     engine = TorchEngine(build_checkpoint(tmp_path / arch, arch=arch, progress=False))
