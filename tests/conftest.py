@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -174,6 +175,13 @@ def api_url(service_env: dict[str, str], worker: str, admin_key: str) -> Iterato
 def http(api_url: str, user_key: str) -> Iterator[httpx.Client]:
     """The API as a user key sees it."""
     with httpx.Client(base_url=api_url, timeout=60, headers=bearer(user_key)) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(api_url: str, user_key: str) -> Iterator[openai.OpenAI]:
+    """The official OpenAI client, as a user key."""
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=user_key, max_retries=0, timeout=120) as client:
         yield client
 
 

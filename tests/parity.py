@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe_build.checkpoint import ARCHS
-from moe_core.engine import FinishReason, SamplingParams
+from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -217,6 +217,18 @@ STRUCTURED_CASES: list[tuple[str, str]] = [
     ("grammar", 'root ::= "(" item ("," item){0,3} ")"\nitem ::= [a-c] | "x" [0-9]'),  # GBNF
     ("grammar", 'start: "SELECT " COL " FROM t"\nCOL: /[a-z]{1,6}/'),  # Lark
 ]
+
+
+def structured_requests() -> list[GenerationRequest]:
+    """Every STRUCTURED_CASES constraint greedy and sampled (seeded), on different prompts."""
+    requests = []
+    for i, case in enumerate(STRUCTURED_CASES):
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(
+                max_tokens=STRUCTURED_TOKENS, temperature=temperature, seed=i, structured=case
+            )
+            requests.append(GenerationRequest(f"s{i}-{temperature:g}", PROMPTS[i % len(PROMPTS)], params))
+    return requests
 
 
 def assert_obeys(structured: tuple[str, str], text: str) -> None:

@@ -26,7 +26,13 @@ from moe_core.deepspeed import DeepSpeedEngine, Offload, available  # noqa: E402
 from moe_core.engine import GenerationRequest, SamplingParams  # noqa: E402
 from moe_core.tensor_parallel import TensorParallelEngine  # noqa: E402
 from moe_core.torch_engine import TorchEngine  # noqa: E402
-from tests.parity import ARCH_PARAMS, LOGITS_OPTIONS, adjusted_reference, assert_obeys  # noqa: E402
+from tests.parity import (  # noqa: E402
+    ARCH_PARAMS,
+    LOGITS_OPTIONS,
+    adjusted_reference,
+    assert_obeys,
+    structured_requests,
+)
 from tests.test_torch_engine import (  # noqa: E402
     LATE_PROMPTS,
     NEW_TOKENS,
@@ -37,7 +43,6 @@ from tests.test_torch_engine import (  # noqa: E402
     _greedy,
     _reference,
     _run,
-    structured_requests,
 )
 
 

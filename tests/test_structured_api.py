@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import bearer, wait_done
+from tests.conftest import wait_done
 from tests.parity import PERSON_SCHEMA
 from tests.test_openai import CONVERSATION, job_id
 
@@ -38,23 +37,13 @@ class Person(BaseModel):
     active: bool
 
 
-@pytest.fixture
-def client(api_url: str, user_key: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=user_key, max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
-def jobs(api_url: str, user_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120, headers=bearer(user_key)) as c:
-        yield c
-
-
-def test_parse_with_a_pydantic_model(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+def test_parse_with_a_pydantic_model(
+    openai_client: openai.OpenAI, http: httpx.Client, model_dir: Path
+) -> None:
     """`chat.completions.parse` sends the model's strict JSON schema; the answer parses into it,
     greedy and sampled, and the job behind it records the response_format."""
     for temperature in (0.0, 1.0):
-        done = client.chat.completions.parse(
+        done = openai_client.chat.completions.parse(
             model=model_dir.name,
             messages=CONVERSATION,
             response_format=Person,
@@ -65,16 +54,18 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI, jobs: httpx.Client, 
         [choice] = done.choices
         assert choice.finish_reason == "stop", choice.message.content
         assert isinstance(choice.message.parsed, Person), choice.message.content
-        job = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()
+        job = http.get(f"/v1/jobs/{job_id(done.id)}").json()
         sent = job["spec"]["response_format"]
         assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Person"
         assert sent["json_schema"]["strict"] is True
         jsonschema.validate(json.loads(job["output"]), sent["json_schema"]["schema"])
 
 
-def test_streamed_json_schema_concatenates_to_valid_json(client: openai.OpenAI, model_dir: Path) -> None:
+def test_streamed_json_schema_concatenates_to_valid_json(
+    openai_client: openai.OpenAI, model_dir: Path
+) -> None:
     schema_format: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
-    stream = client.chat.completions.create(
+    stream = openai_client.chat.completions.create(
         model=model_dir.name,
         messages=CONVERSATION,
         response_format=schema_format,
@@ -90,12 +81,14 @@ def test_streamed_json_schema_concatenates_to_valid_json(client: openai.OpenAI, 
     jsonschema.validate(json.loads("".join(parts)), PERSON_SCHEMA)
 
 
-def test_json_object_constrains_the_start(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+def test_json_object_constrains_the_start(
+    openai_client: openai.OpenAI, http: httpx.Client, model_dir: Path
+) -> None:
     """Any JSON object: with a random model and a few tokens the object is unfinished, but it is
     one (a plain answer of this prompt does not start with '{')."""
-    plain = client.completions.create(model=model_dir.name, prompt="x", max_tokens=6, temperature=0)
+    plain = openai_client.completions.create(model=model_dir.name, prompt="x", max_tokens=6, temperature=0)
     assert not plain.choices[0].text.startswith("{")
-    done = client.completions.create(
+    done = openai_client.completions.create(
         model=model_dir.name,
         prompt="x",
         max_tokens=6,
@@ -103,7 +96,7 @@ def test_json_object_constrains_the_start(client: openai.OpenAI, jobs: httpx.Cli
         extra_body={"response_format": {"type": "json_object"}},
     )
     assert done.choices[0].text.startswith("{")
-    assert jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]["response_format"] == {
+    assert http.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]["response_format"] == {
         "type": "json_object",
         "json_schema": None,
     }
@@ -134,16 +127,16 @@ def test_json_object_constrains_the_start(client: openai.OpenAI, jobs: httpx.Cli
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
 )
 def test_vllm_structured_outputs_and_guided_fields(
-    client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], obeys: Any
+    openai_client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], obeys: Any
 ) -> None:
-    done = client.completions.create(
+    done = openai_client.completions.create(
         model=model_dir.name, prompt="The answer:", max_tokens=64, temperature=1.0, seed=3, extra_body=extra
     )
     [choice] = done.choices
     assert choice.finish_reason == "stop" and obeys(choice.text), choice.text
 
 
-def test_the_job_api_takes_a_schema(jobs: httpx.Client) -> None:
+def test_the_job_api_takes_a_schema(http: httpx.Client) -> None:
     body = {
         "prompt": "Describe a user as JSON:",
         "max_tokens": 200,
@@ -152,12 +145,12 @@ def test_the_job_api_takes_a_schema(jobs: httpx.Client) -> None:
             "json_schema": {"name": "person", "schema": PERSON_SCHEMA},
         },
     }
-    job = wait_done(jobs, jobs.post("/v1/jobs", json=body).json()["id"])
+    job = wait_done(http, http.post("/v1/jobs", json=body).json()["id"])
     assert job["status"] == "succeeded" and job["finish_reason"] == "stop"
     jsonschema.validate(json.loads(job["output"]), PERSON_SCHEMA)
     assert job["spec"]["response_format"]["json_schema"]["schema"] == PERSON_SCHEMA
     vllm_style = {"prompt": "Pick:", "max_tokens": 16, "structured_outputs": {"choice": ["a", "b"]}}
-    job = wait_done(jobs, jobs.post("/v1/jobs", json=vllm_style).json()["id"])
+    job = wait_done(http, http.post("/v1/jobs", json=vllm_style).json()["id"])
     assert job["output"] in ("a", "b") and job["spec"]["structured_outputs"]["choice"] == ["a", "b"]
 
 
@@ -184,17 +177,17 @@ BAD_SPECS: list[tuple[dict[str, Any], str, str]] = [
 
 @pytest.mark.parametrize(("extra", "param", "needle"), BAD_SPECS, ids=lambda v: str(v)[:40])
 def test_a_spec_that_cannot_be_used_is_a_400(
-    client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], param: str, needle: str
+    openai_client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], param: str, needle: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_dir.name, prompt="x", max_tokens=4, extra_body=extra)
+        openai_client.completions.create(model=model_dir.name, prompt="x", max_tokens=4, extra_body=extra)
     error = e.value.body
     assert isinstance(error, dict) and needle in error["message"], error
     assert (error["param"] or "").startswith(param), error
 
 
-def test_the_job_api_refuses_a_bad_spec_with_a_422(jobs: httpx.Client) -> None:
-    r = jobs.post("/v1/jobs", json={"prompt": "x", "structured_outputs": {"regex": "(unclosed"}})
+def test_the_job_api_refuses_a_bad_spec_with_a_422(http: httpx.Client) -> None:
+    r = http.post("/v1/jobs", json={"prompt": "x", "structured_outputs": {"regex": "(unclosed"}})
     assert r.status_code == 422
     [detail] = r.json()["detail"]
     assert detail["loc"] == ["body", "structured_outputs"] and "cannot be used" in detail["msg"]

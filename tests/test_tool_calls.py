@@ -5,7 +5,6 @@ call deltas, a conversation carrying calls and tool results back, and the 400s."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import bearer
 from tests.test_openai import job_id
 
 WEATHER = {
@@ -50,18 +48,6 @@ PARAMETERS = {"get_weather": WEATHER, "search": SEARCH}
 MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
-@pytest.fixture
-def client(api_url: str, user_key: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=user_key, max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
-def jobs(api_url: str, user_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(user_key)) as c:
-        yield c
-
-
 def _assert_valid(calls: list[Any]) -> None:
     assert calls
     for call in calls:
@@ -71,9 +57,9 @@ def _assert_valid(calls: list[Any]) -> None:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_required_calls_validate(
-    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path, temperature: float
+    openai_client: openai.OpenAI, http: httpx.Client, model_dir: Path, temperature: float
 ) -> None:
-    done = client.chat.completions.create(
+    done = openai_client.chat.completions.create(
         model=model_dir.name,
         messages=MESSAGES,
         tools=TOOLS,
@@ -87,12 +73,12 @@ def test_required_calls_validate(
     assert choice.message.content is None and choice.message.tool_calls
     _assert_valid(choice.message.tool_calls)
     assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
-    prompt = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]["prompt"]
+    prompt = http.get(f"/v1/jobs/{job_id(done.id)}").json()["spec"]["prompt"]
     assert "# Tools" in prompt and '"name": "search"' in prompt  # shown to the model (ChatML fallback)
 
 
-def test_a_named_function_streamed_as_tool_call_deltas(client: openai.OpenAI, model_dir: Path) -> None:
-    stream = client.chat.completions.create(
+def test_a_named_function_streamed_as_tool_call_deltas(openai_client: openai.OpenAI, model_dir: Path) -> None:
+    stream = openai_client.chat.completions.create(
         model=model_dir.name,
         messages=MESSAGES,
         tools=TOOLS,
@@ -119,8 +105,8 @@ def test_a_named_function_streamed_as_tool_call_deltas(client: openai.OpenAI, mo
     jsonschema.validate(json.loads(calls[0]["arguments"]), SEARCH)
 
 
-def test_parallel_calls_off_means_one(client: openai.OpenAI, model_dir: Path) -> None:
-    done = client.chat.completions.create(
+def test_parallel_calls_off_means_one(openai_client: openai.OpenAI, model_dir: Path) -> None:
+    done = openai_client.chat.completions.create(
         model=model_dir.name,
         messages=MESSAGES,
         tools=TOOLS,
@@ -136,9 +122,9 @@ def test_parallel_calls_off_means_one(client: openai.OpenAI, model_dir: Path) ->
 
 
 def test_results_go_back_into_the_conversation(
-    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+    openai_client: openai.OpenAI, http: httpx.Client, model_dir: Path
 ) -> None:
-    first = client.chat.completions.create(
+    first = openai_client.chat.completions.create(
         model=model_dir.name,
         messages=MESSAGES,
         tools=TOOLS,
@@ -153,27 +139,27 @@ def test_results_go_back_into_the_conversation(
         message.model_dump(exclude_none=True),  # the assistant's calls, as the client got them
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 3}'},
     ]
-    second = client.chat.completions.create(
+    second = openai_client.chat.completions.create(
         model=model_dir.name, messages=follow_up, tools=TOOLS, max_completion_tokens=8, temperature=0
     )
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    prompt = jobs.get(f"/v1/jobs/{job_id(second.id)}").json()["spec"]["prompt"]
+    prompt = http.get(f"/v1/jobs/{job_id(second.id)}").json()["spec"]["prompt"]
     assert f'"name": "{call.function.name}", "arguments": {call.function.arguments}' in prompt
     assert '<tool_response>\n{"temperature": 3}\n</tool_response>' in prompt
 
 
-def test_auto_and_none(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+def test_auto_and_none(openai_client: openai.OpenAI, http: httpx.Client, model_dir: Path) -> None:
     """auto leaves the choice to the model (this random one writes text: content, no calls); none
     does not show the tools at all."""
-    auto = client.chat.completions.create(
+    auto = openai_client.chat.completions.create(
         model=model_dir.name, messages=MESSAGES, tools=TOOLS, max_completion_tokens=8, temperature=0
     )
     assert auto.choices[0].message.tool_calls in (None, []) and auto.choices[0].message.content
     assert auto.choices[0].finish_reason in ("stop", "length")
-    none = client.chat.completions.create(
+    none = openai_client.chat.completions.create(
         model=model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="none", max_completion_tokens=4
     )
-    assert "# Tools" not in jobs.get(f"/v1/jobs/{job_id(none.id)}").json()["spec"]["prompt"]
+    assert "# Tools" not in http.get(f"/v1/jobs/{job_id(none.id)}").json()["spec"]["prompt"]
 
 
 BAD: list[tuple[dict[str, Any], str, str]] = [
@@ -204,10 +190,10 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
 
 @pytest.mark.parametrize(("extra", "param", "needle"), BAD, ids=lambda v: str(v)[:40])
 def test_bad_tool_requests_are_a_400(
-    client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], param: str, needle: str
+    openai_client: openai.OpenAI, model_dir: Path, extra: dict[str, Any], param: str, needle: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model=model_dir.name, messages=MESSAGES, max_completion_tokens=4, **extra
         )
     error = e.value.body

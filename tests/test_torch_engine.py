@@ -19,7 +19,6 @@ from tests.parity import (
     NEW_TOKENS,
     PROMPTS,
     STRUCTURED_CASES,
-    STRUCTURED_TOKENS,
     adjusted_reference,
     assert_logprobs_close,
     assert_matches,
@@ -27,6 +26,7 @@ from tests.parity import (
     output_option_cases,
     reference_logprobs,
     reference_tokens,
+    structured_requests,
 )
 
 
@@ -260,18 +260,6 @@ def test_logprobs_are_the_raw_distributions(engine: TorchEngine) -> None:
     assert [(t, lp) for t, lp, _ in got["k0"]] == [(t, lp) for t, lp, _ in got["lp"]]
     assert all(top == () for _, _, top in got["k0"])
     assert "none" not in got
-
-
-def structured_requests() -> list[GenerationRequest]:
-    """Every STRUCTURED_CASES constraint greedy and sampled (seeded), on different prompts."""
-    requests = []
-    for i, case in enumerate(STRUCTURED_CASES):
-        for temperature in (0.0, 1.0):
-            params = SamplingParams(
-                max_tokens=STRUCTURED_TOKENS, temperature=temperature, seed=i, structured=case
-            )
-            requests.append(GenerationRequest(f"s{i}-{temperature:g}", PROMPTS[i % len(PROMPTS)], params))
-    return requests
 
 
 def test_structured_outputs_obey_their_constraint_in_a_shared_batch(

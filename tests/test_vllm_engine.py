@@ -38,8 +38,6 @@ from tests.parity import (
     LOGITS_OPTIONS,
     NEW_TOKENS,
     PROMPTS,
-    STRUCTURED_CASES,
-    STRUCTURED_TOKENS,
     adjusted_reference,
     assert_logprobs_close,
     assert_matches,
@@ -47,6 +45,7 @@ from tests.parity import (
     output_option_cases,
     reference_logprobs,
     reference_tokens,
+    structured_requests,
 )
 
 ON_CPU = current_platform.device_type == "cpu"
@@ -360,13 +359,7 @@ def test_structured_outputs_through_vllms_backend(
 ) -> None:
     """The torch engine's constraints (the same cases), enforced by vLLM's own structured-output
     backend: every answer obeys its constraint and ends (stop); a plain row beside them is untouched."""
-    requests = []
-    for i, case in enumerate(STRUCTURED_CASES):
-        for temperature in (0.0, 1.0):
-            params = SamplingParams(
-                max_tokens=STRUCTURED_TOKENS, temperature=temperature, seed=i, structured=case
-            )
-            requests.append(GenerationRequest(f"s{i}-{temperature:g}", PROMPTS[i % len(PROMPTS)], params))
+    requests = structured_requests()
     requests.append(_greedy("plain", PROMPTS[6]))
     results = _run(engine, requests)
     for request in requests[:-1]:
