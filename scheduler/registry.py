@@ -36,6 +36,7 @@ class WorkerInfo(BaseModel):
     running: int = 0
     waiting: int = 0
     max_batch_seen: int = 0
+    steps: int = Field(0, description="Engine steps (forward passes) since the worker started.")
     tokens_generated: int = 0
     tokens_per_s: float = 0.0
     failovers: int = Field(0, description="Engine switches since the worker started.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
         kinds = series[f"localmoe[one] {p}"]["rounds"][0]["cpu_us_per_token"]
         assert {"api", "engine"} <= set(kinds), kinds  # of `localmoe up` (runtime, Redis: < 5 ms here)
     assert set(series["engine completions"]["rounds"][0]["cpu_us_per_token"]) == {"engine"}
+    for name in ("engine completions", "engine chat", "localmoe completions", "localmoe[one] events"):
+        rnd = series[name]["rounds"][0]  # the engine's steps in the round (LocalMoE's: its heartbeats)
+        assert rnd["steps"] > 0 and rnd["step_tokens"] * rnd["steps"] >= 6 * 6 - 6, (name, rnd)
     probe = series["localmoe completions"]["rounds"][0]["redis"]  # what LocalMoE's Redis did meanwhile
     assert set(probe) == {"forks", "aof_delayed_fsync", "aof_mb", "latency_events"} and probe["aof_mb"] > 0
     for p in PATHS:  # where each path's TTFT went (every LocalMoE answer names its job)
@@ -62,6 +66,20 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert result["intake"]["accepted"] > 0 and result["intake"]["refused_or_failed"] == 0
     (alone,) = result["intake_api_only"]
     assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0
+
+
+def test_ratios_pair_the_rounds_that_ran_in_turn() -> None:
+    """A ratio against the engine is the median of each round's own ratio: a host that slows
+    down between rounds moves both figures of a round, not the ratio."""
+    from bench.service_vs_vllm import Round, Series, ratio
+
+    engine, service = Series("engine completions", 5), Series("localmoe completions", 5)
+    for e, s in ((30_000, 29_000), (20_000, 19_500), (21_000, 20_000)):  # the host slowed after round 1
+        engine.rounds.append(Round(e, 1, 1))
+        service.rounds.append(Round(s, 1, 1))
+    assert ratio(service, engine) == pytest.approx(29_000 / 30_000)  # medians' ratio: 20_000 / 21_000
+    service.rounds.pop()  # rounds that did not run in turn: the medians' ratio
+    assert ratio(service, engine) == pytest.approx(statistics.median([29_000, 19_500]) / 21_000)
 
 
 def test_the_consumer_cost_benchmark_runs(tmp_path: Path) -> None:

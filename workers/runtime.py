@@ -97,6 +97,7 @@ class Runtime:
         info.heartbeat_at = now
         info.running, info.waiting = stats.running, stats.waiting
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
+        info.steps = stats.steps
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
         info.tokens_per_s = (stats.tokens_generated - last_tokens) / dt
         busy, steps = self.engine.busy_s - last_busy, stats.steps - last_steps
