@@ -42,6 +42,12 @@ class VllmSettings(BaseModel):
         description="Count the router's choices per job modality (vLLM's enable_return_routed_experts; "
         "CUDA builds only). Off by default: it cost 28 % of throughput on an H200 (BENCHMARKS.md).",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="vLLM's automatic prefix caching: a prompt that starts as an earlier one did reuses its "
+        "KV blocks. It costs the engine core CPU per token (5-10 % of throughput on an H200 with prompts "
+        "that share nothing, BENCHMARKS.md); off only where prompts never share a prefix.",
+    )
     structured_outputs_backend: Literal["guidance", "xgrammar"] = Field(
         "guidance",
         description="vLLM's backend for structured outputs: guidance (llguidance, the library the torch "

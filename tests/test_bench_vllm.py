@@ -4,6 +4,7 @@ BENCHMARKS.md. Runs where vLLM is installed (`make test-vllm`), skipped otherwis
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,3 +46,23 @@ def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: py
     result = run_structured_bench(tmp_path, *args, timeout=900)
     assert result["outputs_checked"] == 40 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
     assert result["rounds"][0]["constrained_tok_s"] > 0
+
+
+def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/engine_drift.py: rounds of the engine alone, with vLLM's prefix caching and without."""
+    import subprocess
+    import sys
+
+    from moe_build.checkpoint import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "model", progress=False)
+    out = tmp_path / "drift.json"
+    argv = [sys.executable, "-m", "bench.engine_drift", "--model", str(model), "--requests", "4",
+            "--tokens", "4", "--rounds", "2", "--enforce-eager", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"default", "no-prefix-cache"}
+    for rounds in result.values():
+        assert len(rounds) == 2 and all(r["tok_s"] > 0 and r["steps"] > 0 for r in rounds), rounds

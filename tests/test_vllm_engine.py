@@ -203,6 +203,20 @@ def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference,
     assert not engine.has_unfinished() and engine.step() == []
     for prompt in PROMPTS:
         assert engine.count_tokens(prompt) == len(reference.tokenizer(prompt)["input_ids"])
+    assert engine.engine.vllm_config.cache_config.enable_prefix_caching  # the default, as vLLM runs it
+
+
+def test_prefix_caching_follows_the_setting(mixtral_dir: Path) -> None:
+    """engine.vllm.enable_prefix_caching reaches vLLM's engine arguments (bench/engine_drift.py
+    measures what it costs)."""
+    from host.settings import EngineSettings
+    from workers.engine_setup import construct
+
+    cfg = EngineSettings()
+    for on in (True, False):
+        cfg.vllm.enable_prefix_caching = on
+        engine = construct("vllm", mixtral_dir, "cpu", cfg, offload=False)
+        assert engine._engine_args("float32").enable_prefix_caching is on  # type: ignore[attr-defined]
 
 
 def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

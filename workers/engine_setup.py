@@ -34,6 +34,7 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             tuned_config_dir=v.tuned_config_dir,
             expert_telemetry=v.expert_telemetry,
             structured_outputs_backend=v.structured_outputs_backend,
+            enable_prefix_caching=v.enable_prefix_caching,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
