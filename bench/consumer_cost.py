@@ -1,12 +1,12 @@
 """What a worker's Celery consumer costs per message, and how long a job waits for its claim.
 
 At a high arrival rate spread over several API processes, each API process mostly sends one job
-per message, and the worker's one consumer process pays its per-message costs (the BRPOP, kombu's
-unacknowledged-message bookkeeping, the task's thread, the claim script, the hand-over to the
-engine process, the acknowledgement) once per job. This sends `--jobs` one-job `run_jobs`
-messages at `--rate` per second, as the API's Enqueuer would (the job's record first), to a real
-worker (`localmoe worker`, the small model, `max_tokens` 1), and reports the consumer process's
-CPU time per job and the delay from send to claim (`timings.started_at`), p50 / p99.
+per message, and the worker's one consumer process pays its per-message costs (the BRPOP, the
+task's request and thread, the hand-over to the runtime process, which claims the jobs) once per
+job. This sends `--jobs` one-job `run_jobs` messages at `--rate` per second, as the API's
+Enqueuer would (the job's record first), to a real worker (`localmoe worker`, the small model,
+`max_tokens` 1), and reports the consumer process's CPU time per job (and the runtime process's)
+and the delay from send to claim (`timings.started_at`), p50 / p99.
 
     python -m bench.consumer_cost [--jobs 600] [--rate 300] [--rounds 3] [--profile FILE]
 """
@@ -44,6 +44,7 @@ def one_round(
     ]
     record.create(client, batch, ttl_s=3600)  # the record exists before its message, as the API writes it
     cpu0 = sum(consumer.cpu_times()[:2])
+    runtime0 = _runtime_cpu(consumer)
     start = time.time()
     sent: list[float] = []
     try:
@@ -65,13 +66,24 @@ def one_round(
         time.sleep(0.05)
     time.sleep(0.3)  # the last acknowledgements
     cpu = sum(consumer.cpu_times()[:2]) - cpu0
+    runtime = _runtime_cpu(consumer) - runtime0
     delays = []
     for job, at in zip(batch, sent, strict=True):
         started = json.loads(client.hget(keys.job(job.id), "timings.started_at") or "null")
         if started:
             delays.append((started - at) * 1000)
     q = statistics.quantiles(delays, n=100, method="inclusive")
-    return {"cpu_us_per_job": cpu / jobs * 1e6, "claim_p50_ms": q[49], "claim_p99_ms": q[98]}
+    return {
+        "cpu_us_per_job": cpu / jobs * 1e6,
+        "runtime_cpu_us_per_job": runtime / jobs * 1e6,
+        "claim_p50_ms": q[49],
+        "claim_p99_ms": q[98],
+    }
+
+
+def _runtime_cpu(consumer: psutil.Process) -> float:
+    """CPU seconds of the worker's runtime process so far (it claims the jobs the consumer hands it)."""
+    return sum(sum(c.cpu_times()[:2]) for c in consumer.children() if c.name() == "lm-runtime")
 
 
 def main() -> None:
@@ -110,7 +122,8 @@ def main() -> None:
                 rounds.append(one_round(server.url, client, consumer, args.jobs, args.rate))
                 x = rounds[-1]
                 cpu, p50, p99 = x["cpu_us_per_job"], x["claim_p50_ms"], x["claim_p99_ms"]
-                print(f"  round {r + 1}: consumer CPU {cpu:6.0f} µs/job  send → claim p50 {p50:6.1f} ms  "
+                print(f"  round {r + 1}: consumer CPU {cpu:6.0f} µs/job (runtime "
+                      f"{x['runtime_cpu_us_per_job']:4.0f})  send → claim p50 {p50:6.1f} ms  "
                       f"p99 {p99:6.1f} ms", flush=True)  # fmt: skip
         finally:
             if spy is not None:
@@ -119,7 +132,8 @@ def main() -> None:
             stop([worker])
             client.close()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"median: consumer CPU {median['cpu_us_per_job']:.0f} µs/job, send → claim p50 "
+    print(f"median: consumer CPU {median['cpu_us_per_job']:.0f} µs/job (runtime "
+          f"{median['runtime_cpu_us_per_job']:.0f}), send → claim p50 "
           f"{median['claim_p50_ms']:.1f} ms, p99 {median['claim_p99_ms']:.1f} ms")  # fmt: skip
     if args.out:
         Path(args.out).write_text(

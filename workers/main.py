@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import socket
 
-import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from host.settings import Settings
@@ -25,9 +24,8 @@ def serve(settings: Settings, name: str | None = None) -> None:
     info = ready.info
     log.info("worker %s: engine %s on %s warm; consuming %s", name, info.engine, info.device, info.queues)
 
-    client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
     app = make_celery(url, task_events=settings.task_events)
-    register(app, client, engine, info.engine)
+    register(app, engine)
     worker_ready.connect(lambda **_: engine.consumer_ready(), weak=False)
     worker_shutdown.connect(lambda **_: engine.stop(), weak=False)
     app.worker_main(

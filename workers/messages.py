@@ -1,12 +1,13 @@
 """Typed messages between a worker's three processes, each pair over one duplex pipe.
 
-consumer process (Celery)     runtime process (relay, heartbeats,      engine process (the engine
-                              cancels, webhooks, metrics)              and its step loop only)
-  Submit([Claimed...]) ──▶    (the jobs of one Celery message)
+consumer process (Celery)     runtime process (claims, relay,         engine process (the engine
+                              heartbeats, cancels, webhooks, metrics)  and its step loop only)
+  Submit(seq, [Job...]) ──▶   (the jobs of one Celery message: it claims them, then runs them)
   ConsumerReady ─────────▶    (heartbeats say ready from now on)
   Shutdown ──────────────▶    (exits; so does it when the pipe closes)
                        ◀───   EngineReady(info)   once the engine is warm
-                       ◀───   Finished(job_id, status)   after the terminal write
+                       ◀───   Finished(seq, job_id, status)   after the terminal write, or at once
+                              with status None for a job it did not claim
                               Add(request) / Abort(id) / Configure / Stop ──▶
                                                        ◀── Loaded | LoadFailed   once, at start
                                                        ◀── Stepped(deltas)      every step that made any
@@ -14,7 +15,9 @@ consumer process (Celery)     runtime process (relay, heartbeats,      engine pr
                                                        ◀── Stats(...)           every 0.1 s while busy
                                                        ◀── Experts(counts)      every second while busy
 
-Consumer ⇄ runtime: pydantic models as JSON (a few messages per job). Runtime ⇄ engine:
+Consumer ⇄ runtime: pydantic models as JSON (a few messages per job). The consumer writes a
+Submit's JSON around the jobs as its Celery message carried them (no model built on its side:
+its one thread of Python takes every message of the worker); the runtime validates it. Runtime ⇄ engine:
 NamedTuples, marshal-encoded as (tag, *fields): every step's deltas cross this pipe (256 at a full
 batch), and marshal of plain tuples costs the engine process ~0.5 µs per delta where building and
 dumping pydantic models costs several µs; the engine process's CPU is the GPU's pace.
@@ -26,6 +29,7 @@ import dataclasses
 import marshal
 from typing import Annotated, Any, Literal, NamedTuple
 
+import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
@@ -33,18 +37,16 @@ from scheduler.jobs import Job, JobStatus
 from scheduler.registry import WorkerInfo
 
 
-class Claimed(BaseModel):
-    """A job this worker claimed: its attempt, and what earlier attempts streamed."""
-
-    job: Job
-    attempt: int
-    resume_text: str = ""  # what earlier attempts streamed: this one continues after it
-    resume_tokens: int = 0  # the tokens that text took
-
-
 class Submit(BaseModel):
     kind: Literal["submit"] = "submit"
-    jobs: list[Claimed]
+    seq: int  # the consumer's number for this hand-over; the replies name it
+    jobs: list[Job]  # one Celery message's, in its order; not yet claimed
+
+
+def submit_json(seq: int, jobs: list[dict[str, Any]]) -> bytes:
+    """A Submit's JSON around jobs as a Celery message carried them (Job.model_dump(mode="json")
+    by the API), without building a model: what Submit.model_validate_json reads."""
+    return orjson.dumps({"kind": "submit", "seq": seq, "jobs": jobs})
 
 
 class ConsumerReady(BaseModel):
@@ -62,9 +64,10 @@ class EngineReady(BaseModel):
 
 class Finished(BaseModel):
     kind: Literal["finished"] = "finished"
+    seq: int  # the Submit that brought the job
     job_id: str
-    status: JobStatus
-    completion_tokens: int
+    status: JobStatus | None  # None: not claimed here (cancelled while queued, or another worker's)
+    completion_tokens: int = 0
 
 
 Message = Annotated[Submit | ConsumerReady | Shutdown | EngineReady | Finished, Field(discriminator="kind")]

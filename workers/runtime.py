@@ -13,7 +13,7 @@ import redis
 
 from host.gpus import gpu_stats, visible_nvml_indices
 from host.settings import Settings
-from scheduler import keys
+from scheduler import keys, record
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
 from scheduler.registry import HEARTBEAT_S, LEASE_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
@@ -49,6 +49,8 @@ class Runtime:
         self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
+        self._claim = client.register_script(record.CLAIM)
+        self._resume = client.register_script(record.RESUME)
 
     def start(self) -> None:
         if self.notifier is not None:
@@ -73,6 +75,28 @@ class Runtime:
         self.info.ready = True
         self.beat()
         log.info("worker %s ready: engine %s on %s", self.info.name, self.info.engine, self.info.device)
+
+    def take(self, jobs: list[Job]) -> list[Held | None]:
+        """Claims `jobs` in one script call (scheduler/record.py CLAIM) and submits those claimed
+        here (RESUME first for a job an earlier worker died with). → per job its Held; None for a
+        job not claimed here (cancelled while queued, another worker's, or Redis failed: a job
+        left QUEUED is sent again by the reaper after record.WAITING_CHECK_S)."""
+        try:
+            attempts = record.claim(self._claim, jobs, self.info.name, self.engine.name, self.incarnation)
+        except redis.RedisError as e:
+            log.error("claiming %d jobs failed (%r): the reaper sends them again", len(jobs), e)
+            return [None] * len(jobs)
+        out: list[Held | None] = []
+        for job, attempt in zip(jobs, attempts, strict=True):
+            held = None
+            try:
+                if attempt:
+                    text, tokens = record.resume(self._resume, job.id, attempt) if attempt > 1 else ("", 0)
+                    held = self.submit(job, attempt, text, tokens)
+            except redis.RedisError as e:  # claimed, not started: the reaper takes it after this worker
+                log.error("job %s: resuming attempt %d failed (%r)", job.id, attempt, e)
+            out.append(held)
+        return out
 
     def submit(self, job: Job, attempt: int, resume_text: str = "", resume_tokens: int = 0) -> Held:
         """A claimed job joins the batch at the next step; its future resolves after the

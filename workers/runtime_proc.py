@@ -1,7 +1,7 @@
 """The worker's runtime process, and the consumer's handle on it (`RuntimeProcess`).
 
 A worker is three processes, each with an interpreter lock of its own: the Celery consumer
-(messages, claims, acks), this one (the relay to Redis, heartbeats, cancels, webhooks, metrics)
+(messages, acks), this one (claims, the relay to Redis, heartbeats, cancels, webhooks, metrics)
 and the engine process it starts (the engine and its step loop, workers/engine_proc.py). The
 consumer never waits behind a relay write, the relay never behind a decode step, and the engine
 never behind either: the split vLLM's engine core makes for the same reason. Spawned (never
@@ -11,6 +11,7 @@ forked: CUDA does not survive a fork); it ends when the consumer's pipe closes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -19,17 +20,20 @@ import threading
 import uuid
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from host.config_store import ConfigWatcher
 from host.instance import set_process_name
 from host.settings import Settings, get_settings
-from workers.messages import MESSAGE, Claimed, ConsumerReady, EngineReady, Finished, Shutdown, Submit
+from scheduler.jobs import Job
+from workers.messages import MESSAGE, ConsumerReady, EngineReady, Finished, Shutdown, Submit, submit_json
 
 if TYPE_CHECKING:  # the consumer process never imports torch: only the engine process does
     from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+MAX_SUBMITS = 64  # consumer messages the runtime claims together at most (one script call)
 
 
 class RuntimeProcess:
@@ -45,7 +49,8 @@ class RuntimeProcess:
             target=_main, args=(child, name, self.incarnation), name=f"runtime-{name}"
         )
         self._send_lock = threading.Lock()
-        self._pending: dict[str, Future[Finished]] = {}
+        self._pending: dict[tuple[int, str], Future[Finished]] = {}  # (Submit seq, job id) → its end
+        self._seq = 0
         self._stopping = False
 
     def start(self) -> EngineReady:
@@ -73,17 +78,17 @@ class RuntimeProcess:
     def consumer_ready(self) -> None:
         self._send(ConsumerReady())
 
-    def run(self, jobs: list[Claimed]) -> list[Finished]:
-        """Hand claimed jobs to the runtime in one message; returns once every one's terminal state
-        is in Redis."""
-        done: list[Future[Finished]] = []
-        for claimed in jobs:
-            done.append(Future())
-            self._pending[claimed.job.id] = done[-1]
-        self._send(Submit(jobs=jobs))
+    def run(self, jobs: list[dict[str, Any]]) -> list[Finished]:
+        """Hand one message's jobs (as it carried them) to the runtime, which claims and runs them;
+        returns once every one's terminal state is in Redis, or it was not claimed here."""
+        with self._send_lock:
+            self._seq += 1
+            seq = self._seq
+            done = [self._pending.setdefault((seq, str(job["id"])), Future()) for job in jobs]
+            self._conn.send_bytes(submit_json(seq, jobs))
         return [f.result() for f in done]
 
-    def _send(self, message: Submit | ConsumerReady | Shutdown) -> None:
+    def _send(self, message: ConsumerReady | Shutdown) -> None:
         with self._send_lock:
             self._conn.send_bytes(message.model_dump_json().encode())
 
@@ -91,8 +96,10 @@ class RuntimeProcess:
         try:
             while True:
                 message = MESSAGE.validate_json(self._conn.recv_bytes())
-                if isinstance(message, Finished):
-                    self._pending.pop(message.job_id).set_result(message)
+                if isinstance(message, Finished):  # a job listed twice in one message: one reply counts
+                    done = self._pending.pop((message.seq, message.job_id), None)
+                    if done is not None:
+                        done.set_result(message)
         except (EOFError, OSError):
             if self._stopping:  # stop() asked for it
                 return
@@ -128,26 +135,45 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
     watcher.check()
     watcher.start()
     send(EngineReady(info=runtime.info))
+
+    def take(submits: list[Submit]) -> None:
+        """The jobs of these Submits, claimed in one script call: each claimed one runs and is
+        answered when it ends, the others at once."""
+        pairs = [(s.seq, job) for s in submits for job in s.jobs]
+        if not pairs:
+            return
+        for (seq, job), held in zip(pairs, runtime.take([job for _, job in pairs]), strict=True):
+            if held is None:
+                send(Finished(seq=seq, job_id=job.id, status=None))
+                continue
+            held.future.add_done_callback(functools.partial(finished, seq))
+
+    def finished(seq: int, done: Future[Job]) -> None:
+        job = done.result()
+        tokens = job.usage.completion_tokens
+        send(Finished(seq=seq, job_id=job.id, status=job.status, completion_tokens=tokens))
+
     try:
         while True:
-            message = MESSAGE.validate_json(conn.recv_bytes())
-            if isinstance(message, Submit):
-                for claimed in message.jobs:
-                    held = runtime.submit(
-                        claimed.job, claimed.attempt, claimed.resume_text, claimed.resume_tokens
-                    )
-                    held.future.add_done_callback(
-                        lambda f: send(
-                            Finished(
-                                job_id=f.result().id,
-                                status=f.result().status,
-                                completion_tokens=f.result().usage.completion_tokens,
-                            )
-                        )
-                    )
-            elif isinstance(message, ConsumerReady):
-                runtime.mark_ready()
-            elif isinstance(message, Shutdown):
+            # what the consumer sent meanwhile, in order: Submits next to each other are claimed together
+            batch = [MESSAGE.validate_json(conn.recv_bytes())]
+            while len(batch) < MAX_SUBMITS and conn.poll():
+                batch.append(MESSAGE.validate_json(conn.recv_bytes()))
+            submits: list[Submit] = []
+            stop = False
+            for message in batch:
+                if isinstance(message, Submit):
+                    submits.append(message)
+                    continue
+                take(submits)
+                submits = []
+                if isinstance(message, ConsumerReady):
+                    runtime.mark_ready()
+                elif isinstance(message, Shutdown):
+                    stop = True
+                    break
+            take(submits)
+            if stop:
                 break
     except (EOFError, OSError):  # the consumer process is gone: so is this one
         pass
