@@ -21,8 +21,8 @@ transition   from → to                 caller              fenced on
 create       → QUEUED                  scheduler/queue.py  a new id; written before its message
 withdraw     QUEUED → FAILED           scheduler/queue.py  nothing: the API has not answered
                                                            with the id yet, no message exists
-CLAIM        QUEUED → RUNNING          workers/tasks.py    status queued (a second claim gets 0)
-RESUME       RUNNING, attempt > 1      workers/tasks.py    the `resume` mark it appends
+CLAIM        QUEUED → RUNNING          workers/runtime.py  status queued (a second claim gets 0)
+RESUME       RUNNING, attempt > 1      workers/runtime.py  the `resume` mark it appends
 first_token  RUNNING (one timing)      workers/relay.py    nothing
 finalize     RUNNING → terminal        workers/relay.py    status running, the same attempt
 CANCEL       QUEUED → CANCELLED        api/store.py        status queued

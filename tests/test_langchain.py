@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 langchain_openai = pytest.importorskip("langchain_openai")
 
@@ -20,14 +20,20 @@ class Ticket(BaseModel):
     component: Literal["api", "worker", "engine"]
 
 
+# The tools forbid extra arguments (additionalProperties: false in their schemas): JSON Schema
+# allows any other key otherwise, and the small model sampling at 0.7 can spend all its tokens
+# writing one, which the forced-call grammar rightly lets through.
 class GetWeather(BaseModel):
     """The weather in a city."""
 
+    model_config = ConfigDict(extra="forbid")
     city: str = Field(max_length=10)
 
 
 class SearchDocs(BaseModel):
     """Search the documentation."""
+
+    model_config = ConfigDict(extra="forbid")
 
     query: str = Field(max_length=16)
     limit: int = Field(ge=1, le=5)
