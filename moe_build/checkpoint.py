@@ -30,7 +30,17 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig
 
-ARCHS = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "phimoe", "granitemoe", "deepseek_v3", "glm4_moe")
+ARCHS = (
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
+    "qwen3_moe",
+    "phimoe",
+    "granitemoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+)
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama/Mixtral convention).
@@ -233,6 +243,7 @@ def _model_config(
     """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s.
     tie_embeddings: the output layer shares the input embedding's matrix."""
     from transformers import (
+        DeepseekV2Config,
         DeepseekV3Config,
         Glm4MoeConfig,
         GraniteMoeConfig,
@@ -299,6 +310,25 @@ def _model_config(
             residual_multiplier=0.22,
             attention_multiplier=1.0 / (hidden // heads),
             **common,
+        )
+    if arch == "deepseek_v2":  # DeepSeek-V2-Lite's shape, scaled down: latent attention with full-rank
+        # queries, two shared experts, greedy top-k over softmax scores, a dense first layer
+        return DeepseekV2Config(
+            intermediate_size=intermediate,
+            moe_intermediate_size=intermediate // 2,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            n_group=1,  # as V2-Lite's config says: one group, so grouped top-k is plain top-k
+            topk_group=1,
+            topk_method="greedy",
+            norm_topk_prob=False,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
     if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, grouped routing,
         # a dense first layer (DeepSeek-V3's and V2-Lite's shape, scaled down)

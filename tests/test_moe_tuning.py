@@ -58,7 +58,7 @@ def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
     assert shapes["mixtral"] == MoeShape(8, 256, 128, 2, "bfloat16")
     assert shapes["qwen2_moe"] == MoeShape(8, 128, 128, 2, "bfloat16")
     assert shapes["olmoe"] == MoeShape(8, 256, 128, 2, "bfloat16")
-    for arch in ("qwen3_moe", "deepseek_v3", "glm4_moe"):  # moe_intermediate_size, too
+    for arch in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe"):  # moe_intermediate_size, too
         assert shapes[arch] == MoeShape(8, 128, 128, 2, "bfloat16"), arch
     assert shapes["phimoe"] == shapes["granitemoe"] == MoeShape(8, 256, 128, 2, "bfloat16")
     mixtral = tmp_path / "mixtral"
