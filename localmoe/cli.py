@@ -448,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     init = model.add_parser("init", help="build the small MoE checkpoint (no hub needed)")
     # moe_build.checkpoint.ARCHS (not imported here: it imports transformers; a test keeps them equal)
     archs = ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "phimoe", "granitemoe", "deepseek_v2"]
-    archs += ["deepseek_v3", "glm4_moe"]
+    archs += ["deepseek_v3", "glm4_moe", "gpt_oss"]
     init.add_argument("--arch", default="mixtral", choices=archs)
     init.add_argument("--out", help="output directory (default: LOCALMOE_HOME/models/SIZE-ARCH)")
     init.add_argument("--seed", type=int, default=0)

@@ -40,6 +40,7 @@ ARCHS = (
     "deepseek_v2",
     "deepseek_v3",
     "glm4_moe",
+    "gpt_oss",
 )
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
@@ -246,6 +247,7 @@ def _model_config(
         DeepseekV2Config,
         DeepseekV3Config,
         Glm4MoeConfig,
+        GptOssConfig,
         GraniteMoeConfig,
         MixtralConfig,
         OlmoeConfig,
@@ -360,6 +362,16 @@ def _model_config(
             first_k_dense_replace=1,
             norm_topk_prob=True,
             use_qk_norm=True,
+            **common,
+        )
+    if arch == "gpt_oss":  # gpt-oss-20b / 120b: sliding and full attention in turn, attention sinks,
+        # biased experts with a clamped SwiGLU, softmax over the top-k router logits
+        return GptOssConfig(
+            intermediate_size=intermediate,
+            num_local_experts=8,
+            head_dim=hidden // heads,
+            sliding_window=16,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
             **common,
         )
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")

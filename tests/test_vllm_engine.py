@@ -559,7 +559,7 @@ def _check_engine_death(engine: VllmEngine, engine_core: int) -> None:
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "qwen3_moe"])  # the others: README, Engines
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "qwen3_moe", "gpt_oss"])  # others: README, Engines
 def test_other_architectures_match_generate(arch: str, tmp_path: Path) -> None:
     model_dir = build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     reference = Reference(model_dir)
