@@ -42,6 +42,11 @@ class VllmSettings(BaseModel):
         description="Count the router's choices per job modality (vLLM's enable_return_routed_experts; "
         "CUDA builds only). Off by default: it cost 28 % of throughput on an H200 (BENCHMARKS.md).",
     )
+    quantization: Literal["fp8"] | None = Field(
+        None,
+        description="Quantize a checkpoint stored in bf16 / fp16 as vLLM loads it (fp8: weights in 8 bits, "
+        "native on L40S and H200); a checkpoint already quantized is read as its config says.",
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="vLLM's automatic prefix caching: a prompt that starts as an earlier one did reuses its "

@@ -5,6 +5,13 @@ H200: 14.4–16.6k against 1.1k tokens/s, 256 × (512 → 256), the reference mo
 ZeRO-Inference with parameters offloaded to CPU memory when it does not fit; PyTorch/transformers
 otherwise (no GPU, or neither installed). A configured backend other than "auto" is used as it is,
 or refused with the reason it cannot run.
+
+A quantized checkpoint (its config.json names a quantization_config: fp8, compressed-tensors, AWQ,
+GPTQ, MXFP4) runs on vLLM only, which reads its method from the config; the PyTorch and DeepSpeed
+engines here would load it wrong or not at all, so a worker configured for them, or one without
+vLLM on a GPU, refuses it at start with the reason. Its weights count as the files hold them
+(quantized); a bf16 checkpoint vLLM quantizes on load (engine.vllm.quantization: fp8) counts one
+byte per parameter.
 """
 
 from __future__ import annotations
@@ -40,12 +47,21 @@ def choose(
     device: str,
     budget_bytes: int,
     have: frozenset[str] | None = None,
+    quantize: str | None = None,
 ) -> Choice:
-    """`have`: the installed engine packages (default: looked up); tests pass their own."""
+    """`have`: the installed engine packages (default: looked up); tests pass their own.
+    quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything."""
     if have is None:
         have = frozenset(p for p in ("vllm", "deepspeed") if installed(p))
-    gb = model.size_bytes / 1e9
-    fits = model.size_bytes <= WEIGHTS_SHARE_OF_BUDGET * budget_bytes
+    if model.quantization is not None:
+        return _quantized(requested, model.quantization, device, have)
+    weights = (
+        model.num_parameters_estimate
+        if quantize == "fp8" and requested in ("auto", "vllm")
+        else model.size_bytes
+    )
+    gb = weights / 1e9
+    fits = weights <= WEIGHTS_SHARE_OF_BUDGET * budget_bytes
     if requested != "auto":
         if requested != "torch" and requested not in have:
             raise RuntimeError(
@@ -66,6 +82,22 @@ def choose(
         )
     missing = "vLLM" if fits else "DeepSpeed"
     return Choice("torch", False, f"weights {gb:.1f} GB; {missing} is not installed: PyTorch", ())
+
+
+def _quantized(requested: str, method: str, device: str, have: frozenset[str]) -> Choice:
+    if requested in ("torch", "deepspeed"):
+        raise RuntimeError(
+            f"this checkpoint is quantized ({method}): only the vLLM engine runs it, not {requested}; "
+            "set engine.backend to vllm (or auto)"
+        )
+    if "vllm" not in have:
+        raise RuntimeError(f"this checkpoint is quantized ({method}): it needs vLLM, which is not installed")
+    if requested == "auto" and not device.startswith("cuda"):
+        raise RuntimeError(
+            f"this checkpoint is quantized ({method}): it needs vLLM on a GPU (device {device})"
+        )
+    why = "configured: vllm" if requested == "vllm" else f"quantized checkpoint ({method}): vLLM"
+    return Choice("vllm", False, why, ())  # no PyTorch to fall back to: it cannot run these weights
 
 
 def _fallbacks(backend: Backend) -> tuple[Backend, ...]:

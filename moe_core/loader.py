@@ -47,6 +47,9 @@ class ModelInfo:
     experts_per_token: int  # experts each token is routed to (1 for a dense model)
     num_layers: int
     eos_token_ids: tuple[int, ...]  # generation_config's if it names any, else config's; may be empty
+    # config.json's quantization_config.quant_method ("fp8", "compressed-tensors", "awq", "gptq",
+    # "mxfp4", ...), lower case; None for weights stored in their dtype
+    quantization: str | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,7 +123,15 @@ def inspect_model(path: Path | str) -> ModelInfo:
         experts_per_token=_first_int(config, _EXPERTS_PER_TOKEN_KEYS, 1),
         num_layers=_first_int(config, ("num_hidden_layers",), 0),
         eos_token_ids=_eos_token_ids(path, config),
+        quantization=_quant_method(config),
     )
+
+
+def _quant_method(config: dict[str, Any]) -> str | None:
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    return str(q.get("quant_method") or "unknown").lower()
 
 
 def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:

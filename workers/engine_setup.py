@@ -35,6 +35,8 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             expert_telemetry=v.expert_telemetry,
             structured_outputs_backend=v.structured_outputs_backend,
             enable_prefix_caching=v.enable_prefix_caching,
+            # a checkpoint quantized already is read as its config says: vLLM refuses a second method
+            quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
@@ -57,7 +59,8 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
 def start_engine(model_dir: Path, device: str, cfg: EngineSettings) -> tuple[Engine, Choice]:
     """Choose and load. The engine returned fails over along the choice's list: at load, and at
     run time when its steps keep failing (moe_core/failover.py)."""
-    choice = choose(cfg.backend, inspect_model(model_dir), device, int(cfg.gpu_memory_budget_gb * 1e9))
+    budget = int(cfg.gpu_memory_budget_gb * 1e9)
+    choice = choose(cfg.backend, inspect_model(model_dir), device, budget, quantize=cfg.vllm.quantization)
     log.info("engine choice: %s (%s)", choice.backend, choice.reason)
     order = (choice.backend, *choice.fallbacks)
     builders = [
