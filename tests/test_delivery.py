@@ -93,6 +93,32 @@ def test_a_message_of_several_jobs_runs_each_once(service_env: dict[str, str]) -
         assert not any(client.hgetall(k) for k in client.scan_iter(keys.running("*")))
 
 
+def test_a_message_the_worker_cannot_read_leaves_it_serving(service_env: dict[str, str]) -> None:
+    """A message whose job does not validate (another version's, say) is refused in the runtime
+    process, which claims the jobs now: the job stays queued, the worker lives on and runs the
+    next job."""
+    with private_stack(service_env, worker=True) as stack:
+        client = stack.client
+        good = Job(spec=JobSpec(prompt=PROMPT, max_tokens=4), queue=keys.SHARED_QUEUE)
+        bad = Job(spec=JobSpec(prompt=PROMPT, max_tokens=4), queue=keys.SHARED_QUEUE)
+        for job in (good, bad):
+            client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+        unreadable = {**bad.model_dump(mode="json"), "spec": {"prompt": 42}}
+        app = make_celery(stack.env["LOCALMOE_REDIS_URL"])
+        try:
+            app.send_task(keys.RUN_JOBS_TASK, args=[[unreadable]], queue=keys.SHARED_QUEUE)
+            app.send_task(keys.RUN_JOBS_TASK, args=[[good.model_dump(mode="json")]], queue=keys.SHARED_QUEUE)
+        finally:
+            app.close()
+
+        def status(job: Job) -> str:
+            return str(json.loads(client.hget(keys.job(job.id), "status") or '""'))
+
+        # the one worker, taking messages in order, ran the next one: it did not die on the first
+        wait_for(lambda: status(good) == "succeeded", 60, "the readable job to run")
+        assert status(bad) == "queued" and client.hget(keys.job(bad.id), "attempt") == "0"
+
+
 def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) -> None:
     """Every publish asks the channel for a client; it gets the same one (kombu built a new
     redis.Redis per call), and a new one only when the channel's connection pool changes (after a

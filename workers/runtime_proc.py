@@ -22,6 +22,9 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+import orjson
+from pydantic import ValidationError
+
 from host.config_store import ConfigWatcher
 from host.instance import set_process_name
 from host.settings import Settings, get_settings
@@ -153,15 +156,34 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
         tokens = job.usage.completion_tokens
         send(Finished(seq=seq, job_id=job.id, status=job.status, completion_tokens=tokens))
 
+    def read() -> Submit | ConsumerReady | Shutdown | None:
+        """The consumer's next message; None for a Submit whose jobs do not validate (a message
+        from another version of LocalMoE, say): each of them is answered unclaimed, so the
+        consumer's task ends and the jobs, still queued, are sent again later (and refused again,
+        logged each time) without taking this worker down."""
+        raw = conn.recv_bytes()
+        try:
+            message = MESSAGE.validate_json(raw)
+        except ValidationError as e:
+            submit = orjson.loads(raw)
+            log.error("a message of jobs this worker cannot read, left queued: %s", e)
+            for job in submit.get("jobs") or []:
+                send(Finished(seq=int(submit["seq"]), job_id=str(job.get("id")), status=None))
+            return None
+        assert isinstance(message, Submit | ConsumerReady | Shutdown), message
+        return message
+
     try:
         while True:
             # what the consumer sent meanwhile, in order: Submits next to each other are claimed together
-            batch = [MESSAGE.validate_json(conn.recv_bytes())]
+            batch = [read()]
             while len(batch) < MAX_SUBMITS and conn.poll():
-                batch.append(MESSAGE.validate_json(conn.recv_bytes()))
+                batch.append(read())
             submits: list[Submit] = []
             stop = False
             for message in batch:
+                if message is None:
+                    continue
                 if isinstance(message, Submit):
                     submits.append(message)
                     continue
