@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
-from bench.service_vs_engine import prompts, run_engine
-from bench.service_vs_vllm import cpu_per_token, cpu_times
+from bench.service_vs_engine import prompts
+from bench.service_vs_vllm import EngineAlone
 
 VARIANTS = {"default": True, "no-prefix-cache": False}  # name → enable_prefix_caching
 
@@ -34,35 +33,26 @@ def main() -> None:
     ap.add_argument("--gap-ms", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--gpu-share", type=float, default=0.4)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", help="write the rounds here as JSON")
     args = ap.parse_args()
-    from host.settings import Settings
-    from workers.engine_setup import construct
+    args.backend, args.paths = "vllm", ["completions"]  # what EngineAlone reads beside the above
 
     texts = prompts(args.requests)
     results: dict[str, list[dict[str, object]]] = {}
     for variant in args.variants.split(","):
-        settings = Settings()
-        settings.engine.max_batch_size = args.requests
-        v = settings.engine.vllm
-        v.gpu_memory_utilization, v.enforce_eager = args.gpu_share, args.enforce_eager
-        v.enable_prefix_caching = VARIANTS[variant]
-        engine = construct("vllm", Path(args.model), "auto", settings.engine, offload=False)
-        engine.load()
         rounds = results[variant] = []
-        try:
+        with EngineAlone(args, Path(args.model), texts, prefix_caching=VARIANTS[variant]) as alone:
             for r in range(args.rounds):
-                before, steps = cpu_times(os.getpid(), "engine"), engine.stats().steps
-                tok_s, _, made = run_engine(engine, texts, args.tokens, args.gap_ms / 1000)
-                cpu = cpu_per_token(before, cpu_times(os.getpid(), "engine"), made)
-                n = engine.stats().steps - steps
-                rounds.append({"tok_s": tok_s, "steps": n, "cpu_us_per_token": cpu})
-                print(f"{variant:16s} round {r + 1:2d}: {tok_s:8.0f} tok/s  steps {n}  "
-                      f"CPU µs per token {cpu}", flush=True)  # fmt: skip
-        finally:
-            engine.close()
+                rnd = alone.round("completions", args.gap_ms)
+                rounds.append(
+                    {"tok_s": rnd.tok_s, "steps": rnd.steps, "cpu_us_per_token": rnd.cpu_us_per_token}
+                )
+                print(f"{variant:16s} round {r + 1:2d}: {rnd.tok_s:8.0f} tok/s  steps {rnd.steps}  "
+                      f"CPU µs per token {rnd.cpu_us_per_token}", flush=True)  # fmt: skip
     for variant, rounds in results.items():
         speeds = [float(str(r["tok_s"])) for r in rounds]
         print(f"{variant}: median {statistics.median(speeds):,.0f} tok/s, "

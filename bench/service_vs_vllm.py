@@ -227,12 +227,15 @@ def chat_prompts(model: Path, texts: list[str]) -> list[str]:
 
 class EngineAlone:
     """The engine alone in this process, the same settings as the worker's, loaded once and kept
-    up beside the servers, so that its rounds take turns with theirs: the host's speed drifts by
-    10–15 % from minute to minute (BENCHMARKS.md), and a ratio of figures taken minutes apart
-    measured the drift. Workloads: the completion prompts ("engine completions") and, when chat is
-    measured, the same texts in the model's chat template ("engine chat": longer prompts)."""
+    up beside the servers, so that its rounds take turns with theirs: the host's speed moves by up
+    to 20 % from one round to the next (BENCHMARKS.md), and a ratio of figures taken minutes apart
+    measured the host. Workloads: the completion prompts ("engine completions") and, when chat is
+    measured, the same texts in the model's chat template ("engine chat": longer prompts).
+    prefix_caching: vLLM's (engine.vllm.enable_prefix_caching; bench/engine_drift.py turns it off)."""
 
-    def __init__(self, args: argparse.Namespace, model: Path, texts: list[str]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, model: Path, texts: list[str], prefix_caching: bool = True
+    ) -> None:
         from host.settings import Settings
         from workers.engine_setup import construct
 
@@ -242,6 +245,7 @@ class EngineAlone:
         settings.engine.vllm.gpu_memory_utilization = args.gpu_share
         settings.engine.vllm.max_num_batched_tokens = args.max_num_batched_tokens
         settings.engine.vllm.enforce_eager = args.enforce_eager
+        settings.engine.vllm.enable_prefix_caching = prefix_caching
         device = "cuda" if _has_cuda() else "cpu"
         if device == "cpu":
             import torch
@@ -471,11 +475,11 @@ def server_series(
                 with profiled(args.profile if first else None, target.pid, name.split()[0]):
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
+                made = sum(x.tokens for x in records)
                 if probe is not None:
                     rnd.redis = probe.stop()
                     rnd.steps = worker_steps(target, after=time.time()) - steps_before
-                    rnd.step_tokens = round(sum(x.tokens for x in records) / max(rnd.steps, 1), 1)
-                made = sum(x.tokens for x in records)
+                    rnd.step_tokens = round(made / max(rnd.steps, 1), 1)
                 after = cpu_times(target.pid)
                 rnd.cpu_us_per_token = cpu_per_token(before, after, made)
                 rnd.preempted = preempted(before, after)

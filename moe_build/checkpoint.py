@@ -333,7 +333,7 @@ def _model_config(
             **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
     if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, grouped routing,
-        # a dense first layer (DeepSeek-V3's and V2-Lite's shape, scaled down)
+        # a dense first layer (DeepSeek-V3's shape, scaled down)
         return DeepseekV3Config(
             intermediate_size=intermediate,
             moe_intermediate_size=intermediate // 2,
