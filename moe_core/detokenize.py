@@ -67,58 +67,68 @@ class StopStringBuffer:
     `text` ends right before it (right after it with include_stop) and nothing more is released.
     `flush` releases the held-back tail when generation ends for another reason (it was not a stop
     string after all).
+
+    Invariant: `_held` (shorter than the longest stop string) is all that is not released yet; text
+    released before it began no stop string, so a push searches only `_held` + the new text. This
+    runs on every token of every request with stop strings (a chat template's end-of-turn marker
+    makes that most chat requests): a push costs the same whatever the output's length so far, and
+    a tail holding no stop string's first character is released without a search.
     """
 
     def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self._stop = tuple(s for s in stop if s)
         self._include = include_stop
-        self._buffer = ""  # everything pushed so far (until a stop string is found)
-        self._released = 0  # len(self._buffer[:released]) went out; the rest is held back
+        self._firsts = frozenset(s[0] for s in self._stop)
+        self._reach = max((len(s) for s in self._stop), default=1) - 1  # the longest tail held back
+        self._released: list[str] = []  # every piece released, in order
+        self._held = ""
         self.stopped = False
 
     @property
     def text(self) -> str:
         """The output released so far."""
-        return self._buffer[: self._released]
+        return "".join(self._released)
 
     def push(self, text: str) -> str:
         if self.stopped or not text:
             return ""
-        start_search = self._released  # text before this was checked when it was released
-        self._buffer += text
-        found = self._find_stop(start_search)
+        pending = self._held + text
+        found = self._find_stop(pending)
         if found is not None:
             self.stopped = True
             at, length = found
-            end = at + length if self._include else at
-            self._buffer = self._buffer[:end]
-            return self._release(end)
-        return self._release(len(self._buffer) - self._held_suffix_len())
+            self._held = ""
+            return self._release(pending[: at + length if self._include else at])
+        keep = self._held_suffix_len(pending)
+        self._held = pending[len(pending) - keep :] if keep else ""
+        return self._release(pending[: len(pending) - keep])
 
     def flush(self) -> str:
-        return "" if self.stopped else self._release(len(self._buffer))
+        if self.stopped:
+            return ""
+        out, self._held = self._held, ""
+        return self._release(out)
 
-    def _release(self, end: int) -> str:
-        end = max(end, self._released)
-        out = self._buffer[self._released : end]
-        self._released = end
+    def _release(self, out: str) -> str:
+        if out:
+            self._released.append(out)
         return out
 
-    def _find_stop(self, start: int) -> tuple[int, int] | None:
-        """(index, length) of the earliest stop string that begins at or after `start`, if any
-        (at one index, the first listed).
-
-        Released text was not a prefix of any stop string, so no stop can begin before `start`.
-        """
-        hits = [(i, len(s)) for s in self._stop if (i := self._buffer.find(s, start)) >= 0]
+    def _find_stop(self, pending: str) -> tuple[int, int] | None:
+        """(index, length) of the earliest stop string in `pending`, if any (at one index, the
+        first listed)."""
+        hits = [(i, len(s)) for s in self._stop if (i := pending.find(s)) >= 0]
         return min(hits, key=lambda hit: hit[0]) if hits else None
 
-    def _held_suffix_len(self) -> int:
-        """Length of the longest suffix of the buffer that is a proper prefix of a stop string."""
+    def _held_suffix_len(self, pending: str) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        tail = pending[-self._reach :] if self._reach else ""
+        if not any(c in tail for c in self._firsts):
+            return 0
         longest = 0
         for s in self._stop:
-            for n in range(min(len(s) - 1, len(self._buffer)), longest, -1):
-                if self._buffer.endswith(s[:n]):
+            for n in range(min(len(s) - 1, len(pending)), longest, -1):
+                if pending.endswith(s[:n]):
                     longest = n
                     break
         return longest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import string
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,38 @@ def test_no_stop_strings_releases_everything() -> None:
     buffer = StopStringBuffer([])
     assert _push_all(buffer, ["a", "", "bc"]) == ["a", "", "bc"]
     assert buffer.flush() == ""
+
+
+def test_random_streams_release_what_a_search_of_the_text_so_far_finds() -> None:
+    """Against the definition, on random pieces: generation stops at the first piece after which
+    the text so far holds a stop string, cut before the earliest one found (after it with
+    include_stop; at one index, the first listed); released text with the flush is that, or all
+    of it. At every push what is released is a prefix of that, and what is held back could still
+    begin a stop string."""
+    rng = random.Random(7)
+    alphabet = "ab<|>e"
+    for _ in range(2000):
+        stops = ["".join(rng.choices(alphabet, k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        include = rng.random() < 0.5
+        pieces = ["".join(rng.choices(alphabet, k=rng.randint(0, 4))) for _ in range(rng.randint(1, 12))]
+        expected, stopped = "", False
+        for piece in pieces:
+            expected += piece
+            hits = [(i, k, len(s)) for k, s in enumerate(stops) if (i := expected.find(s)) >= 0]
+            if hits:
+                at, _, length = min(hits)
+                expected, stopped = expected[: at + length if include else at], True
+                break
+        buffer = StopStringBuffer(stops, include_stop=include)
+        out, seen = "", ""
+        for piece in pieces:
+            out += buffer.push(piece)
+            seen += piece
+            assert expected.startswith(out), (stops, pieces)
+            if buffer.stopped:
+                break
+            held = seen[len(out) :]
+            assert held == "" or any(s.startswith(held) and s != held for s in stops), (stops, pieces)
+        out += buffer.flush()
+        assert out == expected and buffer.text == expected, (stops, include, pieces)
+        assert buffer.stopped == stopped
