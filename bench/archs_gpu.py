@@ -51,11 +51,12 @@ def reference_tokens(model_dir: Path, prompts: list[str], max_tokens: int) -> li
     import torch
 
     model, tokenizer = load_model(model_dir, "cpu", "float32")
+    generate: Any = model.generate
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            made = model.generate(
+            made = generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
             )[0, ids.shape[1] :].tolist()
         eos = tokenizer.eos_token_id

@@ -35,7 +35,8 @@ WORKER = (
     "localmoe_output_tokens_per_second",
     "localmoe_engine_failovers_total",
     "localmoe_engine_info",  # {engine, device, model} = 1
-    "localmoe_expert_tokens_total",  # {layer, expert, modality}
+    "localmoe_expert_tokens_total",  # {layer, expert, modality}: routed choices
+    "localmoe_shared_expert_tokens_total",  # {layer, modality}: tokens through the shared experts
 )
 
 # Also on each worker's exporter, with samples only where NVML sees a GPU; {worker, gpu}.

@@ -50,6 +50,9 @@ class ModelInfo:
     # config.json's quantization_config.quant_method ("fp8", "compressed-tensors", "awq", "gptq",
     # "mxfp4", ...), lower case; None for weights stored in their dtype
     quantization: str | None = None
+    # experts every token of a MoE layer goes through besides its routed ones: n_shared_experts
+    # (DeepSeek-V2/V3, GLM-4.5), Qwen2-MoE's one gated shared expert; 0 for the other families
+    shared_experts: int = 0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,9 +125,17 @@ def inspect_model(path: Path | str) -> ModelInfo:
         num_experts=_first_int(config, _NUM_EXPERTS_KEYS, 1),
         experts_per_token=_first_int(config, _EXPERTS_PER_TOKEN_KEYS, 1),
         num_layers=_first_int(config, ("num_hidden_layers",), 0),
+        shared_experts=_shared_experts(config),
         eos_token_ids=_eos_token_ids(path, config),
         quantization=_quant_method(config),
     )
+
+
+def _shared_experts(config: dict[str, Any]) -> int:
+    n = config.get("n_shared_experts")
+    if isinstance(n, int) and n > 0:
+        return n
+    return 1 if (config.get("shared_expert_intermediate_size") or 0) > 0 else 0
 
 
 def _quant_method(config: dict[str, Any]) -> str | None:

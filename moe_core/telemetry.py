@@ -3,8 +3,9 @@ request (LocalMoE tags a job's tokens with its modality: text, code or mixed).
 
 Hooks every router of a transformers MoE model (`*TopKRouter` / `*TopkRouter`: Mixtral, Qwen2-
 and Qwen3-MoE, OLMoE, Phi-MoE, Granite MoE, DeepSeek-V2/V3, GLM-4.5); the chosen expert ids are
-its forward's one integer output, [T, k] over the T flattened tokens of the batch (shared experts
-have no router: only routed choices are counted; grouped routing's are its chosen experts). The
+its forward's one integer output, [T, k] over the T flattened tokens of the batch. Only routed
+choices are counted here (grouped routing's: its chosen experts); shared experts have no router,
+and the worker reports the tokens through them apart (scheduler/registry.py `shared_tokens`). The
 engine says, before each forward, which tag each of those T tokens carries (padding goes to a
 slot nobody reads), and calls `flush()` after it. A hook only keeps a reference to its router's
 indices (no device work); `flush()` counts every layer's choices at once: one stack, one add and

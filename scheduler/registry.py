@@ -55,6 +55,15 @@ class WorkerInfo(BaseModel):
         default_factory=dict,
         description="Per modality, [layer][expert] tokens routed there (expert telemetry).",
     )
+    experts_per_token: int = Field(1, description="Routed experts each token goes to (top-k).")
+    shared_experts: int = Field(
+        0, description="Experts every token of a MoE layer goes through besides its routed ones."
+    )
+    shared_expert_tokens: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Per modality, [layer] tokens the shared experts processed (each token once per "
+        "shared expert; not in expert_tokens, which counts routed choices only).",
+    )
     modality_mix: dict[str, float] = Field(
         default_factory=dict,
         description="Expert-load profile: each modality's share of the tokens this worker's experts "
@@ -93,6 +102,19 @@ def queued_costs(client: redis.Redis, names: list[str]) -> dict[str, float]:
 def layer_totals(expert_tokens: dict[str, list[list[int]]]) -> dict[str, int]:
     """Per modality, tokens routed in the first MoE layer (each token once per top-k choice)."""
     return {tag: sum(layers[0]) if layers else 0 for tag, layers in expert_tokens.items()}
+
+
+def shared_tokens(
+    expert_tokens: dict[str, list[list[int]]], experts_per_token: int, shared_experts: int
+) -> dict[str, list[int]]:
+    """Per modality, per MoE layer, the tokens its shared experts processed: every token the layer
+    routed (its routed choices ÷ top-k) once per shared expert. {} for a model without any."""
+    if shared_experts <= 0:
+        return {}
+    k = max(experts_per_token, 1)
+    return {
+        tag: [sum(counts) // k * shared_experts for counts in layers] for tag, layers in expert_tokens.items()
+    }
 
 
 def update_mix(

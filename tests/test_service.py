@@ -267,6 +267,9 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     code = info["expert_tokens"]["code"]
     assert len(code) == 4 and all(len(layer) == 8 for layer in code)
     assert len({sum(layer) for layer in code}) == 1 and sum(code[0]) > 0
+    # the embedded Mixtral routes top-2 and has no shared experts: none counted apart
+    assert info["experts_per_token"] == 2 and info["shared_experts"] == 0
+    assert info["shared_expert_tokens"] == {}
     # what the router plans with: speed measured while busy, the expert-load profile by modality,
     # nothing in flight when idle, no GPU telemetry on a CPU worker
     assert info["step_rate"] > 0 and info["busy_tokens_per_s"] > 0

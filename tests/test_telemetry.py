@@ -9,7 +9,9 @@ import pytest
 
 from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import GenerationRequest, SamplingParams
+from moe_core.loader import inspect_model
 from moe_core.torch_engine import TorchEngine
+from scheduler.registry import shared_tokens
 from tests.parity import ARCH_PARAMS
 
 
@@ -47,6 +49,25 @@ def test_counts_every_routed_token_under_its_tag(tmp_path: Path, arch: str) -> N
         per_layer = [sum(layer) for layer in counts[tag]]
         assert per_layer == [top_k * sum(fed[i] for i in ids)] * len(per_layer)
         assert all(len(layer) == 8 for layer in counts[tag])
+    # Shared experts, counted apart: every token of a MoE layer, once per shared expert. How many
+    # the checkpoint says it has is what the loaded model's shared MLP is as wide as.
+    info = inspect_model(model)
+    shared = {"deepseek_v2": 2, "deepseek_v3": 1, "glm4_moe": 1, "qwen2_moe": 1}.get(arch, 0)
+    assert info.shared_experts == shared
+    config = engine.model.config
+    for name, module in engine.model.named_modules():
+        if name.endswith("shared_experts"):  # DeepSeek, GLM: n_shared_experts experts in one MLP
+            assert module.gate_proj.out_features == config.moe_intermediate_size * shared
+        elif name.endswith("shared_expert"):  # Qwen2-MoE: one, of its own width
+            assert shared == 1
+    assert any(n.endswith(("shared_experts", "shared_expert")) for n, _ in engine.model.named_modules()) == (
+        shared > 0
+    )
+    expected = {
+        tag: [sum(fed[i] for i in ids) * shared] * len(counts[tag])
+        for tag, ids in (("code", ["c1", "c2"]), ("text", ["t1"]))
+    }
+    assert shared_tokens(counts, top_k, info.shared_experts) == (expected if shared else {})
 
 
 def test_counting_does_not_change_outputs(model_dir: Path) -> None:
@@ -100,3 +121,26 @@ def test_counters_move_to_where_the_forward_runs(model_dir: Path) -> None:
     tensors = [v for v in vars(telemetry).values() if isinstance(v, torch.Tensor)]
     assert len(tensors) >= 3 and {t.device.type for t in tensors} == {"meta"}
     assert telemetry.device == torch.device("meta")
+
+
+def test_shared_expert_tokens_in_the_heartbeat_and_metrics() -> None:
+    """A worker of a model with shared experts reports their tokens apart from the routed
+    choices: per modality and layer, every token once per shared expert, in its heartbeat record
+    and as its own Prometheus family."""
+    from prometheus_client import generate_latest
+
+    from scheduler.registry import WorkerInfo
+    from workers.metrics import WorkerMetrics
+
+    routed = {"code": [[3, 1, 0, 2], [0, 2, 2, 2]], "text": [[1, 1, 0, 0], [0, 0, 2, 0]]}  # top-2
+    info = WorkerInfo(
+        name="w0", pid=1, queues=[], engine="torch", device="cpu", model="m", max_context=64,
+        capacity=4, ready=True, started_at=0.0, heartbeat_at=0.0, experts_per_token=2,
+        shared_experts=2, expert_tokens=routed,
+    )  # fmt: skip
+    info.shared_expert_tokens = shared_tokens(info.expert_tokens, info.experts_per_token, info.shared_experts)
+    assert info.shared_expert_tokens == {"code": [6, 6], "text": [2, 2]}  # 3 and 1 tokens, 2 experts each
+    assert WorkerInfo.model_validate_json(info.model_dump_json()) == info
+    text = generate_latest(WorkerMetrics(info).registry).decode()
+    assert 'localmoe_shared_expert_tokens_total{layer="1",modality="code",worker="w0"} 6.0' in text
+    assert 'localmoe_expert_tokens_total{expert="0",layer="0",modality="code",worker="w0"} 3.0' in text

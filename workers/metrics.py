@@ -186,6 +186,7 @@ class _HeartbeatCollector(Collector):
         engine.add_metric([*w, info.engine, info.device, info.model], 1)
         yield engine
         yield self._experts()
+        yield self._shared_experts()
         yield from self._gpus()
 
     def _experts(self) -> CounterMetricFamily:
@@ -200,6 +201,18 @@ class _HeartbeatCollector(Collector):
             for layer, counts in enumerate(layers):
                 for expert, count in enumerate(counts):
                     family.add_metric([self.info.name, str(layer), str(expert), modality], count)
+        return family
+
+    def _shared_experts(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "localmoe_shared_expert_tokens",
+            "Tokens each MoE layer's shared experts processed (once per shared expert), by job "
+            "modality; apart from localmoe_expert_tokens, which counts routed choices.",
+            labels=["worker", "layer", "modality"],
+        )
+        for modality, layers in self.info.shared_expert_tokens.items():  # [layer]
+            for layer, count in enumerate(layers):
+                family.add_metric([self.info.name, str(layer), modality], count)
         return family
 
     def _gpus(self) -> Iterator[GaugeMetricFamily]:

@@ -13,10 +13,19 @@ import redis
 
 from host.gpus import gpu_stats, visible_nvml_indices
 from host.settings import Settings
+from moe_core.loader import inspect_model
 from scheduler import keys, record
 from scheduler.jobs import Job, JobStatus
 from scheduler.notify import Notifier
-from scheduler.registry import HEARTBEAT_S, LEASE_S, RECORD_TTL_S, WorkerInfo, layer_totals, update_mix
+from scheduler.registry import (
+    HEARTBEAT_S,
+    LEASE_S,
+    RECORD_TTL_S,
+    WorkerInfo,
+    layer_totals,
+    shared_tokens,
+    update_mix,
+)
 from workers.engine_proc import EngineHost
 from workers.metrics import WorkerMetrics
 from workers.reaper import Reaper
@@ -136,6 +145,9 @@ class Runtime:
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
         info.expert_tokens = self.engine.expert_tokens
+        info.shared_expert_tokens = shared_tokens(
+            info.expert_tokens, info.experts_per_token, info.shared_experts
+        )
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
         self._last_layer_totals = totals
@@ -188,7 +200,9 @@ def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
 
 
 def worker_info(name: str, engine: EngineHost, model: str, capacity: int) -> WorkerInfo:
+    """model: the checkpoint directory the engine serves."""
     now = time.time()
+    checkpoint = inspect_model(model)
     return WorkerInfo(
         name=name,
         pid=os.getpid(),
@@ -198,6 +212,8 @@ def worker_info(name: str, engine: EngineHost, model: str, capacity: int) -> Wor
         model=model,
         max_context=engine.max_context,
         capacity=capacity,
+        experts_per_token=checkpoint.experts_per_token,
+        shared_experts=checkpoint.shared_experts,
         ready=False,
         started_at=now,
         heartbeat_at=now,
