@@ -4,8 +4,11 @@ reference model in bf16 against fp8 (issue 20's GPU runs).
     python -m bench.archs_gpu [--archs mixtral,qwen3_moe,...] [--reference /tmp/ref] [--out FILE]
 
 1. Per architecture: a tiny random checkpoint (`build_checkpoint`, as `localmoe model init --arch`
-   builds it), loaded by LocalMoE's vLLM adapter (float32, eager: parity, not speed) with expert
-   telemetry on; greedy tokens of 8 prompts against transformers `generate()` (float32, CPU);
+   builds it), loaded by LocalMoE's vLLM adapter (eager: parity, not speed) with expert
+   telemetry on; greedy tokens of 8 prompts against transformers `generate()` on the same device
+   in the same dtype (--dtype; default float32 on the CPU, where they must be identical, and
+   bfloat16 on a GPU, as users run it: vLLM's CUDA attention backends take no float32 for every
+   family, and bf16 kernels may part ways after a near-tie, so agreement is reported per token);
    then what the telemetry counted: per MoE layer the expert choices, which must be the same
    number in every layer (every token routes through every MoE layer) and a multiple of top-k.
    An architecture vLLM refuses is recorded with its error, not fatal.
@@ -46,15 +49,17 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
-def reference_tokens(model_dir: Path, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    """generate(do_sample=False), float32 on the CPU, each prompt alone, cut after the first EOS."""
+def reference_tokens(
+    model_dir: Path, prompts: list[str], max_tokens: int, device: str = "cpu", dtype: str = "float32"
+) -> list[list[int]]:
+    """generate(do_sample=False), each prompt alone, cut after the first EOS."""
     import torch
 
-    model, tokenizer = load_model(model_dir, "cpu", "float32")
+    model, tokenizer = load_model(model_dir, device, dtype)
     generate: Any = model.generate
     out = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         with torch.inference_mode():
             made = generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
@@ -106,18 +111,18 @@ def telemetry_check(counts: dict[str, list[list[int]]], top_k: int) -> dict[str,
     }
 
 
-def bench_arch(arch: str, folder: Path, device: str) -> dict[str, object]:
+def bench_arch(arch: str, folder: Path, device: str, dtype: str) -> dict[str, object]:
     from moe_core.vllm_engine import VllmEngine
 
     t = time.perf_counter()
     model_dir = build_checkpoint(folder / arch, arch=arch, progress=False)
     info = inspect_model(model_dir)
-    expected = reference_tokens(model_dir, PROMPTS, NEW_TOKENS)
-    result: dict[str, object] = {"arch": arch}
+    expected = reference_tokens(model_dir, PROMPTS, NEW_TOKENS, device, dtype)
+    result: dict[str, object] = {"arch": arch, "dtype": dtype}
     engine = VllmEngine(
         model_dir,
         device=device,
-        dtype="float32",
+        dtype=dtype,
         max_batch_size=len(PROMPTS),
         enforce_eager=True,
         gpu_memory_utilization=0.2,
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--reference", type=Path, help="a bf16 checkpoint for bf16 against fp8 (skipped without)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", help="of the architectures' runs; default float32 on the CPU, else bfloat16")
     ap.add_argument("--small", action="store_true", help="tiny workloads for --reference (a CPU run)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -198,9 +204,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="localmoe-archs-") as tmp:
         archs = [a for a in args.archs.split(",") if a]
+        dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
         for i, arch in enumerate(archs, 1):
             print(f"[{i}/{len(archs)}] {arch}", flush=True)
-            row = bench_arch(arch, Path(tmp), args.device)
+            row = bench_arch(arch, Path(tmp), args.device, dtype)
             print(f"  {json.dumps(row)}", flush=True)
             results["archs"].append(row)
             save()

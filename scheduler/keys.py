@@ -98,6 +98,12 @@ def running(worker_name: str) -> str:
     return f"{PREFIX}:worker:{worker_name}:running"
 
 
+def claim_reply(claim_id: str) -> str:
+    """String, for a minute: what one CLAIM call answered (JSON), so that the same call made
+    again after its reply was lost (Redis restarting) gets that answer, not a second claim."""
+    return f"{PREFIX}:claim:{claim_id}"
+
+
 WAITING = f"{PREFIX}:waiting"  # sorted set: job id → when to check it still has a message (reaper)
 
 # Terminal webhook events written with the job's final state and not yet handed to the webhook

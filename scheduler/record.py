@@ -44,8 +44,10 @@ scheduler/stream.py), and the older attempt's finalize is fenced off.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import cast
 
@@ -56,6 +58,8 @@ from scheduler import keys
 from scheduler.backlog import RELEASE_KEYS, RELEASE_LUA
 from scheduler.jobs import Job, JobStatus, encode_fields, job_to_hash
 from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields
+
+log = logging.getLogger(__name__)
 
 WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
 
@@ -122,15 +126,20 @@ def withdraw(client: redis.Redis, release: Script, jobs: Sequence[Job], error: s
 # --- claim and resume (a worker's Celery task) ----------------------------------------------------
 
 # KEYS: the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING,
-# then per job: its hash, the queued-cost hash of the worker it was routed to.
-# ARGV: worker, engine, started_at (all JSON), this worker's incarnation, then the job ids.
+# then per job: its hash, the queued-cost hash of the worker it was routed to; last, the call's
+# claim_reply key. ARGV: worker, engine, started_at (all JSON), this worker's incarnation, then the job ids.
 # → per job, the new attempt number, or 0 when the job is no longer queued (cancelled while
 # waiting, or already taken). Either way it has left the queue: its cost leaves the routed
 # worker's backlog and the admission counts. A claimed job is in the running hash until its
-# finalize or its reaping.
+# finalize or its reaping. The last key is the call's keys.claim_reply: made again with the same
+# key (its first reply lost), the script answers what the first call made of the jobs, where a
+# plain second claim would find them running and answer 0.
 CLAIM = (
     RELEASE_LUA
     + f"""
+local reply = KEYS[#KEYS]
+local earlier = redis.call('GET', reply)
+if earlier then return cjson.decode(earlier) end
 local out = {{}}
 for i = 5, #ARGV do
   local id, job, routed = ARGV[i], KEYS[2 * i - 4], KEYS[2 * i - 3]
@@ -147,20 +156,50 @@ for i = 5, #ARGV do
     out[#out + 1] = attempt
   end
 end
+redis.call('SET', reply, cjson.encode(out), 'EX', 60)
 return out
 """
 )
 
+RESTARTING = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+CLAIM_RETRY_S = 60.0  # how long a claim is made again while Redis restarts
 
-def claim(script: Script, jobs: Sequence[Job], worker: str, engine: str, incarnation: str) -> list[int]:
+
+def claim(
+    script: Script,
+    jobs: Sequence[Job],
+    worker: str,
+    engine: str,
+    incarnation: str,
+    retry_s: float = CLAIM_RETRY_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
     """QUEUED → RUNNING for each of `jobs` still queued. `script`: CLAIM registered. → per job its
-    new attempt number, 0 for a job not claimed here."""
+    new attempt number, 0 for a job not claimed here.
+
+    While Redis restarts (connection refused or dropped, loading) the same call is made again for
+    up to `retry_s` seconds: the message that brought these jobs is gone from the broker, and a job
+    left queued would wait record.WAITING_CHECK_S for the reaper to send it again. A call that ran
+    but whose reply was lost answers the same the second time (CLAIM's claim_reply). Other Redis
+    errors, and an outage past `retry_s`, raise."""
     fields = encode_fields({"worker": worker, "engine": engine, "started_at": time.time()})
     job_keys = [*RELEASE_KEYS, keys.running(worker), keys.WAITING]
     for job in jobs:
         job_keys += [keys.job(job.id), keys.queued(keys.worker_of_queue(job.queue) or worker)]
+    job_keys.append(keys.claim_reply(uuid.uuid4().hex))
     head = [fields["worker"], fields["engine"], fields["started_at"], incarnation]
-    return cast(list[int], script(keys=job_keys, args=[*head, *(job.id for job in jobs)]))
+    args = [*head, *(job.id for job in jobs)]
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return cast(list[int], script(keys=job_keys, args=args))
+        except RESTARTING as e:
+            if waited >= retry_s:
+                raise
+            log.warning("claiming %d jobs: Redis unavailable (%r); again in %.1f s", len(jobs), e, delay)
+            sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 2.0)
 
 
 # KEYS: the job's events stream, FEED_KEYS. ARGV: the new attempt. Reads the text earlier attempts

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import psutil
@@ -304,3 +305,38 @@ def test_redis_restart_loses_nothing(service_env: dict[str, str], tmp_path: Path
         _stop(worker)
         client.close()
         server.stop()
+
+
+def test_a_claim_whose_reply_was_lost_is_made_again_and_answered_the_same(client: redis.Redis) -> None:
+    """Redis restarting under a claim (the fault injected at the script's seam): the claim is made
+    again, and a call that ran but lost its reply answers what it did, so the job runs here once
+    instead of waiting record.WAITING_CHECK_S (2 min) for the reaper to send it again."""
+    queued = Job(spec=JobSpec(prompt=PROMPT, max_tokens=8))
+    taken = _running_job(client, "w8", "someone-else", attempt=1)
+    record.create(client, [queued], ttl_s=600)
+    script = client.register_script(record.CLAIM)
+    calls: list[str] = []
+
+    def reply_lost(keys: list[str], args: list[str]) -> list[int]:
+        out = cast(list[int], script(keys=keys, args=args))  # it ran...
+        calls.append(keys[-1])
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")  # ...and its answer was lost
+        return out
+
+    naps: list[float] = []
+    attempts = record.claim(reply_lost, [queued, taken], "w7", "torch", "inc-7", sleep=naps.append)  # type: ignore[arg-type]
+    assert attempts == [1, 0] and len(calls) == 2 and calls[0] == calls[1] and naps == [0.1]
+    assert client.hget(keys.job(queued.id), "attempt") == "1"  # claimed once
+    assert client.hget(keys.running("w7"), queued.id) == "inc-7 1"
+    assert record.claim(script, [queued], "w7", "torch", "inc-7") == [0]  # another call: taken already
+
+    def down(keys: list[str], args: list[str]) -> list[int]:
+        raise redis.ConnectionError("Connection refused.")
+
+    later = Job(spec=JobSpec(prompt=PROMPT, max_tokens=8))
+    record.create(client, [later], ttl_s=600)
+    naps.clear()
+    with pytest.raises(redis.ConnectionError):  # past retry_s the caller hears of it
+        record.claim(down, [later], "w7", "torch", "inc-7", retry_s=1.0, sleep=naps.append)  # type: ignore[arg-type]
+    assert naps == [0.1, 0.2, 0.4, 0.8] and client.hget(keys.job(later.id), "status") == '"queued"'

@@ -86,10 +86,11 @@ class Runtime:
         log.info("worker %s ready: engine %s on %s", self.info.name, self.info.engine, self.info.device)
 
     def take(self, jobs: list[Job]) -> list[Held | None]:
-        """Claims `jobs` in one script call (scheduler/record.py CLAIM) and submits those claimed
-        here (RESUME first for a job an earlier worker died with). → per job its Held; None for a
-        job not claimed here (cancelled while queued, another worker's, or Redis failed: a job
-        left QUEUED is sent again by the reaper after record.WAITING_CHECK_S)."""
+        """Claims `jobs` in one script call (scheduler/record.py CLAIM; made again while Redis
+        restarts, up to record.CLAIM_RETRY_S) and submits those claimed here (RESUME first for a
+        job an earlier worker died with). → per job its Held; None for a job not claimed here
+        (cancelled while queued, another worker's, or Redis gone for longer: a job left QUEUED is
+        sent again by the reaper after record.WAITING_CHECK_S)."""
         try:
             attempts = record.claim(self._claim, jobs, self.info.name, self.engine.name, self.incarnation)
         except redis.RedisError as e:
