@@ -13,6 +13,7 @@ written are the same on every run.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -344,15 +345,19 @@ def _model_config(
             first_k_dense_replace=1,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
-            kv_lora_rank=32,
+            # as DeepSeek-V3's config.json says; transformers always routes so, vLLM reads them (and
+            # loads the router's score-correction bias only under noaux_tc)
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            kv_lora_rank=512,  # V3's latent width and rope part: vLLM's MLA kernels take no others
             q_lora_rank=48,
-            qk_rope_head_dim=16,
+            qk_rope_head_dim=64,
             qk_nope_head_dim=16,
             v_head_dim=16,
             **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
     if arch == "glm4_moe":  # GLM-4.5(-Air): a shared expert, sigmoid routing, a dense first layer
-        return Glm4MoeConfig(
+        config = Glm4MoeConfig(
             intermediate_size=intermediate,
             moe_intermediate_size=intermediate // 2,
             n_routed_experts=8,
@@ -364,6 +369,9 @@ def _model_config(
             use_qk_norm=True,
             **common,
         )
+        # the real checkpoints carry head_dim (GLM-4.5-Air: 128), which vLLM reads
+        setattr(config, "head_dim", hidden // heads)  # noqa: B010
+        return config
     if arch == "gpt_oss":  # gpt-oss-20b / 120b: sliding and full attention in turn, attention sinks,
         # biased experts with a clamped SwiGLU, softmax over the top-k router logits
         return GptOssConfig(
@@ -375,6 +383,13 @@ def _model_config(
             **common,
         )
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+# config.json's `architectures` where the real checkpoints name another class than transformers'
+# save_pretrained writes (transformers loads by model_type either way). Phi-3.5-MoE ships
+# PhiMoEForCausalLM; vLLM knows only that name and runs PhimoeForCausalLM through its generic
+# transformers backend, which fails on this version's router.
+HUB_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
 
 
 def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
@@ -402,6 +417,12 @@ def _save_model(
     # hub layout (e.g. block_sparse_moe.experts.N.w1) so other engines (vLLM) read the file as they would
     # a real checkpoint. Weights go to model.safetensors (transformers 5 writes safetensors only).
     model.save_pretrained(str(out_dir), save_original_format=True)
+    hub_name = HUB_ARCHITECTURES.get(arch)
+    if hub_name is not None:  # the name the real checkpoints carry, which vLLM's registry knows
+        config_file = out_dir / "config.json"
+        written = json.loads(config_file.read_text())
+        written["architectures"] = [hub_name]
+        config_file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     for path in out_dir.iterdir():
         path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as other users
 
