@@ -335,7 +335,7 @@ def _model_config(
         )
     if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, grouped routing,
         # a dense first layer (DeepSeek-V3's shape, scaled down)
-        return DeepseekV3Config(
+        v3 = DeepseekV3Config(
             intermediate_size=intermediate,
             moe_intermediate_size=intermediate // 2,
             n_routed_experts=8,
@@ -345,10 +345,6 @@ def _model_config(
             first_k_dense_replace=1,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
-            # as DeepSeek-V3's config.json says; transformers always routes so, vLLM reads them (and
-            # loads the router's score-correction bias only under noaux_tc)
-            topk_method="noaux_tc",
-            scoring_func="sigmoid",
             kv_lora_rank=512,  # V3's latent width and rope part: vLLM's MLA kernels take no others
             q_lora_rank=48,
             qk_rope_head_dim=64,
@@ -356,8 +352,13 @@ def _model_config(
             v_head_dim=16,
             **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
+        # as DeepSeek-V3's config.json says; transformers always routes so and takes them only as
+        # extras, vLLM reads them (and loads the router's score-correction bias only under noaux_tc)
+        setattr(v3, "topk_method", "noaux_tc")  # noqa: B010
+        setattr(v3, "scoring_func", "sigmoid")  # noqa: B010
+        return v3
     if arch == "glm4_moe":  # GLM-4.5(-Air): a shared expert, sigmoid routing, a dense first layer
-        config = Glm4MoeConfig(
+        glm = Glm4MoeConfig(
             intermediate_size=intermediate,
             moe_intermediate_size=intermediate // 2,
             n_routed_experts=8,
@@ -370,8 +371,8 @@ def _model_config(
             **common,
         )
         # the real checkpoints carry head_dim (GLM-4.5-Air: 128), which vLLM reads
-        setattr(config, "head_dim", hidden // heads)  # noqa: B010
-        return config
+        setattr(glm, "head_dim", hidden // heads)  # noqa: B010
+        return glm
     if arch == "gpt_oss":  # gpt-oss-20b / 120b: sliding and full attention in turn, attention sinks,
         # biased experts with a clamped SwiGLU, softmax over the top-k router logits
         return GptOssConfig(

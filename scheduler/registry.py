@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from host.gpus import GpuStats
 from scheduler import keys
@@ -59,17 +59,20 @@ class WorkerInfo(BaseModel):
     shared_experts: int = Field(
         0, description="Experts every token of a MoE layer goes through besides its routed ones."
     )
-    shared_expert_tokens: dict[str, list[int]] = Field(
-        default_factory=dict,
-        description="Per modality, [layer] tokens the shared experts processed (each token once per "
-        "shared expert; not in expert_tokens, which counts routed choices only).",
-    )
     modality_mix: dict[str, float] = Field(
         default_factory=dict,
         description="Expert-load profile: each modality's share of the tokens this worker's experts "
         "saw recently (EWMA over heartbeats; sums to 1 when any were seen).",
     )
     gpus: list[GpuStats] = Field(default_factory=list, description="NVML telemetry; empty without a GPU.")
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="Per modality, [layer] tokens the shared experts processed (each token once per "
+        "shared expert; not in expert_tokens, which counts routed choices only)."
+    )
+    @property
+    def shared_expert_tokens(self) -> dict[str, list[int]]:
+        return shared_tokens(self.expert_tokens, self.experts_per_token, self.shared_experts)
 
     def fresh(self, now: float) -> bool:
         return now - self.heartbeat_at <= STALE_AFTER_S

@@ -138,7 +138,6 @@ def test_shared_expert_tokens_in_the_heartbeat_and_metrics() -> None:
         capacity=4, ready=True, started_at=0.0, heartbeat_at=0.0, experts_per_token=2,
         shared_experts=2, expert_tokens=routed,
     )  # fmt: skip
-    info.shared_expert_tokens = shared_tokens(info.expert_tokens, info.experts_per_token, info.shared_experts)
     assert info.shared_expert_tokens == {"code": [6, 6], "text": [2, 2]}  # 3 and 1 tokens, 2 experts each
     assert WorkerInfo.model_validate_json(info.model_dump_json()) == info
     text = generate_latest(WorkerMetrics(info).registry).decode()

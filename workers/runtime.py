@@ -23,7 +23,6 @@ from scheduler.registry import (
     RECORD_TTL_S,
     WorkerInfo,
     layer_totals,
-    shared_tokens,
     update_mix,
 )
 from workers.engine_proc import EngineHost
@@ -146,9 +145,6 @@ class Runtime:
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
         info.expert_tokens = self.engine.expert_tokens
-        info.shared_expert_tokens = shared_tokens(
-            info.expert_tokens, info.experts_per_token, info.shared_experts
-        )
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
         self._last_layer_totals = totals
