@@ -467,12 +467,12 @@ def server_series(
                           flush=True)  # fmt: skip
                     continue
                 before = cpu_times(target.pid)
-                first = r == 0 and gap_ms == min(args.gaps) and kind == "completions"
+                first = r == 0 and gap_ms == min(args.gaps)
                 probe = probes.get(target.pid)
                 if probe is not None:
                     probe.start()
                     steps_before = worker_steps(target)
-                with profiled(args.profile if first else None, target.pid, name.split()[0]):
+                with profiled(args.profile if first else None, target.pid, name.replace(" ", "-")):
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
                 made = sum(x.tokens for x in records)
@@ -541,6 +541,7 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
         yield
         return
     procs, seen = [], set()
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for pid, (kind, _, _) in sorted(cpu_times(root).items()):
         if kind in ("api", "consumer", "runtime", "engine", "vllm-api") and kind not in seen:
             seen.add(kind)
@@ -699,7 +700,7 @@ def main() -> None:
         help="also the intake of API processes alone (no worker): comma-separated counts, 0: the default",
     )
     ap.add_argument("--out", help="write the results here as JSON")
-    ap.add_argument("--profile", help="py-spy the first timed round of completions into this folder")
+    ap.add_argument("--profile", help="py-spy each path's first timed round into this folder")
     args = ap.parse_args()
     args.gaps = [float(g) for g in args.gaps.split(",")]
     args.paths = [p for p in args.paths.split(",") if p]
