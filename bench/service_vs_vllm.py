@@ -73,6 +73,7 @@ class Round:
     redis: dict[str, object] = field(default_factory=dict)  # LocalMoE's Redis in the round (RedisProbe)
     steps: int = 0  # engine steps in the round (the engine alone's, or LocalMoE's workers' together)
     step_tokens: float = 0.0  # tokens per engine step: how full its batches ran
+    client_busy: float = 0.0  # the busiest client process's CPU ÷ the round's time (servers' rounds)
 
 
 # Which process of a server's tree is which (by command line), for CPU time per token.
@@ -475,6 +476,7 @@ def server_series(
                 with profiled(args.profile if first else None, target.pid, name.replace(" ", "-")):
                     records = clients.round(target, kind, texts, args.tokens, gap_ms / 1000)
                 rnd = summarize(records, args.tokens)
+                rnd.client_busy = clients.busy
                 made = sum(x.tokens for x in records)
                 if probe is not None:
                     rnd.redis = probe.stop()
@@ -490,7 +492,8 @@ def server_series(
                 print(f"  {name:26s} gap {gap_ms} ms round {r + 1}: {rnd.tok_s:8.0f} tok/s  TTFT p50 "
                       f"{rnd.ttft_p50_ms:7.1f} p99 {rnd.ttft_p99_ms:7.1f} ms  events/answer min "
                       f"{rnd.events_min} p50 {rnd.events_p50:.0f}  errors {rnd.errors} {failed}\n"
-                      f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}"
+                      f"      CPU µs per token: {rnd.cpu_us_per_token}  preempted {rnd.preempted}  "
+                      f"busiest client process {rnd.client_busy:.0%}"
                       + (f"\n      TTFT by stage, p50 / p99 ms: {rnd.stages_ms}" if rnd.stages_ms else "")
                       + (f"\n      Redis: {rnd.redis}" if rnd.redis else "")
                       + (f"\n      engine steps {rnd.steps} ({rnd.step_tokens} tokens each)" if rnd.steps

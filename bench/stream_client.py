@@ -64,6 +64,7 @@ class Clients:
 
     def __init__(self, procs: int) -> None:
         self.procs = max(1, procs)
+        self.busy = 0.0  # the last round's busiest client process: its CPU time ÷ the round's time
         ctx = multiprocessing.get_context("spawn")
         self._pool = ctx.Pool(self.procs, initializer=_use_uvloop) if self.procs > 1 else None
 
@@ -81,9 +82,10 @@ class Clients:
         start = time.time() + 0.3  # every process is up: it only has to receive its share
         jobs = [(target, kind, prompts, tokens, gap, start, k, self.procs) for k in range(self.procs)]
         parts = self._map(_process, jobs)
+        self.busy = max(part["busy"] for part in parts)
         out: list[Record | None] = [None] * len(prompts)
         for k, part in enumerate(parts):
-            for j, rec in enumerate(part):
+            for j, rec in enumerate(part["records"]):
                 out[k + j * self.procs] = Record(**rec)
         return [r for r in out if r is not None]
 
@@ -93,7 +95,7 @@ class Clients:
         jobs = [(target, seconds, concurrency, k) for k in range(self.procs)]
         return [Record(**rec) for part in self._map(_closed_process, jobs) for rec in part]
 
-    def _map(self, fn: Any, jobs: list[tuple[Any, ...]]) -> list[list[dict[str, Any]]]:
+    def _map(self, fn: Any, jobs: list[tuple[Any, ...]]) -> list[Any]:
         if self._pool is None:
             return [fn(*jobs[0])]
         return self._pool.starmap(fn, jobs)
@@ -110,9 +112,14 @@ def _use_uvloop() -> None:
 
 def _process(
     target: Target, kind: str, prompts: list[str], tokens: int, gap: float, start: float, k: int, procs: int
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """→ {"records": this process's share, "busy": its CPU time ÷ the time from `start` to its
+    last event (near 1: the client, not the server, set the pace)}."""
+    cpu = time.process_time()
     records = asyncio.run(_client(target, kind, prompts, tokens, gap, start, k, procs))
-    return [r.__dict__ for r in records]
+    cpu = time.process_time() - cpu
+    wall = max((r.last for r in records), default=start) - start
+    return {"records": [r.__dict__ for r in records], "busy": round(cpu / max(wall, 1e-3), 3)}
 
 
 async def _client(
