@@ -4,13 +4,16 @@ bodies (422).
 A pure ASGI middleware: it buffers at most `max_bytes` of a request body, answers on its own
 when the body is too large, has not arrived within `timeout_s` (a stalled or trickled upload
 would otherwise hold its connection for as long as the client likes) or is not UTF-8, and
-otherwise replays the buffered body to the app.
+otherwise replays the buffered body to the app. The paths in `streamed` (file uploads) pass
+through unbuffered and unchecked: their routes read the body as it arrives, with limits of their
+own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,13 +28,20 @@ async def _reply(send: Send, status: int, detail: str | list[dict[str, object]])
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0, streamed: Collection[str] = ()
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s  # for the whole body, from the end of the headers
+        self.streamed = frozenset(streamed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("POST", "PUT", "PATCH")
+            or scope["path"] in self.streamed
+        ):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
