@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Path, Request
 
 from api.admission import Admission
 from api.auth import Caller, KeyStore
+from api.openai.file_store import FileStore
 from api.store import JobStore
 from host.config_store import ConfigWatcher
 from host.settings import Settings
@@ -27,6 +28,7 @@ class Services:
     base_settings: Settings  # as started (YAML and environment)
     config_watcher: ConfigWatcher
     store: JobStore
+    files: FileStore
     keys: KeyStore
     admission: Admission
     enqueuer: Enqueuer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,8 +20,10 @@ from api.deps import Services
 from api.intake import BodyGuard
 from api.openai import chat as openai_chat
 from api.openai import completions as openai_completions
+from api.openai import files as openai_files
 from api.openai import models as openai_models
 from api.openai import tokenize as openai_tokenize
+from api.openai.file_store import FileStore
 from api.store import JobStore
 from host.config_store import ConfigWatcher
 from host.settings import Settings, get_settings
@@ -69,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             base_settings=s,
             config_watcher=watcher,
             store=JobStore(client, s.limits.job_ttl_s),
+            files=FileStore(client, s.resolved_files_dir),
             keys=KeyStore(client),
             admission=Admission(client, s.limits),
             enqueuer=Enqueuer(celery, sync_client, s.limits.job_ttl_s),
@@ -79,7 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services.scheduler.start()
         watcher.check()  # the live config version, before the first request
         watcher.start()
+        sweeper = asyncio.create_task(app.state.services.files.sweep_forever())
         yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         await app.state.services.store.hub.close()
         await client.aclose()
 
@@ -92,7 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     for error in (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
         app.add_exception_handler(error, redis_unavailable)
-    app.add_middleware(BodyGuard, max_bytes=(settings or get_settings()).limits.max_body_bytes)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=(settings or get_settings()).limits.max_body_bytes,
+        streamed={openai_files.UPLOAD_PATH},  # reads its own body, with limits.max_file_bytes
+    )
     app.add_middleware(metrics.HttpMetrics)  # outermost: it sees BodyGuard's answers too
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -104,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
     app.include_router(openai_tokenize.router)
+    app.include_router(openai_files.router)
     app.include_router(config.router)
     app.include_router(metrics.router)
     return app

@@ -141,6 +141,14 @@ class LimitSettings(BaseModel):
     max_attempts: int = Field(
         3, ge=1, le=20, description="Runs of a job whose worker dies under it, before it fails (saying why)."
     )
+    # Files (POST /v1/files): batch input, kept on disk under files_dir.
+    max_file_bytes: int = Field(
+        200 << 20, ge=1024, description="Larger uploads get 413 (the route's own limit, not max_body_bytes)."
+    )
+    max_file_lines: int = Field(50_000, ge=1, description="Requests one batch input file may hold.")
+    file_ttl_s: int = Field(
+        30 * 86_400, ge=1, description="How long an uploaded file is kept; then it and its bytes are gone."
+    )
 
 
 class WebhookSettings(BaseModel):
@@ -193,6 +201,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCALMOE_", env_nested_delimiter="__", extra="forbid")
 
     home: Path = Field(Path("~/.localmoe").expanduser(), description="State: secrets, Redis data, models.")
+    files_dir: Path | None = Field(
+        None,
+        description="Uploaded files (POST /v1/files); None: <home>/files. Every API process must see "
+        "the same directory (a shared volume where they run in containers).",
+    )
     redis_url: SecretStr | None = Field(None, description="None: `localmoe up` starts its own Redis.")
     model_dir: Path | None = Field(
         None, description="None: the embedded small model (trained; unpacked on first use)."
@@ -261,6 +274,10 @@ class Settings(BaseSettings):
     @property
     def resolved_model_dir(self) -> Path:
         return self.model_dir or self.default_model_dir
+
+    @property
+    def resolved_files_dir(self) -> Path:
+        return (self.files_dir or self.home / "files").expanduser()
 
     @property
     def resolved_api_url(self) -> str:

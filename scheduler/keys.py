@@ -110,3 +110,19 @@ WAITING = f"{PREFIX}:waiting"  # sorted set: job id → when to check it still h
 # queue: hash job id → Delivery JSON (scheduler/notify.py removes it once sent; the reaper sends
 # what a dead process left behind).
 WEBHOOK_OUTBOX = f"{PREFIX}:webhook:outbox"
+
+
+# --- files: POST /v1/files (api/openai/file_store.py owns them) ---------------------------------
+def file(file_id: str) -> str:
+    """The file's record (FileRecord JSON); expires a grace period after the file does."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def owner_files(owner: str) -> str:
+    """Sorted set: file id → when it was uploaded (unix seconds, fractional), the files of one API key."""
+    return f"{PREFIX}:owner:{owner}:files"
+
+
+# Sorted set: file id → expires_at, every file whose bytes may be on disk (written before the
+# bytes, removed after them): the sweep's and the lazy check's list of what to delete.
+FILES_EXPIRY = f"{PREFIX}:files:expiry"

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: /v1/models, /v1/completions and /v1/chat/completions.
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions and /v1/files.
 
 Every request becomes an ordinary job through `api.jobs.accept` (validation, admission, routing,
 the Celery queue), so priority, backpressure and cancel work as for /v1/jobs. The answer is read
@@ -17,5 +17,8 @@ The package is split as vLLM splits its OpenAI entrypoint: `protocol` (request a
 models), `errors` (OpenAI's error shape), one module per endpoint (`models`, `completions`,
 `chat`, `tokenize`) over `serving` (what they share: intake, the served model), `chat_template`
 (messages and tools → prompt), `tools` (tool-call formats: parsing, streaming, the grammar that
-forces calls), `logprobs` and `streaming` (a job's answer, whole or as chunks).
+forces calls), `logprobs` and `streaming` (a job's answer, whole or as chunks). Files (a batch's
+input) have `files` (the routes) over `upload` (the multipart body, streamed to disk),
+`batch_input` (the line format, checked as it arrives) and `file_store` (the bytes on disk, the
+records in Redis).
 """

@@ -495,3 +495,38 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+
+
+# --- files (POST /v1/files) ----------------------------------------------------------------------
+
+FilePurpose = Literal["batch", "batch_output"]  # uploads are `batch`; a batch's results `batch_output`
+
+
+class FileObject(BaseModel):
+    """OpenAI's File object."""
+
+    id: str = Field(description='"file-" and 32 hex digits.')
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int = Field(description="Unix seconds.")
+    expires_at: int = Field(description="Unix seconds; then the file and its bytes are gone (404).")
+    filename: str
+    purpose: FilePurpose
+    status: Literal["processed"] = Field(
+        "processed", description="Always processed: a file is checked in full before it is stored."
+    )
+    status_details: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
