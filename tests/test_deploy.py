@@ -548,6 +548,29 @@ def test_nginx_passes_websockets_and_sse_through(nginx_http: list[Directive]) ->
     assert not find(server[2], "gzip", "on") and not find(nginx_http, "gzip", "on"), "gzip buffers SSE"
 
 
+def test_file_uploads_reach_every_replica_through_nginx(
+    nginx_http: list[Directive], services: dict[str, dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    """POST /v1/files takes up to limits.max_file_bytes (200 MB): nginx must let it through, and
+    both replicas must keep files in one named volume (a file uploaded to one is read from the other)."""
+    (server,) = find(nginx_http, "server")
+    (files,) = find(server[2], "location", "=", "/v1/files")
+    (size,) = find(files[2], "client_max_body_size")
+    assert size[1][0].endswith("m") and int(size[1][0][:-1]) > 200
+    (upstream,) = find(nginx_http, "upstream")
+    assert find(files[2], "proxy_pass") == [("proxy_pass", [f"http://{upstream[1][0]}"], [])]
+    assert find(files[2], "proxy_request_buffering") == [("proxy_request_buffering", ["off"], [])]
+    for name, api in api_replicas(services).items():
+        target = env_of(api)["LOCALMOE_FILES_DIR"]
+        (volume,) = [m for m in mounts(api) if m["target"] == target]
+        assert volume["source"] in compose["volumes"] and not volume.get("read_only"), name
+    steps = parse_dockerfile(ROOT / "deploy" / "Dockerfile.api")
+    runs = " ".join(a for i, a in steps if i == "RUN")
+    assert re.search(rf"install -d -o 10001 -g 10001 (-m \d+ )?{re.escape(target)}", runs), (
+        "owned by the API's user"
+    )
+
+
 def test_nginx_serves_its_health_check_and_hides_metrics(
     nginx_http: list[Directive], services: dict[str, dict[str, Any]]
 ) -> None:
