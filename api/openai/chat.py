@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from api import sse
-from api.auth import Caller
+from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
@@ -54,6 +54,17 @@ async def chat_completions(
     """The assistant's next message, whole or streamed (`stream: true`). The prompt is the
     model's chat template applied to `messages` (and `tools`), or ChatML when the model has none.
     With tools, calls the model writes come back as `tool_calls` (api/openai/tools.py)."""
+    return await chat_completion(body, services, caller, request, idempotency_key)
+
+
+async def chat_completion(
+    body: ChatCompletionRequest,
+    services: Services,
+    caller: ApiKey,
+    request: Request | None = None,
+    idempotency_key: str | None = None,
+) -> Response:
+    """The route's answer; without `request` (a batch's line), cancelling the caller cancels the job."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     tools = body.offered_tools

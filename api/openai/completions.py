@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from api import sse
-from api.auth import Caller
-from api.deps import ServicesDep
+from api.auth import ApiKey, Caller
+from api.deps import Services, ServicesDep
 from api.openai.errors import ERRORS, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
@@ -29,6 +29,17 @@ async def completions(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Text completion of one prompt, whole or streamed (`stream: true`)."""
+    return await text_completion(body, services, caller, request, idempotency_key)
+
+
+async def text_completion(
+    body: CompletionRequest,
+    services: Services,
+    caller: ApiKey,
+    request: Request | None = None,
+    idempotency_key: str | None = None,
+) -> Response:
+    """The route's answer; without `request` (a batch's line), cancelling the caller cancels the job."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     spec = body.job_spec(body.text, 16 if body.max_tokens is None else body.max_tokens)

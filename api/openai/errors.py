@@ -80,7 +80,7 @@ def validation_error(errors: Sequence[Any], renames: dict[str, str] | None = Non
     return OpenAIError(400, message or "invalid request", params[0] if params else None)
 
 
-def _from_http(exc: HTTPException) -> JSONResponse:
+def from_http(exc: HTTPException) -> JSONResponse:
     """The shared intake's and the auth dependency's refusals. Its 422s (over a limit, over the
     context) are bad input here: 400, as OpenAI and vLLM answer them."""
     status = 400 if exc.status_code == 422 else exc.status_code
@@ -107,7 +107,7 @@ class OpenAIRoute(APIRoute):
                 v = validation_error(e.errors())
                 return error_response(v.status, v.message, v.param)
             except HTTPException as e:
-                return _from_http(e)
+                return from_http(e)
 
         return route
 

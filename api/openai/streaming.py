@@ -53,14 +53,18 @@ async def _collect(services: Services, job_id: str) -> Answer:
     raise OpenAIError(500, f"job {job_id} expired before it finished")
 
 
-async def wait_for_job(request: Request, services: Services, job: Job) -> Answer:
-    """The job's whole text, logprobs and done event. A client that disconnects first cancels it."""
+async def wait_for_job(request: Request | None, services: Services, job: Job) -> Answer:
+    """The job's whole text, logprobs and done event. A client that disconnects first cancels it;
+    so does cancelling the caller (a batch's line: `request` None, there is no connection)."""
     result = asyncio.ensure_future(_collect(services, job.id))
-    watcher = asyncio.ensure_future(_client_gone(request))
+    watcher = asyncio.ensure_future(_client_gone(request)) if request is not None else None
     try:
-        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {result} if watcher is None else {result, watcher}, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         finished = result.done()
         if not finished:  # the client left (or this request was cancelled)
             result.cancel()
