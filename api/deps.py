@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
 
 from api.admission import Admission
 from api.auth import Caller, KeyStore
+from api.openai.batch_store import BatchStore
 from api.openai.file_store import FileStore
 from api.store import JobStore
 from host.config_store import ConfigWatcher
@@ -29,12 +31,14 @@ class Services:
     config_watcher: ConfigWatcher
     store: JobStore
     files: FileStore
+    batches: BatchStore
     keys: KeyStore
     admission: Admission
     enqueuer: Enqueuer
     notifier: Notifier
     counter: PromptCounter
     scheduler: Scheduler
+    batch_runs: set[asyncio.Task[None]] = field(default_factory=set)  # this process's (batch_runner.py)
 
     def reconfigure(self, settings: Settings, _version: object = None) -> None:
         """A new config version: every part that keeps settings takes the new ones."""

@@ -18,11 +18,13 @@ from api.admission import Admission
 from api.auth import KeyStore
 from api.deps import Services
 from api.intake import BodyGuard
+from api.openai import batches as openai_batches
 from api.openai import chat as openai_chat
 from api.openai import completions as openai_completions
 from api.openai import files as openai_files
 from api.openai import models as openai_models
 from api.openai import tokenize as openai_tokenize
+from api.openai.batch_store import BatchStore
 from api.openai.file_store import FileStore
 from api.store import JobStore
 from host.config_store import ConfigWatcher
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             config_watcher=watcher,
             store=JobStore(client, s.limits.job_ttl_s),
             files=FileStore(client, s.resolved_files_dir),
+            batches=BatchStore(client),
             keys=KeyStore(client),
             admission=Admission(client, s.limits),
             enqueuer=Enqueuer(celery, sync_client, s.limits.job_ttl_s),
@@ -86,9 +89,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher.start()
         sweeper = asyncio.create_task(app.state.services.files.sweep_forever())
         yield
-        sweeper.cancel()
+        for task in (sweeper, *app.state.services.batch_runs):  # a run stops where it is (not resumed yet)
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+            await asyncio.gather(sweeper, *app.state.services.batch_runs, return_exceptions=True)
         await app.state.services.store.hub.close()
         await client.aclose()
 
@@ -118,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_chat.router)
     app.include_router(openai_tokenize.router)
     app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
     app.include_router(config.router)
     app.include_router(metrics.router)
     return app

@@ -126,3 +126,14 @@ def owner_files(owner: str) -> str:
 # Sorted set: file id → expires_at, every file whose bytes may be on disk (written before the
 # bytes, removed after them): the sweep's and the lazy check's list of what to delete.
 FILES_EXPIRY = f"{PREFIX}:files:expiry"
+
+
+# --- batches: POST /v1/batches (api/openai/batch_store.py owns them) ----------------------------
+def batch(batch_id: str) -> str:
+    """Hash: the batch's record, status, timings, request counts and result files."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def owner_batches(owner: str) -> str:
+    """Sorted set: batch id → when it was created (unix seconds, fractional), one API key's batches."""
+    return f"{PREFIX}:owner:{owner}:batches"

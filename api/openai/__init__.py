@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions and /v1/files.
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions, /v1/files and
+/v1/batches.
 
 Every request becomes an ordinary job through `api.jobs.accept` (validation, admission, routing,
 the Celery queue), so priority, backpressure and cancel work as for /v1/jobs. The answer is read
@@ -20,5 +21,6 @@ models), `errors` (OpenAI's error shape), one module per endpoint (`models`, `co
 forces calls), `logprobs` and `streaming` (a job's answer, whole or as chunks). Files (a batch's
 input) have `files` (the routes) over `upload` (the multipart body, streamed to disk),
 `batch_input` (the line format, checked as it arrives) and `file_store` (the bytes on disk, the
-records in Redis).
+records in Redis); batches have `batches` (the routes) over `batch_store` (the record, its
+status transitions) and `batch_runner` (each line an ordinary job through the routes' own code).
 """

@@ -16,7 +16,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Endpoint = Literal["/v1/chat/completions", "/v1/completions"]
+from api.openai.protocol import Endpoint
+
 MAX_CUSTOM_ID = 512  # characters
 
 

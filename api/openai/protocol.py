@@ -6,6 +6,7 @@ they become as a JobSpec, what is refused with a 400), whole answers and streame
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import (
@@ -530,3 +531,94 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
+
+
+# --- batches (POST /v1/batches) ------------------------------------------------------------------
+
+Endpoint = Literal["/v1/chat/completions", "/v1/completions"]  # what a batch's lines may call
+
+
+class BatchStatus(StrEnum):
+    """validating → in_progress → finalizing → completed; validating → failed (the input is not a
+    batch for `endpoint`); in_progress → expired (its window passed); validating | in_progress →
+    cancelling → cancelled. The four ends are terminal."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(description="A file uploaded with purpose `batch`.")
+    endpoint: Endpoint = Field(description="Every line's `url` must be this.")
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 pairs, kept as given.")
+
+    @model_validator(mode="after")
+    def _metadata(self) -> BatchCreate:
+        for k, v in (self.metadata or {}).items():
+            if len(k) > 64 or len(v) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return self
+
+
+class BatchRequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0  # answered 200
+    failed: int = 0  # answered otherwise, or never run (cancelled, expired)
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class Batch(BaseModel):
+    """OpenAI's Batch object."""
+
+    id: str = Field(description='"batch_" and 32 hex digits.')
+    object: Literal["batch"] = "batch"
+    endpoint: Endpoint
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: Literal["24h"] = "24h"
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Batch]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

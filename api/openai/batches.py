@@ -1,0 +1,107 @@
+"""OpenAI's Batch API: POST /v1/batches, GET /v1/batches, GET /v1/batches/{batch_id},
+POST /v1/batches/{batch_id}/cancel. A batch runs its input file's lines as ordinary jobs
+(batch_runner.py); its record is batch_store.py's. Like files, a batch is its key's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from api.auth import Caller
+from api.deps import ServicesDep
+from api.openai import batch_runner
+from api.openai.batch_store import BatchRecord, new_batch_id
+from api.openai.errors import ERRORS, ErrorResponse, OpenAIError, OpenAIRoute
+from api.openai.protocol import Batch, BatchCreate, BatchList, BatchStatus
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 24 * 3600  # completion_window "24h"
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "No such batch of this key."},
+}
+
+
+@router.post("/batches", response_model=Batch, responses=ERRORS)
+async def create_batch(body: BatchCreate, services: ServicesDep, caller: Caller) -> Batch:
+    """Run every line of an uploaded file (purpose `batch`) against `endpoint`."""
+    source = await services.files.get(caller.id, body.input_file_id)
+    if source is None or source.purpose != "batch":
+        why = (
+            f"No such File object: {body.input_file_id}"
+            if source is None
+            else "the file's purpose is not batch"
+        )
+        raise OpenAIError(400, why, "input_file_id")
+    now = int(time.time())
+    record = BatchRecord(
+        id=new_batch_id(),
+        owner=caller.id,
+        endpoint=body.endpoint,
+        input_file_id=source.id,
+        created_at=now,
+        expires_at=now + WINDOW_S,
+        metadata=body.metadata,
+    )
+    await services.batches.create(record, services.settings.limits.file_ttl_s)
+    path = services.files.path(source.id)
+    run = asyncio.create_task(batch_runner.run(services, caller, record, path))
+    services.batch_runs.add(run)
+    run.add_done_callback(_finished)
+    run.add_done_callback(services.batch_runs.discard)
+    batch = await services.batches.get(caller.id, record.id)
+    assert batch is not None
+    return batch
+
+
+def _finished(run: asyncio.Task[None]) -> None:
+    if not run.cancelled() and (e := run.exception()) is not None:
+        log.error("a batch run failed", exc_info=e)
+
+
+async def owned_batch(services: ServicesDep, caller: Caller, batch_id: Annotated[str, Path()]) -> Batch:
+    batch = await services.batches.get(caller.id, batch_id) if batch_id.startswith("batch_") else None
+    if batch is None:
+        raise OpenAIError(404, f"No such Batch object: {batch_id}", "batch_id")
+    return batch
+
+
+OwnedBatch = Annotated[Batch, Depends(owned_batch)]
+
+
+@router.get("/batches/{batch_id}", response_model=Batch, responses=BATCH_ERRORS)
+async def retrieve_batch(batch: OwnedBatch) -> Batch:
+    return batch
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=Batch, responses=BATCH_ERRORS)
+async def cancel_batch(batch: OwnedBatch, services: ServicesDep, caller: Caller) -> Batch:
+    """validating or in_progress → cancelling: the run stops within a second, cancels the lines
+    it is running, and ends `cancelled` with what was done in the output file. Otherwise as is."""
+    await services.batches.move(batch.id, BatchStatus.CANCELLING)
+    return await services.batches.get(caller.id, batch.id) or batch
+
+
+@router.get("/batches", response_model=BatchList, responses=BATCH_ERRORS)
+async def list_batches(
+    services: ServicesDep,
+    caller: Caller,
+    after: Annotated[str | None, Query(description="A batch id: the page after it (`last_id`).")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    """The caller's batches, newest first."""
+    page = await services.batches.page(caller.id, after, limit)
+    if page is None:
+        raise OpenAIError(400, f"after: no batch {after!r} in this list", "after")
+    data, more = page
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return BatchList(data=data, first_id=first, last_id=last, has_more=more)

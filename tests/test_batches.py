@@ -1,0 +1,144 @@
+"""OpenAI's Batch API against the real service (API → Redis → worker → engine), driven by the
+official `openai` client: files.create → batches.create → batches.retrieve → files.content. Each
+line's answer must be what the synchronous endpoint answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from api.auth import Scope, create_key
+from localmoe.redis_server import RedisServer
+from tests.conftest import bearer
+
+CHAT = "/v1/chat/completions"
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def key(redis_server: RedisServer) -> str:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return create_key(client, "tests (batches)", Scope.USER).secret
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def client(api_url: str, key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def body(i: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": f"def f{i}(x):"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def upload(client: openai.OpenAI, lines: list[dict[str, Any]]) -> str:
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    return client.files.create(file=("in.jsonl", data), purpose="batch").id
+
+
+def wait(client: openai.OpenAI, batch_id: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in TERMINAL:
+            return batch
+        time.sleep(0.1)
+    raise TimeoutError(f"batch {batch_id} still {batch.status}")
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    return [] if file_id is None else [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def test_a_batch_answers_each_line_as_the_endpoint_does(
+    client: openai.OpenAI, api_url: str, key: str
+) -> None:
+    requests = [body(0), body(1), body(2, n=2)]  # n = 2: the endpoint refuses it (400)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": b} for i, b in enumerate(requests)]
+    made = client.batches.create(
+        input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h", metadata={"run": "t"}
+    )
+    assert made.id.startswith("batch_") and made.status in ("validating", "in_progress")
+    assert made.metadata == {"run": "t"} and made.expires_at == made.created_at + 24 * 3600
+    done = wait(client, made.id)
+    assert done.status == "completed" and done.completed_at and done.finalizing_at and done.in_progress_at
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 2, 1)
+
+    output = {x["custom_id"]: x for x in lines_of(client, done.output_file_id)}
+    errors = {x["custom_id"]: x for x in lines_of(client, done.error_file_id)}
+    assert set(output) == {"r0", "r1"} and set(errors) == {"r2"}
+    with httpx.Client(base_url=api_url, headers=bearer(key), timeout=60) as http:
+        for cid, request in zip(("r0", "r1"), requests, strict=False):
+            line = output[cid]
+            assert line["id"].startswith("batch_req_") and line["error"] is None
+            assert line["response"]["status_code"] == 200
+            got = line["response"]["body"]
+            want = http.post(CHAT, json=request).json()  # the synchronous endpoint, same request
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+            assert got["id"] == f"chatcmpl-{line['response']['request_id']}"
+            job = http.get(f"/v1/jobs/{line['response']['request_id']}").json()
+            assert job["priority"] == "low" and job["status"] == "succeeded"  # an ordinary job
+        refused = http.post(CHAT, json=requests[2])
+        assert errors["r2"]["response"] == {"status_code": 400, "request_id": None, "body": refused.json()}
+
+    assert made.id in [b.id for b in client.batches.list()]
+    outputs = {f.id for f in client.files.list(purpose="batch_output")}
+    assert {done.output_file_id, done.error_file_id} <= outputs
+
+
+def test_cancel_mid_run_accounts_for_every_line(client: openai.OpenAI) -> None:
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": CHAT, "body": body(i, max_tokens=64, ignore_eos=True)}
+        for i in range(150)
+    ]
+    made = client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h")
+    time.sleep(0.5)
+    assert client.batches.cancel(made.id).status == "cancelling"
+    done = wait(client, made.id)
+    assert done.status == "cancelled" and done.cancelling_at and done.cancelled_at
+    seen = lines_of(client, done.output_file_id) + lines_of(client, done.error_file_id)
+    assert sorted(x["custom_id"] for x in seen) == sorted(x["custom_id"] for x in lines)  # each once
+    never = [x for x in seen if x["response"] is None]
+    assert never and all(x["error"]["code"] == "batch_cancelled" for x in never)
+    counts = done.request_counts
+    assert counts.total == 150 and counts.completed + counts.failed == 150 and counts.failed >= len(never)
+
+
+def test_a_line_for_another_endpoint_fails_the_batch(client: openai.OpenAI) -> None:
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": CHAT, "body": body(0)},
+        {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},
+    ]
+    made = client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h")
+    done = wait(client, made.id)
+    assert done.status == "failed" and done.failed_at and done.errors and done.errors.data
+    [error] = done.errors.data
+    assert (error.line, error.param, error.code) == (2, "url", "invalid_url")
+
+
+def test_refusals(client: openai.OpenAI, api_url: str, user_key: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id="file-" + "0" * 32, endpoint=CHAT, completion_window="24h")
+    assert "No such File object" in str(e.value)
+    lines = [{"custom_id": "a", "method": "POST", "url": CHAT, "body": body(0)}]
+    made = client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h")
+    with httpx.Client(base_url=api_url, headers=bearer(user_key), timeout=30) as other:
+        r = other.get(f"/v1/batches/{made.id}")
+        assert r.status_code == 404 and r.json()["error"]["param"] == "batch_id"
+        assert other.post(f"/v1/batches/{made.id}/cancel").status_code == 404
+    wait(client, made.id)
