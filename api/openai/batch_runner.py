@@ -2,9 +2,9 @@
 
 Each line becomes an ordinary job through the function the synchronous route runs
 (chat.chat_completion / completions.text_completion → serving.accept_request → api.jobs.accept:
-validation, admission, routing, the queue), at `low` priority unless the line asks for less, at
-most LINES_IN_FLIGHT at once. Its answer, exactly what the endpoint would have answered, is one
-line of the output file (status 200) or of the error file (any other status):
+validation, admission, routing, the queue), at `low` priority unless the line names one (capped
+by the key as ever), at most LINES_IN_FLIGHT at once. Its answer, exactly what the endpoint would
+have answered, is one line of the output file (status 200) or of the error file (any other status):
 
     {"id": "batch_req_…", "custom_id": …, "response": {"status_code", "request_id", "body"}, "error": null}
 
