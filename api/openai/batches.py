@@ -102,6 +102,4 @@ async def list_batches(
     page = await services.batches.page(caller.id, after, limit)
     if page is None:
         raise OpenAIError(400, f"after: no batch {after!r} in this list", "after")
-    data, more = page
-    first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return BatchList(data=data, first_id=first, last_id=last, has_more=more)
+    return BatchList.of(*page)

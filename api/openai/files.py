@@ -154,9 +154,7 @@ async def list_files(
     if page is None:
         raise OpenAIError(400, f"after: no file {after!r} in this list (deleted, or expired?)", "after")
     records, more = page
-    data = [r.public() for r in records]
-    first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return FileList(data=data, first_id=first, last_id=last, has_more=more)
+    return FileList.of([r.public() for r in records], more)
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=FILE_ERRORS)

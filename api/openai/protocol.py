@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -503,7 +503,32 @@ class ChatCompletionChunk(BaseModel):
 FilePurpose = Literal["batch", "batch_output"]  # uploads are `batch`; a batch's results `batch_output`
 
 
-class FileObject(BaseModel):
+class Identified(BaseModel):
+    """An object a cursor-paginated list pages by (`after=<its id>`)."""
+
+    id: str
+
+
+Item = TypeVar("Item", bound=Identified)
+
+
+class CursorPage(BaseModel, Generic[Item]):
+    """OpenAI's cursor-paginated list: one page of `data` in order, its first and last ids (the
+    next page: `after=last_id`), whether more follow."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Item], has_more: bool) -> Self:
+        ends = (data[0].id, data[-1].id) if data else (None, None)
+        return cls(data=data, first_id=ends[0], last_id=ends[1], has_more=has_more)
+
+
+class FileObject(Identified):
     """OpenAI's File object."""
 
     id: str = Field(description='"file-" and 32 hex digits.')
@@ -519,12 +544,8 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+class FileList(CursorPage[FileObject]):
+    pass
 
 
 class FileDeleted(BaseModel):
@@ -591,7 +612,7 @@ class BatchErrors(BaseModel):
     data: list[BatchError]
 
 
-class Batch(BaseModel):
+class Batch(Identified):
     """OpenAI's Batch object."""
 
     id: str = Field(description='"batch_" and 32 hex digits.')
@@ -616,9 +637,5 @@ class Batch(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Batch]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+class BatchList(CursorPage[Batch]):
+    pass
