@@ -130,3 +130,17 @@ def test_the_structured_output_benchmark_validates_every_output(tmp_path: Path) 
     assert result["compiles"] == 20  # once per distinct schema
     (rnd,) = result["rounds"]
     assert rnd["tokens"] > 100 * 10 and rnd["constrained_tok_s"] > 0 and rnd["plain_tok_s"] > 0
+
+
+def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
+    raw = tmp_path / "p.raw"
+    raw.write_text("main (a.py:1);push (b.py:2) 3\nmain (a.py:1);step (c.py:3) 1\nmain (a.py:1) 4\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.spy_top", str(raw), "--top", "2", "--match", "push"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "8 samples"
+    assert "50.0%" in lines[1] and lines[1].endswith("main (a.py:1)")  # its own 4 of 8
+    assert "37.5%" in lines[2] and lines[2].endswith("push (b.py:2)")
+    assert lines[-1] == "  through 'push': 37.5%"

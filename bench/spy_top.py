@@ -1,0 +1,47 @@
+"""The frames a py-spy profile spent its samples in: `--profile` writes py-spy's raw format (one
+line per distinct stack: frames joined by ';', then its sample count).
+
+    python -m bench.spy_top prof/localmoe-chat-engine.raw [--top 15] [--match detokenize.py]
+
+Prints the total, then the frames with the most samples of their own (self) and, with --match,
+the share of samples whose stack passes through a frame containing that text (inclusive).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+
+def read(path: Path) -> list[tuple[list[str], int]]:
+    """→ [(frames outermost first, samples)]."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            stacks.append((stack.split(";"), int(n)))
+    return stacks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", type=Path)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--match", action="append", default=[], help="text of a frame (repeatable)")
+    args = ap.parse_args()
+    stacks = read(args.raw)
+    total = sum(n for _, n in stacks) or 1
+    own = Counter[str]()
+    for frames, n in stacks:
+        own[frames[-1]] += n
+    print(f"{total} samples")
+    for frame, n in own.most_common(args.top):
+        print(f"  self {n / total:6.1%}  {frame}")
+    for text in args.match:
+        n = sum(n for frames, n in stacks if any(text in f for f in frames))
+        print(f"  through {text!r}: {n / total:.1%}")
+
+
+if __name__ == "__main__":
+    main()
