@@ -18,6 +18,7 @@ When generation ends in the middle of a multi-byte character, those trailing byt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,14 +72,22 @@ class StopStringBuffer:
     Invariant: `_held` (shorter than the longest stop string) is all that is not released yet; text
     released before it began no stop string, so a push searches only `_held` + the new text. This
     runs on every token of every request with stop strings (a chat template's end-of-turn marker
-    makes that most chat requests): a push costs the same whatever the output's length so far, and
-    a tail holding no stop string's first character is released without a search.
+    makes that most chat requests): a push costs the same whatever the output's length so far.
+    Most pushes take the fast path: with nothing held, text holding no stop string's first
+    character can neither contain a stop string nor end in the start of one, so it is released
+    after one scan in C (one regex character class) and no Python loop.
     """
 
     def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self._stop = tuple(s for s in stop if s)
         self._include = include_stop
         self._firsts = frozenset(s[0] for s in self._stop)
+        # finds any stop string's first character; None when there is no stop string at all
+        self._first_at = (
+            re.compile("[" + "".join(map(re.escape, sorted(self._firsts))) + "]").search
+            if self._firsts
+            else None
+        )
         self._reach = max((len(s) for s in self._stop), default=1) - 1  # the longest tail held back
         self._released: list[str] = []  # every piece released, in order
         self._held = ""
@@ -92,6 +101,9 @@ class StopStringBuffer:
     def push(self, text: str) -> str:
         if self.stopped or not text:
             return ""
+        if not self._held and (self._first_at is None or self._first_at(text) is None):
+            self._released.append(text)  # the fast path (see the class docstring)
+            return text
         pending = self._held + text
         found = self._find_stop(pending)
         if found is not None:
