@@ -10,6 +10,7 @@ from typing import Annotated, cast
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 
 from api import metrics
+from api.admission import Refused
 from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse, Refusal, refusals
@@ -87,20 +88,19 @@ async def accept(
     idem = await _claim_idempotency(services, caller, idempotency_key, spec, job.id)
     if idem is not None:
         return idem, True
+    chosen = services.scheduler.route(job)
+    job.queue, job.route_reason = chosen.queue, chosen.reason
+    gate = services.admission.gate(
+        job.id, prompt_tokens + spec.max_tokens, caller, services.scheduler.drain_tokens_per_s()
+    )
     try:
-        await services.admission.admit(
-            job.id, prompt_tokens + spec.max_tokens, caller, services.scheduler.drain_tokens_per_s()
-        )
-    except HTTPException as refusal:
+        await services.enqueuer.submit(job, gate)
+    except Refused as refusal:
         metrics.count_rejected(refusal)
         await _forget_idempotency(services, caller, idempotency_key)
         raise
-    chosen = services.scheduler.route(job)
-    job.queue, job.route_reason = chosen.queue, chosen.reason
-    try:
-        await services.enqueuer.submit(job)
     except Exception as e:
-        await services.admission.release(job.id)
+        await services.admission.release(job.id)  # a no-op unless it was admitted
         await _forget_idempotency(services, caller, idempotency_key)
         raise HTTPException(503, "the job queue is unavailable; try again") from e
     metrics.count_submitted(job)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,23 @@ WITHDRAW_S = 15.0  # how long the Enqueuer retries marking unsent jobs failed wh
 MAX_JOBS_PER_MESSAGE = 64  # a message of 64 jobs is ~60 kB; one worker thread holds it until all end
 
 
+@dataclass(frozen=True)
+class Admit:
+    """A job's admission (scheduler/backlog.py ADMIT), decided in the Enqueuer's batch: the
+    script's KEYS and ARGV, and `refusal(reply)`: the error that refuses the job, None if admitted."""
+
+    keys: list[str]
+    args: list[Any]
+    refusal: Callable[[list[int]], Exception | None]
+
+
 class Enqueuer:
-    """Writes job records and sends job messages from one thread, in batches.
+    """Admits jobs, writes job records and sends job messages from one thread, in batches.
 
     Per request, the API only hands the job over and awaits the outcome. The thread takes every
-    job waiting, writes all their records in one Redis pipeline, then sends ONE message per queue
+    job waiting, admits those that ask for it (one pipeline of ADMIT scripts: a refused job's
+    request gets its refusal, and nothing of it is written), writes all the admitted jobs' records
+    in one Redis pipeline, then sends ONE message per queue
     and priority among them (at most MAX_JOBS_PER_MESSAGE jobs each) over one broker connection:
     the record of a job always exists before any worker can receive its message, and a burst
     costs one round trip for the records and a message per queue, not per job. Measured on
@@ -136,13 +148,15 @@ class Enqueuer:
         self.client = client
         self.ttl_s = ttl_s
         self._release = client.register_script(backlog.RELEASE)
+        self._admit = client.register_script(backlog.ADMIT)
         self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
 
-    async def submit(self, job: Job) -> None:
-        """Record the job and put it on its queue (`job.queue`); raises if either failed."""
+    async def submit(self, job: Job, admit: Admit | None = None) -> None:
+        """Admit the job (with `admit`), record it and put it on its queue (`job.queue`); raises
+        the refusal, or what failed."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(job, loop, loop.create_future())
+        pending = _Pending(job, loop, loop.create_future(), admit)
         self._inbox.put(pending)
         await pending.done
 
@@ -160,6 +174,9 @@ class Enqueuer:
                         p.settle(e)  # a no-op for those already answered
 
     def _send(self, batch: list[_Pending], producer: Any) -> None:
+        batch = self._admitted(batch)
+        if not batch:
+            return
         try:
             record.create(self.client, [p.job for p in batch], self.ttl_s)
         except Exception as e:
@@ -175,6 +192,43 @@ class Enqueuer:
                 error = self._publish([p.job for p in part], producer)
                 for p in part:
                     p.settle(error)
+
+    def _admitted(self, batch: list[_Pending]) -> list[_Pending]:
+        """The jobs of `batch` let in, in order; the others' requests are settled with their refusal
+        (or the Redis error, when the admissions could not be decided: nothing was counted then)."""
+        asking = [p for p in batch if p.admit is not None]
+        if not asking:
+            return batch
+        try:
+            replies = self._admit_all(asking)
+        except Exception as e:
+            for p in asking:
+                p.settle(e)
+            return [p for p in batch if p.admit is None]
+        refused: set[int] = set()
+        for p, reply in zip(asking, replies, strict=True):
+            assert p.admit is not None
+            if (error := p.admit.refusal(reply)) is not None:
+                p.settle(error)
+                refused.add(id(p))
+        return [p for p in batch if id(p) not in refused]
+
+    def _admit_all(self, asking: list[_Pending]) -> list[Any]:
+        """ADMIT's reply for each job, in one round trip: EVALSHA in a plain pipeline (a pipeline
+        of Script calls would ask SCRIPT EXISTS first, a second round trip per batch); the script
+        is loaded again after a Redis restart forgot it."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for p in asking:
+                assert p.admit is not None
+                pipe.evalsha(self._admit.sha, len(p.admit.keys), *p.admit.keys, *p.admit.args)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._admit.sha = self.client.script_load(backlog.ADMIT)
+        raise AssertionError("unreachable")
 
     def _publish(self, jobs: list[Job], producer: Any) -> Exception | None:
         """One message for `jobs` (one queue, one priority)."""
@@ -215,6 +269,7 @@ class _Pending:
     job: Job
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future[None]
+    admit: Admit | None = None
 
     def settle(self, error: Exception | None) -> None:
         self.loop.call_soon_threadsafe(self._settle, error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -246,6 +247,7 @@ def test_backlog_limits_refuse_with_429_and_enqueue_nothing(no_worker: Stack) ->
 def test_rate_limit_per_key(service_env: dict[str, str]) -> None:
     with private_stack(service_env, worker=False) as stack:
         _rate_limited(stack)
+        _burst_admitted_in_batches(stack)
 
 
 def _rate_limited(stack: Stack) -> None:
@@ -255,6 +257,26 @@ def _rate_limited(stack: Stack) -> None:
     r = post(http)
     assert r.status_code == 429 and "rate limit" in r.json()["detail"]
     assert 1 <= int(r.headers["retry-after"]) <= 2  # one submission per 2 s
+
+
+def _burst_admitted_in_batches(stack: Stack) -> None:
+    """Requests arriving together are admitted in one batch of the Enqueuer: a burst past a key's
+    limit lets exactly the limit in, refuses the rest with the key's reason, records and sends
+    nothing of a refused job."""
+    key = create_key(stack.client, "burst", Scope.USER, KeyLimits(max_queued_jobs=4))
+    http = stack.http(key.secret)
+    before = _broker_messages(stack.client)
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda _: post(http), range(12)))
+    accepted = [r.json()["id"] for r in replies if r.status_code == 202]
+    refused = [r for r in replies if r.status_code != 202]
+    assert len(accepted) == 4, [r.status_code for r in replies]
+    assert all(r.status_code == 429 and "this key has 4 jobs waiting" in r.json()["detail"] for r in refused)
+    assert 1 <= _broker_messages(stack.client) - before <= 4  # a message may carry several jobs
+    assert all(stack.client.exists(keys.job(job_id)) for job_id in accepted)
+    assert stack.client.hget(keys.QUEUED_COUNT, key.key.id) == "4"  # the refused were never counted
+    waiting = set(stack.client.hkeys(keys.QUEUED_JOBS))
+    assert set(accepted) <= waiting
 
 
 # --- webhooks --------------------------------------------------------------------------------
