@@ -49,12 +49,16 @@ class Rollback(BaseModel):
 
 def _view(services: Services, version: Version) -> ConfigView:
     s = services.settings
-    engine = {k: getattr(s.engine, k) for k in config_store.HOT_ENGINE}
     effective = {name: getattr(s, name).model_dump(mode="json") for name in config_store.HOT_SECTIONS}
+    for section, hot in config_store.HOT_KEYS.items():
+        effective[section] = {k: getattr(getattr(s, section), k) for k in hot}
     return ConfigView(
         version=version,
-        effective={**effective, "engine": engine},
-        hot=[*config_store.HOT_SECTIONS, *(f"engine.{k}" for k in config_store.HOT_ENGINE)],
+        effective=effective,
+        hot=[
+            *config_store.HOT_SECTIONS,
+            *(f"{section}.{k}" for section, hot in config_store.HOT_KEYS.items() for k in hot),
+        ],
         restart_only=sorted(config_store.RESTART_ONLY),
     )
 

@@ -3,8 +3,10 @@ process within seconds.
 
 The base settings come from YAML and the environment at start (host/settings.py). On top of
 them, admins set overrides of the HOT sections only — routing (`scheduler`), `limits`,
-`webhooks`, and the engine preference (`engine.backend`, `engine.max_step_failures`,
-`engine.failover_cooldown_s`, `engine.step_delay_s`) — through the API or `localmoe config`.
+`webhooks`, the engine preference (`engine.backend`, `engine.max_step_failures`,
+`engine.failover_cooldown_s`, `engine.step_delay_s`) and what Flower is told of the jobs
+(`flower.task_events`, `flower.redact_prompts`, `flower.prompt_chars`) — through the API or
+`localmoe config`.
 Each change is a new version; a rollback is a new version equal to an old one. Processes poll
 the current version number (one GET) every `POLL_S` and rebuild their settings when it moves.
 The versions live under host/keys.py's CONFIG_CURRENT and CONFIG_HISTORY.
@@ -31,6 +33,8 @@ POLL_S = 2.0  # a change reaches every process within this (plus its own apply)
 
 HOT_SECTIONS = ("scheduler", "limits", "webhooks")
 HOT_ENGINE = ("backend", "max_step_failures", "failover_cooldown_s", "step_delay_s")
+HOT_FLOWER = ("task_events", "redact_prompts", "prompt_chars")  # what the workers' relays publish
+HOT_KEYS = {"engine": HOT_ENGINE, "flower": HOT_FLOWER}  # sections of which only these keys are hot
 RESTART_ONLY = {"engine.backend"}  # recorded now; a worker's engine is chosen when it starts
 
 
@@ -50,7 +54,7 @@ def hot(path: str) -> bool:
     section, _, rest = path.partition(".")
     if section in HOT_SECTIONS:
         return bool(rest)
-    return section == "engine" and rest in HOT_ENGINE
+    return rest in HOT_KEYS.get(section, ())
 
 
 def apply(base: Settings, overrides: dict[str, Any]) -> Settings:
@@ -60,7 +64,7 @@ def apply(base: Settings, overrides: dict[str, Any]) -> Settings:
     sections: dict[str, dict[str, Any]] = {}
     for path, value in overrides.items():
         name, _, rest = path.partition(".")
-        if name not in (*HOT_SECTIONS, "engine") or not rest:
+        if name not in (*HOT_SECTIONS, *HOT_KEYS) or not rest:
             raise ConfigError(f"{path}: no such hot setting")
         node = sections.setdefault(name, getattr(base, name).model_dump(mode="json"))
         *parents, leaf = rest.split(".")
@@ -125,7 +129,8 @@ def set_values(
     if cold:
         raise ConfigError(
             f"not changeable while running: {', '.join(sorted(cold))} (hot: {', '.join(HOT_SECTIONS)}, "
-            f"engine.{{{','.join(HOT_ENGINE)}}}); set it in the YAML file and restart"
+            + ", ".join(f"{s}.{{{','.join(k)}}}" for s, k in HOT_KEYS.items())
+            + "); set it in the YAML file and restart"
         )
 
     def make(now: Version) -> dict[str, Any]:

@@ -197,6 +197,25 @@ class MetricsSettings(BaseModel):
     )
 
 
+class FlowerSettings(BaseModel):
+    """What Flower shows of the jobs (scheduler/task_events.py) and how Flower keeps it
+    (localmoe/flower.py). task_events, redact_prompts and prompt_chars are hot (host/config_store.py)."""
+
+    task_events: bool = Field(
+        True,
+        description="Each job as a task in Flower (received, started, its terminal state), published by "
+        "the worker's relay in the write that carries the job's tokens (no Redis round trip of its own)",
+    )
+    redact_prompts: bool = Field(False, description="Flower shows no prompt text, only its length.")
+    prompt_chars: int = Field(64, ge=0, le=4096, description="The prompt's first characters Flower shows.")
+    max_tasks: int = Field(
+        10_000, ge=100, description="Tasks Flower keeps (in memory and in its state file); oldest go first."
+    )
+    state_save_interval_s: float = Field(
+        60.0, ge=0, description="Flower writes its state file this often (and when it stops); 0: only then."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCALMOE_", env_nested_delimiter="__", extra="forbid")
 
@@ -233,12 +252,11 @@ class Settings(BaseSettings):
         None, description="The CLI's API key; None: the admin key `localmoe up` kept in home/secrets.json."
     )
     flower_port: int = Field(5555, ge=0, le=65535)
+    flower_host: str = Field("127.0.0.1", description="Address Flower binds (0.0.0.0 in a container).")
     flower_user: str = "admin"
     flower_password: SecretStr | None = Field(None, description="None: generated and kept in home.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    task_events: bool = Field(
-        False, description="Celery task events for Flower's task view; two more Redis publishes per job"
-    )
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -278,6 +296,11 @@ class Settings(BaseSettings):
     @property
     def resolved_files_dir(self) -> Path:
         return (self.files_dir or self.home / "files").expanduser()
+
+    @property
+    def flower_url(self) -> str:
+        host = "127.0.0.1" if self.flower_host in ("0.0.0.0", "::") else self.flower_host
+        return f"http://{host}:{self.flower_port}"
 
     @property
     def resolved_api_url(self) -> str:

@@ -76,7 +76,7 @@ class Transport(kombu_redis.Transport):
     Channel = _Channel
 
 
-def make_celery(broker_url: str, task_events: bool = False) -> Celery:
+def make_celery(broker_url: str) -> Celery:
     app = Celery("localmoe", broker=broker_url, set_as_current=False)
     app.conf.update(
         # JSON only, both ways: a pickle message is refused, never executed.
@@ -106,7 +106,9 @@ def make_celery(broker_url: str, task_events: bool = False) -> Celery:
         task_default_priority=1,
         task_create_missing_queues=True,
         task_send_sent_event=False,  # an extra publish per message: 0.9-1.2k vs 2.1-3.1k apply_async/s
-        worker_send_task_events=task_events,  # Flower's task view; costs two publishes per job
+        # Celery's task events describe messages of up to 64 jobs, "succeeded" whatever became of
+        # them; Flower's task view gets one task per job from the relays (scheduler/task_events.py).
+        worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,

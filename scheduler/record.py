@@ -21,7 +21,8 @@ transition   from → to                 caller              fenced on
 create       → QUEUED                  scheduler/queue.py  a new id; written before its message
 withdraw     QUEUED → FAILED           scheduler/queue.py  nothing: the API has not answered
                                                            with the id yet, no message exists
-CLAIM        QUEUED → RUNNING          workers/runtime.py  status queued (a second claim gets 0)
+CLAIM        QUEUED → RUNNING          workers/runtime.py  status queued (a second claim gets 0,
+                                                           one of a cancelled job CANCELLED_WHILE_QUEUED)
 RESUME       RUNNING, attempt > 1      workers/runtime.py  the `resume` mark it appends
 first_token  RUNNING (one timing)      workers/relay.py    nothing
 finalize     RUNNING → terminal        workers/relay.py    status running, the same attempt
@@ -128,8 +129,10 @@ def withdraw(client: redis.Redis, release: Script, jobs: Sequence[Job], error: s
 # KEYS: the backlog's QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, this worker's running hash, WAITING,
 # then per job: its hash, the queued-cost hash of the worker it was routed to; last, the call's
 # claim_reply key. ARGV: worker, engine, started_at (all JSON), this worker's incarnation, then the job ids.
-# → per job, the new attempt number, or 0 when the job is no longer queued (cancelled while
-# waiting, or already taken). Either way it has left the queue: its cost leaves the routed
+# → per job, the new attempt number, or 0 when the job is no longer queued (already taken, or
+# ended), or -1 (CANCELLED_WHILE_QUEUED) when it was cancelled while queued: its message reached a
+# worker after the cancel, and the worker reports it (scheduler/task_events.py). Either way it has
+# left the queue: its cost leaves the routed
 # worker's backlog and the admission counts. A claimed job is in the running hash until its
 # finalize or its reaping. The last key is the call's keys.claim_reply: made again with the same
 # key (its first reply lost), the script answers what the first call made of the jobs, where a
@@ -146,7 +149,10 @@ for i = 5, #ARGV do
   redis.call('HDEL', routed, id)
   redis.call('ZREM', KEYS[5], id)
   release(KEYS[1], KEYS[2], KEYS[3], id)
-  if redis.call('HGET', job, 'status') ~= {QUEUED} then
+  local status = redis.call('HGET', job, 'status')
+  if status == {CANCELLED} then
+    out[#out + 1] = -1
+  elseif status ~= {QUEUED} then
     out[#out + 1] = 0
   else
     local attempt = tonumber(redis.call('HGET', job, 'attempt') or '0') + 1
@@ -161,6 +167,7 @@ return out
 """
 )
 
+CANCELLED_WHILE_QUEUED = -1  # CLAIM's answer for a job cancelled before any worker claimed it
 RESTARTING = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 CLAIM_RETRY_S = 60.0  # how long a claim is made again while Redis restarts
 
@@ -175,7 +182,8 @@ def claim(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[int]:
     """QUEUED → RUNNING for each of `jobs` still queued. `script`: CLAIM registered. → per job its
-    new attempt number, 0 for a job not claimed here.
+    new attempt number, 0 for a job not claimed here, CANCELLED_WHILE_QUEUED for one not claimed
+    because it was cancelled while queued.
 
     While Redis restarts (connection refused or dropped, loading) the same call is made again for
     up to `retry_s` seconds: the message that brought these jobs is gone from the broker, and a job

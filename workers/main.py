@@ -10,6 +10,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from host.settings import Settings
 from scheduler.queue import make_celery
+from scheduler.task_events import node_name
 from workers.runtime_proc import RuntimeProcess
 from workers.tasks import register
 
@@ -24,7 +25,7 @@ def serve(settings: Settings, name: str | None = None) -> None:
     info = ready.info
     log.info("worker %s: engine %s on %s warm; consuming %s", name, info.engine, info.device, info.queues)
 
-    app = make_celery(url, task_events=settings.task_events)
+    app = make_celery(url)
     register(app, engine)
     worker_ready.connect(lambda **_: engine.consumer_ready(), weak=False)
     worker_shutdown.connect(lambda **_: engine.stop(), weak=False)
@@ -34,7 +35,7 @@ def serve(settings: Settings, name: str | None = None) -> None:
             "--pool=threads",
             f"--concurrency={info.capacity}",  # one task thread per batch slot; each waits on its job
             f"--queues={','.join(info.queues)}",
-            f"--hostname={name}@%h",
+            f"--hostname={node_name(name)}",  # the node its relay's task events name (Flower)
             f"--loglevel={settings.log_level.upper()}",
             "--without-gossip",
             "--without-mingle",

@@ -9,7 +9,8 @@ step (redis-py packs and parses each command; with hiredis), the script 0.5 ms: 
 runs the engine's Python side, so that time comes off the GPU's. Each terminal state is written
 exactly once (scheduler/record.py `finalize`, which RELAY composes, fenced on the attempt). A
 job's future resolves only after its terminal state is in Redis, so the Celery task acknowledges
-a message only once it is durable.
+a message only once it is durable. The same script publishes the batch's task events for Flower
+(scheduler/task_events.py): the claims since the last write, and each terminal state it wrote.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from host.settings import FlowerSettings
 from moe_core.engine import Delta, FinishReason
-from scheduler import keys, record
+from scheduler import keys, record, task_events
 from scheduler.jobs import Job, JobStatus, Usage
 from scheduler.notify import TERMINAL_EVENT, Notifier, delivery_for, wants
 from scheduler.stream import FEED_KEYS, FEED_LUA, feed_record_json, token_fields
@@ -39,20 +41,24 @@ log = logging.getLogger(__name__)
 
 # A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
 # batch carries, then 4 keys per terminal state (`finalize`'s), then FEED_KEYS. ARGV: n, f, m
-# (terminal states), ttl, the first-token time (JSON); then 8 values per token entry: text,
-# tokens, attempt, entry number, "1" if it is its stream's first entry (the stream gets its ttl)
-# else "", its feed record's head and tail (feed_record_json), and its logprobs' JSON ("": none);
-# then per terminal state: attempt, done-event data, hook, k, and k field/value pairs
-# (record.finalize_operands). The token entries' fields are scheduler/stream.py's token_fields;
-# the whole batch is one feed entry. `first_token` and `finalize` change the job records
-# (scheduler/record.py). → m results, `finalize`'s each.
+# (terminal states), ttl, the first-token time (JSON), e (task events to publish whatever
+# happens), the task events' channel and message head and tail (scheduler/task_events.py); then
+# 8 values per token entry: text, tokens, attempt, entry number, "1" if it is its stream's first
+# entry (the stream gets its ttl) else "", its feed record's head and tail (feed_record_json),
+# and its logprobs' JSON ("": none); then per terminal state: attempt, done-event data, hook, k,
+# and k field/value pairs (record.finalize_operands); then the e task events, then per terminal
+# state its task event ("": none), published only if its finalize wrote. The token entries'
+# fields are scheduler/stream.py's token_fields; the whole batch is one feed entry and one task
+# event message. `first_token` and `finalize` change the job records (scheduler/record.py).
+# → m results, `finalize`'s each.
 RELAY = (
     FEED_LUA
     + record.FIRST_TOKEN_LUA
     + record.FINALIZE_LUA
+    + task_events.TASK_EVENTS_LUA
     + """
-local n, f, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local a = 6
+local n, f, m, ttl, e = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
+local a = 10
 for i = 1, n do
   local id
   if ARGV[a + 7] == '' then
@@ -80,6 +86,14 @@ for j = 1, m do
   a = a + 4 + 2 * pairs
 end
 publish()
+local parts = {}
+for j = 1, e do parts[j] = ARGV[a + j - 1] end
+a = a + e
+for j = 1, m do
+  if out[j] == 1 and ARGV[a] ~= '' then parts[#parts + 1] = ARGV[a] end
+  a = a + 1
+end
+task_events(ARGV[7], ARGV[8], ARGV[9], parts)
 return out
 """
 )
@@ -103,19 +117,27 @@ class _Write:
     final_keys: list[str] = field(default_factory=list)  # four per terminal state
     final_args: list[str] = field(default_factory=list)
     finals: list[tuple[Held, Job]] = field(default_factory=list)  # in RELAY's order
+    events: list[str] = field(default_factory=list)  # task events published whatever happens
+    final_events: list[str] = field(default_factory=list)  # one per terminal state ("": none)
 
     def keys(self) -> list[str]:
         return [*self.streams, *self.firsts, *self.final_keys, *FEED_KEYS]
 
-    def args(self, ttl_s: int) -> list[str | int]:
+    def args(self, ttl_s: int, events_channel: str, envelope: tuple[str, str]) -> list[str | int]:
         head: list[str | int] = [
             len(self.streams),
             len(self.firsts),
             len(self.finals),
             ttl_s,
             json.dumps(self.at),
+            len(self.events),
+            events_channel,
+            *envelope,
         ]
-        return [*head, *self.entries, *self.final_args]
+        return [*head, *self.entries, *self.final_args, *self.events, *self.final_events]
+
+    def empty(self) -> bool:
+        return not (self.streams or self.firsts or self.finals or self.events)
 
 
 @dataclass
@@ -136,12 +158,20 @@ class Held:
     logprobs_sent: int = 0  # logprobs[:logprobs_sent] went out in stream entries
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
+    claimed_at: float = 0.0  # when this worker took it (unix seconds): its task's start in Flower
 
 
 @dataclass
 class _Failure:
     job_id: str
     error: str
+
+
+@dataclass
+class _Events:
+    """Task events about jobs this worker does not hold, published with the next write."""
+
+    events: list[str]
 
 
 class Relay(threading.Thread):
@@ -152,24 +182,50 @@ class Relay(threading.Thread):
         notifier: Notifier | None = None,
         output_interval_s: float = 0.5,
         metrics: WorkerMetrics | None = None,
+        node: str = "",
+        flower: FlowerSettings | None = None,
     ) -> None:
         """notifier: where the jobs' webhook events go (None: nowhere); output events are sent
-        at most once per output_interval_s per job; metrics: observes each batch (None: nothing)."""
+        at most once per output_interval_s per job; metrics: observes each batch (None: nothing);
+        node: the worker's Celery node name, which its jobs' task events carry; flower: whether
+        and how they are published (None: the defaults; replaced whole when the config changes)."""
         super().__init__(name="relay", daemon=True)
         self.client = client
         self.ttl_s = ttl_s
         self.notifier = notifier
         self.output_interval_s = output_interval_s
         self.metrics = metrics
+        self.node = node
+        self.flower = flower or FlowerSettings()
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
-        self._inbox: queue.SimpleQueue[list[Delta] | _Failure] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[Delta] | _Failure | _Events] = queue.SimpleQueue()
+        self._claims: queue.SimpleQueue[str] = queue.SimpleQueue()  # task events of claims, not yet sent
         self._relay = client.register_script(RELAY)
+        self._events_channel = task_events.channel(client.connection_pool.connection_kwargs.get("db", 0))
 
     # --- called from other threads ------------------------------------------------------
     def track(self, held: Held) -> None:
+        held.claimed_at = time.time()
+        flower = self.flower
+        if flower.task_events:  # they ride on the next write (this job's first token, at the latest)
+            for event in task_events.claimed(held.job, self.node, held.claimed_at, flower):
+                self._claims.put(event)
         self.held[held.job.id] = held
         if self.notifier is not None:
             self.notifier.emit(held.job, WebhookEventType.STARTED, output="")
+
+    def cancelled_while_queued(self, jobs: list[Job]) -> None:
+        """Jobs of a message this worker took that were cancelled before any worker claimed them."""
+        flower = self.flower
+        if flower.task_events and jobs:
+            now, node = time.time(), self.node
+            events = [e for job in jobs for e in task_events.cancelled_while_queued(job, node, now, flower)]
+            self._inbox.put(_Events(events))
+
+    def failed_elsewhere(self, job: Job) -> None:
+        """A job the reaper failed (its workers died under it max_attempts times)."""
+        if self.flower.task_events:
+            self._inbox.put(_Events([task_events.ended(job, self.node, job.timings.started_at)]))
 
     def publish(self, deltas: list[Delta]) -> None:
         self._inbox.put(deltas)
@@ -185,15 +241,18 @@ class Relay(threading.Thread):
                 batch.append(self._inbox.get_nowait())
             self._write_with_retry(batch)
 
-    def _write_with_retry(self, batch: list[list[Delta] | _Failure]) -> None:
+    def _write_with_retry(self, batch: list[list[Delta] | _Failure | _Events]) -> None:
         write = self._plan(batch)  # job state advances once, however often we retry
+        publishes = bool(write.events) or any(write.final_events)
+        envelope = task_events.envelope(self.node) if publishes else ("", "")
+        args = write.args(self.ttl_s, self._events_channel, envelope)
         delay = 0.1
         while True:
-            if not write.streams and not write.firsts and not write.finals:
+            if write.empty():
                 written: list[int] = []
                 break
             try:
-                written = self._relay(keys=write.keys(), args=write.args(self.ttl_s))  # atomic: all or none
+                written = self._relay(keys=write.keys(), args=args)  # atomic: all or none
                 break
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 # Redis restarting: keep the batch and retry; nothing is dropped
@@ -213,11 +272,16 @@ class Relay(threading.Thread):
                 log.warning("job %s attempt %d was fenced off: a newer attempt owns it", job.id, held.attempt)
             held.future.set_result(job)
 
-    def _plan(self, batch: list[list[Delta] | _Failure]) -> _Write:
+    def _plan(self, batch: list[list[Delta] | _Failure | _Events]) -> _Write:
         write = _Write(at=time.time())  # first tokens are stamped as they go to Redis: what a client sees
+        while not self._claims.empty():  # before this batch's terminal events: a task starts, then ends
+            write.events.append(self._claims.get_nowait())
         if self.metrics is not None:  # before the loop below lets go of the finished jobs
-            self.metrics.delivered([i for i in batch if not isinstance(i, _Failure)], self.held)
+            self.metrics.delivered([i for i in batch if isinstance(i, list)], self.held)
         for item in batch:
+            if isinstance(item, _Events):
+                write.events += item.events
+                continue
             if isinstance(item, _Failure):
                 held = self.held.get(item.job_id)
                 if held is not None:
@@ -309,3 +373,5 @@ class Relay(threading.Thread):
         final_keys, final_args = record.finalize_operands(job, held.attempt, hook)
         write.final_keys += final_keys
         write.final_args += final_args
+        shown = self.flower.task_events
+        write.final_events.append(task_events.ended(job, self.node, held.claimed_at) if shown else "")

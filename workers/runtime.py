@@ -76,6 +76,7 @@ class Runtime:
         engine.backend is kept for the next start: an engine is chosen when the worker starts."""
         self.engine.configure(settings)
         self.relay.output_interval_s = settings.webhooks.output_interval_s
+        self.relay.flower = settings.flower
         if self.reaper is not None:
             self.reaper.max_attempts = settings.limits.max_attempts
 
@@ -95,11 +96,13 @@ class Runtime:
         except redis.RedisError as e:
             log.error("claiming %d jobs failed (%r): the reaper sends them again", len(jobs), e)
             return [None] * len(jobs)
+        cancelled = [j for j, a in zip(jobs, attempts, strict=True) if a == record.CANCELLED_WHILE_QUEUED]
+        self.relay.cancelled_while_queued(cancelled)
         out: list[Held | None] = []
         for job, attempt in zip(jobs, attempts, strict=True):
             held = None
             try:
-                if attempt:
+                if attempt > 0:
                     text, tokens = record.resume(self._resume, job.id, attempt) if attempt > 1 else ("", 0)
                     held = self.submit(job, attempt, text, tokens)
             except redis.RedisError as e:  # claimed, not started: the reaper takes it after this worker

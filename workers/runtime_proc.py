@@ -208,6 +208,7 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
 
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
+    from scheduler.task_events import node_name
     from scheduler.webhooks import WebhookEventType
     from workers.engine_proc import EngineHost
     from workers.metrics import serve_worker_metrics
@@ -220,20 +221,26 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
     )
     celery = make_celery(settings.require_redis_url())
     notifier = Notifier(celery, client)
-    relay = Relay(client, settings.limits.job_ttl_s, notifier, settings.webhooks.output_interval_s)
+    relay = Relay(
+        client,
+        settings.limits.job_ttl_s,
+        notifier,
+        settings.webhooks.output_interval_s,
+        node=node_name(name),
+        flower=settings.flower,
+    )
     engine = EngineHost(settings, relay)
     log.info("worker %s: starting its engine (%s)", name, settings.resolved_model_dir)
     engine.start()  # loaded and warm
     info = worker_info(name, engine, str(settings.resolved_model_dir), settings.engine.max_batch_size)
     info.engine_reason = engine.reason if engine.name == engine.choice else f"{engine.choice} failed to load"
     relay.metrics = serve_worker_metrics(info, settings.metrics)
-    reaper = Reaper(
-        client,
-        celery,
-        settings.limits.max_attempts,
-        settings.limits.job_ttl_s,
-        on_failed=lambda job: notifier.emit(job, WebhookEventType.FAILED, durable=True),
-    )
+
+    def reaped(job: Job) -> None:
+        notifier.emit(job, WebhookEventType.FAILED, durable=True)
+        relay.failed_elsewhere(job)
+
+    reaper = Reaper(client, celery, settings.limits.max_attempts, settings.limits.job_ttl_s, on_failed=reaped)
     return Runtime(
         client,
         engine,

@@ -223,7 +223,7 @@ def serve(settings: Settings) -> None:
         log.warning("webhooks are off (webhooks.allow is empty): every delivery will be refused")
     url = settings.require_redis_url()
     client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
-    app = make_celery(url, task_events=settings.task_events)
+    app = make_celery(url)
     deliverer = register_delivery(app, client, webhooks, settings.limits.job_ttl_s)
 
     def reconfigure(new: Settings, _version: object) -> None:  # live config: allowlist, retries
