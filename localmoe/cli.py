@@ -219,6 +219,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from host.settings import get_settings
+    from localmoe.flower import serve
+
+    serve(get_settings())
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from api.serve import serve
     from host.settings import get_settings
@@ -529,6 +537,11 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one worker (normally started by `up`)")
     worker.add_argument("--name", help="worker name; its queue is localmoe.worker.NAME")
     worker.set_defaults(func=cmd_worker)
+
+    flower = sub.add_parser(
+        "flower", help="run Flower: each job a task, basic auth, history kept (normally started by `up`)"
+    )
+    flower.set_defaults(func=cmd_flower)
 
     api = sub.add_parser("api", help="run an API process (normally started by `up`)")
     api.add_argument(

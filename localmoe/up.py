@@ -3,7 +3,8 @@
 Starts, in order: its own Redis (unless LOCALMOE_REDIS_URL names one), the embedded small model
 (built on first start unless LOCALMOE_MODEL_DIR names one), one worker per visible GPU or per
 tensor-parallel group of GPUs (pinned with CUDA_VISIBLE_DEVICES) or one CPU worker, the API
-processes (uvicorn, sharing api_port: api/serve.py) and Flower (basic auth).
+processes (uvicorn, sharing api_port: api/serve.py) and Flower (basic auth, its history kept in
+the home: localmoe/flower.py).
 SIGINT / SIGTERM stop every child: the API and Flower first, then workers, then Redis.
 
 One `up` per home (host/instance.py): it holds the home's lock for its life and refuses to
@@ -161,7 +162,7 @@ class Supervisor:
         s = self.settings
         ports = {
             "LOCALMOE_API_PORT": (s.api_host, s.api_port),
-            "LOCALMOE_FLOWER_PORT": ("127.0.0.1", s.flower_port),
+            "LOCALMOE_FLOWER_PORT": (s.flower_host, s.flower_port),
             "LOCALMOE_METRICS__WEBHOOK_PORT": (s.metrics.host, s.metrics.webhook_port),
         }
         if s.metrics.worker_port:
@@ -177,7 +178,7 @@ class Supervisor:
         return Holder(
             pid=os.getpid(),
             api_url=s.resolved_api_url,
-            flower_url=f"http://127.0.0.1:{s.flower_port}",
+            flower_url=s.flower_url,
             home=str(s.home),
             instance=self.instance,
         )
@@ -245,23 +246,11 @@ class Supervisor:
         api_env = {**env, "LOCALMOE_API_REUSE_PORT": "true", "PROMETHEUS_MULTIPROC_DIR": metrics}
         for i in range(s.resolved_api_processes()):  # one port: the kernel spreads connections over them
             self.spawn(f"api-{i}", [sys.executable, "-m", "localmoe", "api"], api_env)
-        flower_pw = s.flower_password.get_secret_value() if s.flower_password else keys["flower_password"]
-        flower_env = {
-            **env,
-            "CELERY_BROKER_URL": env["LOCALMOE_REDIS_URL"],
-            "FLOWER_BASIC_AUTH": f"{s.flower_user}:{flower_pw}",
-            # Flower would switch task events on in every worker; that is a setting's call.
-            "FLOWER_ENABLE_EVENTS": str(s.task_events).lower(),
-        }
-        self.spawn(
-            "flower",
-            [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1", f"--port={s.flower_port}"],
-            flower_env,
-        )
+        self.spawn("flower", [sys.executable, "-m", "localmoe", "flower"], env)  # its password: secrets.json
         api = s.resolved_api_url
         print(
-            f"LocalMoE API   {api}\n         docs  {api}/docs\n       Flower  http://127.0.0.1:"
-            f"{s.flower_port}  (user {s.flower_user}, password in {s.home / 'secrets.json'})",
+            f"LocalMoE API   {api}\n         docs  {api}/docs\n       Flower  {s.flower_url}"
+            f"  (user {s.flower_user}, password in {s.home / 'secrets.json'})",
             flush=True,
         )
 

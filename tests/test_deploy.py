@@ -269,9 +269,8 @@ def test_api_workers_and_flower_wait_for_a_healthy_redis(services: dict[str, dic
 def test_processes_find_redis_with_the_password(services: dict[str, dict[str, Any]]) -> None:
     urls = {
         name: env_of(services[name])["LOCALMOE_REDIS_URL"]
-        for name in (*api_replicas(services), "webhooks", *workers(services))
+        for name in (*api_replicas(services), "webhooks", "flower", *workers(services))
     }
-    urls["flower"] = env_of(services["flower"])["CELERY_BROKER_URL"]
     for name, url in urls.items():
         m = re.fullmatch(r"rediss?://:(.+)@redis:6379/\d+", url)
         assert m, f"{name}: {url}"
@@ -316,15 +315,34 @@ def test_api_service(services: dict[str, dict[str, Any]]) -> None:
     assert services["api-1"] == services["api-2"]
 
 
-def test_flower_has_basic_auth(services: dict[str, dict[str, Any]]) -> None:
+def test_flower_has_basic_auth_and_keeps_its_history(
+    services: dict[str, dict[str, Any]], compose: dict[str, Any]
+) -> None:
     flower = services["flower"]
-    command = flower["command"]
-    command = " ".join(command) if isinstance(command, list) else command
-    assert re.search(r"celery\s+flower\b", command) and "--port=5555" in command
-    assert "--basic-auth" not in command, "credentials on a command line show in `ps`"
-    auth = env_of(flower)["FLOWER_BASIC_AUTH"]
+    assert flower["command"] == [
+        "localmoe",
+        "flower",
+    ]  # localmoe/flower.py: auth, persistence, no enable_events
+    env = env_of(flower)
+    assert (env["LOCALMOE_FLOWER_HOST"], env["LOCALMOE_FLOWER_PORT"]) == (
+        "0.0.0.0",
+        "5555",
+    )  # published on loopback
+    auth = env["FLOWER_BASIC_AUTH"]
     user = r"(?:\$\{FLOWER_USER(?::-[^}]+)?\}|[\w.-]+)"
     assert re.fullmatch(rf"{user}:{required('FLOWER_PASSWORD')}", auth), auth
+    (state,) = [m for m in mounts(flower) if m["target"] == env["LOCALMOE_HOME"] + "/flower"]
+    assert state["source"] in compose["volumes"] and not state.get("read_only")
+    runs = " ".join(a for i, a in parse_dockerfile(ROOT / "deploy" / "Dockerfile.api") if i == "RUN")
+    assert re.search(r"install -d -o 10001 -g 10001 (-m \d+ )?[^&]*/var/lib/localmoe/flower", runs)
+
+
+def test_every_process_sends_each_job_to_flower_by_default(services: dict[str, dict[str, Any]]) -> None:
+    for name in (*api_replicas(services), "webhooks", *workers(services)):
+        env = env_of(services[name])
+        assert env["LOCALMOE_FLOWER__TASK_EVENTS"] == "${LOCALMOE_FLOWER__TASK_EVENTS:-true}", name
+        assert "LOCALMOE_TASK_EVENTS" not in env and "FLOWER_ENABLE_EVENTS" not in env, name
+    assert "FLOWER_ENABLE_EVENTS" not in env_of(services["flower"])
 
 
 # --- no secrets ----------------------------------------------------------------------------------
@@ -707,7 +725,13 @@ def test_docker_compose_config(tmp_path: Path) -> None:
 # --- systemd (deploy/systemd/) -------------------------------------------------------------------
 
 SYSTEMD = ROOT / "deploy" / "systemd"
-UNITS = {"localmoe.service", "localmoe-api@.service", "localmoe-worker@.service", "localmoe-webhooks.service"}
+UNITS = {
+    "localmoe.service",
+    "localmoe-api@.service",
+    "localmoe-worker@.service",
+    "localmoe-webhooks.service",
+    "localmoe-flower.service",
+}
 
 
 def _unit(path: Path) -> dict[str, list[str]]:

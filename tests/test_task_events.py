@@ -158,7 +158,11 @@ def test_a_job_cancelled_while_queued_is_reported_by_the_worker_that_takes_its_m
 ) -> None:
     job = Job(spec=JobSpec(prompt="def never(x):"), queue=keys.SHARED_QUEUE)
     record.create(client, [job], 600)
-    client.hset(keys.job(job.id), "status", job_to_hash(job.model_copy(update={"status": JobStatus.CANCELLED}))["status"])
+    client.hset(
+        keys.job(job.id),
+        "status",
+        job_to_hash(job.model_copy(update={"status": JobStatus.CANCELLED}))["status"],
+    )
     claim = client.register_script(record.CLAIM)
     assert record.claim(claim, [job], "w1", "torch", "inc") == [record.CANCELLED_WHILE_QUEUED]
     relay = Relay(client, 600, node=NODE)

@@ -51,9 +51,11 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         # Two API processes on one port; whichever answers a scrape counts what both accepted.
         assert re.findall(r"started (api-\d+)", printed) == ["api-0", "api-1"]
         before = _submitted(api, key)
+        posted = []
         for _ in range(12):  # a connection each: the kernel spreads them over the two processes
             r = httpx.post(f"{api}/v1/jobs", json={"prompt": "x", "max_tokens": 1}, headers=bearer(key))
             assert r.status_code == 202, r.text
+            posted.append(r.json()["id"])
         assert {_submitted(api, key) - before for _ in range(6)} == {12}
         made = localmoe(env, "keys", "create", "alice", "--max-priority", "low", timeout=30)
         assert made.returncode == 0, made.stderr
@@ -81,6 +83,12 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
         wait_for(lambda: _status(flower) == 401, 30, "Flower to answer")
         password = json.loads((home / "secrets.json").read_text())["flower_password"]
         assert httpx.get(flower, auth=("admin", password), timeout=5).status_code == 200
+
+        def in_flower() -> dict[str, str]:  # each job a task, in its terminal state
+            tasks = httpx.get(flower.replace("workers", "tasks"), auth=("admin", password), timeout=5).json()
+            return {i: t["state"] for i, t in tasks.items() if i in posted}
+
+        wait_for(lambda: in_flower() == dict.fromkeys(posted, "SUCCESS"), 30, "Flower to list the jobs")
         assert (home / "secrets.json").stat().st_mode & 0o077 == 0
 
         # Supervision: a worker killed with SIGKILL is restarted, and serves again.
@@ -99,6 +107,7 @@ def test_up_serves_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> Non
     for port in (api_port, flower_port):
         assert _status(f"http://127.0.0.1:{port}/") is None  # nothing listens any more
     assert "all stopped" in (tmp_path / "up.log").read_text()
+    assert list((home / "flower").glob("state*")), "Flower wrote its state file as it stopped"
 
 
 def localmoe(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
