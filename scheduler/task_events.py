@@ -22,6 +22,7 @@ published by the relay's own script: no round trip of their own. Flower reads th
 
 from __future__ import annotations
 
+import itertools
 import socket
 import uuid
 from typing import Any
@@ -64,22 +65,31 @@ def channel(db: int) -> str:
     return f"/{db}.{EXCHANGE}/{ROUTING_KEY}"
 
 
-def envelope(node: str) -> tuple[str, str]:
-    """(head, tail) of one kombu message around a JSON body: head + the body as a JSON string +
-    tail. No body encoding: kombu hands the body to the JSON decoder as it is."""
-    properties = {
-        "delivery_mode": 1,
-        "delivery_info": {"exchange": EXCHANGE, "routing_key": ROUTING_KEY},
-        "priority": 0,
-        "delivery_tag": uuid.uuid4().hex,
-    }
-    rest = {
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"hostname": node},
-        "properties": properties,
-    }
-    return '{"body":', "," + orjson.dumps(rest).decode()[1:]
+class Envelope:
+    """The kombu message around one list of events: head + the list as a JSON string + tail. No
+    body encoding: kombu hands the body to the JSON decoder as it is. Each message gets a delivery
+    tag of its own (the node's, numbered)."""
+
+    def __init__(self, node: str) -> None:
+        rest = {
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"hostname": node},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": EXCHANGE, "routing_key": ROUTING_KEY},
+                "priority": 0,
+                "delivery_tag": "",
+            },
+        }
+        tail = "," + orjson.dumps(rest).decode()[1:]
+        self._before, self._after = tail.split('"delivery_tag":""')
+        self._tag = '"delivery_tag":' + orjson.dumps(f"{node}.{uuid.uuid4().hex[:8]}.").decode()[:-1]
+        self._count = itertools.count(1)
+
+    def next(self) -> tuple[str, str]:
+        """(head, tail) of the next message."""
+        return '{"body":', f'{self._before}{self._tag}{next(self._count)}"{self._after}'
 
 
 def claimed(job: Job, node: str, at: float, view: FlowerSettings) -> list[str]:

@@ -199,7 +199,12 @@ class Relay(threading.Thread):
         self.flower = flower or FlowerSettings()
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure | _Events] = queue.SimpleQueue()
-        self._claims: queue.SimpleQueue[str] = queue.SimpleQueue()  # task events of claims, not yet sent
+        # Claims whose task events are not made yet (→ _claimed, by this thread, after the write that
+        # carries the claimed jobs' first tokens: that write, on every job's time to first token,
+        # waits for no JSON), and the events made, sent with the next write.
+        self._claims: queue.SimpleQueue[tuple[Held, FlowerSettings]] = queue.SimpleQueue()
+        self._claimed: list[str] = []
+        self._envelope = task_events.Envelope(self.node)
         self._relay = client.register_script(RELAY)
         self._events_channel = task_events.channel(client.connection_pool.connection_kwargs.get("db", 0))
 
@@ -207,9 +212,8 @@ class Relay(threading.Thread):
     def track(self, held: Held) -> None:
         held.claimed_at = time.time()
         flower = self.flower
-        if flower.task_events:  # they ride on the next write (this job's first token, at the latest)
-            for event in task_events.claimed(held.job, self.node, held.claimed_at, flower):
-                self._claims.put(event)
+        if flower.task_events:
+            self._claims.put((held, flower))
         self.held[held.job.id] = held
         if self.notifier is not None:
             self.notifier.emit(held.job, WebhookEventType.STARTED, output="")
@@ -244,7 +248,7 @@ class Relay(threading.Thread):
     def _write_with_retry(self, batch: list[list[Delta] | _Failure | _Events]) -> None:
         write = self._plan(batch)  # job state advances once, however often we retry
         publishes = bool(write.events) or any(write.final_events)
-        envelope = task_events.envelope(self.node) if publishes else ("", "")
+        envelope = self._envelope.next() if publishes else ("", "")
         args = write.args(self.ttl_s, self._events_channel, envelope)
         delay = 0.1
         while True:
@@ -265,6 +269,7 @@ class Relay(threading.Thread):
                 )
                 written = [0] * len(write.finals)
                 break
+        self._make_claim_events()
         for (held, job), won in zip(write.finals, written, strict=True):
             if won and self.notifier is not None and held.terminal is not None:  # final state written
                 self.notifier.send(held.terminal, outboxed=True)  # the outbox holds it until sent
@@ -274,8 +279,7 @@ class Relay(threading.Thread):
 
     def _plan(self, batch: list[list[Delta] | _Failure | _Events]) -> _Write:
         write = _Write(at=time.time())  # first tokens are stamped as they go to Redis: what a client sees
-        while not self._claims.empty():  # before this batch's terminal events: a task starts, then ends
-            write.events.append(self._claims.get_nowait())
+        write.events, self._claimed = self._claimed, []
         if self.metrics is not None:  # before the loop below lets go of the finished jobs
             self.metrics.delivered([i for i in batch if isinstance(i, list)], self.held)
         for item in batch:
@@ -302,6 +306,9 @@ class Relay(threading.Thread):
                     final = self._final_job(held, status, delta.finish_reason, delta.error, usage)
                     write.finals.append((held, final))
                     del self.held[delta.request_id]  # one terminal state per job, whatever follows
+        if write.finals:  # a job may end in the write of its first token: its task starts first
+            self._make_claim_events()
+            write.events, self._claimed = write.events + self._claimed, []
         for held, job in write.finals:
             self._plan_final(write, held, job)
         if self.metrics is not None:
@@ -335,6 +342,11 @@ class Relay(threading.Thread):
             write.entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
             held.unsent_tokens = 0
             held.logprobs_sent = len(held.logprobs)
+
+    def _make_claim_events(self) -> None:
+        while not self._claims.empty():
+            held, flower = self._claims.get_nowait()
+            self._claimed += task_events.claimed(held.job, self.node, held.claimed_at, flower)
 
     def _maybe_output_event(self, held: Held, delta: Delta) -> None:
         """An `output` event with the text so far, throttled; the last text rides on `completed`."""
