@@ -11,7 +11,15 @@ TTFT: arrival → the step that made its first token returns. Service TTFT: the 
 → first_token_at in the job's record (the relay writes the first token to Redis). Throughput:
 tokens ÷ (first arrival → last token). Both engines run with the same torch thread count.
 
-    python -m bench.service_vs_engine [--jobs 64] [--tokens 64] [--rounds 5] [--gap-ms 5]
+    python -m bench.service_vs_engine [--jobs 64] [--tokens 64] [--rounds 5] [--gap-ms 5] [--events]
+
+--events: what Flower's task events cost. Flower runs beside the service (as `localmoe up` runs it)
+and every round runs the service three times after the engine, in an order that rotates by round:
+task events off, on (the relay's, per job: scheduler/task_events.py; switched through the live
+config) and Celery's own per-message events (switched by Celery's enable_events / disable_events
+control commands). Each switch is checked with a probe job before the round. Prints, per mode, the
+median over rounds of its throughput ÷ the same round's events-off throughput (goal ≥ 0.98 for the
+default, relay) and of its added TTFT p50 minus events off's (goal ≤ 1 ms).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,12 +40,14 @@ import redis
 import torch
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
+from host import config_store
 from host.settings import Settings
-from localmoe.redis_server import RedisServer
+from localmoe.redis_server import RedisServer, free_port
 from moe_build.checkpoint import build_checkpoint
 from moe_core.engine import Engine, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import JobStatus, job_from_hash
+from scheduler.queue import make_celery
 from workers.engine_setup import construct
 
 
@@ -77,7 +89,13 @@ def run_engine(engine: Engine, texts: list[str], tokens: int, gap: float) -> tup
 
 
 def run_service(
-    pool: ThreadPoolExecutor, api: str, client: redis.Redis, texts: list[str], tokens: int, gap: float
+    pool: ThreadPoolExecutor,
+    api: str,
+    client: redis.Redis,
+    texts: list[str],
+    tokens: int,
+    gap: float,
+    label: str = "",
 ) -> tuple[float, list[float], int]:
     """The same arrivals as HTTP requests, one client thread per in-flight request (httpx's sync
     client: its async client spent ~4 ms per request here, the sync one 0.5 ms).
@@ -111,7 +129,7 @@ def run_service(
         "engine": [(j.timings.first_token_at or 0) - (j.timings.started_at or 0) for j in jobs],
     }
     print(
-        "    where the service's TTFT goes, p50 / max (ms): "
+        f"    {label}where the service's TTFT goes, p50 / max (ms): "
         + "  ".join(f"{k} {pct(v, 50) * 1000:.1f} / {max(v) * 1000:.1f}" for k, v in stages.items()),
         flush=True,
     )
@@ -154,6 +172,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="float32 keeps greedy tokens identical on both paths")
     ap.add_argument("--model-dir", help="serve this model instead of building the small one")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="job i arrives at i × gap (both paths)")
+    ap.add_argument(
+        "--events", action="store_true", help="task events off / relay / Celery's, alternating (see above)"
+    )
     args = ap.parse_args()
     texts = prompts(args.jobs)
     settings = Settings()
@@ -189,7 +210,11 @@ def main() -> None:
             engine = construct(args.backend, model, device, settings.engine, offload=False)
             engine.load()
             with ThreadPoolExecutor(args.jobs) as pool:
-                compare(engine, pool, api, client, texts, args, gap)
+                if args.events:
+                    procs.append(start_flower(env))
+                    compare_events(engine, pool, api, client, texts, args, gap, Events(client, server.url))
+                else:
+                    compare(engine, pool, api, client, texts, args, gap)
         finally:
             stop(procs)
             client.close()
@@ -235,6 +260,118 @@ def compare(
         f" (goal ≥ 0.90); added TTFT p50 {statistics.median(p50s):.1f} ms (goal ≤ 5),"
         f" p99 {statistics.median(p99s):.1f} ms (goal ≤ 20)"
     )
+
+
+MODES = ("off", "relay", "celery")  # task events: none, the relay's per job, Celery's per message
+
+
+class Events:
+    """Switches the worker's task events between MODES, and checks the switch with a probe job:
+    which event messages its run publishes (the relay's, or the Celery consumer's)."""
+
+    def __init__(self, client: redis.Redis, url: str) -> None:
+        self.client = client
+        self.app = make_celery(url)
+        self.settings = Settings()
+        self.mode = ""
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self.pubsub.psubscribe(f"/{db}.celeryev/task.*")
+
+    def switch(self, mode: str, api: str) -> None:
+        if mode == self.mode:
+            return
+        relay = mode == "relay"
+        config_store.set_values(self.client, self.settings, {"flower.task_events": relay}, by="bench")
+        (self.app.control.enable_events if mode == "celery" else self.app.control.disable_events)()
+        deadline = time.monotonic() + 30
+        while self.probe(api) != mode:  # the worker's config poll takes up to 2 s
+            assert time.monotonic() < deadline, f"task events did not switch to {mode}"
+            time.sleep(0.25)
+        self.mode = mode
+
+    def probe(self, api: str) -> str:
+        """The mode a probe job's run shows."""
+        while self.pubsub.get_message(timeout=0.01):  # what earlier runs published
+            pass
+        job_id = _client(api).post("/v1/jobs", json={"prompt": "probe", "max_tokens": 1}).json()["id"]
+        status = keys.job(job_id)
+        while not (raw := self.client.hget(status, "status")) or not JobStatus(json.loads(raw)).terminal:
+            time.sleep(0.01)
+        seen = set()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            message = self.pubsub.get_message(timeout=0.05)
+            if message:  # both send task.multi lists; Celery's dispatcher base64-encodes its body
+                encoding = json.loads(message["data"])["properties"].get("body_encoding")
+                seen.add("celery" if encoding == "base64" else "relay")
+        return "off" if not seen else "/".join(sorted(seen))
+
+
+def start_flower(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`localmoe flower`, as `localmoe up` runs it beside the service (it reads every event)."""
+    port = free_port()
+    flower_env = {**env, "LOCALMOE_FLOWER_PORT": str(port), "LOCALMOE_FLOWER_PASSWORD": "bench"}
+    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "flower"], env=flower_env)
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/workers", auth=("admin", "bench")).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "flower exited"
+        time.sleep(0.1)
+
+
+def compare_events(
+    engine: Engine,
+    pool: ThreadPoolExecutor,
+    api: str,
+    client: redis.Redis,
+    texts: list[str],
+    args: argparse.Namespace,
+    gap: float,
+    events: Events,
+) -> None:
+    """Warm-up, then rounds: the engine, then the service in each mode (the order rotates)."""
+    print("[3/4] warm-up round (untimed), every mode", flush=True)
+    run_engine(engine, texts, args.tokens, gap)
+    for mode in MODES:
+        events.switch(mode, api)
+        run_service(pool, api, client, texts, args.tokens, gap, f"{mode:6} ")
+    print(
+        f"[4/4] {args.rounds} timed rounds of {args.jobs} jobs × {args.tokens} tokens, one arrival every "
+        f"{args.gap_ms} ms; torch threads {torch.get_num_threads()}; task events {', '.join(MODES)}",
+        flush=True,
+    )
+    tps: dict[str, list[float]] = {m: [] for m in MODES}
+    added_p50: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        e_tps, e_ttft, e_n = run_engine(engine, texts, args.tokens, gap)
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+        for mode in order:
+            events.switch(mode, api)
+            s_tps, s_ttft, s_n = run_service(pool, api, client, texts, args.tokens, gap, f"{mode:6} ")
+            assert e_n == s_n, f"different work: engine {e_n} tokens, service {s_n} ({mode})"
+            tps[mode].append(s_tps)
+            added_p50[mode].append(pct([(s - e) * 1000 for s, e in zip(s_ttft, e_ttft, strict=True)], 50))
+        print(
+            f"  round {r + 1}: engine {e_tps:7.0f} tok/s  "
+            + "  ".join(
+                f"{m} {tps[m][-1]:7.0f} tok/s ({tps[m][-1] / e_tps:.3f}) added p50 {added_p50[m][-1]:5.1f} ms"
+                for m in MODES
+            ),
+            flush=True,
+        )
+    events.switch("relay", api)  # the default, for whoever looks at the worker afterwards
+    off = tps["off"]
+    for mode in MODES[1:]:
+        ratio = statistics.median(t / o for t, o in zip(tps[mode], off, strict=True))
+        extra = statistics.median(a - o for a, o in zip(added_p50[mode], added_p50["off"], strict=True))
+        print(
+            f"task events {mode} against off, median over {args.rounds} rounds: throughput {ratio:.3f} "
+            f"(goal ≥ 0.98), added TTFT p50 {extra:+.1f} ms (goal ≤ 1)"
+        )
 
 
 if __name__ == "__main__":

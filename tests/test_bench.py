@@ -103,6 +103,14 @@ def test_the_redis_cost_benchmark_runs(tmp_path: Path) -> None:
     assert by_command["evalsha"]["us_per_token"] > 0 and by_command["xread"]["calls"] > 0
 
 
+def test_the_task_events_cost_benchmark_runs() -> None:
+    argv = [sys.executable, "-m", "bench.task_events_cost", "--jobs", "4", "--tokens", "3", "--reps", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # 3 batches with events (warm-up, one per rep): the claims with the first write, the ends with the last
+    assert "event messages read: 6" in done.stdout, done.stdout
+
+
 def test_the_feed_cost_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "feed.json"
     argv = [sys.executable, "-m", "bench.feed_cost", "--batches", "5", "--batch", "8"]
