@@ -232,6 +232,15 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
+# Latent attention's widths as every DeepSeek-V2/V3 checkpoint has them, whatever its size: vLLM's
+# CUDA MLA kernels take few others. Decode (FlashAttention-MLA, FlashMLA) reads latent cache rows of
+# kv_lora_rank + qk_rope_head_dim = 576; prefill on Hopper has FlashAttention alone, which takes
+# (qk_nope, qk_rope, v) = (128, 64, 128) and two other families' triples, not (16, 64, 16).
+MLA_HEAD_DIMS: dict[str, Any] = dict(
+    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128
+)
+
+
 def _model_config(
     arch: str,
     vocab_size: int,
@@ -326,11 +335,8 @@ def _model_config(
             topk_group=1,
             topk_method="greedy",
             norm_topk_prob=False,
-            kv_lora_rank=512,
             q_lora_rank=None,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
+            **MLA_HEAD_DIMS,
             **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
     if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, grouped routing,
@@ -345,11 +351,8 @@ def _model_config(
             first_k_dense_replace=1,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
-            kv_lora_rank=512,  # V3's latent width and rope part: vLLM's MLA kernels take no others
             q_lora_rank=48,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
+            **MLA_HEAD_DIMS,
             **{**common, "num_key_value_heads": heads},  # latent attention: no grouped KV heads
         )
         # as DeepSeek-V3's config.json says; transformers always routes so and takes them only as
