@@ -53,6 +53,13 @@ class ModelInfo:
     # experts every token of a MoE layer goes through besides its routed ones: n_shared_experts
     # (DeepSeek-V2/V3, GLM-4.5), Qwen2-MoE's one gated shared expert; 0 for the other families
     shared_experts: int = 0
+    # What the GPU memory plan (moe_core/choice.py) sizes activations and the KV cache from; 0 where
+    # config.json does not say.
+    architectures: tuple[str, ...] = ()  # config.json's class names, e.g. ("MixtralForCausalLM",)
+    hidden_size: int = 0
+    expert_intermediate_size: int = 0  # one routed expert's: moe_intermediate_size, else intermediate_size
+    vocab_size: int = 0
+    kv_values_per_token: int = 0  # KV-cache elements one token holds, all layers together
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,7 +135,26 @@ def inspect_model(path: Path | str) -> ModelInfo:
         shared_experts=_shared_experts(config),
         eos_token_ids=_eos_token_ids(path, config),
         quantization=_quant_method(config),
+        architectures=tuple(str(a) for a in config.get("architectures") or ()),
+        hidden_size=_first_int(config, ("hidden_size",), 0),
+        expert_intermediate_size=_first_int(config, ("moe_intermediate_size", "intermediate_size"), 0),
+        vocab_size=_first_int(config, ("vocab_size",), 0),
+        kv_values_per_token=_kv_values_per_token(config),
     )
+
+
+def _kv_values_per_token(config: dict[str, Any]) -> int:
+    """Per token, over all layers: latent attention (DeepSeek-V2/V3) caches one compressed
+    vector, kv_lora_rank + qk_rope_head_dim wide; every other family keys and values,
+    2 × KV heads × head_dim. 0 when the config lacks the sizes."""
+    layers = _first_int(config, ("num_hidden_layers",), 0)
+    if config.get("kv_lora_rank"):
+        return layers * (int(config["kv_lora_rank"]) + _first_int(config, ("qk_rope_head_dim",), 0))
+    heads = _first_int(config, ("num_attention_heads",), 0)
+    kv_heads = _first_int(config, ("num_key_value_heads",), heads)
+    hidden = _first_int(config, ("hidden_size",), 0)
+    head_dim = _first_int(config, ("head_dim",), hidden // heads if heads else 0)
+    return layers * 2 * kv_heads * head_dim
 
 
 def _shared_experts(config: dict[str, Any]) -> int:
