@@ -178,7 +178,7 @@ def make_engine(
     cfg.vllm.tuned_config_dir = tuned_config_dir
     if tp:
         cfg.vllm.tensor_parallel_size = cfg.deepspeed.tensor_parallel_size = int(tp)
-    return construct(cast(Backend, backend), model, "cuda", cfg, offload=False)
+    return construct(cast(Backend, backend), model, "cuda", cfg)
 
 
 def make_raw_vllm(model: Path, batch: int) -> Any:

@@ -207,7 +207,7 @@ def main() -> None:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if device == "cpu":
                 torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
-            engine = construct(args.backend, model, device, settings.engine, offload=False)
+            engine = construct(args.backend, model, device, settings.engine)
             engine.load()
             with ThreadPoolExecutor(args.jobs) as pool:
                 if args.events:

@@ -254,7 +254,7 @@ class EngineAlone:
             torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as a CPU worker does
         print(f"[engine] loading {args.backend} on {device}", flush=True)
         self.tokens = args.tokens
-        self.engine = construct(args.backend, model, device, settings.engine, offload=False)
+        self.engine = construct(args.backend, model, device, settings.engine)
         self.engine.load()
         self.workloads = {"completions": texts}
         if "chat" in args.paths:

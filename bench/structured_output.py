@@ -207,7 +207,7 @@ def main() -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         settings.engine.vllm.enforce_eager = device == "cpu"
-    engine = construct(args.backend, model, device, settings.engine, offload=False)
+    engine = construct(args.backend, model, device, settings.engine)
     print(f"[engine] loading {args.backend} on {device}", flush=True)
     engine.load()
     pool = schemas(args.schemas, patterns=not args.no_patterns)

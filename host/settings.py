@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 
 class VllmSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt engine setting stops the start
+
     tensor_parallel_size: int = Field(1, ge=1)
     enable_expert_parallel: bool = False
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.98)
@@ -61,6 +63,8 @@ class VllmSettings(BaseModel):
 
 
 class DeepSpeedSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     tensor_parallel_size: int = Field(1, ge=1, description="init_inference tensor parallelism.")
     offload: Literal["none", "cpu", "nvme"] = Field(
         "none", description="ZeRO-3 inference: parameters live in CPU memory or on NVMe, streamed per layer."
@@ -69,11 +73,27 @@ class DeepSpeedSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     backend: Literal["auto", "torch", "vllm", "deepspeed"] = Field(
         "auto",
-        description="auto: vLLM if the model fits the GPU budget, DeepSpeed offload if not, else torch",
+        description="auto: vLLM on a GPU (with weights offloaded to CPU memory where they do not fit "
+        "the budget; DeepSpeed ZeRO-3 offload where vLLM cannot run the model), else torch",
     )
-    gpu_memory_budget_gb: float = Field(40.0, gt=0, description="Per worker (40 of an L40S's 48 GB).")
+    gpu_memory_budget_gb: float = Field(
+        40.0,
+        gt=0,
+        description="What the engine may take of each of its GPUs: weights, KV cache, activations "
+        "(40 of an L40S's 48 GB).",
+    )
+    offload: Literal["auto", "none", "vllm_cpu", "experts", "zero3"] = Field(
+        "auto",
+        description="Where weights that do not fit the budget go. auto: vllm_cpu where vLLM runs the "
+        "model, else zero3; none: refuse to start such a model; vllm_cpu: vLLM's cpu_offload_gb (the "
+        "GPU reads them from pinned CPU memory at every step); zero3: DeepSpeed ZeRO-3 (every weight "
+        "streamed from deepspeed.offload's cpu or nvme); experts: a GPU cache of the experts in use "
+        "(not built yet: a worker refuses it at start).",
+    )
     max_step_failures: int = Field(3, ge=1, description="Failed steps in a row before failing over.")
     failover_cooldown_s: float = Field(300.0, ge=0, description="Then the preferred engine is tried again.")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
@@ -99,6 +119,17 @@ class EngineSettings(BaseModel):
 
     def resolved_cpu_threads(self) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+
+    @model_validator(mode="after")
+    def _offload_fits_backend(self) -> EngineSettings:
+        by = {"vllm_cpu": "vllm", "zero3": "deepspeed"}.get(self.offload)  # the backend that offloads so
+        if by is not None and self.backend not in ("auto", by):
+            raise ValueError(f"engine.offload {self.offload} is {by}'s, not engine.backend {self.backend}'s")
+        if self.offload == "none" and self.deepspeed.offload != "none":
+            raise ValueError(
+                f"engine.offload none contradicts engine.deepspeed.offload {self.deepspeed.offload}"
+            )
+        return self
 
 
 class SchedulerSettings(BaseModel):

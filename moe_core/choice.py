@@ -1,10 +1,17 @@
-"""Which engine serves a model on this worker, and why.
+"""Which engine serves a model on this worker, where the weights that do not fit its GPU go, and why.
 
 vLLM when the model fits the worker's GPU memory budget (it is 13–15× faster than transformers on an
-H200: 14.4–16.6k against 1.1k tokens/s, 256 × (512 → 256), the reference model); DeepSpeed
-ZeRO-Inference with parameters offloaded to CPU memory when it does not fit; PyTorch/transformers
-otherwise (no GPU, or neither installed). A configured backend other than "auto" is used as it is,
-or refused with the reason it cannot run.
+H200: 14.4–16.6k against 1.1k tokens/s, 256 × (512 → 256), the reference model). When it does not
+fit, vLLM still serves it where it can, with the weights that do not fit in pinned CPU memory
+(`cpu_offload_gb`: the GPU reads them over PCIe at every step, zero-copy); DeepSpeed ZeRO-3, which
+streams every weight from CPU memory at every step, only where vLLM cannot run the model (not
+installed, an architecture its registry lacks, or `engine.offload: zero3`). On the H200, the
+reference model with half its weights off the GPU made 37 tokens/s at batch 1 through vLLM's
+offload against 4 through ZeRO-3 (BENCHMARKS.md). PyTorch/transformers otherwise (no GPU, or
+neither installed). A configured backend other than "auto" is used as it is, or refused with the
+reason it cannot run; `engine.offload: none` refuses a model that does not fit.
+
+The memory plan (`plan_memory`) is per GPU; its arithmetic is in the function.
 
 A quantized checkpoint (its config.json names a quantization_config: fp8, compressed-tensors, AWQ,
 GPTQ, MXFP4) runs on vLLM only, which reads its method from the config; the PyTorch and DeepSpeed
@@ -17,24 +24,107 @@ byte per parameter.
 from __future__ import annotations
 
 import importlib.util
+import math
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from moe_core.loader import ModelInfo
 
 Backend = Literal["torch", "vllm", "deepspeed"]
+Offload = Literal["none", "vllm_cpu", "zero3"]  # where the weights that do not fit the budget live
+OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
+OFFLOAD_OF: dict[str, Offload] = {"vllm": "vllm_cpu", "deepspeed": "zero3"}  # the one each backend does
 
-# Weights are not all a model needs: KV cache, activations and CUDA graphs want room beside them.
-# A model "fits" when its weights take at most this share of the budget.
+GIB = 2**30
+
+# The budget's share weights may take at most: KV cache, activations and CUDA graphs want room
+# beside them, and a large budget keeps a proportionate KV cache (more sequences in a batch).
 WEIGHTS_SHARE_OF_BUDGET = 0.8
+# The CUDA context (~0.5 GiB), CUDA graphs and the allocator's slack: outside what vLLM's profile
+# run measures as activations.
+RUNTIME_FIXED_BYTES = 1 * GIB
+# The KV cache is planned for every sequence of a full batch at this many tokens (or for one
+# sequence of the whole context, vLLM's minimum, if that is more).
+KV_TOKENS_PER_SEQUENCE = 1024
+
+EXPERTS_NOT_BUILT = (
+    "engine.offload is 'experts', but the expert cache is not built yet; "
+    "set engine.offload to auto, vllm_cpu or zero3"
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One GPU of the worker as the engine will use it.
+
+    gpu_bytes: engine.gpu_memory_budget_gb, per GPU. gpus: the GPUs the weights are split over
+    (vLLM's tensor parallel size). max_batch_size: sequences decoded together (vLLM's max_num_seqs).
+    max_num_batched_tokens: tokens of one scheduler step, the size of vLLM's profile run.
+    act_bytes: bytes of one activation or KV-cache element (2: bf16 / fp16; 4: float32)."""
+
+    gpu_bytes: int
+    gpus: int = 1
+    max_batch_size: int = 64
+    max_num_batched_tokens: int = 16384
+    act_bytes: int = 2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU. Invariants: gpu_weights + reserve == the budget; kv_cache + runtime == reserve;
+    gpu_weights + offload >= weights (equal when anything is offloaded)."""
+
+    weights: int  # the model's weights on this GPU (its 1/gpus share)
+    reserve: int  # the budget kept from the weights: runtime + kv_cache
+    runtime: int  # activations of one step + RUNTIME_FIXED_BYTES
+    kv_cache: int  # what the reserve leaves the KV cache (>= its planned minimum)
+    gpu_weights: int  # the budget left to weights
+    offload: int  # weights that do not fit: in CPU memory (0 when the model fits)
+
+    @property
+    def fits(self) -> bool:
+        return self.offload == 0
+
+
+def plan_memory(model: ModelInfo, weights: int, budget: Budget) -> MemoryPlan:
+    """weights: the model's weight bytes as the engine holds them (all GPUs together).
+
+    Per GPU, b = budget.act_bytes, T = max_num_batched_tokens, S = max_batch_size:
+      activations  T × (k × (3I + H) + 6H) × b   the step vLLM profiles, T tokens [T, ·]: fused MoE's
+                                                 gate/up output [T, k, 2I], its activation [T, k, I],
+                                                 the experts' outputs [T, k, H]; residual, norm,
+                                                 QKV and attention output ~[T, 6H]
+                 + S × V × 8                     the sampler's logits and probabilities [S, V], fp32
+      runtime      activations + RUNTIME_FIXED_BYTES
+      kv_min       max(max_context, S × KV_TOKENS_PER_SEQUENCE) × kv_values_per_token × b ÷ gpus
+      reserve      max((1 − WEIGHTS_SHARE_OF_BUDGET) × budget, runtime + kv_min)
+      gpu_weights  budget − reserve;  offload = max(0, weights ÷ gpus − gpu_weights)
+      kv_cache     reserve − runtime  (>= kv_min)
+    A config without the sizes (0s) plans no activations or KV cache beyond the 20 % floor. The
+    estimate errs high: vLLM measures its real activation peak at start-up and logs it.
+    """
+    per_gpu = math.ceil(weights / budget.gpus)
+    b, t, s = budget.act_bytes, budget.max_num_batched_tokens, budget.max_batch_size
+    h, i, k = model.hidden_size, model.expert_intermediate_size, model.experts_per_token
+    activations = t * (k * (3 * i + h) + 6 * h) * b + s * model.vocab_size * 8
+    runtime = activations + RUNTIME_FIXED_BYTES
+    kv_tokens = max(model.max_context, s * KV_TOKENS_PER_SEQUENCE)
+    kv_min = math.ceil(kv_tokens * model.kv_values_per_token * b / budget.gpus)
+    reserve = max(math.ceil((1 - WEIGHTS_SHARE_OF_BUDGET) * budget.gpu_bytes), runtime + kv_min)
+    gpu_weights = budget.gpu_bytes - reserve
+    offload = max(0, per_gpu - gpu_weights)
+    return MemoryPlan(per_gpu, reserve, runtime, reserve - runtime, gpu_weights, offload)
 
 
 @dataclass(frozen=True)
 class Choice:
     backend: Backend
-    offload: bool  # DeepSpeed: parameters live off the GPU (ZeRO-3 inference)
+    offload: Offload  # where the weights that do not fit live ("none": they all fit)
     reason: str
     fallbacks: tuple[Backend, ...]  # what to switch to, in order, if this one fails
+    cpu_offload_gb: float = 0.0  # vllm_cpu: GiB of weights per GPU vLLM keeps in CPU memory
+    kv_cache_bytes: int | None = None  # vllm_cpu: vLLM's KV cache per GPU, what the budget leaves it
 
 
 def installed(package: str) -> bool:
@@ -45,46 +135,143 @@ def choose(
     requested: Literal["auto", "torch", "vllm", "deepspeed"],
     model: ModelInfo,
     device: str,
-    budget_bytes: int,
+    budget: Budget,
     have: frozenset[str] | None = None,
     quantize: str | None = None,
+    offload: OffloadSetting = "auto",
+    vllm_archs: Collection[str] | None = None,
 ) -> Choice:
     """`have`: the installed engine packages (default: looked up); tests pass their own.
-    quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything."""
+    quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything.
+    offload: engine.offload. vllm_archs: the architectures vLLM's registry runs (default: looked up,
+    only for a model that does not fit)."""
+    if offload == "experts":
+        raise RuntimeError(EXPERTS_NOT_BUILT)
+    if requested != "auto" and offload in ("vllm_cpu", "zero3") and offload != OFFLOAD_OF.get(requested):
+        raise RuntimeError(f"engine.backend {requested} cannot offload as engine.offload {offload} asks")
     if have is None:
         have = frozenset(p for p in ("vllm", "deepspeed") if installed(p))
     if model.quantization is not None:
-        return _quantized(requested, model.quantization, device, have)
+        return _quantized(requested, model, device, budget, have, offload)
+    if requested not in ("auto", "torch") and requested not in have:
+        raise RuntimeError(f"engine {requested!r} is configured but the {requested} package is not installed")
     weights = (
         model.num_parameters_estimate
         if quantize == "fp8" and requested in ("auto", "vllm")
         else model.size_bytes
     )
-    gb = weights / 1e9
-    fits = weights <= WEIGHTS_SHARE_OF_BUDGET * budget_bytes
+    plan = plan_memory(model, weights, budget)
+    on_gpu = device.startswith("cuda")
+    if on_gpu and plan.gpu_weights <= 0:
+        raise RuntimeError(_too_small(plan, budget))
+    if not on_gpu or plan.fits:
+        return _in_place(requested, device, plan, budget, have)
+    if offload == "none":
+        raise RuntimeError(f"{_does_not_fit(plan, budget)}, and engine.offload is none: {_NONE_HELP}")
+    return _over_budget(requested, model, plan, budget, have, offload, vllm_archs)
+
+
+def _in_place(requested: str, device: str, plan: MemoryPlan, budget: Budget, have: frozenset[str]) -> Choice:
+    """Every weight on the GPU (or no GPU at all)."""
     if requested != "auto":
-        if requested != "torch" and requested not in have:
-            raise RuntimeError(
-                f"engine {requested!r} is configured but the {requested} package is not installed"
-            )
-        offload = requested == "deepspeed" and device != "cpu" and not fits
-        return Choice(requested, offload, f"configured: {requested}", _fallbacks(requested))
+        backend = cast(Backend, requested)  # not auto
+        return Choice(backend, "none", f"configured: {requested}", _fallbacks(backend))
     if not device.startswith("cuda"):
-        return Choice("torch", False, f"no GPU ({device}): PyTorch", ())
-    if fits and "vllm" in have:
-        why = f"weights {gb:.1f} GB fit the {budget_bytes / 1e9:.0f} GB budget: vLLM"
-        return Choice("vllm", False, why, _fallbacks("vllm"))
-    if not fits and "deepspeed" in have:
-        share = f"{WEIGHTS_SHARE_OF_BUDGET:.0%} of the {budget_bytes / 1e9:.0f} GB budget"
-        why = f"weights {gb:.1f} GB exceed {share}:"
+        return Choice("torch", "none", f"no GPU ({device}): PyTorch", ())
+    gb = plan.weights / 1e9
+    if "vllm" not in have:
+        return Choice("torch", "none", f"weights {gb:.1f} GB; vLLM is not installed: PyTorch", ())
+    why = f"weights {gb:.1f} GB fit the {budget.gpu_bytes / 1e9:.0f} GB budget: vLLM"
+    return Choice("vllm", "none", why, _fallbacks("vllm"))
+
+
+def _over_budget(
+    requested: str,
+    model: ModelInfo,
+    plan: MemoryPlan,
+    budget: Budget,
+    have: frozenset[str],
+    offload: str,
+    vllm_archs: Collection[str] | None,
+) -> Choice:
+    """Weights that do not fit: vLLM's offload where it runs the model, else ZeRO-3."""
+    if requested == "torch":
+        return Choice("torch", "none", "configured: torch (it offloads nothing)", ())
+    why_not_vllm = _why_not_vllm(requested, model, have, offload, vllm_archs)
+    if why_not_vllm is None:
+        return _vllm_cpu(requested, plan, budget, have)
+    if offload == "vllm_cpu":
+        raise RuntimeError(f"engine.offload is vllm_cpu, but {why_not_vllm}")
+    if "deepspeed" in have:
+        zero3 = f"DeepSpeed ZeRO-3 with parameters offloaded to CPU ({why_not_vllm})"
         return Choice(
-            "deepspeed", True, f"{why} DeepSpeed with parameters offloaded to CPU", _fallbacks("deepspeed")
+            "deepspeed", "zero3", f"{_does_not_fit(plan, budget)}: {zero3}", _fallbacks("deepspeed")
         )
-    missing = "vLLM" if fits else "DeepSpeed"
-    return Choice("torch", False, f"weights {gb:.1f} GB; {missing} is not installed: PyTorch", ())
+    if offload == "zero3":
+        raise RuntimeError("engine.offload is zero3, but the deepspeed package is not installed")
+    why = f"weights {plan.weights / 1e9:.1f} GB do not fit; {why_not_vllm} and DeepSpeed is not installed"
+    return Choice("torch", "none", f"{why}: PyTorch", ())
 
 
-def _quantized(requested: str, method: str, device: str, have: frozenset[str]) -> Choice:
+_NONE_HELP = (
+    "refusing to start it. Set engine.offload to auto (weights in CPU memory), raise "
+    "engine.gpu_memory_budget_gb, or quantize it on load (engine.vllm.quantization: fp8)"
+)
+
+
+def _too_small(plan: MemoryPlan, budget: Budget) -> str:
+    return (
+        f"the {budget.gpu_bytes / 1e9:.1f} GB GPU budget cannot hold the KV cache and activations "
+        f"({plan.reserve / 1e9:.2f} GB) beside any weights: raise engine.gpu_memory_budget_gb, or lower "
+        "engine.max_batch_size or engine.vllm.max_num_batched_tokens"
+    )
+
+
+def _does_not_fit(plan: MemoryPlan, budget: Budget) -> str:
+    per = " per GPU" if budget.gpus > 1 else ""
+    return (
+        f"weights {plan.weights / 1e9:.2f} GB{per} exceed the {plan.gpu_weights / 1e9:.2f} GB that the "
+        f"{budget.gpu_bytes / 1e9:.1f} GB budget leaves beside {plan.reserve / 1e9:.2f} GB for the KV "
+        "cache and activations"
+    )
+
+
+def _why_not_vllm(
+    requested: str, model: ModelInfo, have: frozenset[str], offload: str, vllm_archs: Collection[str] | None
+) -> str | None:
+    """Why vLLM cannot serve this model with its weights partly in CPU memory; None if it can
+    (configured, it is not second-guessed: its registry is not all it runs)."""
+    if offload == "zero3":
+        return "engine.offload: zero3"
+    if requested != "auto":
+        return None if requested == "vllm" else f"engine.backend: {requested}"
+    if "vllm" not in have:
+        return "vLLM is not installed"
+    if vllm_archs is None:
+        from moe_core.vllm_engine import supported_architectures
+
+        vllm_archs = supported_architectures()
+    if not set(model.architectures) & set(vllm_archs):
+        return f"vLLM's registry has no {'/'.join(model.architectures) or model.arch}"
+    return None
+
+
+def _vllm_cpu(requested: str, plan: MemoryPlan, budget: Budget, have: frozenset[str]) -> Choice:
+    # vLLM moves whole parameters to CPU memory, layer by layer from the first, until at least
+    # cpu_offload_gb GiB are there: rounded up here, it may move up to one parameter more.
+    gib = math.ceil(plan.offload / GIB * 100) / 100
+    vllm = f"vLLM with {gib:.2f} GiB of weights per GPU in CPU memory (cpu_offload_gb)"
+    why = f"{_does_not_fit(plan, budget)}: {vllm}"
+    fallbacks: tuple[Backend, ...] = (
+        ("deepspeed", "torch") if requested == "auto" and "deepspeed" in have else ("torch",)
+    )
+    return Choice("vllm", "vllm_cpu", why, fallbacks, cpu_offload_gb=gib, kv_cache_bytes=plan.kv_cache)
+
+
+def _quantized(
+    requested: str, model: ModelInfo, device: str, budget: Budget, have: frozenset[str], offload: str
+) -> Choice:
+    method = model.quantization
     if requested in ("torch", "deepspeed"):
         raise RuntimeError(
             f"this checkpoint is quantized ({method}): only the vLLM engine runs it, not {requested}; "
@@ -96,8 +283,20 @@ def _quantized(requested: str, method: str, device: str, have: frozenset[str]) -
         raise RuntimeError(
             f"this checkpoint is quantized ({method}): it needs vLLM on a GPU (device {device})"
         )
+    plan = plan_memory(model, model.size_bytes, budget)
+    if device.startswith("cuda") and plan.gpu_weights <= 0:
+        raise RuntimeError(_too_small(plan, budget))
+    if device.startswith("cuda") and not plan.fits:
+        if offload in ("none", "zero3"):
+            only = _NONE_HELP if offload == "none" else "only vLLM runs it (its offload: cpu_offload_gb)"
+            raise RuntimeError(
+                f"this checkpoint is quantized ({method}): {_does_not_fit(plan, budget)}, "
+                f"and engine.offload is {offload}: {only}"
+            )
+        c = _vllm_cpu(requested, plan, budget, have)
+        return Choice("vllm", "vllm_cpu", c.reason, (), c.cpu_offload_gb, c.kv_cache_bytes)
     why = "configured: vllm" if requested == "vllm" else f"quantized checkpoint ({method}): vLLM"
-    return Choice("vllm", False, why, ())  # no PyTorch to fall back to: it cannot run these weights
+    return Choice("vllm", "none", why, ())  # no PyTorch to fall back to: it cannot run these weights
 
 
 def _fallbacks(backend: Backend) -> tuple[Backend, ...]:

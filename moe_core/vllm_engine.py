@@ -108,6 +108,13 @@ def available() -> tuple[bool, str]:
     return True, f"vLLM {getattr(vllm, '__version__', 'unknown version')}"
 
 
+def supported_architectures() -> frozenset[str]:
+    """The model classes (config.json's `architectures`) vLLM's registry runs; imports vLLM."""
+    from vllm import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
+
+
 @dataclass
 class _Request:
     """One request from add_request until step() has returned its final delta."""
@@ -152,6 +159,8 @@ class VllmEngine:
         structured_outputs_backend: str = "guidance",
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
+        cpu_offload_gb: float = 0.0,
+        kv_cache_memory_bytes: int | None = None,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -167,7 +176,11 @@ class VllmEngine:
         either with JSON free of extra whitespace; enable_prefix_caching: vLLM's automatic prefix
         caching (KV blocks of earlier prompts reused by a prompt that starts alike); quantization:
         what vLLM quantizes an unquantized checkpoint to as it loads ("fp8"; None: nothing; a
-        quantized checkpoint's own method comes from its config)."""
+        quantized checkpoint's own method comes from its config); cpu_offload_gb: GiB of weights per
+        GPU vLLM keeps in pinned CPU memory, read over PCIe at every step (0: none; on vLLM's CPU
+        build the weights are in CPU memory already and it moves nothing); kv_cache_memory_bytes:
+        vLLM's KV cache per GPU, instead of what gpu_memory_utilization leaves (the automatic
+        choice sets it with cpu_offload_gb: what the memory budget leaves the KV cache)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -186,6 +199,8 @@ class VllmEngine:
         self.structured_outputs_backend = structured_outputs_backend
         self.enable_prefix_caching = enable_prefix_caching
         self.quantization = quantization
+        self.cpu_offload_gb = cpu_offload_gb
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -340,6 +355,8 @@ class VllmEngine:
             disable_log_stats=True,
             enable_prefix_caching=self.enable_prefix_caching,
             quantization=self.quantization,
+            cpu_offload_gb=self.cpu_offload_gb,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             # guidance: llguidance, the torch engine's library (one grammar per spec on every
             # engine); JSON without free whitespace either way (moe_core/structured.py)
             structured_outputs_config=StructuredOutputsConfig(

@@ -1,4 +1,5 @@
-"""The automatic engine choice, on the real small model's ModelInfo with its size varied."""
+"""The automatic engine choice and its GPU memory plan, on the real small model's ModelInfo with its
+size varied (and the reference model's shapes, for the plan's arithmetic)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.choice import choose
+from moe_core.choice import GIB, Budget, choose, plan_memory
 from moe_core.loader import ModelInfo, inspect_model
 
 GB = 10**9
+B40 = Budget(40 * GB)
+BOTH = frozenset({"vllm", "deepspeed"})
+MIXTRAL = frozenset({"MixtralForCausalLM"})  # what vLLM's registry is said to run
 
 
 @pytest.fixture(scope="module")
@@ -25,53 +29,160 @@ def sized(info: ModelInfo, gb: float) -> ModelInfo:
 
 
 def test_fits_the_budget_takes_vllm(info: ModelInfo) -> None:
-    c = choose("auto", sized(info, 26), "cuda", 40 * GB, frozenset({"vllm", "deepspeed"}))
-    assert (c.backend, c.offload, c.fallbacks) == ("vllm", False, ("torch",))
+    c = choose("auto", sized(info, 26), "cuda", B40, frozenset({"vllm", "deepspeed"}))
+    assert (c.backend, c.offload, c.fallbacks) == ("vllm", "none", ("torch",))
     assert "fit" in c.reason and "26.0 GB" in c.reason
 
 
-def test_too_large_takes_deepspeed_offload(info: ModelInfo) -> None:
-    c = choose("auto", sized(info, 93), "cuda", 40 * GB, frozenset({"vllm", "deepspeed"}))
-    assert (c.backend, c.offload) == ("deepspeed", True)
-    assert "offloaded" in c.reason
+def test_too_large_takes_vllm_with_the_rest_in_cpu_memory(info: ModelInfo) -> None:
+    """93 GB of weights, 40 GB budget: the tiny shapes need less than the 20 % floor (8 GB) for
+    activations and KV cache, so 32 GB of weights stay on the GPU and 61 GB = 56.81 GiB go to CPU
+    memory (rounded up to 0.01 GiB); the KV cache gets what the reserve leaves beside activations."""
+    c = choose("auto", sized(info, 93), "cuda", B40, BOTH, vllm_archs=MIXTRAL)
+    assert (c.backend, c.offload, c.cpu_offload_gb, c.fallbacks) == (
+        "vllm",
+        "vllm_cpu",
+        56.82,
+        ("deepspeed", "torch"),
+    )
+    plan = plan_memory(info, 93 * GB, B40)
+    assert plan.reserve == 8 * GB and c.kv_cache_bytes == plan.kv_cache == 8 * GB - plan.runtime
+    assert "exceed the 32.00 GB" in c.reason and "56.82 GiB" in c.reason and "cpu_offload_gb" in c.reason
+
+
+def test_deepspeed_offload_only_where_vllm_cannot_run_it(info: ModelInfo) -> None:
+    big = sized(info, 93)
+    c = choose("auto", big, "cuda", B40, frozenset({"deepspeed"}))  # no vLLM
+    assert (c.backend, c.offload, c.fallbacks) == ("deepspeed", "zero3", ("torch",))
+    assert "offloaded to CPU (vLLM is not installed)" in c.reason
+    c = choose("auto", big, "cuda", B40, BOTH, vllm_archs={"OlmoeForCausalLM"})  # not Mixtral
+    assert (c.backend, c.offload) == ("deepspeed", "zero3")
+    assert "vLLM's registry has no MixtralForCausalLM" in c.reason
+    c = choose("auto", big, "cuda", B40, BOTH, offload="zero3", vllm_archs=MIXTRAL)  # asked for
+    assert (c.backend, c.offload) == ("deepspeed", "zero3") and "(engine.offload: zero3)" in c.reason
+    c = choose("deepspeed", big, "cuda", B40, BOTH, vllm_archs=MIXTRAL)  # configured
+    assert (c.backend, c.offload) == ("deepspeed", "zero3")
+    c = choose("vllm", big, "cuda", B40, BOTH, vllm_archs={"OlmoeForCausalLM"})  # configured: as it is
+    assert (c.backend, c.offload, c.fallbacks) == ("vllm", "vllm_cpu", ("torch",))
+
+
+def test_offload_none_refuses_what_does_not_fit(info: ModelInfo) -> None:
+    assert choose("auto", sized(info, 26), "cuda", B40, BOTH, offload="none").offload == "none"
+    for backend in ("auto", "vllm", "deepspeed", "torch"):
+        with pytest.raises(
+            RuntimeError, match=r"weights 35\.00 GB exceed the 32\.00 GB .* engine.offload is none"
+        ):
+            choose(backend, sized(info, 35), "cuda", B40, BOTH, offload="none", vllm_archs=MIXTRAL)  # type: ignore[arg-type]
+
+
+def test_an_offload_that_cannot_run_is_refused(info: ModelInfo) -> None:
+    big = sized(info, 93)
+    with pytest.raises(RuntimeError, match="the expert cache is not built yet"):
+        choose("auto", info, "cpu", B40, BOTH, offload="experts")  # whatever the model
+    with pytest.raises(RuntimeError, match=r"engine\.offload is vllm_cpu, but vLLM is not installed"):
+        choose("auto", big, "cuda", B40, frozenset({"deepspeed"}), offload="vllm_cpu")
+    with pytest.raises(
+        RuntimeError, match=r"engine\.offload is zero3, but the deepspeed package is not installed"
+    ):
+        choose("auto", big, "cuda", B40, frozenset({"vllm"}), offload="zero3")
+    with pytest.raises(
+        RuntimeError, match=r"engine\.backend vllm cannot offload as engine\.offload zero3 asks"
+    ):
+        choose("vllm", big, "cuda", B40, BOTH, offload="zero3")
+    with pytest.raises(RuntimeError, match="cannot hold the KV cache and activations"):
+        choose("auto", big, "cuda", Budget(1 * GB), BOTH, vllm_archs=MIXTRAL)  # 1 GiB fixed alone
 
 
 def test_headroom_counts(info: ModelInfo) -> None:  # 35 GB of weights leave too little of 40 GB
+    assert choose("auto", sized(info, 35), "cuda", B40, BOTH, vllm_archs=MIXTRAL).offload == "vllm_cpu"
+
+
+REFERENCE = ModelInfo(  # bench/offload_gpu.py's model: 4.76 B bf16 Mixtral, 16 layers, 8 KV heads of 128
+    path=Path("reference"),
+    arch="mixtral",
+    num_parameters_estimate=4_760_000_000,
+    size_bytes=9_520_000_000,
+    max_context=2048,
+    num_experts=8,
+    experts_per_token=2,
+    num_layers=16,
+    eos_token_ids=(2,),
+    architectures=("MixtralForCausalLM",),
+    hidden_size=2048,
+    expert_intermediate_size=5632,
+    vocab_size=32000,
+    kv_values_per_token=16 * 2 * 8 * 128,
+)
+
+
+def test_the_plan_reserves_activations_and_kv_cache_from_the_shapes() -> None:
+    """Reference shapes, batch 16, 16384 tokens a step, bf16: activations 16384 × (2 × (3 × 5632 +
+    2048) + 6 × 2048) × 2 B + 16 × 32000 × 8 B; KV for 16 × 1024 tokens (more than the 2048 of one
+    full context) × 32768 values × 2 B = 1 GiB. That reserve beats the 20 % floor of a 10 GB
+    budget, and leaves 10 GB − reserve to weights."""
+    budget = Budget(10 * GB, max_batch_size=16)
+    plan = plan_memory(REFERENCE, REFERENCE.size_bytes, budget)
+    activations = 16384 * (2 * (3 * 5632 + 2048) + 6 * 2048) * 2 + 16 * 32000 * 8
+    assert plan.runtime == activations + GIB
+    assert plan.kv_cache == 16 * 1024 * 32768 * 2 == GIB
+    assert plan.reserve == plan.runtime + plan.kv_cache > 2 * GB
+    assert plan.gpu_weights + plan.reserve == budget.gpu_bytes
+    assert plan.gpu_weights + plan.offload == plan.weights == REFERENCE.size_bytes
+    # a larger batch plans more KV cache, and so more weights go to CPU memory
     assert (
-        choose("auto", sized(info, 35), "cuda", 40 * GB, frozenset({"vllm", "deepspeed"})).backend
-        == "deepspeed"
+        plan_memory(REFERENCE, REFERENCE.size_bytes, Budget(10 * GB, max_batch_size=64)).offload
+        > plan.offload
     )
+    # a large budget keeps its 20 % floor: the KV cache grows with it
+    roomy = plan_memory(REFERENCE, REFERENCE.size_bytes, Budget(40 * GB, max_batch_size=16))
+    assert (roomy.reserve, roomy.offload, roomy.kv_cache) == (8 * GB, 0, 8 * GB - roomy.runtime)
+
+
+def test_the_budget_is_per_gpu_and_tensor_parallel_splits_the_weights() -> None:
+    one = choose("auto", REFERENCE, "cuda", Budget(9 * GB, max_batch_size=16), BOTH, vllm_archs=MIXTRAL)
+    two = choose(
+        "auto", REFERENCE, "cuda", Budget(9 * GB, gpus=2, max_batch_size=16), BOTH, vllm_archs=MIXTRAL
+    )
+    assert one.offload == "vllm_cpu" and two.offload == "none"  # 4.76 GB a GPU fit beside the reserve
+
+
+def test_a_quantized_checkpoint_that_does_not_fit_offloads_in_vllm(info: ModelInfo) -> None:
+    fp8 = dataclasses.replace(sized(info, 93), quantization="fp8")
+    c = choose("auto", fp8, "cuda", B40, BOTH)
+    assert (c.backend, c.offload, c.fallbacks, c.cpu_offload_gb) == ("vllm", "vllm_cpu", (), 56.82)
+    with pytest.raises(RuntimeError, match=r"quantized \(fp8\).*engine.offload is zero3: only vLLM runs it"):
+        choose("auto", fp8, "cuda", B40, BOTH, offload="zero3")
 
 
 def test_nothing_installed_or_no_gpu_takes_torch(info: ModelInfo) -> None:
-    assert choose("auto", sized(info, 26), "cuda", 40 * GB, frozenset()).backend == "torch"
-    assert "vLLM is not installed" in choose("auto", sized(info, 26), "cuda", 40 * GB, frozenset()).reason
-    assert choose("auto", info, "cpu", 40 * GB, frozenset({"vllm", "deepspeed"})).backend == "torch"
+    assert choose("auto", sized(info, 26), "cuda", B40, frozenset()).backend == "torch"
+    assert "vLLM is not installed" in choose("auto", sized(info, 26), "cuda", B40, frozenset()).reason
+    assert choose("auto", info, "cpu", B40, frozenset({"vllm", "deepspeed"})).backend == "torch"
 
 
 def test_configured_backend_wins_or_is_refused(info: ModelInfo) -> None:
-    assert choose("torch", sized(info, 26), "cuda", 40 * GB, frozenset({"vllm"})).backend == "torch"
+    assert choose("torch", sized(info, 26), "cuda", B40, frozenset({"vllm"})).backend == "torch"
     with pytest.raises(RuntimeError, match="vllm package is not installed"):
-        choose("vllm", info, "cuda", 40 * GB, frozenset())
+        choose("vllm", info, "cuda", B40, frozenset())
 
 
 def test_real_lookup_on_this_machine(info: ModelInfo) -> None:
-    assert choose("auto", info, "cpu", 40 * GB).backend == "torch"
+    assert choose("auto", info, "cpu", B40).backend == "torch"
 
 
 def test_a_quantized_checkpoint_goes_to_vllm_or_is_refused(info: ModelInfo) -> None:
     fp8 = dataclasses.replace(info, quantization="fp8")
-    c = choose("auto", fp8, "cuda", 40 * GB, frozenset({"vllm", "deepspeed"}))
+    c = choose("auto", fp8, "cuda", B40, frozenset({"vllm", "deepspeed"}))
     assert (c.backend, c.fallbacks) == ("vllm", ())  # PyTorch cannot run its weights: no fallback
     assert "quantized checkpoint (fp8)" in c.reason
-    assert choose("vllm", fp8, "cuda", 40 * GB, frozenset({"vllm"})).backend == "vllm"
+    assert choose("vllm", fp8, "cuda", B40, frozenset({"vllm"})).backend == "vllm"
     for backend in ("torch", "deepspeed"):
         with pytest.raises(RuntimeError, match=r"quantized \(fp8\): only the vLLM engine runs it"):
-            choose(backend, fp8, "cuda", 40 * GB, frozenset({"vllm", "deepspeed"}))
+            choose(backend, fp8, "cuda", B40, frozenset({"vllm", "deepspeed"}))
     with pytest.raises(RuntimeError, match="needs vLLM on a GPU"):
-        choose("auto", fp8, "cpu", 40 * GB, frozenset({"vllm", "deepspeed"}))
+        choose("auto", fp8, "cpu", B40, frozenset({"vllm", "deepspeed"}))
     with pytest.raises(RuntimeError, match="needs vLLM, which is not installed"):
-        choose("auto", fp8, "cuda", 40 * GB, frozenset({"deepspeed"}))
+        choose("auto", fp8, "cuda", B40, frozenset({"deepspeed"}))
 
 
 def test_fp8_on_load_counts_a_byte_per_parameter(info: ModelInfo) -> None:
@@ -79,8 +190,8 @@ def test_fp8_on_load_counts_a_byte_per_parameter(info: ModelInfo) -> None:
     20 GB do."""
     big = dataclasses.replace(info, size_bytes=40 * GB, num_parameters_estimate=20 * GB)
     have = frozenset({"vllm", "deepspeed"})
-    assert choose("auto", big, "cuda", 40 * GB, have).backend == "deepspeed"
-    c = choose("auto", big, "cuda", 40 * GB, have, quantize="fp8")
+    assert choose("auto", big, "cuda", B40, have, vllm_archs=MIXTRAL).offload == "vllm_cpu"
+    c = choose("auto", big, "cuda", B40, have, quantize="fp8")
     assert c.backend == "vllm" and "20.0 GB" in c.reason
 
 
@@ -97,3 +208,39 @@ def test_the_checkpoint_says_how_it_is_quantized(model_dir: Path, tmp_path: Path
 
     with pytest.raises(RuntimeError, match=r"quantized \(fp8\).*set engine.backend to vllm"):
         start_engine(quantized, "cpu", EngineSettings(backend="torch"))
+
+
+def test_offload_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from host.settings import EngineSettings, Settings
+
+    assert EngineSettings().offload == "auto"
+    assert EngineSettings(backend="vllm", offload="vllm_cpu").offload == "vllm_cpu"
+    assert EngineSettings(backend="deepspeed", offload="zero3").offload == "zero3"
+    for backend, offload in (("vllm", "zero3"), ("deepspeed", "vllm_cpu"), ("torch", "vllm_cpu")):
+        with pytest.raises(
+            ValidationError, match=f"engine.offload {offload} is .*, not engine.backend {backend}"
+        ):
+            EngineSettings(backend=backend, offload=offload)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValidationError, match=r"engine\.offload none contradicts engine\.deepspeed\.offload cpu"
+    ):
+        EngineSettings(offload="none", deepspeed={"offload": "cpu"})  # type: ignore[arg-type]
+    with pytest.raises(
+        ValidationError, match="Input should be 'auto', 'none', 'vllm_cpu', 'experts' or 'zero3'"
+    ):
+        EngineSettings(offload="sometimes")  # type: ignore[arg-type]
+    # no engine.expert_cache until the cache exists: a config that names it stops the start
+    with pytest.raises(ValidationError, match="expert_cache"):
+        Settings(engine={"expert_cache": {"resident_fraction": 0.5}})  # type: ignore[arg-type]
+    monkeypatch.setenv("LOCALMOE_ENGINE__OFFLOAD", "zero3")  # the environment twin
+    assert Settings().engine.offload == "zero3"
+
+
+def test_a_worker_refuses_the_expert_cache_at_start(model_dir: Path) -> None:
+    from host.settings import EngineSettings
+    from workers.engine_setup import start_engine
+
+    with pytest.raises(RuntimeError, match="the expert cache is not built yet"):
+        start_engine(model_dir, "cpu", EngineSettings(offload="experts"))  # before loading anything

@@ -219,18 +219,50 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     cfg = EngineSettings()
     for on in (True, False):
         cfg.vllm.enable_prefix_caching = on
-        engine = construct("vllm", mixtral_dir, "cpu", cfg, offload=False)
+        engine = construct("vllm", mixtral_dir, "cpu", cfg)
         assert engine._engine_args("float32").enable_prefix_caching is on  # type: ignore[attr-defined]
     cfg.vllm.quantization = "fp8"
-    engine = construct("vllm", mixtral_dir, "cpu", cfg, offload=False)
+    engine = construct("vllm", mixtral_dir, "cpu", cfg)
     assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
     quantized = tmp_path / "fp8"
     shutil.copytree(mixtral_dir, quantized)
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (quantized / "config.json").write_text(json.dumps(config))
-    engine = construct("vllm", quantized, "cpu", cfg, offload=False)
+    engine = construct("vllm", quantized, "cpu", cfg)
     assert engine._engine_args("float32").quantization is None  # type: ignore[attr-defined]
+
+
+def test_the_offload_choice_reaches_vllms_arguments(mixtral_dir: Path) -> None:
+    """A choice of vllm_cpu hands vLLM its cpu_offload_gb and the KV cache the budget leaves; any
+    other leaves vLLM's defaults (no offload, the KV cache gpu_memory_utilization leaves)."""
+    from host.settings import EngineSettings
+    from moe_core.choice import GIB, Choice
+    from workers.engine_setup import construct
+
+    offloaded = Choice("vllm", "vllm_cpu", "does not fit", ("torch",), cpu_offload_gb=4.4, kv_cache_bytes=GIB)
+    fits = Choice("vllm", "none", "fits", ("torch",))
+    for choice, expected in ((offloaded, (4.4, GIB)), (fits, (0.0, None)), (None, (0.0, None))):
+        engine = construct("vllm", mixtral_dir, "cpu", EngineSettings(), choice)
+        args = engine._engine_args("float32")  # type: ignore[attr-defined]
+        assert (args.cpu_offload_gb, args.kv_cache_memory_bytes) == expected
+
+
+def test_cpu_offload_gb_serves_the_same_greedy_tokens(
+    mixtral_dir: Path, reference: Reference, references: dict[str, list[int]]
+) -> None:
+    """vLLM's CPU build takes cpu_offload_gb (its offloader leaves weights that are in CPU memory
+    already where they are) and serves generate()'s greedy tokens; the GPU run is
+    bench/offload_gpu.py's."""
+    engine = make_engine(mixtral_dir, cpu_offload_gb=0.01)
+    engine.load()
+    try:
+        assert engine.engine.vllm_config.offload_config.uva.cpu_offload_gb == 0.01
+        results = _run(engine, [_greedy(f"o{i}", prompt) for i, prompt in enumerate(PROMPTS)])
+        for i, prompt in enumerate(PROMPTS):
+            reference.assert_matches(results[f"o{i}"], references[prompt], NEW_TOKENS)
+    finally:
+        engine.close()
 
 
 def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

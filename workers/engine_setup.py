@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from host.settings import EngineSettings
-from moe_core.choice import Backend, Choice, choose
+from moe_core.choice import Backend, Budget, Choice, Offload, choose
 from moe_core.engine import Engine
 from moe_core.failover import FailoverEngine
 from moe_core.loader import inspect_model
@@ -16,11 +16,41 @@ from moe_core.loader import inspect_model
 log = logging.getLogger(__name__)
 
 
-def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSettings, offload: bool) -> Engine:
+def offload_of(backend: Backend, choice: Choice | None, cfg: EngineSettings) -> Offload:
+    """How `backend` holds the weights when it serves for this choice (None: everything on the
+    GPU): vLLM offloads what the choice counted; DeepSpeed runs ZeRO-3 for a model that does not
+    fit, as a fallback too, or wherever engine.deepspeed.offload says; torch offloads nothing."""
+    if backend == "vllm":
+        return "vllm_cpu" if choice is not None and choice.cpu_offload_gb > 0 else "none"
+    if backend == "deepspeed":
+        overflows = choice is not None and choice.offload != "none"
+        return "zero3" if overflows or cfg.deepspeed.offload != "none" else "none"
+    return "none"
+
+
+def budget_of(cfg: EngineSettings) -> Budget:
+    """The memory plan's view of the settings: the budget is per GPU, the weights spread over the
+    engine's tensor-parallel GPUs."""
+    tp = cfg.deepspeed if cfg.backend == "deepspeed" else cfg.vllm
+    return Budget(
+        gpu_bytes=int(cfg.gpu_memory_budget_gb * 1e9),
+        gpus=1 if cfg.backend == "torch" else tp.tensor_parallel_size,
+        max_batch_size=cfg.max_batch_size,
+        max_num_batched_tokens=cfg.vllm.max_num_batched_tokens,
+        act_bytes=4 if cfg.dtype == "float32" else 2,
+    )
+
+
+def construct(
+    backend: Backend, model_dir: Path, device: str, cfg: EngineSettings, choice: Choice | None = None
+) -> Engine:
+    """choice: the one that named this backend or a fallback of it (None: all weights on the GPU)."""
+    offload = offload_of(backend, choice, cfg)
     if backend == "vllm":
         from moe_core.vllm_engine import VllmEngine
 
         v = cfg.vllm
+        moved = choice if choice is not None and offload == "vllm_cpu" else None
         return VllmEngine(
             model_dir,
             device=device,
@@ -37,6 +67,8 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             enable_prefix_caching=v.enable_prefix_caching,
             # a checkpoint quantized already is read as its config says: vLLM refuses a second method
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
+            cpu_offload_gb=moved.cpu_offload_gb if moved else 0.0,
+            kv_cache_memory_bytes=moved.kv_cache_bytes if moved else None,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
@@ -48,7 +80,7 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
             dtype=cfg.dtype,
             max_batch_size=cfg.max_batch_size,
             tensor_parallel_size=d.tensor_parallel_size,
-            offload="cpu" if offload and d.offload == "none" else d.offload,
+            offload="cpu" if offload == "zero3" and d.offload == "none" else d.offload,
             nvme_path=d.nvme_path,
         )
     from moe_core.torch_engine import TorchEngine
@@ -59,14 +91,13 @@ def construct(backend: Backend, model_dir: Path, device: str, cfg: EngineSetting
 def start_engine(model_dir: Path, device: str, cfg: EngineSettings) -> tuple[Engine, Choice]:
     """Choose and load. The engine returned fails over along the choice's list: at load, and at
     run time when its steps keep failing (moe_core/failover.py)."""
-    budget = int(cfg.gpu_memory_budget_gb * 1e9)
-    choice = choose(cfg.backend, inspect_model(model_dir), device, budget, quantize=cfg.vllm.quantization)
-    log.info("engine choice: %s (%s)", choice.backend, choice.reason)
+    model = inspect_model(model_dir)
+    choice = choose(
+        cfg.backend, model, device, budget_of(cfg), quantize=cfg.vllm.quantization, offload=cfg.offload
+    )
+    log.info("engine choice: %s, offload %s (%s)", choice.backend, choice.offload, choice.reason)
     order = (choice.backend, *choice.fallbacks)
-    builders = [
-        (b, functools.partial(construct, b, model_dir, device, cfg, choice.offload and i == 0))
-        for i, b in enumerate(order)
-    ]
+    builders = [(b, functools.partial(construct, b, model_dir, device, cfg, choice)) for b in order]
     engine = FailoverEngine(builders, max_failures=cfg.max_step_failures, cooldown_s=cfg.failover_cooldown_s)
     engine.load()
     return engine, choice
