@@ -12,6 +12,7 @@ import redis
 from pydantic import BaseModel, Field, computed_field
 
 from host.gpus import GpuStats
+from moe_core.choice import Offload
 from scheduler import keys
 
 HEARTBEAT_S = 1.0  # a worker beats this often
@@ -26,6 +27,13 @@ class WorkerInfo(BaseModel):
     queues: list[str]
     engine: str
     engine_reason: str = Field("", description="Why this engine: the automatic choice, or a fallback.")
+    offload: Offload = Field(
+        "none",
+        description="Where the serving engine keeps the weights that do not fit engine.gpu_memory_budget_gb: "
+        "none (all on the GPU), vllm_cpu (vLLM's cpu_offload_gb: pinned CPU memory the GPU reads at "
+        "every step), zero3 (DeepSpeed ZeRO-3: every weight streamed from CPU memory or NVMe).",
+    )
+    cpu_offload_gb: float = Field(0.0, description="vllm_cpu: GiB of weights per GPU in CPU memory.")
     device: str
     model: str
     max_context: int

@@ -3,10 +3,13 @@ a process of its own that holds the engine and no Redis connection."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psutil
 import redis
 
 from localmoe.redis_server import RedisServer
+from moe_core.choice import Offload
 from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import Modality
@@ -32,7 +35,7 @@ def test_every_message_crosses_the_pipe_unchanged() -> None:
         Abort("j1"),
         Configure(0.02, 3, 60.0),
         Stop(),
-        Loaded("vllm", 4096, "cuda", "vllm", "fits one GPU"),
+        Loaded("vllm", 4096, "cuda", "vllm", "does not fit", {"vllm": "vllm_cpu", "torch": "none"}, 4.3),
         LoadFailed("out of memory"),
         Refused("j2", "prompt too long"),
         Stats("torch", (3, 1, 40, 4, 120, 1, 0.25), 1.5),
@@ -73,3 +76,20 @@ def test_the_engine_has_a_process_of_its_own(worker: str, redis_server: RedisSer
 
     assert redis_connections(runtime) > 0
     assert redis_connections(engine) == 0
+
+
+def test_the_heartbeat_says_how_the_serving_engine_offloads(model_dir: Path) -> None:
+    """The choice's offloads cross from the engine process (Loaded) into the heartbeat record; after
+    a failover the record follows the engine that serves (its fallback's offload)."""
+    from host.settings import Settings
+    from workers.engine_proc import EngineHost
+    from workers.runtime import worker_info
+
+    host = EngineHost(Settings(), relay=None)  # type: ignore[arg-type]  # never started: no engine
+    offloads: dict[str, Offload] = {"vllm": "vllm_cpu", "deepspeed": "zero3", "torch": "none"}
+    reason = "weights 9.52 GB exceed the 4.80 GB …: vLLM with 4.40 GiB of weights per GPU in CPU memory"
+    host.loaded(unpack(pack(Loaded("vllm", 2048, "cuda", "vllm", reason, offloads, 4.4))))
+    info = WorkerInfo.model_validate_json(worker_info("w", host, str(model_dir), 16).model_dump_json())
+    assert (info.engine, info.offload, info.cpu_offload_gb) == ("vllm", "vllm_cpu", 4.4)
+    host.name = "deepspeed"  # the fallback took over
+    assert host.offload() == ("zero3", 0.0)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
+from typing import Any
 
 import httpx
 import pytest
@@ -49,7 +50,7 @@ def empty_api(redis_server: RedisServer, service_env: dict[str, str]) -> Iterato
         client.close()
 
 
-def _beat(client: redis.Redis, ready: bool, at: float) -> None:
+def _beat(client: redis.Redis, ready: bool, at: float, **fields: Any) -> None:
     info = WorkerInfo(
         name="w",
         pid=1,
@@ -63,6 +64,7 @@ def _beat(client: redis.Redis, ready: bool, at: float) -> None:
         started_at=at,
         heartbeat_at=at,
     )
+    info = info.model_copy(update=fields)
     client.set(keys.worker("w"), info.model_dump_json())
     client.zadd(keys.WORKERS, {"w": at})
 
@@ -90,3 +92,19 @@ def test_ready_only_with_a_warm_worker(empty_api: tuple[str, redis.Redis]) -> No
     assert get(f"{api}/v1/workers").json() == []
     assert httpx.get(f"{api}/version").status_code == 401  # not a probe: behind the key
     assert get(f"{api}/version").json() == {"version": metadata.version("localmoe")}
+
+
+def test_workers_show_the_engine_choice(empty_api: tuple[str, redis.Redis]) -> None:
+    """What the engine process reported at start reaches /v1/workers: the engine, why, and where
+    the weights that do not fit the GPU budget live."""
+    api, client = empty_api
+    key = create_key(client, "choice", Scope.USER).secret
+    why = "weights 9.52 GB exceed the 4.80 GB …: vLLM with 4.40 GiB of weights per GPU in CPU memory"
+    _beat(client, True, time.time(), engine="vllm", engine_reason=why, offload="vllm_cpu", cpu_offload_gb=4.4)
+    (w,) = httpx.get(f"{api}/v1/workers", headers=bearer(key)).json()
+    assert (w["engine"], w["engine_reason"], w["offload"], w["cpu_offload_gb"]) == (
+        "vllm",
+        why,
+        "vllm_cpu",
+        4.4,
+    )

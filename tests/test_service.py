@@ -251,6 +251,10 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}  # a probe says no more
     (info,) = [w for w in http.get("/v1/workers").json() if w["name"] == worker]
     assert info["ready"] and info["engine"] == "torch" and info["device"] == "cpu"
+    assert info["engine_reason"] == "no GPU (cpu): PyTorch" and (info["offload"], info["cpu_offload_gb"]) == (
+        "none",
+        0,
+    )
     assert info["capacity"] == 64 and info["max_context"] == 2048
     # Expert telemetry: a code job's routed tokens are counted in each layer, and the count
     # reaches the registry with a later heartbeat (counts are read once a second).

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from host.instance import arm_parent_death_signal, set_process_name
 from host.settings import Settings, get_settings
+from moe_core.choice import Offload
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from workers.messages import (
     Abort,
@@ -64,6 +65,8 @@ class EngineHost:
         self.max_context = 0
         self.device = settings.engine.device
         self.choice, self.reason = "", ""
+        self.offloads: dict[str, Offload] = {}  # backend → how it holds what does not fit the GPU budget
+        self.cpu_offload_gb = 0.0  # vLLM's, where its offload is vllm_cpu
         self.stats = EngineStats(running=0, waiting=0, steps=0, max_batch_seen=0, tokens_generated=0)
         self.busy_s = 0.0  # seconds the engine spent stepping with requests in it
         self.expert_tokens: dict[str, list[list[int]]] = {}  # tag → [layer][expert], every second
@@ -84,9 +87,19 @@ class EngineHost:
         if isinstance(first, LoadFailed):
             raise RuntimeError(f"the engine could not load: {first.error}")
         assert isinstance(first, Loaded), first
-        self.name, self.max_context, self.device = first.name, first.max_context, first.device
-        self.choice, self.reason = first.choice, first.reason
+        self.loaded(first)
         threading.Thread(target=self._read, name="engine-output", daemon=True).start()
+
+    def loaded(self, message: Loaded) -> None:
+        """What the engine process says once it is warm: its engine and the choice behind it."""
+        self.name, self.max_context, self.device = message.name, message.max_context, message.device
+        self.choice, self.reason = message.choice, message.reason
+        self.offloads, self.cpu_offload_gb = message.offloads, message.cpu_offload_gb
+
+    def offload(self) -> tuple[Offload, float]:
+        """The serving engine's offload (a failover changes it) and its cpu_offload_gb."""
+        offload = self.offloads.get(self.name, "none")
+        return offload, self.cpu_offload_gb if offload == "vllm_cpu" else 0.0
 
     def submit(self, held: Held) -> None:
         """The job joins the batch at the engine's next step; the relay holds it from now on."""
@@ -193,7 +206,12 @@ def _main(conn: Connection, parent: int) -> None:
         except (EOFError, OSError):  # the runtime is gone: stop stepping, let go of the device
             loop.put(Stop())
 
-    send(Loaded(engine.name, engine.max_context, device, choice.backend, choice.reason))
+    from workers.engine_setup import offload_of
+
+    order = (choice.backend, *choice.fallbacks)
+    offloads: dict[str, Offload] = {b: offload_of(b, choice, settings.engine) for b in order}
+    loaded = (engine.name, engine.max_context, device, choice.backend, choice.reason)
+    send(Loaded(*loaded, offloads, choice.cpu_offload_gb))
     threading.Thread(target=read, name="engine-input", daemon=True).start()
     loop.run()
     engine.close()

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
+from moe_core.choice import Offload
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from scheduler.jobs import Job, JobStatus
 from scheduler.registry import WorkerInfo
@@ -121,6 +122,8 @@ class Loaded(NamedTuple):
     device: str  # "cuda" or "cpu", "auto" resolved
     choice: str  # the backend the choice named (name differs when that one failed to load)
     reason: str  # why the choice named it
+    offloads: dict[str, Offload]  # per backend of the choice's list: how it holds what does not fit
+    cpu_offload_gb: float  # vLLM's, when its offload is vllm_cpu
 
 
 class LoadFailed(NamedTuple):

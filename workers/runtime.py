@@ -135,6 +135,7 @@ class Runtime:
         info.max_batch_seen, info.tokens_generated = stats.max_batch_seen, stats.tokens_generated
         info.steps = stats.steps
         info.engine, info.failovers = self.engine.name, stats.failovers  # a failover shows here
+        info.offload, info.cpu_offload_gb = self.engine.offload()
         info.tokens_per_s = (stats.tokens_generated - last_tokens) / dt
         busy, steps = self.engine.busy_s - last_busy, stats.steps - last_steps
         if busy >= 0.01 and steps > 0:  # the speeds the router plans with, over the time spent stepping
@@ -203,11 +204,14 @@ def worker_info(name: str, engine: EngineHost, model: str, capacity: int) -> Wor
     """model: the checkpoint directory the engine serves."""
     now = time.time()
     checkpoint = inspect_model(model)
+    offload, cpu_offload_gb = engine.offload()
     return WorkerInfo(
         name=name,
         pid=os.getpid(),
         queues=[keys.SHARED_QUEUE, keys.worker_queue(name)],
         engine=engine.name,
+        offload=offload,
+        cpu_offload_gb=cpu_offload_gb,
         device=engine.device,
         model=model,
         max_context=engine.max_context,
