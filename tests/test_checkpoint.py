@@ -140,6 +140,22 @@ def test_inspect_model_reads_the_moe_shape(checkpoints: dict[str, Path], arch: s
     assert (info.num_layers, info.max_context) == (4, 2048)
     assert info.size_bytes == (checkpoints[arch] / "model.safetensors").stat().st_size
     assert info.eos_token_ids == (2,)
+    # what the GPU memory plan sizes activations and the KV cache from (moe_core/choice.py)
+    halved = arch in (
+        "qwen2_moe",
+        "qwen3_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "glm4_moe",
+    )  # moe_intermediate_size
+    assert (info.hidden_size, info.expert_intermediate_size, info.vocab_size) == (
+        128,
+        128 if halved else 256,
+        4096,
+    )
+    latent = arch.startswith("deepseek")  # one 512 + 64 wide vector per token and layer
+    assert info.kv_values_per_token == 4 * (512 + 64 if latent else 2 * 2 * 32)
+    assert len(info.architectures) == 1 and info.architectures[0].endswith("ForCausalLM")
 
 
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
