@@ -142,7 +142,11 @@ _local_headers: dict[str, str] = {}  # the run's API key, set once the service i
 
 def _client(api: str) -> httpx.Client:
     if not hasattr(_local, "http"):
-        _local.http = httpx.Client(base_url=api, timeout=60, headers=_local_headers)
+        # Idle connections are dropped after 2 s, before uvicorn closes them (its keep-alive is 5 s):
+        # a request sent on a connection the server is closing fails with "Server disconnected
+        # without sending a response" (it did, on the H200, between a warm-up and the first round).
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        _local.http = httpx.Client(base_url=api, timeout=60, headers=_local_headers, limits=limits)
     return _local.http
 
 
