@@ -106,6 +106,12 @@ class KeyStore:
         self._cache[d] = (now, record)
         return record
 
+    async def by_id(self, key_id: str) -> ApiKey | None:
+        """The key's record (revoked or not) by its id, uncached."""
+        d = cast(str | None, await self.client.hget(keys.API_KEYS, key_id))
+        raw = await self.client.get(keys.api_key(d)) if d else None
+        return ApiKey.model_validate_json(raw) if raw else None
+
     async def create(self, name: str, scope: Scope, limits: KeyLimits | None = None) -> NewKey:
         made = new_key(name, scope, limits)
         d = digest(made.secret)

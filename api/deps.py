@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
@@ -38,7 +37,6 @@ class Services:
     notifier: Notifier
     counter: PromptCounter
     scheduler: Scheduler
-    batch_runs: set[asyncio.Task[None]] = field(default_factory=set)  # this process's (batch_runner.py)
 
     def reconfigure(self, settings: Settings, _version: object = None) -> None:
         """A new config version: every part that keeps settings takes the new ones."""

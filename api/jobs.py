@@ -97,11 +97,11 @@ async def accept(
         await services.enqueuer.submit(job, gate)
     except Refused as refusal:
         metrics.count_rejected(refusal)
-        await _forget_idempotency(services, caller, idempotency_key)
+        await forget_idempotency(services, caller, idempotency_key)
         raise
     except Exception as e:
         await services.admission.release(job.id)  # a no-op unless it was admitted
-        await _forget_idempotency(services, caller, idempotency_key)
+        await forget_idempotency(services, caller, idempotency_key)
         raise HTTPException(503, "the job queue is unavailable; try again") from e
     metrics.count_submitted(job)
     return job, False
@@ -139,8 +139,15 @@ async def _claim_idempotency(
     return job
 
 
-async def _forget_idempotency(services: Services, caller: ApiKey, idempotency_key: str | None) -> None:
-    """The request that took the key was refused: a retry with the same key may go ahead."""
+async def idempotent_job_id(services: Services, caller: ApiKey, idempotency_key: str) -> str | None:
+    """The id of the job the caller's Idempotency-Key names (or is being accepted as), if any."""
+    earlier = cast(str | None, await services.store.client.get(_idem_key(caller, idempotency_key)))
+    return earlier.partition(" ")[0] if earlier else None
+
+
+async def forget_idempotency(services: Services, caller: ApiKey, idempotency_key: str | None) -> None:
+    """The request that took the key was refused (or, for a batch's line, it names a job that is
+    gone or was never made): a request with the same key may go ahead."""
     if idempotency_key is not None and _IDEMPOTENCY_KEY.match(idempotency_key):
         await services.store.client.delete(_idem_key(caller, idempotency_key))
 

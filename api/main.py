@@ -24,6 +24,7 @@ from api.openai import completions as openai_completions
 from api.openai import files as openai_files
 from api.openai import models as openai_models
 from api.openai import tokenize as openai_tokenize
+from api.openai.batch_runs import BatchRuns
 from api.openai.batch_store import BatchStore
 from api.openai.file_store import FileStore
 from api.store import JobStore
@@ -87,12 +88,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services.scheduler.start()
         watcher.check()  # the live config version, before the first request
         watcher.start()
-        sweeper = asyncio.create_task(app.state.services.files.sweep_forever())
+        app.state.batch_runs = batch_runs = BatchRuns(app.state.services)
+        background = [
+            asyncio.create_task(app.state.services.files.sweep_forever()),
+            asyncio.create_task(batch_runs.watch_forever()),
+        ]
         yield
-        for task in (sweeper, *app.state.services.batch_runs):  # a run stops where it is (not resumed yet)
+        for task in background:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(sweeper, *app.state.services.batch_runs, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
+        await batch_runs.stop()  # each run where it is, its lease given back: another API takes over
         await app.state.services.store.hub.close()
         await client.aclose()
 

@@ -182,6 +182,15 @@ class LimitSettings(BaseModel):
     )
 
 
+class BatchSettings(BaseModel):
+    lease_s: float = Field(
+        30.0,
+        ge=1,
+        description="A batch's run holds it this long past its last renewal (every third of it); "
+        "API processes look every half of it for batches whose run died, and take them over",
+    )
+
+
 class WebhookSettings(BaseModel):
     allow: list[str] = Field(
         default_factory=list,
@@ -291,6 +300,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 

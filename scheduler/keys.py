@@ -137,3 +137,20 @@ def batch(batch_id: str) -> str:
 def owner_batches(owner: str) -> str:
     """Sorted set: batch id → when it was created (unix seconds, fractional), one API key's batches."""
     return f"{PREFIX}:owner:{owner}:batches"
+
+
+def batch_lines(batch_id: str) -> str:
+    """Hash: custom_id → the line of the output or error file it ended as (JSON), written once per
+    line; the ledger a resumed run skips by and the result files are written from."""
+    return f"{PREFIX}:batch:{batch_id}:lines"
+
+
+def batch_lease(batch_id: str) -> str:
+    """The id of the run that holds the batch, while it holds it: set with an expiry, renewed
+    while the run lives (Redis judges the time); any API process takes over a batch without one."""
+    return f"{PREFIX}:batch:{batch_id}:lease"
+
+
+# Sorted set: batch id → created_at, every batch not yet in a terminal status: what the API
+# processes look through for batches whose run died.
+OPEN_BATCHES = f"{PREFIX}:batches:open"

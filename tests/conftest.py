@@ -230,6 +230,7 @@ class Stack:
     client: redis.Redis
     admin_key: str
     env: dict[str, str]
+    api_proc: subprocess.Popen[bytes]  # the stack's API process (its end stops it if still running)
 
     def http(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.api, timeout=60, headers=bearer(key or self.admin_key))
@@ -291,7 +292,7 @@ def private_stack(service_env: dict[str, str], worker: bool, **settings: str) ->
             wait_for(warm, 120, "the private worker")
         proc, api = start_api(env, admin, ready=worker)
         procs.append(proc)
-        yield Stack(api, client, admin, env)
+        yield Stack(api, client, admin, env, proc)
     finally:
         for proc in reversed(procs):
             _stop(proc)

@@ -21,6 +21,7 @@ models), `errors` (OpenAI's error shape), one module per endpoint (`models`, `co
 forces calls), `logprobs` and `streaming` (a job's answer, whole or as chunks). Files (a batch's
 input) have `files` (the routes) over `upload` (the multipart body, streamed to disk),
 `batch_input` (the line format, checked as it arrives) and `file_store` (the bytes on disk, the
-records in Redis); batches have `batches` (the routes) over `batch_store` (the record, its
-status transitions) and `batch_runner` (each line an ordinary job through the routes' own code).
+records in Redis); batches have `batches` (the routes) over `batch_runs` (which API process
+runs which batch: leases, taking over), `batch_runner` (one run: each line an ordinary job through
+the routes' own code) and `batch_store` (the record, its status transitions, the per-line ledger).
 """

@@ -1,4 +1,5 @@
-"""A batch's run, in the API process that accepted it.
+"""One run of one batch, from the status it is in to a terminal one. batch_runs.py decides which
+API process runs a batch (the lease); a run may be its first or take over from one that died.
 
 Each line becomes an ordinary job through the function the synchronous route runs
 (chat.chat_completion / completions.text_completion → serving.accept_request → api.jobs.accept:
@@ -10,21 +11,28 @@ have answered, is one line of the output file (status 200) or of the error file 
 
 Lines that never ran (cancelled, expired) go to the error file with `response` null and
 `error` {code: batch_cancelled | batch_expired, message}. A line refused for backpressure (429)
-or an unavailable queue (503) is not an error: it waits Retry-After and is sent again, so a
-batch never runs faster than admission lets it.
+or an unavailable queue (503), or met by Redis restarting, is not an error: it waits and is sent
+again, so a batch never runs faster than admission lets it.
 
-Not yet (issue 21, items 3 and 4): a scheduler tier below `low` fed at the workers' spare
-capacity, per-key limits on batches, and durability: the run lives in this process's event
-loop; if the process dies, the batch stays `in_progress` (its record says so, nothing resumes it).
+Resuming: a line's result goes to the batch's ledger (batch_store.py) once, and a run sends only
+the lines not in it. Each line's job is submitted with the Idempotency-Key `line_key(batch,
+custom_id)`: a line whose job a dead run submitted is answered by that job, found again by the
+key, not submitted twice (only where the key is gone: past limits.idempotency_ttl_s, or taken by
+a run that died before the job was made). The result files are written from the ledger, in the
+input's order, under ids made from the batch's: a run that dies while writing them leaves
+nothing that the next run does not write over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,29 +43,38 @@ from starlette.exceptions import HTTPException
 
 from api.auth import ApiKey
 from api.deps import Services
+from api.jobs import forget_idempotency, idempotent_job_id
 from api.openai.batch_input import BatchRequestLine
 from api.openai.batch_store import BatchRecord
 from api.openai.chat import chat_completion
 from api.openai.completions import text_completion
 from api.openai.errors import OpenAIError, error_response, from_http, validation_error
-from api.openai.file_store import new_file_id
 from api.openai.protocol import BatchError, BatchErrors, BatchStatus, ChatCompletionRequest, CompletionRequest
+from api.stream_hub import RESTARTING, retrying
 from scheduler.jobs import Priority
 
 log = logging.getLogger(__name__)
 
+S = BatchStatus
 LINES_IN_FLIGHT = 64
 WATCH_S = 0.5  # how often a run looks for a cancel (another API process may have written it)
 MAX_ERRORS = 10  # validation errors listed on a failed batch
+READ_CHUNK = 1000  # ledger lines read at once while writing the result files
+
+
+def line_key(batch_id: str, custom_id: str) -> str:
+    """The Idempotency-Key of a line's job (visible ASCII, as the header must be)."""
+    return f"{batch_id}/{hashlib.sha256(custom_id.encode()).hexdigest()}"
 
 
 async def answer(
-    services: Services, caller: ApiKey, endpoint: str, body: dict[str, Any]
+    services: Services, caller: ApiKey, batch: BatchRecord, line: BatchRequestLine
 ) -> tuple[int, Any, str | None]:
-    """The synchronous endpoint's answer to `body`: (status, JSON body, the job's id if one ran)."""
+    """The synchronous endpoint's answer to the line: (status, JSON body, the job's id if one ran)."""
+    key = line_key(batch.id, line.custom_id)
     while True:
         try:
-            response = await _call(services, caller, endpoint, body)
+            response = await _call(services, caller, batch.endpoint, line.body, key)
             location = response.headers.get("location", "")
             return response.status_code, orjson.loads(response.body), location.rsplit("/", 1)[-1] or None
         except ValidationError as e:
@@ -65,23 +82,32 @@ async def answer(
             refusal = error_response(v.status, v.message, v.param)
         except OpenAIError as e:
             refusal = error_response(e.status, e.message, e.param, e.code)
+        except RESTARTING:
+            await asyncio.sleep(1)  # as the routes answer it: 503, Retry-After 1
+            continue
         except HTTPException as e:
             if e.status_code in (429, 503):  # pacing, not an answer
                 await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
+                continue
+            if e.status_code == 409:  # the key names no job (a run died taking it) or another body
+                log.warning("batch %s, line %r: %s; submitting it again", batch.id, line.custom_id, e.detail)
+                await forget_idempotency(services, caller, key)
                 continue
             refusal = from_http(e)
         return refusal.status_code, orjson.loads(refusal.body), None
 
 
-async def _call(services: Services, caller: ApiKey, endpoint: str, body: dict[str, Any]) -> Response:
+async def _call(
+    services: Services, caller: ApiKey, endpoint: str, body: dict[str, Any], key: str
+) -> Response:
     body = {"priority": Priority.LOW.value, **body}
     if endpoint == "/v1/chat/completions":
         chat = ChatCompletionRequest.model_validate(body)
         _refuse_stream(chat.stream)
-        return await chat_completion(chat, services, caller)
+        return await chat_completion(chat, services, caller, idempotency_key=key)
     text = CompletionRequest.model_validate(body)
     _refuse_stream(text.stream)
-    return await text_completion(text, services, caller)
+    return await text_completion(text, services, caller, idempotency_key=key)
 
 
 def _refuse_stream(stream: bool | None) -> None:
@@ -91,144 +117,148 @@ def _refuse_stream(stream: bool | None) -> None:
         )
 
 
-class _Results:
-    """The output and error files being written (in the files directory's incoming/)."""
-
-    def __init__(self, services: Services) -> None:
-        self.files = services.files
-        self.ids = (new_file_id(), new_file_id())  # output, errors
-        self.parts = [self.files.incoming(i) for i in self.ids]
-        self.out: list[BinaryIO] = [p.open("wb") for p in self.parts]
-
-    def answered(self, custom_id: str, status: int, body: Any, request_id: str | None) -> None:
-        response = {"status_code": status, "request_id": request_id, "body": body}
-        self._write(status != 200, {"custom_id": custom_id, "response": response, "error": None})
-
-    def never_ran(self, custom_id: str, code: str, message: str) -> None:
-        self._write(
-            True, {"custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
-        )
-
-    def _write(self, error: bool, line: dict[str, Any]) -> None:
-        self.out[error].write(orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex}", **line}) + b"\n")
-
-    async def keep(self, batch: BatchRecord, ttl_s: int) -> tuple[str | None, str | None]:
-        """→ (output file id, error file id): each None when it has no line."""
-        kept: list[str | None] = []
-        for file_id, part, out, kind in zip(self.ids, self.parts, self.out, ("output", "error"), strict=True):
-            out.close()
-            if part.stat().st_size == 0:
-                kept.append(None)
-                continue
-            name = f"{batch.id}_{kind}.jsonl"
-            await self.files.add(file_id, batch.owner, name, "batch_output", ttl_s, part)
-            kept.append(file_id)
-        return kept[0], kept[1]
-
-    def discard(self) -> None:
-        for out, part in zip(self.out, self.parts, strict=True):
-            out.close()
-            part.unlink(missing_ok=True)
+def _answered(custom_id: str, status: int, body: Any, request_id: str | None) -> bytes:
+    response = {"status_code": status, "request_id": request_id, "body": body}
+    return _line({"custom_id": custom_id, "response": response, "error": None})
 
 
-def _validate(source: BinaryIO, endpoint: str) -> tuple[int, list[BatchError]]:
-    """→ (lines, the first MAX_ERRORS lines whose url is not the batch's endpoint)."""
+def _not_run(custom_id: str, code: str, message: str) -> bytes:
+    return _line({"custom_id": custom_id, "response": None, "error": {"code": code, "message": message}})
+
+
+def _line(fields: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex}", **fields})
+
+
+async def _write(services: Services, batch: BatchRecord, custom_id: str, line: bytes, ok: bool) -> None:
+    """The line into the ledger (again while Redis restarts, for up to a minute)."""
+    await retrying(lambda: services.batches.write_line(batch.id, custom_id, line, ok))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+async def run(services: Services, caller: ApiKey, batch: BatchRecord, input_path: Path) -> None:
+    """The batch from the status it is in (a run that died may have left it anywhere) to a
+    terminal one. `input_path`: the batch's own link to its input (FileStore.pin)."""
+    store = services.batches
+    with input_path.open("rb") as source:
+        status = await store.status(batch.id)
+        if status is S.VALIDATING:
+            status = await _validate(services, batch, source)
+        if status is S.CANCELLING and not await store.started(batch.id):  # cancelled while validating
+            await store.move(batch.id, S.CANCELLED)
+            status = None
+        if status in (S.IN_PROGRESS, S.CANCELLING):
+            stop = await _run_lines(services, caller, batch, source)
+            if stop is None:
+                await store.move(batch.id, S.FINALIZING)  # or a cancel came as the last line ended
+            status = S.FINALIZING if stop in (None, S.CANCELLING, S.EXPIRED) else None
+        if status is S.FINALIZING:
+            await _finish(services, batch, source)
+    services.files.unpin(batch.id)
+
+
+async def _validate(services: Services, batch: BatchRecord, source: BinaryIO) -> BatchStatus | None:
+    """validating → in_progress (→ its new status), or failed (→ None)."""
+    store = services.batches
     errors: list[BatchError] = []
     n = 0
     for n, raw in enumerate(source, 1):
         url = BatchRequestLine.model_validate_json(raw).url  # the upload checked the rest
-        if url != endpoint and len(errors) < MAX_ERRORS:
-            message = f"the line's url {url} is not the batch's endpoint {endpoint}"
+        if url != batch.endpoint and len(errors) < MAX_ERRORS:
+            message = f"the line's url {url} is not the batch's endpoint {batch.endpoint}"
             errors.append(BatchError(code="invalid_url", message=message, param="url", line=n))
     source.seek(0)
-    return n, errors
+    if errors:
+        await store.set_results(batch.id, None, None, BatchErrors(data=errors))
+        await store.move(batch.id, S.FAILED)
+        return None
+    await store.set_total(batch.id, n)
+    await store.move(batch.id, S.IN_PROGRESS)
+    return await store.status(batch.id)
 
 
-async def run(services: Services, caller: ApiKey, batch: BatchRecord, input_path: Path) -> None:
-    """The whole run of one batch, from `validating` to a terminal status."""
-    store = services.batches
-    ttl_s = services.settings.limits.file_ttl_s
-    with input_path.open("rb") as source:  # open: a DELETE of the input file now leaves it readable
-        total, errors = _validate(source, batch.endpoint)
-        if errors:
-            await store.set_results(batch.id, None, None, BatchErrors(data=errors))
-            await store.move(batch.id, BatchStatus.FAILED)
-            return
-        await store.set_total(batch.id, total)
-        if not await store.move(batch.id, BatchStatus.IN_PROGRESS):  # cancelled while validating
-            await store.move(batch.id, BatchStatus.CANCELLED)
-            return
-        results = _Results(services)
-        try:
-            stop = await _run_lines(services, caller, batch, source, results)
-            if stop is None and not await store.move(batch.id, BatchStatus.FINALIZING):
-                stop = BatchStatus.CANCELLED  # a cancel came as the last line ended
-            output, error = await results.keep(batch, ttl_s)
-        except BaseException:
-            results.discard()
-            raise
-    await store.set_results(batch.id, output, error, None)
-    await store.move(batch.id, stop or BatchStatus.COMPLETED)
+def _lines(source: BinaryIO, skip: set[str]) -> Iterator[BatchRequestLine]:
+    source.seek(0)
+    for raw in source:
+        line = BatchRequestLine.model_validate_json(raw)
+        if line.custom_id not in skip:
+            yield line
+
+
+async def _stopped(services: Services, batch: BatchRecord) -> BatchStatus | None:
+    """None while the batch's lines may run. Else why not: CANCELLING (a cancel), EXPIRED (the
+    window passed), or the status another run moved it to (finalizing or a terminal one; FAILED
+    for a record that is gone): nothing is left to do then."""
+    status = await retrying(lambda: services.batches.status(batch.id))
+    if status is S.IN_PROGRESS:
+        return S.EXPIRED if time.time() >= batch.expires_at else None
+    return status or S.FAILED
 
 
 async def _run_lines(
-    services: Services, caller: ApiKey, batch: BatchRecord, source: BinaryIO, results: _Results
+    services: Services, caller: ApiKey, batch: BatchRecord, source: BinaryIO
 ) -> BatchStatus | None:
-    """Every line of `source`, LINES_IN_FLIGHT at once. → None when all ran; CANCELLED or EXPIRED
-    when the batch was stopped (the lines not answered are written as never run). Each line ends
-    in exactly one of the two files, and is counted once."""
+    """Until every line is in the ledger: answered, or written as never run when the batch is
+    cancelled or its window passes. → None when every line ran, else what _stopped said. A line
+    whose answer was not written (Redis gone for longer than a write waits) is sent again on the
+    next pass: its job is found again by its key."""
     store = services.batches
+    while True:
+        stop = await _stopped(services, batch)
+        if stop is None:
+            stop = await _pass(services, caller, batch, _lines(source, await store.written(batch.id)))
+        if stop in (S.CANCELLING, S.EXPIRED):
+            await _stop_lines(services, caller, batch, _lines(source, await store.written(batch.id)), stop)
+        if stop is not None or not any(True for _ in _lines(source, await store.written(batch.id))):
+            return stop
+
+
+async def _pass(
+    services: Services, caller: ApiKey, batch: BatchRecord, lines: Iterator[BatchRequestLine]
+) -> BatchStatus | None:
+    """`lines`, LINES_IN_FLIGHT at once. → None when each ran; else what _stopped said (the lines
+    in flight are left: their jobs run on, for _stop_lines or the run that takes over)."""
     room = asyncio.Semaphore(LINES_IN_FLIGHT)
-    running: dict[asyncio.Task[None], str] = {}  # task → its line's custom_id
+    running: set[asyncio.Task[None]] = set()
 
     async def one(line: BatchRequestLine) -> None:
         try:
-            status, body, request_id = await answer(services, caller, batch.endpoint, line.body)
-            results.answered(line.custom_id, status, body, request_id)
-            ok = status == 200
-        except Exception as e:  # Redis gone for good, a bug: the line fails, the batch goes on
+            status, body, request_id = await answer(services, caller, batch, line)
+            result, ok = _answered(line.custom_id, status, body, request_id), status == 200
+        except Exception as e:  # a bug: the line fails, the batch goes on
             log.exception("batch %s, line %r", batch.id, line.custom_id)
-            results.never_ran(line.custom_id, "server_error", f"{type(e).__name__}: {e}")
-            ok = False
+            result, ok = _not_run(line.custom_id, "server_error", f"{type(e).__name__}: {e}"), False
         finally:
             room.release()
-        await store.count(batch.id, ok=ok)
-
-    async def stopped() -> BatchStatus | None:
-        if time.time() >= batch.expires_at:
-            return BatchStatus.EXPIRED
-        return BatchStatus.CANCELLED if await store.status(batch.id) is BatchStatus.CANCELLING else None
+        try:
+            await _write(services, batch, line.custom_id, result, ok)
+        except RESTARTING:
+            log.warning("batch %s, line %r: not written (Redis gone); sent again", batch.id, line.custom_id)
 
     stop: BatchStatus | None = None
-    unsent: list[str] = []
     watched = time.monotonic()
-    for raw in source:
-        line = BatchRequestLine.model_validate_json(raw)
-        while not await _acquire(room, WATCH_S) and not (stop := await stopped()):
-            pass
-        if stop is None and time.monotonic() - watched > WATCH_S:
-            watched = time.monotonic()
-            stop = await stopped()
-        if stop is not None:
-            unsent.append(line.custom_id)
-            break
-        task = asyncio.create_task(one(line))
-        running[task] = line.custom_id
-        task.add_done_callback(lambda t: running.pop(t, None))
-    while running and stop is None:
-        await asyncio.wait(set(running), timeout=WATCH_S)
-        stop = await stopped() if running else None
-    if stop is None:
-        return None
-    in_flight = dict(running)
-    for task in in_flight:  # each cancels its job (serving's wait, without a request)
-        task.cancel()
-    await asyncio.gather(*in_flight, return_exceptions=True)
-    unsent += [cid for task, cid in in_flight.items() if task.cancelled()]
-    unsent += [BatchRequestLine.model_validate_json(raw).custom_id for raw in source]
-    _never_ran(results, unsent, stop)
-    for _ in unsent:
-        await store.count(batch.id, ok=False)
+    try:
+        for line in lines:
+            while not await _acquire(room, WATCH_S) and not (stop := await _stopped(services, batch)):
+                pass
+            if stop is None and time.monotonic() - watched > WATCH_S:
+                watched = time.monotonic()
+                stop = await _stopped(services, batch)
+            if stop is not None:
+                break
+            task = asyncio.create_task(one(line))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        while running and stop is None:
+            await asyncio.wait(set(running), timeout=WATCH_S)
+            stop = await _stopped(services, batch) if running else None
+    finally:  # stopped, or this run is (its process stops, its lease was lost)
+        in_flight = set(running)
+        for task in in_flight:
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
     return stop
 
 
@@ -240,8 +270,63 @@ async def _acquire(room: asyncio.Semaphore, timeout: float) -> bool:
     return False
 
 
-def _never_ran(results: _Results, custom_ids: list[str], stop: BatchStatus) -> None:
-    code = "batch_expired" if stop is BatchStatus.EXPIRED else "batch_cancelled"
-    why = "the batch's completion window passed" if stop is BatchStatus.EXPIRED else "the batch was cancelled"
-    for custom_id in custom_ids:
-        results.never_ran(custom_id, code, f"not run: {why}")
+async def _stop_lines(
+    services: Services,
+    caller: ApiKey,
+    batch: BatchRecord,
+    lines: Iterator[BatchRequestLine],
+    stop: BatchStatus,
+) -> None:
+    """Each of `lines` (not in the ledger) ends as never run; a job one of them had (this run's
+    or a dead run's) is cancelled."""
+    code = "batch_expired" if stop is S.EXPIRED else "batch_cancelled"  # stop: EXPIRED or CANCELLING
+    why = "the batch's completion window passed" if stop is S.EXPIRED else "the batch was cancelled"
+    for line in lines:
+        job_id = await idempotent_job_id(services, caller, line_key(batch.id, line.custom_id))
+        if job_id is not None:
+            await services.store.cancel(job_id)
+        result = _not_run(line.custom_id, code, f"not run: {why}")
+        await _write(services, batch, line.custom_id, result, False)
+
+
+# --- the result files -----------------------------------------------------------------------------
+
+
+def result_file_id(batch_id: str, kind: str) -> str:
+    """The id the batch's `kind` (output | error) file gets: the same in every run."""
+    return f"file-{uuid.uuid5(uuid.NAMESPACE_URL, f'localmoe:{batch_id}:{kind}').hex}"
+
+
+async def _finish(services: Services, batch: BatchRecord, source: BinaryIO) -> None:
+    """The result files from the ledger, then the terminal status: completed from finalizing,
+    cancelled from cancelling, expired from in_progress (a run the window stopped)."""
+    store = services.batches
+    ids = (result_file_id(batch.id, "output"), result_file_id(batch.id, "error"))
+    parts = [services.files.incoming(i) for i in ids]
+    try:
+        with parts[0].open("wb") as output, parts[1].open("wb") as errors:
+            custom_ids = (line.custom_id for line in _lines(source, set()))
+            while chunk := list(itertools.islice(custom_ids, READ_CHUNK)):
+                for custom_id, line in zip(chunk, await store.lines(batch.id, chunk), strict=True):
+                    if line is None:  # cannot happen: every line is in the ledger by now
+                        log.error("batch %s: line %r is not in the ledger", batch.id, custom_id)
+                        continue
+                    ok = (orjson.loads(line)["response"] or {}).get("status_code") == 200
+                    (output if ok else errors).write(line.encode() + b"\n")
+        kinds = zip(ids, parts, ("output", "error"), strict=True)
+        kept = [await _keep(services, batch, file_id, part, kind) for file_id, part, kind in kinds]
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
+    await store.set_results(batch.id, kept[0], kept[1], None)
+    ends = {S.FINALIZING: S.COMPLETED, S.CANCELLING: S.CANCELLED, S.IN_PROGRESS: S.EXPIRED}
+    while (status := await store.status(batch.id)) in ends and not await store.move(batch.id, ends[status]):
+        pass  # a cancel came in between: from cancelling then
+
+
+async def _keep(services: Services, batch: BatchRecord, file_id: str, part: Path, kind: str) -> str | None:
+    if part.stat().st_size == 0:
+        return None
+    ttl_s = services.settings.limits.file_ttl_s
+    await services.files.add(file_id, batch.owner, f"{batch.id}_{kind}.jsonl", "batch_output", ttl_s, part)
+    return file_id

@@ -5,11 +5,19 @@
         status                a BatchStatus value; changed only by TRANSITION, from FROM[new] only
         <status>_at           unix seconds the batch entered that status (TRANSITION writes it)
         total                 lines in the input (set once, when validated)
-        completed, failed     lines answered 200 / otherwise (HINCRBY as each line ends)
+        completed, failed     lines answered 200 / otherwise (WRITE_LINE counts each line once)
         output_file_id, error_file_id, errors    written once, before the terminal status
+    keys.batch_lines(id)      the ledger, custom_id → its result line (JSON), written once per line
+                              (WRITE_LINE, only while in_progress or cancelling); the result files
+                              are made from it; deleted with the terminal status
+    keys.batch_lease(id)      the id of the run that holds the batch; expires unless renewed
+    keys.OPEN_BATCHES         batch id → created_at while not terminal (TRANSITION removes it)
     keys.owner_batches(key)   the owner's listing: batch id → created (fractional)
 
-Both live `limits.file_ttl_s` from creation, as long as the files they name.
+The record and listing live `limits.file_ttl_s` from creation, as long as the files they name; the
+ledger as long as the record. A run that lost its lease (paused past it) may still write: a line
+it writes that the new holder wrote first is dropped (HSETNX), and nothing is written once the
+batch is terminal, so each custom_id is counted once and ends in one file once.
 """
 
 from __future__ import annotations
@@ -35,14 +43,55 @@ FROM: dict[BatchStatus, tuple[BatchStatus, ...]] = {  # the state machine (Batch
     S.CANCELLED: (S.CANCELLING,),
 }
 
-# KEYS[1] the batch; ARGV: the new status, now, then the statuses it may come from. → 1 if moved.
+# KEYS: the batch, OPEN_BATCHES, the ledger; ARGV: the new status, now, 1 if it is terminal, the
+# batch's id, then the statuses it may come from. → 1 if moved. A terminal batch leaves the open list and its
+# ledger goes (its result files hold the lines now).
 TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   if current == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
+    if ARGV[3] == '1' then
+      redis.call('ZREM', KEYS[2], ARGV[4])
+      redis.call('DEL', KEYS[3])
+    end
     return 1
   end
+end
+return 0
+"""
+
+WRITABLE = (S.IN_PROGRESS, S.CANCELLING)  # the statuses in which lines are written
+
+# KEYS: the batch, the ledger; ARGV: custom_id, the line, the count it adds to (completed | failed),
+# then WRITABLE. → 1 if written, 0 if the line was there already or the batch takes no more lines.
+WRITE_LINE = """
+local current = redis.call('HGET', KEYS[1], 'status')
+local writable = false
+for i = 4, #ARGV do
+  if current == ARGV[i] then writable = true end
+end
+if not writable or redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+# KEYS[1] the lease; ARGV: the run's id, the lease in ms. → 1 if that run held it (now renewed).
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] the lease; ARGV[1] the run's id. Gives the lease up, if that run holds it.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -69,31 +118,60 @@ class BatchStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self._transition = client.register_script(TRANSITION)
+        self._write_line = client.register_script(WRITE_LINE)
+        self._renew = client.register_script(RENEW)
+        self._release = client.register_script(RELEASE)
 
-    async def create(self, record: BatchRecord, ttl_s: int) -> None:
+    async def create(self, record: BatchRecord, ttl_s: int, run_id: str, lease_s: float) -> None:
+        """The batch, `validating`, held by the run `run_id` for `lease_s`."""
         pipe = self.client.pipeline(transaction=True)
         fields = {"record": record.model_dump_json(), "status": S.VALIDATING.value}
         fields["validating_at"] = str(record.created_at)
         pipe.hset(keys.batch(record.id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.batch(record.id), ttl_s)
+        pipe.set(keys.batch_lease(record.id), run_id, px=int(lease_s * 1000))
         pipe.zadd(keys.owner_batches(record.owner), {record.id: time.time()})
         pipe.expire(keys.owner_batches(record.owner), ttl_s)
+        pipe.zadd(keys.OPEN_BATCHES, {record.id: record.created_at})
         await pipe.execute()
+
+    async def record(self, batch_id: str) -> BatchRecord | None:
+        raw = cast(str | None, await self.client.hget(keys.batch(batch_id), "record"))
+        return BatchRecord.model_validate_json(raw) if raw else None
 
     async def move(self, batch_id: str, to: BatchStatus) -> bool:
         """The batch → `to`, if it is in one of FROM[to]; False (nothing written) otherwise."""
-        args = [to.value, int(time.time()), *(s.value for s in FROM[to])]
-        return bool(await self._transition(keys=[keys.batch(batch_id)], args=args))
+        args = [to.value, int(time.time()), int(to.terminal), batch_id, *(s.value for s in FROM[to])]
+        names = [keys.batch(batch_id), keys.OPEN_BATCHES, keys.batch_lines(batch_id)]
+        return bool(await self._transition(keys=names, args=args))
 
     async def status(self, batch_id: str) -> BatchStatus | None:
         raw = cast(str | None, await self.client.hget(keys.batch(batch_id), "status"))
         return BatchStatus(raw) if raw else None
 
+    async def started(self, batch_id: str) -> bool:
+        """Whether the batch was ever in_progress (a cancel while validating: never)."""
+        return bool(await self.client.hexists(keys.batch(batch_id), f"{S.IN_PROGRESS.value}_at"))
+
     async def set_total(self, batch_id: str, total: int) -> None:
         await self.client.hset(keys.batch(batch_id), "total", total)
 
-    async def count(self, batch_id: str, ok: bool) -> None:
-        await self.client.hincrby(keys.batch(batch_id), "completed" if ok else "failed", 1)
+    async def write_line(self, batch_id: str, custom_id: str, line: bytes, ok: bool) -> bool:
+        """The line's result into the ledger, counted as completed (`ok`) or failed, unless it is
+        there already or the batch is past taking lines. → whether it was written."""
+        args = [custom_id, line, "completed" if ok else "failed", *(s.value for s in WRITABLE)]
+        names = [keys.batch(batch_id), keys.batch_lines(batch_id)]
+        return bool(await self._write_line(keys=names, args=args))
+
+    async def written(self, batch_id: str) -> set[str]:
+        """The custom_ids in the ledger."""
+        return set(cast(list[str], await self.client.hkeys(keys.batch_lines(batch_id))))
+
+    async def lines(self, batch_id: str, custom_ids: list[str]) -> list[str | None]:
+        """The ledger's lines for these custom_ids (None where there is none)."""
+        if not custom_ids:
+            return []
+        return cast(list[str | None], await self.client.hmget(keys.batch_lines(batch_id), custom_ids))
 
     async def set_results(
         self, batch_id: str, output: str | None, errors_file: str | None, errors: BatchErrors | None
@@ -102,6 +180,37 @@ class BatchStore:
         fields["errors"] = errors.model_dump_json() if errors else None
         if kept := {k: v for k, v in fields.items() if v is not None}:
             await self.client.hset(keys.batch(batch_id), mapping=kept)  # type: ignore[arg-type]
+
+    # --- leases: which run holds a batch (batch_runs.py) --------------------------------------
+
+    async def take(self, batch_id: str, run_id: str, lease_s: float) -> bool:
+        """The lease for `run_id`, if nobody holds it."""
+        lease = keys.batch_lease(batch_id)
+        return bool(await self.client.set(lease, run_id, nx=True, px=int(lease_s * 1000)))
+
+    async def renew(self, batch_id: str, run_id: str, lease_s: float) -> bool:
+        """→ False when `run_id` no longer holds the lease (it expired; another run may hold it)."""
+        return bool(await self._renew(keys=[keys.batch_lease(batch_id)], args=[run_id, int(lease_s * 1000)]))
+
+    async def release(self, batch_id: str, run_id: str) -> None:
+        await self._release(keys=[keys.batch_lease(batch_id)], args=[run_id])
+
+    async def unheld(self) -> list[str]:
+        """The open batches that no run holds, oldest first."""
+        ids = cast(list[str], await self.client.zrange(keys.OPEN_BATCHES, 0, -1))
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.exists(keys.batch_lease(batch_id))
+        return [i for i, held in zip(ids, await pipe.execute(), strict=True) if not held]
+
+    async def open_ids(self) -> set[str]:
+        return set(cast(list[str], await self.client.zrange(keys.OPEN_BATCHES, 0, -1)))
+
+    async def forget(self, batch_id: str) -> None:
+        """An open batch whose record expired (its window long past) leaves the open list."""
+        await self.client.zrem(keys.OPEN_BATCHES, batch_id)
 
     async def get(self, owner: str, batch_id: str) -> Batch | None:
         """The batch as OpenAI shows it, if `owner` owns it."""

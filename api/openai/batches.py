@@ -1,12 +1,11 @@
 """OpenAI's Batch API: POST /v1/batches, GET /v1/batches, GET /v1/batches/{batch_id},
 POST /v1/batches/{batch_id}/cancel. A batch runs its input file's lines as ordinary jobs
-(batch_runner.py); its record is batch_store.py's. Like files, a batch is its key's alone.
+(batch_runner.py), in whichever API process holds it (batch_runs.py); its record is
+batch_store.py's. Like files, a batch is its key's alone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from typing import Annotated, Any
 
@@ -14,12 +13,10 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from api.auth import Caller
 from api.deps import ServicesDep
-from api.openai import batch_runner
+from api.openai.batch_runs import BatchRunsDep
 from api.openai.batch_store import BatchRecord, new_batch_id
 from api.openai.errors import ERRORS, ErrorResponse, OpenAIError, OpenAIRoute
 from api.openai.protocol import Batch, BatchCreate, BatchList, BatchStatus
-
-log = logging.getLogger(__name__)
 
 WINDOW_S = 24 * 3600  # completion_window "24h"
 
@@ -32,7 +29,7 @@ BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/batches", response_model=Batch, responses=ERRORS)
-async def create_batch(body: BatchCreate, services: ServicesDep, caller: Caller) -> Batch:
+async def create_batch(body: BatchCreate, services: ServicesDep, runs: BatchRunsDep, caller: Caller) -> Batch:
     """Run every line of an uploaded file (purpose `batch`) against `endpoint`."""
     source = await services.files.get(caller.id, body.input_file_id)
     if source is None or source.purpose != "batch":
@@ -52,20 +49,13 @@ async def create_batch(body: BatchCreate, services: ServicesDep, caller: Caller)
         expires_at=now + WINDOW_S,
         metadata=body.metadata,
     )
-    await services.batches.create(record, services.settings.limits.file_ttl_s)
-    path = services.files.path(source.id)
-    run = asyncio.create_task(batch_runner.run(services, caller, record, path))
-    services.batch_runs.add(run)
-    run.add_done_callback(_finished)
-    run.add_done_callback(services.batch_runs.discard)
+    try:
+        await runs.create(record, caller)
+    except FileNotFoundError as e:  # deleted since it was looked up
+        raise OpenAIError(400, f"No such File object: {body.input_file_id}", "input_file_id") from e
     batch = await services.batches.get(caller.id, record.id)
     assert batch is not None
     return batch
-
-
-def _finished(run: asyncio.Task[None]) -> None:
-    if not run.cancelled() and (e := run.exception()) is not None:
-        log.error("a batch run failed", exc_info=e)
 
 
 async def owned_batch(services: ServicesDep, caller: Caller, batch_id: Annotated[str, Path()]) -> Batch:

@@ -64,7 +64,7 @@ async def chat_completion(
     request: Request | None = None,
     idempotency_key: str | None = None,
 ) -> Response:
-    """The route's answer; without `request` (a batch's line), cancelling the caller cancels the job."""
+    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     tools = body.offered_tools

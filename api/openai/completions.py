@@ -39,7 +39,7 @@ async def text_completion(
     request: Request | None = None,
     idempotency_key: str | None = None,
 ) -> Response:
-    """The route's answer; without `request` (a batch's line), cancelling the caller cancels the job."""
+    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     spec = body.job_spec(body.text, 16 if body.max_tokens is None else body.max_tokens)

@@ -2,6 +2,9 @@
 
     <files_dir>/<file id>                  the bytes, written once, never changed
     <files_dir>/incoming/<file id>.part    an upload still arriving (removed when it ends, either way)
+    <files_dir>/batches/<batch id>.jsonl   a batch's input, linked to its file when the batch is
+                                           made (the file may be deleted while the batch runs, in
+                                           any API process), removed when the batch ends
     keys.file(id)           FileRecord JSON; Redis expires it GRACE_S after the file
     keys.owner_files(key)   the owner's listing: file id → upload time (fractional created_at)
     keys.FILES_EXPIRY       file id → expires_at, for every id whose bytes may be on disk
@@ -22,6 +25,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +65,8 @@ class FileStore:
         self.root = root
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pins_dir = root / "batches"
+        self.pins_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, file_id: str) -> Path:
         assert _FILE_ID.match(file_id), file_id  # ids come from new_file_id or passed `get`
@@ -94,6 +100,33 @@ class FileStore:
         pipe.zadd(keys.owner_files(owner), {file_id: now})  # not `created`: seconds would tie
         await pipe.execute()
         return record
+
+    def pin(self, file_id: str, batch_id: str) -> Path:
+        """The file's bytes, kept for the batch `batch_id` until `unpin` (a hard link: no copy)."""
+        pinned = self.pinned(batch_id)
+        try:
+            os.link(self.path(file_id), pinned)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            shutil.copyfile(self.path(file_id), pinned)
+        return pinned
+
+    def pinned(self, batch_id: str) -> Path:
+        assert re.match(r"^batch_[0-9a-f]{32}$", batch_id), batch_id
+        return self.pins_dir / f"{batch_id}.jsonl"
+
+    def unpin(self, batch_id: str) -> None:
+        self.pinned(batch_id).unlink(missing_ok=True)
+
+    def drop_pins(self, keep: set[str], older_than_s: float) -> None:
+        """Removes the pins of batches not in `keep` (those that ended while their run died), if
+        pinned over `older_than_s` ago (a batch being made is pinned before it is listed)."""
+        stale = time.time() - older_than_s
+        for pin in self.pins_dir.glob("batch_*.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                if pin.stem not in keep and pin.stat().st_ctime < stale:
+                    pin.unlink()
 
     async def get(self, owner: str, file_id: str) -> FileRecord | None:
         """The file, if `owner` owns it and it has not expired (an expired one is removed now)."""

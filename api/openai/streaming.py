@@ -54,24 +54,28 @@ async def _collect(services: Services, job_id: str) -> Answer:
 
 
 async def wait_for_job(request: Request | None, services: Services, job: Job) -> Answer:
-    """The job's whole text, logprobs and done event. A client that disconnects first cancels it;
-    so does cancelling the caller (a batch's line: `request` None, there is no connection)."""
+    """The job's whole text, logprobs and done event. A client that disconnects first cancels it.
+    Without a request (a batch's line) the job outlives its waiter: a batch run that stops leaves
+    its lines' jobs running for the run that takes the batch over (it finds them again by their
+    Idempotency-Key), and cancels them itself when the batch is cancelled."""
+    if request is None:
+        return _unless_failed(await _collect(services, job.id))
     result = asyncio.ensure_future(_collect(services, job.id))
-    watcher = asyncio.ensure_future(_client_gone(request)) if request is not None else None
+    watcher = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait(
-            {result} if watcher is None else {result, watcher}, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()
         finished = result.done()
         if not finished:  # the client left (or this request was cancelled)
             result.cancel()
             await _cancel(services, job.id)
     if not finished:  # no one will read this answer
         raise OpenAIError(499, "the client disconnected; its job was cancelled")
-    answer = result.result()
+    return _unless_failed(result.result())
+
+
+def _unless_failed(answer: Answer) -> Answer:
     if answer.done.status is JobStatus.FAILED:
         raise OpenAIError(500, f"generation failed: {answer.done.error or 'unknown error'}")
     return answer

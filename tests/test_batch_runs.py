@@ -1,0 +1,173 @@
+"""A batch outlives the API process running it: leases, the per-line ledger, taking over.
+
+The store's scripts against a real Redis; then a real service of the module's own (Redis, a
+worker, API processes with a 1 s lease): the API running a batch is stopped part way (SIGTERM:
+it gives its lease back), another takes the batch over and is killed part way (SIGKILL: its
+lease lapses), a third takes it over; every custom_id ends exactly once in the result files,
+with one job per line (a line whose job was in flight is answered by that job, found again,
+not sent twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from api.auth import Scope, create_key
+from api.openai.batch_store import BatchRecord, BatchStore, new_batch_id
+from api.openai.protocol import BatchStatus
+from localmoe.redis_server import RedisServer
+from scheduler import keys
+from tests.conftest import Stack, _stop, bearer, private_stack, scratch_db, start_api, wait_for
+from tests.test_batches import CHAT, body, lines_of, upload, wait
+
+S = BatchStatus
+LEASE_S = "1"
+
+
+def test_the_ledger_takes_each_line_once_and_nothing_after_the_end(redis_server: RedisServer) -> None:
+    async def scenario(url: str) -> None:
+        client = aioredis.from_url(url, decode_responses=True)
+        store = BatchStore(client)
+        now = int(time.time())
+        batch = BatchRecord(
+            id=new_batch_id(),
+            owner="k",
+            endpoint=CHAT,
+            input_file_id="file-x",
+            created_at=now,
+            expires_at=now + 60,
+        )
+        await store.create(batch, 600, "run-a", lease_s=5)
+        assert not await store.take(batch.id, "run-b", 5)  # made held
+        assert await store.unheld() == []
+        assert not await store.write_line(batch.id, "a", b"{}", ok=True)  # validating: no lines yet
+        assert await store.move(batch.id, S.IN_PROGRESS)
+        assert await store.write_line(batch.id, "a", b'{"first": 1}', ok=True)
+        assert not await store.write_line(batch.id, "a", b'{"second": 1}', ok=False)  # a second run's
+        assert await store.write_line(batch.id, "b", b"{}", ok=False)
+        assert await store.lines(batch.id, ["a", "b", "c"]) == ['{"first": 1}', "{}", None]
+        assert await store.written(batch.id) == {"a", "b"}
+        got = await store.get("k", batch.id)
+        assert got is not None and (got.request_counts.completed, got.request_counts.failed) == (1, 1)
+
+        assert not await store.renew(batch.id, "run-b", 5)  # not b's
+        assert await store.renew(batch.id, "run-a", 5)
+        await store.release(batch.id, "run-b")  # not b's: nothing happens
+        assert await store.unheld() == []
+        await store.release(batch.id, "run-a")
+        assert await store.unheld() == [batch.id]
+        assert await store.take(batch.id, "run-b", 5) and not await store.take(batch.id, "run-c", 5)
+
+        assert await store.move(batch.id, S.FINALIZING) and await store.move(batch.id, S.COMPLETED)
+        assert await store.open_ids() == set() and await store.written(batch.id) == set()  # ledger gone
+        assert not await store.write_line(batch.id, "c", b"{}", ok=True)  # a run that lost its lease
+        assert not await client.exists(keys.batch_lines(batch.id))
+        await client.aclose()
+
+    with scratch_db(redis_server, 2):
+        asyncio.run(scenario(_url(redis_server, 2)))
+
+
+def _url(redis_server: RedisServer, db: int) -> str:
+    return redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(scope="module")
+def stack(service_env: dict[str, str]) -> Iterator[Stack]:
+    """A service of its own: no other API process takes its batches over; its worker slowed (a
+    step every 0.1 s) so that a batch of 200 short lines lasts long enough to be stopped twice."""
+    settings = {"LOCALMOE_BATCHES__LEASE_S": LEASE_S, "LOCALMOE_ENGINE__STEP_DELAY_S": "0.1"}
+    with private_stack(service_env, worker=True, **settings) as s:
+        yield s
+
+
+@pytest.fixture
+def others(stack: Stack) -> Iterator[Callable[[], tuple[subprocess.Popen[bytes], str]]]:
+    """Starts more API processes on the stack; they are stopped at the test's end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[subprocess.Popen[bytes], str]:
+        proc, url = start_api(stack.env, stack.admin_key)
+        started.append(proc)
+        return proc, url
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            _stop(proc)
+
+
+def holder(stack: Stack, batch_id: str) -> int | None:
+    """The pid of the process whose run holds the batch (keys.batch_lease: host:pid:random)."""
+    run_id = stack.client.get(keys.batch_lease(batch_id))
+    return int(str(run_id).split(":")[1]) if run_id else None
+
+
+def done_part_way(client: openai.OpenAI, batch_id: str, at_least: int) -> int:
+    """Waits until `at_least` lines are done; → how many are (fewer than all: still part way)."""
+    seen = [0, 0]
+
+    def enough() -> bool:
+        counts = client.batches.retrieve(batch_id).request_counts
+        assert counts is not None
+        seen[:] = [counts.completed + counts.failed, counts.total]
+        return seen[0] >= at_least
+
+    wait_for(enough, 60, f"{at_least} lines of the batch")
+    assert seen[0] < seen[1], "the batch ended before its run was stopped: make it longer"
+    return seen[0]
+
+
+def client_of(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_a_batch_goes_on_in_another_api_process_each_line_once(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
+    key = create_key(stack.client, "batch runs", Scope.USER).secret  # its jobs are the batch's alone
+    lines = [
+        {
+            "custom_id": f"d{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": body(i, max_tokens=4 + i % 16, ignore_eos=True),
+        }
+        for i in range(200)
+    ]
+    second, second_url = others()
+    with client_of(stack.api, key) as c:
+        made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
+        assert holder(stack, made.id) == stack.api_proc.pid
+        done = done_part_way(c, made.id, 30)
+    stack.api_proc.send_signal(signal.SIGTERM)  # gives its lease back: taken over at the next look
+    wait_for(lambda: holder(stack, made.id) == second.pid, 10, "the second API to take the batch over")
+
+    third, third_url = others()
+    with client_of(second_url, key) as c:
+        done_part_way(c, made.id, done + 30)
+    second.kill()  # its lease lapses a second later; its lines' jobs run on
+    wait_for(lambda: holder(stack, made.id) == third.pid, 10, "the third API to take the batch over")
+
+    with client_of(third_url, key) as c:
+        finished = wait(c, made.id, timeout=120)
+        assert finished.status == "completed"
+        counts = finished.request_counts
+        assert counts is not None and (counts.total, counts.completed, counts.failed) == (200, 200, 0)
+        assert finished.error_file_id is None
+        output = lines_of(c, finished.output_file_id)
+    assert [x["custom_id"] for x in output] == [x["custom_id"] for x in lines]  # each once, in order
+    tokens = [x["response"]["body"]["usage"]["completion_tokens"] for x in output]
+    assert tokens == [x["body"]["max_tokens"] for x in lines]  # type: ignore[index]
+    with httpx.Client(base_url=third_url, headers=bearer(key), timeout=30) as http:
+        jobs = http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]
+    assert len(jobs) == 200  # one job a line: none sent again after either stop
+    assert {j["id"] for j in jobs} == {x["response"]["request_id"] for x in output}
