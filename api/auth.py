@@ -47,6 +47,8 @@ class KeyLimits(BaseModel):
     max_queued_tokens: int | None = Field(None, ge=1, description="Prompt + max_tokens of those jobs.")
     rate_per_s: float | None = Field(None, gt=0, description="Sustained submissions per second.")
     burst: int | None = Field(None, ge=1, description="Submissions allowed at once above the rate.")
+    max_batches: int | None = Field(None, ge=1, description="Batches not yet ended.")
+    batch_lines_in_flight: int | None = Field(None, ge=1, description="Lines of its batches running at once.")
 
 
 class ApiKey(BaseModel):

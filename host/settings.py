@@ -189,6 +189,15 @@ class BatchSettings(BaseModel):
         description="A batch's run holds it this long past its last renewal (every third of it); "
         "API processes look every half of it for batches whose run died, and take them over",
     )
+    per_key_max_batches: int = Field(
+        16, ge=1, description="Batches of one key not yet ended; one more is refused (429) (default)."
+    )
+    per_key_lines_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Lines of one key's batches running at once, over every API process (default); "
+        "more wait, leaving the key's backlog room for its interactive requests",
+    )
 
 
 class WebhookSettings(BaseModel):

@@ -297,6 +297,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     "max_queued_tokens": args.max_queued_tokens,
                     "rate_per_s": args.rate_per_s,
                     "burst": args.burst,
+                    "max_batches": args.max_batches,
+                    "batch_lines_in_flight": args.batch_lines_in_flight,
                 }.items()
                 if v is not None
             }
@@ -575,6 +577,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--max-queued-tokens", type=int)
     create.add_argument("--rate-per-s", type=float)
     create.add_argument("--burst", type=int)
+    create.add_argument("--max-batches", type=int, help="batches not yet ended")
+    create.add_argument("--batch-lines-in-flight", type=int, help="lines of its batches running at once")
     keys.add_parser("list", help="every key: id, scope, state, made, name")
     revoke = keys.add_parser("revoke", help="stop a key working (within a second)")
     revoke.add_argument("key_id")

@@ -139,6 +139,18 @@ def owner_batches(owner: str) -> str:
     return f"{PREFIX}:owner:{owner}:batches"
 
 
+def owner_open_batches(owner: str) -> str:
+    """Sorted set: batch id → created_at, one API key's batches that may still be open (an entry
+    no longer in OPEN_BATCHES is dropped when counted): its limit on batches is checked on it."""
+    return f"{PREFIX}:owner:{owner}:batches:open"
+
+
+def owner_batch_lines(owner: str) -> str:
+    """Hash: batch id → lines of that batch in flight (sent as jobs, not yet answered), for one
+    API key's limit on lines in flight across API processes."""
+    return f"{PREFIX}:owner:{owner}:batches:lines"
+
+
 def batch_lines(batch_id: str) -> str:
     """Hash: custom_id → the line of the output or error file it ended as (JSON), written once per
     line; the ledger a resumed run skips by and the result files are written from."""

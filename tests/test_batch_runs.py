@@ -45,7 +45,7 @@ def test_the_ledger_takes_each_line_once_and_nothing_after_the_end(redis_server:
             created_at=now,
             expires_at=now + 60,
         )
-        await store.create(batch, 600, "run-a", lease_s=5)
+        assert await store.create(batch, 600, "run-a", lease_s=5, max_open=1) is None
         assert not await store.take(batch.id, "run-b", 5)  # made held
         assert await store.unheld() == []
         assert not await store.write_line(batch.id, "a", b"{}", ok=True)  # validating: no lines yet
@@ -70,6 +70,45 @@ def test_the_ledger_takes_each_line_once_and_nothing_after_the_end(redis_server:
         assert await store.open_ids() == set() and await store.written(batch.id) == set()  # ledger gone
         assert not await store.write_line(batch.id, "c", b"{}", ok=True)  # a run that lost its lease
         assert not await client.exists(keys.batch_lines(batch.id))
+        await client.aclose()
+
+    with scratch_db(redis_server, 2):
+        asyncio.run(scenario(_url(redis_server, 2)))
+
+
+def test_a_keys_batches_and_lines_in_flight_are_counted_across_its_batches(redis_server: RedisServer) -> None:
+    async def scenario(url: str) -> None:
+        client = aioredis.from_url(url, decode_responses=True)
+        store = BatchStore(client)
+        now = int(time.time())
+
+        def batch() -> BatchRecord:
+            return BatchRecord(
+                id=new_batch_id(),
+                owner="k",
+                endpoint=CHAT,
+                input_file_id="f",
+                created_at=now,
+                expires_at=now + 60,
+            )
+
+        a, b, c = batch(), batch(), batch()
+        assert await store.create(a, 600, "r", 5, max_open=2) is None
+        assert await store.create(b, 600, "r", 5, max_open=2) is None
+        assert await store.create(c, 600, "r", 5, max_open=2) == 2  # refused: two not ended
+        assert await store.record(c.id) is None and await store.open_ids() == {a.id, b.id}
+
+        assert await store.take_line("k", a.id, 3) and await store.take_line("k", b.id, 3)
+        assert await store.take_line("k", a.id, 3) and not await store.take_line("k", b.id, 3)
+        await store.line_done("k", b.id)
+        assert await store.take_line("k", b.id, 3) and not await store.take_line("k", a.id, 3)
+        await store.clear_lines("k", a.id)  # a run taking `a` over: its dead run's lines count no more
+        assert await store.take_line("k", a.id, 3) and await store.take_line("k", a.id, 3)
+        assert not await store.take_line("k", a.id, 3)
+
+        assert await store.move(a.id, S.FAILED)  # ended: its lines and its place are free
+        assert await store.take_line("k", b.id, 3) and await store.take_line("k", b.id, 3)
+        assert await store.create(c, 600, "r", 5, max_open=2) is None
         await client.aclose()
 
     with scratch_db(redis_server, 2):

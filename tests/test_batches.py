@@ -14,7 +14,7 @@ import openai
 import pytest
 import redis
 
-from api.auth import Scope, create_key
+from api.auth import KeyLimits, Scope, create_key
 from localmoe.redis_server import RedisServer
 from tests.conftest import bearer
 
@@ -142,3 +142,37 @@ def test_refusals(client: openai.OpenAI, api_url: str, user_key: str) -> None:
         assert r.status_code == 404 and r.json()["error"]["param"] == "batch_id"
         assert other.post(f"/v1/batches/{made.id}/cancel").status_code == 404
     wait(client, made.id)
+
+
+def test_a_key_has_at_most_its_batches_and_lines_in_flight(api_url: str, redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    limits = KeyLimits(max_batches=1, batch_lines_in_flight=2)
+    key = create_key(client, "tests (batch limits)", Scope.USER, limits).secret
+    client.close()
+    lines = [
+        {"custom_id": f"l{i}", "method": "POST", "url": CHAT, "body": body(i, max_tokens=16, ignore_eos=True)}
+        for i in range(8)
+    ]
+    with (
+        openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=60) as c,
+        httpx.Client(base_url=api_url, headers=bearer(key), timeout=30) as http,
+    ):
+        file_id = upload(c, lines)
+        first = c.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        with pytest.raises(openai.RateLimitError) as refused:
+            c.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        assert refused.value.response.headers["Retry-After"] == "60"
+        error = refused.value.response.json()["error"]
+        assert error["code"] == "batch_limit_reached"
+        assert error["message"].startswith("this key has 1 batches that have not ended (limit 1")
+
+        most = 0
+        while c.batches.retrieve(first.id).status not in TERMINAL:
+            jobs = http.get("/v1/jobs", params={"limit": 20}).json()["jobs"]
+            most = max(most, sum(j["status"] in ("queued", "running") for j in jobs))
+            time.sleep(0.02)
+        assert most == 2  # the key's two lines in flight, never more
+        assert wait(c, first.id).request_counts.completed == 8
+        second = c.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        c.batches.cancel(second.id)
+        assert wait(c, second.id).status == "cancelled"

@@ -142,6 +142,7 @@ async def run(services: Services, caller: ApiKey, batch: BatchRecord, input_path
     """The batch from the status it is in (a run that died may have left it anywhere) to a
     terminal one. `input_path`: the batch's own link to its input (FileStore.pin)."""
     store = services.batches
+    await store.clear_lines(batch.owner, batch.id)  # a dead run's lines in flight are this run's now
     with input_path.open("rb") as source:
         status = await store.status(batch.id)
         if status is S.VALIDATING:
@@ -220,7 +221,8 @@ async def _pass(
 ) -> BatchStatus | None:
     """`lines`, LINES_IN_FLIGHT at once. → None when each ran; else what _stopped said (the lines
     in flight are left: their jobs run on, for _stop_lines or the run that takes over)."""
-    room = asyncio.Semaphore(LINES_IN_FLIGHT)
+    store = services.batches
+    room = asyncio.Semaphore(LINES_IN_FLIGHT)  # this batch's; the key's are counted in Redis
     running: set[asyncio.Task[None]] = set()
 
     async def one(line: BatchRequestLine) -> None:
@@ -232,6 +234,8 @@ async def _pass(
             result, ok = _not_run(line.custom_id, "server_error", f"{type(e).__name__}: {e}"), False
         finally:
             room.release()
+            with contextlib.suppress(*RESTARTING):
+                await store.line_done(batch.owner, batch.id)
         try:
             await _write(services, batch, line.custom_id, result, ok)
         except RESTARTING:
@@ -246,6 +250,9 @@ async def _pass(
             if stop is None and time.monotonic() - watched > WATCH_S:
                 watched = time.monotonic()
                 stop = await _stopped(services, batch)
+            while stop is None and not await _take_line(services, caller, batch):  # the key's turn
+                await asyncio.sleep(WATCH_S)
+                stop = await _stopped(services, batch)
             if stop is not None:
                 break
             task = asyncio.create_task(one(line))
@@ -259,7 +266,15 @@ async def _pass(
         for task in in_flight:
             task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
+        with contextlib.suppress(*RESTARTING):  # a task cancelled before it began never counted out
+            await store.clear_lines(batch.owner, batch.id)
     return stop
+
+
+async def _take_line(services: Services, caller: ApiKey, batch: BatchRecord) -> bool:
+    """Whether a line may go now: the key has fewer lines in flight than it may."""
+    most = caller.limits.batch_lines_in_flight or services.settings.batches.per_key_lines_in_flight
+    return bool(await retrying(lambda: services.batches.take_line(batch.owner, batch.id, most)))
 
 
 async def _acquire(room: asyncio.Semaphore, timeout: float) -> bool:

@@ -51,13 +51,23 @@ class BatchRuns:
     def lease_s(self) -> float:
         return self.services.settings.batches.lease_s
 
-    async def create(self, record: BatchRecord, caller: ApiKey) -> None:
-        """The new batch, held and run by this process."""
+    def max_batches(self, caller: ApiKey) -> int:
+        """How many batches not yet ended the key may have."""
+        return caller.limits.max_batches or self.services.settings.batches.per_key_max_batches
+
+    async def create(self, record: BatchRecord, caller: ApiKey) -> int | None:
+        """The new batch, held and run by this process, unless its key has as many batches not
+        yet ended as it may. → None when made, else how many it has."""
         self.services.files.pin(record.input_file_id, record.id)  # before it is listed
         run_id = new_run_id()
         ttl_s = self.services.settings.limits.file_ttl_s
-        await self.services.batches.create(record, ttl_s, run_id, self.lease_s)
+        most = self.max_batches(caller)
+        refused = await self.services.batches.create(record, ttl_s, run_id, self.lease_s, most)
+        if refused is not None:
+            self.services.files.unpin(record.id)
+            return refused
         self._start(record, caller, run_id)
+        return None
 
     def _start(self, batch: BatchRecord, caller: ApiKey, run_id: str) -> None:
         task = asyncio.create_task(self._hold(batch, caller, run_id), name=f"batch {batch.id}")

@@ -12,6 +12,10 @@
                               are made from it; deleted with the terminal status
     keys.batch_lease(id)      the id of the run that holds the batch; expires unless renewed
     keys.OPEN_BATCHES         batch id → created_at while not terminal (TRANSITION removes it)
+    keys.owner_open_batches(key)  the owner's batches that may be open (CREATE counts and prunes
+                              it against OPEN_BATCHES: the limit on batches per key)
+    keys.owner_batch_lines(key)   batch id → its lines in flight (TAKE_LINE / LINE_DONE: the
+                              limit on lines in flight per key, whichever API processes run them)
     keys.owner_batches(key)   the owner's listing: batch id → created (fractional)
 
 The record and listing live `limits.file_ttl_s` from creation, as long as the files they name; the
@@ -62,6 +66,7 @@ return 0
 """
 
 WRITABLE = (S.IN_PROGRESS, S.CANCELLING)  # the statuses in which lines are written
+LINES_TTL_S = 2 * 86_400  # an owner's lines-in-flight counts, untouched this long, are dropped
 
 # KEYS: the batch, the ledger; ARGV: custom_id, the line, the count it adds to (completed | failed),
 # then WRITABLE. → 1 if written, 0 if the line was there already or the batch takes no more lines.
@@ -78,6 +83,60 @@ redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
+"""
+
+# The owner's open batches, counted (entries of batches that ended are dropped on the way); the
+# batch is made, held by its first run, only if they are fewer than the owner's limit.
+# KEYS: the batch, its lease, the owner's listing, OPEN_BATCHES, the owner's open batches;
+# ARGV: the batch id, its record, the first status, created_at, ttl s, the run's id, the lease
+# in ms, now (fractional), the limit. → {1 if made, the owner's open batches before it}
+CREATE = """
+local open = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if redis.call('ZSCORE', KEYS[4], id) then open = open + 1 else redis.call('ZREM', KEYS[5], id) end
+end
+if open >= tonumber(ARGV[9]) then
+  return {0, open}
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'status', ARGV[3], ARGV[3] .. '_at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[7])
+redis.call('ZADD', KEYS[3], ARGV[8], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return {1, open}
+"""
+
+# A line of the batch may go if the owner's lines in flight (those of its open batches; the
+# counts of batches that ended are dropped on the way) are fewer than the limit: counted in.
+# KEYS: the owner's lines in flight, OPEN_BATCHES; ARGV: the batch id, the limit, ttl s. → 1 | 0
+TAKE_LINE = """
+local total = 0
+local counts = redis.call('HGETALL', KEYS[1])
+for i = 1, #counts, 2 do
+  if redis.call('ZSCORE', KEYS[2], counts[i]) then
+    total = total + tonumber(counts[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], counts[i])
+  end
+end
+if total >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] the owner's lines in flight; ARGV[1] the batch id. One of its lines ended (never below 0:
+# a run that lost its lease may end lines after the next run started counting afresh).
+LINE_DONE = """
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+end
+return 0
 """
 
 # KEYS[1] the lease; ARGV: the run's id, the lease in ms. → 1 if that run held it (now renewed).
@@ -117,23 +176,39 @@ def new_batch_id() -> str:
 class BatchStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self._create = client.register_script(CREATE)
         self._transition = client.register_script(TRANSITION)
+        self._take_line = client.register_script(TAKE_LINE)
+        self._line_done = client.register_script(LINE_DONE)
         self._write_line = client.register_script(WRITE_LINE)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
 
-    async def create(self, record: BatchRecord, ttl_s: int, run_id: str, lease_s: float) -> None:
-        """The batch, `validating`, held by the run `run_id` for `lease_s`."""
-        pipe = self.client.pipeline(transaction=True)
-        fields = {"record": record.model_dump_json(), "status": S.VALIDATING.value}
-        fields["validating_at"] = str(record.created_at)
-        pipe.hset(keys.batch(record.id), mapping=fields)  # type: ignore[arg-type]
-        pipe.expire(keys.batch(record.id), ttl_s)
-        pipe.set(keys.batch_lease(record.id), run_id, px=int(lease_s * 1000))
-        pipe.zadd(keys.owner_batches(record.owner), {record.id: time.time()})
-        pipe.expire(keys.owner_batches(record.owner), ttl_s)
-        pipe.zadd(keys.OPEN_BATCHES, {record.id: record.created_at})
-        await pipe.execute()
+    async def create(
+        self, record: BatchRecord, ttl_s: int, run_id: str, lease_s: float, max_open: int
+    ) -> int | None:
+        """The batch, `validating`, held by the run `run_id` for `lease_s`, unless its owner has
+        `max_open` batches that have not ended. → None when made, else how many the owner has."""
+        names = [
+            keys.batch(record.id),
+            keys.batch_lease(record.id),
+            keys.owner_batches(record.owner),
+            keys.OPEN_BATCHES,
+            keys.owner_open_batches(record.owner),
+        ]
+        args: list[str | int] = [
+            record.id,
+            record.model_dump_json(),
+            S.VALIDATING.value,
+            record.created_at,
+            ttl_s,
+            run_id,
+            int(lease_s * 1000),
+            repr(time.time()),  # fractional: batches made in the same second keep their order
+            max_open,
+        ]
+        made, open_before = cast(list[int], await self._create(keys=names, args=args))
+        return None if made else int(open_before)
 
     async def record(self, batch_id: str) -> BatchRecord | None:
         raw = cast(str | None, await self.client.hget(keys.batch(batch_id), "record"))
@@ -180,6 +255,21 @@ class BatchStore:
         fields["errors"] = errors.model_dump_json() if errors else None
         if kept := {k: v for k, v in fields.items() if v is not None}:
             await self.client.hset(keys.batch(batch_id), mapping=kept)  # type: ignore[arg-type]
+
+    # --- the owner's lines in flight, across its batches and API processes ---------------------
+
+    async def take_line(self, owner: str, batch_id: str, limit: int) -> bool:
+        """A line of the batch may go (counted in) unless `owner` has `limit` lines in flight."""
+        names = [keys.owner_batch_lines(owner), keys.OPEN_BATCHES]
+        return bool(await self._take_line(keys=names, args=[batch_id, limit, LINES_TTL_S]))
+
+    async def line_done(self, owner: str, batch_id: str) -> None:
+        await self._line_done(keys=[keys.owner_batch_lines(owner)], args=[batch_id])
+
+    async def clear_lines(self, owner: str, batch_id: str) -> None:
+        """No line of the batch is in flight: a run starting (the lines a dead run had in flight
+        count no more: the new run counts each again as it sends it) or ending a pass."""
+        await self.client.hdel(keys.owner_batch_lines(owner), batch_id)
 
     # --- leases: which run holds a batch (batch_runs.py) --------------------------------------
 

@@ -19,6 +19,7 @@ from api.openai.errors import ERRORS, ErrorResponse, OpenAIError, OpenAIRoute
 from api.openai.protocol import Batch, BatchCreate, BatchList, BatchStatus
 
 WINDOW_S = 24 * 3600  # completion_window "24h"
+RETRY_S = 60  # Retry-After when the key has as many batches as it may: one must end first
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
@@ -28,7 +29,13 @@ BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/batches", response_model=Batch, responses=ERRORS)
+CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    429: {"model": ErrorResponse, "description": "The key has as many batches not ended as it may."},
+}
+
+
+@router.post("/batches", response_model=Batch, responses=CREATE_ERRORS)
 async def create_batch(body: BatchCreate, services: ServicesDep, runs: BatchRunsDep, caller: Caller) -> Batch:
     """Run every line of an uploaded file (purpose `batch`) against `endpoint`."""
     source = await services.files.get(caller.id, body.input_file_id)
@@ -50,9 +57,15 @@ async def create_batch(body: BatchCreate, services: ServicesDep, runs: BatchRuns
         metadata=body.metadata,
     )
     try:
-        await runs.create(record, caller)
+        open_batches = await runs.create(record, caller)
     except FileNotFoundError as e:  # deleted since it was looked up
         raise OpenAIError(400, f"No such File object: {body.input_file_id}", "input_file_id") from e
+    if open_batches is not None:
+        why = (
+            f"this key has {open_batches} batches that have not ended (limit {runs.max_batches(caller)}: "
+            "the key's max_batches or batches.per_key_max_batches); wait for one to end, or cancel one"
+        )
+        raise OpenAIError(429, why, code="batch_limit_reached", headers={"Retry-After": str(RETRY_S)})
     batch = await services.batches.get(caller.id, record.id)
     assert batch is not None
     return batch

@@ -33,9 +33,17 @@ class ErrorResponse(BaseModel):
 class OpenAIError(Exception):
     """A refusal to answer as `{"error": ...}` with this status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers  # Retry-After, for a 429
 
 
 _TYPES = {
@@ -102,7 +110,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except OpenAIError as e:
-                return error_response(e.status, e.message, e.param, e.code)
+                return error_response(e.status, e.message, e.param, e.code, e.headers)
             except RequestValidationError as e:
                 v = validation_error(e.errors())
                 return error_response(v.status, v.message, v.param)
