@@ -13,7 +13,7 @@ from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
 from api.protocol import refusals
 from scheduler import webhooks
-from scheduler.webhooks import Endpoint, WebhookSpec
+from scheduler.webhooks import BatchWebhookSpec, Endpoint, WebhookSpec
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=refusals(401))
 
@@ -54,8 +54,9 @@ async def delete(
         raise HTTPException(404, f"no webhook endpoint {endpoint_id!r} for this key")
 
 
-async def endpoint_for_job(services: Services, caller: ApiKey, spec: WebhookSpec) -> str:
-    """The registered, enabled endpoint a job's webhook names (its id), or 422 saying why not."""
+async def endpoint_for_job(services: Services, caller: ApiKey, spec: WebhookSpec | BatchWebhookSpec) -> str:
+    """The registered, enabled endpoint a job's (or a batch's) webhook names (its id), or 422
+    saying why not."""
     await _allowed(services, spec.url, resolve=False)
     endpoint = await asyncio.to_thread(webhooks.endpoint_for, services.enqueuer.client, caller.id, spec.url)
 

@@ -13,10 +13,12 @@ import httpx
 import openai
 import pytest
 import redis
+from standardwebhooks.webhooks import Webhook
 
 from api.auth import KeyLimits, Scope, create_key
 from localmoe.redis_server import RedisServer
-from tests.conftest import bearer
+from tests.conftest import bearer, wait_for
+from tests.receiver import Receiver
 
 CHAT = "/v1/chat/completions"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -176,3 +178,59 @@ def test_a_key_has_at_most_its_batches_and_lines_in_flight(api_url: str, redis_s
         second = c.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
         c.batches.cancel(second.id)
         assert wait(c, second.id).status == "cancelled"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_a_batch_calls_its_webhook_when_it_ends(
+    client: openai.OpenAI, api_url: str, key: str, receiver: Receiver, webhook_worker: None
+) -> None:
+    url = receiver.expect("/batches")
+    with httpx.Client(base_url=api_url, headers=bearer(key), timeout=30) as http:
+        secret = http.post("/v1/webhooks", json={"url": url}).json()["secret"]
+    lines = [{"custom_id": "a", "method": "POST", "url": CHAT, "body": body(0)}]
+    file_id = upload(client, lines)
+    done = client.batches.create(
+        input_file_id=file_id, endpoint=CHAT, completion_window="24h", extra_body={"webhook": {"url": url}}
+    )
+    only_cancel = {"webhook": {"url": url, "events": ["batch.cancelled"]}}
+    quiet = client.batches.create(
+        input_file_id=file_id, endpoint=CHAT, completion_window="24h", extra_body=only_cancel
+    )
+    cancelled = client.batches.create(
+        input_file_id=upload(
+            client, [{"custom_id": "x", "method": "POST", "url": CHAT, "body": body(0, max_tokens=512)}]
+        ),
+        endpoint=CHAT,
+        completion_window="24h",
+        extra_body=only_cancel,
+    )
+    client.batches.cancel(cancelled.id)
+    ended = [wait(client, b.id) for b in (done, quiet, cancelled)]
+    assert [b.status for b in ended] == ["completed", "completed", "cancelled"]
+    wait_for(lambda: len(receiver.to("/batches")) >= 2, 20, "the two events")
+    time.sleep(0.5)  # nothing else comes: the quiet batch asked only for batch.cancelled
+    payloads = [Webhook(secret).verify(h.body, h.headers) for h in receiver.to("/batches")]
+    by_type = {p["type"]: p["data"] for p in payloads}
+    assert len(payloads) == 2 and set(by_type) == {"batch.completed", "batch.cancelled"}
+    with httpx.Client(base_url=api_url, headers=bearer(key), timeout=30) as http:
+        as_ended = http.get(f"/v1/batches/{done.id}").json()
+    assert by_type["batch.completed"] == as_ended  # the Batch object, as it ended
+    assert (
+        by_type["batch.cancelled"]["id"] == cancelled.id
+        and by_type["batch.cancelled"]["status"] == "cancelled"
+    )
+
+    with pytest.raises(openai.BadRequestError) as refused:  # not registered
+        client.batches.create(
+            input_file_id=file_id,
+            endpoint=CHAT,
+            completion_window="24h",
+            extra_body={"webhook": {"url": url + "-other"}},
+        )
+    assert "register this URL first" in str(refused.value)

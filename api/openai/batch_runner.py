@@ -52,6 +52,7 @@ from api.openai.errors import OpenAIError, error_response, from_http, validation
 from api.openai.protocol import BatchError, BatchErrors, BatchStatus, ChatCompletionRequest, CompletionRequest
 from api.stream_hub import RESTARTING, retrying
 from scheduler.jobs import Priority
+from scheduler.webhooks import BatchEventType, Delivery, make_delivery
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ async def run(services: Services, caller: ApiKey, batch: BatchRecord, input_path
         if status is S.VALIDATING:
             status = await _validate(services, batch, source)
         if status is S.CANCELLING and not await store.started(batch.id):  # cancelled while validating
-            await store.move(batch.id, S.CANCELLED)
+            await _end(services, batch, S.CANCELLED)
             status = None
         if status in (S.IN_PROGRESS, S.CANCELLING):
             stop = await _run_lines(services, caller, batch, source)
@@ -173,7 +174,7 @@ async def _validate(services: Services, batch: BatchRecord, source: BinaryIO) ->
     source.seek(0)
     if errors:
         await store.set_results(batch.id, None, None, BatchErrors(data=errors))
-        await store.move(batch.id, S.FAILED)
+        await _end(services, batch, S.FAILED)
         return None
     await store.set_total(batch.id, n)
     await store.move(batch.id, S.IN_PROGRESS)
@@ -335,8 +336,40 @@ async def _finish(services: Services, batch: BatchRecord, source: BinaryIO) -> N
             part.unlink(missing_ok=True)
     await store.set_results(batch.id, kept[0], kept[1], None)
     ends = {S.FINALIZING: S.COMPLETED, S.CANCELLING: S.CANCELLED, S.IN_PROGRESS: S.EXPIRED}
-    while (status := await store.status(batch.id)) in ends and not await store.move(batch.id, ends[status]):
+    while (status := await store.status(batch.id)) in ends and not await _end(services, batch, ends[status]):
         pass  # a cancel came in between: from cancelling then
+
+
+EVENTS = {
+    S.COMPLETED: BatchEventType.COMPLETED,
+    S.FAILED: BatchEventType.FAILED,
+    S.EXPIRED: BatchEventType.EXPIRED,
+    S.CANCELLED: BatchEventType.CANCELLED,
+}
+
+
+async def _end(services: Services, batch: BatchRecord, to: BatchStatus) -> bool:
+    """The batch → the terminal status `to`, its webhook event (when it asked for this one)
+    written with it and then sent. → whether it moved."""
+    at = int(time.time())
+    event = await _event(services, batch, to, at)
+    if not await services.batches.move(batch.id, to, at, event):
+        return False
+    if event is not None:
+        services.notifier.send(event, outboxed=True)
+    return True
+
+
+async def _event(services: Services, batch: BatchRecord, to: BatchStatus, at: int) -> Delivery | None:
+    """The event of the batch's end: `data` is the Batch object as the move will leave it."""
+    kind = EVENTS[to]
+    if batch.webhook is None or batch.webhook_endpoint is None or kind not in batch.webhook.events:
+        return None
+    now = await services.batches.get(batch.owner, batch.id)
+    if now is None:
+        return None
+    ended = now.model_copy(update={"status": to, f"{to.value}_at": at})
+    return make_delivery(batch.webhook_endpoint, batch.id, kind, ended.model_dump(mode="json"))
 
 
 async def _keep(services: Services, batch: BatchRecord, file_id: str, part: Path, kind: str) -> str | None:

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from api.openai.protocol import Batch, BatchErrors, BatchRequestCounts, BatchStatus, Endpoint
 from scheduler import keys
+from scheduler.webhooks import BatchWebhookSpec, Delivery
 
 S = BatchStatus
 FROM: dict[BatchStatus, tuple[BatchStatus, ...]] = {  # the state machine (BatchStatus draws it)
@@ -47,17 +48,22 @@ FROM: dict[BatchStatus, tuple[BatchStatus, ...]] = {  # the state machine (Batch
     S.CANCELLED: (S.CANCELLING,),
 }
 
-# KEYS: the batch, OPEN_BATCHES, the ledger; ARGV: the new status, now, 1 if it is terminal, the
-# batch's id, then the statuses it may come from. → 1 if moved. A terminal batch leaves the open list and its
-# ledger goes (its result files hold the lines now).
+# KEYS: the batch, OPEN_BATCHES, the ledger, WEBHOOK_OUTBOX; ARGV: the new status, now, 1 if it is
+# terminal, the batch's id, its webhook event (Delivery JSON) or "", then the statuses it may come
+# from. → 1 if moved. A terminal batch leaves the open list and its ledger goes (its result files
+# hold the lines now); its event enters the outbox with it (the sender takes it out once queued;
+# the reaper sends what a dead process left there).
 TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if current == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
     if ARGV[3] == '1' then
       redis.call('ZREM', KEYS[2], ARGV[4])
       redis.call('DEL', KEYS[3])
+    end
+    if ARGV[5] ~= '' then
+      redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
     end
     return 1
   end
@@ -167,6 +173,8 @@ class BatchRecord(BaseModel):
     created_at: int
     expires_at: int
     metadata: dict[str, str] | None = None
+    webhook: BatchWebhookSpec | None = None
+    webhook_endpoint: str | None = None  # the registered endpoint `webhook.url` names (its id)
 
 
 def new_batch_id() -> str:
@@ -214,10 +222,15 @@ class BatchStore:
         raw = cast(str | None, await self.client.hget(keys.batch(batch_id), "record"))
         return BatchRecord.model_validate_json(raw) if raw else None
 
-    async def move(self, batch_id: str, to: BatchStatus) -> bool:
-        """The batch → `to`, if it is in one of FROM[to]; False (nothing written) otherwise."""
-        args = [to.value, int(time.time()), int(to.terminal), batch_id, *(s.value for s in FROM[to])]
-        names = [keys.batch(batch_id), keys.OPEN_BATCHES, keys.batch_lines(batch_id)]
+    async def move(
+        self, batch_id: str, to: BatchStatus, at: int | None = None, event: Delivery | None = None
+    ) -> bool:
+        """The batch → `to` at `at` (unix seconds; default now), if it is in one of FROM[to]
+        (with `event` into the webhook outbox); False (nothing written) otherwise."""
+        when = int(time.time()) if at is None else at
+        outbox = event.model_dump_json() if event is not None else ""
+        args = [to.value, when, int(to.terminal), batch_id, outbox, *(s.value for s in FROM[to])]
+        names = [keys.batch(batch_id), keys.OPEN_BATCHES, keys.batch_lines(batch_id), keys.WEBHOOK_OUTBOX]
         return bool(await self._transition(keys=names, args=args))
 
     async def status(self, batch_id: str) -> BatchStatus | None:
@@ -314,7 +327,7 @@ class BatchStore:
         stamps = {f"{s.value}_at": int(fields[f"{s.value}_at"]) for s in S if f"{s.value}_at" in fields}
         stamps.pop("validating_at", None)  # OpenAI's object has created_at for it
         return Batch(
-            **record.model_dump(exclude={"owner"}),
+            **record.model_dump(exclude={"owner", "webhook", "webhook_endpoint"}),
             **stamps,
             status=BatchStatus(fields["status"]),
             request_counts=counts,

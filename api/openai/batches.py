@@ -17,6 +17,7 @@ from api.openai.batch_runs import BatchRunsDep
 from api.openai.batch_store import BatchRecord, new_batch_id
 from api.openai.errors import ERRORS, ErrorResponse, OpenAIError, OpenAIRoute
 from api.openai.protocol import Batch, BatchCreate, BatchList, BatchStatus
+from api.webhooks import endpoint_for_job
 
 WINDOW_S = 24 * 3600  # completion_window "24h"
 RETRY_S = 60  # Retry-After when the key has as many batches as it may: one must end first
@@ -46,6 +47,7 @@ async def create_batch(body: BatchCreate, services: ServicesDep, runs: BatchRuns
             else "the file's purpose is not batch"
         )
         raise OpenAIError(400, why, "input_file_id")
+    endpoint = await endpoint_for_job(services, caller, body.webhook) if body.webhook else None
     now = int(time.time())
     record = BatchRecord(
         id=new_batch_id(),
@@ -55,6 +57,8 @@ async def create_batch(body: BatchCreate, services: ServicesDep, runs: BatchRuns
         created_at=now,
         expires_at=now + WINDOW_S,
         metadata=body.metadata,
+        webhook=body.webhook,
+        webhook_endpoint=endpoint,
     )
     try:
         open_batches = await runs.create(record, caller)

@@ -23,6 +23,7 @@ from api.openai.errors import OpenAIError, validation_error
 from scheduler.jobs import JobSpec, Modality, Priority
 from scheduler.stream import DoneEvent
 from scheduler.structured import MAX_SPEC_CHARS, ResponseFormat, StructuredOutputs
+from scheduler.webhooks import BatchWebhookSpec
 
 # --- models ------------------------------------------------------------------------------------
 
@@ -585,6 +586,12 @@ class BatchCreate(BaseModel):
     endpoint: Endpoint = Field(description="Every line's `url` must be this.")
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 pairs, kept as given.")
+    webhook: BatchWebhookSpec | None = Field(
+        None,
+        description="LocalMoE's extension (the openai client: `extra_body`): signed callbacks for the "
+        "batch's end (batch.completed, batch.failed, batch.expired, batch.cancelled), the Batch "
+        "object as `data`; the URL must be an endpoint registered with POST /v1/webhooks.",
+    )
 
     @model_validator(mode="after")
     def _metadata(self) -> BatchCreate:

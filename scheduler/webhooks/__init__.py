@@ -1,6 +1,7 @@
 """Webhooks: what the API, the job workers and the webhook worker agree on.
 
-A job names a URL and the events it wants (`WebhookSpec`). The API checks the URL against the
+A job names a URL and the events it wants (`WebhookSpec`), as a batch does (`BatchWebhookSpec`:
+its ends, `batch.completed` and the like). The API checks the URL against the
 allowlist (`check_url`) and registers it as an `Endpoint` of the API key's owner — one per owner
 and URL, each with its own signing secret. When an event happens its payload is fixed once
 (`enqueue_delivery`: the exact body bytes every attempt will send) and put on the webhook queue;
@@ -51,6 +52,8 @@ from scheduler.webhooks.spec import (
     DEFAULT_EVENTS,
     MAX_ATTEMPTS_KEPT,
     WEBHOOK_PREFIX,
+    BatchEventType,
+    BatchWebhookSpec,
     WebhookEventType,
     WebhookSpec,
     attempts_key,
@@ -72,6 +75,8 @@ __all__ = [
     "SECRET_PREFIX",
     "WEBHOOK_PREFIX",
     "Allowlist",
+    "BatchEventType",
+    "BatchWebhookSpec",
     "Delivery",
     "Endpoint",
     "IPAddress",

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from scheduler import keys
 from scheduler.webhooks.endpoints import Endpoint
-from scheduler.webhooks.spec import MAX_ATTEMPTS_KEPT, WebhookEventType, attempts_key
+from scheduler.webhooks.spec import MAX_ATTEMPTS_KEPT, BatchEventType, WebhookEventType, attempts_key
 
 # --- Deliveries ---------------------------------------------------------------------------------
 
@@ -29,16 +29,16 @@ class Delivery(BaseModel):
 
     webhook_id: str = Field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
     endpoint_id: str
-    job_id: str
-    type: WebhookEventType
-    body: str  # {"type": "job.<event>", "timestamp": "<ISO 8601 UTC>", "data": {...}}
+    job_id: str  # or a batch's id (batch_…), for a batch's event
+    type: WebhookEventType | BatchEventType
+    body: str  # {"type": "job.<event>" | "batch.<event>", "timestamp": "<ISO 8601 UTC>", "data": {...}}
     created_at: float = Field(default_factory=time.time)
     first_attempt_at: float | None = None  # set by the first attempt; retries stop max_age_s after
     attempt: int = Field(1, ge=1)  # the attempt this message is (1 = the first)
 
 
 def make_delivery(
-    endpoint_id: str, job_id: str, event_type: WebhookEventType, data: dict[str, Any]
+    endpoint_id: str, job_id: str, event_type: WebhookEventType | BatchEventType, data: dict[str, Any]
 ) -> Delivery:
     now = time.time()
     stamp = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
@@ -79,7 +79,7 @@ class WebhookAttempt(BaseModel):
     """One delivery attempt, as the job's owner sees it (GET the job's webhooks)."""
 
     webhook_id: str
-    type: WebhookEventType
+    type: WebhookEventType | BatchEventType
     endpoint_id: str
     url: str  # "" when the endpoint had been deleted
     attempt: int

@@ -1,10 +1,11 @@
-"""What a job asks for: the events it wants and where (`WebhookSpec`), and the Redis keys of
-webhook endpoints and attempt logs.
+"""What a job asks for: the events it wants and where (`WebhookSpec`); what a batch asks for
+(`BatchWebhookSpec`); the Redis keys of webhook endpoints and attempt logs.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +16,7 @@ from scheduler import keys
 # localmoe:webhook:endpoint:<id>  hash: the Endpoint's fields, each value JSON-encoded (as jobs.py)
 # localmoe:webhook:owner:<owner>  hash: url → endpoint id, one entry per endpoint of that owner
 # localmoe:job:<job id>:webhooks  list: WebhookAttempt JSON, oldest first, expires with the job
+# localmoe:batch:<batch id>:webhooks  the same for a batch's events
 # An endpoint hash exists exactly when its owner's index names it: both change in one transaction.
 
 
@@ -30,8 +32,10 @@ def owner_key(owner: str) -> str:
     return f"{WEBHOOK_PREFIX}owner:{owner}"
 
 
-def attempts_key(job_id: str) -> str:
-    return f"{keys.job(job_id)}:webhooks"
+def attempts_key(subject_id: str) -> str:
+    """The attempt log of a job's deliveries, or of a batch's (its id starts with `batch_`)."""
+    subject = keys.batch(subject_id) if subject_id.startswith("batch_") else keys.job(subject_id)
+    return f"{subject}:webhooks"
 
 
 # --- What a job asks for ------------------------------------------------------------------------
@@ -71,14 +75,67 @@ class WebhookSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, url: str) -> str:
-        problem = url_problem(url)
-        if problem is not None:
-            raise ValueError(problem)
-        return url
+        return _allowed_url(url)
 
     @field_validator("events")
     @classmethod
     def _unique(cls, events: list[WebhookEventType]) -> list[WebhookEventType]:
-        if len(set(events)) != len(events):
-            raise ValueError("events must not repeat")
-        return events
+        return _no_repeats(events)
+
+
+def _allowed_url(url: str) -> str:
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
+
+
+_Event = TypeVar("_Event", bound=StrEnum)
+
+
+def _no_repeats(events: list[_Event]) -> list[_Event]:
+    if len(set(events)) != len(events):
+        raise ValueError("events must not repeat")
+    return events
+
+
+# --- What a batch asks for (POST /v1/batches, LocalMoE's `webhook` field) ----------------------
+
+
+class BatchEventType(StrEnum):
+    """A batch's terminal events, named as OpenAI names them (the value is the payload's type)."""
+
+    COMPLETED = "batch.completed"
+    FAILED = "batch.failed"
+    EXPIRED = "batch.expired"
+    CANCELLED = "batch.cancelled"
+
+    @property
+    def payload_type(self) -> str:
+        return self.value
+
+
+class BatchWebhookSpec(BaseModel):
+    """A batch's webhook: where to POST, and which of its ends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=MAX_URL_LENGTH,
+        description="A URL registered with POST /v1/webhooks (its signing secret signs each event).",
+    )
+    events: list[BatchEventType] = Field(
+        default_factory=lambda: list(BatchEventType),
+        min_length=1,
+        description="batch.completed, batch.failed, batch.expired, batch.cancelled (default: all four).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _allowed_url(url)
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[BatchEventType]) -> list[BatchEventType]:
+        return _no_repeats(events)
