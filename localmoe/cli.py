@@ -14,6 +14,9 @@ from pathlib import Path
 
 import httpx
 
+from localmoe import batches
+from localmoe.client import api_client, refused
+
 
 def _env_flag(args: argparse.Namespace, attr: str, env: str) -> None:
     """A flag given on the command line wins over its environment twin."""
@@ -160,14 +163,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"API           {holder.api_url}  (docs {holder.api_url}/docs)\nFlower        {holder.flower_url}")
     for pid in sorted(children(holder.pid)):
         print(f"  pid {pid:<8} {_role(cmdline(pid))}")
-    with _api(timeout=5) as http:
+    with api_client(timeout=5) as http:
         try:
             r = http.get("/v1/workers")
         except httpx.HTTPError as e:
             print(f"the API does not answer: {e}")
             return 1
     if r.status_code != 200:
-        return _refused(r)
+        return refused(r)
     workers = r.json()
     for w in workers:
         state = "ready" if w["ready"] else "loading"
@@ -250,27 +253,6 @@ def _sse(response: httpx.Response) -> object:
             data.append(line[5:].lstrip())
 
 
-def _api(timeout: httpx.Timeout | float = 30) -> httpx.Client:
-    """An HTTP client for the API, carrying the CLI's key (LOCALMOE_API_KEY, else the admin key
-    that `localmoe up` kept in home/secrets.json)."""
-    from host.settings import get_settings
-
-    s = get_settings()
-    key = s.cli_api_key()
-    if key is None:
-        raise SystemExit(
-            f"no API key: set LOCALMOE_API_KEY, or start `localmoe up` once (it keeps one in {s.home})"
-        )
-    return httpx.Client(
-        base_url=s.resolved_api_url, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
-    )
-
-
-def _refused(r: httpx.Response) -> int:
-    print(f"refused ({r.status_code}): {r.text}", file=sys.stderr)
-    return 1
-
-
 def cmd_keys_bootstrap(args: argparse.Namespace) -> int:
     """The first admin key of a deployment without `localmoe up` (compose, several boxes):
     written straight to the Redis that LOCALMOE_REDIS_URL names."""
@@ -287,7 +269,7 @@ def cmd_keys_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    with _api() as http:
+    with api_client() as http:
         if args.keys_command == "create":
             limits = {
                 k: v
@@ -304,7 +286,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             }
             r = http.post("/v1/keys", json={"name": args.name, "scope": args.scope, "limits": limits})
             if r.status_code != 201:
-                return _refused(r)
+                return refused(r)
             made = r.json()
             print(f"key {made['key']['id']} ({made['key']['scope']}) for {made['key']['name']!r}:")
             print(made["secret"])
@@ -312,7 +294,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_command == "list":
             r = http.get("/v1/keys")
             if r.status_code != 200:
-                return _refused(r)
+                return refused(r)
             for k in r.json():
                 state = "revoked" if k["revoked_at"] else "active"
                 made = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
@@ -320,7 +302,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         else:
             r = http.delete(f"/v1/keys/{args.key_id}")
             if r.status_code != 200:
-                return _refused(r)
+                return refused(r)
             print(f"revoked {args.key_id}")
     return 0
 
@@ -334,13 +316,13 @@ def _value(text: str) -> object:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    with _api() as http:
+    with api_client() as http:
         if args.config_command == "show":
             r = http.get("/v1/config")
         elif args.config_command == "history":
             r = http.get("/v1/config/history")
             if r.status_code != 200:
-                return _refused(r)
+                return refused(r)
             for v in r.json():
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["at"]))
                 note = f"  ({v['note']})" if v["note"] else ""
@@ -358,13 +340,13 @@ def cmd_config(args: argparse.Namespace) -> int:
         else:
             r = http.post("/v1/config/rollback", json={"version": args.version})
         if r.status_code != 200:
-            return _refused(r)
+            return refused(r)
         print(json.dumps(r.json(), indent=2))
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    with _api() as http:
+    with api_client() as http:
         if args.jobs_command == "list":
             params: dict[str, str | int | bool] = {"limit": args.limit}
             if args.status:
@@ -373,7 +355,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 params["everyone"] = True
             r = http.get("/v1/jobs", params=params)
             if r.status_code != 200:
-                return _refused(r)
+                return refused(r)
             for j in r.json()["jobs"]:
                 when = time.strftime("%m-%d %H:%M:%S", time.localtime(j["timings"]["queued_at"] or 0))
                 head = (j["output"] or j["spec"]["prompt"]).replace("\n", " ")[:50]
@@ -384,16 +366,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         else:
             r = http.delete(f"/v1/jobs/{args.job_id}")
         if r.status_code not in (200, 202):
-            return _refused(r)
+            return refused(r)
         print(json.dumps(r.json(), indent=2))
     return 0
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    with _api() as http:
+    with api_client() as http:
         r = http.get("/v1/workers")
         if r.status_code != 200:
-            return _refused(r)
+            return refused(r)
         if args.json:
             print(json.dumps(r.json(), indent=2))
             return 0
@@ -421,10 +403,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["stop"] = args.stop
     if args.priority:
         body["priority"] = args.priority
-    with _api(httpx.Timeout(30, read=None)) as http:
+    with api_client(httpx.Timeout(30, read=None)) as http:
         r = http.post("/v1/jobs", json=body)
         if r.status_code != 202:
-            return _refused(r)
+            return refused(r)
         job_id = r.json()["id"]
         if args.stream:
             with http.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
@@ -605,6 +587,8 @@ def parser() -> argparse.ArgumentParser:
         one = jobs.add_parser(verb, help=text)
         one.add_argument("job_id")
         one.set_defaults(func=cmd_jobs)
+
+    batches.add_commands(sub)
 
     workers = sub.add_parser("workers", help="the worker registry: engine, load, speed, GPU health")
     workers.add_argument("--json", action="store_true", help="everything the heartbeats carry")

@@ -5,8 +5,11 @@ line's answer must be what the synchronous endpoint answers."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -234,3 +237,45 @@ def test_a_batch_calls_its_webhook_when_it_ends(
             extra_body={"webhook": {"url": url + "-other"}},
         )
     assert "register this URL first" in str(refused.value)
+
+
+def test_the_cli_submits_watches_lists_downloads_and_cancels(
+    api_url: str, key: str, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**service_env, "LOCALMOE_API_URL": api_url, "LOCALMOE_API_KEY": key}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "localmoe", "batches", *args]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    requests = tmp_path / "in.jsonl"
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": CHAT, "body": body(i)} for i in range(3)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": CHAT, "body": body(9, n=2)})
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    done = cli("submit", str(requests), "--metadata", "team=qa", "--watch", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.strip()
+    assert "4/4" in done.stderr and f"{batch_id}: completed" in done.stderr  # the bar's last state
+    output = [json.loads(x) for x in (tmp_path / f"{batch_id}_output.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (tmp_path / f"{batch_id}_error.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in output] == ["c0", "c1", "c2"] and [x["custom_id"] for x in errors] == [
+        "bad"
+    ]
+
+    listed = cli("list").stdout.splitlines()
+    assert listed[0].split()[:3] == [batch_id, "completed", "4/4"]
+    shown = json.loads(cli("show", batch_id).stdout)
+    assert shown["metadata"] == {"team": "qa"} and shown["request_counts"]["completed"] == 3
+    streamed = cli("download", batch_id, "--out", "-").stdout.splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in streamed) == ["bad", "c0", "c1", "c2"]
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        json.dumps({"custom_id": "x", "method": "POST", "url": CHAT, "body": body(0, max_tokens=512)})
+    )
+    made = cli("submit", str(long))
+    cancelled = cli("cancel", made.stdout.strip())
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] in ("cancelling", "cancelled")
+    watched = cli("watch", made.stdout.strip())
+    assert watched.returncode == 1 and watched.stderr.rstrip().endswith("cancelled")
+    assert cli("show", "batch_" + "0" * 32).returncode == 1
