@@ -8,11 +8,14 @@ CPU per accepted job on 2 cores, `bench.service_vs_vllm --intake-api-only`).
 
 Retry-After: the rate limiter's exact wait, or for a full backlog how long the workers take to
 drain the excess at their measured speed (1 s to 10 min).
+A job of the batch tier is admitted only into spare capacity (Verdict.NO_SPARE otherwise,
+Retry-After 1 s): the jobs waiting and those the workers claimed must leave one of its slots free.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from fastapi import HTTPException
@@ -43,6 +46,15 @@ def limits_for(caller: ApiKey, cfg: LimitSettings) -> Limits:
     )
 
 
+@dataclass(frozen=True)
+class Spare:
+    """The capacity a job of the batch tier may fill: the fresh workers (their running hashes are
+    counted) and their batch slots less the reserve (scheduler.batch_reserve)."""
+
+    workers: list[str]
+    slots: int
+
+
 class Refused(HTTPException):
     """A 429 from admission; `verdict` says which limit."""
 
@@ -56,31 +68,43 @@ class Admission:
         self.cfg = cfg
         self._release = client.register_script(backlog.RELEASE)
 
-    def gate(self, job_id: str, tokens: int, caller: ApiKey, drain_tokens_per_s: float) -> Admit:
+    def gate(
+        self, job_id: str, tokens: int, caller: ApiKey, drain_tokens_per_s: float, spare: Spare | None = None
+    ) -> Admit:
         """The admission of one job, for the Enqueuer to decide in its batch. `tokens`: prompt +
         max_tokens; `drain_tokens_per_s`: the workers' measured speed, for the Retry-After of a
-        full backlog. Its refusal is a Refused (429 with Retry-After)."""
+        full backlog; `spare`: for a job of the batch tier, the capacity it may take. Its refusal
+        is a Refused (429 with Retry-After)."""
         limits = limits_for(caller, self.cfg)
+        names = [*backlog.RELEASE_KEYS, keys.rate(caller.id)]
+        if spare is not None:
+            names += [keys.running(w) for w in spare.workers]
 
         def refusal(reply: list[int]) -> Refused | None:
-            return _refusal(reply, limits, tokens, drain_tokens_per_s)
+            return _refusal(reply, limits, tokens, drain_tokens_per_s, spare)
 
-        return Admit(
-            keys=[*backlog.RELEASE_KEYS, keys.rate(caller.id)],
-            args=[job_id, tokens, caller.id, *limits.argv()],
-            refusal=refusal,
-        )
+        slots = spare.slots if spare is not None else -1
+        return Admit(keys=names, args=[job_id, tokens, caller.id, *limits.argv(), slots], refusal=refusal)
 
     async def release(self, job_id: str) -> None:
         """The job will not be enqueued after all (an enqueue failure)."""
         await self._release(keys=backlog.RELEASE_KEYS, args=[job_id])
 
 
-def _refusal(reply: list[int], limits: Limits, tokens: int, drain_tokens_per_s: float) -> Refused | None:
+def _refusal(
+    reply: list[int], limits: Limits, tokens: int, drain_tokens_per_s: float, spare: Spare | None
+) -> Refused | None:
     """What ADMIT's reply means: None (admitted) or the 429 that says which limit and when to retry."""
     verdict = Verdict(int(reply[0]))
     if verdict is Verdict.ADMITTED:
         return None
+    if verdict is Verdict.NO_SPARE:
+        assert spare is not None
+        detail = (
+            f"no spare capacity for the batch tier: the workers' jobs fill its {spare.slots} slots "
+            f"({reply[1]} claimed or waiting; scheduler.batch_reserve is kept for other jobs)"
+        )
+        return Refused(verdict, f"{detail}; retry in 1 s", 1)
     if verdict is Verdict.RATE_LIMITED:
         wait = int(reply[1]) / 1000
         detail = f"rate limit: {limits.rate_per_s:g} submissions per second (burst {limits.burst})"

@@ -10,14 +10,14 @@ from typing import Annotated, cast
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 
 from api import metrics
-from api.admission import Refused
+from api.admission import Refused, Spare
 from api.auth import ApiKey, Caller
 from api.deps import JobDep, Services, ServicesDep
 from api.protocol import JobPage, JobResponse, Refusal, refusals
 from api.webhooks import endpoint_for_job
 from moe_core import structured
 from scheduler import keys
-from scheduler.jobs import Job, JobSpec, JobStatus, Timings, Usage
+from scheduler.jobs import Job, JobSpec, JobStatus, Priority, Timings, Usage
 from scheduler.modality import classify
 from scheduler.record import CancelOutcome
 from scheduler.routing import job_cost
@@ -90,9 +90,9 @@ async def accept(
         return idem, True
     chosen = services.scheduler.route(job)
     job.queue, job.route_reason = chosen.queue, chosen.reason
-    gate = services.admission.gate(
-        job.id, prompt_tokens + spec.max_tokens, caller, services.scheduler.drain_tokens_per_s()
-    )
+    spare = _spare(services) if job.priority is Priority.BATCH else None
+    drain = services.scheduler.drain_tokens_per_s()
+    gate = services.admission.gate(job.id, prompt_tokens + spec.max_tokens, caller, drain, spare)
     try:
         await services.enqueuer.submit(job, gate)
     except Refused as refusal:
@@ -105,6 +105,14 @@ async def accept(
         raise HTTPException(503, "the job queue is unavailable; try again") from e
     metrics.count_submitted(job)
     return job, False
+
+
+def _spare(services: Services) -> Spare:
+    """What the batch tier may fill: the fresh workers' batch slots less the reserve (at least one
+    slot while any worker is there, none without)."""
+    capacity, workers = services.scheduler.fleet()
+    slots = max(1, int(capacity * (1 - services.settings.scheduler.batch_reserve))) if capacity else 0
+    return Spare(workers, slots)
 
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")

@@ -79,9 +79,9 @@ for _reason in REASONS.values():  # every reason exported from the start, at 0
 
 # The refusal's detail names its verdict: admission's own templates, read back. A 429 from
 # admission that matches none is the rate limiter's.
-# kombu's Redis transport keeps a queue as one list per priority step: `name`, `name:1`, `name:2`
-# (scheduler/queue.py: priority_steps [0, 1, 2], sep ":").
-PRIORITY_LISTS = ("", ":1", ":2")
+# kombu's Redis transport keeps a queue as one list per priority step: `name`, `name:1`, `name:2`,
+# `name:3` (scheduler/queue.py: priority_steps [0, 1, 2, 3], sep ":").
+PRIORITY_LISTS = ("", ":1", ":2", ":3")
 SCRAPE_TIMEOUT_S = 2.0
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # any other is `other`
 
@@ -91,8 +91,9 @@ def count_submitted(job: Job) -> None:
 
 
 def count_rejected(refusal: HTTPException) -> None:
-    """A refusal from Admission.admit, counted by the limit it hit."""
-    if isinstance(refusal, Refused):
+    """A refusal from Admission.admit, counted by the limit it hit. Not the batch tier waiting for
+    spare capacity: that is its pace, not work refused."""
+    if isinstance(refusal, Refused) and refusal.verdict is not Verdict.NO_SPARE:
         JOBS_REJECTED.labels(REASONS[refusal.verdict]).inc()
 
 

@@ -153,6 +153,13 @@ class SchedulerSettings(BaseModel):
         0.95, gt=0, le=1, description="Workers whose KV cache is fuller get no new jobs."
     )
     refresh_s: float = Field(0.25, gt=0, description="How often the API re-reads the worker registry.")
+    batch_reserve: float = Field(
+        0.125,
+        ge=0,
+        lt=1,
+        description="Jobs of the batch tier (priority batch: a batch's lines) are admitted only into "
+        "spare capacity, leaving this share of the workers' batch slots to every other job",
+    )
 
 
 class LimitSettings(BaseModel):

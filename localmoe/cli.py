@@ -544,7 +544,7 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-k", type=int, default=0)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--stop", action="append", help="stop string (repeatable)")
-    submit.add_argument("--priority", choices=["high", "normal", "low"])
+    submit.add_argument("--priority", choices=["high", "normal", "low", "batch"])
     submit.add_argument("--url", dest="api_url", help="API base URL (env LOCALMOE_API_URL)")
     submit.set_defaults(func=cmd_submit)
 
@@ -554,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="make a key and print it once")
     create.add_argument("name", help="who or what uses it")
     create.add_argument("--scope", default="user", choices=["user", "admin"])
-    create.add_argument("--max-priority", choices=["high", "normal", "low"])
+    create.add_argument("--max-priority", choices=["high", "normal", "low", "batch"])
     create.add_argument("--max-queued-jobs", type=int)
     create.add_argument("--max-queued-tokens", type=int)
     create.add_argument("--rate-per-s", type=float)

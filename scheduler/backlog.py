@@ -38,10 +38,14 @@ end
 
 RELEASE_KEYS = [keys.QUEUED_JOBS, keys.QUEUED_COUNT, keys.QUEUED_TOKENS]
 
-# KEYS: QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, rate(owner).
+# KEYS: QUEUED_JOBS, QUEUED_COUNT, QUEUED_TOKENS, rate(owner), then for a job of the batch tier
+#       each fresh worker's running hash.
 # ARGV: job id, tokens, owner, max jobs, max tokens, key max jobs, key max tokens, rate per second,
-#       burst.
-# → {0} admitted | {1, retry-after ms} rate limited | {2..5, current value} over a backlog limit.
+#       burst, and for a job of the batch tier the slots it may fill (-1: any other job).
+# → {0} admitted | {1, retry-after ms} rate limited | {2..5, current value} over a backlog limit |
+#   {6, jobs} no spare capacity: the jobs waiting and those the workers claimed (their engines'
+#   running and waiting ones) fill the slots. Counted with the job's own admission, in one
+#   script: jobs of the batch tier admitted at once by many API processes never overfill them.
 # The rate limiter reads Redis's clock: scripts run one at a time, so its `now` only moves forward.
 # A caller's clock read before the call can be late by the time the script runs (a busy API:
 # measured > 1 s), behind another caller's: GCRA then saw a burst that never happened and refused.
@@ -66,6 +70,12 @@ if all_jobs + 1 > tonumber(ARGV[4]) then return {2, all_jobs} end
 if all_tokens + n > tonumber(ARGV[5]) then return {3, all_tokens} end
 if key_jobs + 1 > tonumber(ARGV[6]) then return {4, key_jobs} end
 if key_tokens + n > tonumber(ARGV[7]) then return {5, key_tokens} end
+local slots = tonumber(ARGV[10])
+if slots >= 0 then
+  local busy = all_jobs
+  for i = 5, #KEYS do busy = busy + redis.call('HLEN', KEYS[i]) end
+  if busy + 1 > slots then return {6, busy} end
+end
 redis.call('SET', KEYS[4], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. owner)
 redis.call('HINCRBY', KEYS[2], '*', 1)
@@ -86,6 +96,7 @@ class Verdict(IntEnum):
     TOO_MANY_TOKENS = 3
     KEY_TOO_MANY_JOBS = 4
     KEY_TOO_MANY_TOKENS = 5
+    NO_SPARE = 6  # a job of the batch tier: the workers have no spare capacity
 
 
 @dataclass(frozen=True)

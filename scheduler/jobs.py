@@ -40,6 +40,7 @@ class Priority(StrEnum):
     HIGH = "high"
     NORMAL = "normal"
     LOW = "low"
+    BATCH = "batch"  # the tier below: admitted only into the workers' spare capacity (api/admission.py)
 
     @property
     def rank(self) -> int:
@@ -50,7 +51,7 @@ class Priority(StrEnum):
         return self if self.rank >= ceiling.rank else ceiling
 
 
-_PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+_PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2, Priority.BATCH: 3}
 
 
 class JobSpec(BaseModel):
@@ -109,7 +110,9 @@ class JobSpec(BaseModel):
         description="As vLLM's: exactly one of json (a schema), json_object, regex, choice, grammar.",
     )
     priority: Priority = Field(
-        default=Priority.NORMAL, description="high, normal or low; capped at what the API key may use."
+        default=Priority.NORMAL,
+        description="high, normal, low or batch (admitted only while the workers have spare capacity; "
+        "429 otherwise); capped at what the API key may use.",
     )
     webhook: WebhookSpec | None = Field(
         default=None,

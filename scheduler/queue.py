@@ -100,7 +100,7 @@ def make_celery(broker_url: str) -> Celery:
         # step 0 before any step 1 (kombu's Redis transport; 0 is the most urgent).
         broker_transport_options={
             "queue_order_strategy": "priority",
-            "priority_steps": [0, 1, 2],
+            "priority_steps": [0, 1, 2, 3],
             "sep": ":",
         },
         task_default_priority=1,

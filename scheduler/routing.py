@@ -123,6 +123,13 @@ class Scheduler:
                 v.info.step_rate * max(v.info.capacity, 1) for v in self._views.values() if v.info.fresh(now)
             )
 
+    def fleet(self) -> tuple[int, list[str]]:
+        """The fresh, ready workers: (their batch slots together, their names)."""
+        with self._lock:
+            now = time.time()
+            fresh = [v.info for v in self._views.values() if v.info.ready and v.info.fresh(now)]
+        return sum(max(w.capacity, 1) for w in fresh), [w.name for w in fresh]
+
     def route(self, job: Job) -> Route:
         if self.cfg.policy == "shared":
             return SHARED

@@ -20,16 +20,20 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from api.auth import Scope, create_key
+from api.admission import Admission, Refused, Spare
+from api.auth import ApiKey, Scope, create_key
 from api.openai.batch_store import BatchRecord, BatchStore, new_batch_id
 from api.openai.protocol import BatchStatus
+from host.settings import LimitSettings
 from localmoe.redis_server import RedisServer
-from scheduler import keys
+from scheduler import backlog, keys
+from scheduler.backlog import Verdict
 from tests.conftest import Stack, _stop, bearer, private_stack, scratch_db, start_api, wait_for
 from tests.test_batches import CHAT, body, lines_of, upload, wait
 
 S = BatchStatus
 LEASE_S = "1"
+SLOTS = 16  # the stack's worker's; the batch tier fills at most 14 (scheduler.batch_reserve 0.125)
 
 
 def test_the_ledger_takes_each_line_once_and_nothing_after_the_end(redis_server: RedisServer) -> None:
@@ -121,9 +125,14 @@ def _url(redis_server: RedisServer, db: int) -> str:
 
 @pytest.fixture(scope="module")
 def stack(service_env: dict[str, str]) -> Iterator[Stack]:
-    """A service of its own: no other API process takes its batches over; its worker slowed (a
-    step every 0.1 s) so that a batch of 200 short lines lasts long enough to be stopped twice."""
-    settings = {"LOCALMOE_BATCHES__LEASE_S": LEASE_S, "LOCALMOE_ENGINE__STEP_DELAY_S": "0.1"}
+    """A service of its own: no other API process takes its batches over; its worker small
+    (SLOTS) and slowed (a step every 0.02 s or more), so that a batch of 120 short lines lasts long
+    enough to be stopped twice."""
+    settings = {
+        "LOCALMOE_BATCHES__LEASE_S": LEASE_S,
+        "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(SLOTS),
+        "LOCALMOE_ENGINE__STEP_DELAY_S": "0.02",
+    }
     with private_stack(service_env, worker=True, **settings) as s:
         yield s
 
@@ -180,7 +189,7 @@ def test_a_batch_goes_on_in_another_api_process_each_line_once(
             "url": CHAT,
             "body": body(i, max_tokens=4 + i % 16, ignore_eos=True),
         }
-        for i in range(200)
+        for i in range(120)
     ]
     second, second_url = others()
     with client_of(stack.api, key) as c:
@@ -200,7 +209,7 @@ def test_a_batch_goes_on_in_another_api_process_each_line_once(
         finished = wait(c, made.id, timeout=120)
         assert finished.status == "completed"
         counts = finished.request_counts
-        assert counts is not None and (counts.total, counts.completed, counts.failed) == (200, 200, 0)
+        assert counts is not None and (counts.total, counts.completed, counts.failed) == (120, 120, 0)
         assert finished.error_file_id is None
         output = lines_of(c, finished.output_file_id)
     assert [x["custom_id"] for x in output] == [x["custom_id"] for x in lines]  # each once, in order
@@ -208,5 +217,82 @@ def test_a_batch_goes_on_in_another_api_process_each_line_once(
     assert tokens == [x["body"]["max_tokens"] for x in lines]  # type: ignore[index]
     with httpx.Client(base_url=third_url, headers=bearer(key), timeout=30) as http:
         jobs = http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]
-    assert len(jobs) == 200  # one job a line: none sent again after either stop
+    assert len(jobs) == 120  # one job a line: none sent again after either stop
+    assert all(j["priority"] == "batch" for j in jobs)
     assert {j["id"] for j in jobs} == {x["response"]["request_id"] for x in output}
+
+
+def test_the_batch_tier_takes_only_spare_capacity(redis_server: RedisServer) -> None:
+    async def scenario(url: str) -> None:
+        client = aioredis.from_url(url, decode_responses=True)
+        admission = Admission(client, LimitSettings())
+        script = client.register_script(backlog.ADMIT)  # as the Enqueuer runs a gate
+        caller = ApiKey(id="k", name="k", created_at=0)
+
+        async def admit(job_id: str, spare: Spare | None = None) -> None:
+            gate = admission.gate(job_id, 10, caller, 0, spare)
+            if (refused := gate.refusal(await script(keys=gate.keys, args=gate.args))) is not None:
+                raise refused
+
+        spare = Spare(["w1", "w2"], slots=4)
+        await client.hset(keys.running("w1"), mapping={"a": "1 1", "b": "1 1"})  # claimed: running or waiting
+        await client.hset(keys.running("w2"), mapping={"c": "1 1"})
+        await admit("j1", spare)  # 3 busy: one slot spare
+        with pytest.raises(Refused) as refused:
+            await admit("j2", spare)  # j1 waits for a worker: none spare
+        assert refused.value.verdict is Verdict.NO_SPARE and refused.value.headers == {"Retry-After": "1"}
+        assert "4 slots" in refused.value.detail
+        await admit("j3")  # any other job: admitted past the slots
+        await client.hdel(keys.running("w1"), "a")
+        with pytest.raises(Refused):
+            await admit("j4", spare)  # 2 claimed, 2 waiting
+        await admission.release("j3")
+        await admit("j4", spare)
+        with pytest.raises(Refused):
+            await admit("j5", Spare([], slots=0))  # no worker: no capacity
+        await client.aclose()
+
+    with scratch_db(redis_server, 2):
+        asyncio.run(scenario(_url(redis_server, 2)))
+
+
+def test_a_batch_waits_for_interactive_jobs_then_fills_the_spare_slots(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
+    user = create_key(stack.client, "interactive", Scope.USER).secret
+    key = create_key(stack.client, "batch tier", Scope.USER).secret
+    _, api = others()  # the stack's own may have been stopped by another test
+    with httpx.Client(base_url=api, headers=bearer(user), timeout=30) as http:
+        ids = [
+            http.post(
+                "/v1/jobs", json={"prompt": f"def g{i}():", "max_tokens": 60, "ignore_eos": True}
+            ).json()["id"]
+            for i in range(SLOTS)
+        ]
+        wait_for(
+            lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "running" for i in ids),
+            20,
+            "a full worker",
+        )
+        lines = [
+            {
+                "custom_id": f"t{i}",
+                "method": "POST",
+                "url": CHAT,
+                "body": body(i, max_tokens=16, ignore_eos=True),
+            }
+            for i in range(16)
+        ]
+        with client_of(api, key) as c:
+            made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
+            assert wait(c, made.id).request_counts.completed == 16  # type: ignore[union-attr]
+        interactive = [http.get(f"/v1/jobs/{i}").json() for i in ids]
+    with httpx.Client(base_url=api, headers=bearer(key), timeout=30) as http:
+        batch = http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]
+    assert len(batch) == 16 and {j["priority"] for j in batch} == {"batch"}
+    first_free = min(j["timings"]["finished_at"] for j in interactive)
+    assert min(j["timings"]["queued_at"] for j in batch) >= first_free  # nothing while the worker was full
+
+    spans = [(j["timings"]["started_at"], j["timings"]["finished_at"]) for j in batch]
+    together = max(sum(s <= start < f for s, f in spans) for start, _ in spans)
+    assert SLOTS // 2 <= together <= SLOTS - 2  # the batch alone fills the spare slots, never the reserve

@@ -97,7 +97,9 @@ def test_a_batch_answers_each_line_as_the_endpoint_does(
             assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
             assert got["id"] == f"chatcmpl-{line['response']['request_id']}"
             job = http.get(f"/v1/jobs/{line['response']['request_id']}").json()
-            assert job["priority"] == "low" and job["status"] == "succeeded"  # an ordinary job
+            assert (
+                job["priority"] == "batch" and job["status"] == "succeeded"
+            )  # an ordinary job, the batch tier
         refused = http.post(CHAT, json=requests[2])
         assert errors["r2"]["response"] == {"status_code": 400, "request_id": None, "body": refused.json()}
 

@@ -333,7 +333,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"stop": [f"s{i}" for i in range(9)]}, "stop", "at most 8"),
     ({"seed": -1}, "seed", "greater than or equal to 0"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
-    ({"priority": "urgent"}, "priority", "'high', 'normal' or 'low'"),
+    ({"priority": "urgent"}, "priority", "'high', 'normal', 'low' or 'batch'"),
     ({"typical_p": 0.9}, "typical_p", "Extra inputs are not permitted"),
 ]
 

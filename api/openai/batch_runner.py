@@ -4,15 +4,18 @@ API process runs a batch (the lease); a run may be its first or take over from o
 Each line becomes an ordinary job through the function the synchronous route runs
 (chat.chat_completion / completions.text_completion → serving.accept_request → api.jobs.accept:
 validation, admission, routing, the queue), at `low` priority unless the line names one (capped
-by the key as ever), at most LINES_IN_FLIGHT at once. Its answer, exactly what the endpoint would
-have answered, is one line of the output file (status 200) or of the error file (any other status):
+by the key as ever) at the `batch` priority unless the line names another: the tier below `low`,
+admitted only while the workers have spare capacity (api/admission.py); no more lines at once
+than the key may have in flight over every API process (`batches.per_key_lines_in_flight`,
+batch_store.py TAKE_LINE). Its answer, exactly what the endpoint would have answered, is one
+line of the output file (status 200) or of the error file (any other status):
 
     {"id": "batch_req_…", "custom_id": …, "response": {"status_code", "request_id", "body"}, "error": null}
 
 Lines that never ran (cancelled, expired) go to the error file with `response` null and
-`error` {code: batch_cancelled | batch_expired, message}. A line refused for backpressure (429)
-or an unavailable queue (503), or met by Redis restarting, is not an error: it waits and is sent
-again, so a batch never runs faster than admission lets it.
+`error` {code: batch_cancelled | batch_expired, message}. A line refused for backpressure or for
+want of spare capacity (429) or an unavailable queue (503), or met by Redis restarting, is not an
+error: it waits and is sent again, so a batch never runs faster than admission lets it.
 
 Resuming: a line's result goes to the batch's ledger (batch_store.py) once, and a run sends only
 the lines not in it. Each line's job is submitted with the Idempotency-Key `line_key(batch,
@@ -32,7 +35,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,6 +44,7 @@ from fastapi import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from api.admission import Refused
 from api.auth import ApiKey
 from api.deps import Services
 from api.jobs import forget_idempotency, idempotent_job_id
@@ -51,14 +55,16 @@ from api.openai.completions import text_completion
 from api.openai.errors import OpenAIError, error_response, from_http, validation_error
 from api.openai.protocol import BatchError, BatchErrors, BatchStatus, ChatCompletionRequest, CompletionRequest
 from api.stream_hub import RESTARTING, retrying
-from scheduler.jobs import Priority
+from scheduler.backlog import Verdict
+from scheduler.jobs import Job, Priority
 from scheduler.webhooks import BatchEventType, Delivery, make_delivery
 
 log = logging.getLogger(__name__)
 
 S = BatchStatus
-LINES_IN_FLIGHT = 64
 WATCH_S = 0.5  # how often a run looks for a cancel (another API process may have written it)
+TURN_S = 0.1  # how often a line held back (no spare capacity, the key's limit) asks again: the
+# workers' slots come free one by one, each idle until a line takes it (half this, on average)
 MAX_ERRORS = 10  # validation errors listed on a failed batch
 READ_CHUNK = 1000  # ledger lines read at once while writing the result files
 
@@ -69,13 +75,18 @@ def line_key(batch_id: str, custom_id: str) -> str:
 
 
 async def answer(
-    services: Services, caller: ApiKey, batch: BatchRecord, line: BatchRequestLine
+    services: Services,
+    caller: ApiKey,
+    batch: BatchRecord,
+    line: BatchRequestLine,
+    accepted: Callable[[Job], None] | None = None,
 ) -> tuple[int, Any, str | None]:
-    """The synchronous endpoint's answer to the line: (status, JSON body, the job's id if one ran)."""
+    """The synchronous endpoint's answer to the line: (status, JSON body, the job's id if one ran).
+    `accepted`: told of the line's job once it is accepted."""
     key = line_key(batch.id, line.custom_id)
     while True:
         try:
-            response = await _call(services, caller, batch.endpoint, line.body, key)
+            response = await _call(services, caller, batch.endpoint, line.body, key, accepted)
             location = response.headers.get("location", "")
             return response.status_code, orjson.loads(response.body), location.rsplit("/", 1)[-1] or None
         except ValidationError as e:
@@ -85,6 +96,12 @@ async def answer(
             refusal = error_response(e.status, e.message, e.param, e.code)
         except RESTARTING:
             await asyncio.sleep(1)  # as the routes answer it: 503, Retry-After 1
+            continue
+        except Refused as e:
+            if e.verdict is Verdict.NO_SPARE:
+                await asyncio.sleep(TURN_S)
+                continue
+            await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
             continue
         except HTTPException as e:
             if e.status_code in (429, 503):  # pacing, not an answer
@@ -99,16 +116,21 @@ async def answer(
 
 
 async def _call(
-    services: Services, caller: ApiKey, endpoint: str, body: dict[str, Any], key: str
+    services: Services,
+    caller: ApiKey,
+    endpoint: str,
+    body: dict[str, Any],
+    key: str,
+    accepted: Callable[[Job], None] | None,
 ) -> Response:
-    body = {"priority": Priority.LOW.value, **body}
+    body = {"priority": Priority.BATCH.value, **body}
     if endpoint == "/v1/chat/completions":
         chat = ChatCompletionRequest.model_validate(body)
         _refuse_stream(chat.stream)
-        return await chat_completion(chat, services, caller, idempotency_key=key)
+        return await chat_completion(chat, services, caller, idempotency_key=key, accepted=accepted)
     text = CompletionRequest.model_validate(body)
     _refuse_stream(text.stream)
-    return await text_completion(text, services, caller, idempotency_key=key)
+    return await text_completion(text, services, caller, idempotency_key=key, accepted=accepted)
 
 
 def _refuse_stream(stream: bool | None) -> None:
@@ -220,15 +242,16 @@ async def _run_lines(
 async def _pass(
     services: Services, caller: ApiKey, batch: BatchRecord, lines: Iterator[BatchRequestLine]
 ) -> BatchStatus | None:
-    """`lines`, LINES_IN_FLIGHT at once. → None when each ran; else what _stopped said (the lines
-    in flight are left: their jobs run on, for _stop_lines or the run that takes over)."""
+    """`lines`, each when its turn comes (_take_line). → None when each ran; else what _stopped
+    said (the lines in flight are left: their jobs run on, for _stop_lines or the run that takes
+    over)."""
     store = services.batches
-    room = asyncio.Semaphore(LINES_IN_FLIGHT)  # this batch's; the key's are counted in Redis
+    room = asyncio.Semaphore(_key_limit(services, caller))  # the tasks here; Redis counts the key's
     running: set[asyncio.Task[None]] = set()
 
-    async def one(line: BatchRequestLine) -> None:
+    async def one(line: BatchRequestLine, admitted: asyncio.Event) -> None:
         try:
-            status, body, request_id = await answer(services, caller, batch, line)
+            status, body, request_id = await answer(services, caller, batch, line, lambda _: admitted.set())
             result, ok = _answered(line.custom_id, status, body, request_id), status == 200
         except Exception as e:  # a bug: the line fails, the batch goes on
             log.exception("batch %s, line %r", batch.id, line.custom_id)
@@ -251,14 +274,21 @@ async def _pass(
             if stop is None and time.monotonic() - watched > WATCH_S:
                 watched = time.monotonic()
                 stop = await _stopped(services, batch)
-            while stop is None and not await _take_line(services, caller, batch):  # the key's turn
-                await asyncio.sleep(WATCH_S)
-                stop = await _stopped(services, batch)
+            while stop is None and not await _take_line(services, caller, batch):
+                await asyncio.sleep(TURN_S)
+                if time.monotonic() - watched > WATCH_S:
+                    watched = time.monotonic()
+                    stop = await _stopped(services, batch)
             if stop is not None:
                 break
-            task = asyncio.create_task(one(line))
+            admitted = asyncio.Event()
+            task = asyncio.create_task(one(line, admitted))
             running.add(task)
             task.add_done_callback(running.discard)
+            # One line at a time through intake: a line waiting for spare capacity (the batch
+            # tier, or backpressure) holds the next back, so a run asks admission once a turn.
+            while stop is None and not await _admitted(admitted, task, WATCH_S):
+                stop = await _stopped(services, batch)
         while running and stop is None:
             await asyncio.wait(set(running), timeout=WATCH_S)
             stop = await _stopped(services, batch) if running else None
@@ -272,10 +302,24 @@ async def _pass(
     return stop
 
 
+def _key_limit(services: Services, caller: ApiKey) -> int:
+    return caller.limits.batch_lines_in_flight or services.settings.batches.per_key_lines_in_flight
+
+
 async def _take_line(services: Services, caller: ApiKey, batch: BatchRecord) -> bool:
-    """Whether a line may go now: the key has fewer lines in flight than it may."""
-    most = caller.limits.batch_lines_in_flight or services.settings.batches.per_key_lines_in_flight
+    """Whether a line may go now (then it is counted in): the key has fewer in flight than it may."""
+    most = _key_limit(services, caller)
     return bool(await retrying(lambda: services.batches.take_line(batch.owner, batch.id, most)))
+
+
+async def _admitted(admitted: asyncio.Event, task: asyncio.Task[None], timeout: float) -> bool:
+    """Waits up to `timeout` for the line's job to be accepted (or the line to end, refused)."""
+    waiter = asyncio.ensure_future(admitted.wait())
+    try:
+        await asyncio.wait({waiter, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    return admitted.is_set() or task.done()
 
 
 async def _acquire(room: asyncio.Semaphore, timeout: float) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -31,6 +32,7 @@ from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_m
 from api.openai.streaming import sse_chunk, stream_job, wait_for_job
 from api.openai.tools import Call, ToolStream
 from moe_core import structured
+from scheduler.jobs import Job
 from scheduler.stream import DoneEvent, TokenEvent
 from scheduler.structured import StructuredOutputs
 
@@ -63,8 +65,10 @@ async def chat_completion(
     caller: ApiKey,
     request: Request | None = None,
     idempotency_key: str | None = None,
+    accepted: Callable[[Job], None] | None = None,
 ) -> Response:
-    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller."""
+    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller.
+    `accepted`: told of the job once it is accepted (before its answer is waited for)."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     tools = body.offered_tools
@@ -80,6 +84,8 @@ async def chat_completion(
     max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
     spec = body.job_spec(prompt, max_tokens, implied_stop, structure)
     job = await accept_request(body, spec, caller, services, idempotency_key)
+    if accepted is not None:
+        accepted(job)
     rid, created = f"chatcmpl-{job.id}", int(time.time())
 
     texts = token_texts(services.counter.tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from api.openai.logprobs import completion_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
 from api.openai.streaming import sse_chunk, stream_job, wait_for_job
+from scheduler.jobs import Job
 from scheduler.stream import DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -38,12 +40,16 @@ async def text_completion(
     caller: ApiKey,
     request: Request | None = None,
     idempotency_key: str | None = None,
+    accepted: Callable[[Job], None] | None = None,
 ) -> Response:
-    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller."""
+    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller.
+    `accepted`: told of the job once it is accepted (before its answer is waited for)."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     spec = body.job_spec(body.text, 16 if body.max_tokens is None else body.max_tokens)
     job = await accept_request(body, spec, caller, services, idempotency_key)
+    if accepted is not None:
+        accepted(job)
     rid, created = f"cmpl-{job.id}", int(time.time())
 
     def completion(text: str, finish_reason: str | None) -> Completion:

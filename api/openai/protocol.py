@@ -90,7 +90,9 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = Field(
         False, description="Extension: the stop string that ended generation ends the output."
     )
-    priority: Priority | None = Field(None, description="Extension: high, normal or low (capped per key).")
+    priority: Priority | None = Field(
+        None, description="Extension: high, normal, low or batch (capped per key)."
+    )
     modality: Modality | None = Field(None, description="Extension: text, code or mixed; detected if absent.")
     response_format: ResponseFormat | None = Field(
         None,
