@@ -296,3 +296,48 @@ def test_a_batch_waits_for_interactive_jobs_then_fills_the_spare_slots(
     spans = [(j["timings"]["started_at"], j["timings"]["finished_at"]) for j in batch]
     together = max(sum(s <= start < f for s, f in spans) for start, _ in spans)
     assert SLOTS // 2 <= together <= SLOTS - 2  # the batch alone fills the spare slots, never the reserve
+
+
+def test_a_batch_cancelled_after_its_run_died_cancels_that_runs_jobs(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
+    key = create_key(stack.client, "cancel after death", Scope.USER).secret
+    first, first_url = others()
+    _, second_url = others()
+    lines = [
+        {
+            "custom_id": f"k{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": body(i, max_tokens=500, ignore_eos=True),
+        }
+        for i in range(20)
+    ]
+    with (
+        client_of(first_url, key) as c,
+        httpx.Client(base_url=second_url, headers=bearer(key), timeout=30) as http,
+    ):
+        made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
+
+        def running() -> list[dict[str, object]]:
+            jobs: list[dict[str, object]] = http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]
+            return [j for j in jobs if j["status"] == "running"]
+
+        wait_for(lambda: len(running()) >= 4, 30, "the batch's jobs to run")
+        first.kill()  # its lines' jobs run on, nobody waiting for them
+        first.wait(30)
+        assert http.post(f"/v1/batches/{made.id}/cancel").json()["status"] == "cancelling"
+        with client_of(second_url, key) as c2:
+            done = wait(c2, made.id, timeout=60)  # the second API takes it over, cancelling
+            seen = lines_of(c2, done.output_file_id) + lines_of(c2, done.error_file_id)
+        assert done.status == "cancelled"
+        assert sorted(x["custom_id"] for x in seen) == sorted(x["custom_id"] for x in lines)  # each once
+        assert {x["error"]["code"] for x in seen if x["response"] is None} == {"batch_cancelled"}
+
+        def jobs() -> list[dict[str, object]]:
+            return http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]  # type: ignore[no-any-return]
+
+        wait_for(
+            lambda: all(j["status"] in ("succeeded", "cancelled") for j in jobs()), 10, "every job to end"
+        )
+        assert len(jobs()) <= 20 and any(j["status"] == "cancelled" for j in jobs())  # the dead run's

@@ -180,7 +180,8 @@ async def run(services: Services, caller: ApiKey, batch: BatchRecord, input_path
             status = S.FINALIZING if stop in (None, S.CANCELLING, S.EXPIRED) else None
         if status is S.FINALIZING:
             await _finish(services, batch, source)
-    services.files.unpin(batch.id)
+    if (end := await store.status(batch.id)) is None or end.terminal:  # not when another run goes on
+        services.files.unpin(batch.id)
 
 
 async def _validate(services: Services, batch: BatchRecord, source: BinaryIO) -> BatchStatus | None:
