@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from api.admission import Admission, Refused, Spare
@@ -341,3 +344,52 @@ def test_a_batch_cancelled_after_its_run_died_cancels_that_runs_jobs(
             lambda: all(j["status"] in ("succeeded", "cancelled") for j in jobs()), 10, "every job to end"
         )
         assert len(jobs()) <= 20 and any(j["status"] == "cancelled" for j in jobs())  # the dead run's
+
+
+def test_a_batch_goes_on_through_a_redis_restart_each_line_once(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    env = {
+        **service_env,
+        "LOCALMOE_REDIS_URL": server.url,
+        "LOCALMOE_ENGINE__MAX_BATCH_SIZE": str(SLOTS),
+        "LOCALMOE_ENGINE__STEP_DELAY_S": "0.02",
+    }
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    key = create_key(client, "restart", Scope.USER).secret
+    worker = subprocess.Popen([sys.executable, "-m", "localmoe", "worker", "--name", "phoenix"], env=env)
+    api: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: client.get(keys.worker("phoenix")) is not None, 120, "the worker")
+        api, url = start_api(env, key)
+        lines = [
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": CHAT,
+                "body": body(i, max_tokens=8 + i % 16, ignore_eos=True),
+            }
+            for i in range(80)
+        ]
+        with client_of(url, key) as c:
+            made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
+            done_part_way(c, made.id, 20)
+            server.stop()  # every client loses its connection; the AOF keeps the ledger and leases
+            time.sleep(1)
+            server.start()
+            finished = wait(c, made.id, timeout=120)
+            output = lines_of(c, finished.output_file_id)
+        assert finished.status == "completed" and finished.error_file_id is None
+        counts = finished.request_counts
+        assert counts is not None and (counts.total, counts.completed, counts.failed) == (80, 80, 0)
+        assert [x["custom_id"] for x in output] == [x["custom_id"] for x in lines]  # each once, in order
+        tokens = [x["response"]["body"]["usage"]["completion_tokens"] for x in output]
+        assert tokens == [x["body"]["max_tokens"] for x in lines]  # type: ignore[index]
+    finally:
+        if api is not None:
+            _stop(api)
+        _stop(worker)
+        client.close()
+        server.stop()
