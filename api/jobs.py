@@ -19,6 +19,7 @@ from moe_core import structured
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, Priority, Timings, Usage
 from scheduler.modality import classify
+from scheduler.prefix import block_hashes
 from scheduler.record import CancelOutcome
 from scheduler.routing import job_cost
 from scheduler.webhooks import WebhookEventType, read_attempts_async
@@ -30,15 +31,16 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
-def _admit(spec: JobSpec, services: Services) -> int:
-    """Refuse what no engine could run; returns the prompt's token count."""
+def _admit(spec: JobSpec, services: Services) -> list[int]:
+    """Refuse what no engine could run; returns the prompt's token ids."""
     limit = services.settings.limits.max_tokens
     if spec.max_tokens > limit:
         raise _unprocessable(
             "max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}"
         )
     counter = services.counter
-    n = counter.count(spec.prompt)
+    ids = counter.encode(spec.prompt)
+    n = len(ids)
     if n >= counter.max_context:
         raise _unprocessable("prompt", f"prompt has {n} tokens; the model's context is {counter.max_context}")
     if n + spec.max_tokens > counter.max_context:
@@ -59,7 +61,7 @@ def _admit(spec: JobSpec, services: Services) -> int:
     if (constraint := spec.constraint) is not None and (error := structured.check(*constraint)):
         field = "response_format" if spec.response_format is not None else "structured_outputs"
         raise _unprocessable(field, f"the structured-output spec cannot be used: {error}")
-    return n
+    return ids
 
 
 async def accept(
@@ -67,7 +69,9 @@ async def accept(
 ) -> tuple[Job, bool]:
     """The intake every submitting route shares: validate, admit, route, enqueue.
     → (the job, True when an earlier request with the same Idempotency-Key made it)."""
-    prompt_tokens = _admit(spec, services)
+    ids = _admit(spec, services)
+    prompt_tokens = len(ids)
+    routing = services.settings.scheduler
     if spec.modality is not None:  # a stated modality skips detection
         modality, language = spec.modality, None
     else:
@@ -81,20 +85,27 @@ async def accept(
         language=language,
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
-        cost=job_cost(prompt_tokens, spec.max_tokens, services.settings.scheduler.prefill_weight),
+        cost=job_cost(prompt_tokens, spec.max_tokens, routing.prefill_weight),
     )
     if spec.webhook is not None:
         job.webhook_endpoint = await endpoint_for_job(services, caller, spec.webhook)
     idem = await _claim_idempotency(services, caller, idempotency_key, spec, job.id)
     if idem is not None:
         return idem, True
-    chosen = services.scheduler.route(job)
+    blocks = (
+        block_hashes(ids, routing.prefix_block_size, routing.prefix_max_blocks)
+        if routing.prefix_routing
+        else []
+    )
+    chosen = services.scheduler.route(job, blocks)
     job.queue, job.route_reason = chosen.queue, chosen.reason
+    if chosen.cached_tokens:  # the prefill it is spared there
+        job.cost = job_cost(prompt_tokens - chosen.cached_tokens, spec.max_tokens, routing.prefill_weight)
     spare = _spare(services) if job.priority is Priority.BATCH else None
     drain = services.scheduler.drain_tokens_per_s()
     gate = services.admission.gate(job.id, prompt_tokens + spec.max_tokens, caller, drain, spare)
     try:
-        await services.enqueuer.submit(job, gate)
+        await services.enqueuer.submit(job, gate, chosen.sent)
     except Refused as refusal:
         metrics.count_rejected(refusal)
         await forget_idempotency(services, caller, idempotency_key)

@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(url)
         notifier = Notifier(celery, sync_client)
         notifier.start()
+        scheduler = Scheduler(sync_client, s.scheduler)
         watcher = ConfigWatcher(sync_client, s, lambda new, v: app.state.services.reconfigure(new, v))
         app.state.services = Services(
             settings=s,
@@ -80,10 +81,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             batches=BatchStore(client),
             keys=KeyStore(client),
             admission=Admission(client, s.limits),
-            enqueuer=Enqueuer(celery, sync_client, s.limits.job_ttl_s),
+            enqueuer=Enqueuer(celery, sync_client, s.limits.job_ttl_s, scheduler.prefixes),
             notifier=notifier,
             counter=PromptCounter(s.resolved_model_dir),
-            scheduler=Scheduler(sync_client, s.scheduler),
+            scheduler=scheduler,
         )
         app.state.services.scheduler.start()
         watcher.check()  # the live config version, before the first request

@@ -160,6 +160,29 @@ class SchedulerSettings(BaseModel):
         description="Jobs of the batch tier (priority batch: a batch's lines) are admitted only into "
         "spare capacity, leaving this share of the workers' batch slots to every other job",
     )
+    prefix_routing: bool = Field(
+        True,
+        description="auto also counts the prompt tokens each worker's prefix cache probably holds "
+        "(the blocks of prompts recently routed there): they need no prefill (scheduler/prefix.py)",
+    )
+    prefix_block_size: int = Field(
+        16,
+        ge=1,
+        description="Tokens per hashed prompt block: the engines' KV block size (vLLM's is 16) or a "
+        "divisor of it",
+    )
+    prefix_max_blocks: int = Field(
+        512, ge=1, description="Blocks hashed per prompt at most (512 x 16: the first 8,192 tokens)."
+    )
+    prefix_ttl_s: float = Field(
+        600.0, gt=0, description="A block sent to a worker counts as cached there at most this long."
+    )
+    prefix_blocks_per_worker: int = Field(
+        200_000,
+        ge=1,
+        description="Blocks remembered per worker at most (fewer when its engine says its KV cache "
+        "holds fewer), in each API process",
+    )
 
 
 class LimitSettings(BaseModel):

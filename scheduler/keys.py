@@ -46,6 +46,11 @@ def queued(worker_name: str) -> str:
     return f"{PREFIX}:worker:{worker_name}:queued"
 
 
+# Stream: per batch and worker, the hashes of the prompt blocks the API routed there
+# (scheduler/prefix.py): how every API process learns what the others sent where.
+PREFIX_SENT = f"{PREFIX}:prefix:sent"
+
+
 def worker_of_queue(queue: str | None) -> str | None:
     """The worker whose own queue this is; None for the shared queue."""
     if queue is None or not queue.startswith(WORKER_QUEUE_PREFIX):

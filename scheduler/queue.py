@@ -25,6 +25,7 @@ from kombu.transport import virtual
 
 from scheduler import backlog, keys, record
 from scheduler.jobs import Job
+from scheduler.prefix import PrefixIndex, Sent
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ class Enqueuer:
     Per request, the API only hands the job over and awaits the outcome. The thread takes every
     job waiting, admits those that ask for it (one pipeline of ADMIT scripts: a refused job's
     request gets its refusal, and nothing of it is written), writes all the admitted jobs' records
-    in one Redis pipeline, then sends ONE message per queue
+    in one Redis pipeline (with, given `prefixes`, the prompt blocks each was routed with:
+    scheduler/prefix.py), then sends ONE message per queue
     and priority among them (at most MAX_JOBS_PER_MESSAGE jobs each) over one broker connection:
     the record of a job always exists before any worker can receive its message, and a burst
     costs one round trip for the records and a message per queue, not per job. Measured on
@@ -145,20 +147,23 @@ class Enqueuer:
     another 25 ms; the per-request asyncio Redis write was the API's largest cost.
     """
 
-    def __init__(self, app: Celery, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(
+        self, app: Celery, client: redis.Redis, ttl_s: int, prefixes: PrefixIndex | None = None
+    ) -> None:
         self.app = app
         self.client = client
         self.ttl_s = ttl_s
+        self.prefixes = prefixes
         self._release = client.register_script(backlog.RELEASE)
         self._admit = client.register_script(backlog.ADMIT)
         self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
 
-    async def submit(self, job: Job, admit: Admit | None = None) -> None:
-        """Admit the job (with `admit`), record it and put it on its queue (`job.queue`); raises
-        the refusal, or what failed."""
+    async def submit(self, job: Job, admit: Admit | None = None, sent: Sent | None = None) -> None:
+        """Admit the job (with `admit`), record it (and `sent`, the prompt blocks it was routed
+        with) and put it on its queue (`job.queue`); raises the refusal, or what failed."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(job, loop, loop.create_future(), admit)
+        pending = _Pending(job, loop, loop.create_future(), admit, sent)
         self._inbox.put(pending)
         await pending.done
 
@@ -180,7 +185,11 @@ class Enqueuer:
         if not batch:
             return
         try:
-            record.create(self.client, [p.job for p in batch], self.ttl_s)
+            pipe = self.client.pipeline(transaction=False)
+            record.stage_create(pipe, [p.job for p in batch], self.ttl_s)
+            if self.prefixes is not None and (sent := [p.sent for p in batch if p.sent is not None]):
+                self.prefixes.stage(pipe, sent)
+            pipe.execute()
         except Exception as e:
             for p in batch:
                 p.settle(e)
@@ -272,6 +281,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future[None]
     admit: Admit | None = None
+    sent: Sent | None = None
 
     def settle(self, error: Exception | None) -> None:
         self.loop.call_soon_threadsafe(self._settle, error)

@@ -88,6 +88,12 @@ def create(client: redis.Redis, jobs: Sequence[Job], ttl_s: int) -> None:
     safety net) and, when routed to one worker's queue, its cost in that worker's backlog; all in
     one pipeline. Each listing is trimmed of expired entries and its ttl renewed once per call."""
     pipe = client.pipeline(transaction=False)
+    stage_create(pipe, jobs, ttl_s)
+    pipe.execute()
+
+
+def stage_create(pipe: redis.client.Pipeline, jobs: Sequence[Job], ttl_s: int) -> None:
+    """create's writes, added to `pipe` (a caller that sends more in the same round trip)."""
     now = time.time()
     listings: dict[str, dict[str, float]] = {keys.ALL_JOBS: {}}  # listing → job id → queued_at
     waiting: dict[str, float] = {}
@@ -108,7 +114,6 @@ def create(client: redis.Redis, jobs: Sequence[Job], ttl_s: int) -> None:
         pipe.zremrangebyscore(listing, "-inf", now - ttl_s)
         pipe.expire(listing, ttl_s)
     pipe.zadd(keys.WAITING, waiting)
-    pipe.execute()
 
 
 def withdraw(client: redis.Redis, release: Script, jobs: Sequence[Job], error: str) -> None:

@@ -55,6 +55,15 @@ class WorkerInfo(BaseModel):
     kv_usage: float | None = Field(
         None, description="Share of the KV cache in use (engines that manage one)."
     )
+    prefix_caching: bool = Field(
+        False,
+        description="The engine reuses the KV of a prompt prefix it computed recently (vLLM's automatic "
+        "prefix caching): the router counts the prefix it probably holds as needing no prefill.",
+    )
+    kv_block_size: int | None = Field(
+        None, description="Tokens per KV-cache block (engines that manage blocks)."
+    )
+    kv_blocks: int | None = Field(None, description="KV-cache blocks the engine holds.")
     step_rate: float = Field(
         0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
     )

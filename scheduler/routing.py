@@ -11,7 +11,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import redis
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer
 from host.settings import SchedulerSettings
 from scheduler import keys
 from scheduler.jobs import Job
+from scheduler.prefix import PrefixIndex, Sent
 from scheduler.registry import WorkerInfo, queued_costs, read_workers
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,10 @@ class PromptCounter:
         )
 
     def count(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt).ids)
+        return len(self.encode(prompt))
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt).ids
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Route:
     queue: str
     reason: str
     worker: str | None = None  # None: the shared queue
+    cached_tokens: int = 0  # prompt tokens the worker's prefix cache probably holds
+    sent: Sent | None = None  # the prompt blocks to record as sent to the worker (Enqueuer)
 
 
 SHARED = Route(keys.SHARED_QUEUE, "shared queue (policy)")
@@ -81,14 +88,19 @@ class Scheduler:
     auto: among fresh, ready, healthy workers (GPU temperature, GPU memory and KV-cache usage under
     their limits), the one with the earliest expected completion; workers within affinity_margin
     of it count as equal, and among those the one whose recent expert load has the largest share
-    of the job's modality wins. A routed job's cost is added to the worker's view at once, so a
-    burst spreads before the next heartbeat. No fresh worker: the shared queue, which every
-    worker also consumes. shared / round_robin: the baselines.
+    of the job's modality wins. With prefix_routing, a worker whose engine caches prefixes costs
+    the job no prefill for the prompt blocks recently routed there (the `prefixes` index): repeated
+    prefixes go back where they were computed until that worker's work ahead outweighs the
+    prefill saved, then a second worker takes them (and holds them from then on). A routed job's
+    cost is added to the worker's view at once, so a burst spreads before the next heartbeat. No
+    fresh worker: the shared queue, which every worker also consumes. shared / round_robin: the
+    baselines.
     """
 
     def __init__(self, client: redis.Redis, cfg: SchedulerSettings) -> None:
         self.client = client
         self.cfg = cfg
+        self.prefixes = PrefixIndex(cfg.prefix_ttl_s, cfg.prefix_blocks_per_worker)
         self._views: dict[str, _View] = {}
         self._lock = threading.Lock()
         self._turn = 0
@@ -102,10 +114,25 @@ class Scheduler:
         threading.Thread(target=self._refresh_forever, name="scheduler-refresh", daemon=True).start()
 
     def refresh(self) -> None:
-        workers = read_workers(self.client, time.time())
+        now = time.time()
+        workers = read_workers(self.client, now)
         queued = queued_costs(self.client, [w.name for w in workers])
+        sent = self.prefixes.pull(self.client, now) if self.cfg.prefix_routing else []
         with self._lock:
             self._views = {w.name: _View(w, queued[w.name]) for w in workers}
+            if self.cfg.prefix_routing:
+                self.prefixes.ttl_s = self.cfg.prefix_ttl_s  # live settings may have changed
+                self.prefixes.default_capacity = self.cfg.prefix_blocks_per_worker
+                for w in workers:
+                    self.prefixes.known(w.name, w.started_at, self._block_capacity(w))
+                self.prefixes.apply(sent, now)
+                self.prefixes.expire(now)
+
+    def _block_capacity(self, info: WorkerInfo) -> int | None:
+        """The worker's KV cache in the router's blocks, when its engine says."""
+        if not info.kv_blocks:
+            return None
+        return info.kv_blocks * max(1, (info.kv_block_size or 0) // self.cfg.prefix_block_size)
 
     def _refresh_forever(self) -> None:
         while True:
@@ -130,7 +157,8 @@ class Scheduler:
             fresh = [v.info for v in self._views.values() if v.info.ready and v.info.fresh(now)]
         return sum(max(w.capacity, 1) for w in fresh), [w.name for w in fresh]
 
-    def route(self, job: Job) -> Route:
+    def route(self, job: Job, blocks: Sequence[int] = ()) -> Route:
+        """blocks: the chained hashes of the prompt's blocks (scheduler/prefix.py block_hashes)."""
         if self.cfg.policy == "shared":
             return SHARED
         with self._lock:
@@ -142,9 +170,19 @@ class Scheduler:
                 view = sorted(fresh, key=lambda v: v.info.name)[self._turn % len(fresh)]
                 self._turn += 1
                 return self._take(view, job, "round robin")
-            return self._earliest(fresh, job)
+            return self._earliest(fresh, job, blocks if self.cfg.prefix_routing else ())
 
-    def _earliest(self, fresh: list[_View], job: Job) -> Route:
+    def _cached_tokens(self, view: _View, blocks: Sequence[int]) -> int:
+        """Prompt tokens the worker's prefix cache probably holds: the leading blocks sent there,
+        in whole blocks of its engine."""
+        info = view.info
+        if not blocks or not info.prefix_caching:
+            return 0
+        tokens = self.prefixes.matched(info.name, blocks) * self.cfg.prefix_block_size
+        engine_block = info.kv_block_size or self.cfg.prefix_block_size
+        return tokens // engine_block * engine_block
+
+    def _earliest(self, fresh: list[_View], job: Job, blocks: Sequence[int]) -> Route:
         refused = {v.info.name: why for v in fresh if (why := self._unhealthy(v.info))}
         healthy = [v for v in fresh if v.info.name not in refused]
         if not healthy:
@@ -152,7 +190,9 @@ class Scheduler:
             return Route(keys.SHARED_QUEUE, f"shared queue: no healthy worker ({reasons})")
         measured = [v.info.step_rate for v in healthy if v.info.step_rate > 0]
         prior = sorted(measured)[len(measured) // 2] if measured else 1.0
-        times = {v.info.name: v.expected_completion(job.cost, prior) for v in healthy}
+        cached = {v.info.name: self._cached_tokens(v, blocks) for v in healthy}
+        costs = {n: max(0.0, job.cost - self.cfg.prefill_weight * c) for n, c in cached.items()}
+        times = {v.info.name: v.expected_completion(costs[v.info.name], prior) for v in healthy}
         best = min(times.values())
         close = [v for v in healthy if times[v.info.name] <= best * (1 + self.cfg.affinity_margin)]
         modality = str(job.modality)
@@ -164,9 +204,19 @@ class Scheduler:
         if len(close) > 1:
             share = chosen.info.modality_mix.get(modality, 0.0)
             reason += f"; {modality} share {share:.2f}, best of {len(close)} within the margin"
+        here = chosen.info.name
+        holds = bool(blocks) and chosen.info.prefix_caching
+        if holds:
+            reason += f"; prefix {cached[here]} of {job.usage.prompt_tokens} prompt tokens cached here"
+            if elsewhere := [f"{n} {c}" for n, c in sorted(cached.items()) if n != here and c]:
+                reason += f" (vs {', '.join(elsewhere)})"
         if refused:
             reason += "; avoided " + ", ".join(f"{name} ({why})" for name, why in refused.items())
-        return self._take(chosen, job, reason)
+        route = self._take(chosen, job, reason, costs[here])
+        if holds:
+            self.prefixes.touch(here, blocks, time.time())
+            route = replace(route, cached_tokens=cached[here], sent=Sent(here, blocks))
+        return route
 
     def _unhealthy(self, info: WorkerInfo) -> str | None:
         cfg = self.cfg
@@ -181,6 +231,6 @@ class Scheduler:
             return f"KV cache {info.kv_usage:.0%} used"
         return None
 
-    def _take(self, view: _View, job: Job, reason: str) -> Route:
-        view.queued += job.cost  # until the next refresh reads it back from Redis
+    def _take(self, view: _View, job: Job, reason: str, cost: float | None = None) -> Route:
+        view.queued += job.cost if cost is None else cost  # until the next refresh reads it back from Redis
         return Route(keys.worker_queue(view.info.name), f"{view.info.name}: {reason}", view.info.name)

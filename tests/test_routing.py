@@ -3,6 +3,7 @@ them (scheduler/registry.py), and its decisions on jobs as the API builds them."
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from host.settings import SchedulerSettings
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Modality
+from scheduler.prefix import PrefixIndex, Sent, block_hashes, unpack
+from scheduler.queue import Enqueuer, make_celery
 from scheduler.registry import STALE_AFTER_S, WorkerInfo, read_workers, update_mix
 from scheduler.routing import Scheduler, job_cost
 from tests.conftest import scratch_db
@@ -176,3 +179,139 @@ def test_job_cost_and_modality_mix() -> None:
     assert update_mix(mix, {"code": 30, "text": 10}, {"code": 30, "text": 10}) == mix  # idle: kept
     later = update_mix(mix, {"code": 30, "text": 10}, {"code": 30, "text": 50})  # only text since
     assert later["text"] > mix["text"] and abs(sum(later.values()) - 1) < 1e-9
+
+
+# --- prefix-cache-aware routing (scheduler/prefix.py) ---------------------------------------------
+
+
+def prompt_job(prompt_tokens: int, max_tokens: int = 64) -> Job:
+    j = job(max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+    j.usage.prompt_tokens = prompt_tokens
+    return j
+
+
+REPO = list(range(1000, 3000))  # 2,000 token ids: a long shared context
+START = 1_700_000_000.0  # the workers' started_at: a new one would mean a restarted engine
+
+
+def test_block_hashes_are_chained_prefixes() -> None:
+    a = block_hashes([*REPO[:100], 1, 2, 3], block_size=16, max_blocks=512)
+    assert len(a) == 6  # full blocks only: 103 tokens → 6 blocks of 16
+    b = block_hashes([*REPO[:40], 7, *REPO[41:100]], block_size=16, max_blocks=512)
+    assert b[:2] == a[:2] and not set(b[2:]) & set(a)  # one token differs in block 2: all later ones too
+    assert block_hashes(REPO, 16, max_blocks=4) == block_hashes(REPO[:64], 16, 512)
+    assert block_hashes(REPO[:15], 16, 512) == []
+
+
+def test_a_repeated_prefix_goes_back_to_the_worker_that_holds_it(client: redis.Redis) -> None:
+    beat(client, "a", started_at=START, prefix_caching=True, kv_block_size=16)
+    beat(client, "b", started_at=START, prefix_caching=True, kv_block_size=16, tokens_in_flight=400)
+    s = scheduler(client)
+    blocks = block_hashes(REPO, 16, 512)
+    first = s.route(prompt_job(2000), blocks)
+    assert first.worker == "a" and "prefix 0 of 2000 prompt tokens cached here" in first.reason
+    assert first.sent is not None and list(first.sent.hashes) == blocks
+    beat(
+        client, "a", started_at=START, prefix_caching=True, kv_block_size=16, tokens_in_flight=800
+    )  # busier now
+    s.refresh()
+    again = s.route(prompt_job(2000), blocks)
+    assert again.worker == "a" and again.cached_tokens == 2000
+    assert "prefix 2000 of 2000 prompt tokens cached here" in again.reason
+    without = scheduler(client, prefix_routing=False).route(prompt_job(2000), blocks)
+    assert without.worker == "b" and without.sent is None and "prefix" not in without.reason
+    # a prompt sharing only the first 100 tokens: 96 of them (6 whole blocks) count
+    other = block_hashes([*REPO[:100], *range(5000, 6900)], 16, 512)
+    assert s.route(prompt_job(2000), other).cached_tokens in (0, 96)
+
+
+def test_only_engines_that_cache_prefixes_get_the_credit_in_their_blocks(client: redis.Redis) -> None:
+    beat(
+        client, "plain", started_at=START, tokens_in_flight=100
+    )  # prefix_caching false: a torch engine without one
+    beat(client, "big", started_at=START, prefix_caching=True, kv_block_size=128, tokens_in_flight=200)
+    s = scheduler(client)
+    blocks = block_hashes(REPO[:1000], 16, 512)
+    s.prefixes.touch("plain", blocks, time.time())
+    s.prefixes.touch("big", blocks[:20], time.time())  # 320 tokens sent: 2 whole blocks of 128
+    route = s.route(prompt_job(1000), blocks)
+    assert route.worker == "big" and route.cached_tokens == 256
+
+
+def test_the_index_is_shared_through_redis(client: redis.Redis) -> None:
+    beat(client, "a", started_at=START, prefix_caching=True)
+    beat(client, "b", started_at=START, prefix_caching=True)
+    one, two = scheduler(client), scheduler(client)
+    blocks = block_hashes(REPO, 16, 512)
+    route = one.route(prompt_job(2000), blocks)
+    assert route.sent is not None
+    pipe = client.pipeline(transaction=False)
+    one.prefixes.stage(pipe, [route.sent])  # as the Enqueuer does, with the jobs' records
+    pipe.execute()
+    assert two.route(prompt_job(2000), blocks).cached_tokens == 0  # not read yet
+    two.refresh()
+    assert two.prefixes.matched(route.sent.worker, blocks) == len(blocks)
+    one.refresh()  # its own entry is skipped, not applied twice
+    # a worker that restarted holds nothing
+    beat(client, route.sent.worker, prefix_caching=True, started_at=time.time() + 1)
+    two.refresh()
+    assert two.prefixes.matched(route.sent.worker, blocks) == 0
+
+
+def test_a_hot_prefix_spreads_when_one_worker_would_overload(client: redis.Redis) -> None:
+    beat(client, "a", started_at=START, prefix_caching=True)
+    beat(client, "b", started_at=START, prefix_caching=True)
+    s = scheduler(client)
+    blocks = block_hashes(REPO, 16, 512)
+    counts = Counter(s.route(prompt_job(2000, max_tokens=256), blocks).worker for _ in range(80))
+    assert counts["a"] > 10 and counts["b"] > 10, counts
+    assert all(s.prefixes.matched(w, blocks) == len(blocks) for w in "ab")  # both hold it now
+
+
+def test_health_rules_still_exclude_the_worker_holding_the_prefix(client: redis.Redis) -> None:
+    beat(client, "full", started_at=START, prefix_caching=True, kv_usage=0.99)
+    beat(client, "well", started_at=START, prefix_caching=True)
+    s = scheduler(client)
+    blocks = block_hashes(REPO, 16, 512)
+    s.prefixes.touch("full", blocks, time.time())
+    route = s.route(prompt_job(2000), blocks)
+    assert route.worker == "well" and "avoided full (KV cache 99% used)" in route.reason
+
+
+def test_the_index_is_bounded_by_the_kv_cache_and_expires(client: redis.Redis) -> None:
+    beat(client, "a", started_at=START, prefix_caching=True, kv_block_size=16, kv_blocks=100)
+    s = scheduler(client, prefix_ttl_s=60)
+    old = block_hashes(REPO[:1600], 16, 512)  # 100 blocks: the whole cache
+    s.prefixes.touch("a", old, time.time())
+    s.prefixes.touch("a", block_hashes(REPO[1600:], 16, 512), time.time())  # 25 more
+    assert s.prefixes.matched("a", old) == 75  # the first blocks stay: the tail went first
+    s.prefixes.expire(time.time() + 61)
+    assert s.prefixes.matched("a", old) == 0
+
+
+def test_the_enqueuer_records_the_blocks_with_the_jobs(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The blocks a job was routed with reach the stream in the batch that records the job."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"  # the `client` fixture's database
+    app = make_celery(url)
+    index = PrefixIndex(ttl_s=600, default_capacity=1000)
+    enqueuer = Enqueuer(app, client, ttl_s=600, prefixes=index)
+    blocks = [block_hashes(REPO[i * 100 :], 16, 512) for i in range(3)]
+
+    async def submit_all() -> None:
+        jobs = [Job(spec=JobSpec(prompt="x", max_tokens=4), queue=keys.worker_queue("a")) for _ in blocks]
+        await asyncio.gather(
+            *(enqueuer.submit(j, None, Sent("a", b)) for j, b in zip(jobs, blocks, strict=True))
+        )
+        assert all(client.exists(keys.job(j.id)) for j in jobs)
+
+    try:
+        asyncio.run(asyncio.wait_for(submit_all(), 20))
+        entries = PrefixIndex(ttl_s=600, default_capacity=1000).pull(client, time.time())
+        assert {(w, o) for w, o, _ in entries} == {("a", index.origin)}
+        assert sorted(h for _, _, packed in entries for h in unpack(packed)) == sorted(
+            h for b in blocks for h in b
+        )
+    finally:
+        app.close()
