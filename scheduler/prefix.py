@@ -6,9 +6,10 @@ i's hash only when every token up to its end is the same, which is when an engin
 prefix caching (vLLM's) can reuse that block's KV. Python's hash of a tuple of ints is not salted
 (only str and bytes hashes are): every API process computes the same values.
 
-Every API process keeps a PrefixIndex: per worker, the hashes of the blocks sent there, least
-recently sent first (the order an engine evicts free blocks in), at most as many as the engine's KV
-cache holds and none older than the expiry. Its own routes are added at once (Scheduler._take).
+Every API process keeps a PrefixIndex: per worker, the hashes of the blocks recently sent there,
+at most about as many as the engine's KV cache holds and none older than the expiry (an engine
+evicts its least recently used blocks; the index forgets the least recently sent ones). Its own
+routes are added at once (Scheduler._take).
 The other API processes learn them through one Redis stream (keys.PREFIX_SENT), where the
 Enqueuer writes, in the pipeline that records a batch's jobs, one entry per worker routed to:
 
@@ -21,9 +22,9 @@ entries. A worker that restarted (a new started_at) starts with an empty cache h
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,35 +57,38 @@ class Sent:
 
 
 class _Held:
-    """The block hashes sent to one worker: hash → when, least recently sent first."""
+    """The block hashes sent to one worker, in two generations: every touch goes into `new`; once
+    `new` holds half the capacity, or is half the ttl old, it becomes `old` and the previous `old`
+    is dropped. So the last capacity/2 to capacity blocks sent are kept, none much older than the
+    ttl, and every operation is a C-speed set operation. A touch adds a whole prefix (blocks 0..n),
+    so what is held is prefix-closed: a prompt's held blocks are a leading run of them."""
 
-    def __init__(self, started_at: float) -> None:
+    def __init__(self, started_at: float, now: float) -> None:
         self.started_at = started_at
-        self.at: OrderedDict[int, float] = OrderedDict()
+        self.new: set[int] = set()
+        self.old: set[int] = set()
+        self.new_since = now
 
     def touch(self, hashes: Sequence[int], now: float, capacity: int) -> None:
-        at = self.at
-        # the first block last: it is the most recently used, evicted after the blocks that extend
-        # it (as vLLM frees a request's blocks tail first), so matches stay prefixes
-        for h in reversed(hashes):
-            at.pop(h, None)
-            at[h] = now
-        while len(at) > capacity:
-            at.popitem(last=False)
+        self.new.update(hashes)
+        if len(self.new) >= capacity // 2:
+            self.rotate(now)
 
-    def expire(self, before: float) -> None:
-        at = self.at
-        while at and next(iter(at.values())) < before:
-            at.popitem(last=False)
+    def rotate(self, now: float) -> None:
+        self.old, self.new, self.new_since = self.new, set(), now
 
     def matched(self, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` are held."""
-        n = 0
-        for h in hashes:
-            if h not in self.at:
-                break
-            n += 1
-        return n
+        """How many leading blocks of `hashes` are held (a binary search: held ones lead)."""
+        new, old = self.new, self.old
+        lo, hi = 0, len(hashes)  # hashes[:lo] held; hashes[hi:] not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            h = hashes[mid - 1]
+            if h in new or h in old:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 class PrefixIndex:
@@ -108,11 +112,13 @@ class PrefixIndex:
         holds nothing); capacity: blocks its KV cache holds, when known."""
         held = self._held.get(worker)
         if held is None or held.started_at != started_at:
-            self._held[worker] = _Held(started_at)
+            self._held[worker] = _Held(started_at, time.time())
         self._capacity[worker] = min(capacity or self.default_capacity, self.default_capacity)
 
     def touch(self, worker: str, hashes: Sequence[int], now: float) -> None:
-        held = self._held.setdefault(worker, _Held(0.0))
+        held = self._held.get(worker)
+        if held is None:
+            held = self._held[worker] = _Held(0.0, now)
         held.touch(hashes, now, self._capacity.get(worker, self.default_capacity))
 
     def matched(self, worker: str, hashes: Sequence[int]) -> int:
@@ -122,7 +128,8 @@ class PrefixIndex:
 
     def expire(self, now: float) -> None:
         for held in self._held.values():
-            held.expire(now - self.ttl_s)
+            if now - held.new_since >= self.ttl_s / 2:
+                held.rotate(now)
 
     def apply(self, entries: list[tuple[str, str, str]], now: float) -> None:
         """Touch the blocks of stream entries (worker, origin, packed hashes) other processes wrote."""

@@ -279,13 +279,19 @@ def test_health_rules_still_exclude_the_worker_holding_the_prefix(client: redis.
 
 
 def test_the_index_is_bounded_by_the_kv_cache_and_expires(client: redis.Redis) -> None:
-    beat(client, "a", started_at=START, prefix_caching=True, kv_block_size=16, kv_blocks=100)
-    s = scheduler(client, prefix_ttl_s=60)
-    old = block_hashes(REPO[:1600], 16, 512)  # 100 blocks: the whole cache
+    beat(client, "a", started_at=START, prefix_caching=True, kv_block_size=32, kv_blocks=100)
+    s = scheduler(client, prefix_ttl_s=60)  # 100 blocks of 32: 200 of the router's blocks of 16
+    old = block_hashes(REPO[:1600], 16, 512)  # 100 blocks
     s.prefixes.touch("a", old, time.time())
-    s.prefixes.touch("a", block_hashes(REPO[1600:], 16, 512), time.time())  # 25 more
-    assert s.prefixes.matched("a", old) == 75  # the first blocks stay: the tail went first
-    s.prefixes.expire(time.time() + 61)
+    assert s.prefixes.matched("a", old) == 100
+    s.prefixes.touch("a", block_hashes([7, *REPO], 16, 512)[:99], time.time())  # 99 others
+    assert s.prefixes.matched("a", old) == 100  # 199 blocks: all held
+    s.prefixes.touch("a", block_hashes(REPO[:800], 16, 512), time.time())  # the first 50 again
+    assert s.prefixes.matched("a", old) == 50  # past the capacity: what was sent last stays
+    s.prefixes.touch("a", old[:10], time.time())
+    s.prefixes.expire(time.time() + 31)  # every half ttl the older generation goes
+    assert s.prefixes.matched("a", old) == 10
+    s.prefixes.expire(time.time() + 62)
     assert s.prefixes.matched("a", old) == 0
 
 
