@@ -26,12 +26,14 @@ WORKER = (
     "localmoe_request_queue_time_seconds",
     "localmoe_generation_tokens_total",
     "localmoe_prompt_tokens_total",
+    "localmoe_prompt_cached_tokens_total",  # of those, found in the engine's prefix cache
     "localmoe_request_success_total",  # {finish_reason}: stop, length, abort, error
     "localmoe_num_requests_running",
     "localmoe_num_requests_waiting",
     "localmoe_batch_size",
     "localmoe_batch_occupancy_ratio",
     "localmoe_kv_cache_usage_ratio",  # no sample where the engine manages no KV cache (torch)
+    "localmoe_prefix_cache_hit_ratio",  # no sample until an engine with a prefix cache prefilled
     "localmoe_output_tokens_per_second",
     "localmoe_engine_failovers_total",
     "localmoe_engine_info",  # {engine, device, model} = 1

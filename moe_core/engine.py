@@ -102,6 +102,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     error: str | None = None  # with FinishReason.ERROR
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
+    cached_tokens: int = 0  # prompt tokens whose KV the engine found in its prefix cache
 
 
 @dataclass
@@ -113,6 +114,11 @@ class EngineStats:
     tokens_generated: int
     failovers: int = 0  # engine switches so far (FailoverEngine)
     kv_usage: float | None = None  # share of the KV cache in use, where the engine manages one (vLLM)
+    prefix_caching: bool = False  # the engine reuses the KV of prompt prefixes it computed recently
+    kv_blocks: int | None = None  # KV-cache blocks it holds, where it manages blocks
+    kv_block_size: int | None = None  # tokens per block
+    prompt_tokens: int = 0  # prompt tokens of the requests it has prefilled so far
+    cached_tokens: int = 0  # of those, found in its prefix cache (not computed)
 
 
 class Engine(Protocol):

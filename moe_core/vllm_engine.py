@@ -126,6 +126,7 @@ class _Request:
     finished: bool = False  # its final delta is built (in _ready, or already returned)
     stops: StopStringBuffer | None = None  # its stop strings, if any
     logprobs: int | None = None  # the alternatives per token it asked for (None: no logprobs)
+    cached_tokens: int = 0  # prompt tokens vLLM found in its prefix cache (known from its first output)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class VllmEngine:
         self._dead: BaseException | None = None  # vLLM's engine core died: step() raises
         self._tokens_generated = 0
         self._steps = self._max_batch_seen = 0
+        self._prompt_tokens = self._cached_tokens = 0  # of the requests past prefill (hit rate)
 
     @property
     def engine(self) -> Any:
@@ -477,6 +479,11 @@ class VllmEngine:
             max_batch_seen=self._max_batch_seen,
             tokens_generated=self._tokens_generated,
             kv_usage=self._kv_usage(running),
+            prefix_caching=self.enable_prefix_caching,
+            kv_blocks=self._kv_blocks[0] or None,
+            kv_block_size=self._kv_blocks[1],
+            prompt_tokens=self._prompt_tokens,
+            cached_tokens=self._cached_tokens,
         )
 
     def _kv_usage(self, running: list[_Request]) -> float | None:
@@ -606,6 +613,10 @@ class VllmEngine:
             return  # aborted already: what vLLM still sent is dropped
         completion = out.outputs[0]
         token_ids = list(completion.token_ids)
+        if not state.started:  # past prefill: what its prefix cache spared it is known
+            state.cached_tokens = int(getattr(out, "num_cached_tokens", None) or 0)
+            self._prompt_tokens += state.prompt_tokens
+            self._cached_tokens += state.cached_tokens
         state.started = True
         finish = completion.finish_reason or ("abort" if out.finished else None)
         text = completion.text
@@ -639,12 +650,14 @@ class VllmEngine:
                 finish_reason=reason,
                 error=error,
                 logprobs=_logprobs(token_ids, completion.logprobs, state.logprobs),
+                cached_tokens=state.cached_tokens,
             )
         )
 
     def _finish(self, rid: str, state: _Request, reason: FinishReason, error: str | None = None) -> None:
         state.finished = True
         delta = Delta(rid, "", [], state.prompt_tokens, state.completion_tokens, reason, error=error)
+        delta.cached_tokens = state.cached_tokens
         self._ready.append(delta)
 
 

@@ -186,6 +186,7 @@ class JobSpec(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the engine found in its prefix cache
 
 
 class Timings(BaseModel):

@@ -64,6 +64,13 @@ class WorkerInfo(BaseModel):
         None, description="Tokens per KV-cache block (engines that manage blocks)."
     )
     kv_blocks: int | None = Field(None, description="KV-cache blocks the engine holds.")
+    prompt_tokens: int = Field(0, description="Prompt tokens of the requests the engine has prefilled.")
+    cached_tokens: int = Field(0, description="Of those, found in its prefix cache (no prefill).")
+    prefix_hit_rate: float | None = Field(
+        None,
+        description="cached_tokens / prompt_tokens over the last minute or so (EWMA over heartbeats); "
+        "None until the engine with a prefix cache prefilled anything.",
+    )
     step_rate: float = Field(
         0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
     )

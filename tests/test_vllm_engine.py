@@ -530,6 +530,30 @@ def test_kv_usage_follows_the_running_requests(engine: VllmEngine) -> None:
     assert engine.stats().kv_usage == 0
 
 
+def test_prefix_cache_hits_are_reported(engine: VllmEngine, reference: Reference) -> None:
+    """A prompt that starts as an earlier one did: vLLM's automatic prefix caching reuses the
+    shared whole blocks, the deltas and the stats say how many tokens, the output is unchanged."""
+    shared = "Prefix cache test. " + " ".join(PROMPTS) * 4  # some hundreds of tokens, seen by no other test
+    before = engine.stats()
+    assert before.prefix_caching and before.kv_blocks and before.kv_block_size
+    cached: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {}
+    for rid, prompt in (("p1", shared + " first"), ("p2", shared + " second")):
+        _add(engine, _greedy(rid, prompt, max_tokens=4))
+        while engine.has_unfinished():
+            for delta in engine.step():
+                cached[rid] = delta.cached_tokens
+                tokens.setdefault(rid, []).extend(delta.token_ids)
+    size, shared_tokens = before.kv_block_size, engine.count_tokens(shared)
+    assert cached["p1"] == 0
+    assert shared_tokens // size * size - size <= cached["p2"] <= shared_tokens
+    assert tokens["p2"] == reference.tokens(shared + " second", 4)
+    after = engine.stats()
+    prompts = engine.count_tokens(shared + " first") + engine.count_tokens(shared + " second")
+    assert after.prompt_tokens - before.prompt_tokens == prompts
+    assert after.cached_tokens - before.cached_tokens == cached["p2"]
+
+
 def test_abort_before_any_output(engine: VllmEngine) -> None:
     _add(engine, _greedy("w", PROMPTS[0]))
     engine.abort("w")

@@ -9,6 +9,7 @@ Redis, a job record or a metric, so its one core is spent on the engine alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -84,8 +85,7 @@ class EngineLoop:
 
     def _send_stats(self) -> None:
         s = self.engine.stats()
-        fields = (s.running, s.waiting, s.steps, s.max_batch_seen, s.tokens_generated)
-        self.send(Stats(self.engine.name, (*fields, s.failovers, s.kv_usage), self.busy_s))
+        self.send(Stats(self.engine.name, dataclasses.astuple(s), self.busy_s))
         self._stats_at = time.monotonic()
 
     def _admit(self, block: bool) -> bool:

@@ -131,8 +131,8 @@ class LoadFailed(NamedTuple):
 
 
 # A Delta on the wire: (request_id, text, token_ids, prompt_tokens, completion_tokens,
-# finish_reason's value or None, error, logprobs or None).
-DeltaTuple = tuple[str, str, list[int], int, int, str | None, str | None, list[Any] | None]
+# finish_reason's value or None, error, logprobs or None, cached_tokens).
+DeltaTuple = tuple[str, str, list[int], int, int, str | None, str | None, list[Any] | None, int]
 
 
 class Stepped(NamedTuple):
@@ -145,15 +145,26 @@ class Stepped(NamedTuple):
         return cls(
             [
                 (d.request_id, d.text, d.token_ids, d.prompt_tokens, d.completion_tokens,
-                 d.finish_reason.value if d.finish_reason is not None else None, d.error, d.logprobs)
+                 d.finish_reason.value if d.finish_reason is not None else None, d.error, d.logprobs,
+                 d.cached_tokens)
                 for d in deltas
             ]
         )  # fmt: skip
 
     def unpack(self) -> list[Delta]:
         return [
-            Delta(rid, text, ids, prompt, completion, FinishReason(reason) if reason else None, error, lps)
-            for rid, text, ids, prompt, completion, reason, error, lps in self.deltas
+            Delta(
+                rid,
+                text,
+                ids,
+                prompt,
+                completion,
+                FinishReason(reason) if reason else None,
+                error,
+                lps,
+                cached,
+            )
+            for rid, text, ids, prompt, completion, reason, error, lps, cached in self.deltas
         ]
 
 

@@ -101,6 +101,12 @@ class WorkerMetrics:
         self.prompt_tokens = Counter(
             "localmoe_prompt_tokens", "Prompt tokens of the jobs finished.", w, registry=r
         ).labels(self.name)
+        self.cached_tokens = Counter(
+            "localmoe_prompt_cached_tokens",
+            "Prompt tokens of the jobs finished that the engine's prefix cache held (no prefill).",
+            w,
+            registry=r,
+        ).labels(self.name)
         success = Counter(
             "localmoe_request_success",
             "Jobs finished, by finish reason.",
@@ -143,6 +149,7 @@ class WorkerMetrics:
             self._delivered_at.pop(job.id, None)
             self.finished_by[job.finish_reason or FinishReason.ERROR.value].inc()
             self.prompt_tokens.inc(job.usage.prompt_tokens)
+            self.cached_tokens.inc(job.usage.cached_tokens)
             t = job.timings
             if t.queued_at is not None and t.finished_at is not None:
                 self.e2e.observe(max(0.0, t.finished_at - t.queued_at))
@@ -174,6 +181,11 @@ class _HeartbeatCollector(Collector):
         )
         yield gauge("localmoe_batch_occupancy_ratio", "Running jobs / batch capacity.", info.batch_occupancy)
         yield gauge("localmoe_kv_cache_usage_ratio", "Share of the KV cache in use (vLLM).", info.kv_usage)
+        yield gauge(
+            "localmoe_prefix_cache_hit_ratio",
+            "Share of prefilled prompt tokens found in the engine's prefix cache (recent).",
+            info.prefix_hit_rate,
+        )
         yield gauge(
             "localmoe_output_tokens_per_second", "Tokens generated per second (1 s)", info.tokens_per_s
         )

@@ -301,7 +301,9 @@ class Relay(threading.Thread):
                 if delta.finish_reason is not None:
                     prompt = held.job.usage.prompt_tokens if held.resumed_tokens else delta.prompt_tokens
                     completion = delta.completion_tokens + held.resumed_tokens
-                    usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+                    usage = Usage(
+                        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=delta.cached_tokens
+                    )
                     status = _STATUS[delta.finish_reason]
                     final = self._final_job(held, status, delta.finish_reason, delta.error, usage)
                     write.finals.append((held, final))

@@ -148,6 +148,13 @@ class Runtime:
         info.tokens_in_flight = sum(max(0, h.job.spec.max_tokens - h.tokens) for h in held)
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
+        info.prefix_caching, info.kv_blocks = stats.prefix_caching, stats.kv_blocks
+        info.kv_block_size = stats.kv_block_size if stats.kv_blocks else None
+        prefilled = stats.prompt_tokens - info.prompt_tokens
+        if stats.prefix_caching and prefilled > 0:
+            hits = (stats.cached_tokens - info.cached_tokens) / prefilled
+            info.prefix_hit_rate = hits if info.prefix_hit_rate is None else _ewma(info.prefix_hit_rate, hits)
+        info.prompt_tokens, info.cached_tokens = stats.prompt_tokens, stats.cached_tokens
         info.expert_tokens = self.engine.expert_tokens
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)

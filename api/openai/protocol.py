@@ -387,14 +387,23 @@ class ChatCompletionRequest(SamplingRequest):
 # --- responses ---------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens the engine's prefix cache held (not prefilled).")
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="With the final usage: what of the prompt the engine found cached."
+    )
 
     @classmethod
     def of(cls, done: DoneEvent) -> UsageInfo:
-        return cls.counted(done.usage.prompt_tokens, done.usage.completion_tokens)
+        usage = cls.counted(done.usage.prompt_tokens, done.usage.completion_tokens)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=done.usage.cached_tokens)
+        return usage
 
     @classmethod
     def counted(cls, prompt: int, completion: int) -> UsageInfo:
