@@ -39,8 +39,8 @@ def _admit(spec: JobSpec, services: Services) -> list[int]:
             "max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}"
         )
     counter = services.counter
-    ids = counter.encode(spec.prompt)
-    n = len(ids)
+    prompt_ids = counter.encode(spec.prompt)
+    n = len(prompt_ids)
     if n >= counter.max_context:
         raise _unprocessable("prompt", f"prompt has {n} tokens; the model's context is {counter.max_context}")
     if n + spec.max_tokens > counter.max_context:
@@ -61,7 +61,7 @@ def _admit(spec: JobSpec, services: Services) -> list[int]:
     if (constraint := spec.constraint) is not None and (error := structured.check(*constraint)):
         field = "response_format" if spec.response_format is not None else "structured_outputs"
         raise _unprocessable(field, f"the structured-output spec cannot be used: {error}")
-    return ids
+    return prompt_ids
 
 
 async def accept(

@@ -140,6 +140,8 @@ class Scheduler:
                 self.refresh()
             except (redis.RedisError, ValueError) as e:
                 log.warning("scheduler could not read the worker registry: %s", e)
+            except Exception:  # this thread must outlive any bad record: every route reads its views
+                log.exception("scheduler refresh failed")
             time.sleep(self.cfg.refresh_s)
 
     def drain_tokens_per_s(self) -> float:

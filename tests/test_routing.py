@@ -7,20 +7,22 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 
 from host.gpus import GpuStats
-from host.settings import SchedulerSettings
+from host.settings import SchedulerSettings, Settings
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, Modality
 from scheduler.prefix import PrefixIndex, Sent, block_hashes, unpack
 from scheduler.queue import Enqueuer, make_celery
 from scheduler.registry import STALE_AFTER_S, WorkerInfo, read_workers, update_mix
-from scheduler.routing import Scheduler, job_cost
+from scheduler.routing import PromptCounter, Scheduler, job_cost
 from tests.conftest import scratch_db
 
 
@@ -321,3 +323,15 @@ def test_the_enqueuer_records_the_blocks_with_the_jobs(
         )
     finally:
         app.close()
+
+
+def test_intake_hashes_the_prompts_own_tokens(model_dir: Path) -> None:
+    """The ids intake routes with are the prompt's (as the engine will count them), whatever else
+    the request names (logit_bias, stop_token_ids)."""
+    from api.jobs import _admit
+
+    counter = PromptCounter(model_dir)
+    services: Any = SimpleNamespace(settings=Settings(), counter=counter)
+    spec = JobSpec(prompt="def f(x):\n    return x\n" * 20, stop_token_ids=[3], logit_bias={"5": 1.0})
+    ids = _admit(spec, services)
+    assert ids == counter.encode(spec.prompt) and len(block_hashes(ids, 16, 512)) == len(ids) // 16 > 0
