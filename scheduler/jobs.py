@@ -53,6 +53,8 @@ class Priority(StrEnum):
 
 _PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2, Priority.BATCH: 3}
 
+MAX_SEQUENCES = 16  # JobSpec.n at most: n sequences hold n slots of a worker's batch
+
 
 class JobSpec(BaseModel):
     """What a client asks for. Unknown fields are refused (422), not ignored."""
@@ -67,6 +69,13 @@ class JobSpec(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 is off.")
     top_k: int = Field(default=0, ge=0, description="Sample among the k likeliest tokens; 0 is off.")
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Makes sampling reproducible.")
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SEQUENCES,
+        description="Sequences to generate for the prompt, together in one batch (each its own output "
+        "in `outputs`; with a seed, sequence k samples with seed + k).",
+    )
     stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end generation.")
     modality: Modality | None = Field(default=None, description="text, code or mixed; detected if absent.")
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (benchmarks).")
@@ -185,8 +194,17 @@ class JobSpec(BaseModel):
 
 class Usage(BaseModel):
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # of every sequence
     cached_tokens: int = 0  # prompt tokens whose KV the engine found in its prefix cache
+
+
+class SequenceOutput(BaseModel):
+    """One sequence of a job with n > 1, as it ended."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # stop | length | abort | error
+    logprobs: list[Any] | None = None  # with spec.logprobs: as Job.logprobs, for this sequence
 
 
 class Timings(BaseModel):
@@ -219,6 +237,10 @@ class Job(BaseModel):
     # distribution), set with the terminal state (what a resumed job's earlier attempts made is not)
     logprobs: list[Any] | None = None
     finish_reason: str | None = None  # stop | length | abort
+    # With spec.n > 1, every sequence's (index k at k), set with the terminal state a worker
+    # writes (None for a job cancelled while queued); `output` and `logprobs` are sequence 0's then,
+    # and `finish_reason` the job's: error or abort if a sequence ended so, else sequence 0's
+    outputs: list[SequenceOutput] | None = None
     error: str | None = None
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)

@@ -23,7 +23,7 @@ import redis
 from celery import Celery
 
 from scheduler import keys
-from scheduler.jobs import Job, JobStatus
+from scheduler.jobs import Job, JobStatus, SequenceOutput
 from scheduler.webhooks import Delivery, WebhookEventType, make_delivery, send_delivery
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,12 @@ def wants(job: Job, event: WebhookEventType) -> bool:
     )
 
 
-def event_data(job: Job, output: str | None = None) -> dict[str, Any]:
-    """The `data` of a job event: what a receiver needs without calling back."""
+def event_data(
+    job: Job, output: str | None = None, outputs: list[SequenceOutput] | None = None
+) -> dict[str, Any]:
+    """The `data` of a job event: what a receiver needs without calling back. `output`, `outputs`:
+    the text so far (of sequence 0, of every sequence of a job with n > 1), in place of the job's."""
+    outputs = outputs if outputs is not None else job.outputs
     return {
         "id": job.id,
         "status": job.status.value,
@@ -54,15 +58,21 @@ def event_data(job: Job, output: str | None = None) -> dict[str, Any]:
         "priority": job.priority.value,
         "worker": job.worker,
         **({"logprobs": job.logprobs} if job.logprobs is not None else {}),  # when the job asked
+        **({"outputs": [o.model_dump() for o in outputs]} if outputs is not None else {}),  # n > 1
     }
 
 
-def delivery_for(job: Job, event: WebhookEventType, output: str | None = None) -> Delivery | None:
+def delivery_for(
+    job: Job,
+    event: WebhookEventType,
+    output: str | None = None,
+    outputs: list[SequenceOutput] | None = None,
+) -> Delivery | None:
     """The event's delivery, fixed now, or None when the job's webhook does not ask for it."""
     if not wants(job, event):
         return None
     assert job.webhook_endpoint is not None
-    return make_delivery(job.webhook_endpoint, job.id, event, event_data(job, output))
+    return make_delivery(job.webhook_endpoint, job.id, event, event_data(job, output, outputs))
 
 
 class Notifier(threading.Thread):
@@ -75,10 +85,15 @@ class Notifier(threading.Thread):
         self._inbox: queue.SimpleQueue[tuple[Delivery, bool, bool]] = queue.SimpleQueue()
 
     def emit(
-        self, job: Job, event: WebhookEventType, output: str | None = None, durable: bool = False
+        self,
+        job: Job,
+        event: WebhookEventType,
+        output: str | None = None,
+        durable: bool = False,
+        outputs: list[SequenceOutput] | None = None,
     ) -> None:
         """durable: kept in the outbox until sent (a terminal event no script wrote there)."""
-        delivery = delivery_for(job, event, output)
+        delivery = delivery_for(job, event, output, outputs)
         if delivery is not None:
             self.send(delivery, outboxed=False, durable=durable)
 

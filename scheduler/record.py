@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import cast
+from typing import NamedTuple, cast
 
 import redis
 from redis.commands.core import AsyncScript, Script
@@ -217,11 +217,12 @@ def claim(
 
 # KEYS: the job's events stream, FEED_KEYS. ARGV: the new attempt. Reads the text earlier attempts
 # streamed (as readers saw it, scheduler/stream.py Fence) and appends the `resume` mark in one
-# step, so a stale writer's later tokens fall behind the mark. → {text pieces..., "n:<tokens>"}.
+# step, so a stale writer's later tokens fall behind the mark. → per sequence that streamed (entry
+# field `i`, 0 without), four strings: its index, its text, its tokens, how it ended ("": it had not).
 RESUME = (
     FEED_LUA
     + """
-local current, n, out, last = 1, 0, {}, {}
+local current, last, seqs, order = 1, {}, {}, {}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
   local f = {}
   for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
@@ -231,24 +232,45 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     local a, s = f.a or '1', tonumber(f.s or '0')
     if s == 0 or s > (last[a] or 0) then  -- s: an entry written again by a retried write is skipped
       last[a] = s
-      table.insert(out, f.text)
-      n = n + tonumber(f.n or '1')
+      local i = f.i or '0'
+      local seq = seqs[i]
+      if not seq then
+        seq = {pieces = {}, n = 0, f = ''}
+        seqs[i] = seq
+        table.insert(order, i)
+      end
+      table.insert(seq.pieces, f.text)
+      seq.n = seq.n + tonumber(f.n or '1')
+      seq.f = f.f or seq.f
     end
   end
 end
 append(KEYS[1], {'type', 'resume', 'a', ARGV[1]})
 publish()
-table.insert(out, 'n:' .. n)
+local out = {}
+for _, i in ipairs(order) do
+  local seq = seqs[i]
+  for _, v in ipairs({i, table.concat(seq.pieces), tostring(seq.n), seq.f}) do table.insert(out, v) end
+end
 return out
 """
 )
 
 
-def resume(script: Script, job_id: str, attempt: int) -> tuple[str, int]:
-    """Attempt `attempt` (> 1) takes over: → (the text earlier attempts streamed, its tokens).
-    `script`: RESUME registered."""
-    *pieces, count = cast(list[str], script(keys=[keys.events(job_id), *FEED_KEYS], args=[attempt]))
-    return "".join(pieces), int(count.removeprefix("n:"))
+class Resumed(NamedTuple):
+    """What earlier attempts streamed of one sequence."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None  # how it ended; None: it had not
+
+
+def resume(script: Script, job_id: str, attempt: int) -> dict[int, Resumed]:
+    """Attempt `attempt` (> 1) takes over: → per sequence index that streamed anything, what it
+    streamed (a job of one sequence: index 0). `script`: RESUME registered."""
+    flat = cast(list[str], script(keys=[keys.events(job_id), *FEED_KEYS], args=[attempt]))
+    runs = (flat[k : k + 4] for k in range(0, len(flat), 4))
+    return {int(index): Resumed(text, int(tokens), finish or None) for index, text, tokens, finish in runs}
 
 
 # --- the relay's writes (workers/relay.py RELAY composes these, after FEED_LUA) --------------------
@@ -285,7 +307,8 @@ end
 def finalize_operands(job: Job, attempt: int, hook: str) -> tuple[list[str], list[str]]:
     """`finalize`'s 4 keys, and its arguments after ttl: the attempt, the done event's data, `hook`
     (the terminal webhook's Delivery JSON, "" for none), k, then k field/value pairs: the terminal
-    fields of `job` (status, output, finish_reason, error, usage, finished_at, logprobs if any)."""
+    fields of `job` (status, output, finish_reason, error, usage, finished_at, logprobs and outputs
+    if any)."""
     fields = encode_fields(
         {
             "status": job.status.value,
@@ -295,6 +318,7 @@ def finalize_operands(job: Job, attempt: int, hook: str) -> tuple[list[str], lis
             "usage": job.usage.model_dump(),
             "timings": {"finished_at": job.timings.finished_at},
             **({"logprobs": job.logprobs} if job.logprobs is not None else {}),
+            **({"outputs": [o.model_dump() for o in job.outputs]} if job.outputs is not None else {}),
         }
     )
     job_keys = [keys.job(job.id), keys.events(job.id), keys.running(job.worker or ""), keys.WEBHOOK_OUTBOX]

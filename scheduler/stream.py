@@ -3,7 +3,8 @@ read by the API's SSE and websocket relays. Entry ids ("1732870000000-3") are th
 clients resume from.
 
 token:  {"type": "token", "text": <new text>, "n": <tokens it took>, "a": <attempt>, "s": <entry number>,
-         "lp": <JSON [[token id, logprob, [[id, logprob], ...]], ...] for those n tokens, when asked>}
+         "lp": <JSON [[token id, logprob, [[id, logprob], ...]], ...] for those n tokens, when asked>,
+         and for a job with n > 1 only: "i": <its sequence's index>, "f": <how it ended, on its last>}
 resume: {"type": "resume", "a": <attempt>}   a new attempt continues the text of the earlier ones
 done:   {"type": "done", "data": <DoneEvent JSON>}   always the last entry, written exactly once
 
@@ -12,9 +13,15 @@ atomically with reading the text so far (scheduler/record.py RESUME) and continu
 drop token entries of an attempt older than the last `resume` they passed: a stale worker that
 keeps writing after it lost its job adds nothing a client sees. Clients see token and done only.
 
-`s` numbers an attempt's token entries 1, 2, 3…: a relay that retries a write whose reply it lost
-(Redis restarting after it ran the write) writes the same entries again, and readers drop
-every token entry whose `s` is not above the last one they passed for that attempt.
+A job with n > 1 writes its n sequences' entries interleaved in the one stream, each naming its
+sequence (`i`); a sequence's last entry says how it ended (`f`: stop, length, abort, error), so a
+reader can close that sequence before the job's `done`, and a new attempt knows which sequences
+to continue. A job of one sequence writes neither field: its entries are as they always were.
+
+`s` numbers an attempt's token entries 1, 2, 3… (all its sequences' together): a relay that
+retries a write whose reply it lost (Redis restarting after it ran the write) writes the same
+entries again, and readers drop every token entry whose `s` is not above the last one they passed
+for that attempt.
 
 The feed (keys.FEED): every script that appends to job streams does it through FEED_LUA's
 `append`, then `publish()` adds ONE feed entry listing what it appended, in order:
@@ -95,6 +102,24 @@ class TokenEvent:
     )
     type: Literal["token"] = "token"
 
+    # A job of one sequence: every piece is sequence 0's, and it ends with the job (`done`).
+    @property
+    def index(self) -> int:
+        return 0
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceToken(TokenEvent):
+    """A piece of one sequence's text, of a job with n > 1 (a subclass: a job of one sequence
+    builds its events without these two fields)."""
+
+    index: int = 0
+    finish_reason: str | None = None  # on the sequence's last piece: how it ended
+
 
 class DoneEvent(BaseModel):
     type: Literal["done"] = "done"
@@ -108,7 +133,7 @@ class DoneEvent(BaseModel):
         return cls(status=job.status, finish_reason=job.finish_reason, error=job.error, usage=job.usage)
 
 
-StreamEvent = TokenEvent | DoneEvent
+StreamEvent = TokenEvent | DoneEvent  # a TokenEvent may be a SequenceToken
 
 
 def token_fields(
@@ -122,6 +147,14 @@ def token_fields(
     return fields
 
 
+def sequence_token_fields(fields: dict[str, str], index: int, finish: str | None) -> dict[str, str]:
+    """`token_fields`' entry as a sequence of a job with n > 1 writes it (i, then f on its last)."""
+    fields["i"] = str(index)
+    if finish is not None:
+        fields["f"] = finish
+    return fields
+
+
 def done_fields(event: DoneEvent) -> dict[str, str]:
     return {"type": "done", "data": event.model_dump_json()}
 
@@ -130,6 +163,10 @@ def parse_entry(fields: dict[str, str]) -> StreamEvent:
     if fields.get("type") == "done":
         return DoneEvent.model_validate_json(fields["data"])
     lp = fields.get("lp")
+    if "i" in fields:  # a sequence of a job with n > 1
+        logprobs = orjson.loads(lp) if lp else None
+        n, index = int(fields.get("n", "1")), int(fields["i"])
+        return SequenceToken(fields.get("text", ""), n, logprobs, "token", index, fields.get("f"))
     return TokenEvent(fields.get("text", ""), int(fields.get("n", "1")), orjson.loads(lp) if lp else None)
 
 

@@ -244,3 +244,29 @@ def assert_obeys(structured: tuple[str, str], text: str) -> None:
         assert re.fullmatch(r"\((?:[a-c]|x[0-9])(?:,(?:[a-c]|x[0-9])){0,3}\)", text), text
     else:
         assert re.fullmatch(r"SELECT [a-z]{1,6} FROM t", text), text
+
+
+def job_requests(n: int, seed: int | None, temperature: float) -> list[GenerationRequest]:
+    """The engine requests of one job with n sequences, as a worker makes them (one per sequence,
+    its seed derived from the job's): what every engine must run as n independent sequences."""
+    from scheduler.jobs import Job, JobSpec
+    from workers.engine_proc import requests_of
+    from workers.relay import Held, HeldSequence
+
+    spec = JobSpec(prompt=PROMPTS[3], n=n, seed=seed, temperature=temperature, max_tokens=NEW_TOKENS)
+    held = Held(Job(spec=spec), 1, sequences=[HeldSequence(k) for k in range(n)])
+    requests, ended = requests_of(held)
+    assert len(requests) == n and not ended
+    return requests
+
+
+def assert_n_sequences(run: Any) -> None:
+    """`run(requests)` → request id → token ids, the requests added together. A job of 3 seeded
+    sequences: they differ, and come again the same; greedy: 3 times the same tokens (as vLLM)."""
+    seeded = job_requests(3, seed=7, temperature=1.0)
+    first, again = run(seeded), run(seeded)
+    tokens = [first[r.request_id] for r in seeded]
+    assert tokens == [again[r.request_id] for r in seeded]
+    assert len({tuple(t) for t in tokens}) >= 2, tokens
+    greedy = job_requests(3, seed=None, temperature=0.0)
+    assert len({tuple(t) for t in run(greedy).values()}) == 1

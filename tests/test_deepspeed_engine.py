@@ -30,6 +30,7 @@ from tests.parity import (  # noqa: E402
     ARCH_PARAMS,
     LOGITS_OPTIONS,
     adjusted_reference,
+    assert_n_sequences,
     assert_obeys,
     structured_requests,
 )
@@ -132,6 +133,7 @@ def test_logits_options_and_structured_outputs_as_the_torch_engine(checkpoint: P
     for request in constrained:
         assert request.params.structured is not None
         assert_obeys(request.params.structured, results[request.request_id].text)
+    assert_n_sequences(lambda requests: {r: x.token_ids for r, x in _run(engine, requests).items()})
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])

@@ -89,8 +89,8 @@ class _Script:
 
 def test_scripts_that_feed_get_the_feed_keys_last() -> None:
     """FEED_LUA's `publish` takes the feed's keys from the last two KEYS of its script."""
-    resume = _Script(["a", "b", "n:2"])
-    assert record.resume(resume, "j1", 2) == ("ab", 2)  # type: ignore[arg-type]
+    resume = _Script(["0", "ab", "2", "", "1", "c", "1", "stop"])
+    assert record.resume(resume, "j1", 2) == {0: ("ab", 2, None), 1: ("c", 1, "stop")}  # type: ignore[arg-type]
     requeue = _Script("requeued")
     assert record.requeue(requeue, "j1", "w1", "inc 1", 3, 60, 'a "quoted" name') == "requeued"  # type: ignore[arg-type]
     assert json.loads(str(requeue.args[-1])) == 'a "quoted" name'

@@ -12,11 +12,11 @@ import redis
 
 from localmoe.redis_server import RedisServer
 from moe_core.engine import Delta, FinishReason
-from scheduler import keys
-from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
-from scheduler.stream import Fence, token_fields
+from scheduler import keys, record
+from scheduler.jobs import Job, JobSpec, JobStatus, job_from_hash, job_to_hash
+from scheduler.stream import Fence, SequenceToken, sequence_token_fields, token_fields
 from tests.conftest import scratch_db
-from workers.relay import Held, Relay
+from workers.relay import Held, HeldSequence, Relay, sequence_id
 
 TTL = 600
 
@@ -79,3 +79,76 @@ def test_a_batch_of_steps_is_written_as_readers_expect(client: redis.Redis) -> N
     assert not [f for _, f in client.xrange(keys.events(stale.job.id)) if f["type"] == "done"]
     assert stale.future.result().status is JobStatus.SUCCEEDED  # what this attempt would have written
     assert set(relay.held) == {b.job.id}
+
+
+def test_a_job_of_n_sequences_streams_each_and_ends_with_its_last(client: redis.Redis) -> None:
+    """n > 1: each sequence's entries name it (and its last says how it ended), numbered together;
+    the job ends once every sequence has, its usage their sum, its record each one's output; a new
+    attempt learns each sequence's text and end (RESUME)."""
+    relay = Relay(client, TTL)
+    held = _held(client, 1)
+    held.job.spec.n, held.job.spec.logprobs = 2, 0
+    held.sequences = [HeldSequence(0), HeldSequence(1)]
+    relay.track(held)
+    one, two = sequence_id(held.job.id, 0), sequence_id(held.job.id, 1)
+    relay._write_with_retry(
+        [[Delta(one, "a", [5], 4, 1, logprobs=[(5, -0.5, ())]), Delta(two, "b", [6], 4, 1)]]
+    )
+    # a batch of sequence entries alone (no first token, no terminal state) is written too
+    relay._write_with_retry([[Delta(one, "", [2], 4, 2, FinishReason.STOP, logprobs=[(2, -0.1, ())])]])
+    assert not held.future.done() and set(relay.sequences) == {two}
+    relay._write_with_retry([[Delta(two, " c", [7], 4, 2), Delta(two, "", [], 4, 2, FinishReason.LENGTH)]])
+
+    stream = [fields for _, fields in client.xrange(keys.events(held.job.id))]
+    lp = [[5, -0.5, []]]
+    assert stream[:-1] == [
+        sequence_token_fields(token_fields("a", 1, 1, 1, lp), 0, None),
+        sequence_token_fields(token_fields("b", 1, 1, 2), 1, None),
+        sequence_token_fields(token_fields("", 1, 1, 3, [[2, -0.1, []]]), 0, "stop"),
+        sequence_token_fields(token_fields(" c", 1, 1, 4), 1, None),
+        sequence_token_fields(token_fields("", 0, 1, 5), 1, "length"),
+    ]
+    fence = Fence()
+    seen = [e for f in stream if isinstance(e := fence.visible(f), SequenceToken)]
+    assert [(e.index, e.text, e.finish_reason) for e in seen] == [
+        (0, "a", None),
+        (1, "b", None),
+        (0, "", "stop"),
+        (1, " c", None),
+        (1, "", "length"),
+    ]
+    done = json.loads(stream[-1]["data"])
+    assert done["status"] == "succeeded" and done["usage"]["completion_tokens"] == 4
+    job = job_from_hash(client.hgetall(keys.job(held.job.id)))
+    assert job.outputs is not None and job.output == "a" and job.finish_reason == "stop"
+    assert [(o.index, o.text, o.finish_reason, o.logprobs) for o in job.outputs] == [
+        (0, "a", "stop", [[5, -0.5, []], [2, -0.1, []]]),
+        (1, "b c", "length", []),
+    ]
+    assert held.future.result().model_dump(mode="json")["outputs"] == job.model_dump(mode="json")["outputs"]
+    assert not relay.held and not relay.sequences
+    resumed = record.resume(client.register_script(record.RESUME), held.job.id, 2)
+    assert resumed == {0: ("a", 2, "stop"), 1: ("b c", 2, "length")}
+
+
+def test_a_cancelled_sequence_cancels_the_job_and_a_failed_one_fails_it(client: redis.Redis) -> None:
+    relay = Relay(client, TTL)
+    cancelled, failed = _held(client, 1), _held(client, 1)
+    for held in (cancelled, failed):
+        held.job.spec.n = 2
+        held.sequences = [HeldSequence(0), HeldSequence(1)]
+        relay.track(held)
+    steps = [
+        Delta(sequence_id(cancelled.job.id, 0), "x", [3], 4, 1, FinishReason.STOP),
+        Delta(sequence_id(cancelled.job.id, 1), "", [], 4, 0, FinishReason.ABORT),
+        Delta(sequence_id(failed.job.id, 0), "y", [3], 4, 1),
+    ]
+    relay._write_with_retry([steps])
+    relay.fail(sequence_id(failed.job.id, 1), "engine error: boom")
+    relay._write_with_retry([relay._inbox.get()])
+    assert cancelled.future.result().status is JobStatus.CANCELLED
+    assert cancelled.future.result().finish_reason == "abort"
+    job = failed.future.result()
+    assert job.status is JobStatus.FAILED and job.error == "engine error: boom"
+    assert job.outputs is not None and [o.text for o in job.outputs] == ["y", ""]
+    assert not relay.held and not relay.sequences

@@ -188,8 +188,8 @@ def test_a_retried_relay_write_repeats_nothing(client: redis.Redis) -> None:
     fence = Fence()
     seen = [e.text for _, f in client.xrange(stream) if (e := fence.visible(f)) is not None]  # type: ignore[union-attr]
     assert "".join(seen) == "abc"
-    text, tokens = record.resume(client.register_script(record.RESUME), "retried-write", 2)
-    assert text == "abc" and tokens == 4
+    resumed = record.resume(client.register_script(record.RESUME), "retried-write", 2)
+    assert resumed == {0: ("abc", 4, None)}
     client.delete(stream)
 
 
@@ -205,18 +205,21 @@ def _ready(client: redis.Redis, name: str) -> bool:
     return raw is not None and WorkerInfo.model_validate_json(raw).ready
 
 
-@pytest.mark.parametrize("victim_process", ["consumer", "engine"])
+@pytest.mark.parametrize(("victim_process", "n"), [("consumer", 1), ("engine", 2)])
 def test_a_killed_workers_job_finishes_elsewhere_with_one_result(
-    service_env: dict[str, str], victim_process: str
+    service_env: dict[str, str], victim_process: str, n: int
 ) -> None:
     """A worker SIGKILLed mid-generation: its Celery consumer, or its engine process (which takes the
-    runtime process and so the consumer down with it, exit code 70)."""
+    runtime process and so the consumer down with it, exit code 70). A job of n sequences: the new
+    attempt continues each of them."""
     with private_stack(service_env, worker=False, LOCALMOE_ENGINE__STEP_DELAY_S="0.02") as stack:
         procs = {n: _worker(stack.env, n) for n in ("alpha", "beta")}
         try:
             wait_for(lambda: all(_ready(stack.client, n) for n in procs), 120, "two workers")
             http = stack.http()
-            job = http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}).json()
+            body = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "n": n}
+            body |= {"temperature": 1.0} if n > 1 else {}  # sampled: each sequence its own text
+            job = http.post("/v1/jobs", json=body).json()
             events: list[dict[str, object]] = []
             reader = threading.Thread(target=_read_sse, args=(stack.api, stack.admin_key, job["id"], events))
             reader.start()
@@ -236,9 +239,11 @@ def test_a_killed_workers_job_finishes_elsewhere_with_one_result(
             assert done["status"] == "succeeded" and done["attempt"] == 2
             assert done["worker"] != victim
             assert time.monotonic() - killed_at < 30  # re-queued by the lease, not Celery's 1 h
-            assert done["usage"]["completion_tokens"] == 300
-            text = "".join(str(e["text"]) for e in events if e["event"] == "token")
-            assert text == done["output"]  # what the client saw: no token twice, none missing
+            assert done["usage"]["completion_tokens"] == 300 * n
+            outputs = [o["text"] for o in done["outputs"]] if n > 1 else [done["output"]]
+            tokens = [e for e in events if e["event"] == "token"]
+            texts = ["".join(str(e["text"]) for e in tokens if e.get("index", 0) == k) for k in range(n)]
+            assert texts == outputs  # what the client saw: no token twice, none missing
             assert [e["event"] for e in events].count("done") == 1
         finally:
             for p in procs.values():

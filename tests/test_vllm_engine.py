@@ -41,6 +41,7 @@ from tests.parity import (
     adjusted_reference,
     assert_logprobs_close,
     assert_matches,
+    assert_n_sequences,
     assert_obeys,
     output_option_cases,
     reference_logprobs,
@@ -338,6 +339,10 @@ def test_seeded_sampling_is_reproducible(engine: VllmEngine) -> None:
     assert in_batch.token_ids == alone.token_ids and in_batch.text == alone.text
     other_seed = _run(engine, [_sampled("s", prompt, seed=4321)])["s"]
     assert other_seed.token_ids != alone.token_ids
+
+
+def test_a_job_of_n_sequences(engine: VllmEngine) -> None:
+    assert_n_sequences(lambda requests: {r: x.token_ids for r, x in _run(engine, requests).items()})
 
 
 def test_top_k_1_equals_greedy(engine: VllmEngine, references: dict[str, list[int]]) -> None:

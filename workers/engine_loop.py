@@ -20,6 +20,7 @@ from moe_core.failover import FailoverEngine
 from workers.messages import (
     Abort,
     Add,
+    AddMany,
     Configure,
     Experts,
     FromEngine,
@@ -103,8 +104,11 @@ class EngineLoop:
             except queue.Empty:
                 return True
 
-    def _apply(self, item: Add | Abort | Configure) -> None:
-        if isinstance(item, Abort):
+    def _apply(self, item: Add | AddMany | Abort | Configure) -> None:
+        if isinstance(item, AddMany):
+            for add in item.each():
+                self._apply(add)
+        elif isinstance(item, Abort):
             if item.request_id in self.live:
                 self.engine.abort(item.request_id)
         elif isinstance(item, Configure):

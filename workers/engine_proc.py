@@ -30,9 +30,11 @@ from host.instance import arm_parent_death_signal, set_process_name
 from host.settings import Settings, get_settings
 from moe_core.choice import Offload
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from scheduler.jobs import JobSpec
 from workers.messages import (
     Abort,
     Add,
+    AddMany,
     Configure,
     Experts,
     FromEngine,
@@ -46,7 +48,7 @@ from workers.messages import (
     pack,
     unpack,
 )
-from workers.relay import Held, Relay
+from workers.relay import Held, Relay, sequence_id
 
 if TYPE_CHECKING:  # the runtime process never imports torch or an engine: only this one does
     from moe_core.choice import Choice
@@ -102,39 +104,25 @@ class EngineHost:
         return offload, self.cpu_offload_gb if offload == "vllm_cpu" else 0.0
 
     def submit(self, held: Held) -> None:
-        """The job joins the batch at the engine's next step; the relay holds it from now on."""
-        spec = held.job.spec
-        left = spec.max_tokens - held.resumed_tokens  # a resumed job continues its earlier text
+        """The job joins the batch at the engine's next step (all its sequences in one message);
+        the relay holds it from now on."""
+        adds, ended = requests_of(held)
         with self._send_lock:
             self.relay.track(held)
-            if left <= 0:  # an earlier attempt made every token before its worker died
-                done = Delta(held.job.id, "", [], held.job.usage.prompt_tokens, 0, FinishReason.LENGTH)
-                self.relay.publish([done])
-                return
-            params = SamplingParams(
-                max_tokens=left,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                top_k=spec.top_k,
-                seed=spec.seed,
-                stop=tuple(spec.stop),
-                ignore_eos=spec.ignore_eos,
-                presence_penalty=spec.presence_penalty,
-                frequency_penalty=spec.frequency_penalty,
-                repetition_penalty=spec.repetition_penalty,
-                logit_bias=tuple(sorted((int(t), b) for t, b in spec.logit_bias.items())),
-                min_tokens=max(spec.min_tokens - held.resumed_tokens, 0),
-                stop_token_ids=tuple(spec.stop_token_ids),
-                skip_special_tokens=spec.skip_special_tokens,
-                include_stop_str_in_output=spec.include_stop_str_in_output,
-                logprobs=spec.logprobs,
-                structured=spec.constraint,
-            )
-            prompt = spec.prompt + "".join(held.text)  # held.text holds only the resumed text yet
-            self._send(Add.of(GenerationRequest(held.job.id, prompt, params, tag=held.job.modality)))
+            if ended:
+                self.relay.publish(ended)
+            if len(adds) == 1:
+                self._send(Add.of(adds[0]))
+            elif adds:
+                self._send(AddMany.of(adds))
 
     def cancel(self, job_id: str) -> None:
-        self._send(Abort(job_id))
+        held = self.relay.held.get(job_id)
+        if held is None or not held.sequences:
+            self._send(Abort(job_id))
+            return
+        for seq in held.sequences:
+            self._send(Abort(sequence_id(job_id, seq.index)))
 
     def configure(self, settings: Settings) -> None:
         e = settings.engine
@@ -173,6 +161,53 @@ class EngineHost:
         # pipe close, ends the worker without acknowledging, and the broker hands the jobs on.
         log.critical("engine process died (exit code %s); stopping the worker", self._proc.exitcode)
         os._exit(70)
+
+
+def requests_of(held: Held) -> tuple[list[GenerationRequest], list[Delta]]:
+    """→ the engine requests of a held job: one, or one per sequence (relay.sequence_id) of a
+    job with n > 1; and the final deltas of those that end at once. A resumed request continues
+    what earlier attempts streamed of it; one that ended, or made every token, before its worker
+    died ends at once."""
+    job = held.job
+    if held.sequences:  # (request id, sequence index, resumed tokens and text, how it ended)
+        runs = [
+            (sequence_id(job.id, s.index), s.index, s.resumed_tokens, "".join(s.text), s.finish_reason)
+            for s in held.sequences
+        ]
+    else:  # held.text holds only the resumed text yet
+        runs = [(job.id, 0, held.resumed_tokens, "".join(held.text), None)]
+    adds, ended = [], []
+    for request_id, index, resumed_tokens, resumed_text, finished in runs:
+        if finished is not None or resumed_tokens >= job.spec.max_tokens:
+            reason = finished or FinishReason.LENGTH
+            ended.append(Delta(request_id, "", [], job.usage.prompt_tokens, 0, reason))
+        else:
+            prompt, params = job.spec.prompt + resumed_text, _params(job.spec, index, resumed_tokens)
+            adds.append(GenerationRequest(request_id, prompt, params, tag=job.modality))
+    return adds, ended
+
+
+def _params(spec: JobSpec, index: int, resumed_tokens: int) -> SamplingParams:
+    """How sequence `index` of a job samples; resumed_tokens: what earlier attempts made of it."""
+    return SamplingParams(
+        max_tokens=spec.max_tokens - resumed_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        seed=None if spec.seed is None else (spec.seed + index) % 2**63,  # as vLLM seeds n sequences
+        stop=tuple(spec.stop),
+        ignore_eos=spec.ignore_eos,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        logit_bias=tuple(sorted((int(t), b) for t, b in spec.logit_bias.items())),
+        min_tokens=max(spec.min_tokens - resumed_tokens, 0),
+        stop_token_ids=tuple(spec.stop_token_ids),
+        skip_special_tokens=spec.skip_special_tokens,
+        include_stop_str_in_output=spec.include_stop_str_in_output,
+        logprobs=spec.logprobs,
+        structured=spec.constraint,
+    )
 
 
 def _main(conn: Connection, parent: int) -> None:

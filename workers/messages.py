@@ -8,7 +8,7 @@ consumer process (Celery)     runtime process (claims, relay,         engine pro
                        ◀───   EngineReady(info)   once the engine is warm
                        ◀───   Finished(seq, job_id, status)   after the terminal write, or at once
                               with status None for a job it did not claim
-                              Add(request) / Abort(id) / Configure / Stop ──▶
+                              Add(request) / AddMany / Abort(id) / Configure / Stop ──▶
                                                        ◀── Loaded | LoadFailed   once, at start
                                                        ◀── Stepped(deltas)      every step that made any
                                                        ◀── Refused(id, error)   a request it failed
@@ -96,6 +96,20 @@ class Add(NamedTuple):
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(self.request_id, self.prompt, SamplingParams(*self.params), self.tag)
+
+
+class AddMany(NamedTuple):
+    """Requests that join the batch at the same step (the sequences of a job with n > 1): one
+    message, so the engine loop never steps between two of them."""
+
+    adds: list[tuple[Any, ...]]  # Add's fields, per request
+
+    @classmethod
+    def of(cls, requests: list[GenerationRequest]) -> AddMany:
+        return cls([tuple(Add.of(r)) for r in requests])
+
+    def each(self) -> list[Add]:
+        return [Add(*fields) for fields in self.adds]
 
 
 class Abort(NamedTuple):
@@ -188,10 +202,11 @@ class Experts(NamedTuple):
     tokens: dict[str, list[list[int]]]  # tag → [layer][expert] tokens routed there so far
 
 
-ToEngine = Add | Abort | Configure | Stop
+ToEngine = Add | AddMany | Abort | Configure | Stop
 FromEngine = Loaded | LoadFailed | Stepped | Refused | Stats | Experts
 _TAGS: dict[str, type[Any]] = {
-    c.__name__: c for c in (Add, Abort, Configure, Stop, Loaded, LoadFailed, Stepped, Refused, Stats, Experts)
+    c.__name__: c
+    for c in (Add, AddMany, Abort, Configure, Stop, Loaded, LoadFailed, Stepped, Refused, Stats, Experts)
 }
 
 

@@ -122,9 +122,15 @@ class WorkerMetrics:
         if job.timings.queued_at is not None:
             self.queue_time.observe(max(0.0, time.time() - job.timings.queued_at))
 
-    def delivered(self, steps: list[list[Delta]], held: Mapping[str, HoldsJob]) -> None:
+    def delivered(
+        self,
+        steps: list[list[Delta]],
+        held: Mapping[str, HoldsJob],
+        sequences: Mapping[str, tuple[HoldsJob, object]],
+    ) -> None:
         """One relay batch: the deltas of the engine steps it writes together, of the jobs the relay
-        holds. A job's tokens in the batch reach Redis together: one TTFT or one ITL observation."""
+        holds (by job id; `sequences`: by request id, the sequences of jobs with n > 1). A job's
+        tokens in the batch reach Redis together: one TTFT or one ITL observation."""
         now = time.time()
         tokens: dict[str, int] = {}  # job id → tokens in this batch
         for step in steps:
@@ -132,6 +138,9 @@ class WorkerMetrics:
             for delta in step:
                 if delta.token_ids and delta.request_id in held:
                     tokens[delta.request_id] = tokens.get(delta.request_id, 0) + len(delta.token_ids)
+                elif delta.token_ids and (found := sequences.get(delta.request_id)) is not None:
+                    job_id = found[0].job.id
+                    tokens[job_id] = tokens.get(job_id, 0) + len(delta.token_ids)
         if not tokens:
             return
         self.generation_tokens.inc(sum(tokens.values()))

@@ -29,9 +29,9 @@ import redis
 from host.settings import FlowerSettings
 from moe_core.engine import Delta, FinishReason
 from scheduler import keys, record, task_events
-from scheduler.jobs import Job, JobStatus, Usage
+from scheduler.jobs import Job, JobStatus, SequenceOutput, Usage
 from scheduler.notify import TERMINAL_EVENT, Notifier, delivery_for, wants
-from scheduler.stream import FEED_KEYS, FEED_LUA, feed_record_json, token_fields
+from scheduler.stream import FEED_KEYS, FEED_LUA, feed_record_json, sequence_token_fields, token_fields
 from scheduler.webhooks import Delivery, WebhookEventType
 
 if TYPE_CHECKING:
@@ -39,17 +39,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A relay batch. KEYS: the streams of n token entries, then f job hashes whose first token this
-# batch carries, then 4 keys per terminal state (`finalize`'s), then FEED_KEYS. ARGV: n, f, m
-# (terminal states), ttl, the first-token time (JSON), e (task events to publish whatever
-# happens), the task events' channel and message head and tail (scheduler/task_events.py); then
-# 8 values per token entry: text, tokens, attempt, entry number, "1" if it is its stream's first
-# entry (the stream gets its ttl) else "", its feed record's head and tail (feed_record_json),
-# and its logprobs' JSON ("": none); then per terminal state: attempt, done-event data, hook, k,
-# and k field/value pairs (record.finalize_operands); then the e task events, then per terminal
-# state its task event ("": none), published only if its finalize wrote. The token entries'
-# fields are scheduler/stream.py's token_fields; the whole batch is one feed entry and one task
-# event message. `first_token` and `finalize` change the job records (scheduler/record.py).
+# A relay batch. KEYS: the streams of n token entries, then of x sequence token entries, then f job
+# hashes whose first token this batch carries, then 4 keys per terminal state (`finalize`'s), then
+# FEED_KEYS. ARGV: n, f, m (terminal states), ttl, the first-token time (JSON), e (task events to
+# publish whatever happens), the task events' channel and message head and tail
+# (scheduler/task_events.py), x; then 8 values per token entry: text, tokens, attempt, entry
+# number, "1" if it is its stream's first entry (the stream gets its ttl) else "", its feed
+# record's head and tail (feed_record_json), and its logprobs' JSON ("": none); then 10 per
+# sequence token entry (of a job with n > 1): those 8, its sequence's index and how the sequence
+# ended ("": not yet); then per terminal state: attempt, done-event data, hook, k, and k
+# field/value pairs (record.finalize_operands); then the e task events, then per terminal state
+# its task event ("": none), published only if its finalize wrote. The token entries' fields are
+# scheduler/stream.py's token_fields (sequence_token_fields); the whole batch is one feed entry
+# and one task event message. `first_token` and `finalize` change the job records (scheduler/record.py).
 # → m results, `finalize`'s each.
 RELAY = (
     FEED_LUA
@@ -58,7 +60,8 @@ RELAY = (
     + task_events.TASK_EVENTS_LUA
     + """
 local n, f, m, ttl, e = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
-local a = 10
+local x = tonumber(ARGV[10])
+local a = 11
 for i = 1, n do
   local id
   if ARGV[a + 7] == '' then
@@ -72,10 +75,19 @@ for i = 1, n do
   if ARGV[a + 4] == '1' then redis.call('EXPIRE', KEYS[i], ttl) end
   a = a + 8
 end
-for i = n + 1, n + f do
+for i = n + 1, n + x do
+  local fields = {'type', 'token', 'text', ARGV[a], 'n', ARGV[a + 1], 'a', ARGV[a + 2], 's', ARGV[a + 3]}
+  if ARGV[a + 7] ~= '' then table.insert(fields, 'lp'); table.insert(fields, ARGV[a + 7]) end
+  table.insert(fields, 'i'); table.insert(fields, ARGV[a + 8])
+  if ARGV[a + 9] ~= '' then table.insert(fields, 'f'); table.insert(fields, ARGV[a + 9]) end
+  stage(ARGV[a + 5], redis.call('XADD', KEYS[i], '*', unpack(fields)), ARGV[a + 6])
+  if ARGV[a + 4] == '1' then redis.call('EXPIRE', KEYS[i], ttl) end
+  a = a + 10
+end
+for i = n + x + 1, n + x + f do
   first_token(KEYS[i], ARGV[5])
 end
-local out, k = {}, n + f
+local out, k = {}, n + x + f
 for j = 1, m do
   local pairs = tonumber(ARGV[a + 3])
   local fields = {}
@@ -113,6 +125,8 @@ class _Write:
     at: float  # when it was planned: the first-token time of the jobs whose first token it carries
     streams: list[str] = field(default_factory=list)  # one per token entry
     entries: list[str] = field(default_factory=list)  # eight per token entry
+    sequence_streams: list[str] = field(default_factory=list)  # one per sequence token entry
+    sequence_entries: list[str] = field(default_factory=list)  # ten per sequence token entry
     firsts: list[str] = field(default_factory=list)  # job hashes
     final_keys: list[str] = field(default_factory=list)  # four per terminal state
     final_args: list[str] = field(default_factory=list)
@@ -121,7 +135,7 @@ class _Write:
     final_events: list[str] = field(default_factory=list)  # one per terminal state ("": none)
 
     def keys(self) -> list[str]:
-        return [*self.streams, *self.firsts, *self.final_keys, *FEED_KEYS]
+        return [*self.streams, *self.sequence_streams, *self.firsts, *self.final_keys, *FEED_KEYS]
 
     def args(self, ttl_s: int, events_channel: str, envelope: tuple[str, str]) -> list[str | int]:
         head: list[str | int] = [
@@ -133,11 +147,35 @@ class _Write:
             len(self.events),
             events_channel,
             *envelope,
+            len(self.sequence_streams),
         ]
-        return [*head, *self.entries, *self.final_args, *self.events, *self.final_events]
+        tail = [*self.final_args, *self.events, *self.final_events]
+        return [*head, *self.entries, *self.sequence_entries, *tail]
 
     def empty(self) -> bool:
-        return not (self.streams or self.firsts or self.finals or self.events)
+        return not (self.streams or self.sequence_streams or self.firsts or self.finals or self.events)
+
+
+def sequence_id(job_id: str, index: int) -> str:
+    """The engine's request id for sequence `index` of a job with n > 1 (a job of one sequence is
+    requested under its own id)."""
+    return f"{job_id}-{index}"
+
+
+@dataclass
+class HeldSequence:
+    """One sequence of a held job with n > 1: what Held gathers itself for a job of one sequence."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0  # generated so far, earlier attempts' included
+    resumed_tokens: int = 0  # what earlier attempts of the job generated of it (their text leads `text`)
+    unsent_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+    logprobs_sent: int = 0
+    finish_reason: FinishReason | None = None  # once it ended (here, or in an earlier attempt)
+    completion_tokens: int = 0  # set when it ends
+    error: str | None = None  # with FinishReason.ERROR
 
 
 @dataclass
@@ -159,6 +197,17 @@ class Held:
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
     claimed_at: float = 0.0  # when this worker took it (unix seconds): its task's start in Flower
+    # A job with n > 1: its sequences (index k at k), each gathering its own text, tokens and
+    # logprobs (this Held's fields of those stay empty); [] for a job of one sequence.
+    sequences: list[HeldSequence] = field(default_factory=list)
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens its running sequences may still generate."""
+        if not self.sequences:
+            return max(0, self.job.spec.max_tokens - self.tokens)
+        left = (self.job.spec.max_tokens - s.tokens for s in self.sequences if s.finish_reason is None)
+        return sum(max(0, t) for t in left)
 
 
 @dataclass
@@ -198,6 +247,8 @@ class Relay(threading.Thread):
         self.node = node
         self.flower = flower or FlowerSettings()
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
+        # a job with n > 1: sequence_id → (its Held, the sequence), until the sequence ends
+        self.sequences: dict[str, tuple[Held, HeldSequence]] = {}
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure | _Events] = queue.SimpleQueue()
         # Claims whose task events are not made yet (→ _claimed, by this thread, after the write that
         # carries the claimed jobs' first tokens: that write, on every job's time to first token,
@@ -214,6 +265,8 @@ class Relay(threading.Thread):
         flower = self.flower
         if flower.task_events:
             self._claims.put((held, flower))
+        for seq in held.sequences:
+            self.sequences[sequence_id(held.job.id, seq.index)] = (held, seq)
         self.held[held.job.id] = held
         if self.notifier is not None:
             self.notifier.emit(held.job, WebhookEventType.STARTED, output="")
@@ -281,23 +334,27 @@ class Relay(threading.Thread):
         write = _Write(at=time.time())  # first tokens are stamped as they go to Redis: what a client sees
         write.events, self._claimed = self._claimed, []
         if self.metrics is not None:  # before the loop below lets go of the finished jobs
-            self.metrics.delivered([i for i in batch if isinstance(i, list)], self.held)
+            self.metrics.delivered([i for i in batch if isinstance(i, list)], self.held, self.sequences)
         for item in batch:
             if isinstance(item, _Events):
                 write.events += item.events
                 continue
             if isinstance(item, _Failure):
                 held = self.held.get(item.job_id)
+                if held is None and (found := self.sequences.get(item.job_id)) is not None:
+                    held = found[0]  # one sequence failed: so does the job with all of them
                 if held is not None:
                     final = self._final_job(held, JobStatus.FAILED, None, item.error, None)
                     write.finals.append((held, final))
-                    del self.held[item.job_id]
+                    self._let_go(held)
                 continue
             for delta in item:
                 held = self.held.get(delta.request_id)
                 if held is None:
+                    if (found := self.sequences.get(delta.request_id)) is not None:
+                        self._plan_sequence(write, *found, delta)
                     continue
-                self._plan_delta(write, held, delta)
+                self._plan_delta(write, held, delta, held)
                 if delta.finish_reason is not None:
                     prompt = held.job.usage.prompt_tokens if held.resumed_tokens else delta.prompt_tokens
                     completion = delta.completion_tokens + held.resumed_tokens
@@ -317,33 +374,73 @@ class Relay(threading.Thread):
             self.metrics.finished([job for _, job in write.finals])
         return write
 
-    def _plan_delta(self, write: _Write, held: Held, delta: Delta) -> None:
-        held.tokens += len(delta.token_ids)
+    def _plan_sequence(self, write: _Write, held: Held, seq: HeldSequence, delta: Delta) -> None:
+        """A delta of one sequence of a job with n > 1; the job's terminal state once all ended."""
+        if seq.finish_reason is None:  # else it ended in an earlier attempt, its end streamed then
+            self._plan_delta(write, held, delta, seq)
+        if delta.finish_reason is None:
+            return
+        del self.sequences[delta.request_id]
+        if seq.finish_reason is None:
+            seq.finish_reason, seq.error = delta.finish_reason, delta.error
+            seq.completion_tokens = delta.completion_tokens + seq.resumed_tokens
+        reasons = [s.finish_reason for s in held.sequences]
+        if None in reasons:
+            return
+        # the job ends as its worst sequence: an error fails it, an abort cancels it
+        reason = next((r for r in (FinishReason.ERROR, FinishReason.ABORT) if r in reasons), reasons[0])
+        assert reason is not None
+        prompt = held.job.usage.prompt_tokens if held.resumed_tokens else delta.prompt_tokens
+        completion = sum(s.completion_tokens for s in held.sequences)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+        error = next((s.error for s in held.sequences if s.error), None)
+        write.finals.append((held, self._final_job(held, _STATUS[reason], reason, error, usage)))
+        self._let_go(held)
+
+    def _let_go(self, held: Held) -> None:
+        """One terminal state per job, whatever its engine requests still make."""
+        del self.held[held.job.id]
+        for seq in held.sequences:
+            self.sequences.pop(sequence_id(held.job.id, seq.index), None)
+
+    def _plan_delta(self, write: _Write, held: Held, delta: Delta, out: Held | HeldSequence) -> None:
+        """out: what gathers the delta's text, tokens and logprobs: `held` itself (a job of one
+        sequence) or one of its sequences."""
+        out.tokens += len(delta.token_ids)
         if held.first_token_at is None and delta.token_ids:
             held.first_token_at = write.at
             write.firsts.append(keys.job(held.job.id))
-        held.unsent_tokens += len(delta.token_ids)
+        out.unsent_tokens += len(delta.token_ids)
         if delta.logprobs:
-            held.logprobs += delta.logprobs
-        unsent_logprobs = len(held.logprobs) > held.logprobs_sent
+            out.logprobs += delta.logprobs
+        unsent_logprobs = len(out.logprobs) > out.logprobs_sent
         # An entry per piece of text; and, for a job that asked for logprobs, one without text at
-        # its end for tokens that made none (EOS), so that every token's logprob reaches readers.
-        if delta.text or (delta.finish_reason is not None and unsent_logprobs):
+        # its end for tokens that made none (EOS), so that every token's logprob reaches readers;
+        # a sequence of a job with n > 1 always ends with one (its `f`).
+        if delta.text or (delta.finish_reason is not None and (unsent_logprobs or out is not held)):
             if delta.text:
-                held.text.append(delta.text)
+                out.text.append(delta.text)
                 self._maybe_output_event(held, delta)
             held.entries += 1
-            lps = held.logprobs[held.logprobs_sent :] if unsent_logprobs else None
+            lps = out.logprobs[out.logprobs_sent :] if unsent_logprobs else None
             # scheduler/stream.py token_fields(text, unsent, attempt, entries, logprobs), as RELAY writes it
-            fields = token_fields(delta.text, held.unsent_tokens, held.attempt, held.entries, lps)
+            fields = token_fields(delta.text, out.unsent_tokens, held.attempt, held.entries, lps)
             stream = keys.events(held.job.id)
-            write.streams.append(stream)
             first = "" if held.streamed else "1"  # this attempt's first entry: the stream gets its ttl
             held.streamed = True
-            write.entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
-            write.entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
-            held.unsent_tokens = 0
-            held.logprobs_sent = len(held.logprobs)
+            head = [fields["text"], fields["n"], fields["a"], fields["s"], first]
+            if out is held:
+                write.streams.append(stream)
+                write.entries += [*head, *feed_record_json(stream, fields), fields.get("lp", "")]
+            else:
+                assert isinstance(out, HeldSequence)
+                finish = delta.finish_reason.value if delta.finish_reason is not None else None
+                fields = sequence_token_fields(fields, out.index, finish)
+                write.sequence_streams.append(stream)
+                feed = feed_record_json(stream, fields)
+                write.sequence_entries += [*head, *feed, fields.get("lp", ""), fields["i"], finish or ""]
+            out.unsent_tokens = 0
+            out.logprobs_sent = len(out.logprobs)
 
     def _make_claim_events(self) -> None:
         while not self._claims.empty():
@@ -359,7 +456,9 @@ class Relay(threading.Thread):
         now = time.monotonic()
         if now - held.output_sent_at >= self.output_interval_s:
             held.output_sent_at = now
-            self.notifier.emit(held.job, WebhookEventType.OUTPUT, output="".join(held.text))
+            outputs = _outputs(held, with_logprobs=False) if held.sequences else None
+            output = outputs[0].text if outputs else "".join(held.text)
+            self.notifier.emit(held.job, WebhookEventType.OUTPUT, output=output, outputs=outputs)
 
     def _final_job(
         self,
@@ -379,6 +478,9 @@ class Relay(threading.Thread):
         job.timings.finished_at = time.time()
         if job.spec.logprobs is not None:
             job.logprobs = held.logprobs
+        if held.sequences:
+            job.outputs = _outputs(held, with_logprobs=job.spec.logprobs is not None)
+            job.output, job.logprobs = job.outputs[0].text, job.outputs[0].logprobs
         return job
 
     def _plan_final(self, write: _Write, held: Held, job: Job) -> None:
@@ -389,3 +491,16 @@ class Relay(threading.Thread):
         write.final_args += final_args
         shown = self.flower.task_events
         write.final_events.append(task_events.ended(job, self.node, held.claimed_at) if shown else "")
+
+
+def _outputs(held: Held, with_logprobs: bool) -> list[SequenceOutput]:
+    """Each sequence of a job with n > 1 as far as it got."""
+    return [
+        SequenceOutput(
+            index=s.index,
+            text="".join(s.text),
+            finish_reason=s.finish_reason.value if s.finish_reason is not None else None,
+            logprobs=s.logprobs if with_logprobs else None,
+        )
+        for s in held.sequences
+    ]

@@ -13,6 +13,7 @@ import redis
 
 from host.gpus import gpu_stats, visible_nvml_indices
 from host.settings import Settings
+from moe_core.engine import FinishReason
 from moe_core.loader import inspect_model
 from scheduler import keys, record
 from scheduler.jobs import Job, JobStatus
@@ -28,7 +29,7 @@ from scheduler.registry import (
 from workers.engine_proc import EngineHost
 from workers.metrics import WorkerMetrics
 from workers.reaper import Reaper
-from workers.relay import Held, Relay
+from workers.relay import Held, HeldSequence, Relay
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +104,28 @@ class Runtime:
             held = None
             try:
                 if attempt > 0:
-                    text, tokens = record.resume(self._resume, job.id, attempt) if attempt > 1 else ("", 0)
-                    held = self.submit(job, attempt, text, tokens)
+                    resumed = record.resume(self._resume, job.id, attempt) if attempt > 1 else {}
+                    held = self.submit(job, attempt, resumed)
             except redis.RedisError as e:  # claimed, not started: the reaper takes it after this worker
                 log.error("job %s: resuming attempt %d failed (%r)", job.id, attempt, e)
             out.append(held)
         return out
 
-    def submit(self, job: Job, attempt: int, resume_text: str = "", resume_tokens: int = 0) -> Held:
+    def submit(self, job: Job, attempt: int, resumed: dict[int, record.Resumed] | None = None) -> Held:
         """A claimed job joins the batch at the next step; its future resolves after the
-        terminal write. resume_*: what earlier attempts streamed, which this one continues."""
+        terminal write. resumed: per sequence, what earlier attempts streamed, which this one
+        continues (a sequence that ended then is not run again)."""
         job = job.model_copy(update={"status": JobStatus.RUNNING, "attempt": attempt})
         job.worker, job.engine = self.info.name, self.engine.name
-        held = Held(job, attempt, resumed_tokens=resume_tokens, tokens=resume_tokens)
-        if resume_text:
-            held.text.append(resume_text)
+        resumed = resumed or {}
+        if job.spec.n == 1:
+            text, tokens, _ = resumed.get(0, record.Resumed("", 0, None))
+            held = Held(job, attempt, resumed_tokens=tokens, tokens=tokens)
+            if text:
+                held.text.append(text)
+        else:
+            held = Held(job, attempt, sequences=[_sequence(k, resumed.get(k)) for k in range(job.spec.n)])
+            held.resumed_tokens = sum(s.resumed_tokens for s in held.sequences)
         if self.metrics is not None:
             self.metrics.started(job)
         self.engine.submit(held)
@@ -145,7 +153,7 @@ class Runtime:
             )
         self._last = (mono, stats.tokens_generated, stats.steps, self.engine.busy_s)
         held = list(self.relay.held.values())
-        info.tokens_in_flight = sum(max(0, h.job.spec.max_tokens - h.tokens) for h in held)
+        info.tokens_in_flight = sum(h.tokens_left for h in held)
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
         info.prefix_caching, info.kv_blocks = stats.prefix_caching, stats.kv_blocks
@@ -201,6 +209,16 @@ class Runtime:
             except redis.RedisError as e:
                 log.warning("cancel listener lost Redis (%s); resubscribing", e)
                 time.sleep(0.5)
+
+
+def _sequence(index: int, resumed: record.Resumed | None) -> HeldSequence:
+    """Sequence `index` of a held job with n > 1, continuing what earlier attempts streamed of it."""
+    seq = HeldSequence(index)
+    if resumed is not None:
+        seq.text, seq.tokens, seq.resumed_tokens = [resumed.text], resumed.tokens, resumed.tokens
+        if resumed.finish_reason is not None:  # it ended then: its end is in the stream already
+            seq.finish_reason, seq.completion_tokens = FinishReason(resumed.finish_reason), resumed.tokens
+    return seq
 
 
 def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
