@@ -85,7 +85,8 @@ async def accept(
         language=language,
         usage=Usage(prompt_tokens=prompt_tokens),
         timings=Timings(queued_at=time.time()),
-        cost=job_cost(prompt_tokens, spec.max_tokens, routing.prefill_weight),
+        # n sequences: n rows of the batch, each prefilling the prompt
+        cost=spec.n * job_cost(prompt_tokens, spec.max_tokens, routing.prefill_weight),
     )
     if spec.webhook is not None:
         job.webhook_endpoint = await endpoint_for_job(services, caller, spec.webhook)
@@ -100,10 +101,12 @@ async def accept(
     chosen = services.scheduler.route(job, blocks)
     job.queue, job.route_reason = chosen.queue, chosen.reason
     if chosen.cached_tokens:  # the prefill it is spared there
-        job.cost = job_cost(prompt_tokens - chosen.cached_tokens, spec.max_tokens, routing.prefill_weight)
+        job.cost = spec.n * job_cost(
+            prompt_tokens - chosen.cached_tokens, spec.max_tokens, routing.prefill_weight
+        )
     spare = _spare(services) if job.priority is Priority.BATCH else None
     drain = services.scheduler.drain_tokens_per_s()
-    gate = services.admission.gate(job.id, prompt_tokens + spec.max_tokens, caller, drain, spare)
+    gate = services.admission.gate(job.id, prompt_tokens + spec.n * spec.max_tokens, caller, drain, spare)
     try:
         await services.enqueuer.submit(job, gate, chosen.sent)
     except Refused as refusal:

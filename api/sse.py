@@ -47,6 +47,19 @@ def job_event(entry_id: str, event: StreamEvent) -> bytes:
     return b"event: " + kind + b"\ndata: " + payload + b"\nid: " + entry_id.encode() + b"\n\n"
 
 
+def sequence_job_event(entry_id: str, event: StreamEvent) -> bytes:
+    """`job_event` for a job with n > 1: a token event's data also names its sequence (`index`) and,
+    on the sequence's last, how it ended (`finish_reason`)."""
+    if not isinstance(event, TokenEvent):
+        return job_event(entry_id, event)
+    data: dict[str, object] = {"index": event.index, "text": event.text}
+    if event.logprobs is not None:
+        data["logprobs"] = event.logprobs
+    if event.finish_reason is not None:
+        data["finish_reason"] = event.finish_reason
+    return b"event: token\ndata: " + orjson.dumps(data) + b"\nid: " + entry_id.encode() + b"\n\n"
+
+
 def done_json(event: DoneEvent) -> bytes:
     return orjson.dumps(event.model_dump(mode="json", exclude={"type"}))
 

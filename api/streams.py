@@ -39,8 +39,9 @@ _EVENTS: dict[int | str, dict[str, object]] = {
     200: {
         "content": {"text/event-stream": {"schema": {}}},
         "description": '`event: token` with `{"text": ...}` per piece of text (and `"logprobs"` when the '
-        "job asked: per token [id, logprob, [[id, logprob], ...]]), then one `event: done`; each with "
-        "the `id` to resume after.",
+        'job asked: per token [id, logprob, [[id, logprob], ...]]; with n > 1, `"index"`: its '
+        'sequence, and on a sequence\'s last piece `"finish_reason"`), then one `event: done`; each '
+        "with the `id` to resume after.",
     }
 }
 
@@ -57,16 +58,19 @@ async def events(
 ) -> StreamingResponse:
     """`event: token` with `{"text": ...}` per piece of text, then one `event: done`."""
 
+    render = sse.job_event if job.spec.n == 1 else sse.sequence_job_event
+
     async def body() -> AsyncIterator[bytes]:
         async for batch in services.store.event_batches(job.id, start):
-            yield b"".join(sse.job_event(entry_id, event) for entry_id, event in batch) if batch else sse.PING
+            yield b"".join(render(entry_id, event) for entry_id, event in batch) if batch else sse.PING
 
     return sse.response(body())
 
 
 @router.websocket("/{job_id}/stream")
 async def stream(websocket: WebSocket, job_id: str, after: str | None = None) -> None:
-    """Messages `{"id", "type": "token", "text"}` then `{"id", "type": "done", ...}`; closes after done."""
+    """Messages `{"id", "type": "token", "text"}` (with n > 1 also `index`, and `finish_reason` on a
+    sequence's last) then `{"id", "type": "done", ...}`; closes after done."""
     services: Services = websocket.app.state.services
     caller, subprotocol = await authenticate_websocket(websocket)
     await websocket.accept(subprotocol=subprotocol)
@@ -82,6 +86,7 @@ async def stream(websocket: WebSocket, job_id: str, after: str | None = None) ->
     if after is not None and not _EVENT_ID.match(after):
         await websocket.close(code=4422, reason="bad event id")
         return
+    sequences = job.spec.n > 1
     try:
         async for batch in services.store.event_batches(job.id, after or "0-0"):
             for entry_id, event in batch:  # a message per event: websocket frames are not merged
@@ -89,6 +94,10 @@ async def stream(websocket: WebSocket, job_id: str, after: str | None = None) ->
                     message: dict[str, object] = {"id": entry_id, "type": "token", "text": event.text}
                     if event.logprobs is not None:
                         message["logprobs"] = event.logprobs
+                    if sequences:
+                        message["index"] = event.index
+                        if event.finish_reason is not None:
+                            message["finish_reason"] = event.finish_reason
                 else:
                     message = {"id": entry_id, **event.model_dump(mode="json")}
                 await websocket.send_text(orjson.dumps(message).decode())

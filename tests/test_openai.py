@@ -310,7 +310,7 @@ def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model
 
 
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
-    ({"n": 2}, "n", "n=2 is not supported"),
+    ({"n": 17}, "n", "less than or equal to 16"),
     ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"suffix": "}"}, "suffix", "suffix"),
@@ -378,7 +378,7 @@ BAD_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ({"response_format": {"type": "xml"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
     ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", "less than or equal to 20"),
-    ({"n": 3}, "n", "n=3"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
     ({"max_completion_tokens": 3000}, "max_completion_tokens", "above this server's limit"),
 ]
 
@@ -407,7 +407,7 @@ def test_malformed_json_is_an_openai_400(jobs: httpx.Client) -> None:
     r = jobs.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     # the rest of the API keeps its own format
-    r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "n": 2})
+    r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "n": 0})
     assert r.status_code == 422 and "detail" in r.json()
 
 

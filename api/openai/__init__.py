@@ -6,13 +6,14 @@ the Celery queue), so priority, backpressure and cancel work as for /v1/jobs. Th
 from the job's Redis stream: waited for whole, or relayed as OpenAI's server-sent chunks. A client
 that goes away before the end cancels its job.
 
-Behaviour follows vLLM's OpenAI server: logprobs, echo, penalties, logit_bias, seed, structured
-outputs (response_format, structured_outputs, guided_*), tools and tool calls, and vLLM's
-extensions (top_k, min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
-include_stop_str_in_output, continuous usage), plus LocalMoE's `priority` and `modality`.
-Refused with a 400 rather than silently ignored: n > 1, more than one prompt per request, suffix,
-best_of > 1, and content parts other than text. Errors are `{"error": {message, type, param,
-code}}`; bad input is a 400 (as with OpenAI), a 429 keeps its Retry-After.
+Behaviour follows vLLM's OpenAI server: n choices (one job, its n sequences generated together),
+logprobs, echo, penalties, logit_bias, seed, structured outputs (response_format,
+structured_outputs, guided_*), tools and tool calls, and vLLM's extensions (top_k, min_tokens,
+stop_token_ids, ignore_eos, skip_special_tokens, include_stop_str_in_output, continuous usage),
+plus LocalMoE's `priority` and `modality`. Refused with a 400 rather than silently ignored: more
+than one prompt per request, suffix, best_of > 1, and content parts other than text. Errors are
+`{"error": {message, type, param, code}}`; bad input is a 400 (as with OpenAI), a 429 keeps its
+Retry-After.
 
 The package is split as vLLM splits its OpenAI entrypoint: `protocol` (request and response
 models), `errors` (OpenAI's error shape), one module per endpoint (`models`, `completions`,

@@ -29,7 +29,7 @@ from api.openai.protocol import (
     UsageInfo,
 )
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
-from api.openai.streaming import sse_chunk, stream_job, wait_for_job
+from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
 from api.openai.tools import Call, ToolStream
 from moe_core import structured
 from scheduler.jobs import Job
@@ -87,99 +87,116 @@ async def chat_completion(
     if accepted is not None:
         accepted(job)
     rid, created = f"chatcmpl-{job.id}", int(time.time())
+    n, prompt_tokens = spec.n, job.usage.prompt_tokens
 
     texts = token_texts(services.counter.tokenizer)
     wants_logprobs = body.requested_logprobs is not None
 
-    def tool_calls(calls: list[Call], first: int) -> list[ToolCall]:
+    def tool_calls(calls: list[Call], first: int, choice: int) -> list[ToolCall]:
         return [
             ToolCall(
-                id=_call_id(job.id, first + i), function=ToolCallFunction(name=name, arguments=arguments)
+                id=_call_id(job.id, first + i, choice),
+                function=ToolCallFunction(name=name, arguments=arguments),
             )
             for i, (name, arguments) in enumerate(calls)
         ]
 
-    def finish_reason(done: DoneEvent, called: bool) -> str | None:
-        return "tool_calls" if called and done.finish_reason == "stop" else done.finish_reason
+    def finish_reason(reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" else reason
 
     if not body.stream:
         result = await wait_for_job(request, services, job)
-        done = result.done
-        content, calls = calls_format.parse(result.text) if tools else (result.text, [])
-        calls = calls if parallel else calls[:1]
-        message = AssistantMessage(
-            content=(content or None) if calls else content, tool_calls=tool_calls(calls, 0)
-        )
-        choice = ChatChoice(message=message, finish_reason=finish_reason(done, bool(calls)))
-        if wants_logprobs:
-            choice.logprobs = chat_logprobs(result.logprobs, texts)
         answer = ChatCompletion(
-            id=rid, created=created, model=model, choices=[choice], usage=UsageInfo.of(done)
+            id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done)
         )
+        for k, out in enumerate(result.outputs):
+            content, calls = calls_format.parse(out.text) if tools else (out.text, [])
+            calls = calls if parallel else calls[:1]
+            message = AssistantMessage(
+                content=(content or None) if calls else content, tool_calls=tool_calls(calls, 0, k)
+            )
+            choice = ChatChoice(
+                index=k, message=message, finish_reason=finish_reason(out.finish_reason, bool(calls))
+            )
+            if wants_logprobs:
+                choice.logprobs = chat_logprobs(out.logprobs, texts)
+            answer.choices.append(choice)
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
-    calls_seen = ToolStream(calls_format, None if parallel else 1) if tools else None
+    # per choice: the calls its answer made so far
+    calls_seen = [ToolStream(calls_format, None if parallel else 1) for _ in range(n)] if tools else None
 
-    def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+    def chunk(delta: ChatDelta, finish_reason: str | None = None, index: int = 0) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    def calls_chunk(content: str, calls: list[Call]) -> bytes:
-        """What a piece of the answer adds: its content, then the calls it completed (whole)."""
+    def calls_chunk(content: str, calls: list[Call], index: int) -> bytes:
+        """What a piece of choice `index` adds: its content, then the calls it completed (whole)."""
         assert calls_seen is not None
-        first = len(calls_seen.calls) - len(calls)  # calls given out before these
-        out = sse_chunk(chunk(ChatDelta(content=content)), omit) if content else b""
+        first = len(calls_seen[index].calls) - len(calls)  # calls given out before these
+        out = sse_chunk(chunk(ChatDelta(content=content), index=index), omit) if content else b""
         if calls:
             deltas = [
                 ToolCallDelta(index=first + i, id=c.id, function=c.function)
-                for i, c in enumerate(tool_calls(calls, first))
+                for i, c in enumerate(tool_calls(calls, first, index))
             ]
-            out += sse_chunk(chunk(ChatDelta(tool_calls=deltas)), omit)
+            out += sse_chunk(chunk(ChatDelta(tool_calls=deltas), index=index), omit)
         return out
 
-    def finish(done: DoneEvent) -> bytes:
-        last = calls_chunk(*calls_seen.flush()) if calls_seen is not None else b""
-        end = chunk(ChatDelta(), finish_reason(done, bool(calls_seen and calls_seen.calls)))
+    def end(index: int, reason: str | None, usage: UsageInfo) -> bytes:
+        """The chunks that end choice `index`: calls still held back, then its finish reason."""
+        last = calls_chunk(*calls_seen[index].flush(), index) if calls_seen is not None else b""
+        called = bool(calls_seen and calls_seen[index].calls)
+        closing = chunk(ChatDelta(), finish_reason(reason, called), index)
         if body.continuous_usage:
-            end.usage = UsageInfo.of(done)
-        last += sse_chunk(end, omit)
+            closing.usage = usage
+        return last + sse_chunk(closing, omit)
+
+    def finish(done: DoneEvent) -> bytes:
+        unended = choices.unended if choices is not None else {0}
+        last = b"".join(end(k, done.finish_reason, UsageInfo.of(done)) for k in sorted(unended))
         if body.include_usage:  # a last chunk: no choices, the usage
             usage = UsageInfo.of(done)
-            end = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
-            last += sse_chunk(end)
+            closing = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            last += sse_chunk(closing)
         return last
 
-    first = chunk(ChatDelta(role="assistant", content=""))
-    if so_far is not None:
-        first.usage = UsageInfo.counted(job.usage.prompt_tokens, 0)
-    head = sse_chunk(first, omit)
-    template = sse.Template(chunk(ChatDelta(content=sse.MARK)), omit)
+    head = b""
+    for k in range(n):  # each choice opens with the role
+        first = chunk(ChatDelta(role="assistant", content=""), index=k)
+        if so_far is not None:
+            first.usage = UsageInfo.counted(prompt_tokens, 0)
+        head += sse_chunk(first, omit)
+    templates = [sse.Template(chunk(ChatDelta(content=sse.MARK), index=k), omit) for k in range(n)]
 
     def with_logprobs(event: TokenEvent, generated: int) -> bytes:
-        piece = chunk(ChatDelta(content=event.text))
+        piece = chunk(ChatDelta(content=event.text), index=event.index)
         piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
         if so_far is not None:
-            piece.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
+            piece.usage = UsageInfo.counted(prompt_tokens, generated)
         return sse_chunk(piece, omit)
 
     def with_tools(event: TokenEvent, generated: int) -> bytes:
         assert calls_seen is not None
-        content, calls = calls_seen.feed(event.text)
+        k = event.index
+        content, calls = calls_seen[k].feed(event.text)
         if wants_logprobs or so_far is not None:  # the event's chunk carries them, content or not
-            piece = chunk(ChatDelta(content=content))
+            piece = chunk(ChatDelta(content=content), index=k)
             if wants_logprobs:
                 piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
             if so_far is not None:
-                piece.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
-            return sse_chunk(piece, omit) + calls_chunk("", calls)
-        return calls_chunk(content, calls)
+                piece.usage = UsageInfo.counted(prompt_tokens, generated)
+            return sse_chunk(piece, omit) + calls_chunk("", calls, k)
+        return calls_chunk(content, calls, k)
 
     render = with_tools if tools else with_logprobs if wants_logprobs else None
-    return stream_job(services, job, template, finish, head, usage=so_far, render=render)
+    choices = Choices(templates, end, prompt_tokens, so_far, render) if n > 1 else None
+    return stream_job(services, job, templates[0], finish, head, usage=so_far, render=choices or render)
 
 
-def _call_id(job_id: str, index: int) -> str:
-    """A call's id: the same each time the job's answer is read (a replay, a reconnect)."""
-    return f"call_{job_id[:20]}_{index}"
+def _call_id(job_id: str, index: int, choice: int = 0) -> str:
+    """A call's id: the same each time the job's answer is read (a replay, a reconnect); unique
+    among the choices of a job with n > 1."""
+    return f"call_{job_id[:20]}_{index}" if choice == 0 else f"call_{job_id[:20]}_{choice}_{index}"

@@ -15,7 +15,7 @@ from api.openai.errors import ERRORS, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
-from api.openai.streaming import sse_chunk, stream_job, wait_for_job
+from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
 from scheduler.jobs import Job
 from scheduler.stream import DoneEvent, TokenEvent
 
@@ -51,9 +51,10 @@ async def text_completion(
     if accepted is not None:
         accepted(job)
     rid, created = f"cmpl-{job.id}", int(time.time())
+    n, prompt_tokens = spec.n, job.usage.prompt_tokens
 
-    def completion(text: str, finish_reason: str | None) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+    def completion(text: str, finish_reason: str | None, index: int = 0) -> Completion:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
         return Completion(id=rid, created=created, model=model, choices=[choice])
 
     texts = token_texts(services.counter.tokenizer)
@@ -61,36 +62,45 @@ async def text_completion(
 
     if not body.stream:
         result = await wait_for_job(request, services, job)
-        answer = completion(lead + result.text, result.done.finish_reason)
-        if body.logprobs is not None:
-            answer.choices[0].logprobs, _ = completion_logprobs(result.logprobs, texts, len(lead))
-        answer.usage = UsageInfo.of(result.done)
+        answer = Completion(id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done))
+        for k, out in enumerate(result.outputs):
+            choice = CompletionChoice(index=k, text=lead + out.text, finish_reason=out.finish_reason)
+            if body.logprobs is not None:
+                choice.logprobs, _ = completion_logprobs(out.logprobs, texts, len(lead))
+            answer.choices.append(choice)
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
 
-    def finish(done: DoneEvent) -> bytes:
-        end = completion("", done.finish_reason)
+    def end(index: int, finish_reason: str | None, usage: UsageInfo) -> bytes:
+        """The chunk that ends choice `index` (`usage`: so far, for continuous usage)."""
+        last = completion("", finish_reason, index)
         if body.continuous_usage:
-            end.usage = UsageInfo.of(done)
-        last = sse_chunk(end, omit)
+            last.usage = usage
+        return sse_chunk(last, omit)
+
+    def finish(done: DoneEvent) -> bytes:
+        unended = choices.unended if choices is not None else {0}
+        last = b"".join(end(k, done.finish_reason, UsageInfo.of(done)) for k in sorted(unended))
         if body.include_usage:  # a last chunk: no choices, the usage
             usage = UsageInfo.of(done)
             last += sse_chunk(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
         return last
 
-    template = sse.Template(completion(sse.MARK, None), omit)
-    head = sse_chunk(completion(body.text, None), omit) if body.echo else b""
-    offset = len(lead)
+    templates = [sse.Template(completion(sse.MARK, None, k), omit) for k in range(n)]
+    head = b"".join(sse_chunk(completion(body.text, None, k), omit) for k in range(n)) if body.echo else b""
+    offsets = [len(lead)] * n  # per choice: where its next token's text starts
 
     def with_logprobs(event: TokenEvent, generated: int) -> bytes:
-        nonlocal offset
-        chunk = completion(event.text, None)
-        chunk.choices[0].logprobs, offset = completion_logprobs(event.logprobs or [], texts, offset)
+        k = event.index
+        chunk = completion(event.text, None, k)
+        chunk.choices[0].logprobs, offsets[k] = completion_logprobs(event.logprobs or [], texts, offsets[k])
         if so_far is not None:
-            chunk.usage = UsageInfo.counted(job.usage.prompt_tokens, generated)
+            chunk.usage = UsageInfo.counted(prompt_tokens, generated)
         return sse_chunk(chunk, omit)
 
     logprobs = with_logprobs if body.logprobs is not None else None
-    return stream_job(services, job, template, finish, head, usage=so_far, render=logprobs)
+    choices = Choices(templates, end, prompt_tokens, so_far, logprobs) if n > 1 else None
+    render = choices or logprobs
+    return stream_job(services, job, templates[0], finish, head, usage=so_far, render=render)

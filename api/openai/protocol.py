@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from api.openai.errors import OpenAIError, validation_error
-from scheduler.jobs import JobSpec, Modality, Priority
+from scheduler.jobs import MAX_SEQUENCES, JobSpec, Modality, Priority
 from scheduler.stream import DoneEvent
 from scheduler.structured import MAX_SPEC_CHARS, ResponseFormat, StructuredOutputs
 from scheduler.webhooks import BatchWebhookSpec
@@ -62,7 +62,11 @@ class SamplingRequest(BaseModel):
         None, ge=0.0, le=2.0, description="Default 1.0, as OpenAI; 0 is greedy."
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.0 (off).")
-    n: int | None = Field(None, description="Choices per request: only 1 is supported.")
+    n: int | None = Field(
+        None,
+        description=f"Choices to generate (1 to {MAX_SEQUENCES}), together in one job; the usage counts "
+        "them all. With a seed, choice k samples with seed + k (as vLLM).",
+    )
     stop: str | list[str] | None = Field(
         None, description="Up to 8 strings that end generation (not returned)."
     )
@@ -120,8 +124,6 @@ class SamplingRequest(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """400 for options that would change the result and that this server cannot honour."""
-        if self.n not in (None, 1):
-            raise OpenAIError(400, f"n={self.n} is not supported: this server returns one choice (n=1)", "n")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -144,6 +146,7 @@ class SamplingRequest(BaseModel):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=max(self.top_k or 0, 0),
                 seed=self.seed,
+                n=1 if self.n is None else self.n,
                 stop=stop,
                 modality=self.modality,
                 ignore_eos=self.ignore_eos,

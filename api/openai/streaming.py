@@ -17,8 +17,9 @@ from pydantic import BaseModel
 from api import sse
 from api.deps import Services
 from api.openai.errors import ErrorInfo, ErrorResponse, OpenAIError
+from api.openai.protocol import UsageInfo
 from scheduler.jobs import Job, JobStatus
-from scheduler.stream import DoneEvent, TokenEvent
+from scheduler.stream import DoneEvent, SequenceToken, TokenEvent
 
 # --- waiting for a job, and noticing a client that left --------------------------------------------
 
@@ -35,32 +36,52 @@ async def _cancel(services: Services, job_id: str) -> None:
 
 
 @dataclass
-class Answer:
+class Output:
+    """One sequence's answer (a choice)."""
+
     text: str
-    done: DoneEvent
     logprobs: list[Any]  # per token [id, logprob, [[id, logprob], ...]], when the job asked
+    finish_reason: str | None
 
 
-async def _collect(services: Services, job_id: str) -> Answer:
-    pieces: list[str] = []
-    logprobs: list[Any] = []
-    async for _, event in services.store.events(job_id):
-        if isinstance(event, TokenEvent):
-            pieces.append(event.text)
-            logprobs += event.logprobs or ()
+@dataclass
+class Answer:
+    done: DoneEvent
+    outputs: list[Output]  # per sequence: spec.n of them
+
+
+async def _collect(services: Services, job: Job) -> Answer:
+    n = job.spec.n
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[Any]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n  # a sequence's end, before the job's (n > 1)
+    async for _, event in services.store.events(job.id):
+        if isinstance(event, SequenceToken):
+            k = event.index
+            pieces[k].append(event.text)
+            logprobs[k] += event.logprobs or ()
+            reasons[k] = event.finish_reason or reasons[k]
+        elif isinstance(event, TokenEvent):  # a job of one sequence
+            pieces[0].append(event.text)
+            logprobs[0] += event.logprobs or ()
         else:
-            return Answer("".join(pieces), event, logprobs)
-    raise OpenAIError(500, f"job {job_id} expired before it finished")
+            outputs = [
+                Output("".join(p), lps, reason or event.finish_reason)
+                for p, lps, reason in zip(pieces, logprobs, reasons, strict=True)
+            ]
+            return Answer(event, outputs)
+    raise OpenAIError(500, f"job {job.id} expired before it finished")
 
 
 async def wait_for_job(request: Request | None, services: Services, job: Job) -> Answer:
-    """The job's whole text, logprobs and done event. A client that disconnects first cancels it.
-    Without a request (a batch's line) the job outlives its waiter: a batch run that stops leaves
-    its lines' jobs running for the run that takes the batch over (it finds them again by their
-    Idempotency-Key), and cancels them itself when the batch is cancelled."""
+    """The job's whole text and logprobs per sequence, and its done event. A client that
+    disconnects first cancels it. Without a request (a batch's line) the job outlives its waiter:
+    a batch run that stops leaves its lines' jobs running for the run that takes the batch over
+    (it finds them again by their Idempotency-Key), and cancels them itself when the batch is
+    cancelled."""
     if request is None:
-        return _unless_failed(await _collect(services, job.id))
-    result = asyncio.ensure_future(_collect(services, job.id))
+        return _unless_failed(await _collect(services, job))
+    result = asyncio.ensure_future(_collect(services, job))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -102,8 +123,9 @@ def stream_job(
     """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
     text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
     error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
-    usage JSON), every token chunk carries it. With `render` (logprobs, tool calls), it renders each
-    token event's chunk(s) instead, given the tokens so far, text or not (b"": nothing). A client
+    usage JSON), every token chunk carries it. With `render` (logprobs, tool calls, n > 1), it
+    renders each token event's chunk(s) instead, given the tokens so far (of every sequence), text
+    or not, and a sequence's last event (b"": nothing). A client
     that disconnects first (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
@@ -118,7 +140,7 @@ def stream_job(
                     if isinstance(event, TokenEvent):
                         generated += event.tokens
                         if render is not None:
-                            if event.text or event.logprobs:
+                            if event.text or event.logprobs or event.finish_reason is not None:
                                 out.append(render(event, generated))
                             continue
                         if not event.text:
@@ -140,3 +162,38 @@ def stream_job(
                 await _cancel(services, job.id)
 
     return sse.response(body(), headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+class Choices:
+    """`stream_job`'s render for a job with n > 1: a choice per sequence. Each token event's chunks
+    are `render`'s (None: its text in its choice's template, with the usage so far as `usage`
+    makes it); a sequence's last event adds `end(index, finish_reason, usage so far)`, the chunk
+    that ends its choice. At the job's done event, `unended` are the choices still to end (all of
+    them for a job cancelled before it ran)."""
+
+    def __init__(
+        self,
+        templates: list[sse.Template],
+        end: Callable[[int, str | None, UsageInfo], bytes],
+        prompt_tokens: int,
+        usage: Callable[[int], bytes] | None = None,
+        render: Callable[[TokenEvent, int], bytes] | None = None,
+    ) -> None:
+        self.templates, self.end, self.prompt_tokens = templates, end, prompt_tokens
+        self.usage, self.render = usage, render
+        self.unended = set(range(len(templates)))
+
+    def __call__(self, event: TokenEvent, generated: int) -> bytes:
+        out = b""
+        if self.render is not None:
+            if event.text or event.logprobs:
+                out = self.render(event, generated)
+        elif event.text:
+            template, usage = self.templates[event.index], self.usage
+            text = event.text
+            out = template.fill(text) if usage is None else template.fill_usage(text, usage(generated))
+        if event.finish_reason is not None:
+            self.unended.discard(event.index)
+            so_far = UsageInfo.counted(self.prompt_tokens, generated)
+            out += self.end(event.index, event.finish_reason, so_far)
+        return out
