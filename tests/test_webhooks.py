@@ -29,7 +29,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from host.settings import WebhookSettings
 from localmoe.redis_server import RedisServer
 from scheduler import webhooks
-from scheduler.jobs import Job, JobSpec, JobStatus
+from scheduler.jobs import Job, JobSpec, JobStatus, SequenceOutput
 from scheduler.notify import event_data
 from scheduler.queue import make_celery
 from scheduler.webhooks import (
@@ -203,6 +203,20 @@ def test_a_terminal_event_carries_the_logprobs_a_job_asked_for() -> None:
     assert "logprobs" not in event_data(
         Job(spec=JobSpec(prompt="x"), status=JobStatus.SUCCEEDED, output="ab")
     )
+
+
+def test_events_of_a_job_of_n_sequences_carry_every_output() -> None:
+    outputs = [SequenceOutput(index=k, text=t, finish_reason="stop") for k, t in enumerate(["ab", "cd"])]
+    job = Job(spec=JobSpec(prompt="x", n=2), status=JobStatus.SUCCEEDED, output="ab", outputs=outputs)
+    data = event_data(job)
+    assert data["output"] == "ab" and [o["text"] for o in data["outputs"]] == ["ab", "cd"]
+    so_far = [SequenceOutput(index=k, text=t, finish_reason=None) for k, t in enumerate(["a", ""])]
+    assert event_data(job, "a", so_far)["outputs"][1] == {
+        "index": 1,
+        "text": "",
+        "finish_reason": None,
+        "logprobs": None,
+    }
 
 
 def test_signature_matches_standard_webhooks() -> None:
