@@ -4,7 +4,8 @@ clients resume from.
 
 token:  {"type": "token", "text": <new text>, "n": <tokens it took>, "a": <attempt>, "s": <entry number>,
          "lp": <JSON [[token id, logprob, [[id, logprob], ...]], ...] for those n tokens, when asked>,
-         and for a job with n > 1 only: "i": <its sequence's index>, "f": <how it ended, on its last>}
+         and for a job of several sequences (JobSpec.n > 1) only: "i": <its sequence's index>,
+         "f": <how the sequence ended, on its last entry>}
 resume: {"type": "resume", "a": <attempt>}   a new attempt continues the text of the earlier ones
 done:   {"type": "done", "data": <DoneEvent JSON>}   always the last entry, written exactly once
 

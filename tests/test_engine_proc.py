@@ -17,6 +17,7 @@ from scheduler.registry import WorkerInfo
 from workers.messages import (
     Abort,
     Add,
+    AddMany,
     Configure,
     Experts,
     Loaded,
@@ -52,6 +53,8 @@ def test_a_request_and_its_steps_arrive_as_sent() -> None:
         "j1", "def f(x):", params, tag=Modality.CODE
     )  # a str enum: marshal takes none
     assert unpack(pack(Add.of(request))).request() == GenerationRequest("j1", "def f(x):", params, tag="code")
+    sequences = [GenerationRequest(f"j1-{k}", "def f(x):", params, tag="code") for k in range(3)]
+    assert [add.request() for add in unpack(pack(AddMany.of(sequences))).each()] == sequences
 
     deltas = [
         Delta("j1", "ret", [11, 12], 5, 2),

@@ -125,8 +125,8 @@ def stream_job(
     error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
     usage JSON), every token chunk carries it. With `render` (logprobs, tool calls, n > 1), it
     renders each token event's chunk(s) instead, given the tokens so far (of every sequence), text
-    or not, and a sequence's last event (b"": nothing). A client
-    that disconnects first (Starlette cancels the generator, or closes it) cancels the job."""
+    or not, and a sequence's last event (b"": nothing). A client that disconnects first
+    (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
