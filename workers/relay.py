@@ -428,17 +428,18 @@ class Relay(threading.Thread):
             stream = keys.events(held.job.id)
             first = "" if held.streamed else "1"  # this attempt's first entry: the stream gets its ttl
             held.streamed = True
-            head = [fields["text"], fields["n"], fields["a"], fields["s"], first]
             if out is held:
                 write.streams.append(stream)
-                write.entries += [*head, *feed_record_json(stream, fields), fields.get("lp", "")]
+                write.entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
+                write.entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
             else:
                 assert isinstance(out, HeldSequence)
                 finish = delta.finish_reason.value if delta.finish_reason is not None else None
                 fields = sequence_token_fields(fields, out.index, finish)
                 write.sequence_streams.append(stream)
-                feed = feed_record_json(stream, fields)
-                write.sequence_entries += [*head, *feed, fields.get("lp", ""), fields["i"], finish or ""]
+                write.sequence_entries += [fields["text"], fields["n"], fields["a"], fields["s"], first]
+                write.sequence_entries += [*feed_record_json(stream, fields), fields.get("lp", "")]
+                write.sequence_entries += [fields["i"], finish or ""]
             out.unsent_tokens = 0
             out.logprobs_sent = len(out.logprobs)
 
