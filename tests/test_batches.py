@@ -73,7 +73,7 @@ def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]
 def test_a_batch_answers_each_line_as_the_endpoint_does(
     client: openai.OpenAI, api_url: str, key: str
 ) -> None:
-    requests = [body(0), body(1), body(2, n=2)]  # n = 2: the endpoint refuses it (400)
+    requests = [body(0), body(1), body(2, n=17)]  # n = 17 (above 16): the endpoint refuses it (400)
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": b} for i, b in enumerate(requests)]
     made = client.batches.create(
         input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h", metadata={"run": "t"}
@@ -252,7 +252,7 @@ def test_the_cli_submits_watches_lists_downloads_and_cancels(
 
     requests = tmp_path / "in.jsonl"
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": CHAT, "body": body(i)} for i in range(3)]
-    lines.append({"custom_id": "bad", "method": "POST", "url": CHAT, "body": body(9, n=2)})
+    lines.append({"custom_id": "bad", "method": "POST", "url": CHAT, "body": body(9, n=17)})
     requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
     done = cli("submit", str(requests), "--metadata", "team=qa", "--watch", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr

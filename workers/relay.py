@@ -175,6 +175,7 @@ class HeldSequence:
     logprobs_sent: int = 0
     finish_reason: FinishReason | None = None  # once it ended (here, or in an earlier attempt)
     completion_tokens: int = 0  # set when it ends
+    cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache (set when it ends)
     error: str | None = None  # with FinishReason.ERROR
 
 
@@ -384,6 +385,7 @@ class Relay(threading.Thread):
         if seq.finish_reason is None:
             seq.finish_reason, seq.error = delta.finish_reason, delta.error
             seq.completion_tokens = delta.completion_tokens + seq.resumed_tokens
+            seq.cached_tokens = delta.cached_tokens
         reasons = [s.finish_reason for s in held.sequences]
         if None in reasons:
             return
@@ -392,7 +394,8 @@ class Relay(threading.Thread):
         assert reason is not None
         prompt = held.job.usage.prompt_tokens if held.resumed_tokens else delta.prompt_tokens
         completion = sum(s.completion_tokens for s in held.sequences)
-        usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+        cached = min(s.cached_tokens for s in held.sequences)  # the prompt counts once: what all found
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
         error = next((s.error for s in held.sequences if s.error), None)
         write.finals.append((held, self._final_job(held, _STATUS[reason], reason, error, usage)))
         self._let_go(held)
