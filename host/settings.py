@@ -26,6 +26,13 @@ from host.allowlist import parse_allowlist
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+# Where the weights that do not fit a worker's memory budget live ("none": they all fit): what a
+# worker chose (moe_core/choice.py) and reports in the registry (scheduler/registry.py). Here, on
+# the ground floor, because both layers name it.
+Offload = Literal["none", "vllm_cpu", "zero3"]
+OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
+
+
 class VllmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt engine setting stops the start
 
@@ -86,7 +93,7 @@ class EngineSettings(BaseModel):
         description="What the engine may take of each of its GPUs: weights, KV cache, activations "
         "(40 of an L40S's 48 GB).",
     )
-    offload: Literal["auto", "none", "vllm_cpu", "experts", "zero3"] = Field(
+    offload: OffloadSetting = Field(
         "auto",
         description="Where weights that do not fit the budget go. auto: vllm_cpu where vLLM runs the "
         "model, else zero3; none: refuse to start such a model; vllm_cpu: vLLM's cpu_offload_gb (the "

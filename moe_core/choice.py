@@ -29,11 +29,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from host.settings import Offload, OffloadSetting
 from moe_core.loader import ModelInfo
 
 Backend = Literal["torch", "vllm", "deepspeed"]
-Offload = Literal["none", "vllm_cpu", "zero3"]  # where the weights that do not fit the budget live
-OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
 OFFLOAD_OF: dict[str, Offload] = {"vllm": "vllm_cpu", "deepspeed": "zero3"}  # the one each backend does
 
 GIB = 2**30

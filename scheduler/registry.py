@@ -12,7 +12,7 @@ import redis
 from pydantic import BaseModel, Field, computed_field
 
 from host.gpus import GpuStats
-from moe_core.choice import Offload
+from host.settings import Offload
 from scheduler import keys
 
 HEARTBEAT_S = 1.0  # a worker beats this often

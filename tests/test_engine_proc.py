@@ -8,8 +8,8 @@ from pathlib import Path
 import psutil
 import redis
 
+from host.settings import Offload
 from localmoe.redis_server import RedisServer
-from moe_core.choice import Offload
 from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from scheduler import keys
 from scheduler.jobs import Modality

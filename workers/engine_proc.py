@@ -27,8 +27,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from host.instance import arm_parent_death_signal, set_process_name
-from host.settings import Settings, get_settings
-from moe_core.choice import Offload
+from host.settings import Offload, Settings, get_settings
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from scheduler.jobs import JobSpec
 from workers.messages import (

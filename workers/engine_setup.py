@@ -7,8 +7,8 @@ import functools
 import logging
 from pathlib import Path
 
-from host.settings import EngineSettings
-from moe_core.choice import Backend, Budget, Choice, Offload, choose
+from host.settings import EngineSettings, Offload
+from moe_core.choice import Backend, Budget, Choice, choose
 from moe_core.engine import Engine
 from moe_core.failover import FailoverEngine
 from moe_core.loader import inspect_model

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
-from moe_core.choice import Offload
+from host.settings import Offload
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
 from scheduler.jobs import Job, JobStatus
 from scheduler.registry import WorkerInfo
