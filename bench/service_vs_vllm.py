@@ -543,18 +543,25 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
     if not folder:
         yield
         return
-    procs, seen = [], set()
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    chosen: dict[str, int] = {}
     for pid, (kind, _, _) in sorted(cpu_times(root).items()):
-        if kind in ("api", "consumer", "runtime", "engine", "vllm-api") and kind not in seen:
-            seen.add(kind)
-            out = Path(folder) / f"{prefix}-{kind}.raw"
-            argv = ["py-spy", "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
-            procs.append(
-                subprocess.Popen(
-                    [*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
-            )
+        if kind in ("api", "consumer", "runtime", "engine", "vllm-api"):
+            chosen.setdefault(kind, pid)
+    with spied(folder, prefix, chosen):
+        yield
+
+
+@contextlib.contextmanager
+def spied(folder: str, prefix: str, pids: dict[str, int]) -> Iterator[None]:
+    """py-spy on each named process for the block: `folder`/`prefix`-name.raw."""
+    procs = []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for kind, pid in pids.items():
+        out = Path(folder) / f"{prefix}-{kind}.raw"
+        argv = ["py-spy", "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
+        procs.append(
+            subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
     try:
         yield
     finally:
@@ -564,25 +571,32 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
             proc.wait(30)
 
 
-def intake(args: argparse.Namespace, lm: Target) -> dict[str, object]:
+def intake(args: argparse.Namespace, lm: Target) -> list[dict[str, object]]:
     """--intake seconds of submissions (max_tokens 1), each of --intake-clients processes keeping
-    --intake-concurrency requests in flight, back to back (a closed loop: an open one past capacity
-    only measures the pile-up)."""
+    each of --intake-concurrency's counts of requests in flight in turn, back to back (a closed
+    loop: an open one past capacity only measures the pile-up)."""
+    out = []
     with Clients(args.intake_clients) as clients:
-        before = cpu_times(lm.pid)
-        records = clients.closed(lm, args.intake, args.intake_concurrency)
-        used = cpu_per_token(before, cpu_times(lm.pid), len(records))  # µs per job here
-    return intake_summary(args, records, used)
+        for concurrency in concurrencies(args):
+            before = cpu_times(lm.pid)
+            records = clients.closed(lm, args.intake, concurrency)
+            used = cpu_per_token(before, cpu_times(lm.pid), len(records))  # µs per job here
+            out.append(intake_summary(args, concurrency, records, used))
+    return out
+
+
+def concurrencies(args: argparse.Namespace) -> list[int]:
+    return [int(c) for c in str(args.intake_concurrency).split(",") if c]
 
 
 def intake_summary(
-    args: argparse.Namespace, records: list[Record], cpu: dict[str, float]
+    args: argparse.Namespace, concurrency: int, records: list[Record], cpu: dict[str, float]
 ) -> dict[str, object]:
     ok = [r for r in records if not r.error]
     t0, t1 = min(r.sent for r in records), max(r.last for r in ok)
     lat = [(r.last - r.sent) * 1000 for r in ok]
     return {
-        "clients": args.intake_clients * args.intake_concurrency,
+        "clients": args.intake_clients * concurrency,
         "accepted": len(ok),
         "refused_or_failed": len(records) - len(ok),
         "accepted_per_s": round(len(ok) / (t1 - t0)),
@@ -624,8 +638,10 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
             assert server.proc is not None
             cpu = [psutil.Process(p.pid) for p in [*procs, server.proc]]
             before = [sum(c.cpu_times()[:2]) for c in cpu]
-            with Clients(args.intake_clients) as clients:
-                records = clients.closed(target, args.intake, args.intake_concurrency)
+            concurrency = concurrencies(args)[0]
+            spy = spied(args.profile, f"intake-{n}", {"api": procs[0].pid}) if args.profile else None
+            with Clients(args.intake_clients) as clients, spy or contextlib.nullcontext():
+                records = clients.closed(target, args.intake, concurrency)
             used = [sum(c.cpu_times()[:2]) - b for c, b in zip(cpu, before, strict=True)]
         finally:
             for proc in procs:
@@ -634,7 +650,7 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
                 proc.wait(30)
     jobs = max(1, len(records))
     per_job = {"api": round(sum(used[:-1]) / jobs * 1e6), "redis": round(used[-1] / jobs * 1e6)}
-    return {"api_processes": n, **intake_summary(args, records, per_job)}
+    return {"api_processes": n, **intake_summary(args, concurrency, records, per_job)}
 
 
 def ratio(s: Series, base: Series) -> float:
@@ -696,7 +712,12 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="phases to leave out: engine, vllm-server")
     ap.add_argument("--intake", type=float, default=0.0, help="seconds of intake load (0: none)")
     ap.add_argument("--intake-clients", type=int, default=4, help="client processes for the intake")
-    ap.add_argument("--intake-concurrency", type=int, default=16, help="requests in flight per process")
+    ap.add_argument(
+        "--intake-concurrency",
+        default="16",
+        help="requests in flight per client process: comma-separated counts, each measured in turn "
+        "(the API processes alone: the first)",
+    )
     ap.add_argument(
         "--intake-api-only",
         default="",
@@ -745,8 +766,8 @@ def main() -> None:
     api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)
     print(table)
-    if intake_result:
-        print("intake (POST /v1/jobs), the whole service:", json.dumps(intake_result))
+    for one in intake_result or []:
+        print("intake (POST /v1/jobs), the whole service:", json.dumps(one))
     for one in api_only:
         print("intake (POST /v1/jobs), API processes alone:", json.dumps(one))
     if args.out:

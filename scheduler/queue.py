@@ -157,6 +157,7 @@ class Enqueuer:
         self._release = client.register_script(backlog.RELEASE)
         self._admit = client.register_script(backlog.ADMIT)
         self._inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._trimmed: dict[str, float] = {}  # listing → when this thread last trimmed it
         threading.Thread(target=self._run, name="enqueuer", daemon=True).start()
 
     async def submit(self, job: Job, admit: Admit | None = None, sent: Sent | None = None) -> None:
@@ -185,8 +186,9 @@ class Enqueuer:
         if not batch:
             return
         try:
+            dumped = [p.job.model_dump(mode="json") for p in batch]  # for the record and the message
             pipe = self.client.pipeline(transaction=False)
-            record.stage_create(pipe, [p.job for p in batch], self.ttl_s)
+            record.stage_create(pipe, [p.job for p in batch], self.ttl_s, dumped, self._trimmed)
             if self.prefixes is not None and (sent := [p.sent for p in batch if p.sent is not None]):
                 self.prefixes.stage(pipe, sent)
             pipe.execute()
@@ -194,14 +196,14 @@ class Enqueuer:
             for p in batch:
                 p.settle(e)
             return
-        messages: dict[tuple[str | None, int], list[_Pending]] = {}
-        for p in batch:  # in arrival order within each message
-            messages.setdefault((p.job.queue, p.job.priority.rank), []).append(p)
+        messages: dict[tuple[str | None, int], list[tuple[_Pending, dict[str, Any]]]] = {}
+        for p, d in zip(batch, dumped, strict=True):  # in arrival order within each message
+            messages.setdefault((p.job.queue, p.job.priority.rank), []).append((p, d))
         for group in messages.values():
             for i in range(0, len(group), MAX_JOBS_PER_MESSAGE):
                 part = group[i : i + MAX_JOBS_PER_MESSAGE]
-                error = self._publish([p.job for p in part], producer)
-                for p in part:
+                error = self._publish([p.job for p, _ in part], producer, [d for _, d in part])
+                for p, _ in part:
                     p.settle(error)
 
     def _admitted(self, batch: list[_Pending]) -> list[_Pending]:
@@ -241,12 +243,12 @@ class Enqueuer:
                 self._admit.sha = self.client.script_load(backlog.ADMIT)
         raise AssertionError("unreachable")
 
-    def _publish(self, jobs: list[Job], producer: Any) -> Exception | None:
-        """One message for `jobs` (one queue, one priority)."""
+    def _publish(self, jobs: list[Job], producer: Any, dumped: list[dict[str, Any]]) -> Exception | None:
+        """One message for `jobs` (one queue, one priority); `dumped`: their model_dump(mode="json")."""
         try:
             self.app.send_task(
                 keys.RUN_JOBS_TASK,
-                args=[[job.model_dump(mode="json") for job in jobs]],
+                args=[dumped],
                 queue=jobs[0].queue,
                 priority=jobs[0].priority.rank,
                 producer=producer,

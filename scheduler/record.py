@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from redis.commands.core import AsyncScript, Script
@@ -63,6 +63,7 @@ from scheduler.stream import FEED_KEYS, FEED_LUA, DoneEvent, done_fields
 log = logging.getLogger(__name__)
 
 WAITING_CHECK_S = 120.0  # a job still queued this long is sent again (workers/reaper.py)
+TRIM_EVERY_S = 1.0  # stage_create: how often a listing is trimmed, given `trimmed`
 
 
 def lua_json(value: str | bool) -> str:
@@ -92,13 +93,24 @@ def create(client: redis.Redis, jobs: Sequence[Job], ttl_s: int) -> None:
     pipe.execute()
 
 
-def stage_create(pipe: redis.client.Pipeline, jobs: Sequence[Job], ttl_s: int) -> None:
-    """create's writes, added to `pipe` (a caller that sends more in the same round trip)."""
+def stage_create(
+    pipe: redis.client.Pipeline,
+    jobs: Sequence[Job],
+    ttl_s: int,
+    dumped: Sequence[dict[str, Any]] | None = None,
+    trimmed: dict[str, float] | None = None,
+) -> None:
+    """create's writes, added to `pipe` (a caller that sends more in the same round trip).
+    `dumped`: each job's model_dump(mode="json"), when the caller has them. `trimmed`: listing →
+    when this caller last trimmed it and renewed its ttl, for a caller that writes many batches a
+    second: it does that at most once per TRIM_EVERY_S per listing (an expired entry outlives its
+    record by at most that long); without it, every call does."""
     now = time.time()
     listings: dict[str, dict[str, float]] = {keys.ALL_JOBS: {}}  # listing → job id → queued_at
     waiting: dict[str, float] = {}
-    for job in jobs:
-        pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+    for i, job in enumerate(jobs):
+        fields = job_to_hash(job, None if dumped is None else dumped[i])
+        pipe.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.job(job.id), ttl_s)
         at = job.timings.queued_at or now
         listings[keys.ALL_JOBS][job.id] = at
@@ -111,6 +123,12 @@ def stage_create(pipe: redis.client.Pipeline, jobs: Sequence[Job], ttl_s: int) -
     # newest first in GET /v1/jobs; entries leave with their record
     for listing, entries in listings.items():
         pipe.zadd(listing, entries)
+        if trimmed is not None:
+            if now - trimmed.get(listing, 0.0) < TRIM_EVERY_S:
+                continue
+            if len(trimmed) > 10_000:  # bounded: one entry per key that submitted lately
+                trimmed.clear()
+            trimmed[listing] = now
         pipe.zremrangebyscore(listing, "-inf", now - ttl_s)
         pipe.expire(listing, ttl_s)
     pipe.zadd(keys.WAITING, waiting)

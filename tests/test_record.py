@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
-from scheduler import record
+import redis
+
+from localmoe.redis_server import RedisServer
+from scheduler import keys, record
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.stream import FEED_KEYS
+from tests.conftest import scratch_db
 from workers.relay import RELAY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,3 +109,36 @@ def test_scripts_that_feed_get_the_feed_keys_last() -> None:
     for script in (resume, requeue, cancel):
         assert script.keys[-2:] == FEED_KEYS
     assert "local function publish()" in RELAY and "\npublish()\n" in RELAY
+
+
+def test_a_caller_that_keeps_trim_times_trims_each_listing_once_a_second_and_never_leaves_one_without_ttl(
+    redis_server: RedisServer,
+) -> None:
+    """The Enqueuer writes many batches a second: it trims and renews a listing's ttl at most once
+    per TRIM_EVERY_S, but a listing it has not touched lately (a new key's) gets both at once."""
+    with scratch_db(redis_server, 3) as rclient:
+        _trims(rclient)
+
+
+def _trims(rclient: redis.Redis) -> None:
+    trimmed: dict[str, float] = {}
+    stale = time.time() - 7200  # an entry whose record expired an hour ago
+    rclient.zadd(keys.ALL_JOBS, {"gone": stale})
+
+    def write(owner: str) -> None:
+        pipe = rclient.pipeline(transaction=False)
+        job = Job(spec=JobSpec(prompt="x"), owner=owner)
+        record.stage_create(pipe, [job], 3600, trimmed=trimmed)
+        pipe.execute()
+
+    write("k1")
+    assert rclient.zscore(keys.ALL_JOBS, "gone") is None  # trimmed on first sight
+    assert 0 < rclient.ttl(keys.owner_jobs("k1")) <= 3600
+    rclient.zadd(keys.ALL_JOBS, {"gone": stale})
+    write("k1")
+    assert rclient.zscore(keys.ALL_JOBS, "gone") == stale  # not again within the second
+    write("k2")  # a listing not seen before: its ttl at once
+    assert 0 < rclient.ttl(keys.owner_jobs("k2")) <= 3600
+    trimmed[keys.ALL_JOBS] -= record.TRIM_EVERY_S
+    write("k2")
+    assert rclient.zscore(keys.ALL_JOBS, "gone") is None
