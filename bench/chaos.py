@@ -2,7 +2,9 @@
 that is down, then answers 500, then recovers — and a ledger that checks the promise at the end.
 
 The promise: an accepted job (202) reaches exactly one terminal state, with exactly one final
-result and at most one completed-webhook id (repeated deliveries of that id are allowed).
+result and at most one completed-webhook id (repeated deliveries of that id are allowed). Beside
+the jobs, one OpenAI batch (`batch_lines` chat lines, created first, run by the batch tier through
+all of it) completes with every custom_id exactly once in its output and error files.
 
     python -m bench.chaos --jobs 2000 --workers 2     # the full form (10-20 min on 2 cores)
     pytest tests/test_chaos.py                        # the reduced form, same engine (ChaosPlan.reduced)
@@ -89,6 +91,8 @@ class ChaosPlan:
     webhook_timeout_s: float = 120.0  # then: every terminal webhook delivered by then
     max_batch_size: int = 16
     step_delay_s: float = 0.02  # per engine step: long jobs run for seconds, so kills find them running
+    batch_lines: int = 2000  # one batch of this many lines beside the jobs (0: none)
+    batch_timeout_s: float = 600.0  # after the jobs drained: the batch terminal by then
     seed: int = 20261129
 
     @classmethod
@@ -103,6 +107,8 @@ class ChaosPlan:
             sse_fraction=0.1,
             drain_timeout_s=90.0,
             webhook_timeout_s=45.0,
+            batch_lines=120,
+            batch_timeout_s=120.0,
         )
 
     @property
@@ -413,10 +419,20 @@ class Ledger:
     drain_s: float = 0.0
     tokens: int = 0
     orphans_lingering: list[int] = field(default_factory=list)
+    batch_lines: int = 0  # the batch's lines (0: no batch)
+    batch_status: str = ""  # where the batch ended
+    batch_counts: dict[str, int] = field(default_factory=dict)  # its request_counts
+    batch_missing: list[str] = field(default_factory=list)  # custom_ids in neither result file
+    batch_twice: list[str] = field(default_factory=list)  # custom_ids in the result files more than once
+    batch_failed_lines: int = 0  # lines answered with an error (their jobs failed)
 
     def violations(self) -> dict[str, list[str]]:
         """The invariants that failed: name → the job ids (or a count) that break it."""
+        batch_end = [self.batch_status] if self.batch_lines and self.batch_status != "completed" else []
         checks = {
+            "batch not completed": batch_end,
+            "batch lines in no result file": self.batch_missing,
+            "batch lines more than once": self.batch_twice,
             "lost": self.lost,
             "stuck": self.stuck,
             "duplicate finals": self.duplicate_finals,
@@ -456,6 +472,10 @@ class Ledger:
             ("bad signatures", self.bad_signatures),
             ("attempts (attempt: jobs)", dict(sorted(self.attempts.items()))),
             ("kills", self.kills),
+            (
+                f"batch of {self.batch_lines} lines: status, counts, lines failed",
+                f"{self.batch_status or '-'}, {self.batch_counts}, {self.batch_failed_lines}",
+            ),
             ("submission window / drain", f"{self.window_s:.0f} s / {self.drain_s:.0f} s"),
             (
                 "terminal jobs / s, tokens / s",
@@ -610,8 +630,11 @@ class Chaos:
             endpoint.raise_for_status()
             self.receiver.secret = endpoint.json()["secret"]
             self.say(f"ready: {plan.workers} workers, API {url}, receiver {self.receiver.url}")
+            self.batch_id = self._create_batch() if plan.batch_lines else None
             self._chaos_and_submit()
             self._drain()
+            if self.batch_id is not None:
+                self._audit_batch(self.batch_id)
         finally:
             self.ledger.orphans_lingering = self.workers.stop()
             for proc in others:
@@ -666,6 +689,68 @@ class Chaos:
 
         self._wait(ready, 60, "the API")
         return proc, url
+
+    # --- the batch ----------------------------------------------------------------------------
+    def _create_batch(self) -> str:
+        lines = [
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "messages": [{"role": "user", "content": self.rng.choice(PROMPTS)}],
+                    "max_tokens": self.rng.randint(4, 24),
+                    "temperature": 0,
+                },
+            }
+            for i in range(self.plan.batch_lines)
+        ]
+        data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        upload = self.http.post("/v1/files", files={"file": ("chaos.jsonl", data)}, data={"purpose": "batch"})
+        upload.raise_for_status()
+        made = self.http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": upload.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        )
+        made.raise_for_status()
+        self.ledger.batch_lines = len(lines)
+        self.say(f"batch {made.json()['id']}: {len(lines)} lines")
+        return str(made.json()["id"])
+
+    def _audit_batch(self, batch_id: str) -> None:
+        """Waits for the batch to end, then reads both result files: each custom_id once."""
+        batch: dict[str, Any] = {}
+
+        def ended() -> bool:
+            nonlocal batch
+            try:
+                batch = self.http.get(f"/v1/batches/{batch_id}").json()
+            except httpx.HTTPError:
+                return False
+            return batch.get("status") in ("completed", "failed", "expired", "cancelled")
+
+        self._wait(ended, self.plan.batch_timeout_s, "the batch to end")
+        ledger = self.ledger
+        ledger.batch_status = str(batch.get("status"))
+        ledger.batch_counts = dict(batch.get("request_counts") or {})
+        seen: Counter[str] = Counter()
+        for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
+            if not file_id:
+                continue
+            content = self.http.get(f"/v1/files/{file_id}/content")
+            content.raise_for_status()
+            for raw in content.text.splitlines():
+                line = json.loads(raw)
+                seen[line["custom_id"]] += 1
+                response = line.get("response") or {}
+                ledger.batch_failed_lines += response.get("status_code") != 200
+        ledger.batch_missing = [f"line-{i}" for i in range(ledger.batch_lines) if f"line-{i}" not in seen]
+        ledger.batch_twice = [c for c, n in seen.items() if n > 1]
+        self.say(f"batch {ledger.batch_status}: {ledger.batch_counts}")
 
     # --- submission and chaos, side by side -------------------------------------------------
     def _schedule(self) -> list[tuple[float, str]]:
@@ -837,6 +922,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=ChaosPlan.rate_per_s, help="submissions per second")
     ap.add_argument("--kill-every", type=float, default=ChaosPlan.kill_every_s, help="seconds")
     ap.add_argument("--seed", type=int, default=ChaosPlan.seed)
+    ap.add_argument("--batch-lines", type=int, default=ChaosPlan.batch_lines, help="0: no batch")
     ap.add_argument("--reduced", action="store_true", help="the CI form (tests/test_chaos.py)")
     args = ap.parse_args()
     if args.reduced:
@@ -848,6 +934,7 @@ def main() -> None:
             rate_per_s=args.rate,
             kill_every_s=args.kill_every,
             seed=args.seed,
+            batch_lines=args.batch_lines,
         )
     workdir = Path(tempfile.mkdtemp(prefix="localmoe-chaos-"))
     print(f"chaos: {plan}\nworkdir (Redis data, logs): {workdir}", flush=True)

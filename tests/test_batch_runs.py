@@ -396,3 +396,44 @@ def test_a_batch_goes_on_through_a_redis_restart_each_line_once(
         _stop(worker)
         client.close()
         server.stop()
+
+
+def test_a_batch_past_its_window_expires_with_the_lines_done_so_far(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
+    """The window is 24 h: the test moves the stored batch's expires_at to now part way through and
+    kills the API running it; the one that takes it over finds the window passed. Every line ends
+    exactly once: those that ran in the output file, the rest never run (batch_expired)."""
+    key = create_key(stack.client, "expiry", Scope.USER).secret
+    first, first_url = others()
+    _, second_url = others()
+    lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": body(i, max_tokens=4 + i % 16, ignore_eos=True),
+        }
+        for i in range(120)
+    ]
+    with client_of(first_url, key) as c:
+        made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
+        done_before = done_part_way(c, made.id, 10)
+    raw = stack.client.hget(keys.batch(made.id), "record")
+    assert isinstance(raw, str)
+    stored = BatchRecord.model_validate_json(raw)
+    stored.expires_at = int(time.time())
+    stack.client.hset(keys.batch(made.id), "record", stored.model_dump_json())
+    first.kill()  # its run's copy of the record still says 24 h
+    first.wait(30)
+    with client_of(second_url, key) as c2:
+        end = wait(c2, made.id, timeout=60)
+        ran = lines_of(c2, end.output_file_id) if end.output_file_id else []
+        never = lines_of(c2, end.error_file_id) if end.error_file_id else []
+    assert end.status == "expired"
+    assert sorted(x["custom_id"] for x in ran + never) == sorted(x["custom_id"] for x in lines)  # once each
+    assert len(ran) >= done_before and never  # what was done stays done; the rest never ran
+    assert all(x["response"]["status_code"] == 200 for x in ran)
+    assert {x["error"]["code"] for x in never} == {"batch_expired"}
+    counts = end.request_counts
+    assert counts is not None and (counts.total, counts.completed) == (120, len(ran))

@@ -1,7 +1,8 @@
 """The chaos run in its reduced form (bench/chaos.py has the engine and the full form): 150 jobs
 through 2 workers killed with SIGKILL every ~13 s, one Redis restart, a webhook receiver that is
-down, then answers 500, then recovers. Every accepted job ends once, with one final result and at
-most one terminal-webhook id."""
+down, then answers 500, then recovers; and a batch of 120 lines through all of it. Every accepted
+job ends once, with one final result and at most one terminal-webhook id; the batch completes with
+every custom_id once in its result files."""
 
 from __future__ import annotations
 
@@ -33,3 +34,4 @@ def test_chaos_reduced(model_dir: Path, tmp_path: Path) -> None:
     assert ledger.violations() == {}
     assert ledger.missing_hooks == []  # every terminal webhook arrived once the receiver was back
     assert ledger.orphans_lingering == []  # the engine of a killed consumer ends by itself
+    assert ledger.batch_status == "completed" and ledger.batch_counts["total"] == plan.batch_lines
