@@ -178,3 +178,18 @@ def test_the_offload_benchmark_runs_zero3_on_cpu(tmp_path: Path) -> None:
         assert (m["backend"], m["offload"], m["error"]) == ("deepspeed", "zero3", None), m
         (run,) = m["runs"]
         assert run["workload"] == "1x(16->8)" and run["tokens_per_s"] > 0
+
+
+def test_the_batch_tier_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "batch.json"
+    argv = [sys.executable, "-m", "bench.batch_tier", "--lines", "24", "--line-tokens", "4", "--jobs", "8"]
+    argv += ["--rate", "8", "--at-once", "8", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "batch ÷ at once" in done.stdout
+    figures = json.loads(out.read_text())
+    assert len(figures["ttft_alone_s"]) == len(figures["ttft_beside_batch_s"]) == 8
+    assert all(t > 0 for t in figures["ttft_alone_s"] + figures["ttft_beside_batch_s"])
+    assert figures["batch_tokens"] == figures["at_once_tokens"] == 24 * 4  # every line, EOS ignored
+    assert figures["batch_tokens_per_s"] > 0 and figures["at_once_tokens_per_s"] > 0

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 S = BatchStatus
 WATCH_S = 0.5  # how often a run looks for a cancel (another API process may have written it)
 TURN_S = 0.1  # how often a line held back (no spare capacity, the key's limit) asks again: the
-# workers' slots come free one by one, each idle until a line takes it (half this, on average)
+# workers' slots come free one by one, each idle until a line takes it (half this, on average),
+# unless a line of the same run ends first: its slot is free then, and the waiting line asks at once
 MAX_ERRORS = 10  # validation errors listed on a failed batch
 READ_CHUNK = 1000  # ledger lines read at once while writing the result files
 
@@ -80,11 +81,15 @@ async def answer(
     batch: BatchRecord,
     line: BatchRequestLine,
     accepted: Callable[[Job], None] | None = None,
+    freed: asyncio.Event | None = None,
 ) -> tuple[int, Any, str | None]:
     """The synchronous endpoint's answer to the line: (status, JSON body, the job's id if one ran).
-    `accepted`: told of the line's job once it is accepted."""
+    `accepted`: told of the line's job once it is accepted. `freed`: set when another line of the
+    run ends; a line refused for want of spare capacity asks again then (or after TURN_S)."""
     key = line_key(batch.id, line.custom_id)
     while True:
+        if freed is not None:
+            freed.clear()  # set from here on: a slot came free since this attempt began
         try:
             response = await _call(services, caller, batch.endpoint, line.body, key, accepted)
             location = response.headers.get("location", "")
@@ -99,7 +104,11 @@ async def answer(
             continue
         except Refused as e:
             if e.verdict is Verdict.NO_SPARE:
-                await asyncio.sleep(TURN_S)
+                if freed is None:
+                    await asyncio.sleep(TURN_S)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(freed.wait(), TURN_S)
                 continue
             await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
             continue
@@ -249,16 +258,20 @@ async def _pass(
     store = services.batches
     room = asyncio.Semaphore(_key_limit(services, caller))  # the tasks here; Redis counts the key's
     running: set[asyncio.Task[None]] = set()
+    freed = asyncio.Event()  # a line of this run ended: its slot is free for the next
 
     async def one(line: BatchRequestLine, admitted: asyncio.Event) -> None:
         try:
-            status, body, request_id = await answer(services, caller, batch, line, lambda _: admitted.set())
+            status, body, request_id = await answer(
+                services, caller, batch, line, lambda _: admitted.set(), freed
+            )
             result, ok = _answered(line.custom_id, status, body, request_id), status == 200
         except Exception as e:  # a bug: the line fails, the batch goes on
             log.exception("batch %s, line %r", batch.id, line.custom_id)
             result, ok = _not_run(line.custom_id, "server_error", f"{type(e).__name__}: {e}"), False
         finally:
             room.release()
+            freed.set()
             with contextlib.suppress(*RESTARTING):
                 await store.line_done(batch.owner, batch.id)
         try:
