@@ -35,6 +35,7 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from bench.scheduler_policies import Arrival, arrivals, wait_idle
+from bench.service_vs_vllm import pct
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
 
@@ -133,11 +134,6 @@ def at_once(http: httpx.Client, lines: list[dict[str, Any]], in_flight: int) -> 
     return tokens, time.perf_counter() - start
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=10_000, help="the batch's lines")
@@ -197,7 +193,7 @@ def main() -> None:
         finally:
             stop(procs)
             client.close()
-    a50, a95, b50, b95 = (pct(alone, 0.5), pct(alone, 0.95), pct(beside, 0.5), pct(beside, 0.95))
+    a50, a95, b50, b95 = (pct(alone, 50), pct(alone, 95), pct(beside, 50), pct(beside, 95))
     print(f"\ninteractive TTFT ({args.jobs} requests at {args.rate:g}/s), ms: p50 / p95 / mean")
     print(f"  alone          {a50 * 1e3:7.1f} / {a95 * 1e3:7.1f} / {statistics.mean(alone) * 1e3:7.1f}")
     print(f"  beside a batch {b50 * 1e3:7.1f} / {b95 * 1e3:7.1f} / {statistics.mean(beside) * 1e3:7.1f}")

@@ -42,6 +42,7 @@ import httpx
 import redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from bench.batch_tier import CHAT, create_batch
 from bench.harness import auth, service_env
 from localmoe.redis_server import RedisServer, free_port
 from scheduler import keys
@@ -696,7 +697,7 @@ class Chaos:
             {
                 "custom_id": f"line-{i}",
                 "method": "POST",
-                "url": "/v1/chat/completions",
+                "url": CHAT,
                 "body": {
                     "messages": [{"role": "user", "content": self.rng.choice(PROMPTS)}],
                     "max_tokens": self.rng.randint(4, 24),
@@ -705,21 +706,10 @@ class Chaos:
             }
             for i in range(self.plan.batch_lines)
         ]
-        data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-        upload = self.http.post("/v1/files", files={"file": ("chaos.jsonl", data)}, data={"purpose": "batch"})
-        upload.raise_for_status()
-        made = self.http.post(
-            "/v1/batches",
-            json={
-                "input_file_id": upload.json()["id"],
-                "endpoint": "/v1/chat/completions",
-                "completion_window": "24h",
-            },
-        )
-        made.raise_for_status()
+        batch_id = create_batch(self.http, lines)
         self.ledger.batch_lines = len(lines)
-        self.say(f"batch {made.json()['id']}: {len(lines)} lines")
-        return str(made.json()["id"])
+        self.say(f"batch {batch_id}: {len(lines)} lines")
+        return batch_id
 
     def _audit_batch(self, batch_id: str) -> None:
         """Waits for the batch to end, then reads both result files: each custom_id once."""

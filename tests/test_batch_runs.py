@@ -177,6 +177,19 @@ def done_part_way(client: openai.OpenAI, batch_id: str, at_least: int) -> int:
     return seen[0]
 
 
+def chat_lines(prefix: str, n: int, max_tokens: Callable[[int], int]) -> list[dict[str, object]]:
+    """n chat lines, custom_id prefix + i, line i asking max_tokens(i) tokens (EOS ignored)."""
+    return [
+        {
+            "custom_id": f"{prefix}{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": body(i, max_tokens=max_tokens(i), ignore_eos=True),
+        }
+        for i in range(n)
+    ]
+
+
 def client_of(url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -185,15 +198,7 @@ def test_a_batch_goes_on_in_another_api_process_each_line_once(
     stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
 ) -> None:
     key = create_key(stack.client, "batch runs", Scope.USER).secret  # its jobs are the batch's alone
-    lines = [
-        {
-            "custom_id": f"d{i}",
-            "method": "POST",
-            "url": CHAT,
-            "body": body(i, max_tokens=4 + i % 16, ignore_eos=True),
-        }
-        for i in range(120)
-    ]
+    lines = chat_lines("d", 120, lambda i: 4 + i % 16)
     second, second_url = others()
     with client_of(stack.api, key) as c:
         made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
@@ -277,15 +282,7 @@ def test_a_batch_waits_for_interactive_jobs_then_fills_the_spare_slots(
             20,
             "a full worker",
         )
-        lines = [
-            {
-                "custom_id": f"t{i}",
-                "method": "POST",
-                "url": CHAT,
-                "body": body(i, max_tokens=16, ignore_eos=True),
-            }
-            for i in range(16)
-        ]
+        lines = chat_lines("t", 16, lambda _: 16)
         with client_of(api, key) as c:
             made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
             assert wait(c, made.id).request_counts.completed == 16  # type: ignore[union-attr]
@@ -307,15 +304,7 @@ def test_a_batch_cancelled_after_its_run_died_cancels_that_runs_jobs(
     key = create_key(stack.client, "cancel after death", Scope.USER).secret
     first, first_url = others()
     _, second_url = others()
-    lines = [
-        {
-            "custom_id": f"k{i}",
-            "method": "POST",
-            "url": CHAT,
-            "body": body(i, max_tokens=500, ignore_eos=True),
-        }
-        for i in range(20)
-    ]
+    lines = chat_lines("k", 20, lambda _: 500)
     with (
         client_of(first_url, key) as c,
         httpx.Client(base_url=second_url, headers=bearer(key), timeout=30) as http,
@@ -364,15 +353,7 @@ def test_a_batch_goes_on_through_a_redis_restart_each_line_once(
     try:
         wait_for(lambda: client.get(keys.worker("phoenix")) is not None, 120, "the worker")
         api, url = start_api(env, key)
-        lines = [
-            {
-                "custom_id": f"r{i}",
-                "method": "POST",
-                "url": CHAT,
-                "body": body(i, max_tokens=8 + i % 16, ignore_eos=True),
-            }
-            for i in range(80)
-        ]
+        lines = chat_lines("r", 80, lambda i: 8 + i % 16)
         with client_of(url, key) as c:
             made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
             done_part_way(c, made.id, 20)
@@ -407,15 +388,7 @@ def test_a_batch_past_its_window_expires_with_the_lines_done_so_far(
     key = create_key(stack.client, "expiry", Scope.USER).secret
     first, first_url = others()
     _, second_url = others()
-    lines = [
-        {
-            "custom_id": f"e{i}",
-            "method": "POST",
-            "url": CHAT,
-            "body": body(i, max_tokens=4 + i % 16, ignore_eos=True),
-        }
-        for i in range(120)
-    ]
+    lines = chat_lines("e", 120, lambda i: 4 + i % 16)
     with client_of(first_url, key) as c:
         made = c.batches.create(input_file_id=upload(c, lines), endpoint=CHAT, completion_window="24h")
         done_before = done_part_way(c, made.id, 10)
