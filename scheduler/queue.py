@@ -22,12 +22,27 @@ from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 from scheduler import backlog, keys, record
 from scheduler.jobs import Job
 from scheduler.prefix import PrefixIndex, Sent
 
 log = logging.getLogger(__name__)
+
+_INTO = threading.local()  # .pipe: the pipeline this thread's messages join (publishing_into)
+
+
+@contextlib.contextmanager
+def publishing_into(pipe: redis.client.Pipeline) -> Iterator[None]:
+    """Messages this thread publishes in the block become LPUSHes added to `pipe`, sent when its
+    owner executes it, after the commands staged before them: no round trip of their own. `pipe`
+    must be on the broker's Redis (same server and database)."""
+    _INTO.pipe = pipe
+    try:
+        yield
+    finally:
+        _INTO.pipe = None
 
 
 class _QoS(virtual.QoS):
@@ -69,6 +84,24 @@ class _Channel(kombu_redis.Channel):
         if shared is None or shared.connection_pool is not self.pool:
             shared = self._shared = self._create_client()
         yield shared
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        # kombu's _put, into the caller's pipeline within publishing_into (queues with an expiry
+        # and kombu's own publish batches keep kombu's way)
+        pipe = getattr(_INTO, "pipe", None)
+        if pipe is None or "_publish_batch" in kwargs or (self._expires and queue in self._expires):
+            super()._put(queue, message, **kwargs)
+            return
+        if _where(pipe.connection_pool) != _where(self.pool):
+            raise ValueError("publishing_into: the pipeline is not on the broker's Redis")
+        priority = self._get_message_priority(message, reverse=False)
+        pipe.lpush(self._q_for_pri(queue, priority), dumps(message))
+
+
+def _where(pool: redis.ConnectionPool) -> tuple[object, ...]:
+    """The server and database a connection pool's connections reach."""
+    kw = pool.connection_kwargs
+    return kw.get("path") or kw.get("host"), kw.get("port"), int(kw.get("db") or 0)
 
 
 class Transport(kombu_redis.Transport):
@@ -136,15 +169,17 @@ class Enqueuer:
 
     Per request, the API only hands the job over and awaits the outcome. The thread takes every
     job waiting, admits those that ask for it (one pipeline of ADMIT scripts: a refused job's
-    request gets its refusal, and nothing of it is written), writes all the admitted jobs' records
-    in one Redis pipeline (with, given `prefixes`, the prompt blocks each was routed with:
-    scheduler/prefix.py), then sends ONE message per queue
-    and priority among them (at most MAX_JOBS_PER_MESSAGE jobs each) over one broker connection:
-    the record of a job always exists before any worker can receive its message, and a burst
-    costs one round trip for the records and a message per queue, not per job. Measured on
-    2 cores: a Celery message costs its sender ~0.6 ms of CPU and its consumer a BRPOP and two
-    transactions; Celery's send_task from 64 request threads at once took 83 ms, one after
-    another 25 ms; the per-request asyncio Redis write was the API's largest cost.
+    request gets its refusal, and nothing of it is written), then in ONE more round trip writes all
+    the admitted jobs' records (with, given `prefixes`, the prompt blocks each was routed with:
+    scheduler/prefix.py) followed by ONE message per queue and priority among them (at most
+    MAX_JOBS_PER_MESSAGE jobs each; Celery builds it, its LPUSH joins the records' pipeline:
+    publishing_into): Redis runs a pipeline's commands in order, so the record of a job exists
+    before any worker can receive its message, and a burst costs two round trips, not two per job.
+    The requests are answered with one wake-up of their event loop per batch. `client` is on the
+    broker's Redis (make_celery with its URL). Measured on 2 cores: a Celery message costs its
+    sender ~0.2 ms of CPU and its consumer a BRPOP; Celery's send_task from 64 request threads at
+    once took 83 ms, one after another 25 ms; the per-request asyncio Redis write was the API's
+    largest cost.
     """
 
     def __init__(
@@ -178,8 +213,7 @@ class Enqueuer:
                     self._send(batch, producer)
                 except Exception as e:  # this thread must outlive any batch: every request waits on it
                     log.exception("enqueuer: a batch of %d jobs failed", len(batch))
-                    for p in batch:
-                        p.settle(e)  # a no-op for those already answered
+                    _settle([(p, e) for p in batch])  # a no-op for those already answered
 
     def _send(self, batch: list[_Pending], producer: Any) -> None:
         batch = self._admitted(batch)
@@ -191,20 +225,32 @@ class Enqueuer:
             record.stage_create(pipe, [p.job for p in batch], self.ttl_s, dumped, self._trimmed)
             if self.prefixes is not None and (sent := [p.sent for p in batch if p.sent is not None]):
                 self.prefixes.stage(pipe, sent)
-            pipe.execute()
         except Exception as e:
-            for p in batch:
-                p.settle(e)
+            _settle([(p, e) for p in batch])
             return
         messages: dict[tuple[str | None, int], list[tuple[_Pending, dict[str, Any]]]] = {}
         for p, d in zip(batch, dumped, strict=True):  # in arrival order within each message
             messages.setdefault((p.job.queue, p.job.priority.rank), []).append((p, d))
-        for group in messages.values():
-            for i in range(0, len(group), MAX_JOBS_PER_MESSAGE):
-                part = group[i : i + MAX_JOBS_PER_MESSAGE]
-                error = self._publish([p.job for p, _ in part], producer, [d for _, d in part])
-                for p, _ in part:
-                    p.settle(error)
+        outcome: list[tuple[_Pending, Exception | None]] = []
+        unsent: list[tuple[list[Job], Exception]] = []  # messages that could not be made
+        with publishing_into(pipe):  # each message an LPUSH after the records, in the same round trip
+            for group in messages.values():
+                for i in range(0, len(group), MAX_JOBS_PER_MESSAGE):
+                    part = group[i : i + MAX_JOBS_PER_MESSAGE]
+                    error = self._publish([p.job for p, _ in part], producer, [d for _, d in part])
+                    if error is not None:
+                        unsent.append(([p.job for p, _ in part], error))
+                    outcome += [(p, error) for p, _ in part]
+        try:
+            pipe.execute()
+        except Exception as e:
+            # Some records and messages may be written: every job is withdrawn (FAILED), and a
+            # message that went out finds its jobs no longer queued (its worker claims none).
+            unsent = [([p.job for p in batch], e)]
+            outcome = [(p, error or e) for p, error in outcome]
+        for jobs, error in unsent:  # the records stay, marked failed: the clients learn why
+            self._withdraw(jobs, f"could not enqueue: {error}")
+        _settle(outcome)
 
     def _admitted(self, batch: list[_Pending]) -> list[_Pending]:
         """The jobs of `batch` let in, in order; the others' requests are settled with their refusal
@@ -215,16 +261,18 @@ class Enqueuer:
         try:
             replies = self._admit_all(asking)
         except Exception as e:
-            for p in asking:
-                p.settle(e)
+            _settle([(p, e) for p in asking])
             return [p for p in batch if p.admit is None]
-        refused: set[int] = set()
+        refused: list[tuple[_Pending, Exception | None]] = []
         for p, reply in zip(asking, replies, strict=True):
             assert p.admit is not None
             if (error := p.admit.refusal(reply)) is not None:
-                p.settle(error)
-                refused.add(id(p))
-        return [p for p in batch if id(p) not in refused]
+                refused.append((p, error))
+        if not refused:
+            return batch
+        _settle(refused)
+        out = {id(p) for p, _ in refused}
+        return [p for p in batch if id(p) not in out]
 
     def _admit_all(self, asking: list[_Pending]) -> list[Any]:
         """ADMIT's reply for each job, in one round trip: EVALSHA in a plain pipeline (a pipeline
@@ -244,7 +292,8 @@ class Enqueuer:
         raise AssertionError("unreachable")
 
     def _publish(self, jobs: list[Job], producer: Any, dumped: list[dict[str, Any]]) -> Exception | None:
-        """One message for `jobs` (one queue, one priority); `dumped`: their model_dump(mode="json")."""
+        """One message for `jobs` (one queue, one priority); `dumped`: their model_dump(mode="json").
+        → the error that kept it from being made, None if made."""
         try:
             self.app.send_task(
                 keys.RUN_JOBS_TASK,
@@ -253,10 +302,12 @@ class Enqueuer:
                 priority=jobs[0].priority.rank,
                 producer=producer,
                 argsrepr=f"[{len(jobs)} jobs]",  # not Celery's repr of every job: its cost, for Flower
+                # Nothing to declare: a message to the default exchange is an LPUSH onto its queue's
+                # list, and workers declare what they consume (kombu's check cost ~70 µs a message).
+                declare=[],
             )
             return None
-        except Exception as e:  # the records stay, marked failed: the clients learn why
-            self._withdraw(jobs, f"could not enqueue: {e}")
+        except Exception as e:
             return e
 
     def _withdraw(self, jobs: list[Job], error: str) -> None:
@@ -285,13 +336,27 @@ class _Pending:
     admit: Admit | None = None
     sent: Sent | None = None
 
-    def settle(self, error: Exception | None) -> None:
-        self.loop.call_soon_threadsafe(self._settle, error)
-
-    def _settle(self, error: Exception | None) -> None:
+    def answer(self, error: Exception | None) -> None:
+        """On the request's loop."""
         if self.done.done():  # the request went away meanwhile
             return
         if error is None:
             self.done.set_result(None)
         else:
             self.done.set_exception(error)
+
+
+def _settle(outcomes: list[tuple[_Pending, Exception | None]]) -> None:
+    """Answers each request on its own loop: one wake-up per loop (an API process has one), not
+    one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Exception | None]]] = {}
+    for p, error in outcomes:
+        by_loop.setdefault(p.loop, []).append((p, error))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: its requests are gone
+            loop.call_soon_threadsafe(_answer, items)
+
+
+def _answer(items: list[tuple[_Pending, Exception | None]]) -> None:
+    for p, error in items:
+        p.answer(error)

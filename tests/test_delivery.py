@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
-from scheduler.queue import Enqueuer, make_celery
+from scheduler.queue import Enqueuer, make_celery, publishing_into
 from tests.conftest import TERMINAL, bearer, private_stack, wait_for
 
 PROMPT = "def fibonacci(n):\n"
@@ -133,6 +133,40 @@ def test_kombu_bookkeeping_shares_one_redis_client(redis_server: RedisServer) ->
             with channel.conn_or_acquire() as third:
                 assert third is not first and third.connection_pool is channel.pool and third.ping()
     finally:
+        app.close()
+
+
+def test_messages_join_the_records_round_trip(redis_server: RedisServer) -> None:
+    """Within publishing_into, a message is an LPUSH staged after what the pipeline holds: nothing
+    reaches the queue until the pipeline runs, and then the record goes first (the Enqueuer's
+    records and messages cost one round trip). A pipeline on another database is refused: its LPUSH
+    would land where no worker reads."""
+    app = make_celery(redis_server.url)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    other = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/5", decode_responses=True)
+    queue = "localmoe.test-one-round-trip"
+    job = Job(spec=JobSpec(prompt=PROMPT, max_tokens=4), queue=queue)
+    try:
+        with app.producer_or_acquire() as producer:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+            with publishing_into(pipe):
+                app.send_task(keys.RUN_JOBS_TASK, args=[[job.model_dump(mode="json")]], queue=queue,
+                              priority=1, producer=producer, declare=[])  # fmt: skip
+            assert _messages(client, queue) == [] and not client.exists(keys.job(job.id))
+            replies = pipe.execute()
+            assert replies[-1] == 1  # the LPUSH, after the record's HSET
+            assert [m[0]["id"] for m in _messages(client, queue)] == [job.id]
+            assert client.exists(keys.job(job.id))
+
+            elsewhere = other.pipeline(transaction=False)
+            with publishing_into(elsewhere), pytest.raises(ValueError, match="broker's Redis"):
+                app.send_task(keys.RUN_JOBS_TASK, args=[[]], queue=queue, producer=producer, declare=[])
+            app.send_task(keys.RUN_JOBS_TASK, args=[[]], queue=queue, priority=1, producer=producer)
+            assert len(_messages(client, queue)) == 2  # outside the block: sent at once, as before
+    finally:
+        other.close()
+        client.close()
         app.close()
 
 
