@@ -762,12 +762,17 @@ def main() -> None:
             probes[variant.pid] = RedisProbe(variant.pid, home)
         clients = stack.enter_context(Clients(args.client_procs))
         results += server_series(args, clients, engine, peer, lms, texts, probes)
-        intake_result = intake(args, lm) if args.intake else None
+        # every LocalMoE's intake, the variants' too (one at a time; the others idle meanwhile)
+        intake_result = (
+            [{"server": name, **one} for name, target in lms.items() for one in intake(args, target)]
+            if args.intake
+            else None
+        )
     api_only = [intake_api_only(args, model, tmp, int(n)) for n in args.intake_api_only.split(",") if n]
     table = report(results, args.requests, args.tokens)
     print(table)
     for one in intake_result or []:
-        print("intake (POST /v1/jobs), the whole service:", json.dumps(one))
+        print(f"intake (POST /v1/jobs), the whole service ({one['server']}):", json.dumps(one))
     for one in api_only:
         print("intake (POST /v1/jobs), API processes alone:", json.dumps(one))
     if args.out:
