@@ -30,6 +30,7 @@ from api.openai.file_store import FileStore
 from api.store import JobStore
 from host.config_store import ConfigWatcher
 from host.settings import Settings, get_settings
+from scheduler import redis_client
 from scheduler.notify import Notifier
 from scheduler.queue import Enqueuer, make_celery
 from scheduler.routing import PromptCounter, Scheduler
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = aioredis.from_url(
             url, decode_responses=True, health_check_interval=10, max_connections=MAX_REDIS_CONNECTIONS
         )
-        sync_client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+        sync_client = redis_client.connect(url, decode_responses=True, health_check_interval=10)
         celery = make_celery(url)
         notifier = Notifier(celery, sync_client)
         notifier.start()

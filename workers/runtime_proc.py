@@ -204,8 +204,8 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
 
 
 def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
-    import redis
 
+    from scheduler import redis_client
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
     from scheduler.task_events import node_name
@@ -216,10 +216,9 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
     from workers.relay import Relay
     from workers.runtime import Runtime, worker_info
 
-    client = redis.Redis.from_url(
-        settings.require_redis_url(), decode_responses=True, health_check_interval=10
-    )
-    celery = make_celery(settings.require_redis_url())
+    url = settings.require_redis_url()
+    client = redis_client.connect(url, decode_responses=True, health_check_interval=10)
+    celery = make_celery(url)
     notifier = Notifier(celery, client)
     relay = Relay(
         client,

@@ -23,7 +23,7 @@ from celery import Celery
 
 from host.config_store import ConfigWatcher
 from host.settings import Settings, WebhookSettings, get_settings
-from scheduler import keys
+from scheduler import keys, redis_client
 from scheduler.queue import make_celery
 from scheduler.webhooks import (
     Delivery,
@@ -222,7 +222,7 @@ def serve(settings: Settings) -> None:
     if not webhooks.allow:
         log.warning("webhooks are off (webhooks.allow is empty): every delivery will be refused")
     url = settings.require_redis_url()
-    client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+    client = redis_client.connect(url, decode_responses=True, health_check_interval=10)
     app = make_celery(url)
     deliverer = register_delivery(app, client, webhooks, settings.limits.job_ttl_s)
 
