@@ -75,6 +75,10 @@ class GenerationRequest:
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
     tag: str = ""  # expert telemetry counts this request's tokens under it (the job's modality)
+    # The job's priority rank, 0 the most urgent (scheduler.jobs.Priority.rank; 1 is normal). An
+    # engine that orders its waiting requests takes the lowest rank first, and the torch engine
+    # preempts a running request of a higher rank to make room for it (moe_core/torch_engine.py).
+    priority: int = 1
 
 
 # A sampled token's log-probability under the model's raw next-token distribution (before

@@ -164,7 +164,8 @@ class FailoverEngine:
             self._owed.append(self._final(tracked, FinishReason.LENGTH, None))
             return
         params = replace(tracked.request.params, max_tokens=left)
-        self._engine().add_request(GenerationRequest(rid, tracked.request.prompt + made, params))
+        request = replace(tracked.request, prompt=tracked.request.prompt + made, params=params)
+        self._engine().add_request(request)
 
     def _maybe_probe_preferred(self) -> None:
         """Half-open: back to the preferred engine once the cool-down is over and nothing runs."""

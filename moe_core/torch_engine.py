@@ -24,9 +24,9 @@ prompt (no tokens at all) raises ValueError from `add_request`.
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ class _Sequence:
     generator: torch.Generator | None
     matcher: Any = None  # an llguidance LLMatcher following this request's tokens (params.structured)
     output_ids: list[int] = field(default_factory=list)
+    arrival: int = 0  # the engine's count of requests added before it: FIFO within a priority
     finish_reason: FinishReason | None = None
     error: str | None = None  # with FinishReason.ERROR
 
@@ -78,6 +79,20 @@ class _Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def __lt__(self, other: _Sequence) -> bool:  # the waiting heap's order
+        return self.order < other.order
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Waiting requests are taken lowest first: by priority rank, then arrival."""
+        return self.request.priority, self.arrival
+
+    @property
+    def fed_ids(self) -> list[int]:
+        """What a prefill feeds: the prompt, and a preempted request's tokens so far (recomputed:
+        sampling goes on from its last token)."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     def delta(self, text: str, token_ids: list[int], logprob: TokenLogprob | None = None) -> Delta:
         return Delta(
@@ -245,7 +260,8 @@ class TorchEngine:
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting: list[_Sequence] = []  # a heap by _Sequence.order
+        self._arrivals = 0
         self._batch: _Batch | None = None
         self._finished: list[Delta] = []  # final deltas owed by the next step (aborts, rejected prompts)
         self._ids: set[str] = set()  # every request not yet given its final delta
@@ -310,19 +326,23 @@ class TorchEngine:
             stops=StopStringBuffer(request.params.stop, request.params.include_stop_str_in_output),
             generator=make_generator(request.params, self._device),
             matcher=matcher,
+            arrival=self._arrivals,
         )
+        self._arrivals += 1
         self._ids.add(request.request_id)
         if len(prompt_ids) >= self.max_context or request.params.max_tokens <= 0:
             seq.finish(FinishReason.LENGTH)  # backstop: the API rejects these earlier
             self._finished.append(seq.delta("", []))
         else:
-            self._waiting.append(seq)
+            heapq.heappush(self._waiting, seq)
 
     def abort(self, request_id: str) -> None:
         """Drop the request now (its batch row too); the next step returns its ABORT delta."""
-        for seq in self._waiting:
+        for i, seq in enumerate(self._waiting):
             if seq.request_id == request_id:
-                self._waiting.remove(seq)
+                self._waiting[i] = self._waiting[-1]
+                self._waiting.pop()
+                heapq.heapify(self._waiting)
                 self._finish_aborted(seq)
                 return
         batch = self._batch
@@ -337,6 +357,7 @@ class TorchEngine:
     def step(self) -> list[Delta]:
         deltas, self._finished = self._finished, []
         with torch.inference_mode():
+            self._preempt()
             if self._waiting and self._running() < self.max_batch_size:
                 deltas += self._prefill_step()
             elif self._running():
@@ -387,21 +408,49 @@ class TorchEngine:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def _admit(self) -> list[_Sequence]:
-        """Pop waiting requests (FIFO) for one prefill: free slots and the padded-size budget allow."""
+        """Pop waiting requests (by priority, then arrival) for one prefill: free slots and the
+        padded-size budget allow."""
         admitted: list[_Sequence] = []
         longest = 0
         while self._waiting and self._running() + len(admitted) < self.max_batch_size:
-            longest_if_added = max(longest, len(self._waiting[0].prompt_ids))
+            longest_if_added = max(longest, len(self._waiting[0].fed_ids))
             if admitted and longest_if_added * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
-            admitted.append(self._waiting.popleft())
+            admitted.append(heapq.heappop(self._waiting))
             longest = longest_if_added
         return admitted
+
+    def _preempt(self) -> None:
+        """The batch full and a waiting request more urgent than a running one: put running rows
+        of the least urgent rank (the latest arrived first) back to waiting, one per such waiting
+        request, so that it is admitted at this step. A preempted request keeps what it made and
+        is prefilled again with it later (vLLM's recompute preemption); only a strictly more urgent
+        request preempts, so requests of one rank never do."""
+        batch = self._batch
+        if batch is None or not self._waiting or len(batch.seqs) < self.max_batch_size:
+            return
+        if self._waiting[0].request.priority >= max(q.request.priority for q in batch.seqs):
+            return  # the usual case under load: nothing waiting outranks anything running
+        urgent = sorted(self._waiting)[: len(batch.seqs)]  # the most urgent waiting, in order
+        victims = sorted(range(len(batch.seqs)), key=lambda r: batch.seqs[r].order, reverse=True)
+        out: list[int] = []
+        for waiting, row in zip(urgent, victims, strict=False):
+            if batch.seqs[row].request.priority <= waiting.request.priority:
+                break
+            out.append(row)
+        if not out:
+            return
+        gone = set(out)
+        for row in out:
+            heapq.heappush(self._waiting, batch.seqs[row])
+        _select_rows(batch, [r for r in range(len(batch.seqs)) if r not in gone])
+        if not batch.seqs:
+            self._batch = None
 
     def _prefill_step(self) -> list[Delta]:
         """Run the admitted prompts as one left-padded batch, sample their first tokens, merge."""
         seqs = self._admit()
-        input_ids, mask = _left_pad([s.prompt_ids for s in seqs], self._pad_id, self._device)  # [N, L]
+        input_ids, mask = _left_pad([s.fed_ids for s in seqs], self._pad_id, self._device)  # [N, L]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
         cache = DynamicCache()
         self._expect_tags(seqs, mask)

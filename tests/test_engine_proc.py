@@ -50,10 +50,11 @@ def test_every_message_crosses_the_pipe_unchanged() -> None:
 def test_a_request_and_its_steps_arrive_as_sent() -> None:
     params = SamplingParams(max_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=11, stop=("\n\n", "}"))
     request = GenerationRequest(
-        "j1", "def f(x):", params, tag=Modality.CODE
+        "j1", "def f(x):", params, tag=Modality.CODE, priority=3
     )  # a str enum: marshal takes none
-    assert unpack(pack(Add.of(request))).request() == GenerationRequest("j1", "def f(x):", params, tag="code")
-    sequences = [GenerationRequest(f"j1-{k}", "def f(x):", params, tag="code") for k in range(3)]
+    sent = GenerationRequest("j1", "def f(x):", params, tag="code", priority=3)
+    assert unpack(pack(Add.of(request))).request() == sent
+    sequences = [GenerationRequest(f"j1-{k}", "def f(x):", params, tag="code", priority=k) for k in range(3)]
     assert [add.request() for add in unpack(pack(AddMany.of(sequences))).each()] == sequences
 
     deltas = [
@@ -96,3 +97,16 @@ def test_the_heartbeat_says_how_the_serving_engine_offloads(model_dir: Path) -> 
     assert (info.engine, info.offload, info.cpu_offload_gb) == ("vllm", "vllm_cpu", 4.4)
     host.name = "deepspeed"  # the fallback took over
     assert host.offload() == ("zero3", 0.0)
+
+
+def test_a_jobs_requests_carry_its_priority() -> None:
+    """The engine orders its waiting requests (and the torch engine preempts) by the job's rank."""
+    from scheduler.jobs import Job, JobSpec, Priority
+    from workers.engine_proc import requests_of
+    from workers.relay import Held, HeldSequence
+
+    for priority, n in ((Priority.BATCH, 1), (Priority.HIGH, 3)):
+        job = Job(spec=JobSpec(prompt="def f(x):", n=n, max_tokens=4), priority=priority)
+        sequences = [HeldSequence(k) for k in range(n)] if n > 1 else []
+        requests, ended = requests_of(Held(job, 1, sequences=sequences))
+        assert [r.priority for r in requests] == [priority.rank] * n and not ended

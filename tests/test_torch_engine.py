@@ -324,6 +324,62 @@ def test_abort_while_waiting(engine: TorchEngine) -> None:
     assert not engine.has_unfinished()
 
 
+def _ranked(request_id: str, prompt: str, priority: int) -> GenerationRequest:
+    return GenerationRequest(request_id, prompt, SamplingParams(max_tokens=NEW_TOKENS), priority=priority)
+
+
+def test_a_more_urgent_request_preempts_and_the_preempted_resume_exactly(
+    engine: TorchEngine, references: dict[str, list[int]]
+) -> None:
+    """A full batch of batch-tier rows (rank 3): two normal requests (rank 1) arriving take the
+    rows of the two latest batch requests at the next step; those wait, then are prefilled again
+    with what they had made and go on to the very tokens they would have made unpreempted."""
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(_ranked(f"batch{i}", prompt, 3))
+    results: dict[str, Result] = {}
+    for _ in range(3):  # the prefill, two decodes
+        _collect(engine, results)
+    assert engine.stats().running == 8
+    for i, prompt in enumerate(LATE_PROMPTS[:2]):
+        engine.add_request(_ranked(f"urgent{i}", prompt, 1))
+    _collect(engine, results)
+    assert {"urgent0", "urgent1"} <= set(results)  # admitted at once: their first tokens
+    assert (engine.stats().running, engine.stats().waiting) == (8, 2)
+    made_before = {f"batch{i}": len(results[f"batch{i}"].token_ids) for i in (6, 7)}
+    assert made_before == {"batch6": 3, "batch7": 3}  # the latest two stopped after three tokens
+    while engine.has_unfinished():
+        _collect(engine, results)
+    for i, prompt in enumerate(PROMPTS):
+        _assert_matches(engine, results[f"batch{i}"], references[prompt], NEW_TOKENS)
+    for i, prompt in enumerate(LATE_PROMPTS[:2]):
+        _assert_matches(engine, results[f"urgent{i}"], references[prompt], NEW_TOKENS)
+
+
+def test_waiting_requests_go_by_rank_and_a_rank_never_preempts_its_own(engine: TorchEngine) -> None:
+    """A full batch of normal requests (rank 1): a batch-tier request and another normal one wait
+    (neither outranks a running row); a high one (rank 0) takes the latest normal row. Then rows
+    free up: the preempted normal request first (it arrived first), the waiting normal one, the
+    batch-tier one last, whatever the order they came in."""
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(_ranked(f"n{i}", prompt, 1))
+    results: dict[str, Result] = {}
+    _collect(engine, results)
+    engine.add_request(_ranked("low", LATE_PROMPTS[0], 3))
+    engine.add_request(_ranked("same", LATE_PROMPTS[1], 1))
+    _collect(engine, results)
+    assert "low" not in results and "same" not in results  # neither outranks the running rows
+    assert (engine.stats().running, engine.stats().waiting) == (8, 2)
+    engine.add_request(_ranked("high", LATE_PROMPTS[2], 0))
+    _collect(engine, results)
+    assert "high" in results and (engine.stats().running, engine.stats().waiting) == (8, 3)
+    first: list[str] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.request_id in ("low", "same", "n7") and delta.request_id not in first:
+                first.append(delta.request_id)
+    assert first == ["n7", "same", "low"]
+
+
 def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:
     engine = TorchEngine(mixtral_dir, max_context=24)
     engine.load()

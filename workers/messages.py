@@ -88,14 +88,17 @@ class Add(NamedTuple):
     prompt: str
     params: tuple[Any, ...]  # SamplingParams's fields, in order (tuples stay tuples in marshal)
     tag: str
+    priority: int  # GenerationRequest.priority
 
     @classmethod
     def of(cls, r: GenerationRequest) -> Add:
         params = tuple(getattr(r.params, f.name) for f in _PARAM_FIELDS)
-        return cls(r.request_id, r.prompt, params, str(r.tag))  # marshal takes no str subclass (enums)
+        # marshal takes no str subclass (enums)
+        return cls(r.request_id, r.prompt, params, str(r.tag), int(r.priority))
 
     def request(self) -> GenerationRequest:
-        return GenerationRequest(self.request_id, self.prompt, SamplingParams(*self.params), self.tag)
+        params = SamplingParams(*self.params)
+        return GenerationRequest(self.request_id, self.prompt, params, self.tag, self.priority)
 
 
 class AddMany(NamedTuple):
