@@ -709,7 +709,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (CPU)")
     ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
-    ap.add_argument("--skip", default="", help="phases to leave out: engine, vllm-server")
+    ap.add_argument("--skip", default="", help="phases to leave out: engine, vllm-server, localmoe")
     ap.add_argument("--intake", type=float, default=0.0, help="seconds of intake load (0: none)")
     ap.add_argument("--intake-clients", type=int, default=4, help="client processes for the intake")
     ap.add_argument(
@@ -751,10 +751,13 @@ def main() -> None:
         if args.backend == "vllm" and "vllm-server" not in skip:
             print("[vLLM] starting its OpenAI server", flush=True)
             peer = stack.enter_context(vllm_server(args, model, tmp / "vllm-server.log"))
-        print("[LocalMoE] starting `localmoe up`", flush=True)
-        lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
-        lms = {"localmoe": lm}
-        probes = {lm.pid: RedisProbe(lm.pid, tmp / "home")}
+        lms: dict[str, Target] = {}
+        probes: dict[int, RedisProbe] = {}
+        if "localmoe" not in skip:  # left out: e.g. only the API processes' own intake, at once
+            print("[LocalMoE] starting `localmoe up`", flush=True)
+            lm = stack.enter_context(localmoe_up(args, model, tmp / "home", tmp / "localmoe-up.log"))
+            lms["localmoe"] = lm
+            probes[lm.pid] = RedisProbe(lm.pid, tmp / "home")
         for name, env in variants.items():
             print(f"[LocalMoE {name}] starting `localmoe up` with {env}", flush=True)
             home, log = tmp / f"home-{name}", tmp / f"localmoe-up-{name}.log"
