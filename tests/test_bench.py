@@ -71,6 +71,18 @@ def test_the_service_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0
 
 
+def test_the_api_processes_intake_alone(tmp_path: Path) -> None:
+    """--skip localmoe: no service is started, only the API processes' own intake is measured."""
+    result = run_bench(
+        tmp_path,
+        *("--backend", "torch", "--skip", "engine,localmoe", "--intake", "1", "--intake-clients", "1"),
+        *("--intake-concurrency", "4", "--intake-api-only", "1"),
+    )
+    assert result["series"] == [] and result["intake"] == []
+    (alone,) = result["intake_api_only"]
+    assert alone["api_processes"] == 1 and alone["accepted"] > 0 and alone["refused_or_failed"] == 0
+
+
 def test_ratios_pair_the_rounds_that_ran_in_turn() -> None:
     """A ratio against the engine is the median of each round's own ratio: a host that slows
     down between rounds moves both figures of a round, not the ratio."""
