@@ -1,10 +1,12 @@
 """The frames a py-spy profile spent its samples in: `--profile` writes py-spy's raw format (one
 line per distinct stack: frames joined by ';', then its sample count).
 
-    python -m bench.spy_top prof/localmoe-chat-engine.raw [--top 15] [--match detokenize.py]
+    python -m bench.spy_top prof/localmoe-chat-engine.raw [--top 15] [--match detokenize.py] [--modules]
 
 Prints the total, then the frames with the most samples of their own (self) and, with --match,
-the share of samples whose stack passes through a frame containing that text (inclusive).
+the share of samples whose stack passes through a frame containing that text (inclusive); with
+--modules, self samples by where their frame's code lives: a library by its package (fastapi,
+redis, asyncio), the project's own code by file (scheduler/modality.py; run from the repository).
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
+
+
+def module(frame: str) -> str:
+    """'classify (scheduler/modality.py:574)' → 'scheduler/modality.py'; a library's frame → its
+    package ('fastapi/routing.py' → 'fastapi')."""
+    where = frame.rpartition(" (")[2].rstrip(")").rpartition(":")[0]
+    top = where.split("/", 1)[0]
+    return where if "/" in where and Path(top).is_dir() else top
 
 
 def read(path: Path) -> list[tuple[list[str], int]]:
@@ -29,6 +39,7 @@ def main() -> None:
     ap.add_argument("raw", type=Path)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--match", action="append", default=[], help="text of a frame (repeatable)")
+    ap.add_argument("--modules", action="store_true", help="self samples by package / project file")
     args = ap.parse_args()
     stacks = read(args.raw)
     total = sum(n for _, n in stacks) or 1
@@ -38,6 +49,12 @@ def main() -> None:
     print(f"{total} samples")
     for frame, n in own.most_common(args.top):
         print(f"  self {n / total:6.1%}  {frame}")
+    if args.modules:
+        by = Counter[str]()
+        for frame, n in own.items():
+            by[module(frame)] += n
+        for name, n in by.most_common(args.top):
+            print(f"  module {n / total:6.1%}  {name}")
     for text in args.match:
         n = sum(n for frames, n in stacks if any(text in f for f in frames))
         print(f"  through {text!r}: {n / total:.1%}")

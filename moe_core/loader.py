@@ -60,6 +60,7 @@ class ModelInfo:
     expert_intermediate_size: int = 0  # one routed expert's: moe_intermediate_size, else intermediate_size
     vocab_size: int = 0
     kv_values_per_token: int = 0  # KV-cache elements one token holds, all layers together
+    latent_attention: bool = False  # DeepSeek-V2/V3's compressed KV (config.json's kv_lora_rank)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -140,6 +141,7 @@ def inspect_model(path: Path | str) -> ModelInfo:
         expert_intermediate_size=_first_int(config, ("moe_intermediate_size", "intermediate_size"), 0),
         vocab_size=_first_int(config, ("vocab_size",), 0),
         kv_values_per_token=_kv_values_per_token(config),
+        latent_attention=bool(config.get("kv_lora_rank")),
     )
 
 

@@ -431,7 +431,7 @@ class TorchEngine:
             return
         if self._waiting[0].request.priority >= max(q.request.priority for q in batch.seqs):
             return  # the usual case under load: nothing waiting outranks anything running
-        urgent = sorted(self._waiting)[: len(batch.seqs)]  # the most urgent waiting, in order
+        urgent = heapq.nsmallest(len(batch.seqs), self._waiting)  # the most urgent waiting, in order
         victims = sorted(range(len(batch.seqs)), key=lambda r: batch.seqs[r].order, reverse=True)
         out: list[int] = []
         for waiting, row in zip(urgent, victims, strict=False):

