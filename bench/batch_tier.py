@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,19 @@ def batch_lines(n: int, max_tokens: int) -> list[dict[str, Any]]:
     ]
 
 
-def ttft(http: httpx.Client, plan: list[Arrival]) -> list[float]:
-    """Each arrival streamed at its time; → TTFT per request in seconds, as the client saw it."""
-    out: list[float] = [0.0] * len(plan)
+@dataclass
+class Timed:
+    """One interactive request as the client saw it (time.time(), the job records' clock)."""
+
+    ttft: float = 0.0  # s, send → first chunk with text
+    sent: float = 0.0
+    first: float = 0.0
+    job_id: str = ""
+
+
+def ttft(http: httpx.Client, plan: list[Arrival]) -> list[Timed]:
+    """Each arrival streamed at its time; → per request, its TTFT as the client saw it."""
+    out = [Timed() for _ in plan]
     start = time.perf_counter() + 0.2
 
     def one(i: int) -> None:
@@ -75,17 +86,34 @@ def ttft(http: httpx.Client, plan: list[Arrival]) -> list[float]:
             "ignore_eos": True,
             "stream": True,
         }
-        sent = time.perf_counter()
+        rec = out[i]
+        sent, rec.sent = time.perf_counter(), time.time()
         with http.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
+            rec.job_id = r.headers.get("Location", "").rpartition("/")[2]
             for line in r.iter_lines():
-                if line.startswith("data: {") and json.loads(line[6:])["choices"][0].get("text"):
-                    out[i] = out[i] or time.perf_counter() - sent
-        assert out[i] > 0, "a stream without text"
+                text = line.startswith("data: {") and json.loads(line[6:])["choices"][0].get("text")
+                if text and not rec.ttft:
+                    rec.ttft, rec.first = time.perf_counter() - sent, time.time()
+        assert rec.ttft > 0, "a stream without text"
 
     with ThreadPoolExecutor(64) as pool:
         list(pool.map(one, range(len(plan))))
     return out
+
+
+def stages(http: httpx.Client, timed: list[Timed]) -> dict[str, list[float]]:
+    """Where the TTFTs went, from the job records (read after the phase): http (send → queued_at),
+    queue (→ started_at: claimed by the worker), engine (→ first_token_at), delivery (→ the client
+    read it). → stage → [p50, p95] in ms."""
+    out: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
+    for rec in timed:
+        t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
+        marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
+        if None not in marks:
+            for stage, a, b in zip(out, marks, marks[1:], strict=False):
+                out[stage].append((b - a) * 1000)
+    return {k: [round(pct(v, 50), 1), round(pct(v, 95), 1)] for k, v in out.items() if v}
 
 
 def create_batch(http: httpx.Client, lines: list[dict[str, Any]]) -> str:
@@ -170,13 +198,15 @@ def main() -> None:
             ttft(http, arrivals(32, args.rate, args.seed + 1))  # warm-up
             wait_idle(client, ["w1"])
             print(f"[3/6] {args.jobs} interactive requests alone", flush=True)
-            alone = ttft(http, plan)
+            timed_alone = ttft(http, plan)
+            alone_stages = stages(http, timed_alone)
             wait_idle(client, ["w1"])
             print(f"[4/6] the same beside a batch of {args.lines} lines", flush=True)
             batch_id = create_batch(http, lines)
             wait_batch(http, batch_id, ("in_progress", *TERMINAL))
-            beside = ttft(http, plan)
+            timed_beside = ttft(http, plan)
             wait_batch(http, batch_id)
+            beside_stages = stages(http, timed_beside)
             wait_idle(client, ["w1"])
             print("[5/6] the batch alone", flush=True)
             started = time.perf_counter()
@@ -193,11 +223,14 @@ def main() -> None:
         finally:
             stop(procs)
             client.close()
+    alone, beside = [r.ttft for r in timed_alone], [r.ttft for r in timed_beside]
     a50, a95, b50, b95 = (pct(alone, 50), pct(alone, 95), pct(beside, 50), pct(beside, 95))
     print(f"\ninteractive TTFT ({args.jobs} requests at {args.rate:g}/s), ms: p50 / p95 / mean")
     print(f"  alone          {a50 * 1e3:7.1f} / {a95 * 1e3:7.1f} / {statistics.mean(alone) * 1e3:7.1f}")
     print(f"  beside a batch {b50 * 1e3:7.1f} / {b95 * 1e3:7.1f} / {statistics.mean(beside) * 1e3:7.1f}")
     print(f"  p95 with ÷ without: {b95 / a95:.2f} (goal ≤ 1.10); p50 {b50 / a50:.2f}")
+    print(f"  by stage, p50 / p95 ms: alone {alone_stages}")
+    print(f"                          beside a batch {beside_stages}")
     print(
         f"batch alone: {batch_tps:.0f} tok/s ({batch_s:.1f} s); the same sent at once: {once_tps:.0f} tok/s"
     )
@@ -206,6 +239,8 @@ def main() -> None:
         figures = {
             "ttft_alone_s": alone,
             "ttft_beside_batch_s": beside,
+            "stages_alone_ms": alone_stages,
+            "stages_beside_batch_ms": beside_stages,
             "batch_tokens": made_tokens,
             "batch_tokens_per_s": batch_tps,
             "at_once_tokens": tokens,

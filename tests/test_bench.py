@@ -219,5 +219,8 @@ def test_the_batch_tier_benchmark_runs(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert len(figures["ttft_alone_s"]) == len(figures["ttft_beside_batch_s"]) == 8
     assert all(t > 0 for t in figures["ttft_alone_s"] + figures["ttft_beside_batch_s"])
+    for phase in ("stages_alone_ms", "stages_beside_batch_ms"):  # where the TTFTs went, per stage
+        assert set(figures[phase]) == {"http", "queue", "engine", "delivery"}, figures[phase]
+        assert all(0 <= p50 <= p95 for p50, p95 in figures[phase].values()), figures[phase]
     assert figures["batch_tokens"] == figures["at_once_tokens"] == 24 * 4  # every line, EOS ignored
     assert figures["batch_tokens_per_s"] > 0 and figures["at_once_tokens_per_s"] > 0
