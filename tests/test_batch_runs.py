@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -262,6 +263,42 @@ def test_the_batch_tier_takes_only_spare_capacity(redis_server: RedisServer) -> 
 
     with scratch_db(redis_server, 2):
         asyncio.run(scenario(_url(redis_server, 2)))
+
+
+def test_an_interactive_burst_is_claimed_at_once_while_batch_tier_jobs_hold_their_slots(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
+    """The batch tier's 14 spare slots full of long jobs, then 4 interactive ones: more than the 2
+    reserved slots. Each is claimed at once (a task thread free for it: workers/main.py
+    TASK_THREADS_PER_SLOT), not after a running job ends, and the engine runs it first (two batch
+    rows preempted): the burst ends while the batch-tier jobs still run."""
+    key = create_key(stack.client, "burst", Scope.USER).secret
+    _, api = others()
+    with httpx.Client(base_url=api, headers=bearer(key), timeout=30) as http:
+
+        def submit(prompt: str, max_tokens: int, priority: str) -> str:
+            spec = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "priority": priority}
+            made = http.post("/v1/jobs", json=spec)
+            assert made.status_code == 202, made.text
+            return str(made.json()["id"])
+
+        def jobs(ids: list[str]) -> list[dict[str, Any]]:
+            return [http.get(f"/v1/jobs/{i}").json() for i in ids]
+
+        batch = [submit(f"def line{i}():", 200, "batch") for i in range(SLOTS - 2)]
+        wait_for(lambda: all(j["status"] == "running" for j in jobs(batch)), 20, "the spare slots full")
+        burst = [submit(f"class Burst{i}:", 60, "normal") for i in range(4)]
+        wait_for(lambda: all(j["status"] == "succeeded" for j in jobs(burst)), 60, "the burst")
+        interactive = jobs(burst)
+        assert all(j["status"] == "running" for j in jobs(batch))  # the burst went first
+        for i in batch:
+            http.delete(f"/v1/jobs/{i}")
+        wait_for(lambda: all(j["status"] == "cancelled" for j in jobs(batch)), 30, "the batch cancelled")
+    claimed = [j["timings"]["started_at"] - j["timings"]["queued_at"] for j in interactive]
+    # A burst job that waited for a thread would start only when the first of the others ended:
+    # 60 steps of at least 0.02 s
+    assert max(claimed) < 0.6, claimed
+    assert all(j["usage"]["completion_tokens"] == 60 for j in interactive)
 
 
 def test_a_batch_waits_for_interactive_jobs_then_fills_the_spare_slots(
