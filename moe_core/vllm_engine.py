@@ -347,6 +347,9 @@ class VllmEngine:
             dtype=dtype,
             max_model_len=self._requested_max_context,
             max_num_seqs=self.max_batch_size,
+            # Waiting requests by the job's rank, then arrival: the batch tier's lines wait behind
+            # every other job, and under memory pressure vLLM preempts the least urgent first.
+            scheduling_policy="priority",
             max_num_batched_tokens=self.max_num_batched_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
             enable_expert_parallel=self.enable_expert_parallel,
@@ -438,7 +441,11 @@ class VllmEngine:
         if self._dead is not None:  # taken, so that step() raises and the caller learns it
             return
         try:
-            self.engine.add_request(rid, {"prompt_token_ids": prompt_ids}, sampling)
+            # priority: the job's rank (0 most urgent); vLLM's priority policy takes waiting
+            # requests by (priority, arrival), as the torch engine does
+            self.engine.add_request(
+                rid, {"prompt_token_ids": prompt_ids}, sampling, priority=request.priority
+            )
         except Exception as e:  # vLLM refused this request (or its engine is gone)
             if self._engine_gone(e):
                 self._dead = self._dead or e

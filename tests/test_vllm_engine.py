@@ -30,7 +30,7 @@ from vllm.platforms import current_platform
 from moe_build import moe_tuning
 from moe_build.checkpoint import build_checkpoint
 from moe_core import moe_configs
-from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
+from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
 from tests.parity import (
@@ -79,16 +79,20 @@ class Result:
 
 def _collect(engine: VllmEngine, results: dict[str, Result]) -> None:
     for delta in engine.step():
-        result = results.setdefault(delta.request_id, Result())
-        assert result.finish_reason is None, "a finished request got another delta"
-        result.text += delta.text
-        result.token_ids += delta.token_ids
-        result.finish_reason = delta.finish_reason
-        result.error = delta.error
-        result.deltas += 1
-        result.widest = max(result.widest, len(delta.token_ids))
-        assert delta.completion_tokens == len(result.token_ids)
-        assert delta.prompt_tokens == engine.count_tokens(_prompts[delta.request_id])
+        _collect_one(engine, results, delta)
+
+
+def _collect_one(engine: VllmEngine, results: dict[str, Result], delta: Delta) -> None:
+    result = results.setdefault(delta.request_id, Result())
+    assert result.finish_reason is None, "a finished request got another delta"
+    result.text += delta.text
+    result.token_ids += delta.token_ids
+    result.finish_reason = delta.finish_reason
+    result.error = delta.error
+    result.deltas += 1
+    result.widest = max(result.widest, len(delta.token_ids))
+    assert delta.completion_tokens == len(result.token_ids)
+    assert delta.prompt_tokens == engine.count_tokens(_prompts[delta.request_id])
 
 
 _prompts: dict[str, str] = {}  # request id -> prompt, for the prompt_tokens check
@@ -324,6 +328,28 @@ def test_concurrent_requests_match_generate(
     assert stats.running == stats.waiting == 0
     assert 2 <= stats.max_batch_seen <= MAX_BATCH  # vLLM batched them, within max_num_seqs
     assert stats.steps >= NEW_TOKENS
+
+
+def test_waiting_requests_go_by_the_jobs_rank(engine: VllmEngine) -> None:
+    """A full batch (rank 1, one row ending early): a batch-tier request (rank 3) waits, a normal
+    one (rank 1) arrives after it, and the row that frees goes to the normal one first."""
+    for i, prompt in enumerate(PROMPTS):
+        params = SamplingParams(max_tokens=2 if i == 0 else NEW_TOKENS, ignore_eos=True)
+        _add(engine, GenerationRequest(f"n{i}", prompt, params, priority=1))
+    results: dict[str, Result] = {}
+    while sum(len(r.token_ids) for r in results.values()) < len(PROMPTS):  # all 8 running
+        _collect(engine, results)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    _add(engine, GenerationRequest("low", LATE_PROMPTS[0], params, priority=3))
+    _add(engine, GenerationRequest("same", LATE_PROMPTS[1], params, priority=1))
+    first: list[str] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            _collect_one(engine, results, delta)
+            if delta.request_id in ("low", "same") and delta.request_id not in first:
+                first.append(delta.request_id)
+    assert first == ["same", "low"]
+    assert results["low"].finish_reason is results["same"].finish_reason is FinishReason.LENGTH
 
 
 def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:
