@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from bench.scheduler_policies import Arrival, arrivals, wait_idle
-from bench.service_vs_vllm import pct
+from bench.service_vs_vllm import pct, stage_times
+from bench.stream_client import Record
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
 
@@ -61,19 +61,10 @@ def batch_lines(n: int, max_tokens: int) -> list[dict[str, Any]]:
     ]
 
 
-@dataclass
-class Timed:
-    """One interactive request as the client saw it (time.time(), the job records' clock)."""
-
-    ttft: float = 0.0  # s, send → first chunk with text
-    sent: float = 0.0
-    first: float = 0.0
-    job_id: str = ""
-
-
-def ttft(http: httpx.Client, plan: list[Arrival]) -> list[Timed]:
-    """Each arrival streamed at its time; → per request, its TTFT as the client saw it."""
-    out = [Timed() for _ in plan]
+def ttft(http: httpx.Client, plan: list[Arrival]) -> list[Record]:
+    """Each arrival streamed at its time; → per request, its send, first text and job as the
+    client saw them (Record.ttft)."""
+    out = [Record(0.0) for _ in plan]
     start = time.perf_counter() + 0.2
 
     def one(i: int) -> None:
@@ -86,34 +77,25 @@ def ttft(http: httpx.Client, plan: list[Arrival]) -> list[Timed]:
             "ignore_eos": True,
             "stream": True,
         }
-        rec = out[i]
-        sent, rec.sent = time.perf_counter(), time.time()
+        rec = out[i] = Record(time.time())
         with http.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
             rec.job_id = r.headers.get("Location", "").rpartition("/")[2]
             for line in r.iter_lines():
                 text = line.startswith("data: {") and json.loads(line[6:])["choices"][0].get("text")
-                if text and not rec.ttft:
-                    rec.ttft, rec.first = time.perf_counter() - sent, time.time()
-        assert rec.ttft > 0, "a stream without text"
+                if text and not rec.first:
+                    rec.first = time.time()
+        assert rec.first, "a stream without text"
 
     with ThreadPoolExecutor(64) as pool:
         list(pool.map(one, range(len(plan))))
     return out
 
 
-def stages(http: httpx.Client, timed: list[Timed]) -> dict[str, list[float]]:
-    """Where the TTFTs went, from the job records (read after the phase): http (send → queued_at),
-    queue (→ started_at: claimed by the worker), engine (→ first_token_at), delivery (→ the client
-    read it). → stage → [p50, p95] in ms."""
-    out: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
-    for rec in timed:
-        t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
-        marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
-        if None not in marks:
-            for stage, a, b in zip(out, marks, marks[1:], strict=False):
-                out[stage].append((b - a) * 1000)
-    return {k: [round(pct(v, 50), 1), round(pct(v, 95), 1)] for k, v in out.items() if v}
+def stages(http: httpx.Client, timed: list[Record]) -> dict[str, list[float]]:
+    """Where the TTFTs went (bench.service_vs_vllm.stage_times) → stage → [p50, p95] in ms."""
+    times = stage_times(http, timed)
+    return {k: [round(pct(v, 50), 1), round(pct(v, 95), 1)] for k, v in times.items() if v}
 
 
 def create_batch(http: httpx.Client, lines: list[dict[str, Any]]) -> str:

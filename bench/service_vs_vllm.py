@@ -516,22 +516,28 @@ def worker_steps(target: Target, after: float = 0.0) -> int:
             time.sleep(0.2)
 
 
-def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:
+def stage_times(http: httpx.Client, records: list[Record]) -> dict[str, list[float]]:
     """Where each job's TTFT went, from its record's timings (read after the round): http (the
     client's send → the job recorded, queued_at), queue (→ claimed by the worker, started_at),
     engine (→ its first token written to Redis, first_token_at), delivery (→ the client read it).
-    One clock: the client and the server run on this machine."""
+    One clock: the client and the server run on this machine. → stage → ms per job."""
     stages: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
+    for rec in records:
+        if not (rec.job_id and rec.first):
+            continue
+        t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
+        marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
+        if None in marks:
+            continue
+        for stage, a, b in zip(stages, marks, marks[1:], strict=False):
+            stages[stage].append((b - a) * 1000)
+    return stages
+
+
+def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:
+    """Where the round's TTFTs went (stage_times): stage → [p50, p99] in ms."""
     with httpx.Client(base_url=target.base, headers=target.headers, timeout=10) as http:
-        for rec in records:
-            if not (rec.job_id and rec.first):
-                continue
-            t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
-            marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
-            if None in marks:
-                continue
-            for stage, a, b in zip(stages, marks, marks[1:], strict=False):
-                stages[stage].append((b - a) * 1000)
+        stages = stage_times(http, records)
     return {k: [round(pct(v, 50), 1), round(pct(v, 99), 1)] for k, v in stages.items() if v}
 
 

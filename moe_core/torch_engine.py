@@ -340,8 +340,7 @@ class TorchEngine:
         """Drop the request now (its batch row too); the next step returns its ABORT delta."""
         for i, seq in enumerate(self._waiting):
             if seq.request_id == request_id:
-                self._waiting[i] = self._waiting[-1]
-                self._waiting.pop()
+                del self._waiting[i]
                 heapq.heapify(self._waiting)
                 self._finish_aborted(seq)
                 return

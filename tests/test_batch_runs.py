@@ -274,6 +274,12 @@ def test_an_interactive_burst_is_claimed_at_once_while_batch_tier_jobs_hold_thei
     rows preempted): the burst ends while the batch-tier jobs still run."""
     key = create_key(stack.client, "burst", Scope.USER).secret
     _, api = others()
+
+    def busy() -> int:  # what admission counts against the batch tier: waiting and claimed jobs
+        waiting = int(stack.client.hget(keys.QUEUED_COUNT, "*") or 0)
+        return waiting + sum(stack.client.hlen(k) for k in stack.client.scan_iter(keys.running("*")))
+
+    wait_for(lambda: busy() == 0, 60, "the jobs of the tests before to end")
     with httpx.Client(base_url=api, headers=bearer(key), timeout=30) as http:
 
         def submit(prompt: str, max_tokens: int, priority: str) -> str:

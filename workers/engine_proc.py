@@ -182,7 +182,8 @@ def requests_of(held: Held) -> tuple[list[GenerationRequest], list[Delta]]:
             ended.append(Delta(request_id, "", [], job.usage.prompt_tokens, 0, reason))
         else:
             prompt, params = job.spec.prompt + resumed_text, _params(job.spec, index, resumed_tokens)
-            adds.append(GenerationRequest(request_id, prompt, params, job.modality, job.priority.rank))
+            rank = job.priority.rank
+            adds.append(GenerationRequest(request_id, prompt, params, tag=job.modality, priority=rank))
     return adds, ended
 
 

@@ -98,7 +98,7 @@ class Add(NamedTuple):
 
     def request(self) -> GenerationRequest:
         params = SamplingParams(*self.params)
-        return GenerationRequest(self.request_id, self.prompt, params, self.tag, self.priority)
+        return GenerationRequest(self.request_id, self.prompt, params, tag=self.tag, priority=self.priority)
 
 
 class AddMany(NamedTuple):

@@ -204,7 +204,6 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
 
 
 def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
-
     from scheduler import redis_client
     from scheduler.notify import Notifier
     from scheduler.queue import make_celery
