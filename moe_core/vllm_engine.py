@@ -9,9 +9,12 @@ worker's engine loop):
   `SamplingParams(output_kind=DELTA)`: each engine iteration's new text and token ids only;
 * vLLM's engine core steps on its own; a background thread of vLLM's client decodes what it sends
   into a queue. `step()` waits up to `STEP_WAIT_S` for the next iteration's outputs, then takes
-  every iteration that is queued through `LLMEngine.step()` (detokenizing, stop strings) and
+  the iterations queued at that moment through `LLMEngine.step()` (detokenizing, stop strings) and
   returns one delta per request per iteration. An engine loop that fell behind catches up in one
-  call, and no two iterations' tokens are merged;
+  call, and no two iterations' tokens are merged; iterations that arrive meanwhile wait for the
+  next call, so the engine loop adds new requests in between (taking those too, a call lasted as
+  long as vLLM's core made iterations faster than this process took them, and a new request
+  waited for a lull);
 * `abort` aborts in vLLM at once and queues the final ABORT delta; vLLM sends nothing more for it.
 
 Why not vLLM's `AsyncLLM`: it wakes one coroutine per request per iteration on an asyncio thread,
@@ -582,13 +585,13 @@ class VllmEngine:
             raise ValueError(str(e)) from e
 
     def _pull(self, wait: bool) -> None:
-        """Turn every engine iteration vLLM has sent into deltas; first wait up to STEP_WAIT_S for
+        """Turn the engine iterations vLLM has sent so far into deltas (not those that arrive
+        meanwhile: the engine loop admits new requests first); first wait up to STEP_WAIT_S for
         one when `wait`. Never blocks longer: LLMEngine.step() would wait for an iteration forever
         (and for good once the engine core is killed), so it is called only when one is queued."""
         if self._dead is not None:
             return
-        queued = self._queued(STEP_WAIT_S if wait else 0.0)
-        while queued:
+        for _ in range(self._queued(STEP_WAIT_S if wait else 0.0)):
             try:
                 outputs = self.engine.step()
             except Exception as e:  # LLMEngine.step raises what the engine core's client queued
@@ -603,22 +606,21 @@ class VllmEngine:
                 self._max_batch_seen = max(self._max_batch_seen, len(outputs))
             for out in outputs:
                 self._apply(out)
-            queued = self._queued(0.0)
         if self._core_dead():
             self._dead = self._dead or RuntimeError("vLLM's engine core exited")
             log.error("the vLLM engine died: its engine core exited")
 
-    def _queued(self, timeout: float) -> bool:
-        """Whether an engine iteration waits in the queue vLLM's client fills (after waiting up to
+    def _queued(self, timeout: float) -> int:
+        """How many engine iterations wait in the queue vLLM's client fills (after waiting up to
         `timeout` seconds for one). An in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-        has no queue: there step() runs an iteration itself."""
+        has no queue: there step() runs one iteration itself."""
         outputs = getattr(self.engine.engine_core, "outputs_queue", None)
         if outputs is None:
-            return bool(self.engine.has_unfinished_requests())
+            return int(self.engine.has_unfinished_requests())
         with outputs.not_empty:  # queue.Queue's condition: waits without taking the item
             if not outputs.queue and timeout > 0:
                 outputs.not_empty.wait(timeout)
-            return bool(outputs.queue)
+            return len(outputs.queue)
 
     def _core_dead(self) -> bool:
         resources = getattr(self.engine.engine_core, "resources", None)

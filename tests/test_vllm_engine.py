@@ -533,13 +533,44 @@ def test_a_late_step_catches_up_one_delta_per_token(engine: VllmEngine, referenc
         assert r.token_ids == reference.tokens(PROMPTS[i], 24)
 
 
+def test_a_step_takes_only_the_iterations_queued_when_it_began(
+    engine: VllmEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's core can make iterations faster than the engine's process takes them (here each
+    take is slowed to 50 ms: the seam). step() still returns once it has taken those queued when
+    it began, so the engine loop adds the requests that arrived meanwhile; taking every iteration
+    until the queue was empty, it returned only when the request had ended (a new request waited
+    for a lull)."""
+    _add(engine, GenerationRequest("outpaced", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True)))
+    results: dict[str, Result] = {}
+    while not results:
+        _collect(engine, results)
+    take = engine.engine.step
+
+    def slow() -> Any:
+        time.sleep(0.05)
+        return take()
+
+    monkeypatch.setattr(engine.engine, "step", slow)
+    time.sleep(0.2)  # a few iterations queue up
+    queued = engine._queued(0.0)
+    before = len(results["outpaced"].token_ids)
+    _collect(engine, results)
+    assert 0 < len(results["outpaced"].token_ids) - before <= queued + 1  # one more may come first
+    assert results["outpaced"].finish_reason is None and engine.has_unfinished()
+    monkeypatch.undo()
+    engine.abort("outpaced")
+    while engine.has_unfinished():
+        _collect(engine, results)
+
+
 def test_wake_ends_a_wait_for_output(engine: VllmEngine) -> None:
     """The engine loop waits in step() for vLLM's next iteration; a job arriving meanwhile calls
     wake() (from another thread) and the wait ends at once, with nothing taken from the queue."""
     waker = threading.Timer(0.2, engine.wake)
     waker.start()
     started = time.monotonic()
-    assert engine._queued(10.0) is False  # idle: only wake() can end this wait early
+    assert engine._queued(10.0) == 0  # idle: only wake() can end this wait early
     assert 0.15 < time.monotonic() - started < 5
     waker.join()
     assert _run(engine, [_greedy("after-wake", PROMPTS[0], max_tokens=3)])["after-wake"].finish_reason
