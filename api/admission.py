@@ -9,7 +9,8 @@ CPU per accepted job on 2 cores, `bench.service_vs_vllm --intake-api-only`).
 Retry-After: the rate limiter's exact wait, or for a full backlog how long the workers take to
 drain the excess at their measured speed (1 s to 10 min).
 A job of the batch tier is admitted only into spare capacity (Verdict.NO_SPARE otherwise,
-Retry-After 1 s): the jobs waiting and those the workers claimed must leave one of its slots free.
+Retry-After 1 s): the jobs waiting and those the workers claimed must leave one of its slots free
+(the workers' slots less the reserve, plus a look-ahead of jobs that wait in the engines).
 """
 
 from __future__ import annotations
@@ -49,10 +50,18 @@ def limits_for(caller: ApiKey, cfg: LimitSettings) -> Limits:
 @dataclass(frozen=True)
 class Spare:
     """The capacity a job of the batch tier may fill: the fresh workers (their running hashes are
-    counted) and their batch slots less the reserve (scheduler.batch_reserve)."""
+    counted), their batch slots less the reserve (scheduler.batch_reserve), and the look-ahead:
+    jobs beyond those slots that wait in the engines behind every other job
+    (scheduler.batch_lookahead), so that a row a batch job frees is taken at the engine's next step.
+    The jobs of every tier count against slots + lookahead: interactive work leaves the batch less."""
 
     workers: list[str]
     slots: int
+    lookahead: int = 0
+
+    @property
+    def limit(self) -> int:
+        return self.slots + self.lookahead if self.slots else 0
 
 
 class Refused(HTTPException):
@@ -83,7 +92,7 @@ class Admission:
         def refusal(reply: list[int]) -> Refused | None:
             return _refusal(reply, limits, tokens, drain_tokens_per_s, spare)
 
-        slots = spare.slots if spare is not None else -1
+        slots = spare.limit if spare is not None else -1
         return Admit(keys=names, args=[job_id, tokens, caller.id, *limits.argv(), slots], refusal=refusal)
 
     async def release(self, job_id: str) -> None:
@@ -101,8 +110,9 @@ def _refusal(
     if verdict is Verdict.NO_SPARE:
         assert spare is not None
         detail = (
-            f"no spare capacity for the batch tier: the workers' jobs fill its {spare.slots} slots "
-            f"({reply[1]} claimed or waiting; scheduler.batch_reserve is kept for other jobs)"
+            f"no spare capacity for the batch tier: the workers' jobs fill its {spare.limit} slots "
+            f"({spare.slots} spare + {spare.lookahead} waiting in the engines; {reply[1]} claimed or "
+            "waiting; scheduler.batch_reserve is kept for other jobs)"
         )
         return Refused(verdict, f"{detail}; retry in 1 s", 1)
     if verdict is Verdict.RATE_LIMITED:

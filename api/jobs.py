@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from typing import Annotated, cast
@@ -123,10 +124,13 @@ async def accept(
 
 def _spare(services: Services) -> Spare:
     """What the batch tier may fill: the fresh workers' batch slots less the reserve (at least one
-    slot while any worker is there, none without)."""
+    slot while any worker is there, none without), and its look-ahead beyond them."""
     capacity, workers = services.scheduler.fleet()
-    slots = max(1, int(capacity * (1 - services.settings.scheduler.batch_reserve))) if capacity else 0
-    return Spare(workers, slots)
+    if not capacity:
+        return Spare(workers, 0)
+    cfg = services.settings.scheduler
+    slots = max(1, int(capacity * (1 - cfg.batch_reserve)))
+    return Spare(workers, slots, math.ceil(capacity * cfg.batch_lookahead))
 
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")

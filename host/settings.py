@@ -167,6 +167,14 @@ class SchedulerSettings(BaseModel):
         description="Jobs of the batch tier (priority batch: a batch's lines) are admitted only into "
         "spare capacity, leaving this share of the workers' batch slots to every other job",
     )
+    batch_lookahead: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Jobs of the batch tier admitted beyond the spare slots, as a share of the workers' "
+        "batch slots: they wait in the engines behind every other job, and take a row the step a "
+        "batch job frees it instead of after a round trip through the API and the queue",
+    )
     prefix_routing: bool = Field(
         True,
         description="auto also counts the prompt tokens each worker's prefix cache probably holds "
