@@ -14,7 +14,9 @@ after the worker is idle again:
 4. the same lines as ordinary `/v1/chat/completions` requests sent at once (--at-once in flight).
 
 Prints interactive TTFT p50 / p95 without and with the batch (goal: p95 up by at most 10 %) and
-the batch's throughput alone ÷ the same requests sent at once (goal ≥ 0.9).
+the batch's throughput alone ÷ the same requests sent at once (goal ≥ 0.9). --out also keeps, per
+interactive request beside the batch, the moments it was sent, queued, claimed, its first token
+written and read; --profile samples the service's processes with py-spy during phase 4.
 
     python -m bench.batch_tier [--lines 10000] [--jobs 160] [--rate 14] [--batch 16]
 """
@@ -22,10 +24,12 @@ the batch's throughput alone ÷ the same requests sent at once (goal ≥ 0.9).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from bench.scheduler_policies import Arrival, arrivals, wait_idle
-from bench.service_vs_vllm import pct, stage_times
+from bench.service_vs_vllm import cpu_times, job_marks, pct, spied, stage_times
 from bench.stream_client import Record
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
@@ -98,6 +102,30 @@ def stages(http: httpx.Client, timed: list[Record]) -> dict[str, list[float]]:
     return {k: [round(pct(v, 50), 1), round(pct(v, 95), 1)] for k, v in times.items() if v}
 
 
+def timeline(http: httpx.Client, timed: list[Record]) -> list[list[float] | None]:
+    """Per request, when it was sent, queued, claimed, its first token written and read (seconds
+    from the phase's first send; bench.service_vs_vllm.job_marks): requests served in bursts show
+    as first tokens at one moment, and the stage before it says where they waited."""
+    marks = job_marks(http, timed)
+    t0 = min(r.sent for r in timed)
+    return [None if m is None else [round(x - t0, 4) for x in m] for m in marks]
+
+
+@contextlib.contextmanager
+def spied_service(folder: Path | None, worker: int, api: int) -> Iterator[None]:
+    """py-spy (bench.service_vs_vllm.spied) for the block on the first process of each kind under
+    the worker (consumer, runtime, engine, vLLM's core) and the API: `folder`/beside-<kind>.raw."""
+    if folder is None:
+        yield
+        return
+    chosen: dict[str, int] = {}
+    for pid, (kind, _, _) in sorted({**cpu_times(worker), **cpu_times(api, "api")}.items()):
+        if kind in ("api", "consumer", "runtime", "engine", "vllm-core"):
+            chosen.setdefault(kind, pid)
+    with spied(str(folder), "beside", chosen):
+        yield
+
+
 def create_batch(http: httpx.Client, lines: list[dict[str, Any]]) -> str:
     data = "".join(json.dumps(x) + "\n" for x in lines).encode()
     upload = http.post("/v1/files", files={"file": ("lines.jsonl", data)}, data={"purpose": "batch"})
@@ -154,6 +182,7 @@ def main() -> None:
     ap.add_argument("--at-once", type=int, default=64, help="requests in flight in phase 4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    ap.add_argument("--profile", type=Path, help="py-spy the service's processes in phase 4 into this folder")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="localmoe-batch-tier-"))
     print(f"[1/6] building the small model in {tmp}", flush=True)
@@ -186,9 +215,11 @@ def main() -> None:
             print(f"[4/6] the same beside a batch of {args.lines} lines", flush=True)
             batch_id = create_batch(http, lines)
             wait_batch(http, batch_id, ("in_progress", *TERMINAL))
-            timed_beside = ttft(http, plan)
+            with spied_service(args.profile, worker.pid, api_proc.pid):
+                timed_beside = ttft(http, plan)
             wait_batch(http, batch_id)
             beside_stages = stages(http, timed_beside)
+            beside_timeline = timeline(http, timed_beside)
             wait_idle(client, ["w1"])
             print("[5/6] the batch alone", flush=True)
             started = time.perf_counter()
@@ -223,6 +254,7 @@ def main() -> None:
             "ttft_beside_batch_s": beside,
             "stages_alone_ms": alone_stages,
             "stages_beside_batch_ms": beside_stages,
+            "timeline_beside_batch_s": beside_timeline,  # sent, queued, claimed, first token, read
             "batch_tokens": made_tokens,
             "batch_tokens_per_s": batch_tps,
             "at_once_tokens": tokens,

