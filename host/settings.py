@@ -308,6 +308,13 @@ class FlowerSettings(BaseModel):
     state_save_interval_s: float = Field(
         60.0, ge=0, description="Flower writes its state file this often (and when it stops); 0: only then."
     )
+    niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Flower's CPU niceness: on busy cores the engines, relays and API go first, and "
+        "Flower takes the task events they published a moment later",
+    )
 
 
 class Settings(BaseSettings):

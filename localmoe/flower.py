@@ -99,6 +99,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    os.nice(settings.flower.niceness)
     options = configure(settings)
     extract_settings()
     setup_logging()
