@@ -39,7 +39,7 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from bench.scheduler_policies import Arrival, arrivals, wait_idle
-from bench.service_vs_vllm import cpu_times, job_marks, pct, spied, stage_times
+from bench.service_vs_vllm import cpu_times, first_of, job_marks, pct, spied, stage_times
 from bench.stream_client import Record
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
@@ -96,18 +96,17 @@ def ttft(http: httpx.Client, plan: list[Arrival]) -> list[Record]:
     return out
 
 
-def stages(http: httpx.Client, timed: list[Record]) -> dict[str, list[float]]:
+def stages(marks: list[list[float] | None]) -> dict[str, list[float]]:
     """Where the TTFTs went (bench.service_vs_vllm.stage_times) → stage → [p50, p95] in ms."""
-    times = stage_times(http, timed)
+    times = stage_times(marks)
     return {k: [round(pct(v, 50), 1), round(pct(v, 95), 1)] for k, v in times.items() if v}
 
 
-def timeline(http: httpx.Client, timed: list[Record]) -> list[list[float] | None]:
+def timeline(marks: list[list[float] | None]) -> list[list[float] | None]:
     """Per request, when it was sent, queued, claimed, its first token written and read (seconds
     from the phase's first send; bench.service_vs_vllm.job_marks): requests served in bursts show
     as first tokens at one moment, and the stage before it says where they waited."""
-    marks = job_marks(http, timed)
-    t0 = min(r.sent for r in timed)
+    t0 = min(m[0] for m in marks if m is not None)
     return [None if m is None else [round(x - t0, 4) for x in m] for m in marks]
 
 
@@ -118,11 +117,8 @@ def spied_service(folder: Path | None, worker: int, api: int) -> Iterator[None]:
     if folder is None:
         yield
         return
-    chosen: dict[str, int] = {}
-    for pid, (kind, _, _) in sorted({**cpu_times(worker), **cpu_times(api, "api")}.items()):
-        if kind in ("api", "consumer", "runtime", "engine", "vllm-core"):
-            chosen.setdefault(kind, pid)
-    with spied(str(folder), "beside", chosen):
+    procs = {**cpu_times(worker), **cpu_times(api, "api")}
+    with spied(str(folder), "beside", first_of(procs, ("api", "consumer", "runtime", "engine", "vllm-core"))):
         yield
 
 
@@ -210,7 +206,7 @@ def main() -> None:
             wait_idle(client, ["w1"])
             print(f"[3/6] {args.jobs} interactive requests alone", flush=True)
             timed_alone = ttft(http, plan)
-            alone_stages = stages(http, timed_alone)
+            alone_stages = stages(job_marks(http, timed_alone))
             wait_idle(client, ["w1"])
             print(f"[4/6] the same beside a batch of {args.lines} lines", flush=True)
             batch_id = create_batch(http, lines)
@@ -218,8 +214,8 @@ def main() -> None:
             with spied_service(args.profile, worker.pid, api_proc.pid):
                 timed_beside = ttft(http, plan)
             wait_batch(http, batch_id)
-            beside_stages = stages(http, timed_beside)
-            beside_timeline = timeline(http, timed_beside)
+            beside_marks = job_marks(http, timed_beside)  # one read of the jobs' timings for both
+            beside_stages, beside_timeline = stages(beside_marks), timeline(beside_marks)
             wait_idle(client, ["w1"])
             print("[5/6] the batch alone", flush=True)
             started = time.perf_counter()

@@ -516,13 +516,13 @@ def worker_steps(target: Target, after: float = 0.0) -> int:
             time.sleep(0.2)
 
 
-def stage_times(http: httpx.Client, records: list[Record]) -> dict[str, list[float]]:
-    """Where each job's TTFT went, from its record's timings (read after the round): http (the
-    client's send → the job recorded, queued_at), queue (→ claimed by the worker, started_at),
-    engine (→ its first token written to Redis, first_token_at), delivery (→ the client read it).
-    One clock: the client and the server run on this machine. → stage → ms per job."""
+def stage_times(jobs_marks: list[list[float] | None]) -> dict[str, list[float]]:
+    """Where each job's TTFT went, from its moments (job_marks): http (the client's send → the job
+    recorded, queued_at), queue (→ claimed by the worker, started_at), engine (→ its first token
+    written to Redis, first_token_at), delivery (→ the client read it). One clock: the client and
+    the server run on this machine. → stage → ms per job."""
     stages: dict[str, list[float]] = {"http": [], "queue": [], "engine": [], "delivery": []}
-    for marks in job_marks(http, records):
+    for marks in jobs_marks:
         if marks is None:
             continue
         for stage, a, b in zip(stages, marks, marks[1:], strict=False):
@@ -548,7 +548,7 @@ def job_marks(http: httpx.Client, records: list[Record]) -> list[list[float] | N
 def ttft_stages(target: Target, records: list[Record]) -> dict[str, list[float]]:
     """Where the round's TTFTs went (stage_times): stage → [p50, p99] in ms."""
     with httpx.Client(base_url=target.base, headers=target.headers, timeout=10) as http:
-        stages = stage_times(http, records)
+        stages = stage_times(job_marks(http, records))
     return {k: [round(pct(v, 50), 1), round(pct(v, 99), 1)] for k, v in stages.items() if v}
 
 
@@ -560,12 +560,19 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
     if not folder:
         yield
         return
-    chosen: dict[str, int] = {}
-    for pid, (kind, _, _) in sorted(cpu_times(root).items()):
-        if kind in ("api", "consumer", "runtime", "engine", "vllm-api"):
-            chosen.setdefault(kind, pid)
-    with spied(folder, prefix, chosen):
+    with spied(
+        folder, prefix, first_of(cpu_times(root), ("api", "consumer", "runtime", "engine", "vllm-api"))
+    ):
         yield
+
+
+def first_of(procs: Cpu, kinds: tuple[str, ...]) -> dict[str, int]:
+    """kind → the lowest pid of that kind among `procs` (cpu_times), for each of `kinds` present."""
+    chosen: dict[str, int] = {}
+    for pid, (kind, _, _) in sorted(procs.items()):
+        if kind in kinds:
+            chosen.setdefault(kind, pid)
+    return chosen
 
 
 @contextlib.contextmanager
