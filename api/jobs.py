@@ -112,11 +112,11 @@ async def accept(
         await services.enqueuer.submit(job, gate, chosen.sent)
     except Refused as refusal:
         metrics.count_rejected(refusal)
-        await forget_idempotency(services, caller, idempotency_key)
+        await forget_idempotency(services, caller, idempotency_key, job.id)
         raise
     except Exception as e:
         await services.admission.release(job.id)  # a no-op unless it was admitted
-        await forget_idempotency(services, caller, idempotency_key)
+        await forget_idempotency(services, caller, idempotency_key, job.id)
         raise HTTPException(503, "the job queue is unavailable; try again") from e
     metrics.count_submitted(job)
     return job, False
@@ -171,11 +171,35 @@ async def idempotent_job_id(services: Services, caller: ApiKey, idempotency_key:
     return earlier.partition(" ")[0] if earlier else None
 
 
-async def forget_idempotency(services: Services, caller: ApiKey, idempotency_key: str | None) -> None:
-    """The request that took the key was refused (or, for a batch's line, it names a job that is
-    gone or was never made): a request with the same key may go ahead."""
-    if idempotency_key is not None and _IDEMPOTENCY_KEY.match(idempotency_key):
-        await services.store.client.delete(_idem_key(caller, idempotency_key))
+# KEYS: the idempotency key. ARGV: the job id it must name, the least age (s) its claim must
+# have, the TTL it was set with (s). Deletes it only if it names that job and is that old
+# (age = TTL set - TTL left): a claim of another request, or one still being accepted, stays.
+FORGET = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 1 end
+if string.sub(value, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
+if tonumber(ARGV[2]) > 0 and tonumber(ARGV[3]) - redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+async def forget_idempotency(
+    services: Services, caller: ApiKey, idempotency_key: str | None, job_id: str, older_than_s: float = 0
+) -> bool:
+    """The request that took the key for `job_id` was refused (or, for a batch's line, the key
+    names a job that is gone or was never made): a request with the same key may go ahead.
+    → whether the key is free now. Only the claim of `job_id` is forgotten (another request may
+    have taken the key since), and only once it is `older_than_s` old: a claim younger than that
+    may be an acceptance still under way in another process, whose job is about to exist."""
+    if idempotency_key is None or not _IDEMPOTENCY_KEY.match(idempotency_key):
+        return True
+    script = services.store.client.register_script(FORGET)
+    ttl = services.settings.limits.idempotency_ttl_s
+    name = _idem_key(caller, idempotency_key)
+    return bool(await script(keys=[name], args=[job_id, older_than_s, ttl]))
 
 
 @router.post(

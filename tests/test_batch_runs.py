@@ -10,13 +10,15 @@ not sent twice)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import openai
@@ -24,14 +26,20 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from api import jobs
 from api.admission import Admission, Refused, Spare
 from api.auth import ApiKey, Scope, create_key
+from api.deps import Services
+from api.jobs import forget_idempotency, idempotent_job_id
+from api.openai import batch_runner
+from api.openai.batch_input import BatchRequestLine
 from api.openai.batch_store import BatchRecord, BatchStore, new_batch_id
 from api.openai.protocol import BatchStatus
 from host.settings import LimitSettings
 from localmoe.redis_server import RedisServer
 from scheduler import backlog, keys, record
 from scheduler.backlog import Verdict
+from scheduler.jobs import JobSpec
 from tests.conftest import Stack, _stop, bearer, private_stack, scratch_db, start_api, wait_for
 from tests.test_batches import CHAT, body, lines_of, upload, wait
 
@@ -117,6 +125,46 @@ def test_a_keys_batches_and_lines_in_flight_are_counted_across_its_batches(redis
         assert await store.move(a.id, S.FAILED)  # ended: its lines and its place are free
         assert await store.take_line("k", b.id, 3) and await store.take_line("k", b.id, 3)
         assert await store.create(c, 600, "r", 5, max_open=2) is None
+        await client.aclose()
+
+    with scratch_db(redis_server, 2):
+        asyncio.run(scenario(_url(redis_server, 2)))
+
+
+def test_a_lines_key_is_freed_only_by_its_own_claim_or_once_abandoned(redis_server: RedisServer) -> None:
+    """Two runs of a batch may overlap for a moment (one stalled past its lease while another took
+    the batch over). A line's Idempotency-Key that names no job yet may be the other run's
+    acceptance under way: a run leaves it until it is ABANDONED_S old, and a refusal frees the
+    key only while it is still its own claim. (Freeing either at once had a line submitted twice.)"""
+
+    async def scenario(url: str) -> None:
+        client = aioredis.from_url(url, decode_responses=True)
+        limits = LimitSettings()
+        services = cast(
+            Services,
+            SimpleNamespace(store=SimpleNamespace(client=client), settings=SimpleNamespace(limits=limits)),
+        )
+        caller = ApiKey(id="k", name="k", created_at=0)
+        batch = BatchRecord(
+            id=new_batch_id(), owner="k", endpoint=CHAT, input_file_id="f", created_at=0, expires_at=60
+        )
+        line = BatchRequestLine.model_validate({"custom_id": "c", "method": "POST", "url": CHAT, "body": {}})
+        key = batch_runner.line_key(batch.id, "c")
+        spec = JobSpec(prompt="def f(x):")
+        assert await jobs._claim_idempotency(services, caller, key, spec, "job-a") is None  # run A's
+        assert not await forget_idempotency(services, caller, key, "job-b")  # run B's refusal: not B's
+        assert await idempotent_job_id(services, caller, key) == "job-a"
+
+        await batch_runner._unclaim(services, caller, batch, line, key, "no job yet")  # run B meets it
+        assert await idempotent_job_id(services, caller, key) == "job-a"  # A may be making its job
+        name = keys.idempotency(caller.id, hashlib.sha256(key.encode()).hexdigest())
+        await client.expire(name, limits.idempotency_ttl_s - batch_runner.ABANDONED_S - 1)  # taken long ago
+        await batch_runner._unclaim(services, caller, batch, line, key, "no job yet")
+        assert await idempotent_job_id(services, caller, key) is None  # A died taking it: sent again
+
+        assert await jobs._claim_idempotency(services, caller, key, spec, "job-b") is None
+        assert await forget_idempotency(services, caller, key, "job-b")  # B's own, refused
+        assert await idempotent_job_id(services, caller, key) is None
         await client.aclose()
 
     with scratch_db(redis_server, 2):

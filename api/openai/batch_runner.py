@@ -21,9 +21,13 @@ Resuming: a line's result goes to the batch's ledger (batch_store.py) once, and 
 the lines not in it. Each line's job is submitted with the Idempotency-Key `line_key(batch,
 custom_id)`: a line whose job a dead run submitted is answered by that job, found again by the
 key, not submitted twice (only where the key is gone: past limits.idempotency_ttl_s, or taken by
-a run that died before the job was made). The result files are written from the ledger, in the
-input's order, under ids made from the batch's: a run that dies while writing them leaves
-nothing that the next run does not write over.
+a run that died before the job was made, ABANDONED_S ago). Two runs may overlap for a moment (one
+stalled past its lease, another took the batch over): a key is only ever freed by the claim that
+took it (a refusal) or once abandoned, so the second finds the first's job and never submits the
+line again; the ledger keeps a line's first answer. The result files are written from the
+ledger, in the input's order, each run into parts of its own moved into place under ids made
+from the batch's: a run that dies while writing them leaves nothing that the next run does not
+write over, and two runs finishing at once do not remove each other's parts.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ WATCH_S = 0.5  # how often a run looks for a cancel (another API process may hav
 TURN_S = 0.1  # how often a line held back (no spare capacity, the key's limit) asks again: the
 # workers' slots come free one by one, each idle until a line takes it (half this, on average),
 # unless a line of the same run ends first: its slot is free then, and the waiting line asks at once
+ABANDONED_S = 10  # a line's key that names no job this long after it was taken: its run died taking it
 MAX_ERRORS = 10  # validation errors listed on a failed batch
 READ_CHUNK = 1000  # ledger lines read at once while writing the result files
 
@@ -116,12 +121,25 @@ async def answer(
             if e.status_code in (429, 503):  # pacing, not an answer
                 await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
                 continue
-            if e.status_code == 409:  # the key names no job (a run died taking it) or another body
-                log.warning("batch %s, line %r: %s; submitting it again", batch.id, line.custom_id, e.detail)
-                await forget_idempotency(services, caller, key)
+            if e.status_code == 409:  # the key names no job yet, or another body
+                await _unclaim(services, caller, batch, line, key, str(e.detail))
                 continue
             refusal = from_http(e)
         return refusal.status_code, orjson.loads(refusal.body), None
+
+
+async def _unclaim(
+    services: Services, caller: ApiKey, batch: BatchRecord, line: BatchRequestLine, key: str, why: str
+) -> None:
+    """The line's key names no job, or was taken with another body. A claim younger than
+    ABANDONED_S may be another run's acceptance under way (that run lost its lease a moment ago
+    and has not yet stopped): its job is found at the next attempt. Older, the run that took it
+    died before making the job: the key is freed and the line submitted again."""
+    claimed = await idempotent_job_id(services, caller, key)
+    if claimed is not None and not await forget_idempotency(services, caller, key, claimed, ABANDONED_S):
+        await asyncio.sleep(TURN_S)
+        return
+    log.warning("batch %s, line %r: %s; submitting it again", batch.id, line.custom_id, why)
 
 
 async def _call(
@@ -376,7 +394,8 @@ async def _finish(services: Services, batch: BatchRecord, source: BinaryIO) -> N
     cancelled from cancelling, expired from in_progress (a run the window stopped)."""
     store = services.batches
     ids = (result_file_id(batch.id, "output"), result_file_id(batch.id, "error"))
-    parts = [services.files.incoming(i) for i in ids]
+    run = uuid.uuid4().hex[:8]  # a run that lost its lease may still be writing its own
+    parts = [services.files.incoming(f"{i}-{run}") for i in ids]
     try:
         with parts[0].open("wb") as output, parts[1].open("wb") as errors:
             custom_ids = (line.custom_id for line in _lines(source, set()))
