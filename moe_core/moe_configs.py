@@ -6,6 +6,7 @@ it. Writing those files is model building's (moe_build/moe_tuning.py, `localmoe 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,38 @@ def config_file_name(shape: MoeShape) -> str:
     from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
 
     return str(get_config_file_name(shape.experts, shape.intermediate, vllm_dtype_selector(shape)))
+
+
+# Triton compiles a kernel once per distinct set of constexpr values (the config) and, for each
+# integer argument, again whether it is divisible by 16 or not (its "specialization"). The fused-
+# MoE kernel's integer arguments that follow the step's token count M (the routed tokens, M ×
+# top_k, and their padded count) are affine in M, so 16 consecutive M meet every such variant.
+SPECIALIZATION = 16
+
+
+def fused_moe_config_of(shape: MoeShape, quantization: str | None) -> Callable[[int], dict[str, Any]]:
+    """M → the fused-MoE kernel config vLLM picks for a step of M tokens on this shape (its own
+    function: a tuned file's nearest entry, else its defaults by M). Imports vLLM. quantization:
+    the engine's ("fp8": per-tensor fp8 kernels); a checkpoint's own method is not looked at."""
+    from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+
+    w1 = (shape.experts, 2 * shape.intermediate, shape.hidden)
+    w2 = (shape.experts, shape.hidden, shape.intermediate)
+    dtype = "fp8_w8a8" if quantization == "fp8" else vllm_dtype_selector(shape)
+    return lambda m: dict(try_get_optimal_moe_config(w1, w2, shape.top_k, dtype, m))
+
+
+def kernel_batch_sizes(config_of: Callable[[int], dict[str, Any]], most: int) -> list[int]:
+    """The step sizes (tokens, 1..most) whose steps launch every fused-MoE kernel variant a step
+    of at most `most` tokens can: the first SPECIALIZATION sizes of each run of sizes that share
+    a config. Ascending."""
+    sizes: list[int] = []
+    current: tuple[tuple[str, Any], ...] | None = None
+    start = 1
+    for m in range(1, most + 1):
+        config = tuple(sorted(config_of(m).items()))
+        if config != current:
+            current, start = config, m
+        if m - start < SPECIALIZATION:
+            sizes.append(m)
+    return sizes

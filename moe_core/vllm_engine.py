@@ -70,6 +70,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ log = logging.getLogger(__name__)
 WARMUP_PROMPTS = ("Hello", "def warm_up(engine):\n    return engine.step()")
 STEP_WAIT_S = 0.02  # the longest step() waits for an engine iteration while requests are unfinished
 CLOSE_TIMEOUT_S = 30.0
+WARMUP_TIMEOUT_S = 600.0  # the whole warm-up, fused-MoE kernels included (compiled on the first start)
 
 # vLLM's finish reasons (str(vllm.v1.engine.FinishReason)) mapped to ours; anything else
 # ("error", "repetition", ...) ends the request with FinishReason.ERROR.
@@ -165,6 +167,7 @@ class VllmEngine:
         quantization: str | None = None,
         cpu_offload_gb: float = 0.0,
         kv_cache_memory_bytes: int | None = None,
+        warm_up_kernels: bool | None = None,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -184,7 +187,9 @@ class VllmEngine:
         GPU vLLM keeps in pinned CPU memory, read over PCIe at every step (0: none; on vLLM's CPU
         build the weights are in CPU memory already and it moves nothing); kv_cache_memory_bytes:
         vLLM's KV cache per GPU, instead of what gpu_memory_utilization leaves (the automatic
-        choice sets it with cpu_offload_gb: what the memory budget leaves the KV cache)."""
+        choice sets it with cpu_offload_gb: what the memory budget leaves the KV cache);
+        warm_up_kernels: compile vLLM's fused-MoE kernels for every step size at load
+        (_compile_moe_kernels; None: on CUDA, where they are Triton kernels compiled on first use)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -205,6 +210,7 @@ class VllmEngine:
         self.quantization = quantization
         self.cpu_offload_gb = cpu_offload_gb
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.warm_up_kernels = warm_up_kernels  # None until load() decides it by the device
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -245,6 +251,8 @@ class VllmEngine:
             )
         device, gpu = self._resolve_device()
         dtype = self._resolve_dtype(device)
+        if self.warm_up_kernels is None:
+            self.warm_up_kernels = device.startswith("cuda")
         for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         if device.startswith("cuda") and importlib.util.find_spec("flashinfer") is None:
@@ -405,15 +413,76 @@ class VllmEngine:
         return engine
 
     def _warm_up(self) -> None:
-        """Two prompts of different lengths through the whole path; then the counters start at 0."""
+        """Two prompts of different lengths through the whole path, then the fused-MoE kernels
+        (when warm_up_kernels); then the counters start at 0."""
+        deadline = time.monotonic() + WARMUP_TIMEOUT_S
         for i, prompt in enumerate(WARMUP_PROMPTS):
             self.add_request(GenerationRequest(f"__warmup-{i}", prompt, SamplingParams(max_tokens=2)))
-        deadline = time.monotonic() + 300
+        self._drain(deadline)
+        if self.warm_up_kernels:
+            self._compile_moe_kernels(deadline)
+        self._reset_state()
+
+    def _compile_moe_kernels(self, deadline: float) -> None:
+        """One step of each size in `kernel_batch_sizes` (a prefill of that many tokens: one
+        prompt, or prompts of max_context − 1 tokens and the rest, added together: one step unless
+        vLLM's core starts a step before the last of them reaches it), so that vLLM's
+        Triton fused-MoE kernel is compiled for every variant a step can launch before traffic
+        comes. vLLM compiles only the sizes it profiles and captures as CUDA graphs at start; the
+        rest compiled at their first step under load, each stalling the whole engine for about a
+        second while requests arrived (measured on the H200 beside a batch: first tokens in bursts
+        1–2.5 s apart, vLLM's log naming the fused-MoE kernel compiled during inference). Triton
+        keeps what it compiled on disk, so a restart is quick."""
+        sizes = self.kernel_batch_sizes
+        started = time.monotonic()
+        longest = self.max_context - 1
+        vocab = min(len(self.tokenizer), int(self.engine.model_config.get_vocab_size()))
+        for n, size in enumerate(sizes):
+            parts = [longest] * (size // longest) + ([size % longest] if size % longest else [])
+            for j, length in enumerate(parts):
+                rng = random.Random(f"{n}/{j}")  # prompts unlike each other: none found in the prefix cache
+                ids = [rng.randrange(vocab) for _ in range(length)]
+                self._add(f"__warmup-moe-{n}-{j}", ids, SamplingParams(max_tokens=1), 0, "")
+            self._drain(deadline)
+        if sizes:
+            log.info(
+                "fused-MoE kernels warmed up for steps of %d sizes (1..%d tokens) in %.1fs",
+                len(sizes),
+                sizes[-1],
+                time.monotonic() - started,
+            )
+
+    @property
+    def kernel_batch_sizes(self) -> list[int]:
+        """The step sizes _compile_moe_kernels runs: every fused-MoE kernel variant of this model's shape
+        (moe_core/moe_configs.py) up to what one step can hold (the scheduler's token budget, the
+        KV cache, max_batch_size prompts of max_context − 1 tokens). [] for a model vLLM does not
+        fuse (or a vLLM without the function)."""
+        from moe_core import moe_configs
+
+        dtype = self._resolve_dtype(self._resolve_device()[0])
+        try:
+            shape = moe_configs.moe_shape(
+                self.model_dir,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enable_expert_parallel=self.enable_expert_parallel,
+                dtype=dtype,
+            )
+            config_of = moe_configs.fused_moe_config_of(shape, self.quantization)
+        except Exception as e:  # not a fused MoE, quantized weights, an older vLLM
+            log.info("fused-MoE kernel warm-up: not applicable to this model (%s)", e)
+            return []
+        blocks, block_size = self._kv_blocks
+        most = min(self.max_num_batched_tokens, (self.max_context - 1) * self.max_batch_size)
+        if blocks:  # the KV cache holds the step's prompts with a block each to spare
+            most = min(most, (blocks - self.max_batch_size) * block_size)
+        return moe_configs.kernel_batch_sizes(config_of, most)
+
+    def _drain(self, deadline: float) -> None:
         while self.has_unfinished():
             self.step()
             if time.monotonic() > deadline:
-                raise RuntimeError("vLLM warm-up did not finish in 300 s")
-        self._reset_state()
+                raise RuntimeError(f"vLLM warm-up did not finish in {WARMUP_TIMEOUT_S:.0f} s")
 
     # ------------------------------------------------------------------------------- public API
 
@@ -429,11 +498,11 @@ class VllmEngine:
         prompt_ids = self._tokenize(request.prompt)
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
-        params = request.params
+        self._add(rid, prompt_ids, request.params, request.priority, request.tag)
+
+    def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams, priority: int, tag: str) -> None:
         stops = StopStringBuffer(params.stop, params.include_stop_str_in_output) if params.stop else None
-        state = _Request(
-            prompt_tokens=len(prompt_ids), tag=request.tag, stops=stops, logprobs=params.logprobs
-        )
+        state = _Request(prompt_tokens=len(prompt_ids), tag=tag, stops=stops, logprobs=params.logprobs)
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
             self._requests[rid] = state
@@ -446,9 +515,7 @@ class VllmEngine:
         try:
             # priority: the job's rank (0 most urgent); vLLM's priority policy takes waiting
             # requests by (priority, arrival), as the torch engine does
-            self.engine.add_request(
-                rid, {"prompt_token_ids": prompt_ids}, sampling, priority=request.priority
-            )
+            self.engine.add_request(rid, {"prompt_token_ids": prompt_ids}, sampling, priority=priority)
         except Exception as e:  # vLLM refused this request (or its engine is gone)
             if self._engine_gone(e):
                 self._dead = self._dead or e

@@ -74,6 +74,26 @@ def test_moe_shape_of_each_architecture(tmp_path: Path) -> None:
         moe_configs.moe_shape(tmp_path / "dense")
 
 
+def test_kernel_warm_up_sizes_meet_every_config_in_each_residue() -> None:
+    """The vLLM engine warms its fused-MoE kernels with one step of each of these sizes: each run
+    of sizes sharing a config starts 16 consecutive sizes (every divisibility by 16 Triton
+    specializes on), up to the most one step holds."""
+
+    def config_of(m: int) -> dict[str, int]:
+        return {"BLOCK_SIZE_M": 16 if m <= 32 else 32 if m <= 96 else 64}
+
+    sizes = moe_configs.kernel_batch_sizes(config_of, 200)
+    assert sizes == [*range(1, 17), *range(33, 49), *range(97, 113)]
+    assert moe_configs.kernel_batch_sizes(config_of, 40) == [*range(1, 17), *range(33, 41)]
+    assert {m % 16 for m in sizes if m >= 97} == set(range(16))
+    # a config that comes back after another starts a run of its own
+    assert moe_configs.kernel_batch_sizes(lambda m: {"A": int(20 <= m < 40)}, 45) == [
+        *range(1, 17),
+        *range(20, 36),
+        *range(40, 46),
+    ]
+
+
 def test_candidates_prune_what_cannot_help() -> None:
     one = moe_tuning.candidates(1, SHAPE)
     assert one["BLOCK_SIZE_M"] == (16,)  # 2 rows at most per expert: the smallest tile

@@ -10,6 +10,7 @@ or test, never at import time.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import threading
@@ -200,6 +201,7 @@ def test_available_and_idle_after_load(engine: VllmEngine, reference: Reference,
     ok, why = available()
     assert ok and why.startswith("vLLM ")
     assert engine.name == "vllm"
+    assert engine.warm_up_kernels is (not ON_CPU)  # by default on CUDA only
     assert engine.moe_config is not None and engine.moe_config.parent == tuned_dir
     assert os.environ[moe_configs.ENV_FOLDER] == str(tuned_dir)  # what the engine core inherited
     assert engine.max_context == reference.model.config.max_position_embeddings
@@ -289,6 +291,33 @@ def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pyt
         assert other == fused_moe.get_default_config(1, 8, 512, 128, 2, None)
     finally:
         fused_moe.get_moe_configs.cache_clear()
+
+
+def test_the_fused_moe_kernels_are_warmed_up_at_load(
+    mixtral_dir: Path,
+    tuned_dir: Path,
+    reference: Reference,
+    references: dict[str, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """warm_up_kernels (on by itself on CUDA, where vLLM's fused MoE is a Triton kernel compiled
+    per variant on first use): at load, one step of each size that meets another variant. The tiny
+    model's tuned file (entries 1 and 64; vLLM takes the nearest) has two configs, from 1 and from
+    33 tokens: 16 sizes each; with max_context 40 a step of 40..48 tokens is two prompts. Then the
+    engine is idle, its counters at 0, and serves generate()'s tokens."""
+    engine = make_engine(mixtral_dir, tuned_config_dir=tuned_dir, warm_up_kernels=True, max_context=40)
+    assert make_engine(mixtral_dir).warm_up_kernels is None  # decided at load, by the device
+    with caplog.at_level(logging.INFO, logger="moe_core.vllm_engine"):
+        engine.load()
+    try:
+        assert engine.kernel_batch_sizes == [*range(1, 17), *range(33, 49)]
+        assert "fused-MoE kernels warmed up for steps of 32 sizes (1..48 tokens)" in caplog.text
+        stats = engine.stats()
+        assert (stats.steps, stats.tokens_generated, stats.prompt_tokens, stats.running) == (0, 0, 0, 0)
+        result = _run(engine, [_greedy("w", PROMPTS[0])])["w"]
+        reference.assert_matches(result, references[PROMPTS[0]], NEW_TOKENS)
+    finally:
+        engine.close()
 
 
 def test_greedy_alone_matches_generate(
