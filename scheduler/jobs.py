@@ -54,6 +54,14 @@ class Priority(StrEnum):
 
 _PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2, Priority.BATCH: 3}
 
+
+def batch_slots(capacity: int, reserve: float) -> int:
+    """Of `capacity` batch slots, those the batch tier may hold (scheduler.batch_reserve: the share
+    left to every other job): at least one. Admission counts it over the workers (api/jobs.py);
+    the vLLM engine holds the batch tier's requests to it in each worker."""
+    return max(1, int(capacity * (1 - reserve)))
+
+
 MAX_SEQUENCES = 16  # JobSpec.n at most: n sequences hold n slots of a worker's batch
 
 

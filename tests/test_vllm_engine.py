@@ -34,6 +34,7 @@ from moe_core import moe_configs
 from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
+from scheduler.jobs import Priority
 from tests.parity import (
     LATE_PROMPTS,
     LOGITS_OPTIONS,
@@ -228,6 +229,8 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
         cfg.vllm.enable_prefix_caching = on
         engine = construct("vllm", mixtral_dir, "cpu", cfg)
         assert engine._engine_args("float32").enable_prefix_caching is on  # type: ignore[attr-defined]
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)  # as the worker builds it
+    assert (engine.batch_rows, engine.batch_rank) == (7, Priority.BATCH.rank)  # type: ignore[attr-defined]
     cfg.vllm.quantization = "fp8"
     engine = construct("vllm", mixtral_dir, "cpu", cfg)
     assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
@@ -379,6 +382,56 @@ def test_waiting_requests_go_by_the_jobs_rank(engine: VllmEngine) -> None:
                 first.append(delta.request_id)
     assert first == ["same", "low"]
     assert results["low"].finish_reason is results["same"].finish_reason is FinishReason.LENGTH
+
+
+def _beside_a_batch(engine: VllmEngine) -> tuple[int, bool, dict[str, Result]]:
+    """MAX_BATCH + 2 batch-tier requests (rank 3, 24 tokens), then, once they run, two normal ones
+    (rank 1) and one more batch-tier request that is aborted at once. → (how many batch-tier
+    requests ran before the first of them ended, whether both normal ones had their first token
+    by then, the results)."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    batch = [f"b{i}" for i in range(MAX_BATCH + 2)]
+    for i, rid in enumerate(batch):
+        _add(engine, GenerationRequest(rid, PROMPTS[i % len(PROMPTS)], params, priority=3))
+    results: dict[str, Result] = {}
+    while not results:
+        _collect(engine, results)
+    urgent = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i in range(2):
+        _add(engine, GenerationRequest(f"u{i}", LATE_PROMPTS[i], urgent, priority=1))
+    _add(engine, GenerationRequest("gone", LATE_PROMPTS[0], params, priority=3))
+    engine.abort("gone")
+    ran, urgent_first = 0, False
+    while engine.has_unfinished():
+        _collect(engine, results)
+        if not any(results[b].finish_reason for b in batch if b in results):
+            ran = sum(1 for b in batch if b in results)
+            urgent_first = all(results.get(f"u{i}", Result()).token_ids for i in range(2))
+    return ran, urgent_first, results
+
+
+def test_the_batch_tier_holds_only_its_rows(mixtral_dir: Path, engine: VllmEngine) -> None:
+    """vLLM seats a waiting request only in a free row (it preempts for memory alone): with every
+    row held by batch-tier requests, a normal request waits for one of them to end. With
+    batch_rows 3 the adapter keeps the rest of the batch tier's requests back, so the other rows
+    stay free: normal requests start at once, and the held ones run as rows come free, each with
+    the tokens it would have had (greedy, alike prompts alike)."""
+    ran, urgent_first, _ = _beside_a_batch(engine)  # the shared engine: no batch_rows
+    assert (ran, urgent_first) == (MAX_BATCH, False)
+
+    limited = make_engine(mixtral_dir, batch_rows=3)
+    limited.load()
+    try:
+        ran, urgent_first, results = _beside_a_batch(limited)
+        assert limited.stats().running == 0 and not limited._held  # type: ignore[attr-defined]
+    finally:
+        limited.close()
+    assert (ran, urgent_first) == (3, True)
+    assert results["gone"].finish_reason is FinishReason.ABORT and not results["gone"].token_ids
+    for i in range(MAX_BATCH + 2):
+        assert len(results[f"b{i}"].token_ids) == 24
+        twin = results[f"b{i % len(PROMPTS)}"]  # the same prompt, not held
+        assert results[f"b{i}"].token_ids == twin.token_ids
 
 
 def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:

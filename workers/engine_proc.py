@@ -256,6 +256,7 @@ def _main(conn: Connection, parent: int) -> None:
 def _load(settings: Settings) -> tuple[Engine, Choice, str]:
     import torch
 
+    from scheduler.jobs import batch_slots
     from workers.engine_setup import start_engine
 
     device = settings.engine.device
@@ -265,5 +266,6 @@ def _load(settings: Settings) -> tuple[Engine, Choice, str]:
         torch.set_num_threads(settings.engine.resolved_cpu_threads())
     model_dir = settings.resolved_model_dir
     log.info("loading %s on %s", model_dir, device)
-    engine, choice = start_engine(model_dir, device, settings.engine)
+    batch_rows = batch_slots(settings.engine.max_batch_size, settings.scheduler.batch_reserve)
+    engine, choice = start_engine(model_dir, device, settings.engine, batch_rows)
     return engine, choice, device

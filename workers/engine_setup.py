@@ -12,6 +12,7 @@ from moe_core.choice import Backend, Budget, Choice, choose
 from moe_core.engine import Engine
 from moe_core.failover import FailoverEngine
 from moe_core.loader import inspect_model
+from scheduler.jobs import Priority
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,15 @@ def budget_of(cfg: EngineSettings) -> Budget:
 
 
 def construct(
-    backend: Backend, model_dir: Path, device: str, cfg: EngineSettings, choice: Choice | None = None
+    backend: Backend,
+    model_dir: Path,
+    device: str,
+    cfg: EngineSettings,
+    choice: Choice | None = None,
+    batch_rows: int | None = None,
 ) -> Engine:
-    """choice: the one that named this backend or a fallback of it (None: all weights on the GPU)."""
+    """choice: the one that named this backend or a fallback of it (None: all weights on the GPU);
+    batch_rows: the rows the batch tier's jobs may hold in a vLLM engine (the others preempt them)."""
     offload = offload_of(backend, choice, cfg)
     if backend == "vllm":
         from moe_core.vllm_engine import VllmEngine
@@ -69,6 +76,8 @@ def construct(
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
             cpu_offload_gb=moved.cpu_offload_gb if moved else 0.0,
             kv_cache_memory_bytes=moved.kv_cache_bytes if moved else None,
+            batch_rows=batch_rows,
+            batch_rank=Priority.BATCH.rank,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
@@ -88,16 +97,20 @@ def construct(
     return TorchEngine(model_dir, device=device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
 
 
-def start_engine(model_dir: Path, device: str, cfg: EngineSettings) -> tuple[Engine, Choice]:
+def start_engine(
+    model_dir: Path, device: str, cfg: EngineSettings, batch_rows: int | None = None
+) -> tuple[Engine, Choice]:
     """Choose and load. The engine returned fails over along the choice's list: at load, and at
-    run time when its steps keep failing (moe_core/failover.py)."""
+    run time when its steps keep failing (moe_core/failover.py). batch_rows: see construct."""
     model = inspect_model(model_dir)
     choice = choose(
         cfg.backend, model, device, budget_of(cfg), quantize=cfg.vllm.quantization, offload=cfg.offload
     )
     log.info("engine choice: %s, offload %s (%s)", choice.backend, choice.offload, choice.reason)
     order = (choice.backend, *choice.fallbacks)
-    builders = [(b, functools.partial(construct, b, model_dir, device, cfg, choice)) for b in order]
+    builders = [
+        (b, functools.partial(construct, b, model_dir, device, cfg, choice, batch_rows)) for b in order
+    ]
     engine = FailoverEngine(builders, max_failures=cfg.max_step_failures, cooldown_s=cfg.failover_cooldown_s)
     engine.load()
     return engine, choice
