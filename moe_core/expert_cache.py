@@ -1,0 +1,273 @@
+"""A device cache of a MoE model's routed experts, for the torch engine (`engine.offload: experts`).
+
+Only the experts make a MoE model large, and each token uses k of a layer's E. So every MoE layer
+keeps `slots` of its experts on the device and all E in host memory (pinned on CUDA, so a copy is
+an asynchronous DMA); attention, norms, routers and shared experts stay on the device. A layer's
+forward, in `_CachedLayer.forward`:
+
+1. its router has chosen: top-k ids [T, k] over the T tokens → the distinct experts needed (one
+   host sync);
+2. the next layer's router, applied to this layer's input, predicts which experts that layer
+   will need; those not resident are copied in ahead (on a copy stream on CUDA, while this layer
+   computes) into slots whose experts are not predicted (`SlotTable.prefetch`);
+3. the experts needed and not resident are copied in (`SlotTable.admit`: a free slot, else the
+   least recently needed expert not needed now, the one with the least recent load among equals);
+4. the experts module runs as it always does, on its slot tensors [slots, ...], the ids remapped
+   to slots (an expert not resident → the sentinel `slots`, which every transformers experts
+   implementation skips). A forward that needs more experts than there are slots runs them in
+   turns of `slots`, the turns' outputs summed.
+
+The output is the model's with every expert on the device, up to the order the tokens' expert
+outputs are summed in (greedy tokens alike: tests/test_expert_cache.py, one slot per layer too).
+Which layers it holds: each module with one router child (`*TopKRouter`, as expert telemetry finds
+them) and one experts child built on transformers' experts interface (`use_experts_implementation`:
+forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])), whose parameters with E rows
+are the per-expert weights. Every family LocalMoE builds has that form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moe_core.telemetry import routers
+
+LOAD_DECAY = 0.9  # per forward of the layer: an expert's load is the tokens routed to it, decayed
+
+
+@dataclass
+class CacheStats:
+    """Counted over every layer since the cache was made."""
+
+    needed: int = 0  # experts a forward needed (per layer and forward)
+    hits: int = 0  # of them, resident already (prefetched ones included)
+    prefetched: int = 0  # experts copied in ahead of their layer
+    prefetch_hits: int = 0  # of those, needed by the forward they were fetched for
+    bytes_fetched: int = 0  # host → device, on demand and ahead
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 1.0
+
+
+class SlotTable:
+    """Which expert each of one layer's `slots` device slots holds, and what to evict."""
+
+    def __init__(self, experts: int, slots: int) -> None:
+        if not 1 <= slots <= experts:
+            raise ValueError(f"slots must be 1..{experts}, not {slots}")
+        self.slots = slots
+        self.slot_of = [-1] * experts  # expert → its slot, -1 when not resident
+        self.holds = [-1] * slots  # slot → its expert, -1 when free
+        self.used = [0] * experts  # the forward each expert was last needed in (0: never)
+        self.load = [0.0] * experts  # tokens routed to it, decayed per forward: the layer's profile
+        self.ahead: set[int] = set()  # prefetched and not yet needed
+        self.tick = 0
+
+    def admit(self, needed: Sequence[int], tokens: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """One forward needs `needed` (distinct, at most `slots`; `tokens`: how many tokens each
+        takes). → the (expert, slot) copies to make first, none into a slot another needed
+        expert holds."""
+        if len(needed) > self.slots:
+            raise ValueError(f"{len(needed)} experts do not fit in {self.slots} slots")
+        self.tick += 1
+        self.load = [x * LOAD_DECAY for x in self.load]
+        keep = set(needed)
+        copies: list[tuple[int, int]] = []
+        for i, expert in enumerate(needed):
+            self.used[expert] = self.tick
+            self.load[expert] += tokens[i] if tokens is not None else 1
+            if self.slot_of[expert] < 0:
+                copies.append((expert, self._place(expert, keep)))
+        self.ahead -= keep
+        return copies
+
+    def prefetch(self, predicted: Sequence[int]) -> list[tuple[int, int]]:
+        """The next forward will probably need `predicted`: → copies of those not resident, into
+        free slots or slots of experts not predicted (at most `slots` of them are kept)."""
+        keep = set(predicted[: self.slots])
+        copies = []
+        for expert in predicted[: self.slots]:
+            if self.slot_of[expert] < 0:
+                copies.append((expert, self._place(expert, keep)))
+                self.ahead.add(expert)
+        return copies
+
+    def _place(self, expert: int, keep: set[int]) -> int:
+        slot = self._victim(keep)
+        if (old := self.holds[slot]) >= 0:
+            self.slot_of[old] = -1
+            self.ahead.discard(old)
+        self.holds[slot], self.slot_of[expert] = expert, slot
+        return slot
+
+    def _victim(self, keep: set[int]) -> int:
+        """A free slot, else the slot of the expert outside `keep` needed least recently (the
+        least load among those needed as recently)."""
+        if -1 in self.holds:
+            return self.holds.index(-1)
+        candidates = [s for s, e in enumerate(self.holds) if e not in keep]
+        return min(candidates, key=lambda s: (self.used[self.holds[s]], self.load[self.holds[s]]))
+
+
+def _experts_of(router: torch.nn.Module) -> int:
+    """E: a router's weight is [E, H]."""
+    weight = router.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
+
+
+def _turns(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _routed(router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The router's top-k ids [T, k] for `hidden` [T, H] (its one integer output), its hooks
+    (expert telemetry's) not run; None for a router that gives none."""
+    out = router.forward(hidden)
+    outputs = out if isinstance(out, tuple) else (out,)
+    return next((o for o in outputs if isinstance(o, torch.Tensor) and not o.is_floating_point()), None)
+
+
+class _CachedLayer:
+    """One MoE layer's experts module, its weights in `slots` device slots."""
+
+    def __init__(
+        self, cache: ExpertCache, router: torch.nn.Module, experts: torch.nn.Module, slots: int
+    ) -> None:
+        self.cache = cache
+        self.router = router
+        self.experts = experts
+        self.num_experts = _experts_of(router)
+        self.table = SlotTable(self.num_experts, slots)
+        self.host: dict[str, torch.Tensor] = {}  # weight name → [E, ...] in host memory
+        self.device: dict[str, torch.Tensor] = {}  # weight name → [slots, ...] on the device
+        self.next: _CachedLayer | None = None  # the layer after this one, whose experts it predicts
+        self.ready: torch.cuda.Event | None = None  # its copies are done (CUDA)
+        self.done: torch.cuda.Event | None = None  # its last forward is done with its slots (CUDA)
+        self._forward: Callable[..., torch.Tensor] = experts.forward
+        self.expert_bytes = 0
+
+    def place(self, device: torch.device) -> None:
+        """Its per-expert weights to host memory, `slots` of each on `device`; the module computes
+        on those from now on."""
+        pin = device.type == "cuda"
+        for name, param in list(self.experts.named_parameters(recurse=False)):
+            if param.dim() == 0 or param.shape[0] != self.num_experts:
+                continue
+            host = param.data.to("cpu")
+            self.host[name] = host.pin_memory() if pin else host
+            # zeros: a free slot computed on (rows an implementation runs and then drops) stays finite
+            slots = torch.zeros((self.table.slots, *param.shape[1:]), dtype=param.dtype, device=device)
+            self.device[name] = slots
+            setattr(self.experts, name, torch.nn.Parameter(slots, requires_grad=False))
+            self.expert_bytes += host[0].numel() * host.element_size()
+        if not self.host:
+            raise ValueError(f"{type(self.experts).__name__} holds no per-expert weights")
+        # Ids >= num_experts are expert parallelism's sentinels, which every implementation skips
+        # once told (_is_expert_parallel), given a routing weight of 0 there.
+        vars(self.experts)["num_experts"] = self.table.slots
+        vars(self.experts)["_is_expert_parallel"] = True
+        self.experts.forward = self.forward
+        if pin:
+            self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
+        output [T, H]."""
+        ids, counts = torch.unique(top_k_index, return_counts=True)
+        needed, tokens = ids.tolist(), counts.tolist()  # the one host sync of the layer
+        stats = self.cache.stats
+        if self.next is not None and (predicted := _routed(self.next.router, hidden)) is not None:
+            ahead = self.next.table.prefetch(torch.unique(predicted).tolist())
+            stats.prefetched += len(ahead)
+            self.cache.copy(self.next, ahead)  # on CUDA: while this layer computes
+        stats.needed += len(needed)
+        stats.hits += sum(1 for e in needed if self.table.slot_of[e] >= 0)
+        stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
+        out: torch.Tensor | None = None
+        slots = self.table.slots
+        for turn in _turns(list(range(len(needed))), slots):
+            experts = [needed[i] for i in turn]
+            self.cache.copy(self, self.table.admit(experts, [tokens[i] for i in turn]))
+            remap = [slots] * (self.num_experts + 1)  # the sentinel for an expert of another turn
+            for expert in experts:
+                remap[expert] = self.table.slot_of[expert]
+            if self.ready is not None:
+                torch.cuda.current_stream(hidden.device).wait_event(self.ready)
+            mapped = torch.tensor(remap, device=hidden.device)[top_k_index]
+            weights = top_k_weights.masked_fill(mapped == slots, 0)
+            part = self._forward(hidden, mapped, weights)
+            if self.done is not None:  # the next copies into these slots wait for this
+                self.done.record()
+            out = part if out is None else out + part
+        assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
+        return out
+
+
+class ExpertCache:
+    """Every MoE layer of `model` (loaded in host memory) with `resident_fraction` of its experts
+    on `device` (at least one each); the rest of the model is moved there too."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device, resident_fraction: float) -> None:
+        if not 0 < resident_fraction <= 1:
+            raise ValueError("resident_fraction must be in (0, 1]")
+        self.device = torch.device(device)
+        self.stats = CacheStats()
+        self.layers = [
+            _CachedLayer(self, router, experts, max(1, int(resident_fraction * _experts_of(router))))
+            for router, experts in moe_layers(model)
+        ]
+        if not self.layers:
+            raise ValueError(
+                "the model has no MoE layer the expert cache can hold (a router beside an experts "
+                "module on transformers' experts interface)"
+            )
+        for layer, after in zip(self.layers, self.layers[1:], strict=False):
+            layer.next = after
+        for layer in self.layers:
+            layer.place(self.device)
+        model.to(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+
+    @property
+    def slots(self) -> list[int]:
+        return [layer.table.slots for layer in self.layers]
+
+    def copy(self, layer: _CachedLayer, copies: list[tuple[int, int]]) -> None:
+        """The (expert, slot) copies into `layer`'s slots: on CUDA on the copy stream, after the
+        layer's last forward is done with them; its `ready` event marks their end."""
+        if not copies:
+            return
+        self.stats.bytes_fetched += layer.expert_bytes * len(copies)
+        if self.stream is None:
+            for expert, slot in copies:
+                for name, host in layer.host.items():
+                    layer.device[name][slot].copy_(host[expert])
+            return
+        assert layer.done is not None and layer.ready is not None
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(layer.done)
+            for expert, slot in copies:
+                for name, host in layer.host.items():
+                    layer.device[name][slot].copy_(host[expert], non_blocking=True)
+            layer.ready.record(self.stream)
+
+
+def moe_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(router, experts) of each MoE layer, in the model's order: a module's router child and its
+    experts child (transformers' experts interface, weights with a row per expert)."""
+    found = {id(r) for r in routers(model)}
+    layers = []
+    for module in model.modules():
+        children = list(module.children())
+        owned = [c for c in children if id(c) in found]
+        experts = [c for c in children if hasattr(c, "has_gate") and hasattr(c, "is_concatenated")]
+        if len(owned) == 1 and len(experts) == 1:
+            layers.append((owned[0], experts[0]))
+    return layers

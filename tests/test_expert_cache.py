@@ -1,0 +1,112 @@
+"""The expert cache (moe_core/expert_cache.py): its slot table's eviction and prefetch order, and
+on real tiny checkpoints of every architecture, generate()'s greedy tokens with a cache of one
+expert per layer and of half the experts, equal to the model with every expert in place.
+
+The parity runs fill memory torch leaves uninitialized with NaN (torch's deterministic mode): a
+read of a slot or of a row no expert wrote shows as NaN logits instead of passing by luck (the
+first version passed half of the time that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_build.checkpoint import build_checkpoint
+from moe_core.expert_cache import ExpertCache, SlotTable, moe_layers
+from moe_core.loader import load_model
+from tests.parity import ARCH_PARAMS, PROMPTS, reference_tokens
+
+NEW = 10
+
+
+def test_needed_experts_take_free_slots_then_the_least_recently_needed() -> None:
+    table = SlotTable(experts=6, slots=3)
+    assert table.admit([0, 1]) == [(0, 0), (1, 1)]
+    assert table.admit([2]) == [(2, 2)]
+    assert table.admit([1, 2]) == []  # resident: no copy
+    assert table.admit([3]) == [(3, 0)]  # 0 was needed least recently
+    assert table.slot_of[0] == -1 and table.holds == [3, 1, 2]
+    assert table.admit([4, 1]) == [(4, 2)]  # 2 and 1 were needed together; 1 is needed now
+    with pytest.raises(ValueError):
+        table.admit([0, 1, 2, 5])  # more than the slots: the caller runs them in turns
+
+
+def test_among_experts_needed_as_recently_the_least_loaded_goes() -> None:
+    table = SlotTable(experts=4, slots=2)
+    table.admit([0, 1], tokens=[9, 2])  # 0 took 9 tokens, 1 took 2
+    assert table.admit([2]) == [(2, 1)]  # 1 goes, not 0
+    table.admit([0, 2], tokens=[1, 9])
+    assert table.admit([3]) == [(3, 0)]  # now 0 is the lighter one (8.1 decayed + 1 against 0.9 + 9)
+
+
+def test_prefetch_fills_free_and_cold_slots_and_keeps_what_it_predicts() -> None:
+    table = SlotTable(experts=6, slots=3)
+    table.admit([0, 1, 2])
+    assert table.prefetch([2, 4, 5]) == [(4, 0), (5, 1)]  # 2 resident; 0 and 1 were colder
+    assert table.ahead == {4, 5}
+    assert table.prefetch([4, 5, 0, 1]) == [(0, 2)]  # as many as there are slots: not 1
+    assert table.admit([4]) == []  # a prefetch hit: no longer ahead
+    assert table.ahead == {5, 0}
+    assert table.prefetch([3]) == [(3, 1)]  # 5, fetched ahead and never needed, goes first
+    assert table.ahead == {0, 3}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    yield tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture
+def uninitialized_is_nan() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.usefixtures("uninitialized_is_nan")
+def test_greedy_tokens_with_the_cache_are_the_models(arch: str, checkpoints: Path) -> None:
+    model_dir = build_checkpoint(checkpoints / arch, arch=arch, progress=False)
+    model, tokenizer = load_model(model_dir, "cpu", "float32")
+    prompts = PROMPTS[:4]
+    expected = [reference_tokens(model, tokenizer, p, NEW) for p in prompts]
+    layers = len(moe_layers(model))
+    experts = int(moe_layers(model)[0][0].weight.shape[0])  # type: ignore[index, union-attr]
+    for fraction, slots in ((1 / experts, 1), (0.5, experts // 2)):
+        cached, _ = load_model(model_dir, "cpu", "float32")
+        cache = ExpertCache(cached, "cpu", fraction)
+        assert cache.slots == [slots] * layers
+        assert [reference_tokens(cached, tokenizer, p, NEW) for p in prompts] == expected
+        stats = cache.stats
+        assert 0 < stats.hits < stats.needed  # some experts were resident, some were not
+        assert 0 <= stats.prefetch_hits <= stats.prefetched
+        expert_bytes = cache.layers[0].expert_bytes
+        assert stats.bytes_fetched % expert_bytes == 0 and stats.bytes_fetched >= expert_bytes * (
+            stats.needed - stats.hits
+        )
+
+
+def test_every_expert_resident_fetches_each_once(checkpoints: Path) -> None:
+    model_dir = build_checkpoint(checkpoints / "full", arch="mixtral", progress=False)
+    model, tokenizer = load_model(model_dir, "cpu", "float32")
+    cache = ExpertCache(model, "cpu", 1.0)
+    for prompt in PROMPTS:
+        reference_tokens(model, tokenizer, prompt, NEW)
+    copies = cache.stats.bytes_fetched // cache.layers[0].expert_bytes
+    experts = cache.layers[0].num_experts
+    assert copies <= experts * len(cache.layers)  # each expert of each layer fetched at most once
+    assert cache.stats.needed - cache.stats.hits <= copies
+
+
+def test_a_model_without_moe_layers_is_refused() -> None:
+    with pytest.raises(ValueError, match="no MoE layer"):
+        ExpertCache(torch.nn.Sequential(torch.nn.Linear(4, 4)), "cpu", 0.5)
