@@ -12,11 +12,14 @@ engine as a worker with that budget builds it (choose → construct):
     vllm_offload  engine.offload auto: vLLM with cpu_offload_gb and the KV cache the budget leaves
     vllm_gpu      a budget the model fits: vLLM, all on the GPU (the upper bound)
     zero3         engine.offload zero3: DeepSpeed ZeRO-3, every weight streamed from CPU memory
+    experts       engine.offload experts: the torch engine with a GPU cache of the routed experts
+                  (as many as the budget leaves room for), the rest in pinned CPU memory
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
 makes ~4 tokens/s). vLLM first runs each shape untimed with 8 tokens (torch.compile, CUDA
 graphs). Prints output tokens/s, TTFT p50, the engine's peak GPU memory against the budget, and
-how many requests made the same greedy tokens as vLLM all on the GPU; then a table. Expected to
+how many requests made the same greedy tokens as vLLM all on the GPU (and, for the expert cache,
+its hit rate and the expert bytes it fetched per output token); then a table. Expected to
 take about 5 minutes on an H200 (three loads, ~64 s of ZeRO-3 decoding), not timed there yet.
 
 `--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
@@ -44,7 +47,7 @@ from moe_core.loader import ModelInfo, inspect_model
 from workers.engine_setup import budget_of, construct
 
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
-ENGINES = ("vllm_offload", "vllm_gpu", "zero3")
+ENGINES = ("vllm_offload", "vllm_gpu", "zero3", "experts")
 
 
 @dataclass
@@ -68,6 +71,9 @@ class Measured:
     peak_gpu_gib: float | None = None  # NVML, the busiest GPU, vLLM's engine core included
     runs: list[Run] = field(default_factory=list)
     error: str | None = None
+    resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
+    expert_hit_rate: float | None = None  # experts: needed experts found on the GPU, every run together
+    fetched_mb_per_token: float | None = None  # experts: expert weights copied in per output token
 
 
 def budget_for_share(model: ModelInfo, cfg: EngineSettings, share: float) -> float:
@@ -105,7 +111,7 @@ def run_greedy(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[flo
 def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> EngineSettings:
     cfg = EngineSettings(dtype=args.dtype, max_batch_size=BATCH, gpu_memory_budget_gb=budget_gb)
     cfg.vllm.enforce_eager = args.enforce_eager
-    cfg.offload = "zero3" if name == "zero3" else "auto"
+    cfg.offload = {"zero3": "zero3", "experts": "experts"}.get(name, "auto")  # type: ignore[assignment]
     return cfg
 
 
@@ -115,6 +121,7 @@ def bench_engine(name: str, args: argparse.Namespace, model: ModelInfo, budget_g
     # the plan a GPU worker makes (on --device cpu too, where a worker would plan nothing)
     choice = choose(cfg.backend, model, "cuda", budget_of(cfg), offload=cfg.offload)
     m = Measured(name, choice.backend, choice.offload, choice.reason, choice.cpu_offload_gb, budget_gb)
+    m.resident_fraction = choice.resident_fraction
     print(f"  {name}: {choice.backend}, offload {choice.offload}: {choice.reason}", flush=True)
     with _gpu_memory(args.device) as memory:
         try:
@@ -143,6 +150,15 @@ def _measure(m: Measured, engine: Engine, model_dir: Path, args: argparse.Namesp
             m.runs.append(Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens))
             peak = f" peak {memory.peak / GIB:.1f} GiB" if memory else ""
             print(f"  {m.engine:12s} batch {n:2d} {tps:9.1f} tok/s TTFT p50 {ttft:8.1f} ms{peak}", flush=True)
+        stats = engine.stats()
+        if stats.expert_cache_needed:
+            m.expert_hit_rate = stats.expert_cache_hits / stats.expert_cache_needed
+            m.fetched_mb_per_token = stats.expert_cache_fetched_bytes / 1e6 / max(stats.tokens_generated, 1)
+            print(
+                f"  {m.engine:12s} expert cache: hit rate {m.expert_hit_rate:.1%}, "
+                f"{m.fetched_mb_per_token:.1f} MB of experts fetched per output token",
+                flush=True,
+            )
     finally:
         engine.close()
 
@@ -181,7 +197,13 @@ def table(results: list[Measured]) -> str:
             continue
         tps = {r.workload.split("x")[0]: f"{r.tokens_per_s:.1f}" for r in m.runs}
         same = ", ".join(f"{r.same_as_gpu}/{len(r.tokens)}" for r in m.runs if r.same_as_gpu is not None)
-        cpu = {"vllm_cpu": f"{m.cpu_offload_gb:.2f} GiB", "zero3": "all", "none": "none"}[m.offload]
+        cpu = {
+            "vllm_cpu": f"{m.cpu_offload_gb:.2f} GiB",
+            "zero3": "all",
+            "none": "none",
+            "experts": f"{1 - (m.resident_fraction or 0):.0%} of the routed experts (hit rate "
+            f"{m.expert_hit_rate or 0:.0%})",
+        }[m.offload]
         peak = f"{m.peak_gpu_gib:.1f}" if m.peak_gpu_gib is not None else "-"
         rows.append(
             f"| {m.engine} | {m.backend}, {m.offload} | {cpu} | {tps.get('1', '-')} | "

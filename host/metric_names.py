@@ -34,6 +34,8 @@ WORKER = (
     "localmoe_batch_occupancy_ratio",
     "localmoe_kv_cache_usage_ratio",  # no sample where the engine manages no KV cache (torch)
     "localmoe_prefix_cache_hit_ratio",  # no sample until an engine with a prefix cache prefilled
+    "localmoe_expert_cache_hit_ratio",  # engine.offload experts; no sample without the cache
+    "localmoe_expert_cache_fetched_bytes_total",  # expert weights copied to the GPU (0 without the cache)
     "localmoe_output_tokens_per_second",
     "localmoe_engine_failovers_total",
     "localmoe_engine_info",  # {engine, device, model} = 1

@@ -29,7 +29,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 # Where the weights that do not fit a worker's memory budget live ("none": they all fit): what a
 # worker chose (moe_core/choice.py) and reports in the registry (scheduler/registry.py). Here, on
 # the ground floor, because both layers name it.
-Offload = Literal["none", "vllm_cpu", "zero3"]
+Offload = Literal["none", "vllm_cpu", "zero3", "experts"]
 OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
 
 
@@ -79,6 +79,18 @@ class DeepSpeedSettings(BaseModel):
     nvme_path: Path | None = Field(None, description="Folder on a fast local disk, for offload: nvme.")
 
 
+class ExpertCacheSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resident_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="engine.offload experts: the share of each MoE layer's routed experts kept on the "
+        "GPU (at least one); None: as many as the memory budget leaves room for",
+    )
+
+
 class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,9 +110,10 @@ class EngineSettings(BaseModel):
         description="Where weights that do not fit the budget go. auto: vllm_cpu where vLLM runs the "
         "model, else zero3; none: refuse to start such a model; vllm_cpu: vLLM's cpu_offload_gb (the "
         "GPU reads them from pinned CPU memory at every step); zero3: DeepSpeed ZeRO-3 (every weight "
-        "streamed from deepspeed.offload's cpu or nvme); experts: a GPU cache of the experts in use "
-        "(not built yet: a worker refuses it at start).",
+        "streamed from deepspeed.offload's cpu or nvme); experts: the torch engine with a GPU cache of "
+        "the routed experts in use (expert_cache), the rest of them in pinned CPU memory.",
     )
+    expert_cache: ExpertCacheSettings = Field(default_factory=ExpertCacheSettings)
     max_step_failures: int = Field(3, ge=1, description="Failed steps in a row before failing over.")
     failover_cooldown_s: float = Field(300.0, ge=0, description="Then the preferred engine is tried again.")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
@@ -129,7 +142,9 @@ class EngineSettings(BaseModel):
 
     @model_validator(mode="after")
     def _offload_fits_backend(self) -> EngineSettings:
-        by = {"vllm_cpu": "vllm", "zero3": "deepspeed"}.get(self.offload)  # the backend that offloads so
+        by = {"vllm_cpu": "vllm", "zero3": "deepspeed", "experts": "torch"}.get(
+            self.offload
+        )  # who offloads so
         if by is not None and self.backend not in ("auto", by):
             raise ValueError(f"engine.offload {self.offload} is {by}'s, not engine.backend {self.backend}'s")
         if self.offload == "none" and self.deepspeed.offload != "none":

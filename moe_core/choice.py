@@ -47,11 +47,6 @@ RUNTIME_FIXED_BYTES = 1 * GIB
 # sequence of the whole context, vLLM's minimum, if that is more).
 KV_TOKENS_PER_SEQUENCE = 1024
 
-EXPERTS_NOT_BUILT = (
-    "engine.offload is 'experts', but the expert cache is not built yet; "
-    "set engine.offload to auto, vllm_cpu or zero3"
-)
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -124,6 +119,7 @@ class Choice:
     fallbacks: tuple[Backend, ...]  # what to switch to, in order, if this one fails
     cpu_offload_gb: float = 0.0  # vllm_cpu: GiB of weights per GPU vLLM keeps in CPU memory
     kv_cache_bytes: int | None = None  # vllm_cpu: vLLM's KV cache per GPU, what the budget leaves it
+    resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
 
 
 def installed(package: str) -> bool:
@@ -139,13 +135,22 @@ def choose(
     quantize: str | None = None,
     offload: OffloadSetting = "auto",
     vllm_archs: Collection[str] | None = None,
+    resident_fraction: float | None = None,
 ) -> Choice:
     """`have`: the installed engine packages (default: looked up); tests pass their own.
     quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything.
     offload: engine.offload. vllm_archs: the architectures vLLM's registry runs (default: looked up,
-    only for a model that does not fit)."""
-    if offload == "experts":
-        raise RuntimeError(EXPERTS_NOT_BUILT)
+    only for a model that does not fit). resident_fraction: engine.expert_cache's (offload experts)."""
+    if offload == "experts" and requested not in ("auto", "torch"):
+        raise RuntimeError(
+            f"engine.offload experts is the torch engine's cache, not engine.backend {requested}'s"
+        )
+    if offload == "experts" and model.quantization is not None:
+        raise RuntimeError(
+            f"this checkpoint is quantized ({model.quantization}): only the vLLM engine runs it, and "
+            "the expert cache (engine.offload experts) is the torch engine's; set engine.offload to "
+            "auto or vllm_cpu"
+        )
     if requested != "auto" and offload in ("vllm_cpu", "zero3") and offload != OFFLOAD_OF.get(requested):
         raise RuntimeError(f"engine.backend {requested} cannot offload as engine.offload {offload} asks")
     if have is None:
@@ -167,6 +172,8 @@ def choose(
         return _in_place(requested, device, plan, budget, have)
     if offload == "none":
         raise RuntimeError(f"{_does_not_fit(plan, budget)}, and engine.offload is none: {_NONE_HELP}")
+    if offload == "experts":
+        return _expert_cache(model, plan, budget, resident_fraction)
     return _over_budget(requested, model, plan, budget, have, offload, vllm_archs)
 
 
@@ -182,6 +189,44 @@ def _in_place(requested: str, device: str, plan: MemoryPlan, budget: Budget, hav
         return Choice("torch", "none", f"weights {gb:.1f} GB; vLLM is not installed: PyTorch", ())
     why = f"weights {gb:.1f} GB fit the {budget.gpu_bytes / 1e9:.0f} GB budget: vLLM"
     return Choice("vllm", "none", why, _fallbacks("vllm"))
+
+
+def routed_expert_bytes(model: ModelInfo, weights: int) -> int:
+    """The routed experts' share of `weights` (the model's bytes as held): E experts of 3 × H × I
+    parameters in each layer (a dense first layer counted as one too: an upper bound)."""
+    experts = model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
+    return min(weights, int(experts * weights / max(model.num_parameters_estimate, 1)))
+
+
+def _expert_cache(model: ModelInfo, plan: MemoryPlan, budget: Budget, fraction: float | None) -> Choice:
+    """Weights that do not fit, engine.offload experts: the torch engine keeps everything but the
+    routed experts on the GPU and as many of those as the budget leaves room for (or `fraction`
+    of them, if that fits)."""
+    if model.num_experts <= 1:
+        raise RuntimeError("engine.offload experts: the model has no routed experts to cache")
+    experts = routed_expert_bytes(model, plan.weights)
+    others = plan.weights - experts
+    room = plan.gpu_weights - others
+    if room < experts / model.num_experts:
+        raise RuntimeError(
+            f"{_does_not_fit(plan, budget)}, and besides its routed experts the model takes "
+            f"{others / 1e9:.2f} GB: the {plan.gpu_weights / 1e9:.2f} GB left to weights cannot hold one "
+            "expert per layer as well (engine.offload experts)"
+        )
+    fits = min(1.0, room / experts)
+    if fraction is not None and fraction > fits:
+        raise RuntimeError(
+            f"engine.expert_cache.resident_fraction {fraction} keeps {fraction * experts / 1e9:.2f} GB of "
+            f"experts on the GPU; the budget leaves them {room / 1e9:.2f} GB ({fits:.2f}): lower it or "
+            "leave it unset"
+        )
+    share = fraction if fraction is not None else fits
+    slots = max(1, int(share * model.num_experts))
+    why = (
+        f"{_does_not_fit(plan, budget)}: the torch engine with {slots} of {model.num_experts} routed "
+        f"experts per layer on the GPU, the rest in pinned CPU memory (engine.offload experts)"
+    )
+    return Choice("torch", "experts", why, (), resident_fraction=share)
 
 
 def _over_budget(

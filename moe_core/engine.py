@@ -123,6 +123,9 @@ class EngineStats:
     kv_block_size: int | None = None  # tokens per block
     prompt_tokens: int = 0  # prompt tokens of the requests it has prefilled so far
     cached_tokens: int = 0  # of those, found in its prefix cache (not computed)
+    expert_cache_needed: int = 0  # experts its MoE layers' forwards needed (engine.offload experts)
+    expert_cache_hits: int = 0  # of those, on the device already
+    expert_cache_fetched_bytes: int = 0  # expert weights copied host → device, needed or prefetched
 
 
 class Engine(Protocol):

@@ -150,6 +150,7 @@ class _CachedLayer:
         self.done: torch.cuda.Event | None = None  # its last forward is done with its slots (CUDA)
         self._forward: Callable[..., torch.Tensor] = experts.forward
         self.expert_bytes = 0
+        self.needed = self.hits = 0  # this layer's share of CacheStats' counts
 
     def place(self, device: torch.device) -> None:
         """Its per-expert weights to host memory, `slots` of each on `device`; the module computes
@@ -183,12 +184,17 @@ class _CachedLayer:
         ids, counts = torch.unique(top_k_index, return_counts=True)
         needed, tokens = ids.tolist(), counts.tolist()  # the one host sync of the layer
         stats = self.cache.stats
-        if self.next is not None and (predicted := _routed(self.next.router, hidden)) is not None:
+        if (
+            self.cache.prefetch
+            and self.next is not None
+            and (predicted := _routed(self.next.router, hidden)) is not None
+        ):
             ahead = self.next.table.prefetch(torch.unique(predicted).tolist())
             stats.prefetched += len(ahead)
             self.cache.copy(self.next, ahead)  # on CUDA: while this layer computes
-        stats.needed += len(needed)
-        stats.hits += sum(1 for e in needed if self.table.slot_of[e] >= 0)
+        hits = sum(1 for e in needed if self.table.slot_of[e] >= 0)
+        stats.needed, stats.hits = stats.needed + len(needed), stats.hits + hits
+        self.needed, self.hits = self.needed + len(needed), self.hits + hits
         stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
         out: torch.Tensor | None = None
         slots = self.table.slots
@@ -212,12 +218,20 @@ class _CachedLayer:
 
 class ExpertCache:
     """Every MoE layer of `model` (loaded in host memory) with `resident_fraction` of its experts
-    on `device` (at least one each); the rest of the model is moved there too."""
+    on `device` (at least one each); the rest of the model is moved there too. prefetch: fetch the
+    next layer's predicted experts ahead (off: on demand only, for comparison)."""
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device, resident_fraction: float) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device,
+        resident_fraction: float,
+        prefetch: bool = True,
+    ) -> None:
         if not 0 < resident_fraction <= 1:
             raise ValueError("resident_fraction must be in (0, 1]")
         self.device = torch.device(device)
+        self.prefetch = prefetch
         self.stats = CacheStats()
         self.layers = [
             _CachedLayer(self, router, experts, max(1, int(resident_fraction * _experts_of(router))))

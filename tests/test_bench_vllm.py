@@ -120,3 +120,6 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
         assert all(r["tokens_per_s"] > 0 for r in m["runs"])
     assert [r["same_as_gpu"] for r in offload["runs"]] == [1, 16]  # greedy-identical
     assert "deepspeed package is not installed" in zero3["error"]
+    experts = result["experts"]  # the torch engine's expert cache: vLLM's tokens all on the GPU
+    assert (experts["backend"], experts["offload"], experts["error"]) == ("torch", "experts", None), experts
+    assert [r["same_as_gpu"] for r in experts["runs"]] == [1, 16]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.choice import GIB, Budget, choose, plan_memory
+from moe_core.choice import GIB, Budget, choose, plan_memory, routed_expert_bytes
 from moe_core.loader import ModelInfo, inspect_model
 
 GB = 10**9
@@ -77,8 +77,6 @@ def test_offload_none_refuses_what_does_not_fit(info: ModelInfo) -> None:
 
 def test_an_offload_that_cannot_run_is_refused(info: ModelInfo) -> None:
     big = sized(info, 93)
-    with pytest.raises(RuntimeError, match="the expert cache is not built yet"):
-        choose("auto", info, "cpu", B40, BOTH, offload="experts")  # whatever the model
     with pytest.raises(RuntimeError, match=r"engine\.offload is vllm_cpu, but vLLM is not installed"):
         choose("auto", big, "cuda", B40, frozenset({"deepspeed"}), offload="vllm_cpu")
     with pytest.raises(
@@ -113,6 +111,33 @@ REFERENCE = ModelInfo(  # bench/offload_gpu.py's model: 4.76 B bf16 Mixtral, 16 
     vocab_size=32000,
     kv_values_per_token=16 * 2 * 8 * 128,
 )
+
+
+def test_the_expert_cache_keeps_as_many_experts_as_the_budget_leaves() -> None:
+    """engine.offload experts, the reference shapes over a 10 GB budget: the routed experts are
+    16 layers × 8 × 3 × 2048 × 5632 parameters at 2 B (8.86 of the 9.52 GB); everything else stays
+    on the GPU, and the experts get what the weights' share of the budget leaves beside it."""
+    budget = Budget(10 * GB, max_batch_size=16)
+    plan = plan_memory(REFERENCE, REFERENCE.size_bytes, budget)
+    experts = 16 * 8 * 3 * 2048 * 5632 * 2
+    assert routed_expert_bytes(REFERENCE, REFERENCE.size_bytes) == experts
+    share = (plan.gpu_weights - (REFERENCE.size_bytes - experts)) / experts
+    c = choose("auto", REFERENCE, "cuda", budget, BOTH, offload="experts")
+    assert (c.backend, c.offload, c.fallbacks) == ("torch", "experts", ())
+    assert c.resident_fraction == pytest.approx(share) and 0.6 < share < 0.65
+    assert "the torch engine with 5 of 8 routed experts per layer on the GPU" in c.reason
+    c = choose("torch", REFERENCE, "cuda", budget, BOTH, offload="experts", resident_fraction=0.25)
+    assert (c.offload, c.resident_fraction) == ("experts", 0.25)
+    with pytest.raises(RuntimeError, match=r"resident_fraction 0\.9 keeps 7\.97 GB of experts"):
+        choose("auto", REFERENCE, "cuda", budget, BOTH, offload="experts", resident_fraction=0.9)
+    with pytest.raises(RuntimeError, match="cannot hold one expert per layer as well"):
+        choose("auto", REFERENCE, "cuda", Budget(5 * GB, max_batch_size=16), BOTH, offload="experts")
+    with pytest.raises(RuntimeError, match=r"the torch engine's cache, not engine\.backend vllm's"):
+        choose("vllm", REFERENCE, "cuda", budget, BOTH, offload="experts")
+    # a model that fits, or no GPU: every weight in place, whatever engine.offload says
+    assert choose("auto", REFERENCE, "cuda", B40, BOTH, offload="experts").offload == "none"
+    c = choose("auto", REFERENCE, "cpu", budget, BOTH, offload="experts")
+    assert (c.backend, c.offload, c.resident_fraction) == ("torch", "none", None)
 
 
 def test_the_plan_reserves_activations_and_kv_cache_from_the_shapes() -> None:
@@ -231,16 +256,38 @@ def test_offload_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None
         ValidationError, match="Input should be 'auto', 'none', 'vllm_cpu', 'experts' or 'zero3'"
     ):
         EngineSettings(offload="sometimes")  # type: ignore[arg-type]
-    # no engine.expert_cache until the cache exists: a config that names it stops the start
-    with pytest.raises(ValidationError, match="expert_cache"):
-        Settings(engine={"expert_cache": {"resident_fraction": 0.5}})  # type: ignore[arg-type]
+    cache = Settings(engine={"offload": "experts", "expert_cache": {"resident_fraction": 0.5}})  # type: ignore[arg-type]
+    assert cache.engine.expert_cache.resident_fraction == 0.5
+    with pytest.raises(ValidationError, match="resident_fraction"):
+        Settings(engine={"expert_cache": {"resident_fraction": 1.5}})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"offload experts is torch's, not engine\.backend vllm"):
+        EngineSettings(backend="vllm", offload="experts")
     monkeypatch.setenv("LOCALMOE_ENGINE__OFFLOAD", "zero3")  # the environment twin
     assert Settings().engine.offload == "zero3"
 
 
-def test_a_worker_refuses_the_expert_cache_at_start(model_dir: Path) -> None:
+def test_a_worker_builds_the_expert_cache_its_choice_names(model_dir: Path) -> None:
+    """construct() hands the choice's resident share to the torch engine, which holds the model's
+    experts in its cache (on the CPU here: the same code a GPU runs)."""
     from host.settings import EngineSettings
-    from workers.engine_setup import start_engine
+    from moe_core.choice import Choice
+    from moe_core.torch_engine import TorchEngine
+    from workers.engine_setup import construct, offload_of
 
-    with pytest.raises(RuntimeError, match="the expert cache is not built yet"):
-        start_engine(model_dir, "cpu", EngineSettings(offload="experts"))  # before loading anything
+    choice = Choice("torch", "experts", "does not fit", (), resident_fraction=0.25)
+    assert offload_of("torch", choice, EngineSettings()) == "experts"
+    engine = construct("torch", model_dir, "cpu", EngineSettings(offload="experts"), choice)
+    assert isinstance(engine, TorchEngine)
+    engine.load()
+    try:
+        assert engine.expert_cache is not None
+        experts = engine.expert_cache.layers[0].num_experts
+        assert engine.expert_cache.slots == [max(1, experts // 4)] * len(engine.expert_cache.layers)
+        stats = engine.stats()  # the warm-up ran through the cache
+        assert (
+            0 < stats.expert_cache_hits < stats.expert_cache_needed and stats.expert_cache_fetched_bytes > 0
+        )
+    finally:
+        engine.close()
+    plain = construct("torch", model_dir, "cpu", EngineSettings(), Choice("torch", "none", "fits", ()))
+    assert isinstance(plain, TorchEngine) and plain._expert_fraction is None

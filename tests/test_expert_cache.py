@@ -110,3 +110,38 @@ def test_every_expert_resident_fetches_each_once(checkpoints: Path) -> None:
 def test_a_model_without_moe_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="no MoE layer"):
         ExpertCache(torch.nn.Sequential(torch.nn.Linear(4, 4)), "cpu", 0.5)
+
+
+@pytest.mark.usefixtures("uninitialized_is_nan")
+def test_the_torch_engine_batches_through_the_cache(checkpoints: Path) -> None:
+    """The engine's continuous batching (left-padded prefills, a KV cache, rows joining mid-way)
+    through a cache of 2 of 8 experts per layer: the tokens of the engine with every expert in
+    place, each prompt in a batch with the others."""
+    from moe_core.engine import EngineStats, GenerationRequest, SamplingParams
+    from moe_core.torch_engine import TorchEngine
+
+    model_dir = build_checkpoint(checkpoints / "engine", arch="mixtral", progress=False)
+
+    def run(engine: TorchEngine) -> tuple[dict[str, list[int]], EngineStats]:
+        engine.load()
+        try:
+            tokens: dict[str, list[int]] = {}
+            for i, prompt in enumerate(PROMPTS):
+                engine.add_request(GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=NEW)))
+                if i % 3 == 2:  # some join a running batch
+                    for delta in engine.step():
+                        tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+            while engine.has_unfinished():
+                for delta in engine.step():
+                    tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+            return tokens, engine.stats()
+        finally:
+            engine.close()
+
+    plain, none = run(TorchEngine(model_dir, device="cpu", dtype="float32", max_batch_size=4))
+    cached, stats = run(
+        TorchEngine(model_dir, device="cpu", dtype="float32", max_batch_size=4, expert_cache=0.25)
+    )
+    assert cached == plain
+    assert stats.expert_cache_needed > stats.expert_cache_hits > 0 and stats.expert_cache_fetched_bytes > 0
+    assert (none.expert_cache_needed, none.expert_cache_fetched_bytes) == (0, 0)

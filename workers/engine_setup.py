@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 def offload_of(backend: Backend, choice: Choice | None, cfg: EngineSettings) -> Offload:
     """How `backend` holds the weights when it serves for this choice (None: everything on the
     GPU): vLLM offloads what the choice counted; DeepSpeed runs ZeRO-3 for a model that does not
-    fit, as a fallback too, or wherever engine.deepspeed.offload says; torch offloads nothing."""
+    fit, as a fallback too, or wherever engine.deepspeed.offload says; torch keeps routed experts in
+    CPU memory where the choice says so (its expert cache), else offloads nothing."""
     if backend == "vllm":
         return "vllm_cpu" if choice is not None and choice.cpu_offload_gb > 0 else "none"
     if backend == "deepspeed":
         overflows = choice is not None and choice.offload != "none"
         return "zero3" if overflows or cfg.deepspeed.offload != "none" else "none"
-    return "none"
+    return "experts" if choice is not None and choice.offload == "experts" else "none"
 
 
 def budget_of(cfg: EngineSettings) -> Budget:
@@ -94,7 +95,13 @@ def construct(
         )
     from moe_core.torch_engine import TorchEngine
 
-    return TorchEngine(model_dir, device=device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size)
+    return TorchEngine(
+        model_dir,
+        device=device,
+        dtype=cfg.dtype,
+        max_batch_size=cfg.max_batch_size,
+        expert_cache=choice.resident_fraction if choice is not None and offload == "experts" else None,
+    )
 
 
 def start_engine(
@@ -104,7 +111,13 @@ def start_engine(
     run time when its steps keep failing (moe_core/failover.py). batch_rows: see construct."""
     model = inspect_model(model_dir)
     choice = choose(
-        cfg.backend, model, device, budget_of(cfg), quantize=cfg.vllm.quantization, offload=cfg.offload
+        cfg.backend,
+        model,
+        device,
+        budget_of(cfg),
+        quantize=cfg.vllm.quantization,
+        offload=cfg.offload,
+        resident_fraction=cfg.expert_cache.resident_fraction,
     )
     log.info("engine choice: %s, offload %s (%s)", choice.backend, choice.offload, choice.reason)
     order = (choice.backend, *choice.fallbacks)

@@ -196,6 +196,19 @@ class _HeartbeatCollector(Collector):
             info.prefix_hit_rate,
         )
         yield gauge(
+            "localmoe_expert_cache_hit_ratio",
+            "Share of the experts the MoE layers needed that were on the GPU already (recent; "
+            "engine.offload experts).",
+            info.expert_cache_hit_rate,
+        )
+        fetched = CounterMetricFamily(
+            "localmoe_expert_cache_fetched_bytes",
+            "Expert weights copied from CPU memory to the GPU (engine.offload experts).",
+            labels=["worker"],
+        )
+        fetched.add_metric(w, info.expert_cache_fetched_bytes)
+        yield fetched
+        yield gauge(
             "localmoe_output_tokens_per_second", "Tokens generated per second (1 s)", info.tokens_per_s
         )
         failovers = CounterMetricFamily("localmoe_engine_failovers", "Engine switches.", labels=["worker"])

@@ -163,6 +163,13 @@ class Runtime:
             hits = (stats.cached_tokens - info.cached_tokens) / prefilled
             info.prefix_hit_rate = hits if info.prefix_hit_rate is None else _ewma(info.prefix_hit_rate, hits)
         info.prompt_tokens, info.cached_tokens = stats.prompt_tokens, stats.cached_tokens
+        needed = stats.expert_cache_needed - info.expert_cache_needed
+        if needed > 0:
+            hits = (stats.expert_cache_hits - info.expert_cache_hits) / needed
+            rate = info.expert_cache_hit_rate
+            info.expert_cache_hit_rate = hits if rate is None else _ewma(rate, hits)
+        info.expert_cache_needed, info.expert_cache_hits = stats.expert_cache_needed, stats.expert_cache_hits
+        info.expert_cache_fetched_bytes = stats.expert_cache_fetched_bytes
         info.expert_tokens = self.engine.expert_tokens
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)

@@ -1,0 +1,141 @@
+"""How often the expert cache finds what a router picks (moe_core/expert_cache.py), on routing that
+is not random: the embedded model, trained, on held-out code and prose (issue 24).
+
+    python -m bench.expert_cache [--model DIR] [--prompts 16] [--new-tokens 64] [--out cache.json]
+
+unpacks the embedded model (moe_build/assets; or takes --model), reads held-out code and prose
+(the training's split rule), and generates greedily at batch 1 (the case an offloaded model's
+users wait on) from the first --prompt-tokens tokens of --prompts held-out documents of each kind,
+through a cache of 1/8, 1/4, 1/2 and 3/4 of each layer's experts, with the next layer's experts
+fetched ahead and without; then the same for the model's shape with random weights (routing
+near uniform: the worst case for any cache). It prints, per run, the hit rate (needed experts
+found resident), per layer, the share of prefetched experts that were then needed, and expert
+copies per generated token per layer (the prompt's counted in), then what those copies cost per
+token on the reference model (16 layers, experts of 3 × 2048 × 5632 bf16 = 69 MB) over the
+H200's PCIe Gen5 (55.5 GB/s pinned host → device, measured) and an L40S's Gen4 (about half): the
+transfer floor of a batch-1 step, against the 10 ms a step that 100 tokens/s leave. Runs on
+the CPU (hit rates do not depend on the device); a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_build import packed, train
+from moe_core.expert_cache import ExpertCache
+from moe_core.loader import load_model
+
+ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
+REFERENCE_LAYERS, REFERENCE_EXPERT_BYTES = 16, 3 * 2048 * 5632 * 2
+PCIE_GBPS = {"H200 (PCIe Gen5)": 55.5, "L40S (PCIe Gen4)": 27.7}
+
+
+@dataclass
+class Run:
+    weights: str  # trained | random
+    kind: str  # code | prose
+    fraction: float
+    prefetch: bool
+    slots: int
+    hit_rate: float
+    layer_hit_rates: list[float]
+    prefetch_accuracy: float | None  # prefetched experts that were then needed
+    copies_per_token_layer: float  # experts copied in (needed or ahead) per generated token per MoE layer
+    tokens: int  # generated
+
+    def floor_ms(self, gbps: float) -> float:
+        """Transfer time per token on the reference model at this many copies per layer."""
+        return self.copies_per_token_layer * REFERENCE_LAYERS * REFERENCE_EXPERT_BYTES / (gbps * 1e9) * 1e3
+
+
+def held_out_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> dict[str, list[torch.Tensor]]:
+    corpus = train.build_corpus(0, 2_000_000, train.HELD_OUT_SHARE, progress=False)
+    out = {}
+    for kind in (train.CODE, train.PROSE):
+        rows = train.pack(tokenizer, corpus.texts["held_out"][kind], prompt_tokens)
+        out[kind] = [r[None, :].long() for r in train.spread_rows(rows, n)]
+    return out
+
+
+def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], fraction: float,
+        prefetch: bool, new_tokens: int) -> Run:  # fmt: skip
+    model: Any = load_model(model_dir, "cpu", "float32")[0]
+    if weights == "random":
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    cache = ExpertCache(model, "cpu", fraction, prefetch=prefetch)
+    tokens = 0
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
+            tokens += out.shape[1] - ids.shape[1]  # the prefill's copies are counted against these too
+    s = cache.stats
+    copies = s.bytes_fetched / cache.layers[0].expert_bytes
+    return Run(
+        weights, kind, fraction, prefetch, cache.slots[0], s.hit_rate,
+        [layer.hits / max(layer.needed, 1) for layer in cache.layers],
+        s.prefetch_hits / s.prefetched if s.prefetched else None,
+        copies / tokens / len(cache.layers), tokens,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a checkpoint (default: the embedded model, unpacked)")
+    ap.add_argument("--prompts", type=int, default=16, help="held-out documents of each kind")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="resident shares")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or packed.unpack(ASSETS, Path(tmp) / "model")
+        _, tokenizer = load_model(model_dir, "cpu", "float32")
+        print("[1/2] reading held-out code and prose", flush=True)
+        prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+        grid = [
+            (w, k, f, p)
+            for w in ("trained", "random")
+            for k in prompts
+            for f in fractions
+            for p in (True, False)
+        ]
+        print(f"[2/2] {len(grid)} runs of {args.prompts} prompts × {args.new_tokens} tokens", flush=True)
+        runs: list[Run] = []
+        for i, (weights, kind, fraction, prefetch) in enumerate(grid, 1):
+            started = time.monotonic()
+            r = run(model_dir, weights, kind, prompts[kind], fraction, prefetch, args.new_tokens)
+            runs.append(r)
+            ahead = f"{r.prefetch_accuracy:.0%}" if r.prefetch_accuracy is not None else "-"
+            print(f"  [{i}/{len(grid)}] {weights:7s} {kind:5s} {r.slots} of each layer's experts, prefetch "
+                  f"{'on ' if prefetch else 'off'}: hit rate {r.hit_rate:6.1%} (layers "
+                  f"{' '.join(f'{h:.0%}' for h in r.layer_hit_rates)}), ahead used {ahead:>4s}, "
+                  f"{r.copies_per_token_layer:.2f} copies/token/layer ({time.monotonic() - started:.0f} s)",
+                  flush=True)  # fmt: skip
+    print("\nthe transfer floor of a batch-1 token on the reference model (16 layers × 69 MB experts):")
+    print("| weights | text | experts resident | prefetch | hit rate | copies/token/layer | "
+          + " | ".join(f"ms/token, {name}" for name in PCIE_GBPS) + " |")  # fmt: skip
+    print("|---|---|---|---|---|---|" + "---|" * len(PCIE_GBPS))
+    for r in runs:
+        floors = " | ".join(f"{r.floor_ms(g):.1f}" for g in PCIE_GBPS.values())
+        print(f"| {r.weights} | {r.kind} | {r.fraction:.0%} | {'on' if r.prefetch else 'off'} | "
+              f"{r.hit_rate:.1%} | {r.copies_per_token_layer:.2f} | {floors} |")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+
+
+if __name__ == "__main__":
+    main()
