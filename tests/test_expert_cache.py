@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moe_build.checkpoint import build_checkpoint
-from moe_core.expert_cache import ExpertCache, SlotTable, moe_layers
+from moe_core.expert_cache import PREFETCH_MIN_ACCURACY, ExpertCache, SlotTable, moe_layers
 from moe_core.loader import load_model
 from tests.parity import ARCH_PARAMS, PROMPTS, reference_tokens
 
@@ -53,6 +53,24 @@ def test_prefetch_fills_free_and_cold_slots_and_keeps_what_it_predicts() -> None
     assert table.ahead == {5, 0}
     assert table.prefetch([3]) == [(3, 1)]  # 5, fetched ahead and never needed, goes first
     assert table.ahead == {0, 3}
+
+
+def test_prefetch_waits_while_its_predictions_fail() -> None:
+    """A wrong prediction evicts an expert the layer still uses: prefetch copies nothing while the
+    predicted experts are needed by the next forward less than half of the time, and resumes
+    once they are again (the predictions are scored whether or not they were fetched)."""
+    table = SlotTable(experts=8, slots=2)
+    for _ in range(10):
+        table.prefetch([6, 7])
+        table.admit([0, 1])  # never what was predicted
+    assert table.accuracy < PREFETCH_MIN_ACCURACY
+    assert table.prefetch([6, 7]) == []  # not fetched
+    table.admit([0, 1])
+    for _ in range(10):
+        table.prefetch([2, 3])
+        table.admit([2, 3])  # what was predicted, fetched on demand meanwhile
+    assert table.accuracy >= PREFETCH_MIN_ACCURACY
+    assert table.prefetch([4, 5]) == [(4, 0), (5, 1)]
 
 
 @pytest.fixture(scope="module")
