@@ -69,10 +69,13 @@ def held_out_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> dict[str, li
 def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], fraction: float,
         prefetch: bool, new_tokens: int) -> Run:  # fmt: skip
     model: Any = load_model(model_dir, "cpu", "float32")[0]
-    if weights == "random":
+    if (
+        weights == "random"
+    ):  # the same shape as transformers initializes it (bench/model_quality.py's baseline)
+        from transformers import AutoModelForCausalLM
+
         torch.manual_seed(0)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+        model = AutoModelForCausalLM.from_config(model.config).eval()
     cache = ExpertCache(model, "cpu", fraction, prefetch=prefetch)
     tokens = 0
     with torch.inference_mode():

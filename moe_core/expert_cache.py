@@ -35,11 +35,12 @@ import torch
 from moe_core.telemetry import routers
 
 LOAD_DECAY = 0.9  # per forward of the layer: an expert's load is the tokens routed to it, decayed
-# Prefetch copies only while its predictions come true this often (the share of predicted experts
-# the next forward needed, an EWMA kept whether it copies or not): a wrong prediction evicts an
-# expert the layer still uses. On the embedded model's trained routing 66-82 % of the experts
-# fetched ahead were needed; on random weights 4-29 %, and fetching them lowered the hit rate
-# (bench/expert_cache.py).
+# Prefetch copies only while its predictions come true this often (of the predicted experts not
+# resident, the share the next forward needed: what fetching them would have been worth; an EWMA
+# kept whether it copies or not): a wrong prediction evicts an expert the layer still uses. On
+# the embedded model's trained routing about three quarters of the experts fetched ahead were
+# needed; on random weights, whose routers keep choosing the same few experts, a few percent, and
+# fetching them lowered the hit rate (bench/expert_cache.py, BENCHMARKS.md).
 PREFETCH_MIN_ACCURACY = 0.5
 ACCURACY_DECAY = 0.9
 
@@ -72,8 +73,8 @@ class SlotTable:
         self.load = [0.0] * experts  # tokens routed to it, decayed per forward: the layer's profile
         self.ahead: set[int] = set()  # prefetched and not yet needed
         self.tick = 0
-        self.predicted: set[int] = set()  # what the last prediction named for the next forward
-        self.accuracy = 1.0  # EWMA of the share of predicted experts the next forward needed
+        self.predicted: set[int] = set()  # what the last prediction would fetch for the next forward
+        self.accuracy = 1.0  # EWMA of the share of those the next forward needed
 
     def admit(self, needed: Sequence[int], tokens: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """One forward needs `needed` (distinct, at most `slots`; `tokens`: how many tokens each
@@ -102,7 +103,7 @@ class SlotTable:
         free slots or slots of experts not predicted (at most `slots` of them are kept); none
         while such predictions come true less than PREFETCH_MIN_ACCURACY of the time."""
         keep = set(predicted[: self.slots])
-        self.predicted = set(predicted)
+        self.predicted = {e for e in keep if self.slot_of[e] < 0}
         if self.accuracy < PREFETCH_MIN_ACCURACY:
             return []
         copies = []

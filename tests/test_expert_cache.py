@@ -57,8 +57,8 @@ def test_prefetch_fills_free_and_cold_slots_and_keeps_what_it_predicts() -> None
 
 def test_prefetch_waits_while_its_predictions_fail() -> None:
     """A wrong prediction evicts an expert the layer still uses: prefetch copies nothing while the
-    predicted experts are needed by the next forward less than half of the time, and resumes
-    once they are again (the predictions are scored whether or not they were fetched)."""
+    predicted experts it would fetch (those not resident) are needed by the next forward less than
+    half of the time, and resumes once they are again (scored whether or not they were fetched)."""
     table = SlotTable(experts=8, slots=2)
     for _ in range(10):
         table.prefetch([6, 7])
@@ -66,11 +66,15 @@ def test_prefetch_waits_while_its_predictions_fail() -> None:
     assert table.accuracy < PREFETCH_MIN_ACCURACY
     assert table.prefetch([6, 7]) == []  # not fetched
     table.admit([0, 1])
-    for _ in range(10):
-        table.prefetch([2, 3])
-        table.admit([2, 3])  # what was predicted, fetched on demand meanwhile
+    for i in range(10):
+        pair = [2, 3] if i % 2 else [4, 5]
+        table.prefetch(pair)
+        table.admit(pair)  # what was predicted, fetched on demand meanwhile
     assert table.accuracy >= PREFETCH_MIN_ACCURACY
-    assert table.prefetch([4, 5]) == [(4, 0), (5, 1)]
+    assert table.prefetch([6, 7]) == [(6, 0), (7, 1)]
+    table.admit([0, 6])
+    table.prefetch([6, 1])  # 6 resident: only 1 is scored, and only once it is needed or not
+    assert table.predicted == {1}
 
 
 @pytest.fixture(scope="module")
