@@ -5,8 +5,8 @@ keeps `slots` of its experts on the device and all E in host memory (pinned on C
 an asynchronous DMA); attention, norms, routers and shared experts stay on the device. A layer's
 forward, in `_CachedLayer.forward`:
 
-1. its router has chosen: top-k ids [T, k] over the T tokens → the distinct experts needed (one
-   host sync);
+1. its router has chosen: top-k ids [T, k] over the T tokens → the distinct experts needed (a
+   host sync; the prediction below is another);
 2. the next layer's router, applied to this layer's input, predicts which experts that layer
    will need; those not resident are copied in ahead (on a copy stream on CUDA, while this layer
    computes) into slots whose experts are not predicted (`SlotTable.prefetch`);
@@ -200,7 +200,7 @@ class _CachedLayer:
         """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
         output [T, H]."""
         ids, counts = torch.unique(top_k_index, return_counts=True)
-        needed, tokens = ids.tolist(), counts.tolist()  # the one host sync of the layer
+        needed, tokens = ids.tolist(), counts.tolist()  # a host sync (the prediction's is the other)
         stats = self.cache.stats
         if (
             self.cache.prefetch

@@ -450,10 +450,10 @@ class VllmEngine:
         vLLM's core starts a step before the last of them reaches it), so that vLLM's
         Triton fused-MoE kernel is compiled for every variant a step can launch before traffic
         comes. vLLM compiles only the sizes it profiles and captures as CUDA graphs at start; the
-        rest compiled at their first step under load, each stalling the whole engine for about a
-        second while requests arrived (measured on the H200 beside a batch: first tokens in bursts
-        1–2.5 s apart, vLLM's log naming the fused-MoE kernel compiled during inference). Triton
-        keeps what it compiled on disk, so a restart is quick."""
+        rest compile at their first step under load, the whole engine waiting meanwhile (on the
+        H200 beside a batch, first tokens came in bursts 1–2.5 s apart while vLLM's log named the
+        fused-MoE kernel as compiled during inference: the likely cause, for a GPU run to
+        confirm). Triton keeps what it compiled on disk, so a restart is quick."""
         sizes = self.kernel_batch_sizes
         started = time.monotonic()
         longest = self.max_context - 1
