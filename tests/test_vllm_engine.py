@@ -384,17 +384,17 @@ def test_waiting_requests_go_by_the_jobs_rank(engine: VllmEngine) -> None:
     assert results["low"].finish_reason is results["same"].finish_reason is FinishReason.LENGTH
 
 
-def _beside_a_batch(engine: VllmEngine) -> tuple[int, bool, dict[str, Result]]:
-    """MAX_BATCH + 2 batch-tier requests (rank 3, 24 tokens), then, once they run, two normal ones
-    (rank 1) and one more batch-tier request that is aborted at once. → (how many batch-tier
-    requests ran before the first of them ended, whether both normal ones had their first token
-    by then, the results)."""
+def _beside_a_batch(engine: VllmEngine, seated: int) -> tuple[int, bool, dict[str, Result]]:
+    """MAX_BATCH + 2 batch-tier requests (rank 3, 24 tokens), then, once `seated` of them run, two
+    normal ones (rank 1) and one more batch-tier request that is aborted at once. → (how many
+    batch-tier requests ran before the first of them ended, whether both normal ones had their
+    first token by then, the results)."""
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     batch = [f"b{i}" for i in range(MAX_BATCH + 2)]
     for i, rid in enumerate(batch):
         _add(engine, GenerationRequest(rid, PROMPTS[i % len(PROMPTS)], params, priority=3))
     results: dict[str, Result] = {}
-    while not results:
+    while sum(1 for b in batch if b in results) < seated:  # vLLM may seat them over a few steps
         _collect(engine, results)
     urgent = SamplingParams(max_tokens=4, ignore_eos=True)
     for i in range(2):
@@ -416,13 +416,13 @@ def test_the_batch_tier_holds_only_its_rows(mixtral_dir: Path, engine: VllmEngin
     batch_rows 3 the adapter keeps the rest of the batch tier's requests back, so the other rows
     stay free: normal requests start at once, and the held ones run as rows come free, each with
     the tokens it would have had (greedy, alike prompts alike)."""
-    ran, urgent_first, _ = _beside_a_batch(engine)  # the shared engine: no batch_rows
+    ran, urgent_first, _ = _beside_a_batch(engine, MAX_BATCH)  # the shared engine: no batch_rows
     assert (ran, urgent_first) == (MAX_BATCH, False)
 
     limited = make_engine(mixtral_dir, batch_rows=3)
     limited.load()
     try:
-        ran, urgent_first, results = _beside_a_batch(limited)
+        ran, urgent_first, results = _beside_a_batch(limited, 3)
         assert limited.stats().running == 0 and not limited._held  # type: ignore[attr-defined]
     finally:
         limited.close()
