@@ -85,6 +85,7 @@ from typing import Any
 
 from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
+from moe_core.moe_configs import MoeShape, moe_shape
 from moe_core.telemetry import RoutedCounts
 
 log = logging.getLogger(__name__)
@@ -343,13 +344,7 @@ class VllmEngine:
             os.environ.setdefault(moe_configs.ENV_FOLDER, str(self.tuned_config_dir))
         folder = os.environ.get(moe_configs.ENV_FOLDER)
         try:
-            shape = moe_configs.moe_shape(
-                self.model_dir,
-                tensor_parallel_size=self.tensor_parallel_size,
-                enable_expert_parallel=self.enable_expert_parallel,
-                dtype=dtype,
-            )
-            name = moe_configs.config_file_name(shape)
+            name = moe_configs.config_file_name(self._moe_shape(dtype))
         except (ValueError, KeyError) as e:
             log.info("fused-MoE configs: not applicable to this model (%s)", e)
             return
@@ -363,6 +358,16 @@ class VllmEngine:
                 name,
                 folder,
             )
+
+    def _moe_shape(self, dtype: str) -> MoeShape:
+        """The expert GEMMs one GPU runs under this engine's parallelism (ValueError or KeyError
+        for a model vLLM does not fuse)."""
+        return moe_shape(
+            self.model_dir,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enable_expert_parallel=self.enable_expert_parallel,
+            dtype=dtype,
+        )
 
     def _resolve_dtype(self, device: str) -> str:
         from moe_core.loader import resolve_dtype
@@ -483,13 +488,7 @@ class VllmEngine:
 
         dtype = self._resolve_dtype(self._resolve_device()[0])
         try:
-            shape = moe_configs.moe_shape(
-                self.model_dir,
-                tensor_parallel_size=self.tensor_parallel_size,
-                enable_expert_parallel=self.enable_expert_parallel,
-                dtype=dtype,
-            )
-            config_of = moe_configs.fused_moe_config_of(shape, self.quantization)
+            config_of = moe_configs.fused_moe_config_of(self._moe_shape(dtype), self.quantization)
         except Exception as e:  # not a fused MoE, quantized weights, an older vLLM
             log.info("fused-MoE kernel warm-up: not applicable to this model (%s)", e)
             return []
