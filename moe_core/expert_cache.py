@@ -1,9 +1,10 @@
-"""A device cache of a MoE model's routed experts, for the torch engine (`engine.offload: experts`).
+"""A device cache of a MoE model's routed experts (`engine.offload: experts`), for the torch engine
+and, inside vLLM's fused-MoE layers, for the vLLM engine (moe_core/vllm_expert_cache.py).
 
 Only the experts make a MoE model large, and each token uses k of a layer's E. So every MoE layer
 keeps `slots` of its experts on the device and all E in host memory (pinned on CUDA, so a copy is
 an asynchronous DMA); attention, norms, routers and shared experts stay on the device. A layer's
-forward, in `_CachedLayer.forward`:
+forward, in `_CachedLayer.run`:
 
 1. its router has chosen: top-k ids [T, k] over the T tokens → the distinct experts needed (a
    host sync; the prediction below is another);
@@ -12,21 +13,22 @@ forward, in `_CachedLayer.forward`:
    computes) into slots whose experts are not predicted (`SlotTable.prefetch`);
 3. the experts needed and not resident are copied in (`SlotTable.admit`: a free slot, else the
    least recently needed expert not needed now, the one with the least recent load among equals);
-4. the experts module runs as it always does, on its slot tensors [slots, ...], the ids remapped
-   to slots (an expert not resident → the sentinel `slots`, which every transformers experts
-   implementation skips). A forward that needs more experts than there are slots runs them in
-   turns of `slots`, the turns' outputs summed.
+4. the backend's own experts computation runs as it always does, on its slot tensors
+   [slots, ...], the ids remapped to slots. A forward that needs more experts than there are
+   slots runs them in turns of `slots`, the turns' outputs summed (an id of another turn's expert
+   goes to a sentinel the backend skips, or to a slot with a routing weight of 0).
 
 The output is the model's with every expert on the device, up to the order the tokens' expert
 outputs are summed in (greedy tokens alike: tests/test_expert_cache.py, one slot per layer too).
-Which layers it holds: each module with one router child (`*TopKRouter`, as expert telemetry finds
-them) and one experts child built on transformers' experts interface (`use_experts_implementation`:
-forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])), whose parameters with E rows
-are the per-expert weights. Every family LocalMoE builds has that form.
+Which layers (transformers): each module with one router child (`*TopKRouter`, as expert telemetry
+finds them) and one experts child built on transformers' experts interface
+(`use_experts_implementation`: forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])),
+whose parameters with E rows are the per-expert weights. Every family LocalMoE builds has that form.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -150,31 +152,45 @@ def _routed(router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | Non
     return next((o for o in outputs if isinstance(o, torch.Tensor) and not o.is_floating_point()), None)
 
 
+# (hidden [T, H], slot ids [T, k], routing weights [T, k]) → the experts' output [T, H], computed on
+# the layer's slot tensors (a weight of 0 where an id stands for no expert of this turn)
+Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# hidden [T, H] → the top-k expert ids [T, k] a layer's router would choose for it (None: no guess)
+Predict = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
 class _CachedLayer:
-    """One MoE layer's experts module, its weights in `slots` device slots."""
+    """One MoE layer's routed experts, their weights in `slots` device slots.
+
+    Backend-neutral: `hold` takes the per-expert parameters out of the module that computes the
+    experts (transformers' experts module, vLLM's fused-MoE layer) and `run` serves one forward
+    with a `Compute` of that backend. sentinel: an id for "no expert of this turn" the backend
+    skips (transformers' expert-parallel sentinel, `slots`); None: such ids go to slot 0 with a
+    routing weight of 0 (a kernel that knows no sentinel computes them and adds nothing)."""
 
     def __init__(
-        self, cache: ExpertCache, router: torch.nn.Module, experts: torch.nn.Module, slots: int
+        self, cache: ExpertCache, num_experts: int, slots: int, predict: Predict | None, sentinel: bool
     ) -> None:
         self.cache = cache
-        self.router = router
-        self.experts = experts
-        self.num_experts = _experts_of(router)
-        self.table = SlotTable(self.num_experts, slots)
+        self.num_experts = num_experts
+        self.table = SlotTable(num_experts, slots)
+        self.predict = predict  # this layer's router, for the layer before it to fetch ahead
+        self.sentinel = slots if sentinel else None
         self.host: dict[str, torch.Tensor] = {}  # weight name → [E, ...] in host memory
         self.device: dict[str, torch.Tensor] = {}  # weight name → [slots, ...] on the device
         self.next: _CachedLayer | None = None  # the layer after this one, whose experts it predicts
         self.ready: torch.cuda.Event | None = None  # its copies are done (CUDA)
         self.done: torch.cuda.Event | None = None  # its last forward is done with its slots (CUDA)
-        self._forward: Callable[..., torch.Tensor] = experts.forward
         self.expert_bytes = 0
         self.needed = self.hits = 0  # this layer's share of CacheStats' counts
 
-    def place(self, device: torch.device) -> None:
-        """Its per-expert weights to host memory, `slots` of each on `device`; the module computes
-        on those from now on."""
+    def hold(self, module: torch.nn.Module, device: torch.device) -> None:
+        """`module`'s parameters with a row per expert ([E, ...], whatever layout its kernel
+        keeps them in) to host memory, pinned on CUDA (from the device, or from a view of host
+        memory the device reads in place); `slots` rows of each on `device` take their place, and
+        the module computes on those from now on."""
         pin = device.type == "cuda"
-        for name, param in list(self.experts.named_parameters(recurse=False)):
+        for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() == 0 or param.shape[0] != self.num_experts:
                 continue
             host = param.data.to("cpu")
@@ -182,30 +198,26 @@ class _CachedLayer:
             # zeros: a free slot computed on (rows an implementation runs and then drops) stays finite
             slots = torch.zeros((self.table.slots, *param.shape[1:]), dtype=param.dtype, device=device)
             self.device[name] = slots
-            setattr(self.experts, name, torch.nn.Parameter(slots, requires_grad=False))
+            setattr(module, name, torch.nn.Parameter(slots, requires_grad=False))
             self.expert_bytes += host[0].numel() * host.element_size()
         if not self.host:
-            raise ValueError(f"{type(self.experts).__name__} holds no per-expert weights")
-        # Ids >= num_experts are expert parallelism's sentinels, which every implementation skips
-        # once told (_is_expert_parallel), given a routing weight of 0 there.
-        vars(self.experts)["num_experts"] = self.table.slots
-        vars(self.experts)["_is_expert_parallel"] = True
-        self.experts.forward = self.forward
+            raise ValueError(f"{type(module).__name__} holds no per-expert weights")
         if pin:
             self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()  # type: ignore[no-untyped-call]
 
-    def forward(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    def run(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, compute: Compute
     ) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
-        output [T, H]."""
+        output [T, H], `compute` run on the slots once per turn of at most `slots` experts."""
         ids, counts = torch.unique(top_k_index, return_counts=True)
         needed, tokens = ids.tolist(), counts.tolist()  # a host sync (the prediction's is the other)
         stats = self.cache.stats
         if (
             self.cache.prefetch
             and self.next is not None
-            and (predicted := _routed(self.next.router, hidden)) is not None
+            and self.next.predict is not None
+            and (predicted := self.next.predict(hidden)) is not None
         ):
             ahead = self.next.table.prefetch(torch.unique(predicted).tolist())
             stats.prefetched += len(ahead)
@@ -216,17 +228,20 @@ class _CachedLayer:
         stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
         out: torch.Tensor | None = None
         slots = self.table.slots
+        absent = self.sentinel if self.sentinel is not None else 0  # the id of another turn's experts
         for turn in _turns(list(range(len(needed))), slots):
             experts = [needed[i] for i in turn]
             self.cache.copy(self, self.table.admit(experts, [tokens[i] for i in turn]))
-            remap = [slots] * (self.num_experts + 1)  # the sentinel for an expert of another turn
+            remap = [absent] * self.num_experts
+            ours = [False] * self.num_experts
             for expert in experts:
-                remap[expert] = self.table.slot_of[expert]
+                remap[expert], ours[expert] = self.table.slot_of[expert], True
             if self.ready is not None:
                 torch.cuda.current_stream(hidden.device).wait_event(self.ready)
-            mapped = torch.tensor(remap, device=hidden.device)[top_k_index]
-            weights = top_k_weights.masked_fill(mapped == slots, 0)
-            part = self._forward(hidden, mapped, weights)
+            index = top_k_index.long()
+            mapped = torch.tensor(remap, device=hidden.device)[index].to(top_k_index.dtype)
+            weights = top_k_weights.masked_fill(~torch.tensor(ours, device=hidden.device)[index], 0)
+            part = compute(hidden, mapped, weights)
             if self.done is not None:  # the next copies into these slots wait for this
                 self.done.record()
             out = part if out is None else out + part
@@ -234,10 +249,46 @@ class _CachedLayer:
         return out
 
 
+# Finds the MoE layers of a model and hands each its slots: → the cache's layers, in model order.
+Install = Callable[["ExpertCache", torch.nn.Module, float], "list[_CachedLayer]"]
+
+
+def _transformers_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
+    """Each (router, experts module) of a transformers model (`moe_layers`), the experts module
+    computing on its slots; the rest of the model moved to the cache's device."""
+    layers = []
+    for router, experts in moe_layers(model):
+        num_experts = _experts_of(router)
+        slots = max(1, int(fraction * num_experts))
+        layer = _CachedLayer(cache, num_experts, slots, functools.partial(_routed, router), sentinel=True)
+        layer.hold(experts, cache.device)
+        # Ids >= num_experts are expert parallelism's sentinels, which every implementation skips
+        # once told (_is_expert_parallel), given a routing weight of 0 there.
+        vars(experts)["num_experts"] = slots
+        vars(experts)["_is_expert_parallel"] = True
+        compute = experts.forward
+        experts.forward = functools.partial(_run_on, layer, compute)
+        layers.append(layer)
+    model.to(cache.device)
+    return layers
+
+
+def _run_on(
+    layer: _CachedLayer,
+    compute: Compute,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    return layer.run(hidden, top_k_index, top_k_weights, compute)
+
+
 class ExpertCache:
-    """Every MoE layer of `model` (loaded in host memory) with `resident_fraction` of its experts
-    on `device` (at least one each); the rest of the model is moved there too. prefetch: fetch the
-    next layer's predicted experts ahead (off: on demand only, for comparison)."""
+    """Every MoE layer of `model` with `resident_fraction` of its routed experts on `device` (at
+    least one each) and all of them in host memory. prefetch: fetch the next layer's predicted
+    experts ahead (off: on demand only, for comparison). install: how to find and hold the
+    layers: a transformers model loaded in host memory by default (the rest of it is then moved
+    to `device` too); vLLM's model in its worker: moe_core/vllm_expert_cache.py."""
 
     def __init__(
         self,
@@ -245,16 +296,15 @@ class ExpertCache:
         device: str | torch.device,
         resident_fraction: float,
         prefetch: bool = True,
+        install: Install = _transformers_layers,
     ) -> None:
         if not 0 < resident_fraction <= 1:
             raise ValueError("resident_fraction must be in (0, 1]")
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.stats = CacheStats()
-        self.layers = [
-            _CachedLayer(self, router, experts, max(1, int(resident_fraction * _experts_of(router))))
-            for router, experts in moe_layers(model)
-        ]
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self.layers = install(self, model, resident_fraction)
         if not self.layers:
             raise ValueError(
                 "the model has no MoE layer the expert cache can hold (a router beside an experts "
@@ -262,10 +312,6 @@ class ExpertCache:
             )
         for layer, after in zip(self.layers, self.layers[1:], strict=False):
             layer.next = after
-        for layer in self.layers:
-            layer.place(self.device)
-        model.to(self.device)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     @property
     def slots(self) -> list[int]:
