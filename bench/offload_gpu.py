@@ -12,8 +12,11 @@ engine as a worker with that budget builds it (choose → construct):
     vllm_offload  engine.offload auto: vLLM with cpu_offload_gb and the KV cache the budget leaves
     vllm_gpu      a budget the model fits: vLLM, all on the GPU (the upper bound)
     zero3         engine.offload zero3: DeepSpeed ZeRO-3, every weight streamed from CPU memory
-    experts       engine.offload experts: the torch engine with a GPU cache of the routed experts
-                  (as many as the budget leaves room for), the rest in pinned CPU memory
+    experts       engine.offload experts: a GPU cache of the routed experts (as many as the
+                  budget leaves room for), the rest in pinned CPU memory, inside vLLM's fused-MoE
+                  layers (moe_core/vllm_expert_cache.py), CUDA graphs split around them
+    experts_eager the same with vLLM eager (no CUDA graphs, no compile)
+    torch_experts the same cache in the torch engine (engine.backend torch)
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
 makes ~4 tokens/s). vLLM first runs each shape untimed with 8 tokens (torch.compile, CUDA
@@ -47,7 +50,7 @@ from moe_core.loader import ModelInfo, inspect_model
 from workers.engine_setup import budget_of, construct
 
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
-ENGINES = ("vllm_offload", "vllm_gpu", "zero3", "experts")
+ENGINES = ("vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "torch_experts")
 
 
 @dataclass
@@ -110,8 +113,10 @@ def run_greedy(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[flo
 
 def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> EngineSettings:
     cfg = EngineSettings(dtype=args.dtype, max_batch_size=BATCH, gpu_memory_budget_gb=budget_gb)
-    cfg.vllm.enforce_eager = args.enforce_eager
-    cfg.offload = {"zero3": "zero3", "experts": "experts"}.get(name, "auto")  # type: ignore[assignment]
+    cfg.vllm.enforce_eager = args.enforce_eager or name == "experts_eager"
+    cfg.offload = "zero3" if name == "zero3" else "experts" if "experts" in name else "auto"
+    if name == "torch_experts":
+        cfg.backend = "torch"
     return cfg
 
 

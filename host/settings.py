@@ -110,8 +110,9 @@ class EngineSettings(BaseModel):
         description="Where weights that do not fit the budget go. auto: vllm_cpu where vLLM runs the "
         "model, else zero3; none: refuse to start such a model; vllm_cpu: vLLM's cpu_offload_gb (the "
         "GPU reads them from pinned CPU memory at every step); zero3: DeepSpeed ZeRO-3 (every weight "
-        "streamed from deepspeed.offload's cpu or nvme); experts: the torch engine with a GPU cache of "
-        "the routed experts in use (expert_cache), the rest of them in pinned CPU memory.",
+        "streamed from deepspeed.offload's cpu or nvme); experts: a GPU cache of the routed experts "
+        "in use (expert_cache), the rest of them in pinned CPU memory, inside vLLM's fused-MoE layers "
+        "where vLLM runs the model, else in the torch engine.",
     )
     expert_cache: ExpertCacheSettings = Field(default_factory=ExpertCacheSettings)
     max_step_failures: int = Field(3, ge=1, description="Failed steps in a row before failing over.")
@@ -142,11 +143,13 @@ class EngineSettings(BaseModel):
 
     @model_validator(mode="after")
     def _offload_fits_backend(self) -> EngineSettings:
-        by = {"vllm_cpu": "vllm", "zero3": "deepspeed", "experts": "torch"}.get(
+        by = {"vllm_cpu": ("vllm",), "zero3": ("deepspeed",), "experts": ("vllm", "torch")}.get(
             self.offload
         )  # who offloads so
-        if by is not None and self.backend not in ("auto", by):
-            raise ValueError(f"engine.offload {self.offload} is {by}'s, not engine.backend {self.backend}'s")
+        if by is not None and self.backend not in ("auto", *by):
+            raise ValueError(
+                f"engine.offload {self.offload} is {' or '.join(by)}'s, not engine.backend {self.backend}'s"
+            )
         if self.offload == "none" and self.deepspeed.offload != "none":
             raise ValueError(
                 f"engine.offload none contradicts engine.deepspeed.offload {self.deepspeed.offload}"

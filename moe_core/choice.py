@@ -9,7 +9,10 @@ installed, an architecture its registry lacks, or `engine.offload: zero3`). On t
 reference model with half its weights off the GPU made 37 tokens/s at batch 1 through vLLM's
 offload against 4 through ZeRO-3 (BENCHMARKS.md). PyTorch/transformers otherwise (no GPU, or
 neither installed). A configured backend other than "auto" is used as it is, or refused with the
-reason it cannot run; `engine.offload: none` refuses a model that does not fit.
+reason it cannot run; `engine.offload: none` refuses a model that does not fit. `engine.offload:
+experts` keeps as many routed experts on the GPU as the budget leaves and fetches the others as
+they are routed: inside vLLM's fused-MoE layers where vLLM runs the model, else in the torch
+engine (moe_core/expert_cache.py).
 
 The memory plan (`plan_memory`) is per GPU; its arithmetic is in the function.
 
@@ -118,7 +121,7 @@ class Choice:
     reason: str
     fallbacks: tuple[Backend, ...]  # what to switch to, in order, if this one fails
     cpu_offload_gb: float = 0.0  # vllm_cpu: GiB of weights per GPU vLLM keeps in CPU memory
-    kv_cache_bytes: int | None = None  # vllm_cpu: vLLM's KV cache per GPU, what the budget leaves it
+    kv_cache_bytes: int | None = None  # vllm_cpu, experts: vLLM's KV cache per GPU, what the budget leaves it
     resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
 
 
@@ -141,15 +144,14 @@ def choose(
     quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything.
     offload: engine.offload. vllm_archs: the architectures vLLM's registry runs (default: looked up,
     only for a model that does not fit). resident_fraction: engine.expert_cache's (offload experts)."""
-    if offload == "experts" and requested not in ("auto", "torch"):
+    if offload == "experts" and requested not in ("auto", "torch", "vllm"):
         raise RuntimeError(
-            f"engine.offload experts is the torch engine's cache, not engine.backend {requested}'s"
+            f"engine.offload experts is the vLLM and torch engines' cache, not engine.backend {requested}'s"
         )
     if offload == "experts" and model.quantization is not None:
         raise RuntimeError(
-            f"this checkpoint is quantized ({model.quantization}): only the vLLM engine runs it, and "
-            "the expert cache (engine.offload experts) is the torch engine's; set engine.offload to "
-            "auto or vllm_cpu"
+            f"this checkpoint is quantized ({model.quantization}), and the expert cache (engine.offload "
+            "experts) holds unquantized experts only; set engine.offload to auto or vllm_cpu"
         )
     if requested != "auto" and offload in ("vllm_cpu", "zero3") and offload != OFFLOAD_OF.get(requested):
         raise RuntimeError(f"engine.backend {requested} cannot offload as engine.offload {offload} asks")
@@ -173,7 +175,10 @@ def choose(
     if offload == "none":
         raise RuntimeError(f"{_does_not_fit(plan, budget)}, and engine.offload is none: {_NONE_HELP}")
     if offload == "experts":
-        return _expert_cache(model, plan, budget, resident_fraction)
+        backend: Backend = "torch"
+        if requested != "torch" and _why_not_vllm(requested, model, have, offload, vllm_archs) is None:
+            backend = "vllm"
+        return _expert_cache(backend, model, plan, budget, resident_fraction)
     return _over_budget(requested, model, plan, budget, have, offload, vllm_archs)
 
 
@@ -198,10 +203,13 @@ def routed_expert_bytes(model: ModelInfo, weights: int) -> int:
     return min(weights, int(experts * weights / max(model.num_parameters_estimate, 1)))
 
 
-def _expert_cache(model: ModelInfo, plan: MemoryPlan, budget: Budget, fraction: float | None) -> Choice:
-    """Weights that do not fit, engine.offload experts: the torch engine keeps everything but the
-    routed experts on the GPU and as many of those as the budget leaves room for (or `fraction`
-    of them, if that fits)."""
+def _expert_cache(
+    backend: Backend, model: ModelInfo, plan: MemoryPlan, budget: Budget, fraction: float | None
+) -> Choice:
+    """Weights that do not fit, engine.offload experts: `backend` (vLLM where it runs the model,
+    its cache in the fused-MoE layers; else torch) keeps everything but the routed experts on the
+    GPU and as many of those as the budget leaves room for (or `fraction` of them, if that fits).
+    vLLM's KV cache gets what the plan leaves it, the torch engine being the fallback."""
     if model.num_experts <= 1:
         raise RuntimeError("engine.offload experts: the model has no routed experts to cache")
     experts = routed_expert_bytes(model, plan.weights)
@@ -223,10 +231,12 @@ def _expert_cache(model: ModelInfo, plan: MemoryPlan, budget: Budget, fraction: 
     share = fraction if fraction is not None else fits
     slots = max(1, int(share * model.num_experts))
     why = (
-        f"{_does_not_fit(plan, budget)}: the torch engine with {slots} of {model.num_experts} routed "
+        f"{_does_not_fit(plan, budget)}: the {backend} engine with {slots} of {model.num_experts} routed "
         f"experts per layer on the GPU, the rest in pinned CPU memory (engine.offload experts)"
     )
-    return Choice("torch", "experts", why, (), resident_fraction=share)
+    if backend == "torch":
+        return Choice("torch", "experts", why, (), resident_fraction=share)
+    return Choice("vllm", "experts", why, ("torch",), resident_fraction=share, kv_cache_bytes=plan.kv_cache)
 
 
 def _over_budget(

@@ -67,12 +67,14 @@ vLLM is imported lazily: this module imports without it. `available()` says whet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import heapq
 import importlib.util
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import multiprocessing.util
 import os
@@ -93,6 +95,7 @@ log = logging.getLogger(__name__)
 WARMUP_PROMPTS = ("Hello", "def warm_up(engine):\n    return engine.step()")
 STEP_WAIT_S = 0.02  # the longest step() waits for an engine iteration while requests are unfinished
 CLOSE_TIMEOUT_S = 30.0
+CACHE_STATS_S = 1.0  # the expert cache's counts are read from vLLM's worker at most this often
 WARMUP_TIMEOUT_S = 600.0  # the whole warm-up, fused-MoE kernels included (compiled on the first start)
 
 # vLLM's finish reasons (str(vllm.v1.engine.FinishReason)) mapped to ours; anything else
@@ -179,6 +182,8 @@ class VllmEngine:
         warm_up_kernels: bool | None = None,
         batch_rows: int | None = None,
         batch_rank: int = 3,
+        expert_cache: float | None = None,
+        expert_prefetch: bool = True,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -205,7 +210,14 @@ class VllmEngine:
         (the batch tier's) may hold; more of them wait in this adapter, by rank and arrival, and go
         to vLLM as such requests end (None: no limit). vLLM preempts a running request for memory
         only, never to seat a more urgent one, so without this a batch's lines could hold every row
-        and an interactive job would wait for one to end; the torch engine preempts them instead."""
+        and an interactive job would wait for one to end; the torch engine preempts them instead.
+        expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
+        all of them in host memory, fetched into device slots as routed (moe_core/vllm_expert_cache.py;
+        None: none). On CUDA vLLM then loads the routed experts into pinned host memory (its UVA
+        offload: the model need not fit the GPU), and its CUDA graphs are split at the fused-MoE
+        ops unless enforce_eager; set kv_cache_memory_bytes so that the slots have room beside the
+        KV cache (the automatic choice does). expert_prefetch: fetch the next layer's predicted
+        experts ahead (the cache's default)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -229,6 +241,14 @@ class VllmEngine:
         self.warm_up_kernels = warm_up_kernels  # None until load() decides it by the device
         self.batch_rows = None if batch_rows is None else max(1, batch_rows)
         self.batch_rank = batch_rank
+        if expert_cache is not None and not 0 < expert_cache <= 1:
+            raise ValueError("expert_cache must be a share in (0, 1]")
+        if expert_cache is not None and cpu_offload_gb > 0:
+            raise ValueError("expert_cache keeps the routed experts in host memory itself: no cpu_offload_gb")
+        self.expert_cache = expert_cache
+        self.expert_prefetch = expert_prefetch
+        self.expert_slots: list[int] = []  # per fused-MoE layer, once the cache is installed
+        self._cache_stats: tuple[float, dict[str, int]] = (0.0, {})  # (when read, the workers' counts)
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
         self.moe_config: Path | None = None  # the tuned fused-MoE config file vLLM reads, if any
         self._requested_max_context = max_context
@@ -294,6 +314,8 @@ class VllmEngine:
             with _visible_gpu(gpu):
                 self._use_tuned_moe_configs(dtype)
                 self._backend.engine = self._build_engine(dtype)
+            if self.expert_cache is not None:
+                self._install_expert_cache()
             if not self._requested_max_context:
                 self.max_context = int(self._backend.engine.model_config.max_model_len)
             if self.expert_telemetry and device.startswith("cuda"):
@@ -303,6 +325,8 @@ class VllmEngine:
             self._warm_up()
             if self._routed is not None:
                 self._routed.reset()  # the warm-up's requests are not traffic
+            if self.expert_cache is not None:
+                self._backend.engine.collective_rpc("expert_cache_stats", args=(True,))  # nor its fetches
         except BaseException:
             self.close()
             raise
@@ -361,13 +385,17 @@ class VllmEngine:
 
     def _moe_shape(self, dtype: str) -> MoeShape:
         """The expert GEMMs one GPU runs under this engine's parallelism (ValueError or KeyError
-        for a model vLLM does not fuse)."""
-        return moe_shape(
+        for a model vLLM does not fuse); with the expert cache, over its slots (the kernel's E,
+        which picks its configs, is the slot tensors' rows: moe_core/vllm_expert_cache.py)."""
+        shape = moe_shape(
             self.model_dir,
             tensor_parallel_size=self.tensor_parallel_size,
             enable_expert_parallel=self.enable_expert_parallel,
             dtype=dtype,
         )
+        if self.expert_cache is None:
+            return shape
+        return dataclasses.replace(shape, experts=max(1, int(self.expert_cache * shape.experts)))
 
     def _resolve_dtype(self, device: str) -> str:
         from moe_core.loader import resolve_dtype
@@ -378,7 +406,7 @@ class VllmEngine:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import EngineArgs
 
-        return EngineArgs(
+        kwargs: dict[str, Any] = dict(
             model=str(self.model_dir),
             tokenizer=str(self.model_dir),
             dtype=dtype,
@@ -406,6 +434,53 @@ class VllmEngine:
             ),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
+        )
+        return EngineArgs(**(kwargs | self._expert_cache_args(dtype)))
+
+    def _expert_cache_args(self, dtype: str) -> dict[str, Any]:
+        """With expert_cache: the worker extension that installs it; on CUDA, the routed experts
+        loaded into pinned host memory (vLLM's UVA offload, all of them: the cache takes them from
+        there) and the CUDA graphs split at the fused-MoE ops, which ask the host which experts
+        they need at every step (a graph captures no host decision)."""
+        if self.expert_cache is None:
+            return {}
+        from moe_core import vllm_expert_cache
+
+        args: dict[str, Any] = {"worker_extension_cls": vllm_expert_cache.EXTENSION}
+        if not self._resolve_device()[0].startswith("cuda"):
+            return args  # vLLM's CPU build: the weights are in host memory already
+        from vllm.config import CompilationConfig
+
+        from moe_core.loader import inspect_model
+
+        model = inspect_model(self.model_dir)
+        width = 4 if dtype == "float32" else 2
+        experts = (
+            model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
+        )
+        args |= {
+            "offload_backend": "uva",
+            "cpu_offload_params": set(vllm_expert_cache.EXPERT_WEIGHTS),
+            "cpu_offload_gb": math.ceil(experts * width / 2**30) + 1,  # a cap: every expert weight fits it
+        }
+        if not self.enforce_eager:
+            ops = [*CompilationConfig._attention_ops, *vllm_expert_cache.MOE_OPS]
+            args["compilation_config"] = {"cudagraph_mode": "PIECEWISE", "splitting_ops": ops}
+        return args
+
+    def _install_expert_cache(self) -> None:
+        """Each worker holds `expert_cache` of every fused-MoE layer's experts in device slots."""
+        started = time.monotonic()
+        slots = self.engine.collective_rpc(
+            "install_expert_cache", args=(self.expert_cache, self.expert_prefetch)
+        )[0]
+        self.expert_slots = [int(n) for n in slots]
+        log.info(
+            "expert cache: %d fused-MoE layers, %s experts each on the device (prefetch %s), in %.1fs",
+            len(self.expert_slots),
+            "/".join(sorted({str(n) for n in self.expert_slots})),
+            "on" if self.expert_prefetch else "off",
+            time.monotonic() - started,
         )
 
     def _cpu_attention(self, dtype: str) -> dict[str, Any]:
@@ -619,7 +694,23 @@ class VllmEngine:
             kv_block_size=self._kv_blocks[1],
             prompt_tokens=self._prompt_tokens,
             cached_tokens=self._cached_tokens,
+            **self._expert_cache_counts(),
         )
+
+    def _expert_cache_counts(self) -> dict[str, int]:
+        """The expert cache's counts as EngineStats fields, read from the first worker at most
+        every CACHE_STATS_S (the call waits for vLLM's core to finish its step); {} without one."""
+        if self.expert_cache is None or self.engine is None:
+            return {}
+        read_at, counts = self._cache_stats
+        if time.monotonic() - read_at >= CACHE_STATS_S:
+            counts = self.engine.collective_rpc("expert_cache_stats")[0]
+            self._cache_stats = (time.monotonic(), counts)
+        return {
+            "expert_cache_needed": int(counts.get("needed", 0)),
+            "expert_cache_hits": int(counts.get("hits", 0)),
+            "expert_cache_fetched_bytes": int(counts.get("bytes_fetched", 0)),
+        }
 
     def _kv_usage(self, running: list[_Request]) -> float | None:
         """The share of vLLM's KV-cache blocks the running requests hold: their prompt and output

@@ -116,24 +116,55 @@ REFERENCE = ModelInfo(  # bench/offload_gpu.py's model: 4.76 B bf16 Mixtral, 16 
 def test_the_expert_cache_keeps_as_many_experts_as_the_budget_leaves() -> None:
     """engine.offload experts, the reference shapes over a 10 GB budget: the routed experts are
     16 layers × 8 × 3 × 2048 × 5632 parameters at 2 B (8.86 of the 9.52 GB); everything else stays
-    on the GPU, and the experts get what the weights' share of the budget leaves beside it."""
+    on the GPU, and the experts get what the weights' share of the budget leaves beside it. vLLM
+    holds the cache where it runs the model (its KV cache what the plan leaves, torch the
+    fallback), the torch engine otherwise."""
     budget = Budget(10 * GB, max_batch_size=16)
     plan = plan_memory(REFERENCE, REFERENCE.size_bytes, budget)
     experts = 16 * 8 * 3 * 2048 * 5632 * 2
     assert routed_expert_bytes(REFERENCE, REFERENCE.size_bytes) == experts
     share = (plan.gpu_weights - (REFERENCE.size_bytes - experts)) / experts
-    c = choose("auto", REFERENCE, "cuda", budget, BOTH, offload="experts")
-    assert (c.backend, c.offload, c.fallbacks) == ("torch", "experts", ())
+    c = choose("auto", REFERENCE, "cuda", budget, BOTH, offload="experts", vllm_archs=MIXTRAL)
+    assert (c.backend, c.offload, c.fallbacks, c.kv_cache_bytes) == (
+        "vllm",
+        "experts",
+        ("torch",),
+        plan.kv_cache,
+    )
     assert c.resident_fraction == pytest.approx(share) and 0.6 < share < 0.65
-    assert "the torch engine with 5 of 8 routed experts per layer on the GPU" in c.reason
+    assert "the vllm engine with 5 of 8 routed experts per layer on the GPU" in c.reason
+    assert choose("vllm", REFERENCE, "cuda", budget, BOTH, offload="experts").backend == "vllm"
+    for have, archs in ((frozenset({"deepspeed"}), MIXTRAL), (BOTH, frozenset({"OtherForCausalLM"}))):
+        c = choose("auto", REFERENCE, "cuda", budget, have, offload="experts", vllm_archs=archs)
+        assert (c.backend, c.offload, c.fallbacks, c.kv_cache_bytes) == ("torch", "experts", (), None)
+        assert "the torch engine with 5 of 8 routed experts per layer on the GPU" in c.reason
     c = choose("torch", REFERENCE, "cuda", budget, BOTH, offload="experts", resident_fraction=0.25)
-    assert (c.offload, c.resident_fraction) == ("experts", 0.25)
+    assert (c.backend, c.offload, c.resident_fraction) == ("torch", "experts", 0.25)
     with pytest.raises(RuntimeError, match=r"resident_fraction 0\.9 keeps 7\.97 GB of experts"):
-        choose("auto", REFERENCE, "cuda", budget, BOTH, offload="experts", resident_fraction=0.9)
+        choose(
+            "auto",
+            REFERENCE,
+            "cuda",
+            budget,
+            BOTH,
+            offload="experts",
+            resident_fraction=0.9,
+            vllm_archs=MIXTRAL,
+        )
     with pytest.raises(RuntimeError, match="cannot hold one expert per layer as well"):
-        choose("auto", REFERENCE, "cuda", Budget(5 * GB, max_batch_size=16), BOTH, offload="experts")
-    with pytest.raises(RuntimeError, match=r"the torch engine's cache, not engine\.backend vllm's"):
-        choose("vllm", REFERENCE, "cuda", budget, BOTH, offload="experts")
+        choose(
+            "auto",
+            REFERENCE,
+            "cuda",
+            Budget(5 * GB, max_batch_size=16),
+            BOTH,
+            offload="experts",
+            vllm_archs=MIXTRAL,
+        )
+    with pytest.raises(
+        RuntimeError, match=r"the vLLM and torch engines' cache, not engine\.backend deepspeed's"
+    ):
+        choose("deepspeed", REFERENCE, "cuda", budget, BOTH, offload="experts")
     # a model that fits, or no GPU: every weight in place, whatever engine.offload says
     assert choose("auto", REFERENCE, "cuda", B40, BOTH, offload="experts").offload == "none"
     c = choose("auto", REFERENCE, "cpu", budget, BOTH, offload="experts")
@@ -260,8 +291,11 @@ def test_offload_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None
     assert cache.engine.expert_cache.resident_fraction == 0.5
     with pytest.raises(ValidationError, match="resident_fraction"):
         Settings(engine={"expert_cache": {"resident_fraction": 1.5}})  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match=r"offload experts is torch's, not engine\.backend vllm"):
-        EngineSettings(backend="vllm", offload="experts")
+    assert EngineSettings(backend="vllm", offload="experts").offload == "experts"
+    with pytest.raises(
+        ValidationError, match=r"offload experts is vllm or torch's, not engine\.backend deepspeed"
+    ):
+        EngineSettings(backend="deepspeed", offload="experts")
     monkeypatch.setenv("LOCALMOE_ENGINE__OFFLOAD", "zero3")  # the environment twin
     assert Settings().engine.offload == "zero3"
 

@@ -244,8 +244,9 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
 
 
 def test_the_offload_choice_reaches_vllms_arguments(mixtral_dir: Path) -> None:
-    """A choice of vllm_cpu hands vLLM its cpu_offload_gb and the KV cache the budget leaves; any
-    other leaves vLLM's defaults (no offload, the KV cache gpu_memory_utilization leaves)."""
+    """A choice of vllm_cpu hands vLLM its cpu_offload_gb and the KV cache the budget leaves; one of
+    experts, the expert cache's share and that KV cache; any other leaves vLLM's defaults (no
+    offload, the KV cache gpu_memory_utilization leaves)."""
     from host.settings import EngineSettings
     from moe_core.choice import GIB, Choice
     from workers.engine_setup import construct
@@ -256,6 +257,12 @@ def test_the_offload_choice_reaches_vllms_arguments(mixtral_dir: Path) -> None:
         engine = construct("vllm", mixtral_dir, "cpu", EngineSettings(), choice)
         args = engine._engine_args("float32")  # type: ignore[attr-defined]
         assert (args.cpu_offload_gb, args.kv_cache_memory_bytes) == expected
+        assert engine.expert_cache is None  # type: ignore[attr-defined]
+    cached = Choice("vllm", "experts", "does not fit", ("torch",), resident_fraction=0.5, kv_cache_bytes=GIB)
+    engine = construct("vllm", mixtral_dir, "cpu", EngineSettings(offload="experts"), cached)
+    args = engine._engine_args("float32")  # type: ignore[attr-defined]
+    assert (engine.expert_cache, args.kv_cache_memory_bytes, args.cpu_offload_gb) == (0.5, GIB, 0.0)  # type: ignore[attr-defined]
+    assert args.worker_extension_cls.endswith("ExpertCacheExtension")
 
 
 def test_cpu_offload_gb_serves_the_same_greedy_tokens(
@@ -273,6 +280,65 @@ def test_cpu_offload_gb_serves_the_same_greedy_tokens(
             reference.assert_matches(results[f"o{i}"], references[prompt], NEW_TOKENS)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("arch", "fraction"), [("mixtral", 1 / 8), ("mixtral", 0.5), ("qwen2_moe", 0.25)])
+def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
+    arch: str, fraction: float, mixtral_dir: Path, tmp_path: Path
+) -> None:
+    """engine.offload experts through vLLM (moe_core/vllm_expert_cache.py): each fused-MoE layer
+    computes on `fraction` of its experts in slots (1 of 8: every step in turns; qwen2_moe: a
+    shared expert beside the routed ones, run once per step), the rest fetched as routed; the
+    greedy tokens of a batch are generate()'s, and the counts show fetches and hits. Without the
+    copies into the slots the tokens would part from generate()'s (the slots hold zeros)."""
+    model_dir = (
+        mixtral_dir if arch == "mixtral" else build_checkpoint(tmp_path / arch, arch=arch, progress=False)
+    )
+    reference = Reference(model_dir)
+    engine = make_engine(model_dir, expert_cache=fraction)
+    args = engine._engine_args("float32")
+    assert args.worker_extension_cls == "moe_core.vllm_expert_cache.ExpertCacheExtension"
+    engine.load()
+    try:
+        assert engine.expert_slots == [max(1, int(fraction * 8))] * 4  # the tiny models: 4 layers of 8
+        assert engine.stats().expert_cache_needed == 0  # the warm-up's fetches are not counted
+        results = _run(engine, [_greedy(f"x{i}", p) for i, p in enumerate(PROMPTS[:4])])
+        engine._cache_stats = (0.0, {})  # read the workers' counts now
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for i, prompt in enumerate(PROMPTS[:4]):
+        reference.assert_matches(results[f"x{i}"], reference.tokens(prompt), NEW_TOKENS)
+    assert stats.expert_cache_needed > stats.expert_cache_hits > 0
+    assert stats.expert_cache_fetched_bytes > 0
+
+
+def test_the_expert_cache_asks_vllm_for_host_memory_and_split_graphs_on_cuda(
+    mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA (the device resolved as vLLM's GPU build would): every routed expert weight in
+    pinned host memory through vLLM's UVA offload, and CUDA graphs split at the fused-MoE ops, which
+    decide on the host which experts to fetch (eager: no graphs to split)."""
+    from moe_core import vllm_expert_cache
+
+    engine = VllmEngine(
+        mixtral_dir, device=DEVICE, dtype="float32", max_batch_size=MAX_BATCH, expert_cache=0.5
+    )
+    monkeypatch.setattr(engine, "_resolve_device", lambda: ("cuda", None))
+    args = engine._engine_args("bfloat16")
+    assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
+    # the tiny model's experts: 4 layers x 8 x 3 x 128 x 256 x 2 bytes (a cap, in whole GiB)
+    assert args.cpu_offload_gb == 2
+    assert engine._moe_shape("bfloat16").experts == 4  # the kernel's E: the slots, which pick its configs
+    graphs = args.compilation_config
+    assert graphs.cudagraph_mode.name == "PIECEWISE"
+    assert set(vllm_expert_cache.MOE_OPS) <= set(graphs.splitting_ops)
+    assert "vllm::unified_attention_with_output" in graphs.splitting_ops  # and vLLM's own splits
+    eager = make_engine(mixtral_dir, expert_cache=0.5)
+    monkeypatch.setattr(eager, "_resolve_device", lambda: ("cuda", None))
+    assert eager._engine_args("bfloat16").compilation_config.splitting_ops is None
+    plain = make_engine(mixtral_dir)
+    assert plain._expert_cache_args("float32") == {}
 
 
 def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 def offload_of(backend: Backend, choice: Choice | None, cfg: EngineSettings) -> Offload:
     """How `backend` holds the weights when it serves for this choice (None: everything on the
-    GPU): vLLM offloads what the choice counted; DeepSpeed runs ZeRO-3 for a model that does not
-    fit, as a fallback too, or wherever engine.deepspeed.offload says; torch keeps routed experts in
-    CPU memory where the choice says so (its expert cache), else offloads nothing."""
+    GPU): vLLM offloads what the choice counted or keeps the routed experts in CPU memory (its
+    expert cache); DeepSpeed runs ZeRO-3 for a model that does not fit, as a fallback too, or
+    wherever engine.deepspeed.offload says; torch keeps routed experts in CPU memory where the
+    choice says so (its expert cache), else offloads nothing."""
     if backend == "vllm":
+        if choice is not None and choice.offload == "experts":
+            return "experts"
         return "vllm_cpu" if choice is not None and choice.cpu_offload_gb > 0 else "none"
     if backend == "deepspeed":
         overflows = choice is not None and choice.offload != "none"
@@ -59,6 +62,8 @@ def construct(
 
         v = cfg.vllm
         moved = choice if choice is not None and offload == "vllm_cpu" else None
+        cached = choice if choice is not None and offload == "experts" else None
+        planned = moved or cached  # a choice that planned vLLM's KV cache
         return VllmEngine(
             model_dir,
             device=device,
@@ -76,9 +81,10 @@ def construct(
             # a checkpoint quantized already is read as its config says: vLLM refuses a second method
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
             cpu_offload_gb=moved.cpu_offload_gb if moved else 0.0,
-            kv_cache_memory_bytes=moved.kv_cache_bytes if moved else None,
+            kv_cache_memory_bytes=planned.kv_cache_bytes if planned else None,
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
+            expert_cache=cached.resident_fraction if cached else None,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
