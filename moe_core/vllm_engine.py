@@ -440,8 +440,8 @@ class VllmEngine:
     def _expert_cache_args(self, dtype: str) -> dict[str, Any]:
         """With expert_cache: the worker extension that installs it; on CUDA, the routed experts
         loaded into pinned host memory (vLLM's UVA offload, all of them: the cache takes them from
-        there) and the CUDA graphs split at the fused-MoE ops, which ask the host which experts
-        they need at every step (a graph captures no host decision)."""
+        there), Triton's fused-MoE kernel, and the CUDA graphs split at the fused-MoE ops, which
+        ask the host which experts they need at every step (a graph captures no host decision)."""
         if self.expert_cache is None:
             return {}
         from moe_core import vllm_expert_cache
@@ -459,6 +459,9 @@ class VllmEngine:
             model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
         )
         args |= {
+            # Triton's modular kernel: routed ids in, the layer's [E, 2N, K] weights read at every
+            # call (FlashInfer's, which vLLM prefers on some GPUs, route inside the kernel)
+            "moe_backend": "triton",
             "offload_backend": "uva",
             "cpu_offload_params": set(vllm_expert_cache.EXPERT_WEIGHTS),
             "cpu_offload_gb": math.ceil(experts * width / 2**30) + 1,  # a cap: every expert weight fits it

@@ -317,8 +317,9 @@ def test_the_expert_cache_asks_vllm_for_host_memory_and_split_graphs_on_cuda(
     mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CUDA (the device resolved as vLLM's GPU build would): every routed expert weight in
-    pinned host memory through vLLM's UVA offload, and CUDA graphs split at the fused-MoE ops, which
-    decide on the host which experts to fetch (eager: no graphs to split)."""
+    pinned host memory through vLLM's UVA offload, Triton's fused-MoE kernel, and CUDA graphs split
+    at the fused-MoE ops, which decide on the host which experts to fetch (eager: no graphs to
+    split)."""
     from moe_core import vllm_expert_cache
 
     engine = VllmEngine(
@@ -327,6 +328,7 @@ def test_the_expert_cache_asks_vllm_for_host_memory_and_split_graphs_on_cuda(
     monkeypatch.setattr(engine, "_resolve_device", lambda: ("cuda", None))
     args = engine._engine_args("bfloat16")
     assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
+    assert args.moe_backend == "triton"  # a modular kernel that reads the layer's weights per call
     # the tiny model's experts: 4 layers x 8 x 3 x 128 x 256 x 2 bytes (a cap, in whole GiB)
     assert args.cpu_offload_gb == 2
     assert engine._moe_shape("bfloat16").experts == 4  # the kernel's E: the slots, which pick its configs
