@@ -6,15 +6,17 @@ keeps `slots` of its experts on the device and all E in host memory (pinned on C
 an asynchronous DMA); attention, norms, routers and shared experts stay on the device. A layer's
 forward, in `_CachedLayer.run`:
 
-1. its router has chosen: top-k ids [T, k] over the T tokens → the distinct experts needed (a
-   host sync; the prediction below is another);
+1. its router has chosen: top-k ids [T, k] over the T tokens → the experts needed, counted on
+   the device together with step 2's prediction and read in one host sync per layer;
 2. the next layer's router, applied to this layer's input, predicts which experts that layer
    will need; those not resident are copied in ahead (on a copy stream on CUDA, while this layer
    computes) into slots whose experts are not predicted (`SlotTable.prefetch`);
 3. the experts needed and not resident are copied in (`SlotTable.admit`: a free slot, else the
    least recently needed expert not needed now, the one with the least recent load among equals);
 4. the backend's own experts computation runs as it always does, on its slot tensors
-   [slots, ...], the ids remapped to slots. A forward that needs more experts than there are
+   [slots, ...], the ids remapped to slots (a device map [E] kept current as experts come and
+   go: a step whose experts are all resident gathers it and copies nothing from the host). A
+   forward that needs more experts than there are
    slots runs them in turns of `slots`, the turns' outputs summed (an id of another turn's expert
    goes to a sentinel the backend skips, or to a slot with a routing weight of 0).
 
@@ -183,6 +185,7 @@ class _CachedLayer:
         self.done: torch.cuda.Event | None = None  # its last forward is done with its slots (CUDA)
         self.expert_bytes = 0
         self.needed = self.hits = 0  # this layer's share of CacheStats' counts
+        self.slot_map = torch.zeros(num_experts, dtype=torch.long)  # expert → its slot, on the device
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         """`module`'s parameters with a row per expert ([E, ...], whatever layout its kernel
@@ -202,6 +205,7 @@ class _CachedLayer:
             self.expert_bytes += host[0].numel() * host.element_size()
         if not self.host:
             raise ValueError(f"{type(module).__name__} holds no per-expert weights")
+        self.slot_map = self.slot_map.to(device)
         if pin:
             self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()  # type: ignore[no-untyped-call]
 
@@ -209,44 +213,66 @@ class _CachedLayer:
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, compute: Compute
     ) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
-        output [T, H], `compute` run on the slots once per turn of at most `slots` experts."""
-        ids, counts = torch.unique(top_k_index, return_counts=True)
-        needed, tokens = ids.tolist(), counts.tolist()  # a host sync (the prediction's is the other)
+        output [T, H], `compute` run on the slots once per turn of at most `slots` experts.
+
+        One host sync: the tokens per expert of this layer and of the next layer's prediction,
+        counted on the device ([E] each, by scatter-add: torch.unique and bincount would each
+        sync again) and read together."""
+        index = top_k_index.long()
+        counts = _counts(index, self.num_experts)  # [E]
+        after = self.next if self.cache.prefetch else None
+        guess = after.predict(hidden) if after is not None and after.predict is not None else None
+        if after is not None and guess is not None:
+            both = torch.cat([counts, _counts(guess.long(), after.num_experts)]).tolist()
+            counted, predicted = both[: self.num_experts], both[self.num_experts :]
+            ahead = after.table.prefetch([e for e, n in enumerate(predicted) if n])
+            self.cache.stats.prefetched += len(ahead)
+            self.cache.copy(after, ahead)  # on CUDA: while this layer computes
+        else:
+            counted = counts.tolist()
+        needed = [e for e, n in enumerate(counted) if n]
         stats = self.cache.stats
-        if (
-            self.cache.prefetch
-            and self.next is not None
-            and self.next.predict is not None
-            and (predicted := self.next.predict(hidden)) is not None
-        ):
-            ahead = self.next.table.prefetch(torch.unique(predicted).tolist())
-            stats.prefetched += len(ahead)
-            self.cache.copy(self.next, ahead)  # on CUDA: while this layer computes
         hits = sum(1 for e in needed if self.table.slot_of[e] >= 0)
         stats.needed, stats.hits = stats.needed + len(needed), stats.hits + hits
         self.needed, self.hits = self.needed + len(needed), self.hits + hits
         stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
         out: torch.Tensor | None = None
-        slots = self.table.slots
-        absent = self.sentinel if self.sentinel is not None else 0  # the id of another turn's experts
-        for turn in _turns(list(range(len(needed))), slots):
-            experts = [needed[i] for i in turn]
-            self.cache.copy(self, self.table.admit(experts, [tokens[i] for i in turn]))
-            remap = [absent] * self.num_experts
-            ours = [False] * self.num_experts
-            for expert in experts:
-                remap[expert], ours[expert] = self.table.slot_of[expert], True
+        turns = list(_turns(needed, self.table.slots))
+        for experts in turns:
+            self.cache.copy(self, self.table.admit(experts, [counted[e] for e in experts]))
             if self.ready is not None:
                 torch.cuda.current_stream(hidden.device).wait_event(self.ready)
-            index = top_k_index.long()
-            mapped = torch.tensor(remap, device=hidden.device)[index].to(top_k_index.dtype)
-            weights = top_k_weights.masked_fill(~torch.tensor(ours, device=hidden.device)[index], 0)
+            if len(turns) == 1:  # every expert routed to is resident: the slot map as it stands
+                mapped, weights = self.slot_map[index].to(top_k_index.dtype), top_k_weights
+            else:  # another turn's experts: the sentinel, or slot 0 with a routing weight of 0
+                absent = self.sentinel if self.sentinel is not None else 0
+                remap = [absent] * self.num_experts
+                for expert in experts:
+                    remap[expert] = self.table.slot_of[expert]
+                mapped = torch.tensor(remap, device=hidden.device)[index].to(top_k_index.dtype)
+                ours = torch.zeros(self.num_experts, dtype=torch.bool)
+                ours[experts] = True
+                weights = top_k_weights.masked_fill(~ours.to(hidden.device)[index], 0)
             part = compute(hidden, mapped, weights)
             if self.done is not None:  # the next copies into these slots wait for this
                 self.done.record()
             out = part if out is None else out + part
         assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
         return out
+
+    def map_slots(self) -> None:
+        """The device's expert → slot map [E] after a change of residency (0 where an expert is
+        not resident: a forward reads it only for experts it made resident)."""
+        slot_of = torch.tensor([max(s, 0) for s in self.table.slot_of], dtype=torch.long)
+        self.slot_map.copy_(slot_of)
+
+
+def _counts(index: torch.Tensor, experts: int) -> torch.Tensor:
+    """Tokens routed to each expert: [experts] int64 from ids [T, k] (any shape), on their device."""
+    flat = index.flatten()
+    return torch.zeros(experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
 
 
 # Finds the MoE layers of a model and hands each its slots: → the cache's layers, in model order.
@@ -323,6 +349,7 @@ class ExpertCache:
         if not copies:
             return
         self.stats.bytes_fetched += layer.expert_bytes * len(copies)
+        layer.map_slots()  # on this stream: before the layer's next compute reads it
         if self.stream is None:
             for expert, slot in copies:
                 for name, host in layer.host.items():
