@@ -16,9 +16,9 @@ forward, in `_CachedLayer.run`:
 4. the backend's own experts computation runs as it always does, on its slot tensors
    [slots, ...], the ids remapped to slots (a device map [E] kept current as experts come and
    go: a step whose experts are all resident gathers it and copies nothing from the host). A
-   forward that needs more experts than there are
-   slots runs them in turns of `slots`, the turns' outputs summed (an id of another turn's expert
-   goes to a sentinel the backend skips, or to a slot with a routing weight of 0).
+   forward that needs more experts than there are slots runs them in turns of `slots`, the
+   turns' outputs summed (an id of another turn's expert goes to a sentinel the backend skips,
+   or to a slot with a routing weight of 0).
 
 The output is the model's with every expert on the device, up to the order the tokens' expert
 outputs are summed in (greedy tokens alike: tests/test_expert_cache.py, one slot per layer too).
