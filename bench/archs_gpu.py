@@ -1,7 +1,7 @@
 """Every architecture `localmoe model init` builds, through LocalMoE's vLLM engine; then the
 reference model in bf16 against fp8 (issue 20's GPU runs).
 
-    python -m bench.archs_gpu [--archs mixtral,qwen3_moe,...] [--reference /tmp/ref] [--out FILE]
+    python -m bench.archs_gpu [--archs mixtral,qwen3_moe,...] [--reference ref-model] [--out FILE]
 
 1. Per architecture: a tiny random checkpoint (`build_checkpoint`, as `localmoe model init --arch`
    builds it), loaded by LocalMoE's vLLM adapter (eager: parity, not speed) with expert

@@ -2,8 +2,8 @@
 
 On the GPU machine:
 
-    python -m bench.engines_gpu --model /tmp/reference [--engines torch,deepspeed,vllm,raw_vllm]
-    python -m bench.engines_gpu --model /tmp/reference --engines deepspeed,deepspeed_tp2,vllm_tp2  # 2 GPUs
+    python -m bench.engines_gpu --model reference-model [--engines torch,deepspeed,vllm,raw_vllm]
+    python -m bench.engines_gpu --model reference-model --engines deepspeed,deepspeed_tp2,vllm_tp2  # 2 GPUs
 
 builds the reference bf16 Mixtral (`localmoe model init --size reference`, 4.76 B) unless it exists,
 then runs each engine on 1 × (128 → 256) and 256 × (512 → 256), greedy with EOS ignored (every

@@ -3,7 +3,7 @@ kernel configs against the same engine with tuned ones, on the reference model, 
 
 On the GPU machine (vLLM installed):
 
-    python -m bench.moe_tuning_gpu --model /tmp/ref --work /tmp/moe-tune [--batch-sizes 1,2,4,...]
+    python -m bench.moe_tuning_gpu --model ref-model --work /tmp/moe-tune [--batch-sizes 1,2,4,...]
 
 builds the reference bf16 Mixtral (`localmoe model init --size reference`) unless present, then
 1. `tune`: runs `localmoe tune-moe` into <work>/tuned (a copy of the file lands in

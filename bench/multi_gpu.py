@@ -1,9 +1,9 @@
 """Several GPUs of one box: per-GPU workers under a mixed load (does the scheduler spread it, and
 does a killed worker lose a job?), and one tensor-parallel worker against per-GPU replicas.
 
-    python -m bench.multi_gpu --model /tmp/ref --mode replicas [--kill]   # one worker per GPU
-    python -m bench.multi_gpu --model /tmp/ref --mode tp                  # one worker, TP = all GPUs
-    python -m bench.multi_gpu --model /tmp/ref --mode tp --backend deepspeed   # the same with DeepSpeed
+    python -m bench.multi_gpu --model ref-model --mode replicas [--kill]   # one worker per GPU
+    python -m bench.multi_gpu --model ref-model --mode tp                  # one worker, TP = all GPUs
+    python -m bench.multi_gpu --model ref-model --mode tp --backend deepspeed   # the same with DeepSpeed
 
 Redis, the API and the workers run as the service runs them (bench/harness.py). The workload is
 the same seeded arrival sequence in every mode: `--jobs` jobs, Poisson arrivals at `--rate` per

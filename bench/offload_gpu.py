@@ -2,7 +2,7 @@
 
 On the GPU machine:
 
-    python -m bench.offload_gpu --model /tmp/ref [--offload-share 0.5] [--out offload.json]
+    python -m bench.offload_gpu --model ref-model [--offload-share 0.5] [--out offload.json]
 
 builds the reference bf16 Mixtral (`localmoe model init --size reference --vocab-size 32000`,
 9.52 GB) unless it exists, then picks the `engine.gpu_memory_budget_gb` at which the worker's
