@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moe_build import packed, train
-from moe_core.expert_cache import ExpertCache
+from moe_core.expert_cache import ExpertCache, RoutingTrace
 from moe_core.loader import load_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
@@ -64,6 +64,30 @@ def held_out_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> dict[str, li
         rows = train.pack(tokenizer, corpus.texts["held_out"][kind], prompt_tokens)
         out[kind] = [r[None, :].long() for r in train.spread_rows(rows, n)]
     return out
+
+
+def record_routing(
+    model_dir: Path | None = None, n: int = 8, prompt_tokens: int = 64, new_tokens: int = 64
+) -> dict[str, RoutingTrace]:
+    """The embedded model's (trained) routing on `n` held-out documents of each kind, generating
+    `new_tokens` greedily at batch 1 from their first `prompt_tokens`: kind → a RoutingTrace to
+    replay on another model (bench/offload_gpu.py). model_dir: another trained checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = model_dir or packed.unpack(ASSETS, Path(tmp) / "model")
+        model: Any
+        model, tokenizer = load_model(model_dir, "cpu", "float32")
+        prompts = held_out_prompts(tokenizer, n, prompt_tokens)
+    cache = ExpertCache(model, "cpu", 1.0, prefetch=False)  # every expert resident: routing unchanged
+    traces = {}
+    with torch.inference_mode():
+        for kind, rows in prompts.items():
+            traces[kind] = RoutingTrace()
+            cache.follow(traces[kind])
+            for ids in rows:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
+    cache.follow(None)
+    return traces
 
 
 def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], fraction: float,

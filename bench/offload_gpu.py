@@ -16,6 +16,11 @@ engine as a worker with that budget builds it (choose → construct):
                   budget leaves room for), the rest in pinned CPU memory, inside vLLM's fused-MoE
                   layers (moe_core/vllm_expert_cache.py), CUDA graphs split around them
     experts_eager the same with vLLM eager (no CUDA graphs, no compile)
+    experts_code, experts_prose  the `experts` row with the routing of a trained model replayed:
+                  the embedded model's choices (and its next-layer predictions) on held-out code
+                  or prose (bench/expert_cache.py record_routing, RoutingTrace in
+                  moe_core/expert_cache.py); the random-weight reference model's own routers keep
+                  choosing a few experts, unlike a trained model's. Its tokens are not compared.
     torch_experts the same cache in the torch engine (engine.backend torch)
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
@@ -46,11 +51,16 @@ from host.settings import EngineSettings
 from moe_build.checkpoint import build_checkpoint, is_checkpoint
 from moe_core.choice import GIB, choose, plan_memory
 from moe_core.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from moe_core.expert_cache import RoutingTrace
 from moe_core.loader import ModelInfo, inspect_model
 from workers.engine_setup import budget_of, construct
 
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
-ENGINES = ("vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "torch_experts")
+ENGINES = (
+    "vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "experts_code", "experts_prose",
+    "torch_experts",
+)  # fmt: skip
+REPLAYED = {"experts_code": "code", "experts_prose": "prose"}  # engine → whose held-out routing it replays
 
 
 @dataclass
@@ -120,7 +130,9 @@ def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> Engin
     return cfg
 
 
-def bench_engine(name: str, args: argparse.Namespace, model: ModelInfo, budget_gb: float) -> Measured:
+def bench_engine(
+    name: str, args: argparse.Namespace, model: ModelInfo, budget_gb: float, trace: RoutingTrace | None = None
+) -> Measured:
     """One engine as a worker with this budget builds it; a failure after the choice is recorded."""
     cfg = settings_for(name, args, budget_gb)
     # the plan a GPU worker makes (on --device cpu too, where a worker would plan nothing)
@@ -131,7 +143,7 @@ def bench_engine(name: str, args: argparse.Namespace, model: ModelInfo, budget_g
     with _gpu_memory(args.device) as memory:
         try:
             engine = construct(choice.backend, model.path, args.device, cfg, choice)
-            _measure(m, engine, model.path, args, memory)
+            _measure(m, engine, model.path, args, memory, trace)
         except Exception as e:  # one engine failing must not hide the others' figures
             print(f"  {name}: FAILED: {type(e).__name__}: {e}", flush=True)
             m.error = f"{type(e).__name__}: {e}"[:400]
@@ -140,13 +152,22 @@ def bench_engine(name: str, args: argparse.Namespace, model: ModelInfo, budget_g
     return m
 
 
-def _measure(m: Measured, engine: Engine, model_dir: Path, args: argparse.Namespace, memory: Any) -> None:
+def _measure(
+    m: Measured,
+    engine: Engine,
+    model_dir: Path,
+    args: argparse.Namespace,
+    memory: Any,
+    trace: RoutingTrace | None,
+) -> None:
     from bench.engines_gpu import make_prompts
 
     t = time.perf_counter()
     try:
         engine.load()
         m.load_s = time.perf_counter() - t
+        if trace is not None:
+            _replay(engine, trace)
         for n in [1] if m.offload == "zero3" else [1, BATCH]:
             prompts = make_prompts(model_dir, n, args.prompt_tokens)
             if m.backend == "vllm":  # compile and CUDA graphs for these shapes, untimed
@@ -168,6 +189,19 @@ def _measure(m: Measured, engine: Engine, model_dir: Path, args: argparse.Namesp
         engine.close()
 
 
+def _replay(engine: Engine, trace: RoutingTrace) -> None:
+    """The engine's expert cache routes as `trace` says from now on."""
+    from moe_core.torch_engine import TorchEngine
+    from moe_core.vllm_engine import VllmEngine
+
+    if isinstance(engine, VllmEngine):
+        engine.engine.collective_rpc("replay_expert_routing", args=(trace.chosen, trace.predicted))
+    elif isinstance(engine, TorchEngine) and engine.expert_cache is not None:
+        engine.expert_cache.follow(RoutingTrace(trace.chosen, trace.predicted, replaying=True))
+    else:
+        raise RuntimeError(f"{type(engine).__name__} holds no expert cache to replay routing in")
+
+
 def _gpu_memory(device: str) -> Any:
     """NVML's peak on the busiest GPU while the engine runs (a no-op context on the CPU)."""
     if not device.startswith("cuda"):
@@ -178,10 +212,11 @@ def _gpu_memory(device: str) -> Any:
 
 
 def compare(results: list[Measured]) -> None:
-    """Each run's greedy tokens against vLLM's all on the GPU, request by request."""
+    """Each run's greedy tokens against vLLM's all on the GPU, request by request (not those of a
+    replayed routing: another model's choices make other tokens)."""
     gpu = {r.workload: r.tokens for m in results if m.engine == "vllm_gpu" for r in m.runs}
     for m in results:
-        for r in m.runs:
+        for r in m.runs if m.engine not in REPLAYED else []:
             if r.workload in gpu:
                 r.same_as_gpu = sum(a == b for a, b in zip(r.tokens, gpu[r.workload], strict=True))
 
@@ -237,10 +272,18 @@ def main() -> None:
     whole = 10 * model.size_bytes / 1e9 + 64  # a budget the model fits: vLLM all on the GPU
     share = f"{args.offload_share:.0%} of them off the GPU"
     print(f"weights {model.size_bytes / 1e9:.2f} GB; a {budget_gb:.2f} GB budget keeps {share}", flush=True)
+    names = args.engines.split(",")
+    traces = {}
+    if any(name in REPLAYED for name in names):
+        from bench.expert_cache import record_routing
+
+        print("[routing] recording the embedded model's routing on held-out code and prose", flush=True)
+        traces = record_routing(new_tokens=args.new_tokens)
     results: list[Measured] = []
-    for name in args.engines.split(","):
+    for name in names:
+        trace = traces[REPLAYED[name]] if name in REPLAYED else None
         try:
-            results.append(bench_engine(name, args, model, whole if name == "vllm_gpu" else budget_gb))
+            results.append(bench_engine(name, args, model, whole if name == "vllm_gpu" else budget_gb, trace))
         except RuntimeError as e:  # the choice refused it
             print(f"  {name}: REFUSED: {e}", flush=True)
             results.append(Measured(name, error=f"refused: {e}"[:400]))

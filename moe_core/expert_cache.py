@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -185,6 +185,8 @@ class _CachedLayer:
         self.done: torch.cuda.Event | None = None  # its last forward is done with its slots (CUDA)
         self.expert_bytes = 0
         self.needed = self.hits = 0  # this layer's share of CacheStats' counts
+        self.number = 0  # its place among the cache's layers
+        self.cursor = 0  # tokens of a replayed trace this layer has taken
         self.slot_map = torch.zeros(num_experts, dtype=torch.long)  # expert → its slot, on the device
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
@@ -218,11 +220,18 @@ class _CachedLayer:
         One host sync: the tokens per expert of this layer and of the next layer's prediction,
         counted on the device ([E] each, by scatter-add: torch.unique and bincount would each
         sync again) and read together."""
+        trace = self.cache.trace
+        after = self.next if self.cache.prefetch or trace is not None else None
+        guess = None  # the next layer's top-k ids [T, k], predicted
+        if trace is not None and trace.replaying:  # the recorded model's choices and predictions
+            top_k_index, guess = trace.replay(self, top_k_index)
+        elif after is not None and after.predict is not None:
+            guess = after.predict(hidden)
         index = top_k_index.long()
         counts = _counts(index, self.num_experts)  # [E]
-        after = self.next if self.cache.prefetch else None
-        guess = after.predict(hidden) if after is not None and after.predict is not None else None
-        if after is not None and guess is not None:
+        if trace is not None and not trace.replaying:
+            trace.record(self, index, guess)
+        if after is not None and guess is not None and self.cache.prefetch:
             both = torch.cat([counts, _counts(guess.long(), after.num_experts)]).tolist()
             counted, predicted = both[: self.num_experts], both[self.num_experts :]
             ahead = after.table.prefetch([e for e, n in enumerate(predicted) if n])
@@ -309,6 +318,52 @@ def _run_on(
     return layer.run(hidden, top_k_index, top_k_weights, compute)
 
 
+@dataclass
+class RoutingTrace:
+    """Routing recorded in one model, to replay in another (bench/offload_gpu.py: a trained model's
+    routing on a random-weight model, whose routers choose unlike a trained model's).
+
+    Per recorded layer, one row of k expert ids per token, in the order the tokens went through
+    the model: `chosen` by that layer's router; `predicted` for it by the layer before (the
+    prefetch's guess: the layer's router applied to the previous layer's input; [] for the first
+    layer). Replayed, layer n of the model takes recorded layer n mod the recorded layers, each
+    forward the next rows (cycling), ids mod its experts; its router's weights stay. The cache's
+    hit rate and traffic are then the recorded model's on this model's sizes, and the tokens are
+    not this model's own. k must be the model's."""
+
+    chosen: list[list[list[int]]] = field(default_factory=list)
+    predicted: list[list[list[int]]] = field(default_factory=list)
+    replaying: bool = False  # False: recording into the lists
+
+    def record(self, layer: _CachedLayer, index: torch.Tensor, guess: torch.Tensor | None) -> None:
+        """index: the layer's [T, k] ids; guess: its prediction of the next layer's, [T, k]."""
+        while len(self.chosen) <= layer.number + 1:
+            self.chosen.append([])
+            self.predicted.append([])
+        self.chosen[layer.number] += index.tolist()
+        if guess is not None:
+            self.predicted[layer.number + 1] += guess.tolist()
+
+    def replay(self, layer: _CachedLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (the layer's ids for the T tokens of `like` [T, k], the next layer's predicted ids)."""
+        tokens, start = like.shape[0], layer.cursor
+        layer.cursor += tokens
+        layers = len([rows for rows in self.chosen if rows])
+
+        def rows(table: list[list[list[int]]], number: int, experts: int) -> torch.Tensor | None:
+            recorded = table[number % layers]
+            if not recorded:
+                return None
+            picked = [[e % experts for e in recorded[(start + t) % len(recorded)]] for t in range(tokens)]
+            return torch.tensor(picked, dtype=like.dtype, device=like.device)
+
+        chosen = rows(self.chosen, layer.number, layer.num_experts)
+        assert chosen is not None and chosen.shape == like.shape, "the trace's k must be the model's"
+        after = layer.next
+        guess = rows(self.predicted, layer.number + 1, after.num_experts) if after is not None else None
+        return chosen, guess
+
+
 class ExpertCache:
     """Every MoE layer of `model` with `resident_fraction` of its routed experts on `device` (at
     least one each) and all of them in host memory. prefetch: fetch the next layer's predicted
@@ -338,6 +393,16 @@ class ExpertCache:
             )
         for layer, after in zip(self.layers, self.layers[1:], strict=False):
             layer.next = after
+        for number, layer in enumerate(self.layers):
+            layer.number = number
+        self.trace: RoutingTrace | None = None  # recording, or replaying (RoutingTrace)
+
+    def follow(self, trace: RoutingTrace | None) -> None:
+        """Record into `trace` (replaying False) or replay it from its start (True); None: the
+        routers' own choices again."""
+        self.trace = trace
+        for layer in self.layers:
+            layer.cursor = 0
 
     @property
     def slots(self) -> list[int]:

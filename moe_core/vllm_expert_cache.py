@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from moe_core.expert_cache import CacheStats, ExpertCache, _CachedLayer
+from moe_core.expert_cache import CacheStats, ExpertCache, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # The fused-MoE custom ops the engine splits vLLM's CUDA graphs at
@@ -60,6 +60,11 @@ class ExpertCacheExtension:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the experts' device (or host-mapped) copies are gone
         return cache.slots
+
+    def replay_expert_routing(self, chosen: list[list[list[int]]], predicted: list[list[list[int]]]) -> None:
+        """Benchmarks: route as a recorded `RoutingTrace` says from now on (its fields)."""
+        assert self._localmoe_expert_cache is not None, "no expert cache installed"
+        self._localmoe_expert_cache.follow(RoutingTrace(chosen, predicted, replaying=True))
 
     def expert_cache_stats(self, reset: bool = False) -> dict[str, int]:
         """CacheStats' counts since install or the last reset ({} without a cache); reset: count

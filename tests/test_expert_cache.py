@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from moe_build.checkpoint import build_checkpoint
-from moe_core.expert_cache import PREFETCH_MIN_ACCURACY, ExpertCache, SlotTable, moe_layers
+from moe_core.expert_cache import (
+    PREFETCH_MIN_ACCURACY,
+    ExpertCache,
+    RoutingTrace,
+    SlotTable,
+    _CachedLayer,
+    moe_layers,
+)
 from moe_core.loader import load_model
 from tests.parity import ARCH_PARAMS, PROMPTS, reference_tokens
 
@@ -167,3 +174,66 @@ def test_the_torch_engine_batches_through_the_cache(checkpoints: Path) -> None:
     assert cached == plain
     assert stats.expert_cache_needed > stats.expert_cache_hits > 0 and stats.expert_cache_fetched_bytes > 0
     assert (none.expert_cache_needed, none.expert_cache_fetched_bytes) == (0, 0)
+
+
+def test_a_recorded_routing_replays_to_the_same_fetches(checkpoints: Path) -> None:
+    """RoutingTrace (bench/offload_gpu.py replays a trained model's routing on the reference
+    model): recorded while a model generates, replayed in a fresh cache of the same model through
+    forwards of the same sizes, it makes exactly the recorded run's needs, hits, prefetches and
+    copies (though that model's tokens differ: its weights meet other ids); each layer's rows
+    are [k] ids per token, its predictions the next layer's. The routers' own choices again
+    after, other counts."""
+    model_dir = build_checkpoint(checkpoints / "trace", arch="mixtral", progress=False)
+    model, tokenizer = load_model(model_dir, "cpu", "float32")
+
+    def generate(m: torch.nn.Module, prompt: str) -> None:  # NEW tokens whatever comes: same forwards
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,  # type: ignore[operator]
+                       do_sample=False)  # fmt: skip
+
+    cache = ExpertCache(model, "cpu", 0.25)
+    trace = RoutingTrace()
+    cache.follow(trace)
+    for prompt in PROMPTS[:3]:
+        generate(model, prompt)
+    recorded = cache.stats
+    layers = len(cache.layers)
+    tokens = len(trace.chosen[0])
+    assert [len(rows) for rows in trace.chosen[:layers]] == [tokens] * layers
+    assert [len(rows) for rows in trace.predicted[:layers]] == [0] + [tokens] * (layers - 1)
+    assert all(len(row) == 2 for row in trace.chosen[0])  # top-2
+    other, _ = load_model(model_dir, "cpu", "float32")
+    replay = ExpertCache(other, "cpu", 0.25)
+    replay.follow(RoutingTrace(trace.chosen, trace.predicted, replaying=True))
+    torch.nn.init.normal_(other.model.layers[0].mlp.gate.weight)  # its own router: not what decides
+    for prompt in PROMPTS[:3]:
+        generate(other, prompt)
+    assert replay.stats == recorded
+    replay.follow(None)
+    for prompt in PROMPTS[:3]:
+        generate(other, prompt)
+    assert replay.stats.needed - recorded.needed != recorded.needed
+
+
+def test_a_replayed_routing_wraps_layers_and_experts() -> None:
+    """Replayed on a model with more layers than the trace: layer n takes recorded layer n mod L,
+    each forward the next rows (cycling), ids mod the model's experts; a layer whose recorded
+    predictions are missing (the first) gives no guess."""
+    trace = RoutingTrace([[[0, 1], [2, 3]], [[9, 4]]], [[], [[5, 6], [7, 0]]], replaying=True)
+    cache = object.__new__(ExpertCache)
+    layers = [object.__new__(_CachedLayer) for _ in range(3)]
+    for number, layer in enumerate(layers):
+        layer.number, layer.cursor, layer.num_experts = number, 0, 8
+        layer.next = layers[number + 1] if number + 1 < len(layers) else None
+    cache.layers = layers
+    like = torch.zeros(3, 2, dtype=torch.int32)
+    chosen, guess = trace.replay(layers[0], like)
+    assert chosen.tolist() == [[0, 1], [2, 3], [0, 1]] and chosen.dtype == torch.int32
+    assert guess is not None and guess.tolist() == [[5, 6], [7, 0], [5, 6]]
+    chosen, guess = trace.replay(layers[1], like[:1])
+    assert chosen.tolist() == [[1, 4]] and guess is None  # 9 mod 8; layer 2 is recorded layer 0
+    chosen, _ = trace.replay(layers[0], like[:1])  # the cursor went on: the 4th token, row 1
+    assert chosen.tolist() == [[2, 3]]
+    chosen, guess = trace.replay(layers[2], like[:1])
+    assert chosen.tolist() == [[0, 1]] and guess is None  # the last layer predicts nothing

@@ -313,6 +313,27 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     assert stats.expert_cache_fetched_bytes > 0
 
 
+def test_the_expert_cache_in_vllm_replays_a_recorded_routing(mixtral_dir: Path) -> None:
+    """bench/offload_gpu.py's experts_code / experts_prose rows: the worker's cache routes as a
+    RoutingTrace says. A trace where every token of every layer picks experts 0 and 1: each
+    forward of each of the 4 layers needs those two, fetched at most once per layer into its 2
+    slots (the tiny model's router would spread over all 8)."""
+    engine = make_engine(mixtral_dir, expert_cache=0.25)
+    engine.load()
+    try:
+        engine.engine.collective_rpc("replay_expert_routing", args=([[[0, 1]]], [[]]))
+        _run(engine, [_greedy("r", PROMPTS[0])])
+        engine._cache_stats = (0.0, {})
+        stats = engine.stats()
+    finally:
+        engine.close()
+    layers, expert_bytes = 4, 3 * 128 * 256 * 4  # float32 experts of 3 x 128 x 256
+    assert stats.expert_cache_needed >= 2 * layers * NEW_TOKENS // 2  # decode steps, at least
+    assert stats.expert_cache_needed % (2 * layers) == 0
+    assert stats.expert_cache_hits >= stats.expert_cache_needed - 2 * layers
+    assert stats.expert_cache_fetched_bytes <= 2 * layers * expert_bytes
+
+
 def test_the_expert_cache_asks_vllm_for_host_memory_and_split_graphs_on_cuda(
     mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
