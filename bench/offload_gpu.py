@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.expert_cache import PCIE_GBPS, record_routing
 from host.settings import EngineSettings
 from moe_build.checkpoint import build_checkpoint, is_checkpoint
 from moe_core.choice import GIB, choose, plan_memory
@@ -221,6 +222,13 @@ def compare(results: list[Measured]) -> None:
                 r.same_as_gpu = sum(a == b for a, b in zip(r.tokens, gpu[r.workload], strict=True))
 
 
+def _floors(m: Measured) -> str:
+    """What the fetched bytes of a token take over PCIe alone, on the H200 and on the L40S (its
+    Gen4 about half the bandwidth): the transfer floor of a token, not a measured step."""
+    mb = m.fetched_mb_per_token or 0.0
+    return ", ".join(f"≥ {mb / gbps:.1f} ms over {name}" for name, gbps in PCIE_GBPS.items())
+
+
 def _without_tokens(m: dict[str, Any]) -> dict[str, Any]:
     return {**m, "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in m["runs"]]}
 
@@ -242,7 +250,7 @@ def table(results: list[Measured]) -> str:
             "zero3": "all",
             "none": "none",
             "experts": f"{1 - (m.resident_fraction or 0):.0%} of the routed experts (hit rate "
-            f"{m.expert_hit_rate or 0:.0%})",
+            f"{m.expert_hit_rate or 0:.0%}, {m.fetched_mb_per_token or 0:.0f} MB a token: {_floors(m)})",
         }[m.offload]
         peak = f"{m.peak_gpu_gib:.1f}" if m.peak_gpu_gib is not None else "-"
         rows.append(
@@ -275,8 +283,6 @@ def main() -> None:
     names = args.engines.split(",")
     traces = {}
     if any(name in REPLAYED for name in names):
-        from bench.expert_cache import record_routing
-
         print("[routing] recording the embedded model's routing on held-out code and prose", flush=True)
         traces = record_routing(new_tokens=args.new_tokens)
     results: list[Measured] = []
