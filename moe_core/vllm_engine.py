@@ -702,12 +702,16 @@ class VllmEngine:
 
     def _expert_cache_counts(self) -> dict[str, int]:
         """The expert cache's counts as EngineStats fields, read from the first worker at most
-        every CACHE_STATS_S (the call waits for vLLM's core to finish its step); {} without one."""
+        every CACHE_STATS_S (the call waits for vLLM's core to finish its step); {} without one.
+        An engine core that is gone leaves the last counts read (step() reports it gone)."""
         if self.expert_cache is None or self.engine is None:
             return {}
         read_at, counts = self._cache_stats
-        if time.monotonic() - read_at >= CACHE_STATS_S:
-            counts = self.engine.collective_rpc("expert_cache_stats")[0]
+        if self._dead is None and time.monotonic() - read_at >= CACHE_STATS_S:
+            try:
+                counts = self.engine.collective_rpc("expert_cache_stats")[0]
+            except Exception as e:  # statistics never fail the engine loop
+                log.warning("expert cache counts not read: %s", _describe(e))
             self._cache_stats = (time.monotonic(), counts)
         return {
             "expert_cache_needed": int(counts.get("needed", 0)),

@@ -313,11 +313,14 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     assert stats.expert_cache_fetched_bytes > 0
 
 
-def test_the_expert_cache_in_vllm_replays_a_recorded_routing(mixtral_dir: Path) -> None:
+def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
+    mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bench/offload_gpu.py's experts_code / experts_prose rows: the worker's cache routes as a
     RoutingTrace says. A trace where every token of every layer picks experts 0 and 1: each
     forward of each of the 4 layers needs those two, fetched at most once per layer into its 2
-    slots (the tiny model's router would spread over all 8)."""
+    slots (the tiny model's router would spread over all 8). A worker that does not answer leaves
+    the last counts read."""
     engine = make_engine(mixtral_dir, expert_cache=0.25)
     engine.load()
     try:
@@ -325,7 +328,15 @@ def test_the_expert_cache_in_vllm_replays_a_recorded_routing(mixtral_dir: Path) 
         _run(engine, [_greedy("r", PROMPTS[0])])
         engine._cache_stats = (0.0, {})
         stats = engine.stats()
+
+        def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the engine core does not answer")
+
+        monkeypatch.setattr(engine.engine, "collective_rpc", unreachable)
+        engine._cache_stats = (0.0, engine._cache_stats[1])
+        assert engine.stats() == stats  # the last counts read: statistics never fail the engine loop
     finally:
+        monkeypatch.undo()
         engine.close()
     layers, expert_bytes = 4, 3 * 128 * 256 * 4  # float32 experts of 3 x 128 x 256
     assert stats.expert_cache_needed >= 2 * layers * NEW_TOKENS // 2  # decode steps, at least
