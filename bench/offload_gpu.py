@@ -88,6 +88,7 @@ class Measured:
     resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
     expert_hit_rate: float | None = None  # experts: needed experts found on the GPU, every run together
     fetched_mb_per_token: float | None = None  # experts: expert weights copied in per output token
+    layer_hit_rates: list[float] = field(default_factory=list)  # experts: per MoE layer, every run together
 
 
 def budget_for_share(model: ModelInfo, cfg: EngineSettings, share: float) -> float:
@@ -181,13 +182,27 @@ def _measure(
         if stats.expert_cache_needed:
             m.expert_hit_rate = stats.expert_cache_hits / stats.expert_cache_needed
             m.fetched_mb_per_token = stats.expert_cache_fetched_bytes / 1e6 / max(stats.tokens_generated, 1)
+            m.layer_hit_rates = [hits / max(needed, 1) for needed, hits in _layer_counts(engine)]
             print(
-                f"  {m.engine:12s} expert cache: hit rate {m.expert_hit_rate:.1%}, "
+                f"  {m.engine:12s} expert cache: hit rate {m.expert_hit_rate:.1%} (layers "
+                f"{' '.join(f'{h:.0%}' for h in m.layer_hit_rates)}), "
                 f"{m.fetched_mb_per_token:.1f} MB of experts fetched per output token",
                 flush=True,
             )
     finally:
         engine.close()
+
+
+def _layer_counts(engine: Engine) -> list[tuple[int, int]]:
+    """(needed, hits) per MoE layer of the engine's expert cache."""
+    from moe_core.torch_engine import TorchEngine
+    from moe_core.vllm_engine import VllmEngine
+
+    if isinstance(engine, VllmEngine):
+        return [(int(n), int(h)) for n, h in engine.engine.collective_rpc("expert_cache_layers")[0]]
+    if isinstance(engine, TorchEngine) and engine.expert_cache is not None:
+        return [(layer.needed, layer.hits) for layer in engine.expert_cache.layers]
+    return []
 
 
 def _replay(engine: Engine, trace: RoutingTrace) -> None:

@@ -61,6 +61,11 @@ class ExpertCacheExtension:
             torch.cuda.empty_cache()  # the experts' device (or host-mapped) copies are gone
         return cache.slots
 
+    def expert_cache_layers(self) -> list[tuple[int, int]]:
+        """(needed, hits) of each fused-MoE layer since install ([] without a cache)."""
+        cache = self._localmoe_expert_cache
+        return [(layer.needed, layer.hits) for layer in cache.layers] if cache is not None else []
+
     def replay_expert_routing(self, chosen: list[list[list[int]]], predicted: list[list[list[int]]]) -> None:
         """Benchmarks: route as a recorded `RoutingTrace` says from now on (its fields)."""
         assert self._localmoe_expert_cache is not None, "no expert cache installed"
