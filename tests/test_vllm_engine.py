@@ -282,13 +282,14 @@ def test_cpu_offload_gb_serves_the_same_greedy_tokens(
         engine.close()
 
 
-@pytest.mark.parametrize(("arch", "fraction"), [("mixtral", 1 / 8), ("mixtral", 0.5), ("qwen2_moe", 0.25)])
+@pytest.mark.parametrize(("arch", "fraction"), [("mixtral", 1 / 8), ("qwen2_moe", 0.5)])
 def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     arch: str, fraction: float, mixtral_dir: Path, tmp_path: Path
 ) -> None:
     """engine.offload experts through vLLM (moe_core/vllm_expert_cache.py): each fused-MoE layer
-    computes on `fraction` of its experts in slots (1 of 8: every step in turns; qwen2_moe: a
-    shared expert beside the routed ones, run once per step), the rest fetched as routed; the
+    computes on `fraction` of its experts in slots (1 of 8: every step in turns; half: the batch's
+    decode steps in one turn or two; qwen2_moe: a shared expert beside the routed ones, run once
+    per step), the rest fetched as routed; the
     greedy tokens of a batch are generate()'s, and the counts show fetches and hits. Without the
     copies into the slots the tokens would part from generate()'s (the slots hold zeros)."""
     model_dir = (
