@@ -397,6 +397,12 @@ class ExpertCache:
             layer.number = number
         self.trace: RoutingTrace | None = None  # recording, or replaying (RoutingTrace)
 
+    def reset_stats(self) -> None:
+        """Count from zero: the cache's stats and each layer's share."""
+        self.stats = CacheStats()
+        for layer in self.layers:
+            layer.needed = layer.hits = 0
+
     def follow(self, trace: RoutingTrace | None) -> None:
         """Record into `trace` (replaying False) or replay it from its start (True); None: the
         routers' own choices again."""

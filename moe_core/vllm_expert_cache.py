@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from moe_core.expert_cache import CacheStats, ExpertCache, RoutingTrace, _CachedLayer
+from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # The fused-MoE custom ops the engine splits vLLM's CUDA graphs at
@@ -79,7 +79,7 @@ class ExpertCacheExtension:
             return {}
         counts = asdict(cache.stats)
         if reset:
-            cache.stats = CacheStats()
+            cache.reset_stats()
         return counts
 
 

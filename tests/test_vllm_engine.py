@@ -303,6 +303,8 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     try:
         assert engine.expert_slots == [max(1, int(fraction * 8))] * 4  # the tiny models: 4 layers of 8
         assert engine.stats().expert_cache_needed == 0  # the warm-up's fetches are not counted
+        layers = engine.engine.collective_rpc("expert_cache_layers")[0]
+        assert [list(counts) for counts in layers] == [[0, 0]] * 4  # nor per layer
         results = _run(engine, [_greedy(f"x{i}", p) for i, p in enumerate(PROMPTS[:4])])
         engine._cache_stats = (0.0, {})  # read the workers' counts now
         stats = engine.stats()
