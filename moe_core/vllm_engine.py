@@ -460,7 +460,8 @@ class VllmEngine:
         )
         args |= {
             # Triton's modular kernel: routed ids in, the layer's [E, 2N, K] weights read at every
-            # call (FlashInfer's, which vLLM prefers on some GPUs, route inside the kernel)
+            # call (FlashInfer's, which vLLM prefers on some GPUs, route inside the kernel or keep
+            # the weights in a layout of their own)
             "moe_backend": "triton",
             "offload_backend": "uva",
             "cpu_offload_params": set(vllm_expert_cache.EXPERT_WEIGHTS),
