@@ -196,11 +196,22 @@ def _in_place(requested: str, device: str, plan: MemoryPlan, budget: Budget, hav
     return Choice("vllm", "none", why, _fallbacks("vllm"))
 
 
+def routed_expert_parameters(model: ModelInfo) -> int:
+    """E experts of 3 × H × I parameters in each layer (a dense first layer counted as one too: an
+    upper bound)."""
+    return model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
+
+
 def routed_expert_bytes(model: ModelInfo, weights: int) -> int:
-    """The routed experts' share of `weights` (the model's bytes as held): E experts of 3 × H × I
-    parameters in each layer (a dense first layer counted as one too: an upper bound)."""
-    experts = model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
+    """The routed experts' share of `weights` (the model's bytes as held)."""
+    experts = routed_expert_parameters(model)
     return min(weights, int(experts * weights / max(model.num_parameters_estimate, 1)))
+
+
+def resident_slots(fraction: float, experts: int) -> int:
+    """The device slots an expert cache holding `fraction` of a layer's `experts` has (at least
+    one): what the choice reports, the caches build and the vLLM kernel's E is."""
+    return max(1, int(fraction * experts))
 
 
 def _expert_cache(
@@ -229,7 +240,7 @@ def _expert_cache(
             "leave it unset"
         )
     share = fraction if fraction is not None else fits
-    slots = max(1, int(share * model.num_experts))
+    slots = resident_slots(share, model.num_experts)
     why = (
         f"{_does_not_fit(plan, budget)}: the {backend} engine with {slots} of {model.num_experts} routed "
         f"experts per layer on the GPU, the rest in pinned CPU memory (engine.offload experts)"

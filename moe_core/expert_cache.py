@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_core.choice import resident_slots
 from moe_core.telemetry import routers
 
 LOAD_DECAY = 0.9  # per forward of the layer: an expert's load is the tokens routed to it, decayed
@@ -294,7 +295,7 @@ def _transformers_layers(cache: ExpertCache, model: torch.nn.Module, fraction: f
     layers = []
     for router, experts in moe_layers(model):
         num_experts = _experts_of(router)
-        slots = max(1, int(fraction * num_experts))
+        slots = resident_slots(fraction, num_experts)
         layer = _CachedLayer(cache, num_experts, slots, functools.partial(_routed, router), sentinel=True)
         layer.hold(experts, cache.device)
         # Ids >= num_experts are expert parallelism's sentinels, which every implementation skips

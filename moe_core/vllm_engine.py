@@ -395,7 +395,9 @@ class VllmEngine:
         )
         if self.expert_cache is None:
             return shape
-        return dataclasses.replace(shape, experts=max(1, int(self.expert_cache * shape.experts)))
+        from moe_core.choice import resident_slots
+
+        return dataclasses.replace(shape, experts=resident_slots(self.expert_cache, shape.experts))
 
     def _resolve_dtype(self, device: str) -> str:
         from moe_core.loader import resolve_dtype
@@ -451,13 +453,11 @@ class VllmEngine:
             return args  # vLLM's CPU build: the weights are in host memory already
         from vllm.config import CompilationConfig
 
+        from moe_core.choice import routed_expert_parameters
         from moe_core.loader import inspect_model
 
-        model = inspect_model(self.model_dir)
         width = 4 if dtype == "float32" else 2
-        experts = (
-            model.num_layers * model.num_experts * 3 * model.hidden_size * model.expert_intermediate_size
-        )
+        experts = routed_expert_parameters(inspect_model(self.model_dir))
         args |= {
             # Triton's modular kernel: routed ids in, the layer's [E, 2N, K] weights read at every
             # call (FlashInfer's, which vLLM prefers on some GPUs, route inside the kernel or keep

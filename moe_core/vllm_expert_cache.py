@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from moe_core.choice import resident_slots
 from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
@@ -105,7 +106,7 @@ def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> 
                 else None
             )
             layer = _CachedLayer(
-                cache, num_experts, max(1, int(fraction * num_experts)), predict, sentinel=False
+                cache, num_experts, resident_slots(fraction, num_experts), predict, sentinel=False
             )
             layer.hold(routed, cache.device)
             vars(routed)["forward_modular"] = functools.partial(
