@@ -301,6 +301,13 @@ def _does_not_fit(plan: MemoryPlan, budget: Budget) -> str:
     )
 
 
+def _vllm_architectures() -> frozenset[str]:
+    """The model classes (config.json's `architectures`) vLLM's registry runs; imports vLLM."""
+    from vllm import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
+
+
 def _why_not_vllm(
     requested: str, model: ModelInfo, have: frozenset[str], offload: str, vllm_archs: Collection[str] | None
 ) -> str | None:
@@ -313,9 +320,7 @@ def _why_not_vllm(
     if "vllm" not in have:
         return "vLLM is not installed"
     if vllm_archs is None:
-        from moe_core.vllm_engine import supported_architectures
-
-        vllm_archs = supported_architectures()
+        vllm_archs = _vllm_architectures()
     if not set(model.architectures) & set(vllm_archs):
         return f"vLLM's registry has no {'/'.join(model.architectures) or model.arch}"
     return None

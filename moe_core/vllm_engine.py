@@ -123,13 +123,6 @@ def available() -> tuple[bool, str]:
     return True, f"vLLM {getattr(vllm, '__version__', 'unknown version')}"
 
 
-def supported_architectures() -> frozenset[str]:
-    """The model classes (config.json's `architectures`) vLLM's registry runs; imports vLLM."""
-    from vllm import ModelRegistry
-
-    return frozenset(ModelRegistry.get_supported_archs())
-
-
 @dataclass
 class _Request:
     """One request from add_request until step() has returned its final delta."""
