@@ -9,11 +9,11 @@ second, a GPU makes tens of thousands. `localmoe up` runs `Settings.resolved_api
 
 from __future__ import annotations
 
-import gc
 import socket
 
 import uvicorn
 
+from host.heap import freeze_heap
 from host.settings import Settings
 
 
@@ -28,17 +28,8 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-# The collector's youngest generation is examined every GC_GEN0 allocations (700 by default): a
-# request makes a few thousand objects, nearly all freed by reference counting, so the default
-# walks the young objects several times per request for cycles that are rarely there.
-GC_GEN0 = 50_000
-
-
 def serve(settings: Settings, reuse_port: bool = False) -> None:
-    # What the imports made lives as long as the process: out of every collection from now on.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+    freeze_heap()  # what the imports made lives as long as the process
     config = uvicorn.Config(
         "api.main:app",
         host=settings.api_host,

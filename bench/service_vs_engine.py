@@ -41,6 +41,7 @@ import torch
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from host import config_store
+from host.heap import freeze_heap
 from host.settings import Settings
 from localmoe.redis_server import RedisServer, free_port
 from moe_build.checkpoint import build_checkpoint
@@ -213,6 +214,7 @@ def main() -> None:
                 torch.set_num_threads(settings.engine.resolved_cpu_threads())  # as the worker does
             engine = construct(args.backend, model, device, settings.engine)
             engine.load()
+            freeze_heap()  # as the worker's engine process does once loaded
             with ThreadPoolExecutor(args.jobs) as pool:
                 if args.events:
                     procs.append(start_flower(env))

@@ -237,6 +237,7 @@ class EngineAlone:
     def __init__(
         self, args: argparse.Namespace, model: Path, texts: list[str], prefix_caching: bool = True
     ) -> None:
+        from host.heap import freeze_heap
         from host.settings import Settings
         from workers.engine_setup import construct
 
@@ -256,6 +257,7 @@ class EngineAlone:
         self.tokens = args.tokens
         self.engine = construct(args.backend, model, device, settings.engine)
         self.engine.load()
+        freeze_heap()  # as the worker's engine process does once loaded
         self.workloads = {"completions": texts}
         if "chat" in args.paths:
             self.workloads["chat"] = chat_prompts(model, texts)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from host.heap import thaw_heap
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from moe_core.expert_cache import CacheStats, ExpertCache
@@ -402,6 +403,7 @@ class TorchEngine:
         self.model = None
         self.expert_cache = None  # its slots and pinned host copies go with the model
         self.tokenizer = None
+        thaw_heap()  # a process that froze its heap after loading this model would keep it
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()

@@ -85,6 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from host.heap import thaw_heap
 from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from moe_core.moe_configs import MoeShape, moe_shape
@@ -922,6 +923,7 @@ def _close_backend(backend: _Backend) -> None:
     # LLMEngine sits in reference cycles and its client's finalizer shuts it down once more:
     # collect it now, while that still works (at interpreter teardown it fails noisily).
     del engine
+    thaw_heap()  # a process that froze its heap after loading would keep the engine's cycles
     gc.collect()
 
 

@@ -107,6 +107,20 @@ def test_the_consumer_cost_benchmark_runs(tmp_path: Path) -> None:
     assert rnd["cpu_us_per_job"] > 0 and 0 < rnd["claim_p50_ms"] <= rnd["claim_p99_ms"]
 
 
+def test_the_gc_pause_benchmark_times_a_full_collection_before_and_after_the_freeze(tmp_path: Path) -> None:
+    out = tmp_path / "gc.json"
+    argv = [sys.executable, "-m", "bench.gc_pause", "--requests", "8", "--tokens", "8", "--rounds", "2"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    loaded, frozen = rows["as loaded"], rows["after freeze_heap"]
+    assert (
+        loaded["tracked"] > 100_000 and frozen["tracked"] < loaded["tracked"] / 100
+    )  # torch, transformers, the model
+    assert frozen["full_ms"] < loaded["full_ms"]
+    assert sum(loaded["collections"]) >= sum(frozen["collections"]) and loaded["tok_s"] > 0 < frozen["tok_s"]
+
+
 def test_the_redis_cost_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "redis.json"
     argv = [sys.executable, "-m", "bench.redis_cost", "--requests", "4", "--tokens", "8"]

@@ -26,6 +26,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from host.heap import freeze_heap
 from host.instance import arm_parent_death_signal, set_process_name
 from host.settings import Offload, Settings, get_settings
 from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams
@@ -230,6 +231,9 @@ def _main(conn: Connection, parent: int) -> None:
         log.exception("the engine could not load")
         send(LoadFailed(f"{type(e).__name__}: {e}"))
         os._exit(1)
+    # the engine's model, tokenizer and imports stay for the process's life: out of every
+    # collection, or a full one stops the steps for as long as it walks them (host/heap.py)
+    log.info("engine process: %d objects out of the collector's reach", freeze_heap())
     from workers.engine_loop import EngineLoop
 
     loop = EngineLoop(engine, send, settings.engine.step_delay_s)

@@ -26,6 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from host.config_store import ConfigWatcher
+from host.heap import freeze_heap
 from host.instance import set_process_name
 from host.settings import Settings, get_settings
 from scheduler.jobs import Job
@@ -134,6 +135,7 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
             conn.send_bytes(message.model_dump_json().encode())
 
     runtime.start()
+    freeze_heap()  # what the imports and the start made stays for the process's life (host/heap.py)
     watcher = ConfigWatcher(runtime.client, settings, runtime.reconfigure)  # live config, within 2 s
     watcher.check()
     watcher.start()
