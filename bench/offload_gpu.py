@@ -88,6 +88,7 @@ class Measured:
     resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
     expert_hit_rate: float | None = None  # experts: needed experts found on the GPU, every run together
     fetched_mb_per_token: float | None = None  # experts: expert weights copied in per output token
+    in_place_mb_per_token: float | None = None  # experts: expert weights read from host memory in place
     layer_hit_rates: list[float] = field(default_factory=list)  # experts: per MoE layer, every run together
 
 
@@ -182,11 +183,13 @@ def _measure(
         if stats.expert_cache_needed:
             m.expert_hit_rate = stats.expert_cache_hits / stats.expert_cache_needed
             m.fetched_mb_per_token = stats.expert_cache_fetched_bytes / 1e6 / max(stats.tokens_generated, 1)
+            m.in_place_mb_per_token = stats.expert_cache_in_place_bytes / 1e6 / max(stats.tokens_generated, 1)
             m.layer_hit_rates = [hits / max(needed, 1) for needed, hits in _layer_counts(engine)]
             print(
                 f"  {m.engine:12s} expert cache: hit rate {m.expert_hit_rate:.1%} (layers "
                 f"{' '.join(f'{h:.0%}' for h in m.layer_hit_rates)}), "
-                f"{m.fetched_mb_per_token:.1f} MB of experts fetched per output token",
+                f"{m.fetched_mb_per_token:.1f} MB of experts fetched and {m.in_place_mb_per_token:.1f} MB "
+                "read in place per output token",
                 flush=True,
             )
     finally:
@@ -238,9 +241,10 @@ def compare(results: list[Measured]) -> None:
 
 
 def _floors(m: Measured) -> str:
-    """What the fetched bytes of a token take over PCIe alone, on the H200 and on the L40S (its
-    Gen4 about half the bandwidth): the transfer floor of a token, not a measured step."""
-    mb = m.fetched_mb_per_token or 0.0
+    """What the expert bytes a token moved (fetched, and read in place) take over PCIe alone, on
+    the H200 and on the L40S (its Gen4 about half the bandwidth): the transfer floor of a token,
+    not a measured step."""
+    mb = (m.fetched_mb_per_token or 0.0) + (m.in_place_mb_per_token or 0.0)
     return ", ".join(f"≥ {mb / gbps:.1f} ms over {name}" for name, gbps in PCIE_GBPS.items())
 
 
@@ -265,7 +269,8 @@ def table(results: list[Measured]) -> str:
             "zero3": "all",
             "none": "none",
             "experts": f"{1 - (m.resident_fraction or 0):.0%} of the routed experts (hit rate "
-            f"{m.expert_hit_rate or 0:.0%}, {m.fetched_mb_per_token or 0:.0f} MB a token: {_floors(m)})",
+            f"{m.expert_hit_rate or 0:.0%}, {m.fetched_mb_per_token or 0:.0f} MB fetched + "
+            f"{m.in_place_mb_per_token or 0:.0f} read in place a token: {_floors(m)})",
         }[m.offload]
         peak = f"{m.peak_gpu_gib:.1f}" if m.peak_gpu_gib is not None else "-"
         rows.append(

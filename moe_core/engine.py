@@ -126,6 +126,7 @@ class EngineStats:
     expert_cache_needed: int = 0  # experts its MoE layers' forwards needed (engine.offload experts)
     expert_cache_hits: int = 0  # of those, on the device already
     expert_cache_fetched_bytes: int = 0  # expert weights copied host → device, needed or prefetched
+    expert_cache_in_place_bytes: int = 0  # expert weights a kernel read from host memory in place (vLLM)
 
 
 class Engine(Protocol):

@@ -59,6 +59,7 @@ class CacheStats:
     prefetched: int = 0  # experts copied in ahead of their layer
     prefetch_hits: int = 0  # of those, needed by the forward they were fetched for
     bytes_fetched: int = 0  # host → device, on demand and ahead
+    bytes_in_place: int = 0  # experts a kernel read from host memory where they are (vLLM on CUDA)
 
     @property
     def hit_rate(self) -> float:
@@ -212,15 +213,13 @@ class _CachedLayer:
         if pin:
             self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()  # type: ignore[no-untyped-call]
 
-    def run(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, compute: Compute
-    ) -> torch.Tensor:
-        """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
-        output [T, H], `compute` run on the slots once per turn of at most `slots` experts.
+    def route(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The ids this forward routes by ([T, k] int64: the router's, or a replayed trace's) and
+        the tokens per expert [E], read in one host sync together with the next layer's
+        prediction, whose experts are copied in ahead (prefetch, on the copy stream on CUDA).
 
-        One host sync: the tokens per expert of this layer and of the next layer's prediction,
-        counted on the device ([E] each, by scatter-add: torch.unique and bincount would each
-        sync again) and read together."""
+        The counts are made on the device ([E] each, by scatter-add: torch.unique and bincount
+        would each sync again)."""
         trace = self.cache.trace
         after = self.next if self.cache.prefetch or trace is not None else None
         guess = None  # the next layer's top-k ids [T, k], predicted
@@ -232,20 +231,30 @@ class _CachedLayer:
         counts = _counts(index, self.num_experts)  # [E]
         if trace is not None and not trace.replaying:
             trace.record(self, index, guess)
-        if after is not None and guess is not None and self.cache.prefetch:
-            both = torch.cat([counts, _counts(guess.long(), after.num_experts)]).tolist()
-            counted, predicted = both[: self.num_experts], both[self.num_experts :]
-            ahead = after.table.prefetch([e for e, n in enumerate(predicted) if n])
-            self.cache.stats.prefetched += len(ahead)
-            self.cache.copy(after, ahead)  # on CUDA: while this layer computes
-        else:
-            counted = counts.tolist()
-        needed = [e for e, n in enumerate(counted) if n]
+        if after is None or guess is None or not self.cache.prefetch:
+            return index, counts.tolist()
+        both = torch.cat([counts, _counts(guess.long(), after.num_experts)]).tolist()
+        counted, predicted = both[: self.num_experts], both[self.num_experts :]
+        ahead = after.table.prefetch([e for e, n in enumerate(predicted) if n])
+        self.cache.stats.prefetched += len(ahead)
+        self.cache.copy(after, ahead)  # on CUDA: while this layer computes
+        return index, counted
+
+    def count(self, needed: list[int], hits: int) -> None:
+        """One forward needed `needed`, `hits` of them resident: into the cache's and this layer's counts."""
         stats = self.cache.stats
-        hits = sum(1 for e in needed if self.table.slot_of[e] >= 0)
         stats.needed, stats.hits = stats.needed + len(needed), stats.hits + hits
         self.needed, self.hits = self.needed + len(needed), self.hits + hits
         stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
+
+    def run(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, compute: Compute
+    ) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, k] expert ids, top_k_weights [T, k]: the experts'
+        output [T, H], `compute` run on the slots once per turn of at most `slots` experts."""
+        index, counted = self.route(hidden, top_k_index)
+        needed = [e for e, n in enumerate(counted) if n]
+        self.count(needed, sum(1 for e in needed if self.table.slot_of[e] >= 0))
         out: torch.Tensor | None = None
         turns = list(_turns(needed, self.table.slots))
         for experts in turns:
@@ -269,6 +278,11 @@ class _CachedLayer:
             out = part if out is None else out + part
         assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
         return out
+
+    def copied(self, copies: list[tuple[int, int]]) -> None:
+        """The cache is about to copy these (expert, slot)s in: the device's slot map follows (on
+        the current stream: before the layer's next compute reads it)."""
+        self.map_slots()
 
     def map_slots(self) -> None:
         """The device's expert → slot map [E] after a change of residency (0 where an expert is
@@ -421,7 +435,7 @@ class ExpertCache:
         if not copies:
             return
         self.stats.bytes_fetched += layer.expert_bytes * len(copies)
-        layer.map_slots()  # on this stream: before the layer's next compute reads it
+        layer.copied(copies)
         if self.stream is None:
             for expert, slot in copies:
                 for name, host in layer.host.items():

@@ -206,7 +206,8 @@ class VllmEngine:
         only, never to seat a more urgent one, so without this a batch's lines could hold every row
         and an interactive job would wait for one to end; the torch engine preempts them instead.
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
-        all of them in host memory, fetched into device slots as routed (moe_core/vllm_expert_cache.py;
+        all of them in host memory, the others computed there in place and the busiest copied into
+        device slots (moe_core/vllm_expert_cache.py;
         None: none). On CUDA vLLM then loads the routed experts into pinned host memory (its UVA
         offload: the model need not fit the GPU), and its CUDA graphs are split at the fused-MoE
         ops unless enforce_eager; set kv_cache_memory_bytes so that the slots have room beside the
@@ -712,6 +713,7 @@ class VllmEngine:
             "expert_cache_needed": int(counts.get("needed", 0)),
             "expert_cache_hits": int(counts.get("hits", 0)),
             "expert_cache_fetched_bytes": int(counts.get("bytes_fetched", 0)),
+            "expert_cache_in_place_bytes": int(counts.get("bytes_in_place", 0)),
         }
 
     def _kv_usage(self, running: list[_Request]) -> float | None:

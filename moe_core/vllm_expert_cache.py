@@ -10,12 +10,14 @@ The seam: vLLM's MoE runner routes (top-k weights and ids [T, k] from the router
 `RoutedExperts.forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)`,
 whose kernel reads the layer's `w13_weight` / `w2_weight` — [E, ...] in the kernel's own layout
 (Triton's on CUDA, a prepacked one on vLLM's CPU build) — at every call. The cache takes those
-parameters to host memory, puts [slots, ...] ones in their place, and wraps forward_modular with
-`_CachedLayer.run` (moe_core/expert_cache.py: the same slot table, prefetch and copy stream as the
-torch engine's cache): the ids remapped to slots, turns when a step needs more experts than there
-are slots (another turn's ids go to slot 0 with a routing weight of 0: these kernels know no
-sentinel), the shared experts run with the first turn only. The next layer's experts are predicted
-with its gate (top-k of its logits, applied to this layer's input).
+parameters to pinned host memory, puts [slots, ...] ones in their place, and replaces
+forward_modular with `_InPlaceLayer.forward`: the experts a forward needs that are resident run on
+the slots, the others in place from host memory (a UVA view, which the kernel reads over PCIe as
+vLLM's own offload does), one call of the layer's own modular kernel each (`moe_kernel.apply`, the
+call vLLM makes), so a forward never waits for a copy; the experts it admits (`SlotTable`, shared
+with the torch engine's cache in moe_core/expert_cache.py) are copied into their slots on the copy
+stream for the forwards after, and the next layer's predicted experts ahead of it (its gate's
+top-k of its logits, applied to this layer's input).
 
 CUDA graphs: each cached layer's forward asks the host which experts it needs, which a captured
 graph cannot replay; the engine makes vLLM's fused-MoE ops graph splitting ops (piecewise graphs
@@ -30,14 +32,13 @@ vLLM is imported lazily: this module imports without it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from moe_core.choice import resident_slots
-from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
+from moe_core.expert_cache import ExpertCache, Predict, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # The fused-MoE custom ops the engine splits vLLM's CUDA graphs at
@@ -89,7 +90,7 @@ def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> 
     order, computing on its slots from now on."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    layers = []
+    layers: list[_CachedLayer] = []
     for parent in model.modules():
         for runner in parent.children():
             routed = getattr(runner, "routed_experts", None)
@@ -105,13 +106,9 @@ def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> 
                 if isinstance(gate, torch.nn.Module)
                 else None
             )
-            layer = _CachedLayer(
-                cache, num_experts, resident_slots(fraction, num_experts), predict, sentinel=False
-            )
+            layer = _InPlaceLayer(cache, routed, resident_slots(fraction, num_experts), predict)
             layer.hold(routed, cache.device)
-            vars(routed)["forward_modular"] = functools.partial(
-                _forward_modular, layer, routed.forward_modular
-            )
+            vars(routed)["forward_modular"] = layer.forward
             layers.append(layer)
     return layers
 
@@ -123,6 +120,8 @@ def _refusal(routed: Any) -> str | None:
         return f"its experts are quantized ({type(method).__name__})"
     if method.is_monolithic:
         return "its kernel routes inside itself (a monolithic fused-MoE kernel)"
+    if getattr(method, "moe_kernel", None) is None:
+        return "its method has no modular kernel to call (moe_kernel)"
     if routed.use_ep:
         return "expert parallelism places the experts already"
     if getattr(routed.moe_config, "has_bias", False):
@@ -138,31 +137,125 @@ def _predicted(gate: torch.nn.Module, k: int, hidden: torch.Tensor) -> torch.Ten
     return torch.topk(logits, k, dim=-1).indices
 
 
-def _forward_modular(
-    layer: _CachedLayer,
-    original: Callable[..., Any],
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    shared_experts: Any = None,
-    shared_experts_input: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """RoutedExperts.forward_modular over the layer's slots. x [T, H]; topk_* [T, k]."""
-    shared = [shared_experts, shared_experts_input]
+class _InPlaceLayer(_CachedLayer):
+    """A fused-MoE layer whose forward never waits for a copy: the experts it needs that are
+    resident run on the slots, the others where they are, in host memory the device reads in place
+    (a UVA view on CUDA, as vLLM's own offload reads; on CPU the host copy itself), one call of the
+    layer's kernel each. The experts admitted (`SlotTable.admit`: the most-loaded `slots` of those
+    needed) are copied into their slots on the copy stream after the forward's kernels are queued,
+    for the forwards after; a slot whose copy may still run counts as not resident until the
+    layer's `ready` event says the copies are done (queried, never waited for).
 
-    def compute(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = original(
-            x=hidden,
+    Both calls route by the same ids [T, k]; each skips the other's experts: on CUDA through the
+    kernel's expert map (expert → row of the weights it is given, -1: skipped, as under expert
+    parallelism), on CPU (whose kernels take no map) by a routing weight of 0 and, for the slots'
+    call, an id remapped to a slot. Their outputs are summed; the shared experts run with the first."""
+
+    def __init__(self, cache: ExpertCache, routed: Any, slots: int, predict: Predict | None) -> None:
+        super().__init__(cache, int(routed.local_num_experts), slots, predict, sentinel=False)
+        self.kernel = routed.quant_method.moe_kernel
+        self.activation = routed.activation
+        self.weight_on_input = bool(routed.apply_router_weight_on_input)
+        self.view: dict[str, torch.Tensor] = {}  # weight name → [E, ...] host memory, as kernels read it
+        self.pending: set[int] = set()  # slots copied into since `ready` was last seen done
+        self.use_map = False  # the kernel skips ids an expert map sends to -1 (CUDA's Triton kernel)
+
+    def hold(self, module: torch.nn.Module, device: torch.device) -> None:
+        super().hold(module, device)
+        self.use_map = device.type == "cuda"
+        for name, host in self.host.items():
+            if device.type == "cuda":
+                from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+                self.view[name] = get_accelerator_view_from_cpu_tensor(host)
+            else:
+                self.view[name] = host
+
+    def copied(self, copies: list[tuple[int, int]]) -> None:
+        # the forward builds its own maps from the table; the device slot map is not read
+        if self.ready is not None:
+            self.pending.update(slot for _, slot in copies)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """RoutedExperts.forward_modular's contract: x [T, H], topk_* [T, k] → [T, H]."""
+        index, counted = self.route(x, topk_ids)
+        if self.pending and self.ready is not None and self.ready.query():  # type: ignore[no-untyped-call]
+            self.pending.clear()
+        needed = [e for e, n in enumerate(counted) if n]
+        slot_of = self.table.slot_of
+        resident = [e for e in needed if slot_of[e] >= 0 and slot_of[e] not in self.pending]
+        missed = [e for e in needed if e not in set(resident)]
+        self.count(needed, len(resident))
+        self.cache.stats.bytes_in_place += self.expert_bytes * len(missed)
+        ids = index.to(topk_ids.dtype)
+        shared = [shared_experts, shared_experts_input]
+        out: torch.Tensor | None = None
+        for experts, weights_of in ((resident, self.device), (missed, self.view)):
+            if not experts:
+                continue
+            part = self._call(x, topk_weights, ids, experts, weights_of, shared)
+            shared[0] = shared[1] = None  # the shared experts run once, with the first call
+            out = part if out is None else out + part
+        if self.done is not None:  # the copies queued next wait for these kernels
+            self.done.record()
+        busiest = sorted(needed, key=lambda e: -counted[e])[: self.table.slots]
+        self.cache.copy(self, self.table.admit(busiest, [counted[e] for e in busiest]))
+        assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
+        return out
+
+    def _call(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        experts: list[int],
+        tensors: dict[str, torch.Tensor],
+        shared: list[Any],
+    ) -> torch.Tensor:
+        """The kernel over `tensors` (the slots [S, ...] or host memory [E, ...]) for `experts` only."""
+        on_slots = tensors is self.device
+        row = [-1] * self.num_experts  # expert → its row in `tensors`; -1: not this call's
+        for e in experts:
+            row[e] = self.table.slot_of[e] if on_slots else e
+        rows = _to_device(row, x.device)
+        expert_map: torch.Tensor | None = None
+        if self.use_map:
+            expert_map, global_experts = rows.to(torch.int32), self.num_experts
+        else:  # no map: other experts' ids to row 0 with a routing weight of 0
+            mine = rows[ids.long()]
+            weights = weights.masked_fill(mine < 0, 0)
+            ids, global_experts = mine.clamp(min=0).to(ids.dtype), int(tensors["w13_weight"].shape[0])
+        out = self.kernel.apply(
+            hidden_states=x,
+            w1=tensors["w13_weight"],
+            w2=tensors["w2_weight"],
             topk_weights=weights,
             topk_ids=ids,
+            activation=self.activation,
+            apply_router_weight_on_input=self.weight_on_input,
+            global_num_experts=global_experts,
+            expert_map=expert_map,
             shared_experts=shared[0],
             shared_experts_input=shared[1],
         )
-        shared[0] = shared[1] = None  # the shared experts run once, with the first turn
         if not isinstance(out, torch.Tensor):
             raise RuntimeError(
                 f"the expert cache sums the experts' outputs, and this kernel returns {type(out)}"
             )
         return out
 
-    return layer.run(x, topk_ids, topk_weights, compute)
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on `device` without a host sync (from pinned memory on CUDA, whose
+    allocator keeps the buffer until the copy is done)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -287,11 +287,12 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     arch: str, fraction: float, mixtral_dir: Path, tmp_path: Path
 ) -> None:
     """engine.offload experts through vLLM (moe_core/vllm_expert_cache.py): each fused-MoE layer
-    computes on `fraction` of its experts in slots (1 of 8: every step in turns; half: the batch's
-    decode steps in one turn or two; qwen2_moe: a shared expert beside the routed ones, run once
-    per step), the rest fetched as routed; the
-    greedy tokens of a batch are generate()'s, and the counts show fetches and hits. Without the
-    copies into the slots the tokens would part from generate()'s (the slots hold zeros)."""
+    holds `fraction` of its experts in slots (1 of 8; half), computes the resident ones it needs
+    there and the others in place from host memory, one kernel call each (qwen2_moe: a shared
+    expert beside the routed ones, run once per step), and copies the busiest in for later steps;
+    the greedy tokens of a batch are generate()'s, and the counts show fetches, hits and experts
+    read in place (every miss). Without the copies into the slots, or without the call in host
+    memory, the tokens would part from generate()'s (the slots hold zeros; a miss would add nothing)."""
     model_dir = (
         mixtral_dir if arch == "mixtral" else build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     )
@@ -314,6 +315,9 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
         reference.assert_matches(results[f"x{i}"], reference.tokens(prompt), NEW_TOKENS)
     assert stats.expert_cache_needed > stats.expert_cache_hits > 0
     assert stats.expert_cache_fetched_bytes > 0
+    misses = stats.expert_cache_needed - stats.expert_cache_hits
+    if arch == "mixtral":  # float32 experts of 3 x 128 x 256
+        assert stats.expert_cache_in_place_bytes == misses * 3 * 128 * 256 * 4
 
 
 def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
