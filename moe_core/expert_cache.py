@@ -47,6 +47,9 @@ LOAD_DECAY = 0.9  # per forward of the layer: an expert's load is the tokens rou
 # needed; on random weights, whose routers keep choosing the same few experts, a few percent, and
 # fetching them lowered the hit rate (bench/expert_cache.py, BENCHMARKS.md).
 PREFETCH_MIN_ACCURACY = 0.5
+# SlotTable.settle: an expert computed in place takes a resident one's slot once its decayed load
+# is this many times that one's
+ADMIT_MARGIN = 1.5
 ACCURACY_DECAY = 0.9
 
 
@@ -102,6 +105,32 @@ class SlotTable:
             if self.slot_of[expert] < 0:
                 copies.append((expert, self._place(expert, keep)))
         self.ahead -= keep
+        return copies
+
+    def settle(self, needed: Sequence[int], tokens: Sequence[int]) -> list[tuple[int, int]]:
+        """For a layer that computes the experts it lacks where they are (vLLM's in-place calls):
+        one forward needed `needed` (distinct; `tokens`: how many tokens each took), the resident
+        ones already run. → the copies that make the busier experts resident: an expert not
+        resident takes a free slot, or the slot of the resident expert with the least load if its
+        own load is above that one's by ADMIT_MARGIN (so that experts of about equal load, as at
+        a large batch whose steps each need nearly every expert, do not trade places at every
+        step: each trade costs an expert's copy over the same link the in-place calls read from)."""
+        self.tick += 1
+        self.load = [x * LOAD_DECAY for x in self.load]
+        for expert, n in zip(needed, tokens, strict=True):
+            self.used[expert] = self.tick
+            self.load[expert] += n
+        copies: list[tuple[int, int]] = []
+        for expert in sorted((e for e in needed if self.slot_of[e] < 0), key=lambda e: -self.load[e]):
+            if -1 in self.holds:
+                slot = self.holds.index(-1)
+            else:
+                slot = min(range(self.slots), key=lambda s: self.load[self.holds[s]])
+                if self.load[expert] <= self.load[self.holds[slot]] * ADMIT_MARGIN:
+                    break  # the others are no busier
+                self.slot_of[self.holds[slot]] = -1
+            self.holds[slot], self.slot_of[expert] = expert, slot
+            copies.append((expert, slot))
         return copies
 
     def prefetch(self, predicted: Sequence[int]) -> list[tuple[int, int]]:

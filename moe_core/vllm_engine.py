@@ -177,7 +177,7 @@ class VllmEngine:
         batch_rows: int | None = None,
         batch_rank: int = 3,
         expert_cache: float | None = None,
-        expert_prefetch: bool = True,
+        expert_prefetch: bool = False,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -212,7 +212,8 @@ class VllmEngine:
         offload: the model need not fit the GPU), and its CUDA graphs are split at the fused-MoE
         ops unless enforce_eager; set kv_cache_memory_bytes so that the slots have room beside the
         KV cache (the automatic choice does). expert_prefetch: fetch the next layer's predicted
-        experts ahead (the cache's default)."""
+        experts ahead (off: the layer computes the experts it lacks in place, and a copy issued
+        one layer ahead lands after that layer has run, so it would cross the link twice)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:

@@ -141,10 +141,11 @@ class _InPlaceLayer(_CachedLayer):
     """A fused-MoE layer whose forward never waits for a copy: the experts it needs that are
     resident run on the slots, the others where they are, in host memory the device reads in place
     (a UVA view on CUDA, as vLLM's own offload reads; on CPU the host copy itself), one call of the
-    layer's kernel each. The experts admitted (`SlotTable.admit`: the most-loaded `slots` of those
-    needed) are copied into their slots on the copy stream after the forward's kernels are queued,
-    for the forwards after; a slot whose copy may still run counts as not resident until the
-    layer's `ready` event says the copies are done (queried, never waited for).
+    layer's kernel each. The experts admitted (`SlotTable.settle`: a free slot, or the slot of a
+    resident expert with well under their load) are copied in on the copy stream after the
+    forward's kernels are queued, for the forwards after; a slot whose copy may still run counts as
+    not resident until the layer's `ready` event says the copies are done (queried, never waited
+    for).
 
     Both calls route by the same ids [T, k]; each skips the other's experts: on CUDA through the
     kernel's expert map (expert → row of the weights it is given, -1: skipped, as under expert
@@ -205,8 +206,7 @@ class _InPlaceLayer(_CachedLayer):
             out = part if out is None else out + part
         if self.done is not None:  # the copies queued next wait for these kernels
             self.done.record()
-        busiest = sorted(needed, key=lambda e: -counted[e])[: self.table.slots]
-        self.cache.copy(self, self.table.admit(busiest, [counted[e] for e in busiest]))
+        self.cache.copy(self, self.table.settle(needed, [counted[e] for e in needed]))
         assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
         return out
 

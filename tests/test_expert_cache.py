@@ -17,6 +17,7 @@ import torch
 
 from moe_build.checkpoint import build_checkpoint
 from moe_core.expert_cache import (
+    ADMIT_MARGIN,
     PREFETCH_MIN_ACCURACY,
     ExpertCache,
     RoutingTrace,
@@ -48,6 +49,20 @@ def test_among_experts_needed_as_recently_the_least_loaded_goes() -> None:
     assert table.admit([2]) == [(2, 1)]  # 1 goes, not 0
     table.admit([0, 2], tokens=[1, 9])
     assert table.admit([3]) == [(3, 0)]  # now 0 is the lighter one (8.1 decayed + 1 against 0.9 + 9)
+
+
+def test_settle_admits_a_busier_expert_and_stops_experts_of_equal_load_trading_places() -> None:
+    """vLLM's in-place layers: the experts a forward lacked ran where they are; settle copies in
+    those busier than a resident expert by ADMIT_MARGIN, the busiest first."""
+    table = SlotTable(experts=8, slots=2)
+    assert table.settle([0, 1, 2], [1, 5, 3]) == [(1, 0), (2, 1)]  # free slots, busiest first
+    assert table.settle([0], [1]) == []  # 0.9 + 1 against 2.7: not enough
+    assert table.settle([0], [6]) == [(0, 1)]  # 1.71 + 6 against 2.43: 2, the lighter, goes
+    assert table.slot_of[2] == -1 and table.holds == [1, 0]
+    uniform = SlotTable(experts=8, slots=4)  # a large batch: every step needs every expert
+    copies = [uniform.settle(list(range(8)), [16 + (e + step) % 3 for e in range(8)]) for step in range(50)]
+    assert len(copies[0]) == 4 and not any(copies[1:])  # filled once, then no trades
+    assert ADMIT_MARGIN > 1
 
 
 def test_prefetch_fills_free_and_cold_slots_and_keeps_what_it_predicts() -> None:

@@ -325,9 +325,10 @@ def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
 ) -> None:
     """bench/offload_gpu.py's experts_code / experts_prose rows: the worker's cache routes as a
     RoutingTrace says. A trace where every token of every layer picks experts 0 and 1: each
-    forward of each of the 4 layers needs those two, fetched at most once per layer into its 2
-    slots (the tiny model's router would spread over all 8). A worker that does not answer leaves
-    the last counts read."""
+    forward of each of the 4 layers needs those two, computed in place until their load passes
+    that of the experts the warm-up left in the 2 slots, then fetched, at most once per layer (the
+    tiny model's router would spread over all 8). A worker that does not answer leaves the last
+    counts read."""
     engine = make_engine(mixtral_dir, expert_cache=0.25)
     engine.load()
     try:
@@ -348,8 +349,10 @@ def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
     layers, expert_bytes = 4, 3 * 128 * 256 * 4  # float32 experts of 3 x 128 x 256
     assert stats.expert_cache_needed >= 2 * layers * NEW_TOKENS // 2  # decode steps, at least
     assert stats.expert_cache_needed % (2 * layers) == 0
-    assert stats.expert_cache_hits >= stats.expert_cache_needed - 2 * layers
-    assert stats.expert_cache_fetched_bytes <= 2 * layers * expert_bytes
+    misses = stats.expert_cache_needed - stats.expert_cache_hits
+    assert 0 < misses <= stats.expert_cache_needed // 2  # resident after a few steps
+    assert stats.expert_cache_in_place_bytes == misses * expert_bytes
+    assert 0 < stats.expert_cache_fetched_bytes <= 2 * layers * expert_bytes  # no trading places
 
 
 def test_the_expert_cache_asks_vllm_for_host_memory_and_split_graphs_on_cuda(
