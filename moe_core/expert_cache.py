@@ -399,7 +399,10 @@ class RoutingTrace:
             if not recorded:
                 return None
             picked = [[e % experts for e in recorded[(start + t) % len(recorded)]] for t in range(tokens)]
-            return torch.tensor(picked, dtype=like.dtype, device=like.device)
+            rows = torch.tensor(picked, dtype=like.dtype)
+            if like.device.type != "cuda":
+                return rows.to(like.device)
+            return rows.pin_memory().to(like.device, non_blocking=True)  # no host sync
 
         chosen = rows(self.chosen, layer.number, layer.num_experts)
         assert chosen is not None and chosen.shape == like.shape, "the trace's k must be the model's"

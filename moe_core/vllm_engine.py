@@ -177,7 +177,6 @@ class VllmEngine:
         batch_rows: int | None = None,
         batch_rank: int = 3,
         expert_cache: float | None = None,
-        expert_prefetch: bool = False,
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -211,9 +210,7 @@ class VllmEngine:
         None: none). On CUDA vLLM then loads the routed experts into pinned host memory (its UVA
         offload: the model need not fit the GPU), and its CUDA graphs are split at the fused-MoE
         ops unless enforce_eager; set kv_cache_memory_bytes so that the slots have room beside the
-        KV cache (the automatic choice does). expert_prefetch: fetch the next layer's predicted
-        experts ahead (off: the layer computes the experts it lacks in place, and a copy issued
-        one layer ahead lands after that layer has run, so it would cross the link twice)."""
+        KV cache (the automatic choice does)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -242,7 +239,6 @@ class VllmEngine:
         if expert_cache is not None and cpu_offload_gb > 0:
             raise ValueError("expert_cache keeps the routed experts in host memory itself: no cpu_offload_gb")
         self.expert_cache = expert_cache
-        self.expert_prefetch = expert_prefetch
         self.expert_slots: list[int] = []  # per fused-MoE layer, once the cache is installed
         self._cache_stats: tuple[float, dict[str, int]] = (0.0, {})  # (when read, the workers' counts)
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
@@ -471,15 +467,12 @@ class VllmEngine:
     def _install_expert_cache(self) -> None:
         """Each worker holds `expert_cache` of every fused-MoE layer's experts in device slots."""
         started = time.monotonic()
-        slots = self.engine.collective_rpc(
-            "install_expert_cache", args=(self.expert_cache, self.expert_prefetch)
-        )[0]
+        slots = self.engine.collective_rpc("install_expert_cache", args=(self.expert_cache,))[0]
         self.expert_slots = [int(n) for n in slots]
         log.info(
-            "expert cache: %d fused-MoE layers, %s experts each on the device (prefetch %s), in %.1fs",
+            "expert cache: %d fused-MoE layers, %s experts each on the device, in %.1fs",
             len(self.expert_slots),
             "/".join(sorted({str(n) for n in self.expert_slots})),
-            "on" if self.expert_prefetch else "off",
             time.monotonic() - started,
         )
 

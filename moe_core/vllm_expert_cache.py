@@ -11,17 +11,18 @@ The seam: vLLM's MoE runner routes (top-k weights and ids [T, k] from the router
 whose kernel reads the layer's `w13_weight` / `w2_weight` — [E, ...] in the kernel's own layout
 (Triton's on CUDA, a prepacked one on vLLM's CPU build) — at every call. The cache takes those
 parameters to pinned host memory, puts [slots, ...] ones in their place, and replaces
-forward_modular with `_InPlaceLayer.forward`: the experts a forward needs that are resident run on
-the slots, the others in place from host memory (a UVA view, which the kernel reads over PCIe as
-vLLM's own offload does), one call of the layer's own modular kernel each (`moe_kernel.apply`, the
-call vLLM makes), so a forward never waits for a copy; the experts it admits (`SlotTable`, shared
-with the torch engine's cache in moe_core/expert_cache.py) are copied into their slots on the copy
-stream for the forwards after, and the next layer's predicted experts ahead of it (its gate's
-top-k of its logits, applied to this layer's input).
+forward_modular with `_InPlaceLayer.forward`: the layer's own modular kernel (`moe_kernel.apply`,
+the call vLLM makes) runs once over the slots for the resident experts and once in place over the
+host copy for the others (a UVA view the kernel reads over PCIe, as vLLM's own offload reads), so
+no forward waits for a copy or reads anything back to the host. Which experts are resident changes
+between steps (`_InPlaceLayer.maintain`, run before each of the worker's steps): the tokens each
+expert took, counted on the device and read a step late, go to `SlotTable.settle` (shared with the
+torch engine's cache, moe_core/expert_cache.py), whose copies run on a copy stream.
 
-CUDA graphs: each cached layer's forward asks the host which experts it needs, which a captured
-graph cannot replay; the engine makes vLLM's fused-MoE ops graph splitting ops (piecewise graphs
-around them, the MoE layers run eagerly) or runs eagerly (moe_core/vllm_engine.py).
+CUDA graphs: the forward has no host read and could be captured, but the cache is installed after
+vLLM has captured its graphs (around the original layers), so the engine makes vLLM's fused-MoE
+ops graph splitting ops (piecewise graphs around them, the MoE layers run eagerly) or runs eagerly
+(moe_core/vllm_engine.py).
 
 Held: unquantized fused-MoE layers with modular kernels, without expert biases or expert
 parallelism; anything else is refused (ValueError) with the reason.
@@ -31,14 +32,13 @@ vLLM is imported lazily: this module imports without it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from moe_core.choice import resident_slots
-from moe_core.expert_cache import ExpertCache, Predict, RoutingTrace, _CachedLayer
+from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # The fused-MoE custom ops the engine splits vLLM's CUDA graphs at
@@ -52,21 +52,32 @@ class ExpertCacheExtension:
 
     _localmoe_expert_cache: ExpertCache | None = None
 
-    def install_expert_cache(self, resident_fraction: float, prefetch: bool = True) -> list[int]:
-        """Hold `resident_fraction` of each fused-MoE layer's experts on the device (at least one);
+    def install_expert_cache(self, resident_fraction: float) -> list[int]:
+        """Hold `resident_fraction` of each fused-MoE layer's experts on the device (at least one),
+        their residency kept between steps (the worker's execute_model, wrapped);
         → the slots per layer."""
         model: torch.nn.Module = self.get_model()  # type: ignore[attr-defined]
         device = next(model.parameters()).device
-        cache = ExpertCache(model, device, resident_fraction, prefetch, install=vllm_layers)
+        cache = ExpertCache(model, device, resident_fraction, prefetch=False, install=vllm_layers)
         self._localmoe_expert_cache = cache
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the experts' device (or host-mapped) copies are gone
+        step = self.execute_model  # type: ignore[attr-defined]
+
+        def execute_model(*args: Any, **kwargs: Any) -> Any:
+            _maintain(cache)
+            return step(*args, **kwargs)
+
+        vars(self)["execute_model"] = execute_model  # vLLM's worker wrapper calls it by name
         return cache.slots
 
     def expert_cache_layers(self) -> list[tuple[int, int]]:
         """(needed, hits) of each fused-MoE layer since install ([] without a cache)."""
         cache = self._localmoe_expert_cache
-        return [(layer.needed, layer.hits) for layer in cache.layers] if cache is not None else []
+        if cache is None:
+            return []
+        _maintain(cache, wait=True)
+        return [(layer.needed, layer.hits) for layer in cache.layers]
 
     def replay_expert_routing(self, chosen: list[list[list[int]]], predicted: list[list[list[int]]]) -> None:
         """Benchmarks: route as a recorded `RoutingTrace` says from now on (its fields)."""
@@ -79,10 +90,17 @@ class ExpertCacheExtension:
         cache = self._localmoe_expert_cache
         if cache is None:
             return {}
+        _maintain(cache, wait=True)
         counts = asdict(cache.stats)
         if reset:
             cache.reset_stats()
         return counts
+
+
+def _maintain(cache: ExpertCache, wait: bool = False) -> None:
+    for layer in cache.layers:
+        assert isinstance(layer, _InPlaceLayer)
+        layer.maintain(wait)
 
 
 def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
@@ -99,14 +117,7 @@ def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> 
             refusal = _refusal(routed)
             if refusal is not None:
                 raise ValueError(f"the expert cache cannot hold {type(parent).__name__}'s experts: {refusal}")
-            num_experts = int(routed.local_num_experts)
-            gate = getattr(parent, "gate", None)
-            predict = (
-                functools.partial(_predicted, gate, int(routed.top_k))
-                if isinstance(gate, torch.nn.Module)
-                else None
-            )
-            layer = _InPlaceLayer(cache, routed, resident_slots(fraction, num_experts), predict)
+            layer = _InPlaceLayer(cache, routed, resident_slots(fraction, int(routed.local_num_experts)))
             layer.hold(routed, cache.device)
             vars(routed)["forward_modular"] = layer.forward
             layers.append(layer)
@@ -129,37 +140,40 @@ def _refusal(routed: Any) -> str | None:
     return None
 
 
-def _predicted(gate: torch.nn.Module, k: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The top-k experts of `gate`'s logits for hidden [T, H]: [T, k] (vLLM's linear layers
-    return (output, bias))."""
-    out = gate(hidden)
-    logits = out[0] if isinstance(out, tuple) else out
-    return torch.topk(logits, k, dim=-1).indices
-
-
 class _InPlaceLayer(_CachedLayer):
-    """A fused-MoE layer whose forward never waits for a copy: the experts it needs that are
-    resident run on the slots, the others where they are, in host memory the device reads in place
-    (a UVA view on CUDA, as vLLM's own offload reads; on CPU the host copy itself), one call of the
-    layer's kernel each. The experts admitted (`SlotTable.settle`: a free slot, or the slot of a
-    resident expert with well under their load) are copied in on the copy stream after the
-    forward's kernels are queued, for the forwards after; a slot whose copy may still run counts as
-    not resident until the layer's `ready` event says the copies are done (queried, never waited
-    for).
+    """A fused-MoE layer that computes every expert where it is, and never stops the host.
 
-    Both calls route by the same ids [T, k]; each skips the other's experts: on CUDA through the
-    kernel's expert map (expert → row of the weights it is given, -1: skipped, as under expert
-    parallelism), on CPU (whose kernels take no map) by a routing weight of 0 and, for the slots'
-    call, an id remapped to a slot. Their outputs are summed; the shared experts run with the first."""
+    Device state ([E] each): `slot_row` (expert → its slot, -1 while not resident) and `host_row`
+    (expert → itself, -1 while resident): the forward runs the layer's kernel twice over the same
+    ids, once over the slots with slot_row as its expert map and once over the host copy (a UVA
+    view on CUDA, which the kernel reads over PCIe as vLLM's own offload does; on CPU the host copy
+    itself) with host_row, each skipping the other's experts; their outputs are summed, the shared
+    experts run with the first. On CPU, whose kernels take no map, an id the call does not run gets
+    a routing weight of 0 (and, for the slots' call, row 0). The forward also counts, on the
+    device, the tokens routed to each expert and (needed, hits) per forward. Nothing in it reads
+    the device from the host: it could be captured in a CUDA graph as it is.
 
-    def __init__(self, cache: ExpertCache, routed: Any, slots: int, predict: Predict | None) -> None:
-        super().__init__(cache, int(routed.local_num_experts), slots, predict, sentinel=False)
+    Residency changes between steps, in `maintain` (vLLM's worker calls it before each step): the
+    counts of the forwards since the last read, copied to pinned memory one step and read the
+    next, go to `SlotTable.settle`; an expert it admits is first taken from the slots call's map
+    (its slot's old expert goes to the host call), copied in on the copy stream once the kernels
+    queued before are done, and given its slot in the maps at the first `maintain` after its copy
+    has finished (an event queried, never waited for). At every moment each expert runs in
+    exactly one of the two calls."""
+
+    def __init__(self, cache: ExpertCache, routed: Any, slots: int) -> None:
+        super().__init__(cache, int(routed.local_num_experts), slots, None, sentinel=False)
         self.kernel = routed.quant_method.moe_kernel
         self.activation = routed.activation
         self.weight_on_input = bool(routed.apply_router_weight_on_input)
         self.view: dict[str, torch.Tensor] = {}  # weight name → [E, ...] host memory, as kernels read it
-        self.pending: set[int] = set()  # slots copied into since `ready` was last seen done
         self.use_map = False  # the kernel skips ids an expert map sends to -1 (CUDA's Triton kernel)
+        self.slot_row = self.host_row = self.tokens = self.tally = torch.empty(0)  # set by hold()
+        self.generation: list[int] = [0] * slots  # per slot: bumped by each copy into it
+        # (expert, slot, the slot's generation, the copy's end: None once done)
+        self.landing: list[tuple[int, int, int, torch.cuda.Event | None]] = []
+        self.reading: tuple[torch.cuda.Event | None, torch.Tensor] | None = None  # counts on their way
+        self.in_slots: dict[int, int] = {}  # expert → slot: what slot_row says, on the host
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         super().hold(module, device)
@@ -171,11 +185,11 @@ class _InPlaceLayer(_CachedLayer):
                 self.view[name] = get_accelerator_view_from_cpu_tensor(host)
             else:
                 self.view[name] = host
-
-    def copied(self, copies: list[tuple[int, int]]) -> None:
-        # the forward builds its own maps from the table; the device slot map is not read
-        if self.ready is not None:
-            self.pending.update(slot for _, slot in copies)
+        experts = self.num_experts
+        self.slot_row = torch.full((experts,), -1, dtype=torch.int32, device=device)
+        self.host_row = torch.arange(experts, dtype=torch.int32, device=device)
+        self.tokens = torch.zeros(experts, dtype=torch.long, device=device)  # routed since the last read
+        self.tally = torch.zeros(2, dtype=torch.long, device=device)  # (needed, hits) since the last read
 
     def forward(
         self,
@@ -186,28 +200,24 @@ class _InPlaceLayer(_CachedLayer):
         shared_experts_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoutedExperts.forward_modular's contract: x [T, H], topk_* [T, k] → [T, H]."""
-        index, counted = self.route(x, topk_ids)
-        if self.pending and self.ready is not None and self.ready.query():  # type: ignore[no-untyped-call]
-            self.pending.clear()
-        needed = [e for e, n in enumerate(counted) if n]
-        slot_of = self.table.slot_of
-        resident = [e for e in needed if slot_of[e] >= 0 and slot_of[e] not in self.pending]
-        missed = [e for e in needed if e not in set(resident)]
-        self.count(needed, len(resident))
-        self.cache.stats.bytes_in_place += self.expert_bytes * len(missed)
-        ids = index.to(topk_ids.dtype)
-        shared = [shared_experts, shared_experts_input]
+        trace = self.cache.trace
+        if trace is not None and trace.replaying:  # benchmarks: a recorded model's routing
+            topk_ids = trace.replay(self, topk_ids)[0]
+        flat = topk_ids.flatten().long()
+        routed = torch.zeros_like(self.tokens).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+        self.tokens += routed
+        needed = routed > 0
+        self.tally += torch.stack([needed.sum(), (needed & (self.slot_row >= 0)).sum()])
+        shared = (shared_experts, shared_experts_input)
+        resident = sum(1 for s in self.table.holds if s >= 0)  # at most; at least those landed
         out: torch.Tensor | None = None
-        for experts, weights_of in ((resident, self.device), (missed, self.view)):
-            if not experts:
-                continue
-            part = self._call(x, topk_weights, ids, experts, weights_of, shared)
-            shared[0] = shared[1] = None  # the shared experts run once, with the first call
+        if resident:
+            out = self._call(x, topk_weights, topk_ids, self.device, self.slot_row, shared)
+            shared = (None, None)  # the shared experts run once, with the first call
+        if not (resident == self.num_experts and not self.landing):
+            part = self._call(x, topk_weights, topk_ids, self.view, self.host_row, shared)
             out = part if out is None else out + part
-        if self.done is not None:  # the copies queued next wait for these kernels
-            self.done.record()
-        self.cache.copy(self, self.table.settle(needed, [counted[e] for e in needed]))
-        assert out is not None  # a router chooses k >= 1 experts for each of T >= 1 tokens
+        assert out is not None
         return out
 
     def _call(
@@ -215,19 +225,15 @@ class _InPlaceLayer(_CachedLayer):
         x: torch.Tensor,
         weights: torch.Tensor,
         ids: torch.Tensor,
-        experts: list[int],
         tensors: dict[str, torch.Tensor],
-        shared: list[Any],
+        rows: torch.Tensor,
+        shared: tuple[Any, torch.Tensor | None],
     ) -> torch.Tensor:
-        """The kernel over `tensors` (the slots [S, ...] or host memory [E, ...]) for `experts` only."""
-        on_slots = tensors is self.device
-        row = [-1] * self.num_experts  # expert → its row in `tensors`; -1: not this call's
-        for e in experts:
-            row[e] = self.table.slot_of[e] if on_slots else e
-        rows = _to_device(row, x.device)
+        """The kernel over `tensors` (the slots [S, ...] or host memory [E, ...]) for the experts
+        `rows` [E] gives a row (-1: another call's)."""
         expert_map: torch.Tensor | None = None
         if self.use_map:
-            expert_map, global_experts = rows.to(torch.int32), self.num_experts
+            expert_map, global_experts = rows, self.num_experts
         else:  # no map: other experts' ids to row 0 with a routing weight of 0
             mine = rows[ids.long()]
             weights = weights.masked_fill(mine < 0, 0)
@@ -246,16 +252,91 @@ class _InPlaceLayer(_CachedLayer):
             shared_experts_input=shared[1],
         )
         if not isinstance(out, torch.Tensor):
-            raise RuntimeError(
-                f"the expert cache sums the experts' outputs, and this kernel returns {type(out)}"
-            )
+            raise RuntimeError(f"the expert cache sums the experts' outputs; this kernel returns {type(out)}")
         return out
 
+    def maintain(self, wait: bool = False) -> None:
+        """Between steps: copies that have landed join the slots call; the counts read last time
+        decide what to copy in next; the counts since then start on their way. wait: read the
+        counts now (a host sync: statistics, not steps)."""
+        self._land()
+        if self.reading is None:
+            self._start_reading()
+        assert self.reading is not None
+        event, buffer = self.reading
+        if wait and event is not None:
+            event.synchronize()
+        elif event is not None and not event.query():  # type: ignore[no-untyped-call]
+            return
+        self.reading = None
+        counts = buffer.tolist()
+        needed, hits = counts[-2:]
+        self.count_forwards(needed, hits)
+        routed = counts[:-2]
+        busy = [e for e, n in enumerate(routed) if n]
+        if busy:
+            self._copy_in(self.table.settle(busy, [routed[e] for e in busy]))
+        self._start_reading()
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on `device` without a host sync (from pinned memory on CUDA, whose
-    allocator keeps the buffer until the copy is done)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    def count_forwards(self, needed: int, hits: int) -> None:
+        stats = self.cache.stats
+        stats.needed, stats.hits = stats.needed + needed, stats.hits + hits
+        self.needed, self.hits = self.needed + needed, self.hits + hits
+        stats.bytes_in_place += (needed - hits) * self.expert_bytes
+
+    def _start_reading(self) -> None:
+        cuda = self.tokens.device.type == "cuda"
+        buffer = torch.empty(self.num_experts + 2, dtype=torch.long, pin_memory=cuda)
+        buffer[: self.num_experts].copy_(self.tokens, non_blocking=cuda)
+        buffer[self.num_experts :].copy_(self.tally, non_blocking=cuda)
+        self.tokens.zero_()
+        self.tally.zero_()
+        event = torch.cuda.Event() if cuda else None  # type: ignore[no-untyped-call]
+        if event is not None:
+            event.record()
+        self.reading = (event, buffer)
+
+    def _copy_in(self, copies: list[tuple[int, int]]) -> None:
+        """settle's (expert, slot)s: each slot's old expert to the host call now (the maps change
+        on the compute stream, after the kernels queued before); the copies on the copy stream
+        after those kernels; each new expert to the slots call once its copy has landed."""
+        if not copies:
+            return
+        stream = self.cache.stream
+        for _, slot in copies:
+            for old in [e for e, s in self.in_slots.items() if s == slot]:
+                self.slot_row[old] = -1
+                self.host_row[old] = old
+                del self.in_slots[old]
+            self.generation[slot] += 1
+        self.cache.stats.bytes_fetched += self.expert_bytes * len(copies)
+        if stream is None:  # CPU: the copy is done when copy_ returns
+            for expert, slot in copies:
+                for name, host in self.host.items():
+                    self.device[name][slot].copy_(host[expert])
+                self.landing.append((expert, slot, self.generation[slot], None))
+            self._land()
+            return
+        assert self.done is not None
+        self.done.record()
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.done)
+            for expert, slot in copies:
+                for name, host in self.host.items():
+                    self.device[name][slot].copy_(host[expert], non_blocking=True)
+            landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            landed.record(stream)
+        self.landing += [(expert, slot, self.generation[slot], landed) for expert, slot in copies]
+
+    def _land(self) -> None:
+        """Copies that have finished, into a slot no later copy has taken: their experts join the
+        slots call."""
+        waiting: list[tuple[int, int, int, torch.cuda.Event | None]] = []
+        for expert, slot, generation, event in self.landing:
+            if event is not None and not event.query():  # type: ignore[no-untyped-call]
+                waiting.append((expert, slot, generation, event))
+            elif self.generation[slot] == generation:
+                self.slot_row[expert] = slot
+                self.host_row[expert] = -1
+                self.in_slots[expert] = slot
+        self.landing = waiting
