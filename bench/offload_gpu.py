@@ -14,7 +14,7 @@ engine as a worker with that budget builds it (choose → construct):
     zero3         engine.offload zero3: DeepSpeed ZeRO-3, every weight streamed from CPU memory
     experts       engine.offload experts: a GPU cache of the routed experts (as many as the
                   budget leaves room for), the rest in pinned CPU memory, inside vLLM's fused-MoE
-                  layers (moe_core/vllm_expert_cache.py), CUDA graphs split around them
+                  layers (moe_core/vllm_expert_cache.py), inside vLLM's CUDA graphs
     experts_eager the same with vLLM eager (no CUDA graphs, no compile)
     experts_code, experts_prose  the `experts` row with the routing of a trained model replayed:
                   the embedded model's choices (and its next-layer predictions) on held-out code

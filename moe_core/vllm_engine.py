@@ -307,7 +307,7 @@ class VllmEngine:
                 self._use_tuned_moe_configs(dtype)
                 self._backend.engine = self._build_engine(dtype)
             if self.expert_cache is not None:
-                self._install_expert_cache()
+                self._attach_expert_cache()
             if not self._requested_max_context:
                 self.max_context = int(self._backend.engine.model_config.max_model_len)
             if self.expert_telemetry and device.startswith("cuda"):
@@ -432,19 +432,22 @@ class VllmEngine:
         return EngineArgs(**(kwargs | self._expert_cache_args(dtype)))
 
     def _expert_cache_args(self, dtype: str) -> dict[str, Any]:
-        """With expert_cache: the worker extension that installs it; on CUDA, the routed experts
-        loaded into pinned host memory (vLLM's UVA offload, all of them: the cache takes them from
-        there), Triton's fused-MoE kernel, and the CUDA graphs split at the fused-MoE ops, which
-        ask the host which experts they need at every step (a graph captures no host decision)."""
+        """With expert_cache: the load format whose loader installs it in the model vLLM loaded
+        (before vLLM profiles memory and captures CUDA graphs, which then hold the cached layers)
+        and the worker extension that keeps it between steps; on CUDA, the routed experts loaded
+        into pinned host memory (vLLM's UVA offload, all of them: the cache takes them from there)
+        and Triton's fused-MoE kernel."""
         if self.expert_cache is None:
             return {}
         from moe_core import vllm_expert_cache
 
-        args: dict[str, Any] = {"worker_extension_cls": vllm_expert_cache.EXTENSION}
+        args: dict[str, Any] = {
+            "worker_extension_cls": vllm_expert_cache.EXTENSION,
+            "load_format": vllm_expert_cache.LOAD_FORMAT,
+            "model_loader_extra_config": {vllm_expert_cache.FRACTION_KEY: self.expert_cache},
+        }
         if not self._resolve_device()[0].startswith("cuda"):
             return args  # vLLM's CPU build: the weights are in host memory already
-        from vllm.config import CompilationConfig
-
         from moe_core.choice import routed_expert_parameters
         from moe_core.loader import inspect_model
 
@@ -459,15 +462,13 @@ class VllmEngine:
             "cpu_offload_params": set(vllm_expert_cache.EXPERT_WEIGHTS),
             "cpu_offload_gb": math.ceil(experts * width / 2**30) + 1,  # a cap: every expert weight fits it
         }
-        if not self.enforce_eager:
-            ops = [*CompilationConfig._attention_ops, *vllm_expert_cache.MOE_OPS]
-            args["compilation_config"] = {"cudagraph_mode": "PIECEWISE", "splitting_ops": ops}
         return args
 
-    def _install_expert_cache(self) -> None:
-        """Each worker holds `expert_cache` of every fused-MoE layer's experts in device slots."""
+    def _attach_expert_cache(self) -> None:
+        """Each worker keeps the cache its loader installed (`expert_cache` of every fused-MoE
+        layer's experts in device slots) between steps."""
         started = time.monotonic()
-        slots = self.engine.collective_rpc("install_expert_cache", args=(self.expert_cache,))[0]
+        slots = self.engine.collective_rpc("attach_expert_cache")[0]
         self.expert_slots = [int(n) for n in slots]
         log.info(
             "expert cache: %d fused-MoE layers, %s experts each on the device, in %.1fs",

@@ -1,10 +1,13 @@
 """The expert cache inside vLLM's fused-MoE layers, for the vLLM engine (`engine.offload: experts`).
 
-It runs in vLLM's worker process: `ExpertCacheExtension` is mixed into vLLM's worker class
-(`worker_extension_cls`), and the engine calls its methods by name through `collective_rpc` once
-vLLM has loaded the model, before any request. On CUDA the engine has vLLM load the routed
-experts' weights (`w13_weight`, `w2_weight`) into pinned host memory (vLLM's UVA offload), so a
-model larger than the GPU loads; everything else is on the GPU as usual.
+It runs in vLLM's worker process. The engine asks vLLM for the load format LOAD_FORMAT, whose
+loader (`ExpertCacheLoader`, registered when vLLM's worker imports this module as its
+`worker_extension_cls`) loads the model as vLLM's default loader does and installs the cache in
+it, before vLLM profiles its memory and captures its CUDA graphs; `ExpertCacheExtension`'s
+methods, called by name through `collective_rpc`, then keep it between steps and report it. On
+CUDA the engine has vLLM load the routed experts' weights (`w13_weight`, `w2_weight`) into pinned
+host memory (vLLM's UVA offload), so a model larger than the GPU loads; everything else is on the
+GPU as usual.
 
 The seam: vLLM's MoE runner routes (top-k weights and ids [T, k] from the router) and then calls
 `RoutedExperts.forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)`,
@@ -19,10 +22,10 @@ between steps (`_InPlaceLayer.maintain`, run before each of the worker's steps):
 expert took, counted on the device and read a step late, go to `SlotTable.settle` (shared with the
 torch engine's cache, moe_core/expert_cache.py), whose copies run on a copy stream.
 
-CUDA graphs: the forward has no host read and could be captured, but the cache is installed after
-vLLM has captured its graphs (around the original layers), so the engine makes vLLM's fused-MoE
-ops graph splitting ops (piecewise graphs around them, the MoE layers run eagerly) or runs eagerly
-(moe_core/vllm_engine.py).
+CUDA graphs: the forward reads nothing back to the host and runs both calls at every step, so
+vLLM's graphs capture the cached layers as they are; between replays only the device maps, the
+slots' contents and the counters change. A replayed routing (benchmarks) is a device buffer that
+`maintain` fills with the step's rows, for the same reason.
 
 Held: unquantized fused-MoE layers with modular kernels, without expert biases or expert
 parallelism; anything else is refused (ValueError) with the reason.
@@ -32,6 +35,7 @@ vLLM is imported lazily: this module imports without it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from typing import Any
 
@@ -41,10 +45,60 @@ from moe_core.choice import resident_slots
 from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
-# The fused-MoE custom ops the engine splits vLLM's CUDA graphs at
-MOE_OPS = ("vllm::moe_forward", "vllm::moe_forward_shared")
+# vLLM's load format for a model with the cache (ExpertCacheLoader), and the key of its
+# model_loader_extra_config that carries the resident share of each layer's experts
+LOAD_FORMAT = "localmoe-expert-cache"
+FRACTION_KEY = "localmoe_resident_fraction"
+CACHE_ATTR = "_localmoe_expert_cache"  # where the loaded model keeps its ExpertCache
 # The weights vLLM's UVA offload keeps in host memory (segments of "...experts.w13_weight")
 EXPERT_WEIGHTS = frozenset({"w13_weight", "w2_weight"})
+
+
+def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -> ExpertCache:
+    """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
+    its device, at least one; max_tokens: the most tokens a step runs (vLLM's
+    max_num_batched_tokens: the rows of a replayed routing's buffers). The model keeps the cache."""
+    device = next(model.parameters()).device
+
+    def layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
+        return vllm_layers(cache, model, fraction, max_tokens)
+
+    cache = ExpertCache(model, device, resident_fraction, prefetch=False, install=layers)
+    vars(model)[CACHE_ATTR] = cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the experts' host-mapped weights are the cache's now
+    return cache
+
+
+def _register_loader() -> None:
+    """ExpertCacheLoader as vLLM's load format LOAD_FORMAT (in each process that imports this
+    module: vLLM's worker imports it as its worker_extension_cls before it loads the model)."""
+    try:
+        from vllm.model_executor.model_loader import register_model_loader
+        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    except ImportError:  # no vLLM: nothing to register with
+        return
+
+    @register_model_loader(LOAD_FORMAT)
+    class ExpertCacheLoader(DefaultModelLoader):  # type: ignore[misc]
+        """vLLM's default loader, then the cache installed in the model it loaded: before vLLM
+        profiles its memory (the slots counted in) and captures its CUDA graphs (around the
+        cached layers, whose forward reads nothing back to the host)."""
+
+        def __init__(self, load_config: Any) -> None:
+            extra = dict(load_config.model_loader_extra_config or {})
+            self.resident_fraction = float(extra.pop(FRACTION_KEY))
+            config = copy.copy(load_config)
+            config.load_format, config.model_loader_extra_config = "auto", extra
+            super().__init__(config)
+
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
+            model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
+            install(model, self.resident_fraction, int(vllm_config.scheduler_config.max_num_batched_tokens))
+            return model
+
+
+_register_loader()
 
 
 class ExpertCacheExtension:
@@ -52,20 +106,19 @@ class ExpertCacheExtension:
 
     _localmoe_expert_cache: ExpertCache | None = None
 
-    def install_expert_cache(self, resident_fraction: float) -> list[int]:
-        """Hold `resident_fraction` of each fused-MoE layer's experts on the device (at least one),
-        their residency kept between steps (the worker's execute_model, wrapped);
-        → the slots per layer."""
+    def attach_expert_cache(self) -> list[int]:
+        """The cache the loader installed in the model, its residency kept before each step (the
+        worker's execute_model, wrapped); → the slots per layer."""
         model: torch.nn.Module = self.get_model()  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        cache = ExpertCache(model, device, resident_fraction, prefetch=False, install=vllm_layers)
+        cache = vars(model).get(CACHE_ATTR)
+        if not isinstance(cache, ExpertCache):
+            raise RuntimeError(f"the model was not loaded with load_format {LOAD_FORMAT!r}")
         self._localmoe_expert_cache = cache
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the experts' device (or host-mapped) copies are gone
         step = self.execute_model  # type: ignore[attr-defined]
 
         def execute_model(*args: Any, **kwargs: Any) -> Any:
-            _maintain(cache)
+            scheduled = getattr(args[0], "total_num_scheduled_tokens", 0) if args else 0
+            _maintain(cache, tokens=int(scheduled))
             return step(*args, **kwargs)
 
         vars(self)["execute_model"] = execute_model  # vLLM's worker wrapper calls it by name
@@ -97,13 +150,16 @@ class ExpertCacheExtension:
         return counts
 
 
-def _maintain(cache: ExpertCache, wait: bool = False) -> None:
+def _maintain(cache: ExpertCache, wait: bool = False, tokens: int = 0) -> None:
+    """Every layer's `maintain`; tokens: the step about to run, for a replayed routing."""
     for layer in cache.layers:
         assert isinstance(layer, _InPlaceLayer)
-        layer.maintain(wait)
+        layer.maintain(wait, tokens)
 
 
-def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
+def vllm_layers(
+    cache: ExpertCache, model: torch.nn.Module, fraction: float, max_tokens: int
+) -> list[_CachedLayer]:
     """Each fused-MoE layer of a vLLM model (a runner child holding `routed_experts`), in model
     order, computing on its slots from now on."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -119,6 +175,9 @@ def vllm_layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> 
                 raise ValueError(f"the expert cache cannot hold {type(parent).__name__}'s experts: {refusal}")
             layer = _InPlaceLayer(cache, routed, resident_slots(fraction, int(routed.local_num_experts)))
             layer.hold(routed, cache.device)
+            layer.replay_ids = torch.zeros(
+                (max_tokens, int(routed.top_k)), dtype=torch.int32, device=cache.device
+            )
             vars(routed)["forward_modular"] = layer.forward
             layers.append(layer)
     return layers
@@ -174,6 +233,8 @@ class _InPlaceLayer(_CachedLayer):
         self.landing: list[tuple[int, int, int, torch.cuda.Event | None]] = []
         self.reading: tuple[torch.cuda.Event | None, torch.Tensor] | None = None  # counts on their way
         self.in_slots: dict[int, int] = {}  # expert → slot: what slot_row says, on the host
+        self.replay_ids = torch.empty(0, dtype=torch.int32)  # [max tokens, k]: set by vllm_layers
+        self.replaying = torch.empty(0, dtype=torch.bool)  # []: replay_ids rule (set by hold)
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         super().hold(module, device)
@@ -190,6 +251,7 @@ class _InPlaceLayer(_CachedLayer):
         self.host_row = torch.arange(experts, dtype=torch.int32, device=device)
         self.tokens = torch.zeros(experts, dtype=torch.long, device=device)  # routed since the last read
         self.tally = torch.zeros(2, dtype=torch.long, device=device)  # (needed, hits) since the last read
+        self.replaying = torch.zeros((), dtype=torch.bool, device=device)
 
     def forward(
         self,
@@ -200,25 +262,19 @@ class _InPlaceLayer(_CachedLayer):
         shared_experts_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoutedExperts.forward_modular's contract: x [T, H], topk_* [T, k] → [T, H]."""
-        trace = self.cache.trace
-        if trace is not None and trace.replaying:  # benchmarks: a recorded model's routing
-            topk_ids = trace.replay(self, topk_ids)[0]
+        # benchmarks: a recorded model's routing, put in replay_ids by maintain before the step
+        replayed = self.replay_ids[: topk_ids.shape[0]].to(topk_ids.dtype)
+        topk_ids = torch.where(self.replaying, replayed, topk_ids)
         flat = topk_ids.flatten().long()
         routed = torch.zeros_like(self.tokens).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         self.tokens += routed
         needed = routed > 0
         self.tally += torch.stack([needed.sum(), (needed & (self.slot_row >= 0)).sum()])
+        # both calls always (a captured graph replays what was there when it was captured), the
+        # shared experts with the first
         shared = (shared_experts, shared_experts_input)
-        resident = sum(1 for s in self.table.holds if s >= 0)  # at most; at least those landed
-        out: torch.Tensor | None = None
-        if resident:
-            out = self._call(x, topk_weights, topk_ids, self.device, self.slot_row, shared)
-            shared = (None, None)  # the shared experts run once, with the first call
-        if not (resident == self.num_experts and not self.landing):
-            part = self._call(x, topk_weights, topk_ids, self.view, self.host_row, shared)
-            out = part if out is None else out + part
-        assert out is not None
-        return out
+        out = self._call(x, topk_weights, topk_ids, self.device, self.slot_row, shared)
+        return out + self._call(x, topk_weights, topk_ids, self.view, self.host_row, (None, None))
 
     def _call(
         self,
@@ -255,10 +311,12 @@ class _InPlaceLayer(_CachedLayer):
             raise RuntimeError(f"the expert cache sums the experts' outputs; this kernel returns {type(out)}")
         return out
 
-    def maintain(self, wait: bool = False) -> None:
+    def maintain(self, wait: bool = False, tokens: int = 0) -> None:
         """Between steps: copies that have landed join the slots call; the counts read last time
         decide what to copy in next; the counts since then start on their way. wait: read the
-        counts now (a host sync: statistics, not steps)."""
+        counts now (a host sync: statistics, not steps). tokens: the step about to run, whose
+        routing a replayed trace gives (its next rows into replay_ids)."""
+        self._replay(tokens)
         self._land()
         if self.reading is None:
             self._start_reading()
@@ -277,6 +335,17 @@ class _InPlaceLayer(_CachedLayer):
         if busy:
             self._copy_in(self.table.settle(busy, [routed[e] for e in busy]))
         self._start_reading()
+
+    def _replay(self, tokens: int) -> None:
+        trace = self.cache.trace
+        replaying = trace is not None and trace.replaying
+        if replaying and tokens > 0:
+            assert trace is not None
+            like = torch.empty((tokens, self.replay_ids.shape[1]), dtype=torch.int32)
+            rows = trace.replay(self, like)[0]
+            cuda = self.replay_ids.device.type == "cuda"
+            self.replay_ids[:tokens].copy_(rows.pin_memory() if cuda else rows, non_blocking=cuda)
+        self.replaying.fill_(replaying)
 
     def count_forwards(self, needed: int, hits: int) -> None:
         stats = self.cache.stats
