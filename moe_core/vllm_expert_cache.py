@@ -35,6 +35,7 @@ vLLM is imported lazily: this module imports without it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict
 from typing import Any
@@ -151,10 +152,18 @@ class ExpertCacheExtension:
 
 
 def _maintain(cache: ExpertCache, wait: bool = False, tokens: int = 0) -> None:
-    """Every layer's `maintain`; tokens: the step about to run, for a replayed routing."""
-    for layer in cache.layers:
-        assert isinstance(layer, _InPlaceLayer)
-        layer.maintain(wait, tokens)
+    """Every layer's `maintain`; tokens: the step about to run, for a replayed routing. On CUDA on
+    the stream vLLM runs its steps on (its own, per thread), so that the maps change between the
+    kernels of two steps."""
+    context: Any = contextlib.nullcontext()
+    if cache.device.type == "cuda":
+        from vllm.utils.torch_utils import current_stream
+
+        context = torch.cuda.stream(current_stream())
+    with context:
+        for layer in cache.layers:
+            assert isinstance(layer, _InPlaceLayer)
+            layer.maintain(wait, tokens)
 
 
 def vllm_layers(
