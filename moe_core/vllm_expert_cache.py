@@ -18,14 +18,14 @@ forward_modular with `_InPlaceLayer.forward`: the layer's own modular kernel (`m
 the call vLLM makes) runs once over the slots for the resident experts and once in place over the
 host copy for the others (a UVA view the kernel reads over PCIe, as vLLM's own offload reads), so
 no forward waits for a copy or reads anything back to the host. Which experts are resident changes
-between steps (`_InPlaceLayer.maintain`, run before each of the worker's steps): the tokens each
+between steps (`_VllmCache.between_steps`, run before each of the worker's steps): the tokens each
 expert took, counted on the device and read a step late, go to `SlotTable.settle` (shared with the
 torch engine's cache, moe_core/expert_cache.py), whose copies run on a copy stream.
 
 CUDA graphs: the forward reads nothing back to the host and runs both calls at every step, so
 vLLM's graphs capture the cached layers as they are; between replays only the device maps, the
 slots' contents and the counters change. A replayed routing (benchmarks) is a device buffer that
-`maintain` fills with the step's rows, for the same reason.
+`between_steps` fills with the step's rows, for the same reason.
 
 Held: unquantized fused-MoE layers with modular kernels, without expert biases or expert
 parallelism; anything else is refused (ValueError) with the reason.
@@ -55,6 +55,67 @@ CACHE_ATTR = "_localmoe_expert_cache"  # where the loaded model keeps its Expert
 EXPERT_WEIGHTS = frozenset({"w13_weight", "w2_weight"})
 
 
+class _Counter:
+    """Every layer's counts in one device table [L, E + 2] (the tokens routed to each expert,
+    then needed and hits), read in one copy to pinned memory a step late: between two steps one
+    copy, one zeroing and one event for the whole model."""
+
+    def __init__(self, layers: int, width: int, device: torch.device) -> None:
+        self.table = torch.zeros((layers, width), dtype=torch.long, device=device)
+        self.reading: tuple[torch.cuda.Event | None, torch.Tensor] | None = None  # on their way
+
+    def take(self, wait: bool) -> list[list[int]] | None:
+        """The rows counted up to the last reading's start, once they have arrived (wait: now, a
+        host sync: statistics, not steps); None while they are on their way. A reading taken
+        starts the next."""
+        if self.reading is None:
+            self._start()
+        assert self.reading is not None
+        event, buffer = self.reading
+        if wait and event is not None:
+            event.synchronize()
+        elif event is not None and not event.query():  # type: ignore[no-untyped-call]
+            return None
+        self._start()
+        rows: list[list[int]] = buffer.tolist()
+        return rows
+
+    def _start(self) -> None:
+        cuda = self.table.device.type == "cuda"
+        buffer = torch.empty(tuple(self.table.shape), dtype=torch.long, pin_memory=cuda)
+        buffer.copy_(self.table, non_blocking=cuda)
+        self.table.zero_()
+        event = torch.cuda.Event() if cuda else None  # type: ignore[no-untyped-call]
+        if event is not None:
+            event.record()
+        self.reading = (event, buffer)
+
+
+class _VllmCache(ExpertCache):
+    """The cache of a vLLM model: its layers are `_InPlaceLayer`s, counted by one `_Counter`."""
+
+    counter: _Counter
+
+    def between_steps(self, wait: bool = False, tokens: int = 0) -> None:
+        """Before a step (tokens: its size, for a replayed routing) or a statistics read (wait):
+        each layer's landed copies and replayed rows, then what the counts read decide. On CUDA on
+        the stream vLLM runs its steps on (its own, per thread), so that the maps change between
+        the kernels of two steps."""
+        context: Any = contextlib.nullcontext()
+        if self.device.type == "cuda":
+            from vllm.utils.torch_utils import current_stream
+
+            context = torch.cuda.stream(current_stream())
+        with context:
+            layers = [layer for layer in self.layers if isinstance(layer, _InPlaceLayer)]
+            for layer in layers:
+                layer.prepare(tokens)
+            rows = self.counter.take(wait)
+            if rows is not None:
+                for layer, row in zip(layers, rows, strict=True):
+                    layer.settle_counts(row)
+
+
 def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -> ExpertCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
     its device, at least one; max_tokens: the most tokens a step runs (vLLM's
@@ -64,7 +125,13 @@ def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -
     def layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
         return vllm_layers(cache, model, fraction, max_tokens)
 
-    cache = ExpertCache(model, device, resident_fraction, prefetch=False, install=layers)
+    cache = _VllmCache(model, device, resident_fraction, prefetch=False, install=layers)
+    width = max(layer.num_experts for layer in cache.layers) + 2
+    cache.counter = _Counter(len(cache.layers), width, device)
+    for row, layer in zip(cache.counter.table, cache.layers, strict=True):
+        assert isinstance(layer, _InPlaceLayer)
+        experts = layer.num_experts
+        layer.tokens, layer.tally = row[:experts], row[experts : experts + 2]
     vars(model)[CACHE_ATTR] = cache
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' host-mapped weights are the cache's now
@@ -152,18 +219,8 @@ class ExpertCacheExtension:
 
 
 def _maintain(cache: ExpertCache, wait: bool = False, tokens: int = 0) -> None:
-    """Every layer's `maintain`; tokens: the step about to run, for a replayed routing. On CUDA on
-    the stream vLLM runs its steps on (its own, per thread), so that the maps change between the
-    kernels of two steps."""
-    context: Any = contextlib.nullcontext()
-    if cache.device.type == "cuda":
-        from vllm.utils.torch_utils import current_stream
-
-        context = torch.cuda.stream(current_stream())
-    with context:
-        for layer in cache.layers:
-            assert isinstance(layer, _InPlaceLayer)
-            layer.maintain(wait, tokens)
+    assert isinstance(cache, _VllmCache)
+    cache.between_steps(wait, tokens)
 
 
 def vllm_layers(
@@ -221,13 +278,13 @@ class _InPlaceLayer(_CachedLayer):
     device, the tokens routed to each expert and (needed, hits) per forward. Nothing in it reads
     the device from the host: it could be captured in a CUDA graph as it is.
 
-    Residency changes between steps, in `maintain` (vLLM's worker calls it before each step): the
-    counts of the forwards since the last read, copied to pinned memory one step and read the
-    next, go to `SlotTable.settle`; an expert it admits is first taken from the slots call's map
-    (its slot's old expert goes to the host call), copied in on the copy stream once the kernels
-    queued before are done, and given its slot in the maps at the first `maintain` after its copy
-    has finished (an event queried, never waited for). At every moment each expert runs in
-    exactly one of the two calls."""
+    Residency changes between steps, in `_VllmCache.between_steps` (vLLM's worker calls it before
+    each step): the counts of the forwards since the last read, copied to pinned memory one step
+    and read the next, go to `SlotTable.settle`; an expert it admits is first taken from the slots
+    call's map (its slot's old expert goes to the host call), copied in on the copy stream once the
+    kernels queued before are done, and given its slot in the maps at the first `between_steps`
+    after its copy has finished (an event queried, never waited for). At every moment each expert
+    runs in exactly one of the two calls."""
 
     def __init__(self, cache: ExpertCache, routed: Any, slots: int) -> None:
         super().__init__(cache, int(routed.local_num_experts), slots, None, sentinel=False)
@@ -240,10 +297,10 @@ class _InPlaceLayer(_CachedLayer):
         self.generation: list[int] = [0] * slots  # per slot: bumped by each copy into it
         # (expert, slot, the slot's generation, the copy's end: None once done)
         self.landing: list[tuple[int, int, int, torch.cuda.Event | None]] = []
-        self.reading: tuple[torch.cuda.Event | None, torch.Tensor] | None = None  # counts on their way
         self.in_slots: dict[int, int] = {}  # expert → slot: what slot_row says, on the host
         self.replay_ids = torch.empty(0, dtype=torch.int32)  # [max tokens, k]: set by vllm_layers
         self.replaying = torch.empty(0, dtype=torch.bool)  # []: replay_ids rule (set by hold)
+        self.replaying_now = False  # what `replaying` holds, on the host
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         super().hold(module, device)
@@ -258,8 +315,10 @@ class _InPlaceLayer(_CachedLayer):
         experts = self.num_experts
         self.slot_row = torch.full((experts,), -1, dtype=torch.int32, device=device)
         self.host_row = torch.arange(experts, dtype=torch.int32, device=device)
-        self.tokens = torch.zeros(experts, dtype=torch.long, device=device)  # routed since the last read
-        self.tally = torch.zeros(2, dtype=torch.long, device=device)  # (needed, hits) since the last read
+        # views into the cache's _Counter table (install): tokens routed to each expert [E] and
+        # (needed, hits) [2] since the last reading; stand-ins until then
+        self.tokens = torch.zeros(experts, dtype=torch.long, device=device)
+        self.tally = torch.zeros(2, dtype=torch.long, device=device)
         self.replaying = torch.zeros((), dtype=torch.bool, device=device)
 
     def forward(
@@ -271,7 +330,7 @@ class _InPlaceLayer(_CachedLayer):
         shared_experts_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoutedExperts.forward_modular's contract: x [T, H], topk_* [T, k] → [T, H]."""
-        # benchmarks: a recorded model's routing, put in replay_ids by maintain before the step
+        # benchmarks: a recorded model's routing, put in replay_ids by between_steps before the step
         replayed = self.replay_ids[: topk_ids.shape[0]].to(topk_ids.dtype)
         topk_ids = torch.where(self.replaying, replayed, topk_ids)
         flat = topk_ids.flatten().long()
@@ -320,30 +379,20 @@ class _InPlaceLayer(_CachedLayer):
             raise RuntimeError(f"the expert cache sums the experts' outputs; this kernel returns {type(out)}")
         return out
 
-    def maintain(self, wait: bool = False, tokens: int = 0) -> None:
-        """Between steps: copies that have landed join the slots call; the counts read last time
-        decide what to copy in next; the counts since then start on their way. wait: read the
-        counts now (a host sync: statistics, not steps). tokens: the step about to run, whose
-        routing a replayed trace gives (its next rows into replay_ids)."""
+    def prepare(self, tokens: int) -> None:
+        """Before a step: copies that have landed join the slots call; a replayed routing's next
+        `tokens` rows into replay_ids."""
         self._replay(tokens)
         self._land()
-        if self.reading is None:
-            self._start_reading()
-        assert self.reading is not None
-        event, buffer = self.reading
-        if wait and event is not None:
-            event.synchronize()
-        elif event is not None and not event.query():  # type: ignore[no-untyped-call]
-            return
-        self.reading = None
-        counts = buffer.tolist()
-        needed, hits = counts[-2:]
+
+    def settle_counts(self, row: list[int]) -> None:
+        """The counts of the forwards since the last reading ([E] tokens per expert, needed,
+        hits): into the statistics, and what to copy in next."""
+        routed, (needed, hits) = row[: self.num_experts], row[self.num_experts : self.num_experts + 2]
         self.count_forwards(needed, hits)
-        routed = counts[:-2]
         busy = [e for e, n in enumerate(routed) if n]
         if busy:
             self._copy_in(self.table.settle(busy, [routed[e] for e in busy]))
-        self._start_reading()
 
     def _replay(self, tokens: int) -> None:
         trace = self.cache.trace
@@ -354,25 +403,15 @@ class _InPlaceLayer(_CachedLayer):
             rows = trace.replay(self, like)[0]
             cuda = self.replay_ids.device.type == "cuda"
             self.replay_ids[:tokens].copy_(rows.pin_memory() if cuda else rows, non_blocking=cuda)
-        self.replaying.fill_(replaying)
+        if replaying != self.replaying_now:
+            self.replaying.fill_(replaying)
+            self.replaying_now = replaying
 
     def count_forwards(self, needed: int, hits: int) -> None:
         stats = self.cache.stats
         stats.needed, stats.hits = stats.needed + needed, stats.hits + hits
         self.needed, self.hits = self.needed + needed, self.hits + hits
         stats.bytes_in_place += (needed - hits) * self.expert_bytes
-
-    def _start_reading(self) -> None:
-        cuda = self.tokens.device.type == "cuda"
-        buffer = torch.empty(self.num_experts + 2, dtype=torch.long, pin_memory=cuda)
-        buffer[: self.num_experts].copy_(self.tokens, non_blocking=cuda)
-        buffer[self.num_experts :].copy_(self.tally, non_blocking=cuda)
-        self.tokens.zero_()
-        self.tally.zero_()
-        event = torch.cuda.Event() if cuda else None  # type: ignore[no-untyped-call]
-        if event is not None:
-            event.record()
-        self.reading = (event, buffer)
 
     def _copy_in(self, copies: list[tuple[int, int]]) -> None:
         """settle's (expert, slot)s: each slot's old expert to the host call now (the maps change
