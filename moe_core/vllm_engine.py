@@ -375,17 +375,18 @@ class VllmEngine:
                 folder,
             )
 
-    def _moe_shape(self, dtype: str) -> MoeShape:
+    def _moe_shape(self, dtype: str, slots: bool = True) -> MoeShape:
         """The expert GEMMs one GPU runs under this engine's parallelism (ValueError or KeyError
-        for a model vLLM does not fuse); with the expert cache, over its slots (the kernel's E,
-        which picks its configs, is the slot tensors' rows: moe_core/vllm_expert_cache.py)."""
+        for a model vLLM does not fuse); with the expert cache and `slots`, over its slots (the
+        kernel's E, which picks its configs, is the slot tensors' rows; its second call, in place
+        in host memory, runs over all E: moe_core/vllm_expert_cache.py)."""
         shape = moe_shape(
             self.model_dir,
             tensor_parallel_size=self.tensor_parallel_size,
             enable_expert_parallel=self.enable_expert_parallel,
             dtype=dtype,
         )
-        if self.expert_cache is None:
+        if self.expert_cache is None or not slots:
             return shape
         from moe_core.choice import resident_slots
 
@@ -557,7 +558,10 @@ class VllmEngine:
 
         dtype = self._resolve_dtype(self._resolve_device()[0])
         try:
-            config_of = moe_configs.fused_moe_config_of(self._moe_shape(dtype), self.quantization)
+            shapes = [self._moe_shape(dtype)]
+            if self.expert_cache is not None:  # its layers also run the kernel over all E in place
+                shapes.append(self._moe_shape(dtype, slots=False))
+            configs = [moe_configs.fused_moe_config_of(shape, self.quantization) for shape in shapes]
         except Exception as e:  # not a fused MoE, quantized weights, an older vLLM
             log.info("fused-MoE kernel warm-up: not applicable to this model (%s)", e)
             return []
@@ -565,6 +569,10 @@ class VllmEngine:
         most = min(self.max_num_batched_tokens, (self.max_context - 1) * self.max_batch_size)
         if blocks:  # the KV cache holds the step's prompts with a block each to spare
             most = min(most, (blocks - self.max_batch_size) * block_size)
+
+        def config_of(m: int) -> dict[str, Any]:  # a new run where any shape's config changes
+            return {f"{i}.{key}": value for i, of in enumerate(configs) for key, value in of(m).items()}
+
         return moe_configs.kernel_batch_sizes(config_of, most)
 
     def _drain(self, deadline: float) -> None:

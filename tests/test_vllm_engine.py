@@ -431,6 +431,25 @@ def test_the_fused_moe_kernels_are_warmed_up_at_load(
         engine.close()
 
 
+def test_the_kernel_warm_up_covers_both_calls_of_the_expert_cache(
+    mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the expert cache each MoE layer runs the kernel over its slots (E = 2 of 8 here) and
+    in place over all 8: the warm-up's step sizes meet every variant of both shapes. vLLM's config
+    choice faked: the slots' config changes at 100 tokens, the full shape's at 200."""
+    first = {2: 100, 8: 200}
+
+    def config_of(shape: Any, quantization: Any) -> Any:
+        return lambda m: {"BLOCK_SIZE_M": 16 if m < first[shape.experts] else 64}
+
+    monkeypatch.setattr(moe_configs, "fused_moe_config_of", config_of)
+    engine = make_engine(mixtral_dir, expert_cache=0.25, max_context=40)  # steps of up to 39 x 8 tokens
+    run = moe_configs.SPECIALIZATION
+    assert engine.kernel_batch_sizes == [*range(1, run + 1), *range(100, 100 + run), *range(200, 200 + run)]
+    alone = make_engine(mixtral_dir, max_context=40)  # no cache: the full shape's runs only
+    assert alone.kernel_batch_sizes == [*range(1, run + 1), *range(200, 200 + run)]
+
+
 def test_greedy_alone_matches_generate(
     engine: VllmEngine, reference: Reference, references: dict[str, list[int]]
 ) -> None:
