@@ -36,6 +36,7 @@ WORKER = (
     "localmoe_prefix_cache_hit_ratio",  # no sample until an engine with a prefix cache prefilled
     "localmoe_expert_cache_hit_ratio",  # engine.offload experts; no sample without the cache
     "localmoe_expert_cache_fetched_bytes_total",  # expert weights copied to the GPU (0 without the cache)
+    "localmoe_expert_cache_in_place_bytes_total",  # expert weights read from CPU memory in place (vLLM)
     "localmoe_output_tokens_per_second",
     "localmoe_engine_failovers_total",
     "localmoe_engine_info",  # {engine, device, model} = 1

@@ -81,6 +81,11 @@ class WorkerInfo(BaseModel):
     expert_cache_fetched_bytes: int = Field(
         0, description="Expert weights copied from CPU memory to the GPU so far (needed or prefetched)."
     )
+    expert_cache_in_place_bytes: int = Field(
+        0,
+        description="Expert weights a kernel read from CPU memory where they are, so far (the vLLM "
+        "engine's cache computes the experts a step lacks in place).",
+    )
     step_rate: float = Field(
         0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
     )

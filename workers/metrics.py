@@ -208,6 +208,13 @@ class _HeartbeatCollector(Collector):
         )
         fetched.add_metric(w, info.expert_cache_fetched_bytes)
         yield fetched
+        in_place = CounterMetricFamily(
+            "localmoe_expert_cache_in_place_bytes",
+            "Expert weights a kernel read from CPU memory in place (engine.offload experts on vLLM).",
+            labels=["worker"],
+        )
+        in_place.add_metric(w, info.expert_cache_in_place_bytes)
+        yield in_place
         yield gauge(
             "localmoe_output_tokens_per_second", "Tokens generated per second (1 s)", info.tokens_per_s
         )

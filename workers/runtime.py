@@ -170,6 +170,7 @@ class Runtime:
             info.expert_cache_hit_rate = hits if rate is None else _ewma(rate, hits)
         info.expert_cache_needed, info.expert_cache_hits = stats.expert_cache_needed, stats.expert_cache_hits
         info.expert_cache_fetched_bytes = stats.expert_cache_fetched_bytes
+        info.expert_cache_in_place_bytes = stats.expert_cache_in_place_bytes
         info.expert_tokens = self.engine.expert_tokens
         totals = layer_totals(info.expert_tokens)
         info.modality_mix = update_mix(info.modality_mix, self._last_layer_totals, totals)
