@@ -62,7 +62,7 @@ class CacheStats:
     prefetched: int = 0  # experts copied in ahead of their layer
     prefetch_hits: int = 0  # of those, needed by the forward they were fetched for
     bytes_fetched: int = 0  # host → device, on demand and ahead
-    bytes_in_place: int = 0  # experts a kernel read from host memory where they are (vLLM on CUDA)
+    bytes_in_place: int = 0  # experts a kernel read from host memory where they are (vLLM's cache)
 
     @property
     def hit_rate(self) -> float:
@@ -271,10 +271,15 @@ class _CachedLayer:
 
     def count(self, needed: list[int], hits: int) -> None:
         """One forward needed `needed`, `hits` of them resident: into the cache's and this layer's counts."""
+        self.tally(len(needed), hits)
+        self.cache.stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
+
+    def tally(self, needed: int, hits: int) -> None:
+        """`needed` experts needed by forwards, `hits` of them resident: into the cache's and this
+        layer's counts."""
         stats = self.cache.stats
-        stats.needed, stats.hits = stats.needed + len(needed), stats.hits + hits
-        self.needed, self.hits = self.needed + len(needed), self.hits + hits
-        stats.prefetch_hits += sum(1 for e in needed if e in self.table.ahead)
+        stats.needed, stats.hits = stats.needed + needed, stats.hits + hits
+        self.needed, self.hits = self.needed + needed, self.hits + hits
 
     def run(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, compute: Compute

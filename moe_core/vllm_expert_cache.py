@@ -116,7 +116,7 @@ class _VllmCache(ExpertCache):
                     layer.settle_counts(row)
 
 
-def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -> ExpertCache:
+def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -> _VllmCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
     its device, at least one; max_tokens: the most tokens a step runs (vLLM's
     max_num_batched_tokens: the rows of a replayed routing's buffers). The model keeps the cache."""
@@ -131,7 +131,7 @@ def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -
     for row, layer in zip(cache.counter.table, cache.layers, strict=True):
         assert isinstance(layer, _InPlaceLayer)
         experts = layer.num_experts
-        layer.tokens, layer.tally = row[:experts], row[experts : experts + 2]
+        layer.tokens, layer.counts = row[:experts], row[experts : experts + 2]
     vars(model)[CACHE_ATTR] = cache
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' host-mapped weights are the cache's now
@@ -172,21 +172,21 @@ _register_loader()
 class ExpertCacheExtension:
     """Methods of vLLM's worker (which provides `get_model`) that `collective_rpc` calls by name."""
 
-    _localmoe_expert_cache: ExpertCache | None = None
+    _localmoe_expert_cache: _VllmCache | None = None
 
     def attach_expert_cache(self) -> list[int]:
         """The cache the loader installed in the model, its residency kept before each step (the
         worker's execute_model, wrapped); → the slots per layer."""
         model: torch.nn.Module = self.get_model()  # type: ignore[attr-defined]
         cache = vars(model).get(CACHE_ATTR)
-        if not isinstance(cache, ExpertCache):
+        if not isinstance(cache, _VllmCache):
             raise RuntimeError(f"the model was not loaded with load_format {LOAD_FORMAT!r}")
         self._localmoe_expert_cache = cache
         step = self.execute_model  # type: ignore[attr-defined]
 
         def execute_model(*args: Any, **kwargs: Any) -> Any:
             scheduled = getattr(args[0], "total_num_scheduled_tokens", 0) if args else 0
-            _maintain(cache, tokens=int(scheduled))
+            cache.between_steps(tokens=int(scheduled))
             return step(*args, **kwargs)
 
         vars(self)["execute_model"] = execute_model  # vLLM's worker wrapper calls it by name
@@ -197,7 +197,7 @@ class ExpertCacheExtension:
         cache = self._localmoe_expert_cache
         if cache is None:
             return []
-        _maintain(cache, wait=True)
+        cache.between_steps(wait=True)
         return [(layer.needed, layer.hits) for layer in cache.layers]
 
     def replay_expert_routing(self, chosen: list[list[list[int]]], predicted: list[list[list[int]]]) -> None:
@@ -211,16 +211,11 @@ class ExpertCacheExtension:
         cache = self._localmoe_expert_cache
         if cache is None:
             return {}
-        _maintain(cache, wait=True)
+        cache.between_steps(wait=True)
         counts = asdict(cache.stats)
         if reset:
             cache.reset_stats()
         return counts
-
-
-def _maintain(cache: ExpertCache, wait: bool = False, tokens: int = 0) -> None:
-    assert isinstance(cache, _VllmCache)
-    cache.between_steps(wait, tokens)
 
 
 def vllm_layers(
@@ -293,7 +288,10 @@ class _InPlaceLayer(_CachedLayer):
         self.weight_on_input = bool(routed.apply_router_weight_on_input)
         self.view: dict[str, torch.Tensor] = {}  # weight name → [E, ...] host memory, as kernels read it
         self.use_map = False  # the kernel skips ids an expert map sends to -1 (CUDA's Triton kernel)
-        self.slot_row = self.host_row = self.tokens = self.tally = torch.empty(0)  # set by hold()
+        self.slot_row = self.host_row = torch.empty(0)  # [E] each, set by hold()
+        # views into the cache's _Counter table, set by install: tokens routed to each expert [E]
+        # and (needed, hits) [2] since the last reading
+        self.tokens = self.counts = torch.empty(0)  # counts: [needed, hits]
         self.generation: list[int] = [0] * slots  # per slot: bumped by each copy into it
         # (expert, slot, the slot's generation, the copy's end: None once done)
         self.landing: list[tuple[int, int, int, torch.cuda.Event | None]] = []
@@ -315,10 +313,6 @@ class _InPlaceLayer(_CachedLayer):
         experts = self.num_experts
         self.slot_row = torch.full((experts,), -1, dtype=torch.int32, device=device)
         self.host_row = torch.arange(experts, dtype=torch.int32, device=device)
-        # views into the cache's _Counter table (install): tokens routed to each expert [E] and
-        # (needed, hits) [2] since the last reading; stand-ins until then
-        self.tokens = torch.zeros(experts, dtype=torch.long, device=device)
-        self.tally = torch.zeros(2, dtype=torch.long, device=device)
         self.replaying = torch.zeros((), dtype=torch.bool, device=device)
 
     def forward(
@@ -337,7 +331,7 @@ class _InPlaceLayer(_CachedLayer):
         routed = torch.zeros_like(self.tokens).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         self.tokens += routed
         needed = routed > 0
-        self.tally += torch.stack([needed.sum(), (needed & (self.slot_row >= 0)).sum()])
+        self.counts += torch.stack([needed.sum(), (needed & (self.slot_row >= 0)).sum()])
         # both calls always (a captured graph replays what was there when it was captured), the
         # shared experts with the first
         shared = (shared_experts, shared_experts_input)
@@ -389,7 +383,8 @@ class _InPlaceLayer(_CachedLayer):
         """The counts of the forwards since the last reading ([E] tokens per expert, needed,
         hits): into the statistics, and what to copy in next."""
         routed, (needed, hits) = row[: self.num_experts], row[self.num_experts : self.num_experts + 2]
-        self.count_forwards(needed, hits)
+        self.tally(needed, hits)
+        self.cache.stats.bytes_in_place += (needed - hits) * self.expert_bytes
         busy = [e for e, n in enumerate(routed) if n]
         if busy:
             self._copy_in(self.table.settle(busy, [routed[e] for e in busy]))
@@ -407,43 +402,31 @@ class _InPlaceLayer(_CachedLayer):
             self.replaying.fill_(replaying)
             self.replaying_now = replaying
 
-    def count_forwards(self, needed: int, hits: int) -> None:
-        stats = self.cache.stats
-        stats.needed, stats.hits = stats.needed + needed, stats.hits + hits
-        self.needed, self.hits = self.needed + needed, self.hits + hits
-        stats.bytes_in_place += (needed - hits) * self.expert_bytes
-
     def _copy_in(self, copies: list[tuple[int, int]]) -> None:
-        """settle's (expert, slot)s: each slot's old expert to the host call now (the maps change
-        on the compute stream, after the kernels queued before); the copies on the copy stream
-        after those kernels; each new expert to the slots call once its copy has landed."""
+        """settle's (expert, slot)s, copied by the cache (on its copy stream, after the kernels
+        queued before: `done`); each new expert joins the slots call once its copy has landed."""
         if not copies:
             return
-        stream = self.cache.stream
+        if self.done is not None:
+            self.done.record()
+        self.cache.copy(self, copies)
+        stream, landed = self.cache.stream, None
+        if stream is not None:  # this batch's end (the cache's `ready` is re-recorded by the next)
+            landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            landed.record(stream)
+        self.landing += [(expert, slot, self.generation[slot], landed) for expert, slot in copies]
+        if landed is None:  # CPU: copied when copy_ returned
+            self._land()
+
+    def copied(self, copies: list[tuple[int, int]]) -> None:
+        """Before the cache copies into these slots: each slot's old expert to the host call (the
+        maps change on the compute stream, after the kernels queued before)."""
         for _, slot in copies:
             for old in [e for e, s in self.in_slots.items() if s == slot]:
                 self.slot_row[old] = -1
                 self.host_row[old] = old
                 del self.in_slots[old]
             self.generation[slot] += 1
-        self.cache.stats.bytes_fetched += self.expert_bytes * len(copies)
-        if stream is None:  # CPU: the copy is done when copy_ returns
-            for expert, slot in copies:
-                for name, host in self.host.items():
-                    self.device[name][slot].copy_(host[expert])
-                self.landing.append((expert, slot, self.generation[slot], None))
-            self._land()
-            return
-        assert self.done is not None
-        self.done.record()
-        with torch.cuda.stream(stream):
-            stream.wait_event(self.done)
-            for expert, slot in copies:
-                for name, host in self.host.items():
-                    self.device[name][slot].copy_(host[expert], non_blocking=True)
-            landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            landed.record(stream)
-        self.landing += [(expert, slot, self.generation[slot], landed) for expert, slot in copies]
 
     def _land(self) -> None:
         """Copies that have finished, into a slot no later copy has taken: their experts join the

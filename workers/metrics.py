@@ -184,6 +184,11 @@ class _HeartbeatCollector(Collector):
                 family.add_metric(w, value)
             return family
 
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["worker"])
+            family.add_metric(w, value)
+            return family
+
         yield gauge("localmoe_num_requests_running", "Jobs in the engine's batch.", info.running)
         yield gauge(
             "localmoe_num_requests_waiting", "Jobs added to the engine, not yet prefilled.", info.waiting
@@ -201,26 +206,20 @@ class _HeartbeatCollector(Collector):
             "engine.offload experts).",
             info.expert_cache_hit_rate,
         )
-        fetched = CounterMetricFamily(
+        yield counter(
             "localmoe_expert_cache_fetched_bytes",
             "Expert weights copied from CPU memory to the GPU (engine.offload experts).",
-            labels=["worker"],
+            info.expert_cache_fetched_bytes,
         )
-        fetched.add_metric(w, info.expert_cache_fetched_bytes)
-        yield fetched
-        in_place = CounterMetricFamily(
+        yield counter(
             "localmoe_expert_cache_in_place_bytes",
             "Expert weights a kernel read from CPU memory in place (engine.offload experts on vLLM).",
-            labels=["worker"],
+            info.expert_cache_in_place_bytes,
         )
-        in_place.add_metric(w, info.expert_cache_in_place_bytes)
-        yield in_place
         yield gauge(
             "localmoe_output_tokens_per_second", "Tokens generated per second (1 s)", info.tokens_per_s
         )
-        failovers = CounterMetricFamily("localmoe_engine_failovers", "Engine switches.", labels=["worker"])
-        failovers.add_metric(w, info.failovers)
-        yield failovers
+        yield counter("localmoe_engine_failovers", "Engine switches.", info.failovers)
         engine = GaugeMetricFamily(
             "localmoe_engine_info", "The engine serving now.", labels=["worker", "engine", "device", "model"]
         )
