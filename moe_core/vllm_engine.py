@@ -208,8 +208,8 @@ class VllmEngine:
         all of them in host memory, the others computed there in place and the busiest copied into
         device slots (moe_core/vllm_expert_cache.py;
         None: none). On CUDA vLLM then loads the routed experts into pinned host memory (its UVA
-        offload: the model need not fit the GPU), and its CUDA graphs are split at the fused-MoE
-        ops unless enforce_eager; set kv_cache_memory_bytes so that the slots have room beside the
+        offload: the model need not fit the GPU), the cache installed by its own load format before
+        vLLM captures its CUDA graphs; set kv_cache_memory_bytes so that the slots have room beside the
         KV cache (the automatic choice does)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
