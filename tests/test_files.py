@@ -4,6 +4,7 @@ files are the API's alone. The bytes are checked on disk, in the stack's own fil
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -13,8 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.requests import Request
 
 from api.auth import Scope, create_key
+from api.openai.batch_input import LineChecker
+from api.openai.upload import ENVELOPE_BYTES, UploadRefused, receive_form
 from tests.conftest import Stack, _stop, bearer, private_stack, start_api
 
 MAX_BODY = 16 << 10  # the other routes' body limit in these stacks
@@ -211,14 +215,14 @@ def test_an_upload_over_the_limit_is_a_413(http: httpx.Client, files_dir: Path) 
     e = error(upload(http, big), 413)
     assert e["param"] == "file" and f"larger than {MAX_FILE} bytes" in e["message"]
 
-    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds as the bytes arrive
+    def chunked(piece: int) -> Iterator[bytes]:  # no Content-Length: the limit holds as bytes arrive
         yield b'--b\r\ncontent-disposition: form-data; name="file"; filename="x"\r\n\r\n'
-        for i in range(0, len(big), 4096):
-            yield big[i : i + 4096]
+        for i in range(0, len(big), piece):
+            yield big[i : i + piece]
         yield b"\r\n--b--\r\n"
 
     headers = {"content-type": "multipart/form-data; boundary=b"}
-    r = http.post("/v1/files", content=chunked(), headers=headers)  # 100 KB: all sent before the 413
+    r = http.post("/v1/files", content=chunked(4096), headers=headers)  # 130 KB: all sent first
     assert error(r, 413)["param"] == "file"
     assert len(stored(files_dir)) == len(before) + 1  # only the accepted one
     # every other route keeps the body limit
@@ -273,3 +277,26 @@ def test_expired_files_are_gone_with_their_bytes(service_env: dict[str, str], tm
             assert not (tmp_path / unread["id"]).exists()
             assert [f["id"] for f in http.get("/v1/files").json()["data"]] == [fresh["id"]]
             assert error(http.get(f"/v1/files/{unread['id']}"), 404)
+
+
+@pytest.mark.parametrize("piece", [4096, 200 << 10])
+def test_the_file_limit_holds_however_the_server_groups_the_body(tmp_path: Path, piece: int) -> None:
+    """uvicorn hands the body in whatever pieces one socket read gave (up to 256 KiB on a busy
+    server): a piece that carries the file past its limit and the body past the envelope's is
+    refused for the file, as small pieces are."""
+    big = jsonl(*(line(f"{i:06d}") for i in range(1500)))  # ~200 KB: past MAX_FILE + ENVELOPE_BYTES
+    body = b'--b\r\ncontent-disposition: form-data; name="file"; filename="x"\r\n\r\n' + big
+    assert len(body) > MAX_FILE + ENVELOPE_BYTES
+    messages = [body[i : i + piece] for i in range(0, len(body), piece)]
+
+    async def receive() -> dict[str, Any]:
+        chunk = messages.pop(0) if messages else b""
+        return {"type": "http.request", "body": chunk, "more_body": bool(messages)}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/files", "query_string": b""}
+    scope["headers"] = [(b"content-type", b"multipart/form-data; boundary=b")]
+    check = LineChecker(max_lines=10_000, max_line_bytes=1 << 20)
+    with pytest.raises(UploadRefused) as refused:
+        asyncio.run(receive_form(Request(scope, receive), tmp_path / "f", MAX_FILE, check))
+    assert (refused.value.status, refused.value.param) == (413, "file")
+    assert f"larger than {MAX_FILE} bytes" in refused.value.message

@@ -4,7 +4,7 @@ BodyGuard lets this route's body through unbuffered (api/intake.py); its limits 
 the file part at most `max_bytes` (413 as soon as one more byte arrives), the whole body at most
 that plus ENVELOPE_BYTES, at most MAX_PARTS parts, each other field at most MAX_FIELD_BYTES, and
 no pause longer than IDLE_S between two pieces of the body (408). In memory at once: the piece
-being parsed (uvicorn hands ≤ 64 KiB) and the one line the LineChecker is reading.
+being parsed (what one socket read gave uvicorn: up to 256 KiB) and the one line the LineChecker is reading.
 """
 
 from __future__ import annotations
@@ -182,10 +182,12 @@ async def receive_form(request: Request, dest: Path, max_bytes: int, check: Line
                 raise UploadRefused(408, f"no part of the upload arrived for {IDLE_S:g} s") from None
             except ClientDisconnect:
                 raise UploadRefused(400, "the client went away before the upload ended") from None
+            # The parser first: a chunk that carries the file part past `max_bytes` is refused for
+            # the file (param "file") however the server happened to group the bytes into chunks.
+            parser.write(chunk)
             received += len(chunk)
             if received > limit:
                 raise UploadRefused(413, f"the request body is larger than {limit} bytes")
-            parser.write(chunk)
             if reader.pending:
                 await asyncio.to_thread(sink.write, reader.take())
         parser.finalize()
