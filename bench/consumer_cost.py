@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from bench.harness import service_env, start_worker, stop, wait_workers_ready
+from bench.harness import py_spy, service_env, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
 from scheduler import keys, record
@@ -110,7 +110,7 @@ def main() -> None:
             consumer = psutil.Process(worker.pid)
             one_round(server.url, client, consumer, min(args.jobs, 100), args.rate)  # warm-up, untimed
             if args.profile:
-                argv = ["py-spy", "record", "-p", str(worker.pid), "-r", "200", "--gil", "-f", "raw"]
+                argv = [py_spy(), "record", "-p", str(worker.pid), "-r", "200", "--gil", "-f", "raw"]
                 spy = subprocess.Popen(
                     [*argv, "-o", args.profile, "--nonblocking"], stdout=subprocess.DEVNULL
                 )

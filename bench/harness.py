@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,13 @@ from scheduler import keys
 from scheduler.registry import WorkerInfo
 
 Proc = subprocess.Popen[bytes]
+
+
+def py_spy() -> str:
+    """The py-spy executable: the one installed beside this Python (a venv's bin, not always on
+    PATH), else PATH's."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
 
 
 def service_env(redis_url: str, model: Path, home: Path, **settings: str) -> dict[str, str]:

@@ -580,11 +580,13 @@ def first_of(procs: Cpu, kinds: tuple[str, ...]) -> dict[str, int]:
 @contextlib.contextmanager
 def spied(folder: str, prefix: str, pids: dict[str, int]) -> Iterator[None]:
     """py-spy on each named process for the block: `folder`/`prefix`-name.raw."""
+    from bench.harness import py_spy
+
     procs = []
     Path(folder).mkdir(parents=True, exist_ok=True)
     for kind, pid in pids.items():
         out = Path(folder) / f"{prefix}-{kind}.raw"
-        argv = ["py-spy", "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
+        argv = [py_spy(), "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
         procs.append(
             subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
