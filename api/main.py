@@ -119,20 +119,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         streamed={openai_files.UPLOAD_PATH},  # reads its own body, with limits.max_file_bytes
     )
     app.add_middleware(metrics.HttpMetrics)  # outermost: it sees BodyGuard's answers too
-    app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(streams.router)
-    app.include_router(admin.router)
-    app.include_router(playground.router)
-    app.include_router(webhooks.router)
-    app.include_router(openai_models.router)
-    app.include_router(openai_completions.router)
-    app.include_router(openai_chat.router)
-    app.include_router(openai_tokenize.router)
-    app.include_router(openai_files.router)
-    app.include_router(openai_batches.router)
-    app.include_router(config.router)
-    app.include_router(metrics.router)
+    # Starlette matches a request against each route in turn (FastAPI's included routers too, with
+    # no prefix short-cut): the busiest routes first. A chat completion matched after every other
+    # router took ~46 µs of the API's CPU per request (2-core box), ~6 µs first. No two routers'
+    # paths overlap, so the order changes nothing else.
+    for router in (
+        openai_chat.router,
+        openai_completions.router,
+        jobs.router,
+        streams.router,
+        health.router,  # probes: frequent, cheap
+        openai_models.router,
+        openai_tokenize.router,
+        openai_files.router,
+        openai_batches.router,
+        webhooks.router,
+        admin.router,
+        config.router,
+        metrics.router,
+        playground.router,
+    ):
+        app.include_router(router)
     return app
 
 
