@@ -28,7 +28,8 @@ from bench.model_quality import measure
 _TRAIN = (
     "import sys; from pathlib import Path; from moe_build.train import train; "
     "train(Path(sys.argv[1]), size=sys.argv[2], minutes=float(sys.argv[3]), "
-    "aux_loss_coef=float(sys.argv[4]), balance=sys.argv[5], overwrite=True, progress=False)"
+    "aux_loss_coef=float(sys.argv[4]), balance=sys.argv[5], instruct_minutes=0, overwrite=True, "
+    "progress=False)"
 )
 
 

@@ -79,6 +79,7 @@ def cmd_model_train(args: argparse.Namespace) -> int:
         aux_loss_coef=args.aux_loss_coef,
         balance=args.balance,
         max_steps=args.max_steps,
+        instruct_minutes=args.instruct_minutes,
         overwrite=args.force,
         progress=True,
     )
@@ -89,6 +90,12 @@ def cmd_model_train(args: argparse.Namespace) -> int:
         f"({report.stopped_because}); best held-out loss at step {best.step}: code {best.code:.3f}, "
         f"prose {best.prose:.3f}"
     )
+    if (stage := report.instruct) is not None:
+        print(
+            f"instruction stage: {stage.steps} steps on {sum(stage.pairs.values())} pairs; held-out answers "
+            f"{stage.answers_before:.3f} → {stage.answers_after:.3f}, code {stage.code_before:.3f} → "
+            f"{stage.code_after:.3f} nats/token"
+        )
     return 0
 
 
@@ -480,6 +487,11 @@ def parser() -> argparse.ArgumentParser:
         help="balance loss over all layers at once (transformers') or per layer (experts specialize more)",
     )
     fit.add_argument("--max-steps", type=int, help="stop after this many steps (cosine schedule over steps)")
+    fit.add_argument(
+        "--instruct-minutes",
+        type=float,
+        help="of --minutes, the chat instruction stage's at the end (default: the size's; 0: none)",
+    )
     fit.add_argument("--force", action="store_true", help="replace a model already in the directory")
     fit.set_defaults(func=cmd_model_train)
 

@@ -47,6 +47,18 @@ ARCHS = (
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama/Mixtral convention).
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+# A chat model's turn markers (ChatML's), special tokens 4 and 5 after the four above: each one
+# token however the text around it is split, never part of decoded text (skip_special_tokens), and
+# the end of a turn is an end-of-sequence id of the model's generation config.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_TOKENS = (IM_START, IM_END)
+# The chat template such a tokenizer ships (chat_template.jinja): ChatML over those tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 MAX_CONTEXT = 2048
 PROSE_SHARE = 0.25  # of max_bytes; code fills the rest (prose may come out smaller if the machine has little)
@@ -165,7 +177,13 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _train_bpe(texts: Iterator[str], n_texts: int, vocab_size: int, progress: bool) -> Tokenizer:
+def _train_bpe(
+    texts: Iterator[str],
+    n_texts: int,
+    vocab_size: int,
+    progress: bool,
+    special: tuple[str, ...] = SPECIAL_TOKENS,
+) -> Tokenizer:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
@@ -180,7 +198,7 @@ def _train_bpe(texts: Iterator[str], n_texts: int, vocab_size: int, progress: bo
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special),
         # All 256 byte symbols are in the vocabulary, so any string encodes without <unk>.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
@@ -190,30 +208,40 @@ def _train_bpe(texts: Iterator[str], n_texts: int, vocab_size: int, progress: bo
 
 
 def train_tokenizer(
-    out_dir: Path, vocab_size: int = 4096, max_bytes: int = 6_000_000, progress: bool = True
+    out_dir: Path,
+    vocab_size: int = 4096,
+    max_bytes: int = 6_000_000,
+    progress: bool = True,
+    chat: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on code and prose found on this machine and save it into `out_dir`.
 
     Writes tokenizer.json and tokenizer_config.json (plus special_tokens_map.json where the installed
-    transformers writes one). Deterministic for a given machine.
+    transformers writes one). Deterministic for a given machine. chat: with CHAT_TOKENS as special
+    tokens and CHAT_TEMPLATE (chat_template.jinja) beside it.
     """
-    if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256}, got {vocab_size}")
+    least = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 256
+    if vocab_size < least:
+        raise ValueError(f"vocab_size must be at least {least}, got {vocab_size}")
     sources = _select_corpus(max_bytes)
     megabytes = sum(s.size for s in sources) / 1e6
     _say(f"training tokenizer on {len(sources)} files ({megabytes:.1f} MB)…", progress)
     texts = _read_corpus(sources, progress)
-    backend = _train_bpe(iter(texts), len(texts), vocab_size, progress)
+    special = SPECIAL_TOKENS + (CHAT_TOKENS if chat else ())
+    backend = _train_bpe(iter(texts), len(texts), vocab_size, progress, special)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
         pad_token=PAD,
+        additional_special_tokens=list(CHAT_TOKENS) if chat else None,
         model_max_length=MAX_CONTEXT,
         # Decoding must invert encoding exactly: no " ." -> "." style clean-up.
         clean_up_tokenization_spaces=False,
     )
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer

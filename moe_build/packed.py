@@ -34,7 +34,7 @@ FORMAT = "localmoe-int8-rows/1"
 EMBEDDED = Path(__file__).parent / "assets" / "localmoe-small"
 MANIFEST = "PACKED.json"
 _MIN_QUANTIZED = 4096  # elements: smaller matrices (routers of tiny models) stay float32
-_COPIED = ("*.json", "*.txt", "*.model")  # every non-weight file of a checkpoint folder
+_COPIED = ("*.json", "*.txt", "*.model", "*.jinja")  # every non-weight file of a checkpoint folder
 
 
 def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

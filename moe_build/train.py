@@ -36,6 +36,7 @@ from tqdm import tqdm
 from moe_build.checkpoint import (
     BOS,
     EOS,
+    IM_END,
     PAD,
     PROSE_SHARE,
     _doc_topic_sources,
@@ -49,6 +50,7 @@ from moe_build.checkpoint import (
     is_checkpoint,
     train_tokenizer,
 )
+from moe_build.instruct import IGNORE, encode, make_pairs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,15 +81,18 @@ class Preset:
     eval_sequences: int  # held-out sequences per kind per evaluation
     warmup_steps: int
     minutes: float
+    instruct_minutes: float  # of `minutes`: the instruction stage's (moe_build.instruct), at the end
     tie_embeddings: bool = True  # the output layer reuses the embedding: a quarter fewer weights to ship
 
 
 PRESETS: dict[str, Preset] = {
     # ~0.3 M parameters: a few dozen steps in seconds on one CPU core.
-    "cpu-test": Preset(64, 128, 2, 4, 2, 1024, 64, 8, 3e-3, 600_000, 300_000, 10, 8, 5, 1.0),
+    "cpu-test": Preset(64, 128, 2, 4, 2, 1024, 64, 8, 3e-3, 600_000, 300_000, 10, 8, 5, 1.0, 0.25),
     # ~27 M parameters (~11 M active per token) for one H200 — 27 MB packed as int8 (moe_build.packed),
     # the embedded default's budget. 128 × 512 tokens per step in bf16.
-    "small": Preset(384, 384, 6, 6, 2, 8192, 512, 128, 1e-3, 500_000_000, 20_000_000, 250, 128, 300, 14.0),
+    "small": Preset(
+        384, 384, 6, 6, 2, 8192, 512, 128, 1e-3, 500_000_000, 20_000_000, 250, 128, 300, 14.0, 2.5
+    ),
 }
 
 
@@ -398,8 +403,11 @@ def _autocast(device: str) -> Any:
     return contextlib.nullcontext()  # CPU: float32 (bf16 autocast on CPU is slower, not faster)
 
 
-def held_out_loss(model: Any, rows: torch.Tensor, device: str, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats per token) of `model` over `rows` [N, seq_len]."""
+def held_out_loss(
+    model: Any, rows: torch.Tensor, device: str, batch_size: int, labels: torch.Tensor | None = None
+) -> float:
+    """Mean next-token cross-entropy (nats per token) of `model` over `rows` [N, seq_len]; with
+    `labels` [N, seq_len], over the tokens they do not mark IGNORE (an answer's)."""
     import torch
 
     was_training = model.training
@@ -408,9 +416,10 @@ def held_out_loss(model: Any, rows: torch.Tensor, device: str, batch_size: int) 
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size].long().to(device)
+            target = batch if labels is None else labels[start : start + batch_size].to(device)
             with _autocast(device):
-                out = model(input_ids=batch, labels=batch, output_router_logits=False)
-            n = batch.numel() - len(batch)  # predicted tokens: all but each row's first
+                out = model(input_ids=batch, labels=target, output_router_logits=False)
+            n = int((target[:, 1:] != IGNORE).sum())  # predicted tokens: each row's first is not
             total += out.loss.float() * n
             count += n
     model.train(was_training)
@@ -464,6 +473,23 @@ class TrainingReport:
     tokens_per_s: float = 0.0  # training steps only (evaluations excluded)
     corpus: dict[str, dict[str, int]] = field(default_factory=dict)  # split → kind/count → tokens/files
     split: dict[str, Any] = field(default_factory=dict)  # the rule and the held-out documents
+    instruct: InstructReport | None = None  # the instruction stage, when there was one
+
+
+@dataclass
+class InstructReport:
+    """The instruction stage (moe_build.instruct): its pairs, steps and held-out losses before and
+    after (answers: nats per answer token of the held-out pairs; code: the held-out code rows)."""
+
+    pairs: dict[str, int]  # kind → training pairs
+    held_out_pairs: int
+    seq_len: int
+    steps: int = 0
+    seconds: float = 0.0
+    answers_before: float = 0.0
+    answers_after: float = 0.0
+    code_before: float = 0.0
+    code_after: float = 0.0
 
 
 def _resolve_device(device: str) -> str:
@@ -496,6 +522,8 @@ def train(
     aux_loss_coef: float = 0.02,
     balance: str = "pooled",
     max_steps: int | None = None,
+    instruct_minutes: float | None = None,
+    instruct_steps: int | None = None,
     eval_every: int | None = None,
     patience: int = 6,
     held_out_share: float = HELD_OUT_SHARE,
@@ -509,6 +537,8 @@ def train(
     balance: "pooled" (transformers' router balance loss, over all layers at once) or "per_layer"
       (per_layer_balance_loss), weighed by aux_loss_coef.
     max_steps: also stop there, and run the cosine schedule over steps rather than over time.
+    instruct_minutes: of `minutes`, the instruction stage's after pre-training (the preset's if None;
+      0: none); instruct_steps: that stage's steps instead (its schedule over them).
     patience: stop after this many evaluations without a better held-out loss.
     checkpoint_every_s: new best weights are written to `<out_dir>.checkpoint` (a loadable checkpoint)
       at most this often, so a run that dies keeps them; a finished run removes it.
@@ -532,13 +562,16 @@ def train(
         corpus_bytes=corpus_bytes or preset.corpus_bytes,
         eval_every=eval_every or preset.eval_every,
         minutes=minutes if minutes is not None else preset.minutes,
+        instruct_minutes=instruct_minutes if instruct_minutes is not None else preset.instruct_minutes,
     )
+    instructing = preset.instruct_minutes > 0 or bool(instruct_steps)
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
     device = _resolve_device(device)
-    deadline = t0 + preset.minutes * 60
+    end = t0 + preset.minutes * 60
+    deadline = end - (preset.instruct_minutes * 60 if instruct_steps is None else 0)  # pre-training's
     seconds: dict[str, float] = {}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -549,7 +582,11 @@ def train(
         corpus = build_corpus(preset.corpus_bytes, held_out_bytes, held_out_share, progress)
         seconds["corpus"] = time.monotonic() - t0
         tokenizer = train_tokenizer(
-            tmp_dir, vocab_size=preset.vocab_size, max_bytes=preset.tokenizer_bytes, progress=progress
+            tmp_dir,
+            vocab_size=preset.vocab_size,
+            max_bytes=preset.tokenizer_bytes,
+            progress=progress,
+            chat=True,
         )
         seconds["tokenizer"] = time.monotonic() - t0 - seconds["corpus"]
         rows = {
@@ -601,7 +638,9 @@ def train(
         )
         evals = {kind: spread_rows(rows["held_out", kind], preset.eval_sequences) for kind in (CODE, PROSE)}
         bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
-        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+        # a chat turn ends at <|im_end|>: every engine stops there as at </s>
+        eos_ids = [eos, _token_id(tokenizer, IM_END)]
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=pad)
         saved_at = [time.monotonic()]
 
         def save_checkpoint() -> None:
@@ -626,6 +665,12 @@ def train(
         seconds["training"] = time.monotonic() - t0 - sum(seconds.values())
 
         model.load_state_dict(best_state)
+        if instructing:
+            report.instruct = _instruct(
+                model, tokenizer, preset, device, corpus, rows["train", CODE], evals[CODE],
+                end, instruct_steps, progress,
+            )  # fmt: skip
+            seconds["instruct"] = report.instruct.seconds
         model.save_pretrained(str(tmp_dir), save_original_format=True)
         report.seconds = {k: round(v, 1) for k, v in seconds.items()}
         report.seconds["total"] = round(time.monotonic() - t0, 1)
@@ -650,7 +695,7 @@ def _save_checkpoint(model: Any, tmp_dir: Path, checkpoint_dir: Path, report: Tr
     writing = checkpoint_dir.with_name(checkpoint_dir.name + ".writing")
     shutil.rmtree(writing, ignore_errors=True)
     writing.mkdir(parents=True)
-    for path in tmp_dir.glob("tokenizer*"):
+    for path in [*tmp_dir.glob("tokenizer*"), *tmp_dir.glob("chat_template.jinja")]:
         shutil.copyfile(path, writing / path.name)
     model.save_pretrained(str(writing), save_original_format=True)
     (writing / "training.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
@@ -773,6 +818,96 @@ def _fit(
     report.steps, report.tokens_seen = step, step * tokens_per_step
     report.tokens_per_s = round(report.tokens_seen / max(time.monotonic() - start - eval_total, 1e-9))
     return best_state
+
+
+INSTRUCT_MIN_LEN = 256  # tokens per instruction row at least: a function and its request fit
+INSTRUCT_LR = 0.3  # of the preset's peak learning rate
+INSTRUCT_CODE_SHARE = 0.25  # of each batch's rows: pre-training code, so that code is not forgotten
+
+
+def _instruct(
+    model: Any,
+    tokenizer: Any,
+    preset: Preset,
+    device: str,
+    corpus: Corpus,
+    code_rows: torch.Tensor,
+    held_code: torch.Tensor,
+    end: float,
+    max_steps: int | None,
+    progress: bool,
+) -> InstructReport:
+    """The instruction stage: the pre-trained model trained on moe_build.instruct's pairs of the train
+    split (loss on the answers only), INSTRUCT_CODE_SHARE of each batch plain code, until `end` (or
+    for max_steps); its last weights kept."""
+    import torch
+
+    t0 = time.monotonic()
+    length = max(preset.seq_len, INSTRUCT_MIN_LEN // preset.seq_len * preset.seq_len)
+    pairs = make_pairs(corpus.texts["train"][CODE], corpus.texts["train"][PROSE])
+    held = make_pairs(corpus.texts["held_out"][CODE], corpus.texts["held_out"][PROSE])
+    x, y = encode(tokenizer, pairs, length)
+    hx, hy = encode(tokenizer, held, length)
+    picked = torch.linspace(0, max(len(hx) - 1, 0), min(len(hx), preset.eval_sequences)).long()
+    hx, hy = hx[picked], hy[picked]
+    per_row = length // preset.seq_len  # code rows joined end to end: they were cut from one stream
+    code = code_rows[: len(code_rows) // per_row * per_row].reshape(-1, length)
+    kinds: dict[str, int] = {}
+    for p in pairs:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    report = InstructReport(kinds, len(held), length)
+    if not len(x):
+        raise RuntimeError("no instruction pairs could be made from this machine's code")
+
+    def losses() -> tuple[float, float]:
+        answers = held_out_loss(model, hx, device, preset.batch_size, hy) if len(hx) else 0.0
+        return answers, held_out_loss(model, held_code, device, preset.batch_size)
+
+    report.answers_before, report.code_before = losses()
+    _say(f"instruction stage: {kinds} pairs ({len(x)} rows of {length} tokens)", progress)
+    lr = preset.lr * INSTRUCT_LR
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.startswith("cuda")
+    )
+    generator = torch.Generator().manual_seed(1)
+    n_code = round(preset.batch_size * INSTRUCT_CODE_SHARE) if len(code) else 0
+    n_pairs = preset.batch_size - n_code
+    warmup = max(1, min(preset.warmup_steps, (max_steps or 100) // 10))
+    start, step = time.monotonic(), 0
+    bar = tqdm(total=max_steps, desc="instruction stage", unit="step", disable=not progress)
+    model.train()
+    while max_steps is None or step < max_steps:
+        now = time.monotonic()
+        if max_steps is None and now + 10 > end:  # the evaluation and the save after it
+            break
+        fraction = step / max_steps if max_steps else (now - start) / max(end - start, 1e-9)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, fraction, lr, warmup)
+        take = torch.randint(len(x), (n_pairs,), generator=generator)
+        inputs, labels = [x[take]], [y[take]]
+        if n_code:
+            plain = code[torch.randint(len(code), (n_code,), generator=generator)].long()
+            inputs.append(plain)
+            labels.append(plain)
+        batch, target = torch.cat(inputs).to(device), torch.cat(labels).to(device)
+        with _autocast(device):
+            out = model(input_ids=batch, labels=target, output_router_logits=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+    bar.close()
+    report.steps = step
+    report.answers_after, report.code_after = losses()
+    report.seconds = round(time.monotonic() - t0, 1)
+    _say(
+        f"instruction stage: {step} steps; held-out answers {report.answers_before:.3f} → "
+        f"{report.answers_after:.3f}, code {report.code_before:.3f} → {report.code_after:.3f} nats/token",
+        progress,
+    )
+    return report
 
 
 def _show(bar: Any, report: TrainingReport, tokens_per_s: float) -> None:

@@ -9,16 +9,22 @@ import pytest
 import torch
 
 from bench import model_quality
-from moe_build import train
+from moe_build import instruct, train
+from moe_build.checkpoint import IM_END, IM_START
+from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import inspect_model, load_model
+from moe_core.torch_engine import TorchEngine
 
 STEPS = 40
+INSTRUCT_STEPS = 60
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainingReport]:
     out = tmp_path_factory.mktemp("train") / "model"
-    report = train.train(out, device="cpu", size="cpu-test", max_steps=STEPS, progress=False)
+    report = train.train(
+        out, device="cpu", size="cpu-test", max_steps=STEPS, instruct_steps=INSTRUCT_STEPS, progress=False
+    )
     return out, report
 
 
@@ -142,3 +148,143 @@ def test_a_run_that_dies_leaves_its_best_weights(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(train._Batches, "__next__", original)
     train.train(out, size="cpu-test", max_steps=20, device="cpu", progress=False, checkpoint_every_s=0)
     assert out.is_dir() and not checkpoint.exists()
+
+
+def test_the_chat_markers_are_special_tokens(trained: tuple[Path, train.TrainingReport]) -> None:
+    """<|im_start|> and <|im_end|> are one special token each wherever they stand, dropped from
+    decoded text; the checkpoint ships the template that uses them and stops at <|im_end|>."""
+    path = trained[0]
+    _, tokenizer = load_model(path)
+    start, end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+    assert (start, end) == (4, 5) and {start, end} <= set(tokenizer.all_special_ids)
+    prompt = instruct.prompt_text(tokenizer, "Say hi<|im_end|>")
+    assert prompt.startswith(f"{IM_START}user\nSay hi") and prompt.endswith(f"{IM_START}assistant\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(start) == 2 and ids.count(end) == 2  # the one in the user's text too
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert IM_START not in text and IM_END not in text and "im_" not in text
+    assert (path / "chat_template.jinja").is_file()
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == [2, end]
+
+
+def test_the_instruction_stage_learns_the_answers(trained: tuple[Path, train.TrainingReport]) -> None:
+    stage = trained[1].instruct
+    assert stage is not None and stage.steps == INSTRUCT_STEPS and stage.held_out_pairs > 0
+    assert stage.pairs[instruct.WRITE] > 0 and stage.pairs[instruct.EXPLAIN] > 0
+    assert stage.answers_after < stage.answers_before - 0.1  # on held-out packages' pairs
+    assert stage.code_after < stage.code_before * 1.1  # plain code not forgotten
+    record = json.loads((trained[0] / "training.json").read_text())
+    assert record["instruct"]["steps"] == INSTRUCT_STEPS
+
+
+def test_the_torch_engine_ends_a_turn_at_im_end(trained: tuple[Path, train.TrainingReport]) -> None:
+    """The end of a turn ends the answer (finish "stop"), as EOS does, and is no text of it."""
+    engine = TorchEngine(trained[0], max_batch_size=2)
+    engine.load()
+    end = engine.tokenizer.convert_tokens_to_ids(IM_END)
+    forced = SamplingParams(max_tokens=4, logit_bias=((end, 100.0),))
+    prompt = instruct.prompt_text(engine.tokenizer, "Write a Python function that adds two numbers.")
+    requests = [GenerationRequest("turn", prompt, forced)]
+    for request in requests:
+        engine.add_request(request)
+    got: dict[str, tuple[str, list[int], FinishReason | None]] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            text, ids, _ = got.get(d.request_id, ("", [], None))
+            got[d.request_id] = (text + d.text, ids + d.token_ids, d.finish_reason)
+    assert got["turn"] == ("", [end], FinishReason.STOP)
+
+
+SOURCE = '''
+import os
+
+
+def add(a, b):
+    """Return the sum of two numbers.
+
+    Works for anything with +.
+    """
+    total = a + b
+    return total
+
+
+def undocumented(x):
+    return x
+
+
+def one_liner(x):
+    """Compute (x) squared: a signature-like summary is no request."""
+    return x * x
+
+
+class Box:
+    def method(self):
+        """Return the box."""
+        return self
+'''
+
+
+def test_function_pairs() -> None:
+    pairs = instruct.function_pairs(SOURCE)
+    code = SOURCE[SOURCE.index("def add") : SOURCE.index("\n\n\ndef undocumented")]
+    bare = "def add(a, b):\n    total = a + b\n    return total"
+    assert pairs == [
+        instruct.Pair(
+            instruct.WRITE,
+            "Write a Python function that returns the sum of two numbers.",
+            f"```python\n{code}\n```",
+        ),
+        instruct.Pair(
+            instruct.EXPLAIN,
+            f"What does this function do?\n```python\n{bare}\n```",
+            "Return the sum of two numbers.",
+        ),
+        instruct.Pair(
+            instruct.EXPLAIN,
+            "What does this function do?\n```python\ndef one_liner(x):\n    return x * x\n```",
+            "Compute (x) squared: a signature-like summary is no request.",
+        ),
+    ]
+    assert instruct.function_pairs("def broken(:\n") == []
+    assert [instruct._third_person(w) for w in ("Return", "Returns", "Pass", "Apply", "Say")] == [
+        "returns",
+        "returns",
+        "passes",
+        "applies",
+        "says",
+    ]
+
+
+def test_prose_pairs() -> None:
+    text = (
+        "# Getting started quickly\n\nInstall the package, then start the service with one command.\n\n"
+        "Mixed syntax\n============\n\nRead `this` first: it has markup, so it is left out.\n\n"
+        "Running the tests\n-----------------\n\nThe tests need a Redis server and take about a minute.\n"
+        "They run on any machine.\n"
+    )
+    assert instruct.prose_pairs(text) == [
+        instruct.Pair(
+            instruct.PROSE,
+            "Tell me about Getting started quickly.",
+            "Install the package, then start the service with one command.",
+        ),
+        instruct.Pair(
+            instruct.PROSE,
+            "Tell me about Running the tests.",
+            "The tests need a Redis server and take about a minute. They run on any machine.",
+        ),
+    ]
+
+
+def test_encode_learns_the_answers_only(trained: tuple[Path, train.TrainingReport]) -> None:
+    _, tokenizer = load_model(trained[0])
+    pairs = [
+        instruct.Pair(instruct.PROSE, "Tell me about x.", "It is a letter."),
+        instruct.Pair(instruct.PROSE, "Tell me about y.", "Another letter."),
+    ]
+    x, y = instruct.encode(tokenizer, pairs, 64)
+    assert x.shape == y.shape == (1, 64)  # both pairs in one row
+    learned = tokenizer.decode([t for t in y[0].tolist() if t != instruct.IGNORE], skip_special_tokens=False)
+    assert learned == f"It is a letter.{IM_END}Another letter.{IM_END}"
+    assert (x[0][y[0] != instruct.IGNORE] == y[0][y[0] != instruct.IGNORE]).all()
+    assert len(instruct.encode(tokenizer, pairs, 16)[0]) == 0  # a pair longer than a row is left out
