@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import model_quality
+from bench import chat_quality, model_quality
 from moe_build import instruct, train
 from moe_build.checkpoint import IM_END, IM_START
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
@@ -288,3 +288,20 @@ def test_encode_learns_the_answers_only(trained: tuple[Path, train.TrainingRepor
     assert learned == f"It is a letter.{IM_END}Another letter.{IM_END}"
     assert (x[0][y[0] != instruct.IGNORE] == y[0][y[0] != instruct.IGNORE]).all()
     assert len(instruct.encode(tokenizer, pairs, 16)[0]) == 0  # a pair longer than a row is left out
+
+
+def test_chat_quality_bench_runs(trained: tuple[Path, train.TrainingReport]) -> None:
+    q = chat_quality.measure(trained[0], requests=4, others=4, max_tokens=16, held_out_bytes=300_000)
+    assert q.template == "model"  # the trained checkpoint's own template, not the fallback
+    assert q.write_requests == 4 and 0 < q.other_requests <= 4
+    assert 0 <= q.parses <= 1 and 0 <= q.stopped <= 1 and 0 <= q.leaked <= 8
+    assert q.samples[0]["prompt"].startswith(instruct.WRITE_PREFIX)
+
+
+def test_chat_quality_checks() -> None:
+    assert chat_quality.defines_a_function("Here:\n```python\ndef f(x):\n    return x\n```\nDone.")
+    assert chat_quality.defines_a_function("def f():\n    pass\n")
+    assert not chat_quality.defines_a_function("```python\nx = 1\n```")  # no function
+    assert not chat_quality.defines_a_function("```python\ndef f(:\n```")
+    assert chat_quality.leaks("done<|im_start|") and chat_quality.leaks("| im_end_|>")
+    assert not chat_quality.leaks("def image_start(): pass")
