@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from moe_build.checkpoint import IM_END, IM_START
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import inspect_model, load_model
 from moe_core.torch_engine import TorchEngine
+from tests.conftest import private_stack
 
 STEPS = 40
 INSTRUCT_STEPS = 60
@@ -305,3 +307,31 @@ def test_chat_quality_checks() -> None:
     assert not chat_quality.defines_a_function("```python\ndef f(:\n```")
     assert chat_quality.leaks("done<|im_start|") and chat_quality.leaks("| im_end_|>")
     assert not chat_quality.leaks("def image_start(): pass")
+
+
+def test_a_chat_through_the_service_ends_at_the_turn(
+    trained: tuple[Path, train.TrainingReport], service_env: dict[str, str]
+) -> None:
+    """The trained model served: a chat is rendered by its own template (the markers as the special
+    tokens, no stop string added) and the engine ends the answer at <|im_end|> (finish "stop")."""
+    path = trained[0]
+    with private_stack(service_env, worker=True, LOCALMOE_MODEL_DIR=str(path)) as stack:
+        client = openai.OpenAI(base_url=f"{stack.api}/v1", api_key=stack.admin_key, max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+        done = client.chat.completions.create(
+            model=path.name,
+            messages=messages,
+            max_tokens=4,
+            logit_bias={"5": 100},  # type: ignore[arg-type]
+        )
+        [choice] = done.choices
+        assert choice.finish_reason == "stop" and not choice.message.content
+        assert done.usage is not None and done.usage.completion_tokens == 1
+        with stack.http() as http:
+            spec = http.get(f"/v1/jobs/{done.id.split('-', 1)[1]}").json()["spec"]
+        assert spec["prompt"] == f"{IM_START}user\n{messages[0]['content']}{IM_END}\n{IM_START}assistant\n"
+        assert not spec["stop"]  # the end of the turn is a token, not a string to look for
+        free = client.chat.completions.create(
+            model=path.name, messages=messages, max_tokens=24, temperature=0
+        )
+        assert not chat_quality.leaks(free.choices[0].message.content or "")
