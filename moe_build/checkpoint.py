@@ -444,7 +444,9 @@ def _save_model(
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _say(f"building {arch}: {model.num_parameters() / 1e6:.1f} M parameters…", progress)
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    # a chat tokenizer's end of turn ends generation as </s> does
+    ends = [eos, _token_id(tokenizer, IM_END)] if IM_END in tokenizer.all_special_tokens else eos
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=ends, pad_token_id=pad)
     # Transformers 5 fuses experts in memory (gate_up_proj); save_original_format writes them back in the
     # hub layout (e.g. block_sparse_moe.experts.N.w1) so other engines (vLLM) read the file as they would
     # a real checkpoint. Weights go to model.safetensors (transformers 5 writes safetensors only).
@@ -477,8 +479,10 @@ def build_checkpoint(
     seed: int = 0,
     progress: bool = True,
     size: str = "tiny",
+    chat: bool = False,
 ) -> Path:
     """Build a tiny random `arch` checkpoint (tokenizer included) at `out_dir` and return `out_dir`.
+    chat: a chat model's tokenizer (train_tokenizer's), <|im_end|> ending generation.
 
     The directory appears complete or not at all: everything is written to a temporary sibling
     directory which is then renamed into place. An existing non-empty `out_dir` is an error unless it
@@ -497,7 +501,7 @@ def build_checkpoint(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; the published checkpoint must be readable by workers
     try:
-        tokenizer = train_tokenizer(tmp_dir, vocab_size=vocab_size, progress=progress)
+        tokenizer = train_tokenizer(tmp_dir, vocab_size=vocab_size, progress=progress, chat=chat)
         torch.manual_seed(seed)
         _save_model(tmp_dir, arch, tokenizer, progress, size)
         _publish(tmp_dir, out_dir)

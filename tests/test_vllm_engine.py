@@ -29,7 +29,7 @@ import psutil
 from vllm.platforms import current_platform
 
 from moe_build import moe_tuning
-from moe_build.checkpoint import build_checkpoint
+from moe_build.checkpoint import IM_END, build_checkpoint
 from moe_core import moe_configs
 from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
@@ -677,6 +677,23 @@ def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> No
     cases = output_option_cases(engine.tokenizer, full.text, full.token_ids)
     results = _run(engine, [GenerationRequest(name, prompt, params) for name, (params, _) in cases.items()])
     assert {name: results[name].text for name in cases} == {name: text for name, (_, text) in cases.items()}
+
+
+def test_a_chat_model_ends_its_turn_at_im_end(tmp_path: Path) -> None:
+    """A chat tokenizer's <|im_end|> (the models moe_build trains) ends generation on vLLM as on the
+    torch engine: vLLM takes the generation config's end-of-sequence ids; no marker in the text."""
+    path = build_checkpoint(tmp_path / "chat", chat=True, progress=False)
+    engine = make_engine(path)
+    engine.load()
+    try:
+        end = engine.tokenizer.convert_tokens_to_ids(IM_END)
+        turn = [{"role": "user", "content": "Say hi."}]
+        prompt = engine.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        forced = SamplingParams(max_tokens=4, logit_bias=((end, 100.0),))
+        result = _run(engine, [GenerationRequest("turn", prompt, forced)])["turn"]
+    finally:
+        engine.close()
+    assert (result.text, result.token_ids, result.finish_reason) == ("", [end], FinishReason.STOP)
 
 
 def test_logprobs_are_the_raw_distributions(engine: VllmEngine, reference: Reference) -> None:
