@@ -1,9 +1,10 @@
 """The playground page in headless Chromium against the real service (API, Redis, Celery worker,
 small model): a user's key and prompt, tokens streaming into the page, cancel, and the API's
-refusals (401, 422, 429) shown with their reason."""
+refusals (401, 422, 429) shown with their reason; the chat mode's conversation."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ TRACE = """() => {
   for (const node of [output, status]) {
     observer.observe(node, {childList: true, characterData: true, subtree: true});
   }
+}"""
+
+# The chat's last reply's length at each change of it (the turn being streamed).
+CHAT_TRACE = """() => {
+  window.__chatTrace = [];
+  new MutationObserver(() => {
+    const replies = document.querySelectorAll('[data-role="assistant"] .content');
+    if (replies.length) window.__chatTrace.push(replies[replies.length - 1].textContent.length);
+  }).observe(document.getElementById("conversation"), {childList: true, characterData: true, subtree: true});
 }"""
 
 
@@ -188,3 +198,58 @@ def test_a_rate_limited_key_shows_the_429_detail(
         "429 Too Many Requests: rate limit: 0.01 submissions"
     )
     expect(page.get_by_test_id("error")).to_contain_text("retry in")
+
+
+def chat_mode(page: Page, key: str, max_tokens: int) -> None:
+    open_playground(page, key)
+    page.get_by_test_id("mode").select_option("chat")
+    expect(page.get_by_test_id("job-form")).to_be_hidden()
+    page.get_by_test_id("chat-max-tokens").fill(str(max_tokens))
+
+
+def say(page: Page, text: str) -> None:
+    page.get_by_test_id("message").fill(text)
+    page.get_by_test_id("send").click()
+
+
+def test_a_chat_keeps_the_conversation_and_streams_each_turn(
+    page: Page, http: httpx.Client, user_key: str
+) -> None:
+    chat_mode(page, user_key, max_tokens=24)
+    page.evaluate(CHAT_TRACE)
+    say(page, "Write a Python function that adds two numbers.")
+    expect(page.get_by_test_id("chat-finish")).to_have_text(re.compile("^(stop|length)$"), timeout=60_000)
+    turns = page.get_by_test_id("turn")
+    expect(turns).to_have_count(2)
+    expect(turns.nth(0)).to_have_attribute("data-role", "user")
+    first_reply = page.get_by_test_id("turn-content").nth(1).text_content() or ""
+    first = http.get("/v1/jobs?limit=1").json()["jobs"][0]
+    assert first["spec"]["prompt"] == (
+        "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
+    )  # the test model has no chat template: the service's ChatML
+    assert first_reply == first["output"] and first_reply
+    grew = page.evaluate("window.__chatTrace")
+    assert len(set(grew)) > 2, "the reply did not arrive in pieces"  # streamed, not in one piece
+
+    say(page, "Now make it subtract.")
+    expect(turns).to_have_count(4)
+    expect(page.get_by_test_id("send")).to_be_enabled(timeout=60_000)
+    second = http.get("/v1/jobs?limit=1").json()["jobs"][0]
+    assert second["id"] != first["id"]
+    assert second["spec"]["prompt"].startswith(first["spec"]["prompt"] + first_reply + "<|im_end|>\n")
+    assert second["spec"]["prompt"].endswith(
+        "<|im_start|>user\nNow make it subtract.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert page.get_by_test_id("turn-content").nth(3).text_content() == second["output"]
+
+    page.get_by_test_id("new-chat").click()
+    expect(turns).to_have_count(0)
+
+
+def test_a_refused_chat_message_goes_back_to_the_box(page: Page) -> None:
+    chat_mode(page, "lm-" + "x" * 43, max_tokens=8)
+    say(page, "Hello?")
+    expect(page.get_by_test_id("error")).to_have_text(re.compile("^401 Unauthorized: .*API key"))
+    expect(page.get_by_test_id("turn")).to_have_count(0)
+    expect(page.get_by_test_id("message")).to_have_value("Hello?")
+    expect(page.get_by_test_id("send")).to_be_enabled()

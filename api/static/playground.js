@@ -1,6 +1,7 @@
-// The LocalMoE playground: submit a job, stream its tokens over the websocket, cancel it, list
-// recent jobs. Every call carries the API key. Job data reaches the page only through
-// textContent / text nodes, never as HTML.
+// The LocalMoE playground. Completion mode: submit a job, stream its tokens over the websocket,
+// cancel it, list recent jobs. Chat mode: a conversation with the model through the OpenAI chat
+// endpoint, each of its turns streamed (server-sent events read from fetch). Every call carries the
+// API key. Job and model text reaches the page only through textContent / text nodes, never as HTML.
 "use strict";
 
 const KEY_STORAGE = "localmoe.playground.apiKey";
@@ -38,6 +39,14 @@ function apiKey() {
   return $("api-key").value.trim();
 }
 
+function refusal(status, data) {
+  let message = `${status} ${REASONS[status] ?? ""}`.trim();
+  // FastAPI's `detail` (the job API) or OpenAI's `error.message` (the chat endpoint)
+  const detail = data ? (data.error && data.error.message) || detailText(data.detail) : "";
+  if (detail) message += `: ${detail}`; // a 429's detail already says when to come back
+  return new ApiError(status, message);
+}
+
 // FastAPI's `detail`: a string, or a list of {loc, msg, type} for a 422.
 function detailText(detail) {
   if (typeof detail === "string") return detail;
@@ -61,12 +70,7 @@ async function api(method, path, body) {
     throw new ApiError(0, `the API did not answer (${e.message})`);
   }
   const data = await response.json().catch(() => null);
-  if (!response.ok) {
-    let message = `${response.status} ${REASONS[response.status] ?? response.statusText}`.trim();
-    const detail = data ? detailText(data.detail) : "";
-    if (detail) message += `: ${detail}`; // a 429's detail already says when to come back
-    throw new ApiError(response.status, message);
-  }
+  if (!response.ok) throw refusal(response.status, data);
   return data;
 }
 
@@ -272,6 +276,141 @@ async function refreshJobs() {
   $("jobs-body").replaceChildren(...page.jobs.map(jobRow));
 }
 
+// --- chat ---------------------------------------------------------------------------------
+
+// The conversation so far ({role, content} as the chat endpoint takes them); `controller` aborts
+// the turn being streamed (closing the stream cancels its job on the server).
+const chat = { messages: [], controller: null, model: null };
+
+function setMode() {
+  const mode = $("mode").value;
+  $("completion").hidden = mode !== "completion";
+  $("chat").hidden = mode !== "chat";
+  clearError();
+}
+
+function addTurn(role, text) {
+  const item = document.createElement("li");
+  item.dataset.role = role;
+  item.dataset.testid = "turn";
+  const who = document.createElement("strong");
+  who.textContent = role;
+  const content = document.createElement("div");
+  content.className = "content";
+  content.dataset.testid = "turn-content";
+  content.textContent = text;
+  item.append(who, content);
+  $("conversation").append(item);
+  return content;
+}
+
+async function servedModel() {
+  if (!chat.model) chat.model = (await api("GET", "/v1/models")).data[0].id;
+  return chat.model;
+}
+
+// The events of an OpenAI chat stream, read as they arrive: each `data:` line's JSON, until [DONE].
+async function* chatEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffered += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffered.indexOf("\n\n")) >= 0) {
+      const event = buffered.slice(0, end);
+      buffered = buffered.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+function chatBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  $("new-chat").disabled = busy;
+}
+
+async function send(event) {
+  event.preventDefault();
+  if (chat.controller) return;
+  const text = $("message").value;
+  if (!text.trim()) return;
+  clearError();
+  chatBusy(true);
+  let model;
+  try {
+    model = await servedModel();
+  } catch (e) {
+    showError(e.message);
+    chatBusy(false);
+    return;
+  }
+  const user = addTurn("user", text).parentElement;
+  const reply = addTurn("assistant", "");
+  $("message").value = "";
+  $("chat-finish").textContent = "…";
+  chat.messages.push({ role: "user", content: text });
+  chat.controller = new AbortController();
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+  const body = {
+    model,
+    messages: chat.messages,
+    stream: true,
+    max_tokens: numberOrNull($("chat-max-tokens").value),
+    temperature: numberOrNull($("chat-temperature").value),
+  };
+  let finish = null;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers, body: JSON.stringify(body), signal: chat.controller.signal,
+    });
+    if (!response.ok) throw refusal(response.status, await response.json().catch(() => null));
+    for await (const chunk of chatEvents(response)) {
+      for (const choice of chunk.choices || []) {
+        if (choice.delta && choice.delta.content) reply.append(choice.delta.content); // a text node
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") {
+      finish = "stopped";
+    } else {
+      // refused or failed: the turn is taken back, the message returned to the box
+      chat.messages.pop();
+      user.remove();
+      reply.parentElement.remove();
+      $("message").value = text;
+      showError(e instanceof ApiError ? e.message : `the chat stream failed (${e.message})`);
+      finish = null;
+    }
+  }
+  if (finish !== null) chat.messages.push({ role: "assistant", content: reply.textContent });
+  $("chat-finish").textContent = finish ?? "—";
+  chat.controller = null;
+  chatBusy(false);
+}
+
+function stopChat() {
+  if (chat.controller) chat.controller.abort();
+}
+
+function newChat() {
+  if (chat.controller) return;
+  chat.messages = [];
+  $("conversation").replaceChildren();
+  $("chat-finish").textContent = "—";
+  clearError();
+}
+
 // --- start --------------------------------------------------------------------------------
 
 function rememberKey() {
@@ -293,6 +432,11 @@ function start() {
   $("job-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("refresh-jobs").addEventListener("click", refreshJobs);
+  $("mode").addEventListener("change", setMode);
+  $("chat-form").addEventListener("submit", send);
+  $("stop").addEventListener("click", stopChat);
+  $("new-chat").addEventListener("click", newChat);
+  setMode();
   if (apiKey()) refreshJobs();
 }
 
