@@ -487,7 +487,9 @@ class InstructReport:
     steps: int = 0
     seconds: float = 0.0
     answers_before: float = 0.0
-    answers_after: float = 0.0
+    answers_after: float = 0.0  # of the weights kept: the best held-out answers' loss
+    answers: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every eval_every steps
+    stopped_because: str = ""
     code_before: float = 0.0
     code_after: float = 0.0
 
@@ -823,6 +825,7 @@ def _fit(
 INSTRUCT_MIN_LEN = 256  # tokens per instruction row at least: a function and its request fit
 INSTRUCT_LR = 0.3  # of the preset's peak learning rate
 INSTRUCT_CODE_SHARE = 0.25  # of each batch's rows: pre-training code, so that code is not forgotten
+INSTRUCT_PATIENCE = 3  # evaluations of the held-out answers without a better loss: the stage ends
 
 
 def _instruct(
@@ -839,7 +842,8 @@ def _instruct(
 ) -> InstructReport:
     """The instruction stage: the pre-trained model trained on moe_build.instruct's pairs of the train
     split (loss on the answers only), INSTRUCT_CODE_SHARE of each batch plain code, until `end` (or
-    for max_steps); its last weights kept."""
+    for max_steps) or until the held-out pairs' answers stop improving; the weights with the best
+    held-out answers kept."""
     import torch
 
     t0 = time.monotonic()
@@ -873,13 +877,30 @@ def _instruct(
     n_code = round(preset.batch_size * INSTRUCT_CODE_SHARE) if len(code) else 0
     n_pairs = preset.batch_size - n_code
     warmup = max(1, min(preset.warmup_steps, (max_steps or 100) // 10))
-    start, step = time.monotonic(), 0
+    start, step, stale = time.monotonic(), 0, 0
+    best = (
+        report.answers_before,
+        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+    )
     bar = tqdm(total=max_steps, desc="instruction stage", unit="step", disable=not progress)
     model.train()
+    report.stopped_because = "max_steps" if max_steps else "time budget"
     while max_steps is None or step < max_steps:
         now = time.monotonic()
         if max_steps is None and now + 10 > end:  # the evaluation and the save after it
             break
+        if step and step % preset.eval_every == 0 and len(hx):
+            answers = held_out_loss(model, hx, device, preset.batch_size, hy)
+            report.answers.append((step, round(answers, 4)))
+            bar.set_postfix(held_answers=f"{answers:.3f}")
+            if answers < best[0]:
+                best, stale = (
+                    (answers, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}),
+                    0,
+                )
+            elif (stale := stale + 1) >= INSTRUCT_PATIENCE:
+                report.stopped_because = f"held-out answers not better for {INSTRUCT_PATIENCE} evaluations"
+                break
         fraction = step / max_steps if max_steps else (now - start) / max(end - start, 1e-9)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, fraction, lr, warmup)
@@ -900,6 +921,8 @@ def _instruct(
         bar.update(1)
     bar.close()
     report.steps = step
+    if len(hx) and held_out_loss(model, hx, device, preset.batch_size, hy) >= best[0]:
+        model.load_state_dict(best[1])  # the last weights overfit the pairs: the best ones are kept
     report.answers_after, report.code_after = losses()
     report.seconds = round(time.monotonic() - t0, 1)
     _say(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -174,6 +175,7 @@ def test_the_instruction_stage_learns_the_answers(trained: tuple[Path, train.Tra
     assert stage is not None and stage.steps == INSTRUCT_STEPS and stage.held_out_pairs > 0
     assert stage.pairs[instruct.WRITE] > 0 and stage.pairs[instruct.EXPLAIN] > 0
     assert stage.answers_after < stage.answers_before - 0.1  # on held-out packages' pairs
+    assert [step for step, _ in stage.answers] == [10, 20, 30, 40, 50]  # evaluated as it went
     assert stage.code_after < stage.code_before * 1.1  # plain code not forgotten
     record = json.loads((trained[0] / "training.json").read_text())
     assert record["instruct"]["steps"] == INSTRUCT_STEPS
@@ -335,3 +337,26 @@ def test_a_chat_through_the_service_ends_at_the_turn(
             model=path.name, messages=messages, max_tokens=24, temperature=0
         )
         assert not chat_quality.leaks(free.choices[0].message.content or "")
+
+
+def test_the_instruction_stage_stops_when_the_answers_stop_improving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out answers that only get worse: the stage ends after INSTRUCT_PATIENCE evaluations."""
+    real = train.held_out_loss
+    seen: list[float] = []
+
+    def worsening(model: Any, rows: torch.Tensor, device: str, batch: int, labels: Any = None) -> float:
+        if labels is None:
+            return real(model, rows, device, batch)
+        seen.append(1.0 + len(seen))  # every evaluation of the answers worse than the one before
+        return seen[-1]
+
+    monkeypatch.setattr(train, "held_out_loss", worsening)
+    report = train.train(
+        tmp_path / "m", size="cpu-test", max_steps=10, instruct_steps=200, device="cpu", progress=False
+    )
+    stage = report.instruct
+    assert stage is not None and stage.steps == 10 * train.INSTRUCT_PATIENCE
+    assert "not better for 3 evaluations" in stage.stopped_because
+    assert stage.answers_before == 1.0 and [loss for _, loss in stage.answers] == [2.0, 3.0, 4.0]
