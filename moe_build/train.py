@@ -4,9 +4,12 @@ The path of a run: corpus (Python sources of the standard library and of every s
 Python's doc topics, /usr/share/doc, man pages) → split by package into train and held-out → tokenizer
 (`checkpoint.train_tokenizer`) → packed fixed-length sequences → AdamW with warm-up and a cosine
 schedule, the router load-balancing loss on → held-out loss every `eval_every` steps, the best weights
-kept (and written to `<out_dir>.checkpoint` as training goes) → an ordinary Hugging Face checkpoint
-that `moe_core.loader` loads like any other, plus `training.json` describing the run. The same code
-runs on a CPU (the "cpu-test" preset, for tests) and on a CUDA GPU (the "small" preset, bf16 autocast).
+kept (and written to `<out_dir>.checkpoint` as training goes) → the instruction stage (the last
+`instruct_minutes`: chat turns made from the same train split, moe_build.instruct; the tokenizer has
+the chat markers as special tokens and a ChatML template from the start) → an ordinary Hugging Face
+checkpoint that `moe_core.loader` loads like any other, plus `training.json` describing the run. The
+same code runs on a CPU (the "cpu-test" preset, for tests) and on a CUDA GPU (the "small" preset, bf16
+autocast).
 
 The split is a rule, not a list: a document is held out when the hash of its unit (its top-level
 package for code, its package folder for /usr/share/doc, its page for man pages and doc topics) falls
