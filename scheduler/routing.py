@@ -39,6 +39,9 @@ class PromptCounter:
         self.vocab_size = int(
             config.get("vocab_size") or self.tokenizer.get_vocab_size(with_added_tokens=True)
         )
+        # the text of its special tokens (a detokenizer skips them unless a request says not to)
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        self.special_tokens = frozenset(t.content for t in added if t.special)
 
     def count(self, prompt: str) -> int:
         return len(self.encode(prompt))

@@ -17,7 +17,17 @@ from transformers import AutoTokenizer
 
 from api.openai.chat_template import render_chat
 from api.openai.protocol import ChatMessage, Tool
-from api.openai.tools import HERMES, MISTRAL, ToolFormat, ToolStream, format_for
+from api.openai.tools import (
+    DEEPSEEK_V3,
+    GLM45,
+    GRANITE,
+    HERMES,
+    MISTRAL,
+    QWEN3_CODER,
+    ToolFormat,
+    ToolStream,
+    format_for,
+)
 from moe_core.structured import check
 
 WEATHER = {
@@ -57,13 +67,82 @@ ANSWERS: list[tuple[ToolFormat, str, str, list[tuple[str, dict[str, Any]]]]] = [
         [("now", {}), ("get_weather", {"city": "Lima", "unit": "C"})],
     ),
     (MISTRAL, "[TOOL_CALLS] [{broken", "[TOOL_CALLS] [{broken", []),
+    (
+        GRANITE,
+        'Checking.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "F"}}]',
+        "Checking.",
+        [("get_weather", {"city": "Oslo", "unit": "F"})],
+    ),
+    (
+        QWEN3_CODER,
+        "I will look it up.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+        "<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=now>\n</function>\n</tool_call>",
+        "I will look it up.",
+        [("get_weather", {"city": "New York", "unit": "C"}), ("now", {})],
+    ),
+    (  # values take their parameters' types: a string stays text even when it reads as a number
+        QWEN3_CODER,
+        "<tool_call>\n<function=search>\n<parameter=query>\n42\n</parameter>\n<parameter=limit>\n5\n"
+        '</parameter>\n<parameter=filters>\n{"lang": ["py"]}\n</parameter>\n<parameter=code>\n'
+        "if a < b:\n    return a\n</parameter>\n</function>\n</tool_call>",
+        "",
+        [
+            (
+                "search",
+                {"query": "42", "limit": 5, "filters": {"lang": ["py"]}, "code": "if a < b:\n    return a"},
+            )
+        ],
+    ),
+    (QWEN3_CODER, "<tool_call>\n<function=now>\nstray text\n</function>\n</tool_call>", None, []),
+    (
+        GLM45,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+        "<arg_key>unit</arg_key>\n<arg_value>C</arg_value>\n</tool_call>",
+        "",
+        [("get_weather", {"city": "Paris", "unit": "C"})],
+    ),
+    (
+        GLM45,
+        "Two at once.<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>7</arg_value>\n"
+        "<arg_key>limit</arg_key>\n<arg_value>3</arg_value>\n</tool_call><tool_call>now\n</tool_call>",
+        "Two at once.",
+        [("search", {"query": "7", "limit": 3}), ("now", {})],
+    ),
+    (
+        DEEPSEEK_V3,
+        "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Oslo", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>now<｜tool▁sep｜>{}'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "Let me check.",
+        [("get_weather", {"city": "Oslo", "unit": "C"}), ("now", {})],
+    ),
+    (
+        DEEPSEEK_V3,
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{oops<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        None,
+        [],
+    ),
 ]
+SEARCH = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string"},
+        "limit": {"type": "integer"},
+        "filters": {"type": "object"},
+        "code": {"type": "string"},
+    },
+}
+FUNCTIONS = [("get_weather", WEATHER), ("now", None), ("search", SEARCH)]
 
 
 @pytest.mark.parametrize(("fmt", "text", "content", "calls"), ANSWERS, ids=lambda v: str(v)[:30])
 def test_answers_parse_whole_and_streamed(
-    fmt: ToolFormat, text: str, content: str, calls: list[tuple[str, dict[str, Any]]]
+    fmt: ToolFormat, text: str, content: str | None, calls: list[tuple[str, dict[str, Any]]]
 ) -> None:
+    """content None: the answer as written (not a valid call)."""
+    fmt = fmt.bound(FUNCTIONS)
+    content = text if content is None else content
     got_content, got_calls = fmt.parse(text)
     assert got_content == content
     assert [(n, json.loads(a)) for n, a in got_calls] == calls
@@ -94,6 +173,22 @@ def test_the_format_a_template_defines() -> None:
     assert format_for(None) is HERMES
     assert format_for("{% if tools %}<tool_call>{% endif %}") is HERMES
     assert format_for("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is MISTRAL
+    # the markers each family's template writes its calls with
+    assert format_for("{{- '<tool_call>\\n<function=' + name + '>\\n' }}<parameter=") is QWEN3_CODER
+    assert format_for("<tool_call>{{ name }}\n<arg_key>{{ k }}</arg_key>") is GLM45
+    assert format_for("{{ '<|tool_call|>' }}{{ tool_calls | tojson }}") is GRANITE
+    assert format_for("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'}}") is DEEPSEEK_V3
+
+
+def test_calls_written_as_text_are_forced_as_json() -> None:
+    """tool_choice required or named: the formats whose values are text are forced as hermes JSON
+    (a grammar over JSON holds the schemas); the JSON formats keep their own."""
+    bound = QWEN3_CODER.bound(FUNCTIONS)
+    assert bound.forced().name == "hermes" and bound.forced().params == bound.params
+    assert GLM45.forced() == HERMES and DEEPSEEK_V3.forced() == HERMES
+    assert MISTRAL.forced() is MISTRAL and GRANITE.forced() is GRANITE
+    with pytest.raises(ValueError, match="forced"):
+        QWEN3_CODER.grammar([("now", None)], parallel=False)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +197,7 @@ def ll_tokenizer(model_dir: Path) -> Any:
     return tokenizer, llguidance.hf.from_tokenizer(tokenizer)
 
 
-@pytest.mark.parametrize("fmt", [HERMES, MISTRAL], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, GRANITE], ids=lambda f: f.name)
 def test_the_forcing_grammar_takes_only_valid_calls(fmt: ToolFormat, ll_tokenizer: Any) -> None:
     tokenizer, lt = ll_tokenizer
     functions = [(t.function.name, t.function.parameters) for t in TOOLS]
@@ -114,8 +209,8 @@ def test_the_forcing_grammar_takes_only_valid_calls(fmt: ToolFormat, ll_tokenize
 
     def calls(*items: tuple[str, dict[str, Any]]) -> str:
         bodies = [{"name": n, "arguments": a} for n, a in items]
-        if fmt is MISTRAL:
-            return "[TOOL_CALLS] " + json.dumps(bodies, separators=(",", ":"))
+        if fmt.body == "json_list":
+            return fmt.start + fmt.gap + json.dumps(bodies, separators=(",", ":"))
         return "\n".join(f"<tool_call>\n{json.dumps(b, separators=(',', ':'))}\n</tool_call>" for b in bodies)
 
     parallel, single = fmt.grammar(functions, parallel=True), fmt.grammar(functions, parallel=False)
@@ -216,3 +311,22 @@ def test_a_family_template_gets_tools_its_way(
     assert fmt is want_format and stop == []
     for piece in shows:
         assert piece in prompt, (piece, prompt)
+
+
+def test_call_markers_held_as_special_tokens_are_known(tmp_path: Path) -> None:
+    """Some families' tokenizers hold their call markers as special tokens, which a detokenizer
+    skips: the chat route keeps special tokens' text for them (PromptCounter.special_tokens)."""
+    from tokenizers import Tokenizer, models
+
+    from scheduler.routing import PromptCounter
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.add_special_tokens(["<s>", "<arg_key>"])
+    tokenizer.add_tokens(["<tool_call>"])  # an added token, but not a special one
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text('{"vocab_size": 8}')
+    special = PromptCounter(tmp_path).special_tokens
+    assert special == {"<s>", "<arg_key>"}
+    assert GLM45.marked_by(special)  # by its <arg_key>
+    assert not HERMES.marked_by(special) and not QWEN3_CODER.marked_by(special)
+    assert DEEPSEEK_V3.marked_by({"<｜tool▁sep｜>"}) and GRANITE.marked_by({"<|tool_call|>"})

@@ -78,11 +78,16 @@ async def chat_completion(
             raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
     model_dir = services.settings.resolved_model_dir
     prompt, implied_stop, calls_format = await render_chat(model_dir, body.messages, tools=tools)
+    calls_format = calls_format.bound([(t.function.name, t.function.parameters) for t in tools])
     parallel = body.parallel_tool_calls is not False
     forced = [(t.function.name, t.function.parameters) for t in body.forced_tools]
+    if forced:  # the calls are JSON under a grammar, whatever the model's own format
+        calls_format = calls_format.forced()
     structure = StructuredOutputs(grammar=calls_format.grammar(forced, parallel)) if forced else None
     max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
     spec = body.job_spec(prompt, max_tokens, implied_stop, structure)
+    if tools and calls_format.marked_by(services.counter.special_tokens):
+        spec.skip_special_tokens = False  # this model's call markers are special tokens: keep their text
     job = await accept_request(body, spec, caller, services, idempotency_key)
     if accepted is not None:
         accepted(job)
