@@ -199,3 +199,30 @@ def test_bad_tool_requests_are_a_400(
     error = e.value.body
     assert isinstance(error, dict) and needle in error["message"], error
     assert (error["param"] or "").startswith(param), error
+
+
+def test_tools_for_a_harmony_model_are_a_400(
+    model_dir: Path, tmp_path: Path, service_env: dict[str, str]
+) -> None:
+    """A model whose template writes calls in gpt-oss's harmony format, which is not parsed: tools
+    are refused with the reason (not offered and then silently never called)."""
+    from tests.conftest import private_stack
+
+    harmony = tmp_path / "harmony"
+    harmony.mkdir()
+    for f in model_dir.iterdir():
+        (harmony / f.name).symlink_to(f)
+    (harmony / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
+        "{% if tools %}<|start|>developer<|message|>namespace functions {}<|end|>{% endif %}"
+        "<|start|>assistant<|channel|>final<|message|>"
+    )
+    with (
+        private_stack(service_env, worker=False, LOCALMOE_MODEL_DIR=str(harmony)) as stack,
+        stack.http() as http,
+    ):
+        body = {"model": harmony.name, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 4}
+        refused = http.post("/v1/chat/completions", json={**body, "tools": TOOLS})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "tools" and "harmony" in error["message"]

@@ -78,6 +78,9 @@ async def chat_completion(
             raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
     model_dir = services.settings.resolved_model_dir
     prompt, implied_stop, calls_format = await render_chat(model_dir, body.messages, tools=tools)
+    if tools and calls_format.body == "harmony":
+        why = "this model writes tool calls in gpt-oss's harmony format, which LocalMoE does not parse yet"
+        raise OpenAIError(400, why, "tools")
     calls_format = calls_format.bound([(t.function.name, t.function.parameters) for t in tools])
     parallel = body.parallel_tool_calls is not False
     forced = [(t.function.name, t.function.parameters) for t in body.forced_tools]

@@ -134,6 +134,8 @@ class ToolFormat:
 
     def _calls(self, text: str) -> list[Call] | None:
         """The calls in `text` (which starts with `start`); None when any is not valid."""
+        if self.body == "harmony":
+            return None
         if self.body in ("qwen_xml", "glm_xml", "deepseek"):
             return self._written_calls(text)
         if self.end is None:  # mistral: one JSON array (or object) after the marker
@@ -248,8 +250,12 @@ DEEPSEEK_V3 = ToolFormat(
     markers=("<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"),
 )
 
+# gpt-oss's harmony format writes calls in channels of special tokens: not parsed (a 400 with tools)
+HARMONY = ToolFormat("harmony", "<|channel|>", "<|call|>", "harmony")
+
 # What in a chat template tells its format, the most particular first (hermes where none is found)
 _TEMPLATE_MARKERS = (
+    ("<|channel|>", HARMONY),
     ("[TOOL_CALLS]", MISTRAL),
     ("<|tool_call|>", GRANITE),
     ("tool▁calls▁begin", DEEPSEEK_V3),
