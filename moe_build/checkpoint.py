@@ -220,14 +220,13 @@ def train_tokenizer(
     transformers writes one). Deterministic for a given machine. chat: with CHAT_TOKENS as special
     tokens and CHAT_TEMPLATE (chat_template.jinja) beside it.
     """
-    least = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 256
-    if vocab_size < least:
-        raise ValueError(f"vocab_size must be at least {least}, got {vocab_size}")
+    special = SPECIAL_TOKENS + (CHAT_TOKENS if chat else ())
+    if vocab_size < len(special) + 256:
+        raise ValueError(f"vocab_size must be at least {len(special) + 256}, got {vocab_size}")
     sources = _select_corpus(max_bytes)
     megabytes = sum(s.size for s in sources) / 1e6
     _say(f"training tokenizer on {len(sources)} files ({megabytes:.1f} MB)…", progress)
     texts = _read_corpus(sources, progress)
-    special = SPECIAL_TOKENS + (CHAT_TOKENS if chat else ())
     backend = _train_bpe(iter(texts), len(texts), vocab_size, progress, special)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
