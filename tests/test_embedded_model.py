@@ -48,8 +48,10 @@ def test_pack_round_trip_keeps_the_model(tmp_path: Path) -> None:
     from moe_build import train
 
     trained = tmp_path / "trained"
-    train.train(trained, size="cpu-test", max_steps=40, device="cpu", progress=False)
+    train.train(trained, size="cpu-test", max_steps=40, instruct_steps=2, device="cpu", progress=False)
     unpacked = unpack(pack(trained, tmp_path / "packed"), tmp_path / "unpacked")
+    template = "chat_template.jinja"  # a chat model's template travels with it
+    assert (unpacked / template).read_text() == (trained / template).read_text()
     before, after = (
         load_file(str(trained / "model.safetensors")),
         load_file(str(unpacked / "model.safetensors")),
