@@ -201,11 +201,12 @@ def test_bad_tool_requests_are_a_400(
     assert (error["param"] or "").startswith(param), error
 
 
-def test_tools_for_a_harmony_model_are_a_400(
+def test_a_harmony_model_keeps_its_markers_for_the_parser(
     model_dir: Path, tmp_path: Path, service_env: dict[str, str]
 ) -> None:
-    """A model whose template writes calls in gpt-oss's harmony format, which is not parsed: tools
-    are refused with the reason (not offered and then silently never called)."""
+    """A model whose template is gpt-oss's harmony: its chat jobs keep special tokens' text (the
+    channel markers are special tokens there), with tools or without; an answer without harmony
+    markers (this test model's) is content as written."""
     from tests.conftest import private_stack
 
     harmony = tmp_path / "harmony"
@@ -213,16 +214,19 @@ def test_tools_for_a_harmony_model_are_a_400(
     for f in model_dir.iterdir():
         (harmony / f.name).symlink_to(f)
     (harmony / "chat_template.jinja").write_text(
-        "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
         "{% if tools %}<|start|>developer<|message|>namespace functions {}<|end|>{% endif %}"
-        "<|start|>assistant<|channel|>final<|message|>"
+        "{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final"
+        "{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}<|start|>assistant"
     )
     with (
-        private_stack(service_env, worker=False, LOCALMOE_MODEL_DIR=str(harmony)) as stack,
+        private_stack(service_env, worker=True, LOCALMOE_MODEL_DIR=str(harmony)) as stack,
         stack.http() as http,
     ):
-        body = {"model": harmony.name, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 4}
-        refused = http.post("/v1/chat/completions", json={**body, "tools": TOOLS})
-        assert refused.status_code == 400, refused.text
-        error = refused.json()["error"]
-        assert error["param"] == "tools" and "harmony" in error["message"]
+        body = {"model": harmony.name, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 8}
+        for extra in ({}, {"tools": TOOLS}):
+            done = http.post("/v1/chat/completions", json={**body, **extra})
+            assert done.status_code == 200, done.text
+            job = http.get(f"/v1/jobs/{job_id(done.json()['id'])}").json()
+            assert job["spec"]["skip_special_tokens"] is False
+            assert job["spec"]["prompt"].endswith("<|start|>assistant")
+            assert done.json()["choices"][0]["message"]["content"] == job["output"].strip()

@@ -179,7 +179,10 @@ def test_the_format_a_template_defines() -> None:
     assert format_for("{{ '<|tool_call|>' }}{{ tool_calls | tojson }}") is GRANITE
     assert format_for("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'}}") is DEEPSEEK_V3
     harmony = format_for("{{ '<|start|>assistant<|channel|>commentary to=functions.' + name }}")
-    assert harmony.name == "harmony" and harmony.parse("<|channel|>x<|call|>") == ("<|channel|>x<|call|>", [])
+    assert harmony.name == "harmony" and harmony.parse("<|channel|>final<|message|>Hi.<|return|>") == (
+        "Hi.",
+        [],
+    )
 
 
 def test_calls_written_as_text_are_forced_as_json() -> None:

@@ -30,7 +30,7 @@ from api.openai.protocol import (
 )
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
 from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
-from api.openai.tools import Call, ToolStream
+from api.openai.tools import Call
 from moe_core import structured
 from scheduler.jobs import Job
 from scheduler.stream import DoneEvent, TokenEvent
@@ -78,9 +78,11 @@ async def chat_completion(
             raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
     model_dir = services.settings.resolved_model_dir
     prompt, implied_stop, calls_format = await render_chat(model_dir, body.messages, tools=tools)
-    if tools and calls_format.body == "harmony":
-        why = "this model writes tool calls in gpt-oss's harmony format, which LocalMoE does not parse yet"
-        raise OpenAIError(400, why, "tools")
+    # a harmony model's answer is channels: split even without tools (only "final" is content)
+    split = bool(tools) or calls_format.body == "harmony"
+    keep_special = calls_format.body == "harmony" or (
+        bool(tools) and calls_format.marked_by(services.counter.special_tokens)
+    )  # the format's markers are special tokens of this model: their text must reach the parser
     calls_format = calls_format.bound([(t.function.name, t.function.parameters) for t in tools])
     parallel = body.parallel_tool_calls is not False
     forced = [(t.function.name, t.function.parameters) for t in body.forced_tools]
@@ -89,8 +91,8 @@ async def chat_completion(
     structure = StructuredOutputs(grammar=calls_format.grammar(forced, parallel)) if forced else None
     max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
     spec = body.job_spec(prompt, max_tokens, implied_stop, structure)
-    if tools and calls_format.marked_by(services.counter.special_tokens):
-        spec.skip_special_tokens = False  # this model's call markers are special tokens: keep their text
+    if keep_special:
+        spec.skip_special_tokens = False
     job = await accept_request(body, spec, caller, services, idempotency_key)
     if accepted is not None:
         accepted(job)
@@ -118,8 +120,8 @@ async def chat_completion(
             id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done)
         )
         for k, out in enumerate(result.outputs):
-            content, calls = calls_format.parse(out.text) if tools else (out.text, [])
-            calls = calls if parallel else calls[:1]
+            content, calls = calls_format.parse(out.text) if split else (out.text, [])
+            calls = calls[: len(calls) if parallel else 1] if tools else []
             message = AssistantMessage(
                 content=(content or None) if calls else content, tool_calls=tool_calls(calls, 0, k)
             )
@@ -134,7 +136,8 @@ async def chat_completion(
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
     # per choice: the calls its answer made so far
-    calls_seen = [ToolStream(calls_format, None if parallel else 1) for _ in range(n)] if tools else None
+    limit = (None if parallel else 1) if tools else 0
+    calls_seen = [calls_format.stream(limit) for _ in range(n)] if split else None
 
     def chunk(delta: ChatDelta, finish_reason: str | None = None, index: int = 0) -> ChatCompletionChunk:
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
@@ -199,7 +202,7 @@ async def chat_completion(
             return sse_chunk(piece, omit) + calls_chunk("", calls, k)
         return calls_chunk(content, calls, k)
 
-    render = with_tools if tools else with_logprobs if wants_logprobs else None
+    render = with_tools if split else with_logprobs if wants_logprobs else None
     choices = Choices(templates, end, prompt_tokens, so_far, render) if n > 1 else None
     return stream_job(services, job, templates[0], finish, head, usage=so_far, render=choices or render)
 

@@ -14,6 +14,8 @@ A family's chat template defines how the tools are shown to the model and how it
 * deepseek_v3 (DeepSeek-V3 / V3.1 and R1): `<｜tool▁calls▁begin｜>` then each call as
   `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>` (V3.1:
   `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`), then `<｜tool▁calls▁end｜>`.
+* harmony (gpt-oss): the answer is messages in channels; a call is a message to `functions.NAME`
+  (api/openai/harmony.py), and only the final channel is content, with tools or without.
 A value written as text (qwen3_coder, glm45) takes the type its parameter's schema gives (`bound`:
 the request's tools): a string stays as written, anything else is read as JSON.
 
@@ -34,6 +36,8 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from api.openai import harmony
 
 # One parsed call: the function's name and its arguments as JSON text (OpenAI's shape)
 Call = tuple[str, str]
@@ -122,8 +126,14 @@ class ToolFormat:
         are JSON, else hermes (a grammar for values written as text could not hold the schemas)."""
         return self if self.body in ("json", "json_list") else replace(HERMES, params=self.params)
 
+    def stream(self, limit: int | None = None) -> ToolStream | harmony.HarmonyStream:
+        """A streamed answer's splitter (limit: calls given out at most)."""
+        return harmony.HarmonyStream(limit) if self.body == "harmony" else ToolStream(self, limit)
+
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """A whole answer → (its content, its calls). No valid call: (text, [])."""
+        if self.body == "harmony":  # the final channel is the content, whatever the calls
+            return harmony.parse(text)
         at = text.find(self.start)
         if at < 0:
             return text, []
@@ -134,8 +144,6 @@ class ToolFormat:
 
     def _calls(self, text: str) -> list[Call] | None:
         """The calls in `text` (which starts with `start`); None when any is not valid."""
-        if self.body == "harmony":
-            return None
         if self.body in ("qwen_xml", "glm_xml", "deepseek"):
             return self._written_calls(text)
         if self.end is None:  # mistral: one JSON array (or object) after the marker
@@ -250,8 +258,8 @@ DEEPSEEK_V3 = ToolFormat(
     markers=("<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"),
 )
 
-# gpt-oss's harmony format writes calls in channels of special tokens: not parsed (a 400 with tools)
-HARMONY = ToolFormat("harmony", "<|channel|>", "<|call|>", "harmony")
+# gpt-oss's harmony format: the whole answer is channels of special tokens (api/openai/harmony.py)
+HARMONY = ToolFormat("harmony", "<|channel|>", "<|call|>", "harmony", markers=("<|message|>", "<|end|>"))
 
 # What in a chat template tells its format, the most particular first (hermes where none is found)
 _TEMPLATE_MARKERS = (

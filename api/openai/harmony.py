@@ -1,0 +1,135 @@
+"""gpt-oss's harmony format: what the model writes after its prompt's `<|start|>assistant`.
+
+An answer is a run of messages, each a header, `<|message|>`, a body and a terminator:
+    <|channel|>analysis<|message|>Let me think…<|end|>
+    <|start|>assistant<|channel|>final<|message|>The answer.<|return|>
+and a tool call is a message to a function, ended by `<|call|>`:
+    <|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>
+    {"city": "Oslo"}<|call|>
+(one line; `to=` may also stand before the channel). The client gets the `final` channel's bodies
+as content and each function message as a call; the `analysis` channel (the model's reasoning) and
+other commentary are not content. The markers are special tokens of gpt-oss's tokenizer: the chat
+route keeps their text for a harmony model (skip_special_tokens false). A text with no message
+marker at all is content as written (a model that did not follow the format).
+
+`parse` reads a whole answer; `HarmonyStream` the same incrementally, giving out the final channel's
+text as it arrives and each call once its message has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
+TERMINATORS = ("<|end|>", "<|call|>", "<|return|>")
+MAX_HEADER = 256  # characters before <|message|>: more means the model is not writing harmony
+_CHANNEL = re.compile(r"<\|channel\|>\s*([^\s<]+)")
+_RECIPIENT = re.compile(r"to=functions\.([^\s<]+)")
+
+Call = tuple[str, str]  # (name, arguments as JSON text), as api/openai/tools.py's
+
+
+def _header(header: str) -> tuple[str | None, str | None]:
+    """A message's header → (its channel, the function it is addressed to)."""
+    channel, recipient = _CHANNEL.search(header), _RECIPIENT.search(header)
+    return (channel.group(1) if channel else None), (recipient.group(1) if recipient else None)
+
+
+def _call(name: str, body: str) -> Call | None:
+    try:
+        arguments = json.loads(body)
+    except ValueError:
+        return None
+    return (name, json.dumps(arguments, ensure_ascii=False)) if isinstance(arguments, dict) else None
+
+
+def _terminator(text: str, start: int = 0) -> tuple[int, str] | None:
+    found = [(i, t) for t in TERMINATORS if (i := text.find(t, start)) >= 0]
+    return min(found) if found else None
+
+
+def _partial(text: str) -> int:
+    """The length of the longest end of `text` that begins a terminator (held back while streaming)."""
+    for n in range(min(max(len(t) for t in TERMINATORS) - 1, len(text)), 0, -1):
+        if any(t.startswith(text[-n:]) for t in TERMINATORS):
+            return n
+    return 0
+
+
+def parse(text: str) -> tuple[str, list[Call]]:
+    """A whole answer → (the final channel's text, the calls)."""
+    stream = HarmonyStream()
+    content, calls = stream.feed(text)
+    rest, more = stream.flush()
+    return (content + rest).strip(), calls + more
+
+
+@dataclass
+class HarmonyStream:
+    """ToolStream's interface for a harmony answer: `feed` → (content, calls) so far, `flush` at
+    the end → the rest. limit: calls given out at most (0 without tools: a call is not content)."""
+
+    limit: int | None = None
+    calls: list[Call] = field(default_factory=list)  # every call given out
+    _held: str = ""
+    _in_body: bool = False
+    _channel: str | None = None
+    _recipient: str | None = None
+    _plain: bool = False  # no harmony here: everything is content
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._held += text
+        content, calls = "", list[Call]()
+        while not self._plain:
+            if not self._in_body:
+                at = self._held.find(MESSAGE)
+                if at < 0:
+                    if len(self._held) > MAX_HEADER and not self.calls and not self._channel:
+                        self._plain = True  # never a header: the model wrote plain text
+                    break
+                self._channel, self._recipient = _header(self._held[:at])
+                self._held, self._in_body = self._held[at + len(MESSAGE) :], True
+            end = _terminator(self._held)
+            if end is None:
+                if self._is_content():  # give out what cannot be the start of a terminator
+                    cut = len(self._held) - _partial(self._held)
+                    content, self._held = content + self._held[:cut], self._held[cut:]
+                break
+            at, terminator = end
+            body, self._held = self._held[:at], self._held[at + len(terminator) :]
+            content, calls = self._ended(body, content, calls)
+            if self._held.startswith(START):
+                self._held = self._held[len(START) :]
+        if self._plain:
+            content, self._held = content + self._held, ""
+        return content, self._give(calls)
+
+    def flush(self) -> tuple[str, list[Call]]:
+        """The end of the answer: a body cut short (the length) ends there; a header alone is dropped."""
+        held, self._held = self._held, ""
+        if self._plain or (not self._in_body and not self._channel and not self.calls):
+            return held, []  # plain text, or nothing in harmony seen at all
+        if not self._in_body:
+            return "", []
+        content, calls = self._ended(held, "", [])
+        return content, self._give(calls)
+
+    def _is_content(self) -> bool:
+        return self._recipient is None and self._channel in ("final", None)
+
+    def _ended(self, body: str, content: str, calls: list[Call]) -> tuple[str, list[Call]]:
+        if self._recipient is not None:
+            if (call := _call(self._recipient, body)) is not None:
+                calls = [*calls, call]
+        elif self._is_content():
+            content += body
+        self._in_body, self._recipient = False, None
+        return content, calls
+
+    def _give(self, calls: list[Call]) -> list[Call]:
+        if self.limit is not None:
+            calls = calls[: max(0, self.limit - len(self.calls))]
+        self.calls += calls
+        return calls
