@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import json
 import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from api.openai.chat_template import IM_END, chatml
+from api.openai.chat_template import render_chat
+from api.openai.protocol import ChatMessage
 from bench.model_quality import training_record
 from moe_build import instruct, train
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
@@ -92,16 +94,12 @@ def measure(
     engine = TorchEngine(model_dir, device=device, max_batch_size=32, telemetry=False)
     engine.load()
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
-    stop = () if has_template else (IM_END,)  # the service's fallback adds the stop string too
-
-    def render(prompt: str) -> str:
-        turn = [{"role": "user", "content": prompt}]
-        return instruct.prompt_text(engine.tokenizer, prompt) if has_template else chatml(turn)
-
     pairs = writes + rest
-    params = SamplingParams(max_tokens=max_tokens, stop=stop)
-    for i, pair in enumerate(pairs):
-        engine.add_request(GenerationRequest(str(i), render(pair.prompt), params))
+    for i, pair in enumerate(pairs):  # rendered as the chat route renders them, stop strings too
+        turn = [ChatMessage(role="user", content=pair.prompt)]
+        prompt, stop, _ = asyncio.run(render_chat(model_dir, turn))
+        params = SamplingParams(max_tokens=max_tokens, stop=tuple(stop))
+        engine.add_request(GenerationRequest(str(i), prompt, params))
     replies = [""] * len(pairs)
     finished: list[FinishReason | None] = [None] * len(pairs)
     done = 0

@@ -429,6 +429,13 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     return token_id
 
 
+def end_ids(tokenizer: PreTrainedTokenizerFast) -> int | list[int]:
+    """The generation config's eos_token_id: </s>, and a chat tokenizer's <|im_end|> beside it (the
+    end of a turn ends generation as </s> does)."""
+    eos = _token_id(tokenizer, EOS)
+    return [eos, _token_id(tokenizer, IM_END)] if IM_END in tokenizer.all_special_tokens else eos
+
+
 def _save_model(
     out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, progress: bool, size: str = "tiny"
 ) -> None:
@@ -443,9 +450,9 @@ def _save_model(
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _say(f"building {arch}: {model.num_parameters() / 1e6:.1f} M parameters…", progress)
-    # a chat tokenizer's end of turn ends generation as </s> does
-    ends = [eos, _token_id(tokenizer, IM_END)] if IM_END in tokenizer.all_special_tokens else eos
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=ends, pad_token_id=pad)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, eos_token_id=end_ids(tokenizer), pad_token_id=pad
+    )
     # Transformers 5 fuses experts in memory (gate_up_proj); save_original_format writes them back in the
     # hub layout (e.g. block_sparse_moe.experts.N.w1) so other engines (vLLM) read the file as they would
     # a real checkpoint. Weights go to model.safetensors (transformers 5 writes safetensors only).

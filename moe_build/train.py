@@ -39,7 +39,6 @@ from tqdm import tqdm
 from moe_build.checkpoint import (
     BOS,
     EOS,
-    IM_END,
     PAD,
     PROSE_SHARE,
     _doc_topic_sources,
@@ -50,6 +49,7 @@ from moe_build.checkpoint import (
     _take,
     _token_id,
     _usr_share_doc_sources,
+    end_ids,
     is_checkpoint,
     train_tokenizer,
 )
@@ -429,6 +429,11 @@ def held_out_loss(
     return float(total) / max(count, 1)
 
 
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights on the CPU (best weights kept while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _lr(step: int, progress: float, preset_lr: float, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine from lr to lr/10 as progress goes 0 → 1."""
     if step < warmup:
@@ -642,10 +647,11 @@ def train(
             progress,
         )
         evals = {kind: spread_rows(rows["held_out", kind], preset.eval_sequences) for kind in (CODE, PROSE)}
-        bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
-        # a chat turn ends at <|im_end|>: every engine stops there as at </s>
-        eos_ids = [eos, _token_id(tokenizer, IM_END)]
-        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=pad)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=end_ids(tokenizer),
+            pad_token_id=config.pad_token_id,
+        )
         saved_at = [time.monotonic()]
 
         def save_checkpoint() -> None:
@@ -762,7 +768,7 @@ def _fit(
         eval_total += eval_seconds
         if report.best is None or mixed < report.best.mixed:
             report.best = e
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = _weights(model)
             if checkpoint is not None and step > 0:
                 checkpoint()
             return True
@@ -866,11 +872,11 @@ def _instruct(
     if not len(x):
         raise RuntimeError("no instruction pairs could be made from this machine's code")
 
-    def losses() -> tuple[float, float]:
-        answers = held_out_loss(model, hx, device, preset.batch_size, hy) if len(hx) else 0.0
-        return answers, held_out_loss(model, held_code, device, preset.batch_size)
+    def answers() -> float:
+        return held_out_loss(model, hx, device, preset.batch_size, hy) if len(hx) else 0.0
 
-    report.answers_before, report.code_before = losses()
+    report.answers_before = answers()
+    report.code_before = held_out_loss(model, held_code, device, preset.batch_size)
     _say(f"instruction stage: {kinds} pairs ({len(x)} rows of {length} tokens)", progress)
     lr = preset.lr * INSTRUCT_LR
     optimizer = torch.optim.AdamW(
@@ -881,10 +887,7 @@ def _instruct(
     n_pairs = preset.batch_size - n_code
     warmup = max(1, min(preset.warmup_steps, (max_steps or 100) // 10))
     start, step, stale = time.monotonic(), 0, 0
-    best = (
-        report.answers_before,
-        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-    )
+    best = (report.answers_before, _weights(model))
     bar = tqdm(total=max_steps, desc="instruction stage", unit="step", disable=not progress)
     model.train()
     report.stopped_because = "max_steps" if max_steps else "time budget"
@@ -893,14 +896,11 @@ def _instruct(
         if max_steps is None and now + 10 > end:  # the evaluation and the save after it
             break
         if step and step % preset.eval_every == 0 and len(hx):
-            answers = held_out_loss(model, hx, device, preset.batch_size, hy)
-            report.answers.append((step, round(answers, 4)))
-            bar.set_postfix(held_answers=f"{answers:.3f}")
-            if answers < best[0]:
-                best, stale = (
-                    (answers, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}),
-                    0,
-                )
+            loss = answers()
+            report.answers.append((step, round(loss, 4)))
+            bar.set_postfix(held_answers=f"{loss:.3f}")
+            if loss < best[0]:
+                best, stale = (loss, _weights(model)), 0
             elif (stale := stale + 1) >= INSTRUCT_PATIENCE:
                 report.stopped_because = f"held-out answers not better for {INSTRUCT_PATIENCE} evaluations"
                 break
@@ -924,9 +924,11 @@ def _instruct(
         bar.update(1)
     bar.close()
     report.steps = step
-    if len(hx) and held_out_loss(model, hx, device, preset.batch_size, hy) >= best[0]:
-        model.load_state_dict(best[1])  # the last weights overfit the pairs: the best ones are kept
-    report.answers_after, report.code_after = losses()
+    report.answers_after = answers()
+    if len(hx) and report.answers_after >= best[0]:  # the last weights overfit the pairs: the best stay
+        model.load_state_dict(best[1])
+        report.answers_after = best[0]
+    report.code_after = held_out_loss(model, held_code, device, preset.batch_size)
     report.seconds = round(time.monotonic() - t0, 1)
     _say(
         f"instruction stage: {step} steps; held-out answers {report.answers_before:.3f} → "

@@ -115,16 +115,13 @@ def test_per_layer_balance_loss() -> None:
     assert train.per_layer_balance_loss((collapsed, mirrored), top_k=2).item() > 2.5
 
 
+def pretrain(out: Path, **settings: Any) -> train.TrainingReport:
+    """The cpu-test preset on the CPU, pre-training alone (the tests of other things)."""
+    return train.train(out, size="cpu-test", instruct_minutes=0, device="cpu", progress=False, **settings)
+
+
 def test_training_with_the_per_layer_balance(tmp_path: Path) -> None:
-    report = train.train(
-        tmp_path / "m",
-        size="cpu-test",
-        max_steps=20,
-        instruct_minutes=0,
-        balance="per_layer",
-        device="cpu",
-        progress=False,
-    )
+    report = pretrain(tmp_path / "m", max_steps=20, balance="per_layer")
     assert report.balance == "per_layer"
     assert sum(report.train_losses[-5:]) < sum(report.train_losses[:5])
     with pytest.raises(ValueError, match="unknown balance"):
@@ -146,15 +143,7 @@ def test_a_run_that_dies_leaves_its_best_weights(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(train._Batches, "__next__", dying)
     out = tmp_path / "m"
     with pytest.raises(RuntimeError, match="went away"):
-        train.train(
-            out,
-            size="cpu-test",
-            max_steps=40,
-            instruct_minutes=0,
-            device="cpu",
-            progress=False,
-            checkpoint_every_s=0,
-        )
+        pretrain(out, max_steps=40, checkpoint_every_s=0)
     checkpoint = tmp_path / "m.checkpoint"
     assert not out.exists() and checkpoint.is_dir()
     record = json.loads((checkpoint / "training.json").read_text())
@@ -163,15 +152,7 @@ def test_a_run_that_dies_leaves_its_best_weights(tmp_path: Path, monkeypatch: py
     assert model.num_parameters() > 0 and tokenizer("def f():")["input_ids"]
 
     monkeypatch.setattr(train._Batches, "__next__", original)
-    train.train(
-        out,
-        size="cpu-test",
-        max_steps=20,
-        instruct_minutes=0,
-        device="cpu",
-        progress=False,
-        checkpoint_every_s=0,
-    )
+    pretrain(out, max_steps=20, checkpoint_every_s=0)
     assert out.is_dir() and not checkpoint.exists()
 
 
