@@ -896,7 +896,16 @@ def test_a_request_vllm_rejects_ends_with_error(engine: VllmEngine, monkeypatch:
 
 
 def _vllm_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children() if "EngineCore" in " ".join(p.cmdline())}
+    """Live vLLM engine cores under this process; a core an earlier test killed may linger as a
+    zombie until its parent reaps it (its cmdline is then unreadable): it is not counted."""
+    cores = set()
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(child.cmdline()):
+                cores.add(child.pid)
+        except psutil.Error:  # gone or a zombie between the two calls
+            continue
+    return cores
 
 
 def _check_engine_death(engine: VllmEngine, engine_core: int) -> None:
