@@ -97,7 +97,8 @@ def measure(
     pairs = writes + rest
     for i, pair in enumerate(pairs):  # rendered as the chat route renders them, stop strings too
         turn = [ChatMessage(role="user", content=pair.prompt)]
-        prompt, stop, _ = asyncio.run(render_chat(model_dir, turn))
+        rendered = asyncio.run(render_chat(model_dir, turn))
+        prompt, stop = rendered.prompt, rendered.stop
         params = SamplingParams(max_tokens=max_tokens, stop=tuple(stop))
         engine.add_request(GenerationRequest(str(i), prompt, params))
     replies = [""] * len(pairs)

@@ -221,7 +221,7 @@ def chat_prompts(model: Path, texts: list[str]) -> list[str]:
     from api.openai.protocol import ChatMessage
 
     async def render() -> list[str]:
-        return [(await render_chat(model, [ChatMessage(role="user", content=t)]))[0] for t in texts]
+        return [(await render_chat(model, [ChatMessage(role="user", content=t)])).prompt for t in texts]
 
     return asyncio.run(render())
 

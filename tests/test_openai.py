@@ -290,10 +290,11 @@ def test_a_model_chat_template_is_used(model_dir: Path, tmp_path: Path) -> None:
     (templated / "tokenizer_config.json").unlink()
     (templated / "tokenizer_config.json").write_text(json.dumps(config))
     messages = [ChatMessage.model_validate(m) for m in CONVERSATION]
-    prompt, stop, _ = asyncio.run(render_chat(templated, messages))
+    rendered = asyncio.run(render_chat(templated, messages))
+    prompt, stop = rendered.prompt, rendered.stop
     assert prompt == "[system] You write short Python functions.\n[user] Sort a list of ints.\n[assistant] "
     assert stop == []
-    assert asyncio.run(render_chat(model_dir, messages))[1] == ["<|im_end|>"]  # no template: ChatML
+    assert asyncio.run(render_chat(model_dir, messages)).stop == ["<|im_end|>"]  # no template: ChatML
 
 
 def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model_dir: Path) -> None:

@@ -252,7 +252,8 @@ CONVERSATION = [
 
 
 def test_without_a_template_tools_are_written_as_hermes(model_dir: Path) -> None:
-    prompt, stop, fmt = asyncio.run(render_chat(model_dir, CONVERSATION, tools=TOOLS))
+    rendered = asyncio.run(render_chat(model_dir, CONVERSATION, tools=TOOLS))
+    prompt, stop, fmt = rendered.prompt, rendered.stop, rendered.calls
     assert fmt is HERMES and stop == ["<|im_end|>"]
     assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
     assert json.dumps(TOOLS[0].model_dump(exclude_none=True)) in prompt  # each tool, as JSON
@@ -260,7 +261,7 @@ def test_without_a_template_tools_are_written_as_hermes(model_dir: Path) -> None
     assert f"<|im_start|>assistant\n{call}<|im_end|>" in prompt
     assert '<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>' in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
-    plain, _, _ = asyncio.run(render_chat(model_dir, CONVERSATION[:2]))
+    plain = asyncio.run(render_chat(model_dir, CONVERSATION[:2])).prompt
     assert "# Tools" not in plain
 
 
@@ -312,7 +313,8 @@ def test_a_family_template_gets_tools_its_way(
         (templated / name).write_bytes((model_dir / name).read_bytes())
     (templated / "chat_template.jinja").write_text(template)
     messages = CONVERSATION[1:] if template is MISTRAL_LIKE else CONVERSATION
-    prompt, stop, fmt = asyncio.run(render_chat(templated, messages, tools=TOOLS))
+    rendered = asyncio.run(render_chat(templated, messages, tools=TOOLS))
+    prompt, stop, fmt = rendered.prompt, rendered.stop, rendered.calls
     assert fmt is want_format and stop == []
     for piece in shows:
         assert piece in prompt, (piece, prompt)

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: the assistant's next message (text, or tool calls), whole or streamed."""
+"""POST /v1/chat/completions: the assistant's next message (text, tool calls, a reasoning model's
+reasoning), whole or streamed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from api import sse
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
+from api.openai.answer import AnswerFormat
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from api.openai.logprobs import chat_logprobs, token_texts
@@ -28,9 +30,9 @@ from api.openai.protocol import (
     ToolCallFunction,
     UsageInfo,
 )
+from api.openai.reasoning import Call, Piece
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
 from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
-from api.openai.tools import Call
 from moe_core import structured
 from scheduler.jobs import Job
 from scheduler.stream import DoneEvent, TokenEvent
@@ -55,7 +57,8 @@ async def chat_completions(
 ) -> Response:
     """The assistant's next message, whole or streamed (`stream: true`). The prompt is the
     model's chat template applied to `messages` (and `tools`), or ChatML when the model has none.
-    With tools, calls the model writes come back as `tool_calls` (api/openai/tools.py)."""
+    With tools, calls the model writes come back as `tool_calls` (api/openai/tools.py); a
+    reasoning model's thinking as `reasoning` (api/openai/reasoning.py)."""
     return await chat_completion(body, services, caller, request, idempotency_key)
 
 
@@ -77,9 +80,8 @@ async def chat_completion(
         if params is not None and (error := structured.check("json", json.dumps(params))):
             raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
     model_dir = services.settings.resolved_model_dir
-    prompt, implied_stop, calls_format = await render_chat(model_dir, body.messages, tools=tools)
-    # a harmony model's answer is channels: split even without tools (only "final" is content)
-    split = bool(tools) or calls_format.body == "harmony"
+    rendered = await render_chat(model_dir, body.messages, tools=tools, variables=body.template_variables)
+    prompt, calls_format = rendered.prompt, rendered.calls
     keep_special = calls_format.body == "harmony" or (
         bool(tools) and calls_format.marked_by(services.counter.special_tokens)
     )  # the format's markers are special tokens of this model: their text must reach the parser
@@ -89,8 +91,12 @@ async def chat_completion(
     if forced:  # the calls are JSON under a grammar, whatever the model's own format
         calls_format = calls_format.forced()
     structure = StructuredOutputs(grammar=calls_format.grammar(forced, parallel)) if forced else None
+    # a harmony model's answer is channels, a thinking model's opens with its reasoning: split
+    # them even without tools
+    answer = AnswerFormat(calls_format, bool(tools), rendered.think, rendered.inside_think, parallel)
+    split, reasoned = answer.splits, body.include_reasoning
     max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
-    spec = body.job_spec(prompt, max_tokens, implied_stop, structure)
+    spec = body.job_spec(prompt, max_tokens, rendered.stop, structure)
     if keep_special:
         spec.skip_special_tokens = False
     job = await accept_request(body, spec, caller, services, idempotency_key)
@@ -116,38 +122,45 @@ async def chat_completion(
 
     if not body.stream:
         result = await wait_for_job(request, services, job)
-        answer = ChatCompletion(
+        whole = ChatCompletion(
             id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done)
         )
         for k, out in enumerate(result.outputs):
-            content, calls = calls_format.parse(out.text) if split else (out.text, [])
-            calls = calls[: len(calls) if parallel else 1] if tools else []
+            piece = answer.parse(out.text) if split else Piece(content=out.text)
+            content, calls = piece.content, piece.calls
             message = AssistantMessage(
-                content=(content or None) if calls else content, tool_calls=tool_calls(calls, 0, k)
+                content=(content or None) if calls else content,
+                tool_calls=tool_calls(calls, 0, k),
+                reasoning=(piece.reasoning or None) if reasoned else None,
             )
             choice = ChatChoice(
                 index=k, message=message, finish_reason=finish_reason(out.finish_reason, bool(calls))
             )
             if wants_logprobs:
                 choice.logprobs = chat_logprobs(out.logprobs, texts)
-            answer.choices.append(choice)
-        return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
+            whole.choices.append(choice)
+        return JSONResponse(whole.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
-    # per choice: the calls its answer made so far
-    limit = (None if parallel else 1) if tools else 0
-    calls_seen = [calls_format.stream(limit) for _ in range(n)] if split else None
+    # per choice: its answer split so far (the calls it made)
+    answers = [answer.stream() for _ in range(n)] if split else None
 
     def chunk(delta: ChatDelta, finish_reason: str | None = None, index: int = 0) -> ChatCompletionChunk:
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    def calls_chunk(content: str, calls: list[Call], index: int) -> bytes:
-        """What a piece of choice `index` adds: its content, then the calls it completed (whole)."""
-        assert calls_seen is not None
-        first = len(calls_seen[index].calls) - len(calls)  # calls given out before these
-        out = sse_chunk(chunk(ChatDelta(content=content), index=index), omit) if content else b""
+    def piece_chunks(piece: Piece, index: int) -> bytes:
+        """What a piece of choice `index` adds: its reasoning, its content, then the calls it
+        completed (whole)."""
+        assert answers is not None
+        calls = piece.calls
+        first = len(answers[index].calls) - len(calls)  # calls given out before these
+        out = b""
+        if piece.reasoning and reasoned:
+            out += sse_chunk(chunk(ChatDelta(reasoning=piece.reasoning), index=index), omit)
+        if piece.content:
+            out += sse_chunk(chunk(ChatDelta(content=piece.content), index=index), omit)
         if calls:
             deltas = [
                 ToolCallDelta(index=first + i, id=c.id, function=c.function)
@@ -158,8 +171,8 @@ async def chat_completion(
 
     def end(index: int, reason: str | None, usage: UsageInfo) -> bytes:
         """The chunks that end choice `index`: calls still held back, then its finish reason."""
-        last = calls_chunk(*calls_seen[index].flush(), index) if calls_seen is not None else b""
-        called = bool(calls_seen and calls_seen[index].calls)
+        last = piece_chunks(answers[index].flush(), index) if answers is not None else b""
+        called = bool(answers and answers[index].calls)
         closing = chunk(ChatDelta(), finish_reason(reason, called), index)
         if body.continuous_usage:
             closing.usage = usage
@@ -189,20 +202,21 @@ async def chat_completion(
             piece.usage = UsageInfo.counted(prompt_tokens, generated)
         return sse_chunk(piece, omit)
 
-    def with_tools(event: TokenEvent, generated: int) -> bytes:
-        assert calls_seen is not None
+    def with_split(event: TokenEvent, generated: int) -> bytes:
+        assert answers is not None
         k = event.index
-        content, calls = calls_seen[k].feed(event.text)
+        piece = answers[k].feed(event.text)
         if wants_logprobs or so_far is not None:  # the event's chunk carries them, content or not
-            piece = chunk(ChatDelta(content=content), index=k)
+            reasoning = (piece.reasoning or None) if reasoned else None
+            carrier = chunk(ChatDelta(content=piece.content, reasoning=reasoning), index=k)
             if wants_logprobs:
-                piece.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
+                carrier.choices[0].logprobs = chat_logprobs(event.logprobs or [], texts)
             if so_far is not None:
-                piece.usage = UsageInfo.counted(prompt_tokens, generated)
-            return sse_chunk(piece, omit) + calls_chunk("", calls, k)
-        return calls_chunk(content, calls, k)
+                carrier.usage = UsageInfo.counted(prompt_tokens, generated)
+            return sse_chunk(carrier, omit) + piece_chunks(Piece(calls=piece.calls), k)
+        return piece_chunks(piece, k)
 
-    render = with_tools if split else with_logprobs if wants_logprobs else None
+    render = with_split if split else with_logprobs if wants_logprobs else None
     choices = Choices(templates, end, prompt_tokens, so_far, render) if n > 1 else None
     return stream_job(services, job, templates[0], finish, head, usage=so_far, render=choices or render)
 

@@ -5,19 +5,25 @@ A template that shows tools (Qwen's, Mistral's) gets them, and the conversation'
 tool results, as it expects them (`tools=`, `tool_calls`, `role: tool`). Where the model has no
 template, or one that ignores tools, LocalMoE writes them in the hermes format itself, as Qwen2.5's
 template does: the tools in the system turn, earlier calls as `<tool_call>` text, tool results as
-a user turn of `<tool_response>` blocks."""
+a user turn of `<tool_response>` blocks.
+
+The template also gets the request's own variables (vLLM's `chat_template_kwargs`, such as
+Qwen3's `enable_thinking`, and OpenAI's `reasoning_effort`), and earlier assistant turns' reasoning
+as `reasoning_content` (Qwen3's and DeepSeek's name) and `thinking` (gpt-oss's)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from api.openai.errors import OpenAIError
 from api.openai.protocol import ChatMessage, Tool
+from api.openai.reasoning import opens_think, thinks
 from api.openai.tools import (
     HERMES,
     ToolFormat,
@@ -84,6 +90,8 @@ def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             ]
         if m.tool_call_id:
             turn["tool_call_id"] = m.tool_call_id
+        if (reasoning := m.reasoning or m.reasoning_content) is not None:
+            turn["reasoning_content"] = turn["thinking"] = reasoning
         turns.append(turn)
     return turns
 
@@ -116,24 +124,40 @@ def _hermes_turns(turns: list[dict[str, Any]], tools: list[dict[str, Any]]) -> l
     return [{"role": t["role"], "content": t["content"]} for t in out]
 
 
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    stop: list[str]  # stop strings the template implies (ChatML's end of turn)
+    calls: ToolFormat  # the format of the model's tool calls
+    think: bool = False  # the template writes think tags (api/openai/reasoning.py)
+
+    @property
+    def inside_think(self) -> bool:
+        """The prompt leaves the model inside a think block (its answer starts as reasoning)."""
+        return self.think and opens_think(self.prompt)
+
+
 async def render_chat(
     model_dir: Path,
     messages: Sequence[ChatMessage],
     add_generation_prompt: bool = True,
     tools: Sequence[Tool] = (),
-) -> tuple[str, list[str], ToolFormat]:
-    """→ (the prompt, stop strings the template implies, the format of the model's tool calls).
-    add_generation_prompt: end with the assistant's turn opened."""
+    variables: Mapping[str, Any] | None = None,
+) -> Rendered:
+    """add_generation_prompt: end with the assistant's turn opened; variables: more for the template
+    (a model without a template has nothing to take them)."""
     turns = _turns(messages)
     listed = [t.model_dump(exclude_none=True) for t in tools]
     uses_tools = bool(tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in turns)
     tokenizer = await asyncio.to_thread(_hf_tokenizer, model_dir)  # the first call loads it
     if tokenizer is None:
         hermes = _hermes_turns(turns, listed) if uses_tools else turns
-        return chatml(hermes, add_generation_prompt), [IM_END], HERMES
+        return Rendered(chatml(hermes, add_generation_prompt), [IM_END], HERMES)
     template = str(tokenizer.chat_template)
     native = template_renders_tools(template)
-    kwargs: dict[str, Any] = {"tools": listed} if listed and native else {}
+    kwargs: dict[str, Any] = dict(variables or {})
+    if listed and native:
+        kwargs["tools"] = listed
     if uses_tools and not native:
         turns = _hermes_turns(turns, listed)
     try:
@@ -142,4 +166,4 @@ async def render_chat(
         )
     except Exception as e:  # a template may refuse a conversation (jinja's raise_exception)
         raise OpenAIError(400, f"the model's chat template refused these messages: {e}", "messages") from e
-    return str(prompt), [], format_for(template) if native else HERMES
+    return Rendered(str(prompt), [], format_for(template) if native else HERMES, thinks(template))

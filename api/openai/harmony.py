@@ -7,13 +7,13 @@ and a tool call is a message to a function, ended by `<|call|>`:
     <|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>
     {"city": "Oslo"}<|call|>
 (one line; `to=` may also stand before the channel). The client gets the `final` channel's bodies
-as content and each function message as a call; the `analysis` channel (the model's reasoning) and
-other commentary are not content. The markers are special tokens of gpt-oss's tokenizer: the chat
-route keeps their text for a harmony model (skip_special_tokens false). A text with no message
-marker at all is content as written (a model that did not follow the format).
+as content, the `analysis` channel as reasoning (vLLM's `reasoning` field) and each function
+message as a call; other commentary is none of these. The markers are special tokens of gpt-oss's
+tokenizer: the chat route keeps their text for a harmony model (skip_special_tokens false). A text
+with no message marker at all is content as written (a model that did not follow the format).
 
-`parse` reads a whole answer; `HarmonyStream` the same incrementally, giving out the final channel's
-text as it arrives and each call once its message has ended.
+`parse` reads a whole answer; `HarmonyStream` the same incrementally, giving out the final and
+analysis channels' text as it arrives and each call once its message has ended.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from api.openai.reasoning import Call, Piece
+
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 TERMINATORS = ("<|end|>", "<|call|>", "<|return|>")
 MAX_HEADER = 256  # characters before <|message|>: more means the model is not writing harmony
 _CHANNEL = re.compile(r"<\|channel\|>\s*([^\s<]+)")
 _RECIPIENT = re.compile(r"to=functions\.([^\s<]+)")
-
-Call = tuple[str, str]  # (name, arguments as JSON text), as api/openai/tools.py's
 
 
 def _header(header: str) -> tuple[str | None, str | None]:
@@ -58,18 +58,22 @@ def _partial(text: str) -> int:
     return 0
 
 
-def parse(text: str) -> tuple[str, list[Call]]:
-    """A whole answer → (the final channel's text, the calls)."""
-    stream = HarmonyStream()
-    content, calls = stream.feed(text)
-    rest, more = stream.flush()
-    return (content + rest).strip(), calls + more
+def parse(text: str, limit: int | None = None) -> Piece:
+    """A whole answer → the analysis channel's text, the final channel's and the calls."""
+    stream = HarmonyStream(limit)
+    piece, rest = stream.feed(text), stream.flush()
+    return Piece(
+        (piece.reasoning + rest.reasoning).strip(),
+        (piece.content + rest.content).strip(),
+        piece.calls + rest.calls,
+    )
 
 
 @dataclass
 class HarmonyStream:
-    """ToolStream's interface for a harmony answer: `feed` → (content, calls) so far, `flush` at
-    the end → the rest. limit: calls given out at most (0 without tools: a call is not content)."""
+    """A harmony answer split as it arrives: `feed` → the reasoning, content and calls certain so
+    far, `flush` at the end → the rest. limit: calls given out at most (0 without tools: a call is
+    not content)."""
 
     limit: int | None = None
     calls: list[Call] = field(default_factory=list)  # every call given out
@@ -79,9 +83,9 @@ class HarmonyStream:
     _recipient: str | None = None
     _plain: bool = False  # no harmony here: everything is content
 
-    def feed(self, text: str) -> tuple[str, list[Call]]:
+    def feed(self, text: str) -> Piece:
         self._held += text
-        content, calls = "", list[Call]()
+        piece = Piece()
         while not self._plain:
             if not self._in_body:
                 at = self._held.find(MESSAGE)
@@ -93,40 +97,49 @@ class HarmonyStream:
                 self._held, self._in_body = self._held[at + len(MESSAGE) :], True
             end = _terminator(self._held)
             if end is None:
-                if self._is_content():  # give out what cannot be the start of a terminator
+                if self._shown():  # give out what cannot be the start of a terminator
                     cut = len(self._held) - _partial(self._held)
-                    content, self._held = content + self._held[:cut], self._held[cut:]
+                    self._body(piece, self._held[:cut])
+                    self._held = self._held[cut:]
                 break
             at, terminator = end
             body, self._held = self._held[:at], self._held[at + len(terminator) :]
-            content, calls = self._ended(body, content, calls)
+            self._ended(piece, body)
             if self._held.startswith(START):
                 self._held = self._held[len(START) :]
         if self._plain:
-            content, self._held = content + self._held, ""
-        return content, self._give(calls)
+            piece.content, self._held = piece.content + self._held, ""
+        piece.calls = self._give(piece.calls)
+        return piece
 
-    def flush(self) -> tuple[str, list[Call]]:
+    def flush(self) -> Piece:
         """The end of the answer: a body cut short (the length) ends there; a header alone is dropped."""
         held, self._held = self._held, ""
         if self._plain or (not self._in_body and not self._channel and not self.calls):
-            return held, []  # plain text, or nothing in harmony seen at all
-        if not self._in_body:
-            return "", []
-        content, calls = self._ended(held, "", [])
-        return content, self._give(calls)
+            return Piece(content=held)  # plain text, or nothing in harmony seen at all
+        piece = Piece()
+        if self._in_body:
+            self._ended(piece, held)
+            piece.calls = self._give(piece.calls)
+        return piece
 
-    def _is_content(self) -> bool:
-        return self._recipient is None and self._channel in ("final", None)
+    def _shown(self) -> bool:
+        """Is the message in progress text for the client (the answer, or the reasoning)?"""
+        return self._recipient is None and self._channel in ("final", "analysis", None)
 
-    def _ended(self, body: str, content: str, calls: list[Call]) -> tuple[str, list[Call]]:
+    def _body(self, piece: Piece, text: str) -> None:
+        if self._channel == "analysis":
+            piece.reasoning += text
+        else:
+            piece.content += text
+
+    def _ended(self, piece: Piece, body: str) -> None:
         if self._recipient is not None:
             if (call := _call(self._recipient, body)) is not None:
-                calls = [*calls, call]
-        elif self._is_content():
-            content += body
+                piece.calls.append(call)
+        elif self._shown():
+            self._body(piece, body)
         self._in_body, self._recipient = False, None
-        return content, calls
 
     def _give(self, calls: list[Call]) -> list[Call]:
         if self.limit is not None:

@@ -276,6 +276,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier calls.")
     tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+    reasoning: str | None = Field(
+        None, description="Extension, as vLLM: an assistant's earlier reasoning, for the chat template."
+    )
+    reasoning_content: str | None = Field(None, description="Extension: vLLM's older name for reasoning.")
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
@@ -335,9 +339,29 @@ class ChatCompletionRequest(SamplingRequest):
         "under a grammar: their arguments always validate against the function's parameters.",
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call (default: several).")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="For a reasoning model's chat template (gpt-oss's reads it); others ignore it."
+    )
+    include_reasoning: bool = Field(
+        True,
+        description="Extension, as vLLM: a reasoning model's thinking (think tags, gpt-oss's analysis "
+        "channel) comes back as `reasoning`, apart from the content; false leaves it out.",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Extension, as vLLM: more variables for the model's chat template, such as "
+        '`{"enable_thinking": false}` for Qwen3.',
+    )
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        taken = sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {}))
+        if taken:
+            raise OpenAIError(
+                400,
+                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do",
+                "chat_template_kwargs",
+            )
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -385,6 +409,34 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """What the chat template gets beside the messages and tools."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        return {**effort, **(self.chat_template_kwargs or {})}
+
+
+# apply_chat_template's own arguments: a request sets them through its fields, not the template's
+TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -443,6 +495,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning: str | None = Field(None, description="Extension, as vLLM: a reasoning model's thinking.")
 
 
 class TopLogprob(BaseModel):
@@ -487,6 +540,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
@@ -494,6 +548,8 @@ class ChatDelta(BaseModel):
         out: dict[str, Any] = handler(self)
         if self.tool_calls is None:
             out.pop("tool_calls", None)  # as OpenAI: only deltas that carry calls name them
+        if self.reasoning is None:
+            out.pop("reasoning", None)  # and only a reasoning model's reasoning deltas this one
         return out
 
 

@@ -9,6 +9,8 @@ not a probe.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,7 +18,7 @@ from api.auth import Caller
 from api.deps import ServicesDep
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
-from api.openai.protocol import ChatMessage, Tool
+from api.openai.protocol import TEMPLATE_ARGUMENTS, ChatMessage, Tool
 from api.openai.serving import check_model
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -32,6 +34,9 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, description="A chat, rendered by the model's template.")
     tools: list[Tool] | None = Field(None, description="Chat: the tools shown to the model, as chat does.")
     add_generation_prompt: bool = Field(True, description="Chat: end with the assistant's turn opened.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Chat: more variables for the model's chat template, as chat does."
+    )
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (BOS); default: a prompt yes, a chat no."
     )
@@ -43,6 +48,12 @@ class TokenizeRequest(BaseModel):
             raise ValueError("send exactly one of `prompt` and `messages`")
         if self.tools and self.messages is None:
             raise ValueError("`tools` go with `messages`")
+        if self.chat_template_kwargs and self.messages is None:
+            raise ValueError("`chat_template_kwargs` go with `messages`")
+        if taken := sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {})):
+            raise ValueError(
+                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do"
+            )
         return self
 
 
@@ -70,7 +81,10 @@ async def tokenize(body: TokenizeRequest, services: ServicesDep, _caller: Caller
     check_model(body.model, services)
     if body.messages is not None:
         model_dir = services.settings.resolved_model_dir
-        text, _, _ = await render_chat(model_dir, body.messages, body.add_generation_prompt, body.tools or ())
+        rendered = await render_chat(
+            model_dir, body.messages, body.add_generation_prompt, body.tools or (), body.chat_template_kwargs
+        )
+        text = rendered.prompt
         special = bool(body.add_special_tokens)
     else:
         text = body.prompt or ""

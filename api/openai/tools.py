@@ -126,14 +126,17 @@ class ToolFormat:
         are JSON, else hermes (a grammar for values written as text could not hold the schemas)."""
         return self if self.body in ("json", "json_list") else replace(HERMES, params=self.params)
 
-    def stream(self, limit: int | None = None) -> ToolStream | harmony.HarmonyStream:
-        """A streamed answer's splitter (limit: calls given out at most)."""
-        return harmony.HarmonyStream(limit) if self.body == "harmony" else ToolStream(self, limit)
+    def stream(self, limit: int | None = None) -> ToolStream:
+        """A streamed answer's splitter (limit: calls given out at most); not for harmony, whose
+        answers api/openai/answer.py splits whole."""
+        assert self.body != "harmony", "harmony answers are split by api/openai/harmony.py"
+        return ToolStream(self, limit)
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """A whole answer → (its content, its calls). No valid call: (text, [])."""
         if self.body == "harmony":  # the final channel is the content, whatever the calls
-            return harmony.parse(text)
+            piece = harmony.parse(text)
+            return piece.content, piece.calls
         at = text.find(self.start)
         if at < 0:
             return text, []
