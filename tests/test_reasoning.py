@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from api.openai.answer import AnswerFormat

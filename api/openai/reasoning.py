@@ -18,7 +18,7 @@ from enum import Enum
 
 THINK_START, THINK_END = "<think>", "</think>"
 
-Call = tuple[str, str]  # (name, arguments as JSON text), as api/openai/tools.py's
+Call = tuple[str, str]  # one parsed call: the function's name, its arguments as JSON text (OpenAI's)
 
 
 def thinks(template: str | None) -> bool:

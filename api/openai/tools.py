@@ -38,9 +38,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.openai import harmony
+from api.openai.reasoning import Call, partial_suffix
 
-# One parsed call: the function's name and its arguments as JSON text (OpenAI's shape)
-Call = tuple[str, str]
 MAX_FORCED_CALLS = 8  # parallel calls in one forced answer, at most: a model that never ends a
 # run of calls (a small one, greedy) stops there rather than at max_tokens with a cut call
 
@@ -327,7 +326,7 @@ class ToolStream:
             if not self._in_call:
                 at = self._held.find(start)
                 if at < 0:  # give out all but what could begin a call (and blanks before it)
-                    keep = _partial_suffix(self._held, start)
+                    keep = partial_suffix(self._held, start)
                     ready = self._held[: len(self._held) - keep]
                     cut = len(ready.rstrip())
                     content += self._held[:cut]
@@ -364,11 +363,3 @@ class ToolStream:
             if calls is not None:
                 return "", self._give(calls)
         return held, []
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker` (0: none)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
