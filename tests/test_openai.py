@@ -297,6 +297,50 @@ def test_a_model_chat_template_is_used(model_dir: Path, tmp_path: Path) -> None:
     assert asyncio.run(render_chat(model_dir, messages)).stop == ["<|im_end|>"]  # no template: ChatML
 
 
+def test_an_assistant_message_continued(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+    """vLLM's continue_final_message: the last message left open, the answer its continuation
+    (led by it with echo, whole and streamed); add_generation_prompt false alone opens no turn."""
+    opened = "def add(a, b):"
+    messages: list[Any] = [
+        {"role": "user", "content": "Add two numbers."},
+        {"role": "assistant", "content": opened},
+    ]
+    args: dict[str, Any] = {"model": model_dir.name, "messages": messages, "max_tokens": 8, "temperature": 0}
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    done = client.chat.completions.create(**args, extra_body={**extra, "echo": True})
+    job = jobs.get(f"/v1/jobs/{job_id(done.id)}").json()
+    assert job["spec"]["prompt"].endswith(f"<|im_end|>\n<|im_start|>assistant\n{opened}")
+    assert done.choices[0].message.content == opened + job["output"]
+    plain = client.chat.completions.create(**args, extra_body=extra)
+    assert plain.choices[0].message.content == job["output"]
+    streamed = client.chat.completions.create(**args, extra_body={**extra, "echo": True}, stream=True)
+    pieces = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+    assert pieces[0] == opened and "".join(pieces) == done.choices[0].message.content
+
+    closed = client.chat.completions.create(**args, extra_body={"add_generation_prompt": False})
+    assert (
+        jobs.get(f"/v1/jobs/{job_id(closed.id)}").json()["spec"]["prompt"].endswith(f"{opened}<|im_end|>\n")
+    )
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's rule: not both
+        client.chat.completions.create(**args, extra_body={"continue_final_message": True})
+    assert isinstance(e.value.body, dict) and e.value.body["param"] == "continue_final_message"
+
+
+def test_a_template_continues_the_final_message(model_dir: Path, tmp_path: Path) -> None:
+    templated = tmp_path / "templated"
+    templated.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            (templated / f.name).symlink_to(f)
+    (templated / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    messages = [ChatMessage(role="user", content="Hi."), ChatMessage(role="assistant", content="Hello, I am")]
+    rendered = asyncio.run(render_chat(templated, messages, add_generation_prompt=False, continue_final=True))
+    assert rendered.prompt == "[user] Hi.\n[assistant] Hello, I am"
+
+
 def test_stop_strings_end_the_text_and_are_left_out(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
     text = client.completions.create(**args).choices[0].text

@@ -80,7 +80,14 @@ async def chat_completion(
         if params is not None and (error := structured.check("json", json.dumps(params))):
             raise OpenAIError(400, f"the function's parameters schema cannot be used: {error}", f"tools.{i}")
     model_dir = services.settings.resolved_model_dir
-    rendered = await render_chat(model_dir, body.messages, tools=tools, variables=body.template_variables)
+    rendered = await render_chat(
+        model_dir,
+        body.messages,
+        body.add_generation_prompt,
+        tools,
+        body.template_variables,
+        body.continue_final_message,
+    )
     prompt, calls_format = rendered.prompt, rendered.calls
     keep_special = calls_format.body == "harmony" or (
         bool(tools) and calls_format.marked_by(services.counter.special_tokens)
@@ -107,6 +114,8 @@ async def chat_completion(
 
     texts = token_texts(services.counter.tokenizer)
     wants_logprobs = body.requested_logprobs is not None
+    last = body.messages[-1]  # echo: the answer leads with an assistant message it continues
+    lead = last.text if body.echo and last.role == "assistant" else ""
 
     def tool_calls(calls: list[Call], first: int, choice: int) -> list[ToolCall]:
         return [
@@ -127,7 +136,7 @@ async def chat_completion(
         )
         for k, out in enumerate(result.outputs):
             piece = answer.parse(out.text) if split else Piece(content=out.text)
-            content, calls = piece.content, piece.calls
+            content, calls = lead + piece.content, piece.calls
             message = AssistantMessage(
                 content=(content or None) if calls else content,
                 tool_calls=tool_calls(calls, 0, k),
@@ -193,6 +202,8 @@ async def chat_completion(
         if so_far is not None:
             first.usage = UsageInfo.counted(prompt_tokens, 0)
         head += sse_chunk(first, omit)
+        if lead:
+            head += sse_chunk(chunk(ChatDelta(content=lead), index=k), omit)
     templates = [sse.Template(chunk(ChatDelta(content=sse.MARK), index=k), omit) for k in range(n)]
 
     def with_logprobs(event: TokenEvent, generated: int) -> bytes:

@@ -55,8 +55,13 @@ def _hf_tokenizer(model_dir: Path) -> Any | None:
     return tokenizer if getattr(tokenizer, "chat_template", None) else None
 
 
-def chatml(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+def chatml(
+    messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, continue_final: bool = False
+) -> str:
+    """continue_final: the last message is left open (the model continues its text)."""
     turns = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    if continue_final and messages:
+        return turns[: -len(IM_END) - 1]
     return f"{turns}{IM_START}assistant\n" if add_generation_prompt else turns
 
 
@@ -143,16 +148,18 @@ async def render_chat(
     add_generation_prompt: bool = True,
     tools: Sequence[Tool] = (),
     variables: Mapping[str, Any] | None = None,
+    continue_final: bool = False,
 ) -> Rendered:
-    """add_generation_prompt: end with the assistant's turn opened; variables: more for the template
-    (a model without a template has nothing to take them)."""
+    """add_generation_prompt: end with the assistant's turn opened; continue_final: leave the last
+    message open instead (the model continues it; not with add_generation_prompt); variables: more
+    for the template (a model without a template has nothing to take them)."""
     turns = _turns(messages)
     listed = [t.model_dump(exclude_none=True) for t in tools]
     uses_tools = bool(tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in turns)
     tokenizer = await asyncio.to_thread(_hf_tokenizer, model_dir)  # the first call loads it
     if tokenizer is None:
         hermes = _hermes_turns(turns, listed) if uses_tools else turns
-        return Rendered(chatml(hermes, add_generation_prompt), [IM_END], HERMES)
+        return Rendered(chatml(hermes, add_generation_prompt, continue_final), [IM_END], HERMES)
     template = str(tokenizer.chat_template)
     native = template_renders_tools(template)
     kwargs: dict[str, Any] = dict(variables or {})
@@ -162,7 +169,11 @@ async def render_chat(
         turns = _hermes_turns(turns, listed)
     try:
         prompt = tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            turns,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final,
+            **kwargs,
         )
     except Exception as e:  # a template may refuse a conversation (jinja's raise_exception)
         raise OpenAIError(400, f"the model's chat template refused these messages: {e}", "messages") from e

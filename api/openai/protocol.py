@@ -352,9 +352,30 @@ class ChatCompletionRequest(SamplingRequest):
         description="Extension, as vLLM: more variables for the model's chat template, such as "
         '`{"enable_thinking": false}` for Qwen3.',
     )
+    add_generation_prompt: bool = Field(
+        True, description="Extension, as vLLM: end the prompt with the assistant's turn opened."
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Extension, as vLLM: leave the last message open (an assistant's start, say) and "
+        "have the model continue it; needs add_generation_prompt false. The answer is the continuation.",
+    )
+    echo: bool = Field(
+        False,
+        description="Extension, as vLLM: lead the answer with the last message's content when that "
+        "message is the assistant's.",
+    )
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        if self.continue_final_message and self.add_generation_prompt:
+            raise OpenAIError(
+                400,
+                "continue_final_message continues the last message: add_generation_prompt must be false",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].tool_calls:
+            raise OpenAIError(400, "a message with tool_calls cannot be continued", "continue_final_message")
         taken = sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {}))
         if taken:
             raise OpenAIError(

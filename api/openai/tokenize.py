@@ -37,6 +37,9 @@ class TokenizeRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Chat: more variables for the model's chat template, as chat does."
     )
+    continue_final_message: bool = Field(
+        False, description="Chat: leave the last message open, as chat does (add_generation_prompt false)."
+    )
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (BOS); default: a prompt yes, a chat no."
     )
@@ -48,6 +51,8 @@ class TokenizeRequest(BaseModel):
             raise ValueError("send exactly one of `prompt` and `messages`")
         if self.tools and self.messages is None:
             raise ValueError("`tools` go with `messages`")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt false")
         if self.chat_template_kwargs and self.messages is None:
             raise ValueError("`chat_template_kwargs` go with `messages`")
         if taken := sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {})):
@@ -82,7 +87,12 @@ async def tokenize(body: TokenizeRequest, services: ServicesDep, _caller: Caller
     if body.messages is not None:
         model_dir = services.settings.resolved_model_dir
         rendered = await render_chat(
-            model_dir, body.messages, body.add_generation_prompt, body.tools or (), body.chat_template_kwargs
+            model_dir,
+            body.messages,
+            body.add_generation_prompt,
+            body.tools or (),
+            body.chat_template_kwargs,
+            body.continue_final_message,
         )
         text = rendered.prompt
         special = bool(body.add_special_tokens)
