@@ -21,7 +21,7 @@ class FinishReason(StrEnum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 means greedy; top_k 0 and top_p 1.0 mean off.
+    """How to pick tokens. temperature 0 means greedy; top_k 0, top_p 1.0 and min_p 0 mean off.
 
     Before temperature (greedy too), as vLLM orders them: min_tokens (EOS and stop_token_ids are
     impossible until that many tokens were made), logit_bias (added to those tokens' logits), then
@@ -33,6 +33,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # keep tokens at least this times as likely as the likeliest (after temperature)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: every request makes exactly max_tokens tokens

@@ -4,7 +4,8 @@
 penalties: SamplingParams says how), row by row, only on the rows that ask for any.
 
 Greedy rows (temperature 0) take the argmax, exactly as `generate(do_sample=False)` does. Sampled
-rows apply temperature, then top-k, then top-p (the order of transformers' logits warpers) and draw
+rows apply temperature, then min-p (vLLM applies it there, before top-k and top-p), then top-k,
+then top-p (the order of transformers' logits warpers) and draw
 from their own `torch.Generator`, so a seeded request samples the same tokens whatever else is in
 the batch: every row-wise operation here depends on that row only.
 """
@@ -84,13 +85,15 @@ def _sample_rows(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
-    """Temperature / top-k / top-p sampling. logits: [S, V] float32; returns [S] int64."""
+    """Temperature / min-p / top-k / top-p sampling. logits: [S, V] float32; returns [S] int64."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
     # Sort once, descending; stable, so ties keep argmax's order (top_k=1 is greedy).
     sorted_logits, sorted_ids = torch.sort(
         logits / temperature[:, None], dim=-1, descending=True, stable=True
     )
+    if any(p.min_p > 0 for p in params):
+        sorted_logits = _mask_min_p(sorted_logits, [p.min_p for p in params])  # [S, V]
     sorted_logits = _mask_top_k(sorted_logits, [p.top_k for p in params])  # [S, V]
     probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
     probs = _mask_top_p(probs, [p.top_p for p in params])  # [S, V], unnormalised
@@ -98,6 +101,14 @@ def _sample_rows(
     for i, generator in enumerate(generators):
         picks[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
     return sorted_ids.gather(1, picks[:, None])[:, 0]
+
+
+def _mask_min_p(sorted_logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the likeliest (0: none). sorted_logits: [S, V],
+    descending: p_i < min_p * p_0 is logit_i < logit_0 + log(min_p)."""
+    m = torch.tensor(min_p, device=sorted_logits.device, dtype=sorted_logits.dtype)  # [S]
+    floor = sorted_logits[:, :1] + torch.log(m)[:, None]  # [S, 1]; -inf where min_p is 0
+    return sorted_logits.masked_fill(sorted_logits < floor, float("-inf"))
 
 
 def _mask_top_k(sorted_logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:

@@ -772,6 +772,7 @@ class VllmEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,
+                min_p=params.min_p,
                 seed=params.seed,
                 ignore_eos=params.ignore_eos,
                 presence_penalty=params.presence_penalty,

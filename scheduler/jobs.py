@@ -77,6 +77,12 @@ class JobSpec(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 is off.")
     top_k: int = Field(default=0, ge=0, description="Sample among the k likeliest tokens; 0 is off.")
+    min_p: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Sample among tokens at least this times as likely as the likeliest; 0 is off.",
+    )
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Makes sampling reproducible.")
     n: int = Field(
         default=1,

@@ -151,6 +151,13 @@ def test_logits_options_reach_the_engine(client: openai.OpenAI, jobs: httpx.Clie
     # The job API takes the same fields.
     r = jobs.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 3, "logit_bias": {str(token): 100}})
     assert wait_done(jobs, r.json()["id"])["output"] == piece * 3
+    # vLLM's min_p: 1 keeps only the likeliest token, so sampling at temperature 1 is greedy
+    greedy = client.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=6, temperature=0)
+    narrowed = client.completions.create(
+        model=model_dir.name, prompt=PROMPT, max_tokens=6, temperature=1.0, extra_body={"min_p": 1.0}
+    )
+    assert narrowed.choices[0].text == greedy.choices[0].text
+    assert jobs.get(f"/v1/jobs/{job_id(narrowed.id)}").json()["spec"]["min_p"] == 1.0
 
 
 def test_logprobs_for_completions_and_chat(client: openai.OpenAI, model_dir: Path) -> None:

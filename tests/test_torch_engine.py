@@ -12,6 +12,7 @@ import torch
 
 from moe_build.checkpoint import ARCHS, build_checkpoint
 from moe_core.engine import FinishReason, GenerationRequest, SamplingParams
+from moe_core.sampling import _mask_min_p
 from moe_core.torch_engine import TorchEngine
 from tests.parity import (
     LATE_PROMPTS,
@@ -136,9 +137,11 @@ def test_continuous_batching_matches_generate(engine: TorchEngine, references: d
 
 
 def _sampled(
-    request_id: str, prompt: str, seed: int | None, top_p: float = 1.0, top_k: int = 0
+    request_id: str, prompt: str, seed: int | None, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
 ) -> GenerationRequest:
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=top_p, top_k=top_k, seed=seed)
+    params = SamplingParams(
+        max_tokens=NEW_TOKENS, temperature=1.0, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
+    )
     return GenerationRequest(request_id, prompt, params)
 
 
@@ -160,6 +163,20 @@ def test_top_k_1_equals_greedy(engine: TorchEngine, references: dict[str, list[i
     prompt = PROMPTS[3]
     result = _run(engine, [_sampled("k1", prompt, seed=None, top_k=1)])["k1"]
     assert result.token_ids == references[prompt]
+
+
+def test_min_p(engine: TorchEngine, references: dict[str, list[int]]) -> None:
+    """min_p 1 keeps only the likeliest token: greedy; a small one keeps most (a seeded sample
+    unchanged), 0.5 some: the floor is relative to the likeliest token's probability."""
+    prompt = PROMPTS[3]
+    result = _run(engine, [_sampled("p1", prompt, seed=None, min_p=1.0)])["p1"]
+    assert result.token_ids == references[prompt]
+    free = _run(engine, [_sampled("free", prompt, seed=9)])["free"]
+    loose = _run(engine, [_sampled("loose", prompt, seed=9, min_p=1e-9)])["loose"]
+    assert loose.token_ids == free.token_ids and free.token_ids != references[prompt]
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1]]))
+    kept = _mask_min_p(logits, [0.5, 0.0]).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
 def test_max_tokens_finishes_with_length(engine: TorchEngine, references: dict[str, list[int]]) -> None:

@@ -587,6 +587,13 @@ def test_top_k_1_equals_greedy(engine: VllmEngine, references: dict[str, list[in
     assert result.token_ids == references[prompt]
 
 
+def test_min_p_1_equals_greedy(engine: VllmEngine, references: dict[str, list[int]]) -> None:
+    prompt = PROMPTS[3]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, min_p=1.0)
+    result = _run(engine, [GenerationRequest("p1", prompt, params)])["p1"]
+    assert result.token_ids == references[prompt]
+
+
 def test_max_tokens_finishes_with_length(engine: VllmEngine, references: dict[str, list[int]]) -> None:
     prompt = next(p for p in PROMPTS if 2 not in references[p][:5])
     result = _run(engine, [_greedy("len", prompt, max_tokens=5)])["len"]

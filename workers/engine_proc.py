@@ -195,6 +195,7 @@ def _params(spec: JobSpec, index: int, resumed_tokens: int) -> SamplingParams:
         temperature=spec.temperature,
         top_p=spec.top_p,
         top_k=spec.top_k,
+        min_p=spec.min_p,
         seed=None if spec.seed is None else (spec.seed + index) % 2**63,  # as vLLM seeds n sequences
         stop=tuple(spec.stop),
         ignore_eos=spec.ignore_eos,

@@ -8,8 +8,9 @@ that goes away before the end cancels its job.
 
 Behaviour follows vLLM's OpenAI server: n choices (one job, its n sequences generated together),
 logprobs, echo, penalties, logit_bias, seed, structured outputs (response_format,
-structured_outputs, guided_*), tools and tool calls, and vLLM's extensions (top_k, min_tokens,
-stop_token_ids, ignore_eos, skip_special_tokens, include_stop_str_in_output, continuous usage),
+structured_outputs, guided_*), tools and tool calls, a reasoning model's reasoning, and vLLM's
+extensions (top_k, min_p, min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
+include_stop_str_in_output, continuous usage, chat_template_kwargs, continue_final_message),
 plus LocalMoE's `priority` and `modality`. Refused with a 400 rather than silently ignored: more
 than one prompt per request, suffix, best_of > 1, and content parts other than text. Errors are
 `{"error": {message, type, param, code}}`; bad input is a 400 (as with OpenAI), a 429 keeps its

@@ -82,6 +82,12 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(
         None, ge=-1, description="Extension: sample among the k likeliest; 0 or -1 is off."
     )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Extension: sample among tokens at least this times as likely as the likeliest.",
+    )
     ignore_eos: bool = Field(False, description="Extension: generate exactly max_tokens tokens.")
     repetition_penalty: float | None = Field(
         None, description="Extension: divides positive logits of tokens seen (prompt or output); 1 is off."
@@ -145,6 +151,7 @@ class SamplingRequest(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=max(self.top_k or 0, 0),
+                min_p=self.min_p or 0.0,
                 seed=self.seed,
                 n=1 if self.n is None else self.n,
                 stop=stop,
