@@ -141,6 +141,11 @@ def test_a_thinking_model_through_the_service(
         assert "".join(d.get("reasoning") or "" for d in deltas) == message["reasoning"]
         assert "".join(d.get("content") or "" for d in deltas) == ""
 
+        # decoding under a constraint holds from the first token: that answer is not reasoning
+        choice = {**body, "structured_outputs": {"choice": ["yes", "no"]}}
+        constrained = http.post("/v1/chat/completions", json=choice).json()["choices"][0]["message"]
+        assert constrained["content"] in ("yes", "no") and constrained["reasoning"] is None
+
         hidden = http.post("/v1/chat/completions", json={**body, "include_reasoning": False}).json()
         assert hidden["choices"][0]["message"]["reasoning"] is None
         assert hidden["choices"][0]["message"]["content"] == ""

@@ -98,12 +98,14 @@ async def chat_completion(
     if forced:  # the calls are JSON under a grammar, whatever the model's own format
         calls_format = calls_format.forced()
     structure = StructuredOutputs(grammar=calls_format.grammar(forced, parallel)) if forced else None
-    # a harmony model's answer is channels, a thinking model's opens with its reasoning: split
-    # them even without tools
-    answer = AnswerFormat(calls_format, bool(tools), rendered.think, rendered.inside_think, parallel)
-    split, reasoned = answer.splits, body.include_reasoning
     max_tokens = body.requested_max_tokens or _default_max_tokens(services, prompt)
     spec = body.job_spec(prompt, max_tokens, rendered.stop, structure)
+    # a harmony model's answer is channels, a thinking model's opens with its reasoning: split
+    # them even without tools. Constrained decoding holds here from the first token (vLLM with a
+    # reasoning parser starts it after the reasoning), so a constrained answer has no reasoning.
+    think = rendered.think and spec.constraint is None
+    answer = AnswerFormat(calls_format, bool(tools), think, think and rendered.inside_think, parallel)
+    split, reasoned = answer.splits, body.include_reasoning
     if keep_special:
         spec.skip_special_tokens = False
     job = await accept_request(body, spec, caller, services, idempotency_key)
