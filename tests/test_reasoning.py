@@ -157,6 +157,11 @@ def test_a_thinking_model_through_the_service(
         assert job["spec"]["prompt"].endswith("<think>\n\n</think>\n\n")
         assert answered.json()["choices"][0]["message"]["content"] == job["output"]
         assert answered.json()["choices"][0]["message"]["reasoning"] is None
+        # as vLLM: reasoning_effort none turns thinking off, unless chat_template_kwargs says otherwise
+        for extra, closed in (({"reasoning_effort": "none"}, True), ({"reasoning_effort": "low"}, False)):
+            done = http.post("/v1/chat/completions", json={**body, "max_tokens": 1, **extra})
+            job = http.get(f"/v1/jobs/{job_id(done.json()['id'])}").json()
+            assert job["spec"]["prompt"].endswith("</think>\n\n") is closed, extra
         counted = http.post(
             "/tokenize", json={"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}
         )

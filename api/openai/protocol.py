@@ -346,8 +346,10 @@ class ChatCompletionRequest(SamplingRequest):
         "under a grammar: their arguments always validate against the function's parameters.",
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call (default: several).")
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
-        None, description="For a reasoning model's chat template (gpt-oss's reads it); others ignore it."
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        None,
+        description="For a reasoning model's chat template (gpt-oss's reads it); as vLLM, it also sets "
+        "the template's `enable_thinking` (false for none) unless chat_template_kwargs does.",
     )
     include_reasoning: bool = Field(
         True,
@@ -441,7 +443,12 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def template_variables(self) -> dict[str, Any]:
         """What the chat template gets beside the messages and tools."""
-        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        effort: dict[str, Any] = {}
+        if self.reasoning_effort is not None:
+            effort = {
+                "reasoning_effort": self.reasoning_effort,
+                "enable_thinking": self.reasoning_effort != "none",
+            }
         return {**effort, **(self.chat_template_kwargs or {})}
 
 
