@@ -40,7 +40,7 @@ def _admit(spec: JobSpec, services: Services) -> list[int]:
             "max_tokens", f"max_tokens {spec.max_tokens} is above this server's limit of {limit}"
         )
     counter = services.counter
-    prompt_ids = counter.encode(spec.prompt)
+    prompt_ids = spec.prompt_token_ids if spec.prompt_token_ids is not None else counter.encode(spec.prompt)
     n = len(prompt_ids)
     if n >= counter.max_context:
         raise _unprocessable("prompt", f"prompt has {n} tokens; the model's context is {counter.max_context}")
@@ -52,6 +52,7 @@ def _admit(spec: JobSpec, services: Services) -> list[int]:
         )
     vocab = counter.vocab_size
     for field, ids in (
+        ("prompt_token_ids", spec.prompt_token_ids or []),
         ("logit_bias", [int(t) for t in spec.logit_bias]),
         ("stop_token_ids", spec.stop_token_ids),
     ):

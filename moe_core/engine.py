@@ -7,6 +7,7 @@ each `step` advances every running request by at most one token and returns what
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -80,6 +81,13 @@ class GenerationRequest:
     # engine that orders its waiting requests takes the lowest rank first, and the torch engine
     # preempts a running request of a higher rank to make room for it (moe_core/torch_engine.py).
     priority: int = 1
+    # The prompt as token ids, as the client sent them: the engine takes them as they are (no
+    # tokenizing, no BOS added); `prompt` is then their text, for what reads the prompt as text.
+    prompt_token_ids: tuple[int, ...] | None = None
+
+    def prompt_ids(self, tokenize: Callable[[str], list[int]]) -> list[int]:
+        """The prompt's token ids: the client's own, else `tokenize(prompt)`."""
+        return list(self.prompt_token_ids) if self.prompt_token_ids is not None else tokenize(self.prompt)
 
 
 # A sampled token's log-probability under the model's raw next-token distribution (before

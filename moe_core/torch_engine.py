@@ -325,7 +325,7 @@ class TorchEngine:
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._ids:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
-        prompt_ids = self._tokenize(request.prompt)
+        prompt_ids = request.prompt_ids(self._tokenize)
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         matcher = self._matcher(request.params.structured) if request.params.structured else None

@@ -592,7 +592,7 @@ class VllmEngine:
         rid = request.request_id
         if rid in self._requests:
             raise ValueError(f"request {rid!r} is already in the engine")
-        prompt_ids = self._tokenize(request.prompt)
+        prompt_ids = request.prompt_ids(self._tokenize)
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         self._add(rid, prompt_ids, request.params, request.priority, request.tag)

@@ -13,7 +13,15 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from scheduler.structured import Constraint, ResponseFormat, StructuredOutputs, constraint_of
 from scheduler.webhooks import WebhookSpec
@@ -71,6 +79,13 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="The text or code to continue.")
+    prompt_token_ids: list[NonNegativeInt] | None = Field(
+        default=None,
+        min_length=1,
+        description="The prompt as token ids (OpenAI's token-array prompt): the engine takes them as "
+        "they are, no tokenizing and no BOS added; `prompt` then is their text, for modality detection "
+        "and the record.",
+    )
     max_tokens: int = Field(default=128, gt=0, description="Most tokens to generate.")
     temperature: float = Field(
         default=0.0, ge=0.0, le=5.0, description="0 means greedy decoding; so does anything below 1e-5."

@@ -52,9 +52,15 @@ class Outcome(Protocol):
     finish_reason: FinishReason | None
 
 
-def reference_tokens(model: Any, tokenizer: Any, prompt: str, max_tokens: int = NEW_TOKENS) -> list[int]:
-    """generate(do_sample=False) for the prompt alone, cut after the first EOS."""
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+def reference_tokens(
+    model: Any, tokenizer: Any, prompt: str | list[int], max_tokens: int = NEW_TOKENS
+) -> list[int]:
+    """generate(do_sample=False) for the prompt (text, or token ids as they are) alone, cut after
+    the first EOS."""
+    if isinstance(prompt, str):
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    else:
+        input_ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens, do_sample=False

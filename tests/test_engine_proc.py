@@ -54,6 +54,8 @@ def test_a_request_and_its_steps_arrive_as_sent() -> None:
     )  # a str enum: marshal takes none
     sent = GenerationRequest("j1", "def f(x):", params, tag="code", priority=3)
     assert unpack(pack(Add.of(request))).request() == sent
+    ids = GenerationRequest("j2", "def f(x):", params, prompt_token_ids=(1, 822, 285))
+    assert unpack(pack(Add.of(ids))).request() == ids
     sequences = [GenerationRequest(f"j1-{k}", "def f(x):", params, tag="code", priority=k) for k in range(3)]
     assert [add.request() for add in unpack(pack(AddMany.of(sequences))).each()] == sequences
 

@@ -217,6 +217,29 @@ def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> N
     assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
 
 
+def test_a_prompt_of_token_ids(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
+    """OpenAI's token-array prompt: the engine runs those ids as they are (the text prompt's own ids
+    give its completion; less the first, one token fewer: nothing added); the record and echo carry their
+    text; ids outside the vocabulary, or none, are a 400."""
+    ids = jobs.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    args: dict[str, Any] = {"model": model_dir.name, "max_tokens": 6, "temperature": 0}
+    by_text = client.completions.create(prompt=PROMPT, **args)
+    for prompt in (ids, [ids]):
+        by_ids = client.completions.create(prompt=prompt, **args)
+        assert by_ids.choices[0].text == by_text.choices[0].text
+        assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
+    job = jobs.get(f"/v1/jobs/{job_id(by_ids.id)}").json()
+    assert job["spec"]["prompt_token_ids"] == ids and job["spec"]["prompt"].endswith(PROMPT)
+    echoed = client.completions.create(prompt=ids[1:], echo=True, **args)
+    assert echoed.usage is not None and echoed.usage.prompt_tokens == len(ids) - 1  # none added
+    cut = jobs.post("/detokenize", json={"tokens": ids[1:]}).json()["prompt"]
+    assert cut and echoed.choices[0].text.startswith(cut)
+    for bad in ([10**7], [-1], [], [ids, ids]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(prompt=bad, **args)
+        assert isinstance(e.value.body, dict) and (e.value.body.get("param") or "").startswith("prompt"), bad
+
+
 def test_streamed_completion_concatenates_to_the_whole(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
     whole = client.completions.create(**args)

@@ -179,6 +179,21 @@ def test_min_p(engine: TorchEngine, references: dict[str, list[int]]) -> None:
     assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
+def test_a_prompt_of_token_ids_is_taken_as_it_is(
+    engine: TorchEngine, references: dict[str, list[int]]
+) -> None:
+    """prompt_token_ids: the engine runs those ids (the prompt's text unread): the tokenized
+    prompt's ids give its reference tokens, the same ids less the first (BOS) others."""
+    prompt = PROMPTS[3]
+    ids = tuple(engine.tokenizer(prompt)["input_ids"])
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    same = GenerationRequest("ids", "unread text", params, prompt_token_ids=ids)
+    cut = GenerationRequest("cut", prompt, params, prompt_token_ids=ids[1:])
+    results = _run(engine, [same, cut])
+    assert results["ids"].token_ids == references[prompt]
+    assert results["cut"].token_ids == reference_tokens(engine.model, engine.tokenizer, list(ids[1:]))
+
+
 def test_max_tokens_finishes_with_length(engine: TorchEngine, references: dict[str, list[int]]) -> None:
     prompt = next(p for p in PROMPTS if engine.tokenizer.eos_token_id not in references[p][:5])
     result = _run(engine, [_greedy("len", prompt, max_tokens=5)])["len"]

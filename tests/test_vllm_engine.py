@@ -94,14 +94,14 @@ def _collect_one(engine: VllmEngine, results: dict[str, Result], delta: Delta) -
     result.deltas += 1
     result.widest = max(result.widest, len(delta.token_ids))
     assert delta.completion_tokens == len(result.token_ids)
-    assert delta.prompt_tokens == engine.count_tokens(_prompts[delta.request_id])
+    assert delta.prompt_tokens == len(_requests[delta.request_id].prompt_ids(engine._tokenize))
 
 
-_prompts: dict[str, str] = {}  # request id -> prompt, for the prompt_tokens check
+_requests: dict[str, GenerationRequest] = {}  # request id -> request, for the prompt_tokens check
 
 
 def _add(engine: VllmEngine, request: GenerationRequest) -> None:
-    _prompts[request.request_id] = request.prompt
+    _requests[request.request_id] = request
     engine.add_request(request)
 
 
@@ -179,13 +179,13 @@ def references(reference: Reference) -> dict[str, list[int]]:
 def _engine_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test on the shared engine: nothing is left in it, nor in vLLM (a failed test's
     leftovers are aborted, so they do not fail the next test too)."""
-    _prompts.clear()
+    _requests.clear()
     yield
     if "engine" not in request.fixturenames:
         return
     engine: VllmEngine = request.getfixturevalue("engine")
     left = engine.has_unfinished()
-    for request_id in _prompts:
+    for request_id in _requests:
         engine.abort(request_id)
     while engine.has_unfinished():
         engine.step()
@@ -585,6 +585,20 @@ def test_top_k_1_equals_greedy(engine: VllmEngine, references: dict[str, list[in
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=1)
     result = _run(engine, [GenerationRequest("k1", prompt, params)])["k1"]
     assert result.token_ids == references[prompt]
+
+
+def test_a_prompt_of_token_ids_is_taken_as_it_is(
+    engine: VllmEngine, references: dict[str, list[int]]
+) -> None:
+    """The ids run as they are, the prompt's text unread (each delta's prompt_tokens: the ids')."""
+    prompt = PROMPTS[3]
+    ids = tuple(engine._tokenize(prompt))
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    same = GenerationRequest("ids", "unread text", params, prompt_token_ids=ids)
+    cut = GenerationRequest("cut", prompt, params, prompt_token_ids=ids[1:])
+    results = _run(engine, [same, cut])
+    assert results["ids"].token_ids == references[prompt]
+    assert results["cut"].token_ids != references[prompt]  # the first token left out changes them
 
 
 def test_min_p_1_equals_greedy(engine: VllmEngine, references: dict[str, list[int]]) -> None:

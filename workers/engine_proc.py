@@ -184,7 +184,15 @@ def requests_of(held: Held) -> tuple[list[GenerationRequest], list[Delta]]:
         else:
             prompt, params = job.spec.prompt + resumed_text, _params(job.spec, index, resumed_tokens)
             rank = job.priority.rank
-            adds.append(GenerationRequest(request_id, prompt, params, tag=job.modality, priority=rank))
+            # a prompt of token ids goes as sent; resumed after a worker's loss, as its text and
+            # the text made so far (the ids' text re-tokenized: the one place they are not kept)
+            ids = job.spec.prompt_token_ids
+            given = tuple(ids) if ids is not None and not resumed_text else None
+            adds.append(
+                GenerationRequest(
+                    request_id, prompt, params, tag=job.modality, priority=rank, prompt_token_ids=given
+                )
+            )
     return adds, ended
 
 

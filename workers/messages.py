@@ -89,16 +89,24 @@ class Add(NamedTuple):
     params: tuple[Any, ...]  # SamplingParams's fields, in order (tuples stay tuples in marshal)
     tag: str
     priority: int  # GenerationRequest.priority
+    prompt_token_ids: tuple[int, ...] | None  # GenerationRequest.prompt_token_ids
 
     @classmethod
     def of(cls, r: GenerationRequest) -> Add:
         params = tuple(getattr(r.params, f.name) for f in _PARAM_FIELDS)
         # marshal takes no str subclass (enums)
-        return cls(r.request_id, r.prompt, params, str(r.tag), int(r.priority))
+        return cls(r.request_id, r.prompt, params, str(r.tag), int(r.priority), r.prompt_token_ids)
 
     def request(self) -> GenerationRequest:
         params = SamplingParams(*self.params)
-        return GenerationRequest(self.request_id, self.prompt, params, tag=self.tag, priority=self.priority)
+        return GenerationRequest(
+            self.request_id,
+            self.prompt,
+            params,
+            tag=self.tag,
+            priority=self.priority,
+            prompt_token_ids=self.prompt_token_ids,
+        )
 
 
 class AddMany(NamedTuple):

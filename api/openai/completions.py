@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from api import sse
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
-from api.openai.errors import ERRORS, OpenAIRoute
+from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
@@ -46,7 +46,15 @@ async def text_completion(
     `accepted`: told of the job once it is accepted (before its answer is waited for)."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
-    spec = body.job_spec(body.text, 16 if body.max_tokens is None else body.max_tokens)
+    ids = body.token_ids
+    if ids is not None:  # their text, for detection, the record and echo; the engine takes the ids
+        vocab = services.counter.vocab_size
+        if outside := [t for t in ids if not 0 <= t < vocab]:
+            raise OpenAIError(400, f"token ids {outside[:8]} are outside the vocabulary of {vocab}", "prompt")
+        text = services.counter.tokenizer.decode(ids, skip_special_tokens=False)
+    else:
+        text = body.text or ""
+    spec = body.job_spec(text, 16 if body.max_tokens is None else body.max_tokens, prompt_token_ids=ids)
     job = await accept_request(body, spec, caller, services, idempotency_key)
     if accepted is not None:
         accepted(job)
@@ -58,7 +66,7 @@ async def text_completion(
         return Completion(id=rid, created=created, model=model, choices=[choice])
 
     texts = token_texts(services.counter.tokenizer)
-    lead = body.text if body.echo else ""
+    lead = text if body.echo else ""
 
     if not body.stream:
         result = await wait_for_job(request, services, job)
@@ -89,7 +97,7 @@ async def text_completion(
         return last
 
     templates = [sse.Template(completion(sse.MARK, None, k), omit) for k in range(n)]
-    head = b"".join(sse_chunk(completion(body.text, None, k), omit) for k in range(n)) if body.echo else b""
+    head = b"".join(sse_chunk(completion(text, None, k), omit) for k in range(n)) if body.echo else b""
     offsets = [len(lead)] * n  # per choice: where its next token's text starts
 
     def with_logprobs(event: TokenEvent, generated: int) -> bytes:

@@ -139,14 +139,17 @@ class SamplingRequest(BaseModel):
         max_tokens: int,
         extra_stop: Sequence[str] = (),
         structure: StructuredOutputs | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> JobSpec:
         """The job this request asks for; `structure`: a constraint of the server's own (forced
-        tool calls) in place of the request's."""
+        tool calls) in place of the request's; `prompt_token_ids`: a prompt sent as token ids
+        (`prompt` their text)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         stop += [s for s in extra_stop if s not in stop and len(stop) < 8]
         try:
             return JobSpec(
                 prompt=prompt,
+                prompt_token_ids=prompt_token_ids,
                 max_tokens=max_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
@@ -216,7 +219,10 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(description="The text to continue: a string, or a list of exactly one.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="The text to continue: a string or token ids (OpenAI's token array), or a list of "
+        "exactly one of either."
+    )
     max_tokens: int | None = Field(16, description="Most tokens to generate; default 16, as OpenAI.")
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Each token's log-probability and this many likeliest alternatives'."
@@ -229,18 +235,32 @@ class CompletionRequest(SamplingRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+        several = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        if several and len(self.prompt) != 1:
             raise OpenAIError(
                 400, f"a list of {len(self.prompt)} prompts: send exactly one prompt per request", "prompt"
             )
+        if self.prompt == [] or self.prompt == [[]]:
+            raise OpenAIError(400, "the prompt is empty", "prompt")
         if self.best_of not in (None, 1):
             raise OpenAIError(400, "best_of is not supported: only 1", "best_of")
         if self.suffix is not None:
             raise OpenAIError(400, "suffix (insertion) is not supported", "suffix")
 
     @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def text(self) -> str | None:
+        """The prompt's text (None: it was sent as token ids)."""
+        one = self.prompt[0] if isinstance(self.prompt, list) and self.prompt else self.prompt
+        return one if isinstance(one, str) else None
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The prompt's token ids, when sent as such."""
+        prompt = self.prompt
+        if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str):
+            return None
+        one = prompt[0] if isinstance(prompt[0], list) else prompt
+        return [t for t in one if isinstance(t, int)]
 
     @property
     def requested_logprobs(self) -> int | None:
