@@ -398,7 +398,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({"min_tokens": 10}, "min_tokens", "above max_tokens (4)"),
     ({"prompt": ["one", "two"]}, "prompt", "exactly one prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt", "string"),
+    ({"prompt": [1, "two"]}, "prompt", "string"),  # neither text nor token ids
     ({"prompt": "   "}, "prompt", "empty"),
     ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
