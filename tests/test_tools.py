@@ -15,8 +15,10 @@ import llguidance.hf
 import pytest
 from transformers import AutoTokenizer
 
+from api.openai.answer import AnswerFormat
 from api.openai.chat_template import render_chat
 from api.openai.protocol import ChatMessage, Tool
+from api.openai.reasoning import Piece
 from api.openai.tools import (
     DEEPSEEK_V3,
     GLM45,
@@ -179,10 +181,8 @@ def test_the_format_a_template_defines() -> None:
     assert format_for("{{ '<|tool_call|>' }}{{ tool_calls | tojson }}") is GRANITE
     assert format_for("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'}}") is DEEPSEEK_V3
     harmony = format_for("{{ '<|start|>assistant<|channel|>commentary to=functions.' + name }}")
-    assert harmony.name == "harmony" and harmony.parse("<|channel|>final<|message|>Hi.<|return|>") == (
-        "Hi.",
-        [],
-    )
+    final = AnswerFormat(harmony, tools=True).parse("<|channel|>final<|message|>Hi.<|return|>")
+    assert harmony.name == "harmony" and final == Piece(content="Hi.")
 
 
 def test_calls_written_as_text_are_forced_as_json() -> None:

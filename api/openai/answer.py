@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from api.openai.harmony import HarmonyStream
 from api.openai.harmony import parse as harmony_parse
-from api.openai.reasoning import Piece, ThinkSplit
+from api.openai.reasoning import Call, Piece, ThinkSplit
 from api.openai.tools import ToolFormat, ToolStream
 
 
@@ -74,7 +74,7 @@ class AnswerStream:
         self._tools = fmt.calls.stream(fmt.limit) if fmt.tools else None
 
     @property
-    def calls(self) -> list[tuple[str, str]]:
+    def calls(self) -> list[Call]:
         split = self._harmony or self._tools
         return split.calls if split is not None else []
 

@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from api.openai.reasoning import Call, Piece
+from api.openai.reasoning import Call, Piece, partial_suffix
 
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 TERMINATORS = ("<|end|>", "<|call|>", "<|return|>")
@@ -45,17 +45,14 @@ def _call(name: str, body: str) -> Call | None:
     return (name, json.dumps(arguments, ensure_ascii=False)) if isinstance(arguments, dict) else None
 
 
-def _terminator(text: str, start: int = 0) -> tuple[int, str] | None:
-    found = [(i, t) for t in TERMINATORS if (i := text.find(t, start)) >= 0]
+def _terminator(text: str) -> tuple[int, str] | None:
+    found = [(i, t) for t in TERMINATORS if (i := text.find(t)) >= 0]
     return min(found) if found else None
 
 
 def _partial(text: str) -> int:
     """The length of the longest end of `text` that begins a terminator (held back while streaming)."""
-    for n in range(min(max(len(t) for t in TERMINATORS) - 1, len(text)), 0, -1):
-        if any(t.startswith(text[-n:]) for t in TERMINATORS):
-            return n
-    return 0
+    return max(partial_suffix(text, t) for t in TERMINATORS)
 
 
 def parse(text: str, limit: int | None = None) -> Piece:

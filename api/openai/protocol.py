@@ -397,21 +397,13 @@ class ChatCompletionRequest(SamplingRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.continue_final_message and self.add_generation_prompt:
-            raise OpenAIError(
-                400,
-                "continue_final_message continues the last message: add_generation_prompt must be false",
-                "continue_final_message",
-            )
+        refused = template_options_refused(
+            self.chat_template_kwargs, self.add_generation_prompt, self.continue_final_message
+        )
+        if refused is not None:
+            raise OpenAIError(400, *refused)
         if self.continue_final_message and self.messages[-1].tool_calls:
             raise OpenAIError(400, "a message with tool_calls cannot be continued", "continue_final_message")
-        taken = sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {}))
-        if taken:
-            raise OpenAIError(
-                400,
-                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do",
-                "chat_template_kwargs",
-            )
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -470,6 +462,21 @@ class ChatCompletionRequest(SamplingRequest):
                 "enable_thinking": self.reasoning_effort != "none",
             }
         return {**effort, **(self.chat_template_kwargs or {})}
+
+
+def template_options_refused(
+    variables: dict[str, Any] | None, add_generation_prompt: bool, continue_final: bool
+) -> tuple[str, str] | None:
+    """Why a chat's template options cannot be used, and the field to name (None: they can)."""
+    if continue_final and add_generation_prompt:
+        why = "continue_final_message continues the last message: add_generation_prompt must be false"
+        return why, "continue_final_message"
+    if taken := sorted(TEMPLATE_ARGUMENTS.intersection(variables or {})):
+        return (
+            f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do",
+            "chat_template_kwargs",
+        )
+    return None
 
 
 # apply_chat_template's own arguments: a request sets them through its fields, not the template's

@@ -63,11 +63,12 @@ class ThinkSplit:
 
     inside: bool = False  # the prompt opened the block: the answer starts as reasoning
     _held: str = ""
-    _phase: _Phase | None = None
+    _phase: _Phase = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._phase = _Phase.REASONING if self.inside else _Phase.START
 
     def feed(self, text: str) -> tuple[str, str]:
-        if self._phase is None:
-            self._phase = _Phase.REASONING if self.inside else _Phase.START
         self._held += text
         reasoning = content = ""
         while self._held:

@@ -18,7 +18,7 @@ from api.auth import Caller
 from api.deps import ServicesDep
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
-from api.openai.protocol import TEMPLATE_ARGUMENTS, ChatMessage, Tool
+from api.openai.protocol import ChatMessage, Tool, template_options_refused
 from api.openai.serving import check_model
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -51,14 +51,13 @@ class TokenizeRequest(BaseModel):
             raise ValueError("send exactly one of `prompt` and `messages`")
         if self.tools and self.messages is None:
             raise ValueError("`tools` go with `messages`")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message needs add_generation_prompt false")
         if self.chat_template_kwargs and self.messages is None:
             raise ValueError("`chat_template_kwargs` go with `messages`")
-        if taken := sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {})):
-            raise ValueError(
-                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do"
-            )
+        refused = template_options_refused(
+            self.chat_template_kwargs, self.add_generation_prompt, self.continue_final_message
+        )
+        if refused is not None:
+            raise ValueError(refused[0])
         return self
 
 

@@ -37,7 +37,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from api.openai import harmony
 from api.openai.reasoning import Call, partial_suffix
 
 MAX_FORCED_CALLS = 8  # parallel calls in one forced answer, at most: a model that never ends a
@@ -126,16 +125,14 @@ class ToolFormat:
         return self if self.body in ("json", "json_list") else replace(HERMES, params=self.params)
 
     def stream(self, limit: int | None = None) -> ToolStream:
-        """A streamed answer's splitter (limit: calls given out at most); not for harmony, whose
-        answers api/openai/answer.py splits whole."""
+        """A streamed answer's splitter (limit: calls given out at most). Not for harmony: its
+        answers are channels, split whole by api/openai/harmony.py (api/openai/answer.py chooses)."""
         assert self.body != "harmony", "harmony answers are split by api/openai/harmony.py"
         return ToolStream(self, limit)
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
-        """A whole answer → (its content, its calls). No valid call: (text, [])."""
-        if self.body == "harmony":  # the final channel is the content, whatever the calls
-            piece = harmony.parse(text)
-            return piece.content, piece.calls
+        """A whole answer → (its content, its calls). No valid call: (text, []). Not for harmony."""
+        assert self.body != "harmony", "harmony answers are split by api/openai/harmony.py"
         at = text.find(self.start)
         if at < 0:
             return text, []
