@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 
 from api.stream_hub import StreamHub, retrying
@@ -29,6 +30,12 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         fields = cast(dict[str, str], await self.client.hgetall(keys.job(job_id)))
         return job_from_hash(fields) if fields else None
+
+    async def prompt_logprobs(self, job_id: str) -> list[Any] | None:
+        """The job's scored prompt (Job.prompt_logprobs): written before its first token entry, so
+        there for a reader that has seen one; None if it has not been scored."""
+        value = await self.client.hget(keys.job(job_id), "prompt_logprobs")
+        return cast(list[Any], orjson.loads(value)) if value else None
 
     async def cancel(self, job_id: str) -> CancelOutcome:
         return await record.cancel(self._cancel, job_id, self.ttl_s)

@@ -46,6 +46,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (finish "stop"; no text)
     skip_special_tokens: bool = True  # False: special tokens' text (EOS under ignore_eos...) is output
     logprobs: int | None = None  # k: each token's log-probability and the k likeliest alternatives
+    # k: each prompt token's log-probability given the tokens before it, with the k likeliest
+    # alternatives there (vLLM's prompt_logprobs; what loglikelihood evaluations read)
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the output
     # Constrained decoding: (kind, spec), a plain pair so it crosses the engine pipe as is (see
     # STRUCTURED_KINDS); every token sampled keeps the output a prefix of what the spec accepts.
@@ -94,6 +97,9 @@ class GenerationRequest:
 # penalties, bias and temperature: vLLM's default "raw_logprobs"), with the k likeliest tokens'
 # (id, log-probability), likeliest first: (token id, logprob, alternatives).
 TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+# A prompt token's: the same and its rank there (1: the likeliest); the first token's logprob and
+# rank are None (nothing precedes it): (token id, logprob, alternatives, rank).
+PromptLogprob = tuple[int, float | None, tuple[tuple[int, float], ...], int | None]
 
 
 @dataclass
@@ -116,6 +122,8 @@ class Delta:
     error: str | None = None  # with FinishReason.ERROR
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
     cached_tokens: int = 0  # prompt tokens whose KV the engine found in its prefix cache
+    # With params.prompt_logprobs, on the request's first delta only: one per prompt token
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass

@@ -39,7 +39,15 @@ from transformers.cache_utils import DynamicLayer
 
 from host.heap import thaw_heap
 from moe_core.detokenize import IncrementalDetokenizer, StopStringBuffer
-from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
+from moe_core.engine import (
+    Delta,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    PromptLogprob,
+    SamplingParams,
+    TokenLogprob,
+)
 from moe_core.expert_cache import CacheStats, ExpertCache
 from moe_core.loader import load_model, resolve_dtype
 from moe_core.sampling import adjust_logits, apply_token_bitmask, make_generator, sample_next_tokens
@@ -471,11 +479,20 @@ class TorchEngine:
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
         cache = DynamicCache()
         self._expect_tags(seqs, mask)
-        logits = self._forward(input_ids, mask, position_ids, cache)  # [N, V]
+        # Rows whose prompt is scored (prompt_logprobs; a preempted row's were sent at its first prefill)
+        scored = [r for r, s in enumerate(seqs) if s.params.prompt_logprobs is not None and not s.output_ids]
+        logits = self._forward(input_ids, mask, position_ids, cache, every_position=bool(scored))
+        # logits: [N, L, V] with a scored row, else [N, 1, V]
+        prompt_logprobs = {
+            (q := seqs[r]).request_id: _prompt_logprobs(logits[r], q.prompt_ids, q.params.prompt_logprobs)
+            for r in scored
+        }
         if not bool(mask.all()):
             _zero_padding(cache, mask)
         new = _Batch(seqs, cache, mask, positions=mask.sum(dim=1), last_tokens=input_ids[:, -1])
-        deltas = self._sample_and_advance(new, logits)
+        deltas = self._sample_and_advance(new, logits[:, -1])
+        for delta in deltas:
+            delta.prompt_logprobs = prompt_logprobs.get(delta.request_id)
         if not new.seqs:
             pass  # every admitted request finished on its first token
         elif self._batch is None or not self._batch.seqs:
@@ -491,10 +508,10 @@ class TorchEngine:
         mask = F.pad(batch.mask, (0, 1), value=1)  # [B, T + 1]: the fed token's column
         input_ids, position_ids = batch.last_tokens[:, None], batch.positions[:, None]  # [B, 1]
         self._expect_tags(batch.seqs, None)
-        logits = self._forward(input_ids, mask, position_ids, batch.cache)  # [B, V]
+        logits = self._forward(input_ids, mask, position_ids, batch.cache)  # [B, 1, V]
         batch.mask = mask
         batch.positions = batch.positions + 1
-        return self._sample_and_advance(batch, logits)
+        return self._sample_and_advance(batch, logits[:, -1])
 
     def _expect_tags(self, seqs: Sequence[_Sequence], mask: torch.Tensor | None) -> None:
         """Tell the telemetry whose tokens the next forward carries: [N, L] under a prefill's mask
@@ -514,9 +531,15 @@ class TorchEngine:
         return self.telemetry.snapshot() if self.telemetry is not None else {}
 
     def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """One model forward appending to `cache`; returns the last column's logits, [B, V].
+        """One model forward appending to `cache`; returns the last column's logits, [B, 1, V], or
+        with every_position every column's, [B, Q, V].
 
         input_ids, position_ids: [B, Q]; mask: [B, T + Q] over cache columns then input columns.
         """
@@ -527,7 +550,7 @@ class TorchEngine:
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,  # 0: all
             )
             if self.telemetry is not None:
                 self.telemetry.flush()
@@ -536,7 +559,7 @@ class TorchEngine:
                 self.telemetry.expect(None)  # forwards that are not ours (generate()) go uncounted
         self._steps += 1
         self._max_batch_seen = max(self._max_batch_seen, input_ids.shape[0])
-        logits: torch.Tensor = out.logits[:, -1, :]  # [batch, vocab]
+        logits: torch.Tensor = out.logits
         return logits
 
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> list[Delta]:
@@ -614,6 +637,26 @@ def _token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
         tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
     )
     return token, float(logprobs[token]), alternatives
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int | None) -> list[PromptLogprob]:
+    """Each prompt token's raw log-probability given the ones before it, with the k likeliest there
+    and its rank (the first token's are None).
+
+    logits: one left-padded prefill row's, [L, V]; the prompt fills its last len(prompt) columns, so
+    column L - len(prompt) + i - 1 predicts prompt[i]."""
+    length, m = logits.shape[0], len(prompt)
+    scores = torch.log_softmax(logits[length - m : length - 1].float(), dim=-1)  # [m - 1, V]
+    ids = torch.tensor(prompt[1:], dtype=torch.long, device=scores.device)
+    chosen = scores.gather(1, ids[:, None])  # [m - 1, 1]
+    ranks = ((scores > chosen).sum(dim=1) + 1).tolist()
+    top = torch.topk(scores, k) if k else None
+    ranked = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+    out: list[PromptLogprob] = [(prompt[0], None, (), None)]
+    for i, (token, logprob) in enumerate(zip(prompt[1:], chosen[:, 0].tolist(), strict=True)):
+        alternatives = tuple(zip(*ranked[i], strict=True)) if ranked else ()
+        out.append((token, logprob, alternatives, ranks[i]))
+    return out
 
 
 def _left_pad(

@@ -87,7 +87,15 @@ from typing import Any
 
 from host.heap import thaw_heap
 from moe_core.detokenize import StopStringBuffer
-from moe_core.engine import Delta, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
+from moe_core.engine import (
+    Delta,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    PromptLogprob,
+    SamplingParams,
+    TokenLogprob,
+)
 from moe_core.moe_configs import MoeShape, moe_shape
 from moe_core.telemetry import RoutedCounts
 
@@ -135,6 +143,7 @@ class _Request:
     finished: bool = False  # its final delta is built (in _ready, or already returned)
     stops: StopStringBuffer | None = None  # its stop strings, if any
     logprobs: int | None = None  # the alternatives per token it asked for (None: no logprobs)
+    prompt_logprobs: int | None = None  # the alternatives per prompt token it asked for
     cached_tokens: int = 0  # prompt tokens vLLM found in its prefix cache (known from its first output)
     batch: bool = False  # of the batch tier's rank (>= batch_rank): counted against batch_rows in vLLM
     held: bool = False  # waiting in this adapter for one of the batch tier's rows
@@ -599,7 +608,13 @@ class VllmEngine:
 
     def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams, priority: int, tag: str) -> None:
         stops = StopStringBuffer(params.stop, params.include_stop_str_in_output) if params.stop else None
-        state = _Request(prompt_tokens=len(prompt_ids), tag=tag, stops=stops, logprobs=params.logprobs)
+        state = _Request(
+            prompt_tokens=len(prompt_ids),
+            tag=tag,
+            stops=stops,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+        )
         room = self.max_context - len(prompt_ids)
         if room <= 0 or params.max_tokens <= 0:  # backstop: the API rejects these earlier
             self._requests[rid] = state
@@ -785,6 +800,7 @@ class VllmEngine:
                 skip_special_tokens=params.skip_special_tokens,
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
                 structured_outputs=_structured_outputs(params.structured),
                 output_kind=RequestOutputKind.DELTA,
             )
@@ -846,7 +862,11 @@ class VllmEngine:
             return  # aborted already: what vLLM still sent is dropped
         completion = out.outputs[0]
         token_ids = list(completion.token_ids)
+        prompt_logprobs = None
         if not state.started:  # past prefill: what its prefix cache spared it is known
+            if state.prompt_logprobs is not None:  # vLLM sends them with the first output only
+                k = state.prompt_logprobs
+                prompt_logprobs = _prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, k)
             state.cached_tokens = int(getattr(out, "num_cached_tokens", None) or 0)
             self._prompt_tokens += state.prompt_tokens
             self._cached_tokens += state.cached_tokens
@@ -883,6 +903,7 @@ class VllmEngine:
                 finish_reason=reason,
                 error=error,
                 logprobs=_logprobs(token_ids, completion.logprobs, state.logprobs),
+                prompt_logprobs=prompt_logprobs,
                 cached_tokens=state.cached_tokens,
             )
         )
@@ -957,10 +978,20 @@ def _logprobs(token_ids: list[int], entries: Any, k: int | None) -> list[TokenLo
     likeliest) as TokenLogprobs, aligned with `token_ids`; None when the request asked for none."""
     if k is None or entries is None:
         return None
-    out: list[TokenLogprob] = []
-    for token, entry in zip(token_ids, entries, strict=True):
-        ranked = sorted(entry.items(), key=lambda item: item[1].rank)
-        out.append(
-            (token, float(entry[token].logprob), tuple((t, float(lp.logprob)) for t, lp in ranked[:k]))
-        )
-    return out
+    return [_entry(token, entry, k) for token, entry in zip(token_ids, entries, strict=True)]
+
+
+def _prompt_logprobs(prompt_ids: Any, entries: Any, k: int) -> list[PromptLogprob] | None:
+    """vLLM's prompt logprobs (None for the first token, then one {token id: Logprob} per token)
+    as PromptLogprobs aligned with the prompt's ids."""
+    if prompt_ids is None or entries is None:
+        return None
+    return [
+        (int(token), None, (), None) if entry is None else (*_entry(int(token), entry, k), entry[token].rank)
+        for token, entry in zip(prompt_ids, entries, strict=True)
+    ]
+
+
+def _entry(token: int, entry: Any, k: int) -> TokenLogprob:
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+    return token, float(entry[token].logprob), tuple((t, float(lp.logprob)) for t, lp in ranked[:k])

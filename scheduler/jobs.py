@@ -136,6 +136,13 @@ class JobSpec(BaseModel):
         le=20,
         description="Each token's log-probability and this many likeliest alternatives'.",
     )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Each prompt token's log-probability given the tokens before it (the first has "
+        "none), with this many likeliest alternatives' there: the job's `prompt_logprobs`.",
+    )
     stop_token_ids: list[int] = Field(
         default_factory=list, max_length=64, description="Token ids that end generation (as EOS does)."
     )
@@ -266,6 +273,9 @@ class Job(BaseModel):
     # With spec.logprobs: per generated token [id, logprob, [[id, logprob], ...]] (the engine's raw
     # distribution), set with the terminal state (what a resumed job's earlier attempts made is not)
     logprobs: list[Any] | None = None
+    # With spec.prompt_logprobs: per prompt token [id, logprob or None (the first), [[id, logprob],
+    # ...]], written once the prompt is scored (before the first token's stream entry)
+    prompt_logprobs: list[Any] | None = None
     finish_reason: str | None = None  # stop | length | abort
     # With spec.n > 1, every sequence's (index k at k), set with the terminal state a worker
     # writes (None for a job cancelled while queued); `output` and `logprobs` are sequence 0's then,

@@ -58,6 +58,7 @@ def event_data(
         "priority": job.priority.value,
         "worker": job.worker,
         **({"logprobs": job.logprobs} if job.logprobs is not None else {}),  # when the job asked
+        **({"prompt_logprobs": job.prompt_logprobs} if job.prompt_logprobs is not None else {}),
         **({"outputs": [o.model_dump() for o in outputs]} if outputs is not None else {}),  # n > 1
     }
 

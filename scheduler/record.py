@@ -300,6 +300,16 @@ local function first_token(job, at)
 end
 """
 
+# The job's scored prompt (Job.prompt_logprobs), written only by the attempt that owns the running
+# job: a stale worker never writes, and a job gone (expired or deleted) is not made again. KEYS:
+# the job hash; ARGV: the attempt (JSON), the field's JSON. → 1 written, 0 not.
+PROMPT_LOGPROBS = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= {RUNNING} then return 0 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'prompt_logprobs', ARGV[2])
+return 1
+"""
+
 # `finalize(job, events, running, outbox, attempt, ttl, done, hook, fields)`: the job's terminal
 # state, written only if this attempt still owns the running job, so a stale worker can never
 # overwrite a newer attempt or a terminal state, nor announce one. Arguments: the job hash, its

@@ -182,10 +182,33 @@ def reference_logprobs(model: Any, tokenizer: Any, prompt: str, max_tokens: int,
     return entries
 
 
+def reference_prompt_logprobs(model: Any, tokenizer: Any, prompt: str, k: int) -> list[Any]:
+    """One plain forward over the prompt alone: each token's raw log-probability given the ones
+    before it, the k likeliest there and its rank, [(token, logprob, ((id, logprob), ...), rank)];
+    the first token's logprob and rank are None and its alternatives ()."""
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]  # [L, V]
+    scores = torch.log_softmax(logits.float(), dim=-1)
+    entries: list[Any] = [(ids[0], None, (), None)]
+    for i, token in enumerate(ids[1:]):
+        top = torch.topk(scores[i], k)
+        alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if k else ()
+        rank = 1 + int((scores[i] > scores[i, token]).sum())
+        entries.append((token, float(scores[i, token]), alternatives, rank))
+    return entries
+
+
 def assert_logprobs_close(got: list[Any], want: list[Any], tolerance: float = 1e-3) -> None:
     """Same tokens and alternatives (ids in order), log-probabilities within `tolerance`."""
     assert [g[0] for g in got] == [w[0] for w in want]
-    for (_, lp, top), (_, want_lp, want_top) in zip(got, want, strict=True):
+    for entry, wanted in zip(got, want, strict=True):
+        (lp, top), (want_lp, want_top) = entry[1:3], wanted[1:3]
+        if want_lp is None:  # a prompt's first token
+            assert lp is None and not top
+            continue
+        if len(wanted) > 3:  # a prompt token's rank (ties aside)
+            assert abs(entry[3] - wanted[3]) <= 1
         assert abs(lp - want_lp) < tolerance and lp <= 0
         assert [t for t, _ in top] == [t for t, _ in want_top]
         assert all(abs(a - b) < tolerance for (_, a), (_, b) in zip(top, want_top, strict=True))

@@ -30,8 +30,10 @@ from tests.parity import (  # noqa: E402
     ARCH_PARAMS,
     LOGITS_OPTIONS,
     adjusted_reference,
+    assert_logprobs_close,
     assert_n_sequences,
     assert_obeys,
+    reference_prompt_logprobs,
     structured_requests,
 )
 from tests.test_torch_engine import (  # noqa: E402
@@ -134,6 +136,20 @@ def test_logits_options_and_structured_outputs_as_the_torch_engine(checkpoint: P
         assert request.params.structured is not None
         assert_obeys(request.params.structured, results[request.request_id].text)
     assert_n_sequences(lambda requests: {r: x.token_ids for r, x in _run(engine, requests).items()})
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_prompt_logprobs_through_deepspeed(checkpoint: Path, offload: str) -> None:
+    """Scoring the prompt asks DeepSpeed's forward (init_inference, or ZeRO-3 with its weights in
+    CPU memory) for every position's logits: the same as a plain forward over the prompt."""
+    engine = DeepSpeedEngine(checkpoint, device="cpu", dtype="auto", max_batch_size=8, offload=offload)
+    engine.load()
+    reference = TorchEngine(checkpoint)
+    reference.load()
+    prompt = PROMPTS[2]
+    want = reference_prompt_logprobs(reference.model, reference.tokenizer, prompt, 2)
+    results = _run(engine, [GenerationRequest("s", prompt, SamplingParams(max_tokens=2, prompt_logprobs=2))])
+    assert_logprobs_close(results["s"].prompt_logprobs, want)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])

@@ -206,6 +206,80 @@ def test_logprobs_for_completions_and_chat(client: openai.OpenAI, model_dir: Pat
     assert client.chat.completions.create(**chat_args).choices[0].logprobs is None
 
 
+@pytest.fixture(scope="module")
+def prompt_reference(model_dir: Path) -> Any:
+    """PROMPT's tokens scored by a plain forward of the model the worker serves (float32 on CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.parity import reference_prompt_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    return reference_prompt_logprobs(model, AutoTokenizer.from_pretrained(model_dir), PROMPT, 2)
+
+
+def test_prompt_logprobs_score_the_prompt_as_evaluations_ask(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path, prompt_reference: Any
+) -> None:
+    """What loglikelihood evaluations send (echo, logprobs, one token): the prompt's tokens lead
+    the logprobs, the first with none, each as a plain forward over the prompt scores it; vLLM's
+    prompt_logprobs carry the same with ranks; streamed, the echo chunk carries them; chat and the
+    job API score their prompt too; prompt_logprobs with stream is vLLM's 400."""
+    from tests.parity import assert_logprobs_close
+
+    ids = [t for t, *_ in prompt_reference]
+    args: dict[str, Any] = {"model": model_dir.name, "max_tokens": 1, "temperature": 0}
+    whole = client.completions.create(prompt=ids, echo=True, logprobs=2, **args)
+    choice, want = whole.choices[0], prompt_reference
+    lp = choice.logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert (
+        len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    )
+    assert lp.text_offset is not None and lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    scored = choice.model_extra["prompt_logprobs"] if choice.model_extra else None
+    assert scored is not None and scored[0] is None and len(scored) == len(ids)
+    got = []
+    for token, position in zip(ids, scored, strict=True):
+        if position is None:
+            got.append((token, None, (), None))
+            continue
+        mine = position[str(token)]
+        others = sorted(
+            ((int(t), e) for t, e in position.items() if e["rank"] <= 2), key=lambda x: x[1]["rank"]
+        )
+        got.append((token, mine["logprob"], tuple((t, e["logprob"]) for t, e in others), mine["rank"]))
+        assert mine["decoded_token"] == lp.tokens[len(got) - 1]  # type: ignore[index]
+    assert_logprobs_close(got, want, tolerance=1e-3)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([w[1] for w in want[1:]], abs=1e-3)
+    # streamed: the echo chunk carries the prompt's logprobs, then the token's
+    chunks = list(client.completions.create(prompt=ids, echo=True, logprobs=2, stream=True, **args))
+    streamed = [
+        x
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for x in c.choices[0].logprobs.token_logprobs or []
+    ]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
+    # without echo, only the answer's (as before); with prompt_logprobs alone, the field only
+    plain = client.completions.create(prompt=ids, logprobs=2, **args).choices[0]
+    assert plain.logprobs is not None and len(plain.logprobs.token_logprobs or []) == 1
+    assert not (plain.model_extra or {}).get("prompt_logprobs")
+    only = client.completions.create(prompt=ids, extra_body={"prompt_logprobs": 0}, **args).choices[0]
+    assert only.logprobs is None and len((only.model_extra or {})["prompt_logprobs"]) == len(ids)
+    # chat scores its rendered prompt; the job API carries the scores in the job
+    chat = client.chat.completions.create(messages=CONVERSATION, extra_body={"prompt_logprobs": 1}, **args)
+    assert chat.usage is not None
+    assert len((chat.model_extra or {})["prompt_logprobs"]) == chat.usage.prompt_tokens
+    job = jobs.post(
+        "/v1/jobs", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+    )
+    done = wait_done(jobs, job.json()["id"])
+    assert [e[0] for e in done["prompt_logprobs"]] == ids
+    assert [e[1] for e in done["prompt_logprobs"][1:]] == pytest.approx([w[1] for w in want[1:]], abs=1e-3)
+    refused = jobs.post("/v1/completions", json={"prompt": PROMPT, "stream": True, "prompt_logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     plain = client.completions.create(**args).choices[0].text

@@ -81,6 +81,35 @@ def test_a_batch_of_steps_is_written_as_readers_expect(client: redis.Redis) -> N
     assert set(relay.held) == {b.job.id}
 
 
+def test_a_scored_prompt_is_in_the_record_before_the_first_token(client: redis.Redis) -> None:
+    """The prompt's logprobs go to the job record before the write of its first token entry (a
+    reader that saw one finds them); a resumed attempt keeps the prompt's part of what it scored;
+    a stale attempt writes none, nor does a job whose record is gone."""
+    relay = Relay(client, TTL)
+    first, resumed, stale, gone = (
+        _held(client, 1),
+        _held(client, 2),
+        _held(client, 1, recorded_attempt=2),
+        _held(client, 1),
+    )
+    resumed.resumed_tokens = 2
+    resumed.job.usage.prompt_tokens = 2
+    client.delete(keys.job(gone.job.id))
+    scored = [[3, None, [], None], [9, -1.5, [[9, -1.5]], 1], [4, -0.5, [], 1]]
+    for held in (first, resumed, stale, gone):
+        relay.track(held)
+    relay._write_with_retry(
+        [[Delta(h.job.id, "x", [5], 3, 1, prompt_logprobs=scored) for h in (first, resumed, stale, gone)]]
+    )  # fmt: skip
+    assert json.loads(client.hget(keys.job(first.job.id), "prompt_logprobs") or "") == scored
+    assert job_from_hash(client.hgetall(keys.job(first.job.id))).prompt_logprobs == scored
+    assert json.loads(client.hget(keys.job(resumed.job.id), "prompt_logprobs") or "") == scored[:2]
+    assert json.loads(client.hget(keys.job(stale.job.id), "prompt_logprobs") or "") is None  # null
+    assert client.hget(keys.job(gone.job.id), "prompt_logprobs") is None
+    relay._write_with_retry([[Delta(first.job.id, "", [2], 3, 2, FinishReason.STOP)]])
+    assert first.future.result().prompt_logprobs == scored  # the terminal webhook's job carries them
+
+
 def test_a_job_of_n_sequences_streams_each_and_ends_with_its_last(client: redis.Redis) -> None:
     """n > 1: each sequence's entries name it (and its last says how it ended), numbered together;
     the job ends once every sequence has, its usage their sum, its record each one's output; a new

@@ -27,6 +27,7 @@ from tests.parity import (
     assert_obeys,
     output_option_cases,
     reference_logprobs,
+    reference_prompt_logprobs,
     reference_tokens,
     structured_requests,
 )
@@ -38,6 +39,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     deltas: int = 0
+    prompt_logprobs: list[Any] | None = None  # the first delta's, when the request asked
 
 
 def _collect(engine: TorchEngine, results: dict[str, Result]) -> None:
@@ -47,6 +49,9 @@ def _collect(engine: TorchEngine, results: dict[str, Result]) -> None:
         result.text += delta.text
         result.token_ids += delta.token_ids
         result.finish_reason = delta.finish_reason
+        if delta.prompt_logprobs is not None:
+            assert result.deltas == 0, "prompt logprobs after the first delta"
+            result.prompt_logprobs = delta.prompt_logprobs
         result.deltas += 1
         assert delta.completion_tokens == len(result.token_ids)
 
@@ -297,6 +302,36 @@ def test_logprobs_are_the_raw_distributions(engine: TorchEngine) -> None:
     assert [(t, lp) for t, lp, _ in got["k0"]] == [(t, lp) for t, lp, _ in got["lp"]]
     assert all(top == () for _, _, top in got["k0"])
     assert "none" not in got
+
+
+def test_prompt_logprobs_score_each_prompt_token(engine: TorchEngine) -> None:
+    """prompt_logprobs: every prompt token's log-probability given the ones before it (a plain
+    forward over the prompt alone gives the same), on the request's first delta only, for rows of
+    different lengths left-padded in one prefill beside a row that asks for none; generation goes
+    on as without them."""
+    short, long = PROMPTS[0], PROMPTS[1] + " " + PROMPTS[2]
+    requests = [
+        GenerationRequest("short", short, SamplingParams(max_tokens=4, prompt_logprobs=2)),
+        GenerationRequest("long", long, SamplingParams(max_tokens=4, prompt_logprobs=0)),
+        GenerationRequest("none", PROMPTS[3], SamplingParams(max_tokens=4)),
+    ]
+    for request in requests:
+        engine.add_request(request)
+    scored: dict[str, list[Any]] = {}
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.prompt_logprobs is not None:
+                assert delta.request_id not in scored and delta.request_id not in tokens  # the first delta
+                scored[delta.request_id] = delta.prompt_logprobs
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+    assert set(scored) == {"short", "long"}
+    assert len(scored["long"]) > len(scored["short"])  # the short row was left-padded
+    assert_logprobs_close(
+        scored["short"], reference_prompt_logprobs(engine.model, engine.tokenizer, short, 2)
+    )
+    assert_logprobs_close(scored["long"], reference_prompt_logprobs(engine.model, engine.tokenizer, long, 0))
+    assert tokens["short"] == _reference(engine, short, 4)
 
 
 def test_structured_outputs_obey_their_constraint_in_a_shared_batch(

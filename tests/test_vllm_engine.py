@@ -47,6 +47,7 @@ from tests.parity import (
     assert_obeys,
     output_option_cases,
     reference_logprobs,
+    reference_prompt_logprobs,
     reference_tokens,
     structured_requests,
 )
@@ -731,6 +732,25 @@ def test_logprobs_are_the_raw_distributions(engine: VllmEngine, reference: Refer
                 got.setdefault(delta.request_id, []).extend(delta.logprobs)
     assert_logprobs_close(got["lp"], want)
     assert "none" not in got
+
+
+def test_prompt_logprobs_score_each_prompt_token(engine: VllmEngine, reference: Reference) -> None:
+    """vLLM's prompt logprobs through the adapter, on the first delta only: each prompt token's
+    raw log-probability, alternatives and rank, as a plain forward over the prompt gives them."""
+    prompt = PROMPTS[1]
+    want = reference_prompt_logprobs(reference.model, reference.tokenizer, prompt, 2)
+    _add(engine, _greedy("scored", prompt, max_tokens=3, prompt_logprobs=2))
+    _add(engine, _greedy("plain", PROMPTS[2], max_tokens=3))
+    got: dict[str, list[Any]] = {}
+    seen: set[str] = set()
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.prompt_logprobs is not None:
+                assert delta.request_id not in seen  # on the first delta only
+                got[delta.request_id] = delta.prompt_logprobs
+            seen.add(delta.request_id)
+    assert set(got) == {"scored"}
+    assert_logprobs_close(got["scored"], want)
 
 
 def test_abort_mid_generation(engine: VllmEngine, reference: Reference) -> None:

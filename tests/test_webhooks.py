@@ -196,13 +196,18 @@ def test_webhook_spec() -> None:
 
 
 def test_a_terminal_event_carries_the_logprobs_a_job_asked_for() -> None:
+    """The generated tokens' logprobs, and the prompt's, where the job asked for them."""
     spec = JobSpec(prompt="x", logprobs=1)
     lps = [[5, -0.25, [[5, -0.25]]], [7, -1.5, [[9, -0.5]]]]
     asked = Job(spec=spec, status=JobStatus.SUCCEEDED, output="ab", logprobs=lps)
-    assert event_data(asked)["logprobs"] == lps
-    assert "logprobs" not in event_data(
-        Job(spec=JobSpec(prompt="x"), status=JobStatus.SUCCEEDED, output="ab")
+    assert event_data(asked)["logprobs"] == lps and "prompt_logprobs" not in event_data(asked)
+    plain = event_data(Job(spec=JobSpec(prompt="x"), status=JobStatus.SUCCEEDED, output="ab"))
+    assert "logprobs" not in plain and "prompt_logprobs" not in plain
+    scored = [[3, None, [], None], [9, -1.5, [], 4]]
+    prompted = Job(
+        spec=JobSpec(prompt="x", prompt_logprobs=0), status=JobStatus.SUCCEEDED, prompt_logprobs=scored
     )
+    assert event_data(prompted)["prompt_logprobs"] == scored
 
 
 def test_events_of_a_job_of_n_sequences_carry_every_output() -> None:

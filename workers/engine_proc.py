@@ -216,6 +216,8 @@ def _params(spec: JobSpec, index: int, resumed_tokens: int) -> SamplingParams:
         skip_special_tokens=spec.skip_special_tokens,
         include_stop_str_in_output=spec.include_stop_str_in_output,
         logprobs=spec.logprobs,
+        # the prompt is scored once per job, by its first sequence
+        prompt_logprobs=spec.prompt_logprobs if index == 0 else None,
         structured=spec.constraint,
     )
 

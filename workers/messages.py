@@ -156,8 +156,10 @@ class LoadFailed(NamedTuple):
 
 
 # A Delta on the wire: (request_id, text, token_ids, prompt_tokens, completion_tokens,
-# finish_reason's value or None, error, logprobs or None, cached_tokens).
-DeltaTuple = tuple[str, str, list[int], int, int, str | None, str | None, list[Any] | None, int]
+# finish_reason's value or None, error, logprobs or None, cached_tokens, prompt_logprobs or None).
+DeltaTuple = tuple[
+    str, str, list[int], int, int, str | None, str | None, list[Any] | None, int, list[Any] | None
+]
 
 
 class Stepped(NamedTuple):
@@ -171,7 +173,7 @@ class Stepped(NamedTuple):
             [
                 (d.request_id, d.text, d.token_ids, d.prompt_tokens, d.completion_tokens,
                  d.finish_reason.value if d.finish_reason is not None else None, d.error, d.logprobs,
-                 d.cached_tokens)
+                 d.cached_tokens, d.prompt_logprobs)
                 for d in deltas
             ]
         )  # fmt: skip
@@ -188,8 +190,9 @@ class Stepped(NamedTuple):
                 error,
                 lps,
                 cached,
+                prompt_lps,
             )
-            for rid, text, ids, prompt, completion, reason, error, lps, cached in self.deltas
+            for rid, text, ids, prompt, completion, reason, error, lps, cached, prompt_lps in self.deltas
         ]
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import redis
 
 from host.settings import FlowerSettings
@@ -128,6 +129,9 @@ class _Write:
     sequence_streams: list[str] = field(default_factory=list)  # one per sequence token entry
     sequence_entries: list[str] = field(default_factory=list)  # ten per sequence token entry
     firsts: list[str] = field(default_factory=list)  # job hashes
+    # (job hash, attempt, its prompt_logprobs' JSON): written before RELAY, so before the job's
+    # first token entry (record.PROMPT_LOGPROBS)
+    prompts: list[tuple[str, int, str]] = field(default_factory=list)
     final_keys: list[str] = field(default_factory=list)  # four per terminal state
     final_args: list[str] = field(default_factory=list)
     finals: list[tuple[Held, Job]] = field(default_factory=list)  # in RELAY's order
@@ -153,7 +157,9 @@ class _Write:
         return [*head, *self.entries, *self.sequence_entries, *tail]
 
     def empty(self) -> bool:
-        return not (self.streams or self.sequence_streams or self.firsts or self.finals or self.events)
+        return not (
+            self.streams or self.sequence_streams or self.firsts or self.finals or self.events or self.prompts
+        )
 
 
 def sequence_id(job_id: str, index: int) -> str:
@@ -195,6 +201,7 @@ class Held:
     streamed: bool = False  # this attempt has written a token entry
     logprobs: list[Any] = field(default_factory=list)  # every token's so far, when the job asked
     logprobs_sent: int = 0  # logprobs[:logprobs_sent] went out in stream entries
+    prompt_logprobs: list[Any] | None = None  # the scored prompt, when the job asked (Job.prompt_logprobs)
     entries: int = 0  # token entries this attempt has staged: the next one's `s` is entries + 1
     terminal: Delivery | None = None  # its terminal webhook event, written with its final state
     claimed_at: float = 0.0  # when this worker took it (unix seconds): its task's start in Flower
@@ -258,6 +265,7 @@ class Relay(threading.Thread):
         self._claimed: list[str] = []
         self._envelope = task_events.Envelope(self.node)
         self._relay = client.register_script(RELAY)
+        self._prompt_logprobs = client.register_script(record.PROMPT_LOGPROBS)
         self._events_channel = task_events.channel(client.connection_pool.connection_kwargs.get("db", 0))
 
     # --- called from other threads ------------------------------------------------------
@@ -310,6 +318,8 @@ class Relay(threading.Thread):
                 written: list[int] = []
                 break
             try:
+                for job_key, attempt, value in write.prompts:  # rare: evaluations ask for them
+                    self._prompt_logprobs(keys=[job_key], args=[attempt, value])
                 written = self._relay(keys=write.keys(), args=args)  # atomic: all or none
                 break
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
@@ -414,6 +424,12 @@ class Relay(threading.Thread):
             held.first_token_at = write.at
             write.firsts.append(keys.job(held.job.id))
         out.unsent_tokens += len(delta.token_ids)
+        if delta.prompt_logprobs is not None:  # the first delta of the job's first sequence
+            scored = delta.prompt_logprobs
+            if out.resumed_tokens:  # it scored the prompt and what earlier attempts made of it
+                scored = scored[: held.job.usage.prompt_tokens]
+            held.prompt_logprobs = scored
+            write.prompts.append((keys.job(held.job.id), held.attempt, orjson.dumps(scored).decode()))
         if delta.logprobs:
             out.logprobs += delta.logprobs
         unsent_logprobs = len(out.logprobs) > out.logprobs_sent
@@ -482,6 +498,7 @@ class Relay(threading.Thread):
         job.timings.finished_at = time.time()
         if job.spec.logprobs is not None:
             job.logprobs = held.logprobs
+        job.prompt_logprobs = held.prompt_logprobs
         if held.sequences:
             job.outputs = _outputs(held, with_logprobs=job.spec.logprobs is not None)
             job.output, job.logprobs = job.outputs[0].text, job.outputs[0].logprobs

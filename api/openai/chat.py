@@ -16,7 +16,7 @@ from api.deps import Services, ServicesDep
 from api.openai.answer import AnswerFormat
 from api.openai.chat_template import render_chat
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
-from api.openai.logprobs import chat_logprobs, token_texts
+from api.openai.logprobs import chat_logprobs, prompt_logprobs, token_texts
 from api.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -136,6 +136,8 @@ async def chat_completion(
         whole = ChatCompletion(
             id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done)
         )
+        if spec.prompt_logprobs is not None and (scored := await services.store.prompt_logprobs(job.id)):
+            whole.prompt_logprobs = prompt_logprobs(scored, texts)
         for k, out in enumerate(result.outputs):
             piece = answer.parse(out.text) if split else Piece(content=out.text)
             content, calls = lead + piece.content, piece.calls

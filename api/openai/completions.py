@@ -12,7 +12,7 @@ from api import sse
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
-from api.openai.logprobs import completion_logprobs, token_texts
+from api.openai.logprobs import completion_logprobs, prompt_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
 from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
@@ -67,14 +67,22 @@ async def text_completion(
 
     texts = token_texts(services.counter.tokenizer)
     lead = text if body.echo else ""
+    # echo with logprobs: the prompt's tokens lead the logprobs (their offsets count from 0)
+    echo_logprobs = body.echo and body.logprobs is not None
 
     if not body.stream:
         result = await wait_for_job(request, services, job)
+        scored = await services.store.prompt_logprobs(job.id) if spec.prompt_logprobs is not None else None
         answer = Completion(id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done))
         for k, out in enumerate(result.outputs):
             choice = CompletionChoice(index=k, text=lead + out.text, finish_reason=out.finish_reason)
             if body.logprobs is not None:
-                choice.logprobs, _ = completion_logprobs(out.logprobs, texts, len(lead))
+                if echo_logprobs and scored:
+                    choice.logprobs, _ = completion_logprobs([*scored, *out.logprobs], texts, 0)
+                else:
+                    choice.logprobs, _ = completion_logprobs(out.logprobs, texts, len(lead))
+            if scored is not None:
+                choice.prompt_logprobs = prompt_logprobs(scored, texts)
             answer.choices.append(choice)
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -100,6 +108,18 @@ async def text_completion(
     head = b"".join(sse_chunk(completion(text, None, k), omit) for k in range(n)) if body.echo else b""
     offsets = [len(lead)] * n  # per choice: where its next token's text starts
 
+    async def echo_with_logprobs() -> bytes:
+        """The echo chunks with the prompt's logprobs: the job scored the prompt before its first
+        token entry, so they are there once the stream has anything."""
+        scored = await services.store.prompt_logprobs(job.id) or []
+        out = b""
+        for k in range(n):
+            chunk = completion(text, None, k)
+            if scored:
+                chunk.choices[0].logprobs, offsets[k] = completion_logprobs(scored, texts, 0)
+            out += sse_chunk(chunk, omit)
+        return out
+
     def with_logprobs(event: TokenEvent, generated: int) -> bytes:
         k = event.index
         chunk = completion(event.text, None, k)
@@ -111,4 +131,8 @@ async def text_completion(
     logprobs = with_logprobs if body.logprobs is not None else None
     choices = Choices(templates, end, prompt_tokens, so_far, logprobs) if n > 1 else None
     render = choices or logprobs
+    if echo_logprobs:
+        return stream_job(
+            services, job, templates[0], finish, usage=so_far, render=render, head_after=echo_with_logprobs
+        )
     return stream_job(services, job, templates[0], finish, head, usage=so_far, render=render)

@@ -12,9 +12,18 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from api.openai.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from api.openai.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprobs,
+    PromptTokenLogprob,
+    TokenLogprob,
+    TopLogprob,
+)
 
-Entry = Sequence[Any]  # [token id, logprob, [[id, logprob], ...]]
+# [token id, logprob, [[id, logprob], ...]]; a prompt token's adds its rank, and the first prompt
+# token's logprob and rank are None (Job.prompt_logprobs)
+Entry = Sequence[Any]
 
 
 class TokenTexts:
@@ -39,7 +48,8 @@ def completion_logprobs(
 ) -> tuple[CompletionLogprobs, int]:
     """→ (the shape for these tokens, the text offset after them); offset: where the first starts."""
     out = CompletionLogprobs()
-    for token, logprob, top in entries:
+    for entry in entries:
+        token, logprob, top = entry[0], entry[1], entry[2]
         text = texts(token)
         out.tokens.append(text)
         out.token_logprobs.append(logprob)
@@ -59,3 +69,18 @@ def chat_logprobs(entries: Sequence[Entry], texts: TokenTexts) -> ChatLogprobs:
         first = one(token, logprob)
         content.append(TokenLogprob(**first.model_dump(), top_logprobs=[one(t, lp) for t, lp in top]))
     return ChatLogprobs(content=content)
+
+
+def prompt_logprobs(entries: Sequence[Entry], texts: TokenTexts) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: None for the first token, then {token id: logprob, rank, text} for
+    the prompt's token and each alternative (an alternative's rank is its place among them)."""
+    out: PromptLogprobs = []
+    for token, logprob, top, rank in entries:
+        if logprob is None:
+            out.append(None)
+            continue
+        position = {token: PromptTokenLogprob(logprob=logprob, rank=rank, decoded_token=texts(token))}
+        for place, (t, lp) in enumerate(top, start=1):
+            position.setdefault(t, PromptTokenLogprob(logprob=lp, rank=place, decoded_token=texts(t)))
+        out.append(position)
+    return out

@@ -127,11 +127,20 @@ class SamplingRequest(BaseModel):
     guided_decoding_backend: str | None = Field(
         None, description="Extension, accepted: the engine's own backend enforces the constraint."
     )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Extension, as vLLM: each prompt token's log-probability given the tokens before "
+        "it, with this many likeliest alternatives' (the answer's `prompt_logprobs`); not streamed.",
+    )
 
     def refuse_unsupported(self) -> None:
         """400 for options that would change the result and that this server cannot honour."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM
+            raise OpenAIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs")
 
     def job_spec(
         self,
@@ -170,6 +179,7 @@ class SamplingRequest(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logprobs=self.requested_logprobs,
+                prompt_logprobs=self.requested_prompt_logprobs,
                 response_format=self.response_format,
                 structured_outputs=structure or self.requested_structure,
             )
@@ -206,6 +216,11 @@ class SamplingRequest(BaseModel):
     def requested_logprobs(self) -> int | None:
         """Alternatives per token to report (None: no logprobs)."""
         return None
+
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token to report (None: the prompt is not scored)."""
+        return self.prompt_logprobs
 
     @property
     def include_usage(self) -> bool:
@@ -265,6 +280,13 @@ class CompletionRequest(SamplingRequest):
     @property
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        """vLLM's: echo with logprobs reports the prompt's tokens too (legacy OpenAI's answer)."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
 
 class ContentPart(BaseModel):
@@ -435,6 +457,13 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
+    def requested_prompt_logprobs(self) -> int | None:
+        """vLLM's: echo with logprobs scores the rendered prompt too (the answer's prompt_logprobs)."""
+        if self.prompt_logprobs is None and self.echo and not self.stream:
+            return self.requested_logprobs
+        return self.prompt_logprobs
+
+    @property
     def offered_tools(self) -> list[Tool]:
         """The tools the model is shown and may call (none with tool_choice "none")."""
         return [] if self.tool_choice == "none" else list(self.tools or [])
@@ -537,11 +566,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's Logprob: one token's log-probability at a prompt position, and its rank there."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token (vLLM's prompt_logprobs): None for the first, then {token id: its entry} for the
+# prompt's token and the likeliest alternatives there.
+PromptLogprobs = list[dict[int, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = Field(description="stop, length, or abort (cancelled).")
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(
+        None, exclude_if=lambda v: v is None, description="With prompt_logprobs (or echo and logprobs)."
+    )
 
 
 class Completion(BaseModel):
@@ -588,6 +633,11 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="With prompt_logprobs (or echo and logprobs): the rendered prompt's tokens, as vLLM.",
+    )
 
 
 class ToolCallDelta(BaseModel):

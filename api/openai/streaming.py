@@ -5,7 +5,7 @@ OpenAI's server-sent chunks. A client that goes away before the end cancels its 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,14 +119,16 @@ def stream_job(
     head: bytes = b"",
     usage: Callable[[int], bytes] | None = None,
     render: Callable[[TokenEvent, int], bytes] | None = None,
+    head_after: Callable[[], Awaitable[bytes]] | None = None,
 ) -> StreamingResponse:
     """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
     text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
     error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
     usage JSON), every token chunk carries it. With `render` (logprobs, tool calls, n > 1), it
     renders each token event's chunk(s) instead, given the tokens so far (of every sequence), text
-    or not, and a sequence's last event (b"": nothing). A client that disconnects first
-    (Starlette cancels the generator, or closes it) cancels the job."""
+    or not, and a sequence's last event (b"": nothing). With `head_after`, what it makes is the
+    head, made once the stream has its first entries (before them). A client that disconnects
+    first (Starlette cancels the generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
@@ -134,8 +136,12 @@ def stream_job(
         try:
             if head:
                 yield head
+            late_head = head_after
             async for batch in services.store.event_batches(job.id):
                 out = []
+                if late_head is not None:
+                    out.append(await late_head())
+                    late_head = None
                 for _, event in batch:
                     if isinstance(event, TokenEvent):
                         generated += event.tokens
