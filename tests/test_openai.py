@@ -280,6 +280,27 @@ def test_prompt_logprobs_score_the_prompt_as_evaluations_ask(
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
 
 
+def test_a_list_of_prompts_is_a_job_each_answered_together(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    """OpenAI's list of prompts (texts, or lists of token ids): a job each, answered in one
+    response, prompt i's choices at i * n + k (as vLLM), each what the prompt alone gives; the
+    usage sums them."""
+    prompts = [PROMPT, "class Stack:\n", "import os\n"]
+    args: dict[str, Any] = {"model": model_dir.name, "max_tokens": 5, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]
+    together = client.completions.create(prompt=prompts, **args)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+    assert together.usage is not None
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone if a.usage)
+    assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone if a.usage)
+    ids = [jobs.post("/tokenize", json={"prompt": p}).json()["tokens"] for p in prompts[:2]]
+    two = client.completions.create(prompt=ids, n=2, **args)  # n choices per prompt
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert [c.text for c in two.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+
+
 def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     plain = client.completions.create(**args).choices[0].text
@@ -294,7 +315,7 @@ def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> N
 def test_a_prompt_of_token_ids(client: openai.OpenAI, jobs: httpx.Client, model_dir: Path) -> None:
     """OpenAI's token-array prompt: the engine runs those ids as they are (the text prompt's own ids
     give its completion; less the first, one token fewer: nothing added); the record and echo carry their
-    text; ids outside the vocabulary, or none, are a 400."""
+    text; ids outside the vocabulary (in any prompt of a list), or none, are a 400."""
     ids = jobs.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
     args: dict[str, Any] = {"model": model_dir.name, "max_tokens": 6, "temperature": 0}
     by_text = client.completions.create(prompt=PROMPT, **args)
@@ -308,7 +329,7 @@ def test_a_prompt_of_token_ids(client: openai.OpenAI, jobs: httpx.Client, model_
     assert echoed.usage is not None and echoed.usage.prompt_tokens == len(ids) - 1  # none added
     cut = jobs.post("/detokenize", json={"tokens": ids[1:]}).json()["prompt"]
     assert cut and echoed.choices[0].text.startswith(cut)
-    for bad in ([10**7], [-1], [], [ids, ids]):
+    for bad in ([10**7], [-1], [], [ids, [10**7]]):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(prompt=bad, **args)
         assert isinstance(e.value.body, dict) and (e.value.body.get("param") or "").startswith("prompt"), bad
@@ -471,7 +492,9 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({"min_tokens": 10}, "min_tokens", "above max_tokens (4)"),
-    ({"prompt": ["one", "two"]}, "prompt", "exactly one prompt"),
+    ({"prompt": ["one", "two"], "stream": True}, "stream", "answered whole"),
+    ({"prompt": ["p"] * 65}, "prompt", "at most 64"),
+    ({"prompt": ["one", ""]}, "prompt", "at least 1 character"),
     ({"prompt": [1, "two"]}, "prompt", "string"),  # neither text nor token ids
     ({"prompt": "   "}, "prompt", "empty"),
     ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
@@ -582,6 +605,22 @@ def test_rate_limited_is_429_with_retry_after(
             limited.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=1)
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
     assert "rate limit" in e.value.message and e.value.code == "rate_limit_exceeded"
+
+
+def test_a_list_of_prompts_refused_part_way_leaves_no_job_running(
+    api_url: str, redis_server: RedisServer, model_dir: Path
+) -> None:
+    """Two prompts where the key may submit one: the second's refusal (429) cancels the first's
+    job, accepted a moment before; no part of the list runs."""
+    one = _new_key(redis_server, "tests (openai, one at once)", KeyLimits(rate_per_s=1 / 60, burst=1))
+    body = {"model": model_dir.name, "prompt": [PROMPT, PROMPT], "max_tokens": 400, "ignore_eos": True}
+    with httpx.Client(base_url=api_url, timeout=60, headers=bearer(one)) as http:
+        refused = http.post("/v1/completions", json=body)
+        assert refused.status_code == 429
+        listed = http.get("/v1/jobs").json()["jobs"]
+        assert len(listed) == 1
+        done = wait_done(http, listed[0]["id"], timeout=30)
+    assert done["status"] == "cancelled" and done["usage"]["completion_tokens"] < 400
 
 
 def _long(model: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,11 +16,14 @@ from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, prompt_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
-from api.openai.streaming import Choices, sse_chunk, stream_job, wait_for_job
-from scheduler.jobs import Job
+from api.openai.streaming import Answer, Choices, sse_chunk, stream_job, wait_for_job, wait_for_jobs
+from scheduler.jobs import Job, JobSpec
 from scheduler.stream import DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+
+MAX_PROMPTS = 64  # prompts in one request's list (each its own job)
 
 
 @router.post("/completions", response_model=Completion, responses={**STREAMED, **ERRORS})
@@ -30,20 +34,25 @@ async def completions(
     caller: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Text completion of one prompt, whole or streamed (`stream: true`)."""
+    """Text completion of a prompt, whole or streamed (`stream: true`); a list of prompts is
+    answered whole, prompt i's choices at i × n + k (as vLLM)."""
+    if len(body.prompts) > 1:
+        return await several_completions(body, services, caller, request, idempotency_key)
     return await text_completion(body, services, caller, request, idempotency_key)
 
 
-async def text_completion(
-    body: CompletionRequest,
-    services: Services,
-    caller: ApiKey,
-    request: Request | None = None,
-    idempotency_key: str | None = None,
-    accepted: Callable[[Job], None] | None = None,
-) -> Response:
-    """The route's answer; without `request` (a batch's line) the job outlives a cancelled caller.
-    `accepted`: told of the job once it is accepted (before its answer is waited for)."""
+@dataclass
+class _Accepted:
+    """One prompt's job, and what its answer is built from."""
+
+    job: Job
+    spec: JobSpec
+    text: str  # the prompt's text (a prompt of ids: their text)
+    model: str
+
+
+def _prepare(body: CompletionRequest, services: Services) -> tuple[JobSpec, str, str]:
+    """Validate one prompt's request: → (its job's spec, the prompt's text, the model's name)."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     ids = body.token_ids
@@ -55,7 +64,100 @@ async def text_completion(
     else:
         text = body.text or ""
     spec = body.job_spec(text, 16 if body.max_tokens is None else body.max_tokens, prompt_token_ids=ids)
+    return spec, text, model
+
+
+async def _accept(
+    body: CompletionRequest, services: Services, caller: ApiKey, idempotency_key: str | None
+) -> _Accepted:
+    """Validate one prompt's request and accept its job."""
+    spec, text, model = _prepare(body, services)
     job = await accept_request(body, spec, caller, services, idempotency_key)
+    return _Accepted(job, spec, text, model)
+
+
+async def several_completions(
+    body: CompletionRequest,
+    services: Services,
+    caller: ApiKey,
+    request: Request,
+    idempotency_key: str | None = None,
+) -> Response:
+    """A list of prompts: a job each, every one validated before any is accepted and accepted
+    before any is waited for (a refusal, a 429 say, cancels those accepted before it), answered
+    together."""
+    prompts = body.prompts
+    if len(prompts) > MAX_PROMPTS:
+        raise OpenAIError(400, f"{len(prompts)} prompts: at most {MAX_PROMPTS} per request", "prompt")
+    if body.stream:
+        raise OpenAIError(400, "a list of prompts is answered whole: stream one prompt per request", "stream")
+    parts = [body.model_copy(update={"prompt": prompt}) for prompt in prompts]
+    for part in parts:  # every prompt valid before any job exists
+        _prepare(part, services)
+    accepted: list[_Accepted] = []
+    try:
+        for i, part in enumerate(parts):
+            key = f"{idempotency_key}-{i}" if idempotency_key else None
+            accepted.append(await _accept(part, services, caller, key))
+    except BaseException:
+        for done in accepted:
+            await services.store.cancel(done.job.id)
+        raise
+    results = await wait_for_jobs(request, services, [a.job for a in accepted])
+    first = accepted[0]
+    answer = Completion(id=f"cmpl-{first.job.id}", created=int(time.time()), model=first.model, choices=[])
+    usages = []
+    for i, (one, result) in enumerate(zip(accepted, results, strict=True)):
+        whole = await _whole(body, services, one, result)
+        for choice in whole.choices:
+            choice.index += i * one.spec.n
+        answer.choices += whole.choices
+        usages.append(UsageInfo.of(result.done))
+    answer.usage = UsageInfo.total(usages)
+    return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{first.job.id}"})
+
+
+async def _whole(body: CompletionRequest, services: Services, one: _Accepted, result: Answer) -> Completion:
+    """One prompt's whole answer."""
+    texts = token_texts(services.counter.tokenizer)
+    lead = one.text if body.echo else ""
+    echo_logprobs = body.echo and body.logprobs is not None
+    job = one.job
+    scored = await services.store.prompt_logprobs(job.id) if one.spec.prompt_logprobs is not None else None
+    answer = Completion(
+        id=f"cmpl-{job.id}",
+        created=int(time.time()),
+        model=one.model,
+        choices=[],
+        usage=UsageInfo.of(result.done),
+    )
+    for k, out in enumerate(result.outputs):
+        choice = CompletionChoice(index=k, text=lead + out.text, finish_reason=out.finish_reason)
+        if body.logprobs is not None:
+            if echo_logprobs and scored:  # the prompt's tokens lead (their offsets count from 0)
+                choice.logprobs, _ = completion_logprobs([*scored, *out.logprobs], texts, 0)
+            else:
+                choice.logprobs, _ = completion_logprobs(out.logprobs, texts, len(lead))
+        if scored is not None:
+            choice.prompt_logprobs = prompt_logprobs(scored, texts)
+        answer.choices.append(choice)
+    return answer
+
+
+async def text_completion(
+    body: CompletionRequest,
+    services: Services,
+    caller: ApiKey,
+    request: Request | None = None,
+    idempotency_key: str | None = None,
+    accepted: Callable[[Job], None] | None = None,
+) -> Response:
+    """One prompt's answer; without `request` (a batch's line) the job outlives a cancelled caller.
+    `accepted`: told of the job once it is accepted (before its answer is waited for)."""
+    if len(body.prompts) > 1:
+        raise OpenAIError(400, f"a list of {len(body.prompts)} prompts: send one prompt here", "prompt")
+    one = await _accept(body, services, caller, idempotency_key)
+    job, spec, text, model = one.job, one.spec, one.text, one.model
     if accepted is not None:
         accepted(job)
     rid, created = f"cmpl-{job.id}", int(time.time())
@@ -71,19 +173,8 @@ async def text_completion(
     echo_logprobs = body.echo and body.logprobs is not None
 
     if not body.stream:
-        result = await wait_for_job(request, services, job)
-        scored = await services.store.prompt_logprobs(job.id) if spec.prompt_logprobs is not None else None
-        answer = Completion(id=rid, created=created, model=model, choices=[], usage=UsageInfo.of(result.done))
-        for k, out in enumerate(result.outputs):
-            choice = CompletionChoice(index=k, text=lead + out.text, finish_reason=out.finish_reason)
-            if body.logprobs is not None:
-                if echo_logprobs and scored:
-                    choice.logprobs, _ = completion_logprobs([*scored, *out.logprobs], texts, 0)
-                else:
-                    choice.logprobs, _ = completion_logprobs(out.logprobs, texts, len(lead))
-            if scored is not None:
-                choice.prompt_logprobs = prompt_logprobs(scored, texts)
-            answer.choices.append(choice)
+        answer = await _whole(body, services, one, await wait_for_job(request, services, job))
+        answer.id, answer.created = rid, created
         return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
 
     omit = None if body.include_usage else {"usage"}

@@ -236,7 +236,7 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="The text to continue: a string or token ids (OpenAI's token array), or a list of "
-        "exactly one of either."
+        "either (each its own job; answered whole, not streamed)."
     )
     max_tokens: int | None = Field(16, description="Most tokens to generate; default 16, as OpenAI.")
     logprobs: int | None = Field(
@@ -250,17 +250,22 @@ class CompletionRequest(SamplingRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        several = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
-        if several and len(self.prompt) != 1:
-            raise OpenAIError(
-                400, f"a list of {len(self.prompt)} prompts: send exactly one prompt per request", "prompt"
-            )
-        if self.prompt == [] or self.prompt == [[]]:
+        if self.prompt == [] or [] in self.prompts:
             raise OpenAIError(400, "the prompt is empty", "prompt")
         if self.best_of not in (None, 1):
             raise OpenAIError(400, "best_of is not supported: only 1", "best_of")
         if self.suffix is not None:
             raise OpenAIError(400, "suffix (insertion) is not supported", "suffix")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts it holds, each a text or token ids (OpenAI's list of either)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt or isinstance(prompt[0], int):
+            return [[t for t in prompt if isinstance(t, int)]]
+        return [p for p in prompt if not isinstance(p, int)]
 
     @property
     def text(self) -> str | None:
@@ -554,6 +559,14 @@ class UsageInfo(BaseModel):
     @classmethod
     def counted(cls, prompt: int, completion: int) -> UsageInfo:
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @classmethod
+    def total(cls, parts: list[UsageInfo]) -> UsageInfo:
+        """Several jobs' usage together (a list of prompts)."""
+        usage = cls.counted(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts))
+        cached = [u.prompt_tokens_details.cached_tokens for u in parts if u.prompt_tokens_details]
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=sum(cached)) if cached else None
+        return usage
 
 
 class CompletionLogprobs(BaseModel):

@@ -79,10 +79,18 @@ async def wait_for_job(request: Request | None, services: Services, job: Job) ->
     a batch run that stops leaves its lines' jobs running for the run that takes the batch over
     (it finds them again by their Idempotency-Key), and cancels them itself when the batch is
     cancelled."""
+    return (await wait_for_jobs(request, services, [job]))[0]
+
+
+async def wait_for_jobs(request: Request | None, services: Services, jobs: list[Job]) -> list[Answer]:
+    """wait_for_job for several jobs of one request (a list of prompts): a client that disconnects
+    first cancels every one of them."""
     if request is None:
-        return _unless_failed(await _collect(services, job))
-    result = asyncio.ensure_future(_collect(services, job))
-    watcher = asyncio.ensure_future(_client_gone(request))
+        return [_unless_failed(a) for a in await asyncio.gather(*(_collect(services, j) for j in jobs))]
+    result: asyncio.Future[list[Answer]] = asyncio.ensure_future(
+        asyncio.gather(*(_collect(services, j) for j in jobs))
+    )
+    watcher: asyncio.Future[Any] = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -90,10 +98,11 @@ async def wait_for_job(request: Request | None, services: Services, job: Job) ->
         finished = result.done()
         if not finished:  # the client left (or this request was cancelled)
             result.cancel()
-            await _cancel(services, job.id)
+            for job in jobs:
+                await _cancel(services, job.id)
     if not finished:  # no one will read this answer
         raise OpenAIError(499, "the client disconnected; its job was cancelled")
-    return _unless_failed(result.result())
+    return [_unless_failed(a) for a in result.result()]
 
 
 def _unless_failed(answer: Answer) -> Answer:
