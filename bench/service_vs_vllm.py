@@ -759,7 +759,9 @@ def main() -> None:
     args.vllm_paths = [p for p in args.vllm_paths.split(",") if p in ("completions", "chat")]
     variants = {name: dict(kv.split("=", 1) for kv in env.split(",") if kv) for name, _, env in
                 (v.partition(":") for v in args.variant)}  # fmt: skip
-    skip = set(args.skip.split(","))
+    skip = {s for s in args.skip.split(",") if s}
+    if unknown := skip - {"engine", "vllm-server", "localmoe"}:  # a typo would run a phase for minutes
+        ap.error(f"--skip: unknown phases {sorted(unknown)}; they are engine, vllm-server, localmoe")
     # imported here: the client's spawned processes import this module, and need no torch
     from bench.service_vs_engine import prompts
 
