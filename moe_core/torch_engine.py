@@ -235,13 +235,16 @@ class TorchEngine:
         max_batch_size: int = 64,
         max_context: int | None = None,
         max_prefill_tokens: int = 16384,
+        max_scored_logits_bytes: int = 1 << 30,
         prepare: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
         name: str | None = None,
         telemetry: bool = True,
         expert_cache: float | None = None,
     ) -> None:
         """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
-        one prompt is always admitted, however long.
+        one prompt is always admitted, however long. A prefill with a row whose prompt is scored
+        (prompt_logprobs) keeps every position's logits, [N, L, V]: its padded size is bounded
+        further so that they take at most max_scored_logits_bytes (as float32).
 
         prepare: applied by load() to the loaded model before warm-up; every forward pass then calls
         what it returns (e.g. a DeepSpeed wrapper), with the same keyword arguments. The config and
@@ -255,6 +258,8 @@ class TorchEngine:
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_scored_logits_bytes = max_scored_logits_bytes
+        self._scored_prefill_tokens = max_prefill_tokens  # set by load() from the vocabulary
         self._prepare = prepare
         self._expert_fraction = expert_cache
         self.expert_cache: ExpertCache | None = None
@@ -306,6 +311,10 @@ class TorchEngine:
             # 64 x 64 tokens took 4.2 s with it, 0.54 s without; the mem-efficient kernel takes over).
             torch.backends.cuda.enable_cudnn_sdp(False)
         config = model.config
+        vocab = int(config.vocab_size)
+        self._scored_prefill_tokens = min(
+            self.max_prefill_tokens, self.max_scored_logits_bytes // (4 * vocab)
+        )
         if not self._requested_max_context:
             self.max_context = int(config.max_position_embeddings)
         self._eos_ids = frozenset(_eos_token_ids(model, self.tokenizer))
@@ -436,13 +445,16 @@ class TorchEngine:
         """Pop waiting requests (by priority, then arrival) for one prefill: free slots and the
         padded-size budget allow."""
         admitted: list[_Sequence] = []
-        longest = 0
+        longest, scored = 0, False
         while self._waiting and self._running() + len(admitted) < self.max_batch_size:
-            longest_if_added = max(longest, len(self._waiting[0].fed_ids))
-            if admitted and longest_if_added * (len(admitted) + 1) > self.max_prefill_tokens:
+            candidate = self._waiting[0]
+            longest_if_added = max(longest, len(candidate.fed_ids))
+            scored_if_added = scored or _scored(candidate)
+            budget = self._scored_prefill_tokens if scored_if_added else self.max_prefill_tokens
+            if admitted and longest_if_added * (len(admitted) + 1) > budget:
                 break
             admitted.append(heapq.heappop(self._waiting))
-            longest = longest_if_added
+            longest, scored = longest_if_added, scored_if_added
         return admitted
 
     def _preempt(self) -> None:
@@ -479,8 +491,7 @@ class TorchEngine:
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
         cache = DynamicCache()
         self._expect_tags(seqs, mask)
-        # Rows whose prompt is scored (prompt_logprobs; a preempted row's were sent at its first prefill)
-        scored = [r for r, s in enumerate(seqs) if s.params.prompt_logprobs is not None and not s.output_ids]
+        scored = [r for r, s in enumerate(seqs) if _scored(s)]
         logits = self._forward(input_ids, mask, position_ids, cache, every_position=bool(scored))
         # logits: [N, L, V] with a scored row, else [N, 1, V]
         prompt_logprobs = {
@@ -619,6 +630,12 @@ class TorchEngine:
     def _finish_aborted(self, seq: _Sequence) -> None:
         text = seq.finish(FinishReason.ABORT)
         self._finished.append(seq.delta(text, []))
+
+
+def _scored(seq: _Sequence) -> bool:
+    """Its next prefill scores its prompt (prompt_logprobs; a preempted request's were sent at its
+    first prefill)."""
+    return seq.params.prompt_logprobs is not None and not seq.output_ids
 
 
 def _bitmask(matchers: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:

@@ -334,6 +334,41 @@ def test_prompt_logprobs_score_each_prompt_token(engine: TorchEngine) -> None:
     assert tokens["short"] == _reference(engine, short, 4)
 
 
+def test_a_scored_prefill_keeps_its_logits_within_budget(mixtral_dir: Path, engine: TorchEngine) -> None:
+    """A prefill that keeps every position's logits (a scored prompt) is bounded by
+    max_scored_logits_bytes: with room for less than two prompts', three scored prompts are prefilled one
+    at a time (each scored right), where three plain ones share one prefill."""
+    prompts = PROMPTS[:3]
+    shortest = min(len(engine.tokenizer(p)["input_ids"]) for p in prompts)
+    vocab = int(engine.model.config.vocab_size)
+    room = 4 * vocab * (2 * shortest - 1)  # less than any two rows' (one row always goes)
+    tight = TorchEngine(mixtral_dir, max_batch_size=8, max_scored_logits_bytes=room)
+    tight.load()
+    try:
+        for i, prompt in enumerate(prompts):
+            tight.add_request(
+                GenerationRequest(f"s{i}", prompt, SamplingParams(max_tokens=2, prompt_logprobs=1))
+            )
+        per_step: list[int] = []
+        scored: dict[str, list[Any]] = {}
+        while tight.has_unfinished():
+            deltas = tight.step()
+            per_step.append(sum(d.prompt_logprobs is not None for d in deltas))
+            scored |= {d.request_id: d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None}
+        assert per_step[:3] == [1, 1, 1]
+        for i, prompt in enumerate(prompts):
+            assert_logprobs_close(
+                scored[f"s{i}"], reference_prompt_logprobs(tight.model, tight.tokenizer, prompt, 1)
+            )
+        for i, prompt in enumerate(prompts):
+            tight.add_request(GenerationRequest(f"p{i}", prompt, SamplingParams(max_tokens=2)))
+        assert len(tight.step()) == 3  # one prefill for the three
+        while tight.has_unfinished():
+            tight.step()
+    finally:
+        tight.close()
+
+
 def test_structured_outputs_obey_their_constraint_in_a_shared_batch(
     engine: TorchEngine, references: dict[str, list[int]]
 ) -> None:
