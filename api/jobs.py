@@ -154,10 +154,14 @@ async def _claim_idempotency(
     client = services.store.client
     name = _idem_key(caller, idempotency_key)
     ttl = services.settings.limits.idempotency_ttl_s
-    if await client.set(name, f"{job_id} {body}", nx=True, ex=ttl):
-        return None
-    earlier = cast(str | None, await client.get(name))
-    earlier_id, _, earlier_body = (earlier or "").partition(" ")
+    while True:
+        if await client.set(name, f"{job_id} {body}", nx=True, ex=ttl):
+            return None
+        earlier = cast(str | None, await client.get(name))
+        if earlier is not None:
+            break
+        # the key was forgotten (or expired) between the two calls: take it again
+    earlier_id, _, earlier_body = earlier.partition(" ")
     if earlier_body != body:
         raise HTTPException(409, "this Idempotency-Key was used with a different request body")
     job = await services.store.get(earlier_id)

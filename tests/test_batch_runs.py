@@ -165,10 +165,39 @@ def test_a_lines_key_is_freed_only_by_its_own_claim_or_once_abandoned(redis_serv
         assert await jobs._claim_idempotency(services, caller, key, spec, "job-b") is None
         assert await forget_idempotency(services, caller, key, "job-b")  # B's own, refused
         assert await idempotent_job_id(services, caller, key) is None
+
+        # A's claim forgotten between B's SET NX and its GET: B takes the key (before, B read no
+        # claim as another body: a 409 and the line set aside)
+        assert await jobs._claim_idempotency(services, caller, key, spec, "job-a") is None
+        between = cast(
+            Services,
+            SimpleNamespace(
+                store=SimpleNamespace(client=_ForgetsBetween(client)), settings=services.settings
+            ),
+        )
+        assert await jobs._claim_idempotency(between, caller, key, spec, "job-b") is None
+        assert await idempotent_job_id(services, caller, key) == "job-b"
         await client.aclose()
 
     with scratch_db(redis_server, 2):
         asyncio.run(scenario(_url(redis_server, 2)))
+
+
+class _ForgetsBetween:
+    """A fault injector at the Redis seam: the first GET finds the key deleted just before it (as
+    another run's forget landing between a claim's SET NX and its GET)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client, self.armed = client, True
+
+    async def set(self, *args: object, **kwargs: object) -> object:
+        return await self.client.set(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def get(self, name: str) -> object:
+        if self.armed:
+            self.armed = False
+            await self.client.delete(name)
+        return await self.client.get(name)
 
 
 def _url(redis_server: RedisServer, db: int) -> str:
