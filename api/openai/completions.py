@@ -1,4 +1,4 @@
-"""POST /v1/completions: text completion of one prompt, whole or streamed."""
+"""POST /v1/completions: text completion of a prompt (whole or streamed) or of a list of prompts (whole)."""
 
 from __future__ import annotations
 
