@@ -273,8 +273,9 @@ class Job(BaseModel):
     # With spec.logprobs: per generated token [id, logprob, [[id, logprob], ...]] (the engine's raw
     # distribution), set with the terminal state (what a resumed job's earlier attempts made is not)
     logprobs: list[Any] | None = None
-    # With spec.prompt_logprobs: per prompt token [id, logprob or None (the first), [[id, logprob],
-    # ...]], written once the prompt is scored (before the first token's stream entry)
+    # With spec.prompt_logprobs: per prompt token [id, logprob, [[id, logprob], ...], rank] (the
+    # first's logprob and rank None), written once the prompt is scored (before the first token's
+    # stream entry)
     prompt_logprobs: list[Any] | None = None
     finish_reason: str | None = None  # stop | length | abort
     # With spec.n > 1, every sequence's (index k at k), set with the terminal state a worker

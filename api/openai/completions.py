@@ -51,8 +51,17 @@ class _Accepted:
     model: str
 
 
-def _prepare(body: CompletionRequest, services: Services) -> tuple[JobSpec, str, str]:
-    """Validate one prompt's request: → (its job's spec, the prompt's text, the model's name)."""
+@dataclass
+class _Prepared:
+    """One prompt's request, validated: its job's spec, the prompt's text, the model's name."""
+
+    spec: JobSpec
+    text: str  # a prompt of ids: their text
+    model: str
+
+
+def _prepare(body: CompletionRequest, services: Services) -> _Prepared:
+    """Validate one prompt's request (a 400 says what is wrong)."""
     model = check_model(body.model, services)
     body.refuse_unsupported()
     ids = body.token_ids
@@ -64,16 +73,19 @@ def _prepare(body: CompletionRequest, services: Services) -> tuple[JobSpec, str,
     else:
         text = body.text or ""
     spec = body.job_spec(text, 16 if body.max_tokens is None else body.max_tokens, prompt_token_ids=ids)
-    return spec, text, model
+    return _Prepared(spec, text, model)
 
 
 async def _accept(
-    body: CompletionRequest, services: Services, caller: ApiKey, idempotency_key: str | None
+    body: CompletionRequest,
+    prepared: _Prepared,
+    services: Services,
+    caller: ApiKey,
+    idempotency_key: str | None,
 ) -> _Accepted:
-    """Validate one prompt's request and accept its job."""
-    spec, text, model = _prepare(body, services)
-    job = await accept_request(body, spec, caller, services, idempotency_key)
-    return _Accepted(job, spec, text, model)
+    """Accept the job of one prompt's request, as `_prepare` validated it."""
+    job = await accept_request(body, prepared.spec, caller, services, idempotency_key)
+    return _Accepted(job, prepared.spec, prepared.text, prepared.model)
 
 
 async def several_completions(
@@ -92,13 +104,12 @@ async def several_completions(
     if body.stream:
         raise OpenAIError(400, "a list of prompts is answered whole: stream one prompt per request", "stream")
     parts = [body.model_copy(update={"prompt": prompt}) for prompt in prompts]
-    for part in parts:  # every prompt valid before any job exists
-        _prepare(part, services)
+    prepared = [_prepare(part, services) for part in parts]  # every prompt valid before any job exists
     accepted: list[_Accepted] = []
     try:
-        for i, part in enumerate(parts):
+        for i, (part, ready) in enumerate(zip(parts, prepared, strict=True)):
             key = f"{idempotency_key}-{i}" if idempotency_key else None
-            accepted.append(await _accept(part, services, caller, key))
+            accepted.append(await _accept(part, ready, services, caller, key))
     except BaseException:
         for done in accepted:
             await services.store.cancel(done.job.id)
@@ -156,7 +167,7 @@ async def text_completion(
     `accepted`: told of the job once it is accepted (before its answer is waited for)."""
     if len(body.prompts) > 1:
         raise OpenAIError(400, f"a list of {len(body.prompts)} prompts: send one prompt here", "prompt")
-    one = await _accept(body, services, caller, idempotency_key)
+    one = await _accept(body, _prepare(body, services), services, caller, idempotency_key)
     job, spec, text, model = one.job, one.spec, one.text, one.model
     if accepted is not None:
         accepted(job)

@@ -269,18 +269,15 @@ class CompletionRequest(SamplingRequest):
 
     @property
     def text(self) -> str | None:
-        """The prompt's text (None: it was sent as token ids)."""
-        one = self.prompt[0] if isinstance(self.prompt, list) and self.prompt else self.prompt
+        """The (first) prompt's text (None: it was sent as token ids)."""
+        one = self.prompts[0]
         return one if isinstance(one, str) else None
 
     @property
     def token_ids(self) -> list[int] | None:
-        """The prompt's token ids, when sent as such."""
-        prompt = self.prompt
-        if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str):
-            return None
-        one = prompt[0] if isinstance(prompt[0], list) else prompt
-        return [t for t in one if isinstance(t, int)]
+        """The (first) prompt's token ids, when sent as such."""
+        one = self.prompts[0]
+        return one if isinstance(one, list) else None
 
     @property
     def requested_logprobs(self) -> int | None:
