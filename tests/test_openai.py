@@ -301,6 +301,49 @@ def test_a_list_of_prompts_is_a_job_each_answered_together(
     assert [c.text for c in two.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
 
 
+def test_a_list_of_prompts_streams_as_vllm_streams_it(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    """A streamed list of prompts: one stream of one id, prompt i's choices at i * n + k, each
+    choice's chunks adding up to what the whole answer gives, each ended once; with include_usage
+    one usage chunk for every prompt at the end; with continuous usage each chunk carries its own
+    prompt's count."""
+    prompts = [PROMPT, "class Stack:\n", "import os\n"]
+    args: dict[str, Any] = {"model": model_dir.name, "max_tokens": 6, "temperature": 0}
+    whole = client.completions.create(prompt=prompts, n=2, **args)
+    chunks = list(
+        client.completions.create(
+            prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **args
+        )
+    )
+    *pieces, usage = chunks
+    assert len({c.id for c in chunks}) == 1
+    texts: dict[int, str] = {}
+    ends: dict[int, list[str]] = {}
+    for chunk in pieces:
+        assert len(chunk.choices) == 1 and chunk.usage is None
+        choice = chunk.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason is not None:
+            ends.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert ends == {c.index: [c.finish_reason] for c in whole.choices}
+    assert usage.choices == [] and usage.usage == whole.usage
+
+    counts = [len(jobs.post("/tokenize", json={"prompt": p}).json()["tokens"]) for p in prompts]
+    continuous = client.completions.create(
+        prompt=prompts,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        **args,
+    )
+    *steps, total = list(continuous)
+    assert {c.choices[0].index for c in steps} == {0, 1, 2}
+    for chunk in steps:
+        assert chunk.usage is not None and chunk.usage.prompt_tokens == counts[chunk.choices[0].index]
+    assert total.usage is not None and total.usage.prompt_tokens == sum(counts)
+
+
 def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
     args: dict[str, Any] = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     plain = client.completions.create(**args).choices[0].text
@@ -492,7 +535,6 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({"min_tokens": 10}, "min_tokens", "above max_tokens (4)"),
-    ({"prompt": ["one", "two"], "stream": True}, "stream", "answered whole"),
     ({"prompt": ["p"] * 65}, "prompt", "at most 64"),
     ({"prompt": ["one", ""]}, "prompt", "at least 1 character"),
     ({"prompt": [1, "two"]}, "prompt", "string"),  # neither text nor token ids
@@ -683,6 +725,23 @@ def test_closing_a_stream_early_cancels_its_job(
     chat.close()
     left_at = time.monotonic()
     assert _cancelled_soon(jobs, left_at)["id"] == job_id(first.id)
+
+
+def test_closing_a_streamed_list_early_cancels_every_job(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    prompts = ["A streamed list: " + PROMPT, "Another: " + PROMPT]
+    stream = client.completions.create(prompt=prompts, stream=True, **_long(model_dir.name))
+    seen = [next(stream) for _ in range(3)]
+    assert all(c.choices[0].text for c in seen)
+    stream.close()
+    left_at = time.monotonic()
+    listed = jobs.get("/v1/jobs", params={"limit": 2}).json()["jobs"]
+    assert sorted(j["spec"]["prompt"] for j in listed) == sorted(prompts)
+    for job in listed:
+        done = wait_done(jobs, job["id"], timeout=10)
+        assert done["status"] == "cancelled" and done["usage"]["completion_tokens"] < 1000
+    assert time.monotonic() - left_at < 3.0
 
 
 def test_finishing_normally_does_not_cancel(

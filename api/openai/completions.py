@@ -1,4 +1,4 @@
-"""POST /v1/completions: text completion of a prompt (whole or streamed) or of a list of prompts (whole)."""
+"""POST /v1/completions: text completion of a prompt or of a list of prompts, whole or streamed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, prompt_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
 from api.openai.serving import STREAMED, IdempotencyKey, accept_request, check_model, usage_so_far
-from api.openai.streaming import Answer, Choices, sse_chunk, stream_job, wait_for_job, wait_for_jobs
+from api.openai.streaming import (
+    Answer,
+    Choices,
+    JobRelay,
+    sse_chunk,
+    stream_jobs,
+    stream_relay,
+    wait_for_job,
+    wait_for_jobs,
+)
 from scheduler.jobs import Job, JobSpec
 from scheduler.stream import DoneEvent, TokenEvent
 
@@ -34,8 +43,8 @@ async def completions(
     caller: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Text completion of a prompt, whole or streamed (`stream: true`); a list of prompts is
-    answered whole, prompt i's choices at i × n + k (as vLLM)."""
+    """Text completion of a prompt or of a list of prompts (prompt i's choices at i × n + k, as
+    vLLM), whole or streamed (`stream: true`)."""
     if len(body.prompts) > 1:
         return await several_completions(body, services, caller, request, idempotency_key)
     return await text_completion(body, services, caller, request, idempotency_key)
@@ -97,12 +106,10 @@ async def several_completions(
 ) -> Response:
     """A list of prompts: a job each, every one validated before any is accepted and accepted
     before any is waited for (a refusal, a 429 say, cancels those accepted before it), answered
-    together."""
+    together, whole or streamed."""
     prompts = body.prompts
     if len(prompts) > MAX_PROMPTS:
         raise OpenAIError(400, f"{len(prompts)} prompts: at most {MAX_PROMPTS} per request", "prompt")
-    if body.stream:
-        raise OpenAIError(400, "a list of prompts is answered whole: stream one prompt per request", "stream")
     parts = [body.model_copy(update={"prompt": prompt}) for prompt in prompts]
     prepared = [_prepare(part, services) for part in parts]  # every prompt valid before any job exists
     accepted: list[_Accepted] = []
@@ -114,8 +121,10 @@ async def several_completions(
         for done in accepted:
             await services.store.cancel(done.job.id)
         raise
-    results = await wait_for_jobs(request, services, [a.job for a in accepted])
     first = accepted[0]
+    if body.stream:
+        return _stream_several(body, services, accepted)
+    results = await wait_for_jobs(request, services, [a.job for a in accepted])
     answer = Completion(id=f"cmpl-{first.job.id}", created=int(time.time()), model=first.model, choices=[])
     usages = []
     for i, (one, result) in enumerate(zip(accepted, results, strict=True)):
@@ -126,6 +135,26 @@ async def several_completions(
         usages.append(UsageInfo.of(result.done))
     answer.usage = UsageInfo.total(usages)
     return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{first.job.id}"})
+
+
+def _stream_several(body: CompletionRequest, services: Services, accepted: list[_Accepted]) -> Response:
+    """A list of prompts streamed, as vLLM streams it: prompt i's choices at i × n + k, their chunks
+    interleaved as the jobs make them; with include_usage one usage chunk for every prompt at the
+    end (continuous usage: each chunk carries its own prompt's)."""
+    first = accepted[0]
+    rid, created = f"cmpl-{first.job.id}", int(time.time())
+    relays = [
+        _relay(body, services, one, rid, created, first_choice=i * one.spec.n, usage_chunk=False)
+        for i, one in enumerate(accepted)
+    ]
+
+    def tail() -> bytes:
+        if not body.include_usage:
+            return b""
+        usage = UsageInfo.total([UsageInfo.of(r.done) for r in relays if r.done is not None])
+        return sse_chunk(Completion(id=rid, created=created, model=first.model, choices=[], usage=usage))
+
+    return stream_jobs(services, relays, tail)
 
 
 async def _whole(body: CompletionRequest, services: Services, one: _Accepted, result: Answer) -> Completion:
@@ -168,26 +197,40 @@ async def text_completion(
     if len(body.prompts) > 1:
         raise OpenAIError(400, f"a list of {len(body.prompts)} prompts: send one prompt here", "prompt")
     one = await _accept(body, _prepare(body, services), services, caller, idempotency_key)
-    job, spec, text, model = one.job, one.spec, one.text, one.model
+    job = one.job
     if accepted is not None:
         accepted(job)
     rid, created = f"cmpl-{job.id}", int(time.time())
-    n, prompt_tokens = spec.n, job.usage.prompt_tokens
+    if not body.stream:
+        answer = await _whole(body, services, one, await wait_for_job(request, services, job))
+        answer.id, answer.created = rid, created
+        return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
+    return stream_relay(services, _relay(body, services, one, rid, created))
+
+
+def _relay(
+    body: CompletionRequest,
+    services: Services,
+    one: _Accepted,
+    rid: str,
+    created: int,
+    first_choice: int = 0,
+    usage_chunk: bool = True,
+) -> JobRelay:
+    """How one prompt's job streams as completion chunks: its choices are first_choice + k (a list's
+    prompt i: i × n); with include_usage and `usage_chunk`, its end adds the usage chunk (a list
+    adds one for all its prompts instead)."""
+    job, text, model = one.job, one.text, one.model
+    n, prompt_tokens = one.spec.n, job.usage.prompt_tokens
 
     def completion(text: str, finish_reason: str | None, index: int = 0) -> Completion:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+        choice = CompletionChoice(index=first_choice + index, text=text, finish_reason=finish_reason)
         return Completion(id=rid, created=created, model=model, choices=[choice])
 
     texts = token_texts(services.counter.tokenizer)
     lead = text if body.echo else ""
     # echo with logprobs: the prompt's tokens lead the logprobs (their offsets count from 0)
     echo_logprobs = body.echo and body.logprobs is not None
-
-    if not body.stream:
-        answer = await _whole(body, services, one, await wait_for_job(request, services, job))
-        answer.id, answer.created = rid, created
-        return JSONResponse(answer.model_dump(), headers={"Location": f"/v1/jobs/{job.id}"})
-
     omit = None if body.include_usage else {"usage"}
     so_far = usage_so_far(job) if body.continuous_usage else None
 
@@ -201,7 +244,7 @@ async def text_completion(
     def finish(done: DoneEvent) -> bytes:
         unended = choices.unended if choices is not None else {0}
         last = b"".join(end(k, done.finish_reason, UsageInfo.of(done)) for k in sorted(unended))
-        if body.include_usage:  # a last chunk: no choices, the usage
+        if body.include_usage and usage_chunk:  # a last chunk: no choices, the usage
             usage = UsageInfo.of(done)
             last += sse_chunk(Completion(id=rid, created=created, model=model, choices=[], usage=usage))
         return last
@@ -234,7 +277,5 @@ async def text_completion(
     choices = Choices(templates, end, prompt_tokens, so_far, logprobs) if n > 1 else None
     render = choices or logprobs
     if echo_logprobs:
-        return stream_job(
-            services, job, templates[0], finish, usage=so_far, render=render, head_after=echo_with_logprobs
-        )
-    return stream_job(services, job, templates[0], finish, head, usage=so_far, render=render)
+        return JobRelay(job, templates[0], finish, usage=so_far, render=render, head_after=echo_with_logprobs)
+    return JobRelay(job, templates[0], finish, head, usage=so_far, render=render)

@@ -120,6 +120,65 @@ def _stream_error(done: DoneEvent) -> bytes:
     return sse_chunk(ErrorResponse(error=info))
 
 
+@dataclass
+class JobRelay:
+    """What turns one job's stream into OpenAI chunks (stream_job's arguments): `head` first,
+    `token.fill(text)` per piece of text, `finish(done)` for the end (an error event if the job
+    failed). With `usage` (completion tokens so far → usage JSON), every token chunk carries it.
+    With `render` (logprobs, tool calls, n > 1), it renders each token event's chunk(s) instead,
+    given the tokens so far (of every sequence), text or not, and a sequence's last event (b"":
+    nothing). With `head_after`, what it makes is the head, made once the stream has its first
+    entries (before them)."""
+
+    job: Job
+    token: sse.Template
+    finish: Callable[[DoneEvent], bytes]
+    head: bytes = b""
+    usage: Callable[[int], bytes] | None = None
+    render: Callable[[TokenEvent, int], bytes] | None = None
+    head_after: Callable[[], Awaitable[bytes]] | None = None
+    done: DoneEvent | None = None  # the job's done event, once relayed
+
+    @property
+    def failed(self) -> bool:
+        return self.done is not None and self.done.status is JobStatus.FAILED
+
+
+async def _chunks(services: Services, relay: JobRelay, last: bytes) -> AsyncIterator[bytes]:
+    """The job's chunks, those of one read of its stream joined (one send); `last` follows the
+    finish (or the error event) in the final one. Returns after it: `relay.done` is set."""
+    generated = 0
+    token, usage, render = relay.token, relay.usage, relay.render
+    if relay.head:
+        yield relay.head
+    late_head = relay.head_after
+    async for batch in services.store.event_batches(relay.job.id):
+        out = []
+        if late_head is not None:
+            out.append(await late_head())
+            late_head = None
+        for _, event in batch:
+            if isinstance(event, TokenEvent):
+                generated += event.tokens
+                if render is not None:
+                    if event.text or event.logprobs or event.finish_reason is not None:
+                        out.append(render(event, generated))
+                    continue
+                if not event.text:
+                    continue
+                if usage is None:
+                    out.append(token.fill(event.text))
+                else:
+                    out.append(token.fill_usage(event.text, usage(generated)))
+            else:  # the done event: always the stream's last
+                relay.done = event
+                out += [_stream_error(event) if relay.failed else relay.finish(event), last]
+        if out:
+            yield b"".join(out)
+        if relay.done is not None:
+            return
+
+
 def stream_job(
     services: Services,
     job: Job,
@@ -130,53 +189,65 @@ def stream_job(
     render: Callable[[TokenEvent, int], bytes] | None = None,
     head_after: Callable[[], Awaitable[bytes]] | None = None,
 ) -> StreamingResponse:
-    """Relays the job's stream as OpenAI chunks: `head` first, `token.fill(text)` per piece of
-    text (the chunks of one read of the stream go out in one send), `finish(done)` for the end (an
-    error event if the job failed), then `data: [DONE]`. With `usage` (completion tokens so far →
-    usage JSON), every token chunk carries it. With `render` (logprobs, tool calls, n > 1), it
-    renders each token event's chunk(s) instead, given the tokens so far (of every sequence), text
-    or not, and a sequence's last event (b"": nothing). With `head_after`, what it makes is the
-    head, made once the stream has its first entries (before them). A client that disconnects
-    first (Starlette cancels the generator, or closes it) cancels the job."""
+    """Relays the job's stream as OpenAI chunks (JobRelay says how), then `data: [DONE]`."""
+    return stream_relay(services, JobRelay(job, token, finish, head, usage, render, head_after))
+
+
+def stream_relay(services: Services, relay: JobRelay) -> StreamingResponse:
+    """stream_job, of a relay made already. A client that disconnects first (Starlette cancels the
+    generator, or closes it) cancels the job."""
 
     async def body() -> AsyncIterator[bytes]:
-        finished = False
-        generated = 0
         try:
-            if head:
-                yield head
-            late_head = head_after
-            async for batch in services.store.event_batches(job.id):
-                out = []
-                if late_head is not None:
-                    out.append(await late_head())
-                    late_head = None
-                for _, event in batch:
-                    if isinstance(event, TokenEvent):
-                        generated += event.tokens
-                        if render is not None:
-                            if event.text or event.logprobs or event.finish_reason is not None:
-                                out.append(render(event, generated))
-                            continue
-                        if not event.text:
-                            continue
-                        if usage is None:
-                            out.append(token.fill(event.text))
-                        else:
-                            out.append(token.fill_usage(event.text, usage(generated)))
-                    else:  # the done event: always the stream's last
-                        failed = event.status is JobStatus.FAILED
-                        out += [_stream_error(event) if failed else finish(event), sse.DONE]
-                        finished = True
-                if out:
-                    yield b"".join(out)
-                if finished:
-                    return
+            async for out in _chunks(services, relay, sse.DONE):
+                yield out
         finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
-            if not finished:
-                await _cancel(services, job.id)
+            if relay.done is None:
+                await _cancel(services, relay.job.id)
 
-    return sse.response(body(), headers={"Location": f"/v1/jobs/{job.id}"})
+    return sse.response(body(), headers={"Location": f"/v1/jobs/{relay.job.id}"})
+
+
+def stream_jobs(services: Services, relays: list[JobRelay], tail: Callable[[], bytes]) -> StreamingResponse:
+    """Several jobs of one request (a list of prompts) relayed as one stream, each read of a job's
+    stream sent as it comes (the jobs' chunks interleave; each job's keep their order), `tail()`
+    once every job is done, then `data: [DONE]`. A job that fails ends the stream with its error
+    event and cancels the others; a client that disconnects first cancels every unfinished one."""
+
+    async def body() -> AsyncIterator[bytes]:
+        reads: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+        async def pump(relay: JobRelay) -> None:
+            try:
+                async for out in _chunks(services, relay, b""):
+                    await reads.put(out)
+            except Exception as e:  # to the reader, which raises it
+                await reads.put(e)
+            await reads.put(None)  # this job is done
+
+        tasks = [asyncio.ensure_future(pump(relay)) for relay in relays]
+        try:
+            running = len(tasks)
+            while running:
+                out = await reads.get()
+                if out is None:
+                    running -= 1
+                    continue
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if any(relay.failed for relay in relays):
+                    yield sse.DONE
+                    return
+            yield tail() + sse.DONE
+        finally:
+            for task in tasks:
+                task.cancel()
+            for relay in relays:
+                if relay.done is None:
+                    await _cancel(services, relay.job.id)
+
+    return sse.response(body(), headers={"Location": f"/v1/jobs/{relays[0].job.id}"})
 
 
 class Choices:
