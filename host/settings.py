@@ -65,7 +65,10 @@ class VllmSettings(BaseModel):
     structured_outputs_backend: Literal["guidance", "xgrammar"] = Field(
         "guidance",
         description="vLLM's backend for structured outputs: guidance (llguidance, the library the torch "
-        "and DeepSpeed engines use: every spec intake accepts compiles alike) or xgrammar.",
+        "and DeepSpeed engines use: every spec intake accepts compiles alike) or xgrammar. On vLLM 0.26 "
+        "xgrammar was no faster on an H200 and let 5 % of outputs break their schema (raw control "
+        "characters in strings, strings past maxLength; BENCHMARKS.md), and it refuses some specs guidance "
+        "takes (a pattern beside a length bound).",
     )
 
 
