@@ -144,39 +144,45 @@ class JobRelay:
         return self.done is not None and self.done.status is JobStatus.FAILED
 
 
-async def _chunks(services: Services, relay: JobRelay, last: bytes) -> AsyncIterator[bytes]:
+async def _chunks(services: Services, relay: JobRelay, last: bytes, cancel: bool) -> AsyncIterator[bytes]:
     """The job's chunks, those of one read of its stream joined (one send); `last` follows the
-    finish (or the error event) in the final one. Returns after it: `relay.done` is set."""
+    finish (or the error event) in the final one. Returns after it: `relay.done` is set. With
+    `cancel`, a consumer that stops first (Starlette cancels the generator on a disconnect, or
+    closes it) cancels the job."""
     generated = 0
     token, usage, render = relay.token, relay.usage, relay.render
-    if relay.head:
-        yield relay.head
-    late_head = relay.head_after
-    async for batch in services.store.event_batches(relay.job.id):
-        out = []
-        if late_head is not None:
-            out.append(await late_head())
-            late_head = None
-        for _, event in batch:
-            if isinstance(event, TokenEvent):
-                generated += event.tokens
-                if render is not None:
-                    if event.text or event.logprobs or event.finish_reason is not None:
-                        out.append(render(event, generated))
-                    continue
-                if not event.text:
-                    continue
-                if usage is None:
-                    out.append(token.fill(event.text))
-                else:
-                    out.append(token.fill_usage(event.text, usage(generated)))
-            else:  # the done event: always the stream's last
-                relay.done = event
-                out += [_stream_error(event) if relay.failed else relay.finish(event), last]
-        if out:
-            yield b"".join(out)
-        if relay.done is not None:
-            return
+    try:
+        if relay.head:
+            yield relay.head
+        late_head = relay.head_after
+        async for batch in services.store.event_batches(relay.job.id):
+            out = []
+            if late_head is not None:
+                out.append(await late_head())
+                late_head = None
+            for _, event in batch:
+                if isinstance(event, TokenEvent):
+                    generated += event.tokens
+                    if render is not None:
+                        if event.text or event.logprobs or event.finish_reason is not None:
+                            out.append(render(event, generated))
+                        continue
+                    if not event.text:
+                        continue
+                    if usage is None:
+                        out.append(token.fill(event.text))
+                    else:
+                        out.append(token.fill_usage(event.text, usage(generated)))
+                else:  # the done event: always the stream's last
+                    relay.done = event
+                    out += [_stream_error(event) if relay.failed else relay.finish(event), last]
+            if out:
+                yield b"".join(out)
+            if relay.done is not None:
+                return
+    finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
+        if cancel and relay.done is None:
+            await _cancel(services, relay.job.id)
 
 
 def stream_job(
@@ -194,18 +200,9 @@ def stream_job(
 
 
 def stream_relay(services: Services, relay: JobRelay) -> StreamingResponse:
-    """stream_job, of a relay made already. A client that disconnects first (Starlette cancels the
-    generator, or closes it) cancels the job."""
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for out in _chunks(services, relay, sse.DONE):
-                yield out
-        finally:  # CancelledError (a disconnect) or GeneratorExit (closed unfinished)
-            if relay.done is None:
-                await _cancel(services, relay.job.id)
-
-    return sse.response(body(), headers={"Location": f"/v1/jobs/{relay.job.id}"})
+    """stream_job, of a relay made already. A client that disconnects first cancels the job."""
+    body = _chunks(services, relay, sse.DONE, cancel=True)
+    return sse.response(body, headers={"Location": f"/v1/jobs/{relay.job.id}"})
 
 
 def stream_jobs(services: Services, relays: list[JobRelay], tail: Callable[[], bytes]) -> StreamingResponse:
@@ -219,7 +216,7 @@ def stream_jobs(services: Services, relays: list[JobRelay], tail: Callable[[], b
 
         async def pump(relay: JobRelay) -> None:
             try:
-                async for out in _chunks(services, relay, b""):
+                async for out in _chunks(services, relay, b"", cancel=False):
                     await reads.put(out)
             except Exception as e:  # to the reader, which raises it
                 await reads.put(e)
