@@ -1,0 +1,167 @@
+"""How fast a GPU reads expert weights that live in pinned host memory (issue 24's batch-1 gap).
+
+The expert cache (moe_core/vllm_expert_cache.py) computes a missing expert in place: vLLM's
+fused-MoE kernel runs a second time over a UVA view of the pinned host copy, reading PCIe as it
+computes. On the H200 that made 69 tokens/s at batch 1 with 169 MB read in place per token: 11.7
+GB/s, a fifth of what a bulk pinned copy reaches. Whether the link or the way it is read is what
+limits it decides the next step (copy the step's missing experts into device scratch slots with
+wide sequential reads inside the CUDA graph, then compute from device memory). This times, on one
+GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB an expert):
+
+  copy      the copy engine: one expert host → device (`copy_` of pinned memory), GB/s
+  gather    `gather_experts`: a Triton kernel reading the experts a row map names from the UVA view
+            into device slots (a row of -1 reads nothing), GB/s
+  moe_uva   vLLM's fused-MoE kernel at batch 1, top-k of k experts, computing over the UVA view
+            (the cache's in-place call), ms and the GB/s of the expert bytes it read
+  moe_gpu   the same over device memory (what the compute costs with no PCIe in it)
+  gather+moe  gather then moe over the slots: what the gather path would cost a layer
+
+    python -m bench.uva_read [--experts 8] [--hidden 2048] [--intermediate 5632] [--topk 2] [--reps 20]
+
+The gather kernel runs anywhere Triton does (tests/test_bench_vllm.py runs it on the CPU under
+Triton's interpreter); the timings need CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+import torch
+
+GATHER_BLOCK = 8192  # elements a program copies: 16 KB of bf16, read as wide sequential loads
+
+
+def _kernel() -> Any:
+    """The Triton kernel (made on first use: importing this module needs no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather(src: Any, dst: Any, rows: Any, n: Any, BLOCK: tl.constexpr) -> None:
+        # program (k, c): chunk c of expert rows[k] from src [E, n] into dst [K, n]; rows[k] < 0: none
+        k = tl.program_id(0)
+        c = tl.program_id(1)
+        e = tl.load(rows + k)
+        if e >= 0:
+            offs = c * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            values = tl.load(src + e.to(tl.int64) * n + offs, mask=mask)
+            tl.store(dst + k.to(tl.int64) * n + offs, values, mask=mask)
+
+    return gather
+
+
+_GATHER: Any = None
+
+
+def gather_experts(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst[k] = src[rows[k]] for each k whose rows[k] ≥ 0; the others untouched. src [E, ...] (a UVA
+    view of pinned host memory, or any tensor the kernel can read), dst [K, ...] of the same row
+    shape, rows [K] int32 on the kernel's device. No host read of `rows`: it can be captured in a
+    CUDA graph."""
+    global _GATHER
+    if _GATHER is None:
+        _GATHER = _kernel()
+    n = src[0].numel()
+    assert dst[0].numel() == n and rows.numel() == dst.shape[0] and src.dtype == dst.dtype
+    grid = (rows.numel(), -(-n // GATHER_BLOCK))
+    _GATHER[grid](src, dst, rows, n, BLOCK=GATHER_BLOCK)
+
+
+def _timed(fn: Any, reps: int) -> float:
+    """Median ms of `fn` over reps, CUDA events around each (after two untimed calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", help="write the results here as JSON")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the timings need CUDA (the gather kernel alone is tested on the CPU)")
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+    E, H, inter, k = args.experts, args.hidden, args.intermediate, args.topk
+    dev = torch.device("cuda")
+    host13 = torch.randn(E, 2 * inter, H, dtype=torch.bfloat16).mul_(0.02).pin_memory()
+    host2 = torch.randn(E, H, inter, dtype=torch.bfloat16).mul_(0.02).pin_memory()
+    view13, view2 = get_accelerator_view_from_cpu_tensor(host13), get_accelerator_view_from_cpu_tensor(host2)
+    gpu13, gpu2 = host13.to(dev), host2.to(dev)
+    slots13 = torch.empty(k, 2 * inter, H, dtype=torch.bfloat16, device=dev)
+    slots2 = torch.empty(k, H, inter, dtype=torch.bfloat16, device=dev)
+    expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
+    x = torch.randn(1, H, dtype=torch.bfloat16, device=dev)
+    ids = torch.arange(k, dtype=torch.int32, device=dev).view(1, k)  # experts 0..k-1
+    weights = torch.full((1, k), 1.0 / k, dtype=torch.float32, device=dev)
+    rows = torch.arange(k, dtype=torch.int32, device=dev)  # slot j ← expert j
+    # over the slots (as expert parallelism maps them): expert j < k in slot j, the others -1
+    slot_map = torch.full((E,), -1, dtype=torch.int32, device=dev)
+    slot_map[:k] = torch.arange(k, dtype=torch.int32, device=dev)
+    results: dict[str, Any] = {"expert_gb": round(expert_gb, 4), "topk": k}
+
+    def copy() -> None:
+        slots13[0].copy_(host13[0], non_blocking=True)
+        slots2[0].copy_(host2[0], non_blocking=True)
+
+    def gather() -> None:
+        gather_experts(view13, slots13, rows)
+        gather_experts(view2, slots2, rows)
+
+    with set_current_vllm_config(VllmConfig()):
+
+        def moe(w13: torch.Tensor, w2: torch.Tensor, n: int, expert_map: torch.Tensor | None) -> None:
+            fused_experts(x, w13, w2, weights, ids, global_num_experts=n, expert_map=expert_map)
+
+        def gather_then_moe() -> None:
+            gather()
+            moe(slots13, slots2, E, slot_map)
+
+        timings = {
+            "copy": (_timed(copy, args.reps), expert_gb),
+            "gather": (_timed(gather, args.reps), k * expert_gb),
+            "moe_uva": (_timed(lambda: moe(view13, view2, E, None), args.reps), k * expert_gb),
+            "moe_gpu": (_timed(lambda: moe(gpu13, gpu2, E, None), args.reps), k * expert_gb),
+            "gather+moe": (
+                _timed(gather_then_moe, args.reps),
+                k * expert_gb,
+            ),
+        }
+        # the gather path computes what the in-place call does
+        gather()
+        torch.testing.assert_close(
+            fused_experts(x, slots13, slots2, weights, ids, global_num_experts=E, expert_map=slot_map),
+            fused_experts(x, view13, view2, weights, ids, global_num_experts=E),
+            atol=1e-2,
+            rtol=1.6e-2,
+        )
+    for name, (ms, gb) in timings.items():
+        results[name] = {"ms": round(ms, 3), "gb_per_s": round(gb / ms * 1000, 1)}
+        print(f"  {name:10s} {ms:8.3f} ms  {gb * 1000:7.1f} MB  {gb / ms * 1000:6.1f} GB/s", flush=True)
+    print(json.dumps(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
