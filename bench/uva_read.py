@@ -40,7 +40,7 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def gather(src: Any, dst: Any, rows: Any, n: Any, BLOCK: tl.constexpr) -> None:
+    def gather(src, dst, rows, n, BLOCK: tl.constexpr):  # no annotations: Triton reads them
         # program (k, c): chunk c of expert rows[k] from src [E, n] into dst [K, n]; rows[k] < 0: none
         k = tl.program_id(0)
         c = tl.program_id(1)
@@ -86,6 +86,51 @@ def _timed(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
+class _Mapped:
+    """Pinned host memory as a Triton kernel argument, without vLLM: under CUDA's unified
+    addressing its host address is the address the device reads it at (what vLLM's UVA view
+    wraps)."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host, self.dtype = host, host.dtype
+
+    def data_ptr(self) -> int:
+        return int(self.host.data_ptr())
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.host[i]
+
+
+def _copy_and_gather(args: argparse.Namespace, host13: torch.Tensor, host2: torch.Tensor) -> None:
+    """--no-vllm: the copy engine against the gather's reads of mapped host memory, and the gather
+    checked against the host copy."""
+    k = args.topk
+    dev = torch.device("cuda")
+    slots13 = torch.empty((k, *host13.shape[1:]), dtype=host13.dtype, device=dev)
+    slots2 = torch.empty((k, *host2.shape[1:]), dtype=host2.dtype, device=dev)
+    rows = torch.arange(k, dtype=torch.int32, device=dev)
+    src13, src2 = _Mapped(host13), _Mapped(host2)
+    expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
+
+    def copy() -> None:
+        slots13[0].copy_(host13[0], non_blocking=True)
+        slots2[0].copy_(host2[0], non_blocking=True)
+
+    def gather() -> None:
+        gather_experts(src13, slots13, rows)  # type: ignore[arg-type]
+        gather_experts(src2, slots2, rows)  # type: ignore[arg-type]
+
+    results: dict[str, Any] = {"expert_gb": round(expert_gb, 4), "topk": k}
+    for name, fn, gb in (("copy", copy, expert_gb), ("gather", gather, k * expert_gb)):
+        ms = _timed(fn, args.reps)
+        results[name] = {"ms": round(ms, 3), "gb_per_s": round(gb / ms * 1000, 1)}
+        print(f"  {name:10s} {ms:8.3f} ms  {gb * 1000:7.1f} MB  {gb / ms * 1000:6.1f} GB/s", flush=True)
+    gather()
+    torch.cuda.synchronize()
+    assert torch.equal(slots13.cpu(), host13[:k]) and torch.equal(slots2.cpu(), host2[:k])
+    print(json.dumps(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
@@ -93,18 +138,22 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-vllm", action="store_true", help="copy and gather only (no fused-MoE timings)")
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the timings need CUDA (the gather kernel alone is tested on the CPU)")
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
-    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
-
     E, H, inter, k = args.experts, args.hidden, args.intermediate, args.topk
     dev = torch.device("cuda")
     host13 = torch.randn(E, 2 * inter, H, dtype=torch.bfloat16).mul_(0.02).pin_memory()
     host2 = torch.randn(E, H, inter, dtype=torch.bfloat16).mul_(0.02).pin_memory()
+    if args.no_vllm:
+        _copy_and_gather(args, host13, host2)
+        return
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
     view13, view2 = get_accelerator_view_from_cpu_tensor(host13), get_accelerator_view_from_cpu_tensor(host2)
     gpu13, gpu2 = host13.to(dev), host2.to(dev)
     slots13 = torch.empty(k, 2 * inter, H, dtype=torch.bfloat16, device=dev)
