@@ -17,6 +17,7 @@ GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB
   gather+moe  gather then moe over the slots: what the gather path would cost a layer
 
     python -m bench.uva_read [--experts 8] [--hidden 2048] [--intermediate 5632] [--topk 2] [--reps 20]
+        [--no-vllm: copy and gather only, where vLLM is not installed] [--out FILE]
 
 The gather kernel runs anywhere Triton does (tests/test_bench_vllm.py runs it on the CPU under
 Triton's interpreter); the timings need CUDA.
@@ -101,36 +102,6 @@ class _Mapped:
         return self.host[i]
 
 
-def _copy_and_gather(args: argparse.Namespace, host13: torch.Tensor, host2: torch.Tensor) -> None:
-    """--no-vllm: the copy engine against the gather's reads of mapped host memory, and the gather
-    checked against the host copy."""
-    k = args.topk
-    dev = torch.device("cuda")
-    slots13 = torch.empty((k, *host13.shape[1:]), dtype=host13.dtype, device=dev)
-    slots2 = torch.empty((k, *host2.shape[1:]), dtype=host2.dtype, device=dev)
-    rows = torch.arange(k, dtype=torch.int32, device=dev)
-    src13, src2 = _Mapped(host13), _Mapped(host2)
-    expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
-
-    def copy() -> None:
-        slots13[0].copy_(host13[0], non_blocking=True)
-        slots2[0].copy_(host2[0], non_blocking=True)
-
-    def gather() -> None:
-        gather_experts(src13, slots13, rows)  # type: ignore[arg-type]
-        gather_experts(src2, slots2, rows)  # type: ignore[arg-type]
-
-    results: dict[str, Any] = {"expert_gb": round(expert_gb, 4), "topk": k}
-    for name, fn, gb in (("copy", copy, expert_gb), ("gather", gather, k * expert_gb)):
-        ms = _timed(fn, args.reps)
-        results[name] = {"ms": round(ms, 3), "gb_per_s": round(gb / ms * 1000, 1)}
-        print(f"  {name:10s} {ms:8.3f} ms  {gb * 1000:7.1f} MB  {gb / ms * 1000:6.1f} GB/s", flush=True)
-    gather()
-    torch.cuda.synchronize()
-    assert torch.equal(slots13.cpu(), host13[:k]) and torch.equal(slots2.cpu(), host2[:k])
-    print(json.dumps(results))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
@@ -147,62 +118,32 @@ def main() -> None:
     dev = torch.device("cuda")
     host13 = torch.randn(E, 2 * inter, H, dtype=torch.bfloat16).mul_(0.02).pin_memory()
     host2 = torch.randn(E, H, inter, dtype=torch.bfloat16).mul_(0.02).pin_memory()
-    if args.no_vllm:
-        _copy_and_gather(args, host13, host2)
-        return
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
-    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
-
-    view13, view2 = get_accelerator_view_from_cpu_tensor(host13), get_accelerator_view_from_cpu_tensor(host2)
-    gpu13, gpu2 = host13.to(dev), host2.to(dev)
     slots13 = torch.empty(k, 2 * inter, H, dtype=torch.bfloat16, device=dev)
     slots2 = torch.empty(k, H, inter, dtype=torch.bfloat16, device=dev)
-    expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
-    x = torch.randn(1, H, dtype=torch.bfloat16, device=dev)
-    ids = torch.arange(k, dtype=torch.int32, device=dev).view(1, k)  # experts 0..k-1
-    weights = torch.full((1, k), 1.0 / k, dtype=torch.float32, device=dev)
     rows = torch.arange(k, dtype=torch.int32, device=dev)  # slot j ← expert j
-    # over the slots (as expert parallelism maps them): expert j < k in slot j, the others -1
-    slot_map = torch.full((E,), -1, dtype=torch.int32, device=dev)
-    slot_map[:k] = torch.arange(k, dtype=torch.int32, device=dev)
-    results: dict[str, Any] = {"expert_gb": round(expert_gb, 4), "topk": k}
+    expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
+    # what the gather reads: the host memory at its mapped address (the one vLLM's UVA view holds)
+    src13: Any = _Mapped(host13)
+    src2: Any = _Mapped(host2)
 
     def copy() -> None:
         slots13[0].copy_(host13[0], non_blocking=True)
         slots2[0].copy_(host2[0], non_blocking=True)
 
     def gather() -> None:
-        gather_experts(view13, slots13, rows)
-        gather_experts(view2, slots2, rows)
+        gather_experts(src13, slots13, rows)
+        gather_experts(src2, slots2, rows)
 
-    with set_current_vllm_config(VllmConfig()):
-
-        def moe(w13: torch.Tensor, w2: torch.Tensor, n: int, expert_map: torch.Tensor | None) -> None:
-            fused_experts(x, w13, w2, weights, ids, global_num_experts=n, expert_map=expert_map)
-
-        def gather_then_moe() -> None:
-            gather()
-            moe(slots13, slots2, E, slot_map)
-
-        timings = {
-            "copy": (_timed(copy, args.reps), expert_gb),
-            "gather": (_timed(gather, args.reps), k * expert_gb),
-            "moe_uva": (_timed(lambda: moe(view13, view2, E, None), args.reps), k * expert_gb),
-            "moe_gpu": (_timed(lambda: moe(gpu13, gpu2, E, None), args.reps), k * expert_gb),
-            "gather+moe": (
-                _timed(gather_then_moe, args.reps),
-                k * expert_gb,
-            ),
-        }
-        # the gather path computes what the in-place call does
-        gather()
-        torch.testing.assert_close(
-            fused_experts(x, slots13, slots2, weights, ids, global_num_experts=E, expert_map=slot_map),
-            fused_experts(x, view13, view2, weights, ids, global_num_experts=E),
-            atol=1e-2,
-            rtol=1.6e-2,
-        )
+    timings = {  # name → (ms, GB read)
+        "copy": (_timed(copy, args.reps), expert_gb),
+        "gather": (_timed(gather, args.reps), k * expert_gb),
+    }
+    if not args.no_vllm:
+        timings |= _fused_moe_rows(args, host13, host2, slots13, slots2, gather, k * expert_gb)
+    gather()  # the slots hold what the host copy does
+    torch.cuda.synchronize()
+    assert torch.equal(slots13.cpu(), host13[:k]) and torch.equal(slots2.cpu(), host2[:k])
+    results: dict[str, Any] = {"expert_gb": round(expert_gb, 4), "topk": k}
     for name, (ms, gb) in timings.items():
         results[name] = {"ms": round(ms, 3), "gb_per_s": round(gb / ms * 1000, 1)}
         print(f"  {name:10s} {ms:8.3f} ms  {gb * 1000:7.1f} MB  {gb / ms * 1000:6.1f} GB/s", flush=True)
@@ -210,6 +151,52 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def _fused_moe_rows(
+    args: argparse.Namespace,
+    host13: torch.Tensor,
+    host2: torch.Tensor,
+    slots13: torch.Tensor,
+    slots2: torch.Tensor,
+    gather: Any,
+    read: float,
+) -> dict[str, tuple[float, float]]:
+    """vLLM's fused-MoE kernel over its UVA views (the cache's in-place call) and over device
+    memory, and gather then compute, checked against in place; `read`: the GB the k experts hold."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+    E, k, dev = host13.shape[0], args.topk, slots13.device
+    view13, view2 = get_accelerator_view_from_cpu_tensor(host13), get_accelerator_view_from_cpu_tensor(host2)
+    gpu13, gpu2 = host13.to(dev), host2.to(dev)
+    x = torch.randn(1, host13.shape[2], dtype=torch.bfloat16, device=dev)
+    ids = torch.arange(k, dtype=torch.int32, device=dev).view(1, k)  # experts 0..k-1
+    weights = torch.full((1, k), 1.0 / k, dtype=torch.float32, device=dev)
+    # over the slots (as expert parallelism maps them): expert j < k in slot j, the others -1
+    slot_map = torch.full((E,), -1, dtype=torch.int32, device=dev)
+    slot_map[:k] = torch.arange(k, dtype=torch.int32, device=dev)
+    with set_current_vllm_config(VllmConfig()):
+
+        def moe(w13: torch.Tensor, w2: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor = fused_experts(
+                x, w13, w2, weights, ids, global_num_experts=E, expert_map=expert_map
+            )
+            return out
+
+        def gather_then_moe() -> None:
+            gather()
+            moe(slots13, slots2, slot_map)
+
+        timings = {
+            "moe_uva": (_timed(lambda: moe(view13, view2), args.reps), read),
+            "moe_gpu": (_timed(lambda: moe(gpu13, gpu2), args.reps), read),
+            "gather+moe": (_timed(gather_then_moe, args.reps), read),
+        }
+        gather()  # the gather path computes what the in-place call does
+        torch.testing.assert_close(moe(slots13, slots2, slot_map), moe(view13, view2), atol=1e-2, rtol=1.6e-2)
+    return timings
 
 
 if __name__ == "__main__":
