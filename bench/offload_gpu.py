@@ -2,7 +2,8 @@
 
 On the GPU machine:
 
-    python -m bench.offload_gpu --model ref-model [--offload-share 0.5] [--out offload.json]
+    python -m bench.offload_gpu --model ref-model [--offload-share 0.5] [--resident-fraction F]
+        [--engines a,b,...] [--out offload.json]
 
 builds the reference bf16 Mixtral (`localmoe model init --size reference --vocab-size 32000`,
 9.52 GB) unless it exists, then picks the `engine.gpu_memory_budget_gb` at which the worker's
@@ -21,6 +22,8 @@ engine as a worker with that budget builds it (choose → construct):
                   or prose (bench/expert_cache.py record_routing, RoutingTrace in
                   moe_core/expert_cache.py); the random-weight reference model's own routers keep
                   choosing a few experts, unlike a trained model's. Its tokens are not compared.
+    experts_code_in_place  experts_code with the misses computed in host memory in place
+                  (engine.expert_cache.misses in_place) instead of gathered into device rows
     torch_experts the same cache in the torch engine (engine.backend torch)
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
@@ -59,9 +62,10 @@ from workers.engine_setup import budget_of, construct
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
 ENGINES = (
     "vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "experts_code", "experts_prose",
-    "torch_experts",
+    "experts_code_in_place", "torch_experts",
 )  # fmt: skip
-REPLAYED = {"experts_code": "code", "experts_prose": "prose"}  # engine → whose held-out routing it replays
+# engine → whose held-out routing it replays
+REPLAYED = {"experts_code": "code", "experts_prose": "prose", "experts_code_in_place": "code"}
 
 
 @dataclass
@@ -88,7 +92,9 @@ class Measured:
     resident_fraction: float | None = None  # experts: the share of each layer's experts on the GPU
     expert_hit_rate: float | None = None  # experts: needed experts found on the GPU, every run together
     fetched_mb_per_token: float | None = None  # experts: expert weights copied in per output token
-    in_place_mb_per_token: float | None = None  # experts: expert weights read from host memory in place
+    in_place_mb_per_token: float | None = (
+        None  # experts: read from host memory by the steps (gathered or in place)
+    )
     layer_hit_rates: list[float] = field(default_factory=list)  # experts: per MoE layer, every run together
 
 
@@ -128,6 +134,9 @@ def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> Engin
     cfg = EngineSettings(dtype=args.dtype, max_batch_size=BATCH, gpu_memory_budget_gb=budget_gb)
     cfg.vllm.enforce_eager = args.enforce_eager or name == "experts_eager"
     cfg.offload = "zero3" if name == "zero3" else "experts" if "experts" in name else "auto"
+    if name.endswith("_in_place"):
+        cfg.expert_cache.misses = "in_place"
+    cfg.expert_cache.resident_fraction = args.resident_fraction
     if name == "torch_experts":
         cfg.backend = "torch"
     return cfg
@@ -139,7 +148,15 @@ def bench_engine(
     """One engine as a worker with this budget builds it; a failure after the choice is recorded."""
     cfg = settings_for(name, args, budget_gb)
     # the plan a GPU worker makes (on --device cpu too, where a worker would plan nothing)
-    choice = choose(cfg.backend, model, "cuda", budget_of(cfg), offload=cfg.offload)
+    choice = choose(
+        cfg.backend,
+        model,
+        "cuda",
+        budget_of(cfg),
+        offload=cfg.offload,
+        resident_fraction=cfg.expert_cache.resident_fraction,
+        misses=cfg.expert_cache.misses,
+    )
     m = Measured(name, choice.backend, choice.offload, choice.reason, choice.cpu_offload_gb, budget_gb)
     m.resident_fraction = choice.resident_fraction
     print(f"  {name}: {choice.backend}, offload {choice.offload}: {choice.reason}", flush=True)
@@ -189,7 +206,7 @@ def _measure(
                 f"  {m.engine:12s} expert cache: hit rate {m.expert_hit_rate:.1%} (layers "
                 f"{' '.join(f'{h:.0%}' for h in m.layer_hit_rates)}), "
                 f"{m.fetched_mb_per_token:.1f} MB of experts fetched and {m.in_place_mb_per_token:.1f} MB "
-                "read in place per output token",
+                "read from host memory by the steps per output token",
                 flush=True,
             )
     finally:
@@ -270,7 +287,7 @@ def table(results: list[Measured]) -> str:
             "none": "none",
             "experts": f"{1 - (m.resident_fraction or 0):.0%} of the routed experts (hit rate "
             f"{m.expert_hit_rate or 0:.0%}, {m.fetched_mb_per_token or 0:.0f} MB fetched + "
-            f"{m.in_place_mb_per_token or 0:.0f} read in place a token: {_floors(m)})",
+            f"{m.in_place_mb_per_token or 0:.0f} read by the steps a token: {_floors(m)})",
         }[m.offload]
         peak = f"{m.peak_gpu_gib:.1f}" if m.peak_gpu_gib is not None else "-"
         rows.append(
@@ -285,6 +302,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="built here (reference size) unless present")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
     ap.add_argument("--offload-share", type=float, default=0.5, help="of the weights the budget leaves off")
+    ap.add_argument(
+        "--resident-fraction",
+        type=float,
+        help="the expert cache's share of each layer's experts on the GPU (default: what the budget leaves)",
+    )
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (vLLM's CPU build: the test's path)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compile and CUDA graphs")

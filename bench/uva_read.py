@@ -1,16 +1,17 @@
 """How fast a GPU reads expert weights that live in pinned host memory (issue 24's batch-1 gap).
 
-The expert cache (moe_core/vllm_expert_cache.py) computes a missing expert in place: vLLM's
-fused-MoE kernel runs a second time over a UVA view of the pinned host copy, reading PCIe as it
-computes. On the H200 that made 69 tokens/s at batch 1 with 169 MB read in place per token: 11.7
-GB/s, a fifth of what a bulk pinned copy reaches. Whether the link or the way it is read is what
-limits it decides the next step (copy the step's missing experts into device scratch slots with
-wide sequential reads inside the CUDA graph, then compute from device memory). This times, on one
-GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB an expert):
+The expert cache (moe_core/vllm_expert_cache.py) first computed a missing expert in place: vLLM's
+fused-MoE kernel ran a second time over a UVA view of the pinned host copy, reading PCIe as it
+computed. On the H200 that made 69 tokens/s at batch 1 with 169 MB read in place per token: 11.7
+GB/s, a fifth of what a bulk pinned copy reaches. This measured whether the link or the way it is
+read limits it (it is the way: the cache now gathers the step's missing experts into device
+scratch rows inside the CUDA graph, moe_core/expert_gather.py, then computes from device memory).
+It times, on one GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB
+an expert):
 
   copy      the copy engine: one expert host → device (`copy_` of pinned memory), GB/s
-  gather    `gather_experts`: a Triton kernel reading the experts a row map names from the UVA view
-            into device slots (a row of -1 reads nothing), GB/s
+  gather    `triton_gather`: the cache's Triton kernel reading the experts a row map names from
+            the host memory's mapped address into device rows (an expert mapped to -1: nothing), GB/s
   moe_uva   vLLM's fused-MoE kernel at batch 1, top-k of k experts, computing over the UVA view
             (the cache's in-place call), ms and the GB/s of the expert bytes it read
   moe_gpu   the same over device memory (what the compute costs with no PCIe in it)
@@ -19,8 +20,7 @@ GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB
     python -m bench.uva_read [--experts 8] [--hidden 2048] [--intermediate 5632] [--topk 2] [--reps 20]
         [--no-vllm: copy and gather only, where vLLM is not installed] [--out FILE]
 
-The gather kernel runs anywhere Triton does (tests/test_bench_vllm.py runs it on the CPU under
-Triton's interpreter); the timings need CUDA.
+The timings need CUDA (the gather kernel is tested on the CPU under Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -32,44 +32,7 @@ from typing import Any
 
 import torch
 
-GATHER_BLOCK = 8192  # elements a program copies: 16 KB of bf16, read as wide sequential loads
-
-
-def _kernel() -> Any:
-    """The Triton kernel (made on first use: importing this module needs no Triton)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gather(src, dst, rows, n, BLOCK: tl.constexpr):  # no annotations: Triton reads them
-        # program (k, c): chunk c of expert rows[k] from src [E, n] into dst [K, n]; rows[k] < 0: none
-        k = tl.program_id(0)
-        c = tl.program_id(1)
-        e = tl.load(rows + k)
-        if e >= 0:
-            offs = c * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            values = tl.load(src + e.to(tl.int64) * n + offs, mask=mask)
-            tl.store(dst + k.to(tl.int64) * n + offs, values, mask=mask)
-
-    return gather
-
-
-_GATHER: Any = None
-
-
-def gather_experts(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
-    """dst[k] = src[rows[k]] for each k whose rows[k] ≥ 0; the others untouched. src [E, ...] (a UVA
-    view of pinned host memory, or any tensor the kernel can read), dst [K, ...] of the same row
-    shape, rows [K] int32 on the kernel's device. No host read of `rows`: it can be captured in a
-    CUDA graph."""
-    global _GATHER
-    if _GATHER is None:
-        _GATHER = _kernel()
-    n = src[0].numel()
-    assert dst[0].numel() == n and rows.numel() == dst.shape[0] and src.dtype == dst.dtype
-    grid = (rows.numel(), -(-n // GATHER_BLOCK))
-    _GATHER[grid](src, dst, rows, n, BLOCK=GATHER_BLOCK)
+from moe_core.expert_gather import triton_gather
 
 
 def _timed(fn: Any, reps: int) -> float:
@@ -120,7 +83,8 @@ def main() -> None:
     host2 = torch.randn(E, H, inter, dtype=torch.bfloat16).mul_(0.02).pin_memory()
     slots13 = torch.empty(k, 2 * inter, H, dtype=torch.bfloat16, device=dev)
     slots2 = torch.empty(k, H, inter, dtype=torch.bfloat16, device=dev)
-    rows = torch.arange(k, dtype=torch.int32, device=dev)  # slot j ← expert j
+    rows = torch.full((E,), -1, dtype=torch.int32, device=dev)  # expert j < k → slot j, the others none
+    rows[:k] = torch.arange(k, dtype=torch.int32, device=dev)
     expert_gb = (host13[0].numel() + host2[0].numel()) * 2 / 1e9
     # what the gather reads: the host memory at its mapped address (the one vLLM's UVA view holds)
     src13: Any = _Mapped(host13)
@@ -131,8 +95,8 @@ def main() -> None:
         slots2[0].copy_(host2[0], non_blocking=True)
 
     def gather() -> None:
-        gather_experts(src13, slots13, rows)
-        gather_experts(src2, slots2, rows)
+        triton_gather(src13, slots13, rows)
+        triton_gather(src2, slots2, rows)
 
     timings = {  # name → (ms, GB read)
         "copy": (_timed(copy, args.reps), expert_gb),

@@ -31,6 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 # the ground floor, because both layers name it.
 Offload = Literal["none", "vllm_cpu", "zero3", "experts"]
 OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
+Misses = Literal["gather", "in_place"]  # engine.expert_cache.misses
 
 
 class VllmSettings(BaseModel):
@@ -91,6 +92,13 @@ class ExpertCacheSettings(BaseModel):
         le=1,
         description="engine.offload experts: the share of each MoE layer's routed experts kept on the "
         "GPU (at least one); None: as many as the memory budget leaves room for",
+    )
+    misses: Misses = Field(
+        "gather",
+        description="How the vLLM engine's cache computes a step's experts that are not on the GPU: "
+        "gather (copied from CPU memory into device rows by a kernel with wide reads, then computed "
+        "there; the rows take E - slots + 2 experts of GPU memory) or in_place (computed over the CPU "
+        "memory itself, read over PCIe by the MoE kernel: no rows, about a quarter of the speed)",
     )
 
 

@@ -32,7 +32,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from host.settings import Offload, OffloadSetting
+from host.settings import Misses, Offload, OffloadSetting
+from moe_core.expert_gather import scratch_rows
 from moe_core.loader import ModelInfo
 
 Backend = Literal["torch", "vllm", "deepspeed"]
@@ -139,11 +140,13 @@ def choose(
     offload: OffloadSetting = "auto",
     vllm_archs: Collection[str] | None = None,
     resident_fraction: float | None = None,
+    misses: Misses = "gather",
 ) -> Choice:
     """`have`: the installed engine packages (default: looked up); tests pass their own.
     quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything.
     offload: engine.offload. vllm_archs: the architectures vLLM's registry runs (default: looked up,
-    only for a model that does not fit). resident_fraction: engine.expert_cache's (offload experts)."""
+    only for a model that does not fit). resident_fraction, misses: engine.expert_cache's (offload
+    experts)."""
     if offload == "experts" and requested not in ("auto", "torch", "vllm"):
         raise RuntimeError(
             f"engine.offload experts is the vLLM and torch engines' cache, not engine.backend {requested}'s"
@@ -178,7 +181,7 @@ def choose(
         backend: Backend = "torch"
         if requested != "torch" and _why_not_vllm(requested, model, have, offload, vllm_archs) is None:
             backend = "vllm"
-        return _expert_cache(backend, model, plan, budget, resident_fraction)
+        return _expert_cache(backend, model, plan, budget, resident_fraction, misses)
     return _over_budget(requested, model, plan, budget, have, offload, vllm_archs)
 
 
@@ -210,17 +213,25 @@ def routed_expert_bytes(model: ModelInfo, weights: int) -> int:
 
 def resident_slots(fraction: float, experts: int) -> int:
     """The device slots an expert cache holding `fraction` of a layer's `experts` has (at least
-    one): what the choice reports, the caches build and the vLLM kernel's E is."""
-    return max(1, int(fraction * experts))
+    one): what the choice reports, the caches build and the vLLM kernel's E is. (slots / experts
+    gives slots back: the product is rounded before it is cut.)"""
+    return max(1, int(round(fraction * experts, 6)))
 
 
 def _expert_cache(
-    backend: Backend, model: ModelInfo, plan: MemoryPlan, budget: Budget, fraction: float | None
+    backend: Backend,
+    model: ModelInfo,
+    plan: MemoryPlan,
+    budget: Budget,
+    fraction: float | None,
+    misses: Misses = "gather",
 ) -> Choice:
     """Weights that do not fit, engine.offload experts: `backend` (vLLM where it runs the model,
     its cache in the fused-MoE layers; else torch) keeps everything but the routed experts on the
     GPU and as many of those as the budget leaves room for (or `fraction` of them, if that fits).
-    vLLM's KV cache gets what the plan leaves it, the torch engine being the fallback."""
+    vLLM's cache gathering its misses (misses "gather") also holds scratch rows for them, shared
+    by its layers: scratch_rows(E, slots) experts of one layer, counted in the same room. vLLM's KV
+    cache gets what the plan leaves it, the torch engine being the fallback."""
     if model.num_experts <= 1:
         raise RuntimeError("engine.offload experts: the model has no routed experts to cache")
     experts = routed_expert_bytes(model, plan.weights)
@@ -232,15 +243,30 @@ def _expert_cache(
             f"{others / 1e9:.2f} GB: the {plan.gpu_weights / 1e9:.2f} GB left to weights cannot hold one "
             "expert per layer as well (engine.offload experts)"
         )
+    E = model.num_experts
+    one = experts / (E * model.num_layers)  # one expert's bytes
+
+    def held(slots: int) -> float:  # the slots of every layer, and the scratch if there is one
+        scratch = scratch_rows(E, slots) if backend == "vllm" and misses == "gather" else 0
+        return (slots * model.num_layers + scratch) * one
+
     fits = min(1.0, room / experts)
-    if fraction is not None and fraction > fits:
-        raise RuntimeError(
-            f"engine.expert_cache.resident_fraction {fraction} keeps {fraction * experts / 1e9:.2f} GB of "
-            f"experts on the GPU; the budget leaves them {room / 1e9:.2f} GB ({fits:.2f}): lower it or "
-            "leave it unset"
-        )
-    share = fraction if fraction is not None else fits
-    slots = resident_slots(share, model.num_experts)
+    slots = resident_slots(fraction if fraction is not None else fits, E)
+    if fraction is None:
+        while slots > 1 and held(slots) > room:
+            slots -= 1
+    if held(slots) > room:
+        kept, scratch = slots * model.num_layers * one, held(slots) - slots * model.num_layers * one
+        what = f"{slots} of {E} routed experts per layer ({kept / 1e9:.2f} GB)"
+        if scratch:
+            what += (
+                f" and rows for the step's others ({scratch / 1e9:.2f} GB, engine.expert_cache.misses gather)"
+            )
+        fix = "lower engine.expert_cache.resident_fraction or leave it unset"
+        if fraction is None:
+            fix = "set engine.expert_cache.misses to in_place (no rows) or raise the budget"
+        raise RuntimeError(f"{what} do not fit the {room / 1e9:.2f} GB the budget leaves them: {fix}")
+    share = slots / E if fraction is None else fraction
     why = (
         f"{_does_not_fit(plan, budget)}: the {backend} engine with {slots} of {model.num_experts} routed "
         f"experts per layer on the GPU, the rest in pinned CPU memory (engine.offload experts)"

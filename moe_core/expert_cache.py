@@ -107,14 +107,17 @@ class SlotTable:
         self.ahead -= keep
         return copies
 
-    def settle(self, needed: Sequence[int], tokens: Sequence[int]) -> list[tuple[int, int]]:
+    def settle(
+        self, needed: Sequence[int], tokens: Sequence[int], limit: int | None = None
+    ) -> list[tuple[int, int]]:
         """For a layer that computes the experts it lacks where they are (vLLM's in-place calls):
         one forward needed `needed` (distinct; `tokens`: how many tokens each took), the resident
         ones already run. → the copies that make the busier experts resident: an expert not
         resident takes a free slot, or the slot of the resident expert with the least load if its
         own load is above that one's by ADMIT_MARGIN (so that experts of about equal load, as at
         a large batch whose steps each need nearly every expert, do not trade places at every
-        step: each trade costs an expert's copy over the same link the in-place calls read from)."""
+        step: each trade costs an expert's copy over the same link the in-place calls read from).
+        limit: at most this many copies (the busiest first), None: no limit."""
         self.tick += 1
         self.load = [x * LOAD_DECAY for x in self.load]
         for expert, n in zip(needed, tokens, strict=True):
@@ -122,6 +125,8 @@ class SlotTable:
             self.load[expert] += n
         copies: list[tuple[int, int]] = []
         for expert in sorted((e for e in needed if self.slot_of[e] < 0), key=lambda e: -self.load[e]):
+            if limit is not None and len(copies) >= limit:
+                break
             if -1 in self.holds:
                 slot = self.holds.index(-1)
             else:

@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from host.heap import thaw_heap
+from host.settings import Misses
 from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import (
     Delta,
@@ -186,6 +187,7 @@ class VllmEngine:
         batch_rows: int | None = None,
         batch_rank: int = 3,
         expert_cache: float | None = None,
+        expert_cache_misses: Misses = "gather",
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -214,12 +216,13 @@ class VllmEngine:
         only, never to seat a more urgent one, so without this a batch's lines could hold every row
         and an interactive job would wait for one to end; the torch engine preempts them instead.
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
-        all of them in host memory, the others computed there in place and the busiest copied into
-        device slots (moe_core/vllm_expert_cache.py;
-        None: none). On CUDA vLLM then loads the routed experts into pinned host memory (its UVA
-        offload: the model need not fit the GPU), the cache installed by its own load format before
-        vLLM captures its CUDA graphs; set kv_cache_memory_bytes so that the slots have room beside the
-        KV cache (the automatic choice does)."""
+        all of them in host memory, the busiest copied into device slots and the step's others
+        gathered into device rows (expert_cache_misses "gather") or computed in host memory
+        ("in_place") (moe_core/vllm_expert_cache.py; None: none). On CUDA vLLM then loads the
+        routed experts into pinned host memory (its UVA offload: the model need not fit the GPU),
+        the cache installed by its own load format before vLLM captures its CUDA graphs; set
+        kv_cache_memory_bytes so that the slots and rows have room beside the KV cache (the
+        automatic choice does)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if tensor_parallel_size < 1:
@@ -248,6 +251,7 @@ class VllmEngine:
         if expert_cache is not None and cpu_offload_gb > 0:
             raise ValueError("expert_cache keeps the routed experts in host memory itself: no cpu_offload_gb")
         self.expert_cache = expert_cache
+        self.expert_cache_misses: Misses = expert_cache_misses
         self.expert_slots: list[int] = []  # per fused-MoE layer, once the cache is installed
         self._cache_stats: tuple[float, dict[str, int]] = (0.0, {})  # (when read, the workers' counts)
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
@@ -386,20 +390,27 @@ class VllmEngine:
 
     def _moe_shape(self, dtype: str, slots: bool = True) -> MoeShape:
         """The expert GEMMs one GPU runs under this engine's parallelism (ValueError or KeyError
-        for a model vLLM does not fuse); with the expert cache and `slots`, over its slots (the
-        kernel's E, which picks its configs, is the slot tensors' rows; its second call, in place
-        in host memory, runs over all E: moe_core/vllm_expert_cache.py)."""
+        for a model vLLM does not fuse); with the expert cache, its first call's (`slots`: the
+        kernel's E, which picks its configs, is the slot tensors' rows) or its second's (not
+        `slots`: over the scratch rows the misses are gathered into, or in place in host memory
+        over all E: moe_core/vllm_expert_cache.py)."""
         shape = moe_shape(
             self.model_dir,
             tensor_parallel_size=self.tensor_parallel_size,
             enable_expert_parallel=self.enable_expert_parallel,
             dtype=dtype,
         )
-        if self.expert_cache is None or not slots:
+        if self.expert_cache is None:
             return shape
         from moe_core.choice import resident_slots
+        from moe_core.expert_gather import scratch_rows
 
-        return dataclasses.replace(shape, experts=resident_slots(self.expert_cache, shape.experts))
+        held = resident_slots(self.expert_cache, shape.experts)
+        if slots:
+            return dataclasses.replace(shape, experts=held)
+        if self.expert_cache_misses == "gather":
+            return dataclasses.replace(shape, experts=scratch_rows(shape.experts, held))
+        return shape
 
     def _resolve_dtype(self, device: str) -> str:
         from moe_core.loader import resolve_dtype
@@ -454,7 +465,10 @@ class VllmEngine:
         args: dict[str, Any] = {
             "worker_extension_cls": vllm_expert_cache.EXTENSION,
             "load_format": vllm_expert_cache.LOAD_FORMAT,
-            "model_loader_extra_config": {vllm_expert_cache.FRACTION_KEY: self.expert_cache},
+            "model_loader_extra_config": {
+                vllm_expert_cache.FRACTION_KEY: self.expert_cache,
+                vllm_expert_cache.MISSES_KEY: self.expert_cache_misses,
+            },
         }
         if not self._resolve_device()[0].startswith("cuda"):
             return args  # vLLM's CPU build: the weights are in host memory already
@@ -568,7 +582,7 @@ class VllmEngine:
         dtype = self._resolve_dtype(self._resolve_device()[0])
         try:
             shapes = [self._moe_shape(dtype)]
-            if self.expert_cache is not None:  # its layers also run the kernel over all E in place
+            if self.expert_cache is not None:  # its layers' second call: the misses' rows (or all E)
                 shapes.append(self._moe_shape(dtype, slots=False))
             configs = [moe_configs.fused_moe_config_of(shape, self.quantization) for shape in shapes]
         except Exception as e:  # not a fused MoE, quantized weights, an older vLLM

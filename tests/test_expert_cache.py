@@ -25,6 +25,7 @@ from moe_core.expert_cache import (
     _CachedLayer,
     moe_layers,
 )
+from moe_core.expert_gather import SPARE_SLOTS, gather_experts, miss_rows, scratch_rows
 from moe_core.loader import load_model
 from tests.parity import ARCH_PARAMS, PROMPTS, reference_tokens
 
@@ -63,6 +64,33 @@ def test_settle_admits_a_busier_expert_and_stops_experts_of_equal_load_trading_p
     copies = [uniform.settle(list(range(8)), [16 + (e + step) % 3 for e in range(8)]) for step in range(50)]
     assert len(copies[0]) == 4 and not any(copies[1:])  # filled once, then no trades
     assert ADMIT_MARGIN > 1
+
+
+def test_settle_copies_no_more_than_its_limit_the_busiest_first() -> None:
+    """The gathering cache's bound (moe_core/expert_gather.py): slots between two experts are held
+    to what its rows leave room for; the ones left out stay outside, to be settled later."""
+    table = SlotTable(experts=8, slots=4)
+    assert table.settle([0, 1, 2, 3, 4], [1, 9, 3, 7, 5], limit=2) == [(1, 0), (3, 1)]
+    assert table.settle([4, 2], [5, 3], limit=0) == []
+    assert table.slot_of[4] == table.slot_of[2] == -1
+    assert table.settle([4, 2], [5, 3], limit=None) == [(4, 2), (2, 3)]
+
+
+def test_each_missing_expert_gets_a_scratch_row_and_only_those_are_gathered() -> None:
+    """The gather path's parts on the CPU (vLLM's CPU build uses them; on CUDA the same rows go to
+    a Triton kernel, tested under its interpreter in tests/test_vllm_engine.py): the needed
+    experts outside the slots, in expert order, rows 0, 1, ...; a row count that leaves every
+    expert outside the slots a row and SPARE_SLOTS slots between two experts."""
+    needed = torch.tensor([True, True, False, True, True, False])
+    slot_row = torch.tensor([-1, 0, -1, -1, 1, -1], dtype=torch.int32)  # 1 and 4 resident
+    rows = miss_rows(needed, slot_row)
+    assert rows.dtype == torch.int32 and rows.tolist() == [0, -1, -1, 1, -1, -1]
+    src = torch.arange(6 * 2 * 3, dtype=torch.float32).view(6, 2, 3)
+    dst = torch.full((scratch_rows(6, 2), 2, 3), -7.0)
+    gather_experts(src, dst, rows)
+    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[3])
+    assert bool((dst[2:] == -7).all())  # rows no miss took: untouched
+    assert scratch_rows(6, 2) == 6 and scratch_rows(8, 4) == 4 + SPARE_SLOTS and scratch_rows(8, 7) == 3
 
 
 def test_prefetch_fills_free_and_cold_slots_and_keeps_what_it_predicts() -> None:

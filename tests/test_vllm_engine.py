@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -283,27 +285,35 @@ def test_cpu_offload_gb_serves_the_same_greedy_tokens(
         engine.close()
 
 
-@pytest.mark.parametrize(("arch", "fraction"), [("mixtral", 1 / 8), ("qwen2_moe", 0.5)])
+@pytest.mark.parametrize(
+    ("arch", "fraction", "misses"),
+    [("mixtral", 1 / 8, "gather"), ("qwen2_moe", 0.5, "gather"), ("mixtral", 0.5, "in_place")],
+)
 def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
-    arch: str, fraction: float, mixtral_dir: Path, tmp_path: Path
+    arch: str, fraction: float, misses: str, mixtral_dir: Path, tmp_path: Path
 ) -> None:
     """engine.offload experts through vLLM (moe_core/vllm_expert_cache.py): each fused-MoE layer
     holds `fraction` of its experts in slots (1 of 8; half), computes the resident ones it needs
-    there and the others in place from host memory, one kernel call each (qwen2_moe: a shared
-    expert beside the routed ones, run once per step), and copies the busiest in for later steps;
-    the greedy tokens of a batch are generate()'s, and the counts show fetches, hits and experts
-    read in place (every miss). Without the copies into the slots, or without the call in host
-    memory, the tokens would part from generate()'s (the slots hold zeros; a miss would add nothing)."""
+    there and the others from rows they are gathered into from host memory (misses gather: all 8
+    rows for 1 slot, 4 + 2 for 4, the copies on their way held to 2) or in place in host memory,
+    one kernel call each (qwen2_moe: a shared expert beside the routed ones, run once per step),
+    and copies the busiest in for later steps; the greedy tokens of a batch are generate()'s, and
+    the counts show fetches, hits and experts read from host memory (every miss). Without the
+    copies into the slots, or without the second call, the tokens would part from generate()'s (a
+    miss would add nothing)."""
     model_dir = (
         mixtral_dir if arch == "mixtral" else build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     )
     reference = Reference(model_dir)
-    engine = make_engine(model_dir, expert_cache=fraction)
+    engine = make_engine(model_dir, expert_cache=fraction, expert_cache_misses=misses)
     args = engine._engine_args("float32")
     assert args.worker_extension_cls == "moe_core.vllm_expert_cache.ExpertCacheExtension"
     engine.load()
     try:
-        assert engine.expert_slots == [max(1, int(fraction * 8))] * 4  # the tiny models: 4 layers of 8
+        slots = max(1, int(fraction * 8))
+        assert engine.expert_slots == [slots] * 4  # the tiny models: 4 layers of 8
+        rows = {"gather": min(8, 8 - slots + 2), "in_place": 0}[misses]
+        assert [list(r) for r in engine.engine.collective_rpc("expert_cache_rows")[0]] == [[slots, rows]] * 4
         assert engine.stats().expert_cache_needed == 0  # the warm-up's fetches are not counted
         layers = engine.engine.collective_rpc("expert_cache_layers")[0]
         assert [list(counts) for counts in layers] == [[0, 0]] * 4  # nor per layer
@@ -371,17 +381,48 @@ def test_the_expert_cache_asks_vllm_for_its_loader_host_memory_and_whole_graphs_
     monkeypatch.setattr(engine, "_resolve_device", lambda: ("cuda", None))
     args = engine._engine_args("bfloat16")
     assert args.load_format == vllm_expert_cache.LOAD_FORMAT
-    assert args.model_loader_extra_config == {vllm_expert_cache.FRACTION_KEY: 0.5}
+    assert args.model_loader_extra_config == {
+        vllm_expert_cache.FRACTION_KEY: 0.5,
+        vllm_expert_cache.MISSES_KEY: "gather",
+    }
     assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
     assert args.moe_backend == "triton"  # a modular kernel that reads the layer's weights per call
     # the tiny model's experts: 4 layers x 8 x 3 x 128 x 256 x 2 bytes (a cap, in whole GiB)
     assert args.cpu_offload_gb == 2
     assert engine._moe_shape("bfloat16").experts == 4  # the kernel's E: the slots, which pick its configs
+    assert engine._moe_shape("bfloat16", slots=False).experts == 6  # the misses' rows: 8 - 4 + 2
     graphs = args.compilation_config
     assert graphs.cudagraph_mode is None or graphs.cudagraph_mode.name != "PIECEWISE"  # vLLM's default
     assert not graphs.splitting_ops
     plain = make_engine(mixtral_dir)
     assert plain._expert_cache_args("float32") == {}
+
+
+GATHER_CHECK = """
+import torch
+from moe_core.expert_gather import gather_experts, triton_gather
+src = torch.randn(5, 2, 5000, generator=torch.Generator().manual_seed(0))  # two programs a row
+rows = torch.tensor([1, -1, 3, -1, 0], dtype=torch.int32)  # expert 0 to row 1, 2 to 3 (past K), 4 to 0
+dst = torch.full((3, 2, 5000), 7.0)
+triton_gather(src, dst, rows)
+assert torch.equal(dst[1], src[0]) and torch.equal(dst[0], src[4])
+assert bool((dst[2] == 7.0).all())  # no expert's row, and a row past the scratch: nothing written
+cpu = torch.full((3, 2, 5000), 7.0)
+gather_experts(src, cpu, torch.tensor([1, -1, 2, -1, 0], dtype=torch.int32))
+assert torch.equal(cpu[2], src[2]) and torch.equal(cpu[:2], dst[:2])  # the CPU's path: the same rows
+"""
+
+
+def test_the_expert_gather_kernel_copies_the_rows_its_map_names() -> None:
+    """moe_core/expert_gather.py's Triton kernel (the cache's miss path on CUDA, inside vLLM's
+    CUDA graphs) on the CPU under Triton's interpreter (set before Triton is imported: a process
+    of its own), against the torch path vLLM's CPU build takes."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", GATHER_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_tuned_moe_configs_are_what_vllm_picks(tuned_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,6 +85,7 @@ def construct(
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
             expert_cache=cached.resident_fraction if cached else None,
+            expert_cache_misses=cfg.expert_cache.misses,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
@@ -124,6 +125,7 @@ def start_engine(
         quantize=cfg.vllm.quantization,
         offload=cfg.offload,
         resident_fraction=cfg.expert_cache.resident_fraction,
+        misses=cfg.expert_cache.misses,
     )
     log.info("engine choice: %s, offload %s (%s)", choice.backend, choice.offload, choice.reason)
     order = (choice.backend, *choice.fallbacks)
