@@ -22,8 +22,8 @@ engine as a worker with that budget builds it (choose → construct):
                   or prose (bench/expert_cache.py record_routing, RoutingTrace in
                   moe_core/expert_cache.py); the random-weight reference model's own routers keep
                   choosing a few experts, unlike a trained model's. Its tokens are not compared.
-    experts_code_in_place  experts_code with the misses computed in host memory in place
-                  (engine.expert_cache.misses in_place) instead of gathered into device rows
+    experts_code_gather  experts_code with the misses gathered into device rows first
+                  (engine.expert_cache.misses gather) instead of computed in host memory in place
     torch_experts the same cache in the torch engine (engine.backend torch)
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
@@ -62,10 +62,10 @@ from workers.engine_setup import budget_of, construct
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
 ENGINES = (
     "vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "experts_code", "experts_prose",
-    "experts_code_in_place", "torch_experts",
+    "experts_code_gather", "torch_experts",
 )  # fmt: skip
 # engine → whose held-out routing it replays
-REPLAYED = {"experts_code": "code", "experts_prose": "prose", "experts_code_in_place": "code"}
+REPLAYED = {"experts_code": "code", "experts_prose": "prose", "experts_code_gather": "code"}
 
 
 @dataclass
@@ -134,8 +134,8 @@ def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> Engin
     cfg = EngineSettings(dtype=args.dtype, max_batch_size=BATCH, gpu_memory_budget_gb=budget_gb)
     cfg.vllm.enforce_eager = args.enforce_eager or name == "experts_eager"
     cfg.offload = "zero3" if name == "zero3" else "experts" if "experts" in name else "auto"
-    if name.endswith("_in_place"):
-        cfg.expert_cache.misses = "in_place"
+    if name.endswith("_gather"):
+        cfg.expert_cache.misses = "gather"
     cfg.expert_cache.resident_fraction = args.resident_fraction
     if name == "torch_experts":
         cfg.backend = "torch"

@@ -2,12 +2,10 @@
 
 The expert cache (moe_core/vllm_expert_cache.py) first computed a missing expert in place: vLLM's
 fused-MoE kernel ran a second time over a UVA view of the pinned host copy, reading PCIe as it
-computed. On the H200 that made 69 tokens/s at batch 1 with 169 MB read in place per token: 11.7
-GB/s, a fifth of what a bulk pinned copy reaches. This measured whether the link or the way it is
-read limits it (it is the way: the cache now gathers the step's missing experts into device
-scratch rows inside the CUDA graph, moe_core/expert_gather.py, then computes from device memory).
-It times, on one GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16; 69 MB
-an expert):
+computed. Whether that way of reading, or the link, limits batch 1 is what this measures (on an
+H100: the link; in place 46.5 GB/s, the gather of moe_core/expert_gather.py 50.5, the copy engine
+54.5). It times, on one GPU, experts of the reference model's shape (w13 [2I, H], w2 [H, I], bf16;
+69 MB an expert):
 
   copy      the copy engine: one expert host → device (`copy_` of pinned memory), GB/s
   gather    `triton_gather`: the cache's Triton kernel reading the experts a row map names from

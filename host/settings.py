@@ -94,11 +94,12 @@ class ExpertCacheSettings(BaseModel):
         "GPU (at least one); None: as many as the memory budget leaves room for",
     )
     misses: Misses = Field(
-        "gather",
+        "in_place",
         description="How the vLLM engine's cache computes a step's experts that are not on the GPU: "
-        "gather (copied from CPU memory into device rows by a kernel with wide reads, then computed "
-        "there; the rows take E - slots + 2 experts of GPU memory) or in_place (computed over the CPU "
-        "memory itself, read over PCIe by the MoE kernel: no rows, about a quarter of the speed)",
+        "in_place (the MoE kernel reads them from CPU memory over PCIe as it computes) or gather "
+        "(copied into device rows by a kernel with wide reads first, then computed there; the rows "
+        "take E - slots + 2 experts of GPU memory). On an H100 both read at 47-50 GB/s and made the "
+        "same tokens/s (BENCHMARKS.md)",
     )
 
 

@@ -140,7 +140,7 @@ def choose(
     offload: OffloadSetting = "auto",
     vllm_archs: Collection[str] | None = None,
     resident_fraction: float | None = None,
-    misses: Misses = "gather",
+    misses: Misses = "in_place",
 ) -> Choice:
     """`have`: the installed engine packages (default: looked up); tests pass their own.
     quantize: what vLLM quantizes a checkpoint to on load (engine.vllm.quantization), if anything.
@@ -224,7 +224,7 @@ def _expert_cache(
     plan: MemoryPlan,
     budget: Budget,
     fraction: float | None,
-    misses: Misses = "gather",
+    misses: Misses = "in_place",
 ) -> Choice:
     """Weights that do not fit, engine.offload experts: `backend` (vLLM where it runs the model,
     its cache in the fused-MoE layers; else torch) keeps everything but the routed experts on the

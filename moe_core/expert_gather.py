@@ -1,11 +1,13 @@
-"""The expert cache's miss path on vLLM: the experts a step needs and the GPU does not hold,
-gathered from pinned host memory into device scratch rows, then computed there.
+"""The expert cache's other miss path on vLLM (engine.expert_cache.misses gather): the experts a
+step needs and the GPU does not hold, gathered from pinned host memory into device scratch rows,
+then computed there.
 
-Reading a missing expert in place (vLLM's fused-MoE kernel over a UVA view of host memory) reads
-PCIe in the kernel's own tile order: 11.7 GB/s on an H200. A kernel that only copies, with wide
-sequential loads, reads the same bytes at 49 GB/s on an H100 (the copy engine: 54), and the
-fused-MoE kernel then runs over device memory (`python -m bench.uva_read`, BENCHMARKS.md). Both
-steps are kernels whose launch reads nothing back to the host, so vLLM's CUDA graphs capture them.
+The default reads a missing expert in place (vLLM's fused-MoE kernel over a UVA view of host
+memory, in the kernel's own tile order). On an H100 that reads 46.5 GB/s at batch 1, this gather
+50.5 and the gather then the kernel over device memory 48.5 (the copy engine: 54.5; `python -m
+bench.uva_read`), and the cache made the same tokens/s either way (BENCHMARKS.md), so the gather is
+the choice only where a GPU's in-place reads prove slower. Both steps are kernels whose launch
+reads nothing back to the host, so vLLM's CUDA graphs capture them.
 
 Shapes: a layer of E experts with S device slots has at most E - S experts outside its slots,
 plus the slots whose copy is still on its way (their old expert gone, the new one not landed).

@@ -187,7 +187,7 @@ class VllmEngine:
         batch_rows: int | None = None,
         batch_rank: int = 3,
         expert_cache: float | None = None,
-        expert_cache_misses: Misses = "gather",
+        expert_cache_misses: Misses = "in_place",
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -217,8 +217,8 @@ class VllmEngine:
         and an interactive job would wait for one to end; the torch engine preempts them instead.
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
         all of them in host memory, the busiest copied into device slots and the step's others
-        gathered into device rows (expert_cache_misses "gather") or computed in host memory
-        ("in_place") (moe_core/vllm_expert_cache.py; None: none). On CUDA vLLM then loads the
+        computed in host memory (expert_cache_misses "in_place") or gathered into device rows
+        first ("gather") (moe_core/vllm_expert_cache.py; None: none). On CUDA vLLM then loads the
         routed experts into pinned host memory (its UVA offload: the model need not fit the GPU),
         the cache installed by its own load format before vLLM captures its CUDA graphs; set
         kv_cache_memory_bytes so that the slots and rows have room beside the KV cache (the

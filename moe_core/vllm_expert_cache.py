@@ -120,7 +120,7 @@ class _VllmCache(ExpertCache):
 
 
 def install(
-    model: torch.nn.Module, resident_fraction: float, max_tokens: int, misses: Misses = "gather"
+    model: torch.nn.Module, resident_fraction: float, max_tokens: int, misses: Misses = "in_place"
 ) -> _VllmCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
     its device, at least one, the slots filled with its first experts; max_tokens: the most tokens
@@ -184,7 +184,7 @@ def _register_loader() -> None:
         def __init__(self, load_config: Any) -> None:
             extra = dict(load_config.model_loader_extra_config or {})
             self.resident_fraction = float(extra.pop(FRACTION_KEY))
-            self.misses: Misses = extra.pop(MISSES_KEY, "gather")
+            self.misses: Misses = extra.pop(MISSES_KEY, "in_place")
             config = copy.copy(load_config)
             config.load_format, config.model_loader_extra_config = "auto", extra
             super().__init__(config)
@@ -310,11 +310,11 @@ class _InPlaceLayer(_CachedLayer):
     (expert → itself, -1 while resident): the forward runs the layer's kernel twice over the same
     ids, once over the slots with slot_row as its expert map and once for the other experts, each
     skipping the other's experts; their outputs are summed, the shared experts run with the first.
-    The second call (misses "gather", the default): the step's needed experts outside the slots
-    are gathered from the host copy into `scratch` rows (expert_gather: [E] miss rows made on the
-    device, a Triton kernel reading the UVA view with wide loads) and the kernel runs over those
-    rows; misses "in_place": the kernel runs over the host copy itself (a UVA view on CUDA, read
-    over PCIe in the kernel's tile order, as vLLM's own offload reads it) with host_row. On CPU
+    The second call (misses "in_place", the default): the kernel runs over the host copy itself (a
+    UVA view on CUDA, read over PCIe in the kernel's tile order, as vLLM's own offload reads it)
+    with host_row; misses "gather": the step's needed experts outside the slots are first gathered
+    from the host copy into `scratch` rows (expert_gather: [E] miss rows made on the device, a
+    Triton kernel reading the UVA view with wide loads) and the kernel runs over those rows. On CPU
     (the host copy itself), whose kernels take no map, an id the call does not run gets a routing
     weight of 0 (and row 0). The forward also counts, on the device, the tokens routed to each
     expert and (needed, hits) per forward. Nothing in it reads the device from the host: it is

@@ -118,9 +118,9 @@ def test_the_expert_cache_keeps_as_many_experts_as_the_budget_leaves() -> None:
     16 layers × 8 × 3 × 2048 × 5632 parameters at 2 B (8.86 of the 9.52 GB); everything else stays
     on the GPU, and the experts get what the weights' share of the budget leaves beside it. vLLM
     holds the cache where it runs the model (its KV cache what the plan leaves, torch the
-    fallback), the torch engine otherwise. vLLM's cache gathers a step's misses into rows of
-    their own (engine.expert_cache.misses gather): up to E - slots + 2 experts of GPU memory,
-    counted in the same room, which leaves one slot fewer here; in place it needs none."""
+    fallback), the torch engine otherwise. vLLM's cache computing its misses in place needs no
+    more; gathering them into rows of their own first (engine.expert_cache.misses gather) takes up
+    to E - slots + 2 experts of GPU memory, counted in the same room: one slot fewer here."""
     budget = Budget(10 * GB, max_batch_size=16)
     plan = plan_memory(REFERENCE, REFERENCE.size_bytes, budget)
     experts = 16 * 8 * 3 * 2048 * 5632 * 2
@@ -134,13 +134,13 @@ def test_the_expert_cache_keeps_as_many_experts_as_the_budget_leaves() -> None:
         plan.kv_cache,
     )
     assert 0.625 < share < 0.65  # 5 of 8 slots fit, and not the 5 + 5 rows of gathered misses
-    assert c.resident_fraction == 0.5
-    assert "the vllm engine with 4 of 8 routed experts per layer on the GPU" in c.reason
-    c = choose(
-        "auto", REFERENCE, "cuda", budget, BOTH, offload="experts", vllm_archs=MIXTRAL, misses="in_place"
-    )
     assert c.resident_fraction == 0.625
     assert "the vllm engine with 5 of 8 routed experts per layer on the GPU" in c.reason
+    c = choose(
+        "auto", REFERENCE, "cuda", budget, BOTH, offload="experts", vllm_archs=MIXTRAL, misses="gather"
+    )
+    assert c.resident_fraction == 0.5
+    assert "the vllm engine with 4 of 8 routed experts per layer on the GPU" in c.reason
     assert choose("vllm", REFERENCE, "cuda", budget, BOTH, offload="experts").backend == "vllm"
     for have, archs in ((frozenset({"deepspeed"}), MIXTRAL), (BOTH, frozenset({"OtherForCausalLM"}))):
         c = choose("auto", REFERENCE, "cuda", budget, have, offload="experts", vllm_archs=archs)
@@ -148,26 +148,31 @@ def test_the_expert_cache_keeps_as_many_experts_as_the_budget_leaves() -> None:
         assert "the torch engine with 5 of 8 routed experts per layer on the GPU" in c.reason
     c = choose("torch", REFERENCE, "cuda", budget, BOTH, offload="experts", resident_fraction=0.25)
     assert (c.backend, c.offload, c.resident_fraction) == ("torch", "experts", 0.25)
-    # a given share: its slots (int(0.9 x 8) = 7 of 16 x 69.2 MB) and 3 rows
-    fit = r"7 of 8 routed experts per layer \(7\.75 GB\) and rows for the step's others \(0\.21 GB"
-    with pytest.raises(RuntimeError, match=fit + r".*lower engine\.expert_cache\.resident_fraction"):
-        choose(
-            "auto",
-            REFERENCE,
-            "cuda",
-            budget,
-            BOTH,
-            offload="experts",
-            resident_fraction=0.9,
-            vllm_archs=MIXTRAL,
-        )
+    # a given share: its slots (int(0.9 x 8) = 7 of 16 x 69.2 MB), and 3 rows when gathering
+    seven = r"7 of 8 routed experts per layer \(7\.75 GB\)"
+    for misses, what in (
+        ("in_place", " do not fit"),
+        ("gather", r" and rows for the step's others \(0\.21 GB"),
+    ):
+        with pytest.raises(
+            RuntimeError, match=seven + what + r".*lower engine\.expert_cache\.resident_fraction"
+        ):
+            choose(
+                "auto",
+                REFERENCE,
+                "cuda",
+                budget,
+                BOTH,
+                offload="experts",
+                resident_fraction=0.9,
+                vllm_archs=MIXTRAL,
+                misses=misses,  # type: ignore[arg-type]
+            )
     # one slot a layer fits, but not with the 8 rows its misses may need: in place does
     small = Budget(5.8 * GB, max_batch_size=16)
     with pytest.raises(RuntimeError, match=r"0\.55 GB, engine\.expert_cache\.misses gather.*to in_place"):
-        choose("auto", REFERENCE, "cuda", small, BOTH, offload="experts", vllm_archs=MIXTRAL)
-    c = choose(
-        "auto", REFERENCE, "cuda", small, BOTH, offload="experts", vllm_archs=MIXTRAL, misses="in_place"
-    )
+        choose("auto", REFERENCE, "cuda", small, BOTH, offload="experts", vllm_archs=MIXTRAL, misses="gather")
+    c = choose("auto", REFERENCE, "cuda", small, BOTH, offload="experts", vllm_archs=MIXTRAL)
     assert c.resident_fraction == 1 / 8
     with pytest.raises(RuntimeError, match="cannot hold one expert per layer as well"):
         choose(

@@ -383,14 +383,23 @@ def test_the_expert_cache_asks_vllm_for_its_loader_host_memory_and_whole_graphs_
     assert args.load_format == vllm_expert_cache.LOAD_FORMAT
     assert args.model_loader_extra_config == {
         vllm_expert_cache.FRACTION_KEY: 0.5,
-        vllm_expert_cache.MISSES_KEY: "gather",
+        vllm_expert_cache.MISSES_KEY: "in_place",
     }
     assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
     assert args.moe_backend == "triton"  # a modular kernel that reads the layer's weights per call
     # the tiny model's experts: 4 layers x 8 x 3 x 128 x 256 x 2 bytes (a cap, in whole GiB)
     assert args.cpu_offload_gb == 2
     assert engine._moe_shape("bfloat16").experts == 4  # the kernel's E: the slots, which pick its configs
-    assert engine._moe_shape("bfloat16", slots=False).experts == 6  # the misses' rows: 8 - 4 + 2
+    assert engine._moe_shape("bfloat16", slots=False).experts == 8  # in place: all of host memory
+    gather = VllmEngine(
+        mixtral_dir,
+        device=DEVICE,
+        dtype="float32",
+        max_batch_size=MAX_BATCH,
+        expert_cache=0.5,
+        expert_cache_misses="gather",
+    )
+    assert gather._moe_shape("bfloat16", slots=False).experts == 6  # the misses' rows: 8 - 4 + 2
     graphs = args.compilation_config
     assert graphs.cudagraph_mode is None or graphs.cudagraph_mode.name != "PIECEWISE"  # vLLM's default
     assert not graphs.splitting_ops
