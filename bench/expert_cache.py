@@ -15,6 +15,15 @@ token on the reference model (16 layers, experts of 3 × 2048 × 5632 bf16 = 69 
 H200's PCIe Gen5 (55.5 GB/s pinned host → device, measured) and an L40S's Gen4 (about half): the
 transfer floor of a batch-1 step, against the 10 ms a step that 100 tokens/s leave. Runs on
 the CPU (hit rates do not depend on the device); a few minutes on 2 cores.
+
+    python -m bench.expert_cache --policies [--fractions 0.5]
+
+instead replays the embedded model's recorded routing (record_routing, one token a step) through
+the two policies of moe_core/expert_cache.py's SlotTable: `admit` (the torch engine's cache: a
+miss is copied in before its forward) and `settle` (the cache in vLLM's layers: a miss is computed
+where it is, and the counts, read `lag` steps late, copy in experts busier than a resident one),
+the slots filled with the first experts as vLLM's cache fills them; hit rate and copies per token
+per layer for each.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 import torch
 
 from moe_build import packed, train
-from moe_core.expert_cache import ExpertCache, RoutingTrace
+from moe_core.expert_cache import ExpertCache, RoutingTrace, SlotTable
 from moe_core.loader import load_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
@@ -117,6 +126,54 @@ def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], f
     )  # fmt: skip
 
 
+def policy_hit_rates(
+    trace: RoutingTrace, experts: int, slots: int, policy: str, lag: int = 0
+) -> tuple[float, float]:
+    """`trace`'s rows one token a step through a SlotTable per recorded layer, its slots filled
+    with experts 0..slots-1. policy "admit": each step's experts admitted before it runs; "settle":
+    each step's counts settled `lag` steps later (0: before the next). → (hit rate, copies per
+    token per layer)."""
+    needed_all = hits_all = copies = rows_all = 0
+    for rows in (r for r in trace.chosen if r):
+        table = SlotTable(experts, slots)
+        table.settle(list(range(slots)), [0] * slots)
+        pending: list[tuple[int, list[int], list[int]]] = []  # (due step, needed, tokens each)
+        for step, row in enumerate(rows):
+            while pending and pending[0][0] <= step:
+                _, needed_then, tokens = pending.pop(0)
+                copies += len(table.settle(needed_then, tokens))
+            needed = sorted(set(row))
+            needed_all += len(needed)
+            hits_all += sum(table.slot_of[e] >= 0 for e in needed)
+            if policy == "admit":
+                copies += len(table.admit(needed))
+            else:
+                pending.append((step + 1 + lag, needed, [row.count(e) for e in needed]))
+        rows_all += len(rows)
+    return hits_all / max(needed_all, 1), copies / max(rows_all, 1)
+
+
+def policies(args: argparse.Namespace, fractions: list[float]) -> None:
+    """--policies: the embedded model's recorded routing through admit and settle (lag 0, 2, 3)."""
+    print("[1/1] recording the embedded model's routing on held-out code and prose", flush=True)
+    traces = record_routing(args.model, args.prompts, args.prompt_tokens, args.new_tokens)
+    config = json.loads(((args.model or ASSETS) / "config.json").read_text())
+    experts = int(config["num_local_experts"])
+    out = []
+    print("| text | experts resident | policy | hit rate | copies/token/layer |\n|---|---|---|---|---|")
+    for kind, trace in traces.items():
+        for fraction in fractions:
+            slots = max(1, int(fraction * experts))
+            for policy, lag in (("admit", 0), ("settle", 0), ("settle", 2), ("settle", 3)):
+                hit, copies = policy_hit_rates(trace, experts, slots, policy, lag)
+                name = policy if policy == "admit" else f"settle, {lag} steps late"
+                print(f"| {kind} | {slots} of {experts} | {name} | {hit:.1%} | {copies:.3f} |", flush=True)
+                out.append({"kind": kind, "slots": slots, "policy": policy, "lag": lag, "hit_rate": hit,
+                            "copies_per_token_layer": copies})  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a checkpoint (default: the embedded model, unpacked)")
@@ -124,9 +181,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="resident shares")
+    ap.add_argument("--policies", action="store_true", help="the cache policies on recorded routing")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
+    if args.policies:
+        policies(args, fractions)
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or packed.unpack(ASSETS, Path(tmp) / "model")

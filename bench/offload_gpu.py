@@ -75,6 +75,11 @@ class Run:
     ttft_p50_ms: float
     tokens: list[list[int]] = field(repr=False)  # each request's greedy tokens
     same_as_gpu: int | None = None  # requests whose tokens equal vLLM's all on the GPU
+    # the expert cache in this run alone (its prompts' prefill in it): needed experts found on the
+    # GPU, and expert MB read from host memory by the steps / copied in, per output token
+    hit_rate: float | None = None
+    read_mb_per_token: float | None = None
+    fetched_mb_per_token: float | None = None
 
 
 @dataclass
@@ -192,10 +197,20 @@ def _measure(
             prompts = make_prompts(model_dir, n, args.prompt_tokens)
             if m.backend == "vllm":  # compile and CUDA graphs for these shapes, untimed
                 run_greedy(engine, prompts, 8)
+            before = _cache_counts(engine)
             tps, ttft, tokens = run_greedy(engine, prompts, args.new_tokens)
-            m.runs.append(Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens))
+            run = Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens)
+            m.runs.append(run)
             peak = f" peak {memory.peak / GIB:.1f} GiB" if memory else ""
             print(f"  {m.engine:12s} batch {n:2d} {tps:9.1f} tok/s TTFT p50 {ttft:8.1f} ms{peak}", flush=True)
+            if before is not None:
+                _cache_run(run, before, _cache_counts(engine))
+                print(
+                    f"  {m.engine:12s} batch {n:2d} expert cache: hit rate {run.hit_rate:.1%}, "
+                    f"{run.read_mb_per_token:.1f} MB read by the steps and {run.fetched_mb_per_token:.1f} "
+                    "MB copied in per output token",
+                    flush=True,
+                )
         stats = engine.stats()
         if stats.expert_cache_needed:
             m.expert_hit_rate = stats.expert_cache_hits / stats.expert_cache_needed
@@ -211,6 +226,29 @@ def _measure(
             )
     finally:
         engine.close()
+
+
+def _cache_counts(engine: Engine) -> dict[str, int] | None:
+    """The expert cache's counts since load, read now (CacheStats' fields); None without a cache."""
+    from moe_core.torch_engine import TorchEngine
+    from moe_core.vllm_engine import VllmEngine
+
+    if isinstance(engine, VllmEngine) and engine.expert_cache is not None:
+        counts: dict[str, int] = engine.engine.collective_rpc("expert_cache_stats")[0]
+        return counts
+    if isinstance(engine, TorchEngine) and engine.expert_cache is not None:
+        return asdict(engine.expert_cache.stats)
+    return None
+
+
+def _cache_run(run: Run, before: dict[str, int], after: dict[str, int] | None) -> None:
+    """The run's own share of the cache's counts (after - before) into `run`."""
+    assert after is not None
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    made = max(1, sum(map(len, run.tokens)))
+    run.hit_rate = delta.get("hits", 0) / max(delta.get("needed", 0), 1)
+    run.read_mb_per_token = delta.get("bytes_in_place", 0) / 1e6 / made
+    run.fetched_mb_per_token = delta.get("bytes_fetched", 0) / 1e6 / made
 
 
 def _layer_counts(engine: Engine) -> list[tuple[int, int]]:

@@ -129,6 +129,10 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
         assert [r["same_as_gpu"] for r in experts["runs"]] == [1, 16], name
         assert 0 < experts["expert_hit_rate"] < 1 and experts["fetched_mb_per_token"] > 0, name
         assert len(experts["layer_hit_rates"]) == 4 and all(0 <= h <= 1 for h in experts["layer_hit_rates"])
+        # each run's own counts (batch 1 apart from batch 16, the untimed warm-ups left out)
+        runs = experts["runs"]
+        assert all(0 < r["hit_rate"] <= 1 and r["read_mb_per_token"] >= 0 for r in runs), runs
+    assert all(r["hit_rate"] is None for r in offload["runs"])  # no cache
     # the embedded model's routing on held-out code replayed: fetches, its tokens not compared
     code = result["experts_code"]
     assert (code["backend"], code["offload"], code["error"]) == ("vllm", "experts", None), code

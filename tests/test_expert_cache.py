@@ -76,6 +76,18 @@ def test_settle_copies_no_more_than_its_limit_the_busiest_first() -> None:
     assert table.settle([4, 2], [5, 3], limit=None) == [(4, 2), (2, 3)]
 
 
+def test_the_policy_replay_counts_hits_and_the_lag_of_settled_copies() -> None:
+    """bench/expert_cache.py --policies: one layer of 4 experts, 2 slots holding 0 and 1, routing
+    that needs 2 and 3 at every step. Admitted, or settled before the next step, they miss once
+    (8 of 10 hit, 2 copies in 5 steps); settled 2 steps late they miss three times."""
+    from bench.expert_cache import policy_hit_rates
+
+    trace = RoutingTrace(chosen=[[[2, 3]] * 5])
+    assert policy_hit_rates(trace, 4, 2, "admit") == (0.8, 0.4)
+    assert policy_hit_rates(trace, 4, 2, "settle", lag=0) == (0.8, 0.4)
+    assert policy_hit_rates(trace, 4, 2, "settle", lag=2) == (0.4, 0.4)
+
+
 def test_each_missing_expert_gets_a_scratch_row_and_only_those_are_gathered() -> None:
     """The gather path's parts on the CPU (vLLM's CPU build uses them; on CUDA the same rows go to
     a Triton kernel, tested under its interpreter in tests/test_vllm_engine.py): the needed
