@@ -744,6 +744,32 @@ def test_closing_a_streamed_list_early_cancels_every_job(
     assert time.monotonic() - left_at < 3.0
 
 
+def test_a_job_of_a_streamed_list_cancelled_elsewhere_ends_its_choice_alone(
+    client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
+) -> None:
+    """One prompt's job cancelled through the job API while the list streams: its choice ends
+    (finish_reason "abort", as vLLM ends an aborted request) and the other prompt's answer runs to
+    its end in the same stream, which closes normally."""
+    prompts = ["Cancelled elsewhere: " + PROMPT, "Left alone: " + PROMPT]
+    args = {**_long(model_dir.name), "max_tokens": 200}
+    stream = client.completions.create(prompt=prompts, stream=True, **args)
+    first = next(stream)
+    listed = jobs.get("/v1/jobs", params={"limit": 2}).json()["jobs"]
+    by_prompt = {j["spec"]["prompt"]: j["id"] for j in listed}
+    assert jobs.delete(f"/v1/jobs/{by_prompt[prompts[0]]}").status_code in (200, 202)
+    ends: dict[int, list[str]] = {}
+    texts = {first.choices[0].index: first.choices[0].text}
+    for chunk in stream:
+        choice = chunk.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason is not None:
+            ends.setdefault(choice.index, []).append(choice.finish_reason)
+    assert ends == {0: ["abort"], 1: ["length"]}
+    assert wait_done(jobs, by_prompt[prompts[0]], timeout=10)["status"] == "cancelled"
+    left = wait_done(jobs, by_prompt[prompts[1]], timeout=10)
+    assert left["status"] == "succeeded" and left["usage"]["completion_tokens"] == 200
+
+
 def test_finishing_normally_does_not_cancel(
     client: openai.OpenAI, jobs: httpx.Client, model_dir: Path
 ) -> None:
