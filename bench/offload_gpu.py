@@ -80,6 +80,7 @@ class Run:
     hit_rate: float | None = None
     read_mb_per_token: float | None = None
     fetched_mb_per_token: float | None = None
+    host_ms_per_step: float | None = None  # vLLM's cache: its host work before each step
 
 
 @dataclass
@@ -208,7 +209,12 @@ def _measure(
                 print(
                     f"  {m.engine:12s} batch {n:2d} expert cache: hit rate {run.hit_rate:.1%}, "
                     f"{run.read_mb_per_token:.1f} MB read by the steps and {run.fetched_mb_per_token:.1f} "
-                    "MB copied in per output token",
+                    "MB copied in per output token"
+                    + (
+                        f", {run.host_ms_per_step:.2f} ms of host work before each step"
+                        if run.host_ms_per_step
+                        else ""
+                    ),
                     flush=True,
                 )
         stats = engine.stats()
@@ -249,6 +255,8 @@ def _cache_run(run: Run, before: dict[str, int], after: dict[str, int] | None) -
     run.hit_rate = delta.get("hits", 0) / max(delta.get("needed", 0), 1)
     run.read_mb_per_token = delta.get("bytes_in_place", 0) / 1e6 / made
     run.fetched_mb_per_token = delta.get("bytes_fetched", 0) / 1e6 / made
+    if delta.get("steps"):
+        run.host_ms_per_step = delta.get("host_ns", 0) / 1e6 / delta["steps"]
 
 
 def _layer_counts(engine: Engine) -> list[tuple[int, int]]:

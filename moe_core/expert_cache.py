@@ -63,6 +63,9 @@ class CacheStats:
     prefetch_hits: int = 0  # of those, needed by the forward they were fetched for
     bytes_fetched: int = 0  # host → device, on demand and ahead
     bytes_in_place: int = 0  # experts a kernel read from host memory where they are (vLLM's cache)
+    # vLLM's cache: the steps it was kept between, and the host time that took (ns)
+    steps: int = 0
+    host_ns: int = 0
 
     @property
     def hit_rate(self) -> float:

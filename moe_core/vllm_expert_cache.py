@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -103,7 +104,8 @@ class _VllmCache(ExpertCache):
         """Before a step (tokens: its size, for a replayed routing) or a statistics read (wait):
         each layer's landed copies and replayed rows, then what the counts read decide. On CUDA on
         the stream vLLM runs its steps on (its own, per thread), so that the maps change between
-        the kernels of two steps."""
+        the kernels of two steps. A step's call counts its host time in stats (steps, host_ns)."""
+        started = time.perf_counter_ns()
         context: Any = contextlib.nullcontext()
         if self.device.type == "cuda":
             from vllm.utils.torch_utils import current_stream
@@ -117,6 +119,9 @@ class _VllmCache(ExpertCache):
             if rows is not None:
                 for layer, row in zip(layers, rows, strict=True):
                     layer.settle_counts(row)
+        if not wait:
+            self.stats.steps += 1
+            self.stats.host_ns += time.perf_counter_ns() - started
 
 
 def install(

@@ -132,6 +132,7 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
         # each run's own counts (batch 1 apart from batch 16, the untimed warm-ups left out)
         runs = experts["runs"]
         assert all(0 < r["hit_rate"] <= 1 and r["read_mb_per_token"] >= 0 for r in runs), runs
+        assert all((r["host_ms_per_step"] or 0) > 0 for r in runs) == (backend == "vllm"), runs
     assert all(r["hit_rate"] is None for r in offload["runs"])  # no cache
     # the embedded model's routing on held-out code replayed: fetches, its tokens not compared
     code = result["experts_code"]

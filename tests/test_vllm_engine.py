@@ -320,6 +320,8 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
         results = _run(engine, [_greedy(f"x{i}", p) for i, p in enumerate(PROMPTS[:4])])
         engine._cache_stats = (0.0, {})  # read the workers' counts now
         stats = engine.stats()
+        counts = engine.engine.collective_rpc("expert_cache_stats")[0]
+        assert counts["steps"] >= NEW_TOKENS and counts["host_ns"] > 0  # kept before every step, timed
     finally:
         engine.close()
     for i, prompt in enumerate(PROMPTS[:4]):
