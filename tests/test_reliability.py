@@ -12,17 +12,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import psutil
 import pytest
 import redis
 
-from api.auth import Scope, create_key
+from api.admission import Admission
+from api.auth import ApiKey, Scope, create_key
+from host.settings import LimitSettings
 from localmoe.redis_server import RedisServer
 from moe_core.engine import Delta, FinishReason
-from scheduler import keys, record
+from scheduler import backlog, keys, record
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
 from scheduler.queue import make_celery
 from scheduler.registry import WorkerInfo
@@ -57,6 +59,28 @@ def _running_job(client: redis.Redis, worker: str, incarnation: str, attempt: in
 def _url(client: redis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis://:{kw['password']}@{kw['host']}:{kw['port']}/{kw['db']}"
+
+
+def test_reaper_releases_a_backlog_count_whose_job_was_never_written(client: redis.Redis) -> None:
+    """An API process killed between admitting a job (ADMIT: the backlog counts it) and writing
+    its record (the Enqueuer's second round trip) answered nobody: the reaper releases that count
+    at its second sweep that finds no record, and leaves a written job's count alone."""
+    app = make_celery(_url(client))
+    admission = Admission(cast(Any, client), LimitSettings())
+    caller = ApiKey(id="k", name="k", created_at=0)
+    written = Job(spec=JobSpec(prompt=PROMPT, max_tokens=8))
+    client.hset(keys.job(written.id), mapping=job_to_hash(written))  # type: ignore[arg-type]
+    for job_id in (written.id, "never-written"):
+        gate = admission.gate(job_id, 20, caller, 100.0)
+        assert client.eval(backlog.ADMIT, len(gate.keys), *gate.keys, *gate.args) == [0]  # admitted
+    assert client.hget(keys.QUEUED_COUNT, "*") == "2"
+    reaper = Reaper(client, app, max_attempts=3, ttl_s=600)
+    assert reaper.sweep() == {}  # seen once: it may be an admission whose write is under way
+    assert reaper.sweep() == {"unwritten": 1}
+    assert client.hkeys(keys.QUEUED_JOBS) == [written.id]
+    assert (client.hget(keys.QUEUED_COUNT, "*"), client.hget(keys.QUEUED_COUNT, "k")) == ("1", "1")
+    assert client.hget(keys.QUEUED_TOKENS, "*") == "20"
+    assert reaper.sweep() == {}
 
 
 def test_reaper_requeues_jobs_of_a_dead_incarnation_only(client: redis.Redis) -> None:

@@ -17,6 +17,10 @@ queue too. A requeued job stays in the dead worker's running hash until its new 
 so a reaper killed in between is finished by the next sweep. And every job still queued after
 record.WAITING_CHECK_S is sent again (keys.WAITING): the Redis transport can lose a message taken
 by a consumer killed before it recorded it; the claim takes a job once, so a duplicate is harmless.
+Last, the backlog's entries whose job has no record at two sweeps of the same process are
+released: an API process killed between admitting a job (its backlog count) and writing it
+(scheduler/queue.py: two round trips) answered nobody, and its count would hold admission's room
+for ever.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import cast
 import redis
 from celery import Celery
 
-from scheduler import keys, record
+from scheduler import backlog, keys, record
 from scheduler.jobs import Job, JobStatus, job_from_hash
 from scheduler.webhooks import Delivery, send_delivery
 
@@ -59,7 +63,9 @@ class Reaper:
         self.on_failed = on_failed
         self._requeue = client.register_script(record.REQUEUE)
         self._forget = client.register_script(record.FORGET)
+        self._release = client.register_script(backlog.RELEASE)
         self._last = 0.0
+        self._unwritten: set[str] = set()  # backlog entries with no job record at the last sweep
 
     def maybe_sweep(self) -> None:
         """Sweep if SWEEP_S has passed here and no other process swept meanwhile."""
@@ -92,9 +98,30 @@ class Reaper:
         hooks = self._flush_outbox()
         if hooks:
             counts["webhooks"] = hooks
+        released = self._release_unwritten()
+        if released:
+            counts["unwritten"] = released
         if counts:
             log.warning("reaper: %s", counts)
         return counts
+
+    def _release_unwritten(self) -> int:
+        """The backlog's entries with no job record now and at this process's last sweep (SWEEP_S
+        or more ago; an admission being made writes its job one round trip later) are released.
+        → how many."""
+        ids = [cast(str, field) for field, _ in self.client.hscan_iter(keys.QUEUED_JOBS, count=500)]
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(keys.job(job_id))
+        unwritten = {job_id for job_id, found in zip(ids, pipe.execute(), strict=True) if not found}
+        stale, self._unwritten = unwritten & self._unwritten, unwritten - self._unwritten
+        released = 0
+        for job_id in stale:
+            released += int(cast(int, self._release(keys=backlog.RELEASE_KEYS, args=[job_id])))
+            log.warning(
+                "job %s: admitted by a process that never wrote it; its backlog count released", job_id
+            )
+        return released
 
     def _reap(self, worker: str, job_id: str, entry: str) -> str:
         error = f"its worker died under it on {self.max_attempts} attempts (last: {worker})"
