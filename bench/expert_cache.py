@@ -136,7 +136,7 @@ def policy_hit_rates(
     needed_all = hits_all = copies = rows_all = 0
     for rows in (r for r in trace.chosen if r):
         table = SlotTable(experts, slots)
-        table.settle(list(range(slots)), [0] * slots)
+        table.fill()  # as vLLM's cache starts
         pending: list[tuple[int, list[int], list[int]]] = []  # (due step, needed, tokens each)
         for step, row in enumerate(rows):
             while pending and pending[0][0] <= step:

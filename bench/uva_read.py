@@ -101,7 +101,7 @@ def main() -> None:
         "gather": (_timed(gather, args.reps), k * expert_gb),
     }
     if not args.no_vllm:
-        timings |= _fused_moe_rows(args, host13, host2, slots13, slots2, gather, k * expert_gb)
+        timings |= _fused_moe_rows(args, host13, host2, slots13, slots2, rows, gather, k * expert_gb)
     gather()  # the slots hold what the host copy does
     torch.cuda.synchronize()
     assert torch.equal(slots13.cpu(), host13[:k]) and torch.equal(slots2.cpu(), host2[:k])
@@ -121,11 +121,14 @@ def _fused_moe_rows(
     host2: torch.Tensor,
     slots13: torch.Tensor,
     slots2: torch.Tensor,
+    rows: torch.Tensor,
     gather: Any,
     read: float,
 ) -> dict[str, tuple[float, float]]:
     """vLLM's fused-MoE kernel over its UVA views (the cache's in-place call) and over device
-    memory, and gather then compute, checked against in place; `read`: the GB the k experts hold."""
+    memory, and gather then compute, checked against in place; `rows`: the gather's map, which is
+    also the kernel's expert map over the slots (expert j < k in slot j, the others -1); `read`:
+    the GB the k experts hold."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
     from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
@@ -136,9 +139,6 @@ def _fused_moe_rows(
     x = torch.randn(1, host13.shape[2], dtype=torch.bfloat16, device=dev)
     ids = torch.arange(k, dtype=torch.int32, device=dev).view(1, k)  # experts 0..k-1
     weights = torch.full((1, k), 1.0 / k, dtype=torch.float32, device=dev)
-    # over the slots (as expert parallelism maps them): expert j < k in slot j, the others -1
-    slot_map = torch.full((E,), -1, dtype=torch.int32, device=dev)
-    slot_map[:k] = torch.arange(k, dtype=torch.int32, device=dev)
     with set_current_vllm_config(VllmConfig()):
 
         def moe(w13: torch.Tensor, w2: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,7 +149,7 @@ def _fused_moe_rows(
 
         def gather_then_moe() -> None:
             gather()
-            moe(slots13, slots2, slot_map)
+            moe(slots13, slots2, rows)
 
         timings = {
             "moe_uva": (_timed(lambda: moe(view13, view2), args.reps), read),
@@ -157,7 +157,7 @@ def _fused_moe_rows(
             "gather+moe": (_timed(gather_then_moe, args.reps), read),
         }
         gather()  # the gather path computes what the in-place call does
-        torch.testing.assert_close(moe(slots13, slots2, slot_map), moe(view13, view2), atol=1e-2, rtol=1.6e-2)
+        torch.testing.assert_close(moe(slots13, slots2, rows), moe(view13, view2), atol=1e-2, rtol=1.6e-2)
     return timings
 
 

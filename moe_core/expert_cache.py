@@ -141,6 +141,11 @@ class SlotTable:
             copies.append((expert, slot))
         return copies
 
+    def fill(self) -> list[tuple[int, int]]:
+        """Empty slots taken by experts 0, 1, ... in order (a cache's start before any routing: its
+        first steps find those resident). → the copies to make."""
+        return self.settle(list(range(self.slots)), [0] * self.slots)
+
     def prefetch(self, predicted: Sequence[int]) -> list[tuple[int, int]]:
         """The next forward will probably need `predicted`: → copies of those not resident, into
         free slots or slots of experts not predicted (at most `slots` of them are kept); none

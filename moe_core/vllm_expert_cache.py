@@ -156,18 +156,19 @@ def _share_scratch(layers: list[_InPlaceLayer], device: torch.device) -> None:
     """One scratch for all `layers` (they run one after another on one stream): per weight name
     and row shape, as many rows as the layer that needs the most (expert_gather.scratch_rows);
     each layer gathers its misses into the first rows it needs."""
+
+    def key(name: str, host: torch.Tensor) -> tuple[str, tuple[int, ...], torch.dtype]:
+        return (name, tuple(host.shape[1:]), host.dtype)
+
+    rows = {id(layer): scratch_rows(layer.num_experts, layer.table.slots) for layer in layers}
     need: dict[tuple[str, tuple[int, ...], torch.dtype], int] = {}
     for layer in layers:
-        rows = scratch_rows(layer.num_experts, layer.table.slots)
         for name, host in layer.host.items():
-            key = (name, tuple(host.shape[1:]), host.dtype)
-            need[key] = max(need.get(key, 0), rows)
-    scratch = {key: torch.zeros((rows, *key[1]), dtype=key[2], device=device) for key, rows in need.items()}
+            need[key(name, host)] = max(need.get(key(name, host), 0), rows[id(layer)])
+    scratch = {k: torch.zeros((n, *k[1]), dtype=k[2], device=device) for k, n in need.items()}
     for layer in layers:
-        rows = scratch_rows(layer.num_experts, layer.table.slots)
         layer.scratch = {
-            name: scratch[(name, tuple(host.shape[1:]), host.dtype)][:rows]
-            for name, host in layer.host.items()
+            name: scratch[key(name, host)][: rows[id(layer)]] for name, host in layer.host.items()
         }
 
 
@@ -242,7 +243,7 @@ class ExpertCacheExtension:
         if cache is None:
             return []
         return [
-            (layer.table.slots, next(iter(layer.scratch.values())).shape[0] if layer.scratch else 0)
+            (layer.table.slots, layer.scratch_rows)
             for layer in cache.layers
             if isinstance(layer, _InPlaceLayer)
         ]
@@ -455,17 +456,20 @@ class _InPlaceLayer(_CachedLayer):
         way) with every expert outside the slots still having a row; None: no limit (in place)."""
         if not self.scratch:
             return None
-        rows = next(iter(self.scratch.values())).shape[0]
         slots = self.table.slots
         outside = self.num_experts - slots  # experts outside the slots while every slot has landed
-        return max(0, rows - outside - (slots - len(self.in_slots)))
+        return max(0, self.scratch_rows - outside - (slots - len(self.in_slots)))
+
+    @property
+    def scratch_rows(self) -> int:
+        """K: the rows its misses are gathered into (0: computed in place)."""
+        return next(iter(self.scratch.values())).shape[0] if self.scratch else 0
 
     def fill(self) -> None:
         """At install: the slots take the layer's first experts (copied now, resident at once), so
         that the first steps compute those on the device and a scratch needs no more rows than
         E - slots + SPARE_SLOTS."""
-        slots = self.table.slots
-        for expert, slot in self.table.settle(list(range(slots)), [0] * slots):
+        for expert, slot in self.table.fill():
             for name, host in self.host.items():
                 self.device[name][slot].copy_(host[expert])
             self.slot_row[expert], self.host_row[expert] = slot, -1
