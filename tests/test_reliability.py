@@ -64,7 +64,8 @@ def _url(client: redis.Redis) -> str:
 def test_reaper_releases_a_backlog_count_whose_job_was_never_written(client: redis.Redis) -> None:
     """An API process killed between admitting a job (ADMIT: the backlog counts it) and writing
     its record (the Enqueuer's second round trip) answered nobody: the reaper releases that count
-    at its second sweep that finds no record, and leaves a written job's count alone."""
+    at its second look that finds no record (a look: at most once a minute, here at every sweep),
+    and leaves a written job's count alone."""
     app = make_celery(_url(client))
     admission = Admission(cast(Any, client), LimitSettings())
     caller = ApiKey(id="k", name="k", created_at=0)
@@ -74,7 +75,9 @@ def test_reaper_releases_a_backlog_count_whose_job_was_never_written(client: red
         gate = admission.gate(job_id, 20, caller, 100.0)
         assert client.eval(backlog.ADMIT, len(gate.keys), *gate.keys, *gate.args) == [0]  # admitted
     assert client.hget(keys.QUEUED_COUNT, "*") == "2"
-    reaper = Reaper(client, app, max_attempts=3, ttl_s=600)
+    seldom = Reaper(client, app, max_attempts=3, ttl_s=600)  # the default: once a minute
+    assert seldom.sweep() == {} and seldom.sweep() == {}  # one look so far: not released
+    reaper = Reaper(client, app, max_attempts=3, ttl_s=600, unwritten_every_s=0)
     assert reaper.sweep() == {}  # seen once: it may be an admission whose write is under way
     assert reaper.sweep() == {"unwritten": 1}
     assert client.hkeys(keys.QUEUED_JOBS) == [written.id]

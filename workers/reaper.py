@@ -20,7 +20,8 @@ by a consumer killed before it recorded it; the claim takes a job once, so a dup
 Last, the backlog's entries whose job has no record at two sweeps of the same process are
 released: an API process killed between admitting a job (its backlog count) and writing it
 (scheduler/queue.py: two round trips) answered nobody, and its count would hold admission's room
-for ever.
+for ever. That check reads the whole backlog (one EXISTS per entry), so it runs once a minute, not
+at every sweep: such a count is released one to two minutes after the kill.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from scheduler.webhooks import Delivery, send_delivery
 log = logging.getLogger(__name__)
 
 SWEEP_S = 5.0
+UNWRITTEN_EVERY_S = 60.0  # the backlog's unwritten entries: O(backlog) Redis work, so seldom
 OUTBOX_GRACE_S = 30.0
 LOCK = f"{keys.PREFIX}:reaper:lock"
 
@@ -54,8 +56,10 @@ class Reaper:
         max_attempts: int,
         ttl_s: int,
         on_failed: Callable[[Job], None] | None = None,
+        unwritten_every_s: float = UNWRITTEN_EVERY_S,
     ) -> None:
-        """on_failed: told of a job failed here (its webhook, say)."""
+        """on_failed: told of a job failed here (its webhook, say); unwritten_every_s: how often a
+        sweep here also looks for backlog entries that were never written."""
         self.client = client
         self.app = app
         self.max_attempts = max_attempts
@@ -65,7 +69,9 @@ class Reaper:
         self._forget = client.register_script(record.FORGET)
         self._release = client.register_script(backlog.RELEASE)
         self._last = 0.0
-        self._unwritten: set[str] = set()  # backlog entries with no job record at the last sweep
+        self._unwritten: set[str] = set()  # backlog entries with no job record at the last look
+        self._unwritten_every_s = unwritten_every_s
+        self._unwritten_at = -float("inf")  # monotonic time of the last look
 
     def maybe_sweep(self) -> None:
         """Sweep if SWEEP_S has passed here and no other process swept meanwhile."""
@@ -98,7 +104,10 @@ class Reaper:
         hooks = self._flush_outbox()
         if hooks:
             counts["webhooks"] = hooks
-        released = self._release_unwritten()
+        released = 0
+        if time.monotonic() - self._unwritten_at >= self._unwritten_every_s:
+            self._unwritten_at = time.monotonic()
+            released = self._release_unwritten()
         if released:
             counts["unwritten"] = released
         if counts:
@@ -106,7 +115,7 @@ class Reaper:
         return counts
 
     def _release_unwritten(self) -> int:
-        """The backlog's entries with no job record now and at this process's last sweep (SWEEP_S
+        """The backlog's entries with no job record now and at this process's last look (a minute
         or more ago; an admission being made writes its job one round trip later) are released.
         → how many."""
         ids = [cast(str, field) for field, _ in self.client.hscan_iter(keys.QUEUED_JOBS, count=500)]
