@@ -7,7 +7,7 @@ import time
 import pytest
 
 from scheduler.jobs import Modality
-from scheduler.modality import HEAD_CHARS, TAIL_CHARS, _clip, classify, detect
+from scheduler.modality import _PLAN, HEAD_CHARS, TAIL_CHARS, _clip, _count, classify, detect
 
 PY = "import os\n\n\ndef walk(root):\n    for d, _, files in os.walk(root):\n        yield d, files\n"
 C = '#include <stdio.h>\n\nint main(void)\n{\n    printf("hi\\n");\n    return 0;\n}\n'
@@ -150,3 +150,35 @@ def test_eval_set_accuracy() -> None:
     # The guard is the 95 % requirement, 2 points under the lowest seed: it catches regressions,
     # not seed noise or a machine with somewhat different files.
     assert report.accuracy >= 0.95, report.per_class
+
+
+def test_rule_filters_skip_only_rules_without_a_match() -> None:
+    """The language scoring runs a rule only where the strings each of its matches must contain are
+    in the text, and a language only where its filters find one: over the eval set's samples and
+    this file's prompts, every rule so skipped has no match there, and most are skipped (what the
+    filters are for)."""
+    from bench.modality_eval import build
+
+    try:
+        samples = build(600, seed=1)
+    except RuntimeError as e:  # a machine without source or prose files to cut from
+        pytest.skip(str(e))
+    texts = [s.text for s in samples] + [PY, C, SH, SQL, JS, RUST, GO, PROSE]
+    runs = skipped = matched = 0
+    for text in texts:
+        code = "\n" + text  # as the scoring sees code lines: a newline first (see _rule)
+        for lang, (layers, rules) in _PLAN.items():
+            language_off = any(layer.search(code) is None for layer in layers)
+            for words, needs, rx, word_start, _ in rules:
+                off = (
+                    language_off
+                    or any(w not in code for w in words)
+                    or any(n.search(code) is None for n in needs)
+                )
+                found = _count(rx, word_start, code)
+                assert not (off and found), (lang, rx.pattern, text[:200])
+                runs += 1
+                skipped += off
+                matched += found > 0
+    assert matched > 1000  # the set exercises the rules
+    assert skipped > runs / 2, (skipped, runs)
