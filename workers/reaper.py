@@ -105,8 +105,8 @@ class Reaper:
         if hooks:
             counts["webhooks"] = hooks
         released = 0
-        if time.monotonic() - self._unwritten_at >= self._unwritten_every_s:
-            self._unwritten_at = time.monotonic()
+        if (now := time.monotonic()) - self._unwritten_at >= self._unwritten_every_s:
+            self._unwritten_at = now
             released = self._release_unwritten()
         if released:
             counts["unwritten"] = released
