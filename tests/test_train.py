@@ -178,7 +178,15 @@ def test_the_instruction_stage_learns_the_answers(trained: tuple[Path, train.Tra
     assert stage is not None and stage.steps == INSTRUCT_STEPS and stage.held_out_pairs > 0
     assert stage.pairs[instruct.WRITE] > 0 and stage.pairs[instruct.EXPLAIN] > 0
     assert stage.answers_after < stage.answers_before - 0.1  # on held-out packages' pairs
-    assert [step for step, _ in stage.answers] == [10, 20, 30, 40, 50]  # evaluated as it went
+    assert [step for step, _ in stage.answers] == [10, 20, 30, 40, 50, 60]  # as it went, and the last
+    assert [step for step, _ in stage.code] == [10, 20, 30, 40, 50, 60]
+    kept = dict(stage.answers)[stage.kept_step]
+    assert stage.answers_after == pytest.approx(kept, abs=1e-4)
+    assert stage.code_after == pytest.approx(dict(stage.code)[stage.kept_step], abs=1e-3)
+    if stage.within_code_slack:  # the best answers among the weights that kept the code
+        within = [a for (_, a), (_, c) in zip(stage.answers, stage.code, strict=True)
+                  if c <= stage.code_before + train.INSTRUCT_CODE_SLACK]  # fmt: skip
+        assert kept == min(within)
     assert stage.code_after < stage.code_before * 1.1  # plain code not forgotten
     record = json.loads((trained[0] / "training.json").read_text())
     assert record["instruct"]["steps"] == INSTRUCT_STEPS
@@ -361,5 +369,41 @@ def test_the_instruction_stage_stops_when_the_answers_stop_improving(
     )
     stage = report.instruct
     assert stage is not None and stage.steps == 10 * train.INSTRUCT_PATIENCE
-    assert "not better for 3 evaluations" in stage.stopped_because
+    assert "no better weights for 3 evaluations" in stage.stopped_because
     assert stage.answers_before == 1.0 and [loss for _, loss in stage.answers] == [2.0, 3.0, 4.0]
+    assert stage.kept_step == 0 and stage.answers_after == 1.0  # the pre-trained weights stay
+
+
+def test_the_instruction_stage_keeps_weights_that_keep_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers that improve at every evaluation while held-out code drifts past INSTRUCT_CODE_SLACK:
+    kept are the best-answering weights still within it (step 30), and they are the model saved."""
+    real = train.held_out_loss
+    answers = iter([3.0, 2.5, 2.0, 1.5, 1.2, 1.1, 1.0])  # before, then steps 10 … 60
+    code = iter([2.0, 2.0, 2.01, 2.015, 2.05, 2.06, 2.07])
+    instructing = [False]  # the instruction stage's code evaluations follow its answers' ones
+
+    def scripted(model: Any, rows: torch.Tensor, device: str, batch: int, labels: Any = None) -> float:
+        if labels is not None:
+            instructing[0] = True
+            return next(answers)
+        if instructing[0]:
+            instructing[0] = False
+            return next(code)
+        return real(model, rows, device, batch)
+
+    monkeypatch.setattr(train, "held_out_loss", scripted)
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    weights = train._weights
+    monkeypatch.setattr(train, "_weights", lambda model: saved.setdefault(len(saved), weights(model)))
+    report = train.train(
+        tmp_path / "m", size="cpu-test", max_steps=10, instruct_steps=60, device="cpu", progress=False
+    )
+    stage = report.instruct
+    assert stage is not None and stage.steps == 60
+    assert [step for step, _ in stage.code] == [10, 20, 30, 40, 50, 60]
+    assert stage.kept_step == 30 and stage.answers_after == 1.5 and stage.within_code_slack
+    model, _ = load_model(tmp_path / "m", device="cpu")
+    kept = saved[max(saved)]  # the last copy taken: step 30's (later steps were not better)
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items() if k in kept)
