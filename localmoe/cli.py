@@ -60,11 +60,15 @@ def cmd_model_pack(args: argparse.Namespace) -> int:
 def cmd_model_train(args: argparse.Namespace) -> int:
     from host.settings import get_settings
     from moe_build.checkpoint import is_checkpoint
-    from moe_build.train import train
+    from moe_build.train import instruct_from, train
 
     out = Path(args.out) if args.out else get_settings().default_model_dir
     if is_checkpoint(out) and not args.force:
         print(f"{out} already holds a model (use --force to replace it)")
+        return 0
+    if args.pre_trained:
+        # its progress and result lines are the stage's own
+        instruct_from(Path(args.pre_trained), out, args.device, args.instruct_minutes, overwrite=args.force)
         return 0
     report = train(
         out,
@@ -491,6 +495,13 @@ def parser() -> argparse.ArgumentParser:
         "--instruct-minutes",
         type=float,
         help="of --minutes, the chat instruction stage's at the end (default: the size's; 0: none)",
+    )
+    fit.add_argument(
+        "--from",
+        dest="pre_trained",
+        metavar="DIR",
+        help="only the instruction stage (--instruct-minutes long), on DIR: a model this command "
+        "pre-trained with --instruct-minutes 0",
     )
     fit.add_argument("--force", action="store_true", help="replace a model already in the directory")
     fit.set_defaults(func=cmd_model_train)

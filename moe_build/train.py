@@ -710,6 +710,81 @@ def train(
     return report
 
 
+def instruct_from(
+    pre_trained: Path,
+    out_dir: Path,
+    device: str = "auto",
+    minutes: float | None = None,
+    instruct_steps: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> InstructReport:
+    """The instruction stage alone, on a model `train` pre-trained without one (`localmoe model train
+    --instruct-minutes 0`): its weights and tokenizer, its corpus and split read again from this
+    machine (the same rule, the same bytes), so that the stage's settings can be tried again in its
+    minutes rather than the pre-training's. minutes: the stage's budget (the preset's
+    instruct_minutes if None); instruct_steps: its steps instead. `out_dir` gets the result, with the
+    pre-training's record and this stage's in training.json; appears complete or not at all."""
+    import torch
+    from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+
+    t0 = time.monotonic()
+    pre_trained, out_dir = Path(pre_trained), Path(out_dir)
+    record = json.loads((pre_trained / "training.json").read_text())
+    if record.get("instruct"):
+        raise ValueError(
+            f"{pre_trained} has had an instruction stage already; start from a pre-trained model "
+            "(localmoe model train --instruct-minutes 0)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
+    preset = PRESETS[record["size"]]
+    minutes = preset.instruct_minutes if minutes is None else minutes
+    device = _resolve_device(device)
+    split = record["split"]
+    corpus = build_corpus(
+        split["corpus_bytes"],
+        int(split["corpus_bytes"] * split["held_out_share"]),
+        split["held_out_share"],
+        progress,
+    )
+    if corpus.names["held_out"] != split["held_out"]:
+        raise RuntimeError(
+            f"this machine's held-out documents are not those {pre_trained} was trained without"
+        )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(pre_trained))
+    seq_len = record["seq_len"]
+    code_rows = pack(tokenizer, corpus.texts["train"][CODE], seq_len, progress)
+    held_code = spread_rows(
+        pack(tokenizer, corpus.texts["held_out"][CODE], seq_len, progress), preset.eval_sequences
+    )
+    model = MixtralForCausalLM.from_pretrained(str(pre_trained), dtype=torch.float32).to(device)  # type: ignore[arg-type]
+    _bf16_grouped_experts()
+    preset = replace(preset, seq_len=seq_len, batch_size=record["batch_size"], lr=record["lr"])
+    end = time.monotonic() + minutes * 60
+    stage = _instruct(
+        model, tokenizer, preset, device, corpus, code_rows, held_code, end, instruct_steps, progress
+    )
+    record["instruct"] = asdict(stage)
+    record["seconds"]["instruct"] = stage.seconds
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tmp_dir.chmod(0o755)
+        for path in [*pre_trained.glob("tokenizer*"), *pre_trained.glob("special_tokens_map.json"),
+                     *pre_trained.glob("chat_template.jinja")]:  # fmt: skip
+            shutil.copyfile(path, tmp_dir / path.name)
+        model.save_pretrained(str(tmp_dir), save_original_format=True)
+        (tmp_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        for path in tmp_dir.iterdir():
+            path.chmod(0o644)
+        _replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _say(f"saved to {out_dir} ({time.monotonic() - t0:.0f} s)", progress)
+    return stage
+
+
 def _save_checkpoint(model: Any, tmp_dir: Path, checkpoint_dir: Path, report: TrainingReport) -> None:
     """The model's weights (the best so far), written beside the output as a checkpoint the loader
     takes like any other (tokenizer, config, weights, training.json so far); replaced whole."""

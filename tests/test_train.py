@@ -407,3 +407,29 @@ def test_the_instruction_stage_keeps_weights_that_keep_the_code(
     model, _ = load_model(tmp_path / "m", device="cpu")
     kept = saved[max(saved)]  # the last copy taken: step 30's (later steps were not better)
     assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items() if k in kept)
+
+
+def test_the_instruction_stage_alone_on_a_pre_trained_model(tmp_path: Path) -> None:
+    """`localmoe model train --from DIR`: the stage on DIR's weights and split (pre-training not
+    repeated), the result a chat model whose training.json keeps DIR's record; a model that had a
+    stage already is refused."""
+    pre = tmp_path / "pre"
+    record = pretrain(pre, max_steps=10)
+    assert record.instruct is None
+    stage = train.instruct_from(pre, tmp_path / "chat", device="cpu", instruct_steps=20, progress=False)
+    assert stage.steps == 20 and stage.answers_after < stage.answers_before
+    saved = json.loads((tmp_path / "chat" / "training.json").read_text())
+    assert (
+        saved["steps"] == 10
+        and saved["evaluations"] == json.loads((pre / "training.json").read_text())["evaluations"]
+    )
+    assert saved["instruct"]["steps"] == 20 and saved["instruct"]["kept_step"] == stage.kept_step
+    model, tokenizer = load_model(tmp_path / "chat", device="cpu")
+    assert tokenizer.convert_tokens_to_ids(IM_END) in model.generation_config.eos_token_id
+    assert (tmp_path / "chat" / "chat_template.jinja").is_file()
+    before, _ = load_model(pre, device="cpu")
+    assert any(not torch.equal(v, before.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="instruction stage already"):
+        train.instruct_from(
+            tmp_path / "chat", tmp_path / "again", device="cpu", instruct_steps=2, progress=False
+        )
