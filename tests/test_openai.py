@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from api.auth import KeyLimits, Scope, create_key
 from api.openai.chat_template import render_chat
 from api.openai.protocol import ChatMessage
 from localmoe.redis_server import RedisServer
-from tests.conftest import bearer, wait_done
+from scheduler import keys
+from scheduler.queue import make_celery
+from tests.conftest import bearer, private_stack, wait_done, wait_for
+from workers.reaper import Reaper
 
 PROMPT = "def fibonacci(n):\n"
 CONVERSATION: list[Any] = [
@@ -342,6 +346,50 @@ def test_a_list_of_prompts_streams_as_vllm_streams_it(
     for chunk in steps:
         assert chunk.usage is not None and chunk.usage.prompt_tokens == counts[chunk.choices[0].index]
     assert total.usage is not None and total.usage.prompt_tokens == sum(counts)
+
+
+def test_a_streamed_list_ends_with_the_error_of_a_job_that_fails(
+    service_env: dict[str, str], model_dir: Path
+) -> None:
+    """A streamed list of prompts one of whose jobs fails after it was accepted (the fault: the
+    worker that claimed it died on its last allowed attempt, so the reaper fails it): the stream
+    ends with that job's error and [DONE], nothing after; the other jobs are cancelled, not left to
+    run for nobody. No worker runs here: every job stays queued until then."""
+    with private_stack(service_env, worker=False) as stack, stack.http() as http:
+        prompts = ["def a():\n", "def b():\n", "def c():\n"]
+        body = {"model": model_dir.name, "prompt": prompts, "max_tokens": 4, "stream": True}
+
+        def fail_the_second() -> None:
+            def accepted() -> list[dict[str, Any]]:
+                with stack.http() as poll:
+                    return list(poll.get("/v1/jobs", params={"limit": 10}).json()["jobs"])
+
+            wait_for(lambda: len(accepted()) == 3, 30, "the list's three jobs")
+            (job,) = [j for j in accepted() if j["spec"]["prompt"] == prompts[1]]
+            stack.client.hset(keys.job(job["id"]), mapping={"status": '"running"', "attempt": "1"})
+            stack.client.hset(keys.running("gone"), job["id"], "dead 1")  # no lease: its worker died
+            app = make_celery(stack.env["LOCALMOE_REDIS_URL"])
+            try:
+                assert Reaper(stack.client, app, max_attempts=1, ttl_s=600).sweep() == {"failed": 1}
+            finally:
+                app.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            fault = pool.submit(fail_the_second)
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            fault.result()
+        assert data[-1] == "[DONE]" and len(data) == 2, data  # no worker: no text before the error
+        error = json.loads(data[0])["error"]
+        assert error["type"] == "server_error" and "died under it on 1 attempts" in error["message"]
+
+        def states() -> dict[str, str]:
+            listed = http.get("/v1/jobs", params={"limit": 10}).json()["jobs"]
+            return {j["spec"]["prompt"]: j["status"] for j in listed}
+
+        ended = dict(zip(prompts, ["cancelled", "failed", "cancelled"], strict=True))
+        wait_for(lambda: states() == ended, 30, "the other jobs cancelled")
 
 
 def test_echo_leads_with_the_prompt(client: openai.OpenAI, model_dir: Path) -> None:
