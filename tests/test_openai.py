@@ -713,6 +713,24 @@ def test_a_list_of_prompts_refused_part_way_leaves_no_job_running(
     assert done["status"] == "cancelled" and done["usage"]["completion_tokens"] < 400
 
 
+def test_a_list_refused_part_way_leaves_its_idempotency_key_free(
+    service_env: dict[str, str], model_dir: Path
+) -> None:
+    """A list of three prompts with an Idempotency-Key, for a key that may have two jobs queued (no
+    worker: they stay queued): the third's refusal cancels the first two, and the key's claims go
+    with them, so the same request sent again is judged again (the same 429, two more jobs made and
+    cancelled), not answered by the cancelled jobs of the first try."""
+    with private_stack(service_env, worker=False) as stack:
+        two = create_key(stack.client, "two queued", Scope.USER, KeyLimits(max_queued_jobs=2)).secret
+        body = {"model": model_dir.name, "prompt": [PROMPT, "class A:\n", "import os\n"], "max_tokens": 4}
+        with stack.http(two) as http:
+            for attempt in (1, 2):
+                refused = http.post("/v1/completions", json=body, headers={"Idempotency-Key": "list-1"})
+                assert refused.status_code == 429, (attempt, refused.text)
+            listed = http.get("/v1/jobs", params={"limit": 10}).json()["jobs"]
+        assert [j["status"] for j in listed] == ["cancelled"] * 4
+
+
 def _long(model: str) -> dict[str, Any]:
     return {
         "model": model,

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from api import sse
 from api.auth import ApiKey, Caller
 from api.deps import Services, ServicesDep
+from api.jobs import forget_idempotency
 from api.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from api.openai.logprobs import completion_logprobs, prompt_logprobs, token_texts
 from api.openai.protocol import Completion, CompletionChoice, CompletionRequest, UsageInfo
@@ -113,13 +114,16 @@ async def several_completions(
     parts = [body.model_copy(update={"prompt": prompt}) for prompt in prompts]
     prepared = [_prepare(part, services) for part in parts]  # every prompt valid before any job exists
     accepted: list[_Accepted] = []
+    keys = [f"{idempotency_key}-{i}" if idempotency_key else None for i in range(len(parts))]
     try:
-        for i, (part, ready) in enumerate(zip(parts, prepared, strict=True)):
-            key = f"{idempotency_key}-{i}" if idempotency_key else None
+        for part, ready, key in zip(parts, prepared, keys, strict=True):
             accepted.append(await _accept(part, ready, services, caller, key))
     except BaseException:
-        for done in accepted:
+        for done, key in zip(accepted, keys, strict=False):
             await services.store.cancel(done.job.id)
+            # refused as a whole: sent again, the request is judged again, not answered by the
+            # jobs cancelled here (a key is forgotten only while it names this job)
+            await forget_idempotency(services, caller, key, done.job.id)
         raise
     first = accepted[0]
     if body.stream:
