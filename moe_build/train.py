@@ -696,9 +696,7 @@ def train(
         report.seconds = {k: round(v, 1) for k, v in seconds.items()}
         report.seconds["total"] = round(time.monotonic() - t0, 1)
         (tmp_dir / "training.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
-        for path in tmp_dir.iterdir():
-            path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as others
-        _replace_dir(tmp_dir, out_dir)
+        _publish(tmp_dir, out_dir)
     except BaseException:
         if checkpoint_dir.exists():
             _say(f"training stopped; the best weights so far are in {checkpoint_dir}", progress)
@@ -771,14 +769,10 @@ def instruct_from(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         tmp_dir.chmod(0o755)
-        for path in [*pre_trained.glob("tokenizer*"), *pre_trained.glob("special_tokens_map.json"),
-                     *pre_trained.glob("chat_template.jinja")]:  # fmt: skip
-            shutil.copyfile(path, tmp_dir / path.name)
+        _copy_tokenizer(pre_trained, tmp_dir)
         model.save_pretrained(str(tmp_dir), save_original_format=True)
         (tmp_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-        for path in tmp_dir.iterdir():
-            path.chmod(0o644)
-        _replace_dir(tmp_dir, out_dir)
+        _publish(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     _say(f"saved to {out_dir} ({time.monotonic() - t0:.0f} s)", progress)
@@ -791,12 +785,28 @@ def _save_checkpoint(model: Any, tmp_dir: Path, checkpoint_dir: Path, report: Tr
     writing = checkpoint_dir.with_name(checkpoint_dir.name + ".writing")
     shutil.rmtree(writing, ignore_errors=True)
     writing.mkdir(parents=True)
-    for path in [*tmp_dir.glob("tokenizer*"), *tmp_dir.glob("chat_template.jinja")]:
-        shutil.copyfile(path, writing / path.name)
+    _copy_tokenizer(tmp_dir, writing)
     model.save_pretrained(str(writing), save_original_format=True)
     (writing / "training.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     writing.rename(checkpoint_dir)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer's files (and a chat model's template) of the model in `src` into `dst`."""
+    for path in [
+        *src.glob("tokenizer*"),
+        *src.glob("special_tokens_map.json"),
+        *src.glob("chat_template.jinja"),
+    ]:
+        shutil.copyfile(path, dst / path.name)
+
+
+def _publish(tmp_dir: Path, out_dir: Path) -> None:
+    """A model written in full into `tmp_dir` becomes `out_dir` (_replace_dir), readable by all."""
+    for path in tmp_dir.iterdir():
+        path.chmod(0o644)  # transformers writes the weights owner-only; workers may run as others
+    _replace_dir(tmp_dir, out_dir)
 
 
 def _replace_dir(new: Path, out_dir: Path) -> None:
@@ -980,9 +990,10 @@ def _instruct(
     warmup = max(1, min(preset.warmup_steps, (max_steps or 100) // 10))
     every = preset.instruct_eval_every or preset.eval_every
     start, step, stale = time.monotonic(), 0, 0
-    # the weights to keep, of those that answer better than the pre-trained ones: (outside the code
-    # slack, held-out answers' loss) → lower is better. None: the pre-trained weights stay.
-    best: tuple[tuple[bool, float], int, dict[str, torch.Tensor]] | None = None
+    # the weights to keep, of those that answer better than the pre-trained ones: ((outside the code
+    # slack, held-out answers' loss) → lower is better, step, held-out code loss, weights). None:
+    # the pre-trained weights stay.
+    best: tuple[tuple[bool, float], int, float, dict[str, torch.Tensor]] | None = None
     pre_trained = _weights(model)
 
     def evaluate() -> bool:
@@ -994,7 +1005,7 @@ def _instruct(
         bar.set_postfix(held_answers=f"{loss:.3f}", held_code=f"{code_loss:.3f}")
         key = (code_loss > report.code_before + INSTRUCT_CODE_SLACK, loss)
         if loss < report.answers_before and (best is None or key < best[0]):
-            best, stale = (key, step, _weights(model)), 0
+            best, stale = (key, step, code_loss, _weights(model)), 0
             return False
         stale += 1
         return stale >= INSTRUCT_PATIENCE
@@ -1031,15 +1042,14 @@ def _instruct(
         evaluate()  # the last weights are candidates too
     bar.close()
     report.steps = step
-    (outside, report.answers_after), report.kept_step, weights = best or (
-        (False, report.answers_before),
-        0,
-        pre_trained,
-    )
+    if not len(hx):  # no held-out pairs to choose by: the last weights
+        best = ((False, 0.0), step, held_out_loss(model, held_code, device, preset.batch_size), {})
+    (outside, report.answers_after), report.kept_step, report.code_after, weights = best or (
+        (False, report.answers_before), 0, report.code_before, pre_trained
+    )  # fmt: skip
     report.within_code_slack = not outside
     if report.kept_step != step:
         model.load_state_dict(weights)
-    report.code_after = held_out_loss(model, held_code, device, preset.batch_size)
     report.seconds = round(time.monotonic() - t0, 1)
     _say(
         f"instruction stage: {step} steps, step {report.kept_step}'s weights kept; held-out answers "
