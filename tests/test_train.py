@@ -433,3 +433,24 @@ def test_the_instruction_stage_alone_on_a_pre_trained_model(tmp_path: Path) -> N
         train.instruct_from(
             tmp_path / "chat", tmp_path / "again", device="cpu", instruct_steps=2, progress=False
         )
+
+
+def test_with_no_held_out_pairs_the_stage_keeps_its_last_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine whose held-out packages make no pairs: nothing to choose by, so the weights the
+    stage ends with are the model's (not the pre-trained ones put back)."""
+    real = train.make_pairs
+    calls: list[int] = []
+
+    def no_held_out(*args: Any) -> list[instruct.Pair]:
+        calls.append(1)
+        return real(*args) if len(calls) == 1 else []  # the train split's first, then the held-out's
+
+    monkeypatch.setattr(train, "make_pairs", no_held_out)
+    report = train.train(
+        tmp_path / "m", size="cpu-test", max_steps=10, instruct_steps=8, device="cpu", progress=False
+    )
+    stage = report.instruct
+    assert stage is not None and stage.held_out_pairs == 0 and stage.answers == []
+    assert stage.kept_step == stage.steps == 8 and stage.code_after != stage.code_before
