@@ -137,6 +137,16 @@ def _spare(services: Services) -> Spare:
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
+class KeyConflict(HTTPException):
+    """409: the Idempotency-Key `key` names a job still being accepted (or never made: its request
+    died taking the key) or was taken with another body. A request of several jobs (a list of
+    prompts) holds one key per job: `key` says which."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(409, detail)
+        self.key = key
+
+
 def _idem_key(caller: ApiKey, idempotency_key: str) -> str:
     return keys.idempotency(caller.id, hashlib.sha256(idempotency_key.encode()).hexdigest())
 
@@ -163,10 +173,12 @@ async def _claim_idempotency(
         # the key was forgotten (or expired) between the two calls: take it again
     earlier_id, _, earlier_body = earlier.partition(" ")
     if earlier_body != body:
-        raise HTTPException(409, "this Idempotency-Key was used with a different request body")
+        raise KeyConflict(idempotency_key, "this Idempotency-Key was used with a different request body")
     job = await services.store.get(earlier_id)
     if job is None:
-        raise HTTPException(409, "a request with this Idempotency-Key is still being accepted; retry")
+        raise KeyConflict(
+            idempotency_key, "a request with this Idempotency-Key is still being accepted; retry"
+        )
     return job
 
 

@@ -185,6 +185,91 @@ def test_a_key_has_at_most_its_batches_and_lines_in_flight(api_url: str, redis_s
         assert wait(c, second.id).status == "cancelled"
 
 
+COMPLETIONS = "/v1/completions"
+
+
+def _key(redis_server: RedisServer, name: str, limits: KeyLimits | None = None) -> str:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return create_key(client, name, Scope.USER, limits).secret
+    finally:
+        client.close()
+
+
+def _jobs(http: httpx.Client) -> list[dict[str, Any]]:
+    return http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]  # type: ignore[no-any-return]
+
+
+def test_a_completions_line_with_a_list_of_prompts_answers_as_the_endpoint_does(
+    api_url: str, redis_server: RedisServer, model_dir: Path
+) -> None:
+    """A line with a list of three prompts gets a job per prompt and the endpoint's answer: prompt
+    i's choices at i × n + k, the usage of all three. The key may take one submission a second
+    (burst 1): the line is refused part way at each try, and each try goes on from the prompt
+    refused (its earlier jobs found again by their keys), never cancelling what it accepted; a
+    list whose refusal cancelled its jobs would make one job a try and never finish."""
+    slow = _key(redis_server, "tests (batches, one a second)", KeyLimits(rate_per_s=1, burst=1))
+    prompts = ["def f(x):", "class A:", "import os"]
+    request = {"model": model_dir.name, "prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2}
+    lines = [
+        {"custom_id": "list", "method": "POST", "url": COMPLETIONS, "body": request},
+        {"custom_id": "one", "method": "POST", "url": COMPLETIONS, "body": {**request, "prompt": ["x = 1"]}},
+    ]
+    with (
+        openai.OpenAI(base_url=f"{api_url}/v1", api_key=slow, max_retries=0, timeout=60) as c,
+        httpx.Client(base_url=api_url, headers=bearer(slow), timeout=60) as http,
+    ):
+        made = c.batches.create(input_file_id=upload(c, lines), endpoint=COMPLETIONS, completion_window="24h")
+        done = wait(c, made.id)
+        assert done.status == "completed" and done.request_counts.completed == 2
+        output = {x["custom_id"]: x["response"] for x in lines_of(c, done.output_file_id)}
+        jobs = _jobs(http)
+        assert len(jobs) == 4 and {j["status"] for j in jobs} == {"succeeded"}  # none made twice
+        assert {j["priority"] for j in jobs} == {"batch"}
+        got = output["list"]["body"]
+        assert [ch["index"] for ch in got["choices"]] == list(range(6)) and got["usage"]["prompt_tokens"] > 0
+        assert got["id"] == f"cmpl-{output['list']['request_id']}"
+    with httpx.Client(
+        base_url=api_url, headers=bearer(_key(redis_server, "tests (batches, sync)")), timeout=60
+    ) as h:
+        want = h.post(COMPLETIONS, json=request).json()  # the synchronous endpoint, same request
+    assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+    assert len(output["one"]["body"]["choices"]) == 2
+
+
+def test_a_cancelled_batch_cancels_every_job_of_a_list_line(
+    api_url: str, redis_server: RedisServer, model_dir: Path
+) -> None:
+    """Cancelled mid-run, a batch's lines with lists of prompts end as never run and every job
+    they made is cancelled (each prompt's, found by its own key), not left running."""
+    key = _key(redis_server, "tests (batches, cancelled lists)")
+    request = {"model": model_dir.name, "max_tokens": 1000, "ignore_eos": True, "temperature": 1.0}
+    lines = [
+        {"custom_id": f"l{i}", "method": "POST", "url": COMPLETIONS,
+         "body": {**request, "prompt": [f"def f{i}(x):", f"class A{i}:", f"import m{i}"]}}
+        for i in range(4)
+    ]  # fmt: skip
+    with (
+        openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=60) as c,
+        httpx.Client(base_url=api_url, headers=bearer(key), timeout=60) as http,
+    ):
+        made = c.batches.create(input_file_id=upload(c, lines), endpoint=COMPLETIONS, completion_window="24h")
+        wait_for(lambda: any(j["status"] == "running" for j in _jobs(http)), 60, "a line's job to run")
+        assert c.batches.cancel(made.id).status == "cancelling"
+        done = wait(c, made.id)
+        assert done.status == "cancelled"
+        seen = lines_of(c, done.output_file_id) + lines_of(c, done.error_file_id)
+        assert sorted(x["custom_id"] for x in seen) == [f"l{i}" for i in range(4)]
+        wait_for(
+            lambda: all(j["status"] in ("succeeded", "cancelled", "failed") for j in _jobs(http)),
+            20,
+            "every job of the batch to end",
+        )
+        jobs = _jobs(http)
+    cancelled = [j for j in jobs if j["status"] == "cancelled"]
+    assert cancelled and all(j["usage"]["completion_tokens"] < 1000 for j in cancelled)
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver()

@@ -1,8 +1,9 @@
 """One run of one batch, from the status it is in to a terminal one. batch_runs.py decides which
 API process runs a batch (the lease); a run may be its first or take over from one that died.
 
-Each line becomes an ordinary job through the function the synchronous route runs
-(chat.chat_completion / completions.text_completion → serving.accept_request → api.jobs.accept:
+Each line becomes an ordinary job (a completions line with a list of prompts: one job per prompt,
+answered together) through the function the synchronous route runs (chat.chat_completion /
+completions.text_completion or several_completions → serving.accept_request → api.jobs.accept:
 validation, admission, routing, the queue), at `low` priority unless the line names one (capped
 by the key as ever) at the `batch` priority unless the line names another: the tier below `low`,
 admitted only while the workers have spare capacity (api/admission.py); no more lines at once
@@ -19,15 +20,16 @@ error: it waits and is sent again, so a batch never runs faster than admission l
 
 Resuming: a line's result goes to the batch's ledger (batch_store.py) once, and a run sends only
 the lines not in it. Each line's job is submitted with the Idempotency-Key `line_key(batch,
-custom_id)`: a line whose job a dead run submitted is answered by that job, found again by the
-key, not submitted twice (only where the key is gone: past limits.idempotency_ttl_s, or taken by
-a run that died before the job was made, ABANDONED_S ago). Two runs may overlap for a moment (one
-stalled past its lease, another took the batch over): a key is only ever freed by the claim that
-took it (a refusal) or once abandoned, so the second finds the first's job and never submits the
-line again; the ledger keeps a line's first answer. The result files are written from the
-ledger, in the input's order, each run into parts of its own moved into place under ids made
-from the batch's: a run that dies while writing them leaves nothing that the next run does not
-write over, and two runs finishing at once do not remove each other's parts.
+custom_id)` (a list's prompt i: that key + "-i", `line_keys`): a line whose job a dead run
+submitted is answered by that job, found again by the key, not submitted twice (only where the key
+is gone: past limits.idempotency_ttl_s, or taken by a run that died before the job was made,
+ABANDONED_S ago). Two runs may overlap for a moment (one stalled past its lease, another took the
+batch over): a key is only ever freed by the claim that took it (a refusal) or once abandoned, so
+the second finds the first's job and never submits the line again; the ledger keeps a line's first
+answer. The result files are written from the ledger, in the input's order, each run into parts of
+its own moved into place under ids made from the batch's: a run that dies while writing them leaves
+nothing that the next run does not write over, and two runs finishing at once do not remove each
+other's parts.
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ from starlette.exceptions import HTTPException
 from api.admission import Refused
 from api.auth import ApiKey
 from api.deps import Services
-from api.jobs import forget_idempotency, idempotent_job_id
+from api.jobs import KeyConflict, forget_idempotency, idempotent_job_id
 from api.openai.batch_input import BatchRequestLine
 from api.openai.batch_store import BatchRecord
 from api.openai.chat import chat_completion
-from api.openai.completions import text_completion
+from api.openai.completions import prompt_keys, several_completions, text_completion
 from api.openai.errors import OpenAIError, error_response, from_http, validation_error
 from api.openai.protocol import BatchError, BatchErrors, BatchStatus, ChatCompletionRequest, CompletionRequest
 from api.stream_hub import RESTARTING, retrying
@@ -78,6 +80,20 @@ READ_CHUNK = 1000  # ledger lines read at once while writing the result files
 def line_key(batch_id: str, custom_id: str) -> str:
     """The Idempotency-Key of a line's job (visible ASCII, as the header must be)."""
     return f"{batch_id}/{hashlib.sha256(custom_id.encode()).hexdigest()}"
+
+
+def line_keys(batch: BatchRecord, line: BatchRequestLine) -> list[str]:
+    """The Idempotency-Keys of every job the line may have: its key, or for a completions line
+    with a list of prompts one per prompt (completions.prompt_keys). A line the endpoint refuses
+    as invalid made no job: its one key names none."""
+    key = line_key(batch.id, line.custom_id)
+    if batch.endpoint != "/v1/completions":
+        return [key]
+    try:
+        prompts = len(CompletionRequest.model_validate(line.body).prompts)
+    except ValidationError:
+        return [key]
+    return prompt_keys(key, prompts) if prompts > 1 else [key]
 
 
 async def answer(
@@ -117,12 +133,12 @@ async def answer(
                 continue
             await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
             continue
+        except KeyConflict as e:  # a key of the line names no job yet, or another body
+            await _unclaim(services, caller, batch, line, e.key, str(e.detail))
+            continue
         except HTTPException as e:
             if e.status_code in (429, 503):  # pacing, not an answer
                 await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
-                continue
-            if e.status_code == 409:  # the key names no job yet, or another body
-                await _unclaim(services, caller, batch, line, key, str(e.detail))
                 continue
             refusal = from_http(e)
         return refusal.status_code, orjson.loads(refusal.body), None
@@ -131,7 +147,8 @@ async def answer(
 async def _unclaim(
     services: Services, caller: ApiKey, batch: BatchRecord, line: BatchRequestLine, key: str, why: str
 ) -> None:
-    """The line's key names no job, or was taken with another body. A claim younger than
+    """The line's `key` (a list of prompts has one per prompt) names no job, or was taken with
+    another body. A claim younger than
     ABANDONED_S may be another run's acceptance under way (that run lost its lease a moment ago
     and has not yet stopped): its job is found at the next attempt. Older, the run that took it
     died before making the job: the key is freed and the line submitted again."""
@@ -157,6 +174,9 @@ async def _call(
         return await chat_completion(chat, services, caller, idempotency_key=key, accepted=accepted)
     text = CompletionRequest.model_validate(body)
     _refuse_stream(text.stream)
+    if len(text.prompts) > 1:  # a job each, under the keys line_keys names; a refusal part way keeps
+        # the jobs accepted before it, found again by their keys when the line is sent again
+        return await several_completions(text, services, caller, None, key, accepted, resumable=True)
     return await text_completion(text, services, caller, idempotency_key=key, accepted=accepted)
 
 
@@ -369,14 +389,14 @@ async def _stop_lines(
     lines: Iterator[BatchRequestLine],
     stop: BatchStatus,
 ) -> None:
-    """Each of `lines` (not in the ledger) ends as never run; a job one of them had (this run's
-    or a dead run's) is cancelled."""
+    """Each of `lines` (not in the ledger) ends as never run; the jobs one of them had (this run's
+    or a dead run's; a list of prompts, one each) are cancelled."""
     code = "batch_expired" if stop is S.EXPIRED else "batch_cancelled"  # stop: EXPIRED or CANCELLING
     why = "the batch's completion window passed" if stop is S.EXPIRED else "the batch was cancelled"
     for line in lines:
-        job_id = await idempotent_job_id(services, caller, line_key(batch.id, line.custom_id))
-        if job_id is not None:
-            await services.store.cancel(job_id)
+        for key in line_keys(batch, line):
+            if (job_id := await idempotent_job_id(services, caller, key)) is not None:
+                await services.store.cancel(job_id)
         result = _not_run(line.custom_id, code, f"not run: {why}")
         await _write(services, batch, line.custom_id, result, False)
 

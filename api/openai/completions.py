@@ -98,27 +98,39 @@ async def _accept(
     return _Accepted(job, prepared.spec, prepared.text, prepared.model)
 
 
+def prompt_keys(idempotency_key: str, prompts: int) -> list[str]:
+    """The Idempotency-Keys of a list of prompts' jobs: prompt i's is the request's key + "-i"."""
+    return [f"{idempotency_key}-{i}" for i in range(prompts)]
+
+
 async def several_completions(
     body: CompletionRequest,
     services: Services,
     caller: ApiKey,
-    request: Request,
+    request: Request | None,
     idempotency_key: str | None = None,
+    accepted_all: Callable[[Job], None] | None = None,
+    resumable: bool = False,
 ) -> Response:
     """A list of prompts: a job each, every one validated before any is accepted and accepted
-    before any is waited for (a refusal, a 429 say, cancels those accepted before it), answered
-    together, whole or streamed."""
+    before any is waited for, answered together, whole or streamed. A refusal part way (a 429
+    say) cancels the jobs accepted before it; with `resumable` (a batch's line, sent again by its
+    run until it is answered, with the same key) it keeps them instead, and the next try finds them
+    by their keys and goes on from the prompt refused. Without `request` the jobs outlive a
+    cancelled caller. `accepted_all`: told of the first job once every prompt's is accepted."""
     prompts = body.prompts
     if len(prompts) > MAX_PROMPTS:
         raise OpenAIError(400, f"{len(prompts)} prompts: at most {MAX_PROMPTS} per request", "prompt")
     parts = [body.model_copy(update={"prompt": prompt}) for prompt in prompts]
     prepared = [_prepare(part, services) for part in parts]  # every prompt valid before any job exists
     accepted: list[_Accepted] = []
-    keys = [f"{idempotency_key}-{i}" if idempotency_key else None for i in range(len(parts))]
+    keys = prompt_keys(idempotency_key, len(parts)) if idempotency_key else [None] * len(parts)
     try:
         for part, ready, key in zip(parts, prepared, keys, strict=True):
             accepted.append(await _accept(part, ready, services, caller, key))
     except BaseException:
+        if resumable:
+            raise
         for done, key in zip(accepted, keys, strict=False):
             await services.store.cancel(done.job.id)
             # refused as a whole: sent again, the request is judged again, not answered by the
@@ -126,6 +138,8 @@ async def several_completions(
             await forget_idempotency(services, caller, key, done.job.id)
         raise
     first = accepted[0]
+    if accepted_all is not None:
+        accepted_all(first.job)
     if body.stream:
         return _stream_several(body, services, accepted)
     results = await wait_for_jobs(request, services, [a.job for a in accepted])
