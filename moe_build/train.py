@@ -509,7 +509,8 @@ class InstructReport:
     code_before: float = 0.0
     code_after: float = 0.0  # of the weights kept
     kept_step: int = 0  # the step whose weights were kept
-    within_code_slack: bool = True  # whether they are within INSTRUCT_CODE_SLACK of code_before
+    within_code_slack: bool = True  # whether they are within settings' code_slack of code_before
+    settings: dict[str, float] = field(default_factory=dict)  # the InstructSettings it ran with
 
 
 def _resolve_device(device: str) -> str:
@@ -716,13 +717,15 @@ def instruct_from(
     instruct_steps: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    settings: InstructSettings | None = None,
 ) -> InstructReport:
     """The instruction stage alone, on a model `train` pre-trained without one (`localmoe model train
     --instruct-minutes 0`): its weights and tokenizer, its corpus and split read again from this
     machine (the same rule, the same bytes), so that the stage's settings can be tried again in its
     minutes rather than the pre-training's. minutes: the stage's budget (the preset's
     instruct_minutes if None); instruct_steps: its steps instead. `out_dir` gets the result, with the
-    pre-training's record and this stage's in training.json; appears complete or not at all."""
+    pre-training's record and this stage's in training.json; appears complete or not at all.
+    settings: the stage's (InstructSettings() if None: the shipped recipe's)."""
     import torch
     from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
 
@@ -761,8 +764,9 @@ def instruct_from(
     preset = replace(preset, seq_len=seq_len, batch_size=record["batch_size"], lr=record["lr"])
     end = time.monotonic() + minutes * 60
     stage = _instruct(
-        model, tokenizer, preset, device, corpus, code_rows, held_code, end, instruct_steps, progress
-    )
+        model, tokenizer, preset, device, corpus, code_rows, held_code, end, instruct_steps, progress,
+        settings or InstructSettings(),
+    )  # fmt: skip
     record["instruct"] = asdict(stage)
     record["seconds"]["instruct"] = stage.seconds
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -937,6 +941,17 @@ INSTRUCT_PATIENCE = 3  # evaluations without better weights to keep: the stage e
 INSTRUCT_CODE_SLACK = 0.02
 
 
+@dataclass(frozen=True)
+class InstructSettings:
+    """The instruction stage's settings (the INSTRUCT_* constants by default), to try others on one
+    pre-trained model (instruct_from) without a constant changed for the shipped recipe."""
+
+    code_share: float = INSTRUCT_CODE_SHARE  # of each batch's rows: plain pre-training code
+    code_slack: float = INSTRUCT_CODE_SLACK  # nats per token the held-out code may lose
+    patience: int = INSTRUCT_PATIENCE  # evaluations without better weights: the stage ends
+    lr: float = INSTRUCT_LR  # of the preset's peak learning rate
+
+
 def _instruct(
     model: Any,
     tokenizer: Any,
@@ -948,12 +963,13 @@ def _instruct(
     end: float,
     max_steps: int | None,
     progress: bool,
+    settings: InstructSettings = InstructSettings(),
 ) -> InstructReport:
     """The instruction stage: the pre-trained model trained on moe_build.instruct's pairs of the train
-    split (loss on the answers only), INSTRUCT_CODE_SHARE of each batch plain code, until `end` (or
-    for max_steps) or until INSTRUCT_PATIENCE evaluations found no better weights. Kept, of the
+    split (loss on the answers only), settings.code_share of each batch plain code, until `end` (or
+    for max_steps) or until settings.patience evaluations found no better weights. Kept, of the
     evaluated weights that answer the held-out pairs better than the pre-trained ones: those with the
-    best answers among the ones within INSTRUCT_CODE_SLACK of the pre-trained held-out code loss (of
+    best answers among the ones within settings.code_slack of the pre-trained held-out code loss (of
     all, when none is); the pre-trained weights when none answers better."""
     import torch
 
@@ -970,7 +986,7 @@ def _instruct(
     kinds: dict[str, int] = {}
     for p in pairs:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
-    report = InstructReport(kinds, len(held), length)
+    report = InstructReport(kinds, len(held), length, settings=asdict(settings))
     if not len(x):
         raise RuntimeError("no instruction pairs could be made from this machine's code")
 
@@ -980,12 +996,12 @@ def _instruct(
     report.answers_before = answers()
     report.code_before = held_out_loss(model, held_code, device, preset.batch_size)
     _say(f"instruction stage: {kinds} pairs ({len(x)} rows of {length} tokens)", progress)
-    lr = preset.lr * INSTRUCT_LR
+    lr = preset.lr * settings.lr
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.startswith("cuda")
     )
     generator = torch.Generator().manual_seed(1)
-    n_code = round(preset.batch_size * INSTRUCT_CODE_SHARE) if len(code) else 0
+    n_code = round(preset.batch_size * settings.code_share) if len(code) else 0
     n_pairs = preset.batch_size - n_code
     warmup = max(1, min(preset.warmup_steps, (max_steps or 100) // 10))
     every = preset.instruct_eval_every or preset.eval_every
@@ -1003,12 +1019,12 @@ def _instruct(
         report.answers.append((step, round(loss, 4)))
         report.code.append((step, round(code_loss, 4)))
         bar.set_postfix(held_answers=f"{loss:.3f}", held_code=f"{code_loss:.3f}")
-        key = (code_loss > report.code_before + INSTRUCT_CODE_SLACK, loss)
+        key = (code_loss > report.code_before + settings.code_slack, loss)
         if loss < report.answers_before and (best is None or key < best[0]):
             best, stale = (key, step, code_loss, _weights(model)), 0
             return False
         stale += 1
-        return stale >= INSTRUCT_PATIENCE
+        return stale >= settings.patience
 
     bar = tqdm(total=max_steps, desc="instruction stage", unit="step", disable=not progress)
     model.train()
@@ -1018,7 +1034,7 @@ def _instruct(
         if max_steps is None and now + 10 > end:  # the evaluation and the save after it
             break
         if step and step % every == 0 and len(hx) and evaluate():
-            report.stopped_because = f"no better weights for {INSTRUCT_PATIENCE} evaluations"
+            report.stopped_because = f"no better weights for {settings.patience} evaluations"
             break
         fraction = step / max_steps if max_steps else (now - start) / max(end - start, 1e-9)
         for group in optimizer.param_groups:
@@ -1055,7 +1071,7 @@ def _instruct(
         f"instruction stage: {step} steps, step {report.kept_step}'s weights kept; held-out answers "
         f"{report.answers_before:.3f} → {report.answers_after:.3f}, code {report.code_before:.3f} → "
         f"{report.code_after:.3f} nats/token"
-        + ("" if report.within_code_slack else f" (no evaluation within {INSTRUCT_CODE_SLACK} of the code)"),
+        + ("" if report.within_code_slack else f" (no evaluation within {settings.code_slack} of the code)"),
         progress,
     )
     return report

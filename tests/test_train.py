@@ -435,6 +435,52 @@ def test_the_instruction_stage_alone_on_a_pre_trained_model(tmp_path: Path) -> N
         )
 
 
+def test_the_stage_alone_runs_with_the_settings_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """instruct_from with other InstructSettings (as a sweep of the stage tries them): a patience of
+    one ends the stage at its first evaluation without better weights (the recipe's three would go
+    on), and the model's training.json records the settings it ran with."""
+    pre = tmp_path / "pre"
+    pretrain(pre, max_steps=10)
+    real = train.held_out_loss
+    answers = iter([1.0, 2.0, 3.0, 4.0])  # before, then every evaluation worse
+
+    def worsening(model: Any, rows: torch.Tensor, device: str, batch: int, labels: Any = None) -> float:
+        return real(model, rows, device, batch) if labels is None else next(answers)
+
+    monkeypatch.setattr(train, "held_out_loss", worsening)
+    settings = train.InstructSettings(code_share=0.25, code_slack=0.05, patience=1, lr=0.1)
+    stage = train.instruct_from(
+        pre, tmp_path / "chat", device="cpu", instruct_steps=200, progress=False, settings=settings
+    )
+    assert stage.steps == 10 and stage.stopped_because == "no better weights for 1 evaluations"
+    saved = json.loads((tmp_path / "chat" / "training.json").read_text())["instruct"]["settings"]
+    assert saved == {"code_share": 0.25, "code_slack": 0.05, "patience": 1, "lr": 0.1}
+
+
+def test_the_stage_sweep_measures_each_variant(tmp_path: Path) -> None:
+    """bench.instruct_sweep on a CPU-trained model: the pre-trained model's row, then one per
+    variant, each a model of its own trained with that variant's settings and measured as the issue
+    asks; a variant naming no InstructSettings field is refused."""
+    from bench import instruct_sweep
+
+    pre = tmp_path / "pre"
+    pretrain(pre, max_steps=10)
+    variants = [instruct_sweep.parse_variant(v) for v in ("recipe:", "code0:code_share=0,lr=0.5")]
+    assert variants[1][1] == train.InstructSettings(code_share=0.0, lr=0.5)
+    rows = instruct_sweep.sweep(pre, tmp_path / "sweep", variants, steps=10, requests=3, others=2, headers=3)
+    assert [r["variant"] for r in rows] == ["pre-trained", "recipe", "code0"]
+    assert rows[2]["settings"]["code_share"] == 0.0 and rows[2]["steps"] == 10
+    for r in rows:
+        assert 0 <= r["parses"] <= 1 and 0 <= r["headers_lenient"] <= 1 and r["perplexity_code"] > 1
+    saved = json.loads((tmp_path / "sweep" / "code0" / "training.json").read_text())
+    assert saved["instruct"]["settings"]["lr"] == 0.5
+    assert instruct_sweep.table(rows).count("\n") == 4  # a header, its rule, three rows
+    with pytest.raises(ValueError, match="not an InstructSettings field"):
+        instruct_sweep.parse_variant("x:slack=1")
+
+
 def test_with_no_held_out_pairs_the_stage_keeps_its_last_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
