@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 
 from api.auth import KeyLimits, Scope, create_key
 from localmoe.redis_server import RedisServer
-from tests.conftest import bearer, wait_for
+from tests.conftest import bearer, wait_done, wait_for
 from tests.receiver import Receiver
 
 CHAT = "/v1/chat/completions"
@@ -235,6 +235,35 @@ def test_a_completions_line_with_a_list_of_prompts_answers_as_the_endpoint_does(
         want = h.post(COMPLETIONS, json=request).json()  # the synchronous endpoint, same request
     assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
     assert len(output["one"]["body"]["choices"]) == 2
+
+
+def test_a_list_line_refused_part_way_for_good_cancels_the_jobs_it_accepted(
+    api_url: str, redis_server: RedisServer, model_dir: Path
+) -> None:
+    """A list whose second prompt is over the model's context: the line's answer is the endpoint's
+    refusal, and the job its first prompt had by then is cancelled (not left running for nobody),
+    as the synchronous route cancels it; only pacing refusals keep a list's jobs for the next try."""
+    key = _key(redis_server, "tests (batches, a list refused)")
+    request = {
+        "model": model_dir.name,
+        "prompt": ["def f(x):", "word " * 3000],
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
+    line = {"custom_id": "over", "method": "POST", "url": COMPLETIONS, "body": request}
+    with (
+        openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=0, timeout=60) as c,
+        httpx.Client(base_url=api_url, headers=bearer(key), timeout=60) as http,
+    ):
+        made = c.batches.create(
+            input_file_id=upload(c, [line]), endpoint=COMPLETIONS, completion_window="24h"
+        )
+        done = wait(c, made.id)
+        [error] = lines_of(c, done.error_file_id)
+        assert error["response"]["status_code"] == 400 and "context is 2048" in json.dumps(error["response"])
+        [job] = _jobs(http)
+        ended = wait_done(http, job["id"], timeout=30)
+    assert ended["status"] == "cancelled" and ended["usage"]["completion_tokens"] < 400
 
 
 def test_a_cancelled_batch_cancels_every_job_of_a_list_line(

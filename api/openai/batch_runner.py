@@ -174,10 +174,20 @@ async def _call(
         return await chat_completion(chat, services, caller, idempotency_key=key, accepted=accepted)
     text = CompletionRequest.model_validate(body)
     _refuse_stream(text.stream)
-    if len(text.prompts) > 1:  # a job each, under the keys line_keys names; a refusal part way keeps
-        # the jobs accepted before it, found again by their keys when the line is sent again
-        return await several_completions(text, services, caller, None, key, accepted, resumable=True)
+    if len(text.prompts) > 1:  # a job each, under the keys line_keys names; a refusal part way that
+        # sends the line again keeps the jobs accepted before it, found again then by their keys
+        return await several_completions(text, services, caller, None, key, accepted, keep=_sent_again)
     return await text_completion(text, services, caller, idempotency_key=key, accepted=accepted)
+
+
+def _sent_again(refusal: BaseException) -> bool:
+    """Whether `answer` sends the line again after `refusal` (pacing, a key's claim, Redis
+    restarting), or the run is stopping (the next run, or _stop_lines, takes the line's jobs on):
+    then the jobs its list of prompts accepted so far are kept. Any other refusal is the line's
+    answer, and they are cancelled, as the synchronous route cancels them."""
+    if isinstance(refusal, (Refused, KeyConflict, asyncio.CancelledError, *RESTARTING)):
+        return True
+    return isinstance(refusal, HTTPException) and refusal.status_code in (429, 503)
 
 
 def _refuse_stream(stream: bool | None) -> None:

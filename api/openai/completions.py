@@ -110,14 +110,14 @@ async def several_completions(
     request: Request | None,
     idempotency_key: str | None = None,
     accepted_all: Callable[[Job], None] | None = None,
-    resumable: bool = False,
+    keep: Callable[[BaseException], bool] | None = None,
 ) -> Response:
     """A list of prompts: a job each, every one validated before any is accepted and accepted
     before any is waited for, answered together, whole or streamed. A refusal part way (a 429
-    say) cancels the jobs accepted before it; with `resumable` (a batch's line, sent again by its
-    run until it is answered, with the same key) it keeps them instead, and the next try finds them
-    by their keys and goes on from the prompt refused. Without `request` the jobs outlive a
-    cancelled caller. `accepted_all`: told of the first job once every prompt's is accepted."""
+    say) cancels the jobs accepted before it, unless keep(refusal): a batch's line, which its run
+    sends again after such a refusal (with the same key), keeps them, and the next try finds them by
+    their keys and goes on from the prompt refused. Without `request` the jobs outlive a cancelled
+    caller. `accepted_all`: told of the first job once every prompt's is accepted."""
     prompts = body.prompts
     if len(prompts) > MAX_PROMPTS:
         raise OpenAIError(400, f"{len(prompts)} prompts: at most {MAX_PROMPTS} per request", "prompt")
@@ -128,8 +128,8 @@ async def several_completions(
     try:
         for part, ready, key in zip(parts, prepared, keys, strict=True):
             accepted.append(await _accept(part, ready, services, caller, key))
-    except BaseException:
-        if resumable:
+    except BaseException as refusal:
+        if keep is not None and keep(refusal):
             raise
         for done, key in zip(accepted, keys, strict=False):
             await services.store.cancel(done.job.id)
