@@ -148,10 +148,10 @@ async def _unclaim(
     services: Services, caller: ApiKey, batch: BatchRecord, line: BatchRequestLine, key: str, why: str
 ) -> None:
     """The line's `key` (a list of prompts has one per prompt) names no job, or was taken with
-    another body. A claim younger than
-    ABANDONED_S may be another run's acceptance under way (that run lost its lease a moment ago
-    and has not yet stopped): its job is found at the next attempt. Older, the run that took it
-    died before making the job: the key is freed and the line submitted again."""
+    another body. A claim younger than ABANDONED_S may be another run's acceptance under way (that
+    run lost its lease a moment ago and has not yet stopped): its job is found at the next attempt.
+    Older, the run that took it died before making the job: the key is freed and the line submitted
+    again (its other prompts' jobs are found by their own keys)."""
     claimed = await idempotent_job_id(services, caller, key)
     if claimed is not None and not await forget_idempotency(services, caller, key, claimed, ABANDONED_S):
         await asyncio.sleep(TURN_S)
