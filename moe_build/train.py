@@ -510,7 +510,7 @@ class InstructReport:
     code_after: float = 0.0  # of the weights kept
     kept_step: int = 0  # the step whose weights were kept
     within_code_slack: bool = True  # whether they are within settings' code_slack of code_before
-    settings: dict[str, float] = field(default_factory=dict)  # the InstructSettings it ran with
+    settings: dict[str, Any] = field(default_factory=dict)  # the InstructSettings it ran with
 
 
 def _resolve_device(device: str) -> str:
@@ -950,6 +950,14 @@ class InstructSettings:
     code_slack: float = INSTRUCT_CODE_SLACK  # nats per token the held-out code may lose
     patience: int = INSTRUCT_PATIENCE  # evaluations without better weights: the stage ends
     lr: float = INSTRUCT_LR  # of the preset's peak learning rate
+    # which evaluated weights within the code slack are kept (of those answering the held-out pairs
+    # better than the pre-trained ones): "best_answers", the lowest held-out answers' loss; "last",
+    # the latest (the stage then ends only at its budget or once the code leaves the slack)
+    keep: str = "best_answers"
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("best_answers", "last"):
+            raise ValueError(f"keep must be best_answers or last, not {self.keep!r}")
 
 
 def _instruct(
@@ -969,8 +977,9 @@ def _instruct(
     split (loss on the answers only), settings.code_share of each batch plain code, until `end` (or
     for max_steps) or until settings.patience evaluations found no better weights. Kept, of the
     evaluated weights that answer the held-out pairs better than the pre-trained ones: those with the
-    best answers among the ones within settings.code_slack of the pre-trained held-out code loss (of
-    all, when none is); the pre-trained weights when none answers better."""
+    best answers (settings.keep "last": the latest) among the ones within settings.code_slack of the
+    pre-trained held-out code loss (the best answers of all, when none is); the pre-trained weights
+    when none answers better."""
     import torch
 
     t0 = time.monotonic()
@@ -1007,9 +1016,9 @@ def _instruct(
     every = preset.instruct_eval_every or preset.eval_every
     start, step, stale = time.monotonic(), 0, 0
     # the weights to keep, of those that answer better than the pre-trained ones: ((outside the code
-    # slack, held-out answers' loss) → lower is better, step, held-out code loss, weights). None:
-    # the pre-trained weights stay.
-    best: tuple[tuple[bool, float], int, float, dict[str, torch.Tensor]] | None = None
+    # slack, held-out answers' loss or with keep "last" -step inside it) → lower is better, step,
+    # held-out answers' loss, held-out code loss, weights). None: the pre-trained weights stay.
+    best: tuple[tuple[bool, float], int, float, float, dict[str, torch.Tensor]] | None = None
     pre_trained = _weights(model)
 
     def evaluate() -> bool:
@@ -1019,9 +1028,10 @@ def _instruct(
         report.answers.append((step, round(loss, 4)))
         report.code.append((step, round(code_loss, 4)))
         bar.set_postfix(held_answers=f"{loss:.3f}", held_code=f"{code_loss:.3f}")
-        key = (code_loss > report.code_before + settings.code_slack, loss)
+        outside = code_loss > report.code_before + settings.code_slack
+        key = (outside, loss if settings.keep == "best_answers" or outside else -step)
         if loss < report.answers_before and (best is None or key < best[0]):
-            best, stale = (key, step, code_loss, _weights(model)), 0
+            best, stale = (key, step, loss, code_loss, _weights(model)), 0
             return False
         stale += 1
         return stale >= settings.patience
@@ -1059,9 +1069,9 @@ def _instruct(
     bar.close()
     report.steps = step
     if not len(hx):  # no held-out pairs to choose by: the last weights
-        best = ((False, 0.0), step, held_out_loss(model, held_code, device, preset.batch_size), {})
-    (outside, report.answers_after), report.kept_step, report.code_after, weights = best or (
-        (False, report.answers_before), 0, report.code_before, pre_trained
+        best = ((False, 0.0), step, 0.0, held_out_loss(model, held_code, device, preset.batch_size), {})
+    (outside, _), report.kept_step, report.answers_after, report.code_after, weights = best or (
+        (False, 0.0), 0, report.answers_before, report.code_before, pre_trained
     )  # fmt: skip
     report.within_code_slack = not outside
     if report.kept_step != step:

@@ -456,7 +456,35 @@ def test_the_stage_alone_runs_with_the_settings_it_is_given(
     )
     assert stage.steps == 10 and stage.stopped_because == "no better weights for 1 evaluations"
     saved = json.loads((tmp_path / "chat" / "training.json").read_text())["instruct"]["settings"]
-    assert saved == {"code_share": 0.25, "code_slack": 0.05, "patience": 1, "lr": 0.1}
+    assert saved == {"code_share": 0.25, "code_slack": 0.05, "patience": 1, "lr": 0.1, "keep": "best_answers"}
+
+
+def test_the_stage_may_keep_its_latest_weights_within_the_code_slack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out answers best at step 20 and worse after (the code within its slack throughout):
+    the recipe keeps step 20's weights and ends three evaluations later; keep="last" keeps the
+    latest evaluated weights (step 50), never ending early while the code stays within the slack."""
+    pre = tmp_path / "pre"
+    pretrain(pre, max_steps=10)
+    real = train.held_out_loss
+    script: list[float] = []
+
+    def scripted(model: Any, rows: torch.Tensor, device: str, batch: int, labels: Any = None) -> float:
+        return real(model, rows, device, batch) if labels is None else script.pop(0)
+
+    monkeypatch.setattr(train, "held_out_loss", scripted)
+    kept = {}
+    for keep in ("best_answers", "last"):
+        script[:] = [3.0, 2.0, 1.5, 1.8, 1.9, 1.95, 2.5]  # before, then steps 10 … 60
+        settings = train.InstructSettings(code_slack=10.0, keep=keep)
+        stage = train.instruct_from(
+            pre, tmp_path / keep, device="cpu", instruct_steps=50, progress=False, settings=settings
+        )
+        kept[keep] = (stage.kept_step, stage.steps, stage.answers_after)
+    assert kept == {"best_answers": (20, 50, 1.5), "last": (50, 50, 1.95)}
+    with pytest.raises(ValueError, match="keep must be"):
+        train.InstructSettings(keep="first")
 
 
 def test_the_stage_sweep_measures_each_variant(tmp_path: Path) -> None:
