@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
@@ -22,6 +23,9 @@ from localmoe.redis_server import RedisServer, free_port
 from scheduler import keys
 from scheduler.jobs import JobStatus
 from scheduler.registry import WorkerInfo
+
+if TYPE_CHECKING:
+    from api.auth import KeyLimits
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}
 
@@ -69,25 +73,28 @@ def scratch_db(redis_server: RedisServer, db: int) -> Iterator[redis.Redis]:
         c.close()
 
 
-def _key(redis_server: RedisServer, name: str, admin: bool) -> str:
-    """A key made the way `localmoe up` makes its first one."""
+def new_key(
+    redis_server: RedisServer, name: str, limits: KeyLimits | None = None, admin: bool = False
+) -> str:
+    """A key of its own (a user's unless `admin`; the server's default limits unless `limits`), made
+    the way `localmoe up` makes its first one."""
     from api.auth import Scope, create_key
 
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        return create_key(client, name, Scope.ADMIN if admin else Scope.USER).secret
+        return create_key(client, name, Scope.ADMIN if admin else Scope.USER, limits).secret
     finally:
         client.close()
 
 
 @pytest.fixture(scope="session")
 def admin_key(redis_server: RedisServer) -> str:
-    return _key(redis_server, "tests (admin)", admin=True)
+    return new_key(redis_server, "tests (admin)", admin=True)
 
 
 @pytest.fixture(scope="session")
 def user_key(redis_server: RedisServer) -> str:
-    return _key(redis_server, "tests (user)", admin=False)
+    return new_key(redis_server, "tests (user)")
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -15,12 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 from standardwebhooks.webhooks import Webhook
 
-from api.auth import KeyLimits, Scope, create_key
+from api.auth import KeyLimits
 from localmoe.redis_server import RedisServer
-from tests.conftest import bearer, wait_done, wait_for
+from tests.conftest import bearer, new_key, wait_done, wait_for
 from tests.receiver import Receiver
 
 CHAT = "/v1/chat/completions"
@@ -29,11 +28,7 @@ TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 @pytest.fixture(scope="module")
 def key(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        return create_key(client, "tests (batches)", Scope.USER).secret
-    finally:
-        client.close()
+    return new_key(redis_server, "tests (batches)")
 
 
 @pytest.fixture
@@ -152,10 +147,7 @@ def test_refusals(client: openai.OpenAI, api_url: str, user_key: str) -> None:
 
 
 def test_a_key_has_at_most_its_batches_and_lines_in_flight(api_url: str, redis_server: RedisServer) -> None:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    limits = KeyLimits(max_batches=1, batch_lines_in_flight=2)
-    key = create_key(client, "tests (batch limits)", Scope.USER, limits).secret
-    client.close()
+    key = new_key(redis_server, "tests (batch limits)", KeyLimits(max_batches=1, batch_lines_in_flight=2))
     lines = [
         {"custom_id": f"l{i}", "method": "POST", "url": CHAT, "body": body(i, max_tokens=16, ignore_eos=True)}
         for i in range(8)
@@ -188,14 +180,6 @@ def test_a_key_has_at_most_its_batches_and_lines_in_flight(api_url: str, redis_s
 COMPLETIONS = "/v1/completions"
 
 
-def _key(redis_server: RedisServer, name: str, limits: KeyLimits | None = None) -> str:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        return create_key(client, name, Scope.USER, limits).secret
-    finally:
-        client.close()
-
-
 def _jobs(http: httpx.Client) -> list[dict[str, Any]]:
     return http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]  # type: ignore[no-any-return]
 
@@ -208,7 +192,7 @@ def test_a_completions_line_with_a_list_of_prompts_answers_as_the_endpoint_does(
     (burst 1): the line is refused part way at each try, and each try goes on from the prompt
     refused (its earlier jobs found again by their keys), never cancelling what it accepted; a
     list whose refusal cancelled its jobs would make one job a try and never finish."""
-    slow = _key(redis_server, "tests (batches, one a second)", KeyLimits(rate_per_s=1, burst=1))
+    slow = new_key(redis_server, "tests (batches, one a second)", KeyLimits(rate_per_s=1, burst=1))
     prompts = ["def f(x):", "class A:", "import os"]
     request = {"model": model_dir.name, "prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2}
     lines = [
@@ -230,7 +214,7 @@ def test_a_completions_line_with_a_list_of_prompts_answers_as_the_endpoint_does(
         assert [ch["index"] for ch in got["choices"]] == list(range(6)) and got["usage"]["prompt_tokens"] > 0
         assert got["id"] == f"cmpl-{output['list']['request_id']}"
     with httpx.Client(
-        base_url=api_url, headers=bearer(_key(redis_server, "tests (batches, sync)")), timeout=60
+        base_url=api_url, headers=bearer(new_key(redis_server, "tests (batches, sync)")), timeout=60
     ) as h:
         want = h.post(COMPLETIONS, json=request).json()  # the synchronous endpoint, same request
     assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
@@ -243,7 +227,7 @@ def test_a_list_line_refused_part_way_for_good_cancels_the_jobs_it_accepted(
     """A list whose second prompt is over the model's context: the line's answer is the endpoint's
     refusal, and the job its first prompt had by then is cancelled (not left running for nobody),
     as the synchronous route cancels it; only pacing refusals keep a list's jobs for the next try."""
-    key = _key(redis_server, "tests (batches, a list refused)")
+    key = new_key(redis_server, "tests (batches, a list refused)")
     request = {
         "model": model_dir.name,
         "prompt": ["def f(x):", "word " * 3000],
@@ -271,7 +255,7 @@ def test_a_cancelled_batch_cancels_every_job_of_a_list_line(
 ) -> None:
     """Cancelled mid-run, a batch's lines with lists of prompts end as never run and every job
     they made is cancelled (each prompt's, found by its own key), not left running."""
-    key = _key(redis_server, "tests (batches, cancelled lists)")
+    key = new_key(redis_server, "tests (batches, cancelled lists)")
     request = {"model": model_dir.name, "max_tokens": 1000, "ignore_eos": True, "temperature": 1.0}
     lines = [
         {"custom_id": f"l{i}", "method": "POST", "url": COMPLETIONS,

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from api.auth import KeyLimits, Scope, create_key
 from api.openai.chat_template import render_chat
@@ -23,7 +22,7 @@ from api.openai.protocol import ChatMessage
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.queue import make_celery
-from tests.conftest import bearer, private_stack, wait_done, wait_for
+from tests.conftest import bearer, new_key, private_stack, wait_done, wait_for
 from workers.reaper import Reaper
 
 PROMPT = "def fibonacci(n):\n"
@@ -36,18 +35,10 @@ CONVERSATION: list[Any] = [
 ]
 
 
-def _new_key(redis_server: RedisServer, name: str, limits: KeyLimits | None = None) -> str:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        return create_key(client, name, Scope.USER, limits).secret
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="module")
 def key(redis_server: RedisServer) -> str:
     """A key of this module's own: its newest job is the one the last test made."""
-    return _new_key(redis_server, "tests (openai)")
+    return new_key(redis_server, "tests (openai)")
 
 
 @pytest.fixture
@@ -688,7 +679,7 @@ def test_unauthenticated_is_401(api_url: str, model_dir: Path) -> None:
 def test_rate_limited_is_429_with_retry_after(
     api_url: str, redis_server: RedisServer, model_dir: Path
 ) -> None:
-    slow = _new_key(redis_server, "tests (openai, 1 per minute)", KeyLimits(rate_per_s=1 / 60, burst=1))
+    slow = new_key(redis_server, "tests (openai, 1 per minute)", KeyLimits(rate_per_s=1 / 60, burst=1))
     with openai.OpenAI(base_url=f"{api_url}/v1", api_key=slow, max_retries=0) as limited:
         limited.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=1)
         with pytest.raises(openai.RateLimitError) as e:
@@ -702,7 +693,7 @@ def test_a_list_of_prompts_refused_part_way_leaves_no_job_running(
 ) -> None:
     """Two prompts where the key may submit one: the second's refusal (429) cancels the first's
     job, accepted a moment before; no part of the list runs."""
-    one = _new_key(redis_server, "tests (openai, one at once)", KeyLimits(rate_per_s=1 / 60, burst=1))
+    one = new_key(redis_server, "tests (openai, one at once)", KeyLimits(rate_per_s=1 / 60, burst=1))
     body = {"model": model_dir.name, "prompt": [PROMPT, PROMPT], "max_tokens": 400, "ignore_eos": True}
     with httpx.Client(base_url=api_url, timeout=60, headers=bearer(one)) as http:
         refused = http.post("/v1/completions", json=body)

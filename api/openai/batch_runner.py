@@ -73,6 +73,7 @@ TURN_S = 0.1  # how often a line held back (no spare capacity, the key's limit) 
 # workers' slots come free one by one, each idle until a line takes it (half this, on average),
 # unless a line of the same run ends first: its slot is free then, and the waiting line asks at once
 ABANDONED_S = 10  # a line's key that names no job this long after it was taken: its run died taking it
+PACING = (429, 503)  # refusals that pace a line (it is sent again after Retry-After), not answer it
 MAX_ERRORS = 10  # validation errors listed on a failed batch
 READ_CHUNK = 1000  # ledger lines read at once while writing the result files
 
@@ -137,7 +138,7 @@ async def answer(
             await _unclaim(services, caller, batch, line, e.key, str(e.detail))
             continue
         except HTTPException as e:
-            if e.status_code in (429, 503):  # pacing, not an answer
+            if e.status_code in PACING:
                 await asyncio.sleep(float((e.headers or {}).get("Retry-After", 1)))
                 continue
             refusal = from_http(e)
@@ -187,7 +188,7 @@ def _sent_again(refusal: BaseException) -> bool:
     answer, and they are cancelled, as the synchronous route cancels them."""
     if isinstance(refusal, (Refused, KeyConflict, asyncio.CancelledError, *RESTARTING)):
         return True
-    return isinstance(refusal, HTTPException) and refusal.status_code in (429, 503)
+    return isinstance(refusal, HTTPException) and refusal.status_code in PACING
 
 
 def _refuse_stream(stream: bool | None) -> None:
