@@ -15,14 +15,14 @@ import openai
 import pytest
 
 from localmoe.redis_server import RedisServer
-from tests.conftest import TERMINAL, bearer, wait_done, wait_for
-from tests.test_openai import CONVERSATION, PROMPT, _new_key, job_id
+from tests.conftest import TERMINAL, bearer, new_key, wait_done, wait_for
+from tests.test_openai import CONVERSATION, PROMPT, job_id
 from tests.test_tool_calls import MESSAGES, TOOLS, _assert_valid
 
 
 @pytest.fixture(scope="module")
 def key(redis_server: RedisServer) -> str:
-    return _new_key(redis_server, "tests (n sequences)")
+    return new_key(redis_server, "tests (n sequences)")
 
 
 @pytest.fixture

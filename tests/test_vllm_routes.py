@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from localmoe.redis_server import RedisServer
-from tests.conftest import bearer
-from tests.test_openai import _new_key
+from tests.conftest import bearer, new_key
 
 PROMPT = "def fibonacci(n):\n"
 CHAT: list[Any] = [{"role": "user", "content": "Sort a list of ints."}]
@@ -22,7 +21,7 @@ CHAT: list[Any] = [{"role": "user", "content": "Sort a list of ints."}]
 
 @pytest.fixture(scope="module")
 def key(redis_server: RedisServer) -> str:
-    return _new_key(redis_server, "tests (vllm routes)")
+    return new_key(redis_server, "tests (vllm routes)")
 
 
 @pytest.fixture
