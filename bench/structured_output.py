@@ -13,7 +13,7 @@ constrained twin made (ignore_eos), so both runs do the same steps over the same
 alternate constrained / plain. Prints tokens/s of each, their ratio, and the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
-        [--schemas 50] [--rounds 2] [--out result.json]
+        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--out result.json]
 """
 
 from __future__ import annotations
@@ -183,6 +183,12 @@ def main() -> None:
         choices=["guidance", "xgrammar"],
         help="vLLM's structured-output backend",
     )
+    ap.add_argument(
+        "--masks",
+        default="parallel",
+        choices=["parallel", "vllm"],
+        help="how vLLM's engine core fills a step's masks (engine.vllm.structured_masks)",
+    )
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
 
@@ -201,6 +207,7 @@ def main() -> None:
     settings.engine.max_batch_size = args.batch
     settings.engine.vllm.gpu_memory_utilization = args.gpu_share
     settings.engine.vllm.structured_outputs_backend = args.so_backend
+    settings.engine.vllm.structured_masks = args.masks
     device = "cpu"
     if args.backend == "vllm":
         import torch
@@ -262,7 +269,7 @@ def main() -> None:
         r["constrained_tok_s"] / r["plain_tok_s"] if r["plain_tok_s"] else 0.0 for r in rounds
     )
     summary = {
-        "backend": args.backend if args.backend == "torch" else f"vllm ({args.so_backend})",
+        "backend": "torch" if args.backend == "torch" else f"vllm ({args.so_backend}, {args.masks} masks)",
         "device": device,
         "requests": args.requests,
         "distinct_schemas": len(pool),

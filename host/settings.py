@@ -71,6 +71,13 @@ class VllmSettings(BaseModel):
         "characters in strings, strings past maxLength; BENCHMARKS.md), and it refuses some specs guidance "
         "takes (a pattern beside a length bound).",
     )
+    structured_masks: Literal["parallel", "vllm"] = Field(
+        "parallel",
+        description="How vLLM's engine core fills a step's structured-output token masks: parallel "
+        "(llguidance's rows of the whole step in one call over native threads) or vllm (vLLM's own fill: a "
+        "Python call per row, a thread pool above 128 rows). The masks are the same; the fill is on the "
+        "critical path of every structured step.",
+    )
 
 
 class DeepSpeedSettings(BaseModel):

@@ -179,6 +179,7 @@ class VllmEngine:
         tuned_config_dir: Path | None = None,
         expert_telemetry: bool = False,
         structured_outputs_backend: str = "guidance",
+        structured_masks: str = "parallel",
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
         cpu_offload_gb: float = 0.0,
@@ -200,14 +201,17 @@ class VllmEngine:
         CUDA: its CPU build needs Triton for it) and count them per request tag when a request
         finishes (an aborted request's routing is not reported); structured_outputs_backend:
         vLLM's "guidance" (llguidance, as the torch engine: moe_core/structured.py) or "xgrammar",
-        either with JSON free of extra whitespace; enable_prefix_caching: vLLM's automatic prefix
-        caching (KV blocks of earlier prompts reused by a prompt that starts alike); quantization:
-        what vLLM quantizes an unquantized checkpoint to as it loads ("fp8"; None: nothing; a
-        quantized checkpoint's own method comes from its config); cpu_offload_gb: GiB of weights per
-        GPU vLLM keeps in pinned CPU memory, read over PCIe at every step (0: none; on vLLM's CPU
-        build the weights are in CPU memory already and it moves nothing); kv_cache_memory_bytes:
-        vLLM's KV cache per GPU, instead of what gpu_memory_utilization leaves (the automatic
-        choice sets it with cpu_offload_gb: what the memory budget leaves the KV cache);
+        either with JSON free of extra whitespace; structured_masks: how vLLM's engine core fills a
+        step's token masks, "parallel" (LocalMoE's scheduler: llguidance's rows in one parallel
+        call, moe_core/vllm_masks.py) or "vllm" (vLLM's own fill); enable_prefix_caching: vLLM's
+        automatic prefix caching (KV blocks of earlier prompts reused by a prompt that starts
+        alike); quantization: what vLLM quantizes an unquantized checkpoint to as it loads ("fp8";
+        None: nothing; a quantized checkpoint's own method comes from its config); cpu_offload_gb:
+        GiB of weights per GPU vLLM keeps in pinned CPU memory, read over PCIe at every step (0:
+        none; on vLLM's CPU build the weights are in CPU memory already and it moves nothing);
+        kv_cache_memory_bytes: vLLM's KV cache per GPU, instead of what gpu_memory_utilization
+        leaves (the automatic choice sets it with cpu_offload_gb: what the memory budget leaves the
+        KV cache);
         warm_up_kernels: compile vLLM's fused-MoE kernels for every step size at load
         (_compile_moe_kernels; None: on CUDA, where they are Triton kernels compiled on first use);
         batch_rows: the most of vLLM's max_batch_size rows requests of rank batch_rank or higher
@@ -239,6 +243,9 @@ class VllmEngine:
         self.tuned_config_dir = tuned_config_dir
         self.expert_telemetry = expert_telemetry
         self.structured_outputs_backend = structured_outputs_backend
+        if structured_masks not in ("parallel", "vllm"):
+            raise ValueError(f"structured_masks must be 'parallel' or 'vllm', not {structured_masks!r}")
+        self.structured_masks = structured_masks
         self.enable_prefix_caching = enable_prefix_caching
         self.quantization = quantization
         self.cpu_offload_gb = cpu_offload_gb
@@ -421,6 +428,8 @@ class VllmEngine:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import EngineArgs
 
+        from moe_core import vllm_masks
+
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir),
             tokenizer=str(self.model_dir),
@@ -447,6 +456,7 @@ class VllmEngine:
             structured_outputs_config=StructuredOutputsConfig(
                 backend=self.structured_outputs_backend, disable_any_whitespace=True
             ),
+            **({"scheduler_cls": vllm_masks.SCHEDULER} if self.structured_masks == "parallel" else {}),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
         )

@@ -77,6 +77,7 @@ def construct(
             tuned_config_dir=v.tuned_config_dir,
             expert_telemetry=v.expert_telemetry,
             structured_outputs_backend=v.structured_outputs_backend,
+            structured_masks=v.structured_masks,
             enable_prefix_caching=v.enable_prefix_caching,
             # a checkpoint quantized already is read as its config says: vLLM refuses a second method
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
