@@ -48,6 +48,19 @@ def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: py
     result = run_structured_bench(tmp_path, *args, timeout=900)
     assert result["outputs_checked"] == 40 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
     assert result["rounds"][0]["constrained_tok_s"] > 0
+    assert result["backend"] == "vllm (guidance, parallel masks)"  # LocalMoE's fill in vLLM's engine core
+
+
+def test_the_engine_core_mask_benchmark(tmp_path: Path) -> None:
+    """bench/engine_core_masks.py: vLLM's manager's whole mask call with vLLM's fill and with
+    LocalMoE's, on the same requests (measure raises where their masks differ)."""
+    from bench import engine_core_masks
+    from moe_build.checkpoint import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
+    result = engine_core_masks.measure(model, requests=16, steps=2, threads=2)
+    assert (result["rows"], result["threads"]) == (16, 2)
+    assert result["vllm"] > 0 and result["parallel"] > 0
 
 
 def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -748,56 +748,24 @@ def test_the_engine_core_fills_a_steps_masks_in_one_parallel_call(mixtral_dir: P
     """moe_core/vllm_masks.py in vLLM's own structured-output manager: a step's rows (grammars part
     way through their JSON, one ended) are the masks vLLM's fill writes, filled in one call; the
     engine hands vLLM the scheduler that installs it unless told to keep vLLM's fill."""
-    import json
-
     import numpy as np
-    from vllm.config import StructuredOutputsConfig
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.sampling_params import SamplingParams as VllmParams
-    from vllm.sampling_params import StructuredOutputsParams
-    from vllm.v1.request import Request
-    from vllm.v1.structured_output import StructuredOutputManager
 
-    from bench.structured_output import schemas
+    from bench.engine_core_masks import manager_and_requests
     from moe_core import vllm_masks
 
-    args = make_engine(mixtral_dir)._engine_args("float32")
-    assert args.scheduler_cls == vllm_masks.SCHEDULER
+    assert make_engine(mixtral_dir)._engine_args("float32").scheduler_cls == vllm_masks.SCHEDULER
     assert make_engine(mixtral_dir, structured_masks="vllm")._engine_args("float32").scheduler_cls is None
 
-    config = EngineArgs(
-        model=str(mixtral_dir),
-        max_num_seqs=MAX_BATCH * 4,
-        enforce_eager=True,
-        structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
-    ).create_engine_config()
-    manager = StructuredOutputManager(config)
-    requests = {}
-    for i, schema in enumerate(schemas(5, seed=3) * 4):
-        spec = StructuredOutputsParams(json=json.dumps(schema))
-        spec._backend = "guidance"  # as vLLM's input processor marks it
-        request = Request(f"r{i}", [1, 2, 3], VllmParams(max_tokens=64, structured_outputs=spec), None)
-        manager.grammar_init(request)
-        requests[request.request_id] = request
-    deadline = time.monotonic() + 60
-    while not all(r.structured_output_request.is_grammar_ready for r in requests.values()):  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "grammars not compiled"
-        time.sleep(0.01)
-    grammars = {rid: r.structured_output_request.grammar for rid, r in requests.items()}  # type: ignore[union-attr]
+    manager, requests = manager_and_requests(mixtral_dir, 20)  # request k k % 13 tokens in
     ids = list(requests)
-    for k, rid in enumerate(ids):  # request k takes k % 7 tokens: the first token each mask allows
-        for _ in range(k % 7):
-            row = manager.grammar_bitmask(requests, [rid], {})[0]
-            allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
-            assert grammars[rid].accept_tokens(rid, [int(allowed[0])])  # type: ignore[union-attr]
-    grammars[ids[-1]].terminated = True  # type: ignore[union-attr]  # as vLLM marks a grammar past its EOS
-    vllms = manager.grammar_bitmask(requests, ids, {}).copy()  # [20, ceil(V / 32)], vLLM's own fill
+    requests[ids[-1]].structured_output_request.grammar.terminated = True  # as vLLM marks one past EOS
+    vllms = manager.grammar_bitmask(requests, ids, {}).copy()  # [20, ceil(V / 32)] int32, vLLM's fill
     assert (vllms[-1] == -1).all() and not (vllms[:-1] == -1).all(axis=1).any()
     assert len({row.tobytes() for row in vllms[:-1]}) > 5  # rows of different grammars and states
 
     fill = vllm_masks.install(manager, threads=2)
     assert fill is not None
-    manager._grammar_bitmask.zero_()  # type: ignore[union-attr]  # nothing left of vLLM's fill
+    manager._grammar_bitmask.zero_()  # nothing left of vLLM's fill
     assert np.array_equal(manager.grammar_bitmask(requests, ids, {}), vllms)
     assert (fill.calls, fill.parallel_rows) == (1, len(ids) - 1)
 
