@@ -9,9 +9,10 @@ engine, `Grammars` compiles each distinct constraint once into an LLMatcher and 
 a request gets a deep copy of it (a few µs), which then follows that request's tokens.
 
 Per step, each constrained row's matcher writes the tokens it allows into one row of a packed
-bitmask, int32 [B, ceil(V / 32)] (bit j of word w: token 32 w + j); disallowed logits become -inf
-(moe_core/sampling.py `apply_token_bitmask`); the sampled token is then consumed. A matcher that
-`is_stopped` accepts no further token: its request is complete and finishes (stop).
+bitmask, int32 [B, ceil(V / 32)] (bit j of word w: token 32 w + j), all rows in one call
+(`Grammars.fill`); disallowed logits become -inf (moe_core/sampling.py `apply_token_bitmask`); the
+sampled token is then consumed. A matcher that `is_stopped` accepts no further token: its request
+is complete and finishes (stop).
 
 No torch here: the API imports `check` to refuse a bad spec at intake.
 """
@@ -19,6 +20,7 @@ No torch here: the API imports `check` to refuse a bad spec at intake.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 # the other kinds by llguidance's own reader; grammar: Lark, or GBNF converted to Lark
 _FORMATS: dict[str, llguidance.GrammarFormat] = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def fill_threads() -> int:
+    """Threads that fill a step's masks: half this process's cores, 1 to 8."""
+    return max(1, min(len(os.sched_getaffinity(0)) // 2, 8))
 
 
 def grammar_for(kind: str, spec: str) -> str:
@@ -77,7 +84,17 @@ class Grammars:
         self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
+        self._executor: llguidance.LLExecutor | None = None  # made at the first fill
         self.compiles = 0  # constraints compiled (not found in the cache): tests, metrics
+
+    def fill(self, matchers: list[llguidance.LLMatcher], address: int, row_bytes: int) -> None:
+        """Row i of the packed mask at `address` (len(matchers) rows of row_bytes, contiguous):
+        the tokens matchers[i] allows next. One call: llguidance spreads the rows over its own
+        threads, with no Python per row."""
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=fill_threads())
+        rows = [(m, i) for i, m in enumerate(matchers)]
+        self._executor.unsafe_compute_mask_ptr(rows, address, row_bytes, len(matchers))
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
         """A fresh matcher for one request. Raises ValueError when the constraint does not compile."""

@@ -587,7 +587,9 @@ class TorchEngine:
         constrained = [r for r, s in enumerate(seqs) if s.matcher is not None]
         if constrained:
             logits = logits.float()
-            apply_token_bitmask(logits, constrained, _bitmask([seqs[r].matcher for r in constrained], logits))
+            assert self._grammars is not None  # a matcher comes from it
+            masks = _bitmask(self._grammars, [seqs[r].matcher for r in constrained], logits)
+            apply_token_bitmask(logits, constrained, masks)
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])  # [B]
         batch.last_tokens = tokens
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
@@ -638,12 +640,10 @@ def _scored(seq: _Sequence) -> bool:
     return seq.params.prompt_logprobs is not None and not seq.output_ids
 
 
-def _bitmask(matchers: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:
+def _bitmask(grammars: Grammars, matchers: list[Any], logits: torch.Tensor) -> torch.Tensor:
     """The tokens each matcher allows next: int32 [len(matchers), ceil(V / 32)] on the CPU."""
     bitmask = torch.zeros((len(matchers), (logits.shape[-1] + 31) // 32), dtype=torch.int32)
-    row_bytes = bitmask.shape[1] * 4
-    for i, matcher in enumerate(matchers):
-        matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+    grammars.fill(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4)
     return bitmask
 
 

@@ -28,19 +28,15 @@ its engine-core process; it imports vLLM lazily.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from concurrent.futures import Future
 from typing import Any
 
+from moe_core.structured import fill_threads
+
 logger = logging.getLogger(__name__)
 
 SCHEDULER = f"{__name__}.scheduler"  # vLLM's scheduler_cls
-
-
-def fill_threads() -> int:
-    """Threads of the parallel fill: half this process's cores, 1 to 8 (vLLM's pool's count)."""
-    return max(1, min(len(os.sched_getaffinity(0)) // 2, 8))
 
 
 class ParallelFill:
