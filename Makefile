@@ -63,7 +63,7 @@ test-tools:
 	  || echo "chromium / promtool could not be installed: their tests will be skipped"
 
 pytest: $(STAMP) test-tools
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 # The inner loop (under 2 minutes on 2 cores): ruff and the tests that start none of the service's
 # processes (no worker, no API, no `localmoe up`, no second venv; conftest.py marks the others
