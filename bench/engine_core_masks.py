@@ -1,23 +1,30 @@
-"""The whole mask call of vLLM's engine core for one structured decode step, vLLM's fill against
-LocalMoE's (moe_core/vllm_masks.py), on the host's CPU (no GPU needed, vLLM installed).
+"""What structured outputs cost vLLM's engine core on the CPU, vLLM's own ways against LocalMoE's
+(moe_core/vllm_masks.py: one compiled grammar per distinct schema, copied per request; every step's
+masks in one parallel call). No GPU needed; vLLM installed.
 
-`StructuredOutputManager.grammar_bitmask` is what vLLM's scheduler calls for every step that holds
-structured requests: a Python pass over the step's requests, then their mask rows. This benchmark
-builds a real manager for a model directory (its tokenizer; vLLM's guidance backend), `--requests`
-requests over bench.structured_output's schemas, request k advanced k % 13 allowed tokens so the batch
-holds the states of a decode in progress, and times the call `--steps` times with vLLM's fill,
-then on the same manager with LocalMoE's installed. The masks must be equal (it raises otherwise).
+A decode simulated on a real StructuredOutputManager for a model directory (its tokenizer, vLLM's
+guidance backend, made first): `--requests` requests over bench.structured_output's schemas are
+added at once (compile: the wall time until every grammar is ready), then at each step the
+manager's whole mask call (`grammar_bitmask`, what vLLM's scheduler calls for the step) is timed,
+and every request takes a token its mask allows, drawn at random (seeded per request, the same in
+both ways) and accepted as vLLM accepts a sampled one, until each grammar has taken its
+end-of-sequence token or `--steps` steps. The two ways run the same draws, so their masks must be
+equal step by step (it raises otherwise).
 
-    python -m bench.engine_core_masks [--model DIR] [--requests 256] [--steps 20] [--threads N]
+    python -m bench.engine_core_masks [--model DIR] [--requests 256] [--steps 40] [--threads N]
 
 Without --model it builds the tiny test model with a 32,000-token vocabulary (the reference
-model's size: a mask row is 1,000 words). Prints ms per step for each and the speed-up.
+model's size: a mask row is 1,000 words). Prints each way's compile wall time, its masks' total and
+median ms per step, and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,24 +35,32 @@ import numpy as np
 from bench.structured_output import schemas
 
 
-def manager_and_requests(model: Path, requests: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """vLLM's StructuredOutputManager for `model` (guidance, JSON without free whitespace, room for
-    `requests` rows) and `requests` requests {id: vLLM Request}, their grammars compiled, request k
-    advanced by up to k % 13 tokens (each the first its mask allows; fewer where its JSON ends)."""
+def manager_for(model: Path, rows: int) -> Any:
+    """vLLM's StructuredOutputManager for `model`: guidance, JSON without free whitespace, `rows`
+    mask rows."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
-    from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
     config = EngineArgs(
         model=str(model),
-        max_num_seqs=requests,
+        max_num_seqs=rows,
         enforce_eager=True,
         structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
     ).create_engine_config()
-    manager = StructuredOutputManager(config)
-    pool = schemas(50, seed=seed)
+    return StructuredOutputManager(config)
+
+
+def add_requests(
+    manager: Any, requests: int, distinct: int = 50, seed: int = 0, pool: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`requests` requests {id: vLLM Request} over `distinct` schemas in turn (or `pool`'s), their
+    grammars made by `manager` (as its engine core makes them when a request arrives), compiled
+    when this returns."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+    from vllm.v1.request import Request
+
+    pool = pool or schemas(distinct, seed=seed)
     batch: dict[str, Any] = {}
     for k in range(requests):
         spec = StructuredOutputsParams(json=json.dumps(pool[k % len(pool)]))
@@ -57,59 +72,71 @@ def manager_and_requests(model: Path, requests: int, seed: int = 0) -> tuple[Any
     while not all(r.structured_output_request.is_grammar_ready for r in batch.values()):
         if time.monotonic() > deadline:
             raise TimeoutError("grammars not compiled in 300 s")
-        time.sleep(0.01)
-    for k, (rid, request) in enumerate(batch.items()):
-        grammar = request.structured_output_request.grammar
-        for _ in range(k % 13):
-            if grammar.ll_matcher.is_stopped():
-                break
-            row = manager.grammar_bitmask(batch, [rid], {})[0]
-            allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
-            if not grammar.accept_tokens(rid, [int(allowed[0])]):
-                raise AssertionError(f"{rid}: the grammar refused a token its own mask allowed")
-    return manager, batch
+        time.sleep(0.001)
+    return batch
 
 
-def _time(manager: Any, batch: dict[str, Any], steps: int) -> tuple[float, np.ndarray]:
-    """The median ms of `steps` calls (after one untimed) and the last call's masks."""
-    ids = list(batch)
-    masks = manager.grammar_bitmask(batch, ids, {})
-    times = []
+def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tuple[list[float], str]:
+    """Up to `steps` steps of the batch's decode (see the module's docstring): ms of each step's
+    mask call, and a digest of every step's masks."""
+    eos = manager.tokenizer.eos_token_id
+    draws = {rid: random.Random(f"{seed}-{rid}") for rid in batch}
+    grammars = {rid: r.structured_output_request.grammar for rid, r in batch.items()}
+    digest = hashlib.sha256()
+    times: list[float] = []
     for _ in range(steps):
+        ids = [rid for rid in batch if not grammars[rid].is_terminated()]
+        if not ids:
+            break
         t = time.perf_counter()
-        masks = manager.grammar_bitmask(batch, ids, {})
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3, masks.copy()
+        masks = manager.grammar_bitmask(batch, ids, {})  # [len(ids), ceil(V / 32)] int32
+        times.append((time.perf_counter() - t) * 1e3)
+        digest.update(masks.tobytes())
+        for row, rid in enumerate(ids):
+            allowed = np.flatnonzero(np.unpackbits(masks[row].view(np.uint8), bitorder="little"))
+            token = int(draws[rid].choice(allowed)) if len(allowed) else eos
+            grammars[rid].accept_tokens(rid, [token])  # the end-of-sequence token ends it
+    return times, digest.hexdigest()
 
 
-def measure(model: Path, requests: int, steps: int, threads: int | None = None) -> dict[str, float]:
-    """{"vllm": ms per step, "parallel": ms per step, "rows": rows per step}; raises where the
-    two fills' masks differ."""
+def measure(model: Path, requests: int, steps: int, threads: int | None = None) -> dict[str, Any]:
+    """Each way's {"compile_ms", "masks_ms" (total), "step_ms" (median), "steps"} and the rows;
+    raises where the two ways' masks differ."""
     from moe_core import vllm_masks
 
-    manager, batch = manager_and_requests(model, requests)
-    vllm_ms, vllms = _time(manager, batch, steps)
-    fill = vllm_masks.install(manager, threads)
-    if fill is None:
-        raise RuntimeError("this vLLM's manager has not the seam moe_core/vllm_masks.py fills through")
-    manager._grammar_bitmask.zero_()
-    ours_ms, ours = _time(manager, batch, steps)
-    if not np.array_equal(vllms, ours):
-        raise AssertionError("the two fills wrote different masks")
-    return {
-        "vllm": round(vllm_ms, 2),
-        "parallel": round(ours_ms, 2),
-        "rows": len(batch),
-        "threads": fill.threads,
-    }
+    out: dict[str, Any] = {"requests": requests}
+    digests = []
+    for way in ("vllm", "localmoe"):
+        manager = manager_for(model, requests)
+        installed = vllm_masks.install(manager, threads) if way == "localmoe" else None
+        if way == "localmoe" and installed is None:
+            raise RuntimeError("this vLLM's manager has not the seam moe_core/vllm_masks.py works through")
+        add_requests(manager, 1, pool=[{"type": "string"}])  # the backend made first (its tokenizer read)
+        before = installed.grammars.compiles if installed is not None else 0
+        t = time.perf_counter()
+        batch = add_requests(manager, requests)
+        compile_ms = (time.perf_counter() - t) * 1e3
+        times, digest = decode(manager, batch, steps)
+        digests.append(digest)
+        out[way] = {
+            "compile_ms": round(compile_ms, 1),
+            "masks_ms": round(sum(times), 1),
+            "step_ms": round(statistics.median(times), 2),
+            "steps": len(times),
+        }
+        if installed is not None:
+            out[way] |= {"compiles": installed.grammars.compiles - before, "threads": installed.fill.threads}
+    if digests[0] != digests[1]:
+        raise AssertionError("the two ways wrote different masks")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a HF model directory; default: the tiny model, vocabulary 32,000")
     p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threads", type=int, help="the parallel fill's (default: as the engine core picks)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--threads", type=int, help="LocalMoE's fill threads (default: as the engine core picks)")
     args = p.parse_args()
     if args.model:
         model = Path(args.model)
@@ -120,12 +147,18 @@ def main() -> None:
         model = build_checkpoint(
             Path(tempfile.mkdtemp(prefix="localmoe-masks-")) / "model", vocab_size=32000, progress=False
         )
-    print(f"compiling {args.requests} grammars and advancing them…", flush=True)
+    print(f"{args.requests} requests, up to {args.steps} steps, each way in turn…", flush=True)
     r = measure(model, args.requests, args.steps, args.threads)
-    print(f"{r['rows']} rows per step; the manager's whole call, median of {args.steps}:")
-    print(f"  vLLM's fill      {r['vllm']:8.2f} ms")
-    speedup = r["vllm"] / r["parallel"]
-    print(f"  LocalMoE's fill  {r['parallel']:8.2f} ms   ({speedup:.2f}x, {r['threads']} threads)")
+    v, o = r["vllm"], r["localmoe"]
+    print(f"{'':10s} {'compile':>10s} {'masks':>10s} {'per step':>10s}  steps")
+    for name, w in (("vLLM", r["vllm"]), ("LocalMoE", r["localmoe"])):
+        row = f"{w['compile_ms']:7.0f} ms {w['masks_ms']:7.0f} ms {w['step_ms']:7.2f} ms  {w['steps']}"
+        print(f"{name:10s} {row}")
+    v, o = r["vllm"], r["localmoe"]
+    masks, compile_ = v["masks_ms"] / o["masks_ms"], v["compile_ms"] / o["compile_ms"]
+    print(f"masks {masks:.2f}x faster, compile {compile_:.2f}x", end=" ")
+    print(f"({o['compiles']} compiles, {o['threads']} threads)")
+    print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -73,10 +73,11 @@ class VllmSettings(BaseModel):
     )
     structured_masks: Literal["parallel", "vllm"] = Field(
         "parallel",
-        description="How vLLM's engine core fills a step's structured-output token masks: parallel "
-        "(llguidance's rows of the whole step in one call over native threads) or vllm (vLLM's own fill: a "
-        "Python call per row, a thread pool above 128 rows). The masks are the same; the fill is on the "
-        "critical path of every structured step.",
+        description="How vLLM's engine core makes structured outputs' grammars and masks: parallel (one "
+        "grammar compiled per distinct constraint and copied per request, a step's masks in one call over "
+        "llguidance's threads) or vllm (vLLM's own ways: a compile per request, a Python call per row and "
+        "a thread pool above 128 rows). The masks are the same; they are on the critical path of every "
+        "structured step.",
     )
 
 

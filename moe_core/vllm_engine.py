@@ -201,9 +201,10 @@ class VllmEngine:
         CUDA: its CPU build needs Triton for it) and count them per request tag when a request
         finishes (an aborted request's routing is not reported); structured_outputs_backend:
         vLLM's "guidance" (llguidance, as the torch engine: moe_core/structured.py) or "xgrammar",
-        either with JSON free of extra whitespace; structured_masks: how vLLM's engine core fills a
-        step's token masks, "parallel" (LocalMoE's scheduler: llguidance's rows in one parallel
-        call, moe_core/vllm_masks.py) or "vllm" (vLLM's own fill); enable_prefix_caching: vLLM's
+        either with JSON free of extra whitespace; structured_masks: how vLLM's engine core makes
+        grammars and fills a step's token masks, "parallel" (LocalMoE's scheduler: a grammar per
+        distinct constraint, copied per request; the rows in one parallel call; moe_core/
+        vllm_masks.py) or "vllm" (vLLM's own ways); enable_prefix_caching: vLLM's
         automatic prefix caching (KV blocks of earlier prompts reused by a prompt that starts
         alike); quantization: what vLLM quantizes an unquantized checkpoint to as it loads ("fp8";
         None: nothing; a quantized checkpoint's own method comes from its config); cpu_offload_gb:

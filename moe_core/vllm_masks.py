@@ -1,4 +1,5 @@
-"""Structured outputs' token masks in vLLM's engine core, filled in one native call.
+"""Structured outputs in vLLM's engine core: a grammar compiled once per distinct constraint, a
+step's token masks filled in one native call.
 
 At every decode step vLLM's StructuredOutputManager fills one mask row per structured request
 (ceil(V / 32) int32 words: bit t set = token t allowed) into its mask tensor [rows, ceil(V / 32)],
@@ -14,23 +15,35 @@ parallel fill (`fill_next_token_bitmask_par`: the rows spread over native thread
 no GIL per row); a row vLLM leaves unconstrained (a terminated grammar, reasoning not yet over) is
 all ones as vLLM writes it, and another backend's grammar (xgrammar) is filled by vLLM's own code.
 Which rows are constrained is still vLLM's decision, and with speculative tokens vLLM keeps its own
-per-token path. On two cores (`python -m bench.grammar_masks`, 236 rows, vocabulary 32,000):
-vLLM's way 11.1 ms a step, the parallel fill 3.4 ms.
+per-token path.
+
+vLLM's guidance backend also compiles a grammar for every request, and each new matcher then
+builds its lexer's states afresh as its request decodes. The same manager keeps one compiled
+grammar per distinct constraint (`GrammarCache`, in place of its `_create_grammar`: kind, spec and
+stop tokens; least recently used past 256) and hands each request a copy of it (llguidance's
+`deep_copy`, a few µs), as the torch engine does (moe_core/structured.py); the copies' masks also
+cost less than fresh matchers' do. What both save: `python -m bench.engine_core_masks` (a decode
+simulated on vLLM's own manager, each way; figures in BENCHMARKS.md).
 
 The seam, the same in vLLM 0.26 and 0.32: above `fill_bitmask_parallel_threshold` rows and
 without speculative tokens the manager gathers (grammar, row, constrain) triples, hands each
 `fill_bitmask_parallel_batch_size` of them to `_async_submit_fill_bitmask` and waits on the
-futures it returns. `install` sets the threshold to 0 and the chunk past any batch, so each step's
-rows come in one list, and puts `ParallelFill` in the submit's place. vLLM imports this module in
-its engine-core process; it imports vLLM lazily.
+futures it returns; a request's grammar comes from `_create_grammar(request)` (on the manager's
+compile threads). `install` sets the threshold to 0 and the chunk past any batch, so each step's
+rows come in one list, puts `ParallelFill` in the submit's place and `GrammarCache` in the
+create's. vLLM imports this module in its engine-core process; it imports vLLM lazily.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from moe_core.structured import fill_threads
 
@@ -84,24 +97,71 @@ class ParallelFill:
         return done
 
 
-def install(manager: Any, threads: int | None = None) -> ParallelFill | None:
-    """Have `manager` (vLLM's StructuredOutputManager) fill each step's rows with ParallelFill;
-    None, and vLLM's own fill left in place, where this vLLM has not the seam."""
+class GrammarCache:
+    """The manager's `_create_grammar`: vLLM's compile once per distinct (kind, spec, stop tokens),
+    then a copy per request. A grammar of another backend than guidance is vLLM's, uncached.
+    Thread-safe: the manager compiles on a thread pool."""
+
+    def __init__(self, create: Callable[[Any], Any], capacity: int = 256) -> None:
+        self.create = create  # vLLM's own _create_grammar (raises where a spec does not compile)
+        self.capacity = capacity
+        self.templates: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # never handed out
+        self.lock = threading.Lock()
+        self.compiles = 0  # constraints compiled (not found here)
+        self.copies = 0  # grammars handed out
+
+    def __call__(self, request: Any) -> Any:
+        from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
+
+        kind, spec = request.structured_output_request.structured_output_key
+        stops = getattr(request.sampling_params, "all_stop_token_ids", None) or ()
+        key = (kind, spec, tuple(sorted(stops)))
+        with self.lock:
+            template = self.templates.get(key)
+            if template is not None:
+                self.templates.move_to_end(key)
+        if template is None:
+            template = self.create(request)
+            if not isinstance(template, GuidanceGrammar):
+                return template
+            with self.lock:
+                self.compiles += 1
+                self.templates[key] = template
+                while len(self.templates) > self.capacity:
+                    self.templates.popitem(last=False)
+        with self.lock:
+            grammar = copy.copy(template)  # the grammar's own fields as compiled: not terminated
+            grammar.ll_matcher = template.ll_matcher.deep_copy()
+            self.copies += 1
+        return grammar
+
+
+class Installed(NamedTuple):
+    fill: ParallelFill
+    grammars: GrammarCache
+
+
+def install(manager: Any, threads: int | None = None) -> Installed | None:
+    """Have `manager` (vLLM's StructuredOutputManager) fill each step's rows with ParallelFill and
+    make its grammars with a GrammarCache; None, and vLLM's own ways left in place, where this vLLM
+    has not the seam."""
     seam = ("fill_bitmask_parallel_threshold", "_async_submit_fill_bitmask", "_fill_bitmasks")
-    if not all(hasattr(manager, name) for name in seam):
-        logger.warning("this vLLM's structured-output manager has not the seam: its own mask fill stays")
+    if not all(hasattr(manager, name) for name in (*seam, "_create_grammar")):
+        logger.warning("this vLLM's structured-output manager has not the seam: its own ways stay")
         return None
     fill = ParallelFill(manager, fill_threads() if threads is None else threads)
     manager.fill_bitmask_parallel_threshold = 0  # every step's rows take the batched path
     manager.fill_bitmask_parallel_batch_size = sys.maxsize  # all of them in one list
     manager._async_submit_fill_bitmask = fill
-    return fill
+    grammars = GrammarCache(manager._create_grammar)
+    manager._create_grammar = grammars
+    return Installed(fill, grammars)
 
 
 def scheduler(*args: Any, **kwargs: Any) -> Any:
     """vLLM's scheduler_cls: builds the scheduler vLLM would (AsyncScheduler under async
-    scheduling, Scheduler otherwise) from the engine core's arguments, its manager's fill
-    installed."""
+    scheduling, Scheduler otherwise) from the engine core's arguments, `install`ed in its
+    structured-output manager."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 

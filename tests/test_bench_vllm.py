@@ -52,15 +52,16 @@ def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: py
 
 
 def test_the_engine_core_mask_benchmark(tmp_path: Path) -> None:
-    """bench/engine_core_masks.py: vLLM's manager's whole mask call with vLLM's fill and with
-    LocalMoE's, on the same requests (measure raises where their masks differ)."""
+    """bench/engine_core_masks.py: a decode on vLLM's manager its own ways and LocalMoE's, the same
+    draws (measure raises where the two ways' masks differ)."""
     from bench import engine_core_masks
     from moe_build.checkpoint import build_checkpoint
 
     model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
-    result = engine_core_masks.measure(model, requests=16, steps=2, threads=2)
-    assert (result["rows"], result["threads"]) == (16, 2)
-    assert result["vllm"] > 0 and result["parallel"] > 0
+    result = engine_core_masks.measure(model, requests=16, steps=4, threads=2)
+    assert result["localmoe"]["compiles"] == 16 and result["localmoe"]["threads"] == 2
+    for way in ("vllm", "localmoe"):
+        assert result[way]["steps"] == 4 and result[way]["masks_ms"] > 0 and result[way]["compile_ms"] > 0
 
 
 def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -744,30 +744,37 @@ def test_structured_outputs_through_vllms_backend(
     assert results["plain"].token_ids == references[PROMPTS[6]]
 
 
-def test_the_engine_core_fills_a_steps_masks_in_one_parallel_call(mixtral_dir: Path) -> None:
-    """moe_core/vllm_masks.py in vLLM's own structured-output manager: a step's rows (grammars part
-    way through their JSON, one ended) are the masks vLLM's fill writes, filled in one call; the
-    engine hands vLLM the scheduler that installs it unless told to keep vLLM's fill."""
+def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_call(
+    mixtral_dir: Path,
+) -> None:
+    """moe_core/vllm_masks.py in vLLM's own structured-output manager: 20 requests over 5 schemas
+    compile 5 grammars, each request decoding on a copy of its own, and through a decode (random
+    allowed tokens, the same draws) every step's masks are those vLLM's own ways give, filled in
+    one call; a grammar past its end-of-sequence token gets a free row. The engine hands vLLM the
+    scheduler that installs it unless told to keep vLLM's ways."""
     import numpy as np
 
-    from bench.engine_core_masks import manager_and_requests
+    from bench.engine_core_masks import add_requests, decode, manager_for
     from moe_core import vllm_masks
 
     assert make_engine(mixtral_dir)._engine_args("float32").scheduler_cls == vllm_masks.SCHEDULER
     assert make_engine(mixtral_dir, structured_masks="vllm")._engine_args("float32").scheduler_cls is None
 
-    manager, requests = manager_and_requests(mixtral_dir, 20)  # request k k % 13 tokens in
-    ids = list(requests)
-    requests[ids[-1]].structured_output_request.grammar.terminated = True  # as vLLM marks one past EOS
-    vllms = manager.grammar_bitmask(requests, ids, {}).copy()  # [20, ceil(V / 32)] int32, vLLM's fill
-    assert (vllms[-1] == -1).all() and not (vllms[:-1] == -1).all(axis=1).any()
-    assert len({row.tobytes() for row in vllms[:-1]}) > 5  # rows of different grammars and states
+    vllms, ours = manager_for(mixtral_dir, 20), manager_for(mixtral_dir, 20)
+    installed = vllm_masks.install(ours, threads=2)
+    assert installed is not None
+    theirs_batch, our_batch = add_requests(vllms, 20, distinct=5), add_requests(ours, 20, distinct=5)
+    assert (installed.grammars.compiles, installed.grammars.copies) == (5, 20)
+    (theirs, their_masks), (steps, our_masks) = decode(vllms, theirs_batch, 12), decode(ours, our_batch, 12)
+    assert our_masks == their_masks and len(steps) == len(theirs) == 12  # every step's masks equal
+    assert installed.fill.calls == 12 and installed.fill.parallel_rows > 12 * 10
 
-    fill = vllm_masks.install(manager, threads=2)
-    assert fill is not None
-    manager._grammar_bitmask.zero_()  # nothing left of vLLM's fill
-    assert np.array_equal(manager.grammar_bitmask(requests, ids, {}), vllms)
-    assert (fill.calls, fill.parallel_rows) == (1, len(ids) - 1)
+    ids = list(our_batch)
+    for batch in (theirs_batch, our_batch):
+        batch[ids[0]].structured_output_request.grammar.terminated = True  # as past its EOS
+    expected = vllms.grammar_bitmask(theirs_batch, ids, {}).copy()  # [20, ceil(V / 32)] int32
+    ours._grammar_bitmask.zero_()  # nothing left of an earlier fill
+    assert (expected[0] == -1).all() and np.array_equal(ours.grammar_bitmask(our_batch, ids, {}), expected)
 
 
 def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> None:
