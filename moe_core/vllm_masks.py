@@ -116,6 +116,10 @@ class GrammarCache:
         kind, spec = request.structured_output_request.structured_output_key
         stops = getattr(request.sampling_params, "all_stop_token_ids", None) or ()
         key = (kind, spec, tuple(sorted(stops)))
+        try:
+            hash(key)
+        except TypeError:  # a spec vLLM keeps as a dict: compiled for this request alone
+            return self.create(request)
         with self.lock:
             template = self.templates.get(key)
             if template is not None:

@@ -777,6 +777,23 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     assert (expected[0] == -1).all() and np.array_equal(ours.grammar_bitmask(our_batch, ids, {}), expected)
 
 
+def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None:
+    """GrammarCache keys a grammar by (kind, spec, stop tokens); a spec vLLM would keep as a dict is
+    no key: vLLM's compile serves that request, nothing is kept."""
+    from types import SimpleNamespace
+
+    from moe_core.vllm_masks import GrammarCache
+
+    compiled = object()  # what vLLM's own _create_grammar returned
+    cache = GrammarCache(lambda request: compiled)
+    request = SimpleNamespace(
+        structured_output_request=SimpleNamespace(structured_output_key=("json", {"type": "object"})),
+        sampling_params=SimpleNamespace(all_stop_token_ids={2}),
+    )
+    assert cache(request) is compiled
+    assert (cache.compiles, cache.copies, len(cache.templates)) == (0, 0, 0)
+
+
 def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> None:
     """skip_special_tokens and include_stop_str_in_output: the torch engine's answers (the same cases)."""
     prompt = PROMPTS[1]
