@@ -15,7 +15,7 @@ equal step by step (it raises otherwise).
 
 Without --model it builds the tiny test model with a 32,000-token vocabulary (the reference
 model's size: a mask row is 1,000 words). Prints each way's compile wall time, its masks' total and
-median ms per step, and the ratios.
+median ms per step, the accepts' total (vLLM's code either way) and the ratios.
 """
 
 from __future__ import annotations
@@ -76,14 +76,17 @@ def add_requests(
     return batch
 
 
-def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tuple[list[float], str]:
+def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tuple[list[float], str, float]:
     """Up to `steps` steps of the batch's decode (see the module's docstring): ms of each step's
-    mask call, and a digest of every step's masks."""
+    mask call, a digest of every step's masks, and the ms all the accepts took (vLLM's
+    `accept_tokens`, which its scheduler calls per structured request as each step's tokens come
+    back; the same code both ways)."""
     eos = manager.tokenizer.eos_token_id
     draws = {rid: random.Random(f"{seed}-{rid}") for rid in batch}
     grammars = {rid: r.structured_output_request.grammar for rid, r in batch.items()}
     digest = hashlib.sha256()
     times: list[float] = []
+    accepting = 0.0
     for _ in range(steps):
         ids = [rid for rid in batch if not grammars[rid].is_terminated()]
         if not ids:
@@ -95,8 +98,10 @@ def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tu
         for row, rid in enumerate(ids):
             allowed = np.flatnonzero(np.unpackbits(masks[row].view(np.uint8), bitorder="little"))
             token = int(draws[rid].choice(allowed)) if len(allowed) else eos
+            t = time.perf_counter()
             grammars[rid].accept_tokens(rid, [token])  # the end-of-sequence token ends it
-    return times, digest.hexdigest()
+            accepting += time.perf_counter() - t
+    return times, digest.hexdigest(), accepting * 1e3
 
 
 def measure(model: Path, requests: int, steps: int, threads: int | None = None) -> dict[str, Any]:
@@ -116,13 +121,14 @@ def measure(model: Path, requests: int, steps: int, threads: int | None = None) 
         t = time.perf_counter()
         batch = add_requests(manager, requests)
         compile_ms = (time.perf_counter() - t) * 1e3
-        times, digest = decode(manager, batch, steps)
+        times, digest, accept_ms = decode(manager, batch, steps)
         digests.append(digest)
         out[way] = {
             "compile_ms": round(compile_ms, 1),
             "masks_ms": round(sum(times), 1),
             "step_ms": round(statistics.median(times), 2),
             "steps": len(times),
+            "accept_ms": round(accept_ms, 1),
         }
         if installed is not None:
             out[way] |= {"compiles": installed.grammars.compiles - before, "threads": installed.fill.threads}
@@ -150,9 +156,10 @@ def main() -> None:
     print(f"{args.requests} requests, up to {args.steps} steps, each way in turn…", flush=True)
     r = measure(model, args.requests, args.steps, args.threads)
     v, o = r["vllm"], r["localmoe"]
-    print(f"{'':10s} {'compile':>10s} {'masks':>10s} {'per step':>10s}  steps")
+    print(f"{'':10s} {'compile':>10s} {'masks':>10s} {'per step':>10s}  steps  (accepts)")
     for name, w in (("vLLM", r["vllm"]), ("LocalMoE", r["localmoe"])):
         row = f"{w['compile_ms']:7.0f} ms {w['masks_ms']:7.0f} ms {w['step_ms']:7.2f} ms  {w['steps']}"
+        row += f"  ({w['accept_ms']:.0f} ms)"
         print(f"{name:10s} {row}")
     v, o = r["vllm"], r["localmoe"]
     masks, compile_ = v["masks_ms"] / o["masks_ms"], v["compile_ms"] / o["compile_ms"]
