@@ -23,7 +23,8 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import llguidance
 
@@ -71,6 +72,43 @@ def check(kind: str, spec: str) -> str | None:
     return error or None
 
 
+T = TypeVar("T")
+
+
+class Templates(Generic[T]):
+    """Compiled constraints by key, each compiled once and handed out as copies, the least
+    recently used dropped past `capacity`. Thread-safe; a template is never handed out itself."""
+
+    def __init__(self, copy: Callable[[T], T], capacity: int = 256) -> None:
+        self._copy = copy  # a fresh copy of a template (a few µs for a matcher's deep_copy)
+        self._compiled: OrderedDict[Hashable, T] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.compiles = 0  # keys compiled (not found here): tests, metrics
+        self.copies = 0
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def get(self, key: Hashable, compile: Callable[[], T]) -> T:
+        """A copy of `key`'s template, compiled first (outside the lock) where there is none;
+        compile's exception reaches the caller and nothing is kept."""
+        with self._lock:
+            template = self._compiled.get(key)
+            if template is not None:
+                self._compiled.move_to_end(key)
+        if template is None:
+            template = compile()
+            with self._lock:
+                self.compiles += 1
+                self._compiled[key] = template
+                while len(self._compiled) > self._capacity:
+                    self._compiled.popitem(last=False)
+        with self._lock:
+            self.copies += 1
+            return self._copy(template)
+
+
 class Grammars:
     """One engine's compiled constraints: a matcher per distinct (kind, spec), copied per request.
     Thread-safe (a worker compiles on its engine thread; tests may not)."""
@@ -81,11 +119,13 @@ class Grammars:
 
         self.vocab_size = vocab_size
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
+        self._templates: Templates[llguidance.LLMatcher] = Templates(lambda m: m.deep_copy(), capacity)
         self._executor: llguidance.LLExecutor | None = None  # made at the first fill
-        self.compiles = 0  # constraints compiled (not found in the cache): tests, metrics
+
+    @property
+    def compiles(self) -> int:
+        """Constraints compiled (not found in the cache): tests, metrics."""
+        return self._templates.compiles
 
     def fill(self, matchers: list[llguidance.LLMatcher], address: int, row_bytes: int) -> None:
         """Row i of the packed mask at `address` (len(matchers) rows of row_bytes, contiguous):
@@ -98,17 +138,11 @@ class Grammars:
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
         """A fresh matcher for one request. Raises ValueError when the constraint does not compile."""
-        with self._lock:
-            template = self._compiled.get(structured)
-            if template is not None:
-                self._compiled.move_to_end(structured)
-                return template.deep_copy()
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar_for(*structured), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"the structured-output spec does not compile: {matcher.get_error()}")
-        with self._lock:
-            self.compiles += 1
-            self._compiled[structured] = matcher
-            while len(self._compiled) > self._capacity:
-                self._compiled.popitem(last=False)
-            return matcher.deep_copy()
+
+        def compile() -> llguidance.LLMatcher:
+            matcher = llguidance.LLMatcher(self._tokenizer, grammar_for(*structured), log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"the structured-output spec does not compile: {matcher.get_error()}")
+            return matcher
+
+        return self._templates.get(structured, compile)

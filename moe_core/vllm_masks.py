@@ -39,13 +39,11 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from moe_core.structured import fill_threads
+from moe_core.structured import Templates, fill_threads
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +56,18 @@ class ParallelFill:
 
     def __init__(self, manager: Any, threads: int) -> None:
         import llguidance
+        import llguidance.torch as llt
+        from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
 
         self.manager = manager
         self.executor = llguidance.LLExecutor(num_threads=threads)
         self.threads = threads
+        self._fill_par = llt.fill_next_token_bitmask_par
+        self._guided = GuidanceGrammar
         self.calls = 0  # steps filled here
         self.parallel_rows = 0  # llguidance rows among them
 
     def __call__(self, batch: list[tuple[Any, int, bool]]) -> Future[None]:
-        import llguidance.torch as llt
-        from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
-
         mask = self.manager._grammar_bitmask  # [max_num_seqs, ceil(V / 32)] int32, contiguous
         free: list[int] = []
         matchers: list[tuple[Any, int]] = []
@@ -77,7 +76,7 @@ class ParallelFill:
         for grammar, row, constrain in batch:
             if not constrain or grammar.is_terminated():
                 free.append(row)
-            elif isinstance(grammar, GuidanceGrammar):
+            elif isinstance(grammar, self._guided):
                 matchers.append((grammar.ll_matcher, row))
                 guided.append(grammar)
             else:
@@ -85,7 +84,7 @@ class ParallelFill:
         if free:
             mask[free] = -1  # every token allowed, as vLLM fills such a row
         if matchers:
-            llt.fill_next_token_bitmask_par(self.executor, matchers, mask)
+            self._fill_par(self.executor, matchers, mask)
             for grammar in guided:
                 grammar.check_error()  # vLLM's warning for a matcher in error, once per grammar
         if others:
@@ -98,21 +97,30 @@ class ParallelFill:
 
 
 class GrammarCache:
-    """The manager's `_create_grammar`: vLLM's compile once per distinct (kind, spec, stop tokens),
-    then a copy per request. A grammar of another backend than guidance is vLLM's, uncached.
-    Thread-safe: the manager compiles on a thread pool."""
+    """The manager's `_create_grammar`: with vLLM's guidance backend, vLLM's compile once per
+    distinct (kind, spec, stop tokens) and a copy per request (moe_core/structured.py `Templates`,
+    the torch engine's cache too); with another backend, or a spec that cannot be a key, vLLM's
+    compile for the request alone."""
 
-    def __init__(self, create: Callable[[Any], Any], capacity: int = 256) -> None:
+    def __init__(self, manager: Any, create: Callable[[Any], Any], capacity: int = 256) -> None:
+        from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+
+        self.manager = manager  # its backend is made with the first structured request
         self.create = create  # vLLM's own _create_grammar (raises where a spec does not compile)
-        self.capacity = capacity
-        self.templates: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # never handed out
-        self.lock = threading.Lock()
-        self.compiles = 0  # constraints compiled (not found here)
-        self.copies = 0  # grammars handed out
+        self.templates: Templates[Any] = Templates(_copy_grammar, capacity)
+        self._guidance = GuidanceBackend
+
+    @property
+    def compiles(self) -> int:
+        return self.templates.compiles
+
+    @property
+    def copies(self) -> int:
+        return self.templates.copies
 
     def __call__(self, request: Any) -> Any:
-        from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
-
+        if not isinstance(self.manager.backend, self._guidance):
+            return self.create(request)
         kind, spec = request.structured_output_request.structured_output_key
         stops = getattr(request.sampling_params, "all_stop_token_ids", None) or ()
         key = (kind, spec, tuple(sorted(stops)))
@@ -120,24 +128,14 @@ class GrammarCache:
             hash(key)
         except TypeError:  # a spec vLLM keeps as a dict: compiled for this request alone
             return self.create(request)
-        with self.lock:
-            template = self.templates.get(key)
-            if template is not None:
-                self.templates.move_to_end(key)
-        if template is None:
-            template = self.create(request)
-            if not isinstance(template, GuidanceGrammar):
-                return template
-            with self.lock:
-                self.compiles += 1
-                self.templates[key] = template
-                while len(self.templates) > self.capacity:
-                    self.templates.popitem(last=False)
-        with self.lock:
-            grammar = copy.copy(template)  # the grammar's own fields as compiled: not terminated
-            grammar.ll_matcher = template.ll_matcher.deep_copy()
-            self.copies += 1
-        return grammar
+        return self.templates.get(key, lambda: self.create(request))
+
+
+def _copy_grammar(template: Any) -> Any:
+    """A GuidanceGrammar as compiled (not terminated), with a matcher of its own."""
+    grammar = copy.copy(template)
+    grammar.ll_matcher = template.ll_matcher.deep_copy()
+    return grammar
 
 
 class Installed(NamedTuple):
@@ -157,7 +155,7 @@ def install(manager: Any, threads: int | None = None) -> Installed | None:
     manager.fill_bitmask_parallel_threshold = 0  # every step's rows take the batched path
     manager.fill_bitmask_parallel_batch_size = sys.maxsize  # all of them in one list
     manager._async_submit_fill_bitmask = fill
-    grammars = GrammarCache(manager._create_grammar)
+    grammars = GrammarCache(manager, manager._create_grammar)
     manager._create_grammar = grammars
     return Installed(fill, grammars)
 

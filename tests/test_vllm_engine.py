@@ -783,10 +783,13 @@ def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None
     no key: vLLM's compile serves that request, nothing is kept."""
     from types import SimpleNamespace
 
+    from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+
     from moe_core.vllm_masks import GrammarCache
 
     compiled = object()  # what vLLM's own _create_grammar returned
-    cache = GrammarCache(lambda request: compiled)
+    manager = SimpleNamespace(backend=GuidanceBackend.__new__(GuidanceBackend))  # guidance, as made
+    cache = GrammarCache(manager, lambda request: compiled)
     request = SimpleNamespace(
         structured_output_request=SimpleNamespace(structured_output_key=("json", {"type": "object"})),
         sampling_params=SimpleNamespace(all_stop_token_ids={2}),
