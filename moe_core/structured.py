@@ -24,6 +24,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import llguidance
@@ -77,11 +78,15 @@ T = TypeVar("T")
 
 class Templates(Generic[T]):
     """Compiled constraints by key, each compiled once and handed out as copies, the least
-    recently used dropped past `capacity`. Thread-safe; a template is never handed out itself."""
+    recently used dropped past `capacity`. Thread-safe; a template is never handed out itself.
+    Requests that miss the same key at once share one compile: the first compiles, the others
+    wait for its result (vLLM compiles on a pool of threads, so a burst of one schema misses
+    together)."""
 
     def __init__(self, copy: Callable[[T], T], capacity: int = 256) -> None:
         self._copy = copy  # a fresh copy of a template (a few µs for a matcher's deep_copy)
         self._compiled: OrderedDict[Hashable, T] = OrderedDict()
+        self._compiling: dict[Hashable, Future[T]] = {}  # key → the compile under way
         self._capacity = capacity
         self._lock = threading.Lock()
         self.compiles = 0  # keys compiled (not found here): tests, metrics
@@ -91,19 +96,38 @@ class Templates(Generic[T]):
         return len(self._compiled)
 
     def get(self, key: Hashable, compile: Callable[[], T]) -> T:
-        """A copy of `key`'s template, compiled first (outside the lock) where there is none;
-        compile's exception reaches the caller and nothing is kept."""
+        """A copy of `key`'s template, compiled first (outside the lock) where there is none, or
+        awaited where another thread is compiling it; compile's exception reaches every caller
+        waiting on it and nothing is kept."""
         with self._lock:
             template = self._compiled.get(key)
             if template is not None:
                 self._compiled.move_to_end(key)
-        if template is None:
-            template = compile()
+                self.copies += 1
+                return self._copy(template)
+            pending = self._compiling.get(key)
+            if pending is None:
+                pending = self._compiling[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if owner:
+            try:
+                template = compile()
+            except BaseException as e:
+                with self._lock:
+                    del self._compiling[key]
+                pending.set_exception(e)
+                raise
             with self._lock:
                 self.compiles += 1
                 self._compiled[key] = template
+                del self._compiling[key]
                 while len(self._compiled) > self._capacity:
                     self._compiled.popitem(last=False)
+            pending.set_result(template)
+        else:
+            template = pending.result()
         with self._lock:
             self.copies += 1
             return self._copy(template)

@@ -102,3 +102,55 @@ def test_check_names_what_does_not_compile(kind: str, spec: str, needle: str | N
         assert grammar_for(kind, spec)
     else:
         assert error is not None and needle in error, error
+
+
+def test_templates_compile_a_key_missed_at_once_once() -> None:
+    """Eight threads miss one key together (vLLM compiles on a thread pool, so a burst of one
+    schema does): one compile, every thread its own copy; a failing compile fails every thread
+    that waited on it, keeps nothing, and the next miss compiles again."""
+    import threading
+    import time
+    from collections.abc import Callable
+
+    from moe_core.structured import Templates
+
+    templates: Templates[list[str]] = Templates(lambda t: list(t))
+    calls: list[str] = []
+
+    def compiler(key: str, fails: bool) -> Callable[[], list[str]]:
+        def compile_() -> list[str]:
+            calls.append(key)
+            time.sleep(0.3)  # long enough that every thread misses while it runs
+            if fails:
+                raise RuntimeError("does not compile")
+            return [key]
+
+        return compile_
+
+    def burst(key: str, fails: bool) -> list[object]:
+        barrier = threading.Barrier(8)
+        got: list[object] = []
+
+        def miss() -> None:
+            barrier.wait()
+            try:
+                got.append(templates.get(key, compiler(key, fails)))
+            except RuntimeError as e:
+                got.append(e)
+
+        threads = [threading.Thread(target=miss) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return got
+
+    got = burst("schema", fails=False)
+    assert calls == ["schema"] and (templates.compiles, templates.copies) == (1, 8)
+    assert got == [["schema"]] * 8 and len({id(g) for g in got}) == 8  # copies, not the template
+
+    got = burst("bad", fails=True)
+    assert calls == ["schema", "bad"] and len(got) == 8
+    assert all(isinstance(g, RuntimeError) for g in got) and len(templates) == 1
+    assert templates.get("bad", compiler("bad", fails=False)) == ["bad"]  # compiled again
+    assert calls == ["schema", "bad", "bad"] and templates.compiles == 2
