@@ -10,7 +10,8 @@ as invalid.
 
 The cost: the same requests without a constraint, each asked for exactly the tokens its
 constrained twin made (ignore_eos), so both runs do the same steps over the same batch; rounds
-alternate constrained / plain. Prints tokens/s of each, their ratio, and the grammar compiles.
+alternate constrained / plain. Prints tokens/s of each, their ratio, each phase's engine steps
+(how many, tokens each: about the rows a step ran, ms each) and the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
         [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--out result.json]
@@ -151,10 +152,12 @@ def schemas(count: int, seed: int = 0, patterns: bool = True) -> list[dict[str, 
 
 def run(
     engine: Engine, requests: list[GenerationRequest]
-) -> tuple[float, dict[str, tuple[str, int, FinishReason | None]]]:
-    """Add every request, step until done. → (seconds, id → (text, tokens, finish reason))."""
+) -> tuple[float, dict[str, tuple[str, int, FinishReason | None]], int]:
+    """Add every request, step until done. → (seconds, id → (text, tokens, finish reason), the
+    engine's steps meanwhile)."""
     texts: dict[str, list[str]] = {r.request_id: [] for r in requests}
     done: dict[str, tuple[str, int, FinishReason | None]] = {}
+    steps = engine.stats().steps
     start = time.perf_counter()
     for r in requests:
         engine.add_request(r)
@@ -163,7 +166,14 @@ def run(
             texts[d.request_id].append(d.text)
             if d.finish_reason is not None:
                 done[d.request_id] = ("".join(texts[d.request_id]), d.completion_tokens, d.finish_reason)
-    return time.perf_counter() - start, done
+    return time.perf_counter() - start, done, engine.stats().steps - steps
+
+
+def _steps(steps: int, tokens: int, seconds: float) -> str:
+    """A phase's engine steps: how many, tokens (about the rows) each, ms each."""
+    if not steps:
+        return "not counted"
+    return f"{steps} ({tokens / steps:.1f} tokens, {1000 * seconds / steps:.2f} ms each)"
 
 
 def main() -> None:
@@ -234,7 +244,7 @@ def main() -> None:
     cut = 0
     try:
         for r in range(args.rounds):
-            t_c, got = run(engine, constrained)
+            t_c, got, steps_c = run(engine, constrained)
             for i, spec in enumerate(specs):
                 text, _, reason = got[f"c{i}"]
                 if reason != FinishReason.STOP:
@@ -253,14 +263,24 @@ def main() -> None:
                 )
                 for i in range(len(specs))
             ]
-            t_p, plain_got = run(engine, [p for p in plain if p.params.max_tokens > 0])
+            t_p, plain_got, steps_p = run(engine, [p for p in plain if p.params.max_tokens > 0])
             tokens = sum(n for _, n, _ in got.values())
             assert sum(n for _, n, _ in plain_got.values()) == tokens
-            rounds.append({"constrained_tok_s": tokens / t_c, "plain_tok_s": tokens / t_p, "tokens": tokens})
+            rounds.append(
+                {
+                    "constrained_tok_s": tokens / t_c,
+                    "plain_tok_s": tokens / t_p,
+                    "tokens": tokens,
+                    "constrained_steps": steps_c,
+                    "plain_steps": steps_p,
+                }
+            )
             print(
                 f"  round {r + 1}: {len(specs)} requests, {tokens} tokens; constrained "
                 f"{tokens / t_c:8.0f} tok/s, plain {tokens / t_p:8.0f} tok/s, ratio {t_p / t_c:.3f}; "
-                f"invalid so far {len(invalid)}",
+                f"invalid so far {len(invalid)}\n"
+                f"    engine steps: constrained {_steps(steps_c, tokens, t_c)}, "
+                f"plain {_steps(steps_p, tokens, t_p)}",
                 flush=True,
             )
     finally:

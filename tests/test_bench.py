@@ -168,6 +168,8 @@ def test_the_structured_output_benchmark_validates_every_output(tmp_path: Path) 
     assert result["compiles"] == 20  # once per distinct schema
     (rnd,) = result["rounds"]
     assert rnd["tokens"] > 100 * 10 and rnd["constrained_tok_s"] > 0 and rnd["plain_tok_s"] > 0
+    # the engine's steps of each phase: no step makes more tokens than the batch has rows
+    assert rnd["constrained_steps"] >= rnd["tokens"] / 32 and rnd["plain_steps"] >= rnd["tokens"] / 32
 
 
 def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
