@@ -152,6 +152,13 @@ def install(manager: Any, threads: int | None = None) -> Installed | None:
         logger.warning("this vLLM's structured-output manager has not the seam: its own ways stay")
         return None
     fill = ParallelFill(manager, fill_threads() if threads is None else threads)
+    if not hasattr(manager, "executor_for_fillmask"):
+        # vLLM makes this pool only above 128 rows, and 0.32's clear_backend (at the engine core's
+        # shutdown) shuts it down whenever the threshold is below max_num_seqs, as it is now: an
+        # empty pool (no thread starts until a submit, and nothing submits to it) for that
+        from concurrent.futures import ThreadPoolExecutor
+
+        manager.executor_for_fillmask = ThreadPoolExecutor(max_workers=1)
     manager.fill_bitmask_parallel_threshold = 0  # every step's rows take the batched path
     manager.fill_bitmask_parallel_batch_size = sys.maxsize  # all of them in one list
     manager._async_submit_fill_bitmask = fill

@@ -776,6 +776,8 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     expected = vllms.grammar_bitmask(theirs_batch, ids, {}).copy()  # [20, ceil(V / 32)] int32
     ours._grammar_bitmask.zero_()  # nothing left of an earlier fill
     assert (expected[0] == -1).all() and np.array_equal(ours.grammar_bitmask(our_batch, ids, {}), expected)
+    ours.clear_backend()  # as the engine core's shutdown does (20 rows: vLLM made no fill pool)
+    assert ours.backend is None
 
 
 def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None:
