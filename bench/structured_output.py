@@ -14,7 +14,11 @@ alternate constrained / plain. Prints tokens/s of each, their ratio, each phase'
 (how many, tokens each: about the rows a step ran, ms each) and the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
-        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--out result.json]
+        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--step-times] [--out result.json]
+
+With --step-times (vLLM) the engine core times its scheduler's calls per step
+(bench/engine_core_steps.py): each phase's steps' mean period, schedule, update, masks and the
+rest (the model runner), so a GPU run says which of them the constraint makes longer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import sys
@@ -32,6 +37,7 @@ from typing import Any
 
 import jsonschema
 
+from bench import engine_core_steps
 from moe_core.engine import Engine, FinishReason, GenerationRequest, SamplingParams
 
 
@@ -169,6 +175,16 @@ def run(
     return time.perf_counter() - start, done, engine.stats().steps - steps
 
 
+def _core(
+    step_file: Path | None, before: dict[str, Any] | None, kind: str
+) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """A phase's engine-core times per step of `kind` since `before`, and the totals now."""
+    if step_file is None or before is None:
+        return None, None
+    now = engine_core_steps.read(step_file)
+    return engine_core_steps.per_step(before, now, kind), now
+
+
 def _steps(steps: int, tokens: int, seconds: float) -> str:
     """A phase's engine steps: how many, tokens (about the rows) each, ms each."""
     if not steps:
@@ -199,6 +215,11 @@ def main() -> None:
         choices=["parallel", "vllm"],
         help="how vLLM's engine core fills a step's masks (engine.vllm.structured_masks)",
     )
+    ap.add_argument(
+        "--step-times",
+        action="store_true",
+        help="vLLM: time the engine core's scheduler calls per step (bench/engine_core_steps.py)",
+    )
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
 
@@ -218,6 +239,17 @@ def main() -> None:
     settings.engine.vllm.gpu_memory_utilization = args.gpu_share
     settings.engine.vllm.structured_outputs_backend = args.so_backend
     settings.engine.vllm.structured_masks = args.masks
+    step_file: Path | None = None
+    if args.step_times:
+        if args.backend != "vllm":
+            ap.error("--step-times times vLLM's engine core: --backend vllm")
+        from moe_core import vllm_masks
+
+        step_file = Path(tempfile.mkdtemp(prefix="localmoe-steps-")) / "steps.json"
+        os.environ[engine_core_steps.STEP_TIMES] = str(step_file)
+        os.environ[engine_core_steps.STEP_MASKS] = args.masks  # which ways its scheduler takes
+        vllm_masks.SCHEDULER = engine_core_steps.SCHEDULER  # the engine hands vLLM the timed one
+        settings.engine.vllm.structured_masks = "parallel"  # (so that it hands vLLM a scheduler_cls)
     device = "cpu"
     if args.backend == "vllm":
         import torch
@@ -244,7 +276,9 @@ def main() -> None:
     cut = 0
     try:
         for r in range(args.rounds):
+            core = engine_core_steps.read(step_file) if step_file else None
             t_c, got, steps_c = run(engine, constrained)
+            core_c, core = _core(step_file, core, "structured")
             for i, spec in enumerate(specs):
                 text, _, reason = got[f"c{i}"]
                 if reason != FinishReason.STOP:
@@ -264,6 +298,7 @@ def main() -> None:
                 for i in range(len(specs))
             ]
             t_p, plain_got, steps_p = run(engine, [p for p in plain if p.params.max_tokens > 0])
+            core_p, _ = _core(step_file, core, "plain")
             tokens = sum(n for _, n, _ in got.values())
             assert sum(n for _, n, _ in plain_got.values()) == tokens
             rounds.append(
@@ -273,6 +308,7 @@ def main() -> None:
                     "tokens": tokens,
                     "constrained_steps": steps_c,
                     "plain_steps": steps_p,
+                    **({"constrained_core": core_c, "plain_core": core_p} if step_file else {}),
                 }
             )
             print(
@@ -283,6 +319,8 @@ def main() -> None:
                 f"plain {_steps(steps_p, tokens, t_p)}",
                 flush=True,
             )
+            if step_file:
+                print(f"    engine core, ms a step: constrained {core_c}\n      plain {core_p}", flush=True)
     finally:
         engine.close()
     ratio = statistics.median(

@@ -281,3 +281,49 @@ def test_the_grammar_mask_benchmark_fills_the_same_masks_every_way() -> None:
     result = grammar_masks.measure(requests=24, vocab=1024, threads=2, steps=1)
     assert 0 < result["masks"] <= 24
     assert all(result[name] > 0 for name in ("one by one", "vLLM's thread pool", "llguidance parallel"))
+
+
+def test_engine_core_steps_times_each_kind_of_step(tmp_path: Path) -> None:
+    """bench/engine_core_steps.py's accounting on a scheduler whose calls take known times: a
+    step's period runs from its schedule() to the next, split by the kind of step it scheduled; a
+    gap past IDLE_S (the engine idle between phases) is no step; the last update of a phase writes
+    the totals out."""
+    import time
+    from types import SimpleNamespace
+
+    from bench import engine_core_steps
+
+    pending = [3]  # requests left: has_requests() turns False after the last update
+
+    def schedule(structured: bool) -> SimpleNamespace:
+        time.sleep(0.002)
+        return SimpleNamespace(has_structured_output_requests=structured)
+
+    def update(out: SimpleNamespace, model_output: object) -> None:
+        time.sleep(0.003)
+        pending[0] -= 1
+
+    def masks(out: SimpleNamespace) -> None:
+        time.sleep(0.02 if out.has_structured_output_requests else 0.0)
+
+    sched = SimpleNamespace(schedule=schedule, update_from_output=update, get_grammar_bitmask=masks)
+    sched.has_requests = lambda: pending[0] > 0
+    path = tmp_path / "steps.json"
+    engine_core_steps.Timeline(path).wrap(sched)
+    before = engine_core_steps.read(path)  # nothing written yet: zeros
+    for structured in (True, True, False):  # two structured steps, then a plain one
+        out = sched.schedule(structured)
+        sched.get_grammar_bitmask(out)
+        sched.update_from_output(out, None)
+    after = engine_core_steps.read(path)  # written by the last update (no request left)
+    structured = engine_core_steps.per_step(before, after, "structured")
+    assert structured["steps"] == 2  # each closed by the next schedule()
+    assert 20 <= structured["masks_ms"] < 40 and 2 <= structured["schedule_ms"] < 10
+    assert structured["period_ms"] >= 25 and structured["runner_ms"] >= -0.5  # period ⊇ its calls
+    assert after["plain"]["schedule_ms"] > 0 and after["plain"]["steps"] == 0  # not closed yet
+
+    time.sleep(engine_core_steps.IDLE_S + 0.1)  # idle, then a new phase: the gap is no step
+    pending[0] = 1
+    out = sched.schedule(False)
+    sched.update_from_output(out, None)
+    assert engine_core_steps.read(path)["plain"]["steps"] == 0
