@@ -3,10 +3,10 @@ the constraint cost the engine?
 
 N requests (default 1,000), each with one of `--schemas` distinct JSON schemas of the shapes
 extraction pipelines send (nested objects, arrays of objects, enums, required and optional fields,
-bounded strings and integers, patterns), sampled (temperature 0.8, seeded), all added at once to
-one engine built as a worker builds it (torch on CPU, vLLM on a GPU). Every output is parsed and
-validated against its schema (`jsonschema`); one that fails, or that max_tokens cut short, counts
-as invalid.
+bounded strings and integers, patterns), sampled (temperature 0.8, seeded; `--sampling greedy`:
+temperature 0), all added at once to one engine built as a worker builds it (torch on CPU, vLLM on
+a GPU). Every output is parsed and validated against its schema (`jsonschema`); one that fails, or
+that max_tokens cut short, counts as invalid.
 
 The cost: the same requests without a constraint, each asked for exactly the tokens its
 constrained twin made (ignore_eos), so both runs do the same steps over the same batch; rounds
@@ -14,7 +14,8 @@ alternate constrained / plain. Prints tokens/s of each, their ratio, each phase'
 (how many, tokens each: about the rows a step ran, ms each) and the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
-        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--step-times] [--out result.json]
+        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--sampling seeded|greedy] [--step-times]
+        [--out result.json]
 
 With --step-times (vLLM) the engine core times its scheduler's calls per step
 (bench/engine_core_steps.py): each phase's steps' mean period, schedule, update, masks and the
@@ -175,6 +176,11 @@ def run(
     return time.perf_counter() - start, done, engine.stats().steps - steps
 
 
+def _sampling(how: str, i: int) -> dict[str, Any]:
+    """Request i's sampling, the same for its constrained and plain twins."""
+    return {"temperature": 0.8, "seed": i} if how == "seeded" else {"temperature": 0.0}
+
+
 def _core(
     step_file: Path | None, before: dict[str, Any] | None, kind: str
 ) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
@@ -214,6 +220,13 @@ def main() -> None:
         default="parallel",
         choices=["parallel", "vllm"],
         help="how vLLM's engine core fills a step's masks (engine.vllm.structured_masks)",
+    )
+    ap.add_argument(
+        "--sampling",
+        default="seeded",
+        choices=["seeded", "greedy"],
+        help="seeded: temperature 0.8, a seed per request (vLLM draws each seeded row's noise apart); "
+        "greedy: temperature 0, as extraction pipelines mostly ask",
     )
     ap.add_argument(
         "--step-times",
@@ -266,7 +279,9 @@ def main() -> None:
             f"c{i}",
             PROMPTS[i % len(PROMPTS)],
             SamplingParams(
-                max_tokens=args.max_tokens, temperature=0.8, seed=i, structured=("json", json.dumps(spec))
+                max_tokens=args.max_tokens,
+                **_sampling(args.sampling, i),
+                structured=("json", json.dumps(spec)),
             ),
         )
         for i, spec in enumerate(specs)
@@ -293,7 +308,9 @@ def main() -> None:
                 GenerationRequest(
                     f"p{i}",
                     PROMPTS[i % len(PROMPTS)],
-                    SamplingParams(max_tokens=got[f"c{i}"][1], temperature=0.8, seed=i, ignore_eos=True),
+                    SamplingParams(
+                        max_tokens=got[f"c{i}"][1], **_sampling(args.sampling, i), ignore_eos=True
+                    ),
                 )
                 for i in range(len(specs))
             ]
@@ -328,6 +345,7 @@ def main() -> None:
     )
     summary = {
         "backend": "torch" if args.backend == "torch" else f"vllm ({args.so_backend}, {args.masks} masks)",
+        "sampling": args.sampling,
         "device": device,
         "requests": args.requests,
         "distinct_schemas": len(pool),
