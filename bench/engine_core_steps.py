@@ -39,15 +39,8 @@ FIELDS = ("steps", "period_ms", "schedule_ms", "update_ms", "masks_ms")
 
 def scheduler(*args: Any, **kwargs: Any) -> Any:
     """vLLM's scheduler_cls: the scheduler LocalMoE's engine would build, its calls timed."""
-    if os.environ.get(STEP_MASKS, "parallel") == "parallel":
-        built = vllm_masks.scheduler(*args, **kwargs)
-    else:
-        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-        from vllm.v1.core.sched.scheduler import Scheduler
-
-        config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
-        base = AsyncScheduler if config.scheduler_config.async_scheduling else Scheduler
-        built = base(*args, **kwargs)
+    parallel = os.environ.get(STEP_MASKS, "parallel") == "parallel"
+    built = (vllm_masks.scheduler if parallel else vllm_masks.vllms_scheduler)(*args, **kwargs)
     path = os.environ.get(STEP_TIMES)
     if path:
         Timeline(Path(path)).wrap(built)
@@ -126,7 +119,8 @@ def per_step(
 ) -> dict[str, float]:
     """One phase's mean ms per step of `kind` (between two reads): period, schedule, update,
     masks, and the rest of the period ("runner": the model runner's preparation, launches and
-    waits); steps: how many."""
+    waits); steps: how many. The calls of a phase's last step, whose period ends idle and is not
+    counted, are in the sums: the means are high by about one step in `steps`."""
     delta = {f: after[kind][f] - before[kind][f] for f in FIELDS}
     steps = delta["steps"]
     if not steps:

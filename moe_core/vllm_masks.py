@@ -167,15 +167,20 @@ def install(manager: Any, threads: int | None = None) -> Installed | None:
     return Installed(fill, grammars)
 
 
-def scheduler(*args: Any, **kwargs: Any) -> Any:
-    """vLLM's scheduler_cls: builds the scheduler vLLM would (AsyncScheduler under async
-    scheduling, Scheduler otherwise) from the engine core's arguments, `install`ed in its
-    structured-output manager."""
+def vllms_scheduler(*args: Any, **kwargs: Any) -> Any:
+    """The scheduler vLLM would build from the engine core's arguments: AsyncScheduler under async
+    scheduling, Scheduler otherwise."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
     config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
     base = AsyncScheduler if config.scheduler_config.async_scheduling else Scheduler
-    built = base(*args, **kwargs)
+    return base(*args, **kwargs)
+
+
+def scheduler(*args: Any, **kwargs: Any) -> Any:
+    """vLLM's scheduler_cls: the scheduler vLLM would build (vllms_scheduler), `install`ed in its
+    structured-output manager."""
+    built = vllms_scheduler(*args, **kwargs)
     install(built.structured_output_manager)
     return built
