@@ -2,11 +2,14 @@
 line per distinct stack: frames joined by ';', then its sample count).
 
     python -m bench.spy_top prof/localmoe-chat-engine.raw [--top 15] [--match detokenize.py] [--modules]
+        [--process EngineCore]
 
 Prints the total, then the frames with the most samples of their own (self) and, with --match,
 the share of samples whose stack passes through a frame containing that text (inclusive); with
 --modules, self samples by where their frame's code lives: a library by its package (fastapi,
 redis, asyncio), the project's own code by file (scheduler/modality.py; run from the repository).
+With --process (a profile taken with py-spy's --subprocesses), only the stacks of processes whose
+"process ..." frame contains that text, and every share of their samples.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--match", action="append", default=[], help="text of a frame (repeatable)")
     ap.add_argument("--modules", action="store_true", help="self samples by package / project file")
+    ap.add_argument("--process", help="only the processes whose py-spy process frame contains this")
     args = ap.parse_args()
     stacks = read(args.raw)
+    if args.process:
+        stacks = [(f, n) for f, n in stacks if any(x.startswith("process ") and args.process in x for x in f)]
     total = sum(n for _, n in stacks) or 1
     own = Counter[str]()
     for frames, n in stacks:

@@ -188,6 +188,23 @@ def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     assert lines[-1] == "  through 'push': 37.5%"
 
 
+def test_spy_top_keeps_one_process_of_a_subprocesses_profile(tmp_path: Path) -> None:
+    """--process: only the stacks of the processes named, and shares of their samples alone."""
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        'process 1:"python bench";process 2:"VLLM::EngineCore";step (core.py:1);masks (m.py:2) 1\n'
+        'process 1:"python bench";process 2:"VLLM::EngineCore";step (core.py:1) 3\n'
+        'process 1:"python bench";validate (v.py:3) 6\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.spy_top", str(raw), "--process", "EngineCore", "--match", "masks"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "4 samples" and lines[-1] == "  through 'masks': 25.0%"
+    assert not any("validate" in line for line in lines)
+
+
 def test_spy_top_groups_self_samples_by_package_or_project_file(tmp_path: Path) -> None:
     """--modules: a library's frames count under its package, the project's under their file."""
     raw = tmp_path / "p.raw"
