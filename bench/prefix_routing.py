@@ -26,8 +26,9 @@ on the unique trace no worse than 5 %. On the GPU, two vLLM workers on one H200 
     python -m bench.prefix_routing --model DIR --backend vllm --gpu-share 0.4 \
         --repo-tokens 1000,1800 --jobs 384 --rate 12 --max-tokens 128 --batch 256
 
-(the reference model's context is 2,048 tokens; repositories of 2-6k tokens need a model of a
-longer context: --repo-tokens 2000,6000).
+(the reference model's context is 2,048 tokens. Repositories of 2-6k tokens, the issue's shape,
+need a model of a longer context: `localmoe model init --size reference --vocab-size 32000
+--context 8192 --out DIR`, then --repo-tokens 2000,6000).
 """
 
 from __future__ import annotations

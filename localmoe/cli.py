@@ -35,7 +35,13 @@ def cmd_model_init(args: argparse.Namespace) -> int:
         print(f"{out} already holds a model (use --force to rebuild)")
         return 0
     build_checkpoint(
-        out, arch=args.arch, seed=args.seed, progress=True, size=args.size, vocab_size=args.vocab_size
+        out,
+        arch=args.arch,
+        seed=args.seed,
+        progress=True,
+        size=args.size,
+        vocab_size=args.vocab_size,
+        context=args.context,
     )
     return 0
 
@@ -462,6 +468,9 @@ def parser() -> argparse.ArgumentParser:
         help="tiny: 4.4 M parameters, float32; reference: the 4.76 B GPU reference model, bf16",
     )
     init.add_argument("--vocab-size", type=int, default=4096)
+    init.add_argument(
+        "--context", type=int, default=2048, help="the model's longest sequence in tokens (prompt + output)"
+    )
     init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
     init.set_defaults(func=cmd_model_init)
 

@@ -213,6 +213,7 @@ def train_tokenizer(
     max_bytes: int = 6_000_000,
     progress: bool = True,
     chat: bool = False,
+    context: int = MAX_CONTEXT,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on code and prose found on this machine and save it into `out_dir`.
 
@@ -235,7 +236,7 @@ def train_tokenizer(
         unk_token=UNK,
         pad_token=PAD,
         additional_special_tokens=list(CHAT_TOKENS) if chat else None,
-        model_max_length=MAX_CONTEXT,
+        model_max_length=context,
         # Decoding must invert encoding exactly: no " ." -> "." style clean-up.
         clean_up_tokenization_spaces=False,
     )
@@ -277,9 +278,11 @@ def _model_config(
     size: str = "tiny",
     dims: tuple[int, int, int, int, int] | None = None,
     tie_embeddings: bool = False,
+    context: int = MAX_CONTEXT,
 ) -> PreTrainedConfig:
     """dims: (hidden, intermediate per expert, layers, heads, kv heads); None: SIZES[size]'s.
-    tie_embeddings: the output layer shares the input embedding's matrix."""
+    tie_embeddings: the output layer shares the input embedding's matrix. context: the longest
+    sequence in tokens (max_position_embeddings: RoPE's tables, the engines' limit)."""
     from transformers import (
         DeepseekV2Config,
         DeepseekV3Config,
@@ -300,7 +303,7 @@ def _model_config(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=MAX_CONTEXT,
+        max_position_embeddings=context,
         num_experts_per_tok=2,
         tie_word_embeddings=tie_embeddings,
         bos_token_id=bos,
@@ -437,13 +440,18 @@ def end_ids(tokenizer: PreTrainedTokenizerFast) -> int | list[int]:
 
 
 def _save_model(
-    out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, progress: bool, size: str = "tiny"
+    out_dir: Path,
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    progress: bool,
+    size: str = "tiny",
+    context: int = MAX_CONTEXT,
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     bos, eos, pad = (_token_id(tokenizer, token) for token in (BOS, EOS, PAD))
-    config = _model_config(arch, len(tokenizer), bos, eos, pad, size)
+    config = _model_config(arch, len(tokenizer), bos, eos, pad, size, context=context)
     if size == "tiny":
         model = AutoModelForCausalLM.from_config(config)  # float32: exact parity tests on CPU
     else:  # billions of parameters: bf16, initialised on the GPU when there is one (minutes on a CPU)
@@ -486,9 +494,11 @@ def build_checkpoint(
     progress: bool = True,
     size: str = "tiny",
     chat: bool = False,
+    context: int = MAX_CONTEXT,
 ) -> Path:
     """Build a tiny random `arch` checkpoint (tokenizer included) at `out_dir` and return `out_dir`.
-    chat: a chat model's tokenizer (train_tokenizer's), <|im_end|> ending generation.
+    chat: a chat model's tokenizer (train_tokenizer's), <|im_end|> ending generation. context: the
+    model's longest sequence in tokens (e.g. 8192 for prompts of several thousand tokens).
 
     The directory appears complete or not at all: everything is written to a temporary sibling
     directory which is then renamed into place. An existing non-empty `out_dir` is an error unless it
@@ -500,6 +510,8 @@ def build_checkpoint(
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    if context < 128:
+        raise ValueError(f"context must be at least 128 tokens, got {context}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
@@ -507,9 +519,11 @@ def build_checkpoint(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; the published checkpoint must be readable by workers
     try:
-        tokenizer = train_tokenizer(tmp_dir, vocab_size=vocab_size, progress=progress, chat=chat)
+        tokenizer = train_tokenizer(
+            tmp_dir, vocab_size=vocab_size, progress=progress, chat=chat, context=context
+        )
         torch.manual_seed(seed)
-        _save_model(tmp_dir, arch, tokenizer, progress, size)
+        _save_model(tmp_dir, arch, tokenizer, progress, size, context)
         _publish(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful rename

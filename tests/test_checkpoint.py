@@ -107,6 +107,30 @@ def test_build_refuses_to_overwrite_a_non_empty_dir(tmp_path: Path) -> None:
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
 
 
+def test_a_longer_context_from_the_command_line(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    """`localmoe model init --context N`: the config's max_position_embeddings and the tokenizer's
+    model_max_length, which the intake's counter and the engines read as the model's limit (prompts
+    of several thousand tokens for the prefix-routing benchmark need more than the default 2,048)."""
+    from localmoe.cli import main
+    from moe_core.torch_engine import TorchEngine
+    from scheduler.routing import PromptCounter
+
+    assert inspect_model(checkpoints["mixtral"]).max_context == 2048  # the default
+    out = tmp_path / "long"
+    assert main(["model", "init", "--context", "8192", "--out", str(out)]) == 0
+    assert inspect_model(out).max_context == 8192
+    assert PromptCounter(out).max_context == 8192
+    assert AutoTokenizer.from_pretrained(str(out), local_files_only=True).model_max_length == 8192
+    engine = TorchEngine(out, device="cpu", max_batch_size=2, telemetry=False)
+    engine.load()
+    try:
+        assert engine.max_context == 8192
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="at least 128"):
+        build_checkpoint(tmp_path / "short", progress=False, context=64)
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
