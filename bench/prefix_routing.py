@@ -79,15 +79,27 @@ class Arrival:
     repeat: bool  # a later question about a repository already asked about
 
 
-def sources(counter: PromptCounter, n: int, lengths: tuple[int, int], seed: int) -> list[str]:
-    """n texts of lengths[0]..lengths[1] tokens, each from the .py files of one stdlib folder."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _folders(root: Path) -> list[tuple[Path, Path]]:
+    """(root, package folder or single module) of one library root, in name order."""
+    if not root.is_dir():
+        return []
     folders = sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.py")))
     folders += sorted(p for p in root.glob("*.py"))  # single modules fill the rest
+    return [(root, f) for f in folders]
+
+
+def sources(counter: PromptCounter, n: int, lengths: tuple[int, int], seed: int) -> list[str]:
+    """n texts of lengths[0]..lengths[1] tokens, each from the .py files of one package folder:
+    the standard library's first, then the installed packages' (a few hundred texts of 2-6k
+    tokens need both)."""
+    paths = sysconfig.get_paths()
     rng = random.Random(seed)
-    rng.shuffle(folders)
+    stdlib = _folders(Path(paths["stdlib"]))
+    installed = [f for f in _folders(Path(paths["purelib"])) if f[1].name not in ("tests", "test")]
+    rng.shuffle(stdlib)
+    rng.shuffle(installed)
     out: list[str] = []
-    for folder in folders:
+    for root, folder in stdlib + installed:
         files = sorted(folder.rglob("*.py")) if folder.is_dir() else [folder]
         text = "".join(
             f"# file: {f.relative_to(root)}\n{f.read_text(errors='replace')}\n" for f in files[:40]

@@ -346,3 +346,32 @@ def test_engine_core_steps_times_each_kind_of_step(tmp_path: Path) -> None:
     out = sched.schedule(False)
     sched.update_from_output(out, None)
     assert engine_core_steps.read(path)["plain"]["steps"] == 0
+
+
+def test_prefix_routing_sources_go_on_into_the_installed_packages(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/prefix_routing.py's texts: one per package folder (or single module), the standard
+    library's first, then the installed packages' (not their tests), each cut to a length drawn
+    from the range; too few in both is a clear stop."""
+    from bench import prefix_routing
+    from scheduler.routing import PromptCounter
+
+    body = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(60))
+    stdlib, purelib = tmp_path / "stdlib", tmp_path / "purelib"
+    for root, names in ((stdlib, ["email", "json"]), (purelib, ["numpyish", "tests", "yamlish"])):
+        for name in names:
+            (root / name).mkdir(parents=True)
+            (root / name / "__init__.py").write_text(f"# {name}\n{body}")
+    (stdlib / "short.py").write_text("x = 1\n")  # too short for the range: skipped
+    monkeypatch.setattr(
+        prefix_routing.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib), "purelib": str(purelib)}
+    )
+    counter = PromptCounter(model_dir)
+    texts = prefix_routing.sources(counter, 4, (100, 200), seed=1)
+    packages = sorted(t.split("\n", 1)[0].removeprefix("# file: ").split("/")[0] for t in texts)
+    assert packages == ["email", "json", "numpyish", "yamlish"]
+    assert texts[0].split("/")[0].endswith(("email", "json"))  # the standard library first
+    assert all(100 <= len(counter.encode(t)) <= 201 for t in texts)  # decode and encode may differ by one
+    with pytest.raises(SystemExit, match="only 4 source texts"):
+        prefix_routing.sources(counter, 5, (100, 200), seed=1)
