@@ -27,7 +27,7 @@ def _env_flag(args: argparse.Namespace, attr: str, env: str) -> None:
 
 def cmd_model_init(args: argparse.Namespace) -> int:
     from host.settings import get_settings
-    from moe_build.checkpoint import build_checkpoint, is_checkpoint
+    from moe_build.checkpoint import MAX_CONTEXT, build_checkpoint, is_checkpoint
 
     # Not the embedded model's place: a random model must not stand in for the trained one.
     out = Path(args.out) if args.out else get_settings().home / "models" / f"{args.size}-{args.arch}"
@@ -41,7 +41,7 @@ def cmd_model_init(args: argparse.Namespace) -> int:
         progress=True,
         size=args.size,
         vocab_size=args.vocab_size,
-        context=args.context,
+        context=MAX_CONTEXT if args.context is None else args.context,
     )
     return 0
 
@@ -469,7 +469,7 @@ def parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--vocab-size", type=int, default=4096)
     init.add_argument(
-        "--context", type=int, default=2048, help="the model's longest sequence in tokens (prompt + output)"
+        "--context", type=int, help="its longest sequence in tokens, prompt and output (default: 2,048)"
     )
     init.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
     init.set_defaults(func=cmd_model_init)
