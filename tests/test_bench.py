@@ -372,6 +372,6 @@ def test_prefix_routing_sources_go_on_into_the_installed_packages(
     packages = sorted(t.split("\n", 1)[0].removeprefix("# file: ").split("/")[0] for t in texts)
     assert packages == ["email", "json", "numpyish", "yamlish"]
     assert texts[0].split("/")[0].endswith(("email", "json"))  # the standard library first
-    assert all(100 <= len(counter.encode(t)) <= 201 for t in texts)  # decode and encode may differ by one
+    assert all(95 <= len(counter.encode(t)) <= 205 for t in texts)  # re-encoding may split the cut apart
     with pytest.raises(SystemExit, match="only 4 source texts"):
         prefix_routing.sources(counter, 5, (100, 200), seed=1)
