@@ -12,10 +12,15 @@ end-of-sequence token or `--steps` steps. The two ways run the same draws, so th
 equal step by step (it raises otherwise).
 
     python -m bench.engine_core_masks [--model DIR] [--requests 256] [--steps 40] [--threads N]
+        [--par-accepts]
 
 Without --model it builds the tiny test model with a 32,000-token vocabulary (the reference
 model's size: a mask row is 1,000 words). Prints each way's compile wall time, its masks' total and
-median ms per step, the accepts' total (vLLM's code either way) and the ratios.
+median ms per step, the accepts' total (vLLM's code either way) and the ratios. With --par-accepts
+LocalMoE's way accepts each step's tokens in one native call (llguidance's `consume_token_par`
+on the fill's threads; an end-of-sequence token, or a grammar already stopped, still through
+vLLM's `accept_tokens`): what that would save the engine core, the masks' equality checking that
+the grammars went the same way.
 """
 
 from __future__ import annotations
@@ -76,11 +81,13 @@ def add_requests(
     return batch
 
 
-def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tuple[list[float], str, float]:
+def decode(
+    manager: Any, batch: dict[str, Any], steps: int, seed: int = 0, executor: Any = None
+) -> tuple[list[float], str, float]:
     """Up to `steps` steps of the batch's decode (see the module's docstring): ms of each step's
     mask call, a digest of every step's masks, and the ms all the accepts took (vLLM's
     `accept_tokens`, which its scheduler calls per structured request as each step's tokens come
-    back; the same code both ways)."""
+    back; with `executor`, an llguidance LLExecutor, one `consume_token_par` a step instead)."""
     eos = manager.tokenizer.eos_token_id
     draws = {rid: random.Random(f"{seed}-{rid}") for rid in batch}
     grammars = {rid: r.structured_output_request.grammar for rid, r in batch.items()}
@@ -95,18 +102,34 @@ def decode(manager: Any, batch: dict[str, Any], steps: int, seed: int = 0) -> tu
         masks = manager.grammar_bitmask(batch, ids, {})  # [len(ids), ceil(V / 32)] int32
         times.append((time.perf_counter() - t) * 1e3)
         digest.update(masks.tobytes())
+        tokens = []
         for row, rid in enumerate(ids):
             allowed = np.flatnonzero(np.unpackbits(masks[row].view(np.uint8), bitorder="little"))
-            token = int(draws[rid].choice(allowed)) if len(allowed) else eos
-            t = time.perf_counter()
-            grammars[rid].accept_tokens(rid, [token])  # the end-of-sequence token ends it
-            accepting += time.perf_counter() - t
+            tokens.append(int(draws[rid].choice(allowed)) if len(allowed) else eos)
+        t = time.perf_counter()
+        if executor is None:
+            for rid, token in zip(ids, tokens, strict=True):
+                grammars[rid].accept_tokens(rid, [token])  # the end-of-sequence token ends it
+        else:
+            together = [(rid, tok) for rid, tok in zip(ids, tokens, strict=True) if tok != eos]
+            together = [(rid, tok) for rid, tok in together if not grammars[rid].ll_matcher.is_stopped()]
+            executor.consume_token_par([(grammars[rid].ll_matcher, tok) for rid, tok in together])
+            for rid, _ in together:
+                grammars[rid].check_error()
+            alone = set(ids) - {rid for rid, _ in together}
+            for rid, token in zip(ids, tokens, strict=True):
+                if rid in alone:
+                    grammars[rid].accept_tokens(rid, [token])
+        accepting += time.perf_counter() - t
     return times, digest.hexdigest(), accepting * 1e3
 
 
-def measure(model: Path, requests: int, steps: int, threads: int | None = None) -> dict[str, Any]:
-    """Each way's {"compile_ms", "masks_ms" (total), "step_ms" (median), "steps"} and the rows;
-    raises where the two ways' masks differ."""
+def measure(
+    model: Path, requests: int, steps: int, threads: int | None = None, par_accepts: bool = False
+) -> dict[str, Any]:
+    """Each way's {"compile_ms", "masks_ms" (total), "step_ms" (median), "steps", "accept_ms"} and
+    the rows; raises where the two ways' masks differ. par_accepts: LocalMoE's way accepts with
+    one native call a step."""
     from moe_core import vllm_masks
 
     out: dict[str, Any] = {"requests": requests}
@@ -121,7 +144,8 @@ def measure(model: Path, requests: int, steps: int, threads: int | None = None) 
         t = time.perf_counter()
         batch = add_requests(manager, requests)
         compile_ms = (time.perf_counter() - t) * 1e3
-        times, digest, accept_ms = decode(manager, batch, steps)
+        executor = installed.fill.executor if installed is not None and par_accepts else None
+        times, digest, accept_ms = decode(manager, batch, steps, executor=executor)
         digests.append(digest)
         out[way] = {
             "compile_ms": round(compile_ms, 1),
@@ -143,6 +167,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, help="LocalMoE's fill threads (default: as the engine core picks)")
+    p.add_argument("--par-accepts", action="store_true", help="LocalMoE's way accepts in one native call")
     args = p.parse_args()
     if args.model:
         model = Path(args.model)
@@ -154,7 +179,7 @@ def main() -> None:
             Path(tempfile.mkdtemp(prefix="localmoe-masks-")) / "model", vocab_size=32000, progress=False
         )
     print(f"{args.requests} requests, up to {args.steps} steps, each way in turn…", flush=True)
-    r = measure(model, args.requests, args.steps, args.threads)
+    r = measure(model, args.requests, args.steps, args.threads, args.par_accepts)
     v, o = r["vllm"], r["localmoe"]
     print(f"{'':10s} {'compile':>10s} {'masks':>10s} {'per step':>10s}  steps  (accepts)")
     for name, w in (("vLLM", r["vllm"]), ("LocalMoE", r["localmoe"])):
@@ -165,6 +190,8 @@ def main() -> None:
     masks, compile_ = v["masks_ms"] / o["masks_ms"], v["compile_ms"] / o["compile_ms"]
     print(f"masks {masks:.2f}x faster, compile {compile_:.2f}x", end=" ")
     print(f"({o['compiles']} compiles, {o['threads']} threads)")
+    if args.par_accepts:
+        print(f"accepts {v['accept_ms'] / max(o['accept_ms'], 1e-9):.2f}x faster in one native call a step")
     print(json.dumps(r))
 
 
