@@ -83,17 +83,18 @@ def add_requests(
 
 def decode(
     manager: Any, batch: dict[str, Any], steps: int, seed: int = 0, executor: Any = None
-) -> tuple[list[float], str, float]:
+) -> tuple[list[float], str, float, int]:
     """Up to `steps` steps of the batch's decode (see the module's docstring): ms of each step's
-    mask call, a digest of every step's masks, and the ms all the accepts took (vLLM's
+    mask call, a digest of every step's masks, the ms all the accepts took (vLLM's
     `accept_tokens`, which its scheduler calls per structured request as each step's tokens come
-    back; with `executor`, an llguidance LLExecutor, one `consume_token_par` a step instead)."""
+    back; with `executor`, an llguidance LLExecutor, one `consume_token_par` a step instead) and
+    how many tokens that native call took."""
     eos = manager.tokenizer.eos_token_id
     draws = {rid: random.Random(f"{seed}-{rid}") for rid in batch}
     grammars = {rid: r.structured_output_request.grammar for rid, r in batch.items()}
     digest = hashlib.sha256()
     times: list[float] = []
-    accepting = 0.0
+    accepting, together_count = 0.0, 0
     for _ in range(steps):
         ids = [rid for rid in batch if not grammars[rid].is_terminated()]
         if not ids:
@@ -110,26 +111,28 @@ def decode(
         if executor is None:
             for rid, token in zip(ids, tokens, strict=True):
                 grammars[rid].accept_tokens(rid, [token])  # the end-of-sequence token ends it
-        else:
-            together = [(rid, tok) for rid, tok in zip(ids, tokens, strict=True) if tok != eos]
-            together = [(rid, tok) for rid, tok in together if not grammars[rid].ll_matcher.is_stopped()]
-            executor.consume_token_par([(grammars[rid].ll_matcher, tok) for rid, tok in together])
+        else:  # an end of sequence, or a stopped grammar, takes vLLM's own path (it ends the grammar)
+            together: list[tuple[str, int]] = []
+            alone: list[tuple[str, int]] = []
+            for rid, token in zip(ids, tokens, strict=True):
+                stops = token == eos or grammars[rid].ll_matcher.is_stopped()
+                (alone if stops else together).append((rid, token))
+            executor.consume_token_par([(grammars[rid].ll_matcher, token) for rid, token in together])
             for rid, _ in together:
                 grammars[rid].check_error()
-            alone = set(ids) - {rid for rid, _ in together}
-            for rid, token in zip(ids, tokens, strict=True):
-                if rid in alone:
-                    grammars[rid].accept_tokens(rid, [token])
+            for rid, token in alone:
+                grammars[rid].accept_tokens(rid, [token])
+            together_count += len(together)
         accepting += time.perf_counter() - t
-    return times, digest.hexdigest(), accepting * 1e3
+    return times, digest.hexdigest(), accepting * 1e3, together_count
 
 
 def measure(
     model: Path, requests: int, steps: int, threads: int | None = None, par_accepts: bool = False
 ) -> dict[str, Any]:
-    """Each way's {"compile_ms", "masks_ms" (total), "step_ms" (median), "steps", "accept_ms"} and
-    the rows; raises where the two ways' masks differ. par_accepts: LocalMoE's way accepts with
-    one native call a step."""
+    """Each way's {"compile_ms", "masks_ms" (total), "step_ms" (median), "steps", "accept_ms",
+    "accepted_together"} and the rows; raises where the two ways' masks differ. par_accepts:
+    LocalMoE's way accepts with one native call a step."""
     from moe_core import vllm_masks
 
     out: dict[str, Any] = {"requests": requests}
@@ -145,7 +148,7 @@ def measure(
         batch = add_requests(manager, requests)
         compile_ms = (time.perf_counter() - t) * 1e3
         executor = installed.fill.executor if installed is not None and par_accepts else None
-        times, digest, accept_ms = decode(manager, batch, steps, executor=executor)
+        times, digest, accept_ms, together = decode(manager, batch, steps, executor=executor)
         digests.append(digest)
         out[way] = {
             "compile_ms": round(compile_ms, 1),
@@ -153,6 +156,7 @@ def measure(
             "step_ms": round(statistics.median(times), 2),
             "steps": len(times),
             "accept_ms": round(accept_ms, 1),
+            "accepted_together": together,  # tokens accepted in the native call (--par-accepts)
         }
         if installed is not None:
             out[way] |= {"compiles": installed.grammars.compiles - before, "threads": installed.fill.threads}

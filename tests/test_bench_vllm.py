@@ -68,8 +68,10 @@ def test_the_engine_core_mask_benchmark(tmp_path: Path) -> None:
     for way in ("vllm", "localmoe"):
         assert result[way]["steps"] == 4 and result[way]["masks_ms"] > 0 and result[way]["compile_ms"] > 0
     # the step's tokens accepted in one native call: the grammars go the same way (same masks)
+    assert result["localmoe"]["accepted_together"] == 0
     together = engine_core_masks.measure(model, requests=16, steps=4, threads=2, par_accepts=True)
     assert together["localmoe"]["steps"] == 4 and together["localmoe"]["accept_ms"] > 0
+    assert together["localmoe"]["accepted_together"] > 0 and together["vllm"]["accepted_together"] == 0
 
 
 def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,7 +86,7 @@ def test_quality_gate(embedded: Path) -> None:
     assert max(q.jsd) > 0.05, q.jsd  # some layer routes code and prose to different experts
 
 
-@pytest.mark.slow  # ~1 min of generation on 2 cores
+@pytest.mark.slow  # 40 replies generated on 2 cores
 def test_chat_gate(embedded: Path) -> None:
     """A chat turn as the service renders it (the model's own template): "Write a Python function
     that …" answered with a function that parses in >= 30 % of held-out requests (BENCHMARKS.md has
