@@ -765,8 +765,8 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     assert installed is not None
     theirs_batch, our_batch = add_requests(vllms, 20, distinct=5), add_requests(ours, 20, distinct=5)
     assert (installed.grammars.compiles, installed.grammars.copies) == (5, 20)
-    theirs, their_masks, _ = decode(vllms, theirs_batch, 12)
-    steps, our_masks, _ = decode(ours, our_batch, 12)
+    theirs, their_masks, _, _ = decode(vllms, theirs_batch, 12)
+    steps, our_masks, _, _ = decode(ours, our_batch, 12)
     assert our_masks == their_masks and len(steps) == len(theirs) == 12  # every step's masks equal
     assert installed.fill.calls == 12 and installed.fill.parallel_rows > 12 * 10
 
