@@ -1,14 +1,16 @@
 """Where vLLM's engine core spends a step, timed inside it (a benchmark tool, not the product).
 
 `scheduler` is a vLLM `scheduler_cls`. It builds the scheduler LocalMoE's vLLM engine runs
-(moe_core/vllm_masks.py; vLLM's own ways with STEP_MASKS=vllm in the environment) and times the
-scheduler's calls in the engine core's loop, per step:
+(moe_core/vllm_masks.py; STEP_MASKS in the environment names which of engine.vllm.structured_masks'
+ways: parallel, the default, in-turn or vllm) and times the scheduler's calls in the engine core's
+loop, per step:
 
 - `schedule()`, and the period from one `schedule()` to the next: the whole step as the engine core
   lives it. What the period holds beyond the three calls below is the model runner's input
   preparation, launches and waits for the GPU (one process, one thread, in turn);
 - `update_from_output()`: a step's tokens taken in, the grammars' accepts among them;
-- `get_grammar_bitmask()`: the step's masks.
+- `get_grammar_bitmask()`: the step's masks (with `parallel`, the next step's `schedule()` run
+  during the fill is inside it, and the loop's own call then only hands that output out).
 
 A step is "structured" when it schedules a structured-output request, "plain" otherwise. The
 totals go, as JSON, to the file named by STEP_TIMES (at most every 0.2 s and when the last request
@@ -31,7 +33,7 @@ from moe_core import vllm_masks
 
 SCHEDULER = f"{__name__}.scheduler"
 STEP_TIMES = "LOCALMOE_BENCH_STEP_TIMES"  # the file the engine core writes its totals to
-STEP_MASKS = "LOCALMOE_BENCH_STEP_MASKS"  # "parallel" (LocalMoE's, the default) or "vllm"
+STEP_MASKS = "LOCALMOE_BENCH_STEP_MASKS"  # "parallel" (LocalMoE's, the default), "in-turn" or "vllm"
 IDLE_S = 0.5
 KINDS = ("structured", "plain")
 FIELDS = ("steps", "period_ms", "schedule_ms", "update_ms", "masks_ms")
@@ -39,8 +41,8 @@ FIELDS = ("steps", "period_ms", "schedule_ms", "update_ms", "masks_ms")
 
 def scheduler(*args: Any, **kwargs: Any) -> Any:
     """vLLM's scheduler_cls: the scheduler LocalMoE's engine would build, its calls timed."""
-    parallel = os.environ.get(STEP_MASKS, "parallel") == "parallel"
-    built = (vllm_masks.scheduler if parallel else vllm_masks.vllms_scheduler)(*args, **kwargs)
+    ways = {"parallel": vllm_masks.scheduler, "in-turn": vllm_masks.scheduler_in_turn}
+    built = ways.get(os.environ.get(STEP_MASKS, "parallel"), vllm_masks.vllms_scheduler)(*args, **kwargs)
     path = os.environ.get(STEP_TIMES)
     if path:
         Timeline(Path(path)).wrap(built)

@@ -14,7 +14,7 @@ alternate constrained / plain. Prints tokens/s of each, their ratio, each phase'
 (how many, tokens each: about the rows a step ran, ms each) and the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
-        [--schemas 50] [--rounds 2] [--masks parallel|vllm] [--sampling seeded|greedy] [--step-times]
+        [--schemas 50] [--rounds 2] [--masks parallel|in-turn|vllm] [--sampling seeded|greedy] [--step-times]
         [--out result.json]
 
 With --step-times (vLLM) the engine core times its scheduler's calls per step
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument(
         "--masks",
         default="parallel",
-        choices=["parallel", "vllm"],
+        choices=["parallel", "in-turn", "vllm"],
         help="how vLLM's engine core fills a step's masks (engine.vllm.structured_masks)",
     )
     ap.add_argument(

@@ -71,13 +71,14 @@ class VllmSettings(BaseModel):
         "characters in strings, strings past maxLength; BENCHMARKS.md), and it refuses some specs guidance "
         "takes (a pattern beside a length bound).",
     )
-    structured_masks: Literal["parallel", "vllm"] = Field(
+    structured_masks: Literal["parallel", "in-turn", "vllm"] = Field(
         "parallel",
         description="How vLLM's engine core makes structured outputs' grammars and masks: parallel (one "
         "grammar compiled per distinct constraint and copied per request, a step's masks in one call over "
-        "llguidance's threads) or vllm (vLLM's own ways: a compile per request, a Python call per row and "
-        "a thread pool above 128 rows). The masks are the same; they are on the critical path of every "
-        "structured step.",
+        "llguidance's threads, and under async scheduling the next step scheduled while they fill), "
+        "in-turn (the same, the next step scheduled at the loop's own turn) or vllm (vLLM's own ways: a "
+        "compile per request, a Python call per row and a thread pool above 128 rows). The masks are the "
+        "same; they are on the critical path of every structured step.",
     )
 
 

@@ -203,8 +203,9 @@ class VllmEngine:
         vLLM's "guidance" (llguidance, as the torch engine: moe_core/structured.py) or "xgrammar",
         either with JSON free of extra whitespace; structured_masks: how vLLM's engine core makes
         grammars and fills a step's token masks, "parallel" (LocalMoE's scheduler: a grammar per
-        distinct constraint, copied per request; the rows in one parallel call; moe_core/
-        vllm_masks.py) or "vllm" (vLLM's own ways); enable_prefix_caching: vLLM's
+        distinct constraint, copied per request; the rows in one parallel call, the next step
+        scheduled while they fill; moe_core/vllm_masks.py), "in-turn" (the same, the next step
+        scheduled at the loop's own turn) or "vllm" (vLLM's own ways); enable_prefix_caching: vLLM's
         automatic prefix caching (KV blocks of earlier prompts reused by a prompt that starts
         alike); quantization: what vLLM quantizes an unquantized checkpoint to as it loads ("fp8";
         None: nothing; a quantized checkpoint's own method comes from its config); cpu_offload_gb:
@@ -244,8 +245,10 @@ class VllmEngine:
         self.tuned_config_dir = tuned_config_dir
         self.expert_telemetry = expert_telemetry
         self.structured_outputs_backend = structured_outputs_backend
-        if structured_masks not in ("parallel", "vllm"):
-            raise ValueError(f"structured_masks must be 'parallel' or 'vllm', not {structured_masks!r}")
+        if structured_masks not in ("parallel", "in-turn", "vllm"):
+            raise ValueError(
+                f"structured_masks must be 'parallel', 'in-turn' or 'vllm', not {structured_masks!r}"
+            )
         self.structured_masks = structured_masks
         self.enable_prefix_caching = enable_prefix_caching
         self.quantization = quantization
@@ -425,11 +428,16 @@ class VllmEngine:
 
         return str(resolve_dtype(device, self.dtype)).removeprefix("torch.")
 
+    def _scheduler_cls(self) -> dict[str, str]:
+        """EngineArgs' scheduler_cls for structured_masks (none: vLLM's own)."""
+        from moe_core import vllm_masks
+
+        names = {"parallel": vllm_masks.SCHEDULER, "in-turn": vllm_masks.SCHEDULER_IN_TURN}
+        return {"scheduler_cls": names[self.structured_masks]} if self.structured_masks in names else {}
+
     def _engine_args(self, dtype: str) -> Any:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import EngineArgs
-
-        from moe_core import vllm_masks
 
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir),
@@ -457,7 +465,7 @@ class VllmEngine:
             structured_outputs_config=StructuredOutputsConfig(
                 backend=self.structured_outputs_backend, disable_any_whitespace=True
             ),
-            **({"scheduler_cls": vllm_masks.SCHEDULER} if self.structured_masks == "parallel" else {}),
+            **self._scheduler_cls(),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
         )

@@ -32,6 +32,19 @@ futures it returns; a request's grammar comes from `_create_grammar(request)` (o
 compile threads). `install` sets the threshold to 0 and the chunk past any batch, so each step's
 rows come in one list, puts `ParallelFill` in the submit's place and `GrammarCache` in the
 create's. vLLM imports this module in its engine-core process; it imports vLLM lazily.
+
+Scheduling ahead (`ScheduleAhead`, on unless the engine is told otherwise). Under async scheduling a
+structured step's sampling is deferred: vLLM's loop launches step k+1's forward, waits for step
+k's tokens, takes them in (update_from_output: the grammars' accepts), fills k+1's masks, launches
+k+1's sampling and only then, at its next turn, schedules k+2. One thread does all of it in turn.
+The fill is native and frees the GIL, so LocalMoE's scheduler runs k+2's `schedule()` on the
+engine-core thread while a driver thread waits in the fill, and hands that output to the loop's
+next `schedule()` call. The scheduler's calls keep vLLM's order (schedule k+1, update k, schedule
+k+2, update k+1, ...) and the model runner's do too (execute k+1, sample k+1, execute k+2); what
+moves is that requests added or aborted between two steps reach the scheduler one step later,
+as they would had they come during the step, and an aborted request already in k+2 runs one more
+step as an in-flight one does. Only the deferred call (its output has `pending_structured_output_tokens`)
+schedules ahead: anywhere else the loop would then hold one step more than its batch queue.
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ import copy
 import logging
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from moe_core.structured import Templates, fill_threads
@@ -48,6 +61,10 @@ from moe_core.structured import Templates, fill_threads
 logger = logging.getLogger(__name__)
 
 SCHEDULER = f"{__name__}.scheduler"  # vLLM's scheduler_cls
+SCHEDULER_IN_TURN = f"{__name__}.scheduler_in_turn"  # the same, without scheduling ahead
+# The GIL's switch interval while a fill overlaps the next schedule (CPython's default is 5 ms: the
+# driver thread would wait that long for the GIL to start the fill, and again to end it)
+SWITCH_S = 50e-6
 
 
 class ParallelFill:
@@ -66,6 +83,10 @@ class ParallelFill:
         self._guided = GuidanceGrammar
         self.calls = 0  # steps filled here
         self.parallel_rows = 0  # llguidance rows among them
+        self.overlapped = 0  # fills that ran `during` beside them
+        # run once on the calling thread while the next fill's llguidance rows fill (then cleared)
+        self.during: Callable[[], None] | None = None
+        self._driver: ThreadPoolExecutor | None = None  # its one thread waits in the native fill
 
     def __call__(self, batch: list[tuple[Any, int, bool]]) -> Future[None]:
         mask = self.manager._grammar_bitmask  # [max_num_seqs, ceil(V / 32)] int32, contiguous
@@ -83,8 +104,24 @@ class ParallelFill:
                 others.append((grammar, row, constrain))
         if free:
             mask[free] = -1  # every token allowed, as vLLM fills such a row
-        if matchers:
+        during, self.during = self.during, None
+        if matchers and during is not None:
+            if self._driver is None:
+                self._driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localmoe-fill")
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_S)  # the driver takes the GIL at once to start the fill
+            try:
+                filling = self._driver.submit(self._fill_par, self.executor, matchers, mask)
+                try:
+                    during()  # the GIL is free: llguidance's threads fill the rows meanwhile
+                finally:
+                    filling.result()  # the rows written (or the fill's error raised) before they are read
+            finally:
+                sys.setswitchinterval(interval)
+            self.overlapped += 1
+        elif matchers:
             self._fill_par(self.executor, matchers, mask)
+        if matchers:
             for grammar in guided:
                 grammar.check_error()  # vLLM's warning for a matcher in error, once per grammar
         if others:
@@ -178,9 +215,56 @@ def vllms_scheduler(*args: Any, **kwargs: Any) -> Any:
     return base(*args, **kwargs)
 
 
+class ScheduleAhead:
+    """Wraps a vLLM scheduler (its instance's schedule, has_requests and get_grammar_bitmask) so
+    that a deferred structured step's mask fill (ParallelFill) runs the next step's `schedule()`
+    beside it, and the loop's next `schedule()` call gets that output (the module's docstring)."""
+
+    def __init__(self, sched: Any, fill: ParallelFill) -> None:
+        self.fill = fill
+        self.ahead: Any = None  # a SchedulerOutput scheduled during a fill, not yet handed out
+        self.scheduled_ahead = 0  # steps scheduled so
+        self._schedule, self._has_requests = sched.schedule, sched.has_requests
+        self._grammar_bitmask = sched.get_grammar_bitmask
+        sched.schedule, sched.has_requests = self.schedule, self.has_requests
+        sched.get_grammar_bitmask = self.get_grammar_bitmask
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ahead is None:
+            return self._schedule(*args, **kwargs)
+        out, self.ahead = self.ahead, None
+        return out
+
+    def has_requests(self) -> bool:
+        return self.ahead is not None or bool(self._has_requests())
+
+    def get_grammar_bitmask(self, scheduler_output: Any) -> Any:
+        if self.ahead is not None or not getattr(scheduler_output, "pending_structured_output_tokens", False):
+            return self._grammar_bitmask(scheduler_output)
+        self.fill.during = self._schedule_next
+        try:
+            return self._grammar_bitmask(scheduler_output)
+        finally:
+            self.fill.during = None  # unused where the step had no llguidance row to fill
+
+    def _schedule_next(self) -> None:
+        if self._has_requests():
+            self.ahead = self._schedule()
+            self.scheduled_ahead += 1
+
+
 def scheduler(*args: Any, **kwargs: Any) -> Any:
     """vLLM's scheduler_cls: the scheduler vLLM would build (vllms_scheduler), `install`ed in its
-    structured-output manager."""
+    structured-output manager, scheduling ahead during deferred fills."""
+    built = vllms_scheduler(*args, **kwargs)
+    installed = install(built.structured_output_manager)
+    if installed is not None:
+        built.localmoe_ahead = ScheduleAhead(built, installed.fill)
+    return built
+
+
+def scheduler_in_turn(*args: Any, **kwargs: Any) -> Any:
+    """`scheduler` without scheduling ahead: each step scheduled at the loop's own turn."""
     built = vllms_scheduler(*args, **kwargs)
     install(built.structured_output_manager)
     return built

@@ -375,3 +375,25 @@ def test_prefix_routing_sources_go_on_into_the_installed_packages(
     assert all(95 <= len(counter.encode(t)) <= 205 for t in texts)  # re-encoding may split the cut apart
     with pytest.raises(SystemExit, match="only 4 source texts"):
         prefix_routing.sources(counter, 5, (100, 200), seed=1)
+
+
+def test_the_simulated_runner_picks_a_token_the_mask_allows() -> None:
+    """bench/engine_core_loop.py's pick: the first allowed token at or after the drawn one, wrapping
+    to the lowest allowed (the loop tests' token draws rest on it)."""
+    import random
+
+    import numpy as np
+
+    from bench.engine_core_loop import _allowed_from
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        vocab = rng.choice([64, 100, 2048])
+        allowed = rng.sample(range(vocab), rng.choice([1, 2, 3, 50]))
+        bits = np.zeros(-(-vocab // 32) * 32, dtype=np.uint8)
+        bits[allowed] = 1
+        row = np.packbits(bits, bitorder="little").view(np.int32)  # [ceil(V / 32)], bit t = token t
+        start = rng.randrange(vocab)
+        assert _allowed_from(row, start) == min([a for a in allowed if a >= start] or allowed)
+    with pytest.raises(AssertionError):
+        _allowed_from(np.zeros(4, dtype=np.int32), 0)

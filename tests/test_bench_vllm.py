@@ -74,6 +74,27 @@ def test_the_engine_core_mask_benchmark(tmp_path: Path) -> None:
     assert together["localmoe"]["accepted_together"] > 0 and together["vllm"]["accepted_together"] == 0
 
 
+def test_the_engine_core_loop_benchmark(tmp_path: Path) -> None:
+    """bench/engine_core_loop.py: vLLM's loop under async scheduling over the simulated runner,
+    each way in turn; only LocalMoE's default way schedules ahead, and every way decodes the same
+    tokens (it raises otherwise)."""
+    from moe_build.checkpoint import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
+    argv = [sys.executable, "-m", "bench.engine_core_loop", "--model", str(model), "--requests", "16",
+            "--max-tokens", "12", "--rounds", "1", "--forward-ms", "1", "--sample-ms", "0.2",
+            "--prep-ms", "0.5"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ways = result["ways"]
+    assert set(ways) == {"vllm", "in-turn", "parallel"} and result["prep_ms"] == 0.5
+    for way, r in ways.items():
+        assert r["steps"] >= 12 and r["ms_per_step"] > 0 and r["masks_ms"] > 0, (way, r)
+    assert ways["parallel"]["ahead"] > 0 and ways["in-turn"]["ahead"] == ways["vllm"]["ahead"] == 0
+    assert ways["parallel"]["schedule_ms"] < ways["in-turn"]["schedule_ms"]  # it hands out what it made
+
+
 def test_the_engine_drift_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/engine_drift.py: rounds of the engine alone, with vLLM's prefix caching and without."""
 

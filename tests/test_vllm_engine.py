@@ -10,6 +10,7 @@ or test, never at import time.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -758,6 +759,8 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     from moe_core import vllm_masks
 
     assert make_engine(mixtral_dir)._engine_args("float32").scheduler_cls == vllm_masks.SCHEDULER
+    in_turn = make_engine(mixtral_dir, structured_masks="in-turn")._engine_args("float32")
+    assert in_turn.scheduler_cls == vllm_masks.SCHEDULER_IN_TURN
     assert make_engine(mixtral_dir, structured_masks="vllm")._engine_args("float32").scheduler_cls is None
 
     vllms, ours = manager_for(mixtral_dir, 20), manager_for(mixtral_dir, 20)
@@ -778,6 +781,80 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     assert (expected[0] == -1).all() and np.array_equal(ours.grammar_bitmask(our_batch, ids, {}), expected)
     ours.clear_backend()  # as the engine core's shutdown does (20 rows: vLLM made no fill pool)
     assert ours.backend is None
+
+
+def test_scheduling_ahead_changes_no_token_and_keeps_the_runners_order(tmp_path: Path) -> None:
+    """moe_core/vllm_masks.py's ScheduleAhead in vLLM's own engine-core loop under async scheduling
+    (bench/engine_core_loop.py: vLLM's step_with_batch_queue, AsyncScheduler and manager; a
+    simulated model runner sampling a token each request's mask allows, seeded by request and
+    position). 24 requests, every fourth unconstrained, one aborted mid-decode: scheduling ahead
+    decodes the tokens the loop's own turn and vLLM's ways decode and ends each request alike;
+    the runner is still called execute k, sample k, execute k + 1; and it did schedule ahead,
+    each such fill beside a schedule."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from bench.engine_core_loop import Loop, structured_requests
+    from bench.structured_output import schemas
+
+    model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
+    runs: dict[str, Any] = {}
+    for way in ("vllm", "in-turn", "parallel"):
+        loop = Loop(model, 24, way, forward_ms=1.0, sample_ms=0.2)
+        try:
+            requests = structured_requests(loop, 24, max_tokens=64, plain_every=4)
+            loop.add_ready(requests)
+            outputs, finished, _ = loop.run(abort={6: ["r5"]})
+            ahead = getattr(loop.scheduler, "localmoe_ahead", None)
+            counts = (ahead.scheduled_ahead, ahead.fill.overlapped) if ahead is not None else None
+            runs[way] = (outputs, finished, loop.runner.calls, counts)
+        finally:
+            loop.close()
+    outputs, finished, calls, counts = runs["parallel"]
+    for way in ("vllm", "in-turn"):
+        assert runs[way][0] == outputs and runs[way][1] == finished, way
+        assert runs[way][3] is None, way  # nothing scheduled ahead
+    steps = len(calls) // 2
+    assert steps > 20 and calls == [(kind, k) for k in range(1, steps + 1) for kind in ("execute", "sample")]
+    assert counts is not None and counts[0] > 10 and counts[1] == counts[0]
+    assert 0 < len(outputs["r5"]) < 6 and "r5" not in finished  # aborted: no more tokens, no finish
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pool, stopped = schemas(50), 0
+    for k in range(24):
+        if k % 4 == 3 or finished.get(f"r{k}") != "stop":
+            continue  # unconstrained, aborted or cut by max_tokens
+        stopped += 1
+        text = tokenizer.decode(outputs[f"r{k}"], skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), pool[k % 50])
+    assert stopped >= 3
+
+
+def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtral_dir: Path) -> None:
+    """ParallelFill runs `during` (the next step's schedule) on the calling thread while llguidance
+    fills the rows: if it raises, the error comes out only after the rows are all written (nothing
+    writes the manager's tensor behind vLLM's back), and `during` is used once."""
+    import numpy as np
+
+    from bench.engine_core_masks import add_requests, manager_for
+    from moe_core import vllm_masks
+
+    manager = manager_for(mixtral_dir, 8)
+    installed = vllm_masks.install(manager, threads=2)
+    assert installed is not None
+    batch = add_requests(manager, 8, distinct=2)
+    ids = list(batch)
+    expected = manager.grammar_bitmask(batch, ids, {}).copy()  # [8, ceil(V / 32)] int32
+
+    def fails() -> None:
+        raise RuntimeError("the schedule failed")
+
+    manager._grammar_bitmask.zero_()
+    installed.fill.during = fails
+    with pytest.raises(RuntimeError, match="the schedule failed"):
+        manager.grammar_bitmask(batch, ids, {})
+    assert np.array_equal(manager._grammar_bitmask[:8].numpy(), expected) and installed.fill.during is None
+    assert installed.fill.overlapped == 0  # counted only when both ended well
+    manager.clear_backend()
 
 
 def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None:
