@@ -43,8 +43,9 @@ next `schedule()` call. The scheduler's calls keep vLLM's order (schedule k+1, u
 k+2, update k+1, ...) and the model runner's do too (execute k+1, sample k+1, execute k+2); what
 moves is that requests added or aborted between two steps reach the scheduler one step later,
 as they would had they come during the step, and an aborted request already in k+2 runs one more
-step as an in-flight one does. Only the deferred call (its output has `pending_structured_output_tokens`)
-schedules ahead: anywhere else the loop would then hold one step more than its batch queue.
+step as an in-flight one does. Only the deferred call (its output has
+`pending_structured_output_tokens`) schedules ahead: a step sampled at once has its masks before
+the previous step's update, and a schedule there would come before that update, not vLLM's order.
 """
 
 from __future__ import annotations
