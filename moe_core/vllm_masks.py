@@ -216,6 +216,9 @@ def vllms_scheduler(*args: Any, **kwargs: Any) -> Any:
     return base(*args, **kwargs)
 
 
+AHEAD_SEAM = ("schedule", "has_requests", "get_grammar_bitmask")  # the scheduler's calls ScheduleAhead wraps
+
+
 class ScheduleAhead:
     """Wraps a vLLM scheduler (its instance's schedule, has_requests and get_grammar_bitmask) so
     that a deferred structured step's mask fill (ParallelFill) runs the next step's `schedule()`
@@ -259,8 +262,10 @@ def scheduler(*args: Any, **kwargs: Any) -> Any:
     structured-output manager, scheduling ahead during deferred fills."""
     built = vllms_scheduler(*args, **kwargs)
     installed = install(built.structured_output_manager)
-    if installed is not None:
+    if installed is not None and all(hasattr(built, name) for name in AHEAD_SEAM):
         built.localmoe_ahead = ScheduleAhead(built, installed.fill)
+    elif installed is not None:
+        logger.warning("this vLLM's scheduler has not %s: each step scheduled at the loop's turn", AHEAD_SEAM)
     return built
 
 

@@ -857,6 +857,29 @@ def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtra
     manager.clear_backend()
 
 
+def test_a_scheduler_without_the_calls_it_wraps_keeps_the_loops_turn(
+    mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vLLM whose scheduler lacks one of the calls ScheduleAhead wraps (here has_requests) still
+    gets LocalMoE's fill, each step scheduled at the loop's turn, and a warning, not a failed start."""
+    from types import SimpleNamespace
+
+    from bench.engine_core_masks import manager_for
+    from moe_core import vllm_masks
+
+    manager = manager_for(mixtral_dir, 4)
+    bare = SimpleNamespace(
+        structured_output_manager=manager, schedule=lambda: None, get_grammar_bitmask=print
+    )
+    monkeypatch.setattr(vllm_masks, "vllms_scheduler", lambda *args, **kwargs: bare)
+    built = vllm_masks.scheduler()
+    assert built is bare and not hasattr(built, "localmoe_ahead")
+    assert isinstance(manager._async_submit_fill_bitmask, vllm_masks.ParallelFill)
+    bare.has_requests = lambda: False  # every call there (and a manager not yet installed): wrapped
+    bare.structured_output_manager = manager_for(mixtral_dir, 4)
+    assert isinstance(vllm_masks.scheduler().localmoe_ahead, vllm_masks.ScheduleAhead)
+
+
 def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None:
     """GrammarCache keys a grammar by (kind, spec, stop tokens); a spec vLLM would keep as a dict is
     no key: vLLM's compile serves that request, nothing is kept."""
