@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench import engine_core_steps
+from bench.engine_core_masks import config_for, model_or_tiny
 from bench.structured_output import schemas
 
 WAYS = ("vllm", "in-turn", "parallel")  # engine.vllm.structured_masks
@@ -158,24 +159,18 @@ class Loop:
         self, model: Path, rows: int, way: str, forward_ms: float, sample_ms: float, prep_ms: float = 0.0
     ) -> None:
         import torch
-        from vllm.config import StructuredOutputsConfig
-        from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
         from vllm.v1.structured_output import StructuredOutputManager
 
         from moe_core import vllm_masks
 
-        config = EngineArgs(
-            model=str(model),
-            max_num_seqs=rows,
+        config = config_for(
+            model,
+            rows,
             max_num_batched_tokens=max(2048, rows * 8),
-            enforce_eager=True,
             enable_prefix_caching=False,  # (its block hashes come with requests an engine processed)
-            structured_outputs_config=StructuredOutputsConfig(
-                backend="guidance", disable_any_whitespace=True
-            ),
-        ).create_engine_config()
+        )
         config.scheduler_config.async_scheduling = True  # as on a GPU (vLLM's CPU build turns it off)
         self.config = config
         self.manager = StructuredOutputManager(config)
@@ -327,15 +322,7 @@ def main() -> None:
     ways = [w for w in args.ways.split(",") if w]
     if unknown := set(ways) - set(WAYS):
         p.error(f"unknown ways {sorted(unknown)}")
-    if args.model:
-        model = Path(args.model)
-    else:
-        from moe_build.checkpoint import build_checkpoint
-
-        print("building the tiny model with a 32,000-token vocabulary…", flush=True)
-        model = build_checkpoint(
-            Path(tempfile.mkdtemp(prefix="localmoe-loop-")) / "model", vocab_size=32000, progress=False
-        )
+    model = model_or_tiny(args.model, "localmoe-loop-")
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
     for k in range(args.rounds):
         for way in ways:

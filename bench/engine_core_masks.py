@@ -40,20 +40,38 @@ import numpy as np
 from bench.structured_output import schemas
 
 
-def manager_for(model: Path, rows: int) -> Any:
-    """vLLM's StructuredOutputManager for `model`: guidance, JSON without free whitespace, `rows`
-    mask rows."""
+def config_for(model: Path, rows: int, **engine_args: Any) -> Any:
+    """vLLM's config for `model` with `rows` sequences a step: guidance, JSON without free
+    whitespace, eager; `engine_args` more of EngineArgs'."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.structured_output import StructuredOutputManager
 
-    config = EngineArgs(
+    return EngineArgs(
         model=str(model),
         max_num_seqs=rows,
         enforce_eager=True,
         structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
+        **engine_args,
     ).create_engine_config()
-    return StructuredOutputManager(config)
+
+
+def manager_for(model: Path, rows: int) -> Any:
+    """vLLM's StructuredOutputManager for `model` (config_for's), `rows` mask rows."""
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    return StructuredOutputManager(config_for(model, rows))
+
+
+def model_or_tiny(model: str | None, prefix: str) -> Path:
+    """`model`, or (None) the tiny test model with a 32,000-token vocabulary (the reference
+    model's: a mask row is 1,000 words) built in a new temporary folder named from `prefix`."""
+    if model:
+        return Path(model)
+    from moe_build.checkpoint import build_checkpoint
+
+    print("building the tiny model with a 32,000-token vocabulary…", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    return build_checkpoint(folder / "model", vocab_size=32000, progress=False)
 
 
 def add_requests(
@@ -173,15 +191,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="LocalMoE's fill threads (default: as the engine core picks)")
     p.add_argument("--par-accepts", action="store_true", help="LocalMoE's way accepts in one native call")
     args = p.parse_args()
-    if args.model:
-        model = Path(args.model)
-    else:
-        from moe_build.checkpoint import build_checkpoint
-
-        print("building the tiny model with a 32,000-token vocabulary…", flush=True)
-        model = build_checkpoint(
-            Path(tempfile.mkdtemp(prefix="localmoe-masks-")) / "model", vocab_size=32000, progress=False
-        )
+    model = model_or_tiny(args.model, "localmoe-masks-")
     print(f"{args.requests} requests, up to {args.steps} steps, each way in turn…", flush=True)
     r = measure(model, args.requests, args.steps, args.threads, args.par_accepts)
     v, o = r["vllm"], r["localmoe"]
