@@ -30,9 +30,9 @@ def module(frame: str) -> str:
 def read(path: Path) -> list[tuple[list[str], int]]:
     """→ [(frames outermost first, samples)]."""
     stacks = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack:
+        if stack and n.isdigit():  # py-spy's raw output can hold a line torn by a failed read
             stacks.append((stack.split(";"), int(n)))
     return stacks
 

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+from moe_core import vllm_bitmask
 from moe_core.structured import Templates, fill_threads
 
 logger = logging.getLogger(__name__)
@@ -259,9 +260,11 @@ class ScheduleAhead:
 
 def scheduler(*args: Any, **kwargs: Any) -> Any:
     """vLLM's scheduler_cls: the scheduler vLLM would build (vllms_scheduler), `install`ed in its
-    structured-output manager, scheduling ahead during deferred fills."""
+    structured-output manager, scheduling ahead during deferred fills; the model runner in this
+    process applies the masks from kept host memory (moe_core/vllm_bitmask.py)."""
     built = vllms_scheduler(*args, **kwargs)
     installed = install(built.structured_output_manager)
+    vllm_bitmask.install()
     if installed is not None and all(hasattr(built, name) for name in AHEAD_SEAM):
         built.localmoe_ahead = ScheduleAhead(built, installed.fill)
     elif installed is not None:
@@ -270,7 +273,9 @@ def scheduler(*args: Any, **kwargs: Any) -> Any:
 
 
 def scheduler_in_turn(*args: Any, **kwargs: Any) -> Any:
-    """`scheduler` without scheduling ahead: each step scheduled at the loop's own turn."""
+    """`scheduler` without scheduling ahead: each step scheduled at the loop's own turn (the
+    masks' staging as `scheduler`'s)."""
     built = vllms_scheduler(*args, **kwargs)
     install(built.structured_output_manager)
+    vllm_bitmask.install()
     return built

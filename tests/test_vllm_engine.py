@@ -900,6 +900,97 @@ def test_a_spec_that_cannot_be_a_key_is_compiled_for_its_request_alone() -> None
     assert (cache.compiles, cache.copies, len(cache.templates)) == (0, 0, 0)
 
 
+def _apply_both(
+    req_ids: list[str], structured: list[str], spec: dict[str, list[int]], logits: Any, seed: int, stager: Any
+) -> tuple[Any, Any]:
+    """The logits after vLLM's apply_grammar_bitmask and after `stager` (the same random masks)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from vllm.v1.core.sched.output import GrammarOutput
+    from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+    mask_rows = sum(1 + len(spec.get(r, ())) for r in structured)
+    words = (logits.shape[1] + 31) // 32
+    rng = np.random.default_rng(seed)
+    bitmask = rng.integers(-(2**31), 2**31, size=(mask_rows, words), dtype=np.int64).astype(np.int32)
+    scheduled = SimpleNamespace(scheduled_spec_decode_tokens=spec)
+    batch = SimpleNamespace(req_ids=req_ids)
+    theirs, ours = logits.clone(), logits.clone()
+    apply_grammar_bitmask(scheduled, GrammarOutput(structured, bitmask.copy()), batch, theirs)
+    stager(scheduled, GrammarOutput(structured, bitmask.copy()), batch, ours)
+    assert torch.isinf(theirs).any()  # the masks masked something
+    return theirs, ours
+
+
+def test_the_masks_staged_from_kept_host_memory_apply_as_vllms() -> None:
+    """moe_core/vllm_bitmask.py's BitmaskStager against vLLM's apply_grammar_bitmask on the same
+    step: a request's draft tokens take the rows after its own, a structured request no longer in
+    the batch keeps unused mask rows, unstructured rows are untouched, bf16 logits as float32;
+    then steps of more rows (the buffers grow) and of every row structured (no index), and a step
+    after it whose unstructured rows held an earlier step's masks in the kept buffer."""
+    import torch
+
+    from moe_core.vllm_bitmask import BitmaskStager, layout
+
+    stager = BitmaskStager()
+    req_ids = ["a", "b", "c", "d", "e", "f"]
+    spec = {"b": [5, 6], "c": [7]}  # b: rows 1-3, c: rows 4-5, d: 6, e: 7, f: 8 of 9 logits rows
+    structured = ["e", "gone", "b", "d"]  # the manager's order; "gone" left the batch
+    scheduled = type("S", (), {"scheduled_spec_decode_tokens": spec})()
+    grammar = type("G", (), {"structured_output_request_ids": structured})()
+    assert layout(scheduled, grammar, req_ids) == ([7, 1, 2, 3, 6], [0, 2, 3, 4, 5])
+    for seed, dtype in ((0, torch.float32), (1, torch.bfloat16)):
+        logits = torch.randn(9, 100, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        theirs, ours = _apply_both(req_ids, structured, spec, logits, seed, stager)
+        assert torch.equal(theirs, ours)
+        assert torch.equal(ours[[0, 4, 5, 8]], logits[[0, 4, 5, 8]])  # a, c, f: not structured
+    wide = [f"r{i}" for i in range(40)]
+    for seed, chosen in ((2, wide[::3]), (3, wide), (4, wide[1::2])):  # grows; every row; stale rows
+        logits = torch.randn(40, 100, generator=torch.Generator().manual_seed(seed))
+        theirs, ours = _apply_both(wide, chosen, {}, logits, seed, stager)
+        assert torch.equal(theirs, ours)
+    assert stager.steps == 5
+
+
+def test_the_stager_replaces_vllms_call_only_where_the_runner_is_loaded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vllm_bitmask.install in a process that holds vLLM's model runner: the name its runner calls
+    becomes one BitmaskStager (installed once, whoever asks again); without the runner's module
+    (tensor-parallel workers elsewhere) nothing changes; a runner without that name keeps its own,
+    with a warning. LocalMoE's schedulers install it as they are built."""
+    import types
+
+    import vllm.v1.worker.gpu_model_runner as runner_module
+
+    from moe_core import vllm_bitmask, vllm_masks
+
+    original = runner_module.apply_grammar_bitmask
+    monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)  # put back after the test
+    stager = vllm_bitmask.install()
+    assert isinstance(stager, vllm_bitmask.BitmaskStager)
+    assert runner_module.apply_grammar_bitmask is stager and vllm_bitmask.install() is stager
+
+    monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)
+    built = types.SimpleNamespace(structured_output_manager=None)
+    monkeypatch.setattr(vllm_masks, "vllms_scheduler", lambda *args, **kwargs: built)
+    monkeypatch.setattr(vllm_masks, "install", lambda manager: None)  # the manager's part: tested above
+    for build in (vllm_masks.scheduler, vllm_masks.scheduler_in_turn):
+        monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)
+        assert build() is built
+        assert isinstance(runner_module.apply_grammar_bitmask, vllm_bitmask.BitmaskStager)
+
+    monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)
+    monkeypatch.delitem(sys.modules, vllm_bitmask.RUNNER)
+    assert vllm_bitmask.install() is None and runner_module.apply_grammar_bitmask is original
+    monkeypatch.setitem(sys.modules, vllm_bitmask.RUNNER, types.ModuleType(vllm_bitmask.RUNNER))
+    with caplog.at_level(logging.WARNING, logger="moe_core.vllm_bitmask"):
+        assert vllm_bitmask.install() is None
+    assert "no apply_grammar_bitmask" in caplog.text
+
+
 def test_special_tokens_and_stop_strings_in_the_output(engine: VllmEngine) -> None:
     """skip_special_tokens and include_stop_str_in_output: the torch engine's answers (the same cases)."""
     prompt = PROMPTS[1]
