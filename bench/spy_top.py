@@ -9,7 +9,9 @@ the share of samples whose stack passes through a frame containing that text (in
 --modules, self samples by where their frame's code lives: a library by its package (fastapi,
 redis, asyncio), the project's own code by file (scheduler/modality.py; run from the repository).
 With --process (a profile taken with py-spy's --subprocesses), only the stacks of processes whose
-"process ..." frame contains that text, and every share of their samples.
+"process ..." frame contains that text, and every share of their samples; --thread likewise for
+threads (a profile taken with --threads), and --within only the stacks that pass through a frame
+containing that text (a loop's step, say: then every share is of the step's samples).
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def main() -> None:
     ap.add_argument("--match", action="append", default=[], help="text of a frame (repeatable)")
     ap.add_argument("--modules", action="store_true", help="self samples by package / project file")
     ap.add_argument("--process", help="only the processes whose py-spy process frame contains this")
+    ap.add_argument("--thread", help="only the threads whose py-spy thread frame contains this")
+    ap.add_argument("--within", help="only the stacks through a frame containing this")
     args = ap.parse_args()
     stacks = read(args.raw)
     if args.process:
         stacks = [(f, n) for f, n in stacks if any(x.startswith("process ") and args.process in x for x in f)]
+    if args.thread:
+        stacks = [(f, n) for f, n in stacks if any(x.startswith("thread ") and args.thread in x for x in f)]
+    if args.within:
+        stacks = [(f, n) for f, n in stacks if any(args.within in x for x in f)]
     total = sum(n for _, n in stacks) or 1
     own = Counter[str]()
     for frames, n in stacks:

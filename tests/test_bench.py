@@ -205,6 +205,27 @@ def test_spy_top_keeps_one_process_of_a_subprocesses_profile(tmp_path: Path) -> 
     assert not any("validate" in line for line in lines)
 
 
+def test_spy_top_keeps_one_thread_within_one_frame(tmp_path: Path) -> None:
+    """--thread and --within (a profile taken with --threads --idle): the engine's main thread's
+    samples inside its step, shares of those alone; a line py-spy tore (no count) is skipped."""
+    raw = tmp_path / "p.raw"
+    core = 'process 2:"VLLM::EngineCore";thread (2): MainThread'
+    raw.write_text(
+        f"{core};loop (core.py:1);step (core.py:2);sample (r.py:3);full (u.py:126) 2\n"
+        f"{core};loop (core.py:1);step (core.py:2);execute (r.py:4) 6\n"
+        f"{core};loop (core.py:1);wait (threading.py:355) 30\n"
+        'process 2:"VLLM::EngineCore";thread (3): fill;step (core.py:2);wait (threading.py:355) 50\n'
+        f"{core};step (core.py:2);torn \x00\x13 frame\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.spy_top", str(raw), "--process", "EngineCore",
+         "--thread", "MainThread", "--within", "step (", "--match", "u.py:126"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "8 samples" and lines[-1] == "  through 'u.py:126': 25.0%"
+
+
 def test_spy_top_groups_self_samples_by_package_or_project_file(tmp_path: Path) -> None:
     """--modules: a library's frames count under its package, the project's under their file."""
     raw = tmp_path / "p.raw"
