@@ -34,6 +34,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from moe_core.choice import resident_slots
@@ -396,6 +397,8 @@ class RoutingTrace:
     chosen: list[list[list[int]]] = field(default_factory=list)
     predicted: list[list[list[int]]] = field(default_factory=list)
     replaying: bool = False  # False: recording into the lists
+    # (predicted?, layer) → its recorded rows as one [R, k] int32 array, for replaying
+    _arrays: dict[tuple[bool, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def record(self, layer: _CachedLayer, index: torch.Tensor, guess: torch.Tensor | None) -> None:
         """index: the layer's [T, k] ids; guess: its prediction of the next layer's, [T, k]."""
@@ -406,27 +409,47 @@ class RoutingTrace:
         if guess is not None:
             self.predicted[layer.number + 1] += guess.tolist()
 
+    def rows(self, layer: _CachedLayer, tokens: int) -> np.ndarray:
+        """The layer's ids for its next `tokens` tokens, [tokens, k] int32 (its cursor moves on)."""
+        start = layer.cursor
+        layer.cursor += tokens
+        picked = self._pick(self.chosen, layer.number, layer.num_experts, start, tokens)
+        assert picked is not None, "a replayed layer has recorded rows"
+        return picked
+
     def replay(self, layer: _CachedLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """→ (the layer's ids for the T tokens of `like` [T, k], the next layer's predicted ids)."""
         tokens, start = like.shape[0], layer.cursor
-        layer.cursor += tokens
-        layers = len([rows for rows in self.chosen if rows])
 
-        def rows(table: list[list[list[int]]], number: int, experts: int) -> torch.Tensor | None:
-            recorded = table[number % layers]
-            if not recorded:
-                return None
-            picked = [[e % experts for e in recorded[(start + t) % len(recorded)]] for t in range(tokens)]
-            rows = torch.tensor(picked, dtype=like.dtype)
+        def device(rows: np.ndarray) -> torch.Tensor:
+            host = torch.from_numpy(rows).to(like.dtype)
             if like.device.type != "cuda":
-                return rows.to(like.device)
-            return rows.pin_memory().to(like.device, non_blocking=True)  # no host sync
+                return host.to(like.device)
+            return host.pin_memory().to(like.device, non_blocking=True)  # no host sync
 
-        chosen = rows(self.chosen, layer.number, layer.num_experts)
-        assert chosen is not None and chosen.shape == like.shape, "the trace's k must be the model's"
+        chosen = device(self.rows(layer, tokens))
+        assert chosen.shape == like.shape, "the trace's k must be the model's"
         after = layer.next
-        guess = rows(self.predicted, layer.number + 1, after.num_experts) if after is not None else None
-        return chosen, guess
+        guess = None
+        if after is not None:
+            guess = self._pick(self.predicted, layer.number + 1, after.num_experts, start, tokens)
+        return chosen, None if guess is None else device(guess)
+
+    def _pick(
+        self, table: list[list[list[int]]], number: int, experts: int, start: int, tokens: int
+    ) -> np.ndarray | None:
+        """Rows start.. of recorded layer `number` mod the recorded layers (cycling), ids mod
+        `experts`; None where that layer has no rows (the first layer's predictions)."""
+        layers = len([rows for rows in self.chosen if rows])
+        number %= layers
+        recorded = table[number]
+        if not recorded:
+            return None
+        key = (table is self.predicted, number)
+        array = self._arrays.get(key)
+        if array is None or array.shape[0] != len(recorded):  # made once, again if recording went on
+            array = self._arrays[key] = np.asarray(recorded, dtype=np.int32)
+        return array[(start + np.arange(tokens)) % len(recorded)] % experts
 
 
 class ExpertCache:

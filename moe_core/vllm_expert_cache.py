@@ -47,6 +47,7 @@ from host.settings import Misses
 from moe_core.choice import resident_slots
 from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
 from moe_core.expert_gather import gather_experts, miss_rows, scratch_rows
+from moe_core.pinned import PinnedTurns
 
 EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 # vLLM's load format for a model with the cache (ExpertCacheLoader), and the key of its
@@ -351,6 +352,7 @@ class _InPlaceLayer(_CachedLayer):
         self.landing: list[tuple[int, int, int, torch.cuda.Event | None]] = []
         self.in_slots: dict[int, int] = {}  # expert → slot: what slot_row says, on the host
         self.replay_ids = torch.empty(0, dtype=torch.int32)  # [max tokens, k]: set by vllm_layers
+        self.replay_stage: PinnedTurns | None = None  # host rows on their way to replay_ids
         self.replaying = torch.empty(0, dtype=torch.bool)  # []: replay_ids rule (set by hold)
         self.replaying_now = False  # what `replaying` holds, on the host
         # weight name → [K, ...] device rows the step's misses are gathered into (a view of the
@@ -480,10 +482,15 @@ class _InPlaceLayer(_CachedLayer):
         replaying = trace is not None and trace.replaying
         if replaying and tokens > 0:
             assert trace is not None
-            like = torch.empty((tokens, self.replay_ids.shape[1]), dtype=torch.int32)
-            rows = trace.replay(self, like)[0]
+            rows = trace.rows(self, tokens)  # [tokens, k] int32
+            assert rows.shape[1] == self.replay_ids.shape[1], "the trace's k must be the model's"
             cuda = self.replay_ids.device.type == "cuda"
-            self.replay_ids[:tokens].copy_(rows.pin_memory() if cuda else rows, non_blocking=cuda)
+            if self.replay_stage is None:
+                self.replay_stage = PinnedTurns((rows.shape[1],), torch.int32, cuda)
+            host = self.replay_stage.take(tokens)
+            host.numpy()[:] = rows
+            self.replay_ids[:tokens].copy_(host, non_blocking=cuda)
+            self.replay_stage.queued()
         if replaying != self.replaying_now:
             self.replaying.fill_(replaying)
             self.replaying_now = replaying

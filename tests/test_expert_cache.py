@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,3 +293,27 @@ def test_a_replayed_routing_wraps_layers_and_experts() -> None:
     assert chosen.tolist() == [[2, 3]]
     chosen, guess = trace.replay(layers[2], like[:1])
     assert chosen.tolist() == [[0, 1]] and guess is None  # the last layer predicts nothing
+    rows = trace.rows(layers[0], 2)  # the ids alone, as vLLM's cache stages them: tokens 5 and 6
+    assert rows.tolist() == [[0, 1], [2, 3]] and rows.dtype == np.int32 and layers[0].cursor == 6
+    trace.chosen[0].append([7, 15])  # recorded on: the layer's rows are taken afresh
+    assert trace.rows(layers[0], 1).tolist() == [[0, 1]]  # token 7 of 3 rows: row 0
+    assert trace.rows(layers[0], 2).tolist() == [[2, 3], [7, 7]]  # 15 mod 8
+
+
+def test_pinned_turns_hand_out_buffers_in_turn_and_grow() -> None:
+    """moe_core/pinned.py on the CPU (one plain buffer: copies from it are done when they return):
+    a take is a view of the buffer's first rows, the capacity grows to the largest take (at least
+    doubling), and what a grown buffer hands out is writable at its new size."""
+    from moe_core.pinned import PinnedTurns
+
+    turns = PinnedTurns((4,), torch.int32, cuda=False)
+    first = turns.take(3)
+    assert first.shape == (3, 4) and turns.capacity == 3 and turns.turns == 1
+    first.fill_(7)
+    again = turns.take(2)
+    assert again.data_ptr() == first.data_ptr() and again.tolist() == [[7] * 4] * 2  # the same memory
+    grown = turns.take(5)
+    assert turns.capacity == 6 and grown.shape == (5, 4)
+    grown.numpy()[:] = np.arange(20).reshape(5, 4)
+    assert turns.take(5)[4].tolist() == [16, 17, 18, 19]
+    assert PinnedTurns((), torch.int32, cuda=False).take(4).shape == (4,)
