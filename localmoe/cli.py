@@ -464,8 +464,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--size",
         default="tiny",
-        choices=["tiny", "reference"],
-        help="tiny: 4.4 M parameters, float32; reference: the 4.76 B GPU reference model, bf16",
+        choices=["tiny", "reference", "large"],
+        help="tiny: 4.4 M parameters, float32; reference: the 4.76 B GPU reference model, bf16; "
+        "large: 23.5 B parameters, bf16 (47 GB; a GPU-bound step: Mixtral 8x7B's widths, 16 layers)",
     )
     init.add_argument("--vocab-size", type=int, default=4096)
     init.add_argument(

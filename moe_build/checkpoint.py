@@ -253,10 +253,15 @@ def train_tokenizer(
 
 
 # name → (hidden, intermediate, layers, heads, KV heads). "reference" is the GPU reference model the
-# benchmarks use: 4.76 B parameters as a Mixtral (2.75 GB of active bf16 weights per token).
+# benchmarks use: 4.76 B parameters as a Mixtral (2.75 GB of active bf16 weights per token); a
+# batch's decode step on an H100 is bound by the engine's CPU, not the GPU. "large" has Mixtral
+# 8x7B's widths at half its depth: 23.5 B parameters, 47 GB in bf16 (32,000 tokens), for steps
+# bound by the GPU, as a served model's are: a large batch's decode step reads most of the 47 GB,
+# ~15 ms of an H100's memory bandwidth by estimate (one H100 holds it).
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (128, 256, 4, 4, 2),
     "reference": (2048, 5632, 16, 16, 8),
+    "large": (4096, 14336, 16, 32, 8),
 }
 
 

@@ -88,6 +88,20 @@ def test_half_built_dir_is_not_a_checkpoint(checkpoints: dict[str, Path], tmp_pa
     assert not is_checkpoint(tmp_path / "missing")
 
 
+@pytest.mark.parametrize(("size", "billions"), [("reference", 4.76), ("large", 23.48)])
+def test_the_gpu_sizes_have_the_parameters_they_are_said_to(size: str, billions: float) -> None:
+    """`localmoe model init --size reference|large` (a 32,000-token vocabulary, as the benchmarks
+    build them): the parameter counts the help and the docs give, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_build.checkpoint import _model_config
+
+    config = _model_config("mixtral", 32_000, 1, 2, 0, size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    assert round(model.num_parameters() / 1e9, 2) == billions
+
+
 def test_unknown_arch_is_rejected_with_the_list(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=", ".join(ARCHS)):
         build_checkpoint(tmp_path / "x", "llama", progress=False)
