@@ -42,8 +42,8 @@ class PinnedTurns:
 
     def take(self, rows: int) -> torch.Tensor:
         """The next buffer's first `rows` rows, free to write: no copy queued out of it is pending."""
-        if rows > self.capacity:
-            self._allocate(rows)
+        if rows > self.capacity or not self.buffers:
+            self._allocate(max(rows, 1))
         self.turn = (self.turn + 1) % self.turns
         if self.cuda:
             self.events[self.turn].synchronize()

@@ -86,6 +86,8 @@ class BitmaskStager:
     ) -> None:
         bitmask = grammar_output.grammar_bitmask  # np [mask rows, ceil(V / 32)] int32
         rows, src = layout(scheduler_output, grammar_output, input_batch.req_ids)
+        if not rows:
+            return  # no structured request of the mask is in this batch: nothing to mask
         n, words = logits.shape[0], bitmask.shape[1]
         every = len(rows) == n  # every logits row structured: no index needed
         cuda = not logits.is_cpu

@@ -317,3 +317,4 @@ def test_pinned_turns_hand_out_buffers_in_turn_and_grow() -> None:
     grown.numpy()[:] = np.arange(20).reshape(5, 4)
     assert turns.take(5)[4].tolist() == [16, 17, 18, 19]
     assert PinnedTurns((), torch.int32, cuda=False).take(4).shape == (4,)
+    assert PinnedTurns((3,), torch.int32, cuda=False).take(0).shape == (0, 3)  # nothing, yet a view

@@ -928,11 +928,18 @@ def test_the_masks_staged_from_kept_host_memory_apply_as_vllms() -> None:
     """moe_core/vllm_bitmask.py's BitmaskStager against vLLM's apply_grammar_bitmask on the same
     step: a request's draft tokens take the rows after its own, a structured request no longer in
     the batch keeps unused mask rows, unstructured rows are untouched, bf16 logits as float32;
-    then steps of more rows (the buffers grow) and of every row structured (no index), and a step
-    after it whose unstructured rows held an earlier step's masks in the kept buffer."""
+    then steps of more rows (the buffers grow) and of every row structured (no index), a step
+    after it whose unstructured rows held an earlier step's masks in the kept buffer, and one whose
+    only structured request has left the batch (nothing masked)."""
+    from types import SimpleNamespace
+
+    import numpy as np
     import torch
 
     from moe_core.vllm_bitmask import BitmaskStager, layout
+
+    def batch_of(req_ids: list[str]) -> Any:
+        return SimpleNamespace(req_ids=req_ids)
 
     stager = BitmaskStager()
     req_ids = ["a", "b", "c", "d", "e", "f"]
@@ -952,6 +959,11 @@ def test_the_masks_staged_from_kept_host_memory_apply_as_vllms() -> None:
         theirs, ours = _apply_both(wide, chosen, {}, logits, seed, stager)
         assert torch.equal(theirs, ours)
     assert stager.steps == 5
+    from vllm.v1.core.sched.output import GrammarOutput
+
+    untouched = logits.clone()  # the mask's one request has left the batch: nothing to mask
+    stager(scheduled, GrammarOutput(["gone"], np.full((1, 4), 0, dtype=np.int32)), batch_of(wide), untouched)
+    assert torch.equal(untouched, logits) and stager.steps == 5
 
 
 def test_the_stager_replaces_vllms_call_only_where_the_runner_is_loaded(
