@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sysconfig
@@ -90,12 +91,18 @@ def _folders(root: Path) -> list[tuple[Path, Path]]:
 
 def sources(counter: PromptCounter, n: int, lengths: tuple[int, int], seed: int) -> list[str]:
     """n texts of lengths[0]..lengths[1] tokens, each from the .py files of one package folder:
-    the standard library's first, then the installed packages' (a few hundred texts of 2-6k
-    tokens need both)."""
+    the standard library's first, then the installed packages' (site-packages, and the folders
+    PYTHONPATH adds other than the working directory; a few hundred texts of 2-6k tokens need
+    both)."""
     paths = sysconfig.get_paths()
     rng = random.Random(seed)
     stdlib = _folders(Path(paths["stdlib"]))
-    installed = [f for f in _folders(Path(paths["purelib"])) if f[1].name not in ("tests", "test")]
+    here = Path.cwd().resolve()
+    roots = [Path(paths["purelib"])] + [
+        Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry
+    ]
+    unique = list(dict.fromkeys(r.resolve() for r in roots if r.resolve() != here))
+    installed = [f for root in unique for f in _folders(root) if f[1].name not in ("tests", "test")]
     rng.shuffle(stdlib)
     rng.shuffle(installed)
     out: list[str] = []

@@ -388,6 +388,7 @@ def test_prefix_routing_sources_go_on_into_the_installed_packages(
     monkeypatch.setattr(
         prefix_routing.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib), "purelib": str(purelib)}
     )
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     counter = PromptCounter(model_dir)
     texts = prefix_routing.sources(counter, 4, (100, 200), seed=1)
     packages = sorted(t.split("\n", 1)[0].removeprefix("# file: ").split("/")[0] for t in texts)
@@ -396,6 +397,16 @@ def test_prefix_routing_sources_go_on_into_the_installed_packages(
     assert all(95 <= len(counter.encode(t)) <= 205 for t in texts)  # re-encoding may split the cut apart
     with pytest.raises(SystemExit, match="only 4 source texts"):
         prefix_routing.sources(counter, 5, (100, 200), seed=1)
+    # PYTHONPATH's folders count as installed packages too, the working directory's not
+    extra, here = tmp_path / "extra", tmp_path / "here"
+    for root, name in ((extra, "vendored"), (here, "project")):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(f"# {name}\n{body}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(extra), str(here)]))
+    monkeypatch.chdir(here)
+    texts = prefix_routing.sources(counter, 5, (100, 200), seed=1)
+    packages = sorted(t.split("\n", 1)[0].removeprefix("# file: ").split("/")[0] for t in texts)
+    assert packages == ["email", "json", "numpyish", "vendored", "yamlish"]
 
 
 def test_the_simulated_runner_picks_a_token_the_mask_allows() -> None:
