@@ -8,7 +8,8 @@ device, and xgrammar's kernel masks the rows that are structured. Since vLLM 0.2
 is allocated pinned at every step (`torch.full(..., pin_memory=True)`), and the row indices
 likewise. On an H100 (BENCHMARKS.md, issue 19's profile) that allocation held vLLM's engine-core
 thread ~2.3 ms of each 16-20 ms structured step, in series with everything else the thread does
-for the step; vLLM's own tracker has the same finding (structured decoding ~2x slower from 0.24).
+for the step; vLLM's own tracker has a report of the same (structured decoding ~2x slower from
+0.24, bisected to this function's staging).
 
 `BitmaskStager` does the same work from host buffers it keeps (moe_core/pinned.py: on CUDA two
 pinned buffers each for the mask rows and the row indices, used in turn, each rewritten only once
