@@ -218,8 +218,14 @@ def outcome(trace: str, policy: str, arrivals: list[Arrival], jobs: list[Job]) -
 
 
 def wait_idle(client: redis.Redis, names: list[str]) -> None:
+    """Until every worker is ready with nothing running or waiting; a worker whose registry entry
+    is gone (it died, or stopped beating past the entry's lifetime) ends the run, named."""
     while True:
-        infos = [WorkerInfo.model_validate_json(client.get(keys.worker(n)) or "{}") for n in names]
+        raw = {n: client.get(keys.worker(n)) for n in names}
+        if gone := [n for n, value in raw.items() if value is None]:
+            named = ", ".join(gone)
+            raise SystemExit(f"worker {named} left the registry (died or stalled): its log is above")
+        infos = [WorkerInfo.model_validate_json(value) for value in raw.values() if value is not None]
         if all(i.ready and i.running == 0 and i.waiting == 0 for i in infos):
             return
         time.sleep(0.2)

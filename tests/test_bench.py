@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from localmoe.redis_server import RedisServer
+
 pytestmark = pytest.mark.service  # the benchmarks start the service's processes
 
 PATHS = ["completions", "chat", "events", "ws"]
@@ -367,6 +369,21 @@ def test_engine_core_steps_times_each_kind_of_step(tmp_path: Path) -> None:
     out = sched.schedule(False)
     sched.update_from_output(out, None)
     assert engine_core_steps.read(path)["plain"]["steps"] == 0
+
+
+def test_prefix_routing_names_a_worker_that_left_the_registry(redis_server: RedisServer) -> None:
+    """bench/prefix_routing.py's wait for idle workers: an idle worker's heartbeat lets it go on; a
+    worker whose registry entry is gone (died, or stalled past its lifetime) ends the run with its
+    name, not a validation error of an empty record."""
+    from bench import prefix_routing
+    from tests.conftest import scratch_db
+    from tests.test_routing import beat
+
+    with scratch_db(redis_server, 3) as client:
+        beat(client, "w0", running=0, waiting=0)
+        prefix_routing.wait_idle(client, ["w0"])
+        with pytest.raises(SystemExit, match="worker w1 left the registry"):
+            prefix_routing.wait_idle(client, ["w0", "w1"])
 
 
 def test_prefix_routing_sources_go_on_into_the_installed_packages(
