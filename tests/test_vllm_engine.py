@@ -966,6 +966,40 @@ def test_the_masks_staged_from_kept_host_memory_apply_as_vllms() -> None:
     assert torch.equal(untouched, logits) and stager.steps == 5
 
 
+STAGER_PROBE = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.config import StructuredOutputsConfig
+from vllm.sampling_params import StructuredOutputsParams
+import vllm.v1.worker.gpu_model_runner as runner
+from moe_core import vllm_masks
+
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
+          scheduler_cls=vllm_masks.SCHEDULER,
+          structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True))
+spec = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+params = SamplingParams(max_tokens=12, temperature=0, structured_outputs=StructuredOutputsParams(json=spec))
+texts = [o.outputs[0].text for o in llm.generate(["hello", "world"], params)]
+print(json.dumps({"stager": type(runner.apply_grammar_bitmask).__name__,
+                  "steps": getattr(runner.apply_grammar_bitmask, "steps", 0), "texts": texts}))
+"""
+
+
+def test_vllms_own_engine_core_masks_through_the_stager(mixtral_dir: Path) -> None:
+    """The wiring, in vLLM's real engine core (in process, in a Python of its own): vLLM builds its
+    model runner, then LocalMoE's scheduler, which installs the stager where the runner calls it;
+    the runner's structured steps then go through it, and the answers keep to the schema."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", STAGER_PROBE, str(mixtral_dir)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["stager"] == "BitmaskStager" and probe["steps"] >= 10  # 2 requests, 12 tokens, batched
+    assert all(text.startswith('{"a":') for text in probe["texts"])
+
+
 def test_a_stager_that_fails_hands_the_step_and_the_later_ones_to_vllms_own(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
