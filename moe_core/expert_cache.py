@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from moe_core.choice import resident_slots
+from moe_core.pinned import PinnedTurns
 from moe_core.telemetry import routers
 
 LOAD_DECAY = 0.9  # per forward of the layer: an expert's load is the tokens routed to it, decayed
@@ -399,6 +400,8 @@ class RoutingTrace:
     replaying: bool = False  # False: recording into the lists
     # (predicted?, layer) → its recorded rows as one [R, k] int32 array, for replaying
     _arrays: dict[tuple[bool, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    # (predicted?, layer) → the pinned buffers its replayed rows go to the GPU through
+    _stages: dict[tuple[bool, int], PinnedTurns] = field(default_factory=dict, repr=False, compare=False)
 
     def record(self, layer: _CachedLayer, index: torch.Tensor, guess: torch.Tensor | None) -> None:
         """index: the layer's [T, k] ids; guess: its prediction of the next layer's, [T, k]."""
@@ -421,19 +424,26 @@ class RoutingTrace:
         """→ (the layer's ids for the T tokens of `like` [T, k], the next layer's predicted ids)."""
         tokens, start = like.shape[0], layer.cursor
 
-        def device(rows: np.ndarray) -> torch.Tensor:
-            host = torch.from_numpy(rows).to(like.dtype)
+        def device(rows: np.ndarray, predicted: bool) -> torch.Tensor:
             if like.device.type != "cuda":
-                return host.to(like.device)
-            return host.pin_memory().to(like.device, non_blocking=True)  # no host sync
+                return torch.from_numpy(rows).to(like.device, like.dtype)
+            key = (predicted, layer.number)  # staged through pinned buffers kept for it: no host sync
+            stage = self._stages.get(key)
+            if stage is None or stage.dtype != like.dtype or stage.row != rows.shape[1:]:
+                stage = self._stages[key] = PinnedTurns(tuple(rows.shape[1:]), like.dtype, cuda=True)
+            host = stage.take(rows.shape[0])
+            host.numpy()[:] = rows
+            out = host.to(like.device, non_blocking=True)
+            stage.queued()
+            return out
 
-        chosen = device(self.rows(layer, tokens))
+        chosen = device(self.rows(layer, tokens), predicted=False)
         assert chosen.shape == like.shape, "the trace's k must be the model's"
         after = layer.next
         guess = None
         if after is not None:
             guess = self._pick(self.predicted, layer.number + 1, after.num_experts, start, tokens)
-        return chosen, None if guess is None else device(guess)
+        return chosen, None if guess is None else device(guess, predicted=True)
 
     def _pick(
         self, table: list[list[list[int]]], number: int, experts: int, start: int, tokens: int
