@@ -97,11 +97,9 @@ def sources(counter: PromptCounter, n: int, lengths: tuple[int, int], seed: int)
     paths = sysconfig.get_paths()
     rng = random.Random(seed)
     stdlib = _folders(Path(paths["stdlib"]))
-    here = Path.cwd().resolve()
-    roots = [Path(paths["purelib"])] + [
-        Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry
-    ]
-    unique = list(dict.fromkeys(r.resolve() for r in roots if r.resolve() != here))
+    entries = [paths["purelib"], *(e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e)]
+    roots = dict.fromkeys(Path(entry).resolve() for entry in entries)  # in order, once each
+    unique = [root for root in roots if root != Path.cwd().resolve()]
     installed = [f for root in unique for f in _folders(root) if f[1].name not in ("tests", "test")]
     rng.shuffle(stdlib)
     rng.shuffle(installed)

@@ -12,6 +12,7 @@ makes the reuse safe).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -53,3 +54,12 @@ class PinnedTurns:
         """The copies out of the buffer last taken are queued on the current stream."""
         if self.cuda:
             self.events[self.turn].record()
+
+    def send(self, rows: np.ndarray | list[int], out: torch.Tensor) -> torch.Tensor:
+        """`rows` ([n, *row]) into `out` (n rows, on the device) by way of the next buffer: on CUDA
+        the copy is queued on the current stream, not waited for; returns `out`."""
+        host = self.take(len(rows))
+        host.numpy()[:] = rows
+        out.copy_(host, non_blocking=self.cuda)
+        self.queued()
+        return out

@@ -125,10 +125,7 @@ class BitmaskStager:
             masks.queued()
             index = None
             if not every:
-                staged = indices.take(len(rows))
-                staged.numpy()[:] = rows
-                index = staged.to(logits.device, non_blocking=True)
-                indices.queued()
+                index = indices.send(rows, torch.empty(len(rows), dtype=torch.int32, device=logits.device))
             xgr.apply_token_bitmask_inplace(logits, mask, indices=index)
             return
         listed = None if every else rows

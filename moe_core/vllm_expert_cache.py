@@ -487,10 +487,7 @@ class _InPlaceLayer(_CachedLayer):
             cuda = self.replay_ids.device.type == "cuda"
             if self.replay_stage is None:
                 self.replay_stage = PinnedTurns((rows.shape[1],), torch.int32, cuda)
-            host = self.replay_stage.take(tokens)
-            host.numpy()[:] = rows
-            self.replay_ids[:tokens].copy_(host, non_blocking=cuda)
-            self.replay_stage.queued()
+            self.replay_stage.send(rows, self.replay_ids[:tokens])
         if replaying != self.replaying_now:
             self.replaying.fill_(replaying)
             self.replaying_now = replaying

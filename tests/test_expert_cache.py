@@ -303,7 +303,8 @@ def test_a_replayed_routing_wraps_layers_and_experts() -> None:
 def test_pinned_turns_hand_out_buffers_in_turn_and_grow() -> None:
     """moe_core/pinned.py on the CPU (one plain buffer: copies from it are done when they return):
     a take is a view of the buffer's first rows, the capacity grows to the largest take (at least
-    doubling), and what a grown buffer hands out is writable at its new size."""
+    doubling), what a grown buffer hands out is writable at its new size, and send copies rows
+    through it into a tensor."""
     from moe_core.pinned import PinnedTurns
 
     turns = PinnedTurns((4,), torch.int32, cuda=False)
@@ -318,3 +319,5 @@ def test_pinned_turns_hand_out_buffers_in_turn_and_grow() -> None:
     assert turns.take(5)[4].tolist() == [16, 17, 18, 19]
     assert PinnedTurns((), torch.int32, cuda=False).take(4).shape == (4,)
     assert PinnedTurns((3,), torch.int32, cuda=False).take(0).shape == (0, 3)  # nothing, yet a view
+    out = torch.zeros((2, 4), dtype=torch.int32)
+    assert turns.send(np.full((2, 4), 3), out) is out and out.tolist() == [[3] * 4] * 2  # by way of a buffer
