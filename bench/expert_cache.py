@@ -22,8 +22,12 @@ instead replays the embedded model's recorded routing (record_routing, one token
 the two policies of moe_core/expert_cache.py's SlotTable: `admit` (the torch engine's cache: a
 miss is copied in before its forward) and `settle` (the cache in vLLM's layers: a miss is computed
 where it is, and the counts, read `lag` steps late, copy in experts busier than a resident one),
-the slots filled with the first experts as vLLM's cache fills them; hit rate and copies per token
-per layer for each.
+then `device` (a cache that would decide on the GPU within the step: a miss moved into the slot
+of a less busy resident expert, or read once without one) and `optimal` (the fewest misses any
+cache of that size could have, knowing the routing in advance), the slots filled with the first
+experts as vLLM's cache fills them. For each: the hit rate, copies per token per layer, and
+transfers per token per layer (experts that crossed the link: every miss once, plus settle's
+copies, which it makes on top of the misses' reads): at batch 1 the link's time per token.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from typing import Any
 import torch
 
 from moe_build import packed, train
-from moe_core.expert_cache import ExpertCache, RoutingTrace, SlotTable
+from moe_core.expert_cache import LOAD_DECAY, ExpertCache, RoutingTrace, SlotTable
 from moe_core.loader import load_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
+# --policies: (policy, lag) of policy_hit_rates, in the order printed
+POLICIES = (("admit", 0), ("settle", 0), ("settle", 2), ("settle", 3), ("device", 0), ("optimal", 0))
 REFERENCE_LAYERS, REFERENCE_EXPERT_BYTES = 16, 3 * 2048 * 5632 * 2
 PCIE_GBPS = {"H200 (PCIe Gen5)": 55.5, "L40S (PCIe Gen4)": 27.7}
 
@@ -128,29 +134,94 @@ def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], f
 
 def policy_hit_rates(
     trace: RoutingTrace, experts: int, slots: int, policy: str, lag: int = 0
-) -> tuple[float, float]:
-    """`trace`'s rows one token a step through a SlotTable per recorded layer, its slots filled
-    with experts 0..slots-1. policy "admit": each step's experts admitted before it runs; "settle":
-    each step's counts settled `lag` steps later (0: before the next). → (hit rate, copies per
-    token per layer)."""
-    needed_all = hits_all = copies = rows_all = 0
+) -> tuple[float, float, float]:
+    """`trace`'s rows one token a step through a cache of `slots` per recorded layer, its slots
+    filled with experts 0..slots-1 (as vLLM's cache starts). policy "admit" (SlotTable.admit: each
+    step's misses copied in before it runs); "settle" (SlotTable.settle: each step's counts
+    settled `lag` steps later, 0: before the next; a miss is read where it is); "device"
+    (device_admit: each miss moved into a slot or a scratch row as the step runs); "optimal"
+    (optimal_misses: knowing the future). → (hit rate, copies into slots per token per layer,
+    transfers per token per layer: the experts that crossed the link, every miss once, read in
+    place or moved in, plus settle's copies, which come on top of the reads)."""
+    needed_all = hits_all = copies = transfers = rows_all = 0
     for rows in (r for r in trace.chosen if r):
+        rows_all += len(rows)
+        if policy in ("device", "optimal"):
+            replay = device_admit if policy == "device" else optimal_misses
+            counted, found, moved = replay(rows, experts, slots)
+            needed_all, hits_all = needed_all + counted, hits_all + found
+            copies, transfers = copies + moved, transfers + counted - found
+            continue
         table = SlotTable(experts, slots)
-        table.fill()  # as vLLM's cache starts
+        table.fill()
         pending: list[tuple[int, list[int], list[int]]] = []  # (due step, needed, tokens each)
         for step, row in enumerate(rows):
             while pending and pending[0][0] <= step:
                 _, needed_then, tokens = pending.pop(0)
-                copies += len(table.settle(needed_then, tokens))
+                settled = len(table.settle(needed_then, tokens))
+                copies, transfers = copies + settled, transfers + settled
             needed = sorted(set(row))
-            needed_all += len(needed)
-            hits_all += sum(table.slot_of[e] >= 0 for e in needed)
+            hits = sum(table.slot_of[e] >= 0 for e in needed)
+            needed_all, hits_all = needed_all + len(needed), hits_all + hits
+            transfers += len(needed) - hits
             if policy == "admit":
-                copies += len(table.admit(needed))
+                copies += len(table.admit(needed))  # the misses' copies: their transfers, counted
             else:
                 pending.append((step + 1 + lag, needed, [row.count(e) for e in needed]))
-        rows_all += len(rows)
-    return hits_all / max(needed_all, 1), copies / max(rows_all, 1)
+    per = max(rows_all, 1)
+    return hits_all / max(needed_all, 1), copies / per, transfers / per
+
+
+def device_admit(rows: list[list[int]], experts: int, slots: int) -> tuple[int, int, int]:
+    """A cache that decides on the device, within the step (no host stop, no lag): the step's
+    loads first (each expert's tokens, decayed by LOAD_DECAY per step), then each miss, the busiest
+    first, takes the slot of the resident expert this step does not need with the least load, if
+    its own load is above that one's; the other misses are read once without a slot (a scratch
+    row). Every miss crosses the link once either way. → (needed, hits, misses given a slot)."""
+    resident, load = list(range(slots)), [0.0] * experts
+    needed_all = hits_all = admitted = 0
+    for row in rows:
+        needed = set(row)
+        load = [x * LOAD_DECAY for x in load]
+        for e in row:
+            load[e] += 1
+        hits = needed.intersection(resident)
+        needed_all, hits_all = needed_all + len(needed), hits_all + len(hits)
+        victims = sorted((e for e in resident if e not in needed), key=lambda e: load[e])
+        for e in sorted(needed - hits, key=lambda e: -load[e]):
+            if victims and load[e] > load[victims[0]]:
+                resident[resident.index(victims.pop(0))] = e
+                admitted += 1
+    return needed_all, hits_all, admitted
+
+
+def optimal_misses(rows: list[list[int]], experts: int, slots: int) -> tuple[int, int, int]:
+    """The fewest misses any cache of `slots` could have on these rows, knowing them all in advance
+    and keeping a miss in a slot for free (Belady's rule with bypass: a miss takes the slot of the
+    resident expert not needed now whose next use is farthest, if its own next use is sooner;
+    optimal for one-expert units). A bound, not a policy. → (needed, hits, misses given a slot)."""
+    never = len(rows) + 1
+    following = [never] * experts  # expert → the next step that needs it, after the current one
+    upcoming: list[list[int]] = []  # per step, `following` as it stands after that step
+    for row in reversed(rows):
+        upcoming.append(list(following))
+        for e in set(row):
+            following[e] = len(rows) - len(upcoming)
+    upcoming.reverse()
+    resident = set(range(slots))
+    needed_all = hits_all = admitted = 0
+    for row, after in zip(rows, upcoming, strict=True):
+        needed = set(row)
+        hits = needed & resident
+        needed_all, hits_all = needed_all + len(needed), hits_all + len(hits)
+        for e in needed - hits:
+            others = resident - needed
+            far = max(others, key=lambda f: after[f], default=None)
+            if far is not None and after[e] < after[far]:
+                resident.remove(far)
+                resident.add(e)
+                admitted += 1
+    return needed_all, hits_all, admitted
 
 
 def policies(args: argparse.Namespace, fractions: list[float]) -> None:
@@ -160,16 +231,19 @@ def policies(args: argparse.Namespace, fractions: list[float]) -> None:
     config = json.loads(((args.model or ASSETS) / "config.json").read_text())
     experts = int(config["num_local_experts"])
     out = []
-    print("| text | experts resident | policy | hit rate | copies/token/layer |\n|---|---|---|---|---|")
+    print("| text | experts resident | policy | hit rate | copies/token/layer | transfers/token/layer |")
+    print("|---|---|---|---|---|---|")
     for kind, trace in traces.items():
         for fraction in fractions:
             slots = max(1, int(fraction * experts))
-            for policy, lag in (("admit", 0), ("settle", 0), ("settle", 2), ("settle", 3)):
-                hit, copies = policy_hit_rates(trace, experts, slots, policy, lag)
-                name = policy if policy == "admit" else f"settle, {lag} steps late"
-                print(f"| {kind} | {slots} of {experts} | {name} | {hit:.1%} | {copies:.3f} |", flush=True)
+            for policy, lag in POLICIES:
+                hit, copies, transfers = policy_hit_rates(trace, experts, slots, policy, lag)
+                name = f"settle, {lag} steps late" if policy == "settle" else policy
+                figures = f"{hit:.1%} | {copies:.3f} | {transfers:.3f}"
+                print(f"| {kind} | {slots} of {experts} | {name} | {figures} |", flush=True)
                 out.append({"kind": kind, "slots": slots, "policy": policy, "lag": lag, "hit_rate": hit,
-                            "copies_per_token_layer": copies})  # fmt: skip
+                            "copies_per_token_layer": copies,
+                            "transfers_per_token_layer": transfers})  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.expert_cache import POLICIES
 from localmoe.redis_server import RedisServer
 
 pytestmark = pytest.mark.service  # the benchmarks start the service's processes
@@ -289,6 +290,29 @@ def test_the_expert_cache_benchmark_runs(tmp_path: Path) -> None:
         assert r["slots"] == 2 and 0 <= r["hit_rate"] <= 1 and r["copies_per_token_layer"] > 0
         assert len(r["layer_hit_rates"]) == 6 and r["tokens"] == 4
         assert r["prefetch"] or r["prefetch_accuracy"] is None  # nothing fetched ahead without it
+
+
+def test_the_cache_policies_count_what_crosses_the_link(tmp_path: Path) -> None:
+    """bench/expert_cache.py --policies: the embedded model's recorded routing through every policy
+    and the offline bound; no policy moves fewer experts over the link than the bound, and settle
+    moves its misses plus its copies."""
+    out = tmp_path / "policies.json"
+    argv = [sys.executable, "-m", "bench.expert_cache", "--policies", "--prompts", "1", "--prompt-tokens",
+            "16", "--new-tokens", "8", "--fractions", "0.5", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| transfers/token/layer |" in done.stdout
+    rows = json.loads(out.read_text())
+    assert {(r["kind"], r["policy"], r["lag"]) for r in rows} == {
+        (k, p, lag) for k in ("code", "prose") for p, lag in POLICIES
+    }
+    for kind in ("code", "prose"):
+        of = {(r["policy"], r["lag"]): r for r in rows if r["kind"] == kind}
+        bound = of["optimal", 0]["transfers_per_token_layer"]
+        assert all(r["transfers_per_token_layer"] >= bound for r in of.values())
+        assert all(r["slots"] == 4 for r in of.values())
+        settled = of["settle", 2]
+        assert settled["transfers_per_token_layer"] > settled["copies_per_token_layer"] > 0
 
 
 def test_the_batch_tier_benchmark_runs(tmp_path: Path) -> None:
