@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from moe_build import packed, train
-from moe_core.expert_cache import LOAD_DECAY, ExpertCache, RoutingTrace, SlotTable
+from moe_core.expert_cache import ExpertCache, RoutingTrace, SlotTable
 from moe_core.loader import load_model
+from moe_core.vllm_expert_cache import admit_on_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
@@ -173,25 +174,23 @@ def policy_hit_rates(
 
 
 def device_admit(rows: list[list[int]], experts: int, slots: int) -> tuple[int, int, int]:
-    """A cache that decides on the device, within the step (no host stop, no lag): the step's
-    loads first (each expert's tokens, decayed by LOAD_DECAY per step), then each miss, the busiest
-    first, takes the slot of the resident expert this step does not need with the least load, if
-    its own load is above that one's; the other misses are read once without a slot (a scratch
-    row). Every miss crosses the link once either way. → (needed, hits, misses given a slot)."""
-    resident, load = list(range(slots)), [0.0] * experts
+    """The vLLM cache's admission "device" (moe_core/vllm_expert_cache.py admit_on_device, the
+    same function) on these rows, one forward each, the slots filled with experts 0..slots-1:
+    each miss, the busiest first, takes the slot of a resident expert the forward does not need
+    if its decayed load is above that one's, its one read over the link also its admission; the
+    other misses are read without a slot. → (needed, hits, misses given a slot)."""
+    slot_row = torch.full((experts,), -1, dtype=torch.int32)
+    slot_row[:slots] = torch.arange(slots, dtype=torch.int32)
+    load = torch.zeros(experts)
+    pairs = min(slots, experts - slots)
     needed_all = hits_all = admitted = 0
     for row in rows:
-        needed = set(row)
-        load = [x * LOAD_DECAY for x in load]
-        for e in row:
-            load[e] += 1
-        hits = needed.intersection(resident)
-        needed_all, hits_all = needed_all + len(needed), hits_all + len(hits)
-        victims = sorted((e for e in resident if e not in needed), key=lambda e: load[e])
-        for e in sorted(needed - hits, key=lambda e: -load[e]):
-            if victims and load[e] > load[victims[0]]:
-                resident[resident.index(victims.pop(0))] = e
-                admitted += 1
+        routed = torch.bincount(torch.tensor(row), minlength=experts).float()
+        needed = routed > 0
+        needed_all += int(needed.sum())
+        hits_all += int((needed & (slot_row >= 0)).sum())
+        if pairs:
+            admitted += int((admit_on_device(load, routed, slot_row, pairs) >= 0).sum())
     return needed_all, hits_all, admitted
 
 

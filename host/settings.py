@@ -32,6 +32,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 Offload = Literal["none", "vllm_cpu", "zero3", "experts"]
 OffloadSetting = Literal["auto", "none", "vllm_cpu", "experts", "zero3"]  # engine.offload
 Misses = Literal["gather", "in_place"]  # engine.expert_cache.misses
+Admission = Literal["settle", "device"]  # engine.expert_cache.admission
 
 
 class VllmSettings(BaseModel):
@@ -109,6 +110,15 @@ class ExpertCacheSettings(BaseModel):
         "(copied into device rows by a kernel with wide reads first, then computed there; the rows "
         "take E - slots + 2 experts of GPU memory). On an H100 both read at 47-50 GB/s and made the "
         "same tokens/s (BENCHMARKS.md)",
+    )
+    admission: Admission = Field(
+        "settle",
+        description="How the vLLM engine's cache decides which experts its slots hold: settle (the "
+        "host reads each step's counts a step late and copies the busiest in, on top of the reads "
+        "of their misses) or device (on the GPU within the step: a needed expert outside the slots "
+        "takes the slot of a less busy one the step does not need, its one read over PCIe also its "
+        "admission; 15-19 % fewer experts over the link per batch-1 token on recorded routing, "
+        "BENCHMARKS.md). The torch engine's cache admits each miss itself",
     )
 
 

@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from host.heap import thaw_heap
-from host.settings import Misses
+from host.settings import Admission, Misses
 from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import (
     Delta,
@@ -189,6 +189,7 @@ class VllmEngine:
         batch_rank: int = 3,
         expert_cache: float | None = None,
         expert_cache_misses: Misses = "in_place",
+        expert_cache_admission: Admission = "settle",
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",
@@ -224,7 +225,9 @@ class VllmEngine:
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
         all of them in host memory, the busiest copied into device slots and the step's others
         computed in host memory (expert_cache_misses "in_place") or gathered into device rows
-        first ("gather") (moe_core/vllm_expert_cache.py; None: none). On CUDA vLLM then loads the
+        first ("gather") (moe_core/vllm_expert_cache.py; None: none); which are in the slots
+        decided by the host between steps (expert_cache_admission "settle") or by the device within
+        the step ("device"). On CUDA vLLM then loads the
         routed experts into pinned host memory (its UVA offload: the model need not fit the GPU),
         the cache installed by its own load format before vLLM captures its CUDA graphs; set
         kv_cache_memory_bytes so that the slots and rows have room beside the KV cache (the
@@ -263,6 +266,7 @@ class VllmEngine:
             raise ValueError("expert_cache keeps the routed experts in host memory itself: no cpu_offload_gb")
         self.expert_cache = expert_cache
         self.expert_cache_misses: Misses = expert_cache_misses
+        self.expert_cache_admission: Admission = expert_cache_admission
         self.expert_slots: list[int] = []  # per fused-MoE layer, once the cache is installed
         self._cache_stats: tuple[float, dict[str, int]] = (0.0, {})  # (when read, the workers' counts)
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
@@ -487,6 +491,7 @@ class VllmEngine:
             "model_loader_extra_config": {
                 vllm_expert_cache.FRACTION_KEY: self.expert_cache,
                 vllm_expert_cache.MISSES_KEY: self.expert_cache_misses,
+                vllm_expert_cache.ADMISSION_KEY: self.expert_cache_admission,
             },
         }
         if not self._resolve_device()[0].startswith("cuda"):

@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
-from host.settings import Misses
+from host.settings import Admission, Misses
 from moe_core.choice import resident_slots
-from moe_core.expert_cache import ExpertCache, RoutingTrace, _CachedLayer
+from moe_core.expert_cache import LOAD_DECAY, ExpertCache, RoutingTrace, _CachedLayer
 from moe_core.expert_gather import gather_experts, miss_rows, scratch_rows
 from moe_core.pinned import PinnedTurns
 
@@ -55,15 +55,44 @@ EXTENSION = f"{__name__}.ExpertCacheExtension"  # vLLM's worker_extension_cls
 LOAD_FORMAT = "localmoe-expert-cache"
 FRACTION_KEY = "localmoe_resident_fraction"
 MISSES_KEY = "localmoe_misses"  # and how it computes the experts outside the slots (Misses)
+ADMISSION_KEY = "localmoe_admission"  # and who decides what the slots hold (Admission)
 CACHE_ATTR = "_localmoe_expert_cache"  # where the loaded model keeps its ExpertCache
 # The weights vLLM's UVA offload keeps in host memory (segments of "...experts.w13_weight")
 EXPERT_WEIGHTS = frozenset({"w13_weight", "w2_weight"})
 
 
+COUNTS = 3  # per layer after its E token counts: experts needed, hits, admitted on the device
+
+
+def admit_on_device(
+    load: torch.Tensor, routed: torch.Tensor, slot_row: torch.Tensor, pairs: int
+) -> torch.Tensor:
+    """One forward's admissions, decided where it runs (admission "device"). load [E] float: each
+    expert's tokens, decayed by LOAD_DECAY per forward, this forward's `routed` [E] added here;
+    slot_row [E] int32: each expert's slot, -1 outside, updated here. Each needed expert outside
+    the slots, the busiest first, takes the slot of the resident expert this forward does not need
+    with the least load, if its own load is above that one's (at most `pairs` a forward:
+    min(slots, E - slots), fixed at install). → [E] int32: the slot each admitted expert's weights
+    go to before the forward computes (its one read over the link), -1 for the others. Ties go to
+    the lower expert id. Fixed shapes and no host read, so a CUDA graph captures it."""
+    load.mul_(LOAD_DECAY).add_(routed)
+    needed, resident = routed > 0, slot_row >= 0
+    miss, spare = needed & ~resident, resident & ~needed
+    top = torch.finfo(load.dtype).max
+    m = torch.argsort(torch.where(miss, -load, top), stable=True)[:pairs]  # busiest misses first
+    v = torch.argsort(torch.where(spare, load, top), stable=True)[:pairs]  # least busy spares first
+    ok = miss[m] & spare[v] & (load[m] > load[v])  # [pairs]: once one pair fails, all after it do
+    slot = torch.where(ok, slot_row[v], -1)
+    rows = torch.full_like(slot_row, -1).scatter_(0, m, slot)
+    slot_row.scatter_(0, v, torch.where(ok, -1, slot_row[v]))
+    slot_row.scatter_(0, m, torch.where(ok, slot, slot_row[m]))
+    return rows
+
+
 class _Counter:
-    """Every layer's counts in one device table [L, E + 2] (the tokens routed to each expert,
-    then needed and hits), read in one copy to pinned memory a step late: between two steps one
-    copy, one zeroing and one event for the whole model."""
+    """Every layer's counts in one device table [L, E + COUNTS] (the tokens routed to each expert,
+    then needed, hits and admitted), read in one copy to pinned memory a step late: between two
+    steps one copy, one zeroing and one event for the whole model."""
 
     def __init__(self, layers: int, width: int, device: torch.device) -> None:
         self.table = torch.zeros((layers, width), dtype=torch.long, device=device)
@@ -126,25 +155,32 @@ class _VllmCache(ExpertCache):
 
 
 def install(
-    model: torch.nn.Module, resident_fraction: float, max_tokens: int, misses: Misses = "in_place"
+    model: torch.nn.Module,
+    resident_fraction: float,
+    max_tokens: int,
+    misses: Misses = "in_place",
+    admission: Admission = "settle",
 ) -> _VllmCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
     its device, at least one, the slots filled with its first experts; max_tokens: the most tokens
     a step runs (vLLM's max_num_batched_tokens: the rows of a replayed routing's buffers);
-    misses: how the experts outside the slots are computed. The model keeps the cache."""
+    misses: how the experts outside the slots are computed; admission: who decides what the slots
+    hold (the host between steps, or the device within each forward). The model keeps the cache."""
     device = next(model.parameters()).device
 
     def layers(cache: ExpertCache, model: torch.nn.Module, fraction: float) -> list[_CachedLayer]:
         return vllm_layers(cache, model, fraction, max_tokens)
 
     cache = _VllmCache(model, device, resident_fraction, prefetch=False, install=layers)
-    width = max(layer.num_experts for layer in cache.layers) + 2
+    width = max(layer.num_experts for layer in cache.layers) + COUNTS
     cache.counter = _Counter(len(cache.layers), width, device)
     in_place = [layer for layer in cache.layers if isinstance(layer, _InPlaceLayer)]
     for row, layer in zip(cache.counter.table, in_place, strict=True):
         experts = layer.num_experts
-        layer.tokens, layer.counts = row[:experts], row[experts : experts + 2]
+        layer.tokens, layer.counts = row[:experts], row[experts : experts + COUNTS]
         layer.fill()
+        if admission == "device":
+            layer.pairs = min(layer.table.slots, experts - layer.table.slots)
     if misses == "gather":
         _share_scratch(in_place, device)
     vars(model)[CACHE_ATTR] = cache
@@ -192,6 +228,7 @@ def _register_loader() -> None:
             extra = dict(load_config.model_loader_extra_config or {})
             self.resident_fraction = float(extra.pop(FRACTION_KEY))
             self.misses: Misses = extra.pop(MISSES_KEY, "in_place")
+            self.admission: Admission = extra.pop(ADMISSION_KEY, "settle")
             config = copy.copy(load_config)
             config.load_format, config.model_loader_extra_config = "auto", extra
             super().__init__(config)
@@ -199,7 +236,7 @@ def _register_loader() -> None:
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
             model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
             tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
-            install(model, self.resident_fraction, tokens, self.misses)
+            install(model, self.resident_fraction, tokens, self.misses, self.admission)
             return model
 
 
@@ -334,7 +371,13 @@ class _InPlaceLayer(_CachedLayer):
     kernels queued before are done, and given its slot in the maps at the first `between_steps`
     after its copy has finished (an event queried, never waited for). At every moment each expert
     runs in exactly one of the two calls. With a scratch, the copies on their way per layer are
-    held to what its rows leave room for (expert_gather.SPARE_SLOTS), so that every miss has a row."""
+    held to what its rows leave room for (expert_gather.SPARE_SLOTS), so that every miss has a row.
+
+    Admission "device" (`pairs` > 0) keeps none of that between steps: each forward decides with
+    `admit_on_device` (the step's counts, a `load` [E] kept on the device) which needed experts
+    outside the slots take the slots of less busy ones it does not need, gathers their weights
+    from the host copy into those slots (expert_gather, the one read of each over the link) and
+    updates both maps before the two calls; the host only reads the counts for the statistics."""
 
     def __init__(self, cache: ExpertCache, routed: Any, slots: int) -> None:
         super().__init__(cache, int(routed.local_num_experts), slots, None, sentinel=False)
@@ -358,6 +401,9 @@ class _InPlaceLayer(_CachedLayer):
         # weight name → [K, ...] device rows the step's misses are gathered into (a view of the
         # scratch all layers share); empty: the misses are computed in place (misses "in_place")
         self.scratch: dict[str, torch.Tensor] = {}
+        self.pairs = 0  # admission "device": the most experts a forward admits (0: "settle", the host's)
+        self.load = torch.empty(0)  # [E] float32: admission "device"'s decayed tokens per expert
+        self.experts = torch.empty(0, dtype=torch.int32)  # [E]: 0..E-1, host_row's values
 
     def hold(self, module: torch.nn.Module, device: torch.device) -> None:
         super().hold(module, device)
@@ -371,7 +417,9 @@ class _InPlaceLayer(_CachedLayer):
                 self.view[name] = host
         experts = self.num_experts
         self.slot_row = torch.full((experts,), -1, dtype=torch.int32, device=device)
-        self.host_row = torch.arange(experts, dtype=torch.int32, device=device)
+        self.experts = torch.arange(experts, dtype=torch.int32, device=device)
+        self.host_row = self.experts.clone()
+        self.load = torch.zeros((experts,), dtype=torch.float32, device=device)
         self.replaying = torch.zeros((), dtype=torch.bool, device=device)
 
     def forward(
@@ -390,7 +438,15 @@ class _InPlaceLayer(_CachedLayer):
         routed = torch.zeros_like(self.tokens).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         self.tokens += routed
         needed = routed > 0
-        self.counts += torch.stack([needed.sum(), (needed & (self.slot_row >= 0)).sum()])
+        hits = (needed & (self.slot_row >= 0)).sum()
+        if self.pairs:  # admission "device": the misses that take a slot are read into it now
+            rows = admit_on_device(self.load, routed.float(), self.slot_row, self.pairs)
+            for name, view in self.view.items():
+                gather_experts(view, self.device[name], rows)
+            self.host_row.copy_(torch.where(self.slot_row >= 0, -1, self.experts))
+            self.counts += torch.stack([needed.sum(), hits, (rows >= 0).sum()])
+        else:
+            self.counts[:2] += torch.stack([needed.sum(), hits])
         # both calls always (a captured graph replays what was there when it was captured), the
         # shared experts with the first
         shared = (shared_experts, shared_experts_input)
@@ -445,10 +501,16 @@ class _InPlaceLayer(_CachedLayer):
 
     def settle_counts(self, row: list[int]) -> None:
         """The counts of the forwards since the last reading ([E] tokens per expert, needed,
-        hits): into the statistics, and what to copy in next."""
-        routed, (needed, hits) = row[: self.num_experts], row[self.num_experts : self.num_experts + 2]
+        hits, admitted on the device): into the statistics, and (admission "settle") what to copy
+        in next."""
+        experts = self.num_experts
+        routed, (needed, hits, admitted) = row[:experts], row[experts : experts + COUNTS]
         self.tally(needed, hits)
-        self.cache.stats.bytes_in_place += (needed - hits) * self.expert_bytes
+        stats = self.cache.stats
+        stats.bytes_fetched += admitted * self.expert_bytes  # a miss gathered into a slot
+        stats.bytes_in_place += (needed - hits - admitted) * self.expert_bytes
+        if self.pairs:
+            return
         busy = [e for e, n in enumerate(routed) if n]
         if busy:
             self._copy_in(self.table.settle(busy, [routed[e] for e in busy], self._copy_limit()))

@@ -109,6 +109,31 @@ def test_the_optimal_bound_keeps_what_comes_back_first_and_the_device_policy_wha
         assert policy_hit_rates(trace, 5, 2, policy, lag)[2] >= bound, policy
 
 
+def test_the_device_admits_a_busier_miss_into_the_slot_of_a_less_busy_expert_it_does_not_need() -> None:
+    """admit_on_device (the vLLM cache's admission "device"): 6 experts, slots 0-2 holding 0, 1, 2.
+    A forward needs 1, 3, 4 (3 and 4 outside): 4 is the busiest miss and takes the slot of the
+    least busy resident expert not needed (2), 3 the next (0's); 1, needed, keeps its slot. A miss
+    no busier than the spare resident stays out, and at most `pairs` are admitted."""
+    from moe_core.vllm_expert_cache import admit_on_device
+
+    slot_row = torch.tensor([0, 1, 2, -1, -1, -1], dtype=torch.int32)
+    load = torch.tensor([3.0, 9.0, 1.0, 0.0, 0.0, 0.0])
+    routed = torch.tensor([0.0, 1.0, 0.0, 4.0, 6.0, 0.0])
+    rows = admit_on_device(load, routed, slot_row, pairs=3)
+    assert torch.allclose(load, torch.tensor([2.7, 9.1, 0.9, 4.0, 6.0, 0.0]))  # decayed, then this forward's
+    assert rows.tolist() == [-1, -1, -1, 0, 2, -1]  # 4 → 2's slot (2), 3 → 0's slot (0)
+    assert slot_row.tolist() == [-1, 1, -1, 0, 2, -1]
+
+    # 5 is needed with a load below every spare resident's: read without a slot; 0 and 2 stay out
+    rows = admit_on_device(load, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]), slot_row, pairs=3)
+    assert rows.tolist() == [-1] * 6 and slot_row.tolist() == [-1, 1, -1, 0, 2, -1]
+
+    # three busy misses, two pairs: the two busiest are admitted
+    slot_row = torch.tensor([0, 1, -1, -1, -1], dtype=torch.int32)
+    rows = admit_on_device(torch.zeros(5), torch.tensor([0.0, 0.0, 2.0, 5.0, 3.0]), slot_row, pairs=2)
+    assert rows.tolist() == [-1, -1, -1, 0, 1] and slot_row.tolist() == [-1, -1, -1, 0, 1]
+
+
 def test_each_missing_expert_gets_a_scratch_row_and_only_those_are_gathered() -> None:
     """The gather path's parts on the CPU (vLLM's CPU build uses them; on CUDA the same rows go to
     a Triton kernel, tested under its interpreter in tests/test_vllm_engine.py): the needed

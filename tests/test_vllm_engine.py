@@ -287,26 +287,36 @@ def test_cpu_offload_gb_serves_the_same_greedy_tokens(
 
 
 @pytest.mark.parametrize(
-    ("arch", "fraction", "misses"),
-    [("mixtral", 1 / 8, "gather"), ("qwen2_moe", 0.5, "gather"), ("mixtral", 0.5, "in_place")],
+    ("arch", "fraction", "misses", "admission"),
+    [
+        ("mixtral", 1 / 8, "gather", "settle"),
+        ("qwen2_moe", 0.5, "gather", "settle"),
+        ("mixtral", 0.5, "in_place", "settle"),
+        ("mixtral", 0.25, "in_place", "device"),
+        ("qwen2_moe", 0.5, "gather", "device"),
+    ],
 )
 def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
-    arch: str, fraction: float, misses: str, mixtral_dir: Path, tmp_path: Path
+    arch: str, fraction: float, misses: str, admission: str, mixtral_dir: Path, tmp_path: Path
 ) -> None:
     """engine.offload experts through vLLM (moe_core/vllm_expert_cache.py): each fused-MoE layer
     holds `fraction` of its experts in slots (1 of 8; half), computes the resident ones it needs
     there and the others from rows they are gathered into from host memory (misses gather: all 8
     rows for 1 slot, 4 + 2 for 4, the copies on their way held to 2) or in place in host memory,
     one kernel call each (qwen2_moe: a shared expert beside the routed ones, run once per step),
-    and copies the busiest in for later steps; the greedy tokens of a batch are generate()'s, and
-    the counts show fetches, hits and experts read from host memory (every miss). Without the
-    copies into the slots, or without the second call, the tokens would part from generate()'s (a
-    miss would add nothing)."""
+    and copies the busiest in for later steps (admission "settle"; "device": a busier miss is
+    gathered into a slot within the forward); the greedy tokens of a batch are generate()'s, and
+    the counts show fetches, hits and experts read from host memory (every miss, once: settle's
+    copies come on top, device's admissions are some of them). Without the copies into the slots,
+    or without the second call, the tokens would part from generate()'s (a miss would add
+    nothing)."""
     model_dir = (
         mixtral_dir if arch == "mixtral" else build_checkpoint(tmp_path / arch, arch=arch, progress=False)
     )
     reference = Reference(model_dir)
-    engine = make_engine(model_dir, expert_cache=fraction, expert_cache_misses=misses)
+    engine = make_engine(
+        model_dir, expert_cache=fraction, expert_cache_misses=misses, expert_cache_admission=admission
+    )
     args = engine._engine_args("float32")
     assert args.worker_extension_cls == "moe_core.vllm_expert_cache.ExpertCacheExtension"
     engine.load()
@@ -331,7 +341,9 @@ def test_the_expert_cache_in_vllms_moe_layers_serves_generates_tokens(
     assert stats.expert_cache_fetched_bytes > 0
     misses = stats.expert_cache_needed - stats.expert_cache_hits
     if arch == "mixtral":  # float32 experts of 3 x 128 x 256
-        assert stats.expert_cache_in_place_bytes == misses * 3 * 128 * 256 * 4
+        admitted = stats.expert_cache_fetched_bytes if admission == "device" else 0
+        assert stats.expert_cache_in_place_bytes + admitted == misses * 3 * 128 * 256 * 4
+        assert stats.expert_cache_in_place_bytes > 0  # not every miss took a slot
 
 
 def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
@@ -387,6 +399,7 @@ def test_the_expert_cache_asks_vllm_for_its_loader_host_memory_and_whole_graphs_
     assert args.model_loader_extra_config == {
         vllm_expert_cache.FRACTION_KEY: 0.5,
         vllm_expert_cache.MISSES_KEY: "in_place",
+        vllm_expert_cache.ADMISSION_KEY: "settle",
     }
     assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
     assert args.moe_backend == "triton"  # a modular kernel that reads the layer's weights per call

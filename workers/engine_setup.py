@@ -87,6 +87,7 @@ def construct(
             batch_rank=Priority.BATCH.rank,
             expert_cache=cached.resident_fraction if cached else None,
             expert_cache_misses=cfg.expert_cache.misses,
+            expert_cache_admission=cfg.expert_cache.admission,
         )
     if backend == "deepspeed":
         from moe_core.deepspeed import DeepSpeedEngine
