@@ -156,20 +156,35 @@ class Loop:
     WAYS."""
 
     def __init__(
-        self, model: Path, rows: int, way: str, forward_ms: float, sample_ms: float, prep_ms: float = 0.0
+        self,
+        model: Path,
+        rows: int,
+        way: str,
+        forward_ms: float,
+        sample_ms: float,
+        prep_ms: float = 0.0,
+        batch_rank: int | None = None,
     ) -> None:
+        """batch_rank: waiting requests by priority, and LocalMoE's scheduler (way parallel or
+        in-turn) seats a more urgent one by preempting a running request of this rank or higher
+        (moe_core/vllm_seating.py)."""
         import torch
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
         from vllm.v1.structured_output import StructuredOutputManager
 
-        from moe_core import vllm_masks
+        from moe_core import vllm_masks, vllm_seating
 
+        seating: dict[str, Any] = {}
+        if batch_rank is not None:
+            seating = {"scheduling_policy": "priority"}
+            seating["additional_config"] = {vllm_seating.RANK_KEY: batch_rank}
         config = config_for(
             model,
             rows,
             max_num_batched_tokens=max(2048, rows * 8),
             enable_prefix_caching=False,  # (its block hashes come with requests an engine processed)
+            **seating,
         )
         config.scheduler_config.async_scheduling = True  # as on a GPU (vLLM's CPU build turns it off)
         self.config = config
@@ -222,21 +237,27 @@ class Loop:
             time.sleep(0.001)
 
     def run(
-        self, abort: dict[int, list[str]] | None = None
+        self, abort: dict[int, list[str]] | None = None, arrive: dict[int, list[Any]] | None = None
     ) -> tuple[dict[str, list[int]], dict[str, str], int]:
         """Steps the loop until nothing is left: ({request id: the tokens vLLM output}, {request id:
         finish reason}, loop calls). abort: {loop call: request ids aborted before it}, as the
-        engine core's input queue aborts between two steps."""
+        engine core's input queue aborts between two steps; arrive: {loop call: requests added
+        before it} likewise. `first_output` then holds the loop call each request's first token
+        came out of."""
         outputs: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
+        self.first_output: dict[str, int] = {}
         calls = 0
-        while self.scheduler.has_requests() or self.core.batch_queue:
+        while self.scheduler.has_requests() or self.core.batch_queue or any(c >= calls for c in arrive or {}):
             for rid in (abort or {}).get(calls, []):
                 self.core.abort_requests([rid])
+            self.add((arrive or {}).get(calls, []))
             calls += 1
             step_outputs, _ = self.core.step_with_batch_queue()
             for eco in (step_outputs or {}).values():
                 for out in eco.outputs:
+                    if out.new_token_ids:
+                        self.first_output.setdefault(out.request_id, calls)
                     outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
                     if out.finish_reason is not None:
                         finished[out.request_id] = str(out.finish_reason)
@@ -250,10 +271,11 @@ class Loop:
 
 
 def structured_requests(
-    loop: Loop, count: int, max_tokens: int, plain_every: int = 0, prefix: str = "r"
+    loop: Loop, count: int, max_tokens: int, plain_every: int = 0, prefix: str = "r", priority: int = 0
 ) -> list[Any]:
     """`count` vLLM Requests (ids prefix + k) over bench.structured_output's schemas (every
-    `plain_every`-th one unconstrained when set), the model's end-of-sequence token theirs."""
+    `plain_every`-th one unconstrained when set; 1: all), the model's end-of-sequence token theirs,
+    of this priority."""
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
     from vllm.v1.request import Request
 
@@ -267,7 +289,7 @@ def structured_requests(
             spec._backend = "guidance"  # as vLLM's input processor marks it
         params = SamplingParams(max_tokens=max_tokens, structured_outputs=spec)
         params.update_from_generation_config({}, eos_token_id=eos)
-        made.append(Request(f"{prefix}{k}", [1, 2, 3], params, None))
+        made.append(Request(f"{prefix}{k}", [1, 2, 3], params, None, priority=priority))
     return made
 
 

@@ -81,6 +81,13 @@ class VllmSettings(BaseModel):
         "compile per request, a Python call per row and a thread pool above 128 rows). The masks are the "
         "same; they are on the critical path of every structured step.",
     )
+    batch_preemption: bool = Field(
+        True,
+        description="With structured_masks parallel or in-turn (LocalMoE's scheduler in vLLM's engine "
+        "core): when every row is taken, a batch-tier job's row is preempted for a more urgent waiting "
+        "job (recomputed later from what it made, as the torch engine does), so a batch may use every "
+        "row. Off (or with vllm's scheduler): the batch tier is kept out of scheduler.batch_reserve's rows.",
+    )
 
 
 class DeepSpeedSettings(BaseModel):

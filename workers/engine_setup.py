@@ -85,6 +85,7 @@ def construct(
             kv_cache_memory_bytes=planned.kv_cache_bytes if planned else None,
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
+            batch_preemption=v.batch_preemption,
             expert_cache=cached.resident_fraction if cached else None,
             expert_cache_misses=cfg.expert_cache.misses,
             expert_cache_admission=cfg.expert_cache.admission,

@@ -1,0 +1,91 @@
+"""An urgent request seated in vLLM's engine core by preempting a row of the batch tier.
+
+vLLM's scheduler preempts a running request only when the KV cache runs out of blocks. A request
+waiting for a row (max_num_seqs running) waits until one ends, whatever its priority: with the
+batch tier's lines in every row, an interactive request would wait for a line to end. So the
+adapter used to keep the batch tier out of some rows (moe_core/vllm_engine.py batch_rows), and a
+batch alone could use only those.
+
+`Seating` wraps the scheduler's `schedule`. Before each step is scheduled, while every row is
+taken and requests more urgent than the batch tier (priority < rank) wait, it preempts as many
+running batch-tier requests as those need rows, the one vLLM's own preemption would pick first
+(the largest (priority, arrival)), the way vLLM preempts for memory (`_preempt_request`: its KV
+blocks freed, its tokens and sampling state kept, its KV recomputed when it is scheduled again;
+under async scheduling an output already on its way is still taken in). The urgent requests then
+take those rows in this very step, by vLLM's priority order. The batch tier may then hold every
+row, as the torch engine's does (it preempts the same way).
+
+If the seating ever raises, it is switched off with a warning, and the scheduler goes on as
+vLLM's own. vLLM is not imported here: the scheduler is vLLM's, handed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RANK_KEY = "localmoe_batch_rank"  # vLLM's additional_config: the batch tier's rank (seating on)
+SEAM = ("schedule", "_preempt_request", "running", "waiting", "max_num_running_reqs")
+# vLLM's RequestStatus names of a waiting request the scheduler can seat now (not one waiting for
+# its grammar to compile or for KV from elsewhere: a row freed for it would go to another)
+SEATABLE = frozenset({"WAITING", "PREEMPTED"})
+
+
+class Seating:
+    """`sched.schedule` seats urgent waiting requests first (the module's docstring)."""
+
+    def __init__(self, sched: Any, rank: int) -> None:
+        self.sched = sched
+        self.rank: int | None = rank  # None once switched off
+        self.preempted = 0  # batch-tier requests preempted so far
+        self.in_flight = 0  # of them, with a token on its way (async scheduling: vLLM still takes it in)
+        self._schedule = sched.schedule
+        sched.schedule = self.schedule
+        sched.localmoe_seating = self
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self.rank is not None:
+            try:
+                self._seat(self.rank)
+            except Exception:  # never the step's failure: vLLM's own scheduling from now on
+                logger.warning("seating urgent requests failed: vLLM's scheduling from now on", exc_info=True)
+                self.rank = None
+        return self._schedule(*args, **kwargs)
+
+    def _seat(self, rank: int) -> None:
+        sched = self.sched
+        running: list[Any] = sched.running
+        free = sched.max_num_running_reqs - len(running)
+        if free > 0 or not sched.waiting:  # rows free: vLLM seats the waiting itself
+            return
+        urgent = sum(1 for r in sched.waiting if r.priority < rank and _seatable(r))
+        if not urgent:
+            return
+        batch = sorted((r for r in running if r.priority >= rank), key=lambda r: (r.priority, r.arrival_time))
+        now = time.monotonic()
+        for victim in reversed(batch[-urgent:]):  # the largest (priority, arrival) first
+            running.remove(victim)
+            self.in_flight += getattr(victim, "num_output_placeholders", 0) > 0
+            sched._preempt_request(victim, now)
+            self.preempted += 1
+
+
+def _seatable(request: Any) -> bool:
+    status = getattr(request, "status", None)
+    return status is None or getattr(status, "name", "") in SEATABLE
+
+
+def install(sched: Any, vllm_config: Any) -> Seating | None:
+    """Seating on `sched` where the engine's additional_config names the batch tier's rank
+    (RANK_KEY); None otherwise, or (with a warning) where this vLLM's scheduler lacks a part of
+    SEAM."""
+    rank = (getattr(vllm_config, "additional_config", None) or {}).get(RANK_KEY)
+    if rank is None:
+        return None
+    if not all(hasattr(sched, name) for name in SEAM):
+        logger.warning("this vLLM's scheduler has not %s: urgent requests wait for a free row", SEAM)
+        return None
+    return Seating(sched, int(rank))
