@@ -271,7 +271,7 @@ def scheduler(*args: Any, **kwargs: Any) -> Any:
     structured-output manager, scheduling ahead during deferred fills; the model runner in this
     process applies the masks from kept host memory (moe_core/vllm_bitmask.py)."""
     built = vllms_scheduler(*args, **kwargs)
-    vllm_seating.install(built, _config(args, kwargs))  # before ScheduleAhead: steps ahead seat too
+    vllm_seating.install(built)  # before ScheduleAhead: steps scheduled ahead seat too
     installed = install(built.structured_output_manager)
     vllm_bitmask.install()
     if installed is not None and all(hasattr(built, name) for name in AHEAD_SEAM):
@@ -285,7 +285,7 @@ def scheduler_in_turn(*args: Any, **kwargs: Any) -> Any:
     """`scheduler` without scheduling ahead: each step scheduled at the loop's own turn (the
     masks' staging as `scheduler`'s)."""
     built = vllms_scheduler(*args, **kwargs)
-    vllm_seating.install(built, _config(args, kwargs))
+    vllm_seating.install(built)
     install(built.structured_output_manager)
     vllm_bitmask.install()
     return built

@@ -78,11 +78,13 @@ def _seatable(request: Any) -> bool:
     return status is None or getattr(status, "name", "") in SEATABLE
 
 
-def install(sched: Any, vllm_config: Any) -> Seating | None:
-    """Seating on `sched` where the engine's additional_config names the batch tier's rank
-    (RANK_KEY); None otherwise, or (with a warning) where this vLLM's scheduler lacks a part of
-    SEAM."""
-    rank = (getattr(vllm_config, "additional_config", None) or {}).get(RANK_KEY)
+def install(sched: Any) -> Seating | None:
+    """Seating on `sched` where its engine's additional_config (sched.vllm_config's) names the
+    batch tier's rank (RANK_KEY); None otherwise, or (with a warning) where this vLLM's scheduler
+    lacks a part of SEAM."""
+    config = getattr(sched, "vllm_config", None)
+    additional = getattr(config, "additional_config", None)
+    rank = additional.get(RANK_KEY) if isinstance(additional, dict) else None
     if rank is None:
         return None
     if not all(hasattr(sched, name) for name in SEAM):

@@ -652,6 +652,7 @@ def test_the_seating_preempts_the_latest_batch_rows_for_the_waiting_urgent_ones(
 
     class Sched:
         def __init__(self) -> None:
+            self.vllm_config: Any = None
             self.max_num_running_reqs = 4
             self.running = [request("n", 1, 0.0), request("b1", 3, 1.0), request("b2", 3, 2.0)]
             self.running.append(request("b3", 4, 0.5))
@@ -666,10 +667,10 @@ def test_the_seating_preempts_the_latest_batch_rows_for_the_waiting_urgent_ones(
             self.waiting.append(victim)
 
     sched = Sched()
-    config = SimpleNamespace(additional_config={vllm_seating.RANK_KEY: 3})
-    seating = vllm_seating.install(sched, config)
+    sched.vllm_config = SimpleNamespace(additional_config={vllm_seating.RANK_KEY: 3})
+    seating = vllm_seating.install(sched)
     assert seating is not None
-    assert vllm_seating.install(Sched(), SimpleNamespace(additional_config={})) is None
+    assert vllm_seating.install(Sched()) is None  # no config naming the rank: vLLM's own
     assert sched.schedule() == "scheduled"
     assert sched.preempted == ["b3", "b2"] and [r.request_id for r in sched.running] == ["n", "b1"]
     assert seating.preempted == 2
