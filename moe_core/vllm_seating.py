@@ -56,15 +56,29 @@ class Seating:
         return self._schedule(*args, **kwargs)
 
     def _seat(self, rank: int) -> None:
+        """At every step, so cheap where nothing is to do: rows free, nothing waiting or no
+        batch-tier row (O(rows)); else the waiting queue read up to its first batch-tier request
+        (vLLM's priority queue hands them out by priority) or the batch rows' count of urgent ones."""
         sched = self.sched
         running: list[Any] = sched.running
-        free = sched.max_num_running_reqs - len(running)
-        if free > 0 or not sched.waiting:  # rows free: vLLM seats the waiting itself
+        if sched.max_num_running_reqs > len(running) or not sched.waiting:  # vLLM seats them itself
             return
-        urgent = sum(1 for r in sched.waiting if r.priority < rank and _seatable(r))
+        batch = [r for r in running if r.priority >= rank]
+        if not batch:
+            return
+        by_priority = getattr(getattr(sched, "policy", None), "name", "") == "PRIORITY"
+        urgent = 0
+        for request in sched.waiting:
+            if request.priority >= rank:
+                if by_priority:
+                    break  # the rest are no more urgent
+                continue
+            urgent += _seatable(request)
+            if urgent == len(batch):
+                break
         if not urgent:
             return
-        batch = sorted((r for r in running if r.priority >= rank), key=lambda r: (r.priority, r.arrival_time))
+        batch.sort(key=lambda r: (r.priority, r.arrival_time))
         now = time.monotonic()
         for victim in reversed(batch[-urgent:]):  # the largest (priority, arrival) first
             running.remove(victim)
