@@ -439,14 +439,14 @@ class _InPlaceLayer(_CachedLayer):
         self.tokens += routed
         needed = routed > 0
         hits = (needed & (self.slot_row >= 0)).sum()
+        admitted = torch.zeros_like(hits)
         if self.pairs:  # admission "device": the misses that take a slot are read into it now
             rows = admit_on_device(self.load, routed.float(), self.slot_row, self.pairs)
             for name, view in self.view.items():
                 gather_experts(view, self.device[name], rows)
             self.host_row.copy_(torch.where(self.slot_row >= 0, -1, self.experts))
-            self.counts += torch.stack([needed.sum(), hits, (rows >= 0).sum()])
-        else:
-            self.counts[:2] += torch.stack([needed.sum(), hits])
+            admitted = (rows >= 0).sum()
+        self.counts += torch.stack([needed.sum(), hits, admitted])  # [needed, hits, admitted]
         # both calls always (a captured graph replays what was there when it was captured), the
         # shared experts with the first
         shared = (shared_experts, shared_experts_input)
