@@ -63,7 +63,7 @@ class Seating:
         running: list[Any] = sched.running
         if sched.max_num_running_reqs > len(running) or not sched.waiting:  # vLLM seats them itself
             return
-        batch = [r for r in running if r.priority >= rank]
+        batch = [r for r in running if r.priority >= rank and _status(r) in ("", "RUNNING")]
         if not batch:
             return
         by_priority = getattr(getattr(sched, "policy", None), "name", "") == "PRIORITY"
@@ -81,15 +81,24 @@ class Seating:
         batch.sort(key=lambda r: (r.priority, r.arrival_time))
         now = time.monotonic()
         for victim in reversed(batch[-urgent:]):  # the largest (priority, arrival) first
-            running.remove(victim)
+            at = running.index(victim)
+            running.pop(at)
+            try:
+                sched._preempt_request(victim, now)
+            except Exception:
+                running.insert(at, victim)  # not lost: it runs on, and the seating goes off
+                raise
             self.in_flight += getattr(victim, "num_output_placeholders", 0) > 0
-            sched._preempt_request(victim, now)
             self.preempted += 1
 
 
+def _status(request: Any) -> str:
+    """vLLM's RequestStatus name of the request ("" where it has none)."""
+    return str(getattr(getattr(request, "status", None), "name", ""))
+
+
 def _seatable(request: Any) -> bool:
-    status = getattr(request, "status", None)
-    return status is None or getattr(status, "name", "") in SEATABLE
+    return _status(request) in ("", *SEATABLE)
 
 
 def install(sched: Any) -> Seating | None:

@@ -686,6 +686,15 @@ def test_the_seating_preempts_the_latest_batch_rows_for_the_waiting_urgent_ones(
     sched.schedule()
     assert sched.preempted == ["b3", "b2"]  # no row freed for a request vLLM would not seat now
     sched.waiting[0].status = SimpleNamespace(name="WAITING")
+
+    def refuses(victim: SimpleNamespace, timestamp: float) -> None:
+        raise AssertionError("Only running requests can be preempted")
+
+    sched._preempt_request = refuses  # type: ignore[method-assign]
+    before = list(sched.running)
+    assert sched.schedule() == "scheduled" and seating.rank is None  # off, the step still scheduled
+    assert sched.running == before  # the request it tried is still running, not lost
+    seating.rank = 3
     sched.running = [None] * 4  # a scheduler unlike the one this was written for
     assert sched.schedule() == "scheduled" and seating.rank is None  # off, the step still scheduled
 
