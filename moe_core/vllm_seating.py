@@ -82,13 +82,14 @@ class Seating:
         now = time.monotonic()
         for victim in reversed(batch[-urgent:]):  # the largest (priority, arrival) first
             at = running.index(victim)
+            on_its_way = getattr(victim, "num_output_placeholders", 0) > 0  # (preempting may reset it)
             running.pop(at)
             try:
                 sched._preempt_request(victim, now)
             except Exception:
                 running.insert(at, victim)  # not lost: it runs on, and the seating goes off
                 raise
-            self.in_flight += getattr(victim, "num_output_placeholders", 0) > 0
+            self.in_flight += on_its_way
             self.preempted += 1
 
 
