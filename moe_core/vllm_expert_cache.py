@@ -92,10 +92,12 @@ def admit_on_device(
 class _Counter:
     """Every layer's counts in one device table [L, E + COUNTS] (the tokens routed to each expert,
     then needed, hits and admitted), read in one copy to pinned memory a step late: between two
-    steps one copy, one zeroing and one event for the whole model."""
+    steps one copy, one zeroing and one event for the whole model, into host buffers kept between
+    steps (PinnedTurns: no pinned allocation per step)."""
 
     def __init__(self, layers: int, width: int, device: torch.device) -> None:
         self.table = torch.zeros((layers, width), dtype=torch.long, device=device)
+        self.stage = PinnedTurns((width,), torch.long, device.type == "cuda")
         self.reading: tuple[torch.cuda.Event | None, torch.Tensor] | None = None  # on their way
 
     def take(self, wait: bool) -> list[list[int]] | None:
@@ -110,19 +112,17 @@ class _Counter:
             event.synchronize()
         elif event is not None and not event.query():  # type: ignore[no-untyped-call]
             return None
+        rows: list[list[int]] = buffer.tolist()  # before the next reading may reuse the buffer
         self._start()
-        rows: list[list[int]] = buffer.tolist()
         return rows
 
     def _start(self) -> None:
-        cuda = self.table.device.type == "cuda"
-        buffer = torch.empty(tuple(self.table.shape), dtype=torch.long, pin_memory=cuda)
-        buffer.copy_(self.table, non_blocking=cuda)
+        stage = self.stage
+        buffer = stage.take(self.table.shape[0])
+        buffer.copy_(self.table, non_blocking=stage.cuda)
         self.table.zero_()
-        event = torch.cuda.Event() if cuda else None  # type: ignore[no-untyped-call]
-        if event is not None:
-            event.record()
-        self.reading = (event, buffer)
+        stage.queued()
+        self.reading = (stage.events[stage.turn] if stage.cuda else None, buffer)
 
 
 class _VllmCache(ExpertCache):

@@ -239,9 +239,12 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
     assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
     cfg.vllm.batch_preemption = False
+    cfg.expert_cache.admission = "device"
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     assert (engine.batch_rows, engine.batch_rank) == (7, Priority.BATCH.rank)  # type: ignore[attr-defined]
     assert not engine._engine_args("float32").additional_config  # type: ignore[attr-defined]
+    assert engine.expert_cache_admission == "device"  # type: ignore[attr-defined]
+    cfg.expert_cache.admission = "settle"
     cfg.vllm.quantization = "fp8"
     engine = construct("vllm", mixtral_dir, "cpu", cfg)
     assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
