@@ -51,6 +51,12 @@ class WorkerInfo(BaseModel):
     tokens_in_flight: int = Field(
         0, description="Tokens its running jobs may still generate (max_tokens left)."
     )
+    cost_in_flight: float = Field(
+        0.0,
+        description="The work its held jobs still need, in the router's cost units (decode tokens): the "
+        "tokens they may still generate, plus prefill_weight for each prompt token not yet prefilled "
+        "(a job with no token yet).",
+    )
     batch_occupancy: float = Field(0.0, description="running / capacity.")
     kv_usage: float | None = Field(
         None, description="Share of the KV cache in use (engines that manage one)."
@@ -90,6 +96,13 @@ class WorkerInfo(BaseModel):
         0.0, description="Engine steps per second while busy (EWMA): one token per running job per step."
     )
     busy_tokens_per_s: float = Field(0.0, description="Tokens per second while busy (EWMA).")
+    peak_cost_per_s: float = Field(
+        0.0,
+        description="The most work per busy second it has done lately, in the router's cost units (tokens "
+        "generated plus prefill_weight for each prompt token computed): the largest of its heartbeats' "
+        "figures, each beat's old peak decaying by 2 %. What the router drains its work ahead at; 0 "
+        "until measured.",
+    )
     expert_tokens: dict[str, list[list[int]]] = Field(
         default_factory=dict,
         description="Per modality, [layer][expert] tokens routed there (expert telemetry).",

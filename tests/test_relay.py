@@ -17,6 +17,7 @@ from scheduler.jobs import Job, JobSpec, JobStatus, job_from_hash, job_to_hash
 from scheduler.stream import Fence, SequenceToken, sequence_token_fields, token_fields
 from tests.conftest import scratch_db
 from workers.relay import Held, HeldSequence, Relay, sequence_id
+from workers.runtime import work_in_flight
 
 TTL = 600
 
@@ -79,6 +80,22 @@ def test_a_batch_of_steps_is_written_as_readers_expect(client: redis.Redis) -> N
     assert not [f for _, f in client.xrange(keys.events(stale.job.id)) if f["type"] == "done"]
     assert stale.future.result().status is JobStatus.SUCCEEDED  # what this attempt would have written
     assert set(relay.held) == {b.job.id}
+
+
+def test_the_work_in_flight_counts_each_prompt_until_its_first_token(client: redis.Redis) -> None:
+    """What the heartbeat tells the router (workers/runtime.py): the tokens held jobs may still make,
+    plus the prompts still to prefill; the relay counts a prompt as prefilled at its first token."""
+    relay = Relay(client, TTL)
+    long, short = _held(client, 1), _held(client, 1)
+    long.job.usage.prompt_tokens, short.job.usage.prompt_tokens = 4000, 100
+    for held in (long, short):
+        relay.track(held)
+    assert work_in_flight([long, short], 0.0625) == 8 + 250 + 8 + 6.25
+    relay._write_with_retry([[Delta(long.job.id, "def", [5], 4000, 1)]])
+    assert relay.prefilled == 4000  # and not again at its next token
+    relay._write_with_retry([[Delta(long.job.id, " g", [6], 4000, 2)]])
+    assert relay.prefilled == 4000
+    assert work_in_flight([long, short], 0.0625) == 6 + 8 + 6.25
 
 
 def test_a_scored_prompt_is_in_the_record_before_the_first_token(client: redis.Redis) -> None:

@@ -277,6 +277,8 @@ def test_health_ready_and_workers(http: httpx.Client, worker: str) -> None:
     # what the router plans with: speed measured while busy, the expert-load profile by modality,
     # nothing in flight when idle, no GPU telemetry on a CPU worker
     assert info["step_rate"] > 0 and info["busy_tokens_per_s"] > 0
+    assert info["peak_cost_per_s"] > 0  # the work rate the router drains its work ahead at
     assert info["modality_mix"].get("code", 0) > 0 and abs(sum(info["modality_mix"].values()) - 1) < 1e-6
-    assert info["tokens_in_flight"] == 0 and info["batch_occupancy"] == 0 and info["gpus"] == []
+    assert info["tokens_in_flight"] == 0 == info["cost_in_flight"] and info["batch_occupancy"] == 0
+    assert info["gpus"] == []
     assert info["kv_usage"] is None  # the torch engine manages no paged KV cache

@@ -255,6 +255,7 @@ class Relay(threading.Thread):
         self.node = node
         self.flower = flower or FlowerSettings()
         self.held: dict[str, Held] = {}  # job id → Held; added by track(), removed at its final
+        self.prefilled = 0  # prompt tokens of the jobs whose first token came so far (heartbeats read it)
         # a job with n > 1: sequence_id → (its Held, the sequence), until the sequence ends
         self.sequences: dict[str, tuple[Held, HeldSequence]] = {}
         self._inbox: queue.SimpleQueue[list[Delta] | _Failure | _Events] = queue.SimpleQueue()
@@ -422,6 +423,7 @@ class Relay(threading.Thread):
         out.tokens += len(delta.token_ids)
         if held.first_token_at is None and delta.token_ids:
             held.first_token_at = write.at
+            self.prefilled += held.job.usage.prompt_tokens
             write.firsts.append(keys.job(held.job.id))
         out.unsent_tokens += len(delta.token_ids)
         if delta.prompt_logprobs is not None:  # the first delta of the job's first sequence

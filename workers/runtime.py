@@ -12,7 +12,7 @@ import time
 import redis
 
 from host.gpus import gpu_stats, visible_nvml_indices
-from host.settings import Settings
+from host.settings import SchedulerSettings, Settings
 from moe_core.engine import FinishReason
 from moe_core.loader import inspect_model
 from scheduler import keys, record
@@ -33,6 +33,8 @@ from workers.relay import Held, HeldSequence, Relay
 
 log = logging.getLogger(__name__)
 
+PEAK_DECAY = 0.98  # a busy heartbeat keeps this much of the last peak work rate (half-life ~35 beats)
+
 
 class Runtime:
     def __init__(
@@ -44,9 +46,11 @@ class Runtime:
         incarnation: str = "",
         reaper: Reaper | None = None,
         metrics: WorkerMetrics | None = None,
+        prefill_weight: float = SchedulerSettings().prefill_weight,
     ) -> None:
         """engine: started, its relay not yet; metrics: this worker's Prometheus metrics (None:
-        none kept)."""
+        none kept); prefill_weight: scheduler.prefill_weight, the router's cost of a prompt token,
+        in which the heartbeat states the work in flight and the work rate."""
         self.client = client
         self.engine = engine
         self.relay: Relay = engine.relay
@@ -55,7 +59,9 @@ class Runtime:
         self.incarnation = incarnation  # the lease's value: which run of this worker holds its jobs
         self.reaper = reaper
         self.metrics = metrics
-        self._last = (time.monotonic(), 0, 0, 0.0)  # (when, tokens, steps, busy seconds) at the last beat
+        self.prefill_weight = prefill_weight
+        # at the last beat: (when, tokens, steps, busy seconds, prompt tokens prefilled, of them cached)
+        self._last: tuple[float, int, int, float, int, int] = (time.monotonic(), 0, 0, 0.0, 0, 0)
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
         self._claim = client.register_script(record.CLAIM)
@@ -80,6 +86,7 @@ class Runtime:
         self.relay.flower = settings.flower
         if self.reaper is not None:
             self.reaper.max_attempts = settings.limits.max_attempts
+        self.prefill_weight = settings.scheduler.prefill_weight
 
     def mark_ready(self) -> None:
         self.info.ready = True
@@ -135,7 +142,8 @@ class Runtime:
     def beat(self) -> None:
         stats = self.engine.stats
         now, mono = time.time(), time.monotonic()
-        last_mono, last_tokens, last_steps, last_busy = self._last
+        last_mono, last_tokens, last_steps, last_busy, last_prefilled, last_cached = self._last
+        prefilled = self.relay.prefilled
         dt = max(mono - last_mono, 1e-6)
         info = self.info
         info.heartbeat_at = now
@@ -151,9 +159,22 @@ class Runtime:
             info.busy_tokens_per_s = _ewma(
                 info.busy_tokens_per_s, (stats.tokens_generated - last_tokens) / busy
             )
-        self._last = (mono, stats.tokens_generated, stats.steps, self.engine.busy_s)
+            # the work done, in the units of cost_in_flight: a prompt's tokens count once its first
+            # token came, less those the engine found cached (an engine that reports them)
+            computed = max(0, (prefilled - last_prefilled) - (stats.cached_tokens - last_cached))
+            work = stats.tokens_generated - last_tokens + self.prefill_weight * computed
+            info.peak_cost_per_s = max(work / busy, PEAK_DECAY * info.peak_cost_per_s)
+        self._last = (
+            mono,
+            stats.tokens_generated,
+            stats.steps,
+            self.engine.busy_s,
+            prefilled,
+            stats.cached_tokens,
+        )
         held = list(self.relay.held.values())
         info.tokens_in_flight = sum(h.tokens_left for h in held)
+        info.cost_in_flight = work_in_flight(held, self.prefill_weight)
         info.batch_occupancy = stats.running / max(info.capacity, 1)
         info.kv_usage = stats.kv_usage
         info.prefix_caching, info.kv_blocks = stats.prefix_caching, stats.kv_blocks
@@ -227,6 +248,16 @@ def _sequence(index: int, resumed: record.Resumed | None) -> HeldSequence:
         if resumed.finish_reason is not None:  # it ended then: its end is in the stream already
             seq.finish_reason, seq.completion_tokens = FinishReason(resumed.finish_reason), resumed.tokens
     return seq
+
+
+def work_in_flight(held: list[Held], prefill_weight: float) -> float:
+    """What the held jobs still need in the router's cost units (scheduler/routing.py job_cost):
+    every token they may still generate, and the prompt of each job with no token yet (its prefill
+    is still ahead: waiting for a row, or being computed) at prefill_weight a token."""
+    return sum(
+        h.tokens_left + (prefill_weight * h.job.usage.prompt_tokens if h.first_token_at is None else 0.0)
+        for h in held
+    )
 
 
 def _ewma(old: float, new: float, alpha: float = 0.3) -> float:

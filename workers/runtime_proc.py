@@ -249,4 +249,5 @@ def _build_runtime(settings: Settings, name: str, incarnation: str) -> Runtime:
         metrics=relay.metrics,
         incarnation=incarnation,
         reaper=reaper,
+        prefill_weight=settings.scheduler.prefill_weight,
     )
