@@ -18,6 +18,9 @@ ended (its grammar's end-of-sequence token, or max tokens).
     python -m bench.engine_core_loop [--model DIR] [--requests 256] [--forward-ms 6] [--sample-ms 1]
         [--prep-ms 4] [--max-tokens 64] [--rounds 3] [--ways vllm,in-turn,parallel]
 
+(`--ways parallel,parallel-update-accepts`: LocalMoE's way with the grammars' accepts held for the
+fill, the default, against the same with vLLM's accepts in update_from_output.)
+
 Prints each way's steps, wall time and ms per step (median of the rounds, alternating ways), the
 step's parts as bench/engine_core_steps.py times them on a GPU's engine core (schedule, update,
 masks, and the rest: the runner's calls and the waits for the simulated GPU), and checks that every
@@ -47,6 +50,8 @@ from bench.engine_core_masks import config_for, model_or_tiny
 from bench.structured_output import schemas
 
 WAYS = ("vllm", "in-turn", "parallel")  # engine.vllm.structured_masks
+# and, to measure what holding the accepts for the fill saves: parallel with vLLM's accepts in the update
+BENCH_WAYS = (*WAYS, "parallel-update-accepts")
 PARTS = ("schedule_ms", "update_ms", "masks_ms", "runner_ms")  # of a step, engine_core_steps.per_step's
 
 
@@ -153,7 +158,7 @@ def _allowed_from(row: np.ndarray, start: int) -> int:
 
 class Loop:
     """vLLM's EngineCore, its loop and scheduler real, its executor a SimulatedRunner; `way` one of
-    WAYS."""
+    BENCH_WAYS."""
 
     def __init__(
         self,
@@ -197,10 +202,13 @@ class Loop:
             num_blocks=blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)]
         )
         build = {"parallel": vllm_masks.scheduler, "in-turn": vllm_masks.scheduler_in_turn}
+        build["parallel-update-accepts"] = vllm_masks.scheduler
         build_way = build.get(way, vllm_masks.vllms_scheduler)
         self.scheduler = build_way(
             vllm_config=config, kv_cache_config=kv, structured_output_manager=self.manager, block_size=block
         )
+        if way == "parallel-update-accepts":
+            self.manager._create_grammar.defer = False  # GrammarCache: plain copies, vLLM's accepts
         tokenizer_vocab = config.model_config.get_vocab_size()
         self.runner = SimulatedRunner(tokenizer_vocab, forward_ms, sample_ms, prep_ms)
         core = object.__new__(EngineCore)  # its loop's state, set as its __init__ sets it
@@ -339,10 +347,10 @@ def main() -> None:
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(WAYS)}")
+    p.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(BENCH_WAYS)}")
     args = p.parse_args()
     ways = [w for w in args.ways.split(",") if w]
-    if unknown := set(ways) - set(WAYS):
+    if unknown := set(ways) - set(BENCH_WAYS):
         p.error(f"unknown ways {sorted(unknown)}")
     model = model_or_tiny(args.model, "localmoe-loop-")
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}

@@ -16,7 +16,9 @@ equal step by step (it raises otherwise).
 
 Without --model it builds the tiny test model with a 32,000-token vocabulary (the reference
 model's size: a mask row is 1,000 words). Prints each way's compile wall time, its masks' total and
-median ms per step, the accepts' total (vLLM's code either way) and the ratios. With --par-accepts
+median ms per step, the accepts' total and the ratios. LocalMoE's grammars hold each accepted token
+for the next fill (moe_core/vllm_masks.py DeferredAccept), so in its way the accepts' total is the
+holding and the tokens' consume is timed with the masks. With --par-accepts
 LocalMoE's way accepts each step's tokens in one native call (llguidance's `consume_token_par`
 on the fill's threads; an end-of-sequence token, or a grammar already stopped, still through
 vLLM's `accept_tokens`): what that would save the engine core, the masks' equality checking that

@@ -47,6 +47,19 @@ step as an in-flight one does. Only the deferred call (its output has
 `pending_structured_output_tokens`) schedules ahead: a step sampled at once has its masks before
 the previous step's update, and a schedule there would come before that update, not vLLM's order.
 
+Accepts in the fill (`DeferredAccept`, on the grammars GrammarCache hands out). vLLM's scheduler
+advances each structured request's grammar by its sampled tokens in update_from_output, one request
+after another on the engine-core thread (llguidance's consume holds the GIL), in series with the
+rest of the step. Nothing reads a matcher between that update and the next fill of its mask but the
+grammar's own calls, so a copy holds a step's one sampled token (not an end of sequence, the
+grammar not terminated) and ParallelFill consumes every held token of its rows in one native call
+(llguidance's `consume_token_par`: the GIL released, the rows over its threads) just before it
+fills their masks, on the thread that fills beside the next schedule. Any other call that reads the
+matcher (validate_tokens, rollback, fill_bitmask: vLLM's speculative and serial paths) consumes
+the held token first, so every mask is the one vLLM's order gives. A token the matcher rejects
+(vLLM's "Unexpected" branch: impossible under a mask) makes the request's next accept return False,
+and vLLM ends it with an error one token later than its own accept would.
+
 Both schedulers also seat an urgent request by preempting a batch-tier row where the engine asks
 for it (moe_core/vllm_seating.py).
 """
@@ -54,6 +67,7 @@ for it (moe_core/vllm_seating.py).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -88,6 +102,7 @@ class ParallelFill:
         self._guided = GuidanceGrammar
         self.calls = 0  # steps filled here
         self.parallel_rows = 0  # llguidance rows among them
+        self.deferred = 0  # held tokens consumed here (DeferredAccept), in the fill's native call
         self.overlapped = 0  # fills that ran `during` beside them
         # run once on the calling thread while the next fill's llguidance rows fill (then cleared)
         self.during: Callable[[], None] | None = None
@@ -99,7 +114,15 @@ class ParallelFill:
         matchers: list[tuple[Any, int]] = []
         guided: list[Any] = []
         others: list[tuple[Any, int, bool]] = []
+        consumes: list[tuple[Any, int]] = []  # (matcher, held token): consumed before any row fills
+        consumers: list[Any] = []
         for grammar, row, constrain in batch:
+            token = getattr(grammar, "localmoe_pending", None)
+            if token is not None:
+                grammar.localmoe_pending = None
+                if not grammar.ll_matcher.is_stopped():  # stopped: vLLM's accept consumes nothing
+                    consumes.append((grammar.ll_matcher, token))
+                    consumers.append(grammar)
             if not constrain or grammar.is_terminated():
                 free.append(row)
             elif isinstance(grammar, self._guided):
@@ -110,32 +133,48 @@ class ParallelFill:
         if free:
             mask[free] = -1  # every token allowed, as vLLM fills such a row
         during, self.during = self.during, None
-        if matchers and during is not None:
+        accepted: list[bool] = []
+        if (matchers or consumes) and during is not None:
             if self._driver is None:
                 self._driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localmoe-fill")
             interval = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_S)  # the driver takes the GIL at once to start the fill
             try:
-                filling = self._driver.submit(self._fill_par, self.executor, matchers, mask)
+                filling = self._driver.submit(self._consume_fill, consumes, matchers, mask)
                 try:
-                    during()  # the GIL is free: llguidance's threads fill the rows meanwhile
+                    during()  # the GIL is free: llguidance's threads consume and fill meanwhile
                 finally:
-                    filling.result()  # the rows written (or the fill's error raised) before they are read
+                    accepted = filling.result()  # the rows written (or the error raised) before they are read
             finally:
                 sys.setswitchinterval(interval)
             self.overlapped += 1
-        elif matchers:
-            self._fill_par(self.executor, matchers, mask)
-        if matchers:
-            for grammar in guided:
+        elif matchers or consumes:
+            accepted = self._consume_fill(consumes, matchers, mask)
+        for grammar, ok in zip(consumers, accepted, strict=True):
+            if not ok:  # vLLM's "Unexpected" branch: the request's next accept says so
+                grammar.localmoe_rejected = True
+                logger.error("Unexpected: a grammar rejected its request's sampled token")
+        if matchers or consumes:
+            for grammar in (*guided, *consumers):
                 grammar.check_error()  # vLLM's warning for a matcher in error, once per grammar
         if others:
             self.manager._fill_bitmasks(others)
         self.calls += 1
         self.parallel_rows += len(matchers)
+        self.deferred += len(consumes)
         done: Future[None] = Future()
         done.set_result(None)
         return done
+
+    def _consume_fill(
+        self, consumes: list[tuple[Any, int]], matchers: list[tuple[Any, int]], mask: Any
+    ) -> list[bool]:
+        """The held tokens consumed (one per matcher, in one native call), then the rows filled:
+        each matcher's mask after its token, as vLLM's order has it. Whether each token was taken."""
+        accepted = self.executor.consume_token_par(consumes) if consumes else []
+        if matchers:
+            self._fill_par(self.executor, matchers, mask)
+        return accepted
 
 
 class GrammarCache:
@@ -149,8 +188,12 @@ class GrammarCache:
 
         self.manager = manager  # its backend is made with the first structured request
         self.create = create  # vLLM's own _create_grammar (raises where a spec does not compile)
-        self.templates: Templates[Any] = Templates(_copy_grammar, capacity)
+        self.templates: Templates[Any] = Templates(self._copy, capacity)
         self._guidance = GuidanceBackend
+        self.defer = True  # copies hold their accepts for the fill (DeferredAccept); False: vLLM's accepts
+
+    def _copy(self, template: Any) -> Any:
+        return _copy_grammar(template, self.defer)
 
     @property
     def compiles(self) -> int:
@@ -173,11 +216,64 @@ class GrammarCache:
         return self.templates.get(key, lambda: self.create(request))
 
 
-def _copy_grammar(template: Any) -> Any:
-    """A GuidanceGrammar as compiled (not terminated), with a matcher of its own."""
-    grammar = copy.copy(template)
+def _copy_grammar(template: Any, defer: bool = True) -> Any:
+    """A GuidanceGrammar as compiled (not terminated), with a matcher of its own, whose accepts
+    are held for the next fill (DeferredAccept) unless not `defer`."""
+    base: Any = type(template)
+    if isinstance(template, DeferredAccept) or not defer:
+        grammar = copy.copy(template)
+    else:
+        grammar = object.__new__(deferring(base))  # copy.copy's way, into the mixed class
+        grammar.__dict__.update(template.__dict__)
     grammar.ll_matcher = template.ll_matcher.deep_copy()
     return grammar
+
+
+class DeferredAccept:
+    """Mixed into vLLM's GuidanceGrammar (see the module's docstring): a step's one sampled token
+    is held (`localmoe_pending`) for ParallelFill to consume with the other rows' in one native call;
+    every other call that reads the matcher consumes it first."""
+
+    localmoe_pending: int | None = None  # the token accepted and not yet consumed
+    localmoe_rejected = False  # a held token the matcher refused: the next accept returns False
+
+    def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
+        if not self.consume_held():
+            return False
+        g: Any = self
+        if len(tokens) == 1 and not g.terminated and tokens[0] != g.ll_tokenizer.eos_token:
+            self.localmoe_pending = tokens[0]
+            return True
+        return bool(super().accept_tokens(request_id, tokens))  # type: ignore[misc]
+
+    def consume_held(self) -> bool:
+        """The held token consumed now, as vLLM's accept would have; False once one was refused."""
+        token, self.localmoe_pending = self.localmoe_pending, None
+        if token is not None and not super().accept_tokens("", [token]):  # type: ignore[misc]
+            self.localmoe_rejected = True
+        return not self.localmoe_rejected
+
+    def validate_tokens(self, tokens: list[int]) -> list[int]:
+        self.consume_held()
+        return list(super().validate_tokens(tokens))  # type: ignore[misc]
+
+    def rollback(self, num_tokens: int) -> None:
+        self.consume_held()
+        super().rollback(num_tokens)  # type: ignore[misc]
+
+    def fill_bitmask(self, bitmask: Any, idx: int) -> None:
+        self.consume_held()
+        super().fill_bitmask(bitmask, idx)  # type: ignore[misc]
+
+    def reset(self) -> None:
+        self.localmoe_pending, self.localmoe_rejected = None, False
+        super().reset()  # type: ignore[misc]
+
+
+@functools.cache
+def deferring(base: Any) -> type:
+    """`base` (vLLM's GuidanceGrammar) with DeferredAccept's accepts."""
+    return type(f"Deferred{base.__name__}", (DeferredAccept, base), {})
 
 
 class Installed(NamedTuple):

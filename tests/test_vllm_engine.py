@@ -859,6 +859,7 @@ def test_the_engine_core_compiles_a_schema_once_and_fills_a_steps_masks_in_one_c
     steps, our_masks, _, _ = decode(ours, our_batch, 12)
     assert our_masks == their_masks and len(steps) == len(theirs) == 12  # every step's masks equal
     assert installed.fill.calls == 12 and installed.fill.parallel_rows > 12 * 10
+    assert installed.fill.deferred > 11 * 10  # the accepts consumed in the fills' native calls
 
     ids = list(our_batch)
     for batch in (theirs_batch, our_batch):
@@ -886,7 +887,8 @@ def test_scheduling_ahead_changes_no_token_and_keeps_the_runners_order(tmp_path:
 
     model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
     runs: dict[str, Any] = {}
-    for way in ("vllm", "in-turn", "parallel"):
+    runs_fill: dict[str, int] = {}
+    for way in ("vllm", "in-turn", "parallel", "parallel-update-accepts"):
         loop = Loop(model, 24, way, forward_ms=1.0, sample_ms=0.2)
         try:
             requests = structured_requests(loop, 24, max_tokens=64, plain_every=4)
@@ -894,6 +896,7 @@ def test_scheduling_ahead_changes_no_token_and_keeps_the_runners_order(tmp_path:
             outputs, finished, _ = loop.run(abort={6: ["r5"]})
             ahead = getattr(loop.scheduler, "localmoe_ahead", None)
             counts = (ahead.scheduled_ahead, ahead.fill.overlapped) if ahead is not None else None
+            runs_fill[way] = ahead.fill.deferred if ahead is not None else 0
             runs[way] = (outputs, finished, loop.runner.calls, counts)
         finally:
             loop.close()
@@ -901,9 +904,13 @@ def test_scheduling_ahead_changes_no_token_and_keeps_the_runners_order(tmp_path:
     for way in ("vllm", "in-turn"):
         assert runs[way][0] == outputs and runs[way][1] == finished, way
         assert runs[way][3] is None, way  # nothing scheduled ahead
+    assert runs["parallel-update-accepts"][:2] == (outputs, finished)
+    assert runs_fill["parallel-update-accepts"] == 0  # vLLM's accepts: nothing held for the fills
     steps = len(calls) // 2
     assert steps > 20 and calls == [(kind, k) for k in range(1, steps + 1) for kind in ("execute", "sample")]
     assert counts is not None and counts[0] > 10 and counts[1] == counts[0]
+    ahead = runs_fill["parallel"]
+    assert ahead > 10 * 10  # sampled tokens consumed in the fills beside the schedules, not in the update
     assert 0 < len(outputs["r5"]) < 6 and "r5" not in finished  # aborted: no more tokens, no finish
     tokenizer = AutoTokenizer.from_pretrained(model)
     pool, stopped = schemas(50), 0
@@ -973,6 +980,49 @@ def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtra
         manager.grammar_bitmask(batch, ids, {})
     assert np.array_equal(manager._grammar_bitmask[:8].numpy(), expected) and installed.fill.during is None
     assert installed.fill.overlapped == 0  # counted only when both ended well
+    manager.clear_backend()
+
+
+def test_a_held_accept_is_consumed_before_any_read_of_its_grammar(mixtral_dir: Path) -> None:
+    """moe_core/vllm_masks.py's DeferredAccept: a grammar copy holds a step's sampled token, and the
+    next fill consumes it before filling the row; vLLM's own fill_bitmask (its serial and speculative
+    paths) consumes it first too, to the same mask. A held token the grammar refuses (vLLM's
+    "Unexpected" branch) makes the next accept return False, so vLLM ends the request with an error;
+    an end-of-sequence token takes vLLM's own accept at once (the grammar terminated)."""
+    import numpy as np
+    import torch
+
+    from bench.engine_core_masks import add_requests, manager_for
+    from moe_core import vllm_masks
+
+    manager = manager_for(mixtral_dir, 4)
+    installed = vllm_masks.install(manager, threads=2)
+    assert installed is not None
+    pool = [{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}]
+    batch = add_requests(manager, 3, pool=pool)
+    ids = list(batch)
+    grammars = [batch[rid].structured_output_request.grammar for rid in ids]
+    assert all(isinstance(g, vllm_masks.DeferredAccept) for g in grammars)
+    first = manager.grammar_bitmask(batch, ids, {}).copy()  # [3, ceil(V / 32)] int32, rows alike
+    bits = np.unpackbits(first[0].view(np.uint8), bitorder="little")
+    allowed, refused = int(np.flatnonzero(bits)[0]), int(np.flatnonzero(bits == 0)[0])
+    eos = manager.tokenizer.eos_token_id
+    assert bits[eos] == 0  # JSON not yet begun: no end allowed
+
+    for g in grammars:
+        assert g.accept_tokens("r", [allowed]) and g.localmoe_pending == allowed
+    filled = manager.grammar_bitmask(batch, ids[:1], {})[0].copy()  # the fill consumes, then fills
+    assert installed.fill.deferred == 1 and grammars[0].localmoe_pending is None
+    own = torch.zeros((1, first.shape[1]), dtype=torch.int32)
+    grammars[1].fill_bitmask(own, 0)  # vLLM's serial fill: the held token consumed first
+    assert grammars[1].localmoe_pending is None
+    assert np.array_equal(own[0].numpy(), filled) and not np.array_equal(filled, first[0])
+
+    assert grammars[2].accept_tokens("r", [refused])  # held: vLLM's accept would have refused it
+    manager.grammar_bitmask(batch, ids[2:], {})
+    assert grammars[2].localmoe_rejected and not grammars[2].accept_tokens("r", [allowed])
+    assert not grammars[0].accept_tokens("r", [eos]) and grammars[0].localmoe_pending is None
+    assert grammars[0].is_terminated()  # vLLM's own accept took it: the grammar ended
     manager.clear_backend()
 
 
