@@ -24,10 +24,11 @@ engine as a worker with that budget builds it (choose → construct):
                   choosing a few experts, unlike a trained model's. Its tokens are not compared.
     experts_code_gather  experts_code with the misses gathered into device rows first
                   (engine.expert_cache.misses gather) instead of computed in host memory in place
-    experts_code_device, experts_prose_device  experts_code / experts_prose with the slots'
-                  contents decided on the device within each forward (engine.expert_cache.admission
-                  device: a busier miss gathered into a slot as it is read) instead of settled by
-                  the host between steps
+    experts_code_settle, experts_prose_settle  experts_code / experts_prose with the slots'
+                  contents settled by the host between steps (engine.expert_cache.admission
+                  settle) instead of decided on the device within each forward (device, the
+                  default: a busier miss gathered into a slot as it is read);
+                  experts_code_device, experts_prose_device name the default explicitly
     torch_experts the same cache in the torch engine (engine.backend torch)
 
 on 1 × (128 → 256) and 16 × (128 → 256), greedy with EOS ignored (ZeRO-3 at batch 1 only: it
@@ -66,12 +67,14 @@ from workers.engine_setup import budget_of, construct
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 128, 256, 16
 ENGINES = (
     "vllm_offload", "vllm_gpu", "zero3", "experts", "experts_eager", "experts_code", "experts_prose",
-    "experts_code_gather", "experts_code_device", "experts_prose_device", "torch_experts",
+    "experts_code_gather", "experts_code_device", "experts_prose_device", "experts_code_settle",
+    "experts_prose_settle", "torch_experts",
 )  # fmt: skip
 # engine → whose held-out routing it replays
 REPLAYED = {
     "experts_code": "code", "experts_prose": "prose", "experts_code_gather": "code",
-    "experts_code_device": "code", "experts_prose_device": "prose",
+    "experts_code_device": "code", "experts_prose_device": "prose", "experts_code_settle": "code",
+    "experts_prose_settle": "prose",
 }  # fmt: skip
 
 
@@ -151,6 +154,8 @@ def settings_for(name: str, args: argparse.Namespace, budget_gb: float) -> Engin
         cfg.expert_cache.misses = "gather"
     if name.endswith("_device"):
         cfg.expert_cache.admission = "device"
+    if name.endswith("_settle"):
+        cfg.expert_cache.admission = "settle"
     cfg.expert_cache.resident_fraction = args.resident_fraction
     if name == "torch_experts":
         cfg.backend = "torch"

@@ -193,7 +193,7 @@ class VllmEngine:
         batch_preemption: bool = True,
         expert_cache: float | None = None,
         expert_cache_misses: Misses = "in_place",
-        expert_cache_admission: Admission = "settle",
+        expert_cache_admission: Admission = "device",
     ) -> None:
         """device: "cpu", "cuda", "cuda:N" or "auto" (whatever this vLLM build runs on);
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU, as the torch engine), "float32",

@@ -159,7 +159,7 @@ def install(
     resident_fraction: float,
     max_tokens: int,
     misses: Misses = "in_place",
-    admission: Admission = "settle",
+    admission: Admission = "device",
 ) -> _VllmCache:
     """Hold `resident_fraction` of each fused-MoE layer's experts of `model` (vLLM's, loaded) on
     its device, at least one, the slots filled with its first experts; max_tokens: the most tokens
@@ -228,7 +228,7 @@ def _register_loader() -> None:
             extra = dict(load_config.model_loader_extra_config or {})
             self.resident_fraction = float(extra.pop(FRACTION_KEY))
             self.misses: Misses = extra.pop(MISSES_KEY, "in_place")
-            self.admission: Admission = extra.pop(ADMISSION_KEY, "settle")
+            self.admission: Admission = extra.pop(ADMISSION_KEY, "device")
             config = copy.copy(load_config)
             config.load_format, config.model_loader_extra_config = "auto", extra
             super().__init__(config)

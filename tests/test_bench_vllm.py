@@ -150,7 +150,7 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
             "--dtype", "float32", "--enforce-eager", "--prompt-tokens", "16", "--new-tokens", "8",
             "--out", str(out), "--engines",
-            "vllm_offload,vllm_gpu,zero3,experts,experts_code,experts_code_device,torch_experts"]  # fmt: skip
+            "vllm_offload,vllm_gpu,zero3,experts,experts_code,experts_code_settle,torch_experts"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -180,7 +180,7 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
         assert all((r["host_ms_per_step"] or 0) > 0 for r in runs) == (backend == "vllm"), runs
     assert all(r["hit_rate"] is None for r in offload["runs"])  # no cache
     # the embedded model's routing on held-out code replayed: fetches, its tokens not compared
-    for name in ("experts_code", "experts_code_device"):  # the device's admission too
+    for name in ("experts_code", "experts_code_settle"):  # the host's admission too
         code = result[name]
         assert (code["backend"], code["offload"], code["error"]) == ("vllm", "experts", None), code
         assert [r["same_as_gpu"] for r in code["runs"]] == [None, None]

@@ -239,12 +239,12 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
     assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
     cfg.vllm.batch_preemption = False
-    cfg.expert_cache.admission = "device"
+    cfg.expert_cache.admission = "settle"  # not the default (device)
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     assert (engine.batch_rows, engine.batch_rank) == (7, Priority.BATCH.rank)  # type: ignore[attr-defined]
     assert not engine._engine_args("float32").additional_config  # type: ignore[attr-defined]
-    assert engine.expert_cache_admission == "device"  # type: ignore[attr-defined]
-    cfg.expert_cache.admission = "settle"
+    assert engine.expert_cache_admission == "settle"  # type: ignore[attr-defined]
+    cfg.expert_cache.admission = "device"
     cfg.vllm.quantization = "fp8"
     engine = construct("vllm", mixtral_dir, "cpu", cfg)
     assert engine._engine_args("float32").quantization == "fp8"  # type: ignore[attr-defined]
@@ -364,8 +364,8 @@ def test_the_expert_cache_in_vllm_replays_a_recorded_routing(
     forward of each of the 4 layers needs those two, computed in place until their load passes
     that of the experts the warm-up left in the 2 slots, then fetched, at most once per layer (the
     tiny model's router would spread over all 8). A worker that does not answer leaves the last
-    counts read."""
-    engine = make_engine(mixtral_dir, expert_cache=0.25)
+    counts read. (Admission "settle": the host's, which copies in on top of the reads.)"""
+    engine = make_engine(mixtral_dir, expert_cache=0.25, expert_cache_admission="settle")
     engine.load()
     try:
         engine.engine.collective_rpc("replay_expert_routing", args=([[[0, 1]]], [[]]))
@@ -409,7 +409,7 @@ def test_the_expert_cache_asks_vllm_for_its_loader_host_memory_and_whole_graphs_
     assert args.model_loader_extra_config == {
         vllm_expert_cache.FRACTION_KEY: 0.5,
         vllm_expert_cache.MISSES_KEY: "in_place",
-        vllm_expert_cache.ADMISSION_KEY: "settle",
+        vllm_expert_cache.ADMISSION_KEY: "device",
     }
     assert (args.offload_backend, args.cpu_offload_params) == ("uva", {"w13_weight", "w2_weight"})
     assert args.moe_backend == "triton"  # a modular kernel that reads the layer's weights per call
