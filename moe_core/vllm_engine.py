@@ -278,6 +278,9 @@ class VllmEngine:
         self.expert_cache = expert_cache
         self.expert_cache_misses: Misses = expert_cache_misses
         self.expert_cache_admission: Admission = expert_cache_admission
+        # A benchmark's (bench/offload_gpu.py --cuda-profile): set before load, vLLM's torch profiler
+        # writes each profiled span's kernels by self CUDA time into this folder (start_profile)
+        self.profile_dir: Path | None = None
         self.expert_slots: list[int] = []  # per fused-MoE layer, once the cache is installed
         self._cache_stats: tuple[float, dict[str, int]] = (0.0, {})  # (when read, the workers' counts)
         self._routed: RoutedCounts | None = None  # set by load() when expert_telemetry
@@ -485,8 +488,30 @@ class VllmEngine:
             **({"additional_config": {vllm_seating.RANK_KEY: self.batch_rank}} if self.seats_urgent else {}),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
+            **self._profiler(),
         )
         return EngineArgs(**(kwargs | self._expert_cache_args(dtype)))
+
+    def _profiler(self) -> dict[str, Any]:
+        if self.profile_dir is None:
+            return {}
+        from vllm.config.profiler import ProfilerConfig
+
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        config = ProfilerConfig(
+            profiler="torch",
+            torch_profiler_dir=str(self.profile_dir),
+            torch_profiler_with_stack=False,
+            torch_profiler_dump_cuda_time_total=True,  # profiler_out_0.txt: kernels by self CUDA time
+        )
+        return {"profiler_config": config}
+
+    def start_profile(self) -> None:
+        """vLLM's profiler over the engine core's steps until stop_profile (profile_dir set)."""
+        self.engine.start_profile()
+
+    def stop_profile(self) -> None:
+        self.engine.stop_profile()
 
     def _expert_cache_args(self, dtype: str) -> dict[str, Any]:
         """With expert_cache: the load format whose loader installs it in the model vLLM loaded

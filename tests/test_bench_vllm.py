@@ -149,12 +149,16 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "offload.json"
     argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
             "--dtype", "float32", "--enforce-eager", "--prompt-tokens", "16", "--new-tokens", "8",
-            "--out", str(out), "--engines",
+            "--out", str(out), "--cuda-profile", str(tmp_path / "prof"), "--engines",
             "vllm_offload,vllm_gpu,zero3,experts,experts_code,experts_code_settle,torch_experts"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| engine | choice | weights in CPU memory |" in done.stdout
+    # vLLM's profiler over batch-1 tokens of each vLLM engine: its table of ops written and shown
+    assert "the profile failed" not in done.stdout and list(
+        (tmp_path / "prof" / "experts").glob("*profiler_out*")
+    )
     result = {m["engine"]: m for m in json.loads(out.read_text())}
     offload, gpu, zero3 = result["vllm_offload"], result["vllm_gpu"], result["zero3"]
     assert (offload["backend"], offload["offload"], gpu["offload"]) == ("vllm", "vllm_cpu", "none")
