@@ -77,17 +77,21 @@ class _View:
 
     def expected_completion(self, cost: float, speed_prior: float) -> float:
         """Seconds until a new job of `cost` would be done here: the work ahead of it (its held
-        jobs' remaining tokens and unprefilled prompts, and its queue) drained at the most work a
-        second the worker has lately done, then the job's own tokens at one per step.
+        jobs' remaining tokens and unprefilled prompts, and its queue), drained at the full batch's
+        decode rate (every row one token a step: a job beside the others runs with them), then the
+        job's own tokens at one per step.
 
-        Before the worker has measured a work rate, the full batch's decode rate stands in for it
-        (every row one token a step); that rate counts no prefill and no slower step with more rows,
-        so a worker prefilling long prompts would look many times faster than it is and take every
-        job. Unmeasured workers count at the other workers' step rate."""
+        A worker that holds requests its engine cannot start yet (`waiting`: saturated) drains at
+        the most work a second it has lately done instead: the batch's decode rate counts no
+        prefill and no slower step with more rows, and a worker prefilling long prompts would look
+        many times faster than it is and take every job. Unmeasured workers count at the other
+        workers' step rate."""
         info = self.info
         rate = info.step_rate or speed_prior  # tokens per second of one running job
         ahead = max(info.cost_in_flight, info.tokens_in_flight) + self.queued
-        drain = max(info.peak_cost_per_s, rate) if info.peak_cost_per_s > 0 else rate * max(info.capacity, 1)
+        drain = rate * max(info.capacity, 1)
+        if info.waiting > 0 and info.peak_cost_per_s > 0:
+            drain = max(info.peak_cost_per_s, rate)
         return ahead / drain + cost / rate
 
 
@@ -97,7 +101,8 @@ class Scheduler:
 
     auto: among fresh, ready, healthy workers (GPU temperature, GPU memory and KV-cache usage under
     their limits), the one with the earliest expected completion (_View.expected_completion: the
-    work ahead, prefill included, at the work rate measured); workers within affinity_margin
+    work ahead, prefill included, at the batch's rate or, saturated, at the work rate measured);
+    workers within affinity_margin
     of it count as equal, and among those the one whose recent expert load has the largest share
     of the job's modality wins. With prefix_routing, a worker whose engine caches prefixes costs
     the job no prefill for the prompt blocks recently routed there (the `prefixes` index): repeated
