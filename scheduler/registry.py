@@ -100,8 +100,8 @@ class WorkerInfo(BaseModel):
         0.0,
         description="The most work per busy second it has done lately, in the router's cost units (tokens "
         "generated plus prefill_weight for each prompt token computed): the largest of its heartbeats' "
-        "figures, each beat's old peak decaying by 2 %. What the router drains its work ahead at while "
-        "the worker holds requests it cannot start yet; 0 until measured.",
+        "figures, each beat's old peak decaying by 2 %. The router drains the prompts ahead of a new "
+        "job no faster than this; 0 until measured.",
     )
     expert_tokens: dict[str, list[list[int]]] = Field(
         default_factory=dict,

@@ -76,23 +76,22 @@ class _View:
     queued: float  # cost of jobs on its own queue, not yet claimed (Redis, plus local additions)
 
     def expected_completion(self, cost: float, speed_prior: float) -> float:
-        """Seconds until a new job of `cost` would be done here: the work ahead of it (its held
-        jobs' remaining tokens and unprefilled prompts, and its queue), drained at the full batch's
-        decode rate (every row one token a step: a job beside the others runs with them), then the
-        job's own tokens at one per step.
-
-        A worker that holds requests its engine cannot start yet (`waiting`: saturated) drains at
-        the most work a second it has lately done instead: the batch's decode rate counts no
-        prefill and no slower step with more rows, and a worker prefilling long prompts would look
-        many times faster than it is and take every job. Unmeasured workers count at the other
-        workers' step rate."""
+        """Seconds until a new job of `cost` would be done here: the wait, then the job's own
+        tokens at one per step. The wait: the work ahead of it (its held jobs' remaining tokens and
+        unprefilled prompts, and its queue) drained at the full batch's decode rate (every row one
+        token a step: a job beside the others runs with them), but the prompts ahead (and the
+        queue) no faster than the most work a second the worker has lately done. The batch's rate
+        alone counts no prefill and no slower step with more rows: a worker with long prompts
+        still to prefill would look many times faster than it is and take every job. Unmeasured
+        workers count at the other workers' step rate."""
         info = self.info
         rate = info.step_rate or speed_prior  # tokens per second of one running job
         ahead = max(info.cost_in_flight, info.tokens_in_flight) + self.queued
-        drain = rate * max(info.capacity, 1)
-        if info.waiting > 0 and info.peak_cost_per_s > 0:
-            drain = max(info.peak_cost_per_s, rate)
-        return ahead / drain + cost / rate
+        wait = ahead / (rate * max(info.capacity, 1))
+        if info.peak_cost_per_s > 0:
+            prefill = max(0.0, info.cost_in_flight - info.tokens_in_flight) + self.queued
+            wait = max(wait, prefill / max(info.peak_cost_per_s, rate))
+        return wait + cost / rate
 
 
 class Scheduler:
@@ -101,7 +100,7 @@ class Scheduler:
 
     auto: among fresh, ready, healthy workers (GPU temperature, GPU memory and KV-cache usage under
     their limits), the one with the earliest expected completion (_View.expected_completion: the
-    work ahead, prefill included, at the batch's rate or, saturated, at the work rate measured);
+    work ahead at the batch's rate, its prompts to prefill no faster than the work rate measured);
     workers within affinity_margin
     of it count as equal, and among those the one whose recent expert load has the largest share
     of the job's modality wins. With prefix_routing, a worker whose engine caches prefixes costs
