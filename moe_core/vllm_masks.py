@@ -153,9 +153,10 @@ class ParallelFill:
         for grammar, ok in zip(consumers, accepted, strict=True):
             if not ok:  # vLLM's "Unexpected" branch: the request's next accept says so
                 grammar.localmoe_rejected = True
+                grammar.check_error()
                 logger.error("Unexpected: a grammar rejected its request's sampled token")
-        if matchers or consumes:
-            for grammar in (*guided, *consumers):
+        if matchers:
+            for grammar in guided:
                 grammar.check_error()  # vLLM's warning for a matcher in error, once per grammar
         if others:
             self.manager._fill_bitmasks(others)
