@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -59,11 +60,14 @@ def start_worker(name: str, env: dict[str, str], quiet: bool = False) -> Proc:
     return subprocess.Popen(argv, env=env, stdout=out, stderr=out)
 
 
-def wait_workers_ready(client: redis.Redis, names: list[str]) -> None:
-    """Until every named worker's heartbeat says its engine is warm."""
+def wait_workers_ready(client: redis.Redis, names: list[str], procs: Sequence[Proc] = ()) -> None:
+    """Until every named worker's heartbeat says its engine is warm; RuntimeError as soon as one of
+    `procs` (their processes) has exited instead."""
     while not all(
         (raw := client.get(keys.worker(n))) and WorkerInfo.model_validate_json(raw).ready for n in names
     ):
+        if gone := [p.args for p in procs if p.poll() is not None]:
+            raise RuntimeError(f"a worker exited before its engine was ready: {gone}")
         time.sleep(0.1)
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
+from bench.harness import Proc, auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from localmoe.redis_server import RedisServer
 from scheduler import keys
 from scheduler.jobs import Job, JobStatus, job_from_hash
@@ -286,13 +286,18 @@ def main() -> None:
         args.env = env = service_env(server.url, model, tmp, **engine)
         print(f"[2/3] starting two {args.backend} workers", flush=True)
         gpus = [g for g in args.gpus.split(",") if g]
-        workers = [
-            start_worker(n, {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else env)
-            for i, n in enumerate(names)
-        ]
         client = redis.Redis.from_url(server.url, decode_responses=True)
+        workers: list[Proc] = []
         try:
-            wait_workers_ready(client, names)
+            for i, n in enumerate(names):
+                workers.append(
+                    start_worker(n, {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else env)
+                )
+                if len(gpus) < len(names):  # engines sharing a GPU load one after another: vLLM
+                    # sizes its KV cache from the memory it sees free while it profiles, and two
+                    # loading at once on one H100 left the second none ("No available memory")
+                    wait_workers_ready(client, [n], workers)
+            wait_workers_ready(client, names, workers)
             proc, api = start_api({**env, **POLICIES["shared"]})  # warm-up: both measure their speeds
             replay(api, client, arrivals[:16], shared_texts, "warm-up", args)
             stop([proc])

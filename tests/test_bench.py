@@ -410,6 +410,26 @@ def test_prefix_routing_names_a_worker_that_left_the_registry(redis_server: Redi
             prefix_routing.wait_idle(client, ["w0", "w1"])
 
 
+def test_the_wait_for_ready_workers_ends_when_one_exits(redis_server: RedisServer) -> None:
+    """bench/harness.py wait_workers_ready: a ready heartbeat lets it go on; a worker process that
+    exited before its engine was ready (an engine that could not load) ends the wait with an error,
+    not a wait that never ends."""
+    import subprocess
+    import sys
+
+    from bench.harness import wait_workers_ready
+    from tests.conftest import scratch_db
+    from tests.test_routing import beat
+
+    with scratch_db(redis_server, 3) as client:
+        beat(client, "w0")
+        wait_workers_ready(client, ["w0"])
+        dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        dead.wait()
+        with pytest.raises(RuntimeError, match="exited before its engine was ready"):
+            wait_workers_ready(client, ["w0", "w1"], [dead])
+
+
 def test_prefix_routing_sources_go_on_into_the_installed_packages(
     tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
