@@ -60,8 +60,8 @@ class Runtime:
         self.reaper = reaper
         self.metrics = metrics
         self.prefill_weight = prefill_weight
-        # at the last beat: (when, tokens, steps, busy seconds, prompt tokens prefilled, of them cached)
-        self._last: tuple[float, int, int, float, int, int] = (time.monotonic(), 0, 0, 0.0, 0, 0)
+        # at the last beat: (when, tokens, steps, busy seconds, prompt tokens prefilled)
+        self._last: tuple[float, int, int, float, int] = (time.monotonic(), 0, 0, 0.0, 0)
         self._last_layer_totals: dict[str, int] = {}
         self._gpu_indices = visible_nvml_indices()
         self._claim = client.register_script(record.CLAIM)
@@ -142,7 +142,7 @@ class Runtime:
     def beat(self) -> None:
         stats = self.engine.stats
         now, mono = time.time(), time.monotonic()
-        last_mono, last_tokens, last_steps, last_busy, last_prefilled, last_cached = self._last
+        last_mono, last_tokens, last_steps, last_busy, last_prefilled = self._last
         prefilled = self.relay.prefilled
         dt = max(mono - last_mono, 1e-6)
         info = self.info
@@ -160,18 +160,12 @@ class Runtime:
                 info.busy_tokens_per_s, (stats.tokens_generated - last_tokens) / busy
             )
             # the work done, in the units of cost_in_flight: a prompt's tokens count once its first
-            # token came, less those the engine found cached (an engine that reports them)
-            computed = max(0, (prefilled - last_prefilled) - (stats.cached_tokens - last_cached))
+            # token came, less those the engine found cached (an engine that reports them; the
+            # record still holds the last beat's count)
+            computed = max(0, (prefilled - last_prefilled) - (stats.cached_tokens - info.cached_tokens))
             work = stats.tokens_generated - last_tokens + self.prefill_weight * computed
             info.peak_cost_per_s = max(work / busy, PEAK_DECAY * info.peak_cost_per_s)
-        self._last = (
-            mono,
-            stats.tokens_generated,
-            stats.steps,
-            self.engine.busy_s,
-            prefilled,
-            stats.cached_tokens,
-        )
+        self._last = (mono, stats.tokens_generated, stats.steps, self.engine.busy_s, prefilled)
         held = list(self.relay.held.values())
         info.tokens_in_flight = sum(h.tokens_left for h in held)
         info.cost_in_flight = work_in_flight(held, self.prefill_weight)
