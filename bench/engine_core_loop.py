@@ -169,10 +169,11 @@ class Loop:
         sample_ms: float,
         prep_ms: float = 0.0,
         batch_rank: int | None = None,
+        batch_yield: tuple[int, float] | None = None,
     ) -> None:
         """batch_rank: waiting requests by priority, and LocalMoE's scheduler (way parallel or
         in-turn) seats a more urgent one by preempting a running request of this rank or higher
-        (moe_core/vllm_seating.py)."""
+        (moe_core/vllm_seating.py); batch_yield: (rows, hold_s), the seating's yielding."""
         import torch
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -184,6 +185,8 @@ class Loop:
         if batch_rank is not None:
             seating = {"scheduling_policy": "priority"}
             seating["additional_config"] = {vllm_seating.RANK_KEY: batch_rank}
+            if batch_yield is not None:
+                seating["additional_config"][vllm_seating.YIELD_KEY] = list(batch_yield)
         config = config_for(
             model,
             rows,

@@ -88,6 +88,19 @@ class VllmSettings(BaseModel):
         "job (recomputed later from what it made, as the torch engine does), so a batch may use every "
         "row. Off (or with vllm's scheduler): the batch tier is kept out of scheduler.batch_reserve's rows.",
     )
+    batch_yield_rows: int | None = Field(
+        None,
+        ge=0,
+        description="With batch_preemption: while jobs more urgent than the batch tier are in the engine "
+        "(and batch_yield_hold_s after the last of them), batch-tier jobs hold at most this many rows, "
+        "the others preempted, so interactive steps stay short. None: the batch tier keeps every row it "
+        "has. A batch alone always takes every row.",
+    )
+    batch_yield_hold_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long after the last urgent job the batch tier still yields (batch_yield_rows).",
+    )
 
 
 class DeepSpeedSettings(BaseModel):

@@ -191,6 +191,7 @@ class VllmEngine:
         batch_rows: int | None = None,
         batch_rank: int = 3,
         batch_preemption: bool = True,
+        batch_yield: tuple[int, float] | None = None,
         expert_cache: float | None = None,
         expert_cache_misses: Misses = "in_place",
         expert_cache_admission: Admission = "device",
@@ -230,6 +231,10 @@ class VllmEngine:
         core (structured_masks "parallel" or "in-turn"), it preempts a running batch-tier request
         for a more urgent waiting one whenever every row is taken (moe_core/vllm_seating.py), and
         the batch tier's requests are not held here: a batch alone may use every row.
+        batch_yield: (rows, hold_s) with batch_preemption: while more urgent requests are in the
+        engine core, and hold_s after the last, the batch tier holds at most `rows` rows (its
+        others preempted), so interactive steps stay short (moe_core/vllm_seating.py; None: it
+        keeps every row it has).
         expert_cache: keep this share of each fused-MoE layer's routed experts on the device and
         all of them in host memory, the busiest copied into device slots and the step's others
         computed in host memory (expert_cache_misses "in_place") or gathered into device rows
@@ -271,6 +276,7 @@ class VllmEngine:
         self.seats_urgent = batch_preemption and batch_rows is not None and structured_masks != "vllm"
         self.batch_rows = None if batch_rows is None or self.seats_urgent else max(1, batch_rows)
         self.batch_rank = batch_rank
+        self.batch_yield = batch_yield if self.seats_urgent else None
         if expert_cache is not None and not 0 < expert_cache <= 1:
             raise ValueError("expert_cache must be a share in (0, 1]")
         if expert_cache is not None and cpu_offload_gb > 0:
@@ -485,12 +491,19 @@ class VllmEngine:
             ),
             **self._scheduler_cls(),
             # LocalMoE's scheduler seats an urgent request by preempting a batch-tier row
-            **({"additional_config": {vllm_seating.RANK_KEY: self.batch_rank}} if self.seats_urgent else {}),
+            **({"additional_config": self._seating_config()} if self.seats_urgent else {}),
             **({"enable_return_routed_experts": True} if self._capture_routing() else {}),
             **self._cpu_attention(dtype),
             **self._profiler(),
         )
         return EngineArgs(**(kwargs | self._expert_cache_args(dtype)))
+
+    def _seating_config(self) -> dict[str, Any]:
+        """vLLM's additional_config for LocalMoE's scheduler's seating (moe_core/vllm_seating.py)."""
+        config: dict[str, Any] = {vllm_seating.RANK_KEY: self.batch_rank}
+        if self.batch_yield is not None:
+            config[vllm_seating.YIELD_KEY] = list(self.batch_yield)
+        return config
 
     def _profiler(self) -> dict[str, Any]:
         if self.profile_dir is None:

@@ -15,6 +15,16 @@ under async scheduling an output already on its way is still taken in). The urge
 take those rows in this very step, by vLLM's priority order. The batch tier may then hold every
 row, as the torch engine's does (it preempts the same way).
 
+Yielding (`yield_rows` given): while requests more urgent than the batch tier are in the engine,
+and for `hold_s` after the last of them, the batch tier holds at most `yield_rows` rows. Its rows
+beyond that are preempted (as above), and the step is scheduled with vLLM's row limit lowered to
+the rows held plus the urgent requests waiting plus what the batch tier may still take, so vLLM
+seats the urgent ones first (priority order) and no more batch lines than that (the limit vLLM
+admits waiting requests under: max_num_running_reqs, or max_num_active_reqs where vLLM has it).
+A full batch's step is several times an interactive one's, and an arriving request waits for the one in flight
+and then shares its own with the batch: the batch's rows, not the queue, are what interactive
+TTFT pays for. Alone, the batch takes every row.
+
 If the seating ever raises, it is switched off with a warning, and the scheduler goes on as
 vLLM's own. vLLM is not imported here: the scheduler is vLLM's, handed in.
 """
@@ -28,6 +38,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RANK_KEY = "localmoe_batch_rank"  # vLLM's additional_config: the batch tier's rank (seating on)
+YIELD_KEY = "localmoe_batch_yield"  # additional_config: [rows, hold_s] (yielding on; see the docstring)
 SEAM = ("schedule", "_preempt_request", "running", "waiting", "max_num_running_reqs")
 # vLLM's RequestStatus names of a waiting request the scheduler can seat now (not one waiting for
 # its grammar to compile or for KV from elsewhere: a row freed for it would go to another)
@@ -37,23 +48,72 @@ SEATABLE = frozenset({"WAITING", "PREEMPTED"})
 class Seating:
     """`sched.schedule` seats urgent waiting requests first (the module's docstring)."""
 
-    def __init__(self, sched: Any, rank: int) -> None:
+    def __init__(self, sched: Any, rank: int, yield_rows: int | None = None, hold_s: float = 1.0) -> None:
         self.sched = sched
         self.rank: int | None = rank  # None once switched off
+        self.yield_rows = yield_rows  # the batch tier's rows beside urgent work (None: no yielding)
+        self.hold_s = hold_s
+        self.urgent_at = -float("inf")  # time.monotonic() of the last step that saw urgent work
         self.preempted = 0  # batch-tier requests preempted so far
         self.in_flight = 0  # of them, with a token on its way (async scheduling: vLLM still takes it in)
+        self.yielded = 0  # steps scheduled with the batch tier held to yield_rows
+        # the limit vLLM admits waiting requests under: max_num_running_reqs, or (newer vLLM, where
+        # that is the runner's row count and checked after the step) max_num_active_reqs
+        newer = hasattr(sched, "max_num_active_reqs")
+        self._admits = "max_num_active_reqs" if newer else "max_num_running_reqs"
         self._schedule = sched.schedule
         sched.schedule = self.schedule
         sched.localmoe_seating = self
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        limit = None
         if self.rank is not None:
             try:
                 self._seat(self.rank)
+                if self.yield_rows is not None:
+                    limit = self._yield(self.rank, self.yield_rows)
             except Exception:  # never the step's failure: vLLM's own scheduling from now on
                 logger.warning("seating urgent requests failed: vLLM's scheduling from now on", exc_info=True)
                 self.rank = None
-        return self._schedule(*args, **kwargs)
+                limit = None
+        if limit is None:
+            return self._schedule(*args, **kwargs)
+        full = getattr(self.sched, self._admits)
+        setattr(self.sched, self._admits, limit)
+        try:
+            return self._schedule(*args, **kwargs)
+        finally:
+            setattr(self.sched, self._admits, full)
+
+    def _yield(self, rank: int, rows: int) -> int | None:
+        """→ the row limit this step is scheduled with while the batch tier yields (its rows past
+        `rows` preempted), or None (no urgent request lately: vLLM's own limit). O(rows) plus the
+        waiting queue up to its first batch-tier request (by priority)."""
+        sched = self.sched
+        running: list[Any] = sched.running
+        now = time.monotonic()
+        urgent_running = any(r.priority < rank for r in running)
+        by_priority = getattr(getattr(sched, "policy", None), "name", "") == "PRIORITY"
+        urgent_waiting = 0  # seatable now
+        waiting_at_all = False  # seatable or not (a grammar still compiling: it runs soon)
+        for queue in (sched.waiting, getattr(sched, "skipped_waiting", ())):
+            for request in queue:
+                if request.priority >= rank:
+                    if by_priority:
+                        break
+                    continue
+                waiting_at_all = True
+                urgent_waiting += queue is sched.waiting and _seatable(request)
+        if urgent_running or waiting_at_all:
+            self.urgent_at = now
+        elif now - self.urgent_at > self.hold_s:
+            return None
+        batch = [r for r in running if r.priority >= rank and _status(r) in ("", "RUNNING")]
+        self._preempt(batch, len(batch) - rows, now)
+        held = min(len(batch), rows)
+        self.yielded += 1
+        full: int = getattr(sched, self._admits)
+        return min(full, len(running) + urgent_waiting + rows - held)
 
     def _seat(self, rank: int) -> None:
         """At every step, so cheap where nothing is to do: rows free, nothing waiting or no
@@ -76,11 +136,17 @@ class Seating:
             urgent += _seatable(request)
             if urgent == len(batch):
                 break
-        if not urgent:
+        self._preempt(batch, urgent, time.monotonic())
+
+    def _preempt(self, batch: list[Any], count: int, now: float) -> None:
+        """Preempt `count` of the running batch-tier requests `batch`: the largest (priority,
+        arrival) first, as vLLM's own preemption picks."""
+        if count <= 0:
             return
-        batch.sort(key=lambda r: (r.priority, r.arrival_time))
-        now = time.monotonic()
-        for victim in reversed(batch[-urgent:]):  # the largest (priority, arrival) first
+        running: list[Any] = self.sched.running
+        sched = self.sched
+        batch = sorted(batch, key=lambda r: (r.priority, r.arrival_time))
+        for victim in reversed(batch[-count:]):
             at = running.index(victim)
             on_its_way = getattr(victim, "num_output_placeholders", 0) > 0  # (preempting may reset it)
             running.pop(at)
@@ -108,10 +174,16 @@ def install(sched: Any) -> Seating | None:
     lacks a part of SEAM."""
     config = getattr(sched, "vllm_config", None)
     additional = getattr(config, "additional_config", None)
-    rank = additional.get(RANK_KEY) if isinstance(additional, dict) else None
+    if not isinstance(additional, dict):
+        return None
+    rank = additional.get(RANK_KEY)
     if rank is None:
         return None
     if not all(hasattr(sched, name) for name in SEAM):
         logger.warning("this vLLM's scheduler has not %s: urgent requests wait for a free row", SEAM)
         return None
-    return Seating(sched, int(rank))
+    yielding = additional.get(YIELD_KEY)
+    if yielding is None:
+        return Seating(sched, int(rank))
+    rows, hold_s = yielding
+    return Seating(sched, int(rank), int(rows), float(hold_s))

@@ -238,6 +238,10 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     # batch_preemption (the default): vLLM's engine core seats urgent requests, nothing held here
     assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
     assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
+    cfg.vllm.batch_yield_rows = 2  # and the batch tier yields beside urgent work
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
+    args = engine._engine_args("float32")  # type: ignore[attr-defined]
+    assert args.additional_config[vllm_seating.YIELD_KEY] == [2, 1.0]
     cfg.vllm.batch_preemption = False
     cfg.expert_cache.admission = "settle"  # not the default (device)
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
@@ -702,6 +706,54 @@ def test_the_seating_preempts_the_latest_batch_rows_for_the_waiting_urgent_ones(
     assert sched.schedule() == "scheduled" and seating.rank is None  # off, the step still scheduled
 
 
+def test_the_batch_tier_yields_its_rows_beside_urgent_work() -> None:
+    """moe_core/vllm_seating.py's yielding (rows 1, hold 0.05 s) on a scheduler's own lists: with an
+    urgent request running, the batch tier's rows past one are preempted (the latest first) and the
+    step is scheduled with vLLM's row limit at the rows left plus the urgent requests waiting (the
+    batch tier's one row already taken), the limit restored after; once nothing urgent has been seen
+    for hold_s, the step gets vLLM's own limit and the batch tier every row."""
+    from types import SimpleNamespace
+
+    def request(rid: str, priority: int, arrival: float) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, priority=priority, arrival_time=arrival)
+
+    class Sched:
+        def __init__(self) -> None:
+            config = {vllm_seating.RANK_KEY: 3, vllm_seating.YIELD_KEY: [1, 0.05]}
+            self.vllm_config = SimpleNamespace(additional_config=config)
+            self.max_num_running_reqs = 8
+            self.running = [request("n", 1, 0.0), request("b1", 3, 1.0), request("b2", 3, 2.0)]
+            self.running.append(request("b3", 3, 3.0))
+            self.waiting = [request("u1", 1, 5.0), request("w", 3, 4.0)]
+            self.preempted: list[str] = []
+            self.limits: list[int] = []
+
+        def schedule(self) -> str:
+            self.limits.append(self.max_num_running_reqs)
+            return "scheduled"
+
+        def _preempt_request(self, victim: SimpleNamespace, timestamp: float) -> None:
+            self.preempted.append(victim.request_id)
+            self.waiting.append(victim)
+
+    sched = Sched()
+    seating = vllm_seating.install(sched)
+    assert seating is not None and (seating.yield_rows, seating.hold_s) == (1, 0.05)
+    assert sched.schedule() == "scheduled"
+    assert sched.preempted == ["b3", "b2"] and [r.request_id for r in sched.running] == ["n", "b1"]
+    assert sched.limits == [3] and sched.max_num_running_reqs == 8  # n, b1 + u1; restored after
+    sched.running, sched.waiting = [request("b1", 3, 1.0)], [request("w", 3, 4.0)]  # n and u1 done
+    sched.schedule()  # within hold_s of the last urgent request: one batch row, held already
+    assert sched.limits[-1] == 1 and seating.yielded == 2
+    time.sleep(0.06)
+    sched.schedule()
+    assert sched.limits[-1] == 8 and seating.yielded == 2  # alone again: every row
+    sched.running.append(request("b4", 3, 6.0))
+    sched.waiting = [request("u2", 1, 7.0)]  # arrives: b4 preempted, u2 may take the row it frees
+    sched.schedule()
+    assert sched.preempted[-1] == "b4" and sched.limits[-1] == 2
+
+
 def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.95, top_k=200, seed=seed)
     return GenerationRequest(request_id, prompt, params)
@@ -952,6 +1004,54 @@ def test_an_urgent_request_takes_a_batch_row_under_async_scheduling(tmp_path: Pa
         finally:
             loop.close()
     assert firsts[True] <= 10 + 3 < firsts[False], firsts
+
+
+def _counting(sched: Any, scheduled: list[tuple[int, int]]) -> Any:
+    """sched.schedule, each step's (batch-tier requests (priority 3 and up), "u" requests) appended."""
+    schedule = sched.schedule
+
+    def counted(*args: Any) -> Any:
+        out = schedule(*args)
+        ids = out.num_scheduled_tokens
+        low = sum(1 for r in sched.running if r.request_id in ids and r.priority >= 3)
+        scheduled.append((low, sum(1 for rid in ids if rid.startswith("u"))))
+        return out
+
+    return counted
+
+
+def test_the_batch_tier_yields_beside_urgent_requests_under_async_scheduling(tmp_path: Path) -> None:
+    """The seating's yielding (rows 2, hold 0.02 s) in vLLM's own engine-core loop under async
+    scheduling: 8 rows of batch-tier requests; two normal ones arrive at loop call 10. From the
+    loop call after they arrive until their last token, at most 2 batch-tier requests are scheduled
+    in a step; afterwards the batch tier takes all 8 rows again. Every request gets exactly the
+    tokens the runner sampled for it, the preempted ones included. Without yielding (the seating
+    alone) the batch tier keeps 6 rows beside them."""
+    from bench.engine_core_loop import Loop, structured_requests
+
+    model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
+    beside = {}
+    for batch_yield in ((2, 0.02), None):
+        loop = Loop(model, 8, "parallel", 1.0, 0.2, batch_rank=3, batch_yield=batch_yield)
+        sched = loop.scheduler
+        scheduled: list[tuple[int, int]] = []  # per step: (batch-tier requests, normal ones) scheduled
+        sched.schedule = _counting(sched, scheduled)
+        try:
+            batch = structured_requests(loop, 8, max_tokens=200, plain_every=1, prefix="b", priority=3)
+            urgent = structured_requests(loop, 2, max_tokens=8, plain_every=1, prefix="u", priority=1)
+            loop.add(batch)
+            outputs, finished, _ = loop.run(arrive={10: urgent})
+            for rid, made in loop.runner.tokens.items():
+                assert outputs[rid] == made, rid  # every sampled token out once, in order
+            assert all(rid in finished for rid in outputs)
+        finally:
+            loop.close()
+        with_urgent = [low for low, normal in scheduled if normal]
+        assert len(with_urgent) >= 8, scheduled  # (8 tokens each)
+        beside[batch_yield is not None] = max(with_urgent)
+        last = max(i for i, (_, normal) in enumerate(scheduled) if normal)
+        assert max(low for low, _ in scheduled[last + 1 :]) == 8, scheduled  # alone again: every row
+    assert beside == {True: 2, False: 6}, beside
 
 
 def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtral_dir: Path) -> None:

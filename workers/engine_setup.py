@@ -86,6 +86,7 @@ def construct(
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
             batch_preemption=v.batch_preemption,
+            batch_yield=None if v.batch_yield_rows is None else (v.batch_yield_rows, v.batch_yield_hold_s),
             expert_cache=cached.resident_fraction if cached else None,
             expert_cache_misses=cfg.expert_cache.misses,
             expert_cache_admission=cfg.expert_cache.admission,
