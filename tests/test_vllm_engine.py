@@ -237,8 +237,14 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     # batch_preemption (the default): vLLM's engine core seats urgent requests, nothing held here
     assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
+    # and by default the batch tier yields every row while more urgent work is in the engine
+    rank = Priority.BATCH.rank
+    assert args.additional_config == {vllm_seating.RANK_KEY: rank, vllm_seating.YIELD_KEY: [0, 1.0]}
+    cfg.vllm.batch_yield_rows = None  # it keeps its rows
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
+    args = engine._engine_args("float32")  # type: ignore[attr-defined]
     assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
-    cfg.vllm.batch_yield_rows = 2  # and the batch tier yields beside urgent work
+    cfg.vllm.batch_yield_rows = 2
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     assert args.additional_config[vllm_seating.YIELD_KEY] == [2, 1.0]
@@ -1021,17 +1027,17 @@ def _counting(sched: Any, scheduled: list[tuple[int, int]]) -> Any:
 
 
 def test_the_batch_tier_yields_beside_urgent_requests_under_async_scheduling(tmp_path: Path) -> None:
-    """The seating's yielding (rows 2, hold 0.02 s) in vLLM's own engine-core loop under async
-    scheduling: 8 rows of batch-tier requests; two normal ones arrive at loop call 10. From the
-    loop call after they arrive until their last token, at most 2 batch-tier requests are scheduled
-    in a step; afterwards the batch tier takes all 8 rows again. Every request gets exactly the
+    """The seating's yielding (rows 2, then 0; hold 0.02 s) in vLLM's own engine-core loop under
+    async scheduling: 8 rows of batch-tier requests; two normal ones arrive at loop call 10. In the
+    steps that schedule them, at most 2 (then none) batch-tier requests are scheduled; afterwards
+    the batch tier takes all 8 rows again. Every request gets exactly the
     tokens the runner sampled for it, the preempted ones included. Without yielding (the seating
     alone) the batch tier keeps 6 rows beside them."""
     from bench.engine_core_loop import Loop, structured_requests
 
     model = build_checkpoint(tmp_path / "model", vocab_size=2048, progress=False)
     beside = {}
-    for batch_yield in ((2, 0.02), None):
+    for batch_yield in ((2, 0.02), (0, 0.02), None):
         loop = Loop(model, 8, "parallel", 1.0, 0.2, batch_rank=3, batch_yield=batch_yield)
         sched = loop.scheduler
         scheduled: list[tuple[int, int]] = []  # per step: (batch-tier requests, normal ones) scheduled
@@ -1048,10 +1054,10 @@ def test_the_batch_tier_yields_beside_urgent_requests_under_async_scheduling(tmp
             loop.close()
         with_urgent = [low for low, normal in scheduled if normal]
         assert len(with_urgent) >= 8, scheduled  # (8 tokens each)
-        beside[batch_yield is not None] = max(with_urgent)
+        beside[batch_yield and batch_yield[0]] = max(with_urgent)
         last = max(i for i, (_, normal) in enumerate(scheduled) if normal)
         assert max(low for low, _ in scheduled[last + 1 :]) == 8, scheduled  # alone again: every row
-    assert beside == {True: 2, False: 6}, beside
+    assert beside == {2: 2, 0: 0, None: 6}, beside
 
 
 def test_a_schedule_that_fails_beside_a_fill_raises_once_the_fill_is_done(mixtral_dir: Path) -> None:
