@@ -88,21 +88,6 @@ class VllmSettings(BaseModel):
         "job (recomputed later from what it made, as the torch engine does), so a batch may use every "
         "row. Off (or with vllm's scheduler): the batch tier is kept out of scheduler.batch_reserve's rows.",
     )
-    batch_yield_rows: int | None = Field(
-        0,
-        ge=0,
-        description="With batch_preemption: while jobs more urgent than the batch tier are in the engine "
-        "(and batch_yield_hold_s after the last of them), batch-tier jobs hold at most this many rows, "
-        "the others preempted (recomputed later). 0 (the default): a batch runs only while no other work "
-        "does, which kept interactive TTFT p95 within 10 % of its figure alone on an H100 (2 rows: +50 %; "
-        "BENCHMARKS.md); on a box never without interactive work a batch then waits for a pause, up to its "
-        "completion window. None: the batch tier keeps every row it has. A batch alone takes every row.",
-    )
-    batch_yield_hold_s: float = Field(
-        1.0,
-        ge=0,
-        description="How long after the last urgent job the batch tier still yields (batch_yield_rows).",
-    )
 
 
 class DeepSpeedSettings(BaseModel):
@@ -176,6 +161,23 @@ class EngineSettings(BaseModel):
     device: str = Field("auto", description="auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(64, ge=1, le=1024, description="Jobs one worker decodes together.")
+    batch_yield_rows: int | None = Field(
+        0,
+        ge=0,
+        description="While jobs more urgent than the batch tier are in the engine (and batch_yield_hold_s "
+        "after the last of them), batch-tier jobs hold at most this many rows, the others preempted "
+        "(recomputed later). 0 (the default): a batch runs only while no other work does, which kept "
+        "interactive TTFT p95 within 10 % of its figure alone on an H100 with vLLM (2 rows: +50 %; "
+        "BENCHMARKS.md); on a box never without interactive work a batch then waits for a pause, up to "
+        "its completion window. None: the batch tier keeps every row it has. A batch alone takes every "
+        "row. The torch engine and vLLM's with vllm.batch_preemption (LocalMoE's scheduler in its "
+        "engine core); not the DeepSpeed engine.",
+    )
+    batch_yield_hold_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long after the last urgent job the batch tier still yields (batch_yield_rows).",
+    )
     cpu_threads: int | None = Field(
         None,
         ge=1,

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+YIELD_IDLE_S = 0.002  # a step with only batch-tier requests waiting out batch_yield's hold sleeps this
 WARMUP_PROMPTS = ("Hello", "def warm_up(engine):\n    return engine.step()")
 
 
@@ -240,6 +241,7 @@ class TorchEngine:
         name: str | None = None,
         telemetry: bool = True,
         expert_cache: float | None = None,
+        batch_yield: tuple[int, int, float] | None = None,
     ) -> None:
         """max_prefill_tokens bounds one prefill's padded size (admitted prompts x longest prompt);
         one prompt is always admitted, however long. A prefill with a row whose prompt is scored
@@ -250,7 +252,11 @@ class TorchEngine:
         what it returns (e.g. a DeepSpeed wrapper), with the same keyword arguments. The config and
         generation config are still read from the model itself. name: reported instead of "torch".
         expert_cache: keep this share of each MoE layer's routed experts on the device and the rest
-        in (pinned) host memory (moe_core/expert_cache.py); None: every weight on the device."""
+        in (pinned) host memory (moe_core/expert_cache.py); None: every weight on the device.
+        batch_yield: (rank, rows, hold_s): while requests more urgent than `rank` (priority < rank)
+        are running or waiting, and hold_s after the last of them, requests of that rank or higher
+        (the batch tier) hold at most `rows` rows: those past it are preempted (latest first) and no
+        more are admitted (None: they run beside anything, preempted only one for one)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_dir = Path(model_dir)
@@ -262,6 +268,7 @@ class TorchEngine:
         self._scored_prefill_tokens = max_prefill_tokens  # set by load() from the vocabulary
         self._prepare = prepare
         self._expert_fraction = expert_cache
+        self._yield = batch_yield
         self.expert_cache: ExpertCache | None = None
         self._want_telemetry = telemetry
         self.telemetry: ExpertTelemetry | None = None
@@ -288,6 +295,8 @@ class TorchEngine:
         self._steps = 0
         self._max_batch_seen = 0
         self._tokens_generated = 0
+        self._urgent_at = -float("inf")  # time.monotonic() of the last step that saw urgent work
+        self._batch_room: int | None = None  # batch-tier rows this step may still admit (None: any)
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -386,10 +395,13 @@ class TorchEngine:
         deltas, self._finished = self._finished, []
         with torch.inference_mode():
             self._preempt()
-            if self._waiting and self._running() < self.max_batch_size:
+            self._batch_room = self._yield_rows()
+            if self._waiting and self._running() < self.max_batch_size and self._admissible():
                 deltas += self._prefill_step()
             elif self._running():
                 deltas += self._decode_step()
+            elif self._waiting:  # only the batch tier, yielding still (batch_yield's hold): no spin
+                time.sleep(YIELD_IDLE_S)
         for delta in deltas:
             if delta.finish_reason is not None:
                 self._ids.discard(delta.request_id)
@@ -441,13 +453,52 @@ class TorchEngine:
         # tokenizer adds them), which is also what generate() is usually given.
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def _yield_rows(self) -> int | None:
+        """batch_yield: the batch-tier rows this step may still admit, its rows past `rows`
+        preempted first (latest first), while urgent work is here or was within hold_s; None
+        otherwise (no limit)."""
+        if self._yield is None:
+            return None
+        rank, rows, hold_s = self._yield
+        running = self._batch.seqs if self._batch is not None else []
+        now = time.monotonic()
+        if any(q.request.priority < rank for q in running) or (
+            self._waiting and self._waiting[0].request.priority < rank  # the heap's most urgent
+        ):
+            self._urgent_at = now
+        elif now - self._urgent_at > hold_s:
+            return None
+        tier = [r for r, q in enumerate(running) if q.request.priority >= rank]
+        if len(tier) > rows:
+            batch = self._batch
+            assert batch is not None
+            gone = set(sorted(tier, key=lambda r: batch.seqs[r].order, reverse=True)[: len(tier) - rows])
+            for row in gone:
+                heapq.heappush(self._waiting, batch.seqs[row])
+            _select_rows(batch, [r for r in range(len(batch.seqs)) if r not in gone])
+            if not batch.seqs:
+                self._batch = None
+        return rows - min(len(tier), rows)
+
+    def _admissible(self) -> bool:
+        """The most urgent waiting request may be admitted now (batch_yield's room allows)."""
+        if self._batch_room is None or self._batch_room > 0:
+            return True
+        assert self._yield is not None
+        return self._waiting[0].request.priority < self._yield[0]
+
     def _admit(self) -> list[_Sequence]:
-        """Pop waiting requests (by priority, then arrival) for one prefill: free slots and the
-        padded-size budget allow."""
+        """Pop waiting requests (by priority, then arrival) for one prefill: free slots, the
+        padded-size budget and batch_yield's room for the batch tier allow."""
         admitted: list[_Sequence] = []
         longest, scored = 0, False
+        room = self._batch_room
         while self._waiting and self._running() + len(admitted) < self.max_batch_size:
             candidate = self._waiting[0]
+            if room is not None and self._yield is not None and candidate.request.priority >= self._yield[0]:
+                if room <= 0:
+                    break  # the rest are batch tier too (the heap's order)
+                room -= 1
             longest_if_added = max(longest, len(candidate.fed_ids))
             scored_if_added = scored or _scored(candidate)
             budget = self._scored_prefill_tokens if scored_if_added else self.max_prefill_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,6 +481,48 @@ def test_waiting_requests_go_by_rank_and_a_rank_never_preempts_its_own(engine: T
             if delta.request_id in ("low", "same", "n7") and delta.request_id not in first:
                 first.append(delta.request_id)
     assert first == ["n7", "same", "low"]
+
+
+def test_the_batch_tier_yields_its_rows_while_urgent_work_runs(
+    mixtral_dir: Path, references: dict[str, list[int]]
+) -> None:
+    """batch_yield (rank 3, 1 row, hold 0.05 s): six batch-tier requests run in 8 rows; two normal
+    ones (rank 1) arrive. At the next step the batch tier is down to one row (the latest five
+    preempted though rows were free) and stays there while the normal ones run and for the hold
+    after; then it takes its rows again (all but the one that ran through and ended). Every
+    request ends with the tokens it would have made alone (greedy; the preempted ones recomputed
+    from what they made). Without batch_yield all six would run on beside the normal ones."""
+    engine = TorchEngine(mixtral_dir, max_batch_size=8, batch_yield=(3, 1, 0.05))
+    engine.load()
+
+    def tier() -> int:  # batch-tier rows running
+        batch = engine._batch
+        return sum(1 for q in batch.seqs if q.request.priority >= 3) if batch is not None else 0
+
+    for i, prompt in enumerate(PROMPTS[:6]):
+        engine.add_request(_ranked(f"batch{i}", prompt, 3))
+    results: dict[str, Result] = {}
+    for _ in range(2):
+        _collect(engine, results)
+    assert tier() == 6
+    for i, prompt in enumerate(LATE_PROMPTS[:2]):
+        engine.add_request(_ranked(f"urgent{i}", prompt, 1))
+    beside: list[int] = []
+    while any(results.get(f"urgent{i}", Result()).finish_reason is None for i in range(2)):
+        _collect(engine, results)
+        beside.append(tier())
+    assert {"urgent0", "urgent1"} <= set(results) and max(beside) == 1, beside
+    assert tier() == 1  # the hold: still one row
+    time.sleep(0.06)
+    _collect(engine, results)
+    left = sum(1 for i in range(6) if results[f"batch{i}"].finish_reason is None)
+    assert tier() == left >= 4  # alone again: every batch-tier request not yet ended runs
+    while engine.has_unfinished():
+        _collect(engine, results)
+    for i, prompt in enumerate(PROMPTS[:6]):
+        _assert_matches(engine, results[f"batch{i}"], references[prompt], NEW_TOKENS)
+    for i, prompt in enumerate(LATE_PROMPTS[:2]):
+        _assert_matches(engine, results[f"urgent{i}"], references[prompt], NEW_TOKENS)
 
 
 def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:

@@ -240,11 +240,11 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     # and by default the batch tier yields every row while more urgent work is in the engine
     rank = Priority.BATCH.rank
     assert args.additional_config == {vllm_seating.RANK_KEY: rank, vllm_seating.YIELD_KEY: [0, 1.0]}
-    cfg.vllm.batch_yield_rows = None  # it keeps its rows
+    cfg.batch_yield_rows = None  # it keeps its rows
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
-    cfg.vllm.batch_yield_rows = 2
+    cfg.batch_yield_rows = 2
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     assert args.additional_config[vllm_seating.YIELD_KEY] == [2, 1.0]

@@ -57,6 +57,8 @@ def construct(
     """choice: the one that named this backend or a fallback of it (None: all weights on the GPU);
     batch_rows: the rows the batch tier's jobs may hold in a vLLM engine (the others preempt them)."""
     offload = offload_of(backend, choice, cfg)
+    # the batch tier's rows beside urgent work: (rows, hold_s), None: all it has
+    yielding = None if cfg.batch_yield_rows is None else (cfg.batch_yield_rows, cfg.batch_yield_hold_s)
     if backend == "vllm":
         from moe_core.vllm_engine import VllmEngine
 
@@ -86,7 +88,7 @@ def construct(
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
             batch_preemption=v.batch_preemption,
-            batch_yield=None if v.batch_yield_rows is None else (v.batch_yield_rows, v.batch_yield_hold_s),
+            batch_yield=yielding,
             expert_cache=cached.resident_fraction if cached else None,
             expert_cache_misses=cfg.expert_cache.misses,
             expert_cache_admission=cfg.expert_cache.admission,
@@ -112,6 +114,7 @@ def construct(
         dtype=cfg.dtype,
         max_batch_size=cfg.max_batch_size,
         expert_cache=choice.resident_fraction if choice is not None and offload == "experts" else None,
+        batch_yield=None if yielding is None else (Priority.BATCH.rank, *yielding),
     )
 
 
