@@ -10,8 +10,10 @@ that max_tokens cut short, counts as invalid.
 
 The cost: the same requests without a constraint, each asked for exactly the tokens its
 constrained twin made (ignore_eos), so both runs do the same steps over the same batch; rounds
-alternate constrained / plain. Prints tokens/s of each, their ratio, each phase's engine steps
-(how many, tokens each: about the rows a step ran, ms each) and the grammar compiles.
+alternate constrained / plain, after an untimed warm-up of both (`--warm-up`: the kernels a step
+size meets first compiled, the grammars cached, before round 1). Prints tokens/s of each, their
+ratio, each phase's engine steps (how many, tokens each: about the rows a step ran, ms each) and
+the grammar compiles.
 
     python -m bench.structured_output [--model DIR] [--backend torch|vllm] [--requests 1000]
         [--schemas 50] [--rounds 2] [--masks parallel|in-turn|vllm] [--sampling seeded|greedy] [--step-times]
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -124,6 +127,8 @@ BASES: list[dict[str, Any]] = [
     ),
 ]
 
+WARM_UP = 256  # requests of the warm-up (each way)
+WARM_UP_TOKENS = 24
 PROMPTS = [
     "Extract the record as JSON:\n",
     "def parse(record):\n    # returns the fields as JSON\n",
@@ -198,6 +203,18 @@ def _steps(steps: int, tokens: int, seconds: float) -> str:
     return f"{steps} ({tokens / steps:.1f} tokens, {1000 * seconds / steps:.2f} ms each)"
 
 
+def warm_up(requests: list[GenerationRequest], structured: bool) -> list[GenerationRequest]:
+    """`requests` as WARM_UP_TOKENS-token requests (ids "w…"), constrained as they are or plain."""
+    out = []
+    for r in requests:
+        params = dataclasses.replace(r.params, max_tokens=WARM_UP_TOKENS)
+        if not structured:
+            params = dataclasses.replace(params, structured=None, ignore_eos=True)
+        rid = f"w{'c' if structured else 'p'}{r.request_id}"
+        out.append(dataclasses.replace(r, request_id=rid, params=params))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a HF model directory; default: build the tiny test model")
@@ -207,6 +224,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=256, help="the engine's max batch size")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--warm-up",
+        type=int,
+        default=WARM_UP,
+        help="requests run constrained, then plain, before the timed rounds (24 tokens each; untimed): "
+        "kernels a step size meets first are compiled then, not in round 1's constrained phase, and the "
+        "schemas' grammars are compiled (as a server that has seen them holds them); 0: none",
+    )
     ap.add_argument("--gpu-share", type=float, default=0.4, help="vLLM gpu_memory_utilization")
     ap.add_argument("--no-patterns", action="store_true", help="schemas without string patterns")
     ap.add_argument(
@@ -290,6 +315,11 @@ def main() -> None:
     invalid: list[str] = []
     cut = 0
     try:
+        if args.warm_up:
+            n = min(args.warm_up, len(constrained))
+            print(f"[warm-up] {n} requests constrained, then plain", flush=True)
+            run(engine, warm_up(constrained[: args.warm_up], structured=True))
+            run(engine, warm_up(constrained[: args.warm_up], structured=False))
         for r in range(args.rounds):
             core = engine_core_steps.read(step_file) if step_file else None
             t_c, got, steps_c = run(engine, constrained)
@@ -355,6 +385,7 @@ def main() -> None:
         "cut_by_max_tokens": cut,
         "constrained_over_plain": round(ratio, 4),
         "compiles": getattr(getattr(engine, "_grammars", None), "compiles", None),
+        "warm_up": min(args.warm_up, len(constrained)),
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
     for line in invalid[:10]:

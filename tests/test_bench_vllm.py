@@ -47,7 +47,7 @@ def test_the_structured_output_benchmark_on_vllm(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
     args = ("--backend", "vllm", "--requests", "40", "--schemas", "10", "--rounds", "1", "--batch", "32")
-    result = run_structured_bench(tmp_path, *args, "--step-times", timeout=900)
+    result = run_structured_bench(tmp_path, *args, "--step-times", "--warm-up", "4", timeout=900)
     assert result["outputs_checked"] == 40 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
     (rnd,) = result["rounds"]
     assert rnd["constrained_tok_s"] > 0 and rnd["constrained_steps"] > 0
