@@ -21,9 +21,11 @@ beyond that are preempted (as above), and the step is scheduled with vLLM's row 
 the rows held plus the urgent requests waiting plus what the batch tier may still take, so vLLM
 seats the urgent ones first (priority order) and no more batch lines than that (the limit vLLM
 admits waiting requests under: max_num_running_reqs, or max_num_active_reqs where vLLM has it).
-A full batch's step is several times an interactive one's, and an arriving request waits for the one in flight
-and then shares its own with the batch: the batch's rows, not the queue, are what interactive
-TTFT pays for. Alone, the batch takes every row.
+Beside running batch lines an arriving request waits for the step in flight, shares its own with
+their rows and the prefills of the lines that replace the ones ending, and its path (the relay, the
+API) carries their answers too: on an H100, interactive TTFT p95 was 1.98x its figure alone with
+the batch in every row, 1.50x with 2 rows, 1.06x with none (BENCHMARKS.md). Alone, the batch takes
+every row.
 
 If the seating ever raises, it is switched off with a warning, and the scheduler goes on as
 vLLM's own. vLLM is not imported here: the scheduler is vLLM's, handed in.
