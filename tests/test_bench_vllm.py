@@ -141,7 +141,8 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     picks vLLM with cpu_offload_gb, which serves the greedy tokens vLLM serves with all weights in
     place; ZeRO-3 needs DeepSpeed, which this venv lacks: refused with the reason, the run goes on;
     the expert cache, in vLLM and in the torch engine, serves those tokens too,
-    and replays the embedded model's routing on held-out code."""
+    and replays the embedded model's routing on held-out code. vLLM's profiler and py-spy record
+    each engine's batch-1 tokens."""
 
     from moe_build.checkpoint import build_checkpoint
 
@@ -149,7 +150,8 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "offload.json"
     argv = [sys.executable, "-m", "bench.offload_gpu", "--model", str(model), "--device", "cpu",
             "--dtype", "float32", "--enforce-eager", "--prompt-tokens", "16", "--new-tokens", "8",
-            "--out", str(out), "--cuda-profile", str(tmp_path / "prof"), "--engines",
+            "--out", str(out), "--cuda-profile", str(tmp_path / "prof"), "--spy", str(tmp_path / "spy"),
+            "--engines",
             "vllm_offload,vllm_gpu,zero3,experts,experts_code,experts_code_settle,torch_experts"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
@@ -159,6 +161,9 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     assert "the profile failed" not in done.stdout and list(
         (tmp_path / "prof" / "experts").glob("*profiler_out*")
     )
+    # py-spy over each engine's batch-1 run: the samples of the bench and vLLM's engine core
+    spied = (tmp_path / "spy" / "experts-b1.raw").read_text()
+    assert "py-spy wrote nothing" not in done.stdout and "run_greedy" in spied
     result = {m["engine"]: m for m in json.loads(out.read_text())}
     offload, gpu, zero3 = result["vllm_offload"], result["vllm_gpu"], result["zero3"]
     assert (offload["backend"], offload["offload"], gpu["offload"]) == ("vllm", "vllm_cpu", "none")
