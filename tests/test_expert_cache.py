@@ -114,13 +114,14 @@ def test_the_device_admits_a_busier_miss_into_the_slot_of_a_less_busy_expert_it_
     A forward needs 1, 3, 4 (3 and 4 outside): 4 is the busiest miss and takes the slot of the
     least busy resident expert not needed (2), 3 the next (0's); 1, needed, keeps its slot. A miss
     no busier than the spare resident stays out, and at most `pairs` are admitted."""
-    from moe_core.vllm_expert_cache import admit_on_device
+    from moe_core.vllm_expert_cache import DEVICE_LOAD_DECAY, admit_on_device
 
     slot_row = torch.tensor([0, 1, 2, -1, -1, -1], dtype=torch.int32)
     load = torch.tensor([3.0, 9.0, 1.0, 0.0, 0.0, 0.0])
     routed = torch.tensor([0.0, 1.0, 0.0, 4.0, 6.0, 0.0])
+    decayed = load * DEVICE_LOAD_DECAY + routed  # decayed, then this forward's
     rows = admit_on_device(load, routed, slot_row, pairs=3)
-    assert torch.allclose(load, torch.tensor([2.7, 9.1, 0.9, 4.0, 6.0, 0.0]))  # decayed, then this forward's
+    assert torch.allclose(load, decayed)
     assert rows.tolist() == [-1, -1, -1, 0, 2, -1]  # 4 → 2's slot (2), 3 → 0's slot (0)
     assert slot_row.tolist() == [-1, 1, -1, 0, 2, -1]
 
