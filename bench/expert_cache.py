@@ -45,7 +45,7 @@ import torch
 from moe_build import packed, train
 from moe_core.expert_cache import ExpertCache, RoutingTrace, SlotTable
 from moe_core.loader import load_model
-from moe_core.vllm_expert_cache import admit_on_device
+from moe_core.vllm_expert_cache import DEVICE_LOAD_DECAY, admit_on_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "moe_build" / "assets" / "localmoe-small"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
@@ -134,7 +134,7 @@ def run(model_dir: Path, weights: str, kind: str, prompts: list[torch.Tensor], f
 
 
 def policy_hit_rates(
-    trace: RoutingTrace, experts: int, slots: int, policy: str, lag: int = 0
+    trace: RoutingTrace, experts: int, slots: int, policy: str, lag: int = 0, decay: float = DEVICE_LOAD_DECAY
 ) -> tuple[float, float, float]:
     """`trace`'s rows one token a step through a cache of `slots` per recorded layer, its slots
     filled with experts 0..slots-1 (as vLLM's cache starts). policy "admit" (SlotTable.admit: each
@@ -148,8 +148,10 @@ def policy_hit_rates(
     for rows in (r for r in trace.chosen if r):
         rows_all += len(rows)
         if policy in ("device", "optimal"):
-            replay = device_admit if policy == "device" else optimal_misses
-            counted, found, moved = replay(rows, experts, slots)
+            if policy == "device":
+                counted, found, moved = device_admit(rows, experts, slots, decay)
+            else:
+                counted, found, moved = optimal_misses(rows, experts, slots)
             needed_all, hits_all = needed_all + counted, hits_all + found
             copies, transfers = copies + moved, transfers + counted - found
             continue
@@ -173,7 +175,9 @@ def policy_hit_rates(
     return hits_all / max(needed_all, 1), copies / per, transfers / per
 
 
-def device_admit(rows: list[list[int]], experts: int, slots: int) -> tuple[int, int, int]:
+def device_admit(
+    rows: list[list[int]], experts: int, slots: int, decay: float = DEVICE_LOAD_DECAY
+) -> tuple[int, int, int]:
     """The vLLM cache's admission "device" (moe_core/vllm_expert_cache.py admit_on_device, the
     same function) on these rows, one forward each, the slots filled with experts 0..slots-1:
     each miss, the busiest first, takes the slot of a resident expert the forward does not need
@@ -190,7 +194,7 @@ def device_admit(rows: list[list[int]], experts: int, slots: int) -> tuple[int, 
         needed_all += int(needed.sum())
         hits_all += int((needed & (slot_row >= 0)).sum())
         if pairs:
-            admitted += int((admit_on_device(load, routed, slot_row, pairs) >= 0).sum())
+            admitted += int((admit_on_device(load, routed, slot_row, pairs, decay) >= 0).sum())
     return needed_all, hits_all, admitted
 
 
@@ -236,7 +240,8 @@ def policies(args: argparse.Namespace, fractions: list[float]) -> None:
         for fraction in fractions:
             slots = max(1, int(fraction * experts))
             for policy, lag in POLICIES:
-                hit, copies, transfers = policy_hit_rates(trace, experts, slots, policy, lag)
+                decay = args.device_decay
+                hit, copies, transfers = policy_hit_rates(trace, experts, slots, policy, lag, decay)
                 name = f"settle, {lag} steps late" if policy == "settle" else policy
                 figures = f"{hit:.1%} | {copies:.3f} | {transfers:.3f}"
                 print(f"| {kind} | {slots} of {experts} | {name} | {figures} |", flush=True)
@@ -255,6 +260,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="resident shares")
     ap.add_argument("--policies", action="store_true", help="the cache policies on recorded routing")
+    ap.add_argument(
+        "--device-decay",
+        type=float,
+        default=DEVICE_LOAD_DECAY,
+        help="--policies: the device admission's load decay per forward (default: the cache's own)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]

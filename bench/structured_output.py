@@ -314,12 +314,14 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     invalid: list[str] = []
     cut = 0
+    warmed = [0, 0]  # tokens the warm-up made, constrained and plain
     try:
         if args.warm_up:
             n = min(args.warm_up, len(constrained))
             print(f"[warm-up] {n} requests constrained, then plain", flush=True)
-            run(engine, warm_up(constrained[: args.warm_up], structured=True))
-            run(engine, warm_up(constrained[: args.warm_up], structured=False))
+            for i, structured in enumerate((True, False)):
+                _, done, _ = run(engine, warm_up(constrained[: args.warm_up], structured))
+                warmed[i] = sum(tokens for _, tokens, _ in done.values())
         for r in range(args.rounds):
             core = engine_core_steps.read(step_file) if step_file else None
             t_c, got, steps_c = run(engine, constrained)
@@ -386,6 +388,7 @@ def main() -> None:
         "constrained_over_plain": round(ratio, 4),
         "compiles": getattr(getattr(engine, "_grammars", None), "compiles", None),
         "warm_up": min(args.warm_up, len(constrained)),
+        "warm_up_tokens": warmed,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
     for line in invalid[:10]:

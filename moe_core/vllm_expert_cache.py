@@ -71,17 +71,21 @@ DEVICE_LOAD_DECAY = 0.97
 
 
 def admit_on_device(
-    load: torch.Tensor, routed: torch.Tensor, slot_row: torch.Tensor, pairs: int
+    load: torch.Tensor,
+    routed: torch.Tensor,
+    slot_row: torch.Tensor,
+    pairs: int,
+    decay: float = DEVICE_LOAD_DECAY,
 ) -> torch.Tensor:
     """One forward's admissions, decided where it runs (admission "device"). load [E] float: each
-    expert's tokens, decayed by DEVICE_LOAD_DECAY per forward, this forward's `routed` [E] added here;
+    expert's tokens, decayed by `decay` per forward, this forward's `routed` [E] added here;
     slot_row [E] int32: each expert's slot, -1 outside, updated here. Each needed expert outside
     the slots, the busiest first, takes the slot of the resident expert this forward does not need
     with the least load, if its own load is above that one's (at most `pairs` a forward:
     min(slots, E - slots), fixed at install). → [E] int32: the slot each admitted expert's weights
     go to before the forward computes (its one read over the link), -1 for the others. Ties go to
     the lower expert id. Fixed shapes and no host read, so a CUDA graph captures it."""
-    load.mul_(DEVICE_LOAD_DECAY).add_(routed)
+    load.mul_(decay).add_(routed)
     needed, resident = routed > 0, slot_row >= 0
     miss, spare = needed & ~resident, resident & ~needed
     top = torch.finfo(load.dtype).max

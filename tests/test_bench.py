@@ -170,6 +170,8 @@ def test_the_structured_output_benchmark_validates_every_output(tmp_path: Path) 
     args = ("--requests", "100", "--schemas", "20", "--rounds", "1", "--batch", "32", "--sampling", "greedy")
     result = run_structured_bench(tmp_path, *args, "--warm-up", "8")
     assert result["sampling"] == "greedy" and result["warm_up"] == 8
+    constrained, plain = result["warm_up_tokens"]  # the warm-up ran: 8 plain requests of 24 tokens
+    assert plain == 8 * 24 and constrained > 0
     assert result["outputs_checked"] == 100 and result["invalid"] == 0 and result["cut_by_max_tokens"] == 0
     assert result["compiles"] == 20  # once per distinct schema
     (rnd,) = result["rounds"]
