@@ -39,7 +39,7 @@ import redis
 
 from bench.harness import auth, service_env, start_api, start_worker, stop, wait_workers_ready
 from bench.scheduler_policies import Arrival, arrivals, wait_idle
-from bench.service_vs_vllm import cpu_times, first_of, job_marks, pct, spied, stage_times
+from bench.service_vs_vllm import cpu_times, first_of, job_marks, pct, spied_each, stage_times
 from bench.stream_client import Record
 from localmoe.redis_server import RedisServer
 from moe_build.checkpoint import build_checkpoint
@@ -112,13 +112,15 @@ def timeline(marks: list[list[float] | None]) -> list[list[float] | None]:
 
 @contextlib.contextmanager
 def spied_service(folder: Path | None, worker: int, api: int) -> Iterator[None]:
-    """py-spy (bench.service_vs_vllm.spied) for the block on the first process of each kind under
+    """py-spy (bench.service_vs_vllm.spied_each) for the block on the first process of each kind under
     the worker (consumer, runtime, engine, vLLM's core) and the API: `folder`/beside-<kind>.raw."""
     if folder is None:
         yield
         return
     procs = {**cpu_times(worker), **cpu_times(api, "api")}
-    with spied(str(folder), "beside", first_of(procs, ("api", "consumer", "runtime", "engine", "vllm-core"))):
+    with spied_each(
+        str(folder), "beside", first_of(procs, ("api", "consumer", "runtime", "engine", "vllm-core"))
+    ):
         yield
 
 

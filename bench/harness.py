@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,36 @@ def py_spy() -> str:
     PATH), else PATH's."""
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
+
+
+@contextlib.contextmanager
+def spied(outs: dict[Path, int], *flags: str, rate: int = 100) -> Iterator[None]:
+    """`py-spy record` on each pid for the block, raw samples into its path (`flags`: py-spy's,
+    e.g. --gil, or --subprocesses --idle); started a second before the block, so that the block's
+    start is sampled. A py-spy that wrote nothing is said on stdout, with its last words."""
+    spies = []
+    for out, pid in outs.items():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), *flags]
+        argv += ["--format", "raw", "--output", str(out), "--nonblocking"]
+        spies.append(
+            (out, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        )
+    if spies:
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        for _, spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        for out, spy in spies:
+            try:
+                _, err = spy.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                err = "did not exit"
+            if not out.exists():
+                print(f"  py-spy wrote nothing to {out.name}: {err.strip()[-300:]}", flush=True)
 
 
 def service_env(redis_url: str, model: Path, home: Path, **settings: str) -> dict[str, str]:

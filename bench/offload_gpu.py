@@ -57,11 +57,8 @@ import contextlib
 import gc
 import json
 import os
-import signal
 import statistics
-import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,46 +202,26 @@ def bench_engine(
     return m
 
 
-@contextlib.contextmanager
-def _spied(out: Path | None) -> Iterator[None]:
-    """py-spy over this process and its subprocesses (vLLM's engine core) for the block, waits
-    included (--idle: where the host waits for the device shows), into `out` (raw); None: nothing."""
-    if out is None:
-        yield
-        return
-    from bench.harness import py_spy
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [py_spy(), "record", "--pid", str(os.getpid()), "--subprocesses", "--idle", "--threads"]
-    argv += ["--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
-    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # attached before the run starts
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
-        try:
-            _, err = spy.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            err = "did not exit"
-        if not out.exists():
-            print(f"  py-spy wrote nothing: {err.strip()[-300:]}", flush=True)
-
-
 def _profile(engine: Any, prompts: list[Any]) -> None:
     """vLLM's profiler over 16 batch-1 tokens, after the timed run and its counts; the head of its
-    table of kernels."""
-    try:
-        engine.start_profile()
-        run_greedy(engine, prompts, 16)
-        engine.stop_profile()
-        # profiler_out_0.txt in vLLM 0.26, <rank's name>.profiler_out.txt in 0.32
-        table = max(engine.profile_dir.glob("*profiler_out*.txt"), key=lambda p: p.stat().st_mtime)
-        for line in table.read_text().splitlines()[:24]:
-            print(f"    {line[:180]}", flush=True)
-    except Exception as e:  # the figures above stand without it
-        print(f"  the profile failed: {type(e).__name__}: {e}", flush=True)
+    table of kernels. vLLM logs a profiler that failed to start or stop and goes on, with no table
+    written: such a try is said, with what is in the folder, and made once more."""
+    for attempt in (1, 2):
+        try:
+            engine.start_profile()
+            run_greedy(engine, prompts, 16)
+            engine.stop_profile()
+            # profiler_out_0.txt in vLLM 0.26, <rank's name>.profiler_out.txt in 0.32
+            tables = list(engine.profile_dir.glob("*profiler_out*.txt"))
+            if not tables:
+                found = sorted(p.name for p in engine.profile_dir.iterdir())
+                raise RuntimeError(f"no table of kernels written (the folder holds {found})")
+            table = max(tables, key=lambda p: p.stat().st_mtime)
+            for line in table.read_text().splitlines()[:24]:
+                print(f"    {line[:180]}", flush=True)
+            return
+        except Exception as e:  # the figures above stand without it
+            print(f"  the profile failed (try {attempt} of 2): {type(e).__name__}: {e}", flush=True)
 
 
 def _measure(
@@ -256,6 +233,7 @@ def _measure(
     trace: RoutingTrace | None,
 ) -> None:
     from bench.engines_gpu import make_prompts
+    from bench.harness import spied
 
     t = time.perf_counter()
     try:
@@ -268,8 +246,10 @@ def _measure(
             if m.backend == "vllm":  # compile and CUDA graphs for these shapes, untimed
                 run_greedy(engine, prompts, 8)
             before = _cache_counts(engine)
-            spy = args.spy / f"{m.engine}-b{n}.raw" if args.spy is not None and n == 1 else None
-            with _spied(spy):
+            # py-spy over this process and vLLM's engine core, waits included (where the host waits
+            # for the device shows)
+            spy = {args.spy / f"{m.engine}-b{n}.raw": os.getpid()} if args.spy is not None and n == 1 else {}
+            with spied(spy, "--subprocesses", "--idle", "--threads", rate=200):
                 tps, ttft, tokens = run_greedy(engine, prompts, args.new_tokens)
             run = Run(f"{n}x({args.prompt_tokens}->{args.new_tokens})", tps, ttft, tokens)
             m.runs.append(run)

@@ -562,10 +562,17 @@ def profiled(folder: str | None, root: int, prefix: str) -> Iterator[None]:
     if not folder:
         yield
         return
-    with spied(
+    with spied_each(
         folder, prefix, first_of(cpu_times(root), ("api", "consumer", "runtime", "engine", "vllm-api"))
     ):
         yield
+
+
+def spied_each(folder: str, prefix: str, pids: dict[str, int]) -> contextlib.AbstractContextManager[None]:
+    """py-spy (GIL-holding samples) on each named process for the block: `folder`/`prefix`-name.raw."""
+    from bench.harness import spied
+
+    return spied({Path(folder) / f"{prefix}-{kind}.raw": pid for kind, pid in pids.items()}, "--gil")
 
 
 def first_of(procs: Cpu, kinds: tuple[str, ...]) -> dict[str, int]:
@@ -575,28 +582,6 @@ def first_of(procs: Cpu, kinds: tuple[str, ...]) -> dict[str, int]:
         if kind in kinds:
             chosen.setdefault(kind, pid)
     return chosen
-
-
-@contextlib.contextmanager
-def spied(folder: str, prefix: str, pids: dict[str, int]) -> Iterator[None]:
-    """py-spy on each named process for the block: `folder`/`prefix`-name.raw."""
-    from bench.harness import py_spy
-
-    procs = []
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for kind, pid in pids.items():
-        out = Path(folder) / f"{prefix}-{kind}.raw"
-        argv = [py_spy(), "record", "-p", str(pid), "-r", "100", "--gil", "-f", "raw", "-o", str(out)]
-        procs.append(
-            subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
-        for proc in procs:
-            proc.wait(30)
 
 
 def intake(args: argparse.Namespace, lm: Target) -> list[dict[str, object]]:
@@ -667,7 +652,7 @@ def intake_api_only(args: argparse.Namespace, model: Path, tmp: Path, processes:
             cpu = [psutil.Process(p.pid) for p in [*procs, server.proc]]
             before = [sum(c.cpu_times()[:2]) for c in cpu]
             concurrency = concurrencies(args)[0]
-            spy = spied(args.profile, f"intake-{n}", {"api": procs[0].pid}) if args.profile else None
+            spy = spied_each(args.profile, f"intake-{n}", {"api": procs[0].pid}) if args.profile else None
             with Clients(args.intake_clients) as clients, spy or contextlib.nullcontext():
                 records = clients.closed(target, args.intake, concurrency)
             used = [sum(c.cpu_times()[:2]) - b for c, b in zip(cpu, before, strict=True)]

@@ -158,9 +158,10 @@ def test_the_offload_benchmark_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| engine | choice | weights in CPU memory |" in done.stdout
     # vLLM's profiler over batch-1 tokens of each vLLM engine: its table of ops written and shown
-    assert "the profile failed" not in done.stdout and list(
-        (tmp_path / "prof" / "experts").glob("*profiler_out*")
-    )
+    # (a try that fails is made again: the run says each failure, and vLLM's log says why)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "profile" in line.lower()]
+    assert list((tmp_path / "prof" / "experts").glob("*profiler_out*")), "\n".join(said[-40:])
+    assert "the profile failed (try 2 of 2)" not in done.stdout, "\n".join(said[-40:])
     # py-spy over each engine's batch-1 run: the samples of the bench and vLLM's engine core
     spied = (tmp_path / "spy" / "experts-b1.raw").read_text()
     assert "py-spy wrote nothing" not in done.stdout and "run_greedy" in spied
