@@ -4,7 +4,6 @@ Celery consumes."""
 from __future__ import annotations
 
 import logging
-import math
 import socket
 
 from celery.signals import worker_ready, worker_shutdown
@@ -24,14 +23,14 @@ log = logging.getLogger(__name__)
 # message waited in Redis for a job to end (the H200, torch engine: 30 ms p50, 107 ms p95 with no
 # reserve). With twice as many, an urgent job is claimed at once and its engine takes it first (by
 # rank; the torch engine preempts a batch line for it). Jobs claimed beyond the slots wait in the
-# engine, as a message of many jobs always could. The batch tier's look-ahead (its jobs admitted
-# beyond the spare slots, scheduler.batch_lookahead) gets threads of its own on top.
+# engine, as a message of many jobs always could. The batch tier's messages hold no thread
+# (RuntimeProcess.run): admission bounds them.
 TASK_THREADS_PER_SLOT = 2
 
 
-def task_threads(capacity: int, batch_lookahead: float) -> int:
+def task_threads(capacity: int) -> int:
     """Celery task threads for an engine of `capacity` batch slots."""
-    return TASK_THREADS_PER_SLOT * capacity + math.ceil(batch_lookahead * capacity)
+    return TASK_THREADS_PER_SLOT * capacity
 
 
 def serve(settings: Settings, name: str | None = None) -> None:
@@ -50,7 +49,7 @@ def serve(settings: Settings, name: str | None = None) -> None:
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={task_threads(info.capacity, settings.scheduler.batch_lookahead)}",
+            f"--concurrency={task_threads(info.capacity)}",
             f"--queues={','.join(info.queues)}",
             f"--hostname={node_name(name)}",  # the node its relay's task events name (Flower)
             f"--loglevel={settings.log_level.upper()}",

@@ -29,7 +29,7 @@ from host.config_store import ConfigWatcher
 from host.heap import freeze_heap
 from host.instance import set_process_name
 from host.settings import Settings, get_settings
-from scheduler.jobs import Job
+from scheduler.jobs import Job, Priority
 from workers.messages import MESSAGE, ConsumerReady, EngineReady, Finished, Shutdown, Submit, submit_json
 
 if TYPE_CHECKING:  # the consumer process never imports torch: only the engine process does
@@ -66,6 +66,10 @@ class RuntimeProcess:
         return ready
 
     def stop(self, timeout: float = 10.0) -> None:
+        """After Celery's warm shutdown (every task thread's jobs ended): the batch tier's jobs,
+        which hold no task thread (see run), end too; then the runtime and its engine stop."""
+        for done in list(self._pending.values()):
+            done.result()
         self._stopping = True
         self._send(Shutdown())
         self._proc.join(timeout)
@@ -84,12 +88,22 @@ class RuntimeProcess:
 
     def run(self, jobs: list[dict[str, Any]]) -> list[Finished]:
         """Hand one message's jobs (as it carried them) to the runtime, which claims and runs them;
-        returns once every one's terminal state is in Redis, or it was not claimed here."""
+        returns once every one's terminal state is in Redis, or it was not claimed here.
+
+        A message of batch-tier jobs (the API puts jobs of one priority in a message; the reaper
+        one job) returns at once, []: its task thread is the consumer's flow control, which the
+        batch tier has in admission instead (api/admission.py), and a batch line can wait in the
+        engine for long (engine.batch_yield_rows: while any other job runs). Holding threads, such
+        lines took every one of them after a worker died and its lines came here, and the next
+        interactive message waited in Redis for a line to end (or was lost with a consumer killed
+        holding it: the reaper sends such a job again only after record.WAITING_CHECK_S)."""
         with self._send_lock:
             self._seq += 1
             seq = self._seq
             done = [self._pending.setdefault((seq, str(job["id"])), Future()) for job in jobs]
             self._conn.send_bytes(submit_json(seq, jobs))
+        if all(job.get("priority") == Priority.BATCH for job in jobs):
+            return []
         return [f.result() for f in done]
 
     def _send(self, message: ConsumerReady | Shutdown) -> None:

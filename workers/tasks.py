@@ -1,6 +1,7 @@
 """The Celery task: hand the jobs of one message to the runtime process, which claims them
 (scheduler/record.py CLAIM, and RESUME for a job whose earlier worker died) and runs them; return
-once every one has ended (or was not claimed here).
+once every one has ended (or was not claimed here), or at once for the batch tier's
+(RuntimeProcess.run says why).
 
 The API puts every job it accepted in one short spell and routed to the same queue at the same
 priority into one message (scheduler/queue.py): under load a message carries many jobs. Under
