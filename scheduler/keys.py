@@ -110,6 +110,9 @@ def claim_reply(claim_id: str) -> str:
 
 
 WAITING = f"{PREFIX}:waiting"  # sorted set: job id → when to check it still has a message (reaper)
+# Hash: worker name → the incarnation its lease held at the reaper's last sweep (any process's):
+# one gone or changed at the next sweep ended, and with it the messages its consumer held.
+INCARNATIONS = f"{PREFIX}:incarnations"
 
 # Terminal webhook events written with the job's final state and not yet handed to the webhook
 # queue: hash job id → Delivery JSON (scheduler/notify.py removes it once sent; the reaper sends

@@ -8,6 +8,7 @@ task in workers/tasks.py on an app made here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import queue
@@ -22,7 +23,7 @@ from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 from scheduler import backlog, keys, record
 from scheduler.jobs import Job
@@ -108,6 +109,29 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport, without its acknowledgement emulation (see _Channel)."""
 
     Channel = _Channel
+
+
+def job_ids_in_queues(client: redis.Redis) -> set[str]:
+    """The ids of the jobs whose messages wait on LocalMoE's queues: the shared one and every
+    worker's, each priority step's list. O(messages waiting): for the reaper, after a worker died."""
+    ids: set[str] = set()
+    for pattern in (f"{keys.SHARED_QUEUE}*", f"{keys.WORKER_QUEUE_PREFIX}*"):
+        for name in client.scan_iter(pattern, count=500, _type="list"):
+            for raw in client.lrange(name, 0, -1):
+                ids.update(_job_ids(raw))
+    return ids
+
+
+def _job_ids(raw: str | bytes) -> list[str]:
+    """The job ids one message (kombu's JSON envelope, Celery's body in base64) carries: RUN_JOBS'
+    list of jobs or RUN_JOB's one; [] for a message of another kind."""
+    try:
+        message = loads(raw)
+        args = loads(base64.b64decode(message["body"]))[0]
+        jobs = args[0] if message["headers"]["task"] == keys.RUN_JOBS_TASK else [args[0]]
+        return [str(job["id"]) for job in jobs]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return []
 
 
 def make_celery(broker_url: str) -> Celery:

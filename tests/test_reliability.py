@@ -26,7 +26,7 @@ from localmoe.redis_server import RedisServer
 from moe_core.engine import Delta, FinishReason
 from scheduler import backlog, keys, record
 from scheduler.jobs import Job, JobSpec, JobStatus, job_to_hash
-from scheduler.queue import make_celery
+from scheduler.queue import job_ids_in_queues, make_celery
 from scheduler.registry import WorkerInfo
 from scheduler.stream import Fence, token_fields
 from scheduler.webhooks import WebhookEventType, make_delivery
@@ -102,6 +102,36 @@ def test_reaper_requeues_jobs_of_a_dead_incarnation_only(client: redis.Redis) ->
     queued = [k for k in client.scan_iter(f"{keys.SHARED_QUEUE}*") if client.type(k) == "list"]
     assert sum(int(client.llen(k)) for k in queued) == 2  # sent again, on the shared queue
     assert reaper.sweep() == {}  # once
+    app.close()
+
+
+def test_a_message_lost_with_its_consumer_is_sent_again_when_that_incarnation_ends(
+    client: redis.Redis,
+) -> None:
+    """A consumer killed between taking a message and claiming its job loses the message (the
+    broker keeps no copy). When the reaper sees that incarnation end (the worker restarted under
+    its name, or its lease gone), every queued job whose message is on no queue is sent again at
+    that sweep, not record.WAITING_CHECK_S later; one whose message still waits is not sent twice."""
+    app = make_celery(_url(client))
+    reaper = Reaper(client, app, max_attempts=3, ttl_s=600)
+    queue = keys.worker_queue("w7")
+    waiting, taken, claimed = (Job(spec=JobSpec(prompt=PROMPT, max_tokens=8), queue=queue) for _ in range(3))
+    claimed.status = JobStatus.RUNNING
+    for job in (waiting, taken, claimed):
+        client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+        client.zadd(keys.WAITING, {job.id: time.time() + record.WAITING_CHECK_S})
+    app.send_task(keys.RUN_JOBS_TASK, args=[[waiting.model_dump(mode="json")]], queue=queue, priority=1)
+    # `taken`'s and `claimed`'s messages were popped by w7's consumer; it claimed one and died
+    client.set(keys.lease("w7"), "first-life")
+    assert reaper.sweep() == {}  # w7's incarnation seen: nothing ended yet
+    assert job_ids_in_queues(client) == {waiting.id}
+    client.set(keys.lease("w7"), "second-life")  # w7 restarted
+    assert reaper.sweep() == {"lost": 1}
+    assert job_ids_in_queues(client) == {waiting.id, taken.id}  # taken: on the shared queue now
+    assert _messages(client) == 1
+    assert reaper.sweep() == {}  # once
+    client.delete(keys.lease("w7"))  # w7 gone for good: its messages still wait, none lost
+    assert reaper.sweep() == {}
     app.close()
 
 

@@ -17,6 +17,8 @@ queue too. A requeued job stays in the dead worker's running hash until its new 
 so a reaper killed in between is finished by the next sweep. And every job still queued after
 record.WAITING_CHECK_S is sent again (keys.WAITING): the Redis transport can lose a message taken
 by a consumer killed before it recorded it; the claim takes a job once, so a duplicate is harmless.
+Such a loss is known sooner: when a worker's incarnation ends (its lease gone, or a new one under
+its name), every queued job whose message is on no queue is sent again at that sweep.
 Last, the backlog's entries whose job has no record at two sweeps of the same process are
 released: an API process killed between admitting a job (its backlog count) and writing it
 (scheduler/queue.py: two round trips) answered nobody, and its count would hold admission's room
@@ -36,6 +38,7 @@ from celery import Celery
 
 from scheduler import backlog, keys, record
 from scheduler.jobs import Job, JobStatus, job_from_hash
+from scheduler.queue import job_ids_in_queues
 from scheduler.webhooks import Delivery, send_delivery
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,10 @@ class Reaper:
                 counts[outcome] = counts.get(outcome, 0) + 1
         for worker in self._dead_with_a_queue():
             counts["moved"] = counts.get("moved", 0) + self._move_queued(worker)
+        if self._incarnations_ended():
+            lost = self._resend_lost()
+            if lost:
+                counts["lost"] = lost
         resent = self._resend_waiting()
         if resent:
             counts["resent"] = resent
@@ -167,6 +174,39 @@ class Reaper:
                 self._send(job)  # its old message stays behind: a later claim of it is a no-op
                 moved += 1
         return moved
+
+    def _incarnations_ended(self) -> bool:
+        """Whether a worker incarnation that held its lease at the last sweep (this process's or
+        another's: keys.INCARNATIONS) is gone: its lease expired, or holds a new incarnation (the
+        worker restarted under its name). Records the incarnations that live now."""
+        head, tail = keys.lease("*").split("*")
+        names = [k[len(head) : -len(tail)] for k in self.client.scan_iter(keys.lease("*"), count=500)]
+        values = cast(list[str | None], self.client.mget([keys.lease(n) for n in names])) if names else []
+        live = {name: value for name, value in zip(names, values, strict=True) if value}
+        seen = cast(dict[str, str], self.client.hgetall(keys.INCARNATIONS))
+        pipe = self.client.pipeline()
+        pipe.delete(keys.INCARNATIONS)
+        if live:
+            pipe.hset(keys.INCARNATIONS, mapping=live)
+        pipe.execute()
+        return any(live.get(name) != incarnation for name, incarnation in seen.items())
+
+    def _resend_lost(self) -> int:
+        """After an incarnation ended: every queued job whose message is on no queue is sent again
+        now, not after record.WAITING_CHECK_S. Such a message was taken by that incarnation's
+        consumer and died with it unclaimed (the broker keeps no copy: scheduler/queue.py). A job
+        whose message a live consumer has just taken is sent twice: harmless, the claim takes a
+        job once. → how many."""
+        present = job_ids_in_queues(self.client)
+        resent = 0
+        for job_id in cast(list[str], self.client.zrange(keys.WAITING, 0, -1)):
+            if job_id in present:
+                continue
+            job = self._job(job_id)
+            if job is not None and job.status is JobStatus.QUEUED:
+                self._send(job)
+                resent += 1
+        return resent
 
     def _resend_waiting(self) -> int:
         """Jobs queued for a while are sent again: a message can be lost (a consumer killed
