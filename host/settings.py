@@ -162,16 +162,16 @@ class EngineSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(64, ge=1, le=1024, description="Jobs one worker decodes together.")
     batch_yield_rows: int | None = Field(
-        None,
+        0,
         ge=0,
         description="While jobs more urgent than the batch tier are in the engine (and batch_yield_hold_s "
         "after the last of them), batch-tier jobs hold at most this many rows, the others preempted "
-        "(recomputed later). 0: a batch runs only while no other work does, which kept interactive TTFT "
-        "p95 within 10 % of its figure alone on an H100 with vLLM (2 rows: +50 %; BENCHMARKS.md); on a "
-        "box never without interactive work a batch then waits for a pause, up to its completion window. "
-        "None (the default until a chaos run with 0, which left jobs queued, is understood): the batch "
-        "tier keeps every row it has. A batch alone takes every row. The torch engine and vLLM's with "
-        "vllm.batch_preemption (LocalMoE's scheduler in its engine core); not the DeepSpeed engine.",
+        "(recomputed later). 0 (the default): a batch runs only while no other work does, which kept "
+        "interactive TTFT p95 within 10 % of its figure alone on an H100 with vLLM (2 rows: +50 %; "
+        "BENCHMARKS.md); on a box never without interactive work a batch then waits for a pause, up to "
+        "its completion window. None: the batch tier keeps every row it has. A batch alone takes every "
+        "row. The torch engine and vLLM's with vllm.batch_preemption (LocalMoE's scheduler in its "
+        "engine core); not the DeepSpeed engine.",
     )
     batch_yield_hold_s: float = Field(
         1.0,

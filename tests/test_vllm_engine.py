@@ -237,12 +237,13 @@ def test_engine_settings_reach_vllms_arguments(mixtral_dir: Path, tmp_path: Path
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     # batch_preemption (the default): vLLM's engine core seats urgent requests, nothing held here
     assert (engine.batch_rows, engine.batch_rank) == (None, Priority.BATCH.rank)  # type: ignore[attr-defined]
-    assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}  # (no yielding)
-    cfg.batch_yield_rows = 0  # the batch tier yields every row while more urgent work is in the engine
-    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
-    args = engine._engine_args("float32")  # type: ignore[attr-defined]
+    # and by default the batch tier yields every row while more urgent work is in the engine
     rank = Priority.BATCH.rank
     assert args.additional_config == {vllm_seating.RANK_KEY: rank, vllm_seating.YIELD_KEY: [0, 1.0]}
+    cfg.batch_yield_rows = None  # it keeps its rows
+    engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
+    args = engine._engine_args("float32")  # type: ignore[attr-defined]
+    assert args.additional_config == {vllm_seating.RANK_KEY: Priority.BATCH.rank}
     cfg.batch_yield_rows = 2
     engine = construct("vllm", mixtral_dir, "cpu", cfg, None, batch_rows=7)
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
