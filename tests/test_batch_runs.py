@@ -396,7 +396,9 @@ def test_an_interactive_burst_is_claimed_at_once_while_batch_tier_jobs_hold_thei
     assert all(j["usage"]["completion_tokens"] == 60 for j in interactive)
 
 
-def test_batch_tier_messages_hold_no_task_thread(stack: Stack) -> None:
+def test_batch_tier_messages_hold_no_task_thread(
+    stack: Stack, others: Callable[[], tuple[subprocess.Popen[bytes], str]]
+) -> None:
     """A worker died and its batch-tier jobs came back one message each on the shared queue (as
     the reaper sends them): more than the worker's task threads (2 per slot). Every one is claimed
     (the batch tier's messages return at once: workers/runtime_proc.py), and interactive jobs sent
@@ -411,6 +413,7 @@ def test_batch_tier_messages_hold_no_task_thread(stack: Stack) -> None:
         return str(json.loads(client.hget(keys.job(job_id), "status") or '""'))
 
     wait_for(lambda: busy() == 0, 240, "the jobs of the tests before to end")
+    _, api = others()  # the stack's own may have been stopped by another test
     lines = [
         Job(
             spec=JobSpec(prompt=f"def line{i}():", max_tokens=150, ignore_eos=True),
@@ -420,29 +423,33 @@ def test_batch_tier_messages_hold_no_task_thread(stack: Stack) -> None:
         for i in range(2 * SLOTS + 8)
     ]
     app = make_celery(stack.env["LOCALMOE_REDIS_URL"])
-    try:
-        for job in lines:
-            client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
-            app.send_task(keys.RUN_JOBS_TASK, args=[[job.model_dump(mode="json")]], queue=keys.SHARED_QUEUE,
-                          priority=Priority.BATCH.rank)  # fmt: skip
-    finally:
-        app.close()
-    with httpx.Client(base_url=stack.api, headers=bearer(stack.admin_key), timeout=30) as http:
-        # as many lines claimed as the worker has task threads: holding them, the lines would leave
-        # the burst (and 8 lines) in Redis until a line ends (150 steps of at least 0.02 s)
-        wait_for(lambda: sum(status(j.id) == "running" for j in lines) >= 2 * SLOTS, 20, "the lines claimed")
-        burst = [
-            http.post("/v1/jobs", json={"prompt": f"class Burst{i}:", "max_tokens": 20, "ignore_eos": True})
-            for i in range(4)
-        ]
-        assert all(r.status_code == 202 for r in burst), [r.text for r in burst]
-        ids = [str(r.json()["id"]) for r in burst]
-        wait_for(lambda: all(status(i) == "succeeded" for i in ids), 60, "the interactive jobs")
-        interactive = [http.get(f"/v1/jobs/{i}").json() for i in ids]
-        started = [http.get(f"/v1/jobs/{j.id}").json()["timings"]["started_at"] for j in lines]
-        for job in lines:
-            http.delete(f"/v1/jobs/{job.id}")
-        wait_for(lambda: all(status(j.id) in TERMINAL for j in lines), 30, "the lines cancelled")
+    with httpx.Client(base_url=api, headers=bearer(stack.admin_key), timeout=30) as http:
+        try:
+            for job in lines:
+                client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
+                app.send_task(keys.RUN_JOBS_TASK, args=[[job.model_dump(mode="json")]],
+                              queue=keys.SHARED_QUEUE, priority=Priority.BATCH.rank)  # fmt: skip
+            # as many lines claimed as the worker has task threads: holding them, the lines would
+            # leave the burst (and 8 lines) in Redis until a line ends (150 steps of at least 0.02 s)
+            wait_for(
+                lambda: sum(status(j.id) == "running" for j in lines) >= 2 * SLOTS, 20, "the lines claimed"
+            )
+            burst = [
+                http.post(
+                    "/v1/jobs", json={"prompt": f"class Burst{i}:", "max_tokens": 20, "ignore_eos": True}
+                )
+                for i in range(4)
+            ]
+            assert all(r.status_code == 202 for r in burst), [r.text for r in burst]
+            ids = [str(r.json()["id"]) for r in burst]
+            wait_for(lambda: all(status(i) == "succeeded" for i in ids), 60, "the interactive jobs")
+            interactive = [http.get(f"/v1/jobs/{i}").json() for i in ids]
+            started = [http.get(f"/v1/jobs/{j.id}").json()["timings"]["started_at"] for j in lines]
+        finally:
+            app.close()
+            for job in lines:  # the tests after this one find the worker empty
+                http.delete(f"/v1/jobs/{job.id}")
+            wait_for(lambda: all(status(j.id) in TERMINAL for j in lines), 30, "the lines cancelled")
     claimed = [j["timings"]["started_at"] - j["timings"]["queued_at"] for j in interactive]
     assert max(claimed) < 0.6, claimed
     assert None not in started and max(started) < min(j["timings"]["started_at"] for j in interactive)
