@@ -289,7 +289,12 @@ class LimitSettings(BaseModel):
     per_key_burst: int = Field(200, ge=1, description="Submissions at once above that rate (default).")
     idempotency_ttl_s: int = Field(86_400, ge=60, description="How long an Idempotency-Key is remembered.")
     max_attempts: int = Field(
-        3, ge=1, le=20, description="Runs of a job whose worker dies under it, before it fails (saying why)."
+        3,
+        ge=1,
+        le=20,
+        description="Runs of a job whose worker dies under it, before it fails (saying why). A run is an "
+        "attempt the engine gave a row (it streamed a token, or the torch engine seated it): a job that "
+        "only waited in the engine of a worker that died goes back to the queue without counting one.",
     )
     # Files (POST /v1/files): batch input, kept on disk under files_dir.
     max_file_bytes: int = Field(

@@ -57,6 +57,7 @@ class FailoverEngine:
         self._since = 0.0  # when the active engine took over
         self._tracked: dict[str, _Tracked] = {}
         self._owed: list[Delta] = []  # final deltas of requests that could not be retried
+        self._on_seated: Callable[[list[str]], None] | None = None
 
     # --- the protocol ---------------------------------------------------------------------
     @property
@@ -114,6 +115,17 @@ class FailoverEngine:
             self.active.close()
             self.active = None
 
+    @property
+    def on_seated(self) -> Callable[[list[str]], None] | None:
+        """Handed to every engine that takes it (the torch engines), now and after a failover."""
+        return self._on_seated
+
+    @on_seated.setter
+    def on_seated(self, hook: Callable[[list[str]], None] | None) -> None:
+        self._on_seated = hook
+        if self.active is not None and hasattr(self.active, "on_seated"):
+            self.active.on_seated = hook
+
     # --- switching ------------------------------------------------------------------------
     def _engine(self) -> Engine:
         if self.active is None:
@@ -133,6 +145,8 @@ class FailoverEngine:
                 errors.append(f"{name}: {e}")
                 continue
             self.active, self.index, self._since, self._failures = engine, i, self.clock(), 0
+            if hasattr(engine, "on_seated"):
+                engine.on_seated = self._on_seated
             return
         raise RuntimeError("no engine could be loaded: " + "; ".join(errors))
 

@@ -284,6 +284,9 @@ class TorchEngine:
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
         self._grammars: Grammars | None = None  # built with the first constrained request
+        # Told the requests a prefill step admits before it computes them (the worker records them:
+        # a death in that step counts against their attempts, scheduler/record.py REQUEUE).
+        self.on_seated: Callable[[list[str]], None] | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -538,6 +541,8 @@ class TorchEngine:
     def _prefill_step(self) -> list[Delta]:
         """Run the admitted prompts as one left-padded batch, sample their first tokens, merge."""
         seqs = self._admit()
+        if self.on_seated is not None:
+            self.on_seated([s.request_id for s in seqs])
         input_ids, mask = _left_pad([s.fed_ids for s in seqs], self._pad_id, self._device)  # [N, L]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, L]; pads get 0, real tokens 0..n-1
         cache = DynamicCache()

@@ -11,7 +11,7 @@ in the Lua are rendered from JobStatus (`lua_json`), never typed by hand.
                   claim: attempt + 1           finalize: this attempt's
     create ──► QUEUED ─────────────────► RUNNING ──────────────────► SUCCEEDED | FAILED | CANCELLED
                 │ │  ◄───────────────────  │ │
-                │ │  requeue: its worker's │ └── requeue on the max_attempts-th attempt ──► FAILED
+                │ │  requeue: its worker's │ └── requeue on the max_attempts-th run ──► FAILED
                 │ │  lease lost            └──── cancel: flagged, its worker woken; the engine
                 │ │                              aborts it within a step, finalize writes CANCELLED
                 │ └── cancel ──► CANCELLED
@@ -25,6 +25,7 @@ CLAIM        QUEUED → RUNNING          workers/runtime.py  status queued (a se
                                                            one of a cancelled job CANCELLED_WHILE_QUEUED)
 RESUME       RUNNING, attempt > 1      workers/runtime.py  the `resume` mark it appends
 first_token  RUNNING (one timing)      workers/relay.py    nothing
+SEATED       RUNNING (`seated`)        workers/relay.py    status running, the same attempt
 finalize     RUNNING → terminal        workers/relay.py    status running, the same attempt
 CANCEL       QUEUED → CANCELLED        api/store.py        status queued
              RUNNING (flag, wake-up)   api/store.py        status running
@@ -40,6 +41,11 @@ record gets the API's ttl when created, and again when a script ends it (its str
 whose worker died runs again as attempt n + 1: RESUME hands it the text the dead attempt
 streamed, readers drop what an older attempt streams after the `resume` mark (Fence in
 scheduler/stream.py), and the older attempt's finalize is fenced off.
+
+A run is an attempt the engine gave a row: it streamed a token, or the engine said it seated it
+(SEATED, which the torch engines send before the step that computes it). Only runs count against
+max_attempts (the job's `deaths` field): a job that only waited in an engine whose worker died
+cannot have killed it, and goes back to the queue however often that happens.
 """
 
 from __future__ import annotations
@@ -412,7 +418,8 @@ async def cancel(script: AsyncScript, job_id: str, ttl_s: int) -> CancelOutcome:
 # → 'alive' (the lease is that incarnation's), 'gone' (the job moved on), 'failed', 'requeued'.
 # A requeued job keeps its running-hash entry until its new message is sent (the caller removes
 # it then, FORGET): a reaper that dies in between leaves the entry, and the next sweep finds the
-# job queued at the same attempt and sends it again.
+# job queued at the same attempt and sends it again. The death counts (`deaths` + 1, failed at max
+# attempts) only if that attempt ran: seated (SEATED) or its stream's last entry is its token.
 REQUEUE = (
     FEED_LUA
     + f"""
@@ -420,6 +427,14 @@ local function forget()  -- only the entry reaped: a same-named worker may have 
   if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
 end
 local incarnation, attempt = string.match(ARGV[2], '^(%S+) (%d+)$')
+local function ran()  -- the engine gave this attempt a row
+  if redis.call('HGET', KEYS[1], 'seated') == attempt then return true end
+  local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]  -- RESUME's mark is no run
+  if not last then return false end
+  local f = {{}}
+  for i = 1, #last[2] - 1, 2 do f[last[2][i]] = last[2][i + 1] end
+  return f.type == 'token' and f.a == attempt
+end
 if redis.call('GET', KEYS[3]) == incarnation then return 'alive' end
 local status = redis.call('HGET', KEYS[1], 'status')
 local current = redis.call('HGET', KEYS[1], 'attempt')
@@ -428,7 +443,7 @@ if status ~= {RUNNING} or current ~= attempt then
   forget()
   return 'gone'
 end
-if tonumber(attempt) >= tonumber(ARGV[3]) then
+if ran() and redis.call('HINCRBY', KEYS[1], 'deaths', 1) >= tonumber(ARGV[3]) then
   forget()
   redis.call('HSET', KEYS[1], 'status', {FAILED}, 'finish_reason', {ERROR}, 'error', ARGV[7],
     'timings.finished_at', ARGV[4])
@@ -447,7 +462,7 @@ return 'requeued'
 def requeue(
     script: Script, job_id: str, worker: str, entry: str, max_attempts: int, ttl_s: int, error: str
 ) -> str:
-    """RUNNING → QUEUED, or → FAILED with `error` on its max_attempts-th attempt, for a job in a
+    """RUNNING → QUEUED, or → FAILED with `error` on its max_attempts-th run, for a job in a
     running-hash entry of `worker` whose incarnation lost the lease. `script`: REQUEUE registered.
     → 'alive', 'gone', 'failed' or 'requeued' (see REQUEUE)."""
     done = done_fields(DoneEvent(status=JobStatus.FAILED, finish_reason="error", error=error))["data"]
@@ -455,6 +470,23 @@ def requeue(
     job_keys = [keys.job(job_id), keys.running(worker), keys.lease(worker), keys.events(job_id), *FEED_KEYS]
     args: list[str | int] = [job_id, entry, max_attempts, str(time.time()), ttl_s, done, failure]
     return cast(str, script(keys=job_keys, args=args))
+
+
+# KEYS: job hashes; ARGV: each one's attempt. The engine gave these attempts a row: each job still
+# running at that attempt gets `seated` (REQUEUE counts a death then).
+SEATED = f"""
+for i = 1, #KEYS do
+  local job = KEYS[i]
+  if redis.call('HGET', job, 'status') == {RUNNING} and redis.call('HGET', job, 'attempt') == ARGV[i] then
+    redis.call('HSET', job, 'seated', ARGV[i])
+  end
+end
+"""
+
+
+def seated(script: Script, attempts: dict[str, int]) -> None:
+    """Job id → the attempt the engine just gave a row (before it runs it). `script`: SEATED."""
+    script(keys=[keys.job(job_id) for job_id in attempts], args=[str(a) for a in attempts.values()])
 
 
 # KEYS: a running hash. ARGV: job id, the entry that was reaped. Deletes it only if unchanged: a

@@ -86,9 +86,11 @@ def test_a_message_of_several_jobs_runs_each_once(service_env: dict[str, str]) -
         for job in (jobs[0], jobs[2], jobs[3]):
             fields = client.hgetall(keys.job(job.id))
             assert json.loads(fields["attempt"]) == 1
+            assert fields.get("seated") == "1"  # the engine named its run before computing it
             done = [e for _, e in client.xrange(keys.events(job.id)) if e["type"] == "done"]
             assert len(done) == 1
         assert client.hget(keys.job(jobs[1].id), "attempt") == "0"
+        assert client.hget(keys.job(jobs[1].id), "seated") is None
         assert not client.exists(keys.events(jobs[1].id))
         assert not any(client.hgetall(k) for k in client.scan_iter(keys.running("*")))
 

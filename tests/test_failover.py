@@ -95,8 +95,12 @@ def test_step_failures_switch_engines_and_continue_in_flight_jobs(model_dir: Pat
         max_failures=2,
     )
     engine.load()
+    seated: list[str] = []
+    engine.on_seated = seated.extend  # the worker's hook reaches the engine that takes over
     out = run(engine, PROMPTS, 20)
     assert engine.name == "torch" and engine.stats().failovers == 1
+    # the retries, seated by the fallback (the primary, a wrapper, takes no hook)
+    assert sorted(seated) == ["r0", "r1", "r2"]
     for ds in out.values():
         final = ds[-1]
         assert final.finish_reason is FinishReason.LENGTH

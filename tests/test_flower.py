@@ -212,10 +212,12 @@ def _cancelled_while_queued(client: redis.Redis, redis_server: RedisServer) -> s
 
 
 def _failed_by_the_reaper(client: redis.Redis) -> str:
-    """A job on its last attempt whose worker ("ghost") died under it: the session worker's
-    reaper fails it (within its sweep, 5 s)."""
+    """A job on its last run whose worker ("ghost") died under it: the session worker's reaper
+    fails it (within its sweep, 5 s)."""
     job = Job(spec=JobSpec(prompt="def doomed(x):", max_tokens=4), queue=keys.SHARED_QUEUE, attempt=2)
     client.hset(keys.job(job.id), mapping=job_to_hash(job))  # type: ignore[arg-type]
     claim = client.register_script(record.CLAIM)
     assert record.claim(claim, [job], "ghost", "torch", "gone") == [3]  # no lease: it is dead
+    # its runs before killed their workers too, and ghost's engine had seated this one
+    client.hset(keys.job(job.id), mapping={"deaths": "2", "seated": "3"})
     return job.id

@@ -357,7 +357,10 @@ def test_a_streamed_list_ends_with_the_error_of_a_job_that_fails(
 
             wait_for(lambda: len(accepted()) == 3, 30, "the list's three jobs")
             (job,) = [j for j in accepted() if j["spec"]["prompt"] == prompts[1]]
-            stack.client.hset(keys.job(job["id"]), mapping={"status": '"running"', "attempt": "1"})
+            # running, its engine had seated it: a death now is its one run
+            stack.client.hset(
+                keys.job(job["id"]), mapping={"status": '"running"', "attempt": "1", "seated": "1"}
+            )
             stack.client.hset(keys.running("gone"), job["id"], "dead 1")  # no lease: its worker died
             app = make_celery(stack.env["LOCALMOE_REDIS_URL"])
             try:

@@ -202,12 +202,42 @@ def test_a_job_queued_too_long_is_sent_again(client: redis.Redis) -> None:
 def test_a_job_that_keeps_killing_workers_fails_with_the_reason(client: redis.Redis) -> None:
     app = make_celery(_url(client))
     job = _running_job(client, "w3", "gone", attempt=3)
+    # its two runs before killed their workers too, and the engine seated this one
+    client.hset(keys.job(job.id), mapping={"deaths": "2", "seated": "3"})
     assert Reaper(client, app, max_attempts=3, ttl_s=600).sweep() == {"failed": 1}
     fields = client.hgetall(keys.job(job.id))
     assert json.loads(fields["status"]) == "failed"
     assert "died under it on 3 attempts" in json.loads(fields["error"])
     (entry,) = client.xrange(keys.events(job.id))
     assert entry[1]["type"] == "done" and '"failed"' in entry[1]["data"]
+    app.close()
+
+
+def test_only_a_run_with_a_row_counts_against_max_attempts(client: redis.Redis) -> None:
+    """A worker's death counts against limits.max_attempts only for the jobs its engine had given a
+    row: seated (record.SEATED, which the torch engines send before the step) or with a token
+    streamed by that attempt. One that only waited in the engine goes back to the queue, on
+    whatever attempt; a token of an earlier attempt, or the resume mark of this one, is no run."""
+    app = make_celery(_url(client))
+    waited = _running_job(client, "w8", "gone", attempt=5)
+    seated = _running_job(client, "w8", "gone", attempt=1)
+    client.hset(keys.job(seated.id), "seated", "1")
+    streamed = _running_job(client, "w8", "gone", attempt=2)
+    client.xadd(keys.events(streamed.id), token_fields("x", attempt=2))
+    before = _running_job(client, "w8", "gone", attempt=2)
+    client.xadd(keys.events(before.id), token_fields("x", attempt=1))
+    client.xadd(keys.events(before.id), {"type": "resume", "a": "2"})
+    stale = _running_job(client, "w8", "gone", attempt=2)
+    client.hset(keys.job(stale.id), "seated", "1")  # seated, but by its attempt before
+    assert Reaper(client, app, max_attempts=1, ttl_s=600).sweep() == {"failed": 2, "requeued": 3}
+
+    def status(job: Job) -> str:
+        return str(json.loads(client.hget(keys.job(job.id), "status") or "null"))
+
+    assert [status(j) for j in (waited, seated, streamed, before, stale)] == [
+        "queued", "failed", "failed", "queued", "queued"
+    ]  # fmt: skip
+    assert client.hget(keys.job(waited.id), "deaths") is None
     app.close()
 
 

@@ -525,6 +525,30 @@ def test_the_batch_tier_yields_its_rows_while_urgent_work_runs(
         _assert_matches(engine, results[f"urgent{i}"], references[prompt], NEW_TOKENS)
 
 
+def test_the_engine_names_whom_it_seats_before_it_computes_them(engine: TorchEngine) -> None:
+    """on_seated: called by each prefill step with the requests it admits, before it computes them
+    (none of their tokens made yet), each request once; requests still waiting for a row (10 of
+    them in 8 rows) are not named until they get one. The worker records it: a death in that step
+    counts against the job's attempts (scheduler/record.py REQUEUE)."""
+    seen: list[tuple[list[str], int]] = []
+    engine.on_seated = lambda ids: seen.append((ids, engine.stats().tokens_generated))
+    try:
+        for i in range(10):
+            engine.add_request(_greedy(f"seat{i}", PROMPTS[i % len(PROMPTS)], max_tokens=4))
+        made = engine.stats().tokens_generated
+        first = engine.step()
+        assert len(seen) == 1 and seen[0][1] == made  # named before the step made a token
+        assert {d.request_id for d in first} == set(seen[0][0]) and len(seen[0][0]) <= 8
+        results: dict[str, Result] = {d.request_id: Result(token_ids=list(d.token_ids)) for d in first}
+        while engine.has_unfinished():
+            _collect(engine, results)
+        named = [rid for ids, _ in seen for rid in ids]
+        assert sorted(named) == sorted(f"seat{i}" for i in range(10))  # each once
+        assert all(len(results[f"seat{i}"].token_ids) == 4 for i in range(10))
+    finally:
+        engine.on_seated = None
+
+
 def test_prompt_too_long_and_context_limit(mixtral_dir: Path) -> None:
     engine = TorchEngine(mixtral_dir, max_context=24)
     engine.load()

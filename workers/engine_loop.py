@@ -25,6 +25,7 @@ from workers.messages import (
     Experts,
     FromEngine,
     Refused,
+    Seated,
     Stats,
     Stepped,
     Stop,
@@ -49,6 +50,8 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[ToEngine] = queue.SimpleQueue()
         self._stats_at = 0.0
         self._experts_at = 0.0
+        if hasattr(engine, "on_seated"):  # the torch engines say whom they seat before they compute
+            engine.on_seated = lambda ids: self.send(Seated(ids))
 
     def put(self, message: ToEngine) -> None:
         """From the pipe's reader thread: applied before the next step."""

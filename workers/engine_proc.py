@@ -41,6 +41,7 @@ from workers.messages import (
     Loaded,
     LoadFailed,
     Refused,
+    Seated,
     Stats,
     Stepped,
     Stop,
@@ -150,6 +151,8 @@ class EngineHost:
                     self.relay.publish(message.unpack())
                 elif isinstance(message, Refused):
                     self.relay.fail(message.request_id, message.error)
+                elif isinstance(message, Seated):
+                    self.relay.seated(message.request_ids)
                 elif isinstance(message, Stats):
                     self.name, self.stats, self.busy_s = message.name, message.engine_stats(), message.busy_s
                 elif isinstance(message, Experts):

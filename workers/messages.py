@@ -216,11 +216,30 @@ class Experts(NamedTuple):
     tokens: dict[str, list[list[int]]]  # tag → [layer][expert] tokens routed there so far
 
 
+class Seated(NamedTuple):
+    """The engine gives these requests a row at the step it is about to compute (sent before it)."""
+
+    request_ids: list[str]
+
+
 ToEngine = Add | AddMany | Abort | Configure | Stop
-FromEngine = Loaded | LoadFailed | Stepped | Refused | Stats | Experts
+FromEngine = Loaded | LoadFailed | Stepped | Refused | Stats | Experts | Seated
 _TAGS: dict[str, type[Any]] = {
     c.__name__: c
-    for c in (Add, AddMany, Abort, Configure, Stop, Loaded, LoadFailed, Stepped, Refused, Stats, Experts)
+    for c in (
+        Add,
+        AddMany,
+        Abort,
+        Configure,
+        Stop,
+        Loaded,
+        LoadFailed,
+        Stepped,
+        Refused,
+        Stats,
+        Experts,
+        Seated,
+    )
 }
 
 

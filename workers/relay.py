@@ -199,6 +199,7 @@ class Held:
     resumed_tokens: int = 0  # what earlier attempts of this job generated (their text leads `text`)
     unsent_tokens: int = 0  # sampled tokens whose text is still held back (a stream entry counts them)
     streamed: bool = False  # this attempt has written a token entry
+    seated: bool = False  # the engine said it gave this attempt a row (record.SEATED written)
     logprobs: list[Any] = field(default_factory=list)  # every token's so far, when the job asked
     logprobs_sent: int = 0  # logprobs[:logprobs_sent] went out in stream entries
     prompt_logprobs: list[Any] | None = None  # the scored prompt, when the job asked (Job.prompt_logprobs)
@@ -267,6 +268,7 @@ class Relay(threading.Thread):
         self._envelope = task_events.Envelope(self.node)
         self._relay = client.register_script(RELAY)
         self._prompt_logprobs = client.register_script(record.PROMPT_LOGPROBS)
+        self._seated = client.register_script(record.SEATED)
         self._events_channel = task_events.channel(client.connection_pool.connection_kwargs.get("db", 0))
 
     # --- called from other threads ------------------------------------------------------
@@ -296,6 +298,24 @@ class Relay(threading.Thread):
 
     def publish(self, deltas: list[Delta]) -> None:
         self._inbox.put(deltas)
+
+    def seated(self, request_ids: list[str]) -> None:
+        """The engine gives these requests a row at the step it is about to run: record it now, on
+        the caller's thread (the engine process's reader), before anything that engine sends after
+        it, so that a prompt that kills the engine in that step counts that run against
+        limits.max_attempts (record.py REQUEUE)."""
+        attempts: dict[str, int] = {}
+        for request_id in request_ids:
+            held = self.held.get(request_id) or self.sequences.get(request_id, (None, None))[0]
+            if held is not None and not held.seated:
+                held.seated = True
+                attempts[held.job.id] = held.attempt
+        if not attempts:
+            return
+        try:
+            record.seated(self._seated, attempts)
+        except redis.RedisError as e:  # Redis restarting: a death now would not count these runs
+            log.warning("marking %d jobs seated failed (%r)", len(attempts), e)
 
     def fail(self, job_id: str, error: str) -> None:
         self._inbox.put(_Failure(job_id, error))
