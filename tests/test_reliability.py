@@ -123,6 +123,7 @@ def test_a_message_lost_with_its_consumer_is_sent_again_when_that_incarnation_en
     app.send_task(keys.RUN_JOBS_TASK, args=[[waiting.model_dump(mode="json")]], queue=queue, priority=1)
     # `taken`'s and `claimed`'s messages were popped by w7's consumer; it claimed one and died
     client.set(keys.lease("w7"), "first-life")
+    client.zadd(keys.WORKERS, {"w7": time.time()})  # with its lease, as a heartbeat writes them
     assert reaper.sweep() == {}  # w7's incarnation seen: nothing ended yet
     assert job_ids_in_queues(client) == {waiting.id}
     client.set(keys.lease("w7"), "second-life")  # w7 restarted

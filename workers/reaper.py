@@ -179,15 +179,15 @@ class Reaper:
         """Whether a worker incarnation that held its lease at the last sweep (this process's or
         another's: keys.INCARNATIONS) is gone: its lease expired, or holds a new incarnation (the
         worker restarted under its name). Records the incarnations that live now."""
-        head, tail = keys.lease("*").split("*")
-        names = [k[len(head) : -len(tail)] for k in self.client.scan_iter(keys.lease("*"), count=500)]
+        seen = cast(dict[str, str], self.client.hgetall(keys.INCARNATIONS))
+        # every worker that ever beat (a heartbeat writes its lease and its WORKERS entry together)
+        names = sorted(set(cast(list[str], self.client.zrange(keys.WORKERS, 0, -1))) | set(seen))
         values = cast(list[str | None], self.client.mget([keys.lease(n) for n in names])) if names else []
         live = {name: value for name, value in zip(names, values, strict=True) if value}
-        seen = cast(dict[str, str], self.client.hgetall(keys.INCARNATIONS))
         pipe = self.client.pipeline()
         pipe.delete(keys.INCARNATIONS)
         if live:
-            pipe.hset(keys.INCARNATIONS, mapping=live)
+            pipe.hset(keys.INCARNATIONS, mapping=live)  # type: ignore[arg-type]
         pipe.execute()
         return any(live.get(name) != incarnation for name, incarnation in seen.items())
 
