@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,15 +111,22 @@ class Transport(kombu_redis.Transport):
     Channel = _Channel
 
 
-def job_ids_in_queues(client: redis.Redis) -> set[str]:
-    """The ids of the jobs whose messages wait on LocalMoE's queues: the shared one and every
-    worker's, each priority step's list. O(messages waiting): for the reaper, after a worker died."""
-    ids: set[str] = set()
-    for pattern in (f"{keys.SHARED_QUEUE}*", f"{keys.WORKER_QUEUE_PREFIX}*"):
-        for name in client.scan_iter(pattern, count=500, _type="list"):
-            for raw in client.lrange(name, 0, -1):
-                ids.update(_job_ids(raw))
-    return ids
+PRIORITY_STEPS = [0, 1, 2, 3]  # Celery message priorities: Priority.rank (scheduler/jobs.py)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold `queue`'s messages: one per priority step (kombu's names)."""
+    return [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS[1:])]
+
+
+def job_ids_in_queues(client: redis.Redis, workers: Iterable[str]) -> set[str]:
+    """The ids of the jobs whose messages wait on the shared queue and on these workers' own.
+    O(messages waiting): for the reaper, after a worker died."""
+    names = [n for q in [keys.SHARED_QUEUE, *map(keys.worker_queue, workers)] for n in queue_lists(q)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.lrange(name, 0, -1)
+    return {job_id for messages in pipe.execute() for raw in messages for job_id in _job_ids(raw)}
 
 
 def _job_ids(raw: str | bytes) -> list[str]:
@@ -158,7 +165,7 @@ def make_celery(broker_url: str) -> Celery:
         # step 0 before any step 1 (kombu's Redis transport; 0 is the most urgent).
         broker_transport_options={
             "queue_order_strategy": "priority",
-            "priority_steps": [0, 1, 2, 3],
+            "priority_steps": PRIORITY_STEPS,
             "sep": ":",
         },
         task_default_priority=1,

@@ -101,8 +101,8 @@ class Reaper:
                 counts[outcome] = counts.get(outcome, 0) + 1
         for worker in self._dead_with_a_queue():
             counts["moved"] = counts.get("moved", 0) + self._move_queued(worker)
-        if self._incarnations_ended():
-            lost = self._resend_lost()
+        if workers := self._incarnations_ended():
+            lost = self._resend_lost(workers)
             if lost:
                 counts["lost"] = lost
         resent = self._resend_waiting()
@@ -175,10 +175,11 @@ class Reaper:
                 moved += 1
         return moved
 
-    def _incarnations_ended(self) -> bool:
-        """Whether a worker incarnation that held its lease at the last sweep (this process's or
-        another's: keys.INCARNATIONS) is gone: its lease expired, or holds a new incarnation (the
-        worker restarted under its name). Records the incarnations that live now."""
+    def _incarnations_ended(self) -> list[str]:
+        """If a worker incarnation that held its lease at the last sweep (this process's or
+        another's: keys.INCARNATIONS) is gone (its lease expired, or holds a new incarnation: the
+        worker restarted under its name), every worker's name; else []. Records the incarnations
+        that live now."""
         seen = cast(dict[str, str], self.client.hgetall(keys.INCARNATIONS))
         # every worker that ever beat (a heartbeat writes its lease and its WORKERS entry together)
         names = sorted(set(cast(list[str], self.client.zrange(keys.WORKERS, 0, -1))) | set(seen))
@@ -189,15 +190,15 @@ class Reaper:
         if live:
             pipe.hset(keys.INCARNATIONS, mapping=live)  # type: ignore[arg-type]
         pipe.execute()
-        return any(live.get(name) != incarnation for name, incarnation in seen.items())
+        return names if any(live.get(name) != inc for name, inc in seen.items()) else []
 
-    def _resend_lost(self) -> int:
+    def _resend_lost(self, workers: list[str]) -> int:
         """After an incarnation ended: every queued job whose message is on no queue is sent again
         now, not after record.WAITING_CHECK_S. Such a message was taken by that incarnation's
         consumer and died with it unclaimed (the broker keeps no copy: scheduler/queue.py). A job
         whose message a live consumer has just taken is sent twice: harmless, the claim takes a
         job once. → how many."""
-        present = job_ids_in_queues(self.client)
+        present = job_ids_in_queues(self.client, workers)
         resent = 0
         for job_id in cast(list[str], self.client.zrange(keys.WAITING, 0, -1)):
             if job_id in present:
