@@ -25,7 +25,10 @@ Beside running batch lines an arriving request waits for the step in flight, sha
 their rows and the prefills of the lines that replace the ones ending, and its path (the relay, the
 API) carries their answers too: on an H100, interactive TTFT p95 was 1.98x its figure alone with
 the batch in every row, 1.50x with 2 rows, 1.06x with none (BENCHMARKS.md). Alone, the batch takes
-every row.
+every row. In the hold, with nothing urgent left and no batch line let in, vLLM's engine core
+would step with nothing to schedule as fast as it can (it blocks for input only when it holds no
+request), its thread holding the interpreter lock that its input thread needs to take in the next
+request: such a step sleeps HOLD_IDLE_S instead, as the torch engine's does.
 
 If the seating ever raises, it is switched off with a warning, and the scheduler goes on as
 vLLM's own. vLLM is not imported here: the scheduler is vLLM's, handed in.
@@ -45,6 +48,7 @@ SEAM = ("schedule", "_preempt_request", "running", "waiting", "max_num_running_r
 # vLLM's RequestStatus names of a waiting request the scheduler can seat now (not one waiting for
 # its grammar to compile or for KV from elsewhere: a row freed for it would go to another)
 SEATABLE = frozenset({"WAITING", "PREEMPTED"})
+HOLD_IDLE_S = 0.002  # a step that schedules nothing in the hold sleeps this (the docstring)
 
 
 class Seating:
@@ -59,6 +63,8 @@ class Seating:
         self.preempted = 0  # batch-tier requests preempted so far
         self.in_flight = 0  # of them, with a token on its way (async scheduling: vLLM still takes it in)
         self.yielded = 0  # steps scheduled with the batch tier held to yield_rows
+        self.idled = 0  # of them, steps in the hold that scheduled nothing (and slept HOLD_IDLE_S)
+        self._holding = False  # this step is in the hold: nothing urgent in the engine
         # the limit vLLM admits waiting requests under: max_num_running_reqs, or (newer vLLM, where
         # that is the runner's row count and checked after the step) max_num_active_reqs
         newer = hasattr(sched, "max_num_active_reqs")
@@ -83,9 +89,13 @@ class Seating:
         full = getattr(self.sched, self._admits)
         setattr(self.sched, self._admits, limit)
         try:
-            return self._schedule(*args, **kwargs)
+            out = self._schedule(*args, **kwargs)
         finally:
             setattr(self.sched, self._admits, full)
+        if self._holding and getattr(out, "total_num_scheduled_tokens", None) == 0:
+            self.idled += 1
+            time.sleep(HOLD_IDLE_S)
+        return out
 
     def _yield(self, rank: int, rows: int) -> int | None:
         """→ the row limit this step is scheduled with while the batch tier yields (its rows past
@@ -106,7 +116,8 @@ class Seating:
                     continue
                 waiting_at_all = True
                 urgent_waiting += queue is sched.waiting and _seatable(request)
-        if urgent_running or waiting_at_all:
+        self._holding = not (urgent_running or waiting_at_all)
+        if not self._holding:
             self.urgent_at = now
         elif now - self.urgent_at > self.hold_s:
             return None

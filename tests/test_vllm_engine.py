@@ -760,6 +760,52 @@ def test_the_batch_tier_yields_its_rows_beside_urgent_work() -> None:
     assert sched.preempted[-1] == "b4" and sched.limits[-1] == 2
 
 
+def test_a_step_with_nothing_to_schedule_in_the_hold_sleeps() -> None:
+    """Yielding (rows 0, hold 0.1 s), only batch lines waiting: a step that schedules nothing in
+    the hold sleeps vllm_seating.HOLD_IDLE_S instead of letting vLLM's engine core spin (and hold
+    the interpreter lock its input thread needs); not with an urgent request in the engine, not
+    once the hold is over, not when it schedules tokens."""
+    from types import SimpleNamespace
+
+    def request(rid: str, priority: int) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, priority=priority, arrival_time=0.0)
+
+    class Sched:
+        def __init__(self) -> None:
+            config = {vllm_seating.RANK_KEY: 3, vllm_seating.YIELD_KEY: [0, 0.1]}
+            self.vllm_config = SimpleNamespace(additional_config=config)
+            self.max_num_running_reqs = 8
+            self.running: list[SimpleNamespace] = [request("u", 1)]
+            self.waiting = [request("b1", 3), request("b2", 3)]
+            self.tokens = 0  # what the next step schedules
+
+        def schedule(self) -> SimpleNamespace:
+            return SimpleNamespace(total_num_scheduled_tokens=self.tokens)
+
+        def _preempt_request(self, victim: SimpleNamespace, timestamp: float) -> None:
+            self.waiting.append(victim)
+
+    def steps_in(seconds: float) -> int:
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            sched.schedule()
+            n += 1
+        return n
+
+    sched = Sched()
+    seating = vllm_seating.install(sched)
+    assert seating is not None
+    assert steps_in(0.02) > 200 and seating.idled == 0  # urgent work in the engine: no sleep
+    sched.running = []  # it ended: the hold, batch lines waiting, nothing scheduled
+    assert steps_in(0.05) <= 0.05 / vllm_seating.HOLD_IDLE_S + 1 and seating.idled > 0
+    idled = seating.idled
+    sched.tokens = 16  # a step with work (a grammar compiled, say): no sleep
+    assert steps_in(0.02) > 200 and seating.idled == idled
+    sched.tokens = 0
+    time.sleep(0.1)
+    assert steps_in(0.02) > 200 and seating.idled == idled  # the hold is over: vLLM's own
+
+
 def _sampled(request_id: str, prompt: str, seed: int | None) -> GenerationRequest:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.95, top_k=200, seed=seed)
     return GenerationRequest(request_id, prompt, params)
