@@ -112,18 +112,19 @@ def test_page_and_assets_load_without_a_key(api_url: str) -> None:
 def test_a_code_job_streams_into_the_page(page: Page, http: httpx.Client, user_key: str) -> None:
     open_playground(page, user_key)
     page.evaluate(TRACE)
-    fill_job(page, max_tokens=200, modality="code", ignore_eos=True)
+    # long enough that the page sees text before the job ends on a loaded box (200 were not, once)
+    fill_job(page, max_tokens=400, modality="code", ignore_eos=True)
     page.get_by_test_id("submit").click()
 
     expect(page.get_by_test_id("status")).to_have_text("succeeded", timeout=60_000)
     job_id = page.get_by_test_id("job-id").inner_text()
     job = http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["modality"] == "code"
-    assert job["usage"]["completion_tokens"] == 200
+    assert job["usage"]["completion_tokens"] == 400
     assert page.get_by_test_id("output").text_content() == job["output"]
     expect(page.get_by_test_id("finish-reason")).to_have_text("length")
     expect(page.get_by_test_id("usage")).to_have_text(
-        f"{job['usage']['prompt_tokens']} prompt + 200 completion tokens"
+        f"{job['usage']['prompt_tokens']} prompt + 400 completion tokens"
     )
     expect(page.get_by_test_id("cancel")).to_be_disabled()
 
