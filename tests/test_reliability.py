@@ -339,6 +339,38 @@ def test_a_killed_workers_job_finishes_elsewhere_with_one_result(
                     _stop(p)
 
 
+def test_a_runtime_whose_consumer_dies_before_its_engine_is_warm_ends_with_its_engine(
+    service_env: dict[str, str],
+) -> None:
+    """The consumer SIGKILLed while its runtime process is still starting the engine: the runtime's
+    report of a warm engine finds no reader, and the runtime ends with every process of its group
+    (the engine's). Before, it waited at exit for the engine process, which waited for its messages:
+    both held their memory (a GPU's, on a GPU) for good."""
+    with private_stack(service_env, worker=False) as stack:
+        proc = _worker(stack.env, "gamma")
+        consumer = psutil.Process(proc.pid)
+
+        def runtimes() -> list[psutil.Process]:
+            return [p for p in consumer.children() if p.name() == "lm-runtime"]
+
+        wait_for(lambda: bool(runtimes()), 60, "the runtime process")
+        (runtime,) = runtimes()
+        os.kill(proc.pid, signal.SIGKILL)  # the engine is still loading
+        proc.wait(10)
+
+        def group() -> list[int]:  # the runtime's process group: it, the engine (and vLLM's core)
+            alive = []
+            for p in psutil.process_iter():
+                try:
+                    if os.getpgid(p.pid) == runtime.pid and _alive(p):
+                        alive.append(p.pid)
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    continue
+            return alive
+
+        wait_for(lambda: not _alive(runtime) and not group(), 60, "the runtime and its engine to end")
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.status() != psutil.STATUS_ZOMBIE

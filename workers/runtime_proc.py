@@ -136,6 +136,16 @@ def _main(conn: Connection, name: str, incarnation: str) -> None:
     # Its own process group, which the engine process and vLLM's engine core join: the consumer
     # ends the whole group, so none outlives the worker.
     os.setpgrp()
+    try:
+        _serve(conn, name, incarnation)  # ends with os._exit
+    except BaseException:
+        log.exception("the runtime process failed")
+    # Failed (the consumer gone while the engine loaded, say): multiprocessing's exit would join
+    # the engine process, which waits for this one's messages for ever. The group goes at once.
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _serve(conn: Connection, name: str, incarnation: str) -> None:
     set_process_name("lm-runtime")
     settings = get_settings()
     logging.basicConfig(
