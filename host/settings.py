@@ -242,12 +242,14 @@ class SchedulerSettings(BaseModel):
         "spare capacity, leaving this share of the workers' batch slots to every other job",
     )
     batch_lookahead: float = Field(
-        0.5,
+        1.0,
         ge=0,
         le=1,
         description="Jobs of the batch tier admitted beyond the spare slots, as a share of the workers' "
         "batch slots: they wait in the engines behind every other job, and take a row the step a "
-        "batch job frees it instead of after a round trip through the API and the queue",
+        "batch job frees it instead of after a round trip through the API and the queue (1/2 left a "
+        "batch alone at 0.85 of the same requests sent at once on a 2-core box, 1 at 0.92; with "
+        "engine.batch_yield_rows 0 the lines waiting do not slow interactive work: BENCHMARKS.md)",
     )
     prefix_routing: bool = Field(
         True,

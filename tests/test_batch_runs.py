@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from api.openai import batch_runner
 from api.openai.batch_input import BatchRequestLine
 from api.openai.batch_store import BatchRecord, BatchStore, new_batch_id
 from api.openai.protocol import BatchStatus
-from host.settings import LimitSettings
+from host.settings import LimitSettings, SchedulerSettings
 from localmoe.redis_server import RedisServer
 from scheduler import backlog, keys, record
 from scheduler.backlog import Verdict
@@ -47,7 +48,8 @@ from tests.test_batches import CHAT, body, lines_of, upload, wait
 
 S = BatchStatus
 LEASE_S = "1"
-SLOTS = 16  # the stack's worker's; the batch tier: 14 spare (scheduler.batch_reserve 0.125) + 8 waiting
+SLOTS = 16  # the stack's worker's; the batch tier: 14 spare (scheduler.batch_reserve 0.125) + LOOKAHEAD
+LOOKAHEAD = math.ceil(SLOTS * SchedulerSettings().batch_lookahead)  # batch jobs waiting beyond them
 
 
 def test_the_ledger_takes_each_line_once_and_nothing_after_the_end(redis_server: RedisServer) -> None:
@@ -482,10 +484,11 @@ def test_a_batch_waits_for_interactive_jobs_then_fills_the_spare_slots(
         batch = http.get("/v1/jobs", params={"limit": 50}).json()["jobs"]
     assert len(batch) == 16 and {j["priority"] for j in batch} == {"batch"}
     first_free = min(j["timings"]["finished_at"] for j in interactive)
-    # While the worker was full, only the look-ahead was admitted: the 14 spare slots and 8 more
-    # (scheduler.batch_lookahead 0.5) less the 16 interactive jobs; they waited in the engine
+    # While the worker was full, only the look-ahead was admitted: the 14 spare slots and the
+    # look-ahead's more (scheduler.batch_lookahead of 16) less the 16 interactive jobs; they waited
+    # in the engine
     early = [j for j in batch if j["timings"]["queued_at"] < first_free]
-    assert 1 <= len(early) <= SLOTS - 2 + SLOTS // 2 - SLOTS
+    assert 1 <= len(early) <= SLOTS - 2 + LOOKAHEAD - SLOTS
     assert min(j["timings"]["first_token_at"] for j in batch) >= first_free  # no row before a job ended
 
     spans = [(j["timings"]["first_token_at"], j["timings"]["finished_at"]) for j in batch]
