@@ -180,6 +180,21 @@ def test_the_structured_output_benchmark_validates_every_output(tmp_path: Path) 
     assert rnd["constrained_steps"] >= rnd["tokens"] / 32 and rnd["plain_steps"] >= rnd["tokens"] / 32
 
 
+def test_spied_without_py_spy_says_so_and_runs_the_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A benchmark's figures stand without the profiler: where py-spy cannot be started, the block
+    still runs and the run says why no samples were written."""
+    import bench.harness
+
+    monkeypatch.setattr(bench.harness, "py_spy", lambda: str(tmp_path / "no-py-spy"))
+    ran = []
+    with bench.harness.spied({tmp_path / "x.raw": os.getpid()}, "--idle"):
+        ran.append(1)
+    assert ran == [1] and not (tmp_path / "x.raw").exists()
+    assert "py-spy wrote nothing to x.raw: FileNotFoundError" in capsys.readouterr().out
+
+
 def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     raw = tmp_path / "p.raw"
     raw.write_text("main (a.py:1);push (b.py:2) 3\nmain (a.py:1);step (c.py:3) 1\nmain (a.py:1) 4\n")
