@@ -58,6 +58,13 @@ class VllmSettings(BaseModel):
         description="Quantize a checkpoint stored in bf16 / fp16 as vLLM loads it (fp8: weights in 8 bits, "
         "native on L40S and H200); a checkpoint already quantized is read as its config says.",
     )
+    kv_cache_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="vLLM's KV cache per GPU in GiB (vLLM's --kv-cache-memory-bytes), instead of what "
+        "gpu_memory_utilization leaves it (or, on vLLM's CPU build, VLLM_CPU_KVCACHE_SPACE); where "
+        "engine.offload planned the KV cache, this replaces the plan's. None: vLLM sizes it.",
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="vLLM's automatic prefix caching: a prompt that starts as an earlier one did reuses its "

@@ -161,6 +161,18 @@ class _Backend:
     engine: Any = None  # vLLM's LLMEngine
 
 
+@contextlib.contextmanager
+def _kv_cache_size_asked(kv_cache_memory_bytes: int | None) -> Iterator[None]:
+    """While vLLM builds its config and starts its processes: where a KV cache size is asked for,
+    without VLLM_CPU_KVCACHE_SPACE, which vLLM's CPU build reads last and so over any size asked."""
+    held = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) if kv_cache_memory_bytes is not None else None
+    try:
+        yield
+    finally:
+        if held is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = held
+
+
 class VllmEngine:
     """The engine protocol over vLLM's LLMEngine. Driven by one thread, like every engine."""
 
@@ -601,7 +613,8 @@ class VllmEngine:
     def _build_engine(self, dtype: str) -> Any:
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine.from_engine_args(self._engine_args(dtype))
+        with _kv_cache_size_asked(self.kv_cache_memory_bytes):
+            engine = LLMEngine.from_engine_args(self._engine_args(dtype))
         cache = engine.vllm_config.cache_config  # the engine core's figures, once it is up
         self._kv_blocks = (int(cache.num_gpu_blocks or 0), int(cache.block_size or 16))
         return engine

@@ -287,6 +287,24 @@ def test_the_offload_choice_reaches_vllms_arguments(mixtral_dir: Path) -> None:
     args = engine._engine_args("float32")  # type: ignore[attr-defined]
     assert (engine.expert_cache, args.kv_cache_memory_bytes, args.cpu_offload_gb) == (0.5, GIB, 0.0)  # type: ignore[attr-defined]
     assert args.worker_extension_cls.endswith("ExpertCacheExtension")
+    # engine.vllm.kv_cache_memory_gb: the KV cache asked for, the plan's replaced
+    cfg = EngineSettings()
+    cfg.vllm.kv_cache_memory_gb = 0.25
+    for choice in (None, offloaded):
+        engine = construct("vllm", mixtral_dir, "cpu", cfg, choice)
+        assert engine._engine_args("float32").kv_cache_memory_bytes == GIB // 4  # type: ignore[attr-defined]
+
+
+def test_kv_cache_memory_bytes_sizes_vllms_cache(mixtral_dir: Path, engine: VllmEngine) -> None:
+    """vLLM's CPU build takes kv_cache_memory_bytes (engine.vllm.kv_cache_memory_gb) over
+    VLLM_CPU_KVCACHE_SPACE: a sixteenth of the module engine's 1 GiB gives a sixteenth of its blocks."""
+    small = make_engine(mixtral_dir, kv_cache_memory_bytes=2**30 // 16)
+    small.load()
+    try:
+        blocks, full = small.stats().kv_blocks, engine.stats().kv_blocks
+        assert blocks and full and abs(blocks * 16 - full) <= 16, (blocks, full)
+    finally:
+        small.close()
 
 
 def test_cpu_offload_gb_serves_the_same_greedy_tokens(

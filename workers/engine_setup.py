@@ -84,7 +84,13 @@ def construct(
             # a checkpoint quantized already is read as its config says: vLLM refuses a second method
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
             cpu_offload_gb=moved.cpu_offload_gb if moved else 0.0,
-            kv_cache_memory_bytes=planned.kv_cache_bytes if planned else None,
+            kv_cache_memory_bytes=(
+                int(v.kv_cache_memory_gb * 2**30)
+                if v.kv_cache_memory_gb is not None
+                else planned.kv_cache_bytes
+                if planned
+                else None
+            ),
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
             batch_preemption=v.batch_preemption,
