@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -89,10 +89,19 @@ def auth(env: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {env['LOCALMOE_API_KEY']}"}
 
 
-def start_worker(name: str, env: dict[str, str], quiet: bool = False) -> Proc:
+def start_worker(name: str, env: dict[str, str], quiet: bool = False, cpus: set[int] | None = None) -> Proc:
+    """`localmoe worker --name name`; `cpus`: the only cores it and every process it starts (its
+    engine's) may run on."""
     out = subprocess.DEVNULL if quiet else None
     argv = [sys.executable, "-m", "localmoe", "worker", "--name", name]
-    return subprocess.Popen(argv, env=env, stdout=out, stderr=out)
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=out, preexec_fn=pinned(cpus))
+
+
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """Popen's preexec_fn that keeps the child (and all it starts) on `cpus`; None for no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def wait_workers_ready(client: redis.Redis, names: list[str], procs: Sequence[Proc] = ()) -> None:

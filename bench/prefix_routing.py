@@ -244,6 +244,15 @@ def main() -> None:
     ap.add_argument(
         "--gpus", default="", help="each worker's CUDA_VISIBLE_DEVICES in turn (e.g. 0,1); '' inherits"
     )
+    ap.add_argument(
+        "--cpus",
+        default="",
+        help="each worker's cores in turn, ';' between workers (e.g. '0;1': a core each, so that two "
+        "workers on one box are two cores' worth of capacity); '' lets them share every core",
+    )
+    ap.add_argument(
+        "--cpu-build", action="store_true", help="float32 and eager (vLLM's CPU build), as for the tiny model"
+    )
     ap.add_argument("--traces", default="shared,unique")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--rounds", type=int, default=1)
@@ -281,18 +290,18 @@ def main() -> None:
             "LOCALMOE_ENGINE__CPU_THREADS": "1",
             "LOCALMOE_ENGINE__VLLM__GPU_MEMORY_UTILIZATION": str(args.gpu_share),
         }
-        if not args.model:
+        if not args.model or args.cpu_build:
             engine |= {"LOCALMOE_ENGINE__DTYPE": "float32", "LOCALMOE_ENGINE__VLLM__ENFORCE_EAGER": "true"}
         args.env = env = service_env(server.url, model, tmp, **engine)
         print(f"[2/3] starting two {args.backend} workers", flush=True)
         gpus = [g for g in args.gpus.split(",") if g]
+        cpus = [{int(c) for c in group.split(",")} for group in args.cpus.split(";") if group]
         client = redis.Redis.from_url(server.url, decode_responses=True)
         workers: list[Proc] = []
         try:
             for i, n in enumerate(names):
-                workers.append(
-                    start_worker(n, {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else env)
-                )
+                own = {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else env
+                workers.append(start_worker(n, own, cpus=cpus[i % len(cpus)] if cpus else None))
                 if len(gpus) < len(names):  # engines sharing a GPU load one after another: vLLM
                     # sizes its KV cache from the memory it sees free while it profiles, and two
                     # loading at once on one H100 left the second none ("No available memory")

@@ -195,6 +195,20 @@ def test_spied_without_py_spy_says_so_and_runs_the_block(
     assert "py-spy wrote nothing to x.raw: FileNotFoundError" in capsys.readouterr().out
 
 
+def test_pinned_keeps_a_process_and_its_children_on_the_cores_named() -> None:
+    """bench.prefix_routing --cpus: each worker (its engine processes too) on cores of its own."""
+    from bench.harness import pinned
+
+    child = "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)))"
+    grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    for code in (child, grandchild):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, preexec_fn=pinned({0})
+        ).stdout
+        assert out.strip() == "[0]"
+    assert pinned(None) is None and pinned(set()) is None
+
+
 def test_spy_top_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     raw = tmp_path / "p.raw"
     raw.write_text("main (a.py:1);push (b.py:2) 3\nmain (a.py:1);step (c.py:3) 1\nmain (a.py:1) 4\n")
