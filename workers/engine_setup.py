@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from host.settings import EngineSettings, Offload
-from moe_core.choice import Backend, Budget, Choice, choose
+from moe_core.choice import GIB, Backend, Budget, Choice, choose
 from moe_core.engine import Engine
 from moe_core.failover import FailoverEngine
 from moe_core.loader import inspect_model
@@ -66,6 +66,8 @@ def construct(
         moved = choice if choice is not None and offload == "vllm_cpu" else None
         cached = choice if choice is not None and offload == "experts" else None
         planned = moved or cached  # a choice that planned vLLM's KV cache
+        # the KV cache size asked for replaces the plan's
+        asked = int(v.kv_cache_memory_gb * GIB) if v.kv_cache_memory_gb is not None else None
         return VllmEngine(
             model_dir,
             device=device,
@@ -84,13 +86,7 @@ def construct(
             # a checkpoint quantized already is read as its config says: vLLM refuses a second method
             quantization=v.quantization if inspect_model(model_dir).quantization is None else None,
             cpu_offload_gb=moved.cpu_offload_gb if moved else 0.0,
-            kv_cache_memory_bytes=(
-                int(v.kv_cache_memory_gb * 2**30)
-                if v.kv_cache_memory_gb is not None
-                else planned.kv_cache_bytes
-                if planned
-                else None
-            ),
+            kv_cache_memory_bytes=asked or (planned.kv_cache_bytes if planned else None),
             batch_rows=batch_rows,
             batch_rank=Priority.BATCH.rank,
             batch_preemption=v.batch_preemption,
